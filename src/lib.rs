@@ -1,0 +1,15 @@
+//! meshwarden: a Kubernetes operator that keeps an Istio mesh in production posture.
+//!
+//! `api` declares the MeshPolicy resource; `controller` runs the reconcile loop; each module
+//! under `rules` holds one rule section; `apply` is the only write path.
+pub mod api;
+pub mod apply;
+pub mod conditions;
+pub mod context;
+pub mod controller;
+pub mod error;
+pub mod policy;
+pub mod quantity;
+pub mod rules;
+pub mod selector;
+pub mod status;
