@@ -278,7 +278,9 @@ pub struct SidecarSpec {
 }
 
 /// mTLS mode of a scope.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
 #[allow(clippy::upper_case_acronyms)]
 pub enum MtlsMode {
     /// Only mutual-TLS traffic is accepted.

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, Patch, PatchParams};
 use kube::Resource;
+use kube::api::{Api, Patch, PatchParams};
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
@@ -162,11 +162,23 @@ mod tests {
     #[test]
     fn finds_other_owners_of_a_field_but_not_ourselves() {
         let m = meta(&[
-            ("helm", serde_json::json!({"f:spec": {"f:minReplicas": {}, "f:maxReplicas": {}}})),
-            ("meshwarden", serde_json::json!({"f:spec": {"f:minReplicas": {}}})),
-            ("kubectl", serde_json::json!({"f:metadata": {"f:labels": {}}})),
+            (
+                "helm",
+                serde_json::json!({"f:spec": {"f:minReplicas": {}, "f:maxReplicas": {}}}),
+            ),
+            (
+                "meshwarden",
+                serde_json::json!({"f:spec": {"f:minReplicas": {}}}),
+            ),
+            (
+                "kubectl",
+                serde_json::json!({"f:metadata": {"f:labels": {}}}),
+            ),
         ]);
-        assert_eq!(foreign_managers(&m, &["f:spec", "f:minReplicas"]), vec!["helm"]);
+        assert_eq!(
+            foreign_managers(&m, &["f:spec", "f:minReplicas"]),
+            vec!["helm"]
+        );
         assert!(foreign_managers(&m, &["f:spec", "f:behavior"]).is_empty());
         assert_eq!(foreign_managers(&m, &["f:metadata"]), vec!["kubectl"]);
     }

@@ -16,6 +16,7 @@ pub struct Context {
     pub writes: WriteCounter,
     fights: Mutex<FightTracker>,
     failures: Mutex<HashMap<String, u32>>,
+    takeovers: Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl Context {
@@ -29,12 +30,16 @@ impl Context {
             writes: WriteCounter::default(),
             fights: Mutex::new(FightTracker::default()),
             failures: Mutex::new(HashMap::new()),
+            takeovers: Mutex::new(HashMap::new()),
         }
     }
 
     /// True when `key` is in a fight (see [`FightTracker`]).
     pub fn fight_check(&self, key: &str, now: Instant) -> bool {
-        self.fights.lock().map(|mut f| f.is_fight(key, now)).unwrap_or(false)
+        self.fights
+            .lock()
+            .map(|mut f| f.is_fight(key, now))
+            .unwrap_or(false)
     }
 
     /// Records a correction of `key`.
@@ -54,10 +59,80 @@ impl Context {
         *n - 1
     }
 
+    /// Adds fields taken over from other managers under `key` (policy, generation and
+    /// section) and returns all taken over under that key so far, so that the condition keeps
+    /// naming them after the other manager has lost ownership, until the spec changes.
+    pub fn remember_takeovers(&self, key: &str, new: &[String]) -> Vec<String> {
+        let Ok(mut t) = self.takeovers.lock() else {
+            return new.to_vec();
+        };
+        // Entries of older generations of the same policy are dropped.
+        let policy_gen = |k: &str| {
+            let mut parts = k.splitn(3, '/');
+            (
+                parts.next().map(str::to_string),
+                parts.next().map(str::to_string),
+            )
+        };
+        let (policy, generation) = policy_gen(key);
+        t.retain(|k, _| {
+            let (p, g) = policy_gen(k);
+            p != policy || g == generation
+        });
+        let all = t.entry(key.to_string()).or_default();
+        for n in new {
+            if !all.contains(n) {
+                all.push(n.clone());
+            }
+        }
+        all.clone()
+    }
+
     /// Clears the failure count of `policy` after a good reconcile.
     pub fn succeeded(&self, policy: &str) {
         if let Ok(mut f) = self.failures.lock() {
             f.remove(policy);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Context {
+        // A client is never used by these tests; any valid config will do.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        Context::new(Client::try_from(config).unwrap(), None)
+    }
+
+    #[tokio::test]
+    async fn takeovers_accumulate_per_generation_and_section() {
+        let c = ctx();
+        assert_eq!(
+            c.remember_takeovers("p/1/ControlPlaneHA", &["a".into()]),
+            vec!["a"]
+        );
+        assert_eq!(
+            c.remember_takeovers("p/1/GatewayHA", &["g".into()]),
+            vec!["g"]
+        );
+        assert_eq!(
+            c.remember_takeovers("p/1/ControlPlaneHA", &[]),
+            vec!["a"],
+            "kept across reconciles and sections"
+        );
+        assert!(
+            c.remember_takeovers("p/2/ControlPlaneHA", &[]).is_empty(),
+            "a new generation starts afresh"
+        );
+        assert!(
+            c.remember_takeovers("p/1/GatewayHA", &[]).is_empty(),
+            "older generations are dropped"
+        );
+        assert_eq!(
+            c.remember_takeovers("q/1/GatewayHA", &["x".into()]),
+            vec!["x"]
+        );
     }
 }

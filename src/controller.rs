@@ -32,13 +32,16 @@ use crate::status;
 /// Shared state of the running controller.
 pub struct State {
     pub ctx: Context,
+    /// Only policies with these labels are handled (`--policy-selector`); all when `None`.
+    pub policy_selector: Option<String>,
     store: OnceLock<Store<MeshPolicy>>,
 }
 
 impl State {
-    pub fn new(ctx: Context) -> Self {
+    pub fn new(ctx: Context, policy_selector: Option<String>) -> Self {
         State {
             ctx,
+            policy_selector,
             store: OnceLock::new(),
         }
     }
@@ -48,15 +51,31 @@ impl State {
 const RESYNC: Duration = Duration::from_secs(300);
 
 /// Runs the rule sections of one policy. Pure of status; used by the reconciler and tests.
-pub async fn evaluate(ctx: &Context, policy: &MeshPolicy, all: &[&MeshPolicy]) -> (Vec<RuleReport>, Vec<policy::Conflict>) {
+pub async fn evaluate(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    all: &[&MeshPolicy],
+) -> (Vec<RuleReport>, Vec<policy::Conflict>) {
     let (spec, conflicts) = policy::resolve(policy, all);
     let control_plane = if spec.control_plane.is_some() {
-        ha::reconcile(ctx, policy, ha::Section::ControlPlane, &ha::control_plane_groups(&spec)).await
+        ha::reconcile(
+            ctx,
+            policy,
+            ha::Section::ControlPlane,
+            &ha::control_plane_groups(&spec),
+        )
+        .await
     } else {
         RuleReport::not_configured(types::CONTROL_PLANE_HA, "controlPlane")
     };
     let gateways = if !spec.gateways.is_empty() {
-        ha::reconcile(ctx, policy, ha::Section::Gateways, &ha::gateway_groups(&spec)).await
+        ha::reconcile(
+            ctx,
+            policy,
+            ha::Section::Gateways,
+            &ha::gateway_groups(&spec),
+        )
+        .await
     } else {
         RuleReport::not_configured(types::GATEWAY_HA, "gateways")
     };
@@ -93,10 +112,18 @@ async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action>
             "kind": "MeshPolicy",
             "status": new_status,
         });
-        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-            .await
-            .map_err(|e| Error::kube(format!("update status of MeshPolicy {name}"), e))?;
-        let before = policy.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|e| Error::kube(format!("update status of MeshPolicy {name}"), e))?;
+        let before = policy
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
         publish_events(ctx, &policy, &before, &new_status.conditions, &reports).await;
     }
 
@@ -135,9 +162,16 @@ async fn publish_events(
     let mut events: Vec<Event> = conditions::transitions(before, after)
         .into_iter()
         .map(|c| Event {
-            type_: if c.status == "True" { EventType::Normal } else { EventType::Warning },
+            type_: if c.status == "True" {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
             reason: c.reason.clone(),
-            note: Some(conditions::truncate(&format!("{}: {}", c.type_, c.message), 1000)),
+            note: Some(conditions::truncate(
+                &format!("{}: {}", c.type_, c.message),
+                1000,
+            )),
             action: c.type_.clone(),
             secondary: None,
         })
@@ -167,7 +201,10 @@ fn error_policy(policy: Arc<MeshPolicy>, err: &Error, state: Arc<State>) -> Acti
 }
 
 /// Policies whose rules cover objects in `namespace`.
-fn policies_for_namespace(store: &Store<MeshPolicy>, namespace: &str) -> Vec<ObjectRef<MeshPolicy>> {
+fn policies_for_namespace(
+    store: &Store<MeshPolicy>,
+    namespace: &str,
+) -> Vec<ObjectRef<MeshPolicy>> {
     store
         .state()
         .iter()
@@ -176,19 +213,34 @@ fn policies_for_namespace(store: &Store<MeshPolicy>, namespace: &str) -> Vec<Obj
         .collect()
 }
 
-fn meta_stream<K>(client: &kube::Client) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+fn meta_stream<K>(
+    client: &kube::Client,
+) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
 where
-    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let api: Api<PartialObjectMeta<K>> = Api::all(client.clone());
     watcher(api, watcher::Config::default()).touched_objects()
 }
 
 /// Builds the controller and runs it until `shutdown` resolves.
-pub async fn run(state: Arc<State>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    state: Arc<State>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = state.ctx.client.clone();
     let policies: Api<MeshPolicy> = Api::all(client.clone());
-    let controller = Controller::new(policies, watcher::Config::default());
+    let mut wc = watcher::Config::default();
+    if let Some(sel) = &state.policy_selector {
+        wc = wc.labels(sel);
+    }
+    let controller = Controller::new(policies, wc);
     let store = controller.store();
     let _ = state.store.set(store.clone());
     let (s1, s2, s3) = (store.clone(), store.clone(), store.clone());

@@ -10,7 +10,11 @@ use meshwarden::context::Context;
 use meshwarden::controller::{self, State};
 
 #[derive(Parser)]
-#[command(name = "meshwarden", version, about = "Keeps an Istio mesh in production posture")]
+#[command(
+    name = "meshwarden",
+    version,
+    about = "Keeps an Istio mesh in production posture"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,14 +37,24 @@ enum LogFormat {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Log format.
-    #[arg(long, value_enum, default_value = "plain", env = "MESHWARDEN_LOG_FORMAT")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "plain",
+        env = "MESHWARDEN_LOG_FORMAT"
+    )]
     log_format: LogFormat,
+    /// Handle only MeshPolicies matching this label selector (e.g. `team=platform`).
+    #[arg(long, env = "MESHWARDEN_POLICY_SELECTOR")]
+    policy_selector: Option<String>,
 }
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Plain => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -68,7 +82,10 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
-    let state = Arc::new(State::new(Context::new(client, std::env::var("POD_NAME").ok())));
+    let state = Arc::new(State::new(
+        Context::new(client, std::env::var("POD_NAME").ok()),
+        args.policy_selector,
+    ));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "meshwarden starting");
     controller::run(state, shutdown_signal()).await;
     Ok(())

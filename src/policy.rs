@@ -21,8 +21,14 @@ pub struct Conflict {
 
 /// Orders policies by age: older first; same second broken by name.
 fn is_older(a: &MeshPolicy, b: &MeshPolicy) -> bool {
-    let ka = (a.metadata.creation_timestamp.as_ref().map(|t| t.0), a.name_any());
-    let kb = (b.metadata.creation_timestamp.as_ref().map(|t| t.0), b.name_any());
+    let ka = (
+        a.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        a.name_any(),
+    );
+    let kb = (
+        b.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        b.name_any(),
+    );
     ka < kb
 }
 
@@ -58,15 +64,30 @@ pub fn resolve(policy: &MeshPolicy, all: &[&MeshPolicy]) -> (MeshPolicySpec, Vec
         if let (Some(mine), Some(theirs)) = (spec.control_plane.as_mut(), &other.spec.control_plane)
             && mine.namespace == theirs.namespace
         {
-            drop_if_differs(&mut mine.replicas, &theirs.replicas, "controlPlane.replicas", &mut note);
+            drop_if_differs(
+                &mut mine.replicas,
+                &theirs.replicas,
+                "controlPlane.replicas",
+                &mut note,
+            );
             drop_if_differs(
                 &mut mine.disruption_budget,
                 &theirs.disruption_budget,
                 "controlPlane.disruptionBudget",
                 &mut note,
             );
-            drop_if_differs(&mut mine.spread, &theirs.spread, "controlPlane.spread", &mut note);
-            drop_if_differs(&mut mine.resources, &theirs.resources, "controlPlane.resources", &mut note);
+            drop_if_differs(
+                &mut mine.spread,
+                &theirs.spread,
+                "controlPlane.spread",
+                &mut note,
+            );
+            drop_if_differs(
+                &mut mine.resources,
+                &theirs.resources,
+                "controlPlane.resources",
+                &mut note,
+            );
         }
 
         for gw in spec.gateways.iter_mut() {
@@ -77,9 +98,19 @@ pub fn resolve(policy: &MeshPolicy, all: &[&MeshPolicy]) -> (MeshPolicySpec, Vec
                 .filter(|t| t.namespace == gw.namespace && t.selector == gw.selector)
             {
                 let at = |f: &str| format!("gateways[{}].{f}", gw.name);
-                let (r, b, s, res) = (at("replicas"), at("disruptionBudget"), at("spread"), at("resources"));
+                let (r, b, s, res) = (
+                    at("replicas"),
+                    at("disruptionBudget"),
+                    at("spread"),
+                    at("resources"),
+                );
                 drop_if_differs(&mut gw.replicas, &theirs.replicas, &r, &mut note);
-                drop_if_differs(&mut gw.disruption_budget, &theirs.disruption_budget, &b, &mut note);
+                drop_if_differs(
+                    &mut gw.disruption_budget,
+                    &theirs.disruption_budget,
+                    &b,
+                    &mut note,
+                );
                 drop_if_differs(&mut gw.spread, &theirs.spread, &s, &mut note);
                 drop_if_differs(&mut gw.resources, &theirs.resources, &res, &mut note);
             }
@@ -136,7 +167,11 @@ mod tests {
 
     #[test]
     fn section_override_beats_default() {
-        let p = policy("a", 1, "enforcement: Enforce\ncontrolPlane: {enforcement: Audit}");
+        let p = policy(
+            "a",
+            1,
+            "enforcement: Enforce\ncontrolPlane: {enforcement: Audit}",
+        );
         let cp = p.spec.control_plane.as_ref().unwrap();
         assert_eq!(effective(&p.spec, cp.enforcement), Enforcement::Audit);
         assert_eq!(effective(&p.spec, None), Enforcement::Enforce);
@@ -150,7 +185,11 @@ mod tests {
 
     #[test]
     fn older_policy_wins_only_the_differing_rule() {
-        let old = policy("old", 1, "controlPlane: {replicas: {min: 2}, spread: {nodes: Required}}");
+        let old = policy(
+            "old",
+            1,
+            "controlPlane: {replicas: {min: 2}, spread: {nodes: Required}}",
+        );
         let new = policy(
             "new",
             2,

@@ -43,8 +43,16 @@ pub fn millis(q: &str) -> Option<i128> {
         return None;
     }
     let scale = 10_i128.checked_pow(frac_part.len() as u32)?;
-    let int: i128 = if int_part.is_empty() { 0 } else { int_part.parse().ok()? };
-    let frac: i128 = if frac_part.is_empty() { 0 } else { frac_part.parse().ok()? };
+    let int: i128 = if int_part.is_empty() {
+        0
+    } else {
+        int_part.parse().ok()?
+    };
+    let frac: i128 = if frac_part.is_empty() {
+        0
+    } else {
+        frac_part.parse().ok()?
+    };
     let value = (int * scale + frac).checked_mul(mult_num)?;
     // Round up like Kubernetes does for sub-milli precision.
     let den = scale * mult_den;

@@ -49,7 +49,10 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -63,7 +66,10 @@ mod tests {
             }]),
         };
         assert!(matches(&sel, &labels(&[("istio", "ingressgateway")])));
-        assert!(!matches(&sel, &labels(&[("istio", "ingressgateway"), ("tier", "test")])));
+        assert!(!matches(
+            &sel,
+            &labels(&[("istio", "ingressgateway"), ("tier", "test")])
+        ));
         assert!(!matches(&sel, &labels(&[("istio", "egressgateway")])));
         assert!(matches(&LabelSelector::default(), &labels(&[])));
         assert_eq!(to_query(&sel), "istio=ingressgateway,tier notin (test)");

@@ -41,7 +41,10 @@ pub fn build(
             .iter()
             .map(|r| format!("{} ({})", r.condition.type_, r.condition.reason))
             .collect();
-        let status = if not_ready.iter().any(|r| r.condition.status == Status::False) {
+        let status = if not_ready
+            .iter()
+            .any(|r| r.condition.status == Status::False)
+        {
             Status::False
         } else {
             Status::Unknown
@@ -147,7 +150,11 @@ mod tests {
             &t(1),
         );
         assert_eq!(bad.conditions[0].status, "False");
-        assert!(bad.conditions[0].message.contains("GatewayHA (NonCompliant)"));
+        assert!(
+            bad.conditions[0]
+                .message
+                .contains("GatewayHA (NonCompliant)")
+        );
         assert_eq!(bad.violation_count, 2);
         assert_eq!(bad.targets, 4);
         assert_eq!(bad.observed_generation, Some(1));

@@ -2,7 +2,6 @@
 //! one owns the count), exactly one PodDisruptionBudget that never blocks node drains,
 //! spreading over nodes and zones, and container resources.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -18,7 +17,7 @@ use crate::api::{
     DisruptionBudgetSpec, Enforcement, MeshPolicy, ReplicasSpec, ResourceAmounts, ResourcesSpec,
     SpreadMode, SpreadSpec, Violation,
 };
-use crate::apply::{self, FIELD_MANAGER};
+use crate::apply;
 use crate::conditions::{Observed, Status};
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -110,8 +109,7 @@ pub fn allowed_disruptions(
         (_, Some(IntOrString::String(s))) => pct(s, true).min(replicas),
         (Some(IntOrString::Int(m)), None) => (replicas - m).max(0),
         (Some(IntOrString::String(s)), None) => (replicas - pct(s, true)).max(0),
-        // A budget with neither field allows one disruption (Kubernetes defaults minAvailable 1
-        // only when... it does not; treat as unconstrained).
+        // A budget with neither field never blocks an eviction.
         (None, None) => replicas,
     }
 }
@@ -148,8 +146,16 @@ pub fn resource_deviations(
 ) -> Vec<String> {
     let mut out = Vec::new();
     let pairs = [
-        ("requests", declared.requests.as_ref(), current.and_then(|c| c.requests.as_ref())),
-        ("limits", declared.limits.as_ref(), current.and_then(|c| c.limits.as_ref())),
+        (
+            "requests",
+            declared.requests.as_ref(),
+            current.and_then(|c| c.requests.as_ref()),
+        ),
+        (
+            "limits",
+            declared.limits.as_ref(),
+            current.and_then(|c| c.limits.as_ref()),
+        ),
     ];
     for (what, want, have) in pairs {
         let Some(want) = want else { continue };
@@ -181,12 +187,6 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
     let dep_id = object_id("Deployment", &ns, &name);
     let spec = d.spec.clone().unwrap_or_default();
     let pod_selector = serde_json::to_value(&spec.selector).unwrap_or(Value::Null);
-    let pod_labels: BTreeMap<String, String> = spec
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.labels.clone())
-        .unwrap_or_default();
     let pod_spec = spec.template.spec.clone().unwrap_or_default();
     let mut dep_spec = serde_json::Map::new();
     let mut template_spec = serde_json::Map::new();
@@ -304,7 +304,9 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                 if which == "required" {
                     req.push(spread_term(&pod_selector));
                 } else {
-                    pref.push(json!({"weight": 100, "podAffinityTerm": spread_term(&pod_selector)}));
+                    pref.push(
+                        json!({"weight": 100, "podAffinityTerm": spread_term(&pod_selector)}),
+                    );
                 }
             }
             // Both lists are atomic: the user's own terms are sent along so none is lost.
@@ -329,8 +331,10 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
 
         // Spread over zones: a topology spread constraint (a list keyed by topologyKey and
         // whenUnsatisfiable, so only our entry is sent).
-        let tsc: Vec<TopologySpreadConstraint> =
-            pod_spec.topology_spread_constraints.clone().unwrap_or_default();
+        let tsc: Vec<TopologySpreadConstraint> = pod_spec
+            .topology_spread_constraints
+            .clone()
+            .unwrap_or_default();
         let zone_mode = match spread.zones {
             SpreadMode::Off => None,
             SpreadMode::Required => Some("DoNotSchedule"),
@@ -365,7 +369,10 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
 
     // Container resources.
     if let Some(res) = &rules.resources {
-        let container = pod_spec.containers.iter().find(|c| c.name == rules.container);
+        let container = pod_spec
+            .containers
+            .iter()
+            .find(|c| c.name == rules.container);
         match container {
             None => p.findings.push(Finding {
                 object: dep_id.clone(),
@@ -379,7 +386,10 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                 if !devs.is_empty() {
                     p.findings.push(Finding {
                         object: dep_id.clone(),
-                        field: format!("spec.template.spec.containers[{}].resources", rules.container),
+                        field: format!(
+                            "spec.template.spec.containers[{}].resources",
+                            rules.container
+                        ),
                         message: format!("container {}: {}", rules.container, devs.join("; ")),
                         fixable: true,
                         blocks_drain: false,
@@ -389,10 +399,19 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                     let key = format!("k:{{\"name\":\"{}\"}}", rules.container);
                     for m in apply::foreign_managers(
                         &d.metadata,
-                        &["f:spec", "f:template", "f:spec", "f:containers", &key, "f:resources"],
+                        &[
+                            "f:spec",
+                            "f:template",
+                            "f:spec",
+                            "f:containers",
+                            &key,
+                            "f:resources",
+                        ],
                     ) {
-                        p.takeovers
-                            .push((format!("{dep_id} container {} resources", rules.container), m));
+                        p.takeovers.push((
+                            format!("{dep_id} container {} resources", rules.container),
+                            m,
+                        ));
                     }
                 }
                 let mut r = serde_json::Map::new();
@@ -412,7 +431,10 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
 
     if dep_changed {
         if !template_spec.is_empty() {
-            dep_spec.insert("template".into(), json!({"spec": Value::Object(template_spec)}));
+            dep_spec.insert(
+                "template".into(),
+                json!({"spec": Value::Object(template_spec)}),
+            );
         }
         p.deployment_patch = Some(json!({
             "apiVersion": "apps/v1",
@@ -422,20 +444,17 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
         }));
     }
 
-    plan_budget(&mut p, rules, obs, policy, &pod_labels, &pod_selector, effective_min, enforce);
+    plan_budget(&mut p, rules, obs, policy, &pod_selector, effective_min);
     p
 }
 
-#[allow(clippy::too_many_arguments)]
 fn plan_budget(
     p: &mut Plan,
     rules: &HaRules,
     obs: &Observation,
     policy: &MeshPolicy,
-    _pod_labels: &BTreeMap<String, String>,
     pod_selector: &Value,
     effective_min: i32,
-    enforce: bool,
 ) {
     let d = &obs.deployment;
     let ns = d.namespace().unwrap_or_default();
@@ -470,7 +489,12 @@ fn plan_budget(
         // Not configured: still report a budget that blocks every drain.
         if let Some(b) = existing {
             let s = b.spec.clone().unwrap_or_default();
-            if allowed_disruptions(s.min_available.as_ref(), s.max_unavailable.as_ref(), effective_min) < 1 {
+            if allowed_disruptions(
+                s.min_available.as_ref(),
+                s.max_unavailable.as_ref(),
+                effective_min,
+            ) < 1
+            {
                 p.findings.push(Finding {
                     object: object_id("PodDisruptionBudget", &ns, &b.name_any()),
                     field: "spec".into(),
@@ -548,12 +572,16 @@ fn plan_budget(
         Some(b) => {
             let s = b.spec.clone().unwrap_or_default();
             let pdb_id = object_id("PodDisruptionBudget", &ns, &b.name_any());
-            let same = s.min_available == want.min_available && s.max_unavailable == want.max_unavailable;
+            let same =
+                s.min_available == want.min_available && s.max_unavailable == want.max_unavailable;
             if same {
                 return;
             }
-            let allows =
-                allowed_disruptions(s.min_available.as_ref(), s.max_unavailable.as_ref(), effective_min);
+            let allows = allowed_disruptions(
+                s.min_available.as_ref(),
+                s.max_unavailable.as_ref(),
+                effective_min,
+            );
             p.findings.push(Finding {
                 object: pdb_id.clone(),
                 field: "spec".into(),
@@ -590,7 +618,6 @@ fn plan_budget(
             if want.max_unavailable.is_some() && s.min_available.is_some() {
                 spec.insert("minAvailable".into(), Value::Null);
             }
-            let _ = enforce;
             p.pdb = Some(PdbAction::Apply {
                 name: b.name_any(),
                 patch: json!({
@@ -743,11 +770,7 @@ pub async fn reconcile(
                 report.compliant += 1;
                 continue;
             }
-            let dep_id = object_id(
-                "Deployment",
-                &group.namespace,
-                &obs.deployment.name_any(),
-            );
+            let dep_id = object_id("Deployment", &group.namespace, &obs.deployment.name_any());
             let fight_key = format!("{}:{}", policy.name_any(), dep_id);
             let now = Instant::now();
             let fighting = ctx.fight_check(&fight_key, now);
@@ -759,12 +782,15 @@ pub async fn reconcile(
             } else {
                 match execute(ctx, group, &plan).await {
                     Ok(()) => {
-                        let fixed: Vec<&Finding> = plan.findings.iter().filter(|f| f.fixable).collect();
+                        let fixed: Vec<&Finding> =
+                            plan.findings.iter().filter(|f| f.fixable).collect();
                         if !fixed.is_empty() {
                             ctx.fight_record(&fight_key, now);
                             report.corrected += 1;
                             for f in &fixed {
-                                report.corrections.push(format!("{}: {}", f.object, f.message));
+                                report
+                                    .corrections
+                                    .push(format!("{}: {}", f.object, f.message));
                             }
                         }
                         if plan.rolls_pods {
@@ -773,7 +799,11 @@ pub async fn reconcile(
                         for (field, manager) in &plan.takeovers {
                             takeovers.push(format!("{field} (was managed by {manager})"));
                         }
-                        plan.findings.iter().filter(|f| !f.fixable).cloned().collect()
+                        plan.findings
+                            .iter()
+                            .filter(|f| !f.fixable)
+                            .cloned()
+                            .collect()
                     }
                     Err(e) => {
                         let mut failed = RuleReport::failed(ctype, &e);
@@ -788,9 +818,7 @@ pub async fn reconcile(
             for f in outstanding {
                 blocking |= f.blocks_drain;
                 unfixable |= !f.fixable && enforce;
-                let action = if !enforce {
-                    "Reported"
-                } else if fighting {
+                let action = if enforce && fighting {
                     "Skipped"
                 } else {
                     "Reported"
@@ -805,6 +833,12 @@ pub async fn reconcile(
         }
     }
 
+    let key = format!(
+        "{}/{}/{ctype}",
+        policy.name_any(),
+        policy.metadata.generation.unwrap_or_default()
+    );
+    let takeovers = ctx.remember_takeovers(&key, &takeovers);
     let mut msg = Vec::new();
     msg.push(format!(
         "{} of {} target(s) compliant",
@@ -832,7 +866,10 @@ pub async fn reconcile(
         ));
     }
     if !empty_groups.is_empty() {
-        msg.push(format!("no Deployment found for {}", empty_groups.join(", ")));
+        msg.push(format!(
+            "no Deployment found for {}",
+            empty_groups.join(", ")
+        ));
     }
     if !report.violations.is_empty() {
         let shown: Vec<String> = report
@@ -842,8 +879,7 @@ pub async fn reconcile(
             .map(|v| format!("{} {}", v.object, v.message))
             .collect();
         msg.push(format!("deviations: {}", shown.join("; ")));
-        if audit && !fights.is_empty() {
-        } else if audit {
+        if audit {
             msg.push("Audit mode: nothing was changed".to_string());
         }
     }
@@ -857,16 +893,12 @@ pub async fn reconcile(
         (Status::False, "CannotCorrect")
     } else if !report.violations.is_empty() {
         (Status::False, "NonCompliant")
-    } else if report.targets == 0 {
-        (Status::False, "NoTargets")
-    } else if !empty_groups.is_empty() {
+    } else if report.targets == 0 || !empty_groups.is_empty() {
         (Status::False, "NoTargets")
     } else if !takeovers.is_empty() {
         (Status::True, "FieldOwnedByOther")
     } else if report.corrected > 0 {
         (Status::True, "Corrected")
-    } else if groups.iter().any(|_| false) {
-        (Status::True, "Compliant")
     } else {
         (Status::True, "Compliant")
     };
@@ -882,7 +914,10 @@ async fn execute(ctx: &Context, group: &Group, plan: &Plan) -> Result<()> {
     }
     if let Some(patch) = &plan.deployment_patch {
         let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-        let name = patch["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = patch["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         apply::apply(&api, &name, patch, &ctx.writes).await?;
     }
     match &plan.pdb {
@@ -896,7 +931,6 @@ async fn execute(ctx: &Context, group: &Group, plan: &Plan) -> Result<()> {
         }
         None => {}
     }
-    let _ = FIELD_MANAGER;
     Ok(())
 }
 
@@ -938,15 +972,4 @@ pub fn gateway_groups(spec: &crate::api::MeshPolicySpec) -> Vec<Group> {
             enforcement: crate::policy::effective(spec, g.enforcement),
         })
         .collect()
-}
-
-/// Name of the field manager, re-exported for tests that check ownership.
-pub const MANAGER: &str = FIELD_MANAGER;
-
-/// Whether a Resource kind is one this rule watches (for the controller's event mapping).
-pub fn watched_kind<K: Resource<DynamicType = ()>>() -> bool {
-    matches!(
-        K::kind(&()).as_ref(),
-        "Deployment" | "HorizontalPodAutoscaler" | "PodDisruptionBudget"
-    )
 }

@@ -80,6 +80,8 @@ pub fn not_implemented(type_: &str, field: &str) -> RuleReport {
 
 /// Whether a policy's rules cover objects in `namespace` (routes watch events to policies).
 pub fn covers_namespace(spec: &crate::api::MeshPolicySpec, namespace: &str) -> bool {
-    spec.control_plane.as_ref().is_some_and(|c| c.namespace == namespace)
+    spec.control_plane
+        .as_ref()
+        .is_some_and(|c| c.namespace == namespace)
         || spec.gateways.iter().any(|g| g.namespace == namespace)
 }

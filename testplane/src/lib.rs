@@ -118,7 +118,8 @@ impl Plane {
         }
         io(dir, fs::create_dir_all(dir))?;
         let dir = io(dir, fs::canonicalize(dir))?;
-        let (etcd_port, peer_port, api_port) = (free_port(&dir)?, free_port(&dir)?, free_port(&dir)?);
+        let (etcd_port, peer_port, api_port) =
+            (free_port(&dir)?, free_port(&dir)?, free_port(&dir)?);
         write_pki(&dir)?;
         let audit_policy = dir.join("audit-policy.yaml");
         io(&audit_policy, fs::write(&audit_policy, AUDIT_POLICY))?;
@@ -308,7 +309,7 @@ pub async fn client_from(kubeconfig: &Path) -> Result<Client> {
 
 fn http_get(path: &str) -> http::Request<Vec<u8>> {
     let mut req = http::Request::new(Vec::new());
-    *req.uri_mut() = http::Uri::from_maybe_shared(path.to_string()).unwrap_or_default();
+    *req.uri_mut() = http::Uri::try_from(path).unwrap_or_default();
     req
 }
 
@@ -323,7 +324,10 @@ pub fn shared() -> &'static SharedPlane {
         std::thread::Builder::new()
             .name("testplane".into())
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     Ok(rt) => rt,
                     Err(e) => {
                         let _ = tx.send(Err(e.to_string()));
@@ -405,10 +409,7 @@ fn spawn(bin: &Path, args: &[String], log: &Path, lifetime: Lifetime) -> Result<
     let out = io(log, fs::File::create(log))?;
     let err = io(log, out.try_clone())?;
     let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
     // SAFETY: the closures only call async-signal-safe libc functions.
     unsafe {
         match lifetime {
@@ -447,16 +448,23 @@ fn write_pki(dir: &Path) -> Result<()> {
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     ca.distinguished_name = DistinguishedName::new();
-    ca.distinguished_name.push(DnType::CommonName, "meshwarden-test-ca");
+    ca.distinguished_name
+        .push(DnType::CommonName, "meshwarden-test-ca");
     let ca_cert = ca.self_signed(&ca_key)?;
     write_file(&dir.join("ca.crt"), &ca_cert.pem())?;
     let issuer = Issuer::new(ca, ca_key);
 
     let serving_key = KeyPair::generate()?;
-    let mut serving = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+    let mut serving =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
     serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
-    write_file(&dir.join("serving.crt"), &serving.signed_by(&serving_key, &issuer)?.pem())?;
+    serving
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
+    write_file(
+        &dir.join("serving.crt"),
+        &serving.signed_by(&serving_key, &issuer)?.pem(),
+    )?;
     write_file(&dir.join("serving.key"), &serving_key.serialize_pem())?;
 
     for (file, user) in [("admin", "admin"), ("operator", "meshwarden-operator")] {
@@ -468,7 +476,10 @@ fn write_pki(dir: &Path) -> Result<()> {
         params
             .distinguished_name
             .push(DnType::OrganizationName, "system:masters");
-        write_file(&dir.join(format!("{file}.crt")), &params.signed_by(&key, &issuer)?.pem())?;
+        write_file(
+            &dir.join(format!("{file}.crt")),
+            &params.signed_by(&key, &issuer)?.pem(),
+        )?;
         write_file(&dir.join(format!("{file}.key")), &key.serialize_pem())?;
     }
     let sa = KeyPair::generate()?;
@@ -494,14 +505,18 @@ pub async fn apply_yaml(client: &Client, yaml: &str, skip: &[&str]) -> Result<us
     let mut discovery = Discovery::new(client.clone()).run().await?;
     let mut applied = 0;
     for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let value = serde_json::Value::deserialize(doc).map_err(|e| Error::Manifest(e.to_string()))?;
+        let value =
+            serde_json::Value::deserialize(doc).map_err(|e| Error::Manifest(e.to_string()))?;
         if value.is_null() {
             continue;
         }
         let obj: DynamicObject =
             serde_json::from_value(value).map_err(|e| Error::Manifest(e.to_string()))?;
         let Some(types) = obj.types.clone() else {
-            return Err(Error::Manifest(format!("{} has no apiVersion/kind", obj.name_any())));
+            return Err(Error::Manifest(format!(
+                "{} has no apiVersion/kind",
+                obj.name_any()
+            )));
         };
         if skip.contains(&types.kind.as_str()) {
             continue;
@@ -528,8 +543,12 @@ pub async fn apply_yaml(client: &Client, yaml: &str, skip: &[&str]) -> Result<us
             (Scope::Cluster, _) => Api::all_with(client.clone(), &ar),
         };
         let name = obj.name_any();
-        api.patch(&name, &PatchParams::apply("testplane").force(), &Patch::Apply(&obj))
-            .await?;
+        api.patch(
+            &name,
+            &PatchParams::apply("testplane").force(),
+            &Patch::Apply(&obj),
+        )
+        .await?;
         if types.kind == "CustomResourceDefinition" {
             wait_crd_established(client, &name).await?;
         }

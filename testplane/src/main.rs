@@ -66,7 +66,11 @@ async fn apply(args: &[String]) -> Result<(), String> {
     let mut it = args[1..].iter();
     while let Some(a) = it.next() {
         if a == "--skip" {
-            skip.extend(it.next().into_iter().flat_map(|s| s.split(',').map(String::from)));
+            skip.extend(
+                it.next()
+                    .into_iter()
+                    .flat_map(|s| s.split(',').map(String::from)),
+            );
         } else {
             files.push(a);
         }

@@ -1,0 +1,280 @@
+//! Shared helpers: one real API server per test binary, a namespace and a label per test,
+//! the Istio fixtures, an in-process operator, and the audit log.
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::{Client, CustomResourceExt, ResourceExt};
+use meshwarden::api::MeshPolicy;
+use meshwarden::context::Context;
+use meshwarden::controller::{self, State};
+use serde::Deserialize;
+use tokio::sync::OnceCell;
+
+pub const FIXTURES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/fixtures/istio-1.30.3"
+);
+
+/// Everything a test needs, with names unique to the test.
+pub struct Env {
+    pub client: Client,
+    /// Label value that scopes this test's policies and its operator.
+    pub id: String,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Starts (once per binary) the API server, installs the CRDs, and returns a test env.
+pub async fn env(prefix: &str) -> Env {
+    let plane = testplane::shared();
+    let client = plane.client().await;
+    static CRDS: OnceCell<()> = OnceCell::const_new();
+    CRDS.get_or_init(|| async {
+        // Each test has its own runtime; install with a client of our own.
+        let c = testplane::shared().client().await;
+        let crd = serde_yaml::to_string(&MeshPolicy::crd()).unwrap();
+        testplane::apply_yaml(&c, &crd, &[])
+            .await
+            .expect("install MeshPolicy CRD");
+        let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system}\n";
+        testplane::apply_yaml(&c, ns, &[])
+            .await
+            .expect("create istio-system");
+        let base = std::fs::read_to_string(format!("{FIXTURES}/base.yaml")).unwrap();
+        testplane::apply_yaml(&c, &base, &[])
+            .await
+            .expect("install Istio CRDs");
+    })
+    .await;
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let id = format!("{prefix}-{}-{n}", std::process::id() % 10000);
+    Env { client, id }
+}
+
+impl Env {
+    /// Creates a namespace named `<id>-<suffix>` with `labels`, returns its name.
+    pub async fn namespace(&self, suffix: &str, labels: &[(&str, &str)]) -> String {
+        let name = format!("{}-{suffix}", self.id);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_,_>>()}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(self.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+        name
+    }
+
+    /// Loads the namespaced objects of an Istio fixture file into `namespace` (cluster-scoped
+    /// objects and webhooks are left out). `kinds` limits what is loaded (empty: all).
+    pub async fn load_fixture(&self, file: &str, namespace: &str, kinds: &[&str]) -> usize {
+        let text = std::fs::read_to_string(format!("{FIXTURES}/{file}")).unwrap();
+        let mut out = String::new();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = serde_json::Value::deserialize(doc).unwrap();
+            if v.is_null() {
+                continue;
+            }
+            let kind = v["kind"].as_str().unwrap_or_default().to_string();
+            if v["metadata"]["namespace"].is_null() {
+                continue;
+            }
+            if !kinds.is_empty() && !kinds.contains(&kind.as_str()) {
+                continue;
+            }
+            let mut v = v;
+            v["metadata"]["namespace"] = serde_json::json!(namespace);
+            out.push_str("---\n");
+            out.push_str(&serde_yaml::to_string(&v).unwrap());
+        }
+        // Fixture objects are written with Helm's field manager, as a Helm install would.
+        apply_as(&self.client, &out, "helm").await
+    }
+
+    /// Creates a MeshPolicy from YAML (its spec), labelled for this test's operator.
+    pub async fn create_policy(&self, name: &str, spec_yaml: &str) -> MeshPolicy {
+        let spec = serde_yaml::from_str(spec_yaml).expect("policy spec YAML");
+        let mut p = MeshPolicy::new(&format!("{}-{name}", self.id), spec);
+        p.metadata.labels = Some([("meshwarden-test".to_string(), self.id.clone())].into());
+        Api::<MeshPolicy>::all(self.client.clone())
+            .create(&PostParams::default(), &p)
+            .await
+            .expect("create MeshPolicy")
+    }
+
+    /// Runs an operator for this test's policies, as user `meshwarden-operator`.
+    pub async fn start_operator(&self) -> Operator {
+        let client = testplane::shared().operator_client().await;
+        let state = Arc::new(State::new(
+            Context::new(client, Some(self.id.clone())),
+            Some(format!("meshwarden-test={}", self.id)),
+        ));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        let handle = tokio::spawn(async move {
+            controller::run(st, async move {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        Operator {
+            state,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Waits until `check` returns Some for the policy (polls), or panics after `secs`.
+    pub async fn wait_policy<T>(
+        &self,
+        name: &str,
+        secs: u64,
+        check: impl Fn(&MeshPolicy) -> Option<T>,
+    ) -> T {
+        let api: Api<MeshPolicy> = Api::all(self.client.clone());
+        let full = format!("{}-{name}", self.id);
+        let start = Instant::now();
+        loop {
+            let p = api.get(&full).await.expect("get policy");
+            if let Some(v) = check(&p) {
+                return v;
+            }
+            if start.elapsed() > Duration::from_secs(secs) {
+                panic!(
+                    "policy {full} did not reach the expected state in {secs}s; status:\n{}",
+                    serde_yaml::to_string(&p.status).unwrap()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn policy_name(&self, name: &str) -> String {
+        format!("{}-{name}", self.id)
+    }
+}
+
+/// Server-side applies a YAML stream with the given field manager.
+pub async fn apply_as(client: &Client, yaml: &str, manager: &str) -> usize {
+    let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
+    let mut n = 0;
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let v = serde_json::Value::deserialize(doc).unwrap();
+        if v.is_null() {
+            continue;
+        }
+        let obj: DynamicObject = serde_json::from_value(v).unwrap();
+        let tm = obj.types.clone().unwrap();
+        let (g, ver) = tm
+            .api_version
+            .split_once('/')
+            .unwrap_or(("", &tm.api_version));
+        let gvk = kube::api::GroupVersionKind::gvk(g, ver, &tm.kind);
+        let (ar, _) = discovery.resolve_gvk(&gvk).expect("known kind");
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &obj.namespace().unwrap(), &ar);
+        api.patch(
+            &obj.name_any(),
+            &PatchParams::apply(manager).force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("apply {} {}: {e}", tm.kind, obj.name_any()));
+        n += 1;
+    }
+    n
+}
+
+/// A running in-process operator; stopped on drop.
+pub struct Operator {
+    pub state: Arc<State>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Operator {
+    /// Writes the operator made so far.
+    pub fn writes(&self) -> u64 {
+        self.state.ctx.writes.get()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+        }
+    }
+}
+
+/// Writes (create/update/patch/delete) the API server recorded from the operator's user in
+/// `namespace` (or, with `None`, on cluster-scoped objects named in `names`).
+pub fn operator_writes(namespace: Option<&str>, names: &[&str]) -> Vec<serde_json::Value> {
+    testplane::shared()
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["user"]["username"] == "meshwarden-operator")
+        .filter(|e| e["stage"] == "ResponseComplete")
+        .filter(|e| {
+            let r = &e["objectRef"];
+            match namespace {
+                Some(ns) => r["namespace"] == ns,
+                None => names.iter().any(|n| r["name"] == *n),
+            }
+        })
+        .filter(is_write)
+        .collect()
+}
+
+fn is_write(e: &serde_json::Value) -> bool {
+    matches!(
+        e["verb"].as_str(),
+        Some("create" | "update" | "patch" | "delete" | "deletecollection")
+    )
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `secs`.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, f: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > Duration::from_secs(secs) {
+            panic!("timed out after {secs}s waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The condition of `type_` in a policy's status.
+pub fn condition<'a>(
+    p: &'a MeshPolicy,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    p.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}

@@ -1,0 +1,7 @@
+//! Integration tests against a real kube-apiserver and etcd (see testplane). One API server
+//! serves the whole binary; every test has its own namespaces and policy label.
+mod common;
+mod crd;
+mod ha;
+mod lifecycle;
+mod validation;
