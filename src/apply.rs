@@ -17,13 +17,30 @@ use crate::error::{Error, Result};
 /// Field manager of every write meshwarden makes.
 pub const FIELD_MANAGER: &str = "meshwarden";
 
-/// Counts the writes made, for metrics and benchmarks.
+/// Counts the writes made, for tests, benchmarks and the `meshwarden_api_writes` metric.
 #[derive(Debug, Default)]
-pub struct WriteCounter(AtomicU64);
+pub struct WriteCounter {
+    count: AtomicU64,
+    metric: prometheus_client::metrics::counter::Counter,
+}
 
 impl WriteCounter {
+    /// A counter that also increments `metric`.
+    pub fn new(metric: prometheus_client::metrics::counter::Counter) -> Self {
+        WriteCounter {
+            count: AtomicU64::new(0),
+            metric,
+        }
+    }
+
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Counts one write.
+    pub fn add(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.metric.inc();
     }
 }
 
@@ -39,7 +56,7 @@ pub async fn apply<K>(
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
-    writes.0.fetch_add(1, Ordering::Relaxed);
+    writes.add();
     let kind = K::kind(&()).to_string();
     api.patch(
         name,
@@ -55,7 +72,7 @@ pub async fn delete<K>(api: &Api<K>, name: &str, writes: &WriteCounter) -> Resul
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
-    writes.0.fetch_add(1, Ordering::Relaxed);
+    writes.add();
     let kind = K::kind(&()).to_string();
     match api.delete(name, &Default::default()).await {
         Ok(_) => Ok(()),

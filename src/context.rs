@@ -1,12 +1,13 @@
 //! State shared by every reconcile.
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kube::Client;
 use kube::runtime::events::Reporter;
 
 use crate::apply::{FightTracker, WriteCounter};
+use crate::telemetry::Metrics;
 
 /// Shared by every reconcile of every policy.
 pub struct Context {
@@ -14,6 +15,7 @@ pub struct Context {
     pub reporter: Reporter,
     /// Writes made so far (benchmarks and metrics).
     pub writes: WriteCounter,
+    pub metrics: Arc<Metrics>,
     fights: Mutex<FightTracker>,
     failures: Mutex<HashMap<String, u32>>,
     takeovers: Mutex<HashMap<String, Vec<String>>>,
@@ -21,13 +23,19 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, instance: Option<String>) -> Self {
+        Self::with_metrics(client, instance, Arc::new(Metrics::default()))
+    }
+
+    /// A context that records into `metrics` (shared with the HTTP endpoint).
+    pub fn with_metrics(client: Client, instance: Option<String>, metrics: Arc<Metrics>) -> Self {
         Context {
             client,
             reporter: Reporter {
                 controller: "meshwarden".into(),
                 instance,
             },
-            writes: WriteCounter::default(),
+            writes: WriteCounter::new(metrics.writes.clone()),
+            metrics,
             fights: Mutex::new(FightTracker::default()),
             failures: Mutex::new(HashMap::new()),
             takeovers: Mutex::new(HashMap::new()),

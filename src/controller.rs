@@ -2,7 +2,7 @@
 //! reconciles each policy: resolve conflicts, run every rule section, write status (only when
 //! it changed) and publish Events for transitions and corrections.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -34,7 +34,7 @@ pub struct State {
     pub ctx: Context,
     /// Only policies with these labels are handled (`--policy-selector`); all when `None`.
     pub policy_selector: Option<String>,
-    store: OnceLock<Store<MeshPolicy>>,
+    store: RwLock<Option<Store<MeshPolicy>>>,
 }
 
 impl State {
@@ -42,7 +42,7 @@ impl State {
         State {
             ctx,
             policy_selector,
-            store: OnceLock::new(),
+            store: RwLock::new(None),
         }
     }
 }
@@ -93,7 +93,13 @@ pub async fn evaluate(
 async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action> {
     let ctx = &state.ctx;
     let name = policy.name_any();
-    let all: Vec<Arc<MeshPolicy>> = state.store.get().map(|s| s.state()).unwrap_or_default();
+    let started = std::time::Instant::now();
+    let all: Vec<Arc<MeshPolicy>> = state
+        .store
+        .read()
+        .ok()
+        .and_then(|s| s.as_ref().map(|s| s.state()))
+        .unwrap_or_default();
     let refs: Vec<&MeshPolicy> = all.iter().map(|p| p.as_ref()).collect();
     let (reports, conflicts) = evaluate(ctx, &policy, &refs).await;
 
@@ -126,6 +132,8 @@ async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action>
             .unwrap_or_default();
         publish_events(ctx, &policy, &before, &new_status.conditions, &reports).await;
     }
+
+    record_metrics(ctx, &name, &reports, &new_status, started.elapsed());
 
     let failing: Vec<&RuleReport> = reports
         .iter()
@@ -194,8 +202,59 @@ async fn publish_events(
     }
 }
 
+fn record_metrics(
+    ctx: &Context,
+    policy: &str,
+    reports: &[RuleReport],
+    status: &crate::api::MeshPolicyStatus,
+    took: Duration,
+) {
+    use crate::telemetry::{ErrorLabels, PolicyLabels, RuleLabels};
+    let m = &ctx.metrics;
+    m.reconciles.inc();
+    m.reconcile_duration.observe(took.as_secs_f64());
+    let ready = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == types::READY && c.status == "True");
+    m.policy_ready
+        .get_or_create(&PolicyLabels {
+            policy: policy.to_string(),
+        })
+        .set(i64::from(ready));
+    for r in reports {
+        let labels = RuleLabels {
+            policy: policy.to_string(),
+            rule: r.condition.type_.clone(),
+        };
+        m.violations
+            .get_or_create(&labels)
+            .set(i64::try_from(r.violations.len()).unwrap_or(i64::MAX));
+        if r.corrected > 0 {
+            m.corrections
+                .get_or_create(&labels)
+                .inc_by(u64::try_from(r.corrected).unwrap_or(0));
+        }
+        if r.condition.status == Status::Unknown && r.condition.reason != "NotImplemented" {
+            m.reconcile_errors
+                .get_or_create(&ErrorLabels {
+                    kind: r.condition.reason.clone(),
+                })
+                .inc();
+        }
+    }
+}
+
 fn error_policy(policy: Arc<MeshPolicy>, err: &Error, state: Arc<State>) -> Action {
     let n = state.ctx.failed(&policy.name_any());
+    state
+        .ctx
+        .metrics
+        .reconcile_errors
+        .get_or_create(&crate::telemetry::ErrorLabels {
+            kind: err.reason().to_string(),
+        })
+        .inc();
     warn!(policy = %policy.name_any(), error = %err, "reconcile failed");
     Action::requeue(err.backoff(n))
 }
@@ -242,7 +301,15 @@ pub async fn run(
     }
     let controller = Controller::new(policies, wc);
     let store = controller.store();
-    let _ = state.store.set(store.clone());
+    if let Ok(mut s) = state.store.write() {
+        *s = Some(store.clone());
+    }
+    let (ready_store, metrics) = (store.clone(), state.ctx.metrics.clone());
+    let ready_task = tokio::spawn(async move {
+        if ready_store.wait_until_ready().await.is_ok() {
+            metrics.set_ready(true);
+        }
+    });
     let (s1, s2, s3) = (store.clone(), store.clone(), store.clone());
     controller
         .watches_stream(meta_stream::<Deployment>(&client), move |d| {
@@ -262,6 +329,7 @@ pub async fn run(
             }
         })
         .await;
+    ready_task.abort();
 }
 
 /// An Observed for a section that this version does not enforce yet.

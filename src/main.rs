@@ -1,6 +1,8 @@
 //! The meshwarden binary: `meshwarden run` runs the operator, `meshwarden crd` prints the CRD.
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kube::CustomResourceExt;
@@ -8,6 +10,8 @@ use kube::CustomResourceExt;
 use meshwarden::api::MeshPolicy;
 use meshwarden::context::Context;
 use meshwarden::controller::{self, State};
+use meshwarden::telemetry::{self, Metrics};
+use tokio::sync::watch;
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +51,21 @@ struct RunArgs {
     /// Handle only MeshPolicies matching this label selector (e.g. `team=platform`).
     #[arg(long, env = "MESHWARDEN_POLICY_SELECTOR")]
     policy_selector: Option<String>,
+    /// Address of the `/livez`, `/readyz` and `/metrics` endpoints.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "MESHWARDEN_METRICS_ADDR")]
+    metrics_addr: SocketAddr,
+    /// Elect a leader through a Lease so that only one replica writes.
+    #[arg(long, default_value_t = false, env = "MESHWARDEN_LEADER_ELECTION")]
+    leader_election: bool,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "meshwarden-leader")]
+    lease_name: String,
+    /// Namespace of the leader-election Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Seconds a leader holds the Lease without renewing it; a standby takes over after that.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(5..=300))]
+    lease_duration: u64,
 }
 
 fn init_logging(format: LogFormat) {
@@ -61,6 +80,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Resolves on SIGTERM or Ctrl-C.
 async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -77,17 +97,95 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// Resolves once `rx` holds `want` (or its sender is gone).
+async fn until(rx: &mut watch::Receiver<bool>, want: bool) {
+    let _ = rx.wait_for(|v| *v == want).await;
+}
+
 async fn run(args: RunArgs) -> Result<(), String> {
     init_logging(args.log_format);
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
+    let metrics = Arc::new(Metrics::default());
+    let server = telemetry::serve(args.metrics_addr, metrics.clone());
+    let addr = args.metrics_addr;
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(%addr, error = %e, "cannot serve /livez, /readyz and /metrics");
+        }
+    });
+    let identity = std::env::var("POD_NAME")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("meshwarden-{}", std::process::id()));
     let state = Arc::new(State::new(
-        Context::new(client, std::env::var("POD_NAME").ok()),
+        Context::with_metrics(client.clone(), Some(identity.clone()), metrics.clone()),
         args.policy_selector,
     ));
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), "meshwarden starting");
-    controller::run(state, shutdown_signal()).await;
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), %identity, "meshwarden starting");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    if !args.leader_election {
+        metrics.leader.set(1);
+        let mut stop = stop_rx.clone();
+        controller::run(state, async move { until(&mut stop, true).await }).await;
+        return Ok(());
+    }
+
+    let namespace = args.lease_namespace.ok_or(
+        "--leader-election needs --lease-namespace (or the POD_NAMESPACE environment variable)",
+    )?;
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client, &args.lease_name)
+        .with_namespace(&namespace)
+        .with_identity(&identity)
+        .with_duration(args.lease_duration)
+        .with_grace((args.lease_duration / 3).max(2))
+        .build()
+        .await
+        .map_err(|e| {
+            format!(
+                "leader election on Lease {namespace}/{}: {e}",
+                args.lease_name
+            )
+        })?;
+    let (mut leader, lease_task) = manager.watch().await;
+    loop {
+        // Standby: ready (so rollouts of the operator proceed) but writing nothing.
+        metrics.leader.set(0);
+        metrics.set_ready(true);
+        tracing::info!(lease = %args.lease_name, "waiting to become leader");
+        let mut stop = stop_rx.clone();
+        tokio::select! {
+            _ = until(&mut leader, true) => {},
+            _ = until(&mut stop, true) => break,
+        }
+        if *stop_rx.borrow() {
+            break;
+        }
+        tracing::info!("became leader");
+        metrics.leader.set(1);
+        metrics.set_ready(false);
+        let (mut lost, mut stop) = (leader.clone(), stop_rx.clone());
+        controller::run(state.clone(), async move {
+            tokio::select! {
+                _ = until(&mut lost, false) => tracing::warn!("lost leadership; stopping writes"),
+                _ = until(&mut stop, true) => {},
+            }
+        })
+        .await;
+        if *stop_rx.borrow() {
+            break;
+        }
+    }
+    // Closing the channel releases the Lease, so a standby takes over at once.
+    drop(leader);
+    let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
     Ok(())
 }
 
