@@ -133,6 +133,8 @@ async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action>
         publish_events(ctx, &policy, &before, &new_status.conditions, &reports).await;
     }
 
+    let names: Vec<String> = all.iter().map(|p| p.name_any()).collect();
+    ctx.metrics.retain_policies(&names);
     record_metrics(ctx, &name, &reports, &new_status, started.elapsed());
 
     let failing: Vec<&RuleReport> = reports

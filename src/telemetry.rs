@@ -1,7 +1,7 @@
 //! Prometheus metrics and the HTTP endpoints `/livez`, `/readyz` and `/metrics`.
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State as AxState;
@@ -43,7 +43,8 @@ pub struct Metrics {
     pub writes: Counter,
     /// Health: set once the process serves; readiness: leader with synced watches, or standby.
     ready: AtomicBool,
-    pub last_reconcile_unix: AtomicU64,
+    /// Policies with series, so that deleted ones can be forgotten.
+    known: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Default for Metrics {
@@ -108,7 +109,7 @@ impl Default for Metrics {
             leader,
             writes,
             ready: AtomicBool::new(false),
-            last_reconcile_unix: AtomicU64::new(0),
+            known: Default::default(),
         }
     }
 }
@@ -131,6 +132,25 @@ impl Metrics {
         self.ready.load(Ordering::Relaxed)
     }
 
+    /// Records that `current` are the existing policies; forgets the series of the others.
+    pub fn retain_policies(&self, current: &[String]) {
+        let gone: Vec<String> = match self.known.lock() {
+            Ok(mut known) => {
+                let gone = known
+                    .iter()
+                    .filter(|k| !current.contains(k))
+                    .cloned()
+                    .collect();
+                *known = current.iter().cloned().collect();
+                gone
+            }
+            Err(_) => Vec::new(),
+        };
+        for p in gone {
+            self.forget_policy(&p);
+        }
+    }
+
     /// Removes the per-policy series of a deleted policy.
     pub fn forget_policy(&self, policy: &str) {
         self.policy_ready.remove(&PolicyLabels {
@@ -142,10 +162,12 @@ impl Metrics {
             crate::conditions::types::SIDECAR_RESOURCES,
             crate::conditions::types::MUTUAL_TLS,
         ] {
-            self.violations.remove(&RuleLabels {
+            let labels = RuleLabels {
                 policy: policy.to_string(),
                 rule: rule.to_string(),
-            });
+            };
+            self.violations.remove(&labels);
+            self.corrections.remove(&labels);
         }
     }
 }
@@ -224,7 +246,15 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
-        m.forget_policy("p");
-        assert!(!m.encode().contains("policy=\"p\""));
+        m.retain_policies(&["p".to_string()]);
+        assert!(
+            m.encode().contains("policy=\"p\""),
+            "an existing policy keeps its series"
+        );
+        m.retain_policies(&[]);
+        assert!(
+            !m.encode().contains("policy=\"p\""),
+            "a deleted policy's series go"
+        );
     }
 }
