@@ -151,7 +151,9 @@ async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action>
         let wait = if transient {
             Duration::from_secs((1u64 << n.min(8)).min(300))
         } else {
-            Duration::from_secs(60)
+            // A missing permission needs a person; RBAC changes cannot be watched, so look again
+            // every half minute.
+            Duration::from_secs(30)
         };
         for r in failing {
             warn!(policy = %name, rule = %r.condition.type_, reason = %r.condition.reason, message = %r.condition.message, "rule failed");

@@ -7,7 +7,7 @@ fn committed_crd_matches_the_types() {
     let generated = serde_yaml::to_string(&MeshPolicy::crd()).unwrap();
     for path in [
         "crds/meshpolicies.meshwarden.io.yaml",
-        "charts/meshwarden/crds/meshpolicies.meshwarden.io.yaml",
+        "charts/meshwarden/crds/meshpolicies.yaml",
     ] {
         let full = format!("{}/{path}", env!("CARGO_MANIFEST_DIR"));
         let Ok(committed) = std::fs::read_to_string(&full) else {

@@ -1,0 +1,407 @@
+//! The product as users install it: `helm install` into a real API server (RBAC on), the
+//! operator binary authenticated as the chart's ServiceAccount, two replicas electing a leader,
+//! a missing permission reported instead of a crash loop, then `helm upgrade` and `helm uninstall`.
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use meshwarden::api::MeshPolicy;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const NS: &str = "meshwarden";
+
+fn tool(name: &str) -> PathBuf {
+    let from_path = std::env::var_os("PATH").map(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|f| f.is_file())
+    });
+    if let Some(Some(p)) = from_path {
+        return p;
+    }
+    let cache = testplane::bin_dir()
+        .parent()
+        .and_then(Path::parent)
+        .map(|c| c.join("tools/bin").join(name));
+    match cache {
+        Some(p) if p.is_file() => p,
+        _ => panic!("{name} not found on PATH nor in the tools cache: run hack/install-tools.sh"),
+    }
+}
+
+fn helm(kubeconfig: &Path, args: &[&str]) -> String {
+    let out = Command::new(tool("helm"))
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .env(
+            "HELM_CACHE_HOME",
+            std::env::temp_dir().join("meshwarden-helm-cache"),
+        )
+        .env(
+            "HELM_CONFIG_HOME",
+            std::env::temp_dir().join("meshwarden-helm-config"),
+        )
+        .env(
+            "HELM_DATA_HOME",
+            std::env::temp_dir().join("meshwarden-helm-data"),
+        )
+        .output()
+        .expect("run helm");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "helm {args:?} failed:\n{text}");
+    text
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Replica {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Replica {
+    fn start(kubeconfig: &Path, name: &str, dir: &Path) -> Replica {
+        let port = free_port();
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_meshwarden"))
+            .args(["run", "--leader-election", "--lease-duration", "6"])
+            .arg(format!("--metrics-addr=127.0.0.1:{port}"))
+            .env("KUBECONFIG", kubeconfig)
+            .env("POD_NAME", name)
+            .env("POD_NAMESPACE", NS)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start meshwarden");
+        Replica { child, port, log }
+    }
+
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let text = http_get(self.port, "/metrics").await?;
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A bare HTTP/1.0 GET on loopback (the endpoints need nothing more).
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    (head.split(' ').nth(1) == Some("200")).then(|| body.to_string())
+}
+
+async fn eventually<T, F, Fut>(secs: u64, what: &str, f: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out after {secs}s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn apply_fixture(client: &kube::Client, file: &str) {
+    let text =
+        std::fs::read_to_string(format!("{ROOT}/../shared/fixtures/istio-1.30.3/{file}")).unwrap();
+    testplane::apply_yaml(
+        client,
+        &text,
+        &[
+            "MutatingWebhookConfiguration",
+            "ValidatingWebhookConfiguration",
+        ],
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn helm_install_rbac_leader_election_upgrade_uninstall() {
+    let plane = testplane::shared();
+    let admin = plane.client().await;
+    let dir = plane.dir.clone();
+
+    for ns in [NS, "istio-system"] {
+        testplane::apply_yaml(
+            &admin,
+            &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"),
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+    apply_fixture(&admin, "base.yaml").await;
+    apply_fixture(&admin, "istiod-default.yaml").await;
+
+    // helm install, as a user would (no --wait: this server runs no pods).
+    helm(
+        &plane.kubeconfig,
+        &[
+            "install",
+            "meshwarden",
+            &format!("{ROOT}/charts/meshwarden"),
+            "-n",
+            NS,
+        ],
+    );
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    assert!(
+        crds.get_opt("meshpolicies.meshwarden.io")
+            .await
+            .unwrap()
+            .is_some(),
+        "the chart installs the CRD"
+    );
+    testplane::wait_crd_established(&admin, "meshpolicies.meshwarden.io")
+        .await
+        .unwrap();
+
+    // A token of the chart's ServiceAccount: real authentication, real RBAC.
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), NS);
+    let tr = sas
+        .create_token_request(
+            "meshwarden",
+            &PostParams::default(),
+            &TokenRequest {
+                spec: TokenRequestSpec {
+                    audiences: vec![],
+                    expiration_seconds: Some(3600),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("TokenRequest for the chart's ServiceAccount");
+    let token = tr.status.unwrap().token;
+    let admin_kc: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&plane.kubeconfig).unwrap()).unwrap();
+    let server = admin_kc["clusters"][0]["cluster"]["server"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ca = admin_kc["clusters"][0]["cluster"]["certificate-authority"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sa_kc = dir.join("sa.kubeconfig");
+    std::fs::write(&sa_kc, format!(
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: '{server}', certificate-authority: '{ca}'}}}}]\nusers: [{{name: sa, user: {{token: '{token}'}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: sa}}}}]\ncurrent-context: t\n"
+    )).unwrap();
+
+    let a = Replica::start(&sa_kc, "replica-a", &dir);
+    let b = Replica::start(&sa_kc, "replica-b", &dir);
+
+    let policies: Api<MeshPolicy> = Api::all(admin.clone());
+    let policy: MeshPolicy = serde_yaml::from_str(
+        "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: install-test}\nspec:\n  enforcement: Enforce\n  controlPlane: {replicas: {min: 2}, disruptionBudget: {maxUnavailable: 1}}\n",
+    )
+    .unwrap();
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let ready = |p: &MeshPolicy| {
+        p.status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready" && c.status == "True")
+            .map(|_| ())
+    };
+    eventually(
+        45,
+        "policy Ready with the ServiceAccount's permissions",
+        || async { ready(&policies.get("install-test").await.ok()?) },
+    )
+    .await;
+
+    // Exactly one replica leads; the standby has written nothing.
+    let a_leads = eventually(20, "exactly one leader", || async {
+        let la = a.metric("meshwarden_leader").await?;
+        let lb = b.metric("meshwarden_leader").await?;
+        match (la as i64, lb as i64) {
+            (1, 0) => Some(true),
+            (0, 1) => Some(false),
+            _ => None,
+        }
+    })
+    .await;
+    let (leader, standby) = if a_leads { (a, b) } else { (b, a) };
+    assert!(leader.metric("meshwarden_api_writes_total").await.unwrap() >= 2.0);
+    assert_eq!(
+        standby.metric("meshwarden_api_writes_total").await,
+        Some(0.0),
+        "the standby writes nothing"
+    );
+    assert!(
+        http_get(standby.port, "/readyz").await.is_some(),
+        "a standby is ready"
+    );
+    assert!(http_get(leader.port, "/livez").await.is_some());
+    for r in [&leader, &standby] {
+        let log = r.log_text();
+        assert!(
+            !log.contains("403") && !log.to_lowercase().contains("forbidden"),
+            "a 403 in:\n{log}"
+        );
+    }
+
+    // The leader dies; the standby takes over within the lease duration and corrects drift.
+    let mut leader = leader;
+    leader.child.kill().unwrap();
+    let _ = leader.child.wait();
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(admin.clone(), "istio-system");
+    hpas.patch("istiod", &PatchParams::apply("someone").force(), &Patch::Apply(serde_json::json!({
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "spec": {"minReplicas": 1, "maxReplicas": 5, "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "istiod"}}
+    })))
+    .await
+    .unwrap();
+    let took = Instant::now();
+    eventually(
+        30,
+        "the standby takes over and restores the HPA minimum",
+        || async {
+            let h = hpas.get("istiod").await.ok()?;
+            (h.spec?.min_replicas == Some(2)).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        took.elapsed() < Duration::from_secs(20),
+        "takeover took {:?}",
+        took.elapsed()
+    );
+    assert_eq!(standby.metric("meshwarden_leader").await, Some(1.0));
+
+    // A permission removed from the ClusterRole: a clear condition, no crash loop.
+    let roles: Api<ClusterRole> = Api::all(admin.clone());
+    let mut role = roles.get("meshwarden").await.unwrap();
+    let before = role.rules.as_ref().unwrap().len();
+    role.rules.as_mut().unwrap().retain(|r| {
+        !r.resources
+            .iter()
+            .flatten()
+            .any(|x| x == "poddisruptionbudgets")
+    });
+    assert_eq!(role.rules.as_ref().unwrap().len(), before - 1);
+    role.metadata.managed_fields = None;
+    roles
+        .replace("meshwarden", &PostParams::default(), &role)
+        .await
+        .unwrap();
+    policies
+        .patch("install-test", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"controlPlane": {"disruptionBudget": {"maxUnavailable": 2}}}})))
+        .await
+        .unwrap();
+    let cond = eventually(30, "a Forbidden condition", || async {
+        let p = policies.get("install-test").await.ok()?;
+        p.status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "ControlPlaneHA" && c.reason == "Forbidden")
+    })
+    .await;
+    assert!(cond.message.contains("ClusterRole"), "{}", cond.message);
+    assert_eq!(cond.status, "Unknown");
+    let mut standby = standby;
+    assert!(
+        standby.child.try_wait().unwrap().is_none(),
+        "the operator keeps running"
+    );
+
+    // helm upgrade restores the ClusterRole; helm uninstall keeps the CRD and the policies.
+    helm(
+        &plane.kubeconfig,
+        &[
+            "upgrade",
+            "meshwarden",
+            &format!("{ROOT}/charts/meshwarden"),
+            "-n",
+            NS,
+            "--set",
+            "logFormat=json",
+            // Helm 4 applies server-side: a hand edit of the ClusterRole is a conflict until
+            // forced, as docs/operations.md says.
+            "--force-conflicts",
+        ],
+    );
+    let restored = roles.get("meshwarden").await.unwrap();
+    assert_eq!(
+        restored.rules.unwrap().len(),
+        before,
+        "upgrade puts the rule back"
+    );
+    eventually(
+        50,
+        "policy Ready again after the upgrade (Forbidden is retried every 30s)",
+        || async { ready(&policies.get("install-test").await.ok()?) },
+    )
+    .await;
+    helm(&plane.kubeconfig, &["uninstall", "meshwarden", "-n", NS]);
+    assert!(
+        crds.get_opt("meshpolicies.meshwarden.io")
+            .await
+            .unwrap()
+            .is_some(),
+        "CRD kept on uninstall"
+    );
+    assert!(
+        policies.get_opt("install-test").await.unwrap().is_some(),
+        "policies kept on uninstall"
+    );
+    assert!(
+        roles.get_opt("meshwarden").await.unwrap().is_none(),
+        "RBAC removed on uninstall"
+    );
+}
