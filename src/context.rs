@@ -42,6 +42,13 @@ impl Context {
         }
     }
 
+    /// Replaces the fight detection: `limit` corrections within `window` (0 turns it off).
+    pub fn set_fight_limit(&self, window: std::time::Duration, limit: usize) {
+        if let Ok(mut f) = self.fights.lock() {
+            *f = FightTracker::new(window, if limit == 0 { usize::MAX } else { limit });
+        }
+    }
+
     /// True when `key` is in a fight (see [`FightTracker`]).
     pub fn fight_check(&self, key: &str, now: Instant) -> bool {
         self.fights
