@@ -230,6 +230,16 @@ fn is_ours(meta: &ObjectMeta, policy: &str) -> bool {
         && labels.and_then(|l| l.get(POLICY_LABEL)).map(String::as_str) == Some(policy)
 }
 
+/// Created by any meshwarden policy: another policy's objects are that policy's business
+/// (policies that disagree are resolved as conflicts), never overrides to correct.
+fn is_meshwarden(meta: &ObjectMeta) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY.0))
+        .map(String::as_str)
+        == Some(MANAGED_BY.1)
+}
+
 fn selector_labels(pa: &PeerAuthentication) -> BTreeMap<String, String> {
     pa.spec
         .selector
@@ -532,11 +542,8 @@ impl Planner<'_> {
                     held: true,
                     target: true,
                 });
-            } else if slot.declared == Strength::Strict && self.hold {
-                self.plan.notes.push(format!(
-                    "{} is already STRICT and stays so although pods without a sidecar cannot reach it",
-                    pa_id(ns, &name)
-                ));
+            } else {
+                self.already_strict(&slot, &id);
             }
             for other in users.iter().skip(1) {
                 let oname = other.name_any();
@@ -596,7 +603,9 @@ impl Planner<'_> {
                 held: want < slot.declared,
                 target: true,
             });
-        } else if want < slot.declared {
+        } else if want >= slot.declared {
+            self.already_strict(&slot, &id);
+        } else {
             self.plan.findings.push(Finding {
                 object: id,
                 message: format!(
@@ -610,6 +619,15 @@ impl Planner<'_> {
                 held: true,
                 target: true,
             });
+        }
+    }
+
+    /// A compliant STRICT scope while pods without a sidecar exist: said, never weakened.
+    fn already_strict(&mut self, slot: &Slot<'_>, id: &str) {
+        if self.hold && slot.declared == Strength::Strict {
+            self.plan.notes.push(format!(
+                "{id} is already STRICT and stays so although pods without a sidecar cannot reach it"
+            ));
         }
     }
 
@@ -682,6 +700,7 @@ impl Planner<'_> {
             if !scanned.contains(ns.as_str())
                 || exempt_ns.contains(ns.as_str())
                 || is_ours(&pa.metadata, policy)
+                || is_meshwarden(&pa.metadata)
                 || self.handled.contains(&(ns.clone(), name.clone()))
             {
                 continue;
@@ -1555,6 +1574,19 @@ mod tests {
         assert!(!p.held);
         assert!(p.notes[0].contains("already STRICT"));
 
+        let mine = ours(
+            pa(
+                "root",
+                "meshwarden-mtls",
+                3,
+                json!({"mtls": {"mode": "STRICT"}}),
+            ),
+            "p",
+        );
+        let p = run(&s, &nss, &[mine], &blockers);
+        assert!(p.findings.is_empty(), "{:?}", p.findings);
+        assert!(p.notes[0].contains("root/meshwarden-mtls is already STRICT"));
+
         let forced = spec("{mode: STRICT, rootNamespace: root, force: true}");
         let p = run(&forced, &nss, &[], &blockers);
         assert!(!p.held);
@@ -1703,11 +1735,34 @@ mod tests {
             1,
             json!({"selector": {"matchLabels": {"app": "ok"}}, "mtls": {"mode": "STRICT"}}),
         );
+        let other_policy = ours(
+            pa(
+                "web",
+                "meshwarden-mtls",
+                1,
+                json!({"mtls": {"mode": "PERMISSIVE"}}),
+            ),
+            "q",
+        );
         let p = run(
             &s,
             &nss,
-            &[root, ns_wide, port, covered, in_exempt_ns, fine],
+            &[
+                root,
+                ns_wide,
+                port,
+                covered,
+                in_exempt_ns,
+                fine,
+                other_policy,
+            ],
             &[],
+        );
+        assert!(
+            !p.findings
+                .iter()
+                .any(|f| f.object.ends_with("web/meshwarden-mtls")),
+            "another policy's object is that policy's business"
         );
         let by = |id: &str| p.findings.iter().find(|f| f.object == id);
         let w = by("PeerAuthentication/web/default").unwrap();
