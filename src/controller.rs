@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
@@ -26,7 +27,7 @@ use crate::conditions::{self, Observed, Status, types};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::policy;
-use crate::rules::{self, RuleReport, ha};
+use crate::rules::{self, RuleReport, ha, mtls};
 use crate::status;
 
 /// Shared state of the running controller.
@@ -85,7 +86,7 @@ pub async fn evaluate(
     };
     let mtls = match &spec.mtls {
         None => RuleReport::not_configured(types::MUTUAL_TLS, "mtls"),
-        Some(_) => rules::not_implemented(types::MUTUAL_TLS, "mtls"),
+        Some(m) => mtls::reconcile(ctx, policy, m, policy::effective(&spec, m.enforcement)).await,
     };
     (vec![control_plane, gateways, sidecars, mtls], conflicts)
 }
@@ -263,6 +264,17 @@ fn error_policy(policy: Arc<MeshPolicy>, err: &Error, state: Arc<State>) -> Acti
     Action::requeue(err.backoff(n))
 }
 
+/// Policies with an `mtls` section: a PeerAuthentication, namespace or pod anywhere can
+/// change what it holds.
+fn policies_with_mtls(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| p.spec.mtls.is_some())
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
 /// Policies whose rules cover objects in `namespace`.
 fn policies_for_namespace(
     store: &Store<MeshPolicy>,
@@ -315,6 +327,7 @@ pub async fn run(
         }
     });
     let (s1, s2, s3) = (store.clone(), store.clone(), store.clone());
+    let (s4, s5, s6) = (store.clone(), store.clone(), store.clone());
     controller
         .watches_stream(meta_stream::<Deployment>(&client), move |d| {
             policies_for_namespace(&s1, &d.namespace().unwrap_or_default())
@@ -325,6 +338,18 @@ pub async fn run(
         .watches_stream(meta_stream::<PodDisruptionBudget>(&client), move |b| {
             policies_for_namespace(&s3, &b.namespace().unwrap_or_default())
         })
+        .watches_stream(
+            mtls::changed_meta::<mtls::PeerAuthentication>(&client, mtls::peer_auth_fingerprint),
+            move |_| policies_with_mtls(&s4),
+        )
+        .watches_stream(
+            mtls::changed_meta::<Namespace>(&client, mtls::namespace_fingerprint),
+            move |_| policies_with_mtls(&s5),
+        )
+        .watches_stream(
+            mtls::changed_meta::<Pod>(&client, mtls::pod_fingerprint),
+            move |_| policies_with_mtls(&s6),
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, state)
         .for_each(|res| async move {

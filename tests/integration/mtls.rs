@@ -1,0 +1,634 @@
+//! Mutual TLS against a real API server with Istio's CRDs.
+//!
+//! Every test has its own namespaces, and its own root namespace. Tests run in parallel on one
+//! API server, so two rules keep them apart: only `pod_without_sidecar_holds_strict_until_exempted`
+//! creates pods without a sidecar (other tests that declare STRICT set `force: true` or select
+//! only their own namespaces), and the one Mesh-scope Enforce test declares PERMISSIVE, which
+//! leaves the other tests' PERMISSIVE objects alone.
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use meshwarden::api::MeshPolicy;
+use meshwarden::rules::mtls::{PeerAuthentication, exemption_name};
+use serde_json::json;
+
+use crate::common::{self, Env, condition};
+
+fn pas(client: &Client, ns: &str) -> Api<PeerAuthentication> {
+    Api::namespaced(client.clone(), ns)
+}
+
+fn mode(pa: &PeerAuthentication) -> Option<String> {
+    pa.spec.mtls.as_ref().and_then(|m| m.mode.clone())
+}
+
+fn managers(pa: &PeerAuthentication) -> Vec<String> {
+    pa.metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.clone())
+        .collect()
+}
+
+/// Server-side applies a PeerAuthentication as a user would (manager `kubectl`).
+async fn user_pa(client: &Client, ns: &str, name: &str, spec: serde_json::Value) {
+    let obj = json!({
+        "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+        "metadata": {"name": name, "namespace": ns}, "spec": spec,
+    });
+    pas(client, ns)
+        .patch(
+            name,
+            &PatchParams::apply("kubectl").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .unwrap();
+}
+
+async fn create_pod(client: &Client, ns: &str, name: &str, injected: bool) {
+    let mut annotations = serde_json::Map::new();
+    if injected {
+        annotations.insert("sidecar.istio.io/status".into(), json!("{}"));
+    }
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}, "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+}
+
+/// Waits for the MutualTLS condition of the current generation to have `reason`.
+async fn wait_reason(env: &Env, policy: &str, reason: &str, secs: u64) -> MeshPolicy {
+    env.wait_policy(policy, secs, |p| {
+        let c = condition(p, "MutualTLS")?;
+        (c.reason == reason && p.status.as_ref()?.observed_generation == p.metadata.generation)
+            .then(|| p.clone())
+    })
+    .await
+}
+
+async fn wait_mode(client: &Client, ns: &str, name: &str, want: &str, secs: u64) -> Duration {
+    let start = Instant::now();
+    let api = pas(client, ns);
+    common::eventually(secs, &format!("{ns}/{name} mode {want}"), || async {
+        let pa = api.get_opt(name).await.unwrap()?;
+        (mode(&pa).as_deref() == Some(want)).then_some(())
+    })
+    .await;
+    start.elapsed()
+}
+
+async fn patch_policy(env: &Env, name: &str, patch: serde_json::Value) {
+    Api::<MeshPolicy>::all(env.client.clone())
+        .patch(
+            &env.policy_name(name),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn mesh_scope_is_created_and_drift_is_corrected() {
+    let env = common::env("mtls-mesh").await;
+    let root = env.namespace("root", &[]).await;
+    let op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!("enforcement: Enforce\nmtls: {{mode: PERMISSIVE, rootNamespace: {root}}}"),
+    )
+    .await;
+    let p = env
+        .wait_policy("p", 30, |p| {
+            let c = condition(p, "MutualTLS")?;
+            (c.status == "True").then(|| p.clone())
+        })
+        .await;
+    let c = condition(&p, "MutualTLS").unwrap();
+    assert!(
+        c.message.contains("mode PERMISSIVE for the mesh"),
+        "{}",
+        c.message
+    );
+    let api = pas(&env.client, &root);
+    let all = api.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(all.len(), 1, "exactly one mesh-wide object");
+    let pa = &all[0];
+    assert_eq!(pa.name_any(), "meshwarden-mtls");
+    assert!(pa.spec.selector.is_none(), "selector-less");
+    assert_eq!(mode(pa).as_deref(), Some("PERMISSIVE"));
+    assert_eq!(pa.labels()["app.kubernetes.io/managed-by"], "meshwarden");
+    assert_eq!(pa.labels()["meshwarden.io/policy"], env.policy_name("p"));
+    assert_eq!(pa.owner_references()[0].name, env.policy_name("p"));
+    assert_eq!(pa.owner_references()[0].kind, "MeshPolicy");
+
+    // Somebody edits the mode: it is restored within seconds.
+    api.patch(
+        "meshwarden-mtls",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"mtls": {"mode": "DISABLE"}}})),
+    )
+    .await
+    .unwrap();
+    let edited = wait_mode(&env.client, &root, "meshwarden-mtls", "PERMISSIVE", 10).await;
+
+    // Somebody deletes it: it is recreated within seconds.
+    api.delete("meshwarden-mtls", &Default::default())
+        .await
+        .unwrap();
+    let deleted = wait_mode(&env.client, &root, "meshwarden-mtls", "PERMISSIVE", 10).await;
+    println!("mesh drift corrected: edit in {edited:?}, delete in {deleted:?}");
+    assert!(
+        !common::operator_writes(Some(&root), &[]).is_empty(),
+        "the writes came from the operator"
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn namespaces_scope_over_twenty_namespaces() {
+    let env = common::env("mtls-many").await;
+    let team = env.id.clone();
+    let mut names = Vec::new();
+    for i in 0..20 {
+        names.push(env.namespace(&format!("n{i}"), &[("team", &team)]).await);
+    }
+    let other = env.namespace("other", &[]).await;
+    let op = env.start_operator().await;
+    let started = Instant::now();
+    env.create_policy(
+        "p",
+        &format!(
+            "enforcement: Enforce\nmtls: {{mode: STRICT, force: true, scope: Namespaces, namespaceSelector: {{matchLabels: {{team: {team}}}}}}}"
+        ),
+    )
+    .await;
+    env.wait_policy("p", 60, |p| {
+        let s = p.status.as_ref()?;
+        (s.targets == 20 && s.compliant == 20 && condition(p, "MutualTLS")?.status == "True")
+            .then_some(())
+    })
+    .await;
+    println!("20 namespaces held in {:?}", started.elapsed());
+    for ns in &names {
+        let pa = pas(&env.client, ns).get("meshwarden-mtls").await.unwrap();
+        assert_eq!(mode(&pa).as_deref(), Some("STRICT"), "{ns}");
+    }
+    assert!(
+        pas(&env.client, &other)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "an unselected namespace is left alone"
+    );
+
+    // A namespace joining the selector gets its object; one leaving it loses ours.
+    let ns_api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(env.client.clone());
+    ns_api
+        .patch(
+            &other,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"team": team}}})),
+        )
+        .await
+        .unwrap();
+    let joined = wait_mode(&env.client, &other, "meshwarden-mtls", "STRICT", 10).await;
+    ns_api
+        .patch(
+            &names[0],
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"team": null}}})),
+        )
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let first = pas(&env.client, &names[0]);
+    common::eventually(10, "object of the namespace that left removed", || async {
+        first
+            .get_opt("meshwarden-mtls")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    println!(
+        "namespace joined in {joined:?}, left in {:?}",
+        start.elapsed()
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn exemptions_are_rendered() {
+    let env = common::env("mtls-exempt").await;
+    let team = env.id.clone();
+    let app = env.namespace("app", &[("team", &team)]).await;
+    let legacy = env.namespace("legacy", &[("team", &team)]).await;
+    let op = env.start_operator().await;
+    let exemptions = format!(
+        "[{{namespace: {legacy}}}, {{namespace: {app}, selector: {{matchLabels: {{app: pay}}}}, mode: STRICT, ports: [{{port: 8080, mode: PERMISSIVE}}]}}]"
+    );
+    env.create_policy(
+        "p",
+        &format!(
+            "enforcement: Enforce\nmtls: {{mode: STRICT, force: true, scope: Namespaces, namespaceSelector: {{matchLabels: {{team: {team}}}}}, exemptions: {exemptions}}}"
+        ),
+    )
+    .await;
+    let p = env
+        .wait_policy("p", 30, |p| {
+            let c = condition(p, "MutualTLS")?;
+            (c.status == "True" && p.status.as_ref()?.compliant == 3).then(|| p.clone())
+        })
+        .await;
+    let spec = p.spec.mtls.clone().unwrap();
+    let legacy_name = exemption_name(&spec.exemptions[0]);
+    let pay_name = exemption_name(&spec.exemptions[1]);
+    let c = condition(&p, "MutualTLS").unwrap();
+    assert!(c.message.contains("exemptions:"), "{}", c.message);
+    assert!(
+        c.message
+            .contains(&format!("namespace {legacy} PERMISSIVE")),
+        "{}",
+        c.message
+    );
+    assert!(c.message.contains(&pay_name), "{}", c.message);
+
+    // The namespace exemption replaces the scope's object in that namespace.
+    let in_legacy = pas(&env.client, &legacy)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(in_legacy.len(), 1);
+    assert_eq!(in_legacy[0].name_any(), legacy_name);
+    assert!(in_legacy[0].spec.selector.is_none());
+    assert_eq!(mode(&in_legacy[0]).as_deref(), Some("PERMISSIVE"));
+
+    let pay = pas(&env.client, &app).get(&pay_name).await.unwrap();
+    assert_eq!(
+        pay.spec.selector.as_ref().unwrap().match_labels["app"],
+        "pay"
+    );
+    assert_eq!(mode(&pay).as_deref(), Some("STRICT"));
+    assert_eq!(
+        pay.spec.port_level_mtls["8080"].mode.as_deref(),
+        Some("PERMISSIVE")
+    );
+    assert_eq!(pay.labels()["meshwarden.io/policy"], env.policy_name("p"));
+    assert_eq!(
+        mode(&pas(&env.client, &app).get("meshwarden-mtls").await.unwrap()).as_deref(),
+        Some("STRICT")
+    );
+
+    // Removing the exemptions removes their objects; legacy is back in the scope.
+    patch_policy(&env, "p", json!({"spec": {"mtls": {"exemptions": null}}})).await;
+    wait_mode(&env.client, &legacy, "meshwarden-mtls", "STRICT", 15).await;
+    common::eventually(15, "exemption objects deleted", || async {
+        let a = pas(&env.client, &legacy)
+            .get_opt(&legacy_name)
+            .await
+            .unwrap();
+        let b = pas(&env.client, &app).get_opt(&pay_name).await.unwrap();
+        (a.is_none() && b.is_none()).then_some(())
+    })
+    .await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn users_default_is_corrected_in_place() {
+    let env = common::env("mtls-inplace").await;
+    let team = env.id.clone();
+    let ns = env.namespace("app", &[("team", &team)]).await;
+    user_pa(
+        &env.client,
+        &ns,
+        "default",
+        json!({"mtls": {"mode": "PERMISSIVE"}}),
+    )
+    .await;
+    user_pa(
+        &env.client,
+        &ns,
+        "api",
+        json!({"selector": {"matchLabels": {"app": "api"}}, "portLevelMtls": {"9000": {"mode": "PERMISSIVE"}}}),
+    )
+    .await;
+    let op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!(
+            "enforcement: Enforce\nmtls: {{mode: STRICT, force: true, scope: Namespaces, namespaceSelector: {{matchLabels: {{team: {team}}}}}}}"
+        ),
+    )
+    .await;
+    let p = wait_reason(&env, "p", "FieldOwnedByOther", 30).await;
+    let c = condition(&p, "MutualTLS").unwrap();
+    assert!(
+        c.message.contains("was managed by kubectl"),
+        "{}",
+        c.message
+    );
+
+    let api = pas(&env.client, &ns);
+    let all = api.list(&ListParams::default()).await.unwrap().items;
+    let names: Vec<String> = all.iter().map(|p| p.name_any()).collect();
+    assert!(
+        !names.contains(&"meshwarden-mtls".to_string()),
+        "no second namespace-wide object: {names:?}"
+    );
+    let default = api.get("default").await.unwrap();
+    assert_eq!(mode(&default).as_deref(), Some("STRICT"));
+    assert!(
+        !default.labels().contains_key("meshwarden.io/policy"),
+        "a user's object is not relabelled"
+    );
+    let ours = default
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .find(|m| m.manager.as_deref() == Some("meshwarden"))
+        .unwrap();
+    assert_eq!(
+        ours.fields_v1.as_ref().unwrap().0,
+        json!({"f:spec": {"f:mtls": {"f:mode": {}}}}),
+        "meshwarden owns only spec.mtls.mode"
+    );
+    let port = api.get("api").await.unwrap();
+    assert_eq!(
+        port.spec.port_level_mtls["9000"].mode.as_deref(),
+        Some("STRICT"),
+        "the weaker port-level mode was raised"
+    );
+    assert!(port.spec.mtls.is_none(), "nothing else added");
+
+    // A second, newer namespace-wide object is ignored by Istio: reported, not touched.
+    user_pa(
+        &env.client,
+        &ns,
+        "extra",
+        json!({"mtls": {"mode": "PERMISSIVE"}}),
+    )
+    .await;
+    let p = wait_reason(&env, "p", "CannotCorrect", 15).await;
+    let v = &p.status.as_ref().unwrap().violations;
+    assert!(
+        v.iter()
+            .any(|v| v.object == format!("PeerAuthentication/{ns}/extra")
+                && v.message.contains("uses the oldest, default")
+                && v.rule == "MutualTLS"),
+        "{v:?}"
+    );
+    assert_eq!(
+        mode(&api.get("extra").await.unwrap()).as_deref(),
+        Some("PERMISSIVE")
+    );
+    assert!(!managers(&api.get("extra").await.unwrap()).contains(&"meshwarden".to_string()));
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn pod_without_sidecar_holds_strict_until_exempted() {
+    let env = common::env("mtls-hold").await;
+    let team = env.id.clone();
+    let app = env
+        .namespace("app", &[("team", &team), ("istio-injection", "enabled")])
+        .await;
+    let legacy = env.namespace("legacy", &[]).await;
+    create_pod(&env.client, &app, "web", true).await;
+    create_pod(&env.client, &legacy, "cron", false).await;
+    create_pod(&env.client, &legacy, "batch", false).await;
+    let op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!(
+            "enforcement: Enforce\nmtls: {{mode: STRICT, scope: Namespaces, namespaceSelector: {{matchLabels: {{team: {team}}}}}}}"
+        ),
+    )
+    .await;
+    let p = wait_reason(&env, "p", "StrictHeld", 30).await;
+    let c = condition(&p, "MutualTLS").unwrap();
+    assert_eq!(c.status, "False");
+    for needle in [
+        "2 pod(s) without a sidecar",
+        &format!("{legacy} (2: batch, cron)"),
+        &format!("  exemptions:\n  - namespace: {legacy}"),
+        "force: true",
+    ] {
+        assert!(
+            c.message.contains(needle),
+            "{needle:?} not in {}",
+            c.message
+        );
+    }
+    assert!(
+        !c.message.contains(&format!("{app} (")),
+        "the injected pod is no blocker: {}",
+        c.message
+    );
+    let v = &p.status.as_ref().unwrap().violations;
+    assert!(
+        v.iter().any(
+            |v| v.object == format!("PeerAuthentication/{app}/meshwarden-mtls")
+                && v.action == "Held"
+        ),
+        "{v:?}"
+    );
+    assert_eq!(
+        mode(&pas(&env.client, &app).get("meshwarden-mtls").await.unwrap()).as_deref(),
+        Some("PERMISSIVE"),
+        "held at PERMISSIVE"
+    );
+
+    // The exemption from the message releases the hold.
+    let start = Instant::now();
+    patch_policy(
+        &env,
+        "p",
+        json!({"spec": {"mtls": {"exemptions": [{"namespace": legacy}]}}}),
+    )
+    .await;
+    wait_mode(&env.client, &app, "meshwarden-mtls", "STRICT", 15).await;
+    let p = env
+        .wait_policy("p", 15, |p| {
+            let c = condition(p, "MutualTLS")?;
+            (c.status == "True" && p.status.as_ref()?.observed_generation == p.metadata.generation)
+                .then(|| p.clone())
+        })
+        .await;
+    println!("hold released in {:?}", start.elapsed());
+    let spec = p.spec.mtls.clone().unwrap();
+    let exempt = pas(&env.client, &legacy)
+        .get(&exemption_name(&spec.exemptions[0]))
+        .await
+        .unwrap();
+    assert_eq!(mode(&exempt).as_deref(), Some("PERMISSIVE"));
+
+    // A new pod without a sidecar elsewhere holds nothing back once a scope is STRICT: an
+    // already-STRICT scope is never weakened.
+    let stray = env.namespace("stray", &[]).await;
+    create_pod(&env.client, &stray, "tool", false).await;
+    wait_reason(&env, "p", "Compliant", 15).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        mode(&pas(&env.client, &app).get("meshwarden-mtls").await.unwrap()).as_deref(),
+        Some("STRICT")
+    );
+    let c = condition(
+        &env.wait_policy("p", 5, |p| Some(p.clone())).await,
+        "MutualTLS",
+    )
+    .unwrap()
+    .clone();
+    assert!(c.message.contains("already STRICT"), "{}", c.message);
+    // Leave no pod without a sidecar behind for other tests' holds.
+    for (ns, name) in [(&legacy, "cron"), (&legacy, "batch"), (&stray, "tool")] {
+        Api::<Pod>::namespaced(env.client.clone(), ns)
+            .delete(name, &Default::default())
+            .await
+            .unwrap();
+    }
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn audit_writes_nothing() {
+    let env = common::env("mtls-audit").await;
+    let team = env.id.clone();
+    let ns = env.namespace("app", &[("team", &team)]).await;
+    let empty = env.namespace("empty", &[("team", &team)]).await;
+    user_pa(
+        &env.client,
+        &ns,
+        "default",
+        json!({"mtls": {"mode": "PERMISSIVE"}}),
+    )
+    .await;
+    user_pa(
+        &env.client,
+        &ns,
+        "api",
+        json!({"selector": {"matchLabels": {"app": "api"}}, "portLevelMtls": {"9000": {"mode": "PERMISSIVE"}}}),
+    )
+    .await;
+    let op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!(
+            "mtls: {{mode: STRICT, force: true, scope: Namespaces, namespaceSelector: {{matchLabels: {{team: {team}}}}}, exemptions: [{{namespace: {ns}, selector: {{matchLabels: {{app: pay}}}}}}]}}"
+        ),
+    )
+    .await;
+    let p = wait_reason(&env, "p", "NonCompliant", 30).await;
+    let c = condition(&p, "MutualTLS").unwrap();
+    assert!(c.message.contains("Audit mode"), "{}", c.message);
+    let v = &p.status.as_ref().unwrap().violations;
+    let objects: Vec<&str> = v.iter().map(|v| v.object.as_str()).collect();
+    for want in [
+        format!("PeerAuthentication/{ns}/default"),
+        format!("PeerAuthentication/{ns}/api"),
+        format!("PeerAuthentication/{empty}/meshwarden-mtls"),
+    ] {
+        assert!(objects.contains(&want.as_str()), "{want} in {objects:?}");
+    }
+    assert!(v.iter().all(|v| v.action == "Reported"), "{v:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for n in [&ns, &empty] {
+        assert!(
+            common::operator_writes(Some(n), &[]).is_empty(),
+            "Audit wrote to {n}"
+        );
+        for pa in pas(&env.client, n)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+        {
+            assert!(
+                !managers(&pa).contains(&"meshwarden".to_string()),
+                "{} carries meshwarden's field manager",
+                pa.name_any()
+            );
+        }
+    }
+    assert_eq!(op.writes(), 0);
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn converged_mesh_costs_no_write() {
+    let env = common::env("mtls-conv").await;
+    let team = env.id.clone();
+    let mut names = Vec::new();
+    for i in 0..3 {
+        names.push(env.namespace(&format!("n{i}"), &[("team", &team)]).await);
+    }
+    user_pa(
+        &env.client,
+        &names[0],
+        "default",
+        json!({"mtls": {"mode": "PERMISSIVE"}}),
+    )
+    .await;
+    let op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!(
+            "enforcement: Enforce\nmtls: {{mode: STRICT, force: true, scope: Namespaces, namespaceSelector: {{matchLabels: {{team: {team}}}}}, exemptions: [{{namespace: {}, selector: {{matchLabels: {{app: pay}}}}, ports: [{{port: 8080, mode: PERMISSIVE}}]}}]}}",
+            names[1]
+        ),
+    )
+    .await;
+    env.wait_policy("p", 30, |p| {
+        let s = p.status.as_ref()?;
+        (s.corrected == 0 && s.compliant == 4 && condition(p, "MutualTLS")?.status == "True")
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let count = || -> usize {
+        names
+            .iter()
+            .map(|n| common::operator_writes(Some(n), &[]).len())
+            .sum()
+    };
+    let before = count();
+    let counted = op.writes();
+    let status_before = common::operator_writes(None, &[&env.policy_name("p")]).len();
+    let started = Instant::now();
+    patch_policy(
+        &env,
+        "p",
+        json!({"metadata": {"annotations": {"touch": "1"}}}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(count(), before, "no write to the mesh");
+    assert_eq!(
+        common::operator_writes(None, &[&env.policy_name("p")]).len(),
+        status_before,
+        "no status write either"
+    );
+    assert_eq!(op.writes(), counted, "the operator's own counter agrees");
+    assert!(
+        before >= 4,
+        "three scopes and the exemption were written ({before})"
+    );
+    println!("converged reconcile checked in {:?}", started.elapsed());
+    op.stop().await;
+}
