@@ -2,6 +2,7 @@
 //! observe (reads), plan (pure functions), apply (server-side apply, Enforce only), report.
 
 pub mod ha;
+pub mod sidecars;
 
 use crate::api::Violation;
 use crate::conditions::{Observed, Status};
