@@ -1341,3 +1341,417 @@ pub async fn reconcile_with_stats(
     report.condition = Observed::new(ctype, status, reason, msg.join(". "));
     (report, stats)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn resources(yaml: &str) -> ResourcesSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn full() -> Desired {
+        desired(&resources(
+            "{requests: {cpu: 100m, memory: 128Mi}, limits: {cpu: '1', memory: 512Mi}}",
+        ))
+        .unwrap()
+    }
+
+    fn workload(name: &str, annotations: &[(&str, &str)], rollout: Rollout) -> Workload {
+        Workload {
+            kind: Kind::Deployment,
+            namespace: "apps".into(),
+            name: name.into(),
+            replicas: 2,
+            annotations: map(annotations),
+            rollout,
+            foreign_owners: vec![],
+            other_containers: Amounts::new(),
+        }
+    }
+
+    fn compliant_annotations(d: &Desired) -> Vec<(&'static str, String)> {
+        let mut v: Vec<(&'static str, String)> = d
+            .annotations()
+            .iter()
+            .map(|(k, v)| (*k, v.to_string()))
+            .collect();
+        v.push((HASH_ANNOTATION, d.hash()));
+        v
+    }
+
+    #[test]
+    fn all_four_values_are_derived_and_omissions_are_explained() {
+        let d = full();
+        assert_eq!(
+            (
+                d.cpu.as_str(),
+                d.cpu_limit.as_str(),
+                d.memory.as_str(),
+                d.memory_limit.as_str()
+            ),
+            ("100m", "1", "128Mi", "512Mi")
+        );
+        assert!(d.notes.is_empty());
+
+        let d = desired(&resources(
+            "{requests: {cpu: 100m, memory: 128Mi}, limits: {memory: 1Gi}}",
+        ))
+        .unwrap();
+        assert_eq!(d.cpu_limit, "100m", "a missing limit takes the request");
+        assert!(
+            d.notes[0].contains("limits.cpu is not declared"),
+            "{:?}",
+            d.notes
+        );
+
+        let d = desired(&resources("{limits: {cpu: 2, memory: 1Gi}}")).unwrap();
+        assert_eq!((d.cpu.as_str(), d.memory.as_str()), ("2", "1Gi"));
+        assert_eq!(d.notes.len(), 2);
+
+        let err = desired(&resources("{requests: {cpu: 100m}}")).unwrap_err();
+        assert!(err.contains("memory"), "{err}");
+        assert!(err.contains("for memory:"), "only memory is missing: {err}");
+    }
+
+    #[test]
+    fn hash_follows_the_values() {
+        let a = full();
+        let mut b = full();
+        assert_eq!(a.hash(), b.hash());
+        b.memory_limit = "1Gi".into();
+        assert_ne!(a.hash(), b.hash());
+        assert_eq!(a.hash().len(), 16);
+    }
+
+    #[test]
+    fn which_pods_get_a_sidecar() {
+        let none = map(&[]);
+        let injected = map(&[("istio-injection", "enabled")]);
+        let rev = map(&[("istio.io/rev", "canary")]);
+        assert_eq!(no_sidecar_reason(&injected, &none, &none), None);
+        assert_eq!(no_sidecar_reason(&rev, &none, &none), None);
+        assert!(no_sidecar_reason(&none, &none, &none).is_some());
+        assert!(
+            no_sidecar_reason(
+                &map(&[("istio-injection", "disabled"), ("istio.io/rev", "x")]),
+                &none,
+                &none
+            )
+            .is_some(),
+            "istio-injection=disabled wins over a revision label"
+        );
+        // Opt-out on the pod, as label or annotation.
+        let off = map(&[(INJECT, "false")]);
+        assert!(no_sidecar_reason(&injected, &off, &none).is_some());
+        assert!(no_sidecar_reason(&injected, &none, &off).is_some());
+        // Opt-in on the pod in a namespace without injection labels.
+        assert_eq!(
+            no_sidecar_reason(&none, &map(&[(INJECT, "true")]), &none),
+            None
+        );
+        assert!(
+            no_sidecar_reason(&none, &none, &map(&[(INJECT, "true")])).is_some(),
+            "the webhook selects on the label, not the annotation"
+        );
+        // An Istio gateway (as the gateway chart renders it) is not a sidecar.
+        let gw_labels = map(&[(INJECT, "true"), ("istio", "ingressgateway")]);
+        let gw_ann = map(&[(INJECT_TEMPLATES, "gateway"), (INJECT, "true")]);
+        assert!(no_sidecar_reason(&injected, &gw_labels, &gw_ann).is_some());
+        // Ambient namespaces have no sidecars.
+        let ambient = map(&[
+            ("istio-injection", "enabled"),
+            ("istio.io/dataplane-mode", "ambient"),
+        ]);
+        assert!(no_sidecar_reason(&ambient, &none, &none).is_some());
+    }
+
+    #[test]
+    fn namespace_selection_defaults_to_injection_on() {
+        let mut spec: SidecarSpec =
+            serde_yaml::from_str("{resources: {requests: {cpu: 1, memory: 1Gi}}}").unwrap();
+        assert!(selects_namespace(
+            &spec,
+            &map(&[("istio-injection", "enabled")])
+        ));
+        assert!(selects_namespace(
+            &spec,
+            &map(&[("istio.io/rev", "default")])
+        ));
+        assert!(!selects_namespace(&spec, &map(&[("team", "a")])));
+        assert!(!selects_namespace(
+            &spec,
+            &map(&[
+                ("istio-injection", "enabled"),
+                ("istio.io/dataplane-mode", "ambient")
+            ])
+        ));
+        spec.namespace_selector = Some(serde_yaml::from_str("{matchLabels: {team: a}}").unwrap());
+        assert!(selects_namespace(&spec, &map(&[("team", "a")])));
+        assert!(!selects_namespace(
+            &spec,
+            &map(&[("istio-injection", "enabled")])
+        ));
+    }
+
+    #[test]
+    fn opt_out_names_the_rule() {
+        assert!(opted_out(&map(&[(IGNORE_ANNOTATION, "sidecar-resources")])));
+        assert!(opted_out(&map(&[(
+            IGNORE_ANNOTATION,
+            "mtls, sidecar-resources"
+        )])));
+        assert!(!opted_out(&map(&[(IGNORE_ANNOTATION, "mtls")])));
+        assert!(!opted_out(&map(&[])));
+    }
+
+    #[test]
+    fn pacing_starts_at_most_max_rollouts() {
+        let d = full();
+        let targets = vec![
+            workload("a", &[], Rollout::Complete),
+            workload("b", &[], Rollout::Complete),
+            workload("c", &[(PROXY_CPU, "50m")], Rollout::Complete),
+        ];
+        let p = plan(&d, &targets, &BTreeMap::new(), 1, true);
+        assert_eq!(p[0].action, Action::Apply);
+        assert!(matches!(p[1].action, Action::Held(_)), "{:?}", p[1]);
+        assert!(matches!(p[2].action, Action::Held(_)));
+        let p = plan(&d, &targets, &BTreeMap::new(), 2, true);
+        let applied = p.iter().filter(|x| x.action == Action::Apply).count();
+        assert_eq!(applied, 2);
+    }
+
+    #[test]
+    fn a_rollout_of_ours_in_progress_takes_the_slot() {
+        let d = full();
+        let ours: Vec<(&str, String)> = compliant_annotations(&d);
+        let ours: Vec<(&str, &str)> = ours.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let targets = vec![
+            workload(
+                "a",
+                &ours,
+                Rollout::InProgress("1 of 2 replicas updated".into()),
+            ),
+            workload("b", &[], Rollout::Complete),
+        ];
+        let p = plan(&d, &targets, &BTreeMap::new(), 1, true);
+        assert_eq!(p[0].action, Action::Compliant);
+        assert!(p[0].rolling);
+        assert!(matches!(p[1].action, Action::Held(_)), "{:?}", p[1]);
+        // Done rolling: the next one starts.
+        let targets = vec![
+            workload("a", &ours, Rollout::Complete),
+            workload("b", &[], Rollout::Complete),
+        ];
+        let p = plan(&d, &targets, &BTreeMap::new(), 1, true);
+        assert_eq!(p[1].action, Action::Apply);
+        // A rollout that is not ours does not count.
+        let targets = vec![
+            workload("a", &[], Rollout::InProgress("x".into())),
+            workload("b", &[], Rollout::Complete),
+        ];
+        let p = plan(&d, &targets, &BTreeMap::new(), 1, true);
+        assert_eq!(p[0].action, Action::Apply);
+        assert!(matches!(p[1].action, Action::Held(_)));
+    }
+
+    #[test]
+    fn a_stalled_rollout_stops_the_pacing() {
+        let d = full();
+        let ours: Vec<(&str, String)> = compliant_annotations(&d);
+        let ours: Vec<(&str, &str)> = ours.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let targets = vec![
+            workload(
+                "a",
+                &ours,
+                Rollout::Stalled("ProgressDeadlineExceeded".into()),
+            ),
+            workload("b", &[], Rollout::Complete),
+        ];
+        let p = plan(&d, &targets, &BTreeMap::new(), 5, true);
+        assert!(p[0].stalled.is_some());
+        assert!(matches!(&p[1].action, Action::Held(w) if w.contains("stalled")));
+    }
+
+    #[test]
+    fn audit_reports_quota_skips_and_equal_values_are_compliant() {
+        let d = full();
+        let targets = vec![
+            workload("a", &[], Rollout::Complete),
+            workload(
+                "b",
+                &[
+                    (PROXY_CPU, "0.1"),
+                    (PROXY_CPU_LIMIT, "1000m"),
+                    (PROXY_MEMORY, "128Mi"),
+                    (PROXY_MEMORY_LIMIT, "0.5Gi"),
+                ],
+                Rollout::Complete,
+            ),
+        ];
+        let p = plan(&d, &targets, &BTreeMap::new(), 1, false);
+        assert_eq!(p[0].action, Action::Reported);
+        assert_eq!(p[0].deviations.len(), 4);
+        assert_eq!(p[1].action, Action::Compliant, "{:?}", p[1].deviations);
+        let unfit = BTreeMap::from([("apps".to_string(), vec!["quota".to_string()])]);
+        let p = plan(&d, &targets, &unfit, 1, true);
+        assert!(matches!(p[0].action, Action::Skipped(_)));
+        assert_eq!(p[1].action, Action::Compliant);
+    }
+
+    #[test]
+    fn patch_holds_exactly_the_five_annotations() {
+        let d = full();
+        let p = patch(&workload("a", &[("keep", "me")], Rollout::Complete), &d);
+        let ann = p["spec"]["template"]["metadata"]["annotations"]
+            .as_object()
+            .unwrap();
+        assert_eq!(ann.len(), 5);
+        assert_eq!(ann[PROXY_MEMORY_LIMIT], "512Mi");
+        assert_eq!(ann[HASH_ANNOTATION], d.hash().as_str());
+        assert_eq!(p["kind"], "Deployment");
+        assert!(p["spec"].as_object().unwrap().len() == 1);
+    }
+
+    fn deployment(yaml: &str) -> Deployment {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn deployment_rollout_like_kubectl() {
+        let base =
+            "metadata: {name: a, generation: 3}\nspec: {replicas: 2, selector: {}, template: {}}\n";
+        assert!(matches!(
+            deployment_rollout(&deployment(&format!(
+                "{base}status: {{observedGeneration: 2, replicas: 2, updatedReplicas: 2, availableReplicas: 2}}"
+            ))),
+            Rollout::InProgress(_)
+        ));
+        assert!(matches!(
+            deployment_rollout(&deployment(&format!("{base}status: {{observedGeneration: 3, replicas: 3, updatedReplicas: 2, availableReplicas: 2}}"))),
+            Rollout::InProgress(w) if w.contains("old replica")
+        ));
+        assert!(matches!(
+            deployment_rollout(&deployment(&format!("{base}status: {{observedGeneration: 3, replicas: 2, updatedReplicas: 2, availableReplicas: 1}}"))),
+            Rollout::InProgress(w) if w.contains("available")
+        ));
+        assert_eq!(
+            deployment_rollout(&deployment(&format!(
+                "{base}status: {{observedGeneration: 3, replicas: 2, updatedReplicas: 2, availableReplicas: 2}}"
+            ))),
+            Rollout::Complete
+        );
+        assert!(matches!(
+            deployment_rollout(&deployment(&format!(
+                "{base}status: {{observedGeneration: 3, replicas: 2, updatedReplicas: 1, availableReplicas: 2, conditions: [{{type: Progressing, status: 'False', reason: ProgressDeadlineExceeded, message: slow}}]}}"
+            ))),
+            Rollout::Stalled(_)
+        ));
+    }
+
+    #[test]
+    fn statefulset_and_daemonset_rollouts() {
+        let s: StatefulSet = serde_yaml::from_str("metadata: {name: s, generation: 2}\nspec: {replicas: 2, selector: {}, serviceName: s, template: {}}\nstatus: {observedGeneration: 2, replicas: 2, readyReplicas: 2, updatedReplicas: 1, currentRevision: r1, updateRevision: r2}").unwrap();
+        assert!(matches!(statefulset_rollout(&s), Rollout::InProgress(_)));
+        let s: StatefulSet = serde_yaml::from_str("metadata: {name: s, generation: 2}\nspec: {replicas: 2, selector: {}, serviceName: s, template: {}}\nstatus: {observedGeneration: 2, replicas: 2, readyReplicas: 2, updatedReplicas: 2, currentRevision: r2, updateRevision: r2}").unwrap();
+        assert_eq!(statefulset_rollout(&s), Rollout::Complete);
+        let s: StatefulSet = serde_yaml::from_str("metadata: {name: s, generation: 5}\nspec: {replicas: 2, selector: {}, serviceName: s, template: {}, updateStrategy: {type: OnDelete}}").unwrap();
+        assert_eq!(
+            statefulset_rollout(&s),
+            Rollout::Complete,
+            "OnDelete never rolls"
+        );
+        let d: DaemonSet = serde_yaml::from_str("metadata: {name: d, generation: 2}\nspec: {selector: {}, template: {}}\nstatus: {observedGeneration: 2, desiredNumberScheduled: 3, currentNumberScheduled: 3, numberMisscheduled: 0, numberReady: 3, updatedNumberScheduled: 3, numberAvailable: 2}").unwrap();
+        assert!(matches!(daemonset_rollout(&d), Rollout::InProgress(w) if w.contains("available")));
+    }
+
+    #[test]
+    fn quota_and_limit_range_fit() {
+        let d = full();
+        let w = workload("a", &[], Rollout::Complete);
+        let quota: ResourceQuota = serde_yaml::from_str(
+            "metadata: {name: q}\nspec: {hard: {limits.memory: 1Gi, requests.cpu: '10'}}\nstatus: {used: {limits.memory: 256Mi}}",
+        )
+        .unwrap();
+        // 2 replicas x 512Mi + a 512Mi surge pod + 256Mi used > 1Gi.
+        let problems = namespace_fit(&d, &[&w], &[], &[quota.clone()]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("limits.memory"), "{problems:?}");
+        // Already at 256Mi per pod: 2 x 256Mi + 512Mi surge + 256Mi used = 1280Mi > 1Gi still.
+        let w2 = workload("a", &[(PROXY_MEMORY_LIMIT, "256Mi")], Rollout::Complete);
+        assert_eq!(namespace_fit(&d, &[&w2], &[], &[quota.clone()]).len(), 1);
+        let roomy: ResourceQuota = serde_yaml::from_str(
+            "metadata: {name: q}\nspec: {hard: {memory: 8Gi, limits.cpu: '8'}}",
+        )
+        .unwrap();
+        assert!(namespace_fit(&d, &[&w], &[], &[roomy]).is_empty());
+        assert!(
+            namespace_fit(&d, &[], &[], &[quota]).is_empty(),
+            "nothing to change, nothing to fit"
+        );
+        let lr: LimitRange = serde_yaml::from_str(
+            "metadata: {name: lr}\nspec: {limits: [{type: Container, max: {memory: 256Mi}, min: {cpu: 200m}}]}",
+        )
+        .unwrap();
+        let problems = namespace_fit(&d, &[&w], &[lr], &[]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    fn meta_with(fields: serde_json::Value) -> ObjectMeta {
+        ObjectMeta {
+            managed_fields: Some(vec![ManagedFieldsEntry {
+                manager: Some("meshwarden".into()),
+                operation: Some("Apply".into()),
+                fields_v1: Some(FieldsV1(fields)),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn fields_of_the_ha_rule_are_recognised() {
+        let ours = meta_with(
+            json!({"f:spec": {"f:template": {"f:metadata": {"f:annotations": {"f:sidecar.istio.io/proxyCPU": {}, "f:meshwarden.io/sidecar-resources": {}}}}}}),
+        );
+        assert!(!owned_by_other_rule(&ours));
+        let ha = meta_with(json!({"f:spec": {"f:replicas": {}}}));
+        assert!(owned_by_other_rule(&ha));
+        let ha_tpl = meta_with(json!({"f:spec": {"f:template": {"f:spec": {"f:affinity": {}}}}}));
+        assert!(owned_by_other_rule(&ha_tpl));
+        assert!(!owned_by_other_rule(&ObjectMeta::default()));
+    }
+
+    #[test]
+    fn pod_drift_counts_running_proxies_with_other_resources() {
+        let d = full();
+        let pod = |name: &str, owner: &str, cpu: &str| -> Pod {
+            serde_yaml::from_str(&format!(
+                "metadata: {{name: {name}, labels: {{pod-template-hash: abc}}, ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: {owner}-abc, uid: u}}]}}\nspec: {{containers: [{{name: app}}, {{name: istio-proxy, resources: {{requests: {{cpu: {cpu}, memory: 128Mi}}, limits: {{cpu: '1', memory: 512Mi}}}}}}]}}"
+            ))
+            .unwrap()
+        };
+        let ns = NamespaceObservation {
+            name: "apps".into(),
+            labels: map(&[("istio-injection", "enabled")]),
+            pods: vec![
+                pod("a-1", "a", "100m"),
+                pod("a-2", "a", "200m"),
+                pod("b-1", "b", "200m"),
+            ],
+            ..Default::default()
+        };
+        let excluded = BTreeSet::from([("apps".to_string(), Kind::Deployment, "b".to_string())]);
+        let drift = pod_drift(&d, &[ns], &excluded);
+        assert_eq!(drift.get("apps"), Some(&vec!["a-2".to_string()]));
+    }
+}
