@@ -1683,12 +1683,15 @@ mod tests {
         )
         .unwrap();
         // 2 replicas x 512Mi + a 512Mi surge pod + 256Mi used > 1Gi.
-        let problems = namespace_fit(&d, &[&w], &[], &[quota.clone()]);
+        let problems = namespace_fit(&d, &[&w], &[], std::slice::from_ref(&quota));
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].contains("limits.memory"), "{problems:?}");
         // Already at 256Mi per pod: 2 x 256Mi + 512Mi surge + 256Mi used = 1280Mi > 1Gi still.
         let w2 = workload("a", &[(PROXY_MEMORY_LIMIT, "256Mi")], Rollout::Complete);
-        assert_eq!(namespace_fit(&d, &[&w2], &[], &[quota.clone()]).len(), 1);
+        assert_eq!(
+            namespace_fit(&d, &[&w2], &[], std::slice::from_ref(&quota)).len(),
+            1
+        );
         let roomy: ResourceQuota = serde_yaml::from_str(
             "metadata: {name: q}\nspec: {hard: {memory: 8Gi, limits.cpu: '8'}}",
         )

@@ -4,4 +4,5 @@ mod common;
 mod crd;
 mod ha;
 mod lifecycle;
+mod sidecars;
 mod validation;
