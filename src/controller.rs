@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -15,7 +15,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -27,7 +27,7 @@ use crate::conditions::{self, Observed, Status, types};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::policy;
-use crate::rules::{self, RuleReport, ha, mtls};
+use crate::rules::{self, RuleReport, ha, mtls, sidecars};
 use crate::status;
 
 /// Shared state of the running controller.
@@ -82,7 +82,9 @@ pub async fn evaluate(
     };
     let sidecars = match &spec.sidecars {
         None => RuleReport::not_configured(types::SIDECAR_RESOURCES, "sidecars"),
-        Some(_) => rules::not_implemented(types::SIDECAR_RESOURCES, "sidecars"),
+        Some(s) => {
+            sidecars::reconcile(ctx, policy, s, policy::effective(&spec, s.enforcement)).await
+        }
     };
     let mtls = match &spec.mtls {
         None => RuleReport::not_configured(types::MUTUAL_TLS, "mtls"),
@@ -288,6 +290,36 @@ fn policies_for_namespace(
         .collect()
 }
 
+/// Policies to reconcile for an event on a workload in `namespace`: those whose HA rules cover
+/// it, and those whose sidecars section covers it (by the namespace's labels, when known).
+fn policies_for_workload(
+    store: &Store<MeshPolicy>,
+    namespaces: &Store<PartialObjectMeta<Namespace>>,
+    namespace: &str,
+) -> Vec<ObjectRef<MeshPolicy>> {
+    let ns = namespaces.get(&ObjectRef::new(namespace));
+    let labels = ns.as_ref().map(|n| n.labels().clone());
+    store
+        .state()
+        .iter()
+        .filter(|p| {
+            rules::covers_namespace(&p.spec, namespace)
+                || sidecars::covers_namespace(&p.spec, labels.as_ref())
+        })
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Every policy with a sidecars section (a namespace's labels decide what it covers).
+fn policies_with_sidecars(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| p.spec.sidecars.is_some())
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
 fn meta_stream<K>(
     client: &kube::Client,
 ) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
@@ -328,9 +360,32 @@ pub async fn run(
     });
     let (s1, s2, s3) = (store.clone(), store.clone(), store.clone());
     let (s4, s5, s6) = (store.clone(), store.clone(), store.clone());
+    let (s7, s8, s1_pods) = (store.clone(), store.clone(), store.clone());
+    // Namespace labels, for routing workload events to sidecars sections; namespace changes
+    // also reach mtls sections (one watch serves both).
+    let (ns_store, ns_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
+    let ns_api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+    let ns_stream = reflector::reflector(ns_writer, watcher(ns_api, watcher::Config::default()))
+        .touched_objects();
+    let (n1, n2, n3) = (ns_store.clone(), ns_store.clone(), ns_store);
     controller
         .watches_stream(meta_stream::<Deployment>(&client), move |d| {
-            policies_for_namespace(&s1, &d.namespace().unwrap_or_default())
+            policies_for_workload(&s1, &n1, &d.namespace().unwrap_or_default())
+        })
+        .watches_stream(meta_stream::<StatefulSet>(&client), move |s| {
+            policies_for_workload(&s4, &n2, &s.namespace().unwrap_or_default())
+        })
+        .watches_stream(meta_stream::<DaemonSet>(&client), move |d| {
+            policies_for_workload(&s5, &n3, &d.namespace().unwrap_or_default())
+        })
+        .watches_stream(ns_stream, move |_| {
+            let mut refs = policies_with_sidecars(&s6);
+            for r in policies_with_mtls(&s7) {
+                if !refs.contains(&r) {
+                    refs.push(r);
+                }
+            }
+            refs
         })
         .watches_stream(meta_stream::<HorizontalPodAutoscaler>(&client), move |h| {
             policies_for_namespace(&s2, &h.namespace().unwrap_or_default())
@@ -340,15 +395,11 @@ pub async fn run(
         })
         .watches_stream(
             mtls::changed_meta::<mtls::PeerAuthentication>(&client, mtls::peer_auth_fingerprint),
-            move |_| policies_with_mtls(&s4),
-        )
-        .watches_stream(
-            mtls::changed_meta::<Namespace>(&client, mtls::namespace_fingerprint),
-            move |_| policies_with_mtls(&s5),
+            move |_| policies_with_mtls(&s8),
         )
         .watches_stream(
             mtls::changed_meta::<Pod>(&client, mtls::pod_fingerprint),
-            move |_| policies_with_mtls(&s6),
+            move |_| policies_with_mtls(&s1_pods),
         )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, state)

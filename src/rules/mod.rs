@@ -3,6 +3,7 @@
 
 pub mod ha;
 pub mod mtls;
+pub mod sidecars;
 
 use crate::api::Violation;
 use crate::conditions::{Observed, Status};

@@ -5,4 +5,5 @@ mod crd;
 mod ha;
 mod lifecycle;
 mod mtls;
+mod sidecars;
 mod validation;

@@ -1,0 +1,1760 @@
+//! Resources of injected `istio-proxy` sidecars (`spec.sidecars`).
+//!
+//! Istio sizes a sidecar from four pod annotations (`sidecar.istio.io/proxyCPU`,
+//! `proxyCPULimit`, `proxyMemory`, `proxyMemoryLimit`). Its injection template uses them as
+//! soon as any one is present and then ignores the mesh defaults for the others, so meshwarden
+//! always writes all four together, on the pod template of every Deployment, StatefulSet and
+//! DaemonSet whose pods get a sidecar, plus `meshwarden.io/sidecar-resources: <hash>` so that
+//! the templates it changed are recognisable after a restart.
+//!
+//! Changing a pod template rolls the workload, so rollouts are paced: at most
+//! `maxConcurrentRollouts` workloads carrying meshwarden's hash are rolling at once, and a
+//! stalled rollout stops the pacing. The pacing state is read from the cluster (hash annotation
+//! and rollout status), never kept only in memory.
+//!
+//! observe (reads) -> [`classify`] and [`plan`] (pure) -> apply (Enforce) -> report.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{
+    Container, LimitRange, Namespace, Pod, PodTemplateSpec, ResourceQuota,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use serde_json::{Value, json};
+
+use crate::api::{Enforcement, MeshPolicy, ResourcesSpec, SidecarSpec, Violation};
+use crate::apply::{self, FIELD_MANAGER};
+use crate::conditions::{Observed, Status, types};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::quantity;
+use crate::rules::RuleReport;
+use crate::selector;
+
+/// CPU request of the proxy.
+pub const PROXY_CPU: &str = "sidecar.istio.io/proxyCPU";
+/// CPU limit of the proxy.
+pub const PROXY_CPU_LIMIT: &str = "sidecar.istio.io/proxyCPULimit";
+/// Memory request of the proxy.
+pub const PROXY_MEMORY: &str = "sidecar.istio.io/proxyMemory";
+/// Memory limit of the proxy.
+pub const PROXY_MEMORY_LIMIT: &str = "sidecar.istio.io/proxyMemoryLimit";
+/// Hash of the four values meshwarden wrote on a pod template.
+pub const HASH_ANNOTATION: &str = "meshwarden.io/sidecar-resources";
+/// Workload annotation that opts out of meshwarden rules (comma-separated rule names).
+pub const IGNORE_ANNOTATION: &str = "meshwarden.io/ignore";
+/// The rule name that opts a workload out of this section.
+pub const IGNORE_VALUE: &str = "sidecar-resources";
+/// Injection switch on a pod (label or annotation).
+pub const INJECT: &str = "sidecar.istio.io/inject";
+/// Injection templates of a pod; `gateway` marks an Istio gateway, which is not a sidecar.
+pub const INJECT_TEMPLATES: &str = "inject.istio.io/templates";
+const PROXY_CONTAINER: &str = "istio-proxy";
+/// A StatefulSet or DaemonSet rollout not done this long after meshwarden's write is stalled:
+/// 10 minutes (the Deployment default `progressDeadlineSeconds`) plus one minute per pod.
+const STALL_BASE_SECS: i64 = 600;
+const STALL_PER_POD_SECS: i64 = 60;
+/// Pods named per namespace in the condition.
+const DRIFT_NAMES: usize = 3;
+
+/// The workload kinds whose pod templates are held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Deployment => "Deployment",
+            Kind::StatefulSet => "StatefulSet",
+            Kind::DaemonSet => "DaemonSet",
+        }
+    }
+}
+
+/// The four values written, derived from `spec.sidecars.resources`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    pub cpu: String,
+    pub cpu_limit: String,
+    pub memory: String,
+    pub memory_limit: String,
+    /// How omitted values were filled in (said in the condition).
+    pub notes: Vec<String>,
+}
+
+impl Desired {
+    /// The four annotations, in a fixed order.
+    pub fn annotations(&self) -> [(&'static str, &str); 4] {
+        [
+            (PROXY_CPU, self.cpu.as_str()),
+            (PROXY_CPU_LIMIT, self.cpu_limit.as_str()),
+            (PROXY_MEMORY, self.memory.as_str()),
+            (PROXY_MEMORY_LIMIT, self.memory_limit.as_str()),
+        ]
+    }
+
+    /// A short stable hash of the four values (FNV-1a, hex).
+    pub fn hash(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for (k, v) in self.annotations() {
+            for b in k.bytes().chain([b'=']).chain(v.bytes()).chain([b';']) {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        format!("{h:016x}")
+    }
+
+    /// `cpu 100m/1, memory 128Mi/512Mi` (request/limit).
+    pub fn summary(&self) -> String {
+        format!(
+            "cpu {}/{}, memory {}/{}",
+            self.cpu, self.cpu_limit, self.memory, self.memory_limit
+        )
+    }
+
+    /// Per-pod amount of a quota key (`requests.cpu`, ...) in milli-units.
+    fn amount(&self, key: &str) -> i128 {
+        let v = match key {
+            "requests.cpu" => &self.cpu,
+            "limits.cpu" => &self.cpu_limit,
+            "requests.memory" => &self.memory,
+            _ => &self.memory_limit,
+        };
+        quantity::millis(v).unwrap_or(0)
+    }
+}
+
+fn ios(v: &IntOrString) -> String {
+    match v {
+        IntOrString::Int(i) => i.to_string(),
+        IntOrString::String(s) => s.clone(),
+    }
+}
+
+/// Derives the four values. An omitted request takes the limit (what Kubernetes does for a
+/// container with only a limit); an omitted limit takes the request (Istio would otherwise
+/// give the proxy no limit at all, not the mesh default). A resource with neither is an error.
+pub fn desired(res: &ResourcesSpec) -> std::result::Result<Desired, String> {
+    let req = res.requests.clone().unwrap_or_default();
+    let lim = res.limits.clone().unwrap_or_default();
+    let mut notes = Vec::new();
+    let mut missing = Vec::new();
+    let mut pick = |name: &str, r: Option<IntOrString>, l: Option<IntOrString>| match (r, l) {
+        (Some(r), Some(l)) => Some((ios(&r), ios(&l))),
+        (None, Some(l)) => {
+            let l = ios(&l);
+            notes.push(format!(
+                "requests.{name} is not declared: the request is set to the limit {l}, as Kubernetes does"
+            ));
+            Some((l.clone(), l))
+        }
+        (Some(r), None) => {
+            let r = ios(&r);
+            notes.push(format!(
+                "limits.{name} is not declared: the limit is set to the request {r} (once one proxy annotation is set Istio gives the proxy no {name} limit instead of the mesh default)"
+            ));
+            Some((r.clone(), r))
+        }
+        (None, None) => {
+            missing.push(name.to_string());
+            None
+        }
+    };
+    let cpu = pick("cpu", req.cpu, lim.cpu);
+    let memory = pick("memory", req.memory, lim.memory);
+    match (cpu, memory) {
+        (Some((cpu, cpu_limit)), Some((memory, memory_limit))) => Ok(Desired {
+            cpu,
+            cpu_limit,
+            memory,
+            memory_limit,
+            notes,
+        }),
+        _ => Err(format!(
+            "spec.sidecars.resources declares neither a request nor a limit for {}: Istio uses the four proxy annotations together, so meshwarden writes nothing until requests or limits of both cpu and memory are declared",
+            missing.join(" and ")
+        )),
+    }
+}
+
+/// Where a workload stands in a rollout, as `kubectl rollout status` sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rollout {
+    Complete,
+    InProgress(String),
+    Stalled(String),
+}
+
+fn labels_of(meta: Option<&ObjectMeta>) -> BTreeMap<String, String> {
+    meta.and_then(|m| m.labels.clone()).unwrap_or_default()
+}
+
+fn annotations_of(meta: Option<&ObjectMeta>) -> BTreeMap<String, String> {
+    meta.and_then(|m| m.annotations.clone()).unwrap_or_default()
+}
+
+/// Rollout state of a Deployment: the controller saw the latest generation, every replica is
+/// updated, no old replica is left and every updated replica is available; stalled when the
+/// `Progressing` condition says `ProgressDeadlineExceeded`.
+pub fn deployment_rollout(d: &Deployment) -> Rollout {
+    let generation = d.metadata.generation.unwrap_or(0);
+    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let st = d.status.clone().unwrap_or_default();
+    if st.observed_generation.unwrap_or(-1) < generation {
+        return Rollout::InProgress(format!(
+            "the Deployment controller has not observed generation {generation} yet"
+        ));
+    }
+    if let Some(c) = st.conditions.iter().flatten().find(|c| {
+        c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+    }) {
+        return Rollout::Stalled(format!(
+            "Progressing condition is ProgressDeadlineExceeded: {}",
+            c.message.clone().unwrap_or_default()
+        ));
+    }
+    let updated = st.updated_replicas.unwrap_or(0);
+    let total = st.replicas.unwrap_or(0);
+    let available = st.available_replicas.unwrap_or(0);
+    if updated < replicas {
+        Rollout::InProgress(format!("{updated} of {replicas} replicas updated"))
+    } else if total > updated {
+        Rollout::InProgress(format!(
+            "{} old replica(s) pending termination",
+            total - updated
+        ))
+    } else if available < updated {
+        Rollout::InProgress(format!(
+            "{available} of {updated} updated replicas available"
+        ))
+    } else {
+        Rollout::Complete
+    }
+}
+
+/// Rollout state of a StatefulSet (`OnDelete` never rolls by itself: complete).
+pub fn statefulset_rollout(s: &StatefulSet) -> Rollout {
+    let spec = s.spec.clone().unwrap_or_default();
+    let strategy = spec.update_strategy.clone().unwrap_or_default();
+    if strategy.type_.as_deref() == Some("OnDelete") {
+        return Rollout::Complete;
+    }
+    let generation = s.metadata.generation.unwrap_or(0);
+    let st = s.status.clone().unwrap_or_default();
+    if st.observed_generation.unwrap_or(-1) < generation {
+        return Rollout::InProgress(format!(
+            "the StatefulSet controller has not observed generation {generation} yet"
+        ));
+    }
+    let replicas = spec.replicas.unwrap_or(1);
+    let ready = st.ready_replicas.unwrap_or(0);
+    if ready < replicas {
+        return Rollout::InProgress(format!("{ready} of {replicas} replicas ready"));
+    }
+    let partition = strategy
+        .rolling_update
+        .and_then(|r| r.partition)
+        .unwrap_or(0);
+    let updated = st.updated_replicas.unwrap_or(0);
+    if partition > 0 {
+        if updated < replicas - partition {
+            return Rollout::InProgress(format!(
+                "{updated} of {} replicas above the partition updated",
+                replicas - partition
+            ));
+        }
+    } else if st.update_revision != st.current_revision {
+        return Rollout::InProgress(format!("{updated} of {replicas} replicas updated"));
+    }
+    Rollout::Complete
+}
+
+/// Rollout state of a DaemonSet (`OnDelete` never rolls by itself: complete).
+pub fn daemonset_rollout(d: &DaemonSet) -> Rollout {
+    let spec = d.spec.clone().unwrap_or_default();
+    if spec.update_strategy.and_then(|s| s.type_).as_deref() == Some("OnDelete") {
+        return Rollout::Complete;
+    }
+    let generation = d.metadata.generation.unwrap_or(0);
+    let st = d.status.clone().unwrap_or_default();
+    if st.observed_generation.unwrap_or(-1) < generation {
+        return Rollout::InProgress(format!(
+            "the DaemonSet controller has not observed generation {generation} yet"
+        ));
+    }
+    let want = st.desired_number_scheduled;
+    let updated = st.updated_number_scheduled.unwrap_or(0);
+    let available = st.number_available.unwrap_or(0);
+    if updated < want {
+        Rollout::InProgress(format!("{updated} of {want} pods updated"))
+    } else if available < want {
+        Rollout::InProgress(format!("{available} of {want} pods available"))
+    } else {
+        Rollout::Complete
+    }
+}
+
+/// When meshwarden last changed the object (its `Apply` entry in managedFields).
+fn meshwarden_write_time(meta: &ObjectMeta) -> Option<jiff::Timestamp> {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.manager.as_deref() == Some(FIELD_MANAGER))
+        .filter(|m| m.subresource.as_deref().unwrap_or_default().is_empty())
+        .filter_map(|m| m.time.as_ref().map(|t| t.0))
+        .max()
+}
+
+/// True when meshwarden owns fields of the object beyond the sidecar annotations, i.e. another
+/// meshwarden rule (gateway or control-plane HA) writes it with the same field manager. Writing
+/// it from this rule too would release that rule's fields, so it is left alone.
+pub fn owned_by_other_rule(meta: &ObjectMeta) -> bool {
+    let ours: BTreeSet<String> = [
+        PROXY_CPU,
+        PROXY_CPU_LIMIT,
+        PROXY_MEMORY,
+        PROXY_MEMORY_LIMIT,
+        HASH_ANNOTATION,
+    ]
+    .iter()
+    .map(|k| format!("f:{k}"))
+    .collect();
+    let only = |v: &Value, key: &str| -> Option<Value> {
+        let m = v.as_object()?;
+        if m.keys().all(|k| k == key || k == ".") {
+            Some(m.get(key).cloned().unwrap_or(Value::Null))
+        } else {
+            None
+        }
+    };
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.manager.as_deref() == Some(FIELD_MANAGER))
+        .filter(|m| m.subresource.as_deref().unwrap_or_default().is_empty())
+        .filter_map(|m| m.fields_v1.as_ref())
+        .any(|f| {
+            let annotations = only(&f.0, "f:spec")
+                .and_then(|v| only(&v, "f:template"))
+                .and_then(|v| only(&v, "f:metadata"))
+                .and_then(|v| only(&v, "f:annotations"));
+            match annotations {
+                Some(Value::Object(a)) => a.keys().any(|k| k != "." && !ours.contains(k)),
+                Some(Value::Null) => false,
+                _ => true,
+            }
+        })
+}
+
+fn is_ambient(ns_labels: &BTreeMap<String, String>) -> bool {
+    ns_labels.get("istio.io/dataplane-mode").map(String::as_str) == Some("ambient")
+}
+
+/// Whether injection is on for the whole namespace (Istio's webhook namespace selectors).
+pub fn namespace_injection_on(ns_labels: &BTreeMap<String, String>) -> bool {
+    match ns_labels.get("istio-injection").map(String::as_str) {
+        Some("enabled") => true,
+        Some(_) => false,
+        None => ns_labels.contains_key("istio.io/rev"),
+    }
+}
+
+/// Whether the section covers a namespace with these labels: its `namespaceSelector`, or by
+/// default every namespace with injection on. Ambient namespaces are never covered.
+pub fn selects_namespace(spec: &SidecarSpec, ns_labels: &BTreeMap<String, String>) -> bool {
+    if is_ambient(ns_labels) {
+        return false;
+    }
+    match &spec.namespace_selector {
+        Some(sel) => selector::matches(sel, ns_labels),
+        None => namespace_injection_on(ns_labels),
+    }
+}
+
+/// Routing of watch events: whether a policy's sidecars section may cover a namespace
+/// (`None`: labels unknown, so yes).
+pub fn covers_namespace(
+    spec: &crate::api::MeshPolicySpec,
+    ns_labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    match (&spec.sidecars, ns_labels) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(s), Some(l)) => selects_namespace(s, l),
+    }
+}
+
+/// Why pods from this template get no sidecar, or `None` when they get one (Istio's webhook
+/// selectors: namespace `istio-injection` / `istio.io/rev`, pod `sidecar.istio.io/inject`).
+pub fn no_sidecar_reason(
+    ns_labels: &BTreeMap<String, String>,
+    tpl_labels: &BTreeMap<String, String>,
+    tpl_annotations: &BTreeMap<String, String>,
+) -> Option<&'static str> {
+    if is_ambient(ns_labels) {
+        return Some("ambient namespace");
+    }
+    if tpl_labels.get(INJECT).map(String::as_str) == Some("false")
+        || tpl_annotations.get(INJECT).map(String::as_str) == Some("false")
+    {
+        return Some("sidecar.istio.io/inject is false");
+    }
+    if tpl_annotations
+        .get(INJECT_TEMPLATES)
+        .is_some_and(|t| t.split(',').any(|t| t.trim() == "gateway"))
+    {
+        return Some(
+            "Istio gateway (inject.istio.io/templates: gateway), held by the gateways section",
+        );
+    }
+    match ns_labels.get("istio-injection").map(String::as_str) {
+        Some("enabled") => None,
+        Some(_) => Some("injection disabled in the namespace"),
+        None if ns_labels.contains_key("istio.io/rev") => None,
+        None if tpl_labels.get(INJECT).map(String::as_str) == Some("true")
+            || tpl_labels.contains_key("istio.io/rev") =>
+        {
+            None
+        }
+        None => Some("injection is not on for the namespace or the pod"),
+    }
+}
+
+/// True when a workload's annotation `meshwarden.io/ignore` names `sidecar-resources`.
+pub fn opted_out(workload_annotations: &BTreeMap<String, String>) -> bool {
+    workload_annotations
+        .get(IGNORE_ANNOTATION)
+        .is_some_and(|v| v.split(',').any(|p| p.trim() == IGNORE_VALUE))
+}
+
+/// Per-pod requests/limits (milli-units) keyed `requests.cpu`, `limits.memory`, ...
+pub type Amounts = BTreeMap<&'static str, i128>;
+const KEYS: [&str; 4] = [
+    "requests.cpu",
+    "requests.memory",
+    "limits.cpu",
+    "limits.memory",
+];
+
+/// A workload whose pods get a sidecar, as read from the cluster.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+    /// Pods it runs when rolled out.
+    pub replicas: i32,
+    /// Pod template annotations.
+    pub annotations: BTreeMap<String, String>,
+    pub rollout: Rollout,
+    /// Managers other than meshwarden that own one of the four annotations.
+    pub foreign_owners: Vec<String>,
+    /// Requests/limits of the template's other containers (for the surge pod of a rollout).
+    pub other_containers: Amounts,
+}
+
+impl Workload {
+    pub fn id(&self) -> String {
+        format!("{}/{}/{}", self.kind.as_str(), self.namespace, self.name)
+    }
+
+    /// Current per-pod proxy amount from the template's annotations (0 when unset: the mesh
+    /// default is not known, so the whole declared amount counts as added).
+    fn current(&self, key: &str) -> i128 {
+        let ann = match key {
+            "requests.cpu" => PROXY_CPU,
+            "limits.cpu" => PROXY_CPU_LIMIT,
+            "requests.memory" => PROXY_MEMORY,
+            _ => PROXY_MEMORY_LIMIT,
+        };
+        self.annotations
+            .get(ann)
+            .and_then(|v| quantity::millis(v))
+            .unwrap_or(0)
+    }
+}
+
+/// Deviations of a template's annotations from the declared values (empty: compliant).
+pub fn deviations(desired: &Desired, annotations: &BTreeMap<String, String>) -> Vec<String> {
+    desired
+        .annotations()
+        .iter()
+        .filter_map(|(k, want)| match annotations.get(*k) {
+            Some(have) if quantity::same(have, want) => None,
+            Some(have) => Some(format!("{k} is {have}, declared {want}")),
+            None => Some(format!("{k} is unset, declared {want}")),
+        })
+        .collect()
+}
+
+fn container_amounts(containers: &[Container]) -> Amounts {
+    let mut out = Amounts::new();
+    for c in containers.iter().filter(|c| c.name != PROXY_CONTAINER) {
+        let Some(r) = &c.resources else { continue };
+        for (prefix, map) in [("requests", &r.requests), ("limits", &r.limits)] {
+            for (res, q) in map.iter().flatten() {
+                let key = match (prefix, res.as_str()) {
+                    ("requests", "cpu") => "requests.cpu",
+                    ("requests", "memory") => "requests.memory",
+                    ("limits", "cpu") => "limits.cpu",
+                    ("limits", "memory") => "limits.memory",
+                    _ => continue,
+                };
+                *out.entry(key).or_insert(0) += quantity::millis(&q.0).unwrap_or(0);
+            }
+        }
+    }
+    out
+}
+
+/// What was read in one namespace the section covers.
+#[derive(Clone, Debug, Default)]
+pub struct NamespaceObservation {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub deployments: Vec<Deployment>,
+    pub statefulsets: Vec<StatefulSet>,
+    pub daemonsets: Vec<DaemonSet>,
+    pub limit_ranges: Vec<LimitRange>,
+    pub quotas: Vec<ResourceQuota>,
+    /// Running pods (field selector `status.phase=Running`).
+    pub pods: Vec<Pod>,
+}
+
+/// Workloads of the covered namespaces, sorted into targets and the ones left alone.
+#[derive(Clone, Debug, Default)]
+pub struct Classified {
+    pub targets: Vec<Workload>,
+    /// Workloads opted out with `meshwarden.io/ignore: sidecar-resources`.
+    pub opted_out: Vec<String>,
+    /// Workloads another meshwarden rule writes (HA), left to it.
+    pub other_rule: Vec<String>,
+    /// (namespace, kind, name) of every workload not held, so its pods are not counted as drift.
+    pub excluded: BTreeSet<(String, Kind, String)>,
+}
+
+struct Raw<'a> {
+    kind: Kind,
+    meta: &'a ObjectMeta,
+    template: Option<&'a PodTemplateSpec>,
+    replicas: i32,
+    rollout: Rollout,
+}
+
+/// Sorts the observed workloads (pure). `now` decides stalls of StatefulSets and DaemonSets.
+pub fn classify(namespaces: &[NamespaceObservation], now: jiff::Timestamp) -> Classified {
+    let mut out = Classified::default();
+    for ns in namespaces {
+        let mut raws: Vec<Raw> = Vec::new();
+        for d in &ns.deployments {
+            raws.push(Raw {
+                kind: Kind::Deployment,
+                meta: &d.metadata,
+                template: d.spec.as_ref().map(|s| &s.template),
+                replicas: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+                rollout: deployment_rollout(d),
+            });
+        }
+        for s in &ns.statefulsets {
+            raws.push(Raw {
+                kind: Kind::StatefulSet,
+                meta: &s.metadata,
+                template: s.spec.as_ref().map(|s| &s.template),
+                replicas: s.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+                rollout: statefulset_rollout(s),
+            });
+        }
+        for d in &ns.daemonsets {
+            raws.push(Raw {
+                kind: Kind::DaemonSet,
+                meta: &d.metadata,
+                template: d.spec.as_ref().map(|s| &s.template),
+                replicas: d
+                    .status
+                    .as_ref()
+                    .map(|s| s.desired_number_scheduled)
+                    .unwrap_or(0),
+                rollout: daemonset_rollout(d),
+            });
+        }
+        for raw in raws {
+            let name = raw.meta.name.clone().unwrap_or_default();
+            let id = format!("{}/{}/{}", raw.kind.as_str(), ns.name, name);
+            let tpl_meta = raw.template.and_then(|t| t.metadata.as_ref());
+            let tpl_labels = labels_of(tpl_meta);
+            let annotations = annotations_of(tpl_meta);
+            let key = (ns.name.clone(), raw.kind, name.clone());
+            if no_sidecar_reason(&ns.labels, &tpl_labels, &annotations).is_some() {
+                out.excluded.insert(key);
+                continue;
+            }
+            if opted_out(&annotations_of(Some(raw.meta))) {
+                out.opted_out.push(id);
+                out.excluded.insert(key);
+                continue;
+            }
+            if owned_by_other_rule(raw.meta) {
+                out.other_rule.push(id);
+                out.excluded.insert(key);
+                continue;
+            }
+            let mut rollout = raw.rollout;
+            if raw.kind != Kind::Deployment
+                && let Rollout::InProgress(why) = &rollout
+                && let Some(since) = meshwarden_write_time(raw.meta)
+            {
+                let limit = STALL_BASE_SECS + STALL_PER_POD_SECS * i64::from(raw.replicas.max(0));
+                let waited = now.as_second() - since.as_second();
+                if waited > limit {
+                    rollout = Rollout::Stalled(format!(
+                        "not rolled out {waited}s after meshwarden changed it (limit {limit}s): {why}"
+                    ));
+                }
+            }
+            let mut foreign = Vec::new();
+            for k in [PROXY_CPU, PROXY_CPU_LIMIT, PROXY_MEMORY, PROXY_MEMORY_LIMIT] {
+                let key = format!("f:{k}");
+                for m in apply::foreign_managers(
+                    raw.meta,
+                    &["f:spec", "f:template", "f:metadata", "f:annotations", &key],
+                ) {
+                    if !foreign.contains(&m) {
+                        foreign.push(m);
+                    }
+                }
+            }
+            let containers = raw
+                .template
+                .and_then(|t| t.spec.as_ref())
+                .map(|s| s.containers.clone())
+                .unwrap_or_default();
+            out.targets.push(Workload {
+                kind: raw.kind,
+                namespace: ns.name.clone(),
+                name,
+                replicas: raw.replicas,
+                annotations,
+                rollout,
+                foreign_owners: foreign,
+                other_containers: container_amounts(&containers),
+            });
+        }
+    }
+    out.targets
+        .sort_by(|a, b| (&a.namespace, a.kind, &a.name).cmp(&(&b.namespace, b.kind, &b.name)));
+    out.opted_out.sort();
+    out.other_rule.sort();
+    out
+}
+
+fn show(key: &str, millis: i128) -> String {
+    if key.ends_with("cpu") {
+        format!("{millis}m")
+    } else {
+        let bytes = millis / 1000;
+        let mi = 1024 * 1024;
+        if bytes % mi == 0 {
+            format!("{}Mi", bytes / mi)
+        } else {
+            format!("{bytes}")
+        }
+    }
+}
+
+/// Why the declared values cannot be used in a namespace (empty: they fit).
+///
+/// LimitRange (type `Container`): each declared request must be at least `min`, each limit at
+/// most `max`, and limit/request at most `maxLimitRequestRatio`. ResourceQuota: for every key
+/// the quota limits (`requests.cpu`/`cpu`, `requests.memory`/`memory`, `limits.cpu`,
+/// `limits.memory`), `used + added + surge` must not exceed `hard`, where `added` sums
+/// `replicas x (declared - current)` over the workloads to change (current from their
+/// annotations, 0 when unset) and `surge` is one whole extra pod of the largest Deployment to
+/// change (the surge pod of its rolling update).
+pub fn namespace_fit(
+    desired: &Desired,
+    changes: &[&Workload],
+    limit_ranges: &[LimitRange],
+    quotas: &[ResourceQuota],
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for lr in limit_ranges {
+        for item in lr.spec.iter().flat_map(|s| s.limits.iter()) {
+            if item.type_ != "Container" {
+                continue;
+            }
+            for res in ["cpu", "memory"] {
+                let req = desired.amount(&format!("requests.{res}"));
+                let lim = desired.amount(&format!("limits.{res}"));
+                let get = |m: &Option<
+                    BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+                >| {
+                    m.as_ref()
+                        .and_then(|m| m.get(res))
+                        .and_then(|q| quantity::millis(&q.0))
+                };
+                if let Some(max) = get(&item.max)
+                    && lim > max
+                {
+                    problems.push(format!(
+                        "LimitRange {} allows at most {} {res} per container, declared limit {}",
+                        lr.name_any(),
+                        show(res, max),
+                        show(res, lim)
+                    ));
+                }
+                if let Some(min) = get(&item.min)
+                    && req < min
+                {
+                    problems.push(format!(
+                        "LimitRange {} requires at least {} {res} per container, declared request {}",
+                        lr.name_any(),
+                        show(res, min),
+                        show(res, req)
+                    ));
+                }
+                if let Some(ratio) = get(&item.max_limit_request_ratio)
+                    && req > 0
+                    && lim * 1000 > ratio * req
+                {
+                    problems.push(format!(
+                        "LimitRange {} allows a {res} limit/request ratio of at most {}, declared {}/{}",
+                        lr.name_any(),
+                        ratio as f64 / 1000.0,
+                        show(res, lim),
+                        show(res, req)
+                    ));
+                }
+            }
+        }
+    }
+    if changes.is_empty() {
+        return problems;
+    }
+    for q in quotas {
+        let hard = q
+            .spec
+            .as_ref()
+            .and_then(|s| s.hard.clone())
+            .unwrap_or_default();
+        let used = q
+            .status
+            .as_ref()
+            .and_then(|s| s.used.clone())
+            .unwrap_or_default();
+        for key in KEYS {
+            let alias = key.strip_prefix("requests.").unwrap_or(key);
+            let name = if hard.contains_key(key) { key } else { alias };
+            let Some(h) = hard.get(name).and_then(|q| quantity::millis(&q.0)) else {
+                continue;
+            };
+            let u = used
+                .get(name)
+                .and_then(|q| quantity::millis(&q.0))
+                .unwrap_or(0);
+            let want = desired.amount(key);
+            let added: i128 = changes
+                .iter()
+                .map(|w| i128::from(w.replicas.max(0)) * (want - w.current(key)).max(0))
+                .sum();
+            let surge: i128 = changes
+                .iter()
+                .filter(|w| w.kind == Kind::Deployment)
+                .map(|w| w.other_containers.get(key).copied().unwrap_or(0) + want)
+                .max()
+                .unwrap_or(0);
+            if u + added + surge > h {
+                problems.push(format!(
+                    "ResourceQuota {} {name}: {} used of {}, the declared sidecars add {} plus {} for a surge pod",
+                    q.name_any(),
+                    show(key, u),
+                    show(key, h),
+                    show(key, added),
+                    show(key, surge)
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// What to do with one target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// The template has the declared values.
+    Compliant,
+    /// Write the annotations now (its pods roll).
+    Apply,
+    /// Needs the annotations but waits for a rollout slot, or for a stalled rollout.
+    Held(String),
+    /// Not written: the namespace's LimitRange or ResourceQuota does not fit.
+    Skipped(String),
+    /// Audit: reported only.
+    Reported,
+}
+
+/// The decision for one target (same index as the targets).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    pub deviations: Vec<String>,
+    /// Carries meshwarden's hash and is not rolled out yet (uses a rollout slot).
+    pub rolling: bool,
+    /// Its rollout stalled.
+    pub stalled: Option<String>,
+}
+
+/// Plans every target (pure). Targets come sorted; earlier ones get rollout slots first.
+/// `unfit` maps a namespace to the reasons its LimitRange/ResourceQuota rejects the values.
+pub fn plan(
+    desired: &Desired,
+    targets: &[Workload],
+    unfit: &BTreeMap<String, Vec<String>>,
+    max_concurrent: i32,
+    enforce: bool,
+) -> Vec<Decision> {
+    let mut decisions: Vec<Decision> = targets
+        .iter()
+        .map(|w| {
+            let ours = w.annotations.contains_key(HASH_ANNOTATION);
+            let (rolling, stalled) = match &w.rollout {
+                _ if !ours => (false, None),
+                Rollout::Complete => (false, None),
+                Rollout::InProgress(_) => (true, None),
+                Rollout::Stalled(why) => (true, Some(why.clone())),
+            };
+            Decision {
+                action: Action::Compliant,
+                deviations: deviations(desired, &w.annotations),
+                rolling,
+                stalled,
+            }
+        })
+        .collect();
+    let mut in_flight = decisions.iter().filter(|d| d.rolling).count();
+    let stalled = decisions.iter().any(|d| d.stalled.is_some());
+    let max = usize::try_from(max_concurrent.max(1)).unwrap_or(1);
+    for (w, d) in targets.iter().zip(decisions.iter_mut()) {
+        if d.deviations.is_empty() {
+            continue;
+        }
+        d.action = if !enforce {
+            Action::Reported
+        } else if let Some(why) = unfit.get(&w.namespace) {
+            Action::Skipped(why.join("; "))
+        } else if stalled {
+            Action::Held("a sidecar rollout stalled; no other starts until it completes".into())
+        } else if d.rolling {
+            // Already rolling because of meshwarden: rewriting it takes no new slot.
+            Action::Apply
+        } else if in_flight < max {
+            in_flight += 1;
+            Action::Apply
+        } else {
+            Action::Held(format!(
+                "waits for a rollout slot (maxConcurrentRollouts {max_concurrent})"
+            ))
+        };
+    }
+    decisions
+}
+
+/// The server-side apply patch: exactly the five annotations meshwarden owns on the template.
+pub fn patch(w: &Workload, desired: &Desired) -> Value {
+    let mut ann = serde_json::Map::new();
+    for (k, v) in desired.annotations() {
+        ann.insert(k.into(), json!(v));
+    }
+    ann.insert(HASH_ANNOTATION.into(), json!(desired.hash()));
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": w.kind.as_str(),
+        "metadata": {"name": w.name, "namespace": w.namespace},
+        "spec": {"template": {"metadata": {"annotations": Value::Object(ann)}}},
+    })
+}
+
+/// Running pods whose `istio-proxy` has other resources than declared, per namespace (pure).
+/// Pods of workloads left alone (opted out, no sidecar, other rule) are not counted.
+pub fn pod_drift(
+    desired: &Desired,
+    namespaces: &[NamespaceObservation],
+    excluded: &BTreeSet<(String, Kind, String)>,
+) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for ns in namespaces {
+        for pod in &ns.pods {
+            let labels = pod.labels();
+            let owner = pod
+                .owner_references()
+                .iter()
+                .find_map(|o| match o.kind.as_str() {
+                    "ReplicaSet" => {
+                        let hash = labels.get("pod-template-hash")?;
+                        let name = o.name.strip_suffix(&format!("-{hash}"))?;
+                        Some((Kind::Deployment, name.to_string()))
+                    }
+                    "StatefulSet" => Some((Kind::StatefulSet, o.name.clone())),
+                    "DaemonSet" => Some((Kind::DaemonSet, o.name.clone())),
+                    _ => None,
+                });
+            if let Some((kind, name)) = owner
+                && excluded.contains(&(ns.name.clone(), kind, name))
+            {
+                continue;
+            }
+            if no_sidecar_reason(&ns.labels, labels, pod.annotations()).is_some() {
+                continue;
+            }
+            let Some(spec) = &pod.spec else { continue };
+            let proxy = spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+                .find(|c| c.name == PROXY_CONTAINER);
+            let Some(proxy) = proxy else { continue };
+            let res = proxy.resources.clone().unwrap_or_default();
+            let get = |m: &Option<
+                BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+            >,
+                       k: &str| {
+                m.as_ref().and_then(|m| m.get(k)).map(|q| q.0.clone())
+            };
+            let have = [
+                get(&res.requests, "cpu"),
+                get(&res.limits, "cpu"),
+                get(&res.requests, "memory"),
+                get(&res.limits, "memory"),
+            ];
+            let differs = desired
+                .annotations()
+                .iter()
+                .zip(have.iter())
+                .any(|((_, want), have)| !have.as_deref().is_some_and(|h| quantity::same(h, want)));
+            if differs {
+                out.entry(ns.name.clone()).or_default().push(pod.name_any());
+            }
+        }
+    }
+    for names in out.values_mut() {
+        names.sort();
+    }
+    out
+}
+
+/// Numbers of one reconcile, for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SidecarStats {
+    pub targets: usize,
+    pub compliant: usize,
+    pub opted_out: usize,
+    /// Workloads rolling because of meshwarden (including the ones started in this reconcile).
+    pub rolling: usize,
+    pub held: usize,
+    pub stalled: usize,
+    /// Namespaces skipped because of their LimitRange/ResourceQuota.
+    pub skipped_namespaces: Vec<String>,
+    /// Running pods whose istio-proxy differs from the declared resources, per namespace.
+    pub pod_drift: BTreeMap<String, Vec<String>>,
+}
+
+/// Reads every namespace the section covers and what is needed in it.
+pub async fn observe(
+    ctx: &Context,
+    spec: &SidecarSpec,
+) -> Result<(Vec<NamespaceObservation>, Vec<String>)> {
+    let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+    let list = namespaces
+        .list_metadata(&ListParams::default())
+        .await
+        .map_err(|e| Error::kube("list Namespaces", e))?;
+    let mut out = Vec::new();
+    let mut ambient = Vec::new();
+    for ns in list.items {
+        let labels = ns.metadata.labels.clone().unwrap_or_default();
+        let name = ns.name_any();
+        if is_ambient(&labels) {
+            let selected = match &spec.namespace_selector {
+                Some(sel) => selector::matches(sel, &labels),
+                None => namespace_injection_on(&labels),
+            };
+            if selected {
+                ambient.push(name);
+            }
+            continue;
+        }
+        if !selects_namespace(spec, &labels) {
+            continue;
+        }
+        let c = &ctx.client;
+        let lp = ListParams::default();
+        let running = ListParams::default().fields("status.phase=Running");
+        let at = |what: &str| format!("list {what} in {name}");
+        let (deployments, statefulsets, daemonsets, limit_ranges, quotas, pods) = tokio::try_join!(
+            async {
+                Api::<Deployment>::namespaced(c.clone(), &name)
+                    .list(&lp)
+                    .await
+                    .map_err(|e| Error::kube(at("Deployments"), e))
+            },
+            async {
+                Api::<StatefulSet>::namespaced(c.clone(), &name)
+                    .list(&lp)
+                    .await
+                    .map_err(|e| Error::kube(at("StatefulSets"), e))
+            },
+            async {
+                Api::<DaemonSet>::namespaced(c.clone(), &name)
+                    .list(&lp)
+                    .await
+                    .map_err(|e| Error::kube(at("DaemonSets"), e))
+            },
+            async {
+                Api::<LimitRange>::namespaced(c.clone(), &name)
+                    .list(&lp)
+                    .await
+                    .map_err(|e| Error::kube(at("LimitRanges"), e))
+            },
+            async {
+                Api::<ResourceQuota>::namespaced(c.clone(), &name)
+                    .list(&lp)
+                    .await
+                    .map_err(|e| Error::kube(at("ResourceQuotas"), e))
+            },
+            async {
+                Api::<Pod>::namespaced(c.clone(), &name)
+                    .list(&running)
+                    .await
+                    .map_err(|e| Error::kube(at("Pods"), e))
+            },
+        )?;
+        out.push(NamespaceObservation {
+            name,
+            labels,
+            deployments: deployments.items,
+            statefulsets: statefulsets.items,
+            daemonsets: daemonsets.items,
+            limit_ranges: limit_ranges.items,
+            quotas: quotas.items,
+            pods: pods.items,
+        });
+    }
+    Ok((out, ambient))
+}
+
+async fn write(ctx: &Context, w: &Workload, patch: &Value) -> Result<()> {
+    let c = ctx.client.clone();
+    let ns = &w.namespace;
+    match w.kind {
+        Kind::Deployment => apply::apply(
+            &Api::<Deployment>::namespaced(c, ns),
+            &w.name,
+            patch,
+            &ctx.writes,
+        )
+        .await
+        .map(|_| ()),
+        Kind::StatefulSet => apply::apply(
+            &Api::<StatefulSet>::namespaced(c, ns),
+            &w.name,
+            patch,
+            &ctx.writes,
+        )
+        .await
+        .map(|_| ()),
+        Kind::DaemonSet => apply::apply(
+            &Api::<DaemonSet>::namespaced(c, ns),
+            &w.name,
+            patch,
+            &ctx.writes,
+        )
+        .await
+        .map(|_| ()),
+    }
+}
+
+fn list(items: &[String], max: usize) -> String {
+    let shown: Vec<&str> = items.iter().take(max).map(String::as_str).collect();
+    if items.len() > max {
+        format!("{} and {} more", shown.join(", "), items.len() - max)
+    } else {
+        shown.join(", ")
+    }
+}
+
+/// Observes, plans and (in Enforce) applies the sidecars section; reports the result.
+pub async fn reconcile(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    spec: &SidecarSpec,
+    enforcement: Enforcement,
+) -> RuleReport {
+    reconcile_with_stats(ctx, policy, spec, enforcement).await.0
+}
+
+/// [`reconcile`], with the numbers behind the report.
+pub async fn reconcile_with_stats(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    spec: &SidecarSpec,
+    enforcement: Enforcement,
+) -> (RuleReport, SidecarStats) {
+    let ctype = types::SIDECAR_RESOURCES;
+    let mut stats = SidecarStats::default();
+    let mut report = RuleReport {
+        condition: Observed::new(ctype, Status::True, "Compliant", ""),
+        violations: Vec::new(),
+        targets: 0,
+        compliant: 0,
+        corrected: 0,
+        corrections: Vec::new(),
+    };
+    let desired = match desired(&spec.resources) {
+        Ok(d) => d,
+        Err(msg) => {
+            report.condition = Observed::new(ctype, Status::False, "IncompleteResources", msg);
+            return (report, stats);
+        }
+    };
+    let (namespaces, ambient) = match observe(ctx, spec).await {
+        Ok(o) => o,
+        Err(e) => return (RuleReport::failed(ctype, &e), stats),
+    };
+    let classified = classify(&namespaces, jiff::Timestamp::now());
+    let enforce = enforcement == Enforcement::Enforce;
+    let targets = &classified.targets;
+
+    let mut unfit: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for ns in &namespaces {
+        let changes: Vec<&Workload> = targets
+            .iter()
+            .filter(|w| w.namespace == ns.name && !deviations(&desired, &w.annotations).is_empty())
+            .collect();
+        if changes.is_empty() {
+            continue;
+        }
+        let problems = namespace_fit(&desired, &changes, &ns.limit_ranges, &ns.quotas);
+        if !problems.is_empty() {
+            unfit.insert(ns.name.clone(), problems);
+        }
+    }
+    let decisions = plan(
+        &desired,
+        targets,
+        &unfit,
+        spec.max_concurrent_rollouts,
+        enforce,
+    );
+
+    let mut started: Vec<String> = Vec::new();
+    let mut fights: Vec<String> = Vec::new();
+    let mut takeovers: Vec<String> = Vec::new();
+    let mut held: Vec<String> = Vec::new();
+    let mut stalled: Vec<String> = Vec::new();
+    let mut rolling: Vec<String> = Vec::new();
+    report.targets = i32::try_from(targets.len()).unwrap_or(i32::MAX);
+    for (w, d) in targets.iter().zip(&decisions) {
+        let id = w.id();
+        if let Some(why) = &d.stalled {
+            stalled.push(id.clone());
+            report.violations.push(Violation {
+                rule: ctype.into(),
+                object: id.clone(),
+                message: format!("rollout stalled: {why}"),
+                action: "Reported".into(),
+            });
+        } else if d.rolling {
+            rolling.push(id.clone());
+        }
+        let devs = d.deviations.join("; ");
+        let violation = |action: &str, message: String| Violation {
+            rule: ctype.into(),
+            object: id.clone(),
+            message,
+            action: action.into(),
+        };
+        match &d.action {
+            Action::Compliant => report.compliant += 1,
+            Action::Reported => report.violations.push(violation("Reported", devs)),
+            Action::Held(why) => {
+                held.push(id.clone());
+                report
+                    .violations
+                    .push(violation("Held", format!("{devs}; {why}")));
+            }
+            Action::Skipped(why) => report
+                .violations
+                .push(violation("Skipped", format!("{devs}; not written: {why}"))),
+            Action::Apply => {
+                let key = format!("{}:sidecars:{id}", policy.name_any());
+                let now = Instant::now();
+                if ctx.fight_check(&key, now) {
+                    fights.push(id.clone());
+                    report.violations.push(violation(
+                        "Skipped",
+                        format!("{devs}; another writer keeps changing these annotations back"),
+                    ));
+                    continue;
+                }
+                if let Err(e) = write(ctx, w, &patch(w, &desired)).await {
+                    let mut failed = RuleReport::failed(ctype, &e);
+                    failed.targets = report.targets;
+                    return (failed, stats);
+                }
+                ctx.fight_record(&key, now);
+                report.corrected += 1;
+                report.compliant += 1;
+                report.corrections.push(format!(
+                    "{id}: sidecar resources set to {} ({devs}); its pods roll",
+                    desired.summary()
+                ));
+                for m in &w.foreign_owners {
+                    takeovers.push(format!("{id} (was managed by {m})"));
+                }
+                if !d.rolling {
+                    started.push(id.clone());
+                }
+            }
+        }
+    }
+    stats.pod_drift = pod_drift(&desired, &namespaces, &classified.excluded);
+    stats.targets = targets.len();
+    stats.compliant = usize::try_from(report.compliant).unwrap_or(0);
+    stats.opted_out = classified.opted_out.len();
+    stats.rolling = rolling.len() + started.len() + stalled.len();
+    stats.held = held.len();
+    stats.stalled = stalled.len();
+    stats.skipped_namespaces = unfit.keys().cloned().collect();
+
+    let mut msg = vec![format!(
+        "{} of {} workload(s) have the declared sidecar resources ({})",
+        report.compliant,
+        report.targets,
+        desired.summary()
+    )];
+    msg.extend(desired.notes.iter().cloned());
+    if !started.is_empty() {
+        msg.push(format!("started the rollout of {}", list(&started, 5)));
+    }
+    if !rolling.is_empty() {
+        msg.push(format!(
+            "rolling because of meshwarden: {}",
+            list(&rolling, 5)
+        ));
+    }
+    if !held.is_empty() {
+        msg.push(format!(
+            "{} workload(s) wait for a rollout slot (maxConcurrentRollouts {}): {}",
+            held.len(),
+            spec.max_concurrent_rollouts,
+            list(&held, 5)
+        ));
+    }
+    if !stalled.is_empty() {
+        msg.push(format!(
+            "the rollout of {} stalled; no other sidecar rollout starts until it completes or is rolled back (kubectl rollout status)",
+            list(&stalled, 5)
+        ));
+    }
+    for (ns, why) in &unfit {
+        msg.push(format!(
+            "namespace {ns} skipped, the declared resources do not fit: {}",
+            why.join("; ")
+        ));
+    }
+    if !fights.is_empty() {
+        msg.push(format!(
+            "{} keep being changed back by another writer; meshwarden stopped rewriting them for 10 minutes",
+            list(&fights, 5)
+        ));
+    }
+    if !takeovers.is_empty() {
+        msg.push(format!(
+            "meshwarden took over proxy annotations another manager set: {}",
+            list(&takeovers, 5)
+        ));
+    }
+    if !classified.opted_out.is_empty() {
+        msg.push(format!(
+            "opted out ({IGNORE_ANNOTATION}: {IGNORE_VALUE}): {}",
+            list(&classified.opted_out, 10)
+        ));
+    }
+    if !classified.other_rule.is_empty() {
+        msg.push(format!(
+            "left to meshwarden's HA rules: {}",
+            list(&classified.other_rule, 5)
+        ));
+    }
+    if !ambient.is_empty() {
+        msg.push(format!(
+            "ambient namespaces have no sidecars: {}",
+            list(&ambient, 5)
+        ));
+    }
+    if !stats.pod_drift.is_empty() {
+        let parts: Vec<String> = stats
+            .pod_drift
+            .iter()
+            .map(|(ns, pods)| format!("{ns}: {} ({})", pods.len(), list(pods, DRIFT_NAMES)))
+            .collect();
+        let total: usize = stats.pod_drift.values().map(Vec::len).sum();
+        msg.push(format!(
+            "{total} running pod(s) have other istio-proxy resources than declared: {}",
+            parts.join("; ")
+        ));
+    }
+    if !enforce && !report.violations.is_empty() {
+        msg.push("Audit mode: nothing was changed".into());
+    }
+
+    let audit_deviations = decisions.iter().any(|d| d.action == Action::Reported);
+    let (status, reason) = if !stalled.is_empty() {
+        (Status::False, "RolloutStalled")
+    } else if !unfit.is_empty() {
+        (Status::False, "QuotaConflict")
+    } else if !fights.is_empty() {
+        (Status::False, "FightDetected")
+    } else if audit_deviations {
+        (Status::False, "NonCompliant")
+    } else if !held.is_empty() || !rolling.is_empty() {
+        (Status::False, "RolloutInProgress")
+    } else if targets.is_empty() {
+        (Status::False, "NoTargets")
+    } else if report.corrected > 0 {
+        (Status::True, "Corrected")
+    } else {
+        (Status::True, "Compliant")
+    };
+    if targets.is_empty() {
+        msg[0] = "no Deployment, StatefulSet or DaemonSet with an injected sidecar in the selected namespaces (default: istio-injection=enabled or istio.io/rev)".into();
+    }
+    report.condition = Observed::new(ctype, status, reason, msg.join(". "));
+    (report, stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn resources(yaml: &str) -> ResourcesSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn full() -> Desired {
+        desired(&resources(
+            "{requests: {cpu: 100m, memory: 128Mi}, limits: {cpu: '1', memory: 512Mi}}",
+        ))
+        .unwrap()
+    }
+
+    fn workload(name: &str, annotations: &[(&str, &str)], rollout: Rollout) -> Workload {
+        Workload {
+            kind: Kind::Deployment,
+            namespace: "apps".into(),
+            name: name.into(),
+            replicas: 2,
+            annotations: map(annotations),
+            rollout,
+            foreign_owners: vec![],
+            other_containers: Amounts::new(),
+        }
+    }
+
+    fn compliant_annotations(d: &Desired) -> Vec<(&'static str, String)> {
+        let mut v: Vec<(&'static str, String)> = d
+            .annotations()
+            .iter()
+            .map(|(k, v)| (*k, v.to_string()))
+            .collect();
+        v.push((HASH_ANNOTATION, d.hash()));
+        v
+    }
+
+    #[test]
+    fn all_four_values_are_derived_and_omissions_are_explained() {
+        let d = full();
+        assert_eq!(
+            (
+                d.cpu.as_str(),
+                d.cpu_limit.as_str(),
+                d.memory.as_str(),
+                d.memory_limit.as_str()
+            ),
+            ("100m", "1", "128Mi", "512Mi")
+        );
+        assert!(d.notes.is_empty());
+
+        let d = desired(&resources(
+            "{requests: {cpu: 100m, memory: 128Mi}, limits: {memory: 1Gi}}",
+        ))
+        .unwrap();
+        assert_eq!(d.cpu_limit, "100m", "a missing limit takes the request");
+        assert!(
+            d.notes[0].contains("limits.cpu is not declared"),
+            "{:?}",
+            d.notes
+        );
+
+        let d = desired(&resources("{limits: {cpu: 2, memory: 1Gi}}")).unwrap();
+        assert_eq!((d.cpu.as_str(), d.memory.as_str()), ("2", "1Gi"));
+        assert_eq!(d.notes.len(), 2);
+
+        let err = desired(&resources("{requests: {cpu: 100m}}")).unwrap_err();
+        assert!(err.contains("memory"), "{err}");
+        assert!(err.contains("for memory:"), "only memory is missing: {err}");
+    }
+
+    #[test]
+    fn hash_follows_the_values() {
+        let a = full();
+        let mut b = full();
+        assert_eq!(a.hash(), b.hash());
+        b.memory_limit = "1Gi".into();
+        assert_ne!(a.hash(), b.hash());
+        assert_eq!(a.hash().len(), 16);
+    }
+
+    #[test]
+    fn which_pods_get_a_sidecar() {
+        let none = map(&[]);
+        let injected = map(&[("istio-injection", "enabled")]);
+        let rev = map(&[("istio.io/rev", "canary")]);
+        assert_eq!(no_sidecar_reason(&injected, &none, &none), None);
+        assert_eq!(no_sidecar_reason(&rev, &none, &none), None);
+        assert!(no_sidecar_reason(&none, &none, &none).is_some());
+        assert!(
+            no_sidecar_reason(
+                &map(&[("istio-injection", "disabled"), ("istio.io/rev", "x")]),
+                &none,
+                &none
+            )
+            .is_some(),
+            "istio-injection=disabled wins over a revision label"
+        );
+        // Opt-out on the pod, as label or annotation.
+        let off = map(&[(INJECT, "false")]);
+        assert!(no_sidecar_reason(&injected, &off, &none).is_some());
+        assert!(no_sidecar_reason(&injected, &none, &off).is_some());
+        // Opt-in on the pod in a namespace without injection labels.
+        assert_eq!(
+            no_sidecar_reason(&none, &map(&[(INJECT, "true")]), &none),
+            None
+        );
+        assert!(
+            no_sidecar_reason(&none, &none, &map(&[(INJECT, "true")])).is_some(),
+            "the webhook selects on the label, not the annotation"
+        );
+        // An Istio gateway (as the gateway chart renders it) is not a sidecar.
+        let gw_labels = map(&[(INJECT, "true"), ("istio", "ingressgateway")]);
+        let gw_ann = map(&[(INJECT_TEMPLATES, "gateway"), (INJECT, "true")]);
+        assert!(no_sidecar_reason(&injected, &gw_labels, &gw_ann).is_some());
+        // Ambient namespaces have no sidecars.
+        let ambient = map(&[
+            ("istio-injection", "enabled"),
+            ("istio.io/dataplane-mode", "ambient"),
+        ]);
+        assert!(no_sidecar_reason(&ambient, &none, &none).is_some());
+    }
+
+    #[test]
+    fn namespace_selection_defaults_to_injection_on() {
+        let mut spec: SidecarSpec =
+            serde_yaml::from_str("{resources: {requests: {cpu: 1, memory: 1Gi}}}").unwrap();
+        assert!(selects_namespace(
+            &spec,
+            &map(&[("istio-injection", "enabled")])
+        ));
+        assert!(selects_namespace(
+            &spec,
+            &map(&[("istio.io/rev", "default")])
+        ));
+        assert!(!selects_namespace(&spec, &map(&[("team", "a")])));
+        assert!(!selects_namespace(
+            &spec,
+            &map(&[
+                ("istio-injection", "enabled"),
+                ("istio.io/dataplane-mode", "ambient")
+            ])
+        ));
+        spec.namespace_selector = Some(serde_yaml::from_str("{matchLabels: {team: a}}").unwrap());
+        assert!(selects_namespace(&spec, &map(&[("team", "a")])));
+        assert!(!selects_namespace(
+            &spec,
+            &map(&[("istio-injection", "enabled")])
+        ));
+    }
+
+    #[test]
+    fn opt_out_names_the_rule() {
+        assert!(opted_out(&map(&[(IGNORE_ANNOTATION, "sidecar-resources")])));
+        assert!(opted_out(&map(&[(
+            IGNORE_ANNOTATION,
+            "mtls, sidecar-resources"
+        )])));
+        assert!(!opted_out(&map(&[(IGNORE_ANNOTATION, "mtls")])));
+        assert!(!opted_out(&map(&[])));
+    }
+
+    #[test]
+    fn pacing_starts_at_most_max_rollouts() {
+        let d = full();
+        let targets = vec![
+            workload("a", &[], Rollout::Complete),
+            workload("b", &[], Rollout::Complete),
+            workload("c", &[(PROXY_CPU, "50m")], Rollout::Complete),
+        ];
+        let p = plan(&d, &targets, &BTreeMap::new(), 1, true);
+        assert_eq!(p[0].action, Action::Apply);
+        assert!(matches!(p[1].action, Action::Held(_)), "{:?}", p[1]);
+        assert!(matches!(p[2].action, Action::Held(_)));
+        let p = plan(&d, &targets, &BTreeMap::new(), 2, true);
+        let applied = p.iter().filter(|x| x.action == Action::Apply).count();
+        assert_eq!(applied, 2);
+    }
+
+    #[test]
+    fn a_rollout_of_ours_in_progress_takes_the_slot() {
+        let d = full();
+        let ours: Vec<(&str, String)> = compliant_annotations(&d);
+        let ours: Vec<(&str, &str)> = ours.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let targets = vec![
+            workload(
+                "a",
+                &ours,
+                Rollout::InProgress("1 of 2 replicas updated".into()),
+            ),
+            workload("b", &[], Rollout::Complete),
+        ];
+        let p = plan(&d, &targets, &BTreeMap::new(), 1, true);
+        assert_eq!(p[0].action, Action::Compliant);
+        assert!(p[0].rolling);
+        assert!(matches!(p[1].action, Action::Held(_)), "{:?}", p[1]);
+        // Done rolling: the next one starts.
+        let targets = vec![
+            workload("a", &ours, Rollout::Complete),
+            workload("b", &[], Rollout::Complete),
+        ];
+        let p = plan(&d, &targets, &BTreeMap::new(), 1, true);
+        assert_eq!(p[1].action, Action::Apply);
+        // A rollout that is not ours does not count.
+        let targets = vec![
+            workload("a", &[], Rollout::InProgress("x".into())),
+            workload("b", &[], Rollout::Complete),
+        ];
+        let p = plan(&d, &targets, &BTreeMap::new(), 1, true);
+        assert_eq!(p[0].action, Action::Apply);
+        assert!(matches!(p[1].action, Action::Held(_)));
+    }
+
+    #[test]
+    fn a_stalled_rollout_stops_the_pacing() {
+        let d = full();
+        let ours: Vec<(&str, String)> = compliant_annotations(&d);
+        let ours: Vec<(&str, &str)> = ours.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let targets = vec![
+            workload(
+                "a",
+                &ours,
+                Rollout::Stalled("ProgressDeadlineExceeded".into()),
+            ),
+            workload("b", &[], Rollout::Complete),
+        ];
+        let p = plan(&d, &targets, &BTreeMap::new(), 5, true);
+        assert!(p[0].stalled.is_some());
+        assert!(matches!(&p[1].action, Action::Held(w) if w.contains("stalled")));
+    }
+
+    #[test]
+    fn audit_reports_quota_skips_and_equal_values_are_compliant() {
+        let d = full();
+        let targets = vec![
+            workload("a", &[], Rollout::Complete),
+            workload(
+                "b",
+                &[
+                    (PROXY_CPU, "0.1"),
+                    (PROXY_CPU_LIMIT, "1000m"),
+                    (PROXY_MEMORY, "128Mi"),
+                    (PROXY_MEMORY_LIMIT, "0.5Gi"),
+                ],
+                Rollout::Complete,
+            ),
+        ];
+        let p = plan(&d, &targets, &BTreeMap::new(), 1, false);
+        assert_eq!(p[0].action, Action::Reported);
+        assert_eq!(p[0].deviations.len(), 4);
+        assert_eq!(p[1].action, Action::Compliant, "{:?}", p[1].deviations);
+        let unfit = BTreeMap::from([("apps".to_string(), vec!["quota".to_string()])]);
+        let p = plan(&d, &targets, &unfit, 1, true);
+        assert!(matches!(p[0].action, Action::Skipped(_)));
+        assert_eq!(p[1].action, Action::Compliant);
+    }
+
+    #[test]
+    fn patch_holds_exactly_the_five_annotations() {
+        let d = full();
+        let p = patch(&workload("a", &[("keep", "me")], Rollout::Complete), &d);
+        let ann = p["spec"]["template"]["metadata"]["annotations"]
+            .as_object()
+            .unwrap();
+        assert_eq!(ann.len(), 5);
+        assert_eq!(ann[PROXY_MEMORY_LIMIT], "512Mi");
+        assert_eq!(ann[HASH_ANNOTATION], d.hash().as_str());
+        assert_eq!(p["kind"], "Deployment");
+        assert!(p["spec"].as_object().unwrap().len() == 1);
+    }
+
+    fn deployment(yaml: &str) -> Deployment {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn deployment_rollout_like_kubectl() {
+        let base =
+            "metadata: {name: a, generation: 3}\nspec: {replicas: 2, selector: {}, template: {}}\n";
+        assert!(matches!(
+            deployment_rollout(&deployment(&format!(
+                "{base}status: {{observedGeneration: 2, replicas: 2, updatedReplicas: 2, availableReplicas: 2}}"
+            ))),
+            Rollout::InProgress(_)
+        ));
+        assert!(matches!(
+            deployment_rollout(&deployment(&format!("{base}status: {{observedGeneration: 3, replicas: 3, updatedReplicas: 2, availableReplicas: 2}}"))),
+            Rollout::InProgress(w) if w.contains("old replica")
+        ));
+        assert!(matches!(
+            deployment_rollout(&deployment(&format!("{base}status: {{observedGeneration: 3, replicas: 2, updatedReplicas: 2, availableReplicas: 1}}"))),
+            Rollout::InProgress(w) if w.contains("available")
+        ));
+        assert_eq!(
+            deployment_rollout(&deployment(&format!(
+                "{base}status: {{observedGeneration: 3, replicas: 2, updatedReplicas: 2, availableReplicas: 2}}"
+            ))),
+            Rollout::Complete
+        );
+        assert!(matches!(
+            deployment_rollout(&deployment(&format!(
+                "{base}status: {{observedGeneration: 3, replicas: 2, updatedReplicas: 1, availableReplicas: 2, conditions: [{{type: Progressing, status: 'False', reason: ProgressDeadlineExceeded, message: slow}}]}}"
+            ))),
+            Rollout::Stalled(_)
+        ));
+    }
+
+    #[test]
+    fn statefulset_and_daemonset_rollouts() {
+        let s: StatefulSet = serde_yaml::from_str("metadata: {name: s, generation: 2}\nspec: {replicas: 2, selector: {}, serviceName: s, template: {}}\nstatus: {observedGeneration: 2, replicas: 2, readyReplicas: 2, updatedReplicas: 1, currentRevision: r1, updateRevision: r2}").unwrap();
+        assert!(matches!(statefulset_rollout(&s), Rollout::InProgress(_)));
+        let s: StatefulSet = serde_yaml::from_str("metadata: {name: s, generation: 2}\nspec: {replicas: 2, selector: {}, serviceName: s, template: {}}\nstatus: {observedGeneration: 2, replicas: 2, readyReplicas: 2, updatedReplicas: 2, currentRevision: r2, updateRevision: r2}").unwrap();
+        assert_eq!(statefulset_rollout(&s), Rollout::Complete);
+        let s: StatefulSet = serde_yaml::from_str("metadata: {name: s, generation: 5}\nspec: {replicas: 2, selector: {}, serviceName: s, template: {}, updateStrategy: {type: OnDelete}}").unwrap();
+        assert_eq!(
+            statefulset_rollout(&s),
+            Rollout::Complete,
+            "OnDelete never rolls"
+        );
+        let d: DaemonSet = serde_yaml::from_str("metadata: {name: d, generation: 2}\nspec: {selector: {}, template: {}}\nstatus: {observedGeneration: 2, desiredNumberScheduled: 3, currentNumberScheduled: 3, numberMisscheduled: 0, numberReady: 3, updatedNumberScheduled: 3, numberAvailable: 2}").unwrap();
+        assert!(matches!(daemonset_rollout(&d), Rollout::InProgress(w) if w.contains("available")));
+    }
+
+    #[test]
+    fn quota_and_limit_range_fit() {
+        let d = full();
+        let w = workload("a", &[], Rollout::Complete);
+        let quota: ResourceQuota = serde_yaml::from_str(
+            "metadata: {name: q}\nspec: {hard: {limits.memory: 1Gi, requests.cpu: '10'}}\nstatus: {used: {limits.memory: 256Mi}}",
+        )
+        .unwrap();
+        // 2 replicas x 512Mi + a 512Mi surge pod + 256Mi used > 1Gi.
+        let problems = namespace_fit(&d, &[&w], &[], std::slice::from_ref(&quota));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("limits.memory"), "{problems:?}");
+        // Already at 256Mi per pod: 2 x 256Mi + 512Mi surge + 256Mi used = 1280Mi > 1Gi still.
+        let w2 = workload("a", &[(PROXY_MEMORY_LIMIT, "256Mi")], Rollout::Complete);
+        assert_eq!(
+            namespace_fit(&d, &[&w2], &[], std::slice::from_ref(&quota)).len(),
+            1
+        );
+        let roomy: ResourceQuota = serde_yaml::from_str(
+            "metadata: {name: q}\nspec: {hard: {memory: 8Gi, limits.cpu: '8'}}",
+        )
+        .unwrap();
+        assert!(namespace_fit(&d, &[&w], &[], &[roomy]).is_empty());
+        assert!(
+            namespace_fit(&d, &[], &[], &[quota]).is_empty(),
+            "nothing to change, nothing to fit"
+        );
+        let lr: LimitRange = serde_yaml::from_str(
+            "metadata: {name: lr}\nspec: {limits: [{type: Container, max: {memory: 256Mi}, min: {cpu: 200m}}]}",
+        )
+        .unwrap();
+        let problems = namespace_fit(&d, &[&w], &[lr], &[]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    fn meta_with(fields: serde_json::Value) -> ObjectMeta {
+        ObjectMeta {
+            managed_fields: Some(vec![ManagedFieldsEntry {
+                manager: Some("meshwarden".into()),
+                operation: Some("Apply".into()),
+                fields_v1: Some(FieldsV1(fields)),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn fields_of_the_ha_rule_are_recognised() {
+        let ours = meta_with(
+            json!({"f:spec": {"f:template": {"f:metadata": {"f:annotations": {"f:sidecar.istio.io/proxyCPU": {}, "f:meshwarden.io/sidecar-resources": {}}}}}}),
+        );
+        assert!(!owned_by_other_rule(&ours));
+        let ha = meta_with(json!({"f:spec": {"f:replicas": {}}}));
+        assert!(owned_by_other_rule(&ha));
+        let ha_tpl = meta_with(json!({"f:spec": {"f:template": {"f:spec": {"f:affinity": {}}}}}));
+        assert!(owned_by_other_rule(&ha_tpl));
+        assert!(!owned_by_other_rule(&ObjectMeta::default()));
+    }
+
+    #[test]
+    fn pod_drift_counts_running_proxies_with_other_resources() {
+        let d = full();
+        let pod = |name: &str, owner: &str, cpu: &str| -> Pod {
+            serde_yaml::from_str(&format!(
+                "metadata: {{name: {name}, labels: {{pod-template-hash: abc}}, ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: {owner}-abc, uid: u}}]}}\nspec: {{containers: [{{name: app}}, {{name: istio-proxy, resources: {{requests: {{cpu: {cpu}, memory: 128Mi}}, limits: {{cpu: '1', memory: 512Mi}}}}}}]}}"
+            ))
+            .unwrap()
+        };
+        let ns = NamespaceObservation {
+            name: "apps".into(),
+            labels: map(&[("istio-injection", "enabled")]),
+            pods: vec![
+                pod("a-1", "a", "100m"),
+                pod("a-2", "a", "200m"),
+                pod("b-1", "b", "200m"),
+            ],
+            ..Default::default()
+        };
+        let excluded = BTreeSet::from([("apps".to_string(), Kind::Deployment, "b".to_string())]);
+        let drift = pod_drift(&d, &[ns], &excluded);
+        assert_eq!(drift.get("apps"), Some(&vec!["a-2".to_string()]));
+    }
+}
