@@ -1,0 +1,148 @@
+//! Drift-correction latency of the HA rule (issue: break a rule N times, time the fix).
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::CustomResourceExt;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use meshwarden::api::MeshPolicy;
+use meshwarden::context::Context;
+use meshwarden::controller::{self, State};
+
+use crate::common::{load, ms, percentile};
+
+pub async fn run(n: usize) {
+    let dir = testplane::scratch_dir("bench");
+    let plane = testplane::Plane::start(&dir, testplane::Lifetime::Attached)
+        .await
+        .expect("start kube-apiserver (run hack/build-k8s-bins.sh first)");
+    let admin = plane.client().await.expect("client");
+    let crd = serde_yaml::to_string(&MeshPolicy::crd()).expect("crd");
+    testplane::apply_yaml(&admin, &crd, &[]).await.expect("crd");
+    let ns = "bench-istio";
+    testplane::apply_yaml(
+        &admin,
+        &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"),
+        &[],
+    )
+    .await
+    .expect("namespace");
+    load(&admin, "istiod-fixed-replicas.yaml", ns).await;
+
+    // The operator, in-process, as its own user; fight detection off: this benchmark is a
+    // deliberate fight of 50 rounds.
+    let state = Arc::new(State::new(
+        Context::new(
+            plane.operator_client().await.expect("client"),
+            Some("bench".into()),
+        ),
+        None,
+    ));
+    state.ctx.set_fight_limit(Duration::from_secs(1), 0);
+    let st = state.clone();
+    tokio::spawn(async move { controller::run(st, std::future::pending()).await });
+    let policies: Api<MeshPolicy> = Api::all(admin.clone());
+    let policy: MeshPolicy = serde_yaml::from_str(&format!(
+        "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: bench}}\nspec: {{enforcement: Enforce, controlPlane: {{namespace: {ns}, replicas: {{min: 2}}}}}}\n"
+    ))
+    .expect("policy");
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .expect("create policy");
+
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), ns);
+    let replicas = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas);
+    let mut events = watcher(
+        deployments.clone(),
+        watcher::Config::default().fields("metadata.name=istiod"),
+    )
+    .applied_objects()
+    .boxed();
+    // Converged first.
+    while let Some(Ok(d)) = events.next().await {
+        if replicas(&d) == Some(2) {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Baseline: the round trip of one server-side apply PATCH, measured now.
+    let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), ns);
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(serde_json::json!({"metadata": {"name": "rtt"}})).expect("cm"),
+    )
+    .await
+    .expect("configmap");
+    let mut rtt = Vec::new();
+    for i in 0..n {
+        let t = Instant::now();
+        cms.patch(
+            "rtt",
+            &PatchParams::apply("bench").force(),
+            &Patch::Apply(serde_json::json!({
+                "apiVersion": "v1", "kind": "ConfigMap", "data": {"i": i.to_string()}
+            })),
+        )
+        .await
+        .expect("patch");
+        rtt.push(t.elapsed());
+    }
+
+    // Break the rule n times; time until the watch shows it corrected.
+    let mut lat = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        deployments
+            .patch(
+                "istiod",
+                &PatchParams::apply("someone").force(),
+                &Patch::Apply(serde_json::json!({
+                    "apiVersion": "apps/v1", "kind": "Deployment", "spec": {"replicas": 1}
+                })),
+            )
+            .await
+            .expect("break");
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), events.next()).await {
+                Ok(Some(Ok(d))) if replicas(&d) == Some(2) => break,
+                Ok(Some(_)) => continue,
+                _ => panic!("not corrected within 30s"),
+            }
+        }
+        lat.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rtt.sort();
+    lat.sort();
+    let (rtt_med, lat_med, lat_p95) = (
+        percentile(&rtt, 0.5),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.95),
+    );
+    println!(
+        "drift-correction latency over {n} breaks (replicas of istiod set to 1, restored to 2)"
+    );
+    println!(
+        "  baseline: one server-side apply PATCH round trip, median {:.2} ms",
+        ms(rtt_med)
+    );
+    println!(
+        "  correction: median {:.2} ms, p95 {:.2} ms",
+        ms(lat_med),
+        ms(lat_p95)
+    );
+    println!(
+        "  ratio to the PATCH round trip: median {:.2}x, p95 {:.2}x (target: median within 5x)",
+        ms(lat_med) / ms(rtt_med),
+        ms(lat_p95) / ms(rtt_med)
+    );
+    println!("  writes by the operator: {}", state.ctx.writes.get());
+    drop(plane);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
