@@ -45,14 +45,15 @@ target/debug/meshwarden run > target/demo-operator.log 2>&1 &
 OP=$!
 trap 'kill $OP 2>/dev/null || true' EXIT
 NAME=$(kubectl get -f "$POLICY" -o jsonpath='{.metadata.name}')
+# Converged: status written for the current generation and unchanged for a second.
+last=""
 for _ in $(seq 1 60); do
-  gen=$(kubectl get meshpolicy "$NAME" -o jsonpath='{.metadata.generation}')
-  seen=$(kubectl get meshpolicy "$NAME" -o jsonpath='{.status.observedGeneration}')
-  corrected=$(kubectl get meshpolicy "$NAME" -o jsonpath='{.status.corrected}')
-  [ "$gen" = "$seen" ] && [ "$corrected" = "0" ] && break
-  sleep 0.5
+  now=$(kubectl get meshpolicy "$NAME" -o jsonpath='{.metadata.generation}/{.status.observedGeneration}/{.metadata.resourceVersion}')
+  gen=${now%%/*}; rest=${now#*/}; seen=${rest%%/*}
+  if [ "$gen" = "$seen" ] && [ "$now" = "$last" ]; then break; fi
+  last=$now
+  sleep 1
 done
-sleep 1
 
 step "After: what meshwarden changed"
 kubectl -n istio-system get hpa istiod -o custom-columns=NAME:.metadata.name,MIN:.spec.minReplicas,MAX:.spec.maxReplicas

@@ -399,7 +399,7 @@ pub struct MeshPolicyStatus {
     /// Targets that meet the policy.
     #[serde(default)]
     pub compliant: i32,
-    /// Targets corrected by the last reconcile.
+    /// Corrections made since the spec last changed (metadata.generation).
     #[serde(default)]
     pub corrected: i32,
 }

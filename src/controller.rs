@@ -146,7 +146,13 @@ async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action>
         .collect();
     if failing.is_empty() {
         ctx.succeeded(&name);
-        info!(policy = %name, targets = new_status.targets, violations = new_status.violation_count, "reconciled");
+        info!(
+            policy = %name,
+            targets = new_status.targets,
+            violations = new_status.violation_count,
+            took_ms = started.elapsed().as_millis() as u64,
+            "reconciled"
+        );
         Ok(Action::requeue(RESYNC))
     } else {
         let n = ctx.failed(&name);

@@ -86,7 +86,13 @@ pub fn build(
         violations: all_violations.into_iter().take(MAX_VIOLATIONS).collect(),
         targets: reports.iter().map(|r| r.targets).sum(),
         compliant: reports.iter().map(|r| r.compliant).sum(),
-        corrected: reports.iter().map(|r| r.corrected).sum(),
+        // Corrections add up while the spec stays the same, so that a converged pass right
+        // after a correction changes nothing (and writes nothing).
+        corrected: reports.iter().map(|r| r.corrected).sum::<i32>()
+            + current
+                .filter(|s| s.observed_generation == generation)
+                .map(|s| s.corrected)
+                .unwrap_or(0),
     }
 }
 
@@ -200,6 +206,23 @@ mod tests {
         let c = s.conditions.iter().find(|c| c.type_ == "Conflict").unwrap();
         assert!(c.message.contains("MeshPolicy base wins"));
         assert_eq!(s.conditions[0].reason, "Conflict");
+    }
+
+    #[test]
+    fn corrections_add_up_within_a_generation() {
+        let mut r = report("ControlPlaneHA", Status::True, "Corrected", 0);
+        r.corrected = 2;
+        let a = build(None, Some(1), std::slice::from_ref(&r), &[], &t(1));
+        assert_eq!(a.corrected, 2);
+        r.corrected = 0;
+        let b = build(Some(&a), Some(1), std::slice::from_ref(&r), &[], &t(2));
+        assert_eq!(b.corrected, 2, "a converged pass keeps the count");
+        assert!(unchanged(Some(&a), &b));
+        r.corrected = 1;
+        let c = build(Some(&b), Some(1), std::slice::from_ref(&r), &[], &t(3));
+        assert_eq!(c.corrected, 3);
+        let d = build(Some(&c), Some(2), std::slice::from_ref(&r), &[], &t(4));
+        assert_eq!(d.corrected, 1, "a new generation starts from zero");
     }
 
     #[test]

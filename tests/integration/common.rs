@@ -156,6 +156,32 @@ impl Env {
         }
     }
 
+    /// Waits until the policy is Ready for its current generation and its status stopped
+    /// changing (no write for a second): the operator has converged.
+    pub async fn wait_settled(&self, name: &str, secs: u64) -> MeshPolicy {
+        let api: Api<MeshPolicy> = Api::all(self.client.clone());
+        let full = format!("{}-{name}", self.id);
+        let start = Instant::now();
+        let mut last: Option<String> = None;
+        loop {
+            let p = api.get(&full).await.expect("get policy");
+            let ready = condition(&p, "Ready").is_some_and(|c| c.status == "True")
+                && p.status.as_ref().and_then(|s| s.observed_generation) == p.metadata.generation;
+            let rv = p.metadata.resource_version.clone();
+            if ready && last.is_some() && last == rv {
+                return p;
+            }
+            last = if ready { rv } else { None };
+            if start.elapsed() > Duration::from_secs(secs) {
+                panic!(
+                    "policy {full} did not settle in {secs}s; status:\n{}",
+                    serde_yaml::to_string(&p.status).unwrap()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
+    }
+
     pub fn policy_name(&self, name: &str) -> String {
         format!("{}-{name}", self.id)
     }

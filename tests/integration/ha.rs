@@ -136,14 +136,13 @@ async fn default_istiod_with_hpa() {
         "owned by the policy"
     );
 
-    // Converged (nothing corrected by the last pass): another reconcile, triggered by touching
-    // the policy, writes nothing at all.
-    env.wait_policy("p", 15, |p| {
-        let s = p.status.as_ref()?;
-        (s.corrected == 0 && condition(p, "Ready")?.status == "True").then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Converged: another reconcile, triggered by touching the policy, writes nothing at all.
+    let settled = env.wait_settled("p", 20).await;
+    assert_eq!(
+        settled.status.as_ref().unwrap().corrected,
+        1,
+        "one target corrected once, kept after converging"
+    );
     let counted = op.writes();
     let before = common::operator_writes(Some(&ns), &[]).len();
     let status_before = common::operator_writes(None, &[&env.policy_name("p")]).len();

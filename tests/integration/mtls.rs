@@ -596,11 +596,10 @@ async fn converged_mesh_costs_no_write() {
     .await;
     env.wait_policy("p", 30, |p| {
         let s = p.status.as_ref()?;
-        (s.corrected == 0 && s.compliant == 4 && condition(p, "MutualTLS")?.status == "True")
-            .then_some(())
+        (s.compliant == 4 && condition(p, "MutualTLS")?.status == "True").then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    env.wait_settled("p", 20).await;
     let count = || -> usize {
         names
             .iter()
