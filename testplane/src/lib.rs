@@ -501,6 +501,16 @@ fn write_kubeconfig(path: &Path, server: &str, dir: &Path, user: &str) -> Result
 /// Server-side applies every document of a multi-document YAML stream, as field manager
 /// `testplane`. `skip` filters documents out by kind. Returns the number applied.
 pub async fn apply_yaml(client: &Client, yaml: &str, skip: &[&str]) -> Result<usize> {
+    apply_yaml_as(client, yaml, skip, "testplane").await
+}
+
+/// [`apply_yaml`] with another field manager (e.g. `helm`, to look like a Helm install).
+pub async fn apply_yaml_as(
+    client: &Client,
+    yaml: &str,
+    skip: &[&str],
+    manager: &str,
+) -> Result<usize> {
     use serde::Deserialize;
     let mut discovery = Discovery::new(client.clone()).run().await?;
     let mut applied = 0;
@@ -545,7 +555,7 @@ pub async fn apply_yaml(client: &Client, yaml: &str, skip: &[&str]) -> Result<us
         let name = obj.name_any();
         api.patch(
             &name,
-            &PatchParams::apply("testplane").force(),
+            &PatchParams::apply(manager).force(),
             &Patch::Apply(&obj),
         )
         .await?;

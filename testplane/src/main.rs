@@ -7,7 +7,7 @@ use testplane::{Lifetime, Plane};
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: testplane up [DIR] | down [DIR] | apply KUBECONFIG FILE... [--skip KIND,KIND]\n\
+        "usage: testplane up [DIR] | down [DIR] | apply KUBECONFIG FILE... [--skip KIND,KIND] [--manager NAME]\n\
          DIR defaults to $MESHWARDEN_DEV_DIR or /tmp/meshwarden-dev"
     );
     ExitCode::from(2)
@@ -62,6 +62,7 @@ async fn up(dir: PathBuf) -> Result<(), String> {
 
 async fn apply(args: &[String]) -> Result<(), String> {
     let mut skip: Vec<String> = Vec::new();
+    let mut manager = "testplane".to_string();
     let mut files = Vec::new();
     let mut it = args[1..].iter();
     while let Some(a) = it.next() {
@@ -71,6 +72,8 @@ async fn apply(args: &[String]) -> Result<(), String> {
                     .into_iter()
                     .flat_map(|s| s.split(',').map(String::from)),
             );
+        } else if a == "--manager" {
+            manager = it.next().cloned().ok_or("--manager needs a name")?;
         } else {
             files.push(a);
         }
@@ -81,7 +84,7 @@ async fn apply(args: &[String]) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     for f in files {
         let yaml = std::fs::read_to_string(f).map_err(|e| format!("{f}: {e}"))?;
-        let n = testplane::apply_yaml(&client, &yaml, &skip)
+        let n = testplane::apply_yaml_as(&client, &yaml, &skip, &manager)
             .await
             .map_err(|e| format!("{f}: {e}"))?;
         eprintln!("applied {n} objects from {f}");
