@@ -97,6 +97,7 @@ async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action>
     let ctx = &state.ctx;
     let name = policy.name_any();
     let started = std::time::Instant::now();
+    tracing::debug!(policy = %name, "reconcile starts");
     let all: Vec<Arc<MeshPolicy>> = state
         .store
         .read()
@@ -326,6 +327,25 @@ fn policies_with_sidecars(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy
         .collect()
 }
 
+/// Keeps a failing watch (say, on PeerAuthentications before Istio's CRDs exist) from holding
+/// up the others: kube-runtime backs off the whole merged trigger stream on any error, which
+/// would delay every reconcile. Errors are logged here and dropped; the stream itself retries
+/// with its own backoff.
+fn isolated<T: Send + 'static>(
+    what: &'static str,
+    stream: impl Stream<Item = Result<T, watcher::Error>> + Send + 'static,
+) -> impl Stream<Item = Result<T, watcher::Error>> + Send + 'static {
+    stream.filter_map(move |r| async move {
+        match r {
+            Ok(o) => Some(Ok(o)),
+            Err(e) => {
+                warn!(watch = what, error = %e, "watch failed; retrying with backoff");
+                None
+            }
+        }
+    })
+}
+
 fn meta_stream<K>(
     client: &kube::Client,
 ) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
@@ -339,7 +359,9 @@ where
         + 'static,
 {
     let api: Api<PartialObjectMeta<K>> = Api::all(client.clone());
-    watcher(api, watcher::Config::default()).touched_objects()
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .touched_objects()
 }
 
 /// Builds the controller and runs it until `shutdown` resolves.
@@ -353,17 +375,21 @@ pub async fn run(
     if let Some(sel) = &state.policy_selector {
         wc = wc.labels(sel);
     }
-    let controller = Controller::new(policies, wc);
-    let store = controller.store();
+    // The policy reflector is ours so that readiness can follow the end of its initial list
+    // (the store's own readiness future wakes only one waiter, which the controller needs).
+    let (store, writer) = reflector::store::<MeshPolicy>();
+    let metrics = state.ctx.metrics.clone();
+    let policy_stream = reflector::reflector(writer, watcher(policies, wc).default_backoff())
+        .inspect(move |ev| {
+            if let Ok(watcher::Event::InitDone) = ev {
+                metrics.set_ready(true);
+            }
+        })
+        .touched_objects();
+    let controller = Controller::for_stream(policy_stream, store.clone());
     if let Ok(mut s) = state.store.write() {
         *s = Some(store.clone());
     }
-    let (ready_store, metrics) = (store.clone(), state.ctx.metrics.clone());
-    let ready_task = tokio::spawn(async move {
-        if ready_store.wait_until_ready().await.is_ok() {
-            metrics.set_ready(true);
-        }
-    });
     let (s1, s2, s3) = (store.clone(), store.clone(), store.clone());
     let (s4, s5, s6) = (store.clone(), store.clone(), store.clone());
     let (s7, s8, s1_pods) = (store.clone(), store.clone(), store.clone());
@@ -371,20 +397,26 @@ pub async fn run(
     // also reach mtls sections (one watch serves both).
     let (ns_store, ns_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
     let ns_api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
-    let ns_stream = reflector::reflector(ns_writer, watcher(ns_api, watcher::Config::default()))
-        .touched_objects();
+    let ns_stream = reflector::reflector(
+        ns_writer,
+        watcher(ns_api, watcher::Config::default()).default_backoff(),
+    )
+    .touched_objects();
     let (n1, n2, n3) = (ns_store.clone(), ns_store.clone(), ns_store);
     controller
-        .watches_stream(meta_stream::<Deployment>(&client), move |d| {
-            policies_for_workload(&s1, &n1, &d.namespace().unwrap_or_default())
-        })
-        .watches_stream(meta_stream::<StatefulSet>(&client), move |s| {
-            policies_for_workload(&s4, &n2, &s.namespace().unwrap_or_default())
-        })
-        .watches_stream(meta_stream::<DaemonSet>(&client), move |d| {
-            policies_for_workload(&s5, &n3, &d.namespace().unwrap_or_default())
-        })
-        .watches_stream(ns_stream, move |_| {
+        .watches_stream(
+            isolated("Deployments", meta_stream::<Deployment>(&client)),
+            move |d| policies_for_workload(&s1, &n1, &d.namespace().unwrap_or_default()),
+        )
+        .watches_stream(
+            isolated("StatefulSets", meta_stream::<StatefulSet>(&client)),
+            move |s| policies_for_workload(&s4, &n2, &s.namespace().unwrap_or_default()),
+        )
+        .watches_stream(
+            isolated("DaemonSets", meta_stream::<DaemonSet>(&client)),
+            move |d| policies_for_workload(&s5, &n3, &d.namespace().unwrap_or_default()),
+        )
+        .watches_stream(isolated("Namespaces", ns_stream), move |_| {
             let mut refs = policies_with_sidecars(&s6);
             for r in policies_with_mtls(&s7) {
                 if !refs.contains(&r) {
@@ -393,18 +425,35 @@ pub async fn run(
             }
             refs
         })
-        .watches_stream(meta_stream::<HorizontalPodAutoscaler>(&client), move |h| {
-            policies_for_namespace(&s2, &h.namespace().unwrap_or_default())
-        })
-        .watches_stream(meta_stream::<PodDisruptionBudget>(&client), move |b| {
-            policies_for_namespace(&s3, &b.namespace().unwrap_or_default())
-        })
         .watches_stream(
-            mtls::changed_meta::<mtls::PeerAuthentication>(&client, mtls::peer_auth_fingerprint),
+            isolated(
+                "HorizontalPodAutoscalers",
+                meta_stream::<HorizontalPodAutoscaler>(&client),
+            ),
+            move |h| policies_for_namespace(&s2, &h.namespace().unwrap_or_default()),
+        )
+        .watches_stream(
+            isolated(
+                "PodDisruptionBudgets",
+                meta_stream::<PodDisruptionBudget>(&client),
+            ),
+            move |b| policies_for_namespace(&s3, &b.namespace().unwrap_or_default()),
+        )
+        .watches_stream(
+            isolated(
+                "PeerAuthentications",
+                mtls::changed_meta::<mtls::PeerAuthentication>(
+                    &client,
+                    mtls::peer_auth_fingerprint,
+                ),
+            ),
             move |_| policies_with_mtls(&s8),
         )
         .watches_stream(
-            mtls::changed_meta::<Pod>(&client, mtls::pod_fingerprint),
+            isolated(
+                "Pods",
+                mtls::changed_meta::<Pod>(&client, mtls::pod_fingerprint),
+            ),
             move |_| policies_with_mtls(&s1_pods),
         )
         .graceful_shutdown_on(shutdown)
@@ -415,7 +464,6 @@ pub async fn run(
             }
         })
         .await;
-    ready_task.abort();
 }
 
 /// An Observed for a section that this version does not enforce yet.

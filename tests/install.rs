@@ -288,6 +288,10 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
         "a standby is ready"
     );
     assert!(http_get(leader.port, "/livez").await.is_some());
+    assert!(
+        http_get(leader.port, "/readyz").await.is_some(),
+        "the leader is ready once its watches have synced"
+    );
     for r in [&leader, &standby] {
         let log = r.log_text();
         assert!(

@@ -663,7 +663,10 @@ pub async fn observe(ctx: &Context, group: &Group) -> Result<Vec<Observation>> {
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
-    let lp = ListParams::default().labels(&group.selector);
+    // Served from the API server's watch cache (resourceVersion 0): it already holds the change
+    // that triggered this reconcile, and a consistent read would first wait for the cache to
+    // catch up with etcd, which costs tens of milliseconds per list.
+    let lp = ListParams::default().match_any().labels(&group.selector);
     let (deps, hpas, pdbs) = tokio::try_join!(
         async {
             deployments
@@ -672,12 +675,12 @@ pub async fn observe(ctx: &Context, group: &Group) -> Result<Vec<Observation>> {
                 .map_err(|e| Error::kube(format!("list Deployments in {ns}"), e))
         },
         async {
-            hpas.list(&ListParams::default())
+            hpas.list(&ListParams::default().match_any())
                 .await
                 .map_err(|e| Error::kube(format!("list HorizontalPodAutoscalers in {ns}"), e))
         },
         async {
-            pdbs.list(&ListParams::default())
+            pdbs.list(&ListParams::default().match_any())
                 .await
                 .map_err(|e| Error::kube(format!("list PodDisruptionBudgets in {ns}"), e))
         },
@@ -780,7 +783,10 @@ pub async fn reconcile(
                 fights.push(dep_id.clone());
                 plan.findings.clone()
             } else {
-                match execute(ctx, group, &plan).await {
+                tracing::debug!(target = %dep_id, "correcting");
+                let result = execute(ctx, group, &plan).await;
+                tracing::debug!(target = %dep_id, "corrected");
+                match result {
                     Ok(()) => {
                         let fixed: Vec<&Finding> =
                             plan.findings.iter().filter(|f| f.fixable).collect();

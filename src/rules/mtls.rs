@@ -20,6 +20,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, ListParams};
 use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use kube::{CustomResource, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -1317,31 +1318,33 @@ where
 {
     let api: Api<PartialObjectMeta<K>> = Api::all(client.clone());
     let mut seen: HashMap<(String, String), u64> = HashMap::new();
-    watcher::watcher(api, watcher::Config::default()).filter_map(move |ev| {
-        let key = |m: &ObjectMeta| {
-            (
-                m.namespace.clone().unwrap_or_default(),
-                m.name.clone().unwrap_or_default(),
-            )
-        };
-        let out = match ev {
-            Err(e) => Some(Err(e)),
-            Ok(watcher::Event::Delete(o)) => {
-                seen.remove(&key(&o.metadata));
-                Some(Ok(o))
-            }
-            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                let fp = fingerprint(&o.metadata);
-                if seen.insert(key(&o.metadata), fp) == Some(fp) {
-                    None
-                } else {
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |ev| {
+            let key = |m: &ObjectMeta| {
+                (
+                    m.namespace.clone().unwrap_or_default(),
+                    m.name.clone().unwrap_or_default(),
+                )
+            };
+            let out = match ev {
+                Err(e) => Some(Err(e)),
+                Ok(watcher::Event::Delete(o)) => {
+                    seen.remove(&key(&o.metadata));
                     Some(Ok(o))
                 }
-            }
-            Ok(_) => None,
-        };
-        futures::future::ready(out)
-    })
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                    let fp = fingerprint(&o.metadata);
+                    if seen.insert(key(&o.metadata), fp) == Some(fp) {
+                        None
+                    } else {
+                        Some(Ok(o))
+                    }
+                }
+                Ok(_) => None,
+            };
+            futures::future::ready(out)
+        })
 }
 
 /// What matters about a pod: labels, sidecar, being deleted.
