@@ -2,6 +2,7 @@
 //! baseline measured in the same run. See docs/benchmarks.md.
 mod common;
 mod drift;
+mod mtls;
 
 #[tokio::main]
 async fn main() {
@@ -15,8 +16,9 @@ async fn main() {
     let n = |i: usize, default: usize| args.get(i).and_then(|n| n.parse().ok()).unwrap_or(default);
     match args.first().map(String::as_str) {
         Some("drift") => drift::run(n(1, 50)).await,
+        Some("mtls") => mtls::run(n(1, 1000)).await,
         _ => {
-            eprintln!("usage: meshwarden-bench drift [N]");
+            eprintln!("usage: meshwarden-bench drift [N] | mtls [N]");
             std::process::exit(2);
         }
     }
