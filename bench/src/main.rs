@@ -2,6 +2,7 @@
 //! baseline measured in the same run. See docs/benchmarks.md.
 mod common;
 mod drift;
+mod sidecars;
 
 #[tokio::main]
 async fn main() {
@@ -9,8 +10,11 @@ async fn main() {
     let n = |i: usize, default: usize| args.get(i).and_then(|n| n.parse().ok()).unwrap_or(default);
     match args.first().map(String::as_str) {
         Some("drift") => drift::run(n(1, 50)).await,
+        Some("sidecars") => sidecars::run(n(1, 200), n(2, 5000), n(3, 10000)).await,
         _ => {
-            eprintln!("usage: meshwarden-bench drift [N]");
+            eprintln!(
+                "usage: meshwarden-bench drift [N] | sidecars [NAMESPACES DEPLOYMENTS PODS] (defaults 200 5000 10000)"
+            );
             std::process::exit(2);
         }
     }
