@@ -3,7 +3,10 @@ use std::time::Duration;
 
 use kube::Client;
 
-pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/istio-1.30.3");
+pub const FIXTURES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../shared/fixtures/istio-1.30.3"
+);
 
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -38,4 +41,3 @@ pub async fn load(client: &Client, file: &str, namespace: &str) {
         .await
         .expect("load fixture");
 }
-

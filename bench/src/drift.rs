@@ -145,4 +145,3 @@ pub async fn run(n: usize) {
     drop(plane);
     let _ = std::fs::remove_dir_all(dir);
 }
-
