@@ -1,6 +1,6 @@
 //! State shared by every reconcile.
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use kube::Client;
@@ -19,6 +19,8 @@ pub struct Context {
     fights: Mutex<FightTracker>,
     failures: Mutex<HashMap<String, u32>>,
     takeovers: Mutex<HashMap<String, Vec<String>>>,
+    /// Watched objects of the sidecars section, while the controller runs.
+    sidecar_cache: RwLock<Option<crate::rules::sidecars::Cache>>,
 }
 
 impl Context {
@@ -39,6 +41,19 @@ impl Context {
             fights: Mutex::new(FightTracker::default()),
             failures: Mutex::new(HashMap::new()),
             takeovers: Mutex::new(HashMap::new()),
+            sidecar_cache: RwLock::new(None),
+        }
+    }
+
+    /// The sidecars section's cache, if the controller keeps one.
+    pub fn sidecar_cache(&self) -> Option<crate::rules::sidecars::Cache> {
+        self.sidecar_cache.read().ok().and_then(|c| c.clone())
+    }
+
+    /// Sets (or with `None` drops) the sidecars section's cache.
+    pub fn set_sidecar_cache(&self, cache: Option<crate::rules::sidecars::Cache>) {
+        if let Ok(mut c) = self.sidecar_cache.write() {
+            *c = cache;
         }
     }
 

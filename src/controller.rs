@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{LimitRange, Namespace, Pod, ResourceQuota};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
@@ -395,36 +395,98 @@ pub async fn run(
     let (s7, s8, s1_pods) = (store.clone(), store.clone(), store.clone());
     // Namespace labels, for routing workload events to sidecars sections; namespace changes
     // also reach mtls sections (one watch serves both).
-    let (ns_store, ns_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
-    let ns_api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
-    let ns_stream = reflector::reflector(
-        ns_writer,
-        watcher(ns_api, watcher::Config::default()).default_backoff(),
-    )
-    .touched_objects();
+    let (ns_store, ns_stream) = cached::<PartialObjectMeta<Namespace>>(
+        &client,
+        watcher::Config::default(),
+        sidecars::strip_namespace,
+    );
+    // The sidecars section reads workloads, LimitRanges, ResourceQuotas and running pods from
+    // these stores (stripped to what it uses) instead of listing them on every reconcile.
+    // Pages of 100 on the large lists: a page is held whole before it is stripped.
+    let (deployments, deployment_events) = cached::<Deployment>(
+        &client,
+        watcher::Config::default().page_size(100),
+        sidecars::strip_deployment,
+    );
+    let (statefulsets, statefulset_events) = cached::<StatefulSet>(
+        &client,
+        watcher::Config::default(),
+        sidecars::strip_statefulset,
+    );
+    let (daemonsets, daemonset_events) = cached::<DaemonSet>(
+        &client,
+        watcher::Config::default(),
+        sidecars::strip_daemonset,
+    );
+    let (limit_ranges, limit_range_events) =
+        cached::<LimitRange>(&client, watcher::Config::default(), |_| {});
+    let (quotas, quota_events) =
+        cached::<ResourceQuota>(&client, watcher::Config::default(), |_| {});
+    let (pods, pod_events) = cached::<Pod>(
+        &client,
+        watcher::Config::default()
+            .fields("status.phase=Running")
+            .page_size(100),
+        sidecars::strip_pod,
+    );
+    state.ctx.set_sidecar_cache(Some(sidecars::Cache::new(
+        ns_store.clone(),
+        deployments,
+        statefulsets,
+        daemonsets,
+        limit_ranges,
+        quotas,
+        pods,
+    )));
+    // The stores' watches run in a task of their own: the controller stops polling its
+    // trigger streams while the policy they point at is being reconciled, and a reconcile
+    // reads these stores, so they must not wait for it. Their events reach the controller as
+    // a coalesced set of policies to reconcile.
+    let triggers = Triggers::default();
+    let t = triggers.clone();
     let (n1, n2, n3) = (ns_store.clone(), ns_store.clone(), ns_store);
-    controller
-        .watches_stream(
-            isolated("Deployments", meta_stream::<Deployment>(&client)),
-            move |d| policies_for_workload(&s1, &n1, &d.namespace().unwrap_or_default()),
-        )
-        .watches_stream(
-            isolated("StatefulSets", meta_stream::<StatefulSet>(&client)),
-            move |s| policies_for_workload(&s4, &n2, &s.namespace().unwrap_or_default()),
-        )
-        .watches_stream(
-            isolated("DaemonSets", meta_stream::<DaemonSet>(&client)),
-            move |d| policies_for_workload(&s5, &n3, &d.namespace().unwrap_or_default()),
-        )
-        .watches_stream(isolated("Namespaces", ns_stream), move |_| {
-            let mut refs = policies_with_sidecars(&s6);
-            for r in policies_with_mtls(&s7) {
-                if !refs.contains(&r) {
-                    refs.push(r);
+    let cache_task = tokio::spawn(async move {
+        let (t1, t2, t3, t4) = (t.clone(), t.clone(), t.clone(), t);
+        let namespace_of = |r: &Result<_, watcher::Error>| -> Option<String> {
+            r.as_ref()
+                .ok()
+                .and_then(|o: &kube::core::ObjectMeta| o.namespace.clone())
+        };
+        futures::join!(
+            deployment_events.for_each(|r| {
+                if let Some(ns) = namespace_of(&r.map(|o| o.metadata)) {
+                    t1.add(policies_for_workload(&s1, &n1, &ns));
                 }
-            }
-            refs
-        })
+                async {}
+            }),
+            statefulset_events.for_each(|r| {
+                if let Some(ns) = namespace_of(&r.map(|o| o.metadata)) {
+                    t2.add(policies_for_workload(&s4, &n2, &ns));
+                }
+                async {}
+            }),
+            daemonset_events.for_each(|r| {
+                if let Some(ns) = namespace_of(&r.map(|o| o.metadata)) {
+                    t3.add(policies_for_workload(&s5, &n3, &ns));
+                }
+                async {}
+            }),
+            // Namespace changes reach sidecars and mtls sections.
+            ns_stream.for_each(|r| {
+                if r.is_ok() {
+                    t4.add(policies_with_sidecars(&s6));
+                    t4.add(policies_with_mtls(&s7));
+                }
+                async {}
+            }),
+            // Not triggers (as before): they only keep their stores current.
+            limit_range_events.for_each(|_| async {}),
+            quota_events.for_each(|_| async {}),
+            pod_events.for_each(|_| async {}),
+        );
+    });
+    controller
+        .reconcile_on(triggers.stream())
         .watches_stream(
             isolated(
                 "HorizontalPodAutoscalers",
@@ -457,13 +519,80 @@ pub async fn run(
             move |_| policies_with_mtls(&s1_pods),
         )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, state)
+        .run(reconcile, error_policy, state.clone())
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "controller event");
             }
         })
         .await;
+    cache_task.abort();
+    state.ctx.set_sidecar_cache(None);
+}
+
+/// Policies to reconcile, coalesced: however many events name a policy while it waits, it is
+/// queued once.
+#[derive(Clone, Default)]
+struct Triggers {
+    pending: Arc<std::sync::Mutex<std::collections::HashSet<ObjectRef<MeshPolicy>>>>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Triggers {
+    fn add(&self, refs: Vec<ObjectRef<MeshPolicy>>) {
+        if refs.is_empty() {
+            return;
+        }
+        if let Ok(mut p) = self.pending.lock() {
+            p.extend(refs);
+        }
+        self.notify.notify_one();
+    }
+
+    fn stream(&self) -> impl Stream<Item = ObjectRef<MeshPolicy>> + Send + 'static {
+        let this = self.clone();
+        futures::stream::unfold(this, |this| async move {
+            loop {
+                let taken = this
+                    .pending
+                    .lock()
+                    .map(|mut p| std::mem::take(&mut *p))
+                    .unwrap_or_default();
+                if !taken.is_empty() {
+                    return Some((futures::stream::iter(taken), this));
+                }
+                this.notify.notified().await;
+            }
+        })
+        .flatten()
+    }
+}
+
+/// A store of `K` kept by a watch whose objects pass through `strip` first, and the stream of
+/// touched objects that drives it (it must be polled).
+#[allow(clippy::type_complexity)]
+fn cached<K>(
+    client: &kube::Client,
+    config: watcher::Config,
+    strip: fn(&mut K),
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let api: Api<K> = Api::all(client.clone());
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff().modify(strip))
+        .touched_objects();
+    (store, stream)
 }
 
 /// An Observed for a section that this version does not enforce yet.

@@ -3,6 +3,7 @@
 mod common;
 mod drift;
 mod mtls;
+mod sidecars;
 
 #[tokio::main]
 async fn main() {
@@ -17,8 +18,11 @@ async fn main() {
     match args.first().map(String::as_str) {
         Some("drift") => drift::run(n(1, 50)).await,
         Some("mtls") => mtls::run(n(1, 1000)).await,
+        Some("sidecars") => sidecars::run(n(1, 200), n(2, 5000), n(3, 10000)).await,
         _ => {
-            eprintln!("usage: meshwarden-bench drift [N] | mtls [N]");
+            eprintln!(
+                "usage: meshwarden-bench drift [N] | mtls [N] | sidecars [NAMESPACES DEPLOYMENTS PODS] (defaults 200 5000 10000)"
+            );
             std::process::exit(2);
         }
     }

@@ -14,17 +14,22 @@
 //!
 //! observe (reads) -> [`classify`] and [`plan`] (pure) -> apply (Enforce) -> report.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
     Container, LimitRange, Namespace, Pod, PodTemplateSpec, ResourceQuota,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::Store;
 use serde_json::{Value, json};
 
 use crate::api::{Enforcement, MeshPolicy, ResourcesSpec, SidecarSpec, Violation};
@@ -61,6 +66,8 @@ const STALL_BASE_SECS: i64 = 600;
 const STALL_PER_POD_SECS: i64 = 60;
 /// Pods named per namespace in the condition.
 const DRIFT_NAMES: usize = 3;
+/// Server-side applies of one reconcile in flight at once.
+pub const WRITE_CONCURRENCY: usize = 16;
 
 /// The workload kinds whose pod templates are held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -967,6 +974,341 @@ pub struct SidecarStats {
     pub pod_drift: BTreeMap<String, Vec<String>>,
 }
 
+/// Keeps only what the rule reads of a workload's metadata: name, namespace, generation, the
+/// opt-out annotation, and managedFields reduced to meshwarden's entries and, for other
+/// managers, to their ownership of the four proxy annotations.
+pub fn strip_workload_meta(meta: &mut ObjectMeta) {
+    meta.labels = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.annotations = meta
+        .annotations
+        .take()
+        .map(|a| {
+            a.into_iter()
+                .filter(|(k, _)| k == IGNORE_ANNOTATION)
+                .collect()
+        })
+        .filter(|a: &BTreeMap<String, String>| !a.is_empty());
+    let path = ["f:spec", "f:template", "f:metadata", "f:annotations"];
+    let keys: Vec<String> = [PROXY_CPU, PROXY_CPU_LIMIT, PROXY_MEMORY, PROXY_MEMORY_LIMIT]
+        .iter()
+        .map(|k| format!("f:{k}"))
+        .collect();
+    meta.managed_fields = meta.managed_fields.take().map(|entries| {
+        entries
+            .into_iter()
+            .filter_map(|mut m| {
+                if m.manager.as_deref() == Some(FIELD_MANAGER) {
+                    return Some(m);
+                }
+                let mut node = m.fields_v1.as_ref().map(|f| &f.0);
+                for p in path {
+                    node = node.and_then(|n| n.get(p));
+                }
+                let owned: serde_json::Map<String, Value> = keys
+                    .iter()
+                    .filter(|k| node.is_some_and(|n| n.get(k.as_str()).is_some()))
+                    .map(|k| (k.clone(), json!({})))
+                    .collect();
+                if owned.is_empty() {
+                    return None;
+                }
+                let mut tree = Value::Object(owned);
+                for p in path.iter().rev() {
+                    tree = json!({ *p: tree });
+                }
+                m.fields_v1 = Some(FieldsV1(tree));
+                m.time = None;
+                Some(m)
+            })
+            .collect()
+    });
+}
+
+/// Keeps only what the rule reads of a pod template: labels, annotations, and the name and
+/// resources of each container.
+fn strip_template(t: &mut PodTemplateSpec) {
+    if let Some(m) = t.metadata.as_mut() {
+        *m = ObjectMeta {
+            labels: m.labels.take(),
+            annotations: m.annotations.take(),
+            ..Default::default()
+        };
+    }
+    if let Some(spec) = t.spec.as_mut() {
+        let containers = std::mem::take(&mut spec.containers)
+            .into_iter()
+            .map(|c| Container {
+                name: c.name,
+                resources: c.resources,
+                ..Default::default()
+            })
+            .collect();
+        *spec = k8s_openapi::api::core::v1::PodSpec {
+            containers,
+            ..Default::default()
+        };
+    }
+}
+
+/// A Deployment as the rule keeps it in its cache.
+pub fn strip_deployment(d: &mut Deployment) {
+    strip_workload_meta(&mut d.metadata);
+    if let Some(spec) = d.spec.as_mut() {
+        spec.selector = Default::default();
+        spec.strategy = None;
+        strip_template(&mut spec.template);
+    }
+}
+
+/// A StatefulSet as the rule keeps it in its cache.
+pub fn strip_statefulset(s: &mut StatefulSet) {
+    strip_workload_meta(&mut s.metadata);
+    if let Some(spec) = s.spec.as_mut() {
+        spec.selector = Default::default();
+        spec.volume_claim_templates = None;
+        strip_template(&mut spec.template);
+    }
+}
+
+/// A DaemonSet as the rule keeps it in its cache.
+pub fn strip_daemonset(d: &mut DaemonSet) {
+    strip_workload_meta(&mut d.metadata);
+    if let Some(spec) = d.spec.as_mut() {
+        spec.selector = Default::default();
+        strip_template(&mut spec.template);
+    }
+}
+
+/// A running pod as the rule keeps it in its cache: name, the labels and annotations that
+/// decide injection, its owner, and the `istio-proxy` container's resources.
+pub fn strip_pod(p: &mut Pod) {
+    let keep_labels = [INJECT, "istio.io/rev", "pod-template-hash"];
+    let keep_annotations = [INJECT, INJECT_TEMPLATES];
+    let filter = |m: Option<BTreeMap<String, String>>, keep: &[&str]| {
+        m.map(|m| {
+            m.into_iter()
+                .filter(|(k, _)| keep.contains(&k.as_str()))
+                .collect::<BTreeMap<_, _>>()
+        })
+    };
+    let meta = std::mem::take(&mut p.metadata);
+    p.metadata = ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        labels: filter(meta.labels, &keep_labels),
+        annotations: filter(meta.annotations, &keep_annotations),
+        owner_references: meta.owner_references,
+        ..Default::default()
+    };
+    p.status = None;
+    if let Some(spec) = p.spec.as_mut() {
+        let proxy = |cs: Vec<Container>| -> Vec<Container> {
+            cs.into_iter()
+                .filter(|c| c.name == PROXY_CONTAINER)
+                .map(|c| Container {
+                    name: c.name,
+                    resources: c.resources,
+                    ..Default::default()
+                })
+                .collect()
+        };
+        let containers = proxy(std::mem::take(&mut spec.containers));
+        let init = spec.init_containers.take().map(proxy);
+        *spec = k8s_openapi::api::core::v1::PodSpec {
+            containers,
+            init_containers: init.filter(|i| !i.is_empty()),
+            ..Default::default()
+        };
+    }
+}
+
+/// A namespace's metadata as kept in the controller's store: name and labels.
+pub fn strip_namespace(n: &mut PartialObjectMeta<Namespace>) {
+    n.metadata.managed_fields = None;
+    n.metadata.annotations = None;
+}
+
+/// What the section reads, kept current by the controller's watches so that a reconcile makes
+/// no LIST (objects stripped as above). Without it (or before it is filled) the rule lists.
+#[derive(Clone)]
+pub struct Cache {
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    pub deployments: Store<Deployment>,
+    pub statefulsets: Store<StatefulSet>,
+    pub daemonsets: Store<DaemonSet>,
+    pub limit_ranges: Store<LimitRange>,
+    pub quotas: Store<ResourceQuota>,
+    /// Running pods (field selector `status.phase=Running`).
+    pub pods: Store<Pod>,
+    /// Workloads written by this process that the watch may not have delivered yet: the
+    /// generation the write produced and when. A cached object of an older generation is read
+    /// as carrying the written annotations, so a reconcile that runs before the watch catches
+    /// up neither writes it again nor hands its rollout slot to another workload.
+    written: Arc<Mutex<Written>>,
+}
+
+/// Written workloads: (kind, namespace, name) -> (generation the write produced, when).
+type Written = HashMap<(Kind, String, String), (i64, Instant)>;
+
+/// How long a written generation is remembered at most (the watch delivers within seconds).
+const WRITTEN_TTL: Duration = Duration::from_secs(300);
+
+impl Cache {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        namespaces: Store<PartialObjectMeta<Namespace>>,
+        deployments: Store<Deployment>,
+        statefulsets: Store<StatefulSet>,
+        daemonsets: Store<DaemonSet>,
+        limit_ranges: Store<LimitRange>,
+        quotas: Store<ResourceQuota>,
+        pods: Store<Pod>,
+    ) -> Self {
+        Cache {
+            namespaces,
+            deployments,
+            statefulsets,
+            daemonsets,
+            limit_ranges,
+            quotas,
+            pods,
+            written: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Waits (up to `limit`) until every store holds its initial list.
+    pub async fn ready(&self, limit: Duration) -> bool {
+        let all = async {
+            self.namespaces.wait_until_ready().await.is_ok()
+                && self.deployments.wait_until_ready().await.is_ok()
+                && self.statefulsets.wait_until_ready().await.is_ok()
+                && self.daemonsets.wait_until_ready().await.is_ok()
+                && self.limit_ranges.wait_until_ready().await.is_ok()
+                && self.quotas.wait_until_ready().await.is_ok()
+                && self.pods.wait_until_ready().await.is_ok()
+        };
+        tokio::time::timeout(limit, all).await.unwrap_or(false)
+    }
+
+    fn record_written(&self, w: &Workload, generation: Option<i64>) {
+        if let (Some(g), Ok(mut m)) = (generation, self.written.lock()) {
+            m.insert(
+                (w.kind, w.namespace.clone(), w.name.clone()),
+                (g, Instant::now()),
+            );
+        }
+    }
+}
+
+/// The written generation of a workload whose cached copy is older, if any (and forgets
+/// entries the cache has caught up with or that are too old).
+fn pending_write(
+    written: &mut Written,
+    key: (Kind, String, String),
+    cached_generation: Option<i64>,
+) -> Option<i64> {
+    let (g, at) = *written.get(&key)?;
+    if cached_generation.unwrap_or(0) >= g || at.elapsed() > WRITTEN_TTL {
+        written.remove(&key);
+        return None;
+    }
+    Some(g)
+}
+
+/// Reads the cached copy of a written workload as the write left it: the five annotations on
+/// its template and the written generation (its rollout then shows as not observed yet).
+fn overlay(meta: &mut ObjectMeta, template: Option<&mut PodTemplateSpec>, g: i64, d: &Desired) {
+    meta.generation = Some(g);
+    if let Some(t) = template {
+        let ann = t
+            .metadata
+            .get_or_insert_with(Default::default)
+            .annotations
+            .get_or_insert_with(Default::default);
+        for (k, v) in d.annotations() {
+            ann.insert(k.to_string(), v.to_string());
+        }
+        ann.insert(HASH_ANNOTATION.to_string(), d.hash());
+    }
+}
+
+/// [`observe`] from the controller's cache: no request to the API server.
+fn observe_cached(
+    cache: &Cache,
+    spec: &SidecarSpec,
+    desired: &Desired,
+) -> (Vec<NamespaceObservation>, Vec<String>) {
+    let mut out: BTreeMap<String, NamespaceObservation> = BTreeMap::new();
+    let mut ambient = Vec::new();
+    for ns in cache.namespaces.state() {
+        let labels = ns.metadata.labels.clone().unwrap_or_default();
+        let name = ns.name_any();
+        if is_ambient(&labels) {
+            let selected = match &spec.namespace_selector {
+                Some(sel) => selector::matches(sel, &labels),
+                None => namespace_injection_on(&labels),
+            };
+            if selected {
+                ambient.push(name);
+            }
+            continue;
+        }
+        if selects_namespace(spec, &labels) {
+            out.insert(
+                name.clone(),
+                NamespaceObservation {
+                    name,
+                    labels,
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    ambient.sort();
+    let mut written = match cache.written.lock() {
+        Ok(w) => w,
+        Err(p) => p.into_inner(),
+    };
+    macro_rules! fill {
+        ($store:expr, $field:ident, $kind:expr) => {
+            for o in $store.state() {
+                let Some(ns) = out.get_mut(o.metadata.namespace.as_deref().unwrap_or_default())
+                else {
+                    continue;
+                };
+                let mut o = (*o).clone();
+                let key = ($kind, ns.name.clone(), o.name_any());
+                if let Some(g) = pending_write(&mut written, key, o.metadata.generation) {
+                    let tpl = o.spec.as_mut().map(|s| &mut s.template);
+                    overlay(&mut o.metadata, tpl, g, desired);
+                }
+                ns.$field.push(o);
+            }
+        };
+    }
+    fill!(cache.deployments, deployments, Kind::Deployment);
+    fill!(cache.statefulsets, statefulsets, Kind::StatefulSet);
+    fill!(cache.daemonsets, daemonsets, Kind::DaemonSet);
+    drop(written);
+    macro_rules! fill_plain {
+        ($store:expr, $field:ident) => {
+            for o in $store.state() {
+                if let Some(ns) = out.get_mut(o.metadata.namespace.as_deref().unwrap_or_default()) {
+                    ns.$field.push((*o).clone());
+                }
+            }
+        };
+    }
+    fill_plain!(cache.limit_ranges, limit_ranges);
+    fill_plain!(cache.quotas, quotas);
+    fill_plain!(cache.pods, pods);
+    (out.into_values().collect(), ambient)
+}
+
 /// Reads every namespace the section covers and what is needed in it.
 pub async fn observe(
     ctx: &Context,
@@ -1040,45 +1382,39 @@ pub async fn observe(
         out.push(NamespaceObservation {
             name,
             labels,
-            deployments: deployments.items,
-            statefulsets: statefulsets.items,
-            daemonsets: daemonsets.items,
+            deployments: stripped(deployments.items, strip_deployment),
+            statefulsets: stripped(statefulsets.items, strip_statefulset),
+            daemonsets: stripped(daemonsets.items, strip_daemonset),
             limit_ranges: limit_ranges.items,
             quotas: quotas.items,
-            pods: pods.items,
+            pods: stripped(pods.items, strip_pod),
         });
     }
     Ok((out, ambient))
 }
 
-async fn write(ctx: &Context, w: &Workload, patch: &Value) -> Result<()> {
+fn stripped<K>(mut items: Vec<K>, f: fn(&mut K)) -> Vec<K> {
+    items.iter_mut().for_each(f);
+    items
+}
+
+/// Applies the patch; returns the generation the write produced.
+async fn write(ctx: &Context, w: &Workload, patch: &Value) -> Result<Option<i64>> {
     let c = ctx.client.clone();
     let ns = &w.namespace;
+    let w_ = &ctx.writes;
     match w.kind {
-        Kind::Deployment => apply::apply(
-            &Api::<Deployment>::namespaced(c, ns),
-            &w.name,
-            patch,
-            &ctx.writes,
-        )
-        .await
-        .map(|_| ()),
-        Kind::StatefulSet => apply::apply(
-            &Api::<StatefulSet>::namespaced(c, ns),
-            &w.name,
-            patch,
-            &ctx.writes,
-        )
-        .await
-        .map(|_| ()),
-        Kind::DaemonSet => apply::apply(
-            &Api::<DaemonSet>::namespaced(c, ns),
-            &w.name,
-            patch,
-            &ctx.writes,
-        )
-        .await
-        .map(|_| ()),
+        Kind::Deployment => apply::apply(&Api::<Deployment>::namespaced(c, ns), &w.name, patch, w_)
+            .await
+            .map(|o| o.metadata.generation),
+        Kind::StatefulSet => {
+            apply::apply(&Api::<StatefulSet>::namespaced(c, ns), &w.name, patch, w_)
+                .await
+                .map(|o| o.metadata.generation)
+        }
+        Kind::DaemonSet => apply::apply(&Api::<DaemonSet>::namespaced(c, ns), &w.name, patch, w_)
+            .await
+            .map(|o| o.metadata.generation),
     }
 }
 
@@ -1125,24 +1461,40 @@ pub async fn reconcile_with_stats(
             return (report, stats);
         }
     };
-    let (namespaces, ambient) = match observe(ctx, spec).await {
-        Ok(o) => o,
-        Err(e) => return (RuleReport::failed(ctype, &e), stats),
+    let cache = ctx.sidecar_cache();
+    let cached = match &cache {
+        Some(c) if c.ready(Duration::from_secs(30)).await => {
+            Some(observe_cached(c, spec, &desired))
+        }
+        _ => None,
+    };
+    let (namespaces, ambient) = match cached {
+        Some(o) => o,
+        None => match observe(ctx, spec).await {
+            Ok(o) => o,
+            Err(e) => return (RuleReport::failed(ctype, &e), stats),
+        },
     };
     let classified = classify(&namespaces, jiff::Timestamp::now());
     let enforce = enforcement == Enforcement::Enforce;
     let targets = &classified.targets;
 
     let mut unfit: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for ns in &namespaces {
-        let changes: Vec<&Workload> = targets
-            .iter()
-            .filter(|w| w.namespace == ns.name && !deviations(&desired, &w.annotations).is_empty())
-            .collect();
-        if changes.is_empty() {
-            continue;
+    // Targets to change, by namespace (one pass: deviations format strings).
+    let mut changes_by_ns: HashMap<&str, Vec<&Workload>> = HashMap::new();
+    for w in targets {
+        if !deviations(&desired, &w.annotations).is_empty() {
+            changes_by_ns
+                .entry(w.namespace.as_str())
+                .or_default()
+                .push(w);
         }
-        let problems = namespace_fit(&desired, &changes, &ns.limit_ranges, &ns.quotas);
+    }
+    for ns in &namespaces {
+        let Some(changes) = changes_by_ns.get(ns.name.as_str()) else {
+            continue;
+        };
+        let problems = namespace_fit(&desired, changes, &ns.limit_ranges, &ns.quotas);
         if !problems.is_empty() {
             unfit.insert(ns.name.clone(), problems);
         }
@@ -1161,6 +1513,7 @@ pub async fn reconcile_with_stats(
     let mut held: Vec<String> = Vec::new();
     let mut stalled: Vec<String> = Vec::new();
     let mut rolling: Vec<String> = Vec::new();
+    let mut to_write: Vec<(&Workload, &Decision, String, String)> = Vec::new();
     report.targets = i32::try_from(targets.len()).unwrap_or(i32::MAX);
     for (w, d) in targets.iter().zip(&decisions) {
         let id = w.id();
@@ -1196,8 +1549,7 @@ pub async fn reconcile_with_stats(
                 .push(violation("Skipped", format!("{devs}; not written: {why}"))),
             Action::Apply => {
                 let key = format!("{}:sidecars:{id}", policy.name_any());
-                let now = Instant::now();
-                if ctx.fight_check(&key, now) {
+                if ctx.fight_check(&key, Instant::now()) {
                     fights.push(id.clone());
                     report.violations.push(violation(
                         "Skipped",
@@ -1205,26 +1557,53 @@ pub async fn reconcile_with_stats(
                     ));
                     continue;
                 }
-                if let Err(e) = write(ctx, w, &patch(w, &desired)).await {
-                    let mut failed = RuleReport::failed(ctype, &e);
-                    failed.targets = report.targets;
-                    return (failed, stats);
-                }
-                ctx.fight_record(&key, now);
-                report.corrected += 1;
-                report.compliant += 1;
-                report.corrections.push(format!(
-                    "{id}: sidecar resources set to {} ({devs}); its pods roll",
-                    desired.summary()
-                ));
-                for m in &w.foreign_owners {
-                    takeovers.push(format!("{id} (was managed by {m})"));
-                }
-                if !d.rolling {
-                    started.push(id.clone());
-                }
+                to_write.push((w, d, key, devs));
             }
         }
+    }
+    // The writes, a bounded number in flight, results in target order.
+    let writes: Vec<_> = to_write
+        .iter()
+        .map(|(w, _, _, _)| {
+            let (w, p) = (*w, patch(w, &desired));
+            async move { write(ctx, w, &p).await }
+        })
+        .collect();
+    let results: Vec<Result<Option<i64>>> = futures::stream::iter(writes)
+        .buffered(WRITE_CONCURRENCY)
+        .collect()
+        .await;
+    let mut first_error = None;
+    for ((w, d, key, devs), result) in to_write.iter().zip(results) {
+        let generation = match result {
+            Ok(g) => g,
+            Err(e) => {
+                first_error.get_or_insert(e);
+                continue;
+            }
+        };
+        if let Some(c) = &cache {
+            c.record_written(w, generation);
+        }
+        let id = w.id();
+        ctx.fight_record(key, Instant::now());
+        report.corrected += 1;
+        report.compliant += 1;
+        report.corrections.push(format!(
+            "{id}: sidecar resources set to {} ({devs}); its pods roll",
+            desired.summary()
+        ));
+        for m in &w.foreign_owners {
+            takeovers.push(format!("{id} (was managed by {m})"));
+        }
+        if !d.rolling {
+            started.push(id.clone());
+        }
+    }
+    if let Some(e) = first_error {
+        let mut failed = RuleReport::failed(ctype, &e);
+        failed.targets = report.targets;
+        return (failed, stats);
     }
     stats.pod_drift = pod_drift(&desired, &namespaces, &classified.excluded);
     stats.targets = targets.len();
@@ -1756,5 +2135,108 @@ mod tests {
         let excluded = BTreeSet::from([("apps".to_string(), Kind::Deployment, "b".to_string())]);
         let drift = pod_drift(&d, &[ns], &excluded);
         assert_eq!(drift.get("apps"), Some(&vec!["a-2".to_string()]));
+    }
+
+    #[test]
+    fn stripping_keeps_what_the_rule_reads() {
+        let mut d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "a", "namespace": "apps", "generation": 4,
+                "labels": {"app": "a"},
+                "annotations": {IGNORE_ANNOTATION: "mtls", "kubectl.kubernetes.io/last-applied-configuration": "{...}"},
+                "managedFields": [
+                    {"manager": "helm", "operation": "Apply", "fieldsType": "FieldsV1",
+                     "fieldsV1": {"f:spec": {"f:replicas": {}, "f:template": {"f:metadata": {"f:annotations": {
+                        "f:sidecar.istio.io/proxyCPU": {}, "f:other": {}}}}}}},
+                    {"manager": "kubectl", "operation": "Update", "fieldsType": "FieldsV1",
+                     "fieldsV1": {"f:spec": {"f:paused": {}}}},
+                    {"manager": "meshwarden", "operation": "Apply", "fieldsType": "FieldsV1",
+                     "time": "2026-01-01T00:00:00Z",
+                     "fieldsV1": {"f:spec": {"f:template": {"f:metadata": {"f:annotations": {
+                        "f:sidecar.istio.io/proxyMemory": {}}}}}}}
+                ]},
+            "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "a"}},
+                "template": {"metadata": {"labels": {"app": "a"}, "annotations": {PROXY_CPU: "50m"}},
+                    "spec": {"containers": [{"name": "app", "image": "x", "env": [{"name": "A", "value": "b"}],
+                        "resources": {"requests": {"cpu": "1"}}}]}}},
+            "status": {"observedGeneration": 4, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 3}
+        }))
+        .unwrap();
+        let before = classify(
+            &[NamespaceObservation {
+                name: "apps".into(),
+                labels: map(&[("istio-injection", "enabled")]),
+                deployments: vec![d.clone()],
+                ..Default::default()
+            }],
+            jiff::Timestamp::now(),
+        );
+        strip_deployment(&mut d);
+        let after = classify(
+            &[NamespaceObservation {
+                name: "apps".into(),
+                labels: map(&[("istio-injection", "enabled")]),
+                deployments: vec![d.clone()],
+                ..Default::default()
+            }],
+            jiff::Timestamp::now(),
+        );
+        let (b, a) = (&before.targets[0], &after.targets[0]);
+        assert_eq!(a.foreign_owners, vec!["helm".to_string()]);
+        assert_eq!(
+            (&a.annotations, &a.rollout, a.replicas, &a.other_containers),
+            (&b.annotations, &b.rollout, b.replicas, &b.other_containers)
+        );
+        assert_eq!(d.metadata.managed_fields.as_ref().unwrap().len(), 2);
+        assert_eq!(d.metadata.annotations.as_ref().unwrap().len(), 1);
+        assert!(meshwarden_write_time(&d.metadata).is_some());
+        assert!(!owned_by_other_rule(&d.metadata));
+        let c = &d
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0];
+        assert!(c.env.is_none() && c.image.is_none());
+    }
+
+    #[test]
+    fn stripped_pods_keep_their_drift() {
+        let mut p: Pod = serde_yaml::from_str(
+            "metadata: {name: a-1, labels: {pod-template-hash: abc, app: a}, annotations: {sidecar.istio.io/status: x}, ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: a-abc, uid: u}]}\nspec: {containers: [{name: app, image: x}, {name: istio-proxy, image: y, resources: {requests: {cpu: 10m, memory: 128Mi}, limits: {cpu: '1', memory: 512Mi}}}]}\nstatus: {phase: Running}",
+        )
+        .unwrap();
+        strip_pod(&mut p);
+        let spec = p.spec.as_ref().unwrap();
+        assert_eq!(spec.containers.len(), 1);
+        assert!(p.status.is_none());
+        let ns = NamespaceObservation {
+            name: "apps".into(),
+            labels: map(&[("istio-injection", "enabled")]),
+            pods: vec![p],
+            ..Default::default()
+        };
+        let drift = pod_drift(&full(), &[ns], &BTreeSet::new());
+        assert_eq!(drift.get("apps"), Some(&vec!["a-1".to_string()]));
+    }
+
+    #[test]
+    fn a_write_the_cache_has_not_seen_is_read_as_written() {
+        let d = full();
+        let key = (Kind::Deployment, "apps".to_string(), "a".to_string());
+        let mut written = HashMap::from([(key.clone(), (5, Instant::now()))]);
+        assert_eq!(pending_write(&mut written, key.clone(), Some(4)), Some(5));
+        let mut meta = ObjectMeta::default();
+        let mut tpl = PodTemplateSpec::default();
+        overlay(&mut meta, Some(&mut tpl), 5, &d);
+        assert_eq!(meta.generation, Some(5));
+        let ann = tpl.metadata.unwrap().annotations.unwrap();
+        assert!(deviations(&d, &ann).is_empty());
+        assert_eq!(ann[HASH_ANNOTATION], d.hash());
+        // Caught up: forgotten.
+        assert_eq!(pending_write(&mut written, key.clone(), Some(5)), None);
+        assert!(written.is_empty());
     }
 }
