@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use crate::api::MeshPolicy;
 use crate::apply::FIELD_MANAGER;
-use crate::conditions::{self, Observed, Status, types};
+use crate::conditions::{self, Status, types};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::policy;
@@ -143,7 +143,7 @@ async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action>
 
     let failing: Vec<&RuleReport> = reports
         .iter()
-        .filter(|r| r.condition.status == Status::Unknown && r.condition.reason != "NotImplemented")
+        .filter(|r| r.condition.status == Status::Unknown)
         .collect();
     if failing.is_empty() {
         ctx.succeeded(&name);
@@ -249,7 +249,7 @@ fn record_metrics(
                 .get_or_create(&labels)
                 .inc_by(u64::try_from(r.corrected).unwrap_or(0));
         }
-        if r.condition.status == Status::Unknown && r.condition.reason != "NotImplemented" {
+        if r.condition.status == Status::Unknown {
             m.reconcile_errors
                 .get_or_create(&ErrorLabels {
                     kind: r.condition.reason.clone(),
@@ -593,14 +593,4 @@ where
     let stream = reflector::reflector(writer, watcher(api, config).default_backoff().modify(strip))
         .touched_objects();
     (store, stream)
-}
-
-/// An Observed for a section that this version does not enforce yet.
-pub fn pending(type_: &str, field: &str) -> Observed {
-    Observed::new(
-        type_,
-        Status::Unknown,
-        "NotImplemented",
-        format!("this meshwarden version reports nothing for spec.{field} yet"),
-    )
 }

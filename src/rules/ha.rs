@@ -859,18 +859,8 @@ pub async fn reconcile(
             rolled.join(", ")
         ));
     }
-    if !takeovers.is_empty() {
-        msg.push(format!(
-            "meshwarden took over fields another manager set: {}; change the source (Helm values, Git) so it stops setting other values",
-            takeovers.join(", ")
-        ));
-    }
-    if !fights.is_empty() {
-        msg.push(format!(
-            "{} keep being changed back by another writer; meshwarden stopped rewriting them for 10 minutes: find the other writer (kubectl get -o yaml --show-managed-fields)",
-            fights.join(", ")
-        ));
-    }
+    msg.extend(super::takeover_sentence(&takeovers));
+    msg.extend(super::fight_sentence(&fights));
     if !empty_groups.is_empty() {
         msg.push(format!(
             "no Deployment found for {}",

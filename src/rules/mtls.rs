@@ -1243,18 +1243,8 @@ pub async fn reconcile(
     if !plan.exemptions.is_empty() {
         msg.push(format!("exemptions: {}", plan.exemptions.join("; ")));
     }
-    if !takeovers.is_empty() {
-        msg.push(format!(
-            "meshwarden took over fields another manager set: {}; change the source (Helm values, Git) so it stops setting other values",
-            takeovers.join(", ")
-        ));
-    }
-    if !fights.is_empty() {
-        msg.push(format!(
-            "{} keep being changed back by another writer; meshwarden stopped rewriting them for 10 minutes: find the other writer (kubectl get -o yaml --show-managed-fields)",
-            fights.join(", ")
-        ));
-    }
+    msg.extend(super::takeover_sentence(&takeovers));
+    msg.extend(super::fight_sentence(&fights));
     let deviations: Vec<&Violation> = report
         .violations
         .iter()
@@ -1356,13 +1346,6 @@ pub fn pod_fingerprint(m: &ObjectMeta) -> u64 {
         .is_some_and(|a| a.contains_key(SIDECAR_STATUS))
         .hash(&mut h);
     m.deletion_timestamp.is_some().hash(&mut h);
-    h.finish()
-}
-
-/// What matters about a namespace: its labels.
-pub fn namespace_fingerprint(m: &ObjectMeta) -> u64 {
-    let mut h = DefaultHasher::new();
-    m.labels.hash(&mut h);
     h.finish()
 }
 
