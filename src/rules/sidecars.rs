@@ -1337,47 +1337,18 @@ pub async fn observe(
         if !selects_namespace(spec, &labels) {
             continue;
         }
-        let c = &ctx.client;
-        let lp = ListParams::default();
-        let running = ListParams::default().fields("status.phase=Running");
-        let at = |what: &str| format!("list {what} in {name}");
+        let (c, ns) = (&ctx.client, name.as_str());
+        let (lp, running) = (
+            ListParams::default(),
+            ListParams::default().fields("status.phase=Running"),
+        );
         let (deployments, statefulsets, daemonsets, limit_ranges, quotas, pods) = tokio::try_join!(
-            async {
-                Api::<Deployment>::namespaced(c.clone(), &name)
-                    .list(&lp)
-                    .await
-                    .map_err(|e| Error::kube(at("Deployments"), e))
-            },
-            async {
-                Api::<StatefulSet>::namespaced(c.clone(), &name)
-                    .list(&lp)
-                    .await
-                    .map_err(|e| Error::kube(at("StatefulSets"), e))
-            },
-            async {
-                Api::<DaemonSet>::namespaced(c.clone(), &name)
-                    .list(&lp)
-                    .await
-                    .map_err(|e| Error::kube(at("DaemonSets"), e))
-            },
-            async {
-                Api::<LimitRange>::namespaced(c.clone(), &name)
-                    .list(&lp)
-                    .await
-                    .map_err(|e| Error::kube(at("LimitRanges"), e))
-            },
-            async {
-                Api::<ResourceQuota>::namespaced(c.clone(), &name)
-                    .list(&lp)
-                    .await
-                    .map_err(|e| Error::kube(at("ResourceQuotas"), e))
-            },
-            async {
-                Api::<Pod>::namespaced(c.clone(), &name)
-                    .list(&running)
-                    .await
-                    .map_err(|e| Error::kube(at("Pods"), e))
-            },
+            list_in::<Deployment>(c, ns, &lp, "Deployments"),
+            list_in::<StatefulSet>(c, ns, &lp, "StatefulSets"),
+            list_in::<DaemonSet>(c, ns, &lp, "DaemonSets"),
+            list_in::<LimitRange>(c, ns, &lp, "LimitRanges"),
+            list_in::<ResourceQuota>(c, ns, &lp, "ResourceQuotas"),
+            list_in::<Pod>(c, ns, &running, "Pods"),
         )?;
         out.push(NamespaceObservation {
             name,
@@ -1391,6 +1362,25 @@ pub async fn observe(
         });
     }
     Ok((out, ambient))
+}
+
+/// Lists `K` in `namespace`, naming what failed.
+async fn list_in<K>(
+    client: &kube::Client,
+    namespace: &str,
+    lp: &ListParams,
+    what: &str,
+) -> Result<kube::core::ObjectList<K>>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), namespace)
+        .list(lp)
+        .await
+        .map_err(|e| Error::kube(format!("list {what} in {namespace}"), e))
 }
 
 fn stripped<K>(mut items: Vec<K>, f: fn(&mut K)) -> Vec<K> {
