@@ -294,10 +294,7 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
     );
     for r in [&leader, &standby] {
         let log = r.log_text();
-        assert!(
-            !log.contains("403") && !log.to_lowercase().contains("forbidden"),
-            "a 403 in:\n{log}"
-        );
+        assert!(!mentions_forbidden(&log), "a 403 in:\n{log}");
     }
 
     // The leader dies; the standby takes over within the lease duration and corrects drift.
@@ -408,4 +405,27 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
         roles.get_opt("meshwarden").await.unwrap().is_none(),
         "RBAC removed on uninstall"
     );
+}
+
+/// Whether a log mentions an HTTP 403 or a Forbidden API error. The status code is
+/// matched as a whole number so that timestamps and durations containing the digits
+/// "403" do not count.
+fn mentions_forbidden(log: &str) -> bool {
+    log.to_lowercase().contains("forbidden")
+        || log
+            .split(|c: char| !c.is_ascii_digit())
+            .any(|number| number == "403")
+}
+
+#[test]
+fn forbidden_detection_ignores_digits_inside_timestamps() {
+    assert!(!mentions_forbidden(
+        "2026-11-23T18:59:17.304039Z reconciled took_ms=14034"
+    ));
+    assert!(!mentions_forbidden("at 18:59:17.304039Z"));
+    assert!(mentions_forbidden(
+        "ErrorResponse { reason: \"Forbidden\", code: 403 }"
+    ));
+    assert!(mentions_forbidden("status 403"));
+    assert!(mentions_forbidden("pods is forbidden: User cannot list"));
 }
