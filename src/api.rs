@@ -271,10 +271,26 @@ pub struct SidecarSpec {
     /// Requests and limits of the `istio-proxy` container.
     pub resources: ResourcesSpec,
     /// Workloads rolling at once because meshwarden changed their pod template; the next one
-    /// starts only when the previous one is available again.
+    /// starts only when the previous one is available again. Used when `pacing` is `Paced`.
     #[serde(default = "default_one")]
     #[schemars(range(min = 1, max = 100))]
     pub max_concurrent_rollouts: i32,
+    /// `Paced` (default): at most `maxConcurrentRollouts` workloads roll at once, and a stalled
+    /// rollout stops the others. `Off`: every workload that needs the declared values is
+    /// written at once, so all of them roll together (stalls are still reported); for a new
+    /// cluster or a maintenance window with the capacity to spare.
+    #[serde(default)]
+    pub pacing: Pacing,
+}
+
+/// Whether sidecar rollouts are paced.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Pacing {
+    /// At most `maxConcurrentRollouts` rollouts at once.
+    #[default]
+    Paced,
+    /// No limit: every workload is written at once.
+    Off,
 }
 
 /// mTLS mode of a scope.

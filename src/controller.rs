@@ -401,33 +401,31 @@ pub async fn run(
         sidecars::strip_namespace,
     );
     // The sidecars section reads workloads, LimitRanges, ResourceQuotas and running pods from
-    // these stores (stripped to what it uses) instead of listing them on every reconcile.
-    // Pages of 100 on the large lists: a page is held whole before it is stripped.
-    let (deployments, deployment_events) = cached::<Deployment>(
+    // these stores instead of listing them on every reconcile. Workloads and pods are kept as
+    // the facts the rule reads (`compact::Compact`), not as objects. Pages of 100 on the large
+    // lists: a page is held whole before it is reduced.
+    let (deployments, deployment_events) = cached::<sidecars::CachedWorkload<Deployment>>(
         &client,
         watcher::Config::default().page_size(100),
-        sidecars::strip_deployment,
+        |_| {},
     );
-    let (statefulsets, statefulset_events) = cached::<StatefulSet>(
+    let (statefulsets, statefulset_events) = cached::<sidecars::CachedWorkload<StatefulSet>>(
         &client,
         watcher::Config::default(),
-        sidecars::strip_statefulset,
+        |_| {},
     );
-    let (daemonsets, daemonset_events) = cached::<DaemonSet>(
-        &client,
-        watcher::Config::default(),
-        sidecars::strip_daemonset,
-    );
+    let (daemonsets, daemonset_events) =
+        cached::<sidecars::CachedWorkload<DaemonSet>>(&client, watcher::Config::default(), |_| {});
     let (limit_ranges, limit_range_events) =
         cached::<LimitRange>(&client, watcher::Config::default(), |_| {});
     let (quotas, quota_events) =
         cached::<ResourceQuota>(&client, watcher::Config::default(), |_| {});
-    let (pods, pod_events) = cached::<Pod>(
+    let (pods, pod_events) = cached::<sidecars::CachedPod>(
         &client,
         watcher::Config::default()
             .fields("status.phase=Running")
             .page_size(100),
-        sidecars::strip_pod,
+        |_| {},
     );
     state.ctx.set_sidecar_cache(Some(sidecars::Cache::new(
         ns_store.clone(),

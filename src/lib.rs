@@ -4,6 +4,7 @@
 //! under `rules` holds one rule section; `apply` is the only write path.
 pub mod api;
 pub mod apply;
+pub mod compact;
 pub mod conditions;
 pub mod context;
 pub mod controller;

@@ -119,7 +119,8 @@ pub fn resolve(policy: &MeshPolicy, all: &[&MeshPolicy]) -> (MeshPolicySpec, Vec
         if let (Some(mine), Some(theirs)) = (&spec.sidecars, &other.spec.sidecars)
             && mine.namespace_selector == theirs.namespace_selector
             && (mine.resources != theirs.resources
-                || mine.max_concurrent_rollouts != theirs.max_concurrent_rollouts)
+                || mine.max_concurrent_rollouts != theirs.max_concurrent_rollouts
+                || mine.pacing != theirs.pacing)
         {
             note("sidecars".to_string());
             spec.sidecars = None;

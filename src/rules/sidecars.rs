@@ -24,7 +24,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
     Container, LimitRange, Namespace, Pod, PodTemplateSpec, ResourceQuota,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
@@ -32,8 +32,9 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::Store;
 use serde_json::{Value, json};
 
-use crate::api::{Enforcement, MeshPolicy, ResourcesSpec, SidecarSpec, Violation};
+use crate::api::{Enforcement, MeshPolicy, Pacing, ResourcesSpec, SidecarSpec, Violation};
 use crate::apply::{self, FIELD_MANAGER};
+use crate::compact::Compact;
 use crate::conditions::{Observed, Status, types};
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -200,10 +201,6 @@ pub enum Rollout {
     Complete,
     InProgress(String),
     Stalled(String),
-}
-
-fn labels_of(meta: Option<&ObjectMeta>) -> BTreeMap<String, String> {
-    meta.and_then(|m| m.labels.clone()).unwrap_or_default()
 }
 
 fn annotations_of(meta: Option<&ObjectMeta>) -> BTreeMap<String, String> {
@@ -524,18 +521,243 @@ fn container_amounts(containers: &[Container]) -> Amounts {
     out
 }
 
+/// What the rule knows of a workload, read from the whole object once (watch event or LIST)
+/// and kept instead of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkloadFacts {
+    pub kind: Kind,
+    pub name: String,
+    pub generation: i64,
+    /// Pods it runs when rolled out (a DaemonSet: the nodes it is scheduled on).
+    pub replicas: i32,
+    /// Template labels that decide injection (`sidecar.istio.io/inject`, `istio.io/rev`).
+    pub template_labels: BTreeMap<String, String>,
+    /// Template annotations the rule reads: the four proxy values, meshwarden's hash,
+    /// `sidecar.istio.io/inject` and `inject.istio.io/templates`.
+    pub template_annotations: BTreeMap<String, String>,
+    /// Opted out with `meshwarden.io/ignore: sidecar-resources` on the workload.
+    pub opted_out: bool,
+    /// Another meshwarden rule writes it (see [`owned_by_other_rule`]).
+    pub other_rule: bool,
+    /// When meshwarden last changed it.
+    pub written_at: Option<jiff::Timestamp>,
+    /// Managers other than meshwarden that own one of the four annotations.
+    pub foreign_owners: Vec<String>,
+    /// Requests/limits of the template's other containers.
+    pub other_containers: Amounts,
+    pub rollout: Rollout,
+}
+
+const TEMPLATE_LABELS: [&str; 2] = [INJECT, "istio.io/rev"];
+const TEMPLATE_ANNOTATIONS: [&str; 7] = [
+    PROXY_CPU,
+    PROXY_CPU_LIMIT,
+    PROXY_MEMORY,
+    PROXY_MEMORY_LIMIT,
+    HASH_ANNOTATION,
+    INJECT,
+    INJECT_TEMPLATES,
+];
+
+fn only(map: Option<&BTreeMap<String, String>>, keys: &[&str]) -> BTreeMap<String, String> {
+    map.into_iter()
+        .flatten()
+        .filter(|(k, _)| keys.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+impl WorkloadFacts {
+    fn read(
+        kind: Kind,
+        meta: &ObjectMeta,
+        template: Option<&PodTemplateSpec>,
+        replicas: i32,
+        rollout: Rollout,
+    ) -> Self {
+        let tpl_meta = template.and_then(|t| t.metadata.as_ref());
+        let mut foreign_owners = Vec::new();
+        for k in [PROXY_CPU, PROXY_CPU_LIMIT, PROXY_MEMORY, PROXY_MEMORY_LIMIT] {
+            let key = format!("f:{k}");
+            for m in apply::foreign_managers(
+                meta,
+                &["f:spec", "f:template", "f:metadata", "f:annotations", &key],
+            ) {
+                if !foreign_owners.contains(&m) {
+                    foreign_owners.push(m);
+                }
+            }
+        }
+        let containers = template
+            .and_then(|t| t.spec.as_ref())
+            .map(|s| s.containers.as_slice())
+            .unwrap_or_default();
+        WorkloadFacts {
+            kind,
+            name: meta.name.clone().unwrap_or_default(),
+            generation: meta.generation.unwrap_or(0),
+            replicas,
+            template_labels: only(tpl_meta.and_then(|m| m.labels.as_ref()), &TEMPLATE_LABELS),
+            template_annotations: only(
+                tpl_meta.and_then(|m| m.annotations.as_ref()),
+                &TEMPLATE_ANNOTATIONS,
+            ),
+            opted_out: opted_out(&annotations_of(Some(meta))),
+            other_rule: owned_by_other_rule(meta),
+            written_at: meshwarden_write_time(meta),
+            foreign_owners,
+            other_containers: container_amounts(containers),
+            rollout,
+        }
+    }
+
+    /// Reads the facts as a write of this process left the workload, before a watch has
+    /// delivered it: the five annotations on its template and the written generation, whose
+    /// rollout the workload's controller has not observed yet.
+    fn written(&self, generation: i64, d: &Desired) -> Self {
+        let mut out = self.clone();
+        out.generation = generation;
+        for (k, v) in d.annotations() {
+            out.template_annotations
+                .insert(k.to_string(), v.to_string());
+        }
+        out.template_annotations
+            .insert(HASH_ANNOTATION.to_string(), d.hash());
+        out.rollout = Rollout::InProgress(format!(
+            "the {} controller has not observed generation {generation} yet",
+            self.kind.as_str()
+        ));
+        out
+    }
+}
+
+impl From<&Deployment> for WorkloadFacts {
+    fn from(d: &Deployment) -> Self {
+        let spec = d.spec.as_ref();
+        let replicas = spec.and_then(|s| s.replicas).unwrap_or(1);
+        let template = spec.map(|s| &s.template);
+        WorkloadFacts::read(
+            Kind::Deployment,
+            &d.metadata,
+            template,
+            replicas,
+            deployment_rollout(d),
+        )
+    }
+}
+
+impl From<&StatefulSet> for WorkloadFacts {
+    fn from(s: &StatefulSet) -> Self {
+        let spec = s.spec.as_ref();
+        let replicas = spec.and_then(|s| s.replicas).unwrap_or(1);
+        let template = spec.map(|s| &s.template);
+        WorkloadFacts::read(
+            Kind::StatefulSet,
+            &s.metadata,
+            template,
+            replicas,
+            statefulset_rollout(s),
+        )
+    }
+}
+
+impl From<&DaemonSet> for WorkloadFacts {
+    fn from(d: &DaemonSet) -> Self {
+        let replicas = d
+            .status
+            .as_ref()
+            .map(|s| s.desired_number_scheduled)
+            .unwrap_or(0);
+        let template = d.spec.as_ref().map(|s| &s.template);
+        WorkloadFacts::read(
+            Kind::DaemonSet,
+            &d.metadata,
+            template,
+            replicas,
+            daemonset_rollout(d),
+        )
+    }
+}
+
+/// What the rule knows of a running pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodFacts {
+    pub name: String,
+    /// The workload that runs it (a ReplicaSet's pods: its Deployment).
+    pub owner: Option<(Kind, String)>,
+    /// Labels that decide injection (`sidecar.istio.io/inject`, `istio.io/rev`).
+    pub labels: BTreeMap<String, String>,
+    /// Annotations that decide injection (`sidecar.istio.io/inject`, `inject.istio.io/templates`).
+    pub annotations: BTreeMap<String, String>,
+    /// The `istio-proxy` container's requests/limits in milli-units, in the order of
+    /// [`Desired::annotations`] (cpu, cpu limit, memory, memory limit); `None` without one.
+    pub proxy: Option<[Option<i128>; 4]>,
+}
+
+impl From<&Pod> for PodFacts {
+    fn from(p: &Pod) -> Self {
+        let labels = p.labels();
+        let owner = p
+            .owner_references()
+            .iter()
+            .find_map(|o| match o.kind.as_str() {
+                "ReplicaSet" => {
+                    let hash = labels.get("pod-template-hash")?;
+                    let name = o.name.strip_suffix(&format!("-{hash}"))?;
+                    Some((Kind::Deployment, name.to_string()))
+                }
+                "StatefulSet" => Some((Kind::StatefulSet, o.name.clone())),
+                "DaemonSet" => Some((Kind::DaemonSet, o.name.clone())),
+                _ => None,
+            });
+        let proxy = p.spec.as_ref().and_then(|spec| {
+            let c = spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+                .find(|c| c.name == PROXY_CONTAINER)?;
+            let res = c.resources.clone().unwrap_or_default();
+            let get = |m: &Option<
+                BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+            >,
+                       k: &str| {
+                m.as_ref()
+                    .and_then(|m| m.get(k))
+                    .and_then(|q| quantity::millis(&q.0))
+            };
+            Some([
+                get(&res.requests, "cpu"),
+                get(&res.limits, "cpu"),
+                get(&res.requests, "memory"),
+                get(&res.limits, "memory"),
+            ])
+        });
+        PodFacts {
+            name: p.name_any(),
+            owner,
+            labels: only(Some(labels), &[INJECT, "istio.io/rev"]),
+            annotations: only(Some(p.annotations()), &[INJECT, INJECT_TEMPLATES]),
+            proxy,
+        }
+    }
+}
+
+/// A cached workload.
+pub type CachedWorkload<K> = Compact<K, WorkloadFacts>;
+/// A cached running pod.
+pub type CachedPod = Compact<Pod, PodFacts>;
+
 /// What was read in one namespace the section covers.
 #[derive(Clone, Debug, Default)]
 pub struct NamespaceObservation {
     pub name: String,
     pub labels: BTreeMap<String, String>,
-    pub deployments: Vec<Deployment>,
-    pub statefulsets: Vec<StatefulSet>,
-    pub daemonsets: Vec<DaemonSet>,
+    /// Deployments, StatefulSets and DaemonSets.
+    pub workloads: Vec<Arc<WorkloadFacts>>,
     pub limit_ranges: Vec<LimitRange>,
     pub quotas: Vec<ResourceQuota>,
     /// Running pods (field selector `status.phase=Running`).
-    pub pods: Vec<Pod>,
+    pub pods: Vec<Arc<PodFacts>>,
 }
 
 /// Workloads of the covered namespaces, sorted into targets and the ones left alone.
@@ -550,77 +772,34 @@ pub struct Classified {
     pub excluded: BTreeSet<(String, Kind, String)>,
 }
 
-struct Raw<'a> {
-    kind: Kind,
-    meta: &'a ObjectMeta,
-    template: Option<&'a PodTemplateSpec>,
-    replicas: i32,
-    rollout: Rollout,
-}
-
 /// Sorts the observed workloads (pure). `now` decides stalls of StatefulSets and DaemonSets.
 pub fn classify(namespaces: &[NamespaceObservation], now: jiff::Timestamp) -> Classified {
     let mut out = Classified::default();
     for ns in namespaces {
-        let mut raws: Vec<Raw> = Vec::new();
-        for d in &ns.deployments {
-            raws.push(Raw {
-                kind: Kind::Deployment,
-                meta: &d.metadata,
-                template: d.spec.as_ref().map(|s| &s.template),
-                replicas: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
-                rollout: deployment_rollout(d),
-            });
-        }
-        for s in &ns.statefulsets {
-            raws.push(Raw {
-                kind: Kind::StatefulSet,
-                meta: &s.metadata,
-                template: s.spec.as_ref().map(|s| &s.template),
-                replicas: s.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
-                rollout: statefulset_rollout(s),
-            });
-        }
-        for d in &ns.daemonsets {
-            raws.push(Raw {
-                kind: Kind::DaemonSet,
-                meta: &d.metadata,
-                template: d.spec.as_ref().map(|s| &s.template),
-                replicas: d
-                    .status
-                    .as_ref()
-                    .map(|s| s.desired_number_scheduled)
-                    .unwrap_or(0),
-                rollout: daemonset_rollout(d),
-            });
-        }
-        for raw in raws {
-            let name = raw.meta.name.clone().unwrap_or_default();
-            let id = format!("{}/{}/{}", raw.kind.as_str(), ns.name, name);
-            let tpl_meta = raw.template.and_then(|t| t.metadata.as_ref());
-            let tpl_labels = labels_of(tpl_meta);
-            let annotations = annotations_of(tpl_meta);
-            let key = (ns.name.clone(), raw.kind, name.clone());
-            if no_sidecar_reason(&ns.labels, &tpl_labels, &annotations).is_some() {
+        for w in &ns.workloads {
+            let id = format!("{}/{}/{}", w.kind.as_str(), ns.name, w.name);
+            let key = (ns.name.clone(), w.kind, w.name.clone());
+            if no_sidecar_reason(&ns.labels, &w.template_labels, &w.template_annotations).is_some()
+            {
                 out.excluded.insert(key);
                 continue;
             }
-            if opted_out(&annotations_of(Some(raw.meta))) {
+            if w.opted_out {
                 out.opted_out.push(id);
                 out.excluded.insert(key);
                 continue;
             }
-            if owned_by_other_rule(raw.meta) {
+            if w.other_rule {
                 out.other_rule.push(id);
                 out.excluded.insert(key);
                 continue;
             }
-            let mut rollout = raw.rollout;
-            if raw.kind != Kind::Deployment
+            let mut rollout = w.rollout.clone();
+            if w.kind != Kind::Deployment
                 && let Rollout::InProgress(why) = &rollout
-                && let Some(since) = meshwarden_write_time(raw.meta)
+                && let Some(since) = w.written_at
             {
-                let limit = STALL_BASE_SECS + STALL_PER_POD_SECS * i64::from(raw.replicas.max(0));
+                let limit = STALL_BASE_SECS + STALL_PER_POD_SECS * i64::from(w.replicas.max(0));
                 let waited = now.as_second() - since.as_second();
                 if waited > limit {
                     rollout = Rollout::Stalled(format!(
@@ -628,32 +807,15 @@ pub fn classify(namespaces: &[NamespaceObservation], now: jiff::Timestamp) -> Cl
                     ));
                 }
             }
-            let mut foreign = Vec::new();
-            for k in [PROXY_CPU, PROXY_CPU_LIMIT, PROXY_MEMORY, PROXY_MEMORY_LIMIT] {
-                let key = format!("f:{k}");
-                for m in apply::foreign_managers(
-                    raw.meta,
-                    &["f:spec", "f:template", "f:metadata", "f:annotations", &key],
-                ) {
-                    if !foreign.contains(&m) {
-                        foreign.push(m);
-                    }
-                }
-            }
-            let containers = raw
-                .template
-                .and_then(|t| t.spec.as_ref())
-                .map(|s| s.containers.clone())
-                .unwrap_or_default();
             out.targets.push(Workload {
-                kind: raw.kind,
+                kind: w.kind,
                 namespace: ns.name.clone(),
-                name,
-                replicas: raw.replicas,
-                annotations,
+                name: w.name.clone(),
+                replicas: w.replicas,
+                annotations: w.template_annotations.clone(),
                 rollout,
-                foreign_owners: foreign,
-                other_containers: container_amounts(&containers),
+                foreign_owners: w.foreign_owners.clone(),
+                other_containers: w.other_containers.clone(),
             });
         }
     }
@@ -822,11 +984,13 @@ pub struct Decision {
 
 /// Plans every target (pure). Targets come sorted; earlier ones get rollout slots first.
 /// `unfit` maps a namespace to the reasons its LimitRange/ResourceQuota rejects the values.
+/// `max_concurrent` is the pacing limit; `None` (pacing off) writes every target at once and
+/// lets no stalled rollout hold the others.
 pub fn plan(
     desired: &Desired,
     targets: &[Workload],
     unfit: &BTreeMap<String, Vec<String>>,
-    max_concurrent: i32,
+    max_concurrent: Option<i32>,
     enforce: bool,
 ) -> Vec<Decision> {
     let mut decisions: Vec<Decision> = targets
@@ -848,8 +1012,11 @@ pub fn plan(
         })
         .collect();
     let mut in_flight = decisions.iter().filter(|d| d.rolling).count();
-    let stalled = decisions.iter().any(|d| d.stalled.is_some());
-    let max = usize::try_from(max_concurrent.max(1)).unwrap_or(1);
+    let stalled = max_concurrent.is_some() && decisions.iter().any(|d| d.stalled.is_some());
+    let max = match max_concurrent {
+        Some(n) => usize::try_from(n.max(1)).unwrap_or(1),
+        None => usize::MAX,
+    };
     for (w, d) in targets.iter().zip(decisions.iter_mut()) {
         if d.deviations.is_empty() {
             continue;
@@ -868,7 +1035,7 @@ pub fn plan(
             Action::Apply
         } else {
             Action::Held(format!(
-                "waits for a rollout slot (maxConcurrentRollouts {max_concurrent})"
+                "waits for a rollout slot (maxConcurrentRollouts {max})"
             ))
         };
     }
@@ -897,58 +1064,31 @@ pub fn pod_drift(
     namespaces: &[NamespaceObservation],
     excluded: &BTreeSet<(String, Kind, String)>,
 ) -> BTreeMap<String, Vec<String>> {
+    let want: Vec<Option<i128>> = desired
+        .annotations()
+        .iter()
+        .map(|(_, v)| quantity::millis(v))
+        .collect();
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for ns in namespaces {
         for pod in &ns.pods {
-            let labels = pod.labels();
-            let owner = pod
-                .owner_references()
-                .iter()
-                .find_map(|o| match o.kind.as_str() {
-                    "ReplicaSet" => {
-                        let hash = labels.get("pod-template-hash")?;
-                        let name = o.name.strip_suffix(&format!("-{hash}"))?;
-                        Some((Kind::Deployment, name.to_string()))
-                    }
-                    "StatefulSet" => Some((Kind::StatefulSet, o.name.clone())),
-                    "DaemonSet" => Some((Kind::DaemonSet, o.name.clone())),
-                    _ => None,
-                });
-            if let Some((kind, name)) = owner
-                && excluded.contains(&(ns.name.clone(), kind, name))
+            if let Some((kind, name)) = &pod.owner
+                && excluded.contains(&(ns.name.clone(), *kind, name.clone()))
             {
                 continue;
             }
-            if no_sidecar_reason(&ns.labels, labels, pod.annotations()).is_some() {
+            if no_sidecar_reason(&ns.labels, &pod.labels, &pod.annotations).is_some() {
                 continue;
             }
-            let Some(spec) = &pod.spec else { continue };
-            let proxy = spec
-                .containers
-                .iter()
-                .chain(spec.init_containers.iter().flatten())
-                .find(|c| c.name == PROXY_CONTAINER);
-            let Some(proxy) = proxy else { continue };
-            let res = proxy.resources.clone().unwrap_or_default();
-            let get = |m: &Option<
-                BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
-            >,
-                       k: &str| {
-                m.as_ref().and_then(|m| m.get(k)).map(|q| q.0.clone())
-            };
-            let have = [
-                get(&res.requests, "cpu"),
-                get(&res.limits, "cpu"),
-                get(&res.requests, "memory"),
-                get(&res.limits, "memory"),
-            ];
-            let differs = desired
-                .annotations()
+            let Some(have) = &pod.proxy else { continue };
+            let differs = want
                 .iter()
                 .zip(have.iter())
-                .any(|((_, want), have)| !have.as_deref().is_some_and(|h| quantity::same(h, want)));
+                .any(|(want, have)| have.is_none() || want != have);
             if differs {
-                out.entry(ns.name.clone()).or_default().push(pod.name_any());
+                out.entry(ns.name.clone())
+                    .or_default()
+                    .push(pod.name.clone());
             }
         }
     }
@@ -974,158 +1114,6 @@ pub struct SidecarStats {
     pub pod_drift: BTreeMap<String, Vec<String>>,
 }
 
-/// Keeps only what the rule reads of a workload's metadata: name, namespace, generation, the
-/// opt-out annotation, and managedFields reduced to meshwarden's entries and, for other
-/// managers, to their ownership of the four proxy annotations.
-pub fn strip_workload_meta(meta: &mut ObjectMeta) {
-    meta.labels = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    meta.annotations = meta
-        .annotations
-        .take()
-        .map(|a| {
-            a.into_iter()
-                .filter(|(k, _)| k == IGNORE_ANNOTATION)
-                .collect()
-        })
-        .filter(|a: &BTreeMap<String, String>| !a.is_empty());
-    let path = ["f:spec", "f:template", "f:metadata", "f:annotations"];
-    let keys: Vec<String> = [PROXY_CPU, PROXY_CPU_LIMIT, PROXY_MEMORY, PROXY_MEMORY_LIMIT]
-        .iter()
-        .map(|k| format!("f:{k}"))
-        .collect();
-    meta.managed_fields = meta.managed_fields.take().map(|entries| {
-        entries
-            .into_iter()
-            .filter_map(|mut m| {
-                if m.manager.as_deref() == Some(FIELD_MANAGER) {
-                    return Some(m);
-                }
-                let mut node = m.fields_v1.as_ref().map(|f| &f.0);
-                for p in path {
-                    node = node.and_then(|n| n.get(p));
-                }
-                let owned: serde_json::Map<String, Value> = keys
-                    .iter()
-                    .filter(|k| node.is_some_and(|n| n.get(k.as_str()).is_some()))
-                    .map(|k| (k.clone(), json!({})))
-                    .collect();
-                if owned.is_empty() {
-                    return None;
-                }
-                let mut tree = Value::Object(owned);
-                for p in path.iter().rev() {
-                    tree = json!({ *p: tree });
-                }
-                m.fields_v1 = Some(FieldsV1(tree));
-                m.time = None;
-                Some(m)
-            })
-            .collect()
-    });
-}
-
-/// Keeps only what the rule reads of a pod template: labels, annotations, and the name and
-/// resources of each container.
-fn strip_template(t: &mut PodTemplateSpec) {
-    if let Some(m) = t.metadata.as_mut() {
-        *m = ObjectMeta {
-            labels: m.labels.take(),
-            annotations: m.annotations.take(),
-            ..Default::default()
-        };
-    }
-    if let Some(spec) = t.spec.as_mut() {
-        let containers = std::mem::take(&mut spec.containers)
-            .into_iter()
-            .map(|c| Container {
-                name: c.name,
-                resources: c.resources,
-                ..Default::default()
-            })
-            .collect();
-        *spec = k8s_openapi::api::core::v1::PodSpec {
-            containers,
-            ..Default::default()
-        };
-    }
-}
-
-/// A Deployment as the rule keeps it in its cache.
-pub fn strip_deployment(d: &mut Deployment) {
-    strip_workload_meta(&mut d.metadata);
-    if let Some(spec) = d.spec.as_mut() {
-        spec.selector = Default::default();
-        spec.strategy = None;
-        strip_template(&mut spec.template);
-    }
-}
-
-/// A StatefulSet as the rule keeps it in its cache.
-pub fn strip_statefulset(s: &mut StatefulSet) {
-    strip_workload_meta(&mut s.metadata);
-    if let Some(spec) = s.spec.as_mut() {
-        spec.selector = Default::default();
-        spec.volume_claim_templates = None;
-        strip_template(&mut spec.template);
-    }
-}
-
-/// A DaemonSet as the rule keeps it in its cache.
-pub fn strip_daemonset(d: &mut DaemonSet) {
-    strip_workload_meta(&mut d.metadata);
-    if let Some(spec) = d.spec.as_mut() {
-        spec.selector = Default::default();
-        strip_template(&mut spec.template);
-    }
-}
-
-/// A running pod as the rule keeps it in its cache: name, the labels and annotations that
-/// decide injection, its owner, and the `istio-proxy` container's resources.
-pub fn strip_pod(p: &mut Pod) {
-    let keep_labels = [INJECT, "istio.io/rev", "pod-template-hash"];
-    let keep_annotations = [INJECT, INJECT_TEMPLATES];
-    let filter = |m: Option<BTreeMap<String, String>>, keep: &[&str]| {
-        m.map(|m| {
-            m.into_iter()
-                .filter(|(k, _)| keep.contains(&k.as_str()))
-                .collect::<BTreeMap<_, _>>()
-        })
-    };
-    let meta = std::mem::take(&mut p.metadata);
-    p.metadata = ObjectMeta {
-        name: meta.name,
-        namespace: meta.namespace,
-        uid: meta.uid,
-        resource_version: meta.resource_version,
-        labels: filter(meta.labels, &keep_labels),
-        annotations: filter(meta.annotations, &keep_annotations),
-        owner_references: meta.owner_references,
-        ..Default::default()
-    };
-    p.status = None;
-    if let Some(spec) = p.spec.as_mut() {
-        let proxy = |cs: Vec<Container>| -> Vec<Container> {
-            cs.into_iter()
-                .filter(|c| c.name == PROXY_CONTAINER)
-                .map(|c| Container {
-                    name: c.name,
-                    resources: c.resources,
-                    ..Default::default()
-                })
-                .collect()
-        };
-        let containers = proxy(std::mem::take(&mut spec.containers));
-        let init = spec.init_containers.take().map(proxy);
-        *spec = k8s_openapi::api::core::v1::PodSpec {
-            containers,
-            init_containers: init.filter(|i| !i.is_empty()),
-            ..Default::default()
-        };
-    }
-}
-
 /// A namespace's metadata as kept in the controller's store: name and labels.
 pub fn strip_namespace(n: &mut PartialObjectMeta<Namespace>) {
     n.metadata.managed_fields = None;
@@ -1133,17 +1121,18 @@ pub fn strip_namespace(n: &mut PartialObjectMeta<Namespace>) {
 }
 
 /// What the section reads, kept current by the controller's watches so that a reconcile makes
-/// no LIST (objects stripped as above). Without it (or before it is filled) the rule lists.
+/// no LIST. Workloads and pods are kept as their [`WorkloadFacts`] and [`PodFacts`] only.
+/// Without it (or before it is filled) the rule lists.
 #[derive(Clone)]
 pub struct Cache {
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
-    pub deployments: Store<Deployment>,
-    pub statefulsets: Store<StatefulSet>,
-    pub daemonsets: Store<DaemonSet>,
+    pub deployments: Store<CachedWorkload<Deployment>>,
+    pub statefulsets: Store<CachedWorkload<StatefulSet>>,
+    pub daemonsets: Store<CachedWorkload<DaemonSet>>,
     pub limit_ranges: Store<LimitRange>,
     pub quotas: Store<ResourceQuota>,
     /// Running pods (field selector `status.phase=Running`).
-    pub pods: Store<Pod>,
+    pub pods: Store<CachedPod>,
     /// Workloads written by this process that the watch may not have delivered yet: the
     /// generation the write produced and when. A cached object of an older generation is read
     /// as carrying the written annotations, so a reconcile that runs before the watch catches
@@ -1161,12 +1150,12 @@ impl Cache {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         namespaces: Store<PartialObjectMeta<Namespace>>,
-        deployments: Store<Deployment>,
-        statefulsets: Store<StatefulSet>,
-        daemonsets: Store<DaemonSet>,
+        deployments: Store<CachedWorkload<Deployment>>,
+        statefulsets: Store<CachedWorkload<StatefulSet>>,
+        daemonsets: Store<CachedWorkload<DaemonSet>>,
         limit_ranges: Store<LimitRange>,
         quotas: Store<ResourceQuota>,
-        pods: Store<Pod>,
+        pods: Store<CachedPod>,
     ) -> Self {
         Cache {
             namespaces,
@@ -1209,44 +1198,24 @@ impl Cache {
 fn pending_write(
     written: &mut Written,
     key: (Kind, String, String),
-    cached_generation: Option<i64>,
+    cached_generation: i64,
 ) -> Option<i64> {
     let (g, at) = *written.get(&key)?;
-    if cached_generation.unwrap_or(0) >= g || at.elapsed() > WRITTEN_TTL {
+    if cached_generation >= g || at.elapsed() > WRITTEN_TTL {
         written.remove(&key);
         return None;
     }
     Some(g)
 }
 
-/// Reads the cached copy of a written workload as the write left it: the five annotations on
-/// its template and the written generation (its rollout then shows as not observed yet).
-fn overlay(meta: &mut ObjectMeta, template: Option<&mut PodTemplateSpec>, g: i64, d: &Desired) {
-    meta.generation = Some(g);
-    if let Some(t) = template {
-        let ann = t
-            .metadata
-            .get_or_insert_with(Default::default)
-            .annotations
-            .get_or_insert_with(Default::default);
-        for (k, v) in d.annotations() {
-            ann.insert(k.to_string(), v.to_string());
-        }
-        ann.insert(HASH_ANNOTATION.to_string(), d.hash());
-    }
-}
-
-/// [`observe`] from the controller's cache: no request to the API server.
-fn observe_cached(
-    cache: &Cache,
+/// Namespaces the section covers (by name, empty observations) and the selected ambient ones.
+fn covered_namespaces<'a>(
     spec: &SidecarSpec,
-    desired: &Desired,
-) -> (Vec<NamespaceObservation>, Vec<String>) {
-    let mut out: BTreeMap<String, NamespaceObservation> = BTreeMap::new();
+    namespaces: impl Iterator<Item = (String, BTreeMap<String, String>)> + 'a,
+) -> (BTreeMap<String, NamespaceObservation>, Vec<String>) {
+    let mut out = BTreeMap::new();
     let mut ambient = Vec::new();
-    for ns in cache.namespaces.state() {
-        let labels = ns.metadata.labels.clone().unwrap_or_default();
-        let name = ns.name_any();
+    for (name, labels) in namespaces {
         if is_ambient(&labels) {
             let selected = match &spec.namespace_selector {
                 Some(sel) => selector::matches(sel, &labels),
@@ -1269,43 +1238,66 @@ fn observe_cached(
         }
     }
     ambient.sort();
+    (out, ambient)
+}
+
+/// [`observe`] from the controller's cache: no request to the API server. Entries are shared
+/// with the cache, not copied; a workload written by this process that the cache has not seen
+/// yet is read as written.
+fn observe_cached(
+    cache: &Cache,
+    spec: &SidecarSpec,
+    desired: &Desired,
+) -> (Vec<NamespaceObservation>, Vec<String>) {
+    let (mut out, ambient) = covered_namespaces(
+        spec,
+        cache.namespaces.state().into_iter().map(|ns| {
+            (
+                ns.name_any(),
+                ns.metadata.labels.clone().unwrap_or_default(),
+            )
+        }),
+    );
     let mut written = match cache.written.lock() {
         Ok(w) => w,
         Err(p) => p.into_inner(),
     };
-    macro_rules! fill {
-        ($store:expr, $field:ident, $kind:expr) => {
-            for o in $store.state() {
-                let Some(ns) = out.get_mut(o.metadata.namespace.as_deref().unwrap_or_default())
-                else {
-                    continue;
-                };
-                let mut o = (*o).clone();
-                let key = ($kind, ns.name.clone(), o.name_any());
-                if let Some(g) = pending_write(&mut written, key, o.metadata.generation) {
-                    let tpl = o.spec.as_mut().map(|s| &mut s.template);
-                    overlay(&mut o.metadata, tpl, g, desired);
-                }
-                ns.$field.push(o);
-            }
+    let mut add = |namespace: &Option<String>, facts: &Arc<WorkloadFacts>| {
+        let Some(ns) = out.get_mut(namespace.as_deref().unwrap_or_default()) else {
+            return;
         };
+        let key = (facts.kind, ns.name.clone(), facts.name.clone());
+        let facts = match pending_write(&mut written, key, facts.generation) {
+            Some(g) => Arc::new(facts.written(g, desired)),
+            None => facts.clone(),
+        };
+        ns.workloads.push(facts);
+    };
+    for o in cache.deployments.state() {
+        add(&o.metadata.namespace, &o.facts);
     }
-    fill!(cache.deployments, deployments, Kind::Deployment);
-    fill!(cache.statefulsets, statefulsets, Kind::StatefulSet);
-    fill!(cache.daemonsets, daemonsets, Kind::DaemonSet);
+    for o in cache.statefulsets.state() {
+        add(&o.metadata.namespace, &o.facts);
+    }
+    for o in cache.daemonsets.state() {
+        add(&o.metadata.namespace, &o.facts);
+    }
     drop(written);
-    macro_rules! fill_plain {
-        ($store:expr, $field:ident) => {
-            for o in $store.state() {
-                if let Some(ns) = out.get_mut(o.metadata.namespace.as_deref().unwrap_or_default()) {
-                    ns.$field.push((*o).clone());
-                }
-            }
-        };
+    for o in cache.pods.state() {
+        if let Some(ns) = out.get_mut(o.metadata.namespace.as_deref().unwrap_or_default()) {
+            ns.pods.push(o.facts.clone());
+        }
     }
-    fill_plain!(cache.limit_ranges, limit_ranges);
-    fill_plain!(cache.quotas, quotas);
-    fill_plain!(cache.pods, pods);
+    for o in cache.limit_ranges.state() {
+        if let Some(ns) = out.get_mut(o.metadata.namespace.as_deref().unwrap_or_default()) {
+            ns.limit_ranges.push((*o).clone());
+        }
+    }
+    for o in cache.quotas.state() {
+        if let Some(ns) = out.get_mut(o.metadata.namespace.as_deref().unwrap_or_default()) {
+            ns.quotas.push((*o).clone());
+        }
+    }
     (out.into_values().collect(), ambient)
 }
 
@@ -1319,49 +1311,39 @@ pub async fn observe(
         .list_metadata(&ListParams::default())
         .await
         .map_err(|e| Error::kube("list Namespaces", e))?;
-    let mut out = Vec::new();
-    let mut ambient = Vec::new();
-    for ns in list.items {
-        let labels = ns.metadata.labels.clone().unwrap_or_default();
-        let name = ns.name_any();
-        if is_ambient(&labels) {
-            let selected = match &spec.namespace_selector {
-                Some(sel) => selector::matches(sel, &labels),
-                None => namespace_injection_on(&labels),
-            };
-            if selected {
-                ambient.push(name);
-            }
-            continue;
-        }
-        if !selects_namespace(spec, &labels) {
-            continue;
-        }
-        let (c, ns) = (&ctx.client, name.as_str());
+    let (mut out, ambient) = covered_namespaces(
+        spec,
+        list.items
+            .into_iter()
+            .map(|ns| (ns.name_any(), ns.metadata.labels.unwrap_or_default())),
+    );
+    for ns in out.values_mut() {
+        let (c, name) = (&ctx.client, ns.name.as_str());
         let (lp, running) = (
             ListParams::default(),
             ListParams::default().fields("status.phase=Running"),
         );
         let (deployments, statefulsets, daemonsets, limit_ranges, quotas, pods) = tokio::try_join!(
-            list_in::<Deployment>(c, ns, &lp, "Deployments"),
-            list_in::<StatefulSet>(c, ns, &lp, "StatefulSets"),
-            list_in::<DaemonSet>(c, ns, &lp, "DaemonSets"),
-            list_in::<LimitRange>(c, ns, &lp, "LimitRanges"),
-            list_in::<ResourceQuota>(c, ns, &lp, "ResourceQuotas"),
-            list_in::<Pod>(c, ns, &running, "Pods"),
+            list_in::<Deployment>(c, name, &lp, "Deployments"),
+            list_in::<StatefulSet>(c, name, &lp, "StatefulSets"),
+            list_in::<DaemonSet>(c, name, &lp, "DaemonSets"),
+            list_in::<LimitRange>(c, name, &lp, "LimitRanges"),
+            list_in::<ResourceQuota>(c, name, &lp, "ResourceQuotas"),
+            list_in::<Pod>(c, name, &running, "Pods"),
         )?;
-        out.push(NamespaceObservation {
-            name,
-            labels,
-            deployments: stripped(deployments.items, strip_deployment),
-            statefulsets: stripped(statefulsets.items, strip_statefulset),
-            daemonsets: stripped(daemonsets.items, strip_daemonset),
-            limit_ranges: limit_ranges.items,
-            quotas: quotas.items,
-            pods: stripped(pods.items, strip_pod),
-        });
+        let facts = deployments.items.iter().map(WorkloadFacts::from);
+        let facts = facts.chain(statefulsets.items.iter().map(WorkloadFacts::from));
+        let facts = facts.chain(daemonsets.items.iter().map(WorkloadFacts::from));
+        ns.workloads = facts.map(Arc::new).collect();
+        ns.limit_ranges = limit_ranges.items;
+        ns.quotas = quotas.items;
+        ns.pods = pods
+            .items
+            .iter()
+            .map(|p| Arc::new(PodFacts::from(p)))
+            .collect();
     }
-    Ok((out, ambient))
+    Ok((out.into_values().collect(), ambient))
 }
 
 /// Lists `K` in `namespace`, naming what failed.
@@ -1381,11 +1363,6 @@ where
         .list(lp)
         .await
         .map_err(|e| Error::kube(format!("list {what} in {namespace}"), e))
-}
-
-fn stripped<K>(mut items: Vec<K>, f: fn(&mut K)) -> Vec<K> {
-    items.iter_mut().for_each(f);
-    items
 }
 
 /// Applies the patch; returns the generation the write produced.
@@ -1489,11 +1466,12 @@ pub async fn reconcile_with_stats(
             unfit.insert(ns.name.clone(), problems);
         }
     }
+    let paced = spec.pacing == Pacing::Paced;
     let decisions = plan(
         &desired,
         targets,
         &unfit,
-        spec.max_concurrent_rollouts,
+        paced.then_some(spec.max_concurrent_rollouts),
         enforce,
     );
 
@@ -1551,18 +1529,22 @@ pub async fn reconcile_with_stats(
             }
         }
     }
-    // The writes, a bounded number in flight, results in target order.
+    // The writes, a bounded number in flight (a slow one holds no slot but its own), results
+    // put back in target order.
     let writes: Vec<_> = to_write
         .iter()
-        .map(|(w, _, _, _)| {
+        .enumerate()
+        .map(|(i, (w, _, _, _))| {
             let (w, p) = (*w, patch(w, &desired));
-            async move { write(ctx, w, &p).await }
+            async move { (i, write(ctx, w, &p).await) }
         })
         .collect();
-    let results: Vec<Result<Option<i64>>> = futures::stream::iter(writes)
-        .buffered(WRITE_CONCURRENCY)
+    let mut done: Vec<(usize, Result<Option<i64>>)> = futures::stream::iter(writes)
+        .buffer_unordered(WRITE_CONCURRENCY)
         .collect()
         .await;
+    done.sort_by_key(|(i, _)| *i);
+    let results = done.into_iter().map(|(_, r)| r);
     let mut first_error = None;
     for ((w, d, key, devs), result) in to_write.iter().zip(results) {
         let generation = match result {
@@ -1628,9 +1610,14 @@ pub async fn reconcile_with_stats(
             list(&held, 5)
         ));
     }
-    if !stalled.is_empty() {
+    if !stalled.is_empty() && paced {
         msg.push(format!(
             "the rollout of {} stalled; no other sidecar rollout starts until it completes or is rolled back (kubectl rollout status)",
+            list(&stalled, 5)
+        ));
+    } else if !stalled.is_empty() {
+        msg.push(format!(
+            "the rollout of {} stalled (kubectl rollout status); pacing is off, so other rollouts were not held",
             list(&stalled, 5)
         ));
     }
@@ -1890,11 +1877,11 @@ mod tests {
             workload("b", &[], Rollout::Complete),
             workload("c", &[(PROXY_CPU, "50m")], Rollout::Complete),
         ];
-        let p = plan(&d, &targets, &BTreeMap::new(), 1, true);
+        let p = plan(&d, &targets, &BTreeMap::new(), Some(1), true);
         assert_eq!(p[0].action, Action::Apply);
         assert!(matches!(p[1].action, Action::Held(_)), "{:?}", p[1]);
         assert!(matches!(p[2].action, Action::Held(_)));
-        let p = plan(&d, &targets, &BTreeMap::new(), 2, true);
+        let p = plan(&d, &targets, &BTreeMap::new(), Some(2), true);
         let applied = p.iter().filter(|x| x.action == Action::Apply).count();
         assert_eq!(applied, 2);
     }
@@ -1912,7 +1899,7 @@ mod tests {
             ),
             workload("b", &[], Rollout::Complete),
         ];
-        let p = plan(&d, &targets, &BTreeMap::new(), 1, true);
+        let p = plan(&d, &targets, &BTreeMap::new(), Some(1), true);
         assert_eq!(p[0].action, Action::Compliant);
         assert!(p[0].rolling);
         assert!(matches!(p[1].action, Action::Held(_)), "{:?}", p[1]);
@@ -1921,14 +1908,14 @@ mod tests {
             workload("a", &ours, Rollout::Complete),
             workload("b", &[], Rollout::Complete),
         ];
-        let p = plan(&d, &targets, &BTreeMap::new(), 1, true);
+        let p = plan(&d, &targets, &BTreeMap::new(), Some(1), true);
         assert_eq!(p[1].action, Action::Apply);
         // A rollout that is not ours does not count.
         let targets = vec![
             workload("a", &[], Rollout::InProgress("x".into())),
             workload("b", &[], Rollout::Complete),
         ];
-        let p = plan(&d, &targets, &BTreeMap::new(), 1, true);
+        let p = plan(&d, &targets, &BTreeMap::new(), Some(1), true);
         assert_eq!(p[0].action, Action::Apply);
         assert!(matches!(p[1].action, Action::Held(_)));
     }
@@ -1946,9 +1933,32 @@ mod tests {
             ),
             workload("b", &[], Rollout::Complete),
         ];
-        let p = plan(&d, &targets, &BTreeMap::new(), 5, true);
+        let p = plan(&d, &targets, &BTreeMap::new(), Some(5), true);
         assert!(p[0].stalled.is_some());
         assert!(matches!(&p[1].action, Action::Held(w) if w.contains("stalled")));
+    }
+
+    #[test]
+    fn pacing_off_writes_every_target_even_past_a_stall() {
+        let d = full();
+        let ours: Vec<(&str, String)> = compliant_annotations(&d);
+        let ours: Vec<(&str, &str)> = ours.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut targets = vec![workload(
+            "a",
+            &ours,
+            Rollout::Stalled("ProgressDeadlineExceeded".into()),
+        )];
+        for i in 0..150 {
+            targets.push(workload(&format!("w{i}"), &[], Rollout::Complete));
+        }
+        let p = plan(&d, &targets, &BTreeMap::new(), None, true);
+        assert!(p[0].stalled.is_some());
+        assert_eq!(p.iter().filter(|d| d.action == Action::Apply).count(), 150);
+        let paced = plan(&d, &targets, &BTreeMap::new(), Some(100), true);
+        assert_eq!(
+            paced.iter().filter(|d| d.action == Action::Apply).count(),
+            0
+        );
     }
 
     #[test]
@@ -1967,12 +1977,12 @@ mod tests {
                 Rollout::Complete,
             ),
         ];
-        let p = plan(&d, &targets, &BTreeMap::new(), 1, false);
+        let p = plan(&d, &targets, &BTreeMap::new(), Some(1), false);
         assert_eq!(p[0].action, Action::Reported);
         assert_eq!(p[0].deviations.len(), 4);
         assert_eq!(p[1].action, Action::Compliant, "{:?}", p[1].deviations);
         let unfit = BTreeMap::from([("apps".to_string(), vec!["quota".to_string()])]);
-        let p = plan(&d, &targets, &unfit, 1, true);
+        let p = plan(&d, &targets, &unfit, Some(1), true);
         assert!(matches!(p[0].action, Action::Skipped(_)));
         assert_eq!(p[1].action, Action::Compliant);
     }
@@ -2115,11 +2125,14 @@ mod tests {
         let ns = NamespaceObservation {
             name: "apps".into(),
             labels: map(&[("istio-injection", "enabled")]),
-            pods: vec![
+            pods: [
                 pod("a-1", "a", "100m"),
                 pod("a-2", "a", "200m"),
                 pod("b-1", "b", "200m"),
-            ],
+            ]
+            .iter()
+            .map(|p| Arc::new(PodFacts::from(p)))
+            .collect(),
             ..Default::default()
         };
         let excluded = BTreeSet::from([("apps".to_string(), Kind::Deployment, "b".to_string())]);
@@ -2128,8 +2141,8 @@ mod tests {
     }
 
     #[test]
-    fn stripping_keeps_what_the_rule_reads() {
-        let mut d: Deployment = serde_json::from_value(json!({
+    fn facts_keep_what_the_rule_reads() {
+        let d: Deployment = serde_json::from_value(json!({
             "metadata": {"name": "a", "namespace": "apps", "generation": 4,
                 "labels": {"app": "a"},
                 "annotations": {IGNORE_ANNOTATION: "mtls", "kubectl.kubernetes.io/last-applied-configuration": "{...}"},
@@ -2145,67 +2158,68 @@ mod tests {
                         "f:sidecar.istio.io/proxyMemory": {}}}}}}}
                 ]},
             "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "a"}},
-                "template": {"metadata": {"labels": {"app": "a"}, "annotations": {PROXY_CPU: "50m"}},
+                "template": {"metadata": {"labels": {"app": "a", INJECT: "true"},
+                        "annotations": {PROXY_CPU: "50m", "prometheus.io/scrape": "true"}},
                     "spec": {"containers": [{"name": "app", "image": "x", "env": [{"name": "A", "value": "b"}],
                         "resources": {"requests": {"cpu": "1"}}}]}}},
             "status": {"observedGeneration": 4, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 3}
         }))
         .unwrap();
-        let before = classify(
-            &[NamespaceObservation {
-                name: "apps".into(),
-                labels: map(&[("istio-injection", "enabled")]),
-                deployments: vec![d.clone()],
-                ..Default::default()
-            }],
-            jiff::Timestamp::now(),
-        );
-        strip_deployment(&mut d);
-        let after = classify(
-            &[NamespaceObservation {
-                name: "apps".into(),
-                labels: map(&[("istio-injection", "enabled")]),
-                deployments: vec![d.clone()],
-                ..Default::default()
-            }],
-            jiff::Timestamp::now(),
-        );
-        let (b, a) = (&before.targets[0], &after.targets[0]);
-        assert_eq!(a.foreign_owners, vec!["helm".to_string()]);
+        let f = WorkloadFacts::from(&d);
+        assert_eq!(f.foreign_owners, vec!["helm".to_string()]);
+        assert_eq!(f.template_annotations, map(&[(PROXY_CPU, "50m")]));
+        assert_eq!(f.template_labels, map(&[(INJECT, "true")]));
         assert_eq!(
-            (&a.annotations, &a.rollout, a.replicas, &a.other_containers),
-            (&b.annotations, &b.rollout, b.replicas, &b.other_containers)
+            (f.kind, f.name.as_str(), f.generation, f.replicas),
+            (Kind::Deployment, "a", 4, 3)
         );
-        assert_eq!(d.metadata.managed_fields.as_ref().unwrap().len(), 2);
-        assert_eq!(d.metadata.annotations.as_ref().unwrap().len(), 1);
-        assert!(meshwarden_write_time(&d.metadata).is_some());
-        assert!(!owned_by_other_rule(&d.metadata));
-        let c = &d
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .containers[0];
-        assert!(c.env.is_none() && c.image.is_none());
-    }
-
-    #[test]
-    fn stripped_pods_keep_their_drift() {
-        let mut p: Pod = serde_yaml::from_str(
-            "metadata: {name: a-1, labels: {pod-template-hash: abc, app: a}, annotations: {sidecar.istio.io/status: x}, ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: a-abc, uid: u}]}\nspec: {containers: [{name: app, image: x}, {name: istio-proxy, image: y, resources: {requests: {cpu: 10m, memory: 128Mi}, limits: {cpu: '1', memory: 512Mi}}}]}\nstatus: {phase: Running}",
-        )
-        .unwrap();
-        strip_pod(&mut p);
-        let spec = p.spec.as_ref().unwrap();
-        assert_eq!(spec.containers.len(), 1);
-        assert!(p.status.is_none());
+        assert_eq!(f.rollout, Rollout::Complete);
+        assert_eq!(f.other_containers.get("requests.cpu"), Some(&1000));
+        assert!(!f.opted_out && !f.other_rule);
+        assert_eq!(f.written_at, Some("2026-01-01T00:00:00Z".parse().unwrap()));
         let ns = NamespaceObservation {
             name: "apps".into(),
             labels: map(&[("istio-injection", "enabled")]),
-            pods: vec![p],
+            workloads: vec![Arc::new(f)],
+            ..Default::default()
+        };
+        let c = classify(&[ns], jiff::Timestamp::now());
+        assert_eq!(c.targets.len(), 1);
+        assert_eq!(c.targets[0].id(), "Deployment/apps/a");
+
+        // A cache entry parses the whole object and keeps only identity and facts.
+        let entry: CachedWorkload<Deployment> = serde_json::from_value(json!({
+            "metadata": {"name": "b", "namespace": "apps", "resourceVersion": "9",
+                "annotations": {IGNORE_ANNOTATION: "sidecar-resources"}},
+            "spec": {"selector": {}, "template": {"spec": {"containers": []}}}
+        }))
+        .unwrap();
+        assert!(entry.facts.opted_out);
+        assert!(entry.metadata.annotations.is_none());
+        assert_eq!(entry.metadata.resource_version.as_deref(), Some("9"));
+    }
+
+    #[test]
+    fn pod_facts_keep_their_drift() {
+        let p: CachedPod = serde_yaml::from_str(
+            "metadata: {name: a-1, namespace: apps, labels: {pod-template-hash: abc, app: a}, annotations: {sidecar.istio.io/status: x}, ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: a-abc, uid: u}]}\nspec: {containers: [{name: app, image: x}, {name: istio-proxy, image: y, resources: {requests: {cpu: 10m, memory: 128Mi}, limits: {cpu: '1', memory: 512Mi}}}]}\nstatus: {phase: Running}",
+        )
+        .unwrap();
+        assert_eq!(p.facts.owner, Some((Kind::Deployment, "a".to_string())));
+        assert!(p.facts.labels.is_empty() && p.facts.annotations.is_empty());
+        assert_eq!(
+            p.facts.proxy,
+            Some([
+                Some(10),
+                Some(1000),
+                Some(128 * 1024 * 1024 * 1000),
+                Some(512 * 1024 * 1024 * 1000)
+            ])
+        );
+        let ns = NamespaceObservation {
+            name: "apps".into(),
+            labels: map(&[("istio-injection", "enabled")]),
+            pods: vec![p.facts.clone()],
             ..Default::default()
         };
         let drift = pod_drift(&full(), &[ns], &BTreeSet::new());
@@ -2217,16 +2231,28 @@ mod tests {
         let d = full();
         let key = (Kind::Deployment, "apps".to_string(), "a".to_string());
         let mut written = HashMap::from([(key.clone(), (5, Instant::now()))]);
-        assert_eq!(pending_write(&mut written, key.clone(), Some(4)), Some(5));
-        let mut meta = ObjectMeta::default();
-        let mut tpl = PodTemplateSpec::default();
-        overlay(&mut meta, Some(&mut tpl), 5, &d);
-        assert_eq!(meta.generation, Some(5));
-        let ann = tpl.metadata.unwrap().annotations.unwrap();
-        assert!(deviations(&d, &ann).is_empty());
-        assert_eq!(ann[HASH_ANNOTATION], d.hash());
+        assert_eq!(pending_write(&mut written, key.clone(), 4), Some(5));
+        let cached = WorkloadFacts {
+            kind: Kind::Deployment,
+            name: "a".into(),
+            generation: 4,
+            replicas: 2,
+            template_labels: BTreeMap::new(),
+            template_annotations: map(&[(PROXY_CPU, "1")]),
+            opted_out: false,
+            other_rule: false,
+            written_at: None,
+            foreign_owners: vec![],
+            other_containers: Amounts::new(),
+            rollout: Rollout::Complete,
+        };
+        let seen = cached.written(5, &d);
+        assert_eq!(seen.generation, 5);
+        assert!(deviations(&d, &seen.template_annotations).is_empty());
+        assert_eq!(seen.template_annotations[HASH_ANNOTATION], d.hash());
+        assert!(matches!(seen.rollout, Rollout::InProgress(_)));
         // Caught up: forgotten.
-        assert_eq!(pending_write(&mut written, key.clone(), Some(5)), None);
+        assert_eq!(pending_write(&mut written, key.clone(), 5), None);
         assert!(written.is_empty());
     }
 }

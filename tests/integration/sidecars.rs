@@ -484,6 +484,45 @@ async fn rollouts_are_paced_one_at_a_time() {
     op.stop().await;
 }
 
+/// With `pacing: Off` every workload is written in one pass, without waiting for rollouts.
+#[tokio::test]
+async fn pacing_off_writes_every_workload_at_once() {
+    let env = common::env("sc-nopace").await;
+    let c = &env.client;
+    let ns = ns(&env, "apps", &[("istio-injection", "enabled")]).await;
+    for name in ["a", "b", "c", "d"] {
+        deployment(c, &ns, name, 2).await;
+    }
+    let op = env.start_operator().await;
+    let spec = policy_spec(&env, "Enforce", 1).replace(
+        "maxConcurrentRollouts: 1",
+        "maxConcurrentRollouts: 1, pacing: 'Off'",
+    );
+    env.create_policy("p", &spec).await;
+    // No rollout is completed by the test: all four are written anyway.
+    common::eventually(30, "every workload written", || async {
+        let mut all = true;
+        for name in ["a", "b", "c", "d"] {
+            all &= has_four(&annotations_of(c, &ns, name).await);
+        }
+        all.then_some(())
+    })
+    .await;
+    let p = wait_reason(&env, "p", "RolloutInProgress", 15).await;
+    let status = p.status.clone().unwrap();
+    assert!(
+        status.violations.iter().all(|v| v.action != "Held"),
+        "{:?}",
+        status.violations
+    );
+    for name in ["a", "b", "c", "d"] {
+        complete_rollout(c, &ns, name).await;
+    }
+    wait_reason(&env, "p", "Compliant", 15).await;
+    assert_eq!(common::operator_writes(Some(&ns), &[]).len(), 4);
+    op.stop().await;
+}
+
 /// A stalled rollout (ProgressDeadlineExceeded) stops the pacing and is reported.
 #[tokio::test]
 async fn a_stalled_rollout_stops_the_pacing() {

@@ -79,6 +79,10 @@ const INVALID: &[(&str, &str)] = &[
         "sidecars: {maxConcurrentRollouts: 1}",
         "spec.sidecars.resources",
     ),
+    (
+        "sidecars: {resources: {}, pacing: None}",
+        "spec.sidecars.pacing",
+    ),
     ("mtls: {mode: DISABLE}", "spec.mtls.mode"),
     (
         "mtls: {mode: STRICT, scope: Namespaces}",
