@@ -196,13 +196,10 @@ fn spawn_watch(client: Client) -> Arc<Watch> {
                 m.insert(key, has_declared(&d));
             }
             w.notify.notify_waiters();
-            let generation = d.metadata.generation.unwrap_or(0);
-            let observed = d
-                .status
-                .as_ref()
-                .and_then(|s| s.observed_generation)
-                .unwrap_or(0);
-            if carries_hash(&d) && observed < generation && w.completing.load(Ordering::Relaxed) {
+            if let Some(generation) = unobserved_generation(&d)
+                && carries_hash(&d)
+                && w.completing.load(Ordering::Relaxed)
+            {
                 let permit = sem.clone().acquire_owned().await.expect("semaphore");
                 let (client, w) = (client.clone(), w.clone());
                 tokio::spawn(async move {
@@ -220,6 +217,13 @@ fn spawn_watch(client: Client) -> Arc<Watch> {
     out
 }
 
+/// The Deployment's generation when its controller has not observed it yet.
+fn unobserved_generation(d: &Deployment) -> Option<i64> {
+    let generation = d.metadata.generation.unwrap_or(0);
+    let observed = d.status.as_ref().and_then(|s| s.observed_generation);
+    (observed.unwrap_or(0) < generation).then_some(generation)
+}
+
 /// Completes the rollout of every bench Deployment whose generation is not observed yet.
 async fn complete_all(admin: &Client, namespaces: usize, deployments: usize) -> u64 {
     let n = AtomicU64::new(0);
@@ -228,13 +232,7 @@ async fn complete_all(admin: &Client, namespaces: usize, deployments: usize) -> 
         async move {
             let api: Api<Deployment> = Api::namespaced(admin, &ns_name(i % namespaces));
             let d = api.get(&deploy_name(i)).await?;
-            let generation = d.metadata.generation.unwrap_or(0);
-            let observed = d
-                .status
-                .as_ref()
-                .and_then(|s| s.observed_generation)
-                .unwrap_or(0);
-            if observed < generation {
+            if let Some(generation) = unobserved_generation(&d) {
                 complete_rollout(&api, &deploy_name(i), generation).await?;
                 n.fetch_add(1, Ordering::Relaxed);
             }
