@@ -378,11 +378,12 @@ pub async fn run(
     // The policy reflector is ours so that readiness can follow the end of its initial list
     // (the store's own readiness future wakes only one waiter, which the controller needs).
     let (store, writer) = reflector::store::<MeshPolicy>();
-    let metrics = state.ctx.metrics.clone();
+    let listed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let policies_listed = listed.clone();
     let policy_stream = reflector::reflector(writer, watcher(policies, wc).default_backoff())
         .inspect(move |ev| {
             if let Ok(watcher::Event::InitDone) = ev {
-                metrics.set_ready(true);
+                policies_listed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         })
         .touched_objects();
@@ -436,6 +437,24 @@ pub async fn run(
         quotas,
         pods,
     )));
+    // Ready once the policies and every cache have their initial list (a reconcile before
+    // that would wait for them). Polled: a store's readiness future wakes one waiter only.
+    let ready_task = {
+        let (metrics, cache) = (state.ctx.metrics.clone(), state.ctx.sidecar_cache());
+        tokio::spawn(async move {
+            loop {
+                let caches = match &cache {
+                    Some(c) => c.ready(Duration::from_millis(100)).await,
+                    None => true,
+                };
+                if caches && listed.load(std::sync::atomic::Ordering::Relaxed) {
+                    metrics.set_ready(true);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
     // The stores' watches run in a task of their own: the controller stops polling its
     // trigger streams while the policy they point at is being reconciled, and a reconcile
     // reads these stores, so they must not wait for it. Their events reach the controller as
@@ -525,6 +544,7 @@ pub async fn run(
         })
         .await;
     cache_task.abort();
+    ready_task.abort();
     state.ctx.set_sidecar_cache(None);
 }
 

@@ -299,7 +299,8 @@ fn start_operator(dir: &Path, kubeconfig: &Path, port: u16) -> Child {
         .expect("start meshwarden")
 }
 
-async fn wait_live(port: u16, child: &mut Child) {
+/// Waits until the operator answers 200 on `path`.
+async fn wait_http_ok(port: u16, path: &str, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Ok(Some(st)) = child.try_wait() {
@@ -308,7 +309,7 @@ async fn wait_live(port: u16, child: &mut Child) {
         if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let _ = s
-                .write_all(b"GET /livez HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
                 .await;
             let mut buf = Vec::new();
             let _ = s.read_to_end(&mut buf).await;
@@ -316,7 +317,10 @@ async fn wait_live(port: u16, child: &mut Child) {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "meshwarden not live in 120s");
+        assert!(
+            Instant::now() < deadline,
+            "meshwarden {path} not 200 in 120s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -494,9 +498,10 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize) {
     let port = free_port();
     let mut child = start_operator(&plane.dir, &plane.operator_kubeconfig, port);
     let pid = child.id();
-    // Serving /livez; give its watches a few seconds to list (a reconcile waits for them).
-    wait_live(port, &mut child).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Ready: the policies and every watch cache have their initial list.
+    let t_ready = Instant::now();
+    wait_http_ok(port, "/readyz", &mut child).await;
+    let ready_after = t_ready.elapsed();
     let started_rss = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
     let peak_sampled = Arc::new(AtomicU64::new(0));
     let sampler = {
@@ -608,6 +613,10 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize) {
     println!(
         "  rollouts completed by the bench after the timed part (status writes as the Deployment controller): {}",
         watch.completed.load(Ordering::Relaxed) + completed_after
+    );
+    println!(
+        "  operator ready (initial lists done) {:.1} s after its start",
+        ready_after.as_secs_f64()
     );
     println!(
         "  operator RSS: peak (VmHWM) {:.1} MiB (target: under 64 MiB); ready {:.1} MiB, sampled peak {:.1} MiB, at the end {:.1} MiB",

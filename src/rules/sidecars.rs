@@ -69,6 +69,8 @@ const STALL_PER_POD_SECS: i64 = 60;
 const DRIFT_NAMES: usize = 3;
 /// Server-side applies of one reconcile in flight at once.
 pub const WRITE_CONCURRENCY: usize = 16;
+/// Corrections of one reconcile described one by one (Events); `corrected` counts them all.
+const CORRECTIONS_LISTED: usize = 5;
 
 /// The workload kinds whose pod templates are held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -450,21 +452,21 @@ const KEYS: [&str; 4] = [
     "limits.memory",
 ];
 
-/// A workload whose pods get a sidecar, as read from the cluster.
+/// A workload whose pods get a sidecar, as read from the cluster: its facts (shared with the
+/// cache, see [`WorkloadFacts`]), its namespace, and its rollout state as of now.
 #[derive(Clone, Debug)]
 pub struct Workload {
-    pub kind: Kind,
     pub namespace: String,
-    pub name: String,
-    /// Pods it runs when rolled out.
-    pub replicas: i32,
-    /// Pod template annotations.
-    pub annotations: BTreeMap<String, String>,
+    pub facts: Arc<WorkloadFacts>,
+    /// The facts' rollout, with stalls of StatefulSets and DaemonSets decided.
     pub rollout: Rollout,
-    /// Managers other than meshwarden that own one of the four annotations.
-    pub foreign_owners: Vec<String>,
-    /// Requests/limits of the template's other containers (for the surge pod of a rollout).
-    pub other_containers: Amounts,
+}
+
+impl std::ops::Deref for Workload {
+    type Target = WorkloadFacts;
+    fn deref(&self) -> &WorkloadFacts {
+        &self.facts
+    }
 }
 
 impl Workload {
@@ -481,7 +483,7 @@ impl Workload {
             "requests.memory" => PROXY_MEMORY,
             _ => PROXY_MEMORY_LIMIT,
         };
-        self.annotations
+        self.template_annotations
             .get(ann)
             .and_then(|v| quantity::millis(v))
             .unwrap_or(0)
@@ -808,14 +810,9 @@ pub fn classify(namespaces: &[NamespaceObservation], now: jiff::Timestamp) -> Cl
                 }
             }
             out.targets.push(Workload {
-                kind: w.kind,
                 namespace: ns.name.clone(),
-                name: w.name.clone(),
-                replicas: w.replicas,
-                annotations: w.template_annotations.clone(),
+                facts: w.clone(),
                 rollout,
-                foreign_owners: w.foreign_owners.clone(),
-                other_containers: w.other_containers.clone(),
             });
         }
     }
@@ -996,7 +993,7 @@ pub fn plan(
     let mut decisions: Vec<Decision> = targets
         .iter()
         .map(|w| {
-            let ours = w.annotations.contains_key(HASH_ANNOTATION);
+            let ours = w.template_annotations.contains_key(HASH_ANNOTATION);
             let (rolling, stalled) = match &w.rollout {
                 _ if !ours => (false, None),
                 Rollout::Complete => (false, None),
@@ -1005,7 +1002,7 @@ pub fn plan(
             };
             Decision {
                 action: Action::Compliant,
-                deviations: deviations(desired, &w.annotations),
+                deviations: deviations(desired, &w.template_annotations),
                 rolling,
                 stalled,
             }
@@ -1169,18 +1166,31 @@ impl Cache {
         }
     }
 
-    /// Waits (up to `limit`) until every store holds its initial list.
+    /// Waits (up to `limit`) until every store holds its initial list. A store's readiness
+    /// future wakes only the waiter that polled it last, so with several waiters (reconciles
+    /// of several policies, the readiness probe) each one re-polls every 50 ms.
     pub async fn ready(&self, limit: Duration) -> bool {
-        let all = async {
-            self.namespaces.wait_until_ready().await.is_ok()
-                && self.deployments.wait_until_ready().await.is_ok()
-                && self.statefulsets.wait_until_ready().await.is_ok()
-                && self.daemonsets.wait_until_ready().await.is_ok()
-                && self.limit_ranges.wait_until_ready().await.is_ok()
-                && self.quotas.wait_until_ready().await.is_ok()
-                && self.pods.wait_until_ready().await.is_ok()
-        };
-        tokio::time::timeout(limit, all).await.unwrap_or(false)
+        let deadline = Instant::now() + limit;
+        loop {
+            let all = async {
+                self.namespaces.wait_until_ready().await.is_ok()
+                    && self.deployments.wait_until_ready().await.is_ok()
+                    && self.statefulsets.wait_until_ready().await.is_ok()
+                    && self.daemonsets.wait_until_ready().await.is_ok()
+                    && self.limit_ranges.wait_until_ready().await.is_ok()
+                    && self.quotas.wait_until_ready().await.is_ok()
+                    && self.pods.wait_until_ready().await.is_ok()
+            };
+            let step = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(50));
+            if let Ok(ready) = tokio::time::timeout(step, all).await {
+                return ready;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+        }
     }
 
     fn record_written(&self, w: &Workload, generation: Option<i64>) {
@@ -1450,7 +1460,7 @@ pub async fn reconcile_with_stats(
     // Targets to change, by namespace (one pass: deviations format strings).
     let mut changes_by_ns: HashMap<&str, Vec<&Workload>> = HashMap::new();
     for w in targets {
-        if !deviations(&desired, &w.annotations).is_empty() {
+        if !deviations(&desired, &w.template_annotations).is_empty() {
             changes_by_ns
                 .entry(w.namespace.as_str())
                 .or_default()
@@ -1529,20 +1539,23 @@ pub async fn reconcile_with_stats(
             }
         }
     }
-    // The writes, a bounded number in flight (a slow one holds no slot but its own), results
-    // put back in target order.
-    let writes: Vec<_> = to_write
-        .iter()
-        .enumerate()
-        .map(|(i, (w, _, _, _))| {
-            let (w, p) = (*w, patch(w, &desired));
-            async move { (i, write(ctx, w, &p).await) }
-        })
-        .collect();
-    let mut done: Vec<(usize, Result<Option<i64>>)> = futures::stream::iter(writes)
-        .buffer_unordered(WRITE_CONCURRENCY)
-        .collect()
-        .await;
+    // The writes, a bounded number in flight (a slow one holds no slot but its own), each
+    // built only when it starts; results put back in target order.
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut done: Vec<(usize, Result<Option<i64>>)> = Vec::with_capacity(to_write.len());
+    let mut next = 0;
+    loop {
+        while in_flight.len() < WRITE_CONCURRENCY && next < to_write.len() {
+            let (i, w) = (next, to_write[next].0);
+            let p = patch(w, &desired);
+            in_flight.push(async move { (i, write(ctx, w, &p).await) });
+            next += 1;
+        }
+        match in_flight.next().await {
+            Some(r) => done.push(r),
+            None => break,
+        }
+    }
     done.sort_by_key(|(i, _)| *i);
     let results = done.into_iter().map(|(_, r)| r);
     let mut first_error = None;
@@ -1561,10 +1574,13 @@ pub async fn reconcile_with_stats(
         ctx.fight_record(key, Instant::now());
         report.corrected += 1;
         report.compliant += 1;
-        report.corrections.push(format!(
-            "{id}: sidecar resources set to {} ({devs}); its pods roll",
-            desired.summary()
-        ));
+        // The first few are published as Events; the rest are counted in `corrected`.
+        if report.corrections.len() < CORRECTIONS_LISTED {
+            report.corrections.push(format!(
+                "{id}: sidecar resources set to {} ({devs}); its pods roll",
+                desired.summary()
+            ));
+        }
         for m in &w.foreign_owners {
             takeovers.push(format!("{id} (was managed by {m})"));
         }
@@ -1723,14 +1739,22 @@ mod tests {
 
     fn workload(name: &str, annotations: &[(&str, &str)], rollout: Rollout) -> Workload {
         Workload {
-            kind: Kind::Deployment,
             namespace: "apps".into(),
-            name: name.into(),
-            replicas: 2,
-            annotations: map(annotations),
+            facts: Arc::new(WorkloadFacts {
+                kind: Kind::Deployment,
+                name: name.into(),
+                generation: 1,
+                replicas: 2,
+                template_labels: BTreeMap::new(),
+                template_annotations: map(annotations),
+                opted_out: false,
+                other_rule: false,
+                written_at: None,
+                foreign_owners: vec![],
+                other_containers: Amounts::new(),
+                rollout: rollout.clone(),
+            }),
             rollout,
-            foreign_owners: vec![],
-            other_containers: Amounts::new(),
         }
     }
 
