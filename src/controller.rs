@@ -80,10 +80,25 @@ pub async fn evaluate(
     } else {
         RuleReport::not_configured(types::GATEWAY_HA, "gateways")
     };
+    let name = policy.name_any();
     let sidecars = match &spec.sidecars {
-        None => RuleReport::not_configured(types::SIDECAR_RESOURCES, "sidecars"),
+        None => {
+            ctx.metrics.set_sidecar_drift(&name, &Default::default());
+            RuleReport::not_configured(types::SIDECAR_RESOURCES, "sidecars")
+        }
         Some(s) => {
-            sidecars::reconcile(ctx, policy, s, policy::effective(&spec, s.enforcement)).await
+            let enforcement = policy::effective(&spec, s.enforcement);
+            let (report, stats) = sidecars::reconcile_with_stats(ctx, policy, s, enforcement).await;
+            // A failed pass keeps the last known drift.
+            if report.condition.status != Status::Unknown {
+                let drift = stats
+                    .pod_drift
+                    .iter()
+                    .map(|(ns, pods)| (ns.clone(), pods.len()))
+                    .collect();
+                ctx.metrics.set_sidecar_drift(&name, &drift);
+            }
+            report
         }
     };
     let mtls = match &spec.mtls {

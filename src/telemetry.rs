@@ -1,4 +1,5 @@
 //! Prometheus metrics and the HTTP endpoints `/livez`, `/readyz` and `/metrics`.
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +27,12 @@ pub struct RuleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabels {
+    pub policy: String,
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub kind: String,
 }
@@ -39,12 +46,16 @@ pub struct Metrics {
     pub corrections: Family<RuleLabels, Counter>,
     pub violations: Family<RuleLabels, Gauge>,
     pub policy_ready: Family<PolicyLabels, Gauge>,
+    /// Running pods whose istio-proxy has other resources than the policy declares.
+    pub sidecar_drift: Family<NamespaceLabels, Gauge>,
     pub leader: Gauge,
     pub writes: Counter,
     /// Health: set once the process serves; readiness: leader with synced watches, or standby.
     ready: AtomicBool,
     /// Policies with series, so that deleted ones can be forgotten.
     known: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Namespaces with a `sidecar_drift` series, per policy, so that fixed ones are removed.
+    drift_namespaces: std::sync::Mutex<BTreeMap<String, BTreeSet<String>>>,
 }
 
 impl Default for Metrics {
@@ -56,6 +67,7 @@ impl Default for Metrics {
         let corrections = Family::<RuleLabels, Counter>::default();
         let violations = Family::<RuleLabels, Gauge>::default();
         let policy_ready = Family::<PolicyLabels, Gauge>::default();
+        let sidecar_drift = Family::<NamespaceLabels, Gauge>::default();
         let leader = Gauge::default();
         let writes = Counter::default();
         registry.register(
@@ -89,6 +101,11 @@ impl Default for Metrics {
             policy_ready.clone(),
         );
         registry.register(
+            "sidecar_drift_pods",
+            "Running pods whose istio-proxy has other resources than the policy declares, by namespace",
+            sidecar_drift.clone(),
+        );
+        registry.register(
             "leader",
             "1 while this instance holds the leader lease",
             leader.clone(),
@@ -106,10 +123,12 @@ impl Default for Metrics {
             corrections,
             violations,
             policy_ready,
+            sidecar_drift,
             leader,
             writes,
             ready: AtomicBool::new(false),
             known: Default::default(),
+            drift_namespaces: Default::default(),
         }
     }
 }
@@ -151,8 +170,37 @@ impl Metrics {
         }
     }
 
+    /// Sets the policy's `sidecar_drift_pods` series to `per_namespace` (namespace -> pods);
+    /// namespaces no longer listed lose their series.
+    pub fn set_sidecar_drift(&self, policy: &str, per_namespace: &BTreeMap<String, usize>) {
+        let before = match self.drift_namespaces.lock() {
+            Ok(mut m) => {
+                let now: BTreeSet<String> = per_namespace.keys().cloned().collect();
+                if now.is_empty() {
+                    m.remove(policy).unwrap_or_default()
+                } else {
+                    m.insert(policy.to_string(), now).unwrap_or_default()
+                }
+            }
+            Err(_) => BTreeSet::new(),
+        };
+        let labels = |namespace: &str| NamespaceLabels {
+            policy: policy.to_string(),
+            namespace: namespace.to_string(),
+        };
+        for ns in before.iter().filter(|ns| !per_namespace.contains_key(*ns)) {
+            self.sidecar_drift.remove(&labels(ns));
+        }
+        for (ns, pods) in per_namespace {
+            self.sidecar_drift
+                .get_or_create(&labels(ns))
+                .set(i64::try_from(*pods).unwrap_or(i64::MAX));
+        }
+    }
+
     /// Removes the per-policy series of a deleted policy.
     pub fn forget_policy(&self, policy: &str) {
+        self.set_sidecar_drift(policy, &BTreeMap::new());
         self.policy_ready.remove(&PolicyLabels {
             policy: policy.to_string(),
         });
@@ -210,6 +258,33 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sidecar_drift_series_follow_the_namespaces_with_drift() {
+        let m = Metrics::default();
+        m.set_sidecar_drift("p", &BTreeMap::from([("a".into(), 2), ("b".into(), 1)]));
+        let text = m.encode();
+        assert!(
+            text.contains("meshwarden_sidecar_drift_pods{policy=\"p\",namespace=\"a\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meshwarden_sidecar_drift_pods{policy=\"p\",namespace=\"b\"} 1"),
+            "{text}"
+        );
+        m.set_sidecar_drift("p", &BTreeMap::from([("b".into(), 3)]));
+        let text = m.encode();
+        assert!(
+            !text.contains("namespace=\"a\""),
+            "a fixed namespace loses its series: {text}"
+        );
+        assert!(
+            text.contains("meshwarden_sidecar_drift_pods{policy=\"p\",namespace=\"b\"} 3"),
+            "{text}"
+        );
+        m.forget_policy("p");
+        assert!(!m.encode().contains("namespace=\"b\""));
+    }
 
     #[test]
     fn encodes_the_documented_metric_names() {

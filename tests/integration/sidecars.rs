@@ -348,6 +348,12 @@ async fn targets_get_all_four_annotations_and_nothing_else_is_touched() {
         "pod drift: {}",
         cond.message
     );
+    let metrics = op.state.ctx.metrics.encode();
+    let series = format!(
+        "meshwarden_sidecar_drift_pods{{policy=\"{}\",namespace=\"{inj}\"}} 1",
+        env.policy_name("p")
+    );
+    assert!(metrics.contains(&series), "{series} missing in\n{metrics}");
     assert!(
         cond.message.contains(&amb),
         "ambient namespace named: {}",
