@@ -387,17 +387,49 @@ impl SharedPlane {
 }
 
 /// A fresh directory for a plane: on `/dev/shm` when it exists (etcd is faster there).
+/// Directories that earlier processes left behind are removed first (a test binary's shared
+/// plane lives in a static and is never dropped, so its etcd data outlives the process).
 pub fn scratch_dir(tag: &str) -> PathBuf {
     let base = if Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
     } else {
         std::env::temp_dir()
     };
+    sweep_stale(&base);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     base.join(format!("meshwarden-{tag}-{}-{nanos}", std::process::id()))
+}
+
+/// The process id in a scratch directory's name, `meshwarden-<tag>-<pid>-<nanos>`.
+fn scratch_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("meshwarden-")?;
+    let mut parts = rest.rsplitn(3, '-');
+    let (nanos, pid, tag) = (parts.next()?, parts.next()?, parts.next()?);
+    nanos.parse::<u32>().ok()?;
+    (!tag.is_empty()).then_some(())?;
+    pid.parse().ok()
+}
+
+/// Removes scratch directories whose process no longer runs (Linux: checked in `/proc`).
+fn sweep_stale(base: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = scratch_owner(&name.to_string_lossy()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn free_port(dir: &Path) -> Result<u16> {
@@ -577,4 +609,21 @@ pub async fn wait_crd_established(client: &Client, name: &str) -> Result<()> {
         .map_err(|_| Error::Manifest(format!("CRD {name} not established within 10s")))?
         .map_err(|e| Error::Manifest(e.to_string()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_directory_names_give_their_process() {
+        assert_eq!(scratch_owner("meshwarden-test-123-456789"), Some(123));
+        assert_eq!(scratch_owner("meshwarden-bench-sidecars-77-1"), Some(77));
+        assert_eq!(scratch_owner("meshwarden-dev"), None);
+        assert_eq!(scratch_owner("meshwarden-test-x-1"), None);
+        assert_eq!(scratch_owner("other-test-1-2"), None);
+        let name = scratch_dir("t");
+        let name = name.file_name().unwrap().to_string_lossy().to_string();
+        assert_eq!(scratch_owner(&name), Some(std::process::id()));
+    }
 }
