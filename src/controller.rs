@@ -2,10 +2,11 @@
 //! reconciles each policy: resolve conflicts, run every rule section, write status (only when
 //! it changed) and publish Events for transitions and corrections.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{LimitRange, Namespace, Pod, ResourceQuota};
@@ -36,6 +37,8 @@ pub struct State {
     /// Only policies with these labels are handled (`--policy-selector`); all when `None`.
     pub policy_selector: Option<String>,
     store: RwLock<Option<Store<MeshPolicy>>>,
+    /// Reconciles running now; a shutdown waits for them (up to [`SHUTDOWN_GRACE`]).
+    in_flight: AtomicUsize,
 }
 
 impl State {
@@ -44,9 +47,29 @@ impl State {
             ctx,
             policy_selector,
             store: RwLock::new(None),
+            in_flight: AtomicUsize::new(0),
         }
     }
 }
+
+/// Counts a reconcile as running while it lives.
+struct Running<'a>(&'a AtomicUsize);
+
+impl<'a> Running<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Running(count)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How long a shutdown waits for running reconciles (below Kubernetes' default 30 s grace).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Periodic re-check of every policy, as a safety net behind the watches.
 const RESYNC: Duration = Duration::from_secs(300);
@@ -109,6 +132,7 @@ pub async fn evaluate(
 }
 
 async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action> {
+    let _running = Running::enter(&state.in_flight);
     let ctx = &state.ctx;
     let name = policy.name_any();
     let started = std::time::Instant::now();
@@ -384,6 +408,7 @@ pub async fn run(
     state: Arc<State>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let shutdown = shutdown.shared();
     let client = state.ctx.client.clone();
     let policies: Api<MeshPolicy> = Api::all(client.clone());
     let mut wc = watcher::Config::default();
@@ -517,7 +542,7 @@ pub async fn run(
             pod_events.for_each(|_| async {}),
         );
     });
-    controller
+    let running = controller
         .reconcile_on(triggers.stream())
         .watches_stream(
             isolated(
@@ -550,14 +575,31 @@ pub async fn run(
             ),
             move |_| policies_with_mtls(&s1_pods),
         )
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, state.clone())
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "controller event");
             }
-        })
-        .await;
+        });
+    // kube's graceful shutdown never returns while the policy store has not listed (CRD
+    // missing, list forbidden, API server down at start): its runner waits for the store
+    // first. Only the reconciles running when the shutdown comes are waited for.
+    let drained = async {
+        shutdown.await;
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while state.in_flight.load(Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                warn!("reconciles still running after the shutdown grace period; stopping them");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        _ = running => {}
+        _ = drained => {}
+    }
     cache_task.abort();
     ready_task.abort();
     state.ctx.set_sidecar_cache(None);

@@ -389,6 +389,28 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
         || async { ready(&policies.get("install-test").await.ok()?) },
     )
     .await;
+
+    // SIGTERM: the leader, with its policy reconciled and requeued, exits at once and cleanly.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &standby.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stopped = Instant::now();
+    let exit = loop {
+        if let Some(st) = standby.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "still running 10 s after SIGTERM:\n{}",
+            standby.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(exit.success(), "exit status {exit}");
+    eprintln!("stopped {:?} after SIGTERM", stopped.elapsed());
+
     helm(&plane.kubeconfig, &["uninstall", "meshwarden", "-n", NS]);
     assert!(
         crds.get_opt("meshpolicies.meshwarden.io")

@@ -96,3 +96,51 @@ async fn status_follows_generation_and_delete_is_clean() {
     );
     op.stop().await;
 }
+
+/// A shutdown after the policies were reconciled (and requeued minutes ahead) is prompt.
+#[tokio::test]
+async fn shutdown_is_prompt_after_reconciles() {
+    let env = common::env("stop").await;
+    let ns = env.namespace("istio", &[]).await;
+    env.load_fixture("istiod-fixed-replicas.yaml", &ns, KINDS)
+        .await;
+    let op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!("enforcement: Enforce\ncontrolPlane: {{namespace: {ns}, replicas: {{min: 2}}}}"),
+    )
+    .await;
+    env.wait_settled("p", 30).await;
+    let took = op
+        .stop_within(std::time::Duration::from_secs(5))
+        .await
+        .expect("the controller returns within 5 s of the shutdown signal");
+    eprintln!("stopped in {took:?}");
+}
+
+/// A shutdown also ends an operator whose policies could never be listed (here: an identity
+/// without RBAC), which kube's controller alone would wait on forever.
+#[tokio::test]
+async fn shutdown_ends_an_operator_that_cannot_list_policies() {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    use meshwarden::context::Context;
+    use meshwarden::controller::{self, State};
+    use std::sync::Arc;
+    let kc = Kubeconfig::read_from(&testplane::shared().kubeconfig).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    config.auth_info.impersonate = Some("meshwarden-test-nobody".into());
+    let client = kube::Client::try_from(config).unwrap();
+    let state = Arc::new(State::new(Context::new(client, None), None));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(controller::run(state, async move {
+        let _ = rx.await;
+    }));
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    tx.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), handle)
+        .await
+        .expect("the controller returns within 5 s of the shutdown signal")
+        .unwrap();
+}
