@@ -231,22 +231,13 @@ impl Operator {
         self.state.ctx.writes.get()
     }
 
-    pub async fn stop(self) {
-        self.stop_within(Duration::from_secs(10)).await;
-    }
-
-    /// Signals shutdown; returns how long the controller took to return, or `None` when it
-    /// was still running after `limit`.
-    pub async fn stop_within(mut self, limit: Duration) -> Option<Duration> {
+    pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        let started = std::time::Instant::now();
-        let h = self.handle.take()?;
-        tokio::time::timeout(limit, h)
-            .await
-            .ok()
-            .map(|_| started.elapsed())
+        if let Some(h) = self.handle.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+        }
     }
 }
 

@@ -97,27 +97,6 @@ async fn status_follows_generation_and_delete_is_clean() {
     op.stop().await;
 }
 
-/// A shutdown after the policies were reconciled (and requeued minutes ahead) is prompt.
-#[tokio::test]
-async fn shutdown_is_prompt_after_reconciles() {
-    let env = common::env("stop").await;
-    let ns = env.namespace("istio", &[]).await;
-    env.load_fixture("istiod-fixed-replicas.yaml", &ns, KINDS)
-        .await;
-    let op = env.start_operator().await;
-    env.create_policy(
-        "p",
-        &format!("enforcement: Enforce\ncontrolPlane: {{namespace: {ns}, replicas: {{min: 2}}}}"),
-    )
-    .await;
-    env.wait_settled("p", 30).await;
-    let took = op
-        .stop_within(std::time::Duration::from_secs(5))
-        .await
-        .expect("the controller returns within 5 s of the shutdown signal");
-    eprintln!("stopped in {took:?}");
-}
-
 /// A shutdown also ends an operator whose policies could never be listed (here: an identity
 /// without RBAC), which kube's controller alone would wait on forever.
 #[tokio::test]
