@@ -8,6 +8,20 @@ pub const FIXTURES: &str = concat!(
     "/../../shared/fixtures/istio-1.30.3"
 );
 
+/// A fresh kube-apiserver and etcd in a scratch directory named after `tag`, with the
+/// MeshPolicy CRD installed: the directory, the plane and an admin client.
+pub async fn start_plane(tag: &str) -> (std::path::PathBuf, testplane::Plane, Client) {
+    use kube::CustomResourceExt;
+    let dir = testplane::scratch_dir(tag);
+    let plane = testplane::Plane::start(&dir, testplane::Lifetime::Attached)
+        .await
+        .expect("start kube-apiserver (run hack/build-k8s-bins.sh first)");
+    let admin = plane.client().await.expect("client");
+    let crd = serde_yaml::to_string(&meshwarden::api::MeshPolicy::crd()).expect("crd");
+    testplane::apply_yaml(&admin, &crd, &[]).await.expect("crd");
+    (dir, plane, admin)
+}
+
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx]

@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::CustomResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use meshwarden::api::MeshPolicy;
@@ -15,13 +14,7 @@ use meshwarden::controller::{self, State};
 use crate::common::{load, ms, percentile};
 
 pub async fn run(n: usize) {
-    let dir = testplane::scratch_dir("bench");
-    let plane = testplane::Plane::start(&dir, testplane::Lifetime::Attached)
-        .await
-        .expect("start kube-apiserver (run hack/build-k8s-bins.sh first)");
-    let admin = plane.client().await.expect("client");
-    let crd = serde_yaml::to_string(&MeshPolicy::crd()).expect("crd");
-    testplane::apply_yaml(&admin, &crd, &[]).await.expect("crd");
+    let (dir, plane, admin) = crate::common::start_plane("bench").await;
     let ns = "bench-istio";
     testplane::apply_yaml(
         &admin,

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
-use kube::{Client, CustomResourceExt, ResourceExt};
+use kube::{Client, ResourceExt};
 use meshwarden::api::MeshPolicy;
 use meshwarden::rules::mtls::{self, PeerAuthentication};
 use serde_json::{Value, json};
@@ -323,13 +323,7 @@ fn ts(e: &Value, key: &str) -> Option<f64> {
 }
 
 pub async fn run(n: usize) {
-    let dir = testplane::scratch_dir("bench-mtls");
-    let plane = testplane::Plane::start(&dir, testplane::Lifetime::Attached)
-        .await
-        .expect("start kube-apiserver (run hack/build-k8s-bins.sh first)");
-    let admin = plane.client().await.expect("client");
-    let crd = serde_yaml::to_string(&MeshPolicy::crd()).expect("crd");
-    testplane::apply_yaml(&admin, &crd, &[]).await.expect("crd");
+    let (dir, plane, admin) = crate::common::start_plane("bench-mtls").await;
     testplane::apply_yaml(
         &admin,
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system}\n",

@@ -14,7 +14,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, CustomResourceExt, ResourceExt};
+use kube::{Client, ResourceExt};
 use meshwarden::api::MeshPolicy;
 use meshwarden::quantity;
 use meshwarden::rules::sidecars::{
@@ -360,13 +360,7 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize) {
         namespaces > 0 && deployments > 0,
         "namespaces and deployments must be > 0"
     );
-    let dir = testplane::scratch_dir("bench-sidecars");
-    let plane = testplane::Plane::start(&dir, testplane::Lifetime::Attached)
-        .await
-        .expect("start kube-apiserver (run hack/build-k8s-bins.sh first)");
-    let admin = plane.client().await.expect("client");
-    let crd = serde_yaml::to_string(&MeshPolicy::crd()).expect("crd");
-    testplane::apply_yaml(&admin, &crd, &[]).await.expect("crd");
+    let (dir, plane, admin) = crate::common::start_plane("bench-sidecars").await;
     println!(
         "sidecar resources at scale: {namespaces} namespaces, {deployments} Deployments ({REPLICAS} replicas), {pods} running pods"
     );
