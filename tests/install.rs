@@ -150,8 +150,7 @@ where
 }
 
 async fn apply_fixture(client: &kube::Client, file: &str) {
-    let text =
-        std::fs::read_to_string(format!("{ROOT}/../shared/fixtures/istio-1.30.3/{file}")).unwrap();
+    let text = testplane::istio::fixture(file).unwrap();
     testplane::apply_yaml(
         client,
         &text,

@@ -3,10 +3,10 @@ use std::time::Duration;
 
 use kube::Client;
 
-pub const FIXTURES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/fixtures/istio-1.30.3"
-);
+/// An Istio fixture rendered from Istio's own charts (`testplane::istio::fixture`).
+pub fn istio_fixture(name: &str) -> String {
+    testplane::istio::fixture(name).unwrap_or_else(|e| panic!("render Istio fixture {name}: {e}"))
+}
 
 /// A fresh kube-apiserver and etcd in a scratch directory named after `tag`, with the
 /// MeshPolicy CRD installed: the directory, the plane and an admin client.
@@ -32,7 +32,7 @@ pub fn ms(d: Duration) -> f64 {
 }
 
 pub async fn load(client: &Client, file: &str, namespace: &str) {
-    let text = std::fs::read_to_string(format!("{FIXTURES}/{file}")).expect("fixture");
+    let text = istio_fixture(file);
     let keep = [
         "Deployment",
         "HorizontalPodAutoscaler",

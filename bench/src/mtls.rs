@@ -16,7 +16,7 @@ use meshwarden::api::MeshPolicy;
 use meshwarden::rules::mtls::{self, PeerAuthentication};
 use serde_json::{Value, json};
 
-use crate::common::{FIXTURES, ms};
+use crate::common::{istio_fixture, ms};
 
 /// Pods per namespace (all with a sidecar, so that STRICT is not held).
 const PODS: usize = 3;
@@ -331,8 +331,7 @@ pub async fn run(n: usize) {
     )
     .await
     .expect("istio-system");
-    let base =
-        std::fs::read_to_string(format!("{FIXTURES}/base.yaml")).expect("Istio base fixture");
+    let base = istio_fixture("base.yaml");
     testplane::apply_yaml(&admin, &base, &[])
         .await
         .expect("Istio CRDs");

@@ -1,9 +1,16 @@
-//! A real kube-apiserver and etcd on loopback.
+//! A real kube-apiserver and etcd on loopback, and optionally a whole cluster around them.
 //!
 //! The binaries are built from Go modules by `hack/build-k8s-bins.sh` into a cache outside the
 //! repository. [`Plane::start`] writes a small PKI, starts etcd and kube-apiserver on free
-//! ports, waits until the API server is ready and writes an admin kubeconfig. Tests share one
-//! plane per test binary through [`shared`]; `testplane up` starts a detached one for people.
+//! ports, waits until the API server is ready and writes an admin kubeconfig: the *bare* plane.
+//! [`Plane::start_with`] with [`Flavor::Cluster`] adds what a cluster runs (see [`cluster`]):
+//! kube-controller-manager, kube-scheduler, kwok nodes in three zones, and Istio installed by
+//! Helm from its own charts with a real istiod on the host (see [`istio`]).
+//! Tests share one plane of each flavour per test binary through [`shared`] and
+//! [`shared_cluster`]; `testplane up` starts a detached one for people.
+
+pub mod cluster;
+pub mod istio;
 
 use std::fs;
 use std::io::Write;
@@ -60,19 +67,31 @@ fn io<T>(path: &Path, r: std::io::Result<T>) -> Result<T> {
     })
 }
 
-/// Directory holding `kube-apiserver` and `etcd`.
-pub fn bin_dir() -> PathBuf {
-    if let Ok(d) = std::env::var("KUBEBUILDER_ASSETS") {
-        return PathBuf::from(d);
-    }
-    let cache = std::env::var("MESHWARDEN_CACHE")
+/// The cache outside the repository that `hack/build-k8s-bins.sh` and
+/// `hack/install-tools.sh` fill: `$MESHWARDEN_CACHE`, else `$XDG_CACHE_HOME/meshwarden`, else
+/// `~/.cache/meshwarden`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var("MESHWARDEN_CACHE")
         .map(PathBuf::from)
         .or_else(|_| std::env::var("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("meshwarden")))
         .unwrap_or_else(|_| {
             PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
                 .join(".cache/meshwarden")
-        });
-    cache.join("bin").join(format!("k8s-{K8S_VERSION}"))
+        })
+}
+
+/// Directory holding the cluster binaries (`kube-apiserver`, `etcd`, `kube-controller-manager`,
+/// `kube-scheduler`, `kwok`, `pilot-discovery`, `helm3`) and the Istio charts.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("KUBEBUILDER_ASSETS") {
+        return PathBuf::from(d);
+    }
+    cache_dir().join("bin").join(format!("k8s-{K8S_VERSION}"))
+}
+
+/// Directory holding helm (4), kubectl, kube-score and hadolint (`hack/install-tools.sh`).
+pub fn tools_dir() -> PathBuf {
+    cache_dir().join("tools").join("bin")
 }
 
 /// How the processes relate to the one that starts them.
@@ -84,7 +103,16 @@ pub enum Lifetime {
     Detached,
 }
 
-/// A running etcd + kube-apiserver pair.
+/// What a plane runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// etcd and kube-apiserver only: fast, nothing acts on what is written.
+    Bare,
+    /// The bare plane plus controllers, scheduler, simulated nodes and Istio with istiod.
+    Cluster,
+}
+
+/// A running etcd + kube-apiserver pair (and, for a cluster, the rest).
 pub struct Plane {
     /// Directory with certificates, logs, data and the kubeconfig.
     pub dir: PathBuf,
@@ -95,6 +123,8 @@ pub struct Plane {
     pub operator_kubeconfig: PathBuf,
     /// API server URL.
     pub server: String,
+    /// What runs besides etcd and kube-apiserver.
+    pub flavor: Flavor,
     children: Vec<Child>,
 }
 
@@ -109,8 +139,24 @@ rules:
 "#;
 
 impl Plane {
-    /// Starts a plane in `dir` (created; must not hold a running plane).
+    /// Starts a bare plane in `dir` (created; must not hold a running plane).
     pub async fn start(dir: &Path, lifetime: Lifetime) -> Result<Plane> {
+        Plane::start_with(dir, lifetime, Flavor::Bare).await
+    }
+
+    /// Starts a plane of `flavor` in `dir` (created; must not hold a running plane).
+    pub async fn start_with(dir: &Path, lifetime: Lifetime, flavor: Flavor) -> Result<Plane> {
+        let mut plane = Plane::start_apiserver(dir, lifetime, flavor).await?;
+        if flavor == Flavor::Cluster
+            && let Err(e) = cluster::start(&mut plane, lifetime).await
+        {
+            plane.kill();
+            return Err(e);
+        }
+        Ok(plane)
+    }
+
+    async fn start_apiserver(dir: &Path, lifetime: Lifetime, flavor: Flavor) -> Result<Plane> {
         let bins = bin_dir();
         let (apiserver_bin, etcd_bin) = (bins.join("kube-apiserver"), bins.join("etcd"));
         if !apiserver_bin.exists() || !etcd_bin.exists() {
@@ -142,6 +188,13 @@ impl Plane {
         )?;
         let d = |f: &str| dir.join(f).display().to_string();
         let server = format!("https://127.0.0.1:{api_port}");
+        // The bare plane has no service-account controllers, so the ServiceAccount admission
+        // plugin (which needs them) is off there; a cluster runs them and needs the plugin for
+        // the projected tokens injected pods mount.
+        let admission = match flavor {
+            Flavor::Bare => "--disable-admission-plugins=ServiceAccount",
+            Flavor::Cluster => "--enable-admission-plugins=ServiceAccount",
+        };
         let apiserver = spawn(
             &apiserver_bin,
             &[
@@ -158,7 +211,7 @@ impl Plane {
                 format!("--service-account-key-file={}", d("sa.pub")),
                 format!("--service-account-signing-key-file={}", d("sa.key")),
                 "--service-cluster-ip-range=10.0.0.0/24".into(),
-                "--disable-admission-plugins=ServiceAccount".into(),
+                admission.into(),
                 "--allow-privileged=true".into(),
                 "--endpoint-reconciler-type=none".into(),
                 "--enable-priority-and-fairness=false".into(),
@@ -171,10 +224,6 @@ impl Plane {
             &dir.join("kube-apiserver.log"),
             lifetime,
         )?;
-        if lifetime == Lifetime::Detached {
-            let pids = format!("{}\n{}\n", etcd.id(), apiserver.id());
-            io(&dir.join("pids"), fs::write(dir.join("pids"), pids))?;
-        }
         let kubeconfig = dir.join("kubeconfig");
         let operator_kubeconfig = dir.join("operator.kubeconfig");
         write_kubeconfig(&kubeconfig, &server, &dir, "admin")?;
@@ -184,13 +233,31 @@ impl Plane {
             kubeconfig,
             operator_kubeconfig,
             server,
-            children: vec![apiserver, etcd],
+            flavor,
+            children: Vec::new(),
         };
+        plane.adopt(etcd, lifetime)?;
+        plane.adopt(apiserver, lifetime)?;
         if let Err(e) = plane.wait_ready().await {
             plane.kill();
             return Err(e);
         }
         Ok(plane)
+    }
+
+    /// Takes a started process into the plane: killed with it, and listed in `pids` for
+    /// [`stop_detached`] when the plane outlives its starter. Later processes stop first.
+    pub(crate) fn adopt(&mut self, child: Child, lifetime: Lifetime) -> Result<()> {
+        if lifetime == Lifetime::Detached {
+            let path = self.dir.join("pids");
+            let mut f = io(
+                &path,
+                fs::OpenOptions::new().create(true).append(true).open(&path),
+            )?;
+            io(&path, writeln!(f, "{}", child.id()))?;
+        }
+        self.children.insert(0, child);
+        Ok(())
     }
 
     async fn wait_ready(&mut self) -> Result<()> {
@@ -313,52 +380,66 @@ fn http_get(path: &str) -> http::Request<Vec<u8>> {
     req
 }
 
-/// The plane shared by every test of one test binary, started on first use.
-///
-/// It is started from a thread that lives as long as the process, so that the processes'
-/// parent-death signal fires only when the test binary exits.
+/// The bare plane shared by every test of one test binary, started on first use.
 pub fn shared() -> &'static SharedPlane {
     static PLANE: OnceLock<SharedPlane> = OnceLock::new();
-    PLANE.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("testplane".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = tx.send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                let dir = scratch_dir("test");
-                match rt.block_on(Plane::start(&dir, Lifetime::Attached)) {
-                    Ok(plane) => {
-                        let _ = tx.send(Ok(SharedPlane {
-                            dir: plane.dir.clone(),
-                            kubeconfig: plane.kubeconfig.clone(),
-                            operator_kubeconfig: plane.operator_kubeconfig.clone(),
-                        }));
-                        // Keep the processes (and this thread) alive until the process exits.
-                        loop {
-                            std::thread::park();
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e.to_string()));
+    PLANE.get_or_init(|| start_shared(Flavor::Bare))
+}
+
+/// The full cluster shared by every test of one test binary that asks for it, started on
+/// first use (about a minute: controllers, nodes, Istio by Helm and istiod).
+pub fn shared_cluster() -> &'static SharedPlane {
+    static PLANE: OnceLock<SharedPlane> = OnceLock::new();
+    PLANE.get_or_init(|| start_shared(Flavor::Cluster))
+}
+
+/// Starts a plane from a thread that lives as long as the process, so that the processes'
+/// parent-death signal fires only when the test binary exits.
+fn start_shared(flavor: Flavor) -> SharedPlane {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("testplane-{flavor:?}"))
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let tag = match flavor {
+                Flavor::Bare => "test",
+                Flavor::Cluster => "cluster",
+            };
+            let dir = scratch_dir(tag);
+            match rt.block_on(Plane::start_with(&dir, Lifetime::Attached, flavor)) {
+                Ok(plane) => {
+                    let _ = tx.send(Ok(SharedPlane {
+                        dir: plane.dir.clone(),
+                        kubeconfig: plane.kubeconfig.clone(),
+                        operator_kubeconfig: plane.operator_kubeconfig.clone(),
+                        flavor,
+                    }));
+                    // Keep the processes (and this thread) alive until the process exits.
+                    let _plane = plane;
+                    loop {
+                        std::thread::park();
                     }
                 }
-            })
-            .expect("spawn the test plane thread");
-        match rx.recv() {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => panic!("test API server did not start: {e}"),
-            Err(e) => panic!("test API server thread died: {e}"),
-        }
-    })
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                }
+            }
+        })
+        .expect("spawn the test plane thread");
+    match rx.recv() {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => panic!("test {flavor:?} plane did not start: {e}"),
+        Err(e) => panic!("test {flavor:?} plane thread died: {e}"),
+    }
 }
 
 /// What a test needs to know of the shared plane.
@@ -367,6 +448,7 @@ pub struct SharedPlane {
     pub dir: PathBuf,
     pub kubeconfig: PathBuf,
     pub operator_kubeconfig: PathBuf,
+    pub flavor: Flavor,
 }
 
 impl SharedPlane {
@@ -438,10 +520,27 @@ fn free_port(dir: &Path) -> Result<u16> {
 }
 
 fn spawn(bin: &Path, args: &[String], log: &Path, lifetime: Lifetime) -> Result<Child> {
+    spawn_with(bin, args, &[], None, log, lifetime)
+}
+
+/// Starts `bin` with `args`, extra environment `envs` and working directory `cwd`, its output
+/// in `log`, tied to the starter (`Attached`) or in a session of its own (`Detached`).
+fn spawn_with(
+    bin: &Path,
+    args: &[String],
+    envs: &[(&str, String)],
+    cwd: Option<&Path>,
+    log: &Path,
+    lifetime: Lifetime,
+) -> Result<Child> {
     let out = io(log, fs::File::create(log))?;
     let err = io(log, out.try_clone())?;
     let mut cmd = Command::new(bin);
     cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    cmd.envs(envs.iter().map(|(k, v)| (*k, v.as_str())));
+    if let Some(cwd) = cwd {
+        cmd.current_dir(cwd);
+    }
     // SAFETY: the closures only call async-signal-safe libc functions.
     unsafe {
         match lifetime {

@@ -1,13 +1,14 @@
-//! `testplane up|down|apply`: a real kube-apiserver and etcd on loopback for trying
-//! meshwarden by hand. Used by `hack/dev-apiserver.sh`.
+//! `testplane up|down|apply`: a real kube-apiserver and etcd on loopback (or, with
+//! `--cluster`, a whole cluster with Istio) for trying meshwarden by hand. Used by
+//! `hack/dev-apiserver.sh`, `hack/dev-cluster.sh` and the demo.
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use testplane::{Lifetime, Plane};
+use testplane::{Flavor, Lifetime, Plane};
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: testplane up [DIR] | down [DIR] | apply KUBECONFIG FILE... [--skip KIND,KIND] [--manager NAME]\n\
+        "usage: testplane up [--cluster] [DIR] | down [DIR] | apply KUBECONFIG FILE... [--skip KIND,KIND] [--manager NAME]\n\
          DIR defaults to $MESHWARDEN_DEV_DIR or /tmp/meshwarden-dev"
     );
     ExitCode::from(2)
@@ -23,7 +24,10 @@ fn dev_dir(arg: Option<&String>) -> PathBuf {
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("up") => up(dev_dir(args.get(1))).await,
+        Some("up") if args.get(1).map(String::as_str) == Some("--cluster") => {
+            up(dev_dir(args.get(2)), Flavor::Cluster).await
+        }
+        Some("up") => up(dev_dir(args.get(1)), Flavor::Bare).await,
         Some("down") => testplane::stop_detached(&dev_dir(args.get(1))).map_err(|e| e.to_string()),
         Some("apply") if args.len() >= 3 => apply(&args[1..]).await,
         _ => return usage(),
@@ -37,7 +41,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn up(dir: PathBuf) -> Result<(), String> {
+async fn up(dir: PathBuf, flavor: Flavor) -> Result<(), String> {
     if dir.join("pids").exists() {
         return Err(format!(
             "a plane already runs in {} (stop it with: hack/dev-apiserver.sh down)",
@@ -45,11 +49,20 @@ async fn up(dir: PathBuf) -> Result<(), String> {
         ));
     }
     let started = std::time::Instant::now();
-    let plane = Plane::start(&dir, Lifetime::Detached)
+    let plane = Plane::start_with(&dir, Lifetime::Detached, flavor)
         .await
         .map_err(|e| e.to_string())?;
+    let what = match flavor {
+        Flavor::Bare => "kube-apiserver".to_string(),
+        Flavor::Cluster => format!(
+            "cluster ({} nodes in {} zones, Istio {} with istiod on the host)",
+            testplane::cluster::node_names().len(),
+            testplane::cluster::ZONES.len(),
+            testplane::istio::version()
+        ),
+    };
     eprintln!(
-        "kube-apiserver {} ready at {} in {:.1}s (logs and data in {})",
+        "{what} {} ready at {} in {:.1}s (logs and data in {})",
         testplane::K8S_VERSION,
         plane.server,
         started.elapsed().as_secs_f64(),

@@ -15,10 +15,11 @@ use meshwarden::controller::{self, State};
 use serde::Deserialize;
 use tokio::sync::OnceCell;
 
-pub const FIXTURES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/fixtures/istio-1.30.3"
-);
+/// An Istio fixture: the manifests of Istio's own Helm charts, rendered with `helm template`
+/// from the pinned `istio.io/istio` module (see `testplane::istio::fixture` for the list).
+pub fn istio_fixture(name: &str) -> String {
+    testplane::istio::fixture(name).unwrap_or_else(|e| panic!("render Istio fixture {name}: {e}"))
+}
 
 /// Everything a test needs, with names unique to the test.
 pub struct Env {
@@ -45,7 +46,7 @@ pub async fn env(prefix: &str) -> Env {
         testplane::apply_yaml(&c, ns, &[])
             .await
             .expect("create istio-system");
-        let base = std::fs::read_to_string(format!("{FIXTURES}/base.yaml")).unwrap();
+        let base = istio_fixture("base.yaml");
         testplane::apply_yaml(&c, &base, &[])
             .await
             .expect("install Istio CRDs");
@@ -72,10 +73,10 @@ impl Env {
         name
     }
 
-    /// Loads the namespaced objects of an Istio fixture file into `namespace` (cluster-scoped
+    /// Loads the namespaced objects of an Istio fixture into `namespace` (cluster-scoped
     /// objects and webhooks are left out). `kinds` limits what is loaded (empty: all).
     pub async fn load_fixture(&self, file: &str, namespace: &str, kinds: &[&str]) -> usize {
-        let text = std::fs::read_to_string(format!("{FIXTURES}/{file}")).unwrap();
+        let text = istio_fixture(file);
         let mut out = String::new();
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let v = serde_json::Value::deserialize(doc).unwrap();
