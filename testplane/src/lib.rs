@@ -34,7 +34,7 @@ pub const K8S_VERSION: &str = "v1.36.2";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "kube-apiserver/etcd binaries not found in {0}: run hack/build-k8s-bins.sh (or set KUBEBUILDER_ASSETS to a directory holding both)"
+        "cluster binaries not found in {0} (etcd and kube-apiserver; for a full cluster also kube-controller-manager, kube-scheduler, kwok, kwok-stages, pilot-discovery and istio-charts): run hack/build-k8s-bins.sh (or set KUBEBUILDER_ASSETS to a directory holding them)"
     )]
     MissingBinaries(PathBuf),
     #[error("I/O error on {path}: {source}")]

@@ -26,35 +26,56 @@ pub struct Env {
     pub client: Client,
     /// Label value that scopes this test's policies and its operator.
     pub id: String,
+    /// The plane the test runs on (bare or full cluster).
+    pub plane: &'static testplane::SharedPlane,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Starts (once per binary) the API server, installs the CRDs, and returns a test env.
+/// Starts (once per binary) the bare API server, installs the CRDs, and returns a test env.
 pub async fn env(prefix: &str) -> Env {
-    let plane = testplane::shared();
-    let client = plane.client().await;
     static CRDS: OnceCell<()> = OnceCell::const_new();
-    CRDS.get_or_init(|| async {
+    env_on(testplane::shared(), &CRDS, prefix).await
+}
+
+/// Starts (once per binary) the full cluster (controllers, scheduler, nodes, Istio by Helm
+/// with istiod), installs the MeshPolicy CRD, and returns a test env. Used by tests/cluster.rs,
+/// which includes this module.
+#[allow(dead_code)]
+pub async fn cluster_env(prefix: &str) -> Env {
+    static CRDS: OnceCell<()> = OnceCell::const_new();
+    env_on(testplane::shared_cluster(), &CRDS, prefix).await
+}
+
+async fn env_on(
+    plane: &'static testplane::SharedPlane,
+    crds: &'static OnceCell<()>,
+    prefix: &str,
+) -> Env {
+    let client = plane.client().await;
+    crds.get_or_init(|| async {
         // Each test has its own runtime; install with a client of our own.
-        let c = testplane::shared().client().await;
+        let c = plane.client().await;
         let crd = serde_yaml::to_string(&MeshPolicy::crd()).unwrap();
         testplane::apply_yaml(&c, &crd, &[])
             .await
             .expect("install MeshPolicy CRD");
-        let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system}\n";
-        testplane::apply_yaml(&c, ns, &[])
-            .await
-            .expect("create istio-system");
-        let base = istio_fixture("base.yaml");
-        testplane::apply_yaml(&c, &base, &[])
-            .await
-            .expect("install Istio CRDs");
+        if plane.flavor == testplane::Flavor::Bare {
+            // A cluster has Istio installed by Helm already.
+            let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system}\n";
+            testplane::apply_yaml(&c, ns, &[])
+                .await
+                .expect("create istio-system");
+            let base = istio_fixture("base.yaml");
+            testplane::apply_yaml(&c, &base, &[])
+                .await
+                .expect("install Istio CRDs");
+        }
     })
     .await;
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
     let id = format!("{prefix}-{}-{n}", std::process::id() % 10000);
-    Env { client, id }
+    Env { client, id, plane }
 }
 
 impl Env {
@@ -112,7 +133,7 @@ impl Env {
 
     /// Runs an operator for this test's policies, as user `meshwarden-operator`.
     pub async fn start_operator(&self) -> Operator {
-        let client = testplane::shared().operator_client().await;
+        let client = self.plane.operator_client().await;
         let state = Arc::new(State::new(
             Context::new(client, Some(self.id.clone())),
             Some(format!("meshwarden-test={}", self.id)),
