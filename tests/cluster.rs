@@ -349,3 +349,264 @@ async fn meshwarden_paces_a_real_sidecar_rollout() {
     let cond = common::condition(&p, "SidecarResources").expect("SidecarResources condition");
     assert_eq!(cond.status, "True", "{cond:?}");
 }
+
+/// Runs a Helm binary against the cluster; panics with Helm's message when it fails.
+fn helm(bin: &std::path::Path, kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    testplane::istio::run_helm(bin, &args, Some(kubeconfig))
+        .unwrap_or_else(|e| panic!("helm failed: {e}"))
+}
+
+/// The lowest values seen while sampling: Deployment replicas, available pods, HPA minimum.
+#[derive(Debug, Default)]
+struct Floor {
+    replicas: std::sync::atomic::AtomicI32,
+    available: std::sync::atomic::AtomicI32,
+    hpa_min: std::sync::atomic::AtomicI32,
+}
+
+impl Floor {
+    fn reset(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.replicas.store(i32::MAX, SeqCst);
+        self.available.store(i32::MAX, SeqCst);
+        self.hpa_min.store(i32::MAX, SeqCst);
+    }
+    fn get(&self) -> (i32, i32, i32) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (
+            self.replicas.load(SeqCst),
+            self.available.load(SeqCst),
+            self.hpa_min.load(SeqCst),
+        )
+    }
+}
+
+/// The operator's writes in `namespace` so far.
+fn writes_in(env: &common::Env, namespace: &str) -> usize {
+    env.plane
+        .audit_events()
+        .iter()
+        .filter(|e| e["user"]["username"] == "meshwarden-operator")
+        .filter(|e| e["stage"] == "ResponseComplete")
+        .filter(|e| e["objectRef"]["namespace"] == namespace)
+        .filter(|e| {
+            matches!(
+                e["verb"].as_str(),
+                Some("create" | "update" | "patch" | "delete")
+            )
+        })
+        .count()
+}
+
+/// One gateway release through its whole life with meshwarden, checking after every step that
+/// no replica count or HPA minimum went down, no pod became unavailable, Helm upgrades work
+/// and nothing is fought: install with Helm 3 -> policy in Audit -> Enforce -> edit the
+/// policy -> `helm upgrade` with Helm 3 and with Helm 4 -> Audit -> delete the policy.
+#[tokio::test]
+async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
+    use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+    use meshwarden::api::MeshPolicy;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering::SeqCst;
+
+    let env = common::cluster_env("gwlife").await;
+    let ns = env.namespace("gw", &[]).await;
+    let kc = env.plane.kubeconfig.clone();
+    let chart = testplane::istio::chart("gateway").display().to_string();
+    let helm3 = testplane::istio::helm3();
+    let helm4 = testplane::istio::helm();
+    helm(
+        &helm3,
+        &kc,
+        &[
+            "install",
+            "gw",
+            &chart,
+            "-n",
+            &ns,
+            "--set",
+            "global.hub=docker.io/istio",
+        ],
+    );
+    let deploys: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &ns);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(env.client.clone(), &ns);
+    wait("the gateway Deployment ready", 90, || async {
+        let d = deploys.get("gw").await.ok()?;
+        (d.status?.available_replicas? >= 1).then_some(())
+    })
+    .await;
+
+    // Samples the floor of the posture every 100 ms for the rest of the test.
+    let floor = Arc::new(Floor::default());
+    floor.reset();
+    let sampler = {
+        let (floor, deploys, hpas) = (floor.clone(), deploys.clone(), hpas.clone());
+        tokio::spawn(async move {
+            loop {
+                if let (Ok(d), Ok(h)) = (deploys.get("gw").await, hpas.get("gw").await) {
+                    let spec = d.spec.and_then(|s| s.replicas).unwrap_or(1);
+                    let avail = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
+                    let min = h.spec.and_then(|s| s.min_replicas).unwrap_or(1);
+                    floor.replicas.fetch_min(spec, SeqCst);
+                    floor.available.fetch_min(avail, SeqCst);
+                    floor.hpa_min.fetch_min(min, SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    let gateway = |extra: &str| {
+        format!(
+            "gateways:\n- name: ingress\n  namespace: {ns}\n  selector: {{matchLabels: {{istio: gw}}}}\n{extra}"
+        )
+    };
+    let full = "  replicas: {min: 3}\n  disruptionBudget: {maxUnavailable: 1}\n  resources: {requests: {cpu: 200m, memory: 256Mi}, limits: {memory: 1Gi}}\n";
+    let set_spec = |yaml: String| {
+        let api: Api<MeshPolicy> = Api::all(env.client.clone());
+        let name = env.policy_name("gw");
+        async move {
+            let mut p = api.get(&name).await.unwrap();
+            p.spec = serde_yaml::from_str(&yaml).unwrap();
+            api.replace(&name, &PostParams::default(), &p)
+                .await
+                .unwrap();
+        }
+    };
+
+    // Audit: reported, nothing written.
+    env.create_policy("gw", &format!("enforcement: Audit\n{}", gateway(full)))
+        .await;
+    let _op = env.start_operator().await;
+    let p = env
+        .wait_policy("gw", 60, |p| {
+            let c = common::condition(p, "GatewayHA")?;
+            (c.status == "False").then_some(p.clone())
+        })
+        .await;
+    assert!(p.status.unwrap().violation_count > 0);
+    assert_eq!(writes_in(&env, &ns), 0, "Audit writes nothing");
+
+    // Enforce: HPA minimum 3, three available pods, one PDB with one allowed disruption.
+    set_spec(format!("enforcement: Enforce\n{}", gateway(full))).await;
+    wait(
+        "3 available gateway pods and a PDB allowing 1",
+        120,
+        || async {
+            let d = deploys.get("gw").await.ok()?;
+            let h = hpas.get("gw").await.ok()?;
+            let pdb = pdbs.list(&ListParams::default()).await.ok()?.items;
+            let allowed = pdb.first()?.status.as_ref()?.disruptions_allowed;
+            (d.status?.available_replicas? >= 3 && h.spec?.min_replicas? >= 3 && allowed == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    env.wait_settled("gw", 60).await;
+    floor.reset();
+    let check = |step: &str| {
+        let (replicas, available, hpa_min) = floor.get();
+        assert!(
+            replicas >= 3,
+            "{step}: Deployment replicas went down to {replicas}"
+        );
+        assert!(
+            available >= 3,
+            "{step}: available pods went down to {available}"
+        );
+        assert!(
+            hpa_min >= 3,
+            "{step}: HPA minReplicas went down to {hpa_min}"
+        );
+    };
+    check("Enforce");
+
+    // Edit: the policy stops declaring replicas and changes resources. Nothing goes down.
+    set_spec(format!(
+        "enforcement: Enforce\n{}",
+        gateway("  disruptionBudget: {maxUnavailable: 1}\n  resources: {requests: {cpu: 300m, memory: 256Mi}}\n")
+    ))
+    .await;
+    env.wait_settled("gw", 90).await;
+    tokio::time::sleep(Duration::from_secs(6)).await; // an HPA sync period
+    check("policy edited");
+    set_spec(format!("enforcement: Enforce\n{}", gateway(full))).await;
+    env.wait_settled("gw", 90).await;
+
+    // helm upgrade with unchanged values: Helm 3 (three-way merge), then Helm 4
+    // (server-side apply; it asks for --force-conflicts on fields meshwarden holds).
+    helm(
+        &helm3,
+        &kc,
+        &["upgrade", "gw", &chart, "-n", &ns, "--reuse-values"],
+    );
+    let p = env.wait_settled("gw", 90).await;
+    let c = common::condition(&p, "GatewayHA").unwrap();
+    assert_ne!(
+        c.reason, "FightDetected",
+        "a Helm upgrade is not a fight: {c:?}"
+    );
+    helm(
+        &helm4,
+        &kc,
+        &[
+            "upgrade",
+            "gw",
+            &chart,
+            "-n",
+            &ns,
+            "--reuse-values",
+            "--force-conflicts",
+        ],
+    );
+    let p = env.wait_settled("gw", 90).await;
+    let c = common::condition(&p, "GatewayHA").unwrap();
+    assert_ne!(
+        c.reason, "FightDetected",
+        "a Helm upgrade is not a fight: {c:?}"
+    );
+    wait(
+        "HPA minimum restored to 3 after the upgrades",
+        60,
+        || async { (hpas.get("gw").await.ok()?.spec?.min_replicas? >= 3).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (replicas, available, _) = floor.get();
+    assert!(
+        replicas >= 3,
+        "helm upgrade: replicas went down to {replicas}"
+    );
+    assert!(
+        available >= 3,
+        "helm upgrade: available pods went down to {available}"
+    );
+    floor.reset();
+
+    // Audit again: nothing written, values stay.
+    set_spec(format!("enforcement: Audit\n{}", gateway(full))).await;
+    env.wait_settled("gw", 60).await;
+    let before = writes_in(&env, &ns);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(writes_in(&env, &ns), before, "Audit writes nothing");
+    check("Audit");
+
+    // Delete the policy: the garbage collector removes what meshwarden created; the values
+    // it set stay.
+    Api::<MeshPolicy>::all(env.client.clone())
+        .delete(&env.policy_name("gw"), &DeleteParams::default())
+        .await
+        .unwrap();
+    wait("meshwarden's PDB garbage-collected", 60, || async {
+        let left = pdbs.list(&ListParams::default()).await.ok()?.items;
+        left.iter()
+            .all(|p| !p.name_any().ends_with("-meshwarden"))
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    check("policy deleted");
+    sampler.abort();
+}
