@@ -535,8 +535,7 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
     set_spec(format!("enforcement: Enforce\n{}", gateway(full))).await;
     env.wait_settled("gw", 90).await;
 
-    // helm upgrade with unchanged values: Helm 3 (three-way merge), then Helm 4
-    // (server-side apply; it asks for --force-conflicts on fields meshwarden holds).
+    // helm upgrade with unchanged values: Helm 3 (three-way merge), then Helm 4.
     helm(
         &helm3,
         &kc,
@@ -548,25 +547,19 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
         c.reason, "FightDetected",
         "a Helm upgrade is not a fight: {c:?}"
     );
-    helm(
-        &helm4,
-        &kc,
-        &[
-            "upgrade",
-            "gw",
-            &chart,
-            "-n",
-            &ns,
-            "--reuse-values",
-            "--force-conflicts",
-        ],
-    );
-    let p = env.wait_settled("gw", 90).await;
-    let c = common::condition(&p, "GatewayHA").unwrap();
-    assert_ne!(
-        c.reason, "FightDetected",
-        "a Helm upgrade is not a fight: {c:?}"
-    );
+    // Helm 4 keeps the method the release was installed with (client-side here), unless told
+    // to apply server-side, where it asks for --force-conflicts on fields meshwarden holds.
+    for extra in [&[][..], &["--server-side=true", "--force-conflicts"][..]] {
+        let mut args = vec!["upgrade", "gw", &chart, "-n", &ns, "--reuse-values"];
+        args.extend_from_slice(extra);
+        helm(&helm4, &kc, &args);
+        let p = env.wait_settled("gw", 90).await;
+        let c = common::condition(&p, "GatewayHA").unwrap();
+        assert_ne!(
+            c.reason, "FightDetected",
+            "a Helm upgrade is not a fight: {c:?}"
+        );
+    }
     wait(
         "HPA minimum restored to 3 after the upgrades",
         60,
