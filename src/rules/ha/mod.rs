@@ -1,0 +1,435 @@
+//! High availability of istiod revisions and mesh gateways: replicas (through the HPA when
+//! one owns the count), exactly one PodDisruptionBudget that never blocks node drains,
+//! spreading over nodes and zones, and container resources.
+
+mod budget;
+mod plan;
+
+use std::time::Instant;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use serde_json::Value;
+
+use crate::api::{
+    DisruptionBudgetSpec, Enforcement, MeshPolicy, ReplicasSpec, ResourcesSpec, SpreadSpec,
+    Violation,
+};
+use crate::apply;
+use crate::conditions::{Observed, Status};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::rules::RuleReport;
+use crate::selector;
+
+pub use budget::allowed_disruptions;
+pub use plan::{plan, resource_deviations};
+
+/// Label on objects meshwarden creates.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshwarden");
+/// Label naming the policy that created an object.
+pub const POLICY_LABEL: &str = "meshwarden.io/policy";
+pub(crate) const HOSTNAME: &str = "kubernetes.io/hostname";
+pub(crate) const ZONE: &str = "topology.kubernetes.io/zone";
+
+/// The rules of one section (control plane or one gateway entry), resolved.
+#[derive(Clone, Debug, Default)]
+pub struct HaRules {
+    pub replicas: Option<ReplicasSpec>,
+    pub budget: Option<DisruptionBudgetSpec>,
+    pub spread: Option<SpreadSpec>,
+    pub resources: Option<ResourcesSpec>,
+    /// Container whose resources are held (`discovery` or `istio-proxy`).
+    pub container: &'static str,
+}
+
+/// What was read about one target Deployment.
+#[derive(Clone, Debug)]
+pub struct Observation {
+    pub deployment: Deployment,
+    pub hpa: Option<HorizontalPodAutoscaler>,
+    /// Every PodDisruptionBudget in the namespace whose selector matches the pods.
+    pub pdbs: Vec<PodDisruptionBudget>,
+}
+
+/// A deviation found on a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    /// Kind/namespace/name of the object that deviates.
+    pub object: String,
+    /// The field (for fight tracking and messages), e.g. `spec.minReplicas`.
+    pub field: String,
+    pub message: String,
+    /// Whether meshwarden can correct it (false: report only, e.g. somebody else's PDB).
+    pub fixable: bool,
+    /// A budget that forbids every disruption.
+    pub blocks_drain: bool,
+}
+
+/// What to do to a PodDisruptionBudget.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PdbAction {
+    Apply { name: String, patch: Value },
+    Delete { name: String },
+}
+
+/// Everything the plan for one Deployment wants written.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    pub findings: Vec<Finding>,
+    pub deployment_patch: Option<Value>,
+    pub hpa_patch: Option<(String, Value)>,
+    pub pdb: Option<PdbAction>,
+    /// The Deployment patch changes the pod template: its pods roll.
+    pub rolls_pods: bool,
+    /// (field, manager) pairs meshwarden takes over by writing.
+    pub takeovers: Vec<(String, String)>,
+    /// Messages that are not deviations but worth a line (HPA handling).
+    pub notes: Vec<String>,
+}
+
+pub(crate) fn object_id(kind: &str, ns: &str, name: &str) -> String {
+    format!("{kind}/{ns}/{name}")
+}
+
+/// Which section a report is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Section {
+    ControlPlane,
+    Gateways,
+}
+
+impl Section {
+    pub fn condition_type(self) -> &'static str {
+        match self {
+            Section::ControlPlane => crate::conditions::types::CONTROL_PLANE_HA,
+            Section::Gateways => crate::conditions::types::GATEWAY_HA,
+        }
+    }
+}
+
+/// One group of targets with its rules (the control plane, or one gateway entry).
+pub struct Group {
+    pub label: String,
+    pub namespace: String,
+    pub selector: String,
+    pub rules: HaRules,
+    pub enforcement: Enforcement,
+}
+
+/// Reads the targets of a group: Deployments by label, the HPA targeting each, and the
+/// PodDisruptionBudgets selecting each one's pods.
+pub async fn observe(ctx: &Context, group: &Group) -> Result<Vec<Observation>> {
+    let ns = &group.namespace;
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
+    // Served from the API server's watch cache (resourceVersion 0): it already holds the change
+    // that triggered this reconcile, and a consistent read would first wait for the cache to
+    // catch up with etcd, which costs tens of milliseconds per list.
+    let lp = ListParams::default().match_any().labels(&group.selector);
+    let (deps, hpas, pdbs) = tokio::try_join!(
+        async {
+            deployments
+                .list(&lp)
+                .await
+                .map_err(|e| Error::kube(format!("list Deployments in {ns}"), e))
+        },
+        async {
+            hpas.list(&ListParams::default().match_any())
+                .await
+                .map_err(|e| Error::kube(format!("list HorizontalPodAutoscalers in {ns}"), e))
+        },
+        async {
+            pdbs.list(&ListParams::default().match_any())
+                .await
+                .map_err(|e| Error::kube(format!("list PodDisruptionBudgets in {ns}"), e))
+        },
+    )?;
+    let mut out = Vec::new();
+    for d in deps.items {
+        let name = d.name_any();
+        let hpa = hpas
+            .items
+            .iter()
+            .find(|h| {
+                h.spec.as_ref().is_some_and(|s| {
+                    s.scale_target_ref.kind == "Deployment" && s.scale_target_ref.name == name
+                })
+            })
+            .cloned();
+        let labels = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.labels.clone())
+            .unwrap_or_default();
+        let matching = pdbs
+            .items
+            .iter()
+            .filter(|b| {
+                b.spec
+                    .as_ref()
+                    .and_then(|s| s.selector.as_ref())
+                    .is_some_and(|sel| {
+                        // An empty selector in policy/v1 selects every pod of the namespace.
+                        selector::matches(sel, &labels)
+                    })
+            })
+            .cloned()
+            .collect();
+        out.push(Observation {
+            deployment: d,
+            hpa,
+            pdbs: matching,
+        });
+    }
+    Ok(out)
+}
+
+/// Observes, plans and (in Enforce) applies every group of a section; reports the result.
+pub async fn reconcile(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    section: Section,
+    groups: &[Group],
+) -> RuleReport {
+    let ctype = section.condition_type();
+    let mut report = RuleReport {
+        condition: Observed::new(ctype, Status::True, "Compliant", ""),
+        violations: Vec::new(),
+        targets: 0,
+        compliant: 0,
+        corrected: 0,
+        corrections: Vec::new(),
+    };
+    let mut empty_groups = Vec::new();
+    let mut takeovers: Vec<String> = Vec::new();
+    let mut fights: Vec<String> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    let mut rolled: Vec<String> = Vec::new();
+    let mut blocking = false;
+    let mut audit = false;
+    let mut unfixable = false;
+
+    for group in groups {
+        let observations = match observe(ctx, group).await {
+            Ok(o) => o,
+            Err(e) => return RuleReport::failed(ctype, &e),
+        };
+        if observations.is_empty() {
+            empty_groups.push(format!(
+                "{} (namespace {}, selector {})",
+                group.label, group.namespace, group.selector
+            ));
+            continue;
+        }
+        let enforce = group.enforcement == Enforcement::Enforce;
+        audit |= !enforce;
+        for obs in &observations {
+            report.targets += 1;
+            let plan = plan(&group.rules, obs, policy, enforce);
+            notes.extend(plan.notes.iter().cloned());
+            if plan.findings.is_empty() {
+                report.compliant += 1;
+                continue;
+            }
+            let dep_id = object_id("Deployment", &group.namespace, &obs.deployment.name_any());
+            let fight_key = format!("{}:{}", policy.name_any(), dep_id);
+            let now = Instant::now();
+            let fighting = ctx.fight_check(&fight_key, now);
+            let outstanding: Vec<Finding> = if !enforce {
+                plan.findings.clone()
+            } else if fighting {
+                fights.push(dep_id.clone());
+                plan.findings.clone()
+            } else {
+                tracing::debug!(target = %dep_id, "correcting");
+                let result = execute(ctx, group, &plan).await;
+                tracing::debug!(target = %dep_id, "corrected");
+                match result {
+                    Ok(()) => {
+                        let fixed: Vec<&Finding> =
+                            plan.findings.iter().filter(|f| f.fixable).collect();
+                        if !fixed.is_empty() {
+                            ctx.fight_record(&fight_key, now);
+                            report.corrected += 1;
+                            for f in &fixed {
+                                report
+                                    .corrections
+                                    .push(format!("{}: {}", f.object, f.message));
+                            }
+                        }
+                        if plan.rolls_pods {
+                            rolled.push(dep_id.clone());
+                        }
+                        for (field, manager) in &plan.takeovers {
+                            takeovers.push(format!("{field} (was managed by {manager})"));
+                        }
+                        plan.findings
+                            .iter()
+                            .filter(|f| !f.fixable)
+                            .cloned()
+                            .collect()
+                    }
+                    Err(e) => {
+                        let mut failed = RuleReport::failed(ctype, &e);
+                        failed.targets = report.targets;
+                        return failed;
+                    }
+                }
+            };
+            if outstanding.is_empty() {
+                report.compliant += 1;
+            }
+            for f in outstanding {
+                blocking |= f.blocks_drain;
+                unfixable |= !f.fixable && enforce;
+                let action = if enforce && fighting {
+                    "Skipped"
+                } else {
+                    "Reported"
+                };
+                report.violations.push(Violation {
+                    rule: ctype.to_string(),
+                    object: f.object.clone(),
+                    message: format!("{}: {}", f.field, f.message),
+                    action: action.to_string(),
+                });
+            }
+        }
+    }
+
+    let key = format!(
+        "{}/{}/{ctype}",
+        policy.name_any(),
+        policy.metadata.generation.unwrap_or_default()
+    );
+    let takeovers = ctx.remember_takeovers(&key, &takeovers);
+    let mut msg = Vec::new();
+    msg.push(format!(
+        "{} of {} target(s) compliant",
+        report.compliant, report.targets
+    ));
+    if report.corrected > 0 {
+        msg.push(format!("{} corrected", report.corrected));
+    }
+    if !rolled.is_empty() {
+        msg.push(format!(
+            "the pod template of {} changed, so its pods roll",
+            rolled.join(", ")
+        ));
+    }
+    msg.extend(super::takeover_sentence(&takeovers));
+    msg.extend(super::fight_sentence(&fights));
+    if !empty_groups.is_empty() {
+        msg.push(format!(
+            "no Deployment found for {}",
+            empty_groups.join(", ")
+        ));
+    }
+    if !report.violations.is_empty() {
+        let shown: Vec<String> = report
+            .violations
+            .iter()
+            .take(5)
+            .map(|v| format!("{} {}", v.object, v.message))
+            .collect();
+        msg.push(format!("deviations: {}", shown.join("; ")));
+        if audit {
+            msg.push("Audit mode: nothing was changed".to_string());
+        }
+    }
+    msg.extend(notes.into_iter().take(3));
+
+    let (status, reason) = if !fights.is_empty() {
+        (Status::False, "FightDetected")
+    } else if blocking {
+        (Status::False, "BudgetBlocksDrain")
+    } else if !report.violations.is_empty() && unfixable {
+        (Status::False, "CannotCorrect")
+    } else if !report.violations.is_empty() {
+        (Status::False, "NonCompliant")
+    } else if report.targets == 0 || !empty_groups.is_empty() {
+        (Status::False, "NoTargets")
+    } else if !takeovers.is_empty() {
+        (Status::True, "FieldOwnedByOther")
+    } else if report.corrected > 0 {
+        (Status::True, "Corrected")
+    } else {
+        (Status::True, "Compliant")
+    };
+    report.condition = Observed::new(ctype, status, reason, msg.join(". "));
+    report
+}
+
+async fn execute(ctx: &Context, group: &Group, plan: &Plan) -> Result<()> {
+    let ns = &group.namespace;
+    if let Some((name, patch)) = &plan.hpa_patch {
+        let api: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
+        apply::apply(&api, name, patch, &ctx.writes).await?;
+    }
+    if let Some(patch) = &plan.deployment_patch {
+        let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+        let name = patch["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        apply::apply(&api, &name, patch, &ctx.writes).await?;
+    }
+    match &plan.pdb {
+        Some(PdbAction::Apply { name, patch }) => {
+            let api: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
+            apply::apply(&api, name, patch, &ctx.writes).await?;
+        }
+        Some(PdbAction::Delete { name }) => {
+            let api: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
+            apply::delete(&api, name, &ctx.writes).await?;
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+/// The groups of the control-plane section: every istiod revision in the namespace.
+pub fn control_plane_groups(spec: &crate::api::MeshPolicySpec) -> Vec<Group> {
+    let Some(cp) = &spec.control_plane else {
+        return Vec::new();
+    };
+    vec![Group {
+        label: "istiod".into(),
+        namespace: cp.namespace.clone(),
+        selector: "app=istiod".into(),
+        rules: HaRules {
+            replicas: cp.replicas.clone(),
+            budget: cp.disruption_budget.clone(),
+            spread: cp.spread.clone(),
+            resources: cp.resources.clone(),
+            container: "discovery",
+        },
+        enforcement: crate::policy::effective(spec, cp.enforcement),
+    }]
+}
+
+/// The groups of the gateways section: one per entry.
+pub fn gateway_groups(spec: &crate::api::MeshPolicySpec) -> Vec<Group> {
+    spec.gateways
+        .iter()
+        .map(|g| Group {
+            label: format!("gateway {}", g.name),
+            namespace: g.namespace.clone(),
+            selector: selector::to_query(&g.selector),
+            rules: HaRules {
+                replicas: g.replicas.clone(),
+                budget: g.disruption_budget.clone(),
+                spread: g.spread.clone(),
+                resources: g.resources.clone(),
+                container: "istio-proxy",
+            },
+            enforcement: crate::policy::effective(spec, g.enforcement),
+        })
+        .collect()
+}
