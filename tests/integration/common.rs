@@ -78,6 +78,21 @@ async fn env_on(
     Env { client, id, plane }
 }
 
+/// A test env with a namespace `<id>-<suffix>` holding the objects of `kinds` from the Istio
+/// fixture `file`, and an operator running for the test's policies.
+pub async fn with_fixture(
+    prefix: &str,
+    suffix: &str,
+    file: &str,
+    kinds: &[&str],
+) -> (Env, String, Operator) {
+    let env = env(prefix).await;
+    let ns = env.namespace(suffix, &[]).await;
+    env.load_fixture(file, &ns, kinds).await;
+    let op = env.start_operator().await;
+    (env, ns, op)
+}
+
 impl Env {
     /// Creates a namespace named `<id>-<suffix>` with `labels`, returns its name.
     pub async fn namespace(&self, suffix: &str, labels: &[(&str, &str)]) -> String {

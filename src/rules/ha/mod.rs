@@ -370,7 +370,7 @@ async fn execute(ctx: &Context, group: &Group, plan: &Plan) -> Result<()> {
     let ns = &group.namespace;
     if let Some((name, patch)) = &plan.hpa_patch {
         let api: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
-        apply::apply(&api, name, patch, &ctx.writes).await?;
+        apply::apply_keeping(&api, name, patch, &ctx.writes).await?;
     }
     if let Some(patch) = &plan.deployment_patch {
         let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
@@ -378,7 +378,10 @@ async fn execute(ctx: &Context, group: &Group, plan: &Plan) -> Result<()> {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        apply::apply(&api, &name, patch, &ctx.writes).await?;
+        let (_, released) = apply::apply_keeping(&api, &name, patch, &ctx.writes).await?;
+        if !released.is_empty() {
+            tracing::info!(deployment = %name, namespace = %ns, fields = ?released, "released fields the policy no longer declares; their values stay");
+        }
     }
     match &plan.pdb {
         Some(PdbAction::Apply { name, patch }) => {
