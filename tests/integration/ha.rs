@@ -466,3 +466,108 @@ async fn blocking_user_pdb_reported_in_audit_fixed_in_enforce() {
     );
     op.stop().await;
 }
+
+/// A change freeze (a ValidatingAdmissionPolicy denying updates to the `istiod` Deployment):
+/// the canary revision is still corrected, the deviations are still reported, and the condition
+/// names the object that could not be written and the API server's message.
+#[tokio::test]
+async fn a_denied_write_affects_only_its_own_target() {
+    let (env, ns, op) = common::with_fixture("deny", "istio", "istiod-default.yaml", KINDS).await;
+    env.load_fixture("istiod-revision-canary.yaml", &ns, KINDS)
+        .await;
+    let freeze = format!(
+        "apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {ns}-freeze}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - {{apiGroups: [apps], apiVersions: [v1], operations: [UPDATE], resources: [deployments]}}
+  validations:
+  - {{expression: \"object.metadata.name != 'istiod'\", message: change freeze on istiod}}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {ns}-freeze}}
+spec:
+  policyName: {ns}-freeze
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}
+"
+    );
+    testplane::apply_yaml(&env.client, &freeze, &[])
+        .await
+        .unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
+    // The API server loads admission policies asynchronously: wait until the freeze denies.
+    common::eventually(20, "the freeze is in force", || async {
+        let denied = deployments
+            .patch(
+                "istiod",
+                &PatchParams::default().dry_run(),
+                &Patch::Merge(serde_json::json!({"metadata": {"labels": {"probe": "1"}}})),
+            )
+            .await
+            .is_err();
+        denied.then_some(())
+    })
+    .await;
+    env.create_policy(
+        "p",
+        &format!("enforcement: Enforce\ncontrolPlane: {{namespace: {ns}, {FULL}}}"),
+    )
+    .await;
+    let p = env
+        .wait_policy("p", 30, |p| {
+            let c = condition(p, "ControlPlaneHA")?;
+            (c.reason == "WriteFailed").then(|| p.clone())
+        })
+        .await;
+    let c = condition(&p, "ControlPlaneHA").unwrap();
+    assert_eq!(c.status, "False");
+    assert!(
+        c.message.contains(&format!("Deployment/{ns}/istiod"))
+            && c.message.contains("change freeze on istiod"),
+        "names the object and the API server's message: {}",
+        c.message
+    );
+    let status = p.status.clone().unwrap();
+    assert!(status.violation_count > 0, "deviations are still reported");
+    assert!(
+        status
+            .violations
+            .iter()
+            .any(|v| v.object == format!("Deployment/{ns}/istiod") && v.action == "Failed"),
+        "{:?}",
+        status.violations
+    );
+    // The canary revision was corrected all the same.
+    let canary = deployments.get("istiod-canary").await.unwrap();
+    let tpl = canary.spec.unwrap().template.spec.unwrap();
+    assert!(tpl.affinity.is_some(), "istiod-canary was corrected");
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &ns);
+    assert_eq!(
+        hpas.get("istiod-canary")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .min_replicas,
+        Some(2)
+    );
+    assert!(
+        pdbs(&env.client, &ns)
+            .await
+            .iter()
+            .any(|b| b.name_any() == "istiod-canary-meshwarden")
+    );
+    op.stop().await;
+    Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding>::all(
+        env.client.clone(),
+    )
+    .delete(&format!("{ns}-freeze"), &Default::default())
+    .await
+    .unwrap();
+}

@@ -214,6 +214,9 @@ pub async fn reconcile(
     let mut blocking = false;
     let mut audit = false;
     let mut unfixable = false;
+    let mut write_failures: Vec<String> = Vec::new();
+    let mut retry_forbidden = false;
+    let mut failed_writes = 0;
 
     for group in groups {
         let observations = match observe(ctx, group).await {
@@ -248,39 +251,47 @@ pub async fn reconcile(
                 plan.findings.clone()
             } else {
                 tracing::debug!(target = %dep_id, "correcting");
-                let result = execute(ctx, group, &plan).await;
+                let failed = execute(ctx, group, &plan).await;
                 tracing::debug!(target = %dep_id, "corrected");
-                match result {
-                    Ok(()) => {
-                        let fixed: Vec<&Finding> =
-                            plan.findings.iter().filter(|f| f.fixable).collect();
-                        if !fixed.is_empty() {
-                            ctx.fight_record(&fight_key, now);
-                            report.corrected += 1;
-                            for f in &fixed {
-                                report
-                                    .corrections
-                                    .push(format!("{}: {}", f.object, f.message));
-                            }
-                        }
-                        if plan.rolls_pods {
-                            rolled.push(dep_id.clone());
-                        }
-                        for (field, manager) in &plan.takeovers {
-                            takeovers.push(format!("{field} (was managed by {manager})"));
-                        }
-                        plan.findings
-                            .iter()
-                            .filter(|f| !f.fixable)
-                            .cloned()
-                            .collect()
-                    }
-                    Err(e) => {
-                        let mut failed = RuleReport::failed(ctype, &e);
-                        failed.targets = report.targets;
-                        return failed;
+                let failure_of = |f: &Finding| failed.iter().find(|w| w.kind == write_kind(f));
+                let fixed: Vec<&Finding> = plan
+                    .findings
+                    .iter()
+                    .filter(|f| f.fixable && failure_of(f).is_none())
+                    .collect();
+                if !fixed.is_empty() {
+                    ctx.fight_record(&fight_key, now);
+                    report.corrected += 1;
+                    for f in &fixed {
+                        report
+                            .corrections
+                            .push(format!("{}: {}", f.object, f.message));
                     }
                 }
+                let wrote = |kind: &str| !failed.iter().any(|w| w.kind == kind);
+                if plan.rolls_pods && wrote("Deployment") {
+                    rolled.push(dep_id.clone());
+                }
+                for (field, manager) in &plan.takeovers {
+                    if wrote(field.split('/').next().unwrap_or_default()) {
+                        takeovers.push(format!("{field} (was managed by {manager})"));
+                    }
+                }
+                for w in &failed {
+                    write_failures.push(format!("{}: {}", w.object, w.message));
+                    retry_forbidden |= w.forbidden;
+                }
+                plan.findings
+                    .iter()
+                    .filter(|f| !f.fixable || failure_of(f).is_some())
+                    .map(|f| match failure_of(f) {
+                        Some(w) => Finding {
+                            message: format!("{} (not corrected: {})", f.message, w.message),
+                            ..f.clone()
+                        },
+                        None => f.clone(),
+                    })
+                    .collect()
             };
             if outstanding.is_empty() {
                 report.compliant += 1;
@@ -290,6 +301,9 @@ pub async fn reconcile(
                 unfixable |= !f.fixable && enforce;
                 let action = if enforce && fighting {
                     "Skipped"
+                } else if enforce && f.fixable {
+                    failed_writes += 1;
+                    "Failed"
                 } else {
                     "Reported"
                 };
@@ -324,6 +338,17 @@ pub async fn reconcile(
         ));
     }
     msg.extend(super::takeover_sentence(&takeovers));
+    if !write_failures.is_empty() {
+        msg.push(format!(
+            "could not write {}; meshwarden retries with backoff{}",
+            write_failures.join("; "),
+            if retry_forbidden {
+                " (meshwarden's ClusterRole lacks a permission: compare it with the chart's, charts/meshwarden/templates/clusterrole.yaml)"
+            } else {
+                ""
+            }
+        ));
+    }
     msg.extend(super::fight_sentence(&fights));
     if !empty_groups.is_empty() {
         msg.push(format!(
@@ -345,7 +370,9 @@ pub async fn reconcile(
     }
     msg.extend(notes.into_iter().take(3));
 
-    let (status, reason) = if !fights.is_empty() {
+    let (status, reason) = if failed_writes > 0 {
+        (Status::False, WRITE_FAILED)
+    } else if !fights.is_empty() {
         (Status::False, "FightDetected")
     } else if blocking {
         (Status::False, "BudgetBlocksDrain")
@@ -366,11 +393,58 @@ pub async fn reconcile(
     report
 }
 
-async fn execute(ctx: &Context, group: &Group, plan: &Plan) -> Result<()> {
+/// A write of a plan that the API server refused (or that could not be sent).
+struct WriteFailure {
+    /// Kind of the object (`Deployment`, `HorizontalPodAutoscaler`, `PodDisruptionBudget`).
+    kind: &'static str,
+    /// `Kind/namespace/name`.
+    object: String,
+    /// The API server's message.
+    message: String,
+    forbidden: bool,
+}
+
+/// Reason of an HA condition when a write was refused.
+pub const WRITE_FAILED: &str = "WriteFailed";
+
+/// Which write of a plan corrects a finding.
+fn write_kind(f: &Finding) -> &'static str {
+    if f.object.starts_with("HorizontalPodAutoscaler/") {
+        "HorizontalPodAutoscaler"
+    } else if f.object.starts_with("PodDisruptionBudget/") || f.field == "PodDisruptionBudget" {
+        "PodDisruptionBudget"
+    } else {
+        "Deployment"
+    }
+}
+
+/// Sends every write of a plan; one refused write does not stop the others. Returns those
+/// that failed.
+async fn execute(ctx: &Context, group: &Group, plan: &Plan) -> Vec<WriteFailure> {
     let ns = &group.namespace;
+    let mut failed = Vec::new();
+    let mut record = |kind: &'static str, name: &str, result: Result<()>| {
+        if let Err(e) = result {
+            let (message, forbidden) = match &e {
+                Error::Kube {
+                    source: kube::Error::Api(s),
+                    ..
+                } => (s.message.clone(), s.code == 403),
+                other => (other.to_string(), false),
+            };
+            tracing::warn!(kind, name, namespace = %ns, error = %e, "write failed");
+            failed.push(WriteFailure {
+                kind,
+                object: object_id(kind, ns, name),
+                message,
+                forbidden,
+            });
+        }
+    };
     if let Some((name, patch)) = &plan.hpa_patch {
         let api: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
-        apply::apply_keeping(&api, name, patch, &ctx.writes).await?;
+        let r = apply::apply_keeping(&api, name, patch, &ctx.writes).await;
+        record("HorizontalPodAutoscaler", name, r.map(|_| ()));
     }
     if let Some(patch) = &plan.deployment_patch {
         let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
@@ -378,23 +452,27 @@ async fn execute(ctx: &Context, group: &Group, plan: &Plan) -> Result<()> {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let (_, released) = apply::apply_keeping(&api, &name, patch, &ctx.writes).await?;
-        if !released.is_empty() {
+        let r = apply::apply_keeping(&api, &name, patch, &ctx.writes).await;
+        if let Ok((_, released)) = &r
+            && !released.is_empty()
+        {
             tracing::info!(deployment = %name, namespace = %ns, fields = ?released, "released fields the policy no longer declares; their values stay");
         }
+        record("Deployment", &name, r.map(|_| ()));
     }
+    let api: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
     match &plan.pdb {
         Some(PdbAction::Apply { name, patch }) => {
-            let api: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
-            apply::apply(&api, name, patch, &ctx.writes).await?;
+            let r = apply::apply(&api, name, patch, &ctx.writes).await;
+            record("PodDisruptionBudget", name, r.map(|_| ()));
         }
         Some(PdbAction::Delete { name }) => {
-            let api: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
-            apply::delete(&api, name, &ctx.writes).await?;
+            let r = apply::delete(&api, name, &ctx.writes).await;
+            record("PodDisruptionBudget", name, r);
         }
         None => {}
     }
-    Ok(())
+    failed
 }
 
 /// The groups of the control-plane section: every istiod revision in the namespace.
