@@ -304,6 +304,8 @@ pub struct FightTracker {
     window: Duration,
     limit: usize,
     seen: HashMap<String, VecDeque<Instant>>,
+    /// Keys meshwarden has set (see [`FightTracker::correct`]).
+    set: HashMap<String, Instant>,
 }
 
 impl Default for FightTracker {
@@ -319,6 +321,7 @@ impl FightTracker {
             window,
             limit,
             seen: HashMap::new(),
+            set: HashMap::new(),
         }
     }
 
@@ -337,6 +340,18 @@ impl FightTracker {
     /// True when `key` was corrected `limit` times within the window: do not write again.
     pub fn is_fight(&mut self, key: &str, now: Instant) -> bool {
         self.prune(key, now) >= self.limit
+    }
+
+    /// Records that meshwarden set the field `key`. It counts toward a fight only when
+    /// meshwarden had set it before and `by_other` says another manager owns the deviating value
+    /// now: after meshwarden's forced apply no other manager owned the field, so that manager
+    /// wrote it since. meshwarden's own first correction, a re-created object and a field nobody
+    /// else owns never count.
+    pub fn correct(&mut self, key: &str, now: Instant, by_other: bool) {
+        let set_before = self.set.insert(key.to_string(), now).is_some();
+        if set_before && by_other {
+            self.record(key, now);
+        }
     }
 
     /// Records a correction of `key`.
@@ -494,6 +509,23 @@ mod tests {
             ops[3]["value"],
             serde_json::json!({"f:spec": {"f:replicas": {}, "f:paused": {}}})
         );
+    }
+
+    #[test]
+    fn only_reverts_by_another_manager_count() {
+        let mut f = FightTracker::new(Duration::from_secs(60), 2);
+        let t0 = Instant::now();
+        // First correction (taking over Helm's value) and corrections of values nobody else
+        // owns are no reverts.
+        f.correct("hpa/min", t0, true);
+        f.correct("hpa/min", t0, false);
+        f.correct("hpa/min", t0, false);
+        assert!(!f.is_fight("hpa/min", t0));
+        f.correct("hpa/min", t0, true);
+        assert!(!f.is_fight("hpa/min", t0), "one revert is no fight");
+        f.correct("hpa/min", t0, true);
+        assert!(f.is_fight("hpa/min", t0));
+        assert!(!f.is_fight("pdb/spec", t0), "per field");
     }
 
     #[test]

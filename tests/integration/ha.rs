@@ -571,3 +571,89 @@ spec:
     .await
     .unwrap();
 }
+
+/// Issue 13 item 2: a fight is another writer reverting a value meshwarden set, counted per
+/// field; meshwarden re-creating its own deleted PDB is no fight, and a hold never leaves istiod
+/// without a PodDisruptionBudget.
+#[tokio::test]
+async fn fights_need_another_writer_and_never_drop_protection() {
+    let (env, ns, op) = common::with_fixture("fight2", "istio", "istiod-default.yaml", KINDS).await;
+    env.create_policy(
+        "p",
+        &format!("enforcement: Enforce\ncontrolPlane: {{namespace: {ns}, replicas: {{min: 3}}, disruptionBudget: {{maxUnavailable: 1}}}}"),
+    )
+    .await;
+    wait_true(&env, "p", "Ready").await;
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &ns);
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(env.client.clone(), &ns);
+    let lower_min = || async {
+        hpas.patch(
+            "istiod",
+            &PatchParams {
+                field_manager: Some("kubectl-edit".into()),
+                ..Default::default()
+            },
+            &Patch::Merge(serde_json::json!({"spec": {"minReplicas": 1}})),
+        )
+        .await
+        .unwrap();
+    };
+    let min_is = |want: i32| {
+        let hpas = hpas.clone();
+        async move {
+            (hpas.get("istiod").await.unwrap().spec.unwrap().min_replicas == Some(want))
+                .then_some(())
+        }
+    };
+    let pdb_exists = || async {
+        budgets
+            .get_opt("istiod-meshwarden")
+            .await
+            .unwrap()
+            .map(|_| ())
+    };
+    // The reproduction from the issue: twice (a) lower the HPA minimum, (b) delete the PDB.
+    for _ in 0..2 {
+        lower_min().await;
+        common::eventually(5, "HPA minimum restored", || min_is(3)).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        budgets
+            .delete("istiod-meshwarden", &Default::default())
+            .await
+            .unwrap();
+        common::eventually(5, "PDB re-created", pdb_exists).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+    let p = env.wait_settled("p", 20).await;
+    let c = condition(&p, "ControlPlaneHA").unwrap();
+    assert_ne!(
+        c.reason, "FightDetected",
+        "two human edits are no fight: {c:?}"
+    );
+
+    // A third revert of the same field by another writer makes a fight on that field: it is
+    // corrected once more, then left alone.
+    lower_min().await;
+    common::eventually(5, "HPA minimum restored", || min_is(3)).await;
+    lower_min().await;
+    let p = env
+        .wait_policy("p", 15, |p| {
+            (condition(p, "ControlPlaneHA")?.reason == "FightDetected").then(|| p.clone())
+        })
+        .await;
+    assert!(
+        p.status
+            .unwrap()
+            .violations
+            .iter()
+            .any(|v| v.object.starts_with("HorizontalPodAutoscaler/") && v.action == "Skipped")
+    );
+    // While the minimum is left alone, the budget is still held.
+    budgets
+        .delete("istiod-meshwarden", &Default::default())
+        .await
+        .unwrap();
+    common::eventually(5, "PDB re-created during the hold", pdb_exists).await;
+    assert_eq!(min_is(1).await, Some(()), "the other writer's value stays");
+    op.stop().await;
+}

@@ -62,6 +62,7 @@ pub(super) fn plan_budget(
             ),
             fixable,
             blocks_drain: true,
+            changed_by: Vec::new(),
         });
         if fixable && let Some(b) = own.first() {
             p.pdb = Some(PdbAction::Delete { name: b.name_any() });
@@ -88,6 +89,7 @@ pub(super) fn plan_budget(
                     ),
                     fixable: false,
                     blocks_drain: true,
+                    changed_by: Vec::new(),
                 });
             }
         }
@@ -118,6 +120,7 @@ pub(super) fn plan_budget(
             ),
             fixable: false,
             blocks_drain: true,
+            changed_by: Vec::new(),
         });
         return;
     }
@@ -131,6 +134,7 @@ pub(super) fn plan_budget(
                 message: "no PodDisruptionBudget covers its pods".into(),
                 fixable: true,
                 blocks_drain: false,
+                changed_by: Vec::new(),
             });
             let owner = policy.controller_owner_ref(&()).map(|mut o| {
                 o.controller = Some(false);
@@ -186,9 +190,18 @@ pub(super) fn plan_budget(
                 },
                 fixable: true,
                 blocks_drain: allows < 1,
+                changed_by: Vec::new(),
             });
             for f in ["f:minAvailable", "f:maxUnavailable"] {
-                for m in apply::foreign_managers(&b.metadata, &["f:spec", f]) {
+                let owners = apply::foreign_managers(&b.metadata, &["f:spec", f]);
+                if let Some(finding) = p.findings.last_mut() {
+                    for m in &owners {
+                        if !finding.changed_by.contains(m) {
+                            finding.changed_by.push(m.clone());
+                        }
+                    }
+                }
+                for m in owners {
                     let field = format!("{pdb_id} spec.{}", &f[2..]);
                     if !p.takeovers.iter().any(|(x, y)| x == &field && y == &m) {
                         p.takeovers.push((field, m));

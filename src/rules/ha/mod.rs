@@ -3,6 +3,7 @@
 //! spreading over nodes and zones, and container resources.
 
 mod budget;
+mod fight;
 mod plan;
 
 use std::time::Instant;
@@ -67,6 +68,9 @@ pub struct Finding {
     pub fixable: bool,
     /// A budget that forbids every disruption.
     pub blocks_drain: bool,
+    /// Managers other than meshwarden that own the deviating field now (from `managedFields`):
+    /// when meshwarden set the field before, they reverted it.
+    pub changed_by: Vec<String>,
 }
 
 /// What to do to a PodDisruptionBudget.
@@ -241,13 +245,29 @@ pub async fn reconcile(
                 continue;
             }
             let dep_id = object_id("Deployment", &group.namespace, &obs.deployment.name_any());
-            let fight_key = format!("{}:{}", policy.name_any(), dep_id);
             let now = Instant::now();
-            let fighting = ctx.fight_check(&fight_key, now);
+            let fight_key = |f: &Finding| format!("{}:{}:{}", policy.name_any(), f.object, f.field);
+            // Fields another writer keeps reverting are left alone; the rest is still written.
+            let held: Vec<Finding> = plan
+                .findings
+                .iter()
+                .filter(|f| enforce && f.fixable && ctx.fight_check(&fight_key(f), now))
+                .cloned()
+                .collect();
+            let mut plan = plan;
+            if !held.is_empty() {
+                fight::hold(&mut plan, &held);
+                for f in &held {
+                    fights.push(format!(
+                        "{} {} (changed by {})",
+                        f.object,
+                        f.field,
+                        f.changed_by.join(", ")
+                    ));
+                }
+            }
+            let fighting = |f: &Finding| held.contains(f);
             let outstanding: Vec<Finding> = if !enforce {
-                plan.findings.clone()
-            } else if fighting {
-                fights.push(dep_id.clone());
                 plan.findings.clone()
             } else {
                 tracing::debug!(target = %dep_id, "correcting");
@@ -257,10 +277,12 @@ pub async fn reconcile(
                 let fixed: Vec<&Finding> = plan
                     .findings
                     .iter()
-                    .filter(|f| f.fixable && failure_of(f).is_none())
+                    .filter(|f| f.fixable && !fighting(f) && failure_of(f).is_none())
                     .collect();
+                for f in &fixed {
+                    ctx.fight_correct(&fight_key(f), now, !f.changed_by.is_empty());
+                }
                 if !fixed.is_empty() {
-                    ctx.fight_record(&fight_key, now);
                     report.corrected += 1;
                     for f in &fixed {
                         report
@@ -283,7 +305,7 @@ pub async fn reconcile(
                 }
                 plan.findings
                     .iter()
-                    .filter(|f| !f.fixable || failure_of(f).is_some())
+                    .filter(|f| !f.fixable || fighting(f) || failure_of(f).is_some())
                     .map(|f| match failure_of(f) {
                         Some(w) => Finding {
                             message: format!("{} (not corrected: {})", f.message, w.message),
@@ -299,7 +321,7 @@ pub async fn reconcile(
             for f in outstanding {
                 blocking |= f.blocks_drain;
                 unfixable |= !f.fixable && enforce;
-                let action = if enforce && fighting {
+                let action = if enforce && fighting(&f) {
                     "Skipped"
                 } else if enforce && f.fixable {
                     failed_writes += 1;
@@ -349,7 +371,12 @@ pub async fn reconcile(
             }
         ));
     }
-    msg.extend(super::fight_sentence(&fights));
+    if !fights.is_empty() {
+        msg.push(format!(
+            "{} keep being changed back by another writer; meshwarden stopped rewriting these fields for 10 minutes (everything else is still held): find the other writer (kubectl get -o yaml --show-managed-fields)",
+            fights.join(", ")
+        ));
+    }
     if !empty_groups.is_empty() {
         msg.push(format!(
             "no Deployment found for {}",

@@ -69,6 +69,16 @@ pub fn resource_deviations(
     out
 }
 
+/// Records who owns a deviating field (the finding just pushed) and names them as taken over.
+fn note_owners(p: &mut Plan, owners: &[String], field: String) {
+    if let Some(f) = p.findings.last_mut() {
+        f.changed_by = owners.to_vec();
+    }
+    for m in owners {
+        p.takeovers.push((field.clone(), m.clone()));
+    }
+}
+
 fn spread_term(selector: &Value) -> Value {
     json!({"labelSelector": selector, "topologyKey": HOSTNAME})
 }
@@ -115,10 +125,11 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                         ),
                         fixable: true,
                         blocks_drain: false,
+                        changed_by: Vec::new(),
                     });
-                    for m in apply::foreign_managers(&hpa.metadata, &["f:spec", "f:minReplicas"]) {
-                        p.takeovers.push((format!("{hpa_id} spec.minReplicas"), m));
-                    }
+                    let owners =
+                        apply::foreign_managers(&hpa.metadata, &["f:spec", "f:minReplicas"]);
+                    note_owners(&mut p, &owners, format!("{hpa_id} spec.minReplicas"));
                     p.hpa_patch = Some((
                         hpa.name_any(),
                         json!({
@@ -142,10 +153,10 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                         ),
                         fixable: true,
                         blocks_drain: false,
+                        changed_by: Vec::new(),
                     });
-                    for m in apply::foreign_managers(&d.metadata, &["f:spec", "f:replicas"]) {
-                        p.takeovers.push((format!("{dep_id} spec.replicas"), m));
-                    }
+                    let owners = apply::foreign_managers(&d.metadata, &["f:spec", "f:replicas"]);
+                    note_owners(&mut p, &owners, format!("{dep_id} spec.replicas"));
                     dep_changed = true;
                 }
                 dep_spec.insert("replicas".into(), json!(current_min.max(r.min)));
@@ -194,6 +205,10 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                     message: format!("no {which} pod anti-affinity on {HOSTNAME}"),
                     fixable: true,
                     blocks_drain: false,
+                    changed_by: apply::foreign_managers(
+                        &d.metadata,
+                        &["f:spec", "f:template", "f:spec", "f:affinity"],
+                    ),
                 });
                 dep_changed = true;
                 p.rolls_pods = true;
@@ -255,6 +270,15 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                     message: format!("no topology spread constraint on {ZONE} ({when})"),
                     fixable: true,
                     blocks_drain: false,
+                    changed_by: apply::foreign_managers(
+                        &d.metadata,
+                        &[
+                            "f:spec",
+                            "f:template",
+                            "f:spec",
+                            "f:topologySpreadConstraints",
+                        ],
+                    ),
                 });
                 dep_changed = true;
                 p.rolls_pods = true;
@@ -276,6 +300,7 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                 message: format!("has no container named {}", rules.container),
                 fixable: false,
                 blocks_drain: false,
+                changed_by: Vec::new(),
             }),
             Some(c) => {
                 let devs = resource_deviations(res, c.resources.as_ref());
@@ -289,11 +314,12 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                         message: format!("container {}: {}", rules.container, devs.join("; ")),
                         fixable: true,
                         blocks_drain: false,
+                        changed_by: Vec::new(),
                     });
                     dep_changed = true;
                     p.rolls_pods = true;
                     let key = format!("k:{{\"name\":\"{}\"}}", rules.container);
-                    for m in apply::foreign_managers(
+                    let owners = apply::foreign_managers(
                         &d.metadata,
                         &[
                             "f:spec",
@@ -303,12 +329,12 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                             &key,
                             "f:resources",
                         ],
-                    ) {
-                        p.takeovers.push((
-                            format!("{dep_id} container {} resources", rules.container),
-                            m,
-                        ));
-                    }
+                    );
+                    note_owners(
+                        &mut p,
+                        &owners,
+                        format!("{dep_id} container {} resources", rules.container),
+                    );
                 }
                 let mut r = serde_json::Map::new();
                 if let Some(req) = &res.requests {
