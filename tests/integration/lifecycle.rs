@@ -1,6 +1,9 @@
 //! The controller reports observedGeneration and conditions, follows updates, and a deleted
 //! policy leaves the mesh as it was.
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, Patch, PatchParams};
 use meshwarden::api::MeshPolicy;
 
@@ -282,4 +285,109 @@ async fn gateway_limits_stay_when_the_policy_drops_them() {
     assert_eq!(quantity(&limits, "cpu").as_deref(), Some("3"));
     assert_eq!(anti_affinity_terms(&d), 1, "the required term stays");
     op.stop().await;
+}
+
+/// Issue 11 case 2: after meshwarden corrected a Helm release of istiod (HPA minimum 2 and the
+/// chart's PDB `minAvailable: 1`; policy `replicas.min: 3`, `maxUnavailable: 1`, a CPU request),
+/// `helm upgrade --reuse-values` still succeeds, and meshwarden restores the posture right after
+/// without calling it a fight. The chart's PDB keeps its form; the condition says which chart
+/// value declares the budget at the source.
+async fn helm_upgrade_after_correction(prefix: &str, v3: bool) {
+    let helm = common::Helm::find()
+        .expect("Helm 4, Helm 3 and Istio's charts (hack/install-tools.sh, tools/k8s-bins)");
+    let env = common::env(prefix).await;
+    let ns = env.namespace("istio", &[]).await;
+    let chart = helm.chart("istio-discovery");
+    let install = [
+        "install",
+        "istiod",
+        chart.as_str(),
+        "-n",
+        ns.as_str(),
+        "--set",
+        "autoscaleMin=2",
+        "--set",
+        &format!("global.istioNamespace={ns}"),
+        "--set",
+        "global.operatorManageWebhooks=true",
+    ];
+    helm.run(v3, &install)
+        .unwrap_or_else(|e| panic!("helm install: {e}"));
+    let op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!("enforcement: Enforce\ncontrolPlane: {{namespace: {ns}, replicas: {{min: 3}}, disruptionBudget: {{maxUnavailable: 1}}, resources: {{requests: {{cpu: 700m}}}}}}"),
+    )
+    .await;
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(env.client.clone(), &ns);
+    let corrected = || async {
+        let min = hpas.get("istiod").await.ok()?.spec?.min_replicas;
+        let d = deployments.get("istiod").await.ok()?;
+        let cpu = quantity(&container_resources(&d, "discovery").requests, "cpu");
+        (min == Some(3) && cpu.as_deref() == Some("700m")).then_some(())
+    };
+    common::eventually(20, "istiod corrected", corrected).await;
+    let p = env
+        .wait_policy("p", 20, |p| {
+            let c = condition(p, "ControlPlaneHA")?;
+            c.message
+                .contains("pdb.maxUnavailable=1")
+                .then(|| p.clone())
+        })
+        .await;
+    let c = condition(&p, "ControlPlaneHA").unwrap();
+    assert!(
+        c.message.contains("Helm release istiod"),
+        "names the release and the value to set: {}",
+        c.message
+    );
+    let chart_budget = || async {
+        let s = budgets.get("istiod").await.unwrap().spec.unwrap();
+        (s.min_available, s.max_unavailable)
+    };
+    assert_eq!(
+        chart_budget().await,
+        (Some(IntOrString::Int(1)), None),
+        "the chart's PDB keeps its form"
+    );
+
+    // helm upgrade with unchanged values. Helm 4 applies server-side and reports conflicts
+    // with meshwarden's fields; it is then run with --force-conflicts, as it asks.
+    let mut upgrade = vec![
+        "upgrade",
+        "istiod",
+        chart.as_str(),
+        "-n",
+        ns.as_str(),
+        "--reuse-values",
+    ];
+    let result = match helm.run(v3, &upgrade) {
+        Err(e) if !v3 && e.contains("conflict") => {
+            upgrade.push("--force-conflicts");
+            helm.run(v3, &upgrade)
+        }
+        other => other,
+    };
+    result.unwrap_or_else(|e| panic!("helm upgrade (Helm {}): {e}", if v3 { 3 } else { 4 }));
+    common::eventually(10, "posture restored after the upgrade", corrected).await;
+    assert_eq!(chart_budget().await, (Some(IntOrString::Int(1)), None));
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let p = env.wait_policy("p", 5, |p| Some(p.clone())).await;
+    let c = condition(&p, "ControlPlaneHA").unwrap();
+    assert_ne!(c.reason, "FightDetected", "{c:?}");
+    op.stop().await;
+    helm.run(v3, &["uninstall", "istiod", "-n", ns.as_str()])
+        .unwrap_or_else(|e| panic!("helm uninstall: {e}"));
+}
+
+#[tokio::test]
+async fn helm4_upgrade_after_correction() {
+    helm_upgrade_after_correction("helm4", false).await;
+}
+
+#[tokio::test]
+async fn helm3_upgrade_after_correction() {
+    helm_upgrade_after_correction("helm3", true).await;
 }

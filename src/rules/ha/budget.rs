@@ -39,8 +39,9 @@ pub(super) fn plan_budget(
     obs: &Observation,
     policy: &MeshPolicy,
     pod_selector: &Value,
-    effective_min: i32,
+    bounds: (i32, i32),
 ) {
+    let effective_min = bounds.0;
     let d = &obs.deployment;
     let ns = d.namespace().unwrap_or_default();
     let dep_id = object_id("Deployment", &ns, &d.name_any());
@@ -161,59 +162,121 @@ pub(super) fn plan_budget(
         Some(b) => {
             let s = b.spec.clone().unwrap_or_default();
             let pdb_id = object_id("PodDisruptionBudget", &ns, &b.name_any());
-            let same =
-                s.min_available == want.min_available && s.max_unavailable == want.max_unavailable;
-            if same {
-                return;
-            }
+            let min_owners = apply::foreign_managers(&b.metadata, &["f:spec", "f:minAvailable"]);
+            let max_owners = apply::foreign_managers(&b.metadata, &["f:spec", "f:maxUnavailable"]);
+            // The form (minAvailable or maxUnavailable) another manager owns is kept: Helm's
+            // three-way merge and Istio's charts fail on a budget whose form was switched.
+            let kept_form = if ours(b) {
+                None
+            } else if s.min_available.is_some() && !min_owners.is_empty() {
+                Some(Form::MinAvailable)
+            } else if s.max_unavailable.is_some() && !max_owners.is_empty() {
+                Some(Form::MaxUnavailable)
+            } else {
+                None
+            };
+            let declared_form = if want.min_available.is_some() {
+                Form::MinAvailable
+            } else {
+                Form::MaxUnavailable
+            };
+            let target = match kept_form {
+                Some(form) if form != declared_form => {
+                    equivalent(want, form, bounds).map(|v| form.budget(v))
+                }
+                _ => Some((want.min_available.clone(), want.max_unavailable.clone())),
+            };
             let allows = allowed_disruptions(
                 s.min_available.as_ref(),
                 s.max_unavailable.as_ref(),
                 effective_min,
             );
+            let current = format!(
+                "minAvailable {:?} / maxUnavailable {:?}",
+                s.min_available.as_ref().map(ios_string),
+                s.max_unavailable.as_ref().map(ios_string)
+            );
+            let owners: Vec<String> =
+                min_owners
+                    .iter()
+                    .chain(max_owners.iter())
+                    .fold(Vec::new(), |mut acc, m| {
+                        if !acc.contains(m) {
+                            acc.push(m.clone());
+                        }
+                        acc
+                    });
+            let Some((min, max)) = target else {
+                // Not expressible in the kept form: report, leave the PDB alone.
+                let form = kept_form.unwrap_or(declared_form);
+                p.findings.push(Finding {
+                    object: pdb_id,
+                    field: "spec".into(),
+                    message: format!(
+                        "budget is {current}, declared {}; {} owns its {} and the declared budget has no equivalent {} at {}..{} replica(s), so meshwarden leaves it alone{}",
+                        Value::Object(budget_json.clone()),
+                        owners.join(", "),
+                        form.name(),
+                        form.name(),
+                        bounds.0,
+                        bounds.1,
+                        super::source::budget_hint(rules.container, b, want)
+                    ),
+                    fixable: false,
+                    blocks_drain: allows < 1,
+                    changed_by: owners,
+                });
+                return;
+            };
+            if s.min_available == min && s.max_unavailable == max {
+                return;
+            }
+            let mut spec = serde_json::Map::new();
+            if let Some(m) = &min {
+                spec.insert("minAvailable".into(), int_or_string_json(m));
+            }
+            if let Some(m) = &max {
+                spec.insert("maxUnavailable".into(), int_or_string_json(m));
+            }
+            let wanted = Value::Object(spec.clone());
             p.findings.push(Finding {
                 object: pdb_id.clone(),
                 field: "spec".into(),
                 message: if allows < 1 {
                     format!(
-                        "allows no disruption at {effective_min} replica(s) (minAvailable {:?}, maxUnavailable {:?}): node drains block",
-                        s.min_available.as_ref().map(ios_string),
-                        s.max_unavailable.as_ref().map(ios_string)
+                        "allows no disruption at {effective_min} replica(s) ({current}): node drains block"
+                    )
+                } else if kept_form.is_some() && wanted != Value::Object(budget_json.clone()) {
+                    format!(
+                        "budget is {current}, declared {} (held as {wanted}, the same at {}..{} replica(s), in the form its owner uses)",
+                        Value::Object(budget_json.clone()),
+                        bounds.0,
+                        bounds.1
                     )
                 } else {
                     format!(
-                        "budget is minAvailable {:?} / maxUnavailable {:?}, declared {}",
-                        s.min_available.as_ref().map(ios_string),
-                        s.max_unavailable.as_ref().map(ios_string),
+                        "budget is {current}, declared {}",
                         Value::Object(budget_json.clone())
                     )
                 },
                 fixable: true,
                 blocks_drain: allows < 1,
-                changed_by: Vec::new(),
+                changed_by: owners,
             });
-            for f in ["f:minAvailable", "f:maxUnavailable"] {
-                let owners = apply::foreign_managers(&b.metadata, &["f:spec", f]);
-                if let Some(finding) = p.findings.last_mut() {
-                    for m in &owners {
-                        if !finding.changed_by.contains(m) {
-                            finding.changed_by.push(m.clone());
-                        }
-                    }
-                }
+            for (f, owners) in [
+                ("minAvailable", &min_owners),
+                ("maxUnavailable", &max_owners),
+            ] {
                 for m in owners {
-                    let field = format!("{pdb_id} spec.{}", &f[2..]);
-                    if !p.takeovers.iter().any(|(x, y)| x == &field && y == &m) {
-                        p.takeovers.push((field, m));
-                    }
+                    p.takeovers.push((format!("{pdb_id} spec.{f}"), m.clone()));
                 }
             }
-            // The other form is cleared explicitly: a budget may not carry both.
-            let mut spec = budget_json.clone();
-            if want.min_available.is_some() && s.max_unavailable.is_some() {
+            // When the form changes (a budget meshwarden owns), the other form is cleared
+            // explicitly: a budget may not carry both.
+            if min.is_some() && s.max_unavailable.is_some() {
                 spec.insert("maxUnavailable".into(), Value::Null);
             }
-            if want.max_unavailable.is_some() && s.min_available.is_some() {
+            if max.is_some() && s.min_available.is_some() {
                 spec.insert("minAvailable".into(), Value::Null);
             }
             p.pdb = Some(PdbAction::Apply {
@@ -226,5 +289,99 @@ pub(super) fn plan_budget(
                 }),
             });
         }
+    }
+}
+
+/// The two forms of a disruption budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    MinAvailable,
+    MaxUnavailable,
+}
+
+impl Form {
+    pub fn name(self) -> &'static str {
+        match self {
+            Form::MinAvailable => "minAvailable",
+            Form::MaxUnavailable => "maxUnavailable",
+        }
+    }
+
+    /// (minAvailable, maxUnavailable) holding `v` in this form.
+    fn budget(self, v: IntOrString) -> (Option<IntOrString>, Option<IntOrString>) {
+        match self {
+            Form::MinAvailable => (Some(v), None),
+            Form::MaxUnavailable => (None, Some(v)),
+        }
+    }
+}
+
+/// The value in `form` that allows exactly as many disruptions as the declared budget at every
+/// replica count from `bounds.0` to `bounds.1`, if there is one.
+pub fn equivalent(
+    want: &crate::api::DisruptionBudgetSpec,
+    form: Form,
+    bounds: (i32, i32),
+) -> Option<IntOrString> {
+    let (lo, hi) = bounds;
+    let declared = |n| {
+        allowed_disruptions(
+            want.min_available.as_ref(),
+            want.max_unavailable.as_ref(),
+            n,
+        )
+    };
+    let candidate = IntOrString::Int(match form {
+        Form::MinAvailable => lo - declared(lo),
+        Form::MaxUnavailable => declared(lo),
+    });
+    let (min, max) = form.budget(candidate.clone());
+    (lo..=hi.max(lo))
+        .all(|n| allowed_disruptions(min.as_ref(), max.as_ref(), n) == declared(n))
+        .then_some(candidate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::DisruptionBudgetSpec;
+
+    fn max(n: i32) -> DisruptionBudgetSpec {
+        DisruptionBudgetSpec {
+            min_available: None,
+            max_unavailable: Some(IntOrString::Int(n)),
+        }
+    }
+
+    #[test]
+    fn allowed_disruptions_per_form() {
+        let i = IntOrString::Int;
+        assert_eq!(allowed_disruptions(Some(&i(1)), None, 3), 2);
+        assert_eq!(allowed_disruptions(None, Some(&i(1)), 3), 1);
+        assert_eq!(allowed_disruptions(Some(&i(3)), None, 3), 0);
+        let pct = IntOrString::String("50%".into());
+        assert_eq!(allowed_disruptions(None, Some(&pct), 3), 2, "rounded up");
+        assert_eq!(allowed_disruptions(None, None, 3), 3);
+    }
+
+    #[test]
+    fn a_budget_is_expressed_in_the_other_form_only_when_equivalent() {
+        // Fixed at 3 replicas: maxUnavailable 1 is minAvailable 2.
+        assert_eq!(
+            equivalent(&max(1), Form::MinAvailable, (3, 3)),
+            Some(IntOrString::Int(2))
+        );
+        // Over an HPA's range 3..5 no minAvailable allows exactly one disruption everywhere.
+        assert_eq!(equivalent(&max(1), Form::MinAvailable, (3, 5)), None);
+        // minAvailable 2 at 4 replicas is maxUnavailable 2; over 4..6 it is not.
+        let min2 = DisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(2)),
+            max_unavailable: None,
+        };
+        assert_eq!(
+            equivalent(&min2, Form::MaxUnavailable, (4, 4)),
+            Some(IntOrString::Int(2))
+        );
+        assert_eq!(equivalent(&min2, Form::MaxUnavailable, (4, 6)), None);
     }
 }

@@ -5,6 +5,7 @@
 mod budget;
 mod fight;
 mod plan;
+pub mod source;
 
 use std::time::Instant;
 
@@ -541,3 +542,6 @@ pub fn gateway_groups(spec: &crate::api::MeshPolicySpec) -> Vec<Group> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

@@ -366,6 +366,22 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
         }));
     }
 
-    super::budget::plan_budget(&mut p, rules, obs, policy, &pod_selector, effective_min);
+    // The replica counts the budget must work at: fixed, or the HPA's range.
+    let max_replicas = match &obs.hpa {
+        Some(h) => h
+            .spec
+            .as_ref()
+            .map_or(effective_min, |s| s.max_replicas)
+            .max(effective_min),
+        None => effective_min,
+    };
+    super::budget::plan_budget(
+        &mut p,
+        rules,
+        obs,
+        policy,
+        &pod_selector,
+        (effective_min, max_replicas),
+    );
     p
 }
