@@ -663,3 +663,57 @@ async fn fights_need_another_writer_and_never_drop_protection() {
     assert_eq!(min_is(1).await, Some(()), "the other writer's value stays");
     op.stop().await;
 }
+
+/// Issue 11 case 3: a gateway istiod deploys for a Gateway API Gateway (label
+/// `gateway.istio.io/managed`, owner reference to the Gateway) is reported, never patched:
+/// istiod re-applies it on every change, so a patch would only roll the gateway in a fight.
+#[tokio::test]
+async fn gateways_deployed_by_istiod_are_reported_not_patched() {
+    let env = common::env("gwapi").await;
+    let ns = env.namespace("gw", &[]).await;
+    common::apply_as(
+        &env.client,
+        &format!(
+            "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web-istio
+  namespace: {ns}
+  labels: {{gateway.istio.io/managed: istio.io-gateway-controller, gateway.networking.k8s.io/gateway-name: web}}
+  ownerReferences:
+  - {{apiVersion: gateway.networking.k8s.io/v1, kind: Gateway, name: web, uid: 00000000-0000-0000-0000-000000000001}}
+spec:
+  selector: {{matchLabels: {{gateway.networking.k8s.io/gateway-name: web}}}}
+  template:
+    metadata: {{labels: {{gateway.networking.k8s.io/gateway-name: web}}}}
+    spec:
+      containers: [{{name: istio-proxy, image: proxyv2}}]
+"
+        ),
+        "istio.io/gateway-controller",
+    )
+    .await;
+    let op = env.start_operator().await;
+    env.create_policy("p", &format!(
+        "enforcement: Enforce\ngateways: [{{name: web, namespace: {ns}, selector: {{matchLabels: {{gateway.networking.k8s.io/gateway-name: web}}}}, spread: {{nodes: Required, zones: 'Off'}}, resources: {{requests: {{cpu: 200m}}}}}}]"
+    ))
+    .await;
+    let p = env
+        .wait_policy("p", 30, |p| {
+            (condition(p, "GatewayHA")?.reason == "ManagedByIstiod").then(|| p.clone())
+        })
+        .await;
+    let v = p.status.unwrap().violations;
+    assert!(
+        v.iter()
+            .any(|v| v.object == format!("Deployment/{ns}/web-istio")
+                && v.message.contains("parametersRef")),
+        "{v:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        common::operator_writes(Some(&ns), &[]).is_empty(),
+        "nothing written to istiod's gateway"
+    );
+    op.stop().await;
+}

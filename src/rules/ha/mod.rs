@@ -222,6 +222,7 @@ pub async fn reconcile(
     let mut write_failures: Vec<String> = Vec::new();
     let mut retry_forbidden = false;
     let mut failed_writes = 0;
+    let mut istiod_managed = false;
 
     for group in groups {
         let observations = match observe(ctx, group).await {
@@ -239,7 +240,14 @@ pub async fn reconcile(
         audit |= !enforce;
         for obs in &observations {
             report.targets += 1;
-            let plan = plan(&group.rules, obs, policy, enforce);
+            let deployed_by_istiod = source::istiod_gateway(&obs.deployment.metadata);
+            let plan = match &deployed_by_istiod {
+                Some(gateway) => {
+                    source::report_only(plan(&group.rules, obs, policy, false), gateway)
+                }
+                None => plan(&group.rules, obs, policy, enforce),
+            };
+            istiod_managed |= deployed_by_istiod.is_some() && !plan.findings.is_empty();
             notes.extend(plan.notes.iter().cloned());
             if plan.findings.is_empty() {
                 report.compliant += 1;
@@ -404,6 +412,8 @@ pub async fn reconcile(
         (Status::False, "FightDetected")
     } else if blocking {
         (Status::False, "BudgetBlocksDrain")
+    } else if istiod_managed {
+        (Status::False, source::MANAGED_BY_ISTIOD)
     } else if !report.violations.is_empty() && unfixable {
         (Status::False, "CannotCorrect")
     } else if !report.violations.is_empty() {

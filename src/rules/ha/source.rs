@@ -90,6 +90,54 @@ pub fn budget_hint<K: Resource>(container: &str, pdb: &K, want: &DisruptionBudge
     )
 }
 
+/// Condition reason when targets are deployed by istiod (Gateway API gateways, waypoints).
+pub const MANAGED_BY_ISTIOD: &str = "ManagedByIstiod";
+
+/// The Gateway whose Deployment istiod renders (label `gateway.istio.io/managed`, or an owner
+/// reference to a `gateway.networking.k8s.io` Gateway), if this Deployment is one.
+pub fn istiod_gateway(meta: &ObjectMeta) -> Option<String> {
+    let owner =
+        meta.owner_references.iter().flatten().find(|o| {
+            o.kind == "Gateway" && o.api_version.starts_with("gateway.networking.k8s.io/")
+        });
+    let labelled = meta
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key("gateway.istio.io/managed"));
+    match owner {
+        Some(o) => Some(o.name.clone()),
+        None if labelled => Some(
+            meta.labels
+                .as_ref()
+                .and_then(|l| l.get("gateway.networking.k8s.io/gateway-name"))
+                .or(meta.name.as_ref())
+                .cloned()
+                .unwrap_or_default(),
+        ),
+        None => None,
+    }
+}
+
+/// A plan that writes nothing: istiod re-renders and force-applies the Deployment, HPA and PDB
+/// of the gateways it deploys on every change, so patching them would only start a fight that
+/// rolls the gateway each round. The deviations are reported with the supported way to change
+/// them.
+pub fn report_only(mut plan: super::Plan, gateway: &str) -> super::Plan {
+    plan.deployment_patch = None;
+    plan.hpa_patch = None;
+    plan.pdb = None;
+    plan.rolls_pods = false;
+    plan.takeovers.clear();
+    for f in &mut plan.findings {
+        f.fixable = false;
+        f.message = format!(
+            "{} (deployed by istiod for Gateway {gateway}: meshwarden does not patch it; set it in the ConfigMap the Gateway's spec.infrastructure.parametersRef names, with deployment, horizontalPodAutoscaler and podDisruptionBudget overlays)",
+            f.message
+        );
+    }
+    plan
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
