@@ -339,8 +339,10 @@ async fn helm_upgrade_after_correction(prefix: &str, v3: bool) {
         .await;
     let c = condition(&p, "ControlPlaneHA").unwrap();
     assert!(
-        c.message.contains("Helm release istiod"),
-        "names the release and the value to set: {}",
+        c.message.contains("Helm release istiod")
+            && c.message
+                .contains("set autoscaleMin, pdb.maxUnavailable, resources in Helm release istiod"),
+        "names the release and the values to set: {}",
         c.message
     );
     let chart_budget = || async {
@@ -355,7 +357,7 @@ async fn helm_upgrade_after_correction(prefix: &str, v3: bool) {
 
     // helm upgrade with unchanged values. Helm 4 applies server-side and reports conflicts
     // with meshwarden's fields; it is then run with --force-conflicts, as it asks.
-    let mut upgrade = vec![
+    let reuse = [
         "upgrade",
         "istiod",
         chart.as_str(),
@@ -363,6 +365,7 @@ async fn helm_upgrade_after_correction(prefix: &str, v3: bool) {
         ns.as_str(),
         "--reuse-values",
     ];
+    let mut upgrade = reuse.to_vec();
     let result = match helm.run(v3, &upgrade) {
         Err(e) if !v3 && e.contains("conflict") => {
             upgrade.push("--force-conflicts");
@@ -377,6 +380,39 @@ async fn helm_upgrade_after_correction(prefix: &str, v3: bool) {
     let p = env.wait_policy("p", 5, |p| Some(p.clone())).await;
     let c = condition(&p, "ControlPlaneHA").unwrap();
     assert_ne!(c.reason, "FightDetected", "{c:?}");
+
+    // Fix it at the source: `meshwarden values` prints the release's values; after an upgrade
+    // with them, the chart itself declares the posture and the section is compliant.
+    let ctx = meshwarden::context::Context::new(env.client.clone(), None);
+    let file = meshwarden::rules::ha::values::values_files(&ctx, Some(&env.policy_name("p")))
+        .await
+        .unwrap();
+    assert!(
+        file.contains("# Helm release istiod in namespace")
+            && file.contains("autoscaleMin: 3")
+            && file.contains("maxUnavailable: 1")
+            && file.contains("cpu: 700m"),
+        "{file}"
+    );
+    let path = std::env::temp_dir().join(format!("{ns}-values.yaml"));
+    std::fs::write(&path, &file).unwrap();
+    let path = path.display().to_string();
+    let mut upgrade = reuse.to_vec();
+    upgrade.extend(["-f", path.as_str()]);
+    if !v3 {
+        upgrade.push("--force-conflicts");
+    }
+    helm.run(v3, &upgrade)
+        .unwrap_or_else(|e| panic!("helm upgrade -f values: {e}"));
+    assert_eq!(
+        chart_budget().await,
+        (None, Some(IntOrString::Int(1))),
+        "the chart now renders the declared budget"
+    );
+    env.wait_policy("p", 20, |p| {
+        (condition(p, "ControlPlaneHA")?.status == "True").then_some(())
+    })
+    .await;
     op.stop().await;
     helm.run(v3, &["uninstall", "istiod", "-n", ns.as_str()])
         .unwrap_or_else(|e| panic!("helm uninstall: {e}"));

@@ -6,6 +6,7 @@ mod budget;
 mod fight;
 mod plan;
 pub mod source;
+pub mod values;
 
 use std::time::Instant;
 
@@ -223,6 +224,7 @@ pub async fn reconcile(
     let mut retry_forbidden = false;
     let mut failed_writes = 0;
     let mut istiod_managed = false;
+    let mut at_source: Vec<String> = Vec::new();
 
     for group in groups {
         let observations = match observe(ctx, group).await {
@@ -303,10 +305,18 @@ pub async fn reconcile(
                 if plan.rolls_pods && wrote("Deployment") {
                     rolled.push(dep_id.clone());
                 }
+                let mut took_over = false;
                 for (field, manager) in &plan.takeovers {
                     if wrote(field.split('/').next().unwrap_or_default()) {
                         takeovers.push(format!("{field} (was managed by {manager})"));
+                        took_over = true;
                     }
+                }
+                if took_over
+                    && let Some(s) = values::source_sentence(&group.rules, obs, &policy.name_any())
+                    && !at_source.contains(&s)
+                {
+                    at_source.push(s);
                 }
                 for w in &failed {
                     write_failures.push(format!("{}: {}", w.object, w.message));
@@ -369,6 +379,7 @@ pub async fn reconcile(
         ));
     }
     msg.extend(super::takeover_sentence(&takeovers));
+    msg.extend(ctx.remember_takeovers(&format!("{key}/source"), &at_source));
     if !write_failures.is_empty() {
         msg.push(format!(
             "could not write {}; meshwarden retries with backoff{}",
