@@ -342,71 +342,15 @@ pub fn condition<'a>(
         .find(|c| c.type_ == type_)
 }
 
-/// Helm 4 (`helm`, from the tools cache or PATH), Helm 3 (`helm3` beside the API server
-/// binaries) and Istio's own charts (`istio-charts/` there), when they are present.
-pub struct Helm {
-    pub helm4: std::path::PathBuf,
-    pub helm3: std::path::PathBuf,
-    charts: std::path::PathBuf,
-}
-
-impl Helm {
-    /// The tools, or None (with the reason printed) when one is missing.
-    pub fn find() -> Option<Helm> {
-        let bin = testplane::bin_dir();
-        let tools = bin
-            .parent()
-            .and_then(std::path::Path::parent)
-            .map(|c| c.join("tools/bin/helm"));
-        let on_path = std::env::var_os("PATH").and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("helm"))
-                .find(|f| f.is_file())
-        });
-        let h = Helm {
-            helm4: tools.filter(|p| p.is_file()).or(on_path)?,
-            helm3: bin.join("helm3"),
-            charts: bin.join("istio-charts"),
-        };
-        if !h.helm3.is_file() || !h.charts.is_dir() {
-            eprintln!("helm3 or Istio's charts are missing in {}", bin.display());
-            return None;
-        }
-        Some(h)
-    }
-
-    /// The directory of one of Istio's charts (`istio-discovery`, `gateway`, `base`).
-    pub fn chart(&self, name: &str) -> String {
-        let nested = self.charts.join("istio-control").join(name);
-        let dir = if nested.is_dir() {
-            nested
-        } else {
-            self.charts.join(name)
-        };
-        dir.display().to_string()
-    }
-
-    /// Runs `helm` (Helm 3 when `v3`) against the shared plane; Err holds the output.
-    pub fn run(&self, v3: bool, args: &[&str]) -> Result<String, String> {
-        let tmp = std::env::temp_dir();
-        let out = std::process::Command::new(if v3 { &self.helm3 } else { &self.helm4 })
-            .args(args)
-            .arg("--kubeconfig")
-            .arg(&testplane::shared().kubeconfig)
-            .env("HELM_CACHE_HOME", tmp.join("meshwarden-helm-cache"))
-            .env("HELM_CONFIG_HOME", tmp.join("meshwarden-helm-config"))
-            .env("HELM_DATA_HOME", tmp.join("meshwarden-helm-data"))
-            .output()
-            .map_err(|e| e.to_string())?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if out.status.success() {
-            Ok(text)
-        } else {
-            Err(text)
-        }
-    }
+/// Runs Helm 4 (Helm 3 when `v3`), as `testplane::istio` finds them, against the shared plane;
+/// Err holds Helm's message. Istio's charts are at `testplane::istio::chart(name)`.
+pub fn helm(v3: bool, args: &[&str]) -> Result<String, String> {
+    let bin = if v3 {
+        testplane::istio::helm3()
+    } else {
+        testplane::istio::helm()
+    };
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    testplane::istio::run_helm(&bin, &args, Some(&testplane::shared().kubeconfig))
+        .map_err(|e| e.to_string())
 }

@@ -293,11 +293,9 @@ async fn gateway_limits_stay_when_the_policy_drops_them() {
 /// without calling it a fight. The chart's PDB keeps its form; the condition says which chart
 /// value declares the budget at the source.
 async fn helm_upgrade_after_correction(prefix: &str, v3: bool) {
-    let helm = common::Helm::find()
-        .expect("Helm 4, Helm 3 and Istio's charts (hack/install-tools.sh, tools/k8s-bins)");
     let env = common::env(prefix).await;
     let ns = env.namespace("istio", &[]).await;
-    let chart = helm.chart("istio-discovery");
+    let chart = testplane::istio::chart("istiod").display().to_string();
     let install = [
         "install",
         "istiod",
@@ -311,8 +309,7 @@ async fn helm_upgrade_after_correction(prefix: &str, v3: bool) {
         "--set",
         "global.operatorManageWebhooks=true",
     ];
-    helm.run(v3, &install)
-        .unwrap_or_else(|e| panic!("helm install: {e}"));
+    common::helm(v3, &install).unwrap_or_else(|e| panic!("helm install: {e}"));
     let op = env.start_operator().await;
     env.create_policy(
         "p",
@@ -366,10 +363,10 @@ async fn helm_upgrade_after_correction(prefix: &str, v3: bool) {
         "--reuse-values",
     ];
     let mut upgrade = reuse.to_vec();
-    let result = match helm.run(v3, &upgrade) {
+    let result = match common::helm(v3, &upgrade) {
         Err(e) if !v3 && e.contains("conflict") => {
             upgrade.push("--force-conflicts");
-            helm.run(v3, &upgrade)
+            common::helm(v3, &upgrade)
         }
         other => other,
     };
@@ -402,8 +399,7 @@ async fn helm_upgrade_after_correction(prefix: &str, v3: bool) {
     if !v3 {
         upgrade.push("--force-conflicts");
     }
-    helm.run(v3, &upgrade)
-        .unwrap_or_else(|e| panic!("helm upgrade -f values: {e}"));
+    common::helm(v3, &upgrade).unwrap_or_else(|e| panic!("helm upgrade -f values: {e}"));
     assert_eq!(
         chart_budget().await,
         (None, Some(IntOrString::Int(1))),
@@ -414,7 +410,7 @@ async fn helm_upgrade_after_correction(prefix: &str, v3: bool) {
     })
     .await;
     op.stop().await;
-    helm.run(v3, &["uninstall", "istiod", "-n", ns.as_str()])
+    common::helm(v3, &["uninstall", "istiod", "-n", ns.as_str()])
         .unwrap_or_else(|e| panic!("helm uninstall: {e}"));
 }
 
