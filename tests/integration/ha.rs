@@ -717,3 +717,56 @@ spec:
     );
     op.stop().await;
 }
+
+/// Issue 13 item 5: a second HPA targeting istiod is reported (the HPA controller then scales
+/// by neither), and the `<gateway>-meshwarden` PDB goes when its Deployment is deleted.
+#[tokio::test]
+async fn second_hpa_reported_and_left_behind_pdb_removed() {
+    let (env, ns, op) = common::with_fixture("hpa2", "istio", "istiod-default.yaml", KINDS).await;
+    common::apply_as(
+        &env.client,
+        &format!("apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata: {{name: istiod-extra, namespace: {ns}}}\nspec: {{minReplicas: 1, maxReplicas: 3, scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: istiod}}}}\n"),
+        "kubectl",
+    )
+    .await;
+    env.create_policy(
+        "p",
+        &format!("enforcement: Enforce\ncontrolPlane: {{namespace: {ns}, replicas: {{min: 2}}, disruptionBudget: {{maxUnavailable: 1}}}}"),
+    )
+    .await;
+    let p = env
+        .wait_policy("p", 30, |p| {
+            (condition(p, "ControlPlaneHA")?.reason == "CannotCorrect").then(|| p.clone())
+        })
+        .await;
+    let v = p.status.unwrap().violations;
+    assert!(
+        v.iter()
+            .any(|v| v.message.contains("2 HorizontalPodAutoscalers target it")),
+        "{v:?}"
+    );
+
+    // The Deployment goes: the PDB meshwarden created for it goes too.
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(env.client.clone(), &ns);
+    assert!(
+        budgets
+            .get_opt("istiod-meshwarden")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    Api::<Deployment>::namespaced(env.client.clone(), &ns)
+        .delete("istiod", &Default::default())
+        .await
+        .unwrap();
+    common::eventually(10, "left-behind PDB removed", || async {
+        budgets
+            .get_opt("istiod-meshwarden")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    op.stop().await;
+}

@@ -54,6 +54,8 @@ pub struct HaRules {
 pub struct Observation {
     pub deployment: Deployment,
     pub hpa: Option<HorizontalPodAutoscaler>,
+    /// Names of further HPAs targeting the same Deployment (there must be at most one).
+    pub other_hpas: Vec<String>,
     /// Every PodDisruptionBudget in the namespace whose selector matches the pods.
     pub pdbs: Vec<PodDisruptionBudget>,
 }
@@ -158,15 +160,13 @@ pub async fn observe(ctx: &Context, group: &Group) -> Result<Vec<Observation>> {
     let mut out = Vec::new();
     for d in deps.items {
         let name = d.name_any();
-        let hpa = hpas
-            .items
-            .iter()
-            .find(|h| {
-                h.spec.as_ref().is_some_and(|s| {
-                    s.scale_target_ref.kind == "Deployment" && s.scale_target_ref.name == name
-                })
+        let mut targeting = hpas.items.iter().filter(|h| {
+            h.spec.as_ref().is_some_and(|s| {
+                s.scale_target_ref.kind == "Deployment" && s.scale_target_ref.name == name
             })
-            .cloned();
+        });
+        let hpa = targeting.next().cloned();
+        let other_hpas = targeting.map(|h| h.name_any()).collect();
         let labels = d
             .spec
             .as_ref()
@@ -190,8 +190,43 @@ pub async fn observe(ctx: &Context, group: &Group) -> Result<Vec<Observation>> {
         out.push(Observation {
             deployment: d,
             hpa,
+            other_hpas,
             pdbs: matching,
         });
+    }
+    Ok(out)
+}
+
+/// PodDisruptionBudgets meshwarden created for this policy in the group's namespace
+/// (`<deployment>-meshwarden`) whose Deployment no longer exists.
+async fn left_behind(ctx: &Context, group: &Group, policy: &MeshPolicy) -> Result<Vec<String>> {
+    let ns = &group.namespace;
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let lp = ListParams::default().match_any().labels(&format!(
+        "{}={},{POLICY_LABEL}={}",
+        MANAGED_BY.0,
+        MANAGED_BY.1,
+        policy.name_any()
+    ));
+    let ours = pdbs
+        .list_metadata(&lp)
+        .await
+        .map_err(|e| Error::kube(format!("list PodDisruptionBudgets in {ns}"), e))?;
+    let mut out = Vec::new();
+    for b in ours.items {
+        let name = b.name_any();
+        let Some(deployment) = name.strip_suffix("-meshwarden") else {
+            continue;
+        };
+        let exists = deployments
+            .get_metadata_opt(deployment)
+            .await
+            .map_err(|e| Error::kube(format!("read Deployment {ns}/{deployment}"), e))?
+            .is_some();
+        if !exists {
+            out.push(name);
+        }
     }
     Ok(out)
 }
@@ -231,6 +266,33 @@ pub async fn reconcile(
             Ok(o) => o,
             Err(e) => return RuleReport::failed(ctype, &e),
         };
+        let enforce = group.enforcement == Enforcement::Enforce;
+        match left_behind(ctx, group, policy).await {
+            Ok(names) => {
+                for name in names {
+                    let id = object_id("PodDisruptionBudget", &group.namespace, &name);
+                    let deployment = name.trim_end_matches("-meshwarden");
+                    let message =
+                        format!("meshwarden created it for Deployment {deployment}, which is gone");
+                    let api: Api<PodDisruptionBudget> =
+                        Api::namespaced(ctx.client.clone(), &group.namespace);
+                    if !enforce {
+                        report.violations.push(Violation {
+                            rule: ctype.to_string(),
+                            object: id,
+                            message: format!("PodDisruptionBudget: {message}"),
+                            action: "Reported".into(),
+                        });
+                    } else if let Err(e) = apply::delete(&api, &name, &ctx.writes).await {
+                        write_failures.push(format!("{id}: {e}"));
+                        failed_writes += 1;
+                    } else {
+                        report.corrections.push(format!("{id}: removed, {message}"));
+                    }
+                }
+            }
+            Err(e) => return RuleReport::failed(ctype, &e),
+        }
         if observations.is_empty() {
             empty_groups.push(format!(
                 "{} (namespace {}, selector {})",
@@ -238,7 +300,6 @@ pub async fn reconcile(
             ));
             continue;
         }
-        let enforce = group.enforcement == Enforcement::Enforce;
         audit |= !enforce;
         for obs in &observations {
             report.targets += 1;

@@ -98,6 +98,24 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
     let mut template_spec = serde_json::Map::new();
     let mut dep_changed = false;
 
+    // Two HPAs on one Deployment: the HPA controller scales it by neither.
+    if let (Some(first), false) = (&obs.hpa, obs.other_hpas.is_empty()) {
+        let mut names = vec![first.name_any()];
+        names.extend(obs.other_hpas.iter().cloned());
+        p.findings.push(Finding {
+            object: dep_id.clone(),
+            field: "HorizontalPodAutoscaler".into(),
+            message: format!(
+                "{} HorizontalPodAutoscalers target it ({}): the HPA controller scales it by none of them (AmbiguousSelector); keep one and delete the others",
+                names.len(),
+                names.join(", ")
+            ),
+            fixable: false,
+            blocks_drain: false,
+            changed_by: Vec::new(),
+        });
+    }
+
     // Replicas: through the HPA when one targets the Deployment.
     let current_min = match &obs.hpa {
         Some(h) => h.spec.as_ref().and_then(|s| s.min_replicas).unwrap_or(1),

@@ -74,6 +74,7 @@ fn obs(
     Observation {
         deployment: deployment(replicas),
         hpa,
+        other_hpas: Vec::new(),
         pdbs,
     }
 }
@@ -200,4 +201,18 @@ fn spread_keeps_the_users_terms_and_rolls_the_pods() {
         tpl["topologySpreadConstraints"][0]["whenUnsatisfiable"],
         json!("ScheduleAnyway")
     );
+}
+
+#[test]
+fn two_hpas_on_one_deployment_are_reported() {
+    let mut o = obs("", Some(hpa(3, 5)), vec![]);
+    o.other_hpas = vec!["istiod-extra".into()];
+    let p = plan(&rules("replicas: {min: 3}"), &o, &policy(), true);
+    let f = p
+        .findings
+        .iter()
+        .find(|f| f.field == "HorizontalPodAutoscaler")
+        .unwrap();
+    assert!(!f.fixable);
+    assert!(f.message.contains("istiod, istiod-extra"), "{}", f.message);
 }
