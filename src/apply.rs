@@ -7,7 +7,7 @@ use std::fmt::Debug;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
 use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
 use serde::de::DeserializeOwned;
@@ -67,6 +67,197 @@ where
     .map_err(|e| Error::kube(format!("apply {kind} {name}"), e))
 }
 
+/// Server-side applies `patch` like [`apply`], first making sure that no value meshwarden set
+/// is lost because `patch` no longer carries it.
+///
+/// Server-side apply removes a field that its manager stops sending when no other manager owns
+/// it (`spec.replicas` falls back to 1, anti-affinity terms and resource limits disappear).
+/// meshwarden often is the only owner of what it took over, so before an apply that drops such
+/// fields they are handed to meshwarden's own `Update` entry in `managedFields`, the entry a
+/// `kubectl edit` by the same manager would have left: the values stay as they are, nobody
+/// re-declares them, and the next writer of any of them (Helm, a human) simply takes them over.
+/// Returns the released fields' paths (for logs and tests) with the applied object.
+pub async fn apply_keeping<K>(
+    api: &Api<K>,
+    name: &str,
+    patch: &serde_json::Value,
+    writes: &WriteCounter,
+) -> Result<(K, Vec<String>)>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + serde::Serialize,
+{
+    let kind = K::kind(&()).to_string();
+    let live = api
+        .get_opt(name)
+        .await
+        .map_err(|e| Error::kube(format!("read {kind} {name}"), e))?;
+    let mut released = Vec::new();
+    if let Some(live) = live {
+        let meta = live.meta();
+        let api_version = K::api_version(&()).to_string();
+        if let Some(ops) = handover_patch(meta, patch, &api_version, &jiff::Timestamp::now()) {
+            released = ops.1;
+            let ops: json_patch::Patch = serde_json::from_value(ops.0)?;
+            writes.add();
+            api.patch(
+                name,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.to_string()),
+                    ..Default::default()
+                },
+                &Patch::<()>::Json(ops),
+            )
+            .await
+            .map_err(|e| Error::kube(format!("keep released fields of {kind} {name}"), e))?;
+        }
+    }
+    let applied = apply(api, name, patch, writes).await?;
+    Ok((applied, released))
+}
+
+/// The JSON patch (and the released paths) that moves every field meshwarden's `Apply` entry
+/// owns but `patch` does not carry to meshwarden's `Update` entry, guarded by the object's
+/// `resourceVersion`. `None` when nothing would be released.
+pub fn handover_patch(
+    meta: &ObjectMeta,
+    patch: &serde_json::Value,
+    api_version: &str,
+    now: &jiff::Timestamp,
+) -> Option<(serde_json::Value, Vec<String>)> {
+    use serde_json::{Value, json};
+    let entries = meta.managed_fields.as_deref().unwrap_or_default();
+    let ours = |e: &ManagedFieldsEntry, op: &str| {
+        e.manager.as_deref() == Some(FIELD_MANAGER)
+            && e.operation.as_deref() == Some(op)
+            && e.subresource.as_deref().unwrap_or_default().is_empty()
+    };
+    let applied = entries.iter().find(|e| ours(e, "Apply"))?;
+    let mut paths = Vec::new();
+    flatten(&applied.fields_v1.as_ref()?.0, &mut Vec::new(), &mut paths);
+    let released: Vec<Vec<String>> = paths.into_iter().filter(|p| !covered(patch, p)).collect();
+    if released.is_empty() {
+        return None;
+    }
+    let mut fields = Value::Object(Default::default());
+    for p in &released {
+        insert(&mut fields, p);
+    }
+    let names = released
+        .iter()
+        .map(|p| {
+            p.iter()
+                .map(|k| k.trim_start_matches("f:"))
+                .collect::<Vec<_>>()
+                .join(".")
+        })
+        .collect();
+    let rv = meta.resource_version.clone().unwrap_or_default();
+    let time = now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let mut ops = vec![json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv})];
+    let update = entries
+        .iter()
+        .position(|e| ours(e, "Update") && e.api_version.as_deref() == Some(api_version));
+    match update {
+        Some(i) => {
+            if let Some(old) = entries[i].fields_v1.as_ref() {
+                merge(&mut fields, &old.0);
+            }
+            let at = format!("/metadata/managedFields/{i}");
+            ops.push(
+                json!({"op": "test", "path": format!("{at}/manager"), "value": FIELD_MANAGER}),
+            );
+            ops.push(json!({"op": "test", "path": format!("{at}/operation"), "value": "Update"}));
+            ops.push(json!({"op": "replace", "path": format!("{at}/fieldsV1"), "value": fields}));
+            ops.push(json!({"op": "replace", "path": format!("{at}/time"), "value": time}));
+        }
+        None => ops.push(json!({
+            "op": "add",
+            "path": "/metadata/managedFields/-",
+            "value": {
+                "manager": FIELD_MANAGER,
+                "operation": "Update",
+                "apiVersion": api_version,
+                "time": time,
+                "fieldsType": "FieldsV1",
+                "fieldsV1": fields,
+            }
+        })),
+    }
+    Some((Value::Array(ops), names))
+}
+
+/// Every owned path of a `fieldsV1` set (a leaf is `{}`; `.` marks the node itself).
+fn flatten(node: &serde_json::Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    let Some(map) = node.as_object() else { return };
+    for (k, v) in map {
+        prefix.push(k.clone());
+        if v.as_object().is_some_and(|m| m.is_empty()) {
+            out.push(prefix.clone());
+        } else {
+            flatten(v, prefix, out);
+        }
+        prefix.pop();
+    }
+}
+
+/// Whether the applied configuration `node` still sets the field at `path`.
+fn covered(node: &serde_json::Value, path: &[String]) -> bool {
+    use serde_json::Value;
+    let Some((head, rest)) = path.split_first() else {
+        return !node.is_null();
+    };
+    if head == "." {
+        return !node.is_null();
+    }
+    match node {
+        Value::Object(m) => head
+            .strip_prefix("f:")
+            .and_then(|f| m.get(f))
+            .is_some_and(|child| covered(child, rest)),
+        Value::Array(items) => {
+            if let Some(key) = head.strip_prefix("k:") {
+                let Ok(Value::Object(key)) = serde_json::from_str::<Value>(key) else {
+                    return false;
+                };
+                items
+                    .iter()
+                    .find(|item| key.iter().all(|(k, v)| item.get(k) == Some(v)))
+                    .is_some_and(|item| covered(item, rest))
+            } else {
+                // Set members (`v:`) and positions (`i:`): the list is sent whole.
+                true
+            }
+        }
+        _ => false,
+    }
+}
+
+fn insert(node: &mut serde_json::Value, path: &[String]) {
+    let mut cur = node;
+    for k in path {
+        let Some(map) = cur.as_object_mut() else {
+            return;
+        };
+        cur = map
+            .entry(k.clone())
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    }
+}
+
+fn merge(into: &mut serde_json::Value, from: &serde_json::Value) {
+    let (Some(into), Some(from)) = (into.as_object_mut(), from.as_object()) else {
+        return;
+    };
+    for (k, v) in from {
+        match into.get_mut(k) {
+            Some(existing) => merge(existing, v),
+            None => {
+                into.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
 /// Deletes an object meshwarden created, if it still exists.
 pub async fn delete<K>(api: &Api<K>, name: &str, writes: &WriteCounter) -> Result<()>
 where
@@ -113,6 +304,8 @@ pub struct FightTracker {
     window: Duration,
     limit: usize,
     seen: HashMap<String, VecDeque<Instant>>,
+    /// Keys meshwarden has set (see [`FightTracker::correct`]).
+    set: HashMap<String, Instant>,
 }
 
 impl Default for FightTracker {
@@ -128,6 +321,7 @@ impl FightTracker {
             window,
             limit,
             seen: HashMap::new(),
+            set: HashMap::new(),
         }
     }
 
@@ -148,6 +342,18 @@ impl FightTracker {
         self.prune(key, now) >= self.limit
     }
 
+    /// Records that meshwarden set the field `key`. It counts toward a fight only when
+    /// meshwarden had set it before and `by_other` says another manager owns the deviating value
+    /// now: after meshwarden's forced apply no other manager owned the field, so that manager
+    /// wrote it since. meshwarden's own first correction, a re-created object and a field nobody
+    /// else owns never count.
+    pub fn correct(&mut self, key: &str, now: Instant, by_other: bool) {
+        let set_before = self.set.insert(key.to_string(), now).is_some();
+        if set_before && by_other {
+            self.record(key, now);
+        }
+    }
+
     /// Records a correction of `key`.
     pub fn record(&mut self, key: &str, now: Instant) {
         self.prune(key, now);
@@ -158,7 +364,7 @@ impl FightTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1;
 
     fn meta(entries: &[(&str, serde_json::Value)]) -> ObjectMeta {
         ObjectMeta {
@@ -198,6 +404,128 @@ mod tests {
         );
         assert!(foreign_managers(&m, &["f:spec", "f:behavior"]).is_empty());
         assert_eq!(foreign_managers(&m, &["f:metadata"]), vec!["kubectl"]);
+    }
+
+    fn entry(manager: &str, op: &str, fields: serde_json::Value) -> ManagedFieldsEntry {
+        ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            operation: Some(op.into()),
+            api_version: Some("apps/v1".into()),
+            fields_v1: Some(FieldsV1(fields)),
+            ..Default::default()
+        }
+    }
+
+    fn owned() -> serde_json::Value {
+        serde_json::json!({"f:spec": {
+            "f:replicas": {},
+            "f:template": {"f:spec": {
+                "f:affinity": {"f:podAntiAffinity": {"f:preferredDuringSchedulingIgnoredDuringExecution": {}}},
+                "f:containers": {"k:{\"name\":\"discovery\"}": {
+                    ".": {}, "f:name": {},
+                    "f:resources": {"f:requests": {"f:cpu": {}}, "f:limits": {"f:memory": {}}}
+                }}
+            }}
+        }})
+    }
+
+    #[test]
+    fn handover_moves_exactly_the_fields_no_longer_sent() {
+        let meta = ObjectMeta {
+            resource_version: Some("42".into()),
+            managed_fields: Some(vec![
+                entry(
+                    "helm",
+                    "Apply",
+                    serde_json::json!({"f:spec": {"f:replicas": {}}}),
+                ),
+                entry(FIELD_MANAGER, "Apply", owned()),
+            ]),
+            ..Default::default()
+        };
+        let now: jiff::Timestamp = "2026-01-02T03:04:05Z".parse().unwrap();
+        // Still sends the container's CPU request and the anti-affinity; drops replicas and
+        // the memory limit.
+        let patch = serde_json::json!({"spec": {"template": {"spec": {
+            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100}]}},
+            "containers": [{"name": "discovery", "resources": {"requests": {"cpu": "600m"}}}]
+        }}}});
+        let (ops, names) = handover_patch(&meta, &patch, "apps/v1", &now).unwrap();
+        assert_eq!(
+            names,
+            vec![
+                "spec.replicas",
+                "spec.template.spec.containers.k:{\"name\":\"discovery\"}.resources.limits.memory"
+            ]
+        );
+        assert_eq!(
+            ops,
+            serde_json::json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": "42"},
+                {"op": "add", "path": "/metadata/managedFields/-", "value": {
+                    "manager": "meshwarden", "operation": "Update", "apiVersion": "apps/v1",
+                    "time": "2026-01-02T03:04:05Z", "fieldsType": "FieldsV1",
+                    "fieldsV1": {"f:spec": {
+                        "f:replicas": {},
+                        "f:template": {"f:spec": {"f:containers": {"k:{\"name\":\"discovery\"}": {
+                            "f:resources": {"f:limits": {"f:memory": {}}}
+                        }}}}
+                    }}
+                }}
+            ])
+        );
+        // Sending everything again releases nothing.
+        let full = serde_json::json!({"spec": {"replicas": 3, "template": {"spec": {
+            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+            "containers": [{"name": "discovery", "resources": {"requests": {"cpu": "1"}, "limits": {"memory": "1Gi"}}}]
+        }}}});
+        assert!(handover_patch(&meta, &full, "apps/v1", &now).is_none());
+    }
+
+    #[test]
+    fn handover_extends_an_existing_update_entry() {
+        let meta = ObjectMeta {
+            resource_version: Some("7".into()),
+            managed_fields: Some(vec![
+                entry(
+                    FIELD_MANAGER,
+                    "Update",
+                    serde_json::json!({"f:spec": {"f:paused": {}}}),
+                ),
+                entry(
+                    FIELD_MANAGER,
+                    "Apply",
+                    serde_json::json!({"f:spec": {"f:replicas": {}}}),
+                ),
+            ]),
+            ..Default::default()
+        };
+        let now: jiff::Timestamp = "2026-01-02T03:04:05Z".parse().unwrap();
+        let (ops, _) =
+            handover_patch(&meta, &serde_json::json!({"spec": {}}), "apps/v1", &now).unwrap();
+        assert_eq!(ops[1]["path"], "/metadata/managedFields/0/manager");
+        assert_eq!(ops[2]["value"], "Update");
+        assert_eq!(
+            ops[3]["value"],
+            serde_json::json!({"f:spec": {"f:replicas": {}, "f:paused": {}}})
+        );
+    }
+
+    #[test]
+    fn only_reverts_by_another_manager_count() {
+        let mut f = FightTracker::new(Duration::from_secs(60), 2);
+        let t0 = Instant::now();
+        // First correction (taking over Helm's value) and corrections of values nobody else
+        // owns are no reverts.
+        f.correct("hpa/min", t0, true);
+        f.correct("hpa/min", t0, false);
+        f.correct("hpa/min", t0, false);
+        assert!(!f.is_fight("hpa/min", t0));
+        f.correct("hpa/min", t0, true);
+        assert!(!f.is_fight("hpa/min", t0), "one revert is no fight");
+        f.correct("hpa/min", t0, true);
+        assert!(f.is_fight("hpa/min", t0));
+        assert!(!f.is_fight("pdb/spec", t0), "per field");
     }
 
     #[test]

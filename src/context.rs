@@ -79,6 +79,14 @@ impl Context {
         }
     }
 
+    /// Records that meshwarden set the field `key`, a revert when `by_other` (see
+    /// [`FightTracker::correct`]).
+    pub fn fight_correct(&self, key: &str, now: Instant, by_other: bool) {
+        if let Ok(mut f) = self.fights.lock() {
+            f.correct(key, now, by_other);
+        }
+    }
+
     /// Counts a failed reconcile of `policy`; returns failures in a row so far.
     pub fn failed(&self, policy: &str) -> u32 {
         let Ok(mut f) = self.failures.lock() else {

@@ -180,9 +180,11 @@ async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action>
     ctx.metrics.retain_policies(&names);
     record_metrics(ctx, &name, &reports, &new_status, started.elapsed());
 
+    // A section that could not be evaluated, or whose writes the API server refused (an
+    // admission policy, a change freeze), is retried with backoff.
     let failing: Vec<&RuleReport> = reports
         .iter()
-        .filter(|r| r.condition.status == Status::Unknown)
+        .filter(|r| r.condition.status == Status::Unknown || r.condition.reason == ha::WRITE_FAILED)
         .collect();
     if failing.is_empty() {
         ctx.succeeded(&name);

@@ -1,4 +1,5 @@
-//! The meshwarden binary: `meshwarden run` runs the operator, `meshwarden crd` prints the CRD.
+//! The meshwarden binary: `meshwarden run` runs the operator, `meshwarden crd` prints the CRD,
+//! `meshwarden values` prints Helm values files that declare what the policies hold.
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -30,6 +31,12 @@ enum Command {
     Run(RunArgs),
     /// Print the MeshPolicy CustomResourceDefinition as YAML.
     Crd,
+    /// Print, per Helm release of istiod or a gateway that a policy covers, the chart values
+    /// that declare what the policy holds (for `helm upgrade --reuse-values -f`).
+    Values {
+        /// Only this MeshPolicy (default: every policy).
+        policy: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -203,6 +210,18 @@ fn limit_malloc_arenas() {
     }
 }
 
+async fn values(policy: Option<&str>) -> Result<(), String> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("cannot reach the cluster: {e}"))?;
+    let ctx = Context::new(client, None);
+    let out = meshwarden::rules::ha::values::values_files(&ctx, policy)
+        .await
+        .map_err(|e| e.to_string())?;
+    print!("{out}");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     limit_malloc_arenas();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -225,6 +244,7 @@ async fn async_main() -> ExitCode {
             .map(|y| print!("{y}"))
             .map_err(|e| e.to_string()),
         Command::Run(args) => run(args).await,
+        Command::Values { policy } => values(policy.as_deref()).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -78,6 +78,21 @@ async fn env_on(
     Env { client, id, plane }
 }
 
+/// A test env with a namespace `<id>-<suffix>` holding the objects of `kinds` from the Istio
+/// fixture `file`, and an operator running for the test's policies.
+pub async fn with_fixture(
+    prefix: &str,
+    suffix: &str,
+    file: &str,
+    kinds: &[&str],
+) -> (Env, String, Operator) {
+    let env = env(prefix).await;
+    let ns = env.namespace(suffix, &[]).await;
+    env.load_fixture(file, &ns, kinds).await;
+    let op = env.start_operator().await;
+    (env, ns, op)
+}
+
 impl Env {
     /// Creates a namespace named `<id>-<suffix>` with `labels`, returns its name.
     pub async fn namespace(&self, suffix: &str, labels: &[(&str, &str)]) -> String {
@@ -325,4 +340,17 @@ pub fn condition<'a>(
         .conditions
         .iter()
         .find(|c| c.type_ == type_)
+}
+
+/// Runs Helm 4 (Helm 3 when `v3`), as `testplane::istio` finds them, against the shared plane;
+/// Err holds Helm's message. Istio's charts are at `testplane::istio::chart(name)`.
+pub fn helm(v3: bool, args: &[&str]) -> Result<String, String> {
+    let bin = if v3 {
+        testplane::istio::helm3()
+    } else {
+        testplane::istio::helm()
+    };
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    testplane::istio::run_helm(&bin, &args, Some(&testplane::shared().kubeconfig))
+        .map_err(|e| e.to_string())
 }

@@ -296,15 +296,19 @@ async fn hpa_edit_is_corrected_and_a_fight_is_detected() {
     op.stop().await;
 }
 
+/// The chart's PDB (`minAvailable: 1`, owned by Helm) is adopted, never duplicated, and keeps
+/// its form: `maxUnavailable: 1` has no equivalent `minAvailable` over the HPA's range 2..5, so
+/// it is reported and left alone (switching the form breaks `helm upgrade`).
 #[tokio::test]
 async fn chart_pdb_is_adopted_not_duplicated() {
-    let env = common::env("adopt").await;
-    let ns = env.namespace("istio", &[]).await;
-    env.load_fixture("istiod-ha.yaml", &ns, KINDS).await;
-    let op = env.start_operator().await;
+    let (env, ns, op) = common::with_fixture("adopt", "istio", "istiod-ha.yaml", KINDS).await;
     env.create_policy("p", &format!("enforcement: Enforce\ncontrolPlane: {{namespace: {ns}, replicas: {{min: 2}}, disruptionBudget: {{maxUnavailable: 1}}}}"))
         .await;
-    let p = wait_true(&env, "p", "Ready").await;
+    let p = env
+        .wait_policy("p", 30, |p| {
+            (condition(p, "ControlPlaneHA")?.reason == "CannotCorrect").then(|| p.clone())
+        })
+        .await;
     let budgets = pdbs(&env.client, &ns).await;
     assert_eq!(
         budgets.len(),
@@ -315,14 +319,16 @@ async fn chart_pdb_is_adopted_not_duplicated() {
     let b = &budgets[0];
     assert_eq!(b.name_any(), "istiod");
     let s = b.spec.clone().unwrap();
-    assert_eq!(s.max_unavailable, Some(IntOrString::Int(1)));
-    assert_eq!(
-        s.min_available, None,
-        "the chart's minAvailable was replaced"
+    assert_eq!(s.min_available, Some(IntOrString::Int(1)), "form kept");
+    assert_eq!(s.max_unavailable, None);
+    assert!(!managers(&b.metadata).contains(&"meshwarden".to_string()));
+    let v = &p.status.unwrap().violations;
+    assert!(
+        v.iter().any(|v| v.object.ends_with("/istiod")
+            && v.message.contains("no equivalent minAvailable at 2..5")
+            && v.message.contains("helm owns")),
+        "{v:?}"
     );
-    assert!(managers(&b.metadata).contains(&"meshwarden".to_string()));
-    let c = condition(&p, "ControlPlaneHA").unwrap();
-    assert!(c.status == "True", "{c:?}");
     op.stop().await;
 }
 
@@ -464,5 +470,303 @@ async fn blocking_user_pdb_reported_in_audit_fixed_in_enforce() {
         "names the previous owner: {}",
         c.message
     );
+    op.stop().await;
+}
+
+/// A change freeze (a ValidatingAdmissionPolicy denying updates to the `istiod` Deployment):
+/// the canary revision is still corrected, the deviations are still reported, and the condition
+/// names the object that could not be written and the API server's message.
+#[tokio::test]
+async fn a_denied_write_affects_only_its_own_target() {
+    let (env, ns, op) = common::with_fixture("deny", "istio", "istiod-default.yaml", KINDS).await;
+    env.load_fixture("istiod-revision-canary.yaml", &ns, KINDS)
+        .await;
+    let freeze = format!(
+        "apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {ns}-freeze}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - {{apiGroups: [apps], apiVersions: [v1], operations: [UPDATE], resources: [deployments]}}
+  validations:
+  - {{expression: \"object.metadata.name != 'istiod'\", message: change freeze on istiod}}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {ns}-freeze}}
+spec:
+  policyName: {ns}-freeze
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}
+"
+    );
+    testplane::apply_yaml(&env.client, &freeze, &[])
+        .await
+        .unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
+    // The API server loads admission policies asynchronously: wait until the freeze denies.
+    common::eventually(20, "the freeze is in force", || async {
+        let denied = deployments
+            .patch(
+                "istiod",
+                &PatchParams::default().dry_run(),
+                &Patch::Merge(serde_json::json!({"metadata": {"labels": {"probe": "1"}}})),
+            )
+            .await
+            .is_err();
+        denied.then_some(())
+    })
+    .await;
+    env.create_policy(
+        "p",
+        &format!("enforcement: Enforce\ncontrolPlane: {{namespace: {ns}, {FULL}}}"),
+    )
+    .await;
+    let p = env
+        .wait_policy("p", 30, |p| {
+            let c = condition(p, "ControlPlaneHA")?;
+            (c.reason == "WriteFailed").then(|| p.clone())
+        })
+        .await;
+    let c = condition(&p, "ControlPlaneHA").unwrap();
+    assert_eq!(c.status, "False");
+    assert!(
+        c.message.contains(&format!("Deployment/{ns}/istiod"))
+            && c.message.contains("change freeze on istiod"),
+        "names the object and the API server's message: {}",
+        c.message
+    );
+    let status = p.status.clone().unwrap();
+    assert!(status.violation_count > 0, "deviations are still reported");
+    assert!(
+        status
+            .violations
+            .iter()
+            .any(|v| v.object == format!("Deployment/{ns}/istiod") && v.action == "Failed"),
+        "{:?}",
+        status.violations
+    );
+    // The canary revision was corrected all the same.
+    let canary = deployments.get("istiod-canary").await.unwrap();
+    let tpl = canary.spec.unwrap().template.spec.unwrap();
+    assert!(tpl.affinity.is_some(), "istiod-canary was corrected");
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &ns);
+    assert_eq!(
+        hpas.get("istiod-canary")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .min_replicas,
+        Some(2)
+    );
+    assert!(
+        pdbs(&env.client, &ns)
+            .await
+            .iter()
+            .any(|b| b.name_any() == "istiod-canary-meshwarden")
+    );
+    op.stop().await;
+    Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding>::all(
+        env.client.clone(),
+    )
+    .delete(&format!("{ns}-freeze"), &Default::default())
+    .await
+    .unwrap();
+}
+
+/// Issue 13 item 2: a fight is another writer reverting a value meshwarden set, counted per
+/// field; meshwarden re-creating its own deleted PDB is no fight, and a hold never leaves istiod
+/// without a PodDisruptionBudget.
+#[tokio::test]
+async fn fights_need_another_writer_and_never_drop_protection() {
+    let (env, ns, op) = common::with_fixture("fight2", "istio", "istiod-default.yaml", KINDS).await;
+    env.create_policy(
+        "p",
+        &format!("enforcement: Enforce\ncontrolPlane: {{namespace: {ns}, replicas: {{min: 3}}, disruptionBudget: {{maxUnavailable: 1}}}}"),
+    )
+    .await;
+    wait_true(&env, "p", "Ready").await;
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &ns);
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(env.client.clone(), &ns);
+    let lower_min = || async {
+        hpas.patch(
+            "istiod",
+            &PatchParams {
+                field_manager: Some("kubectl-edit".into()),
+                ..Default::default()
+            },
+            &Patch::Merge(serde_json::json!({"spec": {"minReplicas": 1}})),
+        )
+        .await
+        .unwrap();
+    };
+    let min_is = |want: i32| {
+        let hpas = hpas.clone();
+        async move {
+            (hpas.get("istiod").await.unwrap().spec.unwrap().min_replicas == Some(want))
+                .then_some(())
+        }
+    };
+    let pdb_exists = || async {
+        budgets
+            .get_opt("istiod-meshwarden")
+            .await
+            .unwrap()
+            .map(|_| ())
+    };
+    // The reproduction from the issue: twice (a) lower the HPA minimum, (b) delete the PDB.
+    for _ in 0..2 {
+        lower_min().await;
+        common::eventually(5, "HPA minimum restored", || min_is(3)).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        budgets
+            .delete("istiod-meshwarden", &Default::default())
+            .await
+            .unwrap();
+        common::eventually(5, "PDB re-created", pdb_exists).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+    let p = env.wait_settled("p", 20).await;
+    let c = condition(&p, "ControlPlaneHA").unwrap();
+    assert_ne!(
+        c.reason, "FightDetected",
+        "two human edits are no fight: {c:?}"
+    );
+
+    // A third revert of the same field by another writer makes a fight on that field: it is
+    // corrected once more, then left alone.
+    lower_min().await;
+    common::eventually(5, "HPA minimum restored", || min_is(3)).await;
+    lower_min().await;
+    let p = env
+        .wait_policy("p", 15, |p| {
+            (condition(p, "ControlPlaneHA")?.reason == "FightDetected").then(|| p.clone())
+        })
+        .await;
+    assert!(
+        p.status
+            .unwrap()
+            .violations
+            .iter()
+            .any(|v| v.object.starts_with("HorizontalPodAutoscaler/") && v.action == "Skipped")
+    );
+    // While the minimum is left alone, the budget is still held.
+    budgets
+        .delete("istiod-meshwarden", &Default::default())
+        .await
+        .unwrap();
+    common::eventually(5, "PDB re-created during the hold", pdb_exists).await;
+    assert_eq!(min_is(1).await, Some(()), "the other writer's value stays");
+    op.stop().await;
+}
+
+/// Issue 11 case 3: a gateway istiod deploys for a Gateway API Gateway (label
+/// `gateway.istio.io/managed`, owner reference to the Gateway) is reported, never patched:
+/// istiod re-applies it on every change, so a patch would only roll the gateway in a fight.
+#[tokio::test]
+async fn gateways_deployed_by_istiod_are_reported_not_patched() {
+    let env = common::env("gwapi").await;
+    let ns = env.namespace("gw", &[]).await;
+    common::apply_as(
+        &env.client,
+        &format!(
+            "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web-istio
+  namespace: {ns}
+  labels: {{gateway.istio.io/managed: istio.io-gateway-controller, gateway.networking.k8s.io/gateway-name: web}}
+  ownerReferences:
+  - {{apiVersion: gateway.networking.k8s.io/v1, kind: Gateway, name: web, uid: 00000000-0000-0000-0000-000000000001}}
+spec:
+  selector: {{matchLabels: {{gateway.networking.k8s.io/gateway-name: web}}}}
+  template:
+    metadata: {{labels: {{gateway.networking.k8s.io/gateway-name: web}}}}
+    spec:
+      containers: [{{name: istio-proxy, image: proxyv2}}]
+"
+        ),
+        "istio.io/gateway-controller",
+    )
+    .await;
+    let op = env.start_operator().await;
+    env.create_policy("p", &format!(
+        "enforcement: Enforce\ngateways: [{{name: web, namespace: {ns}, selector: {{matchLabels: {{gateway.networking.k8s.io/gateway-name: web}}}}, spread: {{nodes: Required, zones: 'Off'}}, resources: {{requests: {{cpu: 200m}}}}}}]"
+    ))
+    .await;
+    let p = env
+        .wait_policy("p", 30, |p| {
+            (condition(p, "GatewayHA")?.reason == "ManagedByIstiod").then(|| p.clone())
+        })
+        .await;
+    let v = p.status.unwrap().violations;
+    assert!(
+        v.iter()
+            .any(|v| v.object == format!("Deployment/{ns}/web-istio")
+                && v.message.contains("parametersRef")),
+        "{v:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        common::operator_writes(Some(&ns), &[]).is_empty(),
+        "nothing written to istiod's gateway"
+    );
+    op.stop().await;
+}
+
+/// Issue 13 item 5: a second HPA targeting istiod is reported (the HPA controller then scales
+/// by neither), and the `<gateway>-meshwarden` PDB goes when its Deployment is deleted.
+#[tokio::test]
+async fn second_hpa_reported_and_left_behind_pdb_removed() {
+    let (env, ns, op) = common::with_fixture("hpa2", "istio", "istiod-default.yaml", KINDS).await;
+    common::apply_as(
+        &env.client,
+        &format!("apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata: {{name: istiod-extra, namespace: {ns}}}\nspec: {{minReplicas: 1, maxReplicas: 3, scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: istiod}}}}\n"),
+        "kubectl",
+    )
+    .await;
+    env.create_policy(
+        "p",
+        &format!("enforcement: Enforce\ncontrolPlane: {{namespace: {ns}, replicas: {{min: 2}}, disruptionBudget: {{maxUnavailable: 1}}}}"),
+    )
+    .await;
+    let p = env
+        .wait_policy("p", 30, |p| {
+            (condition(p, "ControlPlaneHA")?.reason == "CannotCorrect").then(|| p.clone())
+        })
+        .await;
+    let v = p.status.unwrap().violations;
+    assert!(
+        v.iter()
+            .any(|v| v.message.contains("2 HorizontalPodAutoscalers target it")),
+        "{v:?}"
+    );
+
+    // The Deployment goes: the PDB meshwarden created for it goes too.
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(env.client.clone(), &ns);
+    assert!(
+        budgets
+            .get_opt("istiod-meshwarden")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    Api::<Deployment>::namespaced(env.client.clone(), &ns)
+        .delete("istiod", &Default::default())
+        .await
+        .unwrap();
+    common::eventually(10, "left-behind PDB removed", || async {
+        budgets
+            .get_opt("istiod-meshwarden")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
     op.stop().await;
 }

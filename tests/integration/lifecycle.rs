@@ -1,6 +1,9 @@
 //! The controller reports observedGeneration and conditions, follows updates, and a deleted
 //! policy leaves the mesh as it was.
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, Patch, PatchParams};
 use meshwarden::api::MeshPolicy;
 
@@ -122,4 +125,301 @@ async fn shutdown_ends_an_operator_that_cannot_list_policies() {
         .await
         .expect("the controller returns within 5 s of the shutdown signal")
         .unwrap();
+}
+
+fn container_resources(
+    d: &Deployment,
+    name: &str,
+) -> k8s_openapi::api::core::v1::ResourceRequirements {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.containers.iter().find(|c| c.name == name))
+        .and_then(|c| c.resources.clone())
+        .unwrap_or_default()
+}
+
+fn quantity(
+    r: &Option<
+        std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    >,
+    key: &str,
+) -> Option<String> {
+    r.as_ref().and_then(|m| m.get(key)).map(|q| q.0.clone())
+}
+
+fn anti_affinity_terms(d: &Deployment) -> usize {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .map(|a| {
+            a.preferred_during_scheduling_ignored_during_execution
+                .as_ref()
+                .map_or(0, Vec::len)
+                + a.required_during_scheduling_ignored_during_execution
+                    .as_ref()
+                    .map_or(0, Vec::len)
+        })
+        .unwrap_or(0)
+}
+
+async fn wait_cpu_request(api: &Api<Deployment>, name: &str, container: &str, cpu: &str) {
+    common::eventually(20, "CPU request changed", || async {
+        let d = api.get(name).await.unwrap();
+        (quantity(&container_resources(&d, container).requests, "cpu").as_deref() == Some(cpu))
+            .then_some(())
+    })
+    .await;
+}
+
+async fn edit_policy(env: &common::Env, name: &str, spec: serde_json::Value) {
+    Api::<MeshPolicy>::all(env.client.clone())
+        .patch(
+            &env.policy_name(name),
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "spec": spec })),
+        )
+        .await
+        .unwrap();
+}
+
+/// Issue 11 case 1: a policy edit, a switch to Audit and a delete never lower replicas or
+/// remove a value meshwarden set before (server-side apply would reset a field its only
+/// manager stops sending).
+#[tokio::test]
+async fn policy_edits_never_lower_or_remove_values() {
+    let (env, ns, op) =
+        common::with_fixture("keep", "istio", "istiod-fixed-replicas.yaml", KINDS).await;
+    env.create_policy(
+        "p",
+        &format!(
+            "enforcement: Enforce\ncontrolPlane: {{namespace: {ns}, replicas: {{min: 3}}, spread: {{nodes: Preferred, zones: Off}}, resources: {{requests: {{cpu: 500m}}, limits: {{memory: 4Gi}}}}}}"
+        ),
+    )
+    .await;
+    env.wait_settled("p", 30).await;
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
+    let d = deployments.get("istiod").await.unwrap();
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(3));
+    assert_eq!(anti_affinity_terms(&d), 1);
+
+    // The policy stops declaring replicas and spread, and changes the CPU request.
+    edit_policy(
+        &env,
+        "p",
+        serde_json::json!({"controlPlane": {"replicas": null, "spread": {"nodes": "Off"}, "resources": {"requests": {"cpu": "600m"}}}}),
+    )
+    .await;
+    wait_cpu_request(&deployments, "istiod", "discovery", "600m").await;
+    env.wait_settled("p", 30).await;
+    let d = deployments.get("istiod").await.unwrap();
+    assert_eq!(
+        d.spec.as_ref().unwrap().replicas,
+        Some(3),
+        "replicas stay at 3 when the policy stops declaring them"
+    );
+    assert_eq!(anti_affinity_terms(&d), 1, "the anti-affinity term stays");
+    assert_eq!(
+        quantity(&container_resources(&d, "discovery").limits, "memory").as_deref(),
+        Some("4Gi")
+    );
+
+    // Limits leave the policy while the request changes again: the limit stays.
+    edit_policy(
+        &env,
+        "p",
+        serde_json::json!({"controlPlane": {"resources": {"limits": null, "requests": {"cpu": "700m"}}}}),
+    )
+    .await;
+    wait_cpu_request(&deployments, "istiod", "discovery", "700m").await;
+    env.wait_settled("p", 30).await;
+    let d = deployments.get("istiod").await.unwrap();
+    assert_eq!(
+        quantity(&container_resources(&d, "discovery").limits, "memory").as_deref(),
+        Some("4Gi"),
+        "the memory limit stays when the policy stops declaring it"
+    );
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(3));
+
+    // Audit, then delete: nothing changes.
+    let generation = d.metadata.generation;
+    edit_policy(&env, "p", serde_json::json!({"enforcement": "Audit"})).await;
+    env.wait_settled("p", 30).await;
+    let api: Api<MeshPolicy> = Api::all(env.client.clone());
+    api.delete(&env.policy_name("p"), &Default::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let d = deployments.get("istiod").await.unwrap();
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(3));
+    assert_eq!(anti_affinity_terms(&d), 1);
+    assert_eq!(d.metadata.generation, generation, "no rollout");
+    op.stop().await;
+}
+
+/// The same for a gateway: proxy limits that leave the policy stay on the gateway.
+#[tokio::test]
+async fn gateway_limits_stay_when_the_policy_drops_them() {
+    let (env, ns, op) =
+        common::with_fixture("keepgw", "ingress", "gateway-ingress.yaml", KINDS).await;
+    let entry = |res: &str| {
+        format!(
+            "enforcement: Enforce\ngateways: [{{name: ingress, namespace: {ns}, selector: {{matchLabels: {{istio: ingressgateway}}}}, spread: {{nodes: Required, zones: Off}}, {res}}}]"
+        )
+    };
+    env.create_policy(
+        "p",
+        &entry("resources: {requests: {cpu: 200m}, limits: {cpu: '3', memory: 1536Mi}}"),
+    )
+    .await;
+    env.wait_settled("p", 30).await;
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
+    let spec = entry("spread: {nodes: 'Off'}, resources: {requests: {cpu: 300m}}");
+    edit_policy(&env, "p", serde_yaml::from_str(&spec).unwrap()).await;
+    wait_cpu_request(&deployments, "istio-ingressgateway", "istio-proxy", "300m").await;
+    let d = deployments.get("istio-ingressgateway").await.unwrap();
+    let limits = container_resources(&d, "istio-proxy").limits;
+    assert_eq!(quantity(&limits, "memory").as_deref(), Some("1536Mi"));
+    assert_eq!(quantity(&limits, "cpu").as_deref(), Some("3"));
+    assert_eq!(anti_affinity_terms(&d), 1, "the required term stays");
+    op.stop().await;
+}
+
+/// Issue 11 case 2: after meshwarden corrected a Helm release of istiod (HPA minimum 2 and the
+/// chart's PDB `minAvailable: 1`; policy `replicas.min: 3`, `maxUnavailable: 1`, a CPU request),
+/// `helm upgrade --reuse-values` still succeeds, and meshwarden restores the posture right after
+/// without calling it a fight. The chart's PDB keeps its form; the condition says which chart
+/// value declares the budget at the source.
+async fn helm_upgrade_after_correction(prefix: &str, v3: bool) {
+    let env = common::env(prefix).await;
+    let ns = env.namespace("istio", &[]).await;
+    let chart = testplane::istio::chart("istiod").display().to_string();
+    let install = [
+        "install",
+        "istiod",
+        chart.as_str(),
+        "-n",
+        ns.as_str(),
+        "--set",
+        "autoscaleMin=2",
+        "--set",
+        &format!("global.istioNamespace={ns}"),
+        "--set",
+        "global.operatorManageWebhooks=true",
+    ];
+    common::helm(v3, &install).unwrap_or_else(|e| panic!("helm install: {e}"));
+    let op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!("enforcement: Enforce\ncontrolPlane: {{namespace: {ns}, replicas: {{min: 3}}, disruptionBudget: {{maxUnavailable: 1}}, resources: {{requests: {{cpu: 700m}}}}}}"),
+    )
+    .await;
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(env.client.clone(), &ns);
+    let corrected = || async {
+        let min = hpas.get("istiod").await.ok()?.spec?.min_replicas;
+        let d = deployments.get("istiod").await.ok()?;
+        let cpu = quantity(&container_resources(&d, "discovery").requests, "cpu");
+        (min == Some(3) && cpu.as_deref() == Some("700m")).then_some(())
+    };
+    common::eventually(20, "istiod corrected", corrected).await;
+    let p = env
+        .wait_policy("p", 20, |p| {
+            let c = condition(p, "ControlPlaneHA")?;
+            c.message
+                .contains("pdb.maxUnavailable=1")
+                .then(|| p.clone())
+        })
+        .await;
+    let c = condition(&p, "ControlPlaneHA").unwrap();
+    assert!(
+        c.message.contains("Helm release istiod")
+            && c.message
+                .contains("set autoscaleMin, pdb.maxUnavailable, resources in Helm release istiod"),
+        "names the release and the values to set: {}",
+        c.message
+    );
+    let chart_budget = || async {
+        let s = budgets.get("istiod").await.unwrap().spec.unwrap();
+        (s.min_available, s.max_unavailable)
+    };
+    assert_eq!(
+        chart_budget().await,
+        (Some(IntOrString::Int(1)), None),
+        "the chart's PDB keeps its form"
+    );
+
+    // helm upgrade with unchanged values. Helm 4 applies server-side and reports conflicts
+    // with meshwarden's fields; it is then run with --force-conflicts, as it asks.
+    let reuse = [
+        "upgrade",
+        "istiod",
+        chart.as_str(),
+        "-n",
+        ns.as_str(),
+        "--reuse-values",
+    ];
+    let mut upgrade = reuse.to_vec();
+    let result = match common::helm(v3, &upgrade) {
+        Err(e) if !v3 && e.contains("conflict") => {
+            upgrade.push("--force-conflicts");
+            common::helm(v3, &upgrade)
+        }
+        other => other,
+    };
+    result.unwrap_or_else(|e| panic!("helm upgrade (Helm {}): {e}", if v3 { 3 } else { 4 }));
+    common::eventually(10, "posture restored after the upgrade", corrected).await;
+    assert_eq!(chart_budget().await, (Some(IntOrString::Int(1)), None));
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let p = env.wait_policy("p", 5, |p| Some(p.clone())).await;
+    let c = condition(&p, "ControlPlaneHA").unwrap();
+    assert_ne!(c.reason, "FightDetected", "{c:?}");
+
+    // Fix it at the source: `meshwarden values` prints the release's values; after an upgrade
+    // with them, the chart itself declares the posture and the section is compliant.
+    let ctx = meshwarden::context::Context::new(env.client.clone(), None);
+    let file = meshwarden::rules::ha::values::values_files(&ctx, Some(&env.policy_name("p")))
+        .await
+        .unwrap();
+    assert!(
+        file.contains("# Helm release istiod in namespace")
+            && file.contains("autoscaleMin: 3")
+            && file.contains("maxUnavailable: 1")
+            && file.contains("cpu: 700m"),
+        "{file}"
+    );
+    let path = std::env::temp_dir().join(format!("{ns}-values.yaml"));
+    std::fs::write(&path, &file).unwrap();
+    let path = path.display().to_string();
+    let mut upgrade = reuse.to_vec();
+    upgrade.extend(["-f", path.as_str()]);
+    if !v3 {
+        upgrade.push("--force-conflicts");
+    }
+    common::helm(v3, &upgrade).unwrap_or_else(|e| panic!("helm upgrade -f values: {e}"));
+    assert_eq!(
+        chart_budget().await,
+        (None, Some(IntOrString::Int(1))),
+        "the chart now renders the declared budget"
+    );
+    env.wait_policy("p", 20, |p| {
+        (condition(p, "ControlPlaneHA")?.status == "True").then_some(())
+    })
+    .await;
+    op.stop().await;
+    common::helm(v3, &["uninstall", "istiod", "-n", ns.as_str()])
+        .unwrap_or_else(|e| panic!("helm uninstall: {e}"));
+}
+
+#[tokio::test]
+async fn helm4_upgrade_after_correction() {
+    helm_upgrade_after_correction("helm4", false).await;
+}
+
+#[tokio::test]
+async fn helm3_upgrade_after_correction() {
+    helm_upgrade_after_correction("helm3", true).await;
 }

@@ -1,0 +1,218 @@
+//! Unit tests of the pure plan over small objects written as YAML.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use serde_json::json;
+
+use super::*;
+
+fn yaml<T: serde::de::DeserializeOwned>(s: &str) -> T {
+    serde_yaml::from_str(s).unwrap()
+}
+
+fn deployment(replicas: &str) -> Deployment {
+    yaml(&format!(
+        "metadata:
+  name: istiod
+  namespace: istio-system
+  managedFields:
+  - {{manager: helm, operation: Apply, apiVersion: apps/v1, fieldsType: FieldsV1, fieldsV1: {{f:spec: {{f:replicas: {{}}}}}}}}
+spec:
+  {replicas}
+  selector: {{matchLabels: {{app: istiod}}}}
+  template:
+    metadata: {{labels: {{app: istiod}}}}
+    spec:
+      containers: [{{name: discovery, image: pilot}}]
+"
+    ))
+}
+
+fn hpa(min: i32, max: i32) -> HorizontalPodAutoscaler {
+    yaml(&format!(
+        "metadata: {{name: istiod, namespace: istio-system}}
+spec: {{minReplicas: {min}, maxReplicas: {max}, scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: istiod}}}}
+"
+    ))
+}
+
+fn chart_pdb() -> PodDisruptionBudget {
+    yaml(
+        "metadata:
+  name: istiod
+  namespace: istio-system
+  labels: {app.kubernetes.io/managed-by: Helm}
+  annotations: {meta.helm.sh/release-name: istiod, meta.helm.sh/release-namespace: istio-system}
+  managedFields:
+  - {manager: helm, operation: Update, apiVersion: policy/v1, fieldsType: FieldsV1, fieldsV1: {f:spec: {f:minAvailable: {}, f:selector: {}}}}
+spec: {minAvailable: 1, selector: {matchLabels: {app: istiod}}}
+",
+    )
+}
+
+fn rules(spec: &str) -> HaRules {
+    let cp: crate::api::ControlPlaneSpec = yaml(&format!("{{{spec}}}"));
+    HaRules {
+        replicas: cp.replicas,
+        budget: cp.disruption_budget,
+        spread: cp.spread,
+        resources: cp.resources,
+        container: "discovery",
+    }
+}
+
+fn policy() -> MeshPolicy {
+    MeshPolicy::new("p", yaml("enforcement: Enforce"))
+}
+
+fn obs(
+    replicas: &str,
+    hpa: Option<HorizontalPodAutoscaler>,
+    pdbs: Vec<PodDisruptionBudget>,
+) -> Observation {
+    Observation {
+        deployment: deployment(replicas),
+        hpa,
+        other_hpas: Vec::new(),
+        pdbs,
+    }
+}
+
+#[test]
+fn fixed_replicas_are_raised_and_the_previous_owner_named() {
+    let p = plan(
+        &rules("replicas: {min: 3}"),
+        &obs("replicas: 1", None, vec![]),
+        &policy(),
+        true,
+    );
+    assert_eq!(p.deployment_patch.unwrap()["spec"]["replicas"], json!(3));
+    assert_eq!(p.findings.len(), 1);
+    assert_eq!(p.findings[0].changed_by, vec!["helm"]);
+    assert_eq!(p.takeovers[0].1, "helm");
+    assert!(p.hpa_patch.is_none() && p.pdb.is_none() && !p.rolls_pods);
+}
+
+#[test]
+fn an_hpa_owns_the_count_and_its_minimum_is_raised() {
+    let p = plan(
+        &rules("replicas: {min: 3}"),
+        &obs("", Some(hpa(1, 2)), vec![]),
+        &policy(),
+        true,
+    );
+    let (_, patch) = p.hpa_patch.unwrap();
+    assert_eq!(patch["spec"], json!({"minReplicas": 3, "maxReplicas": 3}));
+    assert!(
+        p.deployment_patch.is_none(),
+        "the Deployment's replicas is never written"
+    );
+}
+
+#[test]
+fn audit_reports_the_same_findings() {
+    let r = rules("replicas: {min: 3}, disruptionBudget: {maxUnavailable: 1}");
+    let o = obs("replicas: 1", None, vec![]);
+    let enforce = plan(&r, &o, &policy(), true);
+    let audit = plan(&r, &o, &policy(), false);
+    assert_eq!(enforce.findings, audit.findings);
+    assert_eq!(audit.findings.len(), 2, "replicas and the missing PDB");
+}
+
+#[test]
+fn a_missing_budget_is_created_owned_by_the_policy() {
+    let p = plan(
+        &rules("disruptionBudget: {maxUnavailable: 1}"),
+        &obs("replicas: 3", None, vec![]),
+        &policy(),
+        true,
+    );
+    let Some(PdbAction::Apply { name, patch }) = p.pdb else {
+        panic!("no PDB planned")
+    };
+    assert_eq!(name, "istiod-meshwarden");
+    assert_eq!(patch["spec"]["maxUnavailable"], json!(1));
+    assert_eq!(
+        patch["metadata"]["labels"][MANAGED_BY.0],
+        json!(MANAGED_BY.1)
+    );
+}
+
+#[test]
+fn the_charts_budget_keeps_its_form_when_equivalent() {
+    // Fixed at 3 replicas: maxUnavailable 1 is held as minAvailable 2 on Helm's PDB.
+    let p = plan(
+        &rules("replicas: {min: 3}, disruptionBudget: {maxUnavailable: 1}"),
+        &obs("replicas: 3", None, vec![chart_pdb()]),
+        &policy(),
+        true,
+    );
+    let Some(PdbAction::Apply { name, patch }) = p.pdb else {
+        panic!("no PDB planned")
+    };
+    assert_eq!(name, "istiod");
+    assert_eq!(
+        patch["spec"],
+        json!({"minAvailable": 2}),
+        "no maxUnavailable, no null"
+    );
+}
+
+#[test]
+fn the_charts_budget_is_left_alone_when_not_equivalent() {
+    // An HPA range 3..5: no minAvailable allows exactly one disruption at every count.
+    let p = plan(
+        &rules("replicas: {min: 3}, disruptionBudget: {maxUnavailable: 1}"),
+        &obs("", Some(hpa(2, 5)), vec![chart_pdb()]),
+        &policy(),
+        true,
+    );
+    assert!(p.pdb.is_none());
+    let f = p
+        .findings
+        .iter()
+        .find(|f| f.object.ends_with("/istiod") && f.field == "spec")
+        .unwrap();
+    assert!(!f.fixable);
+    assert!(
+        f.message
+            .contains("set pdb.maxUnavailable=1 in Helm release istiod"),
+        "{}",
+        f.message
+    );
+}
+
+#[test]
+fn spread_keeps_the_users_terms_and_rolls_the_pods() {
+    let p = plan(
+        &rules("spread: {nodes: Required, zones: Preferred}"),
+        &obs("replicas: 3", None, vec![]),
+        &policy(),
+        true,
+    );
+    assert!(p.rolls_pods);
+    let tpl = &p.deployment_patch.unwrap()["spec"]["template"]["spec"];
+    assert_eq!(
+        tpl["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"],
+        json!(HOSTNAME)
+    );
+    assert_eq!(
+        tpl["topologySpreadConstraints"][0]["whenUnsatisfiable"],
+        json!("ScheduleAnyway")
+    );
+}
+
+#[test]
+fn two_hpas_on_one_deployment_are_reported() {
+    let mut o = obs("", Some(hpa(3, 5)), vec![]);
+    o.other_hpas = vec!["istiod-extra".into()];
+    let p = plan(&rules("replicas: {min: 3}"), &o, &policy(), true);
+    let f = p
+        .findings
+        .iter()
+        .find(|f| f.field == "HorizontalPodAutoscaler")
+        .unwrap();
+    assert!(!f.fixable);
+    assert!(f.message.contains("istiod, istiod-extra"), "{}", f.message);
+}

@@ -1,0 +1,175 @@
+//! `meshwarden values`: the values of Istio's Helm charts that declare what a policy holds, one
+//! values file per Helm release found, ready for `helm upgrade --reuse-values -f`. Once the
+//! release carries them, an upgrade no longer reverts anything and meshwarden holds nothing
+//! against Helm.
+
+use std::collections::BTreeMap;
+
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use serde_json::{Value, json};
+
+use super::source::{Release, Value as Key, chart_key, helm_release};
+use super::{HaRules, Observation};
+use crate::api::MeshPolicy;
+use crate::context::Context;
+use crate::error::{Error, Result};
+
+/// Sets `value` at a dotted chart key (`pdb.maxUnavailable`).
+fn set(values: &mut Value, key: &str, value: Value) {
+    let mut cur = values;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, k) in parts.iter().enumerate() {
+        let Some(map) = cur.as_object_mut() else {
+            return;
+        };
+        if i + 1 == parts.len() {
+            map.insert((*k).to_string(), value);
+            return;
+        }
+        cur = map.entry((*k).to_string()).or_insert_with(|| json!({}));
+    }
+}
+
+/// Deep-merges `from` into `into`, `from` winning on leaves.
+fn merge_values(into: &mut Value, from: &Value) {
+    match (into.as_object_mut(), from.as_object()) {
+        (Some(i), Some(f)) => {
+            for (k, v) in f {
+                merge_values(i.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        _ => *into = from.clone(),
+    }
+}
+
+/// The chart values declaring `rules` for a target Helm installed, with its release.
+pub fn chart_values(rules: &HaRules, obs: &Observation) -> Option<(Release, Value)> {
+    let release = helm_release(&obs.deployment.metadata)?;
+    let c = rules.container;
+    let mut v = json!({});
+    let spec = obs.deployment.spec.clone().unwrap_or_default();
+    if let Some(r) = &rules.replicas {
+        match &obs.hpa {
+            Some(h) => {
+                let current = h.spec.as_ref().and_then(|s| s.min_replicas).unwrap_or(1);
+                set(&mut v, chart_key(c, Key::HpaMin), json!(current.max(r.min)));
+            }
+            None => {
+                let current = spec.replicas.unwrap_or(1);
+                set(
+                    &mut v,
+                    chart_key(c, Key::Replicas),
+                    json!(current.max(r.min)),
+                );
+            }
+        }
+    }
+    if let Some(b) = &rules.budget {
+        if let Some(m) = &b.min_available {
+            set(&mut v, chart_key(c, Key::MinAvailable), json!(m));
+        } else if let Some(m) = &b.max_unavailable {
+            set(&mut v, chart_key(c, Key::MaxUnavailable), json!(m));
+        }
+    }
+    let pod = spec.template.spec.unwrap_or_default();
+    if let Some(res) = &rules.resources {
+        let mut r = serde_json::to_value(res).unwrap_or(Value::Null);
+        // The chart's resources replace the container's: keep what is set and not declared.
+        if let Some(current) = pod
+            .containers
+            .iter()
+            .find(|x| x.name == c)
+            .and_then(|x| x.resources.as_ref())
+            .and_then(|x| serde_json::to_value(x).ok())
+        {
+            let mut merged = current;
+            merge_values(&mut merged, &r);
+            r = merged;
+        }
+        set(&mut v, chart_key(c, Key::Resources), r);
+    }
+    if rules.spread.is_some() {
+        if let Some(a) = &pod.affinity {
+            set(&mut v, chart_key(c, Key::Affinity), json!(a));
+        }
+        if let Some(t) = &pod.topology_spread_constraints {
+            set(&mut v, chart_key(c, Key::TopologySpread), json!(t));
+        }
+    }
+    Some((release, v))
+}
+
+/// The values files for `policy` (all policies when `None`), as one YAML stream.
+pub async fn values_files(ctx: &Context, policy: Option<&str>) -> Result<String> {
+    let api: Api<MeshPolicy> = Api::all(ctx.client.clone());
+    let all = api
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| Error::kube("list MeshPolicies", e))?
+        .items;
+    let refs: Vec<&MeshPolicy> = all.iter().collect();
+    let mut files: BTreeMap<Release, (Value, Vec<String>)> = BTreeMap::new();
+    for p in all
+        .iter()
+        .filter(|p| policy.is_none_or(|n| p.name_any() == n))
+    {
+        let (spec, _) = crate::policy::resolve(p, &refs);
+        let groups = super::control_plane_groups(&spec)
+            .into_iter()
+            .chain(super::gateway_groups(&spec));
+        for group in groups {
+            for obs in super::observe(ctx, &group).await? {
+                if let Some((release, v)) = chart_values(&group.rules, &obs) {
+                    let entry = files.entry(release).or_insert_with(|| (json!({}), vec![]));
+                    merge_values(&mut entry.0, &v);
+                    entry
+                        .1
+                        .push(format!("{} ({})", obs.deployment.name_any(), p.name_any()));
+                }
+            }
+        }
+    }
+    if files.is_empty() {
+        return Err(Error::InvalidSpec(match policy {
+            Some(n) => format!("no target of MeshPolicy {n} was installed by Helm (no meta.helm.sh/release-name annotation), or the policy does not exist"),
+            None => "no target of any MeshPolicy was installed by Helm (no meta.helm.sh/release-name annotation)".into(),
+        }));
+    }
+    let mut out = String::new();
+    for (release, (values, targets)) in files {
+        out.push_str(&format!(
+            "# Helm release {name} in namespace {ns}, for {targets}\n# helm upgrade {name} <chart> -n {ns} --reuse-values -f <this file>\n---\n",
+            name = release.name,
+            ns = release.namespace,
+            targets = targets.join(", ")
+        ));
+        out.push_str(
+            &serde_yaml::to_string(&values)
+                .map_err(|e| Error::InvalidSpec(format!("cannot print values: {e}")))?,
+        );
+    }
+    Ok(out)
+}
+
+/// The sentence telling which values of which Helm release declare what meshwarden took over
+/// on this target (None when Helm did not install it).
+pub fn source_sentence(rules: &HaRules, obs: &Observation, policy: &str) -> Option<String> {
+    let (release, values) = chart_values(rules, obs)?;
+    let keys: Vec<String> = values
+        .as_object()?
+        .iter()
+        .flat_map(|(k, v)| match v.as_object() {
+            Some(sub) if ["pdb", "podDisruptionBudget", "autoscaling"].contains(&k.as_str()) => {
+                sub.keys().map(|s| format!("{k}.{s}")).collect::<Vec<_>>()
+            }
+            _ => vec![k.clone()],
+        })
+        .collect();
+    Some(format!(
+        "to stop the drift for good, set {} in Helm release {} (namespace {}): `meshwarden values {policy}` prints them as a values file for helm upgrade --reuse-values -f",
+        keys.join(", "),
+        release.name,
+        release.namespace
+    ))
+}
