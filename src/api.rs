@@ -5,9 +5,12 @@
 //! written as CEL rules so that the API server itself rejects a bad policy, before the
 //! operator ever sees it.
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, ValidationRule,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::CustomResource;
+use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -432,6 +435,41 @@ pub struct Violation {
     pub message: String,
     /// What meshwarden did: `Corrected`, `Reported` (Audit), `Held` or `Skipped`.
     pub action: String,
+}
+
+/// Longest MeshPolicy name: the name is the value of the label `meshwarden.io/policy` on
+/// the objects meshwarden creates, and label values are limited to 63 characters.
+pub const MAX_NAME_LENGTH: usize = 63;
+
+/// The MeshPolicy CustomResourceDefinition as installed: the schema derived from these types
+/// plus the rules on the object itself (its name).
+pub fn crd() -> CustomResourceDefinition {
+    let mut crd = MeshPolicy::crd();
+    for version in &mut crd.spec.versions {
+        if let Some(root) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            // Only `metadata.name` and `generateName` are visible to rules at the root.
+            root.x_kubernetes_validations
+                .get_or_insert_with(Vec::new)
+                .push(ValidationRule {
+                    rule: format!("self.metadata.name.size() <= {MAX_NAME_LENGTH}"),
+                    message: Some(format!(
+                        "metadata.name must be at most {MAX_NAME_LENGTH} characters: meshwarden writes it into the label meshwarden.io/policy of the objects it creates; choose a shorter name"
+                    )),
+                    reason: Some("FieldValueInvalid".into()),
+                    ..Default::default()
+                });
+        }
+    }
+    crd
+}
+
+/// [`crd`] as YAML that kubectl and Helm read back as written (`meshwarden crd`, `crds/`).
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    crate::yaml::to_string(&crd())
 }
 
 fn default_istio_namespace() -> String {

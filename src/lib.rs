@@ -15,3 +15,4 @@ pub mod rules;
 pub mod selector;
 pub mod status;
 pub mod telemetry;
+pub mod yaml;

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use kube::CustomResourceExt;
 
-use meshwarden::api::MeshPolicy;
 use meshwarden::context::Context;
 use meshwarden::controller::{self, State};
 use meshwarden::telemetry::{self, Metrics};
@@ -240,7 +238,7 @@ fn main() -> ExitCode {
 async fn async_main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Crd => serde_yaml::to_string(&MeshPolicy::crd())
+        Command::Crd => meshwarden::api::crd_yaml()
             .map(|y| print!("{y}"))
             .map_err(|e| e.to_string()),
         Command::Run(args) => run(args).await,

@@ -14,55 +14,12 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use meshwarden::api::MeshPolicy;
 
+#[path = "support/tools.rs"]
+mod tools;
+use tools::helm;
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const NS: &str = "meshwarden";
-
-fn tool(name: &str) -> PathBuf {
-    let from_path = std::env::var_os("PATH").map(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|f| f.is_file())
-    });
-    if let Some(Some(p)) = from_path {
-        return p;
-    }
-    let cache = testplane::bin_dir()
-        .parent()
-        .and_then(Path::parent)
-        .map(|c| c.join("tools/bin").join(name));
-    match cache {
-        Some(p) if p.is_file() => p,
-        _ => panic!("{name} not found on PATH nor in the tools cache: run hack/install-tools.sh"),
-    }
-}
-
-fn helm(kubeconfig: &Path, args: &[&str]) -> String {
-    let out = Command::new(tool("helm"))
-        .args(args)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .env(
-            "HELM_CACHE_HOME",
-            std::env::temp_dir().join("meshwarden-helm-cache"),
-        )
-        .env(
-            "HELM_CONFIG_HOME",
-            std::env::temp_dir().join("meshwarden-helm-config"),
-        )
-        .env(
-            "HELM_DATA_HOME",
-            std::env::temp_dir().join("meshwarden-helm-data"),
-        )
-        .output()
-        .expect("run helm");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "helm {args:?} failed:\n{text}");
-    text
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -11,13 +11,12 @@ pub fn istio_fixture(name: &str) -> String {
 /// A fresh kube-apiserver and etcd in a scratch directory named after `tag`, with the
 /// MeshPolicy CRD installed: the directory, the plane and an admin client.
 pub async fn start_plane(tag: &str) -> (std::path::PathBuf, testplane::Plane, Client) {
-    use kube::CustomResourceExt;
     let dir = testplane::scratch_dir(tag);
     let plane = testplane::Plane::start(&dir, testplane::Lifetime::Attached)
         .await
         .expect("start kube-apiserver (run hack/build-k8s-bins.sh first)");
     let admin = plane.client().await.expect("client");
-    let crd = serde_yaml::to_string(&meshwarden::api::MeshPolicy::crd()).expect("crd");
+    let crd = meshwarden::api::crd_yaml().expect("crd");
     testplane::apply_yaml(&admin, &crd, &[]).await.expect("crd");
     (dir, plane, admin)
 }

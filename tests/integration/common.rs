@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt, ResourceExt};
+use kube::{Client, ResourceExt};
 use meshwarden::api::MeshPolicy;
 use meshwarden::context::Context;
 use meshwarden::controller::{self, State};
@@ -56,7 +56,7 @@ async fn env_on(
     crds.get_or_init(|| async {
         // Each test has its own runtime; install with a client of our own.
         let c = plane.client().await;
-        let crd = serde_yaml::to_string(&MeshPolicy::crd()).unwrap();
+        let crd = meshwarden::api::crd_yaml().unwrap();
         testplane::apply_yaml(&c, &crd, &[])
             .await
             .expect("install MeshPolicy CRD");
