@@ -30,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::policy;
 use crate::rules::{self, RuleReport, ha, mtls, sidecars};
 use crate::status;
+use crate::watch;
 
 /// Shared state of the running controller.
 pub struct State {
@@ -109,6 +110,23 @@ pub async fn evaluate(
             ctx.metrics.set_sidecar_drift(&name, &Default::default());
             RuleReport::not_configured(types::SIDECAR_RESOURCES, "sidecars")
         }
+        Some(_) if !stale_sidecar_caches(ctx).is_empty() => {
+            let stale = stale_sidecar_caches(ctx);
+            let names: Vec<&str> = stale.iter().map(|(n, _)| n.as_str()).collect();
+            RuleReport {
+                condition: conditions::Observed::new(
+                    types::SIDECAR_RESOURCES,
+                    Status::Unknown,
+                    "CacheNotSynced",
+                    format!(
+                        "the watches of {} failed ({}) and have not listed again: the section is evaluated once they have, within seconds of the API server answering",
+                        names.join(", "),
+                        stale[0].1
+                    ),
+                ),
+                ..RuleReport::not_configured(types::SIDECAR_RESOURCES, "sidecars")
+            }
+        }
         Some(s) => {
             let enforcement = policy::effective(&spec, s.enforcement);
             let (report, stats) = sidecars::reconcile_with_stats(ctx, policy, s, enforcement).await;
@@ -129,6 +147,22 @@ pub async fn evaluate(
         Some(m) => mtls::reconcile(ctx, policy, m, policy::effective(&spec, m.enforcement)).await,
     };
     (vec![control_plane, gateways, sidecars, mtls], conflicts)
+}
+
+/// Watches whose caches the sidecars section reads.
+const SIDECAR_WATCHES: [&str; 7] = [
+    "Namespaces",
+    "Deployments",
+    "StatefulSets",
+    "DaemonSets",
+    "LimitRanges",
+    "ResourceQuotas",
+    "RunningPods",
+];
+
+/// The sidecars section's caches that missed changes (watch failed, not listed again yet).
+fn stale_sidecar_caches(ctx: &Context) -> Vec<(String, String)> {
+    ctx.metrics.watches.stale(&SIDECAR_WATCHES)
 }
 
 async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action> {
@@ -370,25 +404,18 @@ fn policies_with_sidecars(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy
 
 /// Keeps a failing watch (say, on PeerAuthentications before Istio's CRDs exist) from holding
 /// up the others: kube-runtime backs off the whole merged trigger stream on any error, which
-/// would delay every reconcile. Errors are logged here and dropped; the stream itself retries
-/// with its own backoff.
+/// would delay every reconcile. Errors are dropped here; [`watch::resilient`] has logged them
+/// and retries with its own backoff.
 fn isolated<T: Send + 'static>(
-    what: &'static str,
     stream: impl Stream<Item = Result<T, watcher::Error>> + Send + 'static,
 ) -> impl Stream<Item = Result<T, watcher::Error>> + Send + 'static {
-    stream.filter_map(move |r| async move {
-        match r {
-            Ok(o) => Some(Ok(o)),
-            Err(e) => {
-                warn!(watch = what, error = %e, "watch failed; retrying with backoff");
-                None
-            }
-        }
-    })
+    stream.filter(|r| futures::future::ready(r.is_ok()))
 }
 
 fn meta_stream<K>(
     client: &kube::Client,
+    health: &Arc<watch::Health>,
+    name: &'static str,
 ) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
 where
     K: Resource<DynamicType = ()>
@@ -400,9 +427,10 @@ where
         + 'static,
 {
     let api: Api<PartialObjectMeta<K>> = Api::all(client.clone());
-    watcher(api, watcher::Config::default())
-        .default_backoff()
-        .touched_objects()
+    watch::resilient(health.clone(), name, move || {
+        watcher(api.clone(), watcher::Config::default())
+    })
+    .touched_objects()
 }
 
 /// Builds the controller and runs it until `shutdown` resolves.
@@ -422,7 +450,11 @@ pub async fn run(
     let (store, writer) = reflector::store::<MeshPolicy>();
     let listed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let policies_listed = listed.clone();
-    let policy_stream = reflector::reflector(writer, watcher(policies, wc).default_backoff())
+    let health = state.ctx.metrics.watches.clone();
+    let policy_watch = watch::resilient(health.clone(), "MeshPolicies", move || {
+        watcher(policies.clone(), wc.clone())
+    });
+    let policy_stream = reflector::reflector(writer, policy_watch)
         .inspect(move |ev| {
             if let Ok(watcher::Event::InitDone) = ev {
                 policies_listed.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -440,6 +472,7 @@ pub async fn run(
     // also reach mtls sections (one watch serves both).
     let (ns_store, ns_stream) = cached::<PartialObjectMeta<Namespace>>(
         &client,
+        (&health, "Namespaces"),
         watcher::Config::default(),
         sidecars::strip_namespace,
     );
@@ -449,22 +482,37 @@ pub async fn run(
     // lists: a page is held whole before it is reduced.
     let (deployments, deployment_events) = cached::<sidecars::CachedWorkload<Deployment>>(
         &client,
+        (&health, "Deployments"),
         watcher::Config::default().page_size(100),
         |_| {},
     );
     let (statefulsets, statefulset_events) = cached::<sidecars::CachedWorkload<StatefulSet>>(
         &client,
+        (&health, "StatefulSets"),
         watcher::Config::default(),
         |_| {},
     );
-    let (daemonsets, daemonset_events) =
-        cached::<sidecars::CachedWorkload<DaemonSet>>(&client, watcher::Config::default(), |_| {});
-    let (limit_ranges, limit_range_events) =
-        cached::<LimitRange>(&client, watcher::Config::default(), |_| {});
-    let (quotas, quota_events) =
-        cached::<ResourceQuota>(&client, watcher::Config::default(), |_| {});
+    let (daemonsets, daemonset_events) = cached::<sidecars::CachedWorkload<DaemonSet>>(
+        &client,
+        (&health, "DaemonSets"),
+        watcher::Config::default(),
+        |_| {},
+    );
+    let (limit_ranges, limit_range_events) = cached::<LimitRange>(
+        &client,
+        (&health, "LimitRanges"),
+        watcher::Config::default(),
+        |_| {},
+    );
+    let (quotas, quota_events) = cached::<ResourceQuota>(
+        &client,
+        (&health, "ResourceQuotas"),
+        watcher::Config::default(),
+        |_| {},
+    );
     let (pods, pod_events) = cached::<sidecars::CachedPod>(
         &client,
+        (&health, "RunningPods"),
         watcher::Config::default()
             .fields("status.phase=Running")
             .page_size(100),
@@ -502,6 +550,22 @@ pub async fn run(
     // reads these stores, so they must not wait for it. Their events reach the controller as
     // a coalesced set of policies to reconcile.
     let triggers = Triggers::default();
+    // A cache that listed again after a failure may have missed changes (its sections said
+    // Unknown meanwhile): every policy is evaluated again.
+    let resync_task = {
+        let (health, t, s) = (health.clone(), triggers.clone(), store.clone());
+        tokio::spawn(async move {
+            loop {
+                health.relisted().await;
+                t.add(
+                    s.state()
+                        .iter()
+                        .map(|p| ObjectRef::from_obj(p.as_ref()))
+                        .collect(),
+                );
+            }
+        })
+    };
     let t = triggers.clone();
     let (n1, n2, n3) = (ns_store.clone(), ns_store.clone(), ns_store);
     let cache_task = tokio::spawn(async move {
@@ -547,34 +611,35 @@ pub async fn run(
     let running = controller
         .reconcile_on(triggers.stream())
         .watches_stream(
-            isolated(
+            isolated(meta_stream::<HorizontalPodAutoscaler>(
+                &client,
+                &health,
                 "HorizontalPodAutoscalers",
-                meta_stream::<HorizontalPodAutoscaler>(&client),
-            ),
+            )),
             move |h| policies_for_namespace(&s2, &h.namespace().unwrap_or_default()),
         )
         .watches_stream(
-            isolated(
+            isolated(meta_stream::<PodDisruptionBudget>(
+                &client,
+                &health,
                 "PodDisruptionBudgets",
-                meta_stream::<PodDisruptionBudget>(&client),
-            ),
+            )),
             move |b| policies_for_namespace(&s3, &b.namespace().unwrap_or_default()),
         )
         .watches_stream(
-            isolated(
-                "PeerAuthentications",
-                mtls::changed_meta::<mtls::PeerAuthentication>(
-                    &client,
-                    mtls::peer_auth_fingerprint,
-                ),
-            ),
+            isolated(mtls::changed_meta::<mtls::PeerAuthentication>(
+                &client,
+                (&health, "PeerAuthentications"),
+                mtls::peer_auth_fingerprint,
+            )),
             move |_| policies_with_mtls(&s8),
         )
         .watches_stream(
-            isolated(
-                "Pods",
-                mtls::changed_meta::<Pod>(&client, mtls::pod_fingerprint),
-            ),
+            isolated(mtls::changed_meta::<Pod>(
+                &client,
+                (&health, "Pods"),
+                mtls::pod_fingerprint,
+            )),
             move |_| policies_with_mtls(&s1_pods),
         )
         .graceful_shutdown_on(shutdown.clone())
@@ -604,7 +669,9 @@ pub async fn run(
     }
     cache_task.abort();
     ready_task.abort();
+    resync_task.abort();
     state.ctx.set_sidecar_cache(None);
+    health.clear();
 }
 
 /// Policies to reconcile, coalesced: however many events name a policy while it waits, it is
@@ -650,6 +717,7 @@ impl Triggers {
 #[allow(clippy::type_complexity)]
 fn cached<K>(
     client: &kube::Client,
+    (health, name): (&Arc<watch::Health>, &'static str),
     config: watcher::Config,
     strip: fn(&mut K),
 ) -> (
@@ -667,7 +735,9 @@ where
 {
     let (store, writer) = reflector::store::<K>();
     let api: Api<K> = Api::all(client.clone());
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff().modify(strip))
-        .touched_objects();
+    let events = watch::resilient(health.clone(), name, move || {
+        watcher(api.clone(), config.clone())
+    });
+    let stream = reflector::reflector(writer, events.modify(strip)).touched_objects();
     (store, stream)
 }

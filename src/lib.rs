@@ -15,4 +15,5 @@ pub mod rules;
 pub mod selector;
 pub mod status;
 pub mod telemetry;
+pub mod watch;
 pub mod yaml;

@@ -75,7 +75,10 @@ struct RunArgs {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+        // kube's watcher logs every failed attempt; `watch::resilient` logs each change of state.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,kube=warn,kube_runtime::watcher=error")
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

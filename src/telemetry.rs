@@ -33,6 +33,11 @@ pub struct NamespaceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchLabels {
+    pub watch: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub kind: String,
 }
@@ -50,6 +55,9 @@ pub struct Metrics {
     pub sidecar_drift: Family<NamespaceLabels, Gauge>,
     pub leader: Gauge,
     pub writes: Counter,
+    /// State of every watch of the running controller (readiness, sections, `watch_synced`).
+    pub watches: Arc<crate::watch::Health>,
+    watch_synced: Family<WatchLabels, Gauge>,
     /// Health: set once the process serves; readiness: leader with synced watches, or standby.
     ready: AtomicBool,
     /// Policies with series, so that deleted ones can be forgotten.
@@ -70,6 +78,12 @@ impl Default for Metrics {
         let sidecar_drift = Family::<NamespaceLabels, Gauge>::default();
         let leader = Gauge::default();
         let writes = Counter::default();
+        let watch_synced = Family::<WatchLabels, Gauge>::default();
+        registry.register(
+            "watch_synced",
+            "1 while the watch of a kind has listed and is watching; 0 while it lists or fails",
+            watch_synced.clone(),
+        );
         registry.register(
             "reconciles",
             "MeshPolicy reconciles run",
@@ -126,6 +140,8 @@ impl Default for Metrics {
             sidecar_drift,
             leader,
             writes,
+            watches: Default::default(),
+            watch_synced,
             ready: AtomicBool::new(false),
             known: Default::default(),
             drift_namespaces: Default::default(),
@@ -136,6 +152,14 @@ impl Default for Metrics {
 impl Metrics {
     /// The metrics in Prometheus text format.
     pub fn encode(&self) -> String {
+        self.watch_synced.clear();
+        for (watch, state) in self.watches.snapshot() {
+            self.watch_synced
+                .get_or_create(&WatchLabels {
+                    watch: watch.to_string(),
+                })
+                .set(i64::from(state == crate::watch::State::Synced));
+        }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -147,8 +171,10 @@ impl Metrics {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
+    /// Ready: set by the controller once its caches have listed (or as a standby), and no
+    /// watch is missing changes for want of the API server.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && self.watches.current()
     }
 
     /// Records that `current` are the existing policies; forgets the series of the others.

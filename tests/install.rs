@@ -297,6 +297,16 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
         .replace("meshwarden", &PostParams::default(), &role)
         .await
         .unwrap();
+    // Open watches outlive the change (authorization is checked when a request starts): the
+    // leader is replaced by a replica that starts with the permission missing.
+    let mut old_leader = standby;
+    old_leader.child.kill().unwrap();
+    let _ = old_leader.child.wait();
+    let standby = Replica::start(&sa_kc, "replica-c", &dir);
+    eventually(30, "replica-c leads", || async {
+        (standby.metric("meshwarden_leader").await? == 1.0).then_some(())
+    })
+    .await;
     policies
         .patch("install-test", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"controlPlane": {"disruptionBudget": {"maxUnavailable": 2}}}})))
         .await
@@ -315,6 +325,23 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
     assert!(
         standby.child.try_wait().unwrap().is_none(),
         "the operator keeps running"
+    );
+    // The refused watch backs off (1, 2, 4, 8 s, … up to 5 min) and says so once, instead of
+    // a line every second or so.
+    let pdb_watch_lines = || {
+        standby
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("PodDisruptionBudgets") && l.contains("watch"))
+            .count()
+    };
+    let lines_before = pdb_watch_lines();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let logged = pdb_watch_lines() - lines_before;
+    assert!(
+        logged <= 1,
+        "{logged} log lines about the PodDisruptionBudget watch in 20 s:\n{}",
+        standby.log_text()
     );
 
     // helm upgrade restores the ClusterRole; helm uninstall keeps the CRD and the policies.

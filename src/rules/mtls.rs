@@ -20,7 +20,6 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, ListParams};
 use kube::core::PartialObjectMeta;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use kube::{CustomResource, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -1301,6 +1300,7 @@ pub async fn reconcile(
 /// every status update.
 pub fn changed_meta<K>(
     client: &kube::Client,
+    (health, name): (&std::sync::Arc<crate::watch::Health>, &'static str),
     fingerprint: fn(&ObjectMeta) -> u64,
 ) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
 where
@@ -1308,33 +1308,34 @@ where
 {
     let api: Api<PartialObjectMeta<K>> = Api::all(client.clone());
     let mut seen: HashMap<(String, String), u64> = HashMap::new();
-    watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .filter_map(move |ev| {
-            let key = |m: &ObjectMeta| {
-                (
-                    m.namespace.clone().unwrap_or_default(),
-                    m.name.clone().unwrap_or_default(),
-                )
-            };
-            let out = match ev {
-                Err(e) => Some(Err(e)),
-                Ok(watcher::Event::Delete(o)) => {
-                    seen.remove(&key(&o.metadata));
+    crate::watch::resilient(health.clone(), name, move || {
+        watcher::watcher(api.clone(), watcher::Config::default())
+    })
+    .filter_map(move |ev| {
+        let key = |m: &ObjectMeta| {
+            (
+                m.namespace.clone().unwrap_or_default(),
+                m.name.clone().unwrap_or_default(),
+            )
+        };
+        let out = match ev {
+            Err(e) => Some(Err(e)),
+            Ok(watcher::Event::Delete(o)) => {
+                seen.remove(&key(&o.metadata));
+                Some(Ok(o))
+            }
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                let fp = fingerprint(&o.metadata);
+                if seen.insert(key(&o.metadata), fp) == Some(fp) {
+                    None
+                } else {
                     Some(Ok(o))
                 }
-                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                    let fp = fingerprint(&o.metadata);
-                    if seen.insert(key(&o.metadata), fp) == Some(fp) {
-                        None
-                    } else {
-                        Some(Ok(o))
-                    }
-                }
-                Ok(_) => None,
-            };
-            futures::future::ready(out)
-        })
+            }
+            Ok(_) => None,
+        };
+        futures::future::ready(out)
+    })
 }
 
 /// What matters about a pod: labels, sidecar, being deleted.

@@ -1,0 +1,348 @@
+//! Watches that recover on their own: a backoff chosen by the cause of the failure, one log
+//! line per change of state, and a record of which watches hold a current cache, which the
+//! sections and `/readyz` read.
+//!
+//! kube-runtime's `default_backoff` is reset by every event, and a watcher emits `Init` before
+//! each LIST, so a LIST that always fails (403) was retried every second or so, logging each
+//! time. Here only a completed LIST or a watch event counts as success.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use kube::runtime::watcher;
+use tracing::{debug, info, warn};
+
+/// Why a watch failed, which decides how soon it is retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// The API server (or etcd behind it) cannot answer now: connection refused or reset,
+    /// timeouts, 429, 5xx. Retried at most [`UNAVAILABLE_MAX`] apart, so that a returning
+    /// server is caught up with within seconds.
+    Unavailable,
+    /// 410 Gone: the resourceVersion was compacted. Listed again at once.
+    Expired,
+    /// 401/403: a permission the ClusterRole lacks.
+    Forbidden,
+    /// 404: the kind is not served (say, Istio's CRDs are not installed).
+    NotFound,
+    /// Any other error the server returned.
+    Rejected,
+}
+
+impl Cause {
+    pub fn of(err: &watcher::Error) -> Cause {
+        let client_err = match err {
+            watcher::Error::InitialListFailed(e)
+            | watcher::Error::WatchStartFailed(e)
+            | watcher::Error::WatchFailed(e) => e,
+            watcher::Error::WatchError(status) => return Cause::of_code(status.code),
+            _ => return Cause::Rejected,
+        };
+        match client_err {
+            kube::Error::Api(status) => Cause::of_code(status.code),
+            _ => Cause::Unavailable,
+        }
+    }
+
+    fn of_code(code: u16) -> Cause {
+        match code {
+            410 => Cause::Expired,
+            401 | 403 => Cause::Forbidden,
+            404 => Cause::NotFound,
+            429 | 500..=599 => Cause::Unavailable,
+            _ => Cause::Rejected,
+        }
+    }
+
+    /// Wait before attempt `failures + 1` (`failures` ≥ 1 in a row with this cause).
+    pub fn delay(self, failures: u32) -> Duration {
+        let doubled = |first: Duration, max: Duration| {
+            first
+                .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+                .min(max)
+        };
+        match self {
+            Cause::Expired => Duration::ZERO,
+            Cause::Unavailable => doubled(Duration::from_millis(250), UNAVAILABLE_MAX),
+            Cause::Forbidden | Cause::NotFound | Cause::Rejected => {
+                doubled(Duration::from_secs(1), PERSISTENT_MAX)
+            }
+        }
+    }
+
+    /// Whether the failure means the cache missed changes that a retry will bring (as opposed
+    /// to a kind that cannot be read at all, which the sections report themselves).
+    fn stale(self) -> bool {
+        matches!(self, Cause::Unavailable | Cause::Expired)
+    }
+}
+
+/// Longest wait between attempts to reach an unavailable API server.
+pub const UNAVAILABLE_MAX: Duration = Duration::from_secs(2);
+/// Longest wait between attempts of a watch the server refuses (403, 404, 4xx).
+pub const PERSISTENT_MAX: Duration = Duration::from_secs(300);
+
+/// State of one watch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    /// The first LIST has not completed.
+    Listing,
+    /// The cache is current: listed, and watching.
+    Synced,
+    /// Failing since the last LIST: the cache may miss changes until it lists again.
+    Failing { cause: Cause, error: String },
+}
+
+/// The state of every watch of the running controller.
+#[derive(Default)]
+pub struct Health {
+    watches: Mutex<BTreeMap<&'static str, State>>,
+    relisted: tokio::sync::Notify,
+}
+
+impl Health {
+    /// Resolves when a watch has listed again after a failure (its cache may have missed
+    /// changes meanwhile, so whatever depends on it should be evaluated again).
+    pub async fn relisted(&self) {
+        self.relisted.notified().await;
+    }
+
+    fn set(&self, name: &'static str, state: State) -> Option<State> {
+        self.watches.lock().ok()?.insert(name, state)
+    }
+
+    /// Forgets every watch (the controller stopped).
+    pub fn clear(&self) {
+        if let Ok(mut w) = self.watches.lock() {
+            w.clear();
+        }
+    }
+
+    /// Watches among `names` whose cache may be out of date (failing, or failing and listing
+    /// again), with the error.
+    pub fn stale(&self, names: &[&str]) -> Vec<(String, String)> {
+        let Ok(w) = self.watches.lock() else {
+            return Vec::new();
+        };
+        names
+            .iter()
+            .filter_map(|n| match w.get(n) {
+                Some(State::Failing { cause, error }) if cause.stale() => {
+                    Some((n.to_string(), error.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// True when no watch misses changes a retry would bring: every watch has listed, and
+    /// none is failing for want of the API server. (A kind the server refuses is reported by
+    /// the sections that need it, and does not make the process unready.)
+    pub fn current(&self) -> bool {
+        self.watches.lock().is_ok_and(|w| {
+            w.values().all(|s| match s {
+                State::Synced => true,
+                State::Listing => false,
+                State::Failing { cause, .. } => !cause.stale(),
+            })
+        })
+    }
+
+    /// Every watch and its state, for metrics.
+    pub fn snapshot(&self) -> Vec<(&'static str, State)> {
+        self.watches
+            .lock()
+            .map(|w| w.iter().map(|(k, v)| (*k, v.clone())).collect())
+            .unwrap_or_default()
+    }
+}
+
+type EventStream<K> = Pin<Box<dyn Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>;
+
+/// A watcher made by `make`, started again (with a fresh LIST) after each failure, after a
+/// wait that depends on the failure's [`Cause`]. Its state is kept in `health` under `name`.
+/// Errors are logged here (once per change of cause) and passed on.
+pub fn resilient<K, S, F>(
+    health: Arc<Health>,
+    name: &'static str,
+    make: F,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+where
+    K: Send + 'static,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    F: Fn() -> S + Send + 'static,
+{
+    struct Run<K, F> {
+        make: F,
+        current: Option<EventStream<K>>,
+        failures: u32,
+        cause: Option<Cause>,
+        wait: Duration,
+        health: Arc<Health>,
+    }
+    health.set(name, State::Listing);
+    let run = Run {
+        make,
+        current: None,
+        failures: 0,
+        cause: None,
+        wait: Duration::ZERO,
+        health,
+    };
+    futures::stream::unfold(run, move |mut run| async move {
+        if !run.wait.is_zero() {
+            tokio::time::sleep(std::mem::take(&mut run.wait)).await;
+        }
+        loop {
+            let stream = run
+                .current
+                .get_or_insert_with(|| Box::pin((run.make)()) as EventStream<K>);
+            let Some(item) = stream.next().await else {
+                // A watcher never ends; start another if it does.
+                run.current = None;
+                continue;
+            };
+            match &item {
+                Ok(watcher::Event::InitDone) => {
+                    let before = run.health.set(name, State::Synced);
+                    if let Some(State::Failing { .. }) = before {
+                        info!(watch = name, "watch recovered: listed again");
+                        run.health.relisted.notify_one();
+                    }
+                    run.failures = 0;
+                    run.cause = None;
+                }
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                    run.failures = 0;
+                }
+                // `Init` comes before the LIST is sent: not a sign of health.
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                Err(e) => {
+                    let cause = Cause::of(e);
+                    run.failures = if run.cause == Some(cause) {
+                        run.failures.saturating_add(1)
+                    } else {
+                        1
+                    };
+                    run.wait = cause.delay(run.failures);
+                    if run.cause != Some(cause) {
+                        warn!(watch = name, error = %e, ?cause, retry_in = ?run.wait,
+                            "watch failed; retrying with backoff (logged again when the cause changes)");
+                    } else {
+                        debug!(watch = name, error = %e, retry_in = ?run.wait, "watch still failing");
+                    }
+                    run.cause = Some(cause);
+                    run.health.set(
+                        name,
+                        State::Failing {
+                            cause,
+                            error: e.to_string(),
+                        },
+                    );
+                    // The next attempt lists afresh, so that the cache is known current
+                    // once it completes.
+                    run.current = None;
+                }
+            }
+            return Some((item, run));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::Status;
+
+    fn api_error(code: u16) -> watcher::Error {
+        watcher::Error::InitialListFailed(kube::Error::Api(Box::new(Status {
+            code,
+            ..Status::default()
+        })))
+    }
+
+    #[test]
+    fn causes_from_errors() {
+        assert_eq!(Cause::of(&api_error(403)), Cause::Forbidden);
+        assert_eq!(Cause::of(&api_error(404)), Cause::NotFound);
+        assert_eq!(Cause::of(&api_error(410)), Cause::Expired);
+        assert_eq!(Cause::of(&api_error(503)), Cause::Unavailable);
+        assert_eq!(Cause::of(&api_error(429)), Cause::Unavailable);
+        assert_eq!(Cause::of(&api_error(422)), Cause::Rejected);
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let refused = watcher::Error::WatchStartFailed(kube::Error::Service(Box::new(io)));
+        assert_eq!(Cause::of(&refused), Cause::Unavailable);
+    }
+
+    #[test]
+    fn refused_watches_back_off_to_minutes_unavailable_servers_to_seconds() {
+        let waits: Vec<u64> = (1..=12)
+            .map(|n| Cause::Forbidden.delay(n).as_secs())
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(Cause::Unavailable.delay(1), Duration::from_millis(250));
+        assert_eq!(Cause::Unavailable.delay(100), UNAVAILABLE_MAX);
+        assert_eq!(Cause::Expired.delay(5), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_whose_list_always_fails_backs_off_and_init_does_not_reset_it() {
+        let health = Arc::new(Health::default());
+        let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = attempts.clone();
+        // Like kube's watcher on a forbidden kind: `Init`, then the LIST fails.
+        let stream = resilient(health.clone(), "pdbs", move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            futures::stream::iter(vec![Ok(watcher::Event::<()>::Init), Err(api_error(403))])
+                .chain(futures::stream::pending())
+        });
+        let started = tokio::time::Instant::now();
+        let mut stream = Box::pin(stream);
+        while started.elapsed() < Duration::from_secs(600) {
+            stream.next().await;
+        }
+        // 1+2+4+…+256 = 511 s, then 300 s apart: 10 attempts in 10 minutes, not 500.
+        let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((9..=11).contains(&n), "{n} attempts");
+        assert!(
+            health.current(),
+            "a refused kind does not make the process unready"
+        );
+        assert!(health.stale(&["pdbs"]).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unavailable_server_marks_the_cache_stale_until_it_lists_again() {
+        let health = Arc::new(Health::default());
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let c = calls.clone();
+        let stream = resilient(health.clone(), "pods", move || {
+            let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let events: Vec<Result<watcher::Event<()>, watcher::Error>> = match n {
+                0 => vec![
+                    Ok(watcher::Event::Init),
+                    Ok(watcher::Event::InitDone),
+                    Err(api_error(503)),
+                ],
+                _ => vec![Ok(watcher::Event::Init), Ok(watcher::Event::InitDone)],
+            };
+            futures::stream::iter(events).chain(futures::stream::pending())
+        });
+        let mut stream = Box::pin(stream);
+        assert!(!health.current(), "listing");
+        stream.next().await;
+        stream.next().await;
+        assert!(health.current());
+        stream.next().await;
+        assert_eq!(health.stale(&["pods"]).len(), 1);
+        assert!(!health.current());
+        stream.next().await;
+        assert!(!health.current(), "listing again: still stale");
+        stream.next().await;
+        assert!(health.current());
+        assert!(health.stale(&["pods"]).is_empty());
+    }
+}
