@@ -1,9 +1,6 @@
 //! The product as users install it: `helm install` into a real API server (RBAC on), the
 //! operator binary authenticated as the chart's ServiceAccount, two replicas electing a leader,
 //! a missing permission reported instead of a crash loop, then `helm upgrade` and `helm uninstall`.
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -14,97 +11,16 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use meshwarden::api::MeshPolicy;
 
+#[path = "support/operator.rs"]
+mod operator;
 #[path = "support/tools.rs"]
 mod tools;
+use operator::{Replica, eventually, http_get};
 use tools::helm;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const NS: &str = "meshwarden";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Replica {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Replica {
-    fn start(kubeconfig: &Path, name: &str, dir: &Path) -> Replica {
-        let port = free_port();
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_meshwarden"))
-            .args(["run", "--leader-election", "--lease-duration", "6"])
-            .arg(format!("--metrics-addr=127.0.0.1:{port}"))
-            .env("KUBECONFIG", kubeconfig)
-            .env("POD_NAME", name)
-            .env("POD_NAMESPACE", NS)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start meshwarden");
-        Replica { child, port, log }
-    }
-
-    async fn metric(&self, name: &str) -> Option<f64> {
-        let text = http_get(self.port, "/metrics").await?;
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A bare HTTP/1.0 GET on loopback (the endpoints need nothing more).
-async fn http_get(port: u16, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    let (head, body) = buf.split_once("\r\n\r\n")?;
-    (head.split(' ').nth(1) == Some("200")).then(|| body.to_string())
-}
-
-async fn eventually<T, F, Fut>(secs: u64, what: &str, f: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out after {secs}s waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+const LEADER_ELECTION: &[&str] = &["--leader-election", "--lease-duration", "6"];
 
 async fn apply_fixture(client: &kube::Client, file: &str) {
     let text = testplane::istio::fixture(file).unwrap();
@@ -194,8 +110,8 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
         "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: '{server}', certificate-authority: '{ca}'}}}}]\nusers: [{{name: sa, user: {{token: '{token}'}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: sa}}}}]\ncurrent-context: t\n"
     )).unwrap();
 
-    let a = Replica::start(&sa_kc, "replica-a", &dir);
-    let b = Replica::start(&sa_kc, "replica-b", &dir);
+    let a = Replica::start(&sa_kc, "replica-a", &dir, LEADER_ELECTION);
+    let b = Replica::start(&sa_kc, "replica-b", &dir, LEADER_ELECTION);
 
     let policies: Api<MeshPolicy> = Api::all(admin.clone());
     let policy: MeshPolicy = serde_yaml::from_str(
@@ -302,7 +218,7 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
     let mut old_leader = standby;
     old_leader.child.kill().unwrap();
     let _ = old_leader.child.wait();
-    let standby = Replica::start(&sa_kc, "replica-c", &dir);
+    let standby = Replica::start(&sa_kc, "replica-c", &dir, LEADER_ELECTION);
     eventually(30, "replica-c leads", || async {
         (standby.metric("meshwarden_leader").await? == 1.0).then_some(())
     })
