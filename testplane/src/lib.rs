@@ -27,6 +27,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope};
 use kube::{Client, Config, ResourceExt};
 
+mod restart;
+
 /// Kubernetes version the binaries are built at (see `tools/k8s-bins/go.mod`).
 pub const K8S_VERSION: &str = "v1.36.2";
 
