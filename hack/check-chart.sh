@@ -377,8 +377,8 @@ print(json.dumps({"apiVersion": "v1", "kind": "Pod",
     done
     sar NO create - pods eviction istio-system
     for r in secrets configmaps serviceaccounts; do sar NO get - "$r" - istio-system; sar NO list - "$r" - -; done
-    for v in get create update patch; do sar YES "$v" coordination.k8s.io leases - "$NAMESPACE"; done
-    for v in list watch delete; do sar NO "$v" coordination.k8s.io leases - "$NAMESPACE"; done
+    for v in get list watch create update patch; do sar YES "$v" coordination.k8s.io leases - "$NAMESPACE"; done
+    sar NO delete coordination.k8s.io leases - "$NAMESPACE"
     sar NO update coordination.k8s.io leases - kube-system
     sar NO escalate rbac.authorization.k8s.io clusterroles - -
     sar NO create networking.istio.io destinationrules - istio-system

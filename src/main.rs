@@ -149,37 +149,44 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let namespace = args.lease_namespace.ok_or(
         "--leader-election needs --lease-namespace (or the POD_NAMESPACE environment variable)",
     )?;
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(client, &args.lease_name)
-        .with_namespace(&namespace)
-        .with_identity(&identity)
-        .with_duration(args.lease_duration)
-        .with_grace((args.lease_duration / 3).max(2))
-        .build()
-        .await
-        .map_err(|e| {
-            format!(
-                "leader election on Lease {namespace}/{}: {e}",
-                args.lease_name
-            )
-        })?;
-    let (mut leader, lease_task) = manager.watch().await;
+    let lease = LeaseConfig {
+        client,
+        namespace,
+        name: args.lease_name,
+        identity,
+        duration: args.lease_duration,
+    };
+    let mut election = lease.start().await?;
     loop {
         // Standby: ready (so rollouts of the operator proceed) but writing nothing.
         metrics.leader.set(0);
         metrics.set_ready(true);
-        tracing::info!(lease = %args.lease_name, "waiting to become leader");
+        tracing::info!(lease = %lease.name, "waiting to become leader");
         let mut stop = stop_rx.clone();
+        let (mut leader, task) = election;
         tokio::select! {
             _ = until(&mut leader, true) => {},
-            _ = until(&mut stop, true) => break,
+            _ = until(&mut stop, true) => {
+                election = (leader, task);
+                break;
+            }
+            // The lease manager sleeps until the holder's lease expires; a holder that
+            // released it (graceful shutdown) is taken over at once by starting it afresh.
+            _ = lease.released() => {
+                drop(leader);
+                let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+                election = lease.start().await?;
+                continue;
+            }
         }
+        election = (leader, task);
         if *stop_rx.borrow() {
             break;
         }
         tracing::info!("became leader");
         metrics.leader.set(1);
         metrics.set_ready(false);
-        let (mut lost, mut stop) = (leader.clone(), stop_rx.clone());
+        let (mut lost, mut stop) = (election.0.clone(), stop_rx.clone());
         controller::run(state.clone(), async move {
             tokio::select! {
                 _ = until(&mut lost, false) => tracing::warn!("lost leadership; stopping writes"),
@@ -192,9 +199,71 @@ async fn run(args: RunArgs) -> Result<(), String> {
         }
     }
     // Closing the channel releases the Lease, so a standby takes over at once.
+    let (leader, task) = election;
     drop(leader);
-    let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     Ok(())
+}
+
+/// The leader-election Lease and this instance's part in it.
+struct LeaseConfig {
+    client: kube::Client,
+    namespace: String,
+    name: String,
+    identity: String,
+    duration: u64,
+}
+
+type Election = (
+    watch::Receiver<bool>,
+    tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+);
+
+impl LeaseConfig {
+    /// Starts electing: the receiver holds whether this instance leads.
+    async fn start(&self) -> Result<Election, String> {
+        let manager = kube_lease_manager::LeaseManagerBuilder::new(self.client.clone(), &self.name)
+            .with_namespace(&self.namespace)
+            .with_identity(&self.identity)
+            .with_duration(self.duration)
+            .with_grace((self.duration / 3).max(2))
+            .build()
+            .await
+            .map_err(|e| {
+                format!(
+                    "leader election on Lease {}/{}: {e}",
+                    self.namespace, self.name
+                )
+            })?;
+        Ok(manager.watch().await)
+    }
+
+    /// Resolves when the Lease is seen without a holder (released, or never held). Watches the
+    /// one Lease; pends forever if it cannot be watched (the lease manager still takes over
+    /// when the lease expires).
+    async fn released(&self) {
+        use futures::StreamExt;
+        use kube::runtime::watcher;
+        let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+            kube::Api::namespaced(self.client.clone(), &self.namespace);
+        let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
+        // Its own health record: this watch does not decide readiness.
+        let health = Arc::new(meshwarden::watch::Health::default());
+        let mut events = std::pin::pin!(meshwarden::watch::resilient(health, "Lease", move || {
+            watcher(api.clone(), config.clone())
+        }));
+        // Only changes: a Lease free when the watch starts is taken by the lease manager itself.
+        while let Some(event) = events.next().await {
+            if let Ok(watcher::Event::Apply(l)) = event
+                && l.spec
+                    .and_then(|s| s.holder_identity)
+                    .is_none_or(|h| h.is_empty())
+            {
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
+    }
 }
 
 /// glibc gives each thread that meets contention an arena of its own (up to 8 per core) and

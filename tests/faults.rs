@@ -19,16 +19,22 @@ async fn cpu_annotation(deployments: &Api<Deployment>) -> Option<String> {
     d.spec?.template.metadata?.annotations?.get(CPU).cloned()
 }
 
-#[tokio::test]
-async fn drift_is_corrected_within_5s_of_the_api_server_returning() {
-    let dir = testplane::scratch_dir("faults");
-    let mut plane = testplane::Plane::start(&dir, testplane::Lifetime::Attached)
+/// A plane of this test's own (its API server may be killed), with the MeshPolicy CRD.
+async fn own_plane(tag: &str) -> (std::path::PathBuf, testplane::Plane, kube::Client) {
+    let dir = testplane::scratch_dir(tag);
+    let plane = testplane::Plane::start(&dir, testplane::Lifetime::Attached)
         .await
         .expect("start kube-apiserver (run hack/build-k8s-bins.sh first)");
     let admin = plane.client().await.unwrap();
     testplane::apply_yaml(&admin, &meshwarden::api::crd_yaml().unwrap(), &[])
         .await
         .unwrap();
+    (dir, plane, admin)
+}
+
+#[tokio::test]
+async fn drift_is_corrected_within_5s_of_the_api_server_returning() {
+    let (dir, mut plane, admin) = own_plane("faults").await;
     testplane::apply_yaml(
         &admin,
         &format!(
@@ -99,4 +105,52 @@ async fn drift_is_corrected_within_5s_of_the_api_server_returning() {
         operator.log_text()
     );
     eventually(10, "ready again", || http_get(operator.port, "/readyz")).await;
+}
+
+#[tokio::test]
+async fn a_released_lease_is_taken_over_within_2s() {
+    let (dir, plane, admin) = own_plane("handover").await;
+    testplane::apply_yaml(
+        &admin,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: meshwarden}\n",
+        &[],
+    )
+    .await
+    .unwrap();
+    // The default lease duration (15 s): a standby that waited for expiry would need 5-15 s.
+    let kc = &plane.operator_kubeconfig;
+    let a = Replica::start(kc, "replica-a", &dir, &["--leader-election"]);
+    let b = Replica::start(kc, "replica-b", &dir, &["--leader-election"]);
+    let a_leads = eventually(30, "one leader", || async {
+        match (
+            a.metric("meshwarden_leader").await? as i64,
+            b.metric("meshwarden_leader").await? as i64,
+        ) {
+            (1, 0) => Some(true),
+            (0, 1) => Some(false),
+            _ => None,
+        }
+    })
+    .await;
+    let (mut leader, standby) = if a_leads { (a, b) } else { (b, a) };
+    // Let the standby settle into waiting for the lease's expiry.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &leader.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stopped = Instant::now();
+    eventually(20, "the standby leads", || async {
+        (standby.metric("meshwarden_leader").await? == 1.0).then_some(())
+    })
+    .await;
+    let took = stopped.elapsed();
+    eprintln!("standby took over {took:?} after SIGTERM to the leader");
+    let _ = leader.child.wait();
+    assert!(
+        took < Duration::from_secs(2),
+        "took over {took:?} after SIGTERM to the leader:\n{}",
+        standby.log_text()
+    );
 }
