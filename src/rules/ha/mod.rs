@@ -129,8 +129,9 @@ pub struct Group {
 }
 
 /// Reads the targets of a group: Deployments by label, the HPA targeting each, and the
-/// PodDisruptionBudgets selecting each one's pods.
-pub async fn observe(ctx: &Context, group: &Group) -> Result<Vec<Observation>> {
+/// PodDisruptionBudgets selecting each one's pods. PodDisruptionBudgets the ClusterRole does
+/// not let meshwarden read (403) are returned as that error, so the other rules still hold.
+pub async fn observe(ctx: &Context, group: &Group) -> Result<(Vec<Observation>, Option<Error>)> {
     let ns = &group.namespace;
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
@@ -152,11 +153,19 @@ pub async fn observe(ctx: &Context, group: &Group) -> Result<Vec<Observation>> {
                 .map_err(|e| Error::kube(format!("list HorizontalPodAutoscalers in {ns}"), e))
         },
         async {
-            pdbs.list(&ListParams::default().match_any())
-                .await
-                .map_err(|e| Error::kube(format!("list PodDisruptionBudgets in {ns}"), e))
+            match pdbs.list(&ListParams::default().match_any()).await {
+                Ok(list) => Ok((list.items, None)),
+                Err(e) => {
+                    let e = Error::kube(format!("list PodDisruptionBudgets in {ns}"), e);
+                    match e.status_code() {
+                        Some(403) => Ok((Vec::new(), Some(e))),
+                        _ => Err(e),
+                    }
+                }
+            }
         },
     )?;
+    let (pdbs, pdbs_refused) = pdbs;
     let mut out = Vec::new();
     for d in deps.items {
         let name = d.name_any();
@@ -174,7 +183,6 @@ pub async fn observe(ctx: &Context, group: &Group) -> Result<Vec<Observation>> {
             .and_then(|m| m.labels.clone())
             .unwrap_or_default();
         let matching = pdbs
-            .items
             .iter()
             .filter(|b| {
                 b.spec
@@ -194,7 +202,7 @@ pub async fn observe(ctx: &Context, group: &Group) -> Result<Vec<Observation>> {
             pdbs: matching,
         });
     }
-    Ok(out)
+    Ok((out, pdbs_refused))
 }
 
 /// PodDisruptionBudgets meshwarden created for this policy in the group's namespace
@@ -260,14 +268,29 @@ pub async fn reconcile(
     let mut failed_writes = 0;
     let mut istiod_managed = false;
     let mut at_source: Vec<String> = Vec::new();
+    let mut refused: Vec<Error> = Vec::new();
 
     for group in groups {
-        let observations = match observe(ctx, group).await {
+        let (observations, pdbs_refused) = match observe(ctx, group).await {
             Ok(o) => o,
             Err(e) => return RuleReport::failed(ctype, &e),
         };
+        // PodDisruptionBudgets unreadable: the budget is left out, the other rules still hold.
+        let rules = match &pdbs_refused {
+            Some(_) => HaRules {
+                budget: None,
+                ..group.rules.clone()
+            },
+            None => group.rules.clone(),
+        };
+        let budgets_readable = pdbs_refused.is_none();
+        refused.extend(pdbs_refused);
         let enforce = group.enforcement == Enforcement::Enforce;
-        match left_behind(ctx, group, policy).await {
+        let gone = match budgets_readable {
+            true => left_behind(ctx, group, policy).await,
+            false => Ok(Vec::new()),
+        };
+        match gone {
             Ok(names) => {
                 for name in names {
                     let id = object_id("PodDisruptionBudget", &group.namespace, &name);
@@ -305,10 +328,8 @@ pub async fn reconcile(
             report.targets += 1;
             let deployed_by_istiod = source::istiod_gateway(&obs.deployment.metadata);
             let plan = match &deployed_by_istiod {
-                Some(gateway) => {
-                    source::report_only(plan(&group.rules, obs, policy, false), gateway)
-                }
-                None => plan(&group.rules, obs, policy, enforce),
+                Some(gateway) => source::report_only(plan(&rules, obs, policy, false), gateway),
+                None => plan(&rules, obs, policy, enforce),
             };
             istiod_managed |= deployed_by_istiod.is_some() && !plan.findings.is_empty();
             notes.extend(plan.notes.iter().cloned());
@@ -500,6 +521,18 @@ pub async fn reconcile(
         (Status::True, "Compliant")
     };
     report.condition = Observed::new(ctype, status, reason, msg.join(". "));
+    if let Some(e) = refused.first() {
+        let unknown = RuleReport::failed(ctype, e).condition;
+        report.condition = Observed::new(
+            ctype,
+            Status::Unknown,
+            unknown.reason,
+            format!(
+                "{} The disruption budget is not checked; the other rules are held: {}",
+                unknown.message, report.condition.message
+            ),
+        );
+    }
     report
 }
 

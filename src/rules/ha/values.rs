@@ -119,7 +119,11 @@ pub async fn values_files(ctx: &Context, policy: Option<&str>) -> Result<String>
             .into_iter()
             .chain(super::gateway_groups(&spec));
         for group in groups {
-            for obs in super::observe(ctx, &group).await? {
+            let (observations, pdbs_refused) = super::observe(ctx, &group).await?;
+            if let Some(e) = pdbs_refused {
+                return Err(e);
+            }
+            for obs in observations {
                 if let Some((release, v)) = chart_values(&group.rules, &obs) {
                     let entry = files.entry(release).or_insert_with(|| (json!({}), vec![]));
                     merge_values(&mut entry.0, &v);
