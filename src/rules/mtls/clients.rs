@@ -1,0 +1,152 @@
+//! Which pods are clients that a STRICT scope would cut off.
+
+use super::*;
+
+fn is_ambient(labels: &BTreeMap<String, String>) -> Option<bool> {
+    labels
+        .get("istio.io/dataplane-mode")
+        .map(|v| v.as_str() == "ambient")
+}
+
+/// Istio's own control plane and node agents: they never call workloads on their ports.
+fn is_istio_infra(labels: &BTreeMap<String, String>) -> bool {
+    matches!(
+        labels.get("app").map(String::as_str),
+        Some("istiod" | "ztunnel")
+    ) || labels.get("k8s-app").map(String::as_str) == Some("istio-cni-node")
+}
+
+fn injection_on(labels: &BTreeMap<String, String>) -> bool {
+    labels.get("istio-injection").map(String::as_str) == Some("enabled")
+        || labels.contains_key("istio.io/rev")
+}
+
+/// Pods that could no longer connect to a STRICT scope: no injected sidecar and not in ambient
+/// mode, wherever they run (any of them can be a client of any namespace). Exempted namespaces
+/// and workloads are left out, as are Istio's own infrastructure pods.
+pub fn blockers(
+    pods: &[PodInfo],
+    namespaces: &[NamespaceInfo],
+    exemptions: &[MtlsExemption],
+) -> Vec<PodInfo> {
+    let ns_labels: HashMap<&str, &BTreeMap<String, String>> = namespaces
+        .iter()
+        .map(|n| (n.name.as_str(), &n.labels))
+        .collect();
+    pods.iter()
+        .filter(|p| !p.injected && !is_istio_infra(&p.labels))
+        .filter(|p| {
+            // A pod label overrides the namespace's (`istio.io/dataplane-mode: none` opts out).
+            let ambient = is_ambient(&p.labels)
+                .or_else(|| {
+                    ns_labels
+                        .get(p.namespace.as_str())
+                        .and_then(|l| is_ambient(l))
+                })
+                .unwrap_or(false);
+            !ambient
+        })
+        .filter(|p| {
+            !exemptions.iter().any(|e| {
+                e.namespace == p.namespace
+                    && e.selector
+                        .as_ref()
+                        .is_none_or(|s| selector::matches(s, &p.labels))
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+/// The condition text of a STRICT hold: how many pods, where, a few names, and the exact
+/// exemptions to add (or `force`).
+pub fn hold_message(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> String {
+    let mut by_ns: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for p in blockers {
+        by_ns.entry(&p.namespace).or_default().push(&p.name);
+    }
+    let injected: BTreeSet<&str> = namespaces
+        .iter()
+        .filter(|n| injection_on(&n.labels))
+        .map(|n| n.name.as_str())
+        .collect();
+    let mut parts = Vec::new();
+    for (ns, names) in by_ns.iter().take(5) {
+        let mut names = names.clone();
+        names.sort_unstable();
+        let more = names.len().saturating_sub(3);
+        let mut s = format!(
+            "{ns} ({}: {}",
+            names.len(),
+            names[..names.len().min(3)].join(", ")
+        );
+        if more > 0 {
+            s.push_str(&format!(" and {more} more"));
+        }
+        if injected.contains(ns) {
+            s.push_str("; injection is on there, so restarting them adds the sidecar");
+        }
+        s.push(')');
+        parts.push(s);
+    }
+    if by_ns.len() > 5 {
+        parts.push(format!("and {} more namespace(s)", by_ns.len() - 5));
+    }
+    let snippet: Vec<String> = by_ns
+        .keys()
+        .map(|ns| format!("  - namespace: {ns}"))
+        .collect();
+    format!(
+        "STRICT is held at PERMISSIVE: {} pod(s) without a sidecar could no longer connect: {}. To exempt them (they keep PERMISSIVE and lose access to STRICT workloads), add to the policy:\n  exemptions:\n{}\nor set spec.mtls.force: true to move to STRICT anyway",
+        blockers.len(),
+        parts.join(", "),
+        snippet.join("\n")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::mtls::testutil::*;
+
+    #[test]
+    fn blockers_are_pods_without_sidecar_outside_ambient_and_exemptions() {
+        let nss = [
+            ns("plain", &[]),
+            ns("injected", &[("istio-injection", "enabled")]),
+            ns("ambient", &[("istio.io/dataplane-mode", "ambient")]),
+            ns("exempt", &[]),
+            ns("istio-system", &[]),
+        ];
+        let mut istiod = pod("istio-system", "istiod", false);
+        istiod.labels.insert("app".into(), "istiod".into());
+        let mut opted_out = pod("ambient", "opted-out", false);
+        opted_out
+            .labels
+            .insert("istio.io/dataplane-mode".into(), "none".into());
+        let pods = [
+            pod("plain", "a", false),
+            pod("plain", "b", true),
+            pod("injected", "old", false),
+            pod("injected", "new", true),
+            pod("ambient", "z", false),
+            opted_out,
+            pod("exempt", "x", false),
+            pod("plain", "skipped", false),
+            istiod,
+        ];
+        let s = spec(
+            "{mode: STRICT, exemptions: [{namespace: exempt}, {namespace: plain, selector: {matchLabels: {app: skipped}}}]}",
+        );
+        let b = blockers(&pods, &nss, &s.exemptions);
+        let names: Vec<&str> = b.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, vec!["a", "old", "opted-out"]);
+
+        let msg = hold_message(&b, &nss);
+        assert!(msg.contains("3 pod(s)"), "{msg}");
+        assert!(msg.contains("plain (1: a)"), "{msg}");
+        assert!(msg.contains("restarting them adds the sidecar"), "{msg}");
+        assert!(msg.contains("  exemptions:\n  - namespace: ambient\n  - namespace: injected\n  - namespace: plain"), "{msg}");
+        assert!(msg.contains("force: true"), "{msg}");
+    }
+}

@@ -1,0 +1,713 @@
+//! Mutual TLS with Istio `PeerAuthentication` objects.
+//!
+//! observe (namespaces, every PeerAuthentication, and pod metadata when STRICT is declared)
+//! -> pure [`plan`] -> execute with server-side apply (Enforce only) -> report in the
+//! `MutualTLS` condition.
+//!
+//! A scope (the mesh, or one selected namespace) has exactly one namespace-wide
+//! PeerAuthentication: a user's own selector-less object is corrected in place (only
+//! `spec.mtls.mode` is applied), otherwise meshwarden creates `meshwarden-mtls`. Exemptions
+//! are rendered as `meshwarden-exemption-<hash>`. A scope is moved to STRICT only when no pod
+//! without a sidecar would be cut off, or when `force` is set.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Debug;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, ListParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::watcher;
+use kube::{CustomResource, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::api::{
+    Enforcement, MeshPolicy, MtlsExemption, MtlsMode, MtlsScope, MtlsSpec, Violation,
+};
+use crate::apply::{self, FIELD_MANAGER};
+use crate::conditions::{Observed, Status, types};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::rules::RuleReport;
+use crate::rules::ha::{MANAGED_BY, POLICY_LABEL};
+use crate::selector;
+
+/// Name of the namespace-wide PeerAuthentication meshwarden creates for a scope.
+pub const SCOPE_OBJECT: &str = "meshwarden-mtls";
+/// Prefix of the PeerAuthentications that render exemptions.
+pub const EXEMPTION_PREFIX: &str = "meshwarden-exemption-";
+/// Annotation Istio's injector puts on every pod it gave a sidecar.
+pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+const API_VERSION: &str = "security.istio.io/v1";
+const KIND: &str = "PeerAuthentication";
+
+/// Istio's PeerAuthentication (only the fields meshwarden reads). Not part of the MeshPolicy
+/// CRD output: Istio installs its own CRD.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "security.istio.io",
+    version = "v1",
+    kind = "PeerAuthentication",
+    plural = "peerauthentications",
+    namespaced,
+    schema = "disabled"
+)]
+pub struct PeerAuthenticationSpec {
+    /// Workloads the policy applies to; the whole namespace when absent or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<PeerMtls>,
+    /// Port number (as a string) -> mode.
+    #[serde(
+        default,
+        rename = "portLevelMtls",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub port_level_mtls: BTreeMap<String, PeerMtls>,
+}
+
+/// Istio's workload selector: labels only.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+pub struct WorkloadSelector {
+    #[serde(default, rename = "matchLabels")]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// A mode as Istio spells it (`UNSET`, `DISABLE`, `PERMISSIVE`, `STRICT`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+pub struct PeerMtls {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+/// How much plain text a mode lets in, ordered weakest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Strength {
+    Disable,
+    Permissive,
+    Strict,
+}
+
+impl Strength {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strength::Disable => "DISABLE",
+            Strength::Permissive => "PERMISSIVE",
+            Strength::Strict => "STRICT",
+        }
+    }
+
+    /// `None` for UNSET, absent or unknown: the parent's mode is inherited.
+    pub fn parse(mode: Option<&str>) -> Option<Strength> {
+        match mode {
+            Some("DISABLE") => Some(Strength::Disable),
+            Some("PERMISSIVE") => Some(Strength::Permissive),
+            Some("STRICT") => Some(Strength::Strict),
+            _ => None,
+        }
+    }
+}
+
+impl From<MtlsMode> for Strength {
+    fn from(m: MtlsMode) -> Self {
+        match m {
+            MtlsMode::STRICT => Strength::Strict,
+            MtlsMode::PERMISSIVE => Strength::Permissive,
+        }
+    }
+}
+
+fn shown(mode: Option<Strength>) -> &'static str {
+    mode.map(Strength::as_str).unwrap_or("UNSET")
+}
+
+/// A namespace as meshwarden needs it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NamespaceInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A pod as meshwarden needs it (from metadata only).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Carries the `sidecar.istio.io/status` annotation.
+    pub injected: bool,
+}
+
+/// What a write does.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fix {
+    Apply {
+        namespace: String,
+        name: String,
+        patch: Value,
+        /// Fields taken over from other managers, as `field (was managed by m)`.
+        takeovers: Vec<String>,
+    },
+    Delete {
+        namespace: String,
+        name: String,
+    },
+}
+
+/// A deviation, with the write that corrects it when there is one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finding {
+    /// `PeerAuthentication/<ns>/<name>` or `Namespace/<name>`.
+    pub object: String,
+    pub message: String,
+    pub fix: Option<Fix>,
+    /// The scope stays below the declared STRICT even after the fix (the STRICT hold).
+    pub held: bool,
+    /// The finding is about a target (a scope or an exemption), for the compliant count.
+    pub target: bool,
+}
+
+/// Everything the pure planner decided.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    pub findings: Vec<Finding>,
+    /// Scopes plus rendered exemptions.
+    pub targets: i32,
+    /// One line per exemption, for the condition.
+    pub exemptions: Vec<String>,
+    /// Lines worth saying that are not deviations.
+    pub notes: Vec<String>,
+    /// At least one scope is held below STRICT.
+    pub held: bool,
+}
+
+/// Inputs of [`plan`].
+pub struct Input<'a> {
+    pub spec: &'a MtlsSpec,
+    pub policy: &'a str,
+    pub owner: Option<OwnerReference>,
+    pub namespaces: &'a [NamespaceInfo],
+    pub peer_auths: &'a [PeerAuthentication],
+    /// Pods without a sidecar that could no longer connect under STRICT (see [`blockers`]).
+    pub blockers: &'a [PodInfo],
+}
+
+fn pa_id(ns: &str, name: &str) -> String {
+    format!("PeerAuthentication/{ns}/{name}")
+}
+
+/// FNV-1a: stable across Rust versions, unlike the std hasher.
+fn fnv1a(data: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The name of the PeerAuthentication rendering an exemption: stable for a namespace and
+/// selector, so that changing the modes updates the same object.
+pub fn exemption_name(ex: &MtlsExemption) -> String {
+    let selector = ex
+        .selector
+        .as_ref()
+        .map(|s| serde_json::to_string(s).unwrap_or_default())
+        .unwrap_or_default();
+    let h = fnv1a(&format!("{}\n{selector}", ex.namespace));
+    format!("{EXEMPTION_PREFIX}{:010x}", h & 0xff_ffff_ffff)
+}
+
+fn is_ours(meta: &ObjectMeta, policy: &str) -> bool {
+    let labels = meta.labels.as_ref();
+    labels.and_then(|l| l.get(MANAGED_BY.0)).map(String::as_str) == Some(MANAGED_BY.1)
+        && labels.and_then(|l| l.get(POLICY_LABEL)).map(String::as_str) == Some(policy)
+}
+
+/// Created by any meshwarden policy: another policy's objects are that policy's business
+/// (policies that disagree are resolved as conflicts), never overrides to correct.
+fn is_meshwarden(meta: &ObjectMeta) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY.0))
+        .map(String::as_str)
+        == Some(MANAGED_BY.1)
+}
+
+fn selector_labels(pa: &PeerAuthentication) -> BTreeMap<String, String> {
+    pa.spec
+        .selector
+        .as_ref()
+        .map(|s| s.match_labels.clone())
+        .unwrap_or_default()
+}
+
+fn is_namespace_wide(pa: &PeerAuthentication) -> bool {
+    selector_labels(pa).is_empty()
+}
+
+fn pa_mode(pa: &PeerAuthentication) -> Option<Strength> {
+    Strength::parse(pa.spec.mtls.as_ref().and_then(|m| m.mode.as_deref()))
+}
+
+/// True when meshwarden's manager owns the field at `path` of the object.
+fn owned_by_us(meta: &ObjectMeta, path: &[&str]) -> bool {
+    meta.managed_fields.iter().flatten().any(|e| {
+        e.manager.as_deref() == Some(FIELD_MANAGER)
+            && e.fields_v1.as_ref().is_some_and(|f| {
+                let mut node = Some(&f.0);
+                for key in path {
+                    node = node.and_then(|n| n.get(*key));
+                }
+                node.is_some()
+            })
+    })
+}
+
+fn takeovers_of(meta: &ObjectMeta, id: &str, path: &[&str], field: &str) -> Vec<String> {
+    apply::foreign_managers(meta, path)
+        .into_iter()
+        .map(|m| format!("{id} {field} (was managed by {m})"))
+        .collect()
+}
+
+mod clients;
+mod plan;
+
+pub use clients::{blockers, hold_message};
+pub use plan::plan;
+
+/// What was read from the cluster.
+pub struct Observation {
+    pub namespaces: Vec<NamespaceInfo>,
+    pub peer_auths: Vec<PeerAuthentication>,
+    /// Pods, read only when a STRICT hold has to be decided.
+    pub pods: Vec<PodInfo>,
+}
+
+const PAGE: u32 = 500;
+
+/// Lists the metadata of every object of a kind, page by page.
+async fn list_meta<K>(api: &Api<K>, what: &str) -> Result<Vec<PartialObjectMeta<K>>>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut lp = ListParams::default().limit(PAGE);
+        if let Some(t) = &token {
+            lp = lp.continue_token(t);
+        }
+        let page = api
+            .list_metadata(&lp)
+            .await
+            .map_err(|e| Error::kube(format!("list {what}"), e))?;
+        out.extend(page.items);
+        match page.metadata.continue_ {
+            Some(t) if !t.is_empty() => token = Some(t),
+            _ => return Ok(out),
+        }
+    }
+}
+
+/// Reads namespaces, PeerAuthentications and (when needed) pod metadata.
+pub async fn observe(ctx: &Context, need_pods: bool) -> Result<Observation> {
+    let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+    let pas: Api<PeerAuthentication> = Api::all(ctx.client.clone());
+    let pods: Api<Pod> = Api::all(ctx.client.clone());
+    let (ns, pa, pods) = tokio::try_join!(
+        list_meta(&namespaces, "Namespaces"),
+        async {
+            pas.list(&ListParams::default())
+                .await
+                .map(|l| l.items)
+                .map_err(|e| {
+                    Error::kube("list PeerAuthentications (are Istio's CRDs installed?)", e)
+                })
+        },
+        async {
+            if need_pods {
+                list_meta(&pods, "Pods").await
+            } else {
+                Ok(Vec::new())
+            }
+        },
+    )?;
+    Ok(Observation {
+        namespaces: ns
+            .into_iter()
+            .map(|n| NamespaceInfo {
+                name: n.metadata.name.unwrap_or_default(),
+                labels: n.metadata.labels.unwrap_or_default(),
+            })
+            .collect(),
+        peer_auths: pa,
+        pods: pods
+            .into_iter()
+            // A pod being deleted is no client worth holding STRICT for.
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| PodInfo {
+                injected: p
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key(SIDECAR_STATUS)),
+                namespace: p.metadata.namespace.unwrap_or_default(),
+                name: p.metadata.name.unwrap_or_default(),
+                labels: p.metadata.labels.unwrap_or_default(),
+            })
+            .collect(),
+    })
+}
+
+async fn execute(ctx: &Context, fix: &Fix) -> Result<()> {
+    match fix {
+        Fix::Apply {
+            namespace,
+            name,
+            patch,
+            ..
+        } => {
+            let api: Api<PeerAuthentication> = Api::namespaced(ctx.client.clone(), namespace);
+            apply::apply(&api, name, patch, &ctx.writes)
+                .await
+                .map(|_| ())
+        }
+        Fix::Delete { namespace, name } => {
+            let api: Api<PeerAuthentication> = Api::namespaced(ctx.client.clone(), namespace);
+            apply::delete(&api, name, &ctx.writes).await
+        }
+    }
+}
+
+/// Observes, plans and (in Enforce) applies the `mtls` section; reports the result.
+pub async fn reconcile(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    spec: &MtlsSpec,
+    enforcement: Enforcement,
+) -> RuleReport {
+    let ctype = types::MUTUAL_TLS;
+    let enforce = enforcement == Enforcement::Enforce;
+    let need_pods = spec.mode == MtlsMode::STRICT && !spec.force;
+    let obs = match observe(ctx, need_pods).await {
+        Ok(o) => o,
+        Err(e) => return RuleReport::failed(ctype, &e),
+    };
+    let blocking = blockers(&obs.pods, &obs.namespaces, &spec.exemptions);
+    let owner = policy.controller_owner_ref(&()).map(|mut o| {
+        o.block_owner_deletion = Some(false);
+        o
+    });
+    let name = policy.name_any();
+    let plan = plan(&Input {
+        spec,
+        policy: &name,
+        owner,
+        namespaces: &obs.namespaces,
+        peer_auths: &obs.peer_auths,
+        blockers: &blocking,
+    });
+
+    let mut report = RuleReport {
+        condition: Observed::new(ctype, Status::True, "Compliant", ""),
+        violations: Vec::new(),
+        targets: plan.targets,
+        compliant: 0,
+        corrected: 0,
+        corrections: Vec::new(),
+    };
+    let mut takeovers = Vec::new();
+    let mut fights = Vec::new();
+    let mut unfixable = false;
+    let mut outstanding_targets = 0;
+    for f in &plan.findings {
+        let key = format!("{name}:{}", f.object);
+        let now = Instant::now();
+        let mut fighting = false;
+        let mut fixed = false;
+        if enforce && let Some(fix) = &f.fix {
+            if ctx.fight_check(&key, now) {
+                fighting = true;
+                fights.push(f.object.clone());
+            } else {
+                if let Err(e) = execute(ctx, fix).await {
+                    let mut failed = RuleReport::failed(ctype, &e);
+                    failed.targets = plan.targets;
+                    return failed;
+                }
+                ctx.fight_record(&key, now);
+                fixed = true;
+                report.corrected += 1;
+                report
+                    .corrections
+                    .push(format!("{}: {}", f.object, f.message));
+                if let Fix::Apply { takeovers: t, .. } = fix {
+                    takeovers.extend(t.iter().cloned());
+                }
+            }
+        }
+        if fixed && !f.held {
+            continue;
+        }
+        if f.target {
+            outstanding_targets += 1;
+        }
+        unfixable |= f.fix.is_none() && !f.held;
+        let action = if !enforce {
+            "Reported"
+        } else if f.held {
+            "Held"
+        } else if fighting {
+            "Skipped"
+        } else {
+            "Reported"
+        };
+        report.violations.push(Violation {
+            rule: ctype.to_string(),
+            object: f.object.clone(),
+            message: f.message.clone(),
+            action: action.to_string(),
+        });
+    }
+    report.compliant = (plan.targets - outstanding_targets).max(0);
+
+    let key = format!(
+        "{name}/{}/{ctype}",
+        policy.metadata.generation.unwrap_or_default()
+    );
+    let takeovers = ctx.remember_takeovers(&key, &takeovers);
+    let mut msg = Vec::new();
+    let scope = match spec.scope {
+        MtlsScope::Mesh => format!(
+            "mode {} for the mesh (root namespace {})",
+            Strength::from(spec.mode).as_str(),
+            spec.root_namespace
+        ),
+        MtlsScope::Namespaces => format!(
+            "mode {} for each selected namespace",
+            Strength::from(spec.mode).as_str()
+        ),
+    };
+    msg.push(format!(
+        "{scope}: {} of {} target(s) compliant",
+        report.compliant, report.targets
+    ));
+    if report.corrected > 0 {
+        msg.push(format!("{} corrected", report.corrected));
+    }
+    if !plan.exemptions.is_empty() {
+        msg.push(format!("exemptions: {}", plan.exemptions.join("; ")));
+    }
+    msg.extend(super::takeover_sentence(&takeovers));
+    msg.extend(super::fight_sentence(&fights));
+    let deviations: Vec<&Violation> = report
+        .violations
+        .iter()
+        .filter(|v| v.action != "Held")
+        .collect();
+    if !deviations.is_empty() {
+        let shown: Vec<String> = deviations
+            .iter()
+            .take(5)
+            .map(|v| format!("{} {}", v.object, v.message))
+            .collect();
+        msg.push(format!("deviations: {}", shown.join("; ")));
+        if !enforce {
+            msg.push("Audit mode: nothing was changed".to_string());
+        }
+    }
+    msg.extend(plan.notes.iter().take(3).cloned());
+    if plan.held {
+        msg.push(hold_message(&blocking, &obs.namespaces));
+    }
+
+    let held = plan.held && enforce;
+    let (status, reason) = if !fights.is_empty() {
+        (Status::False, "FightDetected")
+    } else if held {
+        (Status::False, "StrictHeld")
+    } else if !report.violations.is_empty() && !enforce {
+        (Status::False, "NonCompliant")
+    } else if !report.violations.is_empty() && unfixable {
+        (Status::False, "CannotCorrect")
+    } else if !report.violations.is_empty() {
+        (Status::False, "NonCompliant")
+    } else if report.targets == 0 {
+        (Status::False, "NoTargets")
+    } else if !takeovers.is_empty() {
+        (Status::True, "FieldOwnedByOther")
+    } else if report.corrected > 0 {
+        (Status::True, "Corrected")
+    } else {
+        (Status::True, "Compliant")
+    };
+    if reason == "NoTargets" {
+        msg.push(
+            "mtls.namespaceSelector selects no namespace: check its labels against `kubectl get ns --show-labels`"
+                .to_string(),
+        );
+    }
+    report.condition = Observed::new(ctype, status, reason, msg.join(". "));
+    report
+}
+
+/// Metadata watch of every object of a kind that only passes on events where `fingerprint`
+/// changed (and deletions), so that busy objects such as pods do not trigger a reconcile on
+/// every status update.
+pub fn changed_meta<K>(
+    client: &kube::Client,
+    (health, name): (&std::sync::Arc<crate::watch::Health>, &'static str),
+    fingerprint: fn(&ObjectMeta) -> u64,
+) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let api: Api<PartialObjectMeta<K>> = Api::all(client.clone());
+    let mut seen: HashMap<(String, String), u64> = HashMap::new();
+    crate::watch::resilient(health.clone(), name, move || {
+        watcher::watcher(api.clone(), watcher::Config::default())
+    })
+    .filter_map(move |ev| {
+        let key = |m: &ObjectMeta| {
+            (
+                m.namespace.clone().unwrap_or_default(),
+                m.name.clone().unwrap_or_default(),
+            )
+        };
+        let out = match ev {
+            Err(e) => Some(Err(e)),
+            Ok(watcher::Event::Delete(o)) => {
+                seen.remove(&key(&o.metadata));
+                Some(Ok(o))
+            }
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                let fp = fingerprint(&o.metadata);
+                if seen.insert(key(&o.metadata), fp) == Some(fp) {
+                    None
+                } else {
+                    Some(Ok(o))
+                }
+            }
+            Ok(_) => None,
+        };
+        futures::future::ready(out)
+    })
+}
+
+/// What matters about a pod: labels, sidecar, being deleted.
+pub fn pod_fingerprint(m: &ObjectMeta) -> u64 {
+    let mut h = DefaultHasher::new();
+    m.labels.hash(&mut h);
+    m.annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(SIDECAR_STATUS))
+        .hash(&mut h);
+    m.deletion_timestamp.is_some().hash(&mut h);
+    h.finish()
+}
+
+/// What matters about a PeerAuthentication: its spec (generation) and labels.
+pub fn peer_auth_fingerprint(m: &ObjectMeta) -> u64 {
+    let mut h = DefaultHasher::new();
+    m.generation.hash(&mut h);
+    m.labels.hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    pub(crate) fn spec(yaml: &str) -> MtlsSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    pub(crate) fn ns(name: &str, labels: &[(&str, &str)]) -> NamespaceInfo {
+        NamespaceInfo {
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    pub(crate) fn pa(ns: &str, name: &str, age: i64, spec_json: Value) -> PeerAuthentication {
+        let mut p = PeerAuthentication::new(name, serde_json::from_value(spec_json).unwrap());
+        p.metadata.namespace = Some(ns.into());
+        p.metadata.creation_timestamp =
+            Some(Time(jiff::Timestamp::from_second(1_000_000 - age).unwrap()));
+        p
+    }
+
+    pub(crate) fn ours(mut p: PeerAuthentication, policy: &str) -> PeerAuthentication {
+        p.metadata.labels = Some(
+            [
+                (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+                (POLICY_LABEL.to_string(), policy.to_string()),
+            ]
+            .into(),
+        );
+        p
+    }
+
+    pub(crate) fn pod(ns: &str, name: &str, injected: bool) -> PodInfo {
+        PodInfo {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: [("app".to_string(), name.to_string())].into(),
+            injected,
+        }
+    }
+
+    pub(crate) fn run(
+        s: &MtlsSpec,
+        nss: &[NamespaceInfo],
+        pas: &[PeerAuthentication],
+        blockers: &[PodInfo],
+    ) -> Plan {
+        plan(&Input {
+            spec: s,
+            policy: "p",
+            owner: None,
+            namespaces: nss,
+            peer_auths: pas,
+            blockers,
+        })
+    }
+
+    pub(crate) fn patch_of(f: &Finding) -> &Value {
+        match &f.fix {
+            Some(Fix::Apply { patch, .. }) => patch,
+            other => panic!("expected an apply, got {other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_ignore_what_does_not_matter() {
+        let mut a = ObjectMeta {
+            labels: Some([("app".to_string(), "x".to_string())].into()),
+            ..Default::default()
+        };
+        let base = pod_fingerprint(&a);
+        a.resource_version = Some("42".into());
+        a.annotations = Some([("other".to_string(), "y".to_string())].into());
+        assert_eq!(pod_fingerprint(&a), base);
+        a.annotations = Some([(SIDECAR_STATUS.to_string(), "{}".to_string())].into());
+        assert_ne!(pod_fingerprint(&a), base);
+    }
+}
