@@ -353,6 +353,23 @@ pub struct MtlsSpec {
     /// Move to STRICT even when pods without a sidecar would lose access.
     #[serde(default)]
     pub force: bool,
+    /// What happens to users' PeerAuthentications that let in more plain text than the scope
+    /// (PERMISSIVE or DISABLE, namespace-wide, per workload or per port) and that no exemption
+    /// covers: `Report` (default) lists them and leaves them alone; `Enforce` raises them to
+    /// the scope's mode, which cuts off their clients that are not pods (load balancers with
+    /// `externalTrafficPolicy: Local`, kubelet probes, VMs, callers outside the cluster).
+    #[serde(default)]
+    pub overrides: MtlsOverrides,
+}
+
+/// Handling of weaker PeerAuthentications written by users.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum MtlsOverrides {
+    /// Report them in status; never rewrite them.
+    #[default]
+    Report,
+    /// Raise their weaker modes to the scope's mode (in Enforce).
+    Enforce,
 }
 
 /// A namespace, workload or port that keeps a weaker mTLS mode.

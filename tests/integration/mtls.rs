@@ -1,10 +1,10 @@
 //! Mutual TLS against a real API server with Istio's CRDs.
 //!
 //! Every test has its own namespaces, and its own root namespace. Tests run in parallel on one
-//! API server, so two rules keep them apart: only `pod_without_sidecar_holds_strict_until_exempted`
-//! creates pods without a sidecar (other tests that declare STRICT set `force: true` or select
-//! only their own namespaces), and the one Mesh-scope Enforce test declares PERMISSIVE, which
-//! leaves the other tests' PERMISSIVE objects alone.
+//! API server, so two rules keep them apart: pods without a sidecar count for every policy
+//! that declares STRICT without `force`, so the tests that create such pods or declare STRICT
+//! without `force` hold [`PLAIN_PODS`]; and weaker overrides of other tests are only reported
+//! (`overrides: Report`, the default) by Mesh-scope policies, never rewritten.
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -15,6 +15,9 @@ use meshwarden::rules::mtls::{PeerAuthentication, exemption_name};
 use serde_json::json;
 
 use crate::common::{self, Env, condition};
+
+/// Held by the tests that create pods without a sidecar or declare STRICT without `force`.
+static PLAIN_PODS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn pas(client: &Client, ns: &str) -> Api<PeerAuthentication> {
     Api::namespaced(client.clone(), ns)
@@ -129,8 +132,10 @@ async fn mesh_scope_is_created_and_drift_is_corrected() {
     assert_eq!(mode(pa).as_deref(), Some("PERMISSIVE"));
     assert_eq!(pa.labels()["app.kubernetes.io/managed-by"], "meshwarden");
     assert_eq!(pa.labels()["meshwarden.io/policy"], env.policy_name("p"));
-    assert_eq!(pa.owner_references()[0].name, env.policy_name("p"));
-    assert_eq!(pa.owner_references()[0].kind, "MeshPolicy");
+    assert!(
+        pa.owner_references().is_empty(),
+        "a PERMISSIVE object is not owned: the garbage collector must not remove it with the policy"
+    );
 
     // Somebody edits the mode: it is restored within seconds.
     api.patch(
@@ -332,7 +337,7 @@ async fn users_default_is_corrected_in_place() {
     env.create_policy(
         "p",
         &format!(
-            "enforcement: Enforce\nmtls: {{mode: STRICT, force: true, scope: Namespaces, namespaceSelector: {{matchLabels: {{team: {team}}}}}}}"
+            "enforcement: Enforce\nmtls: {{mode: STRICT, force: true, overrides: Enforce, scope: Namespaces, namespaceSelector: {{matchLabels: {{team: {team}}}}}}}"
         ),
     )
     .await;
@@ -404,6 +409,7 @@ async fn users_default_is_corrected_in_place() {
 
 #[tokio::test]
 async fn pod_without_sidecar_holds_strict_until_exempted() {
+    let _plain = PLAIN_PODS.lock().await;
     let env = common::env("mtls-hold").await;
     let team = env.id.clone();
     let app = env
@@ -479,23 +485,37 @@ async fn pod_without_sidecar_holds_strict_until_exempted() {
         .unwrap();
     assert_eq!(mode(&exempt).as_deref(), Some("PERMISSIVE"));
 
-    // A new pod without a sidecar elsewhere holds nothing back once a scope is STRICT: an
-    // already-STRICT scope is never weakened.
+    // A new pod without a sidecar elsewhere once a scope is STRICT: the scope is never
+    // weakened, and the pod is reported as cut off, with the exemption to add.
     let stray = env.namespace("stray", &[]).await;
     create_pod(&env.client, &stray, "tool", false).await;
-    wait_reason(&env, "p", "Compliant", 15).await;
+    let p = wait_reason(&env, "p", "ClientsCutOff", 15).await;
+    let c = condition(&p, "MutualTLS").unwrap();
+    assert_eq!(c.status, "False");
+    for needle in [
+        "1 pod(s) without a sidecar cannot connect",
+        &format!("{stray} (1: tool)"),
+        &format!("  exemptions:\n  - namespace: {stray}"),
+    ] {
+        assert!(
+            c.message.contains(needle),
+            "{needle:?} not in {}",
+            c.message
+        );
+    }
+    let v = &p.status.as_ref().unwrap().violations;
+    assert!(
+        v.iter().any(
+            |v| v.object == format!("PeerAuthentication/{app}/meshwarden-mtls")
+                && v.message.contains("is STRICT and stays so")
+        ),
+        "{v:?}"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         mode(&pas(&env.client, &app).get("meshwarden-mtls").await.unwrap()).as_deref(),
         Some("STRICT")
     );
-    let c = condition(
-        &env.wait_policy("p", 5, |p| Some(p.clone())).await,
-        "MutualTLS",
-    )
-    .unwrap()
-    .clone();
-    assert!(c.message.contains("already STRICT"), "{}", c.message);
     // Leave no pod without a sidecar behind for other tests' holds.
     for (ns, name) in [(&legacy, "cron"), (&legacy, "batch"), (&stray, "tool")] {
         Api::<Pod>::namespaced(env.client.clone(), ns)
@@ -629,5 +649,233 @@ async fn converged_mesh_costs_no_write() {
         "three scopes and the exemption were written ({before})"
     );
     println!("converged reconcile checked in {:?}", started.elapsed());
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_auditing_or_dropping_the_policy_never_makes_a_namespace_stricter() {
+    let env = common::env("mtls-delete").await;
+    let team = env.id.clone();
+    let app = env.namespace("app", &[("team", &team)]).await;
+    let legacy = env.namespace("legacy", &[("team", &team)]).await;
+    // The user's own namespace-wide object: meshwarden corrects it in place to STRICT.
+    user_pa(
+        &env.client,
+        &app,
+        "default",
+        json!({"mtls": {"mode": "PERMISSIVE"}}),
+    )
+    .await;
+    let op = env.start_operator().await;
+    let created = env
+        .create_policy(
+            "p",
+            &format!(
+                "enforcement: Enforce\nmtls: {{mode: STRICT, force: true, scope: Namespaces, namespaceSelector: {{matchLabels: {{team: {team}}}}}, exemptions: [{{namespace: {legacy}}}, {{namespace: {app}, selector: {{matchLabels: {{app: pay}}}}, mode: STRICT}}]}}"
+            ),
+        )
+        .await;
+    let uid = created.metadata.uid.clone().unwrap();
+    let p = env
+        .wait_policy("p", 30, |p| {
+            let c = condition(p, "MutualTLS")?;
+            (c.status == "True" && p.status.as_ref()?.compliant == 3).then(|| p.clone())
+        })
+        .await;
+    let spec = p.spec.mtls.clone().unwrap();
+    let legacy_name = exemption_name(&spec.exemptions[0]);
+    let pay_name = exemption_name(&spec.exemptions[1]);
+    assert_eq!(
+        mode(&pas(&env.client, &app).get("default").await.unwrap()).as_deref(),
+        Some("STRICT")
+    );
+    // What the garbage collector would remove with the policy is what carries its
+    // ownerReference: never the exemption that lets legacy's plain-text clients in while the
+    // user's `default` in app stays STRICT.
+    let owned = |pa: &PeerAuthentication| pa.owner_references().iter().any(|o| o.uid == uid);
+    let exempt = pas(&env.client, &legacy).get(&legacy_name).await.unwrap();
+    assert_eq!(mode(&exempt).as_deref(), Some("PERMISSIVE"));
+    assert!(
+        !owned(&exempt),
+        "a PERMISSIVE exemption is not owned by the policy: {:?}",
+        exempt.owner_references()
+    );
+    let pay = pas(&env.client, &app).get(&pay_name).await.unwrap();
+    assert!(
+        owned(&pay),
+        "a STRICT-only object is owned: removing it only weakens"
+    );
+    assert!(!owned(
+        &pas(&env.client, &app).get("default").await.unwrap()
+    ));
+
+    let snapshot = || async {
+        let mut out = Vec::new();
+        for ns in [&app, &legacy] {
+            for pa in pas(&env.client, ns)
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+            {
+                out.push((pa.name_any(), mode(&pa)));
+            }
+        }
+        out.sort();
+        out
+    };
+    let before = snapshot().await;
+    let writes = op.writes();
+
+    // Audit: nothing is written or removed.
+    patch_policy(&env, "p", json!({"spec": {"enforcement": "Audit"}})).await;
+    env.wait_policy("p", 15, |p| {
+        (p.status.as_ref()?.observed_generation == p.metadata.generation).then_some(())
+    })
+    .await;
+    // The mtls section removed: nothing is written or removed either.
+    patch_policy(
+        &env,
+        "p",
+        json!({"spec": {"enforcement": "Enforce", "mtls": null}}),
+    )
+    .await;
+    wait_reason(&env, "p", "NotConfigured", 15).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(snapshot().await, before);
+    assert_eq!(op.writes(), writes, "no write to the mesh");
+
+    // Deleted: no finalizer holds it, and nothing is written on the way out.
+    Api::<MeshPolicy>::all(env.client.clone())
+        .delete(&env.policy_name("p"), &Default::default())
+        .await
+        .unwrap();
+    common::eventually(15, "policy gone", || async {
+        Api::<MeshPolicy>::all(env.client.clone())
+            .get_opt(&env.policy_name("p"))
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(snapshot().await, before);
+    assert_eq!(op.writes(), writes);
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn a_newer_mesh_wide_object_is_reported_and_never_displaces_the_applied_one() {
+    let env = common::env("mtls-newer").await;
+    let root = env.namespace("root", &[]).await;
+    let op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!(
+            "enforcement: Enforce\nmtls: {{mode: STRICT, force: true, rootNamespace: {root}}}"
+        ),
+    )
+    .await;
+    wait_mode(&env.client, &root, "meshwarden-mtls", "STRICT", 30).await;
+    // creationTimestamp has a resolution of one second: the user's object must be newer.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    user_pa(
+        &env.client,
+        &root,
+        "default",
+        json!({"mtls": {"mode": "PERMISSIVE"}}),
+    )
+    .await;
+    let id = format!("PeerAuthentication/{root}/default");
+    let p = env
+        .wait_policy("p", 15, |p| {
+            p.status
+                .as_ref()?
+                .violations
+                .iter()
+                .find(|v| v.object == id)
+                .cloned()
+        })
+        .await;
+    assert!(
+        p.message.contains("Istio uses the oldest, meshwarden-mtls"),
+        "{}",
+        p.message
+    );
+    let c = wait_reason(&env, "p", "CannotCorrect", 15).await;
+    assert!(
+        condition(&c, "MutualTLS").unwrap().message.contains(&id),
+        "the condition names the newer object"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let api = pas(&env.client, &root);
+    assert_eq!(
+        mode(&api.get("meshwarden-mtls").await.unwrap()).as_deref(),
+        Some("STRICT"),
+        "the object Istio applies is kept"
+    );
+    let default = api.get("default").await.unwrap();
+    assert_eq!(mode(&default).as_deref(), Some("PERMISSIVE"));
+    assert!(!managers(&default).contains(&"meshwarden".to_string()));
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn weaker_overrides_are_reported_not_rewritten_unless_enforced() {
+    let env = common::env("mtls-override").await;
+    let team = env.id.clone();
+    let ns = env.namespace("app", &[("team", &team)]).await;
+    user_pa(
+        &env.client,
+        &ns,
+        "api",
+        json!({"selector": {"matchLabels": {"app": "api"}}, "portLevelMtls": {"9000": {"mode": "PERMISSIVE"}}}),
+    )
+    .await;
+    let op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!(
+            "enforcement: Enforce\nmtls: {{mode: STRICT, force: true, scope: Namespaces, namespaceSelector: {{matchLabels: {{team: {team}}}}}}}"
+        ),
+    )
+    .await;
+    let p = wait_reason(&env, "p", "OverridesReported", 30).await;
+    let v = &p.status.as_ref().unwrap().violations;
+    assert!(
+        v.iter()
+            .any(|v| v.object == format!("PeerAuthentication/{ns}/api")
+                && v.message.contains("port 9000 is PERMISSIVE")
+                && v.message.contains("overrides: Enforce")
+                && v.action == "Reported"),
+        "{v:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let api = pas(&env.client, &ns);
+    let port = api.get("api").await.unwrap();
+    assert_eq!(
+        port.spec.port_level_mtls["9000"].mode.as_deref(),
+        Some("PERMISSIVE")
+    );
+    assert!(!managers(&port).contains(&"meshwarden".to_string()));
+    // The scope itself is held as declared.
+    assert_eq!(
+        mode(&api.get("meshwarden-mtls").await.unwrap()).as_deref(),
+        Some("STRICT")
+    );
+
+    // Opting in raises it.
+    patch_policy(
+        &env,
+        "p",
+        json!({"spec": {"mtls": {"overrides": "Enforce"}}}),
+    )
+    .await;
+    common::eventually(15, "port raised", || async {
+        let pa = api.get("api").await.unwrap();
+        (pa.spec.port_level_mtls["9000"].mode.as_deref() == Some("STRICT")).then_some(())
+    })
+    .await;
     op.stop().await;
 }

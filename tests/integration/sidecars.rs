@@ -288,7 +288,9 @@ async fn targets_get_all_four_annotations_and_nothing_else_is_touched() {
     let pods: Api<Pod> = Api::namespaced(c.clone(), &inj);
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "stray-1", "namespace": inj},
+        // Injected (Istio's annotation): a pod without it would count as a plain-text client
+        // for the mTLS tests running alongside.
+        "metadata": {"name": "stray-1", "namespace": inj, "annotations": {"sidecar.istio.io/status": "{}"}},
         "spec": {"containers": [
             {"name": "app", "image": "registry.example/app:1"},
             {"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.30.3",

@@ -61,6 +61,24 @@ pub fn blockers(
 /// The condition text of a STRICT hold: how many pods, where, a few names, and the exact
 /// exemptions to add (or `force`).
 pub fn hold_message(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> String {
+    let (count, places, snippet) = clients_text(blockers, namespaces);
+    format!(
+        "STRICT is held at PERMISSIVE: {count} pod(s) without a sidecar could no longer connect: {places}. To exempt them (they keep PERMISSIVE and lose access to STRICT workloads), add to the policy:\n  exemptions:\n{snippet}\nor set spec.mtls.force: true to move to STRICT anyway"
+    )
+}
+
+/// The condition text of a scope that is STRICT already while pods without a sidecar run:
+/// they are cut off. A STRICT scope is never weakened; the exemption is the decision that
+/// serves their own namespace in plain text again and stops the report.
+pub fn cut_off_message(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> String {
+    let (count, places, snippet) = clients_text(blockers, namespaces);
+    format!(
+        "STRICT is in force and {count} pod(s) without a sidecar cannot connect to STRICT workloads: {places}. Give them a sidecar, or, to let plain-text clients reach their own namespace again and accept that they stay cut off from STRICT workloads, add to the policy:\n  exemptions:\n{snippet}"
+    )
+}
+
+/// How many pods, where (a few names each), and one exemption line per namespace.
+fn clients_text(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> (usize, String, String) {
     let mut by_ns: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for p in blockers {
         by_ns.entry(&p.namespace).or_default().push(&p.name);
@@ -96,12 +114,7 @@ pub fn hold_message(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> Strin
         .keys()
         .map(|ns| format!("  - namespace: {ns}"))
         .collect();
-    format!(
-        "STRICT is held at PERMISSIVE: {} pod(s) without a sidecar could no longer connect: {}. To exempt them (they keep PERMISSIVE and lose access to STRICT workloads), add to the policy:\n  exemptions:\n{}\nor set spec.mtls.force: true to move to STRICT anyway",
-        blockers.len(),
-        parts.join(", "),
-        snippet.join("\n")
-    )
+    (blockers.len(), parts.join(", "), snippet.join("\n"))
 }
 
 #[cfg(test)]

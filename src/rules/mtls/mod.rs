@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::api::{
-    Enforcement, MeshPolicy, MtlsExemption, MtlsMode, MtlsScope, MtlsSpec, Violation,
+    Enforcement, MeshPolicy, MtlsExemption, MtlsMode, MtlsOverrides, MtlsScope, MtlsSpec, Violation,
 };
 use crate::apply::{self, FIELD_MANAGER};
 use crate::conditions::{Observed, Status, types};
@@ -171,7 +171,15 @@ pub struct Finding {
     pub held: bool,
     /// The finding is about a target (a scope or an exemption), for the compliant count.
     pub target: bool,
+    /// The condition reason this finding calls for when it is what remains
+    /// ([`OVERRIDES_REPORTED`], [`CLIENTS_CUT_OFF`]); `None`: the generic ones.
+    pub reason: Option<&'static str>,
 }
+
+/// Reason of weaker user overrides that are reported, not rewritten (`overrides: Report`).
+pub const OVERRIDES_REPORTED: &str = "OverridesReported";
+/// Reason of a STRICT scope that pods without a sidecar cannot reach.
+pub const CLIENTS_CUT_OFF: &str = "ClientsCutOff";
 
 /// Everything the pure planner decided.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -280,7 +288,7 @@ fn takeovers_of(meta: &ObjectMeta, id: &str, path: &[&str], field: &str) -> Vec<
 mod clients;
 mod plan;
 
-pub use clients::{blockers, hold_message};
+pub use clients::{blockers, cut_off_message, hold_message};
 pub use plan::plan;
 
 /// What was read from the cluster.
@@ -427,6 +435,7 @@ pub async fn reconcile(
     let mut takeovers = Vec::new();
     let mut fights = Vec::new();
     let mut unfixable = false;
+    let mut reasons: BTreeSet<&'static str> = BTreeSet::new();
     let mut outstanding_targets = 0;
     for f in &plan.findings {
         let key = format!("{name}:{}", f.object);
@@ -460,7 +469,8 @@ pub async fn reconcile(
         if f.target {
             outstanding_targets += 1;
         }
-        unfixable |= f.fix.is_none() && !f.held;
+        unfixable |= f.fix.is_none() && !f.held && f.reason.is_none();
+        reasons.extend(f.reason);
         let action = if !enforce {
             "Reported"
         } else if f.held {
@@ -528,16 +538,24 @@ pub async fn reconcile(
     if plan.held {
         msg.push(hold_message(&blocking, &obs.namespaces));
     }
+    let cut_off = reasons.contains(CLIENTS_CUT_OFF);
+    if cut_off {
+        msg.push(cut_off_message(&blocking, &obs.namespaces));
+    }
 
     let held = plan.held && enforce;
     let (status, reason) = if !fights.is_empty() {
         (Status::False, "FightDetected")
     } else if held {
         (Status::False, "StrictHeld")
+    } else if cut_off {
+        (Status::False, CLIENTS_CUT_OFF)
     } else if !report.violations.is_empty() && !enforce {
         (Status::False, "NonCompliant")
     } else if !report.violations.is_empty() && unfixable {
         (Status::False, "CannotCorrect")
+    } else if reasons.contains(OVERRIDES_REPORTED) {
+        (Status::False, OVERRIDES_REPORTED)
     } else if !report.violations.is_empty() {
         (Status::False, "NonCompliant")
     } else if report.targets == 0 {

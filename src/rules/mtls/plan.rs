@@ -2,7 +2,30 @@
 
 use super::*;
 
-/// The full object meshwarden owns (labels, owner, spec).
+/// Whether removing an object with this spec can only weaken what Istio enforces: its mode
+/// and every port-level mode are STRICT, so what it falls back to is never stricter.
+fn only_strict(spec: &PeerAuthenticationSpec) -> bool {
+    Strength::parse(spec.mtls.as_ref().and_then(|m| m.mode.as_deref())) == Some(Strength::Strict)
+        && spec
+            .port_level_mtls
+            .values()
+            .all(|m| Strength::parse(m.mode.as_deref()) == Some(Strength::Strict))
+}
+
+/// The ownerReference an object meshwarden creates carries: the policy's, only when the
+/// object is [`only_strict`]. The garbage collector removes owned objects with the policy (in
+/// any order), so an object that lets plain text in (an exemption, a scope held at PERMISSIVE,
+/// a PERMISSIVE scope) is never owned: deleting the policy must never make a namespace
+/// stricter for a client that had access.
+fn owner_for<'o>(
+    owner: Option<&'o OwnerReference>,
+    spec: &PeerAuthenticationSpec,
+) -> Option<&'o OwnerReference> {
+    owner.filter(|_| only_strict(spec))
+}
+
+/// The full object meshwarden owns (labels, owner when [`owner_for`] says so, spec). An
+/// ownerReference meshwarden stops sending is removed by server-side apply.
 fn own_patch(
     ns: &str,
     name: &str,
@@ -10,7 +33,7 @@ fn own_patch(
     owner: Option<&OwnerReference>,
     spec: &PeerAuthenticationSpec,
 ) -> Value {
-    let owner_refs: Vec<Value> = owner
+    let owner_refs: Vec<Value> = owner_for(owner, spec)
         .iter()
         .map(|o| serde_json::to_value(o).unwrap_or(Value::Null))
         .collect();
@@ -41,7 +64,11 @@ fn own_object_matches(
     owner: Option<&OwnerReference>,
     want: &PeerAuthenticationSpec,
 ) -> bool {
-    let owner_ok = owner.is_none_or(|o| pa.owner_references().iter().any(|r| r.uid == o.uid));
+    let has = |o: &OwnerReference| pa.owner_references().iter().any(|r| r.uid == o.uid);
+    let owner_ok = match owner_for(owner, want) {
+        Some(o) => has(o),
+        None => owner.is_none_or(|o| !has(o)),
+    };
     is_ours(&pa.metadata, policy)
         && owner_ok
         && selector_labels(pa)
@@ -86,6 +113,8 @@ struct Planner<'a> {
     desired: BTreeSet<(String, String)>,
     /// (namespace, name) of objects handled as slots (not scanned as overrides).
     handled: BTreeSet<(String, String)>,
+    /// meshwarden's own objects that Istio ignores (an older namespace-wide object exists).
+    shadowed: BTreeSet<(String, String)>,
     hold: bool,
 }
 
@@ -95,19 +124,23 @@ impl Planner<'_> {
     fn slot(&mut self, slot: Slot<'_>) {
         let policy = self.input.policy;
         let ns = slot.namespace;
-        let mut users: Vec<&PeerAuthentication> = in_namespace(self.input.peer_auths, ns)
-            .filter(|p| is_namespace_wide(p) && !is_ours(&p.metadata, policy))
+        // Every namespace-wide object of the namespace, oldest first: Istio applies the oldest.
+        // This policy's own objects of other names are stale (deleted by `stale`).
+        let mine =
+            |p: &PeerAuthentication| is_ours(&p.metadata, policy) && p.name_any() == slot.name;
+        let mut wide: Vec<&PeerAuthentication> = in_namespace(self.input.peer_auths, ns)
+            .filter(|p| is_namespace_wide(p) && (!is_ours(&p.metadata, policy) || mine(p)))
             .collect();
-        users.sort_by_key(|p| {
+        wide.sort_by_key(|p| {
             (
                 p.metadata.creation_timestamp.as_ref().map(|t| t.0),
                 p.name_any(),
             )
         });
         // Never weaken a scope that is already STRICT, hold it at PERMISSIVE otherwise.
+        let hold = self.hold;
         let target_mode = |observed: Option<Strength>| {
-            if self.hold && slot.declared == Strength::Strict && observed != Some(Strength::Strict)
-            {
+            if hold && slot.declared == Strength::Strict && observed != Some(Strength::Strict) {
                 Strength::Permissive
             } else {
                 slot.declared
@@ -120,7 +153,9 @@ impl Planner<'_> {
                 String::new()
             }
         };
-        if let Some(first) = users.first() {
+        let ours_applies = wide.first().is_some_and(|p| mine(p));
+        let first = wide.first().copied().filter(|_| !ours_applies);
+        if let Some(first) = first {
             let name = first.name_any();
             let id = pa_id(ns, &name);
             self.handled.insert((ns.to_string(), name.clone()));
@@ -150,6 +185,7 @@ impl Planner<'_> {
                     }),
                     held: want < slot.declared,
                     target: true,
+                    reason: None,
                 });
             } else if want < slot.declared {
                 self.plan.findings.push(Finding {
@@ -164,23 +200,18 @@ impl Planner<'_> {
                     fix: None,
                     held: true,
                     target: true,
+                    reason: None,
                 });
             } else {
                 self.already_strict(&slot, &id);
             }
-            for other in users.iter().skip(1) {
-                let oname = other.name_any();
-                self.handled.insert((ns.to_string(), oname.clone()));
-                self.plan.findings.push(Finding {
-                    object: pa_id(ns, &oname),
-                    message: format!(
-                        "ignored by Istio: namespace {ns} has several namespace-wide PeerAuthentications and Istio uses the oldest, {name}; delete this one"
-                    ),
-                    fix: None,
-                    held: false,
-                    target: false,
-                });
+            // Our own object, if newer, is ignored by Istio: `stale` deletes it.
+            let others: Vec<&PeerAuthentication> =
+                wide.iter().skip(1).filter(|p| !mine(p)).copied().collect();
+            if let Some(own) = wide.iter().find(|p| mine(p)) {
+                self.shadowed.insert((ns.to_string(), own.name_any()));
             }
+            self.ignored(ns, &name, &others);
             return;
         }
 
@@ -188,6 +219,10 @@ impl Planner<'_> {
         let id = pa_id(ns, &name);
         self.desired.insert((ns.to_string(), name.clone()));
         self.handled.insert((ns.to_string(), name.clone()));
+        if ours_applies {
+            let others: Vec<&PeerAuthentication> = wide.iter().skip(1).copied().collect();
+            self.ignored(ns, &name, &others);
+        }
         let existing = in_namespace(self.input.peer_auths, ns).find(|p| p.name_any() == name);
         let observed = existing.and_then(pa_mode);
         let want = target_mode(observed);
@@ -225,6 +260,7 @@ impl Planner<'_> {
                 }),
                 held: want < slot.declared,
                 target: true,
+                reason: None,
             });
         } else if want >= slot.declared {
             self.already_strict(&slot, &id);
@@ -241,16 +277,46 @@ impl Planner<'_> {
                 fix: None,
                 held: true,
                 target: true,
+                reason: None,
             });
         }
     }
 
-    /// A compliant STRICT scope while pods without a sidecar exist: said, never weakened.
+    /// Newer namespace-wide objects next to the one Istio applies (`applied`): reported as a
+    /// conflict naming them, never written to; the applied one is never deleted for them.
+    fn ignored(&mut self, ns: &str, applied: &str, others: &[&PeerAuthentication]) {
+        for other in others {
+            let oname = other.name_any();
+            self.handled.insert((ns.to_string(), oname.clone()));
+            self.plan.findings.push(Finding {
+                object: pa_id(ns, &oname),
+                message: format!(
+                    "ignored by Istio: namespace {ns} has several namespace-wide PeerAuthentications and Istio uses the oldest, {applied}; delete this one (its mode {} has no effect)",
+                    shown(pa_mode(other))
+                ),
+                fix: None,
+                held: false,
+                target: false,
+                reason: None,
+            });
+        }
+    }
+
+    /// A STRICT scope while pods without a sidecar exist: never weakened, and reported, because
+    /// those pods are cut off from it.
     fn already_strict(&mut self, slot: &Slot<'_>, id: &str) {
         if self.hold && slot.declared == Strength::Strict {
-            self.plan.notes.push(format!(
-                "{id} is already STRICT and stays so although pods without a sidecar cannot reach it"
-            ));
+            self.plan.findings.push(Finding {
+                object: id.to_string(),
+                message: format!(
+                    "{} is STRICT and stays so; pods without a sidecar cannot reach it (see below)",
+                    slot.what
+                ),
+                fix: None,
+                held: false,
+                target: false,
+                reason: Some(CLIENTS_CUT_OFF),
+            });
         }
     }
 
@@ -302,6 +368,7 @@ impl Planner<'_> {
                 }),
                 held: false,
                 target: true,
+                reason: None,
             });
         }
     }
@@ -411,6 +478,20 @@ impl Planner<'_> {
             } else {
                 format!("workload override ({})", label_text(&labels))
             };
+            if self.input.spec.overrides == MtlsOverrides::Report {
+                self.plan.findings.push(Finding {
+                    object: id,
+                    message: format!(
+                        "{what}: {}; reported, not changed (its clients may not be pods: cover it with an exemption, or set mtls.overrides: Enforce to raise it)",
+                        problems.join(", ")
+                    ),
+                    fix: None,
+                    held: false,
+                    target: false,
+                    reason: Some(OVERRIDES_REPORTED),
+                });
+                continue;
+            }
             self.plan.findings.push(Finding {
                 object: id,
                 message: format!("{what}: {}", problems.join(", ")),
@@ -427,6 +508,7 @@ impl Planner<'_> {
                 }),
                 held: false,
                 target: false,
+                reason: None,
             });
         }
     }
@@ -438,7 +520,29 @@ impl Planner<'_> {
         for pa in self.input.peer_auths {
             let ns = pa.namespace().unwrap_or_default();
             let name = pa.name_any();
-            if is_ours(&pa.metadata, policy) && !self.desired.contains(&(ns.clone(), name.clone()))
+            let key = (ns.clone(), name.clone());
+            if !is_ours(&pa.metadata, policy) || self.desired.contains(&key) {
+                continue;
+            }
+            // Removing an object that lets plain text in makes its namespace stricter: not
+            // while pods without a sidecar are counted, unless Istio ignores it anyway.
+            if !only_strict(&pa.spec)
+                && !self.input.blockers.is_empty()
+                && !self.shadowed.contains(&key)
+            {
+                self.plan.findings.push(Finding {
+                    object: pa_id(&ns, &name),
+                    message: format!(
+                        "created by meshwarden but no longer declared; left in place because its mode {} still lets in pods without a sidecar (removing it would make {ns} stricter): delete it once they have a sidecar",
+                        shown(pa_mode(pa))
+                    ),
+                    fix: None,
+                    held: true,
+                    target: false,
+                    reason: None,
+                });
+                continue;
+            }
             {
                 self.plan.findings.push(Finding {
                     object: pa_id(&ns, &name),
@@ -449,6 +553,7 @@ impl Planner<'_> {
                     }),
                     held: false,
                     target: false,
+                    reason: None,
                 });
             }
         }
@@ -501,6 +606,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
         },
         desired: BTreeSet::new(),
         handled: BTreeSet::new(),
+        shadowed: BTreeSet::new(),
         hold,
     };
     let known: BTreeSet<&str> = input.namespaces.iter().map(|n| n.name.as_str()).collect();
@@ -520,6 +626,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
             fix: None,
             held: false,
             target: false,
+            reason: None,
         };
         if !seen.insert(name.clone()) {
             p.plan
@@ -584,6 +691,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
                     fix: None,
                     held: false,
                     target: true,
+                    reason: None,
                 });
             }
             known.clone()
@@ -738,19 +846,19 @@ mod tests {
     }
 
     #[test]
-    fn our_object_is_removed_once_a_user_object_sets_the_namespace_mode() {
+    fn our_newer_object_is_removed_once_an_older_user_object_sets_the_namespace_mode() {
         let s = spec("{mode: STRICT, rootNamespace: root}");
         let nss = [ns("root", &[])];
         let mine = ours(
             pa(
                 "root",
                 "meshwarden-mtls",
-                10,
+                1,
                 json!({"mtls": {"mode": "STRICT"}}),
             ),
             "p",
         );
-        let user = pa("root", "default", 1, json!({"mtls": {"mode": "STRICT"}}));
+        let user = pa("root", "default", 10, json!({"mtls": {"mode": "STRICT"}}));
         let p = run(&s, &nss, &[mine, user], &[]);
         assert_eq!(p.findings.len(), 1, "{:?}", p.findings);
         assert_eq!(
@@ -775,11 +883,14 @@ mod tests {
             "PERMISSIVE"
         );
 
+        // Already STRICT: never weakened, and the pods it cuts off are reported.
         let strict = pa("root", "default", 3, json!({"mtls": {"mode": "STRICT"}}));
         let p = run(&s, &nss, &[strict], &blockers);
-        assert!(p.findings.is_empty(), "{:?}", p.findings);
+        assert_eq!(p.findings.len(), 1, "{:?}", p.findings);
+        assert!(p.findings[0].fix.is_none());
+        assert_eq!(p.findings[0].reason, Some(CLIENTS_CUT_OFF));
+        assert_eq!(p.findings[0].object, "PeerAuthentication/root/default");
         assert!(!p.held);
-        assert!(p.notes[0].contains("already STRICT"));
 
         let mine = ours(
             pa(
@@ -791,8 +902,13 @@ mod tests {
             "p",
         );
         let p = run(&s, &nss, &[mine], &blockers);
-        assert!(p.findings.is_empty(), "{:?}", p.findings);
-        assert!(p.notes[0].contains("root/meshwarden-mtls is already STRICT"));
+        assert_eq!(p.findings.len(), 1, "{:?}", p.findings);
+        assert_eq!(p.findings[0].reason, Some(CLIENTS_CUT_OFF));
+        assert!(
+            p.findings[0]
+                .message
+                .contains("mesh-wide mode is STRICT and stays so")
+        );
 
         let forced = spec("{mode: STRICT, rootNamespace: root, force: true}");
         let p = run(&forced, &nss, &[], &blockers);
@@ -872,7 +988,7 @@ mod tests {
     #[test]
     fn weaker_overrides_are_corrected_unless_exempted() {
         let s = spec(
-            "{mode: STRICT, rootNamespace: root, force: true, exemptions: [{namespace: legacy}, {namespace: shop, selector: {matchLabels: {app: pay}}}]}",
+            "{mode: STRICT, rootNamespace: root, force: true, overrides: Enforce, exemptions: [{namespace: legacy}, {namespace: shop, selector: {matchLabels: {app: pay}}}]}",
         );
         let nss = [
             ns("root", &[]),
@@ -952,7 +1068,7 @@ mod tests {
 
     #[test]
     fn an_apply_to_a_user_object_keeps_every_field_we_own() {
-        let s = spec("{mode: STRICT, rootNamespace: root, force: true}");
+        let s = spec("{mode: STRICT, rootNamespace: root, force: true, overrides: Enforce}");
         let nss = [ns("root", &[]), ns("web", &[])];
         let root = pa("root", "default", 9, json!({"mtls": {"mode": "STRICT"}}));
         let mut api = pa(
@@ -975,7 +1091,7 @@ mod tests {
 
     #[test]
     fn held_scope_does_not_raise_permissive_overrides() {
-        let s = spec("{mode: STRICT, rootNamespace: root}");
+        let s = spec("{mode: STRICT, rootNamespace: root, overrides: Enforce}");
         let nss = [ns("root", &[]), ns("web", &[])];
         let perm = pa("web", "default", 1, json!({"mtls": {"mode": "PERMISSIVE"}}));
         let dis = pa(
@@ -996,5 +1112,188 @@ mod tests {
             .find(|f| f.object == "PeerAuthentication/web/x")
             .unwrap();
         assert_eq!(patch_of(x)["spec"], json!({"mtls": {"mode": "PERMISSIVE"}}));
+    }
+
+    fn run_owned(
+        s: &MtlsSpec,
+        nss: &[NamespaceInfo],
+        pas: &[PeerAuthentication],
+        blockers: &[PodInfo],
+    ) -> Plan {
+        plan(&Input {
+            spec: s,
+            policy: "p",
+            owner: Some(OwnerReference {
+                api_version: "meshwarden.io/v1alpha1".into(),
+                kind: "MeshPolicy".into(),
+                name: "p".into(),
+                uid: "uid-p".into(),
+                ..Default::default()
+            }),
+            namespaces: nss,
+            peer_auths: pas,
+            blockers,
+        })
+    }
+
+    fn owners(f: &Finding) -> usize {
+        patch_of(f)["metadata"]["ownerReferences"]
+            .as_array()
+            .map_or(0, Vec::len)
+    }
+
+    #[test]
+    fn objects_that_let_plain_text_in_are_never_owned_by_the_policy() {
+        // The garbage collector deletes owned objects with the policy: an exemption or a
+        // PERMISSIVE scope removed while the user's `default` stays STRICT would cut clients
+        // off. Only objects whose removal can only weaken the mesh are owned.
+        let s = spec(
+            r#"{mode: STRICT, rootNamespace: root, exemptions: [
+                {namespace: legacy},
+                {namespace: shop, selector: {matchLabels: {app: pay}}, mode: STRICT},
+                {namespace: shop, selector: {matchLabels: {app: api}}, mode: STRICT, ports: [{port: 8080, mode: PERMISSIVE}]}
+            ]}"#,
+        );
+        let nss = [ns("root", &[]), ns("legacy", &[]), ns("shop", &[])];
+        let p = run_owned(&s, &nss, &[], &[]);
+        let find = |id: String| p.findings.iter().find(|f| f.object == id).unwrap();
+        assert_eq!(
+            owners(find("PeerAuthentication/root/meshwarden-mtls".into())),
+            1
+        );
+        let legacy = exemption_name(&s.exemptions[0]);
+        assert_eq!(
+            owners(find(format!("PeerAuthentication/legacy/{legacy}"))),
+            0
+        );
+        let pay = exemption_name(&s.exemptions[1]);
+        assert_eq!(owners(find(format!("PeerAuthentication/shop/{pay}"))), 1);
+        let api = exemption_name(&s.exemptions[2]);
+        assert_eq!(owners(find(format!("PeerAuthentication/shop/{api}"))), 0);
+
+        // Held at PERMISSIVE: not owned; a PERMISSIVE exemption created owned by an older
+        // version loses its ownerReference.
+        let mut old = ours(
+            pa(
+                "legacy",
+                &legacy,
+                5,
+                json!({"mtls": {"mode": "PERMISSIVE"}}),
+            ),
+            "p",
+        );
+        old.metadata.owner_references = Some(vec![OwnerReference {
+            uid: "uid-p".into(),
+            ..Default::default()
+        }]);
+        let p = run_owned(&s, &nss, &[old], &[pod("web", "w", false)]);
+        let root = find_in(&p, "PeerAuthentication/root/meshwarden-mtls");
+        assert!(root.held);
+        assert_eq!(owners(root), 0);
+        assert_eq!(
+            owners(find_in(&p, &format!("PeerAuthentication/legacy/{legacy}"))),
+            0
+        );
+    }
+
+    fn find_in<'p>(p: &'p Plan, id: &str) -> &'p Finding {
+        p.findings
+            .iter()
+            .find(|f| f.object == id)
+            .unwrap_or_else(|| panic!("{id} in {:?}", p.findings))
+    }
+
+    #[test]
+    fn a_newer_mesh_wide_object_never_displaces_the_one_istio_applies() {
+        let s = spec("{mode: STRICT, rootNamespace: root}");
+        let nss = [ns("root", &[])];
+        let mine = ours(
+            pa(
+                "root",
+                "meshwarden-mtls",
+                10,
+                json!({"mtls": {"mode": "STRICT"}}),
+            ),
+            "p",
+        );
+        let newer = pa(
+            "root",
+            "default",
+            1,
+            json!({"mtls": {"mode": "PERMISSIVE"}}),
+        );
+        let p = run(&s, &nss, &[mine, newer], &[]);
+        assert_eq!(p.findings.len(), 1, "{:?}", p.findings);
+        let f = &p.findings[0];
+        assert_eq!(f.object, "PeerAuthentication/root/default");
+        assert!(f.fix.is_none(), "neither deleted nor rewritten: {f:?}");
+        assert!(
+            f.message.contains("Istio uses the oldest, meshwarden-mtls"),
+            "{}",
+            f.message
+        );
+    }
+
+    #[test]
+    fn weaker_overrides_are_reported_by_default_not_rewritten() {
+        let s = spec("{mode: STRICT, rootNamespace: root, force: true}");
+        let nss = [ns("root", &[]), ns("web", &[])];
+        let root = pa("root", "default", 9, json!({"mtls": {"mode": "STRICT"}}));
+        let ns_wide = pa("web", "default", 1, json!({"mtls": {"mode": "PERMISSIVE"}}));
+        let port = pa(
+            "web",
+            "api",
+            1,
+            json!({"selector": {"matchLabels": {"app": "api"}}, "portLevelMtls": {"9000": {"mode": "DISABLE"}}}),
+        );
+        let p = run(&s, &nss, &[root, ns_wide, port], &[]);
+        assert_eq!(p.findings.len(), 2, "{:?}", p.findings);
+        for f in &p.findings {
+            assert!(f.fix.is_none(), "{f:?}");
+            assert_eq!(f.reason, Some(OVERRIDES_REPORTED));
+            assert!(f.message.contains("overrides: Enforce"), "{}", f.message);
+        }
+        assert!(
+            find_in(&p, "PeerAuthentication/web/api")
+                .message
+                .contains("port 9000 is DISABLE")
+        );
+    }
+
+    #[test]
+    fn a_removed_exemption_stays_while_pods_without_sidecar_rely_on_it() {
+        let s = spec("{mode: STRICT, rootNamespace: root}");
+        let nss = [ns("root", &[]), ns("legacy", &[])];
+        let root = pa("root", "default", 9, json!({"mtls": {"mode": "STRICT"}}));
+        let old = ours(
+            pa(
+                "legacy",
+                "meshwarden-exemption-0123456789",
+                5,
+                json!({"mtls": {"mode": "PERMISSIVE"}}),
+            ),
+            "p",
+        );
+        let p = run(
+            &s,
+            &nss,
+            &[root.clone(), old.clone()],
+            &[pod("legacy", "cron", false)],
+        );
+        let f = find_in(
+            &p,
+            "PeerAuthentication/legacy/meshwarden-exemption-0123456789",
+        );
+        assert!(
+            f.fix.is_none() && f.message.contains("left in place"),
+            "{f:?}"
+        );
+        // Without such pods it goes.
+        let p = run(&s, &nss, &[root, old], &[]);
+        let f = find_in(
+            &p,
+            "PeerAuthentication/legacy/meshwarden-exemption-0123456789",
+        );
+        assert!(matches!(f.fix, Some(Fix::Delete { .. })), "{f:?}");
     }
 }
