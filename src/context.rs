@@ -21,6 +21,8 @@ pub struct Context {
     takeovers: Mutex<HashMap<String, Vec<String>>>,
     /// Watched objects of the sidecars section, while the controller runs.
     sidecar_cache: RwLock<Option<crate::rules::sidecars::Cache>>,
+    /// Watched pods of the mTLS section, while the controller runs.
+    mtls_pods: RwLock<Option<crate::rules::mtls::PodCache>>,
 }
 
 impl Context {
@@ -42,6 +44,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             takeovers: Mutex::new(HashMap::new()),
             sidecar_cache: RwLock::new(None),
+            mtls_pods: RwLock::new(None),
         }
     }
 
@@ -53,6 +56,18 @@ impl Context {
     /// Sets (or with `None` drops) the sidecars section's cache.
     pub fn set_sidecar_cache(&self, cache: Option<crate::rules::sidecars::Cache>) {
         if let Ok(mut c) = self.sidecar_cache.write() {
+            *c = cache;
+        }
+    }
+
+    /// The mTLS section's pod cache, if the controller keeps one.
+    pub fn mtls_pods(&self) -> Option<crate::rules::mtls::PodCache> {
+        self.mtls_pods.read().ok().and_then(|c| c.clone())
+    }
+
+    /// Sets (or with `None` drops) the mTLS section's pod cache.
+    pub fn set_mtls_pods(&self, cache: Option<crate::rules::mtls::PodCache>) {
+        if let Ok(mut c) = self.mtls_pods.write() {
             *c = cache;
         }
     }

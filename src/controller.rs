@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{LimitRange, Namespace, Pod, ResourceQuota};
+use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
@@ -468,6 +468,10 @@ pub async fn run(
     let (s1, s2, s3) = (store.clone(), store.clone(), store.clone());
     let (s4, s5, s6) = (store.clone(), store.clone(), store.clone());
     let (s7, s8, s1_pods) = (store.clone(), store.clone(), store.clone());
+    // The mTLS section's pods (metadata of the pods that have not finished, reduced), read by
+    // its reconciles; changes that matter to the STRICT hold trigger every mtls policy.
+    let (mtls_pods, mtls_pod_events) = mtls::PodCache::watch(&client);
+    state.ctx.set_mtls_pods(Some(mtls_pods));
     // Namespace labels, for routing workload events to sidecars sections; namespace changes
     // also reach mtls sections (one watch serves both).
     let (ns_store, ns_stream) = cached::<PartialObjectMeta<Namespace>>(
@@ -531,9 +535,13 @@ pub async fn run(
     // that would wait for them). Polled: a store's readiness future wakes one waiter only.
     let ready_task = {
         let (metrics, cache) = (state.ctx.metrics.clone(), state.ctx.sidecar_cache());
+        let mtls_pods = state.ctx.mtls_pods();
         tokio::spawn(async move {
             loop {
                 let caches = match &cache {
+                    Some(c) => c.ready(Duration::from_millis(100)).await,
+                    None => true,
+                } && match &mtls_pods {
                     Some(c) => c.ready(Duration::from_millis(100)).await,
                     None => true,
                 };
@@ -569,7 +577,7 @@ pub async fn run(
     let t = triggers.clone();
     let (n1, n2, n3) = (ns_store.clone(), ns_store.clone(), ns_store);
     let cache_task = tokio::spawn(async move {
-        let (t1, t2, t3, t4) = (t.clone(), t.clone(), t.clone(), t);
+        let (t1, t2, t3, t4, t5) = (t.clone(), t.clone(), t.clone(), t.clone(), t);
         let namespace_of = |r: &Result<_, watcher::Error>| -> Option<String> {
             r.as_ref()
                 .ok()
@@ -606,6 +614,13 @@ pub async fn run(
             limit_range_events.for_each(|_| async {}),
             quota_events.for_each(|_| async {}),
             pod_events.for_each(|_| async {}),
+            mtls_pod_events.for_each(|r| {
+                match r {
+                    Ok(_) => t5.add(policies_with_mtls(&s1_pods)),
+                    Err(e) => warn!(watch = "Pods (mTLS)", error = %e, "watch failed; retrying with backoff"),
+                }
+                async {}
+            }),
         );
     });
     let running = controller
@@ -633,14 +648,6 @@ pub async fn run(
                 mtls::peer_auth_fingerprint,
             )),
             move |_| policies_with_mtls(&s8),
-        )
-        .watches_stream(
-            isolated(mtls::changed_meta::<Pod>(
-                &client,
-                (&health, "Pods"),
-                mtls::pod_fingerprint,
-            )),
-            move |_| policies_with_mtls(&s1_pods),
         )
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, state.clone())
@@ -672,6 +679,7 @@ pub async fn run(
     resync_task.abort();
     state.ctx.set_sidecar_cache(None);
     health.clear();
+    state.ctx.set_mtls_pods(None);
 }
 
 /// Policies to reconcile, coalesced: however many events name a policy while it waits, it is

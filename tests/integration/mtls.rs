@@ -57,12 +57,23 @@ async fn create_pod(client: &Client, ns: &str, name: &str, injected: bool) {
     if injected {
         annotations.insert("sidecar.istio.io/status".into(), json!("{}"));
     }
-    let pod: Pod = serde_json::from_value(json!({
+    let pod = json!({"metadata": {"labels": {"app": name}, "annotations": annotations}});
+    plain_pod(client, ns, name, pod).await;
+}
+
+/// Creates pod `name` in `ns`; `extra` is merged into it (metadata and spec, one level deep).
+async fn plain_pod(client: &Client, ns: &str, name: &str, extra: serde_json::Value) {
+    let mut pod = json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}, "annotations": annotations},
+        "metadata": {"name": name, "namespace": ns},
         "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
-    }))
-    .unwrap();
+    });
+    for part in ["metadata", "spec"] {
+        if let (Some(to), Some(from)) = (pod[part].as_object_mut(), extra[part].as_object()) {
+            to.extend(from.clone());
+        }
+    }
+    let pod: Pod = serde_json::from_value(pod).unwrap();
     Api::<Pod>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &pod)
         .await
@@ -877,5 +888,99 @@ async fn weaker_overrides_are_reported_not_rewritten_unless_enforced() {
         (pa.spec.port_level_mtls["9000"].mode.as_deref() == Some("STRICT")).then_some(())
     })
     .await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn finished_pods_waypoints_and_gateways_hold_nothing_and_host_network_is_its_own_class() {
+    let _plain = PLAIN_PODS.lock().await;
+    let env = common::env("mtls-classes").await;
+    let team = env.id.clone();
+    let app = env
+        .namespace("app", &[("team", &team), ("istio-injection", "enabled")])
+        .await;
+    let jobs = env.namespace("jobs", &[]).await;
+    let mon = env.namespace("mon", &[]).await;
+    // A Job's pod that finished: it will never send traffic again.
+    plain_pod(
+        &env.client,
+        &jobs,
+        "done",
+        json!({"spec": {"restartPolicy": "Never"}}),
+    )
+    .await;
+    Api::<Pod>::namespaced(env.client.clone(), &jobs)
+        .patch_status(
+            "done",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Succeeded"}})),
+        )
+        .await
+        .unwrap();
+    // A waypoint and a gateway that istiod deployed: no sidecar, but they speak mTLS/HBONE.
+    plain_pod(
+        &env.client,
+        &app,
+        "waypoint",
+        json!({"metadata": {"labels": {"gateway.istio.io/managed": "istio.io-mesh-controller", "istio.io/waypoint-for": "service", "istio.io/dataplane-mode": "none"}}}),
+    )
+    .await;
+    plain_pod(
+        &env.client,
+        &app,
+        "gateway",
+        json!({"metadata": {"labels": {"gateway.istio.io/managed": "istio.io-gateway-controller"}}}),
+    )
+    .await;
+    let op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!(
+            "enforcement: Enforce\nmtls: {{mode: STRICT, scope: Namespaces, namespaceSelector: {{matchLabels: {{team: {team}}}}}}}"
+        ),
+    )
+    .await;
+    wait_mode(&env.client, &app, "meshwarden-mtls", "STRICT", 30).await;
+    wait_reason(&env, "p", "Corrected", 15).await;
+
+    // A pod on the host network appears: cut off, and said to be on the host network.
+    plain_pod(
+        &env.client,
+        &mon,
+        "exporter",
+        json!({"spec": {"hostNetwork": true}}),
+    )
+    .await;
+    let p = wait_reason(&env, "p", "ClientsCutOff", 15).await;
+    let c = condition(&p, "MutualTLS").unwrap();
+    assert!(
+        c.message.contains(&format!(
+            "{mon} (1: exporter; 1 on the host network, which no sidecar can capture)"
+        )),
+        "{}",
+        c.message
+    );
+    for absent in ["done", "waypoint", "gateway"] {
+        assert!(
+            !c.message.contains(absent),
+            "{absent} counted: {}",
+            c.message
+        );
+    }
+    // It goes away: the pod cache sees the deletion, the report ends.
+    Api::<Pod>::namespaced(env.client.clone(), &mon)
+        .delete("exporter", &Default::default())
+        .await
+        .unwrap();
+    env.wait_policy("p", 15, |p| {
+        (condition(p, "MutualTLS")?.status == "True").then_some(())
+    })
+    .await;
+    for (ns, name) in [(&jobs, "done"), (&app, "waypoint"), (&app, "gateway")] {
+        Api::<Pod>::namespaced(env.client.clone(), ns)
+            .delete(name, &Default::default())
+            .await
+            .unwrap();
+    }
     op.stop().await;
 }

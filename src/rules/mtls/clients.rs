@@ -8,12 +8,17 @@ fn is_ambient(labels: &BTreeMap<String, String>) -> Option<bool> {
         .map(|v| v.as_str() == "ambient")
 }
 
-/// Istio's own control plane and node agents: they never call workloads on their ports.
+/// Istio's own control plane and node agents, which never call workloads on their ports, and
+/// the proxies istiod deploys itself, which speak mTLS or HBONE without a sidecar: waypoints
+/// (`gateway.istio.io/managed: istio.io-mesh-controller`, `istio.io/waypoint-for`) and
+/// gateways for Gateway API resources (`gateway.istio.io/managed`).
 fn is_istio_infra(labels: &BTreeMap<String, String>) -> bool {
     matches!(
         labels.get("app").map(String::as_str),
         Some("istiod" | "ztunnel")
     ) || labels.get("k8s-app").map(String::as_str) == Some("istio-cni-node")
+        || labels.contains_key("gateway.istio.io/managed")
+        || labels.contains_key("istio.io/waypoint-for")
 }
 
 fn injection_on(labels: &BTreeMap<String, String>) -> bool {
@@ -77,11 +82,16 @@ pub fn cut_off_message(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> St
     )
 }
 
-/// How many pods, where (a few names each), and one exemption line per namespace.
+/// How many pods, where (a few names each), and one exemption line per namespace. Pods on
+/// the host network are their own class: a sidecar can never capture their traffic.
 fn clients_text(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> (usize, String, String) {
     let mut by_ns: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut host: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for p in blockers {
         by_ns.entry(&p.namespace).or_default().push(&p.name);
+        if p.host_network {
+            host.entry(&p.namespace).or_default().push(&p.name);
+        }
     }
     let injected: BTreeSet<&str> = namespaces
         .iter()
@@ -101,7 +111,12 @@ fn clients_text(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> (usize, S
         if more > 0 {
             s.push_str(&format!(" and {more} more"));
         }
-        if injected.contains(ns) {
+        if let Some(h) = host.get(ns) {
+            s.push_str(&format!(
+                "; {} on the host network, which no sidecar can capture",
+                h.len()
+            ));
+        } else if injected.contains(ns) {
             s.push_str("; injection is on there, so restarting them adds the sidecar");
         }
         s.push(')');
@@ -161,5 +176,42 @@ mod tests {
         assert!(msg.contains("restarting them adds the sidecar"), "{msg}");
         assert!(msg.contains("  exemptions:\n  - namespace: ambient\n  - namespace: injected\n  - namespace: plain"), "{msg}");
         assert!(msg.contains("force: true"), "{msg}");
+    }
+
+    #[test]
+    fn waypoints_and_gateways_istiod_deploys_are_no_blockers_and_host_network_is_its_own_class() {
+        let nss = [ns("app", &[]), ns("monitoring", &[])];
+        let label = |mut p: PodInfo, k: &str, v: &str| {
+            p.labels.insert(k.into(), v.into());
+            p
+        };
+        let waypoint = label(
+            label(
+                pod("app", "waypoint", false),
+                "istio.io/dataplane-mode",
+                "none",
+            ),
+            "gateway.istio.io/managed",
+            "istio.io-mesh-controller",
+        );
+        let waypoint_for = label(pod("app", "wp2", false), "istio.io/waypoint-for", "service");
+        let gateway = label(
+            pod("app", "gw", false),
+            "gateway.istio.io/managed",
+            "istio.io-gateway-controller",
+        );
+        let mut exporter = pod("monitoring", "node-exporter", false);
+        exporter.host_network = true;
+        let pods = [waypoint, waypoint_for, gateway, exporter];
+        let b = blockers(&pods, &nss, &[]);
+        let names: Vec<&str> = b.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, vec!["node-exporter"]);
+        let msg = hold_message(&b, &nss);
+        assert!(
+            msg.contains(
+                "monitoring (1: node-exporter; 1 on the host network, which no sidecar can capture)"
+            ),
+            "{msg}"
+        );
     }
 }

@@ -142,6 +142,8 @@ pub struct PodInfo {
     pub labels: BTreeMap<String, String>,
     /// Carries the `sidecar.istio.io/status` annotation.
     pub injected: bool,
+    /// Runs on the host network: a sidecar can never capture its traffic.
+    pub host_network: bool,
 }
 
 /// What a write does.
@@ -287,9 +289,11 @@ fn takeovers_of(meta: &ObjectMeta, id: &str, path: &[&str], field: &str) -> Vec<
 
 mod clients;
 mod plan;
+mod pods;
 
 pub use clients::{blockers, cut_off_message, hold_message};
 pub use plan::plan;
+pub use pods::{PodCache, only_changes};
 
 /// What was read from the cluster.
 pub struct Observation {
@@ -302,7 +306,11 @@ pub struct Observation {
 const PAGE: u32 = 500;
 
 /// Lists the metadata of every object of a kind, page by page.
-async fn list_meta<K>(api: &Api<K>, what: &str) -> Result<Vec<PartialObjectMeta<K>>>
+async fn list_meta<K>(
+    api: &Api<K>,
+    what: &str,
+    fields: Option<&str>,
+) -> Result<Vec<PartialObjectMeta<K>>>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
 {
@@ -310,6 +318,9 @@ where
     let mut token: Option<String> = None;
     loop {
         let mut lp = ListParams::default().limit(PAGE);
+        if let Some(f) = fields {
+            lp = lp.fields(f);
+        }
         if let Some(t) = &token {
             lp = lp.continue_token(t);
         }
@@ -325,13 +336,43 @@ where
     }
 }
 
-/// Reads namespaces, PeerAuthentications and (when needed) pod metadata.
+/// The pods that have not finished, from the controller's watch cache, or listed (metadata
+/// only, pages of 500) when no cache runs (a caller without the controller) or it is not
+/// ready within 30 s.
+async fn observe_pods(ctx: &Context) -> Result<Vec<PodInfo>> {
+    if let Some(cache) = ctx.mtls_pods()
+        && cache.ready(std::time::Duration::from_secs(30)).await
+    {
+        return Ok(cache.pods());
+    }
+    let api: Api<Pod> = Api::all(ctx.client.clone());
+    let (pods, host) = tokio::try_join!(
+        list_meta(&api, "Pods", Some(pods::NOT_FINISHED)),
+        list_meta(&api, "Pods", Some(pods::HOST_NETWORK)),
+    )?;
+    let host: BTreeSet<(Option<String>, Option<String>)> = host
+        .into_iter()
+        .map(|p| (p.metadata.namespace, p.metadata.name))
+        .collect();
+    Ok(pods
+        .iter()
+        // A pod being deleted is no client worth holding STRICT for.
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| {
+            let mut info = pods::pod_info(&p.metadata);
+            info.host_network =
+                host.contains(&(p.metadata.namespace.clone(), p.metadata.name.clone()));
+            info
+        })
+        .collect())
+}
+
+/// Reads namespaces, PeerAuthentications and (when needed) the pods.
 pub async fn observe(ctx: &Context, need_pods: bool) -> Result<Observation> {
     let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
     let pas: Api<PeerAuthentication> = Api::all(ctx.client.clone());
-    let pods: Api<Pod> = Api::all(ctx.client.clone());
     let (ns, pa, pods) = tokio::try_join!(
-        list_meta(&namespaces, "Namespaces"),
+        list_meta(&namespaces, "Namespaces", None),
         async {
             pas.list(&ListParams::default())
                 .await
@@ -342,7 +383,7 @@ pub async fn observe(ctx: &Context, need_pods: bool) -> Result<Observation> {
         },
         async {
             if need_pods {
-                list_meta(&pods, "Pods").await
+                observe_pods(ctx).await
             } else {
                 Ok(Vec::new())
             }
@@ -357,21 +398,7 @@ pub async fn observe(ctx: &Context, need_pods: bool) -> Result<Observation> {
             })
             .collect(),
         peer_auths: pa,
-        pods: pods
-            .into_iter()
-            // A pod being deleted is no client worth holding STRICT for.
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .map(|p| PodInfo {
-                injected: p
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .is_some_and(|a| a.contains_key(SIDECAR_STATUS)),
-                namespace: p.metadata.namespace.unwrap_or_default(),
-                name: p.metadata.name.unwrap_or_default(),
-                labels: p.metadata.labels.unwrap_or_default(),
-            })
-            .collect(),
+        pods,
     })
 }
 
@@ -589,35 +616,12 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let api: Api<PartialObjectMeta<K>> = Api::all(client.clone());
-    let mut seen: HashMap<(String, String), u64> = HashMap::new();
-    crate::watch::resilient(health.clone(), name, move || {
-        watcher::watcher(api.clone(), watcher::Config::default())
-    })
-    .filter_map(move |ev| {
-        let key = |m: &ObjectMeta| {
-            (
-                m.namespace.clone().unwrap_or_default(),
-                m.name.clone().unwrap_or_default(),
-            )
-        };
-        let out = match ev {
-            Err(e) => Some(Err(e)),
-            Ok(watcher::Event::Delete(o)) => {
-                seen.remove(&key(&o.metadata));
-                Some(Ok(o))
-            }
-            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                let fp = fingerprint(&o.metadata);
-                if seen.insert(key(&o.metadata), fp) == Some(fp) {
-                    None
-                } else {
-                    Some(Ok(o))
-                }
-            }
-            Ok(_) => None,
-        };
-        futures::future::ready(out)
-    })
+    only_changes(
+        crate::watch::resilient(health.clone(), name, move || {
+            watcher::watcher(api.clone(), watcher::Config::default())
+        }),
+        fingerprint,
+    )
 }
 
 /// What matters about a pod: labels, sidecar, being deleted.
@@ -684,6 +688,7 @@ pub(crate) mod testutil {
             name: name.into(),
             labels: [("app".to_string(), name.to_string())].into(),
             injected,
+            host_network: false,
         }
     }
 
