@@ -346,7 +346,9 @@ pub struct MtlsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "label_selector")]
     pub namespace_selector: Option<LabelSelector>,
-    /// Namespaces, workloads or ports that keep a weaker mode.
+    /// Namespaces, workloads or ports that keep a weaker mode. At most 64 entries: an entry
+    /// with `namespaceSelector` covers any number of namespaces, so large clusters select them
+    /// by label instead of listing them (and never need `force`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub exemptions: Vec<MtlsExemption>,
@@ -380,11 +382,22 @@ pub enum MtlsOverrides {
     "message": "exemption ports need a workload selector: Istio applies port-level modes only to selected workloads",
     "fieldPath": ".selector",
     "reason": "FieldValueRequired"
+}, {
+    "rule": "has(self.namespace) != has(self.namespaceSelector)",
+    "message": "set exactly one of namespace and namespaceSelector in each exemption",
+    "fieldPath": ".namespace",
+    "reason": "FieldValueInvalid"
 }]))]
 pub struct MtlsExemption {
-    /// Namespace of the exemption.
+    /// Namespace of the exemption (or `namespaceSelector`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(schema_with = "namespace_name")]
     pub namespace: String,
+    /// Namespaces of the exemption, by label: the exemption applies to each namespace it selects
+    /// (or `namespace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "label_selector")]
+    pub namespace_selector: Option<LabelSelector>,
     /// Workloads of the exemption; the whole namespace when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "label_selector")]

@@ -984,3 +984,54 @@ async fn finished_pods_waypoints_and_gateways_hold_nothing_and_host_network_is_i
     }
     op.stop().await;
 }
+
+#[tokio::test]
+async fn exemptions_select_namespaces_by_label() {
+    let env = common::env("mtls-exsel").await;
+    let team = env.id.clone();
+    let app = env.namespace("app", &[("team", &team)]).await;
+    let old1 = env
+        .namespace("old1", &[("team", &team), ("legacy", &team)])
+        .await;
+    let old2 = env.namespace("old2", &[("legacy", &team)]).await;
+    // Exactly one of namespace and namespaceSelector: the API server says so.
+    let both = Api::<MeshPolicy>::all(env.client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_yaml::from_str(&format!(
+                "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: {team}-bad}}\nspec:\n  mtls: {{mode: STRICT, exemptions: [{{namespace: {app}, namespaceSelector: {{matchLabels: {{legacy: {team}}}}}}}]}}"
+            ))
+            .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        both.to_string()
+            .contains("set exactly one of namespace and namespaceSelector"),
+        "{both}"
+    );
+    let op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!(
+            "enforcement: Enforce\nmtls: {{mode: STRICT, force: true, scope: Namespaces, namespaceSelector: {{matchLabels: {{team: {team}}}}}, exemptions: [{{namespaceSelector: {{matchLabels: {{legacy: {team}}}}}}}]}}"
+        ),
+    )
+    .await;
+    wait_mode(&env.client, &app, "meshwarden-mtls", "STRICT", 30).await;
+    for ns in [&old1, &old2] {
+        let items = common::eventually(15, &format!("exemption in {ns}"), || async {
+            let items = pas(&env.client, ns)
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items;
+            (!items.is_empty()).then_some(items)
+        })
+        .await;
+        assert_eq!(items.len(), 1, "{items:?}");
+        assert!(items[0].name_any().starts_with("meshwarden-exemption-"));
+        assert_eq!(mode(&items[0]).as_deref(), Some("PERMISSIVE"));
+    }
+    op.stop().await;
+}

@@ -292,7 +292,7 @@ mod plan;
 mod pods;
 
 pub use clients::{blockers, cut_off_message, hold_message};
-pub use plan::plan;
+pub use plan::{expand_exemptions, plan};
 pub use pods::{PodCache, only_changes};
 
 /// What was read from the cluster.
@@ -436,6 +436,11 @@ pub async fn reconcile(
         Ok(o) => o,
         Err(e) => return RuleReport::failed(ctype, &e),
     };
+    // Exemptions that select namespaces by label apply to each namespace they select now.
+    let spec = &MtlsSpec {
+        exemptions: expand_exemptions(&spec.exemptions, &obs.namespaces),
+        ..spec.clone()
+    };
     let blocking = blockers(&obs.pods, &obs.namespaces, &spec.exemptions);
     let owner = policy.controller_owner_ref(&()).map(|mut o| {
         o.block_owner_deletion = Some(false);
@@ -541,7 +546,11 @@ pub async fn reconcile(
         msg.push(format!("{} corrected", report.corrected));
     }
     if !plan.exemptions.is_empty() {
-        msg.push(format!("exemptions: {}", plan.exemptions.join("; ")));
+        let mut shown = plan.exemptions[..plan.exemptions.len().min(10)].join("; ");
+        if plan.exemptions.len() > 10 {
+            shown.push_str(&format!(" and {} more", plan.exemptions.len() - 10));
+        }
+        msg.push(format!("exemptions: {shown}"));
     }
     msg.extend(super::takeover_sentence(&takeovers));
     msg.extend(super::fight_sentence(&fights));

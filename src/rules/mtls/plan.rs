@@ -593,6 +593,40 @@ fn describe_exemption(ex: &MtlsExemption) -> String {
     s
 }
 
+/// The exemptions with each `namespaceSelector` entry replaced by one entry per namespace it
+/// selects (same selector, mode and ports), after the entries that name their namespace. A
+/// selected namespace that an earlier entry already exempts the same way is skipped.
+pub fn expand_exemptions(
+    exemptions: &[MtlsExemption],
+    namespaces: &[NamespaceInfo],
+) -> Vec<MtlsExemption> {
+    let mut out: Vec<MtlsExemption> = exemptions
+        .iter()
+        .filter(|e| e.namespace_selector.is_none())
+        .cloned()
+        .collect();
+    let mut names: BTreeSet<String> = out.iter().map(exemption_name).collect();
+    for ex in exemptions {
+        let Some(sel) = &ex.namespace_selector else {
+            continue;
+        };
+        for n in namespaces
+            .iter()
+            .filter(|n| selector::matches(sel, &n.labels))
+        {
+            let one = MtlsExemption {
+                namespace: n.name.clone(),
+                namespace_selector: None,
+                ..ex.clone()
+            };
+            if names.insert(exemption_name(&one)) {
+                out.push(one);
+            }
+        }
+    }
+    out
+}
+
 /// Decides every write and deviation of the `mtls` section (pure).
 pub fn plan(input: &Input<'_>) -> Plan {
     let spec = input.spec;
@@ -1295,5 +1329,40 @@ mod tests {
             "PeerAuthentication/legacy/meshwarden-exemption-0123456789",
         );
         assert!(matches!(f.fix, Some(Fix::Delete { .. })), "{f:?}");
+    }
+
+    #[test]
+    fn namespace_selector_exemptions_expand_to_each_selected_namespace() {
+        let s = spec(
+            r#"{mode: STRICT, rootNamespace: root, exemptions: [
+                {namespace: a},
+                {namespaceSelector: {matchLabels: {legacy: "true"}}},
+                {namespaceSelector: {matchLabels: {legacy: "true"}}, selector: {matchLabels: {app: x}}}
+            ]}"#,
+        );
+        let nss = [
+            ns("root", &[]),
+            ns("a", &[("legacy", "true")]),
+            ns("b", &[("legacy", "true")]),
+            ns("c", &[]),
+        ];
+        let ex = expand_exemptions(&s.exemptions, &nss);
+        let got: Vec<(&str, bool)> = ex
+            .iter()
+            .map(|e| (e.namespace.as_str(), e.selector.is_some()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("a", false), ("b", false), ("a", true), ("b", true)],
+            "a is exempted once; b by the selector"
+        );
+        assert!(ex.iter().all(|e| e.namespace_selector.is_none()));
+        let expanded = MtlsSpec {
+            exemptions: ex,
+            ..s.clone()
+        };
+        let p = run(&expanded, &nss, &[], &[pod("b", "cron", false)]);
+        assert_eq!(p.exemptions.len(), 4, "{:?}", p.exemptions);
+        assert!(blockers(&[pod("b", "cron", false)], &nss, &expanded.exemptions).is_empty());
     }
 }
