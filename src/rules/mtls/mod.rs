@@ -37,6 +37,8 @@ use crate::rules::RuleReport;
 use crate::rules::ha::{MANAGED_BY, POLICY_LABEL};
 use crate::selector;
 
+/// PeerAuthentication writes of one reconcile in flight at once.
+pub const WRITE_CONCURRENCY: usize = 16;
 /// Name of the namespace-wide PeerAuthentication meshwarden creates for a scope.
 pub const SCOPE_OBJECT: &str = "meshwarden-mtls";
 /// Prefix of the PeerAuthentications that render exemptions.
@@ -469,30 +471,66 @@ pub async fn reconcile(
     let mut unfixable = false;
     let mut reasons: BTreeSet<&'static str> = BTreeSet::new();
     let mut outstanding_targets = 0;
-    for f in &plan.findings {
-        let key = format!("{name}:{}", f.object);
-        let now = Instant::now();
-        let mut fighting = false;
-        let mut fixed = false;
-        if enforce && let Some(fix) = &f.fix {
-            if ctx.fight_check(&key, now) {
-                fighting = true;
+    // Which findings are written: all with a fix in Enforce, except objects in a fight.
+    let now = Instant::now();
+    let mut write = vec![false; plan.findings.len()];
+    let mut fighting = vec![false; plan.findings.len()];
+    for (i, f) in plan.findings.iter().enumerate() {
+        if enforce && f.fix.is_some() {
+            if ctx.fight_check(&format!("{name}:{}", f.object), now) {
+                fighting[i] = true;
                 fights.push(f.object.clone());
             } else {
-                if let Err(e) = execute(ctx, fix).await {
-                    let mut failed = RuleReport::failed(ctype, &e);
-                    failed.targets = plan.targets;
-                    return failed;
+                write[i] = true;
+            }
+        }
+    }
+    // Applies first, then deletions (an object that replaces another one exists before the
+    // old one goes), each phase with at most WRITE_CONCURRENCY in flight.
+    for deletes in [false, true] {
+        let batch: Vec<&Fix> = plan
+            .findings
+            .iter()
+            .zip(&write)
+            .filter(|(_, w)| **w)
+            .filter_map(|(f, _)| f.fix.as_ref())
+            .filter(|fix| matches!(fix, Fix::Delete { .. }) == deletes)
+            .collect();
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        let mut pending = batch.into_iter();
+        let mut first_error = None;
+        loop {
+            while in_flight.len() < WRITE_CONCURRENCY {
+                match pending.next() {
+                    Some(fix) => in_flight.push(execute(ctx, fix)),
+                    None => break,
                 }
-                ctx.fight_record(&key, now);
-                fixed = true;
-                report.corrected += 1;
-                report
-                    .corrections
-                    .push(format!("{}: {}", f.object, f.message));
-                if let Fix::Apply { takeovers: t, .. } = fix {
-                    takeovers.extend(t.iter().cloned());
+            }
+            match in_flight.next().await {
+                Some(Err(e)) => {
+                    first_error.get_or_insert(e);
                 }
+                Some(Ok(())) => {}
+                None => break,
+            }
+        }
+        if let Some(e) = first_error {
+            let mut failed = RuleReport::failed(ctype, &e);
+            failed.targets = plan.targets;
+            return failed;
+        }
+    }
+    for (i, f) in plan.findings.iter().enumerate() {
+        let fixed = write[i];
+        let fighting = fighting[i];
+        if let (true, Some(fix)) = (fixed, &f.fix) {
+            ctx.fight_record(&format!("{name}:{}", f.object), now);
+            report.corrected += 1;
+            report
+                .corrections
+                .push(format!("{}: {}", f.object, f.message));
+            if let Fix::Apply { takeovers: t, .. } = fix {
+                takeovers.extend(t.iter().cloned());
             }
         }
         if fixed && !f.held {
