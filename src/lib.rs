@@ -9,6 +9,7 @@ pub mod conditions;
 pub mod context;
 pub mod controller;
 pub mod error;
+pub mod istio;
 pub mod policy;
 pub mod quantity;
 pub mod rules;

@@ -366,14 +366,7 @@ fn is_ambient(ns_labels: &BTreeMap<String, String>) -> bool {
     ns_labels.get("istio.io/dataplane-mode").map(String::as_str) == Some("ambient")
 }
 
-/// Whether injection is on for the whole namespace (Istio's webhook namespace selectors).
-pub fn namespace_injection_on(ns_labels: &BTreeMap<String, String>) -> bool {
-    match ns_labels.get("istio-injection").map(String::as_str) {
-        Some("enabled") => true,
-        Some(_) => false,
-        None => ns_labels.contains_key("istio.io/rev"),
-    }
-}
+pub use crate::istio::namespace_injection_on;
 
 /// Whether the section covers a namespace with these labels: its `namespaceSelector`, or by
 /// default every namespace with injection on. Ambient namespaces are never covered.

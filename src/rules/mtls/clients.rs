@@ -21,11 +21,6 @@ fn is_istio_infra(labels: &BTreeMap<String, String>) -> bool {
         || labels.contains_key("istio.io/waypoint-for")
 }
 
-fn injection_on(labels: &BTreeMap<String, String>) -> bool {
-    labels.get("istio-injection").map(String::as_str) == Some("enabled")
-        || labels.contains_key("istio.io/rev")
-}
-
 /// Pods that could no longer connect to a STRICT scope: no injected sidecar and not in ambient
 /// mode, wherever they run (any of them can be a client of any namespace). Exempted namespaces
 /// and workloads are left out, as are Istio's own infrastructure pods.
@@ -95,7 +90,7 @@ fn clients_text(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> (usize, S
     }
     let injected: BTreeSet<&str> = namespaces
         .iter()
-        .filter(|n| injection_on(&n.labels))
+        .filter(|n| crate::istio::namespace_injection_on(&n.labels))
         .map(|n| n.name.as_str())
         .collect();
     let mut parts = Vec::new();
@@ -213,5 +208,15 @@ mod tests {
             ),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn the_restart_hint_follows_the_injector_disabled_wins_over_a_revision() {
+        let nss = [ns(
+            "off",
+            &[("istio-injection", "disabled"), ("istio.io/rev", "canary")],
+        )];
+        let msg = hold_message(&[pod("off", "a", false)], &nss);
+        assert!(!msg.contains("restarting them adds the sidecar"), "{msg}");
     }
 }
