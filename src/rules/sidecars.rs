@@ -202,7 +202,13 @@ pub fn desired(res: &ResourcesSpec) -> std::result::Result<Desired, String> {
 pub enum Rollout {
     Complete,
     InProgress(String),
+    /// The template is rolled out to every replica, but not every replica is available: the
+    /// tail of a rollout, or pod churn long after one (a node drained, a pod restarting).
+    /// [`classify`] counts it as in progress only shortly after meshwarden's write.
+    Settling(String),
     Stalled(String),
+    /// A paused Deployment: its template changes do not roll out until it is resumed.
+    Paused,
 }
 
 fn annotations_of(meta: Option<&ObjectMeta>) -> BTreeMap<String, String> {
@@ -213,6 +219,9 @@ fn annotations_of(meta: Option<&ObjectMeta>) -> BTreeMap<String, String> {
 /// updated, no old replica is left and every updated replica is available; stalled when the
 /// `Progressing` condition says `ProgressDeadlineExceeded`.
 pub fn deployment_rollout(d: &Deployment) -> Rollout {
+    if d.spec.as_ref().and_then(|s| s.paused) == Some(true) {
+        return Rollout::Paused;
+    }
     let generation = d.metadata.generation.unwrap_or(0);
     let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     let st = d.status.clone().unwrap_or_default();
@@ -240,7 +249,7 @@ pub fn deployment_rollout(d: &Deployment) -> Rollout {
             total - updated
         ))
     } else if available < updated {
-        Rollout::InProgress(format!(
+        Rollout::Settling(format!(
             "{available} of {updated} updated replicas available"
         ))
     } else {
@@ -264,15 +273,15 @@ pub fn statefulset_rollout(s: &StatefulSet) -> Rollout {
     }
     let replicas = spec.replicas.unwrap_or(1);
     let ready = st.ready_replicas.unwrap_or(0);
-    if ready < replicas {
-        return Rollout::InProgress(format!("{ready} of {replicas} replicas ready"));
-    }
     let partition = strategy
         .rolling_update
         .and_then(|r| r.partition)
         .unwrap_or(0);
     let updated = st.updated_replicas.unwrap_or(0);
     if partition > 0 {
+        if ready < replicas {
+            return Rollout::InProgress(format!("{ready} of {replicas} replicas ready"));
+        }
         if updated < replicas - partition {
             return Rollout::InProgress(format!(
                 "{updated} of {} replicas above the partition updated",
@@ -280,7 +289,13 @@ pub fn statefulset_rollout(s: &StatefulSet) -> Rollout {
             ));
         }
     } else if st.update_revision != st.current_revision {
-        return Rollout::InProgress(format!("{updated} of {replicas} replicas updated"));
+        // The controller makes the update revision current only once every replica is
+        // updated and ready: until then the rollout runs.
+        return Rollout::InProgress(format!(
+            "{updated} of {replicas} replicas updated, {ready} ready"
+        ));
+    } else if ready < replicas {
+        return Rollout::Settling(format!("{ready} of {replicas} replicas ready"));
     }
     Rollout::Complete
 }
@@ -304,7 +319,7 @@ pub fn daemonset_rollout(d: &DaemonSet) -> Rollout {
     if updated < want {
         Rollout::InProgress(format!("{updated} of {want} pods updated"))
     } else if available < want {
-        Rollout::InProgress(format!("{available} of {want} pods available"))
+        Rollout::Settling(format!("{available} of {want} pods available"))
     } else {
         Rollout::Complete
     }
@@ -790,6 +805,19 @@ pub fn classify(namespaces: &[NamespaceObservation], now: jiff::Timestamp) -> Cl
                 continue;
             }
             let mut rollout = w.rollout.clone();
+            // Every replica has the template: in progress only while meshwarden's write is
+            // recent (the tail of its rollout); later it is pod churn, never a rollout.
+            if let Rollout::Settling(why) = &rollout {
+                let limit = STALL_BASE_SECS + STALL_PER_POD_SECS * i64::from(w.replicas.max(0));
+                let recent = w
+                    .written_at
+                    .is_some_and(|since| now.as_second() - since.as_second() <= limit);
+                rollout = if recent {
+                    Rollout::InProgress(why.clone())
+                } else {
+                    Rollout::Complete
+                };
+            }
             if w.kind != Kind::Deployment
                 && let Rollout::InProgress(why) = &rollout
                 && let Some(since) = w.written_at
@@ -989,8 +1017,8 @@ pub fn plan(
             let ours = w.template_annotations.contains_key(HASH_ANNOTATION);
             let (rolling, stalled) = match &w.rollout {
                 _ if !ours => (false, None),
-                Rollout::Complete => (false, None),
-                Rollout::InProgress(_) => (true, None),
+                Rollout::Complete | Rollout::Paused => (false, None),
+                Rollout::InProgress(_) | Rollout::Settling(_) => (true, None),
                 Rollout::Stalled(why) => (true, Some(why.clone())),
             };
             Decision {
@@ -1015,6 +1043,12 @@ pub fn plan(
             Action::Reported
         } else if let Some(why) = unfit.get(&w.namespace) {
             Action::Skipped(why.join("; "))
+        } else if w.rollout == Rollout::Paused {
+            // Reported, never written while paused, and it holds no rollout slot.
+            Action::Held(
+                "the Deployment is paused (spec.paused): meshwarden writes it once it is resumed"
+                    .into(),
+            )
         } else if stalled {
             Action::Held("a sidecar rollout stalled; no other starts until it completes".into())
         } else if d.rolling {
@@ -2038,8 +2072,15 @@ mod tests {
         ));
         assert!(matches!(
             deployment_rollout(&deployment(&format!("{base}status: {{observedGeneration: 3, replicas: 2, updatedReplicas: 2, availableReplicas: 1}}"))),
-            Rollout::InProgress(w) if w.contains("available")
+            Rollout::Settling(w) if w.contains("available")
         ));
+        assert_eq!(
+            deployment_rollout(&deployment(
+                &format!("{base}status: {{observedGeneration: 2}}")
+                    .replace("replicas: 2,", "replicas: 2, paused: true,")
+            )),
+            Rollout::Paused
+        );
         assert_eq!(
             deployment_rollout(&deployment(&format!(
                 "{base}status: {{observedGeneration: 3, replicas: 2, updatedReplicas: 2, availableReplicas: 2}}"
@@ -2067,7 +2108,52 @@ mod tests {
             "OnDelete never rolls"
         );
         let d: DaemonSet = serde_yaml::from_str("metadata: {name: d, generation: 2}\nspec: {selector: {}, template: {}}\nstatus: {observedGeneration: 2, desiredNumberScheduled: 3, currentNumberScheduled: 3, numberMisscheduled: 0, numberReady: 3, updatedNumberScheduled: 3, numberAvailable: 2}").unwrap();
-        assert!(matches!(daemonset_rollout(&d), Rollout::InProgress(w) if w.contains("available")));
+        assert!(matches!(daemonset_rollout(&d), Rollout::Settling(w) if w.contains("available")));
+        // Rolled out (current = update revision) with a replica not ready later: pod churn.
+        let s: StatefulSet = serde_yaml::from_str("metadata: {name: s, generation: 2}\nspec: {replicas: 3, selector: {}, serviceName: s, template: {}}\nstatus: {observedGeneration: 2, replicas: 3, readyReplicas: 2, updatedReplicas: 3, currentRevision: r2, updateRevision: r2}").unwrap();
+        assert!(matches!(statefulset_rollout(&s), Rollout::Settling(_)));
+    }
+
+    #[test]
+    fn churn_long_after_meshwarden_wrote_is_no_rollout_and_paused_holds_no_slot() {
+        let ours = [(HASH_ANNOTATION, "h")];
+        let now = jiff::Timestamp::from_second(1_000_000).unwrap();
+        let mut churn = workload("a", &ours, Rollout::Settling("2 of 3 ready".into()));
+        let f = Arc::make_mut(&mut churn.facts);
+        f.kind = Kind::StatefulSet;
+        f.replicas = 3;
+        f.written_at = Some(jiff::Timestamp::from_second(1_000_000 - 86_400).unwrap());
+        let mut recent = churn.clone();
+        Arc::make_mut(&mut recent.facts).written_at =
+            Some(jiff::Timestamp::from_second(1_000_000 - 30).unwrap());
+        let ns = |w: &Workload| NamespaceObservation {
+            name: "n".into(),
+            labels: [("istio-injection".to_string(), "enabled".to_string())].into(),
+            workloads: vec![w.facts.clone()],
+            ..Default::default()
+        };
+        assert_eq!(
+            classify(&[ns(&churn)], now).targets[0].rollout,
+            Rollout::Complete
+        );
+        assert!(matches!(
+            classify(&[ns(&recent)], now).targets[0].rollout,
+            Rollout::InProgress(_)
+        ));
+
+        // Pacing 1: a paused Deployment is held and reported, and the other one gets the slot.
+        let d = full();
+        let targets = [
+            workload("a", &[], Rollout::Paused),
+            workload("b", &[], Rollout::Complete),
+        ];
+        let p = plan(&d, &targets, &BTreeMap::new(), Some(1), true);
+        assert!(
+            matches!(&p[0].action, Action::Held(why) if why.contains("paused")),
+            "{:?}",
+            p[0]
+        );
+        assert_eq!(p[1].action, Action::Apply);
     }
 
     #[test]

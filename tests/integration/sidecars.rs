@@ -682,3 +682,46 @@ async fn workloads_of_the_ha_rule_are_left_alone() {
     );
     op.stop().await;
 }
+
+/// maxConcurrentRollouts 1: a paused Deployment is reported and written only once resumed; it
+/// never takes the rollout slot from the others.
+#[tokio::test]
+async fn a_paused_deployment_is_reported_and_holds_no_slot() {
+    let env = common::env("sc-paused").await;
+    let c = &env.client;
+    let ns = ns(&env, "apps", &[("istio-injection", "enabled")]).await;
+    deployment(c, &ns, "a", 1).await;
+    deployment(c, &ns, "b", 1).await;
+    let api: Api<Deployment> = Api::namespaced(c.clone(), &ns);
+    api.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"paused": true}})),
+    )
+    .await
+    .unwrap();
+    let op = env.start_operator().await;
+    env.create_policy("p", &policy_spec(&env, "Enforce", 1))
+        .await;
+    common::eventually(30, "b written", || async {
+        has_four(&annotations_of(c, &ns, "b").await).then_some(())
+    })
+    .await;
+    let p = env
+        .wait_policy("p", 15, |p| {
+            p.status
+                .as_ref()?
+                .violations
+                .iter()
+                .find(|v| v.object == format!("Deployment/{ns}/a"))
+                .cloned()
+        })
+        .await;
+    assert_eq!(p.action, "Held", "{p:?}");
+    assert!(p.message.contains("paused"), "{}", p.message);
+    assert!(
+        !has_four(&annotations_of(c, &ns, "a").await),
+        "a paused Deployment is not written"
+    );
+    op.stop().await;
+}
