@@ -1162,7 +1162,13 @@ pub struct Cache {
     /// as carrying the written annotations, so a reconcile that runs before the watch catches
     /// up neither writes it again nor hands its rollout slot to another workload.
     written: Arc<Mutex<Written>>,
+    /// Workloads whose last write failed, and when: they take a rollout slot only after the
+    /// others, so a write that keeps failing never holds the pacing.
+    failed: Arc<Mutex<Failed>>,
 }
+
+/// Workloads whose last write failed: (kind, namespace, name) -> when.
+type Failed = HashMap<(Kind, String, String), Instant>;
 
 /// Written workloads: (kind, namespace, name) -> (generation the write produced, when).
 type Written = HashMap<(Kind, String, String), (i64, Instant)>;
@@ -1190,6 +1196,26 @@ impl Cache {
             quotas,
             pods,
             written: Arc::new(Mutex::new(HashMap::new())),
+            failed: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Whether the last write of `w` failed less than [`WRITTEN_TTL`] ago.
+    fn failed_recently(&self, w: &Workload) -> bool {
+        let key = (w.kind, w.namespace.clone(), w.name.clone());
+        self.failed
+            .lock()
+            .is_ok_and(|m| m.get(&key).is_some_and(|t| t.elapsed() < WRITTEN_TTL))
+    }
+
+    fn record_write_result(&self, w: &Workload, ok: bool) {
+        if let Ok(mut m) = self.failed.lock() {
+            let key = (w.kind, w.namespace.clone(), w.name.clone());
+            if ok {
+                m.remove(&key);
+            } else {
+                m.insert(key, Instant::now());
+            }
         }
     }
 
@@ -1479,7 +1505,11 @@ pub async fn reconcile_with_stats(
             Err(e) => return (RuleReport::failed(ctype, &e), stats),
         },
     };
-    let classified = classify(&namespaces, jiff::Timestamp::now());
+    let mut classified = classify(&namespaces, jiff::Timestamp::now());
+    // Targets whose last write failed queue behind the others for rollout slots.
+    if let Some(c) = &cache {
+        classified.targets.sort_by_key(|w| c.failed_recently(w));
+    }
     let enforce = enforcement == Enforcement::Enforce;
     let targets = &classified.targets;
 
@@ -1586,10 +1616,24 @@ pub async fn reconcile_with_stats(
     done.sort_by_key(|(i, _)| *i);
     let results = done.into_iter().map(|(_, r)| r);
     let mut first_error = None;
+    let mut failed_writes = 0;
     for ((w, d, key, devs), result) in to_write.iter().zip(results) {
+        if let Some(c) = &cache {
+            c.record_write_result(w, result.is_ok());
+        }
         let generation = match result {
             Ok(g) => g,
             Err(e) => {
+                // Reported on its own; the others' writes and slots are not held up by it.
+                failed_writes += 1;
+                report.violations.push(Violation {
+                    rule: ctype.into(),
+                    object: w.id(),
+                    message: format!(
+                        "{devs}; the write failed: {e}; retried at the next reconcile, after the other targets"
+                    ),
+                    action: "Skipped".into(),
+                });
                 first_error.get_or_insert(e);
                 continue;
             }
@@ -1615,8 +1659,12 @@ pub async fn reconcile_with_stats(
             started.push(id.clone());
         }
     }
-    if let Some(e) = first_error {
-        let mut failed = RuleReport::failed(ctype, &e);
+    // Every write failed: most likely not about one workload (permissions, the API server).
+    if let Some(e) = first_error
+        .as_ref()
+        .filter(|_| failed_writes == to_write.len())
+    {
+        let mut failed = RuleReport::failed(ctype, e);
         failed.targets = report.targets;
         return (failed, stats);
     }
@@ -1717,8 +1765,15 @@ pub async fn reconcile_with_stats(
     }
 
     let audit_deviations = decisions.iter().any(|d| d.action == Action::Reported);
+    if let Some(e) = &first_error {
+        msg.push(format!(
+            "{failed_writes} write(s) failed (first: {e}); those targets are retried after the others"
+        ));
+    }
     let (status, reason) = if !stalled.is_empty() {
         (Status::False, "RolloutStalled")
+    } else if first_error.is_some() {
+        (Status::False, "WriteFailed")
     } else if !unfit.is_empty() {
         (Status::False, "QuotaConflict")
     } else if !fights.is_empty() {

@@ -725,3 +725,82 @@ async fn a_paused_deployment_is_reported_and_holds_no_slot() {
     );
     op.stop().await;
 }
+
+/// maxConcurrentRollouts 1: a workload whose write is rejected (here by a
+/// ValidatingAdmissionPolicy, as a policy engine would) is reported and queues behind the
+/// others instead of taking the only slot on every pass.
+#[tokio::test]
+async fn a_failing_write_does_not_take_the_slot_from_the_others() {
+    let env = common::env("sc-fail").await;
+    let c = &env.client;
+    let ns = ns(&env, "apps", &[("istio-injection", "enabled")]).await;
+    deployment(c, &ns, "a", 1).await;
+    deployment(c, &ns, "b", 1).await;
+    let name = format!("{}-deny-a", env.id);
+    let policy = format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {name}}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - apiGroups: [apps]
+      apiVersions: [v1]
+      operations: [UPDATE]
+      resources: [deployments]
+  validations:
+  - expression: "object.metadata.name != 'a' || request.userInfo.username != 'meshwarden-operator'"
+    message: "deployment a is frozen"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {name}}}
+spec:
+  policyName: {name}
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector: {{matchLabels: {{meshwarden-test: {id}}}}}
+"#,
+        id = env.id
+    );
+    testplane::apply_yaml(c, &policy, &[])
+        .await
+        .expect("admission policy");
+    // The binding takes effect asynchronously: wait until a write as the operator is denied.
+    let op_client = testplane::shared().operator_client().await;
+    common::eventually(30, "the admission policy denies writes to a", || async {
+        let r = Api::<Deployment>::namespaced(op_client.clone(), &ns)
+            .patch(
+                "a",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"metadata": {"labels": {"probe": "1"}}})),
+            )
+            .await;
+        r.is_err().then_some(())
+    })
+    .await;
+    let op = env.start_operator().await;
+    env.create_policy("p", &policy_spec(&env, "Enforce", 1))
+        .await;
+    common::eventually(30, "b written although a's write fails", || async {
+        has_four(&annotations_of(c, &ns, "b").await).then_some(())
+    })
+    .await;
+    assert!(!has_four(&annotations_of(c, &ns, "a").await));
+    op.stop().await;
+    for kind in [
+        "validatingadmissionpolicybindings",
+        "validatingadmissionpolicies",
+    ] {
+        let ar = kube::core::ApiResource {
+            group: "admissionregistration.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "admissionregistration.k8s.io/v1".into(),
+            kind: String::new(),
+            plural: kind.into(),
+        };
+        let api: Api<kube::api::DynamicObject> = Api::all_with(c.clone(), &ar);
+        let _ = api.delete(&name, &Default::default()).await;
+    }
+}
