@@ -121,12 +121,26 @@ impl PodCache {
         )
     }
 
-    /// Waits up to `limit` for both initial lists.
+    /// Waits up to `limit` for both initial lists. A store's readiness future wakes only the
+    /// waiter that polled it last, so with several waiters (reconciles of several policies,
+    /// the readiness probe) each one re-polls every 50 ms.
     pub async fn ready(&self, limit: Duration) -> bool {
-        let both = async {
-            self.pods.wait_until_ready().await.is_ok() && self.host.wait_until_ready().await.is_ok()
-        };
-        tokio::time::timeout(limit, both).await.unwrap_or(false)
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let both = async {
+                self.pods.wait_until_ready().await.is_ok()
+                    && self.host.wait_until_ready().await.is_ok()
+            };
+            let step = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(Duration::from_millis(50));
+            if let Ok(ready) = tokio::time::timeout(step, both).await {
+                return ready;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+        }
     }
 
     /// Every pod that has not finished and is not being deleted.
