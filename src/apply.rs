@@ -272,26 +272,53 @@ where
     }
 }
 
-/// Managers other than meshwarden that own the field at `path` (keys as they appear in
-/// `managedFields`, e.g. `["f:spec", "f:minReplicas"]`) or anything below it.
+/// `managedFields` entries of managers other than meshwarden that own the field at `path`
+/// (keys as they appear in `managedFields`, e.g. `["f:spec", "f:minReplicas"]`) or anything
+/// below it.
+fn foreign_entries<'a>(
+    meta: &'a ObjectMeta,
+    path: &'a [&'a str],
+) -> impl Iterator<Item = (&'a str, &'a ManagedFieldsEntry)> + 'a {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .filter_map(move |entry| {
+            let manager = entry.manager.as_deref()?;
+            if manager == FIELD_MANAGER {
+                return None;
+            }
+            let mut node = Some(&entry.fields_v1.as_ref()?.0);
+            for key in path {
+                node = node.and_then(|n| n.get(*key));
+            }
+            node.map(|_| (manager, entry))
+        })
+}
+
+/// Managers other than meshwarden that own the field at `path` or anything below it.
 pub fn foreign_managers(meta: &ObjectMeta, path: &[&str]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for entry in meta.managed_fields.iter().flatten() {
-        let Some(manager) = entry.manager.as_deref() else {
-            continue;
-        };
-        if manager == FIELD_MANAGER {
-            continue;
-        }
-        let Some(fields) = entry.fields_v1.as_ref() else {
-            continue;
-        };
-        let mut node = Some(&fields.0);
-        for key in path {
-            node = node.and_then(|n| n.get(*key));
-        }
-        if node.is_some() && !out.iter().any(|m| m == manager) {
+    for (manager, _) in foreign_entries(meta, path) {
+        if !out.iter().any(|m| m == manager) {
             out.push(manager.to_string());
+        }
+    }
+    out
+}
+
+/// The last writes of the managers [`foreign_managers`] names, one per `managedFields` entry:
+/// `manager operation time`. An entry's time changes whenever its manager writes one of its
+/// fields again, so the same text means the same write (to the second).
+pub fn foreign_writes(meta: &ObjectMeta, path: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (manager, e) in foreign_entries(meta, path) {
+        let write = format!(
+            "{manager} {} {}",
+            e.operation.as_deref().unwrap_or_default(),
+            e.time.as_ref().map(|t| t.0.to_string()).unwrap_or_default()
+        );
+        if !out.contains(&write) {
+            out.push(write);
         }
     }
     out
@@ -304,9 +331,14 @@ pub struct FightTracker {
     window: Duration,
     limit: usize,
     seen: HashMap<String, VecDeque<Instant>>,
-    /// Keys meshwarden has set (see [`FightTracker::correct`]).
-    set: HashMap<String, Instant>,
+    /// Keys meshwarden has set, with the foreign writes already seen on each (see
+    /// [`FightTracker::correct`]).
+    set: HashMap<String, VecDeque<String>>,
 }
+
+/// Foreign writes remembered per key: enough to recognise a write seen again on a later
+/// reconcile, bounded however long a fight lasts.
+const WRITES_REMEMBERED: usize = 16;
 
 impl Default for FightTracker {
     fn default() -> Self {
@@ -342,14 +374,28 @@ impl FightTracker {
         self.prune(key, now) >= self.limit
     }
 
-    /// Records that meshwarden set the field `key`. It counts toward a fight only when
-    /// meshwarden had set it before and `by_other` says another manager owns the deviating value
-    /// now: after meshwarden's forced apply no other manager owned the field, so that manager
-    /// wrote it since. meshwarden's own first correction, a re-created object and a field nobody
-    /// else owns never count.
-    pub fn correct(&mut self, key: &str, now: Instant, by_other: bool) {
-        let set_before = self.set.insert(key.to_string(), now).is_some();
-        if set_before && by_other {
+    /// Records that meshwarden set the field `key`, which other managers own through `writes`
+    /// (see [`foreign_writes`]). It counts toward a fight once per write meshwarden has not seen
+    /// on `key` before, and only when meshwarden had set the field before: after meshwarden's
+    /// forced apply no other manager owned the field, so a new write by another manager is a
+    /// revert. meshwarden's own first correction (taking over an installer's value), a
+    /// re-created object, a field nobody else owns, a write that was already counted (the same
+    /// object read again before meshwarden's correction shows) and a write that only still owns
+    /// a sibling field meshwarden never took never count.
+    pub fn correct(&mut self, key: &str, now: Instant, writes: &[String]) {
+        let set_before = self.set.contains_key(key);
+        let known = self.set.entry(key.to_string()).or_default();
+        let mut new = false;
+        for w in writes {
+            if !known.contains(w) {
+                new = true;
+                known.push_back(w.clone());
+                if known.len() > WRITES_REMEMBERED {
+                    known.pop_front();
+                }
+            }
+        }
+        if set_before && new {
             self.record(key, now);
         }
     }
@@ -512,18 +558,50 @@ mod tests {
     }
 
     #[test]
+    fn one_foreign_write_is_one_revert_however_often_it_is_seen() {
+        let mut f = FightTracker::new(Duration::from_secs(600), 2);
+        let t0 = Instant::now();
+        let install = ["helm Update 2026-01-01T00:00:00Z".to_string()];
+        let upgrade = ["helm Update 2026-01-01T00:05:00Z".to_string()];
+        // meshwarden takes the field over from the install, then the policy is edited twice:
+        // Helm still owns a sibling field from its install, which is no new write.
+        f.correct("d/resources", t0, &install);
+        f.correct("d/resources", t0, &install);
+        f.correct("d/resources", t0, &install);
+        assert!(
+            !f.is_fight("d/resources", t0),
+            "policy edits are no reverts"
+        );
+        // One upgrade, seen on several reconciles before the correction lands.
+        f.correct("d/resources", t0, &upgrade);
+        f.correct("d/resources", t0, &upgrade);
+        f.correct("d/resources", t0, &upgrade);
+        assert!(!f.is_fight("d/resources", t0), "one upgrade is one revert");
+        f.correct(
+            "d/resources",
+            t0,
+            &["helm Update 2026-01-01T00:06:00Z".to_string()],
+        );
+        assert!(
+            f.is_fight("d/resources", t0),
+            "a second write reverts again"
+        );
+    }
+
+    #[test]
     fn only_reverts_by_another_manager_count() {
         let mut f = FightTracker::new(Duration::from_secs(60), 2);
         let t0 = Instant::now();
         // First correction (taking over Helm's value) and corrections of values nobody else
         // owns are no reverts.
-        f.correct("hpa/min", t0, true);
-        f.correct("hpa/min", t0, false);
-        f.correct("hpa/min", t0, false);
+        let helm = |t: &str| vec![format!("helm Update {t}")];
+        f.correct("hpa/min", t0, &helm("1"));
+        f.correct("hpa/min", t0, &[]);
+        f.correct("hpa/min", t0, &[]);
         assert!(!f.is_fight("hpa/min", t0));
-        f.correct("hpa/min", t0, true);
+        f.correct("hpa/min", t0, &helm("2"));
         assert!(!f.is_fight("hpa/min", t0), "one revert is no fight");
-        f.correct("hpa/min", t0, true);
+        f.correct("hpa/min", t0, &helm("3"));
         assert!(f.is_fight("hpa/min", t0));
         assert!(!f.is_fight("pdb/spec", t0), "per field");
     }

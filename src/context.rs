@@ -79,11 +79,11 @@ impl Context {
         }
     }
 
-    /// Records that meshwarden set the field `key`, a revert when `by_other` (see
-    /// [`FightTracker::correct`]).
-    pub fn fight_correct(&self, key: &str, now: Instant, by_other: bool) {
+    /// Records that meshwarden set the field `key`, which other managers own through `writes`
+    /// (see [`FightTracker::correct`]).
+    pub fn fight_correct(&self, key: &str, now: Instant, writes: &[String]) {
         if let Ok(mut f) = self.fights.lock() {
-            f.correct(key, now, by_other);
+            f.correct(key, now, writes);
         }
     }
 

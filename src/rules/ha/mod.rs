@@ -75,6 +75,8 @@ pub struct Finding {
     /// Managers other than meshwarden that own the deviating field now (from `managedFields`):
     /// when meshwarden set the field before, they reverted it.
     pub changed_by: Vec<String>,
+    /// Their last writes of it (see [`apply::foreign_writes`]): a revert counts once per write.
+    pub writes: Vec<String>,
 }
 
 /// What to do to a PodDisruptionBudget.
@@ -373,7 +375,7 @@ pub async fn reconcile(
                     .filter(|f| f.fixable && !fighting(f) && failure_of(f).is_none())
                     .collect();
                 for f in &fixed {
-                    ctx.fight_correct(&fight_key(f), now, !f.changed_by.is_empty());
+                    ctx.fight_correct(&fight_key(f), now, &f.writes);
                 }
                 if !fixed.is_empty() {
                     report.corrected += 1;
