@@ -79,11 +79,16 @@ impl Context {
         }
     }
 
-    /// Records that meshwarden set the field `key`, which other managers own through `writes`
-    /// (see [`FightTracker::correct`]).
-    pub fn fight_correct(&self, key: &str, now: Instant, writes: &[String]) {
+    /// Records that meshwarden set the field `key` (see [`FightTracker::correct`]).
+    pub fn fight_correct(
+        &self,
+        key: &str,
+        now: Instant,
+        seen: &crate::apply::ForeignWrites,
+        after: &crate::apply::ForeignWrites,
+    ) {
         if let Ok(mut f) = self.fights.lock() {
-            f.correct(key, now, writes);
+            f.correct(key, now, seen, after);
         }
     }
 

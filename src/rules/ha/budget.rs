@@ -64,7 +64,7 @@ pub(super) fn plan_budget(
             fixable,
             blocks_drain: true,
             changed_by: Vec::new(),
-            writes: Vec::new(),
+            owned: Vec::new(),
         });
         if fixable && let Some(b) = own.first() {
             p.pdb = Some(PdbAction::Delete { name: b.name_any() });
@@ -92,7 +92,7 @@ pub(super) fn plan_budget(
                     fixable: false,
                     blocks_drain: true,
                     changed_by: Vec::new(),
-                    writes: Vec::new(),
+                    owned: Vec::new(),
                 });
             }
         }
@@ -124,7 +124,7 @@ pub(super) fn plan_budget(
             fixable: false,
             blocks_drain: true,
             changed_by: Vec::new(),
-            writes: Vec::new(),
+            owned: Vec::new(),
         });
         return;
     }
@@ -139,7 +139,7 @@ pub(super) fn plan_budget(
                 fixable: true,
                 blocks_drain: false,
                 changed_by: Vec::new(),
-                writes: Vec::new(),
+                owned: Vec::new(),
             });
             let owner = policy.controller_owner_ref(&()).map(|mut o| {
                 o.controller = Some(false);
@@ -210,12 +210,10 @@ pub(super) fn plan_budget(
                         }
                         acc
                     });
-            let mut writes = apply::foreign_writes(&b.metadata, &["f:spec", "f:minAvailable"]);
-            for w in apply::foreign_writes(&b.metadata, &["f:spec", "f:maxUnavailable"]) {
-                if !writes.contains(&w) {
-                    writes.push(w);
-                }
-            }
+            let owned = vec![
+                vec!["f:spec".to_string(), "f:minAvailable".to_string()],
+                vec!["f:spec".to_string(), "f:maxUnavailable".to_string()],
+            ];
             let Some((min, max)) = target else {
                 // Not expressible in the kept form: report, leave the PDB alone.
                 let form = kept_form.unwrap_or(declared_form);
@@ -235,7 +233,7 @@ pub(super) fn plan_budget(
                     fixable: false,
                     blocks_drain: allows < 1,
                     changed_by: owners,
-                    writes: writes.clone(),
+                    owned: owned.clone(),
                 });
                 return;
             };
@@ -273,7 +271,7 @@ pub(super) fn plan_budget(
                 fixable: true,
                 blocks_drain: allows < 1,
                 changed_by: owners,
-                writes,
+                owned,
             });
             for (f, owners) in [
                 ("minAvailable", &min_owners),

@@ -100,7 +100,7 @@ mod tests {
             fixable: true,
             blocks_drain: false,
             changed_by: vec!["kubectl-edit".into()],
-            writes: Vec::new(),
+            owned: Vec::new(),
         }
     }
 

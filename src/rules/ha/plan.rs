@@ -76,7 +76,7 @@ fn note_owners(p: &mut Plan, meta: &ObjectMeta, path: &[&str], field: String) {
     let owners = apply::foreign_managers(meta, path);
     if let Some(f) = p.findings.last_mut() {
         f.changed_by = owners.clone();
-        f.writes = apply::foreign_writes(meta, path);
+        f.owned = owned(path);
     }
     for m in owners {
         p.takeovers.push((field.clone(), m));
@@ -90,6 +90,10 @@ const SPREAD: &[&str] = &[
     "f:spec",
     "f:topologySpreadConstraints",
 ];
+
+pub(super) fn owned(path: &[&str]) -> Vec<Vec<String>> {
+    vec![path.iter().map(|k| k.to_string()).collect()]
+}
 
 fn spread_term(selector: &Value) -> Value {
     json!({"labelSelector": selector, "topologyKey": HOSTNAME})
@@ -125,7 +129,7 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
             fixable: false,
             blocks_drain: false,
             changed_by: Vec::new(),
-            writes: Vec::new(),
+            owned: Vec::new(),
         });
     }
 
@@ -157,7 +161,7 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                         fixable: true,
                         blocks_drain: false,
                         changed_by: Vec::new(),
-                        writes: Vec::new(),
+                        owned: Vec::new(),
                     });
                     note_owners(
                         &mut p,
@@ -189,7 +193,7 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                         fixable: true,
                         blocks_drain: false,
                         changed_by: Vec::new(),
-                        writes: Vec::new(),
+                        owned: Vec::new(),
                     });
                     note_owners(
                         &mut p,
@@ -246,7 +250,7 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                     fixable: true,
                     blocks_drain: false,
                     changed_by: apply::foreign_managers(&d.metadata, AFFINITY),
-                    writes: apply::foreign_writes(&d.metadata, AFFINITY),
+                    owned: owned(AFFINITY),
                 });
                 dep_changed = true;
                 p.rolls_pods = true;
@@ -309,7 +313,7 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                     fixable: true,
                     blocks_drain: false,
                     changed_by: apply::foreign_managers(&d.metadata, SPREAD),
-                    writes: apply::foreign_writes(&d.metadata, SPREAD),
+                    owned: owned(SPREAD),
                 });
                 dep_changed = true;
                 p.rolls_pods = true;
@@ -332,7 +336,7 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                 fixable: false,
                 blocks_drain: false,
                 changed_by: Vec::new(),
-                writes: Vec::new(),
+                owned: Vec::new(),
             }),
             Some(c) => {
                 let devs = resource_deviations(res, c.resources.as_ref());
@@ -347,7 +351,7 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                         fixable: true,
                         blocks_drain: false,
                         changed_by: Vec::new(),
-                        writes: Vec::new(),
+                        owned: Vec::new(),
                     });
                     dep_changed = true;
                     p.rolls_pods = true;
