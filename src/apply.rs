@@ -272,29 +272,69 @@ where
     }
 }
 
-/// Managers other than meshwarden that own the field at `path` (keys as they appear in
-/// `managedFields`, e.g. `["f:spec", "f:minReplicas"]`) or anything below it.
+/// `managedFields` entries of managers other than meshwarden that own the field at `path`
+/// (keys as they appear in `managedFields`, e.g. `["f:spec", "f:minReplicas"]`) or anything
+/// below it.
+fn foreign_entries<'a, P: AsRef<str>>(
+    meta: &'a ObjectMeta,
+    path: &'a [P],
+) -> impl Iterator<Item = (&'a str, &'a ManagedFieldsEntry)> + 'a {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .filter_map(move |entry| {
+            let manager = entry.manager.as_deref()?;
+            if manager == FIELD_MANAGER {
+                return None;
+            }
+            let mut node = Some(&entry.fields_v1.as_ref()?.0);
+            for key in path {
+                node = node.and_then(|n| n.get(key.as_ref()));
+            }
+            node.map(|_| (manager, entry))
+        })
+}
+
+/// Managers other than meshwarden that own the field at `path` or anything below it.
 pub fn foreign_managers(meta: &ObjectMeta, path: &[&str]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for entry in meta.managed_fields.iter().flatten() {
-        let Some(manager) = entry.manager.as_deref() else {
-            continue;
-        };
-        if manager == FIELD_MANAGER {
-            continue;
-        }
-        let Some(fields) = entry.fields_v1.as_ref() else {
-            continue;
-        };
-        let mut node = Some(&fields.0);
-        for key in path {
-            node = node.and_then(|n| n.get(*key));
-        }
-        if node.is_some() && !out.iter().any(|m| m == manager) {
+    for (manager, _) in foreign_entries(meta, path) {
+        if !out.iter().any(|m| m == manager) {
             out.push(manager.to_string());
         }
     }
     out
+}
+
+/// What [`FightTracker::correct`] needs to know about one field of one object, read at one
+/// moment: the object's `generation` and the writes by managers other than meshwarden that
+/// own the field (`manager operation time` of their `managedFields` entries, for the fields
+/// at `paths`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ForeignWrites {
+    pub generation: i64,
+    pub writes: Vec<String>,
+}
+
+/// The [`ForeignWrites`] of the fields at `paths` (keys as in [`foreign_managers`]).
+pub fn foreign_writes(meta: &ObjectMeta, paths: &[Vec<String>]) -> ForeignWrites {
+    let mut writes: Vec<String> = Vec::new();
+    for path in paths {
+        for (manager, e) in foreign_entries(meta, path) {
+            let write = format!(
+                "{manager} {} {}",
+                e.operation.as_deref().unwrap_or_default(),
+                e.time.as_ref().map(|t| t.0.to_string()).unwrap_or_default()
+            );
+            if !writes.contains(&write) {
+                writes.push(write);
+            }
+        }
+    }
+    ForeignWrites {
+        generation: meta.generation.unwrap_or_default(),
+        writes,
+    }
 }
 
 /// Remembers recent corrections of each (object, field) so that a field somebody else keeps
@@ -304,8 +344,18 @@ pub struct FightTracker {
     window: Duration,
     limit: usize,
     seen: HashMap<String, VecDeque<Instant>>,
-    /// Keys meshwarden has set (see [`FightTracker::correct`]).
-    set: HashMap<String, Instant>,
+    /// Keys meshwarden has set, with the object as its last correction left it (see
+    /// [`FightTracker::correct`]).
+    set: HashMap<String, Corrected>,
+}
+
+/// What meshwarden's last correction of a field left.
+#[derive(Debug)]
+struct Corrected {
+    after: ForeignWrites,
+    /// The write raised the object's `generation`, so its kind keeps one (Deployments and
+    /// PodDisruptionBudgets do, HorizontalPodAutoscalers do not).
+    ordered: bool,
 }
 
 impl Default for FightTracker {
@@ -342,14 +392,35 @@ impl FightTracker {
         self.prune(key, now) >= self.limit
     }
 
-    /// Records that meshwarden set the field `key`. It counts toward a fight only when
-    /// meshwarden had set it before and `by_other` says another manager owns the deviating value
-    /// now: after meshwarden's forced apply no other manager owned the field, so that manager
-    /// wrote it since. meshwarden's own first correction, a re-created object and a field nobody
-    /// else owns never count.
-    pub fn correct(&mut self, key: &str, now: Instant, by_other: bool) {
-        let set_before = self.set.insert(key.to_string(), now).is_some();
-        if set_before && by_other {
+    /// Records that meshwarden set the field `key`: `seen` is what the plan read (the deviating
+    /// object), `after` what meshwarden's write left (the object the API server returned).
+    ///
+    /// A correction counts toward a fight only when it reverts a write by another manager made
+    /// after meshwarden's previous correction of the field: another manager owns the field
+    /// through a write that did not own it right after that correction, and, for kinds that keep
+    /// a `generation`, the object read is newer than the one that correction left (an older copy
+    /// read again before the correction shows is not). So one `helm upgrade` is one revert however many
+    /// reconciles see it, and a field an installer still owns a part of since its install
+    /// (a sibling meshwarden never took, or an equal value both own) makes no policy edit a
+    /// revert. meshwarden's own first correction, a re-created object and a field nobody else
+    /// owns never count.
+    pub fn correct(
+        &mut self,
+        key: &str,
+        now: Instant,
+        seen: &ForeignWrites,
+        after: &ForeignWrites,
+    ) {
+        let reverted = self.set.get(key).is_some_and(|prev| {
+            (!prev.ordered || seen.generation > prev.after.generation)
+                && seen.writes.iter().any(|w| !prev.after.writes.contains(w))
+        });
+        let corrected = Corrected {
+            after: after.clone(),
+            ordered: after.generation > seen.generation,
+        };
+        self.set.insert(key.to_string(), corrected);
+        if reverted {
             self.record(key, now);
         }
     }
@@ -511,19 +582,72 @@ mod tests {
         );
     }
 
+    fn writes(generation: i64, writes: &[&str]) -> ForeignWrites {
+        ForeignWrites {
+            generation,
+            writes: writes.iter().map(|w| w.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn one_foreign_write_is_one_revert_however_often_it_is_seen() {
+        let mut f = FightTracker::new(Duration::from_secs(600), 2);
+        let t0 = Instant::now();
+        let install = "helm Update 2026-01-01T00:00:00Z";
+        let upgrade = "helm Update 2026-01-01T00:05:00Z";
+        // meshwarden takes the requests over from the install; Helm keeps the CPU limit.
+        f.correct("d/res", t0, &writes(1, &[install]), &writes(2, &[install]));
+        // The HPA scales the Deployment, then the policy is edited twice: Helm's install still
+        // owns the sibling limit, which is no new write.
+        f.correct("d/res", t0, &writes(3, &[install]), &writes(4, &[install]));
+        f.correct("d/res", t0, &writes(4, &[install]), &writes(5, &[install]));
+        assert!(!f.is_fight("d/res", t0), "policy edits are no reverts");
+        // One upgrade, seen again on a later reconcile before the correction shows.
+        f.correct("d/res", t0, &writes(6, &[upgrade]), &writes(7, &[upgrade]));
+        f.correct("d/res", t0, &writes(6, &[upgrade]), &writes(8, &[upgrade]));
+        assert!(!f.is_fight("d/res", t0), "one upgrade is one revert");
+        f.correct(
+            "d/res",
+            t0,
+            &writes(9, &["helm Update 2026-01-01T00:06:00Z"]),
+            &writes(10, &[]),
+        );
+        assert!(f.is_fight("d/res", t0), "a second write reverts again");
+    }
+
+    #[test]
+    fn writes_within_one_second_are_told_apart() {
+        let mut f = FightTracker::new(Duration::from_secs(600), 2);
+        let t0 = Instant::now();
+        let tuner = "tuner Apply 2026-01-01T00:00:00Z";
+        // meshwarden's apply takes the field from the tuner: its entry no longer owns it.
+        f.correct("hpa/min", t0, &writes(1, &[tuner]), &writes(2, &[]));
+        // The tuner writes it again within the same second: same entry time, newer object.
+        f.correct("hpa/min", t0, &writes(3, &[tuner]), &writes(4, &[]));
+        f.correct("hpa/min", t0, &writes(5, &[tuner]), &writes(6, &[]));
+        assert!(f.is_fight("hpa/min", t0));
+        // HPAs keep no generation: the writes alone decide.
+        let mut f = FightTracker::new(Duration::from_secs(600), 2);
+        f.correct("hpa/min", t0, &writes(1, &[tuner]), &writes(1, &[]));
+        f.correct("hpa/min", t0, &writes(1, &[tuner]), &writes(1, &[]));
+        f.correct("hpa/min", t0, &writes(1, &[tuner]), &writes(1, &[]));
+        assert!(f.is_fight("hpa/min", t0));
+    }
+
     #[test]
     fn only_reverts_by_another_manager_count() {
         let mut f = FightTracker::new(Duration::from_secs(60), 2);
         let t0 = Instant::now();
+        let helm = |g: i64| writes(g, &["helm Update 1"]);
         // First correction (taking over Helm's value) and corrections of values nobody else
         // owns are no reverts.
-        f.correct("hpa/min", t0, true);
-        f.correct("hpa/min", t0, false);
-        f.correct("hpa/min", t0, false);
+        f.correct("hpa/min", t0, &helm(1), &writes(2, &[]));
+        f.correct("hpa/min", t0, &writes(3, &[]), &writes(4, &[]));
+        f.correct("hpa/min", t0, &writes(5, &[]), &writes(6, &[]));
         assert!(!f.is_fight("hpa/min", t0));
-        f.correct("hpa/min", t0, true);
+        f.correct("hpa/min", t0, &helm(7), &writes(8, &[]));
         assert!(!f.is_fight("hpa/min", t0), "one revert is no fight");
-        f.correct("hpa/min", t0, true);
+        f.correct("hpa/min", t0, &helm(9), &writes(10, &[]));
         assert!(f.is_fight("hpa/min", t0));
         assert!(!f.is_fight("pdb/spec", t0), "per field");
     }

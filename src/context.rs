@@ -94,11 +94,16 @@ impl Context {
         }
     }
 
-    /// Records that meshwarden set the field `key`, a revert when `by_other` (see
-    /// [`FightTracker::correct`]).
-    pub fn fight_correct(&self, key: &str, now: Instant, by_other: bool) {
+    /// Records that meshwarden set the field `key` (see [`FightTracker::correct`]).
+    pub fn fight_correct(
+        &self,
+        key: &str,
+        now: Instant,
+        seen: &crate::apply::ForeignWrites,
+        after: &crate::apply::ForeignWrites,
+    ) {
         if let Ok(mut f) = self.fights.lock() {
-            f.correct(key, now, by_other);
+            f.correct(key, now, seen, after);
         }
     }
 

@@ -79,6 +79,11 @@ pub(crate) async fn start(plane: &mut Plane, lifetime: Lifetime) -> Result<()> {
             format!("--manage-nodes-with-annotation-selector={KWOK_NODE}=fake"),
             format!("--server-address=127.0.0.1:{}", free_port(&plane.dir)?),
             "--node-ip=127.0.0.1".into(),
+            // The heartbeat stage below refreshes node status every ~10 minutes and leaves the
+            // liveness to node Leases, which kwok renews only with a lease duration set. Without
+            // them the node controller finds every node unreachable after its grace period (50 s)
+            // and marks every pod NotReady, which the pod stages never undo.
+            "--node-lease-duration-seconds=40".into(),
             "--cidr=10.244.0.1/16".into(),
             format!("--config={}", stage("node/fast/node-initialize.yaml")),
             format!(

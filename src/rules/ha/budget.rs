@@ -64,6 +64,7 @@ pub(super) fn plan_budget(
             fixable,
             blocks_drain: true,
             changed_by: Vec::new(),
+            owned: Vec::new(),
         });
         if fixable && let Some(b) = own.first() {
             p.pdb = Some(PdbAction::Delete { name: b.name_any() });
@@ -91,6 +92,7 @@ pub(super) fn plan_budget(
                     fixable: false,
                     blocks_drain: true,
                     changed_by: Vec::new(),
+                    owned: Vec::new(),
                 });
             }
         }
@@ -122,6 +124,7 @@ pub(super) fn plan_budget(
             fixable: false,
             blocks_drain: true,
             changed_by: Vec::new(),
+            owned: Vec::new(),
         });
         return;
     }
@@ -136,6 +139,7 @@ pub(super) fn plan_budget(
                 fixable: true,
                 blocks_drain: false,
                 changed_by: Vec::new(),
+                owned: Vec::new(),
             });
             let owner = policy.controller_owner_ref(&()).map(|mut o| {
                 o.controller = Some(false);
@@ -206,6 +210,10 @@ pub(super) fn plan_budget(
                         }
                         acc
                     });
+            let owned = vec![
+                vec!["f:spec".to_string(), "f:minAvailable".to_string()],
+                vec!["f:spec".to_string(), "f:maxUnavailable".to_string()],
+            ];
             let Some((min, max)) = target else {
                 // Not expressible in the kept form: report, leave the PDB alone.
                 let form = kept_form.unwrap_or(declared_form);
@@ -225,6 +233,7 @@ pub(super) fn plan_budget(
                     fixable: false,
                     blocks_drain: allows < 1,
                     changed_by: owners,
+                    owned: owned.clone(),
                 });
                 return;
             };
@@ -262,6 +271,7 @@ pub(super) fn plan_budget(
                 fixable: true,
                 blocks_drain: allows < 1,
                 changed_by: owners,
+                owned,
             });
             for (f, owners) in [
                 ("minAvailable", &min_owners),

@@ -100,6 +100,7 @@ mod tests {
             fixable: true,
             blocks_drain: false,
             changed_by: vec!["kubectl-edit".into()],
+            owned: Vec::new(),
         }
     }
 

@@ -8,11 +8,13 @@ mod plan;
 pub mod source;
 pub mod values;
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use serde_json::Value;
@@ -75,6 +77,9 @@ pub struct Finding {
     /// Managers other than meshwarden that own the deviating field now (from `managedFields`):
     /// when meshwarden set the field before, they reverted it.
     pub changed_by: Vec<String>,
+    /// Where the field lives in `managedFields` (e.g. `["f:spec", "f:minReplicas"]`): whose
+    /// writes own it is read there before and after a correction (see [`apply::foreign_writes`]).
+    pub owned: Vec<Vec<String>>,
 }
 
 /// What to do to a PodDisruptionBudget.
@@ -364,7 +369,7 @@ pub async fn reconcile(
                 plan.findings.clone()
             } else {
                 tracing::debug!(target = %dep_id, "correcting");
-                let failed = execute(ctx, group, &plan).await;
+                let (failed, applied) = execute(ctx, group, &plan).await;
                 tracing::debug!(target = %dep_id, "corrected");
                 let failure_of = |f: &Finding| failed.iter().find(|w| w.kind == write_kind(f));
                 let fixed: Vec<&Finding> = plan
@@ -373,7 +378,16 @@ pub async fn reconcile(
                     .filter(|f| f.fixable && !fighting(f) && failure_of(f).is_none())
                     .collect();
                 for f in &fixed {
-                    ctx.fight_correct(&fight_key(f), now, !f.changed_by.is_empty());
+                    let Some(read) = observed_meta(obs, f) else {
+                        continue;
+                    };
+                    let seen = apply::foreign_writes(read, &f.owned);
+                    // Without the object the write returned (a deleted PDB), the next correction
+                    // compares with what was read.
+                    let after = applied
+                        .get(write_kind(f))
+                        .map_or_else(|| seen.clone(), |m| apply::foreign_writes(m, &f.owned));
+                    ctx.fight_correct(&fight_key(f), now, &seen, &after);
                 }
                 if !fixed.is_empty() {
                     report.corrected += 1;
@@ -561,12 +575,41 @@ fn write_kind(f: &Finding) -> &'static str {
     }
 }
 
+/// The object a finding is about, as read.
+fn observed_meta<'a>(obs: &'a Observation, f: &Finding) -> Option<&'a ObjectMeta> {
+    match write_kind(f) {
+        "HorizontalPodAutoscaler" => obs.hpa.as_ref().map(|h| &h.metadata),
+        "PodDisruptionBudget" => obs
+            .pdbs
+            .iter()
+            .find(|b| {
+                f.object
+                    == object_id(
+                        "PodDisruptionBudget",
+                        &b.namespace().unwrap_or_default(),
+                        &b.name_any(),
+                    )
+            })
+            .map(|b| &b.metadata)
+            .or(Some(&obs.deployment.metadata)),
+        _ => Some(&obs.deployment.metadata),
+    }
+}
+
 /// Sends every write of a plan; one refused write does not stop the others. Returns those
-/// that failed.
-async fn execute(ctx: &Context, group: &Group, plan: &Plan) -> Vec<WriteFailure> {
+/// that failed, and the metadata of each object written, by kind, as the API server returned it.
+async fn execute(
+    ctx: &Context,
+    group: &Group,
+    plan: &Plan,
+) -> (Vec<WriteFailure>, HashMap<&'static str, ObjectMeta>) {
     let ns = &group.namespace;
     let mut failed = Vec::new();
-    let mut record = |kind: &'static str, name: &str, result: Result<()>| {
+    let mut applied = HashMap::new();
+    let mut record = |kind: &'static str, name: &str, result: Result<Option<ObjectMeta>>| {
+        if let Ok(Some(meta)) = &result {
+            applied.insert(kind, meta.clone());
+        }
         if let Err(e) = result {
             let (message, forbidden) = match &e {
                 Error::Kube {
@@ -587,7 +630,11 @@ async fn execute(ctx: &Context, group: &Group, plan: &Plan) -> Vec<WriteFailure>
     if let Some((name, patch)) = &plan.hpa_patch {
         let api: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
         let r = apply::apply_keeping(&api, name, patch, &ctx.writes).await;
-        record("HorizontalPodAutoscaler", name, r.map(|_| ()));
+        record(
+            "HorizontalPodAutoscaler",
+            name,
+            r.map(|(h, _)| Some(h.metadata)),
+        );
     }
     if let Some(patch) = &plan.deployment_patch {
         let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
@@ -601,21 +648,21 @@ async fn execute(ctx: &Context, group: &Group, plan: &Plan) -> Vec<WriteFailure>
         {
             tracing::info!(deployment = %name, namespace = %ns, fields = ?released, "released fields the policy no longer declares; their values stay");
         }
-        record("Deployment", &name, r.map(|_| ()));
+        record("Deployment", &name, r.map(|(d, _)| Some(d.metadata)));
     }
     let api: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
     match &plan.pdb {
         Some(PdbAction::Apply { name, patch }) => {
             let r = apply::apply(&api, name, patch, &ctx.writes).await;
-            record("PodDisruptionBudget", name, r.map(|_| ()));
+            record("PodDisruptionBudget", name, r.map(|b| Some(b.metadata)));
         }
         Some(PdbAction::Delete { name }) => {
             let r = apply::delete(&api, name, &ctx.writes).await;
-            record("PodDisruptionBudget", name, r);
+            record("PodDisruptionBudget", name, r.map(|()| None));
         }
         None => {}
     }
-    failed
+    (failed, applied)
 }
 
 /// The groups of the control-plane section: every istiod revision in the namespace.

@@ -1,6 +1,7 @@
 //! The pure plan for one target Deployment: replicas (through its HPA), spread and resources.
 
 use k8s_openapi::api::core::v1::{Affinity, PodAntiAffinity, TopologySpreadConstraint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use serde_json::{Value, json};
@@ -69,14 +70,29 @@ pub fn resource_deviations(
     out
 }
 
-/// Records who owns a deviating field (the finding just pushed) and names them as taken over.
-fn note_owners(p: &mut Plan, owners: &[String], field: String) {
+/// Records who owns a deviating field (the finding just pushed; `path` as in `managedFields`)
+/// and names them as taken over.
+fn note_owners(p: &mut Plan, meta: &ObjectMeta, path: &[&str], field: String) {
+    let owners = apply::foreign_managers(meta, path);
     if let Some(f) = p.findings.last_mut() {
-        f.changed_by = owners.to_vec();
+        f.changed_by = owners.clone();
+        f.owned = owned(path);
     }
     for m in owners {
-        p.takeovers.push((field.clone(), m.clone()));
+        p.takeovers.push((field.clone(), m));
     }
+}
+
+const AFFINITY: &[&str] = &["f:spec", "f:template", "f:spec", "f:affinity"];
+const SPREAD: &[&str] = &[
+    "f:spec",
+    "f:template",
+    "f:spec",
+    "f:topologySpreadConstraints",
+];
+
+pub(super) fn owned(path: &[&str]) -> Vec<Vec<String>> {
+    vec![path.iter().map(|k| k.to_string()).collect()]
 }
 
 fn spread_term(selector: &Value) -> Value {
@@ -113,6 +129,7 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
             fixable: false,
             blocks_drain: false,
             changed_by: Vec::new(),
+            owned: Vec::new(),
         });
     }
 
@@ -144,10 +161,14 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                         fixable: true,
                         blocks_drain: false,
                         changed_by: Vec::new(),
+                        owned: Vec::new(),
                     });
-                    let owners =
-                        apply::foreign_managers(&hpa.metadata, &["f:spec", "f:minReplicas"]);
-                    note_owners(&mut p, &owners, format!("{hpa_id} spec.minReplicas"));
+                    note_owners(
+                        &mut p,
+                        &hpa.metadata,
+                        &["f:spec", "f:minReplicas"],
+                        format!("{hpa_id} spec.minReplicas"),
+                    );
                     p.hpa_patch = Some((
                         hpa.name_any(),
                         json!({
@@ -172,9 +193,14 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                         fixable: true,
                         blocks_drain: false,
                         changed_by: Vec::new(),
+                        owned: Vec::new(),
                     });
-                    let owners = apply::foreign_managers(&d.metadata, &["f:spec", "f:replicas"]);
-                    note_owners(&mut p, &owners, format!("{dep_id} spec.replicas"));
+                    note_owners(
+                        &mut p,
+                        &d.metadata,
+                        &["f:spec", "f:replicas"],
+                        format!("{dep_id} spec.replicas"),
+                    );
                     dep_changed = true;
                 }
                 dep_spec.insert("replicas".into(), json!(current_min.max(r.min)));
@@ -223,10 +249,8 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                     message: format!("no {which} pod anti-affinity on {HOSTNAME}"),
                     fixable: true,
                     blocks_drain: false,
-                    changed_by: apply::foreign_managers(
-                        &d.metadata,
-                        &["f:spec", "f:template", "f:spec", "f:affinity"],
-                    ),
+                    changed_by: apply::foreign_managers(&d.metadata, AFFINITY),
+                    owned: owned(AFFINITY),
                 });
                 dep_changed = true;
                 p.rolls_pods = true;
@@ -288,15 +312,8 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                     message: format!("no topology spread constraint on {ZONE} ({when})"),
                     fixable: true,
                     blocks_drain: false,
-                    changed_by: apply::foreign_managers(
-                        &d.metadata,
-                        &[
-                            "f:spec",
-                            "f:template",
-                            "f:spec",
-                            "f:topologySpreadConstraints",
-                        ],
-                    ),
+                    changed_by: apply::foreign_managers(&d.metadata, SPREAD),
+                    owned: owned(SPREAD),
                 });
                 dep_changed = true;
                 p.rolls_pods = true;
@@ -319,6 +336,7 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                 fixable: false,
                 blocks_drain: false,
                 changed_by: Vec::new(),
+                owned: Vec::new(),
             }),
             Some(c) => {
                 let devs = resource_deviations(res, c.resources.as_ref());
@@ -333,11 +351,13 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                         fixable: true,
                         blocks_drain: false,
                         changed_by: Vec::new(),
+                        owned: Vec::new(),
                     });
                     dep_changed = true;
                     p.rolls_pods = true;
                     let key = format!("k:{{\"name\":\"{}\"}}", rules.container);
-                    let owners = apply::foreign_managers(
+                    note_owners(
+                        &mut p,
                         &d.metadata,
                         &[
                             "f:spec",
@@ -347,10 +367,6 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                             &key,
                             "f:resources",
                         ],
-                    );
-                    note_owners(
-                        &mut p,
-                        &owners,
                         format!("{dep_id} container {} resources", rules.container),
                     );
                 }
