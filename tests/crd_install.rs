@@ -229,8 +229,10 @@ fn everything() -> Value {
                      "resources": {"requests": {"cpu": "100m"}}, "pacing": "Paced"},
         "mtls": {"enforcement": "Audit", "mode": "STRICT", "scope": "Namespaces",
                  "namespaceSelector": selector,
-                 "exemptions": [{"namespace": "x", "selector": selector, "mode": "PERMISSIVE",
-                                 "ports": [{"port": 80, "mode": "PERMISSIVE"}]}]},
+                 "overrides": "Report",
+                 "exemptions": [{"namespaceSelector": selector, "selector": selector,
+                                 "mode": "PERMISSIVE", "ports": [{"port": 80, "mode": "PERMISSIVE"}]},
+                                {"namespace": "x", "mode": "PERMISSIVE"}]},
     })
 }
 

@@ -160,10 +160,14 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
         "a standby is ready"
     );
     assert!(http_get(leader.port, "/livez").await.is_some());
-    assert!(
-        http_get(leader.port, "/readyz").await.is_some(),
-        "the leader is ready once its watches have synced"
-    );
+    // Ready once every watch cache has listed (the pod caches can take a while on a busy
+    // machine): polled, not read once.
+    eventually(
+        30,
+        "the leader is ready once its watches have synced",
+        || async { http_get(leader.port, "/readyz").await },
+    )
+    .await;
     for r in [&leader, &standby] {
         let log = r.log_text();
         assert!(!mentions_forbidden(&log), "a 403 in:\n{log}");
