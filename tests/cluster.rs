@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -19,24 +18,6 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-
-async fn wait<T, F, Fut>(what: &str, secs: u64, f: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out after {secs}s waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 async fn namespace(client: &Client, name: &str, labels: serde_json::Value) {
     let ns: Namespace = serde_json::from_value(json!({
@@ -113,7 +94,7 @@ async fn scheduler_disruption_drain_and_garbage_collection_work() {
         )
         .await
         .unwrap();
-    let ready = wait("3 ready web pods", 60, || async {
+    let ready = common::eventually(60, "3 ready web pods", || async {
         let p = ready_pods(&pods, "web").await;
         (p.len() == 3).then_some(p)
     })
@@ -132,7 +113,7 @@ async fn scheduler_disruption_drain_and_garbage_collection_work() {
     }))
     .unwrap();
     pdbs.create(&PostParams::default(), &pdb).await.unwrap();
-    wait("PDB status with 1 allowed disruption", 60, || async {
+    common::eventually(60, "PDB status with 1 allowed disruption", || async {
         let p = pdbs.get("web").await.ok()?;
         let s = p.status?;
         (s.disruptions_allowed == 1 && s.current_healthy == 3).then_some(())
@@ -164,7 +145,7 @@ async fn scheduler_disruption_drain_and_garbage_collection_work() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("evicted"), "drain evicted a pod: {stdout}");
-    let after = wait("3 ready web pods after the drain", 90, || async {
+    let after = common::eventually(90, "3 ready web pods after the drain", || async {
         let p = ready_pods(&pods, "web").await;
         (p.len() == 3).then_some(p)
     })
@@ -209,9 +190,9 @@ async fn scheduler_disruption_drain_and_garbage_collection_work() {
     .await
     .unwrap();
     cms.delete("owner", &DeleteParams::default()).await.unwrap();
-    wait(
-        "the garbage collector to remove the dependent",
+    common::eventually(
         60,
+        "the garbage collector to remove the dependent",
         || async {
             cms.get_opt("dependent")
                 .await
@@ -242,7 +223,7 @@ async fn istiod_injects_sidecars_sized_by_the_annotations() {
         )
         .await
         .unwrap();
-    let ready = wait("2 ready injected pods", 90, || async {
+    let ready = common::eventually(90, "2 ready injected pods", || async {
         let p = ready_pods(&pods, "shop").await;
         (p.len() == 2).then_some(p)
     })
@@ -306,7 +287,7 @@ async fn meshwarden_paces_a_real_sidecar_rollout() {
             .unwrap();
     }
     for name in ["cart", "checkout"] {
-        wait("2 ready injected pods per workload", 90, || async {
+        common::eventually(90, "2 ready injected pods per workload", || async {
             let p = ready_pods(&pods, name).await;
             (p.len() == 2 && p.iter().all(|p| proxy_requests(p).is_some())).then_some(())
         })
@@ -432,7 +413,7 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
     let deploys: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &ns);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(env.client.clone(), &ns);
-    wait("the gateway Deployment ready", 90, || async {
+    common::eventually(90, "the gateway Deployment ready", || async {
         let d = deploys.get("gw").await.ok()?;
         (d.status?.available_replicas? >= 1).then_some(())
     })
@@ -491,9 +472,9 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
 
     // Enforce: HPA minimum 3, three available pods, one PDB with one allowed disruption.
     set_spec(format!("enforcement: Enforce\n{}", gateway(full))).await;
-    wait(
-        "3 available gateway pods and a PDB allowing 1",
+    common::eventually(
         120,
+        "3 available gateway pods and a PDB allowing 1",
         || async {
             let d = deploys.get("gw").await.ok()?;
             let h = hpas.get("gw").await.ok()?;
@@ -560,9 +541,9 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
             "a Helm upgrade is not a fight: {c:?}"
         );
     }
-    wait(
-        "HPA minimum restored to 3 after the upgrades",
+    common::eventually(
         60,
+        "HPA minimum restored to 3 after the upgrades",
         || async { (hpas.get("gw").await.ok()?.spec?.min_replicas? >= 3).then_some(()) },
     )
     .await;
@@ -592,7 +573,7 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
         .delete(&env.policy_name("gw"), &DeleteParams::default())
         .await
         .unwrap();
-    wait("meshwarden's PDB garbage-collected", 60, || async {
+    common::eventually(60, "meshwarden's PDB garbage-collected", || async {
         let left = pdbs.list(&ListParams::default()).await.ok()?.items;
         left.iter()
             .all(|p| !p.name_any().ends_with("-meshwarden"))
