@@ -1,4 +1,6 @@
-//! State shared by every reconcile.
+//! State shared by every reconcile. Nothing here knows a rule: rule sections keep their watch
+//! caches in [`Context::caches`], keyed by the cache's type.
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -19,10 +21,8 @@ pub struct Context {
     fights: Mutex<FightTracker>,
     failures: Mutex<HashMap<String, u32>>,
     takeovers: Mutex<HashMap<String, Vec<String>>>,
-    /// Watched objects of the sidecars section, while the controller runs.
-    sidecar_cache: RwLock<Option<crate::rules::sidecars::Cache>>,
-    /// Watched pods of the mTLS section, while the controller runs.
-    mtls_pods: RwLock<Option<crate::rules::mtls::PodCache>>,
+    /// The rule sections' watch caches while the controller runs, one per type.
+    caches: RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
 }
 
 impl Context {
@@ -43,32 +43,24 @@ impl Context {
             fights: Mutex::new(FightTracker::default()),
             failures: Mutex::new(HashMap::new()),
             takeovers: Mutex::new(HashMap::new()),
-            sidecar_cache: RwLock::new(None),
-            mtls_pods: RwLock::new(None),
+            caches: RwLock::new(HashMap::new()),
         }
     }
 
-    /// The sidecars section's cache, if the controller keeps one.
-    pub fn sidecar_cache(&self) -> Option<crate::rules::sidecars::Cache> {
-        self.sidecar_cache.read().ok().and_then(|c| c.clone())
+    /// The cache of type `C` a rule section reads, if the controller keeps one (a reconcile
+    /// run without the controller lists instead).
+    pub fn cache<C: Clone + Send + Sync + 'static>(&self) -> Option<C> {
+        let caches = self.caches.read().ok()?;
+        caches.get(&TypeId::of::<C>())?.downcast_ref::<C>().cloned()
     }
 
-    /// Sets (or with `None` drops) the sidecars section's cache.
-    pub fn set_sidecar_cache(&self, cache: Option<crate::rules::sidecars::Cache>) {
-        if let Ok(mut c) = self.sidecar_cache.write() {
-            *c = cache;
-        }
-    }
-
-    /// The mTLS section's pod cache, if the controller keeps one.
-    pub fn mtls_pods(&self) -> Option<crate::rules::mtls::PodCache> {
-        self.mtls_pods.read().ok().and_then(|c| c.clone())
-    }
-
-    /// Sets (or with `None` drops) the mTLS section's pod cache.
-    pub fn set_mtls_pods(&self, cache: Option<crate::rules::mtls::PodCache>) {
-        if let Ok(mut c) = self.mtls_pods.write() {
-            *c = cache;
+    /// Sets (or with `None` drops) the cache of type `C`.
+    pub fn set_cache<C: Clone + Send + Sync + 'static>(&self, cache: Option<C>) {
+        if let Ok(mut caches) = self.caches.write() {
+            match cache {
+                Some(c) => caches.insert(TypeId::of::<C>(), Box::new(c)),
+                None => caches.remove(&TypeId::of::<C>()),
+            };
         }
     }
 
@@ -162,6 +154,19 @@ mod tests {
         // A client is never used by these tests; any valid config will do.
         let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
         Context::new(Client::try_from(config).unwrap(), None)
+    }
+
+    #[tokio::test]
+    async fn caches_are_kept_by_type() {
+        let c = ctx();
+        assert_eq!(c.cache::<u32>(), None);
+        c.set_cache(Some(7u32));
+        c.set_cache(Some("other".to_string()));
+        assert_eq!(c.cache::<u32>(), Some(7));
+        assert_eq!(c.cache::<String>().as_deref(), Some("other"));
+        c.set_cache::<u32>(None);
+        assert_eq!(c.cache::<u32>(), None);
+        assert!(c.cache::<String>().is_some());
     }
 
     #[tokio::test]

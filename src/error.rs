@@ -1,6 +1,8 @@
 //! Errors of a reconcile, typed so that the controller can decide how to retry.
 use std::time::Duration;
 
+use crate::status::reasons;
+
 /// Everything that can go wrong while reconciling a MeshPolicy.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -46,16 +48,16 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::Kube { .. } => match self.status_code() {
-                Some(403) => "Forbidden",
-                Some(409) => "Conflict",
-                Some(404) => "NotFound",
-                Some(422) => "Rejected",
-                Some(_) => "ApiError",
-                None => "ApiUnreachable",
+                Some(403) => reasons::FORBIDDEN,
+                Some(409) => reasons::CONFLICT,
+                Some(404) => reasons::NOT_FOUND,
+                Some(422) => reasons::REJECTED,
+                Some(_) => reasons::API_ERROR,
+                None => reasons::API_UNREACHABLE,
             },
-            Error::InvalidSpec(_) => "InvalidSpec",
-            Error::MissingField(..) => "UnexpectedObject",
-            Error::Serialize(_) => "InternalError",
+            Error::InvalidSpec(_) => reasons::INVALID_SPEC,
+            Error::MissingField(..) => reasons::UNEXPECTED_OBJECT,
+            Error::Serialize(_) => reasons::INTERNAL_ERROR,
         }
     }
 
@@ -70,12 +72,39 @@ impl Error {
 
     /// How long to wait before the next try, given how many tries failed in a row.
     pub fn backoff(&self, failures: u32) -> Duration {
-        if !self.is_transient() {
-            // Permission or validation problems need a person; retry slowly in case RBAC is fixed.
-            return Duration::from_secs(300);
+        backoff(self.retry(), failures)
+    }
+
+    /// How this error is retried.
+    pub fn retry(&self) -> Retry {
+        if self.status_code() == Some(403) {
+            Retry::Permission
+        } else if self.is_transient() {
+            Retry::Transient
+        } else {
+            Retry::NeedsChange
         }
-        let secs = 1u64 << failures.min(8);
-        Duration::from_secs(secs.min(300))
+    }
+}
+
+/// How a failed reconcile, or a section that failed within one, is retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// May succeed as is: exponential backoff from 1 s, capped at 5 minutes.
+    Transient,
+    /// meshwarden lacks a permission. RBAC changes cannot be watched, so look again every
+    /// half minute.
+    Permission,
+    /// The policy or the object must change first; retried slowly in case it did.
+    NeedsChange,
+}
+
+/// The one backoff of the controller: how long to wait after `failures` failures in a row.
+pub fn backoff(retry: Retry, failures: u32) -> Duration {
+    match retry {
+        Retry::Transient => Duration::from_secs((1u64 << failures.min(8)).min(300)),
+        Retry::Permission => Duration::from_secs(30),
+        Retry::NeedsChange => Duration::from_secs(300),
     }
 }
 
@@ -97,11 +126,12 @@ mod tests {
     }
 
     #[test]
-    fn forbidden_is_permanent_with_slow_retry() {
+    fn forbidden_is_retried_every_half_minute() {
         let e = api(403);
         assert_eq!(e.reason(), "Forbidden");
         assert!(!e.is_transient());
-        assert_eq!(e.backoff(0), Duration::from_secs(300));
+        assert_eq!(e.backoff(0), Duration::from_secs(30));
+        assert_eq!(e.backoff(9), Duration::from_secs(30));
     }
 
     #[test]
@@ -118,5 +148,6 @@ mod tests {
         let e = Error::InvalidSpec("x".into());
         assert_eq!(e.reason(), "InvalidSpec");
         assert!(!e.is_transient());
+        assert_eq!(e.backoff(0), Duration::from_secs(300));
     }
 }

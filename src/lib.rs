@@ -5,7 +5,6 @@
 pub mod api;
 pub mod apply;
 pub mod compact;
-pub mod conditions;
 pub mod context;
 pub mod controller;
 pub mod error;

@@ -231,10 +231,10 @@ impl Metrics {
             policy: policy.to_string(),
         });
         for rule in [
-            crate::conditions::types::CONTROL_PLANE_HA,
-            crate::conditions::types::GATEWAY_HA,
-            crate::conditions::types::SIDECAR_RESOURCES,
-            crate::conditions::types::MUTUAL_TLS,
+            crate::status::conditions::types::CONTROL_PLANE_HA,
+            crate::status::conditions::types::GATEWAY_HA,
+            crate::status::conditions::types::SIDECAR_RESOURCES,
+            crate::status::conditions::types::MUTUAL_TLS,
         ] {
             let labels = RuleLabels {
                 policy: policy.to_string(),

@@ -162,6 +162,30 @@ impl Health {
 
 type EventStream<K> = Pin<Box<dyn Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>;
 
+/// A cluster-scoped kind the watches can list and cache (all of Kubernetes' built-in kinds and
+/// the CRD types meshwarden declares).
+pub trait Watched:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// A watcher made by `make`, started again (with a fresh LIST) after each failure, after a
 /// wait that depends on the failure's [`Cause`]. Its state is kept in `health` under `name`.
 /// Errors are logged here (once per change of cause) and passed on.

@@ -6,8 +6,9 @@ pub mod mtls;
 pub mod sidecars;
 
 use crate::api::Violation;
-use crate::conditions::{Observed, Status};
 use crate::error::Error;
+use crate::status::conditions::{Observed, Status};
+use crate::status::reasons;
 
 /// What one rule section found and did in one reconcile.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,7 +34,7 @@ impl RuleReport {
             condition: Observed::new(
                 type_,
                 Status::True,
-                "NotConfigured",
+                reasons::NOT_CONFIGURED,
                 format!("spec.{field} is not set; meshwarden leaves this part of the mesh alone"),
             ),
             violations: Vec::new(),

@@ -35,12 +35,13 @@ use serde_json::{Value, json};
 use crate::api::{Enforcement, MeshPolicy, Pacing, ResourcesSpec, SidecarSpec, Violation};
 use crate::apply::{self, FIELD_MANAGER};
 use crate::compact::Compact;
-use crate::conditions::{Observed, Status, types};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::quantity;
 use crate::rules::RuleReport;
 use crate::selector;
+use crate::status::conditions::{Observed, Status, types};
+use crate::status::reasons::{self, ViolationAction};
 
 /// CPU request of the proxy.
 pub const PROXY_CPU: &str = "sidecar.istio.io/proxyCPU";
@@ -1477,7 +1478,7 @@ pub async fn reconcile_with_stats(
     let ctype = types::SIDECAR_RESOURCES;
     let mut stats = SidecarStats::default();
     let mut report = RuleReport {
-        condition: Observed::new(ctype, Status::True, "Compliant", ""),
+        condition: Observed::new(ctype, Status::True, reasons::COMPLIANT, ""),
         violations: Vec::new(),
         targets: 0,
         compliant: 0,
@@ -1487,11 +1488,12 @@ pub async fn reconcile_with_stats(
     let desired = match desired(&spec.resources) {
         Ok(d) => d,
         Err(msg) => {
-            report.condition = Observed::new(ctype, Status::False, "IncompleteResources", msg);
+            report.condition =
+                Observed::new(ctype, Status::False, reasons::INCOMPLETE_RESOURCES, msg);
             return (report, stats);
         }
     };
-    let cache = ctx.sidecar_cache();
+    let cache = ctx.cache::<Cache>();
     let cached = match &cache {
         Some(c) if c.ready(Duration::from_secs(30)).await => {
             Some(observe_cached(c, spec, &desired))
@@ -1558,13 +1560,13 @@ pub async fn reconcile_with_stats(
                 rule: ctype.into(),
                 object: id.clone(),
                 message: format!("rollout stalled: {why}"),
-                action: "Reported".into(),
+                action: ViolationAction::Reported.into(),
             });
         } else if d.rolling {
             rolling.push(id.clone());
         }
         let devs = d.deviations.join("; ");
-        let violation = |action: &str, message: String| Violation {
+        let violation = |action: ViolationAction, message: String| Violation {
             rule: ctype.into(),
             object: id.clone(),
             message,
@@ -1572,22 +1574,25 @@ pub async fn reconcile_with_stats(
         };
         match &d.action {
             Action::Compliant => report.compliant += 1,
-            Action::Reported => report.violations.push(violation("Reported", devs)),
+            Action::Reported => report
+                .violations
+                .push(violation(ViolationAction::Reported, devs)),
             Action::Held(why) => {
                 held.push(id.clone());
                 report
                     .violations
-                    .push(violation("Held", format!("{devs}; {why}")));
+                    .push(violation(ViolationAction::Held, format!("{devs}; {why}")));
             }
-            Action::Skipped(why) => report
-                .violations
-                .push(violation("Skipped", format!("{devs}; not written: {why}"))),
+            Action::Skipped(why) => report.violations.push(violation(
+                ViolationAction::Skipped,
+                format!("{devs}; not written: {why}"),
+            )),
             Action::Apply => {
                 let key = format!("{}:sidecars:{id}", policy.name_any());
                 if ctx.fight_check(&key, Instant::now()) {
                     fights.push(id.clone());
                     report.violations.push(violation(
-                        "Skipped",
+                        ViolationAction::Skipped,
                         format!("{devs}; another writer keeps changing these annotations back"),
                     ));
                     continue;
@@ -1632,7 +1637,7 @@ pub async fn reconcile_with_stats(
                     message: format!(
                         "{devs}; the write failed: {e}; retried at the next reconcile, after the other targets"
                     ),
-                    action: "Skipped".into(),
+                    action: ViolationAction::Skipped.into(),
                 });
                 first_error.get_or_insert(e);
                 continue;
@@ -1771,23 +1776,23 @@ pub async fn reconcile_with_stats(
         ));
     }
     let (status, reason) = if !stalled.is_empty() {
-        (Status::False, "RolloutStalled")
+        (Status::False, reasons::ROLLOUT_STALLED)
     } else if first_error.is_some() {
-        (Status::False, "WriteFailed")
+        (Status::False, reasons::WRITE_FAILED)
     } else if !unfit.is_empty() {
-        (Status::False, "QuotaConflict")
+        (Status::False, reasons::QUOTA_CONFLICT)
     } else if !fights.is_empty() {
-        (Status::False, "FightDetected")
+        (Status::False, reasons::FIGHT_DETECTED)
     } else if audit_deviations {
-        (Status::False, "NonCompliant")
+        (Status::False, reasons::NON_COMPLIANT)
     } else if !held.is_empty() || !rolling.is_empty() {
-        (Status::False, "RolloutInProgress")
+        (Status::False, reasons::ROLLOUT_IN_PROGRESS)
     } else if targets.is_empty() {
-        (Status::False, "NoTargets")
+        (Status::False, reasons::NO_TARGETS)
     } else if report.corrected > 0 {
-        (Status::True, "Corrected")
+        (Status::True, reasons::CORRECTED)
     } else {
-        (Status::True, "Compliant")
+        (Status::True, reasons::COMPLIANT)
     };
     if targets.is_empty() {
         msg[0] = "no Deployment, StatefulSet or DaemonSet with an injected sidecar in the selected namespaces (default: istio-injection=enabled or istio.io/rev)".into();

@@ -24,11 +24,12 @@ use crate::api::{
     Violation,
 };
 use crate::apply;
-use crate::conditions::{Observed, Status};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::rules::RuleReport;
 use crate::selector;
+use crate::status::conditions::{Observed, Status};
+use crate::status::reasons::{self, ViolationAction};
 
 pub use budget::allowed_disruptions;
 pub use plan::{plan, resource_deviations};
@@ -118,8 +119,8 @@ pub enum Section {
 impl Section {
     pub fn condition_type(self) -> &'static str {
         match self {
-            Section::ControlPlane => crate::conditions::types::CONTROL_PLANE_HA,
-            Section::Gateways => crate::conditions::types::GATEWAY_HA,
+            Section::ControlPlane => crate::status::conditions::types::CONTROL_PLANE_HA,
+            Section::Gateways => crate::status::conditions::types::GATEWAY_HA,
         }
     }
 }
@@ -253,7 +254,7 @@ pub async fn reconcile(
 ) -> RuleReport {
     let ctype = section.condition_type();
     let mut report = RuleReport {
-        condition: Observed::new(ctype, Status::True, "Compliant", ""),
+        condition: Observed::new(ctype, Status::True, reasons::COMPLIANT, ""),
         violations: Vec::new(),
         targets: 0,
         compliant: 0,
@@ -309,7 +310,7 @@ pub async fn reconcile(
                             rule: ctype.to_string(),
                             object: id,
                             message: format!("PodDisruptionBudget: {message}"),
-                            action: "Reported".into(),
+                            action: ViolationAction::Reported.into(),
                         });
                     } else if let Err(e) = apply::delete(&api, &name, &ctx.writes).await {
                         write_failures.push(format!("{id}: {e}"));
@@ -437,18 +438,18 @@ pub async fn reconcile(
                 blocking |= f.blocks_drain;
                 unfixable |= !f.fixable && enforce;
                 let action = if enforce && fighting(&f) {
-                    "Skipped"
+                    ViolationAction::Skipped
                 } else if enforce && f.fixable {
                     failed_writes += 1;
-                    "Failed"
+                    ViolationAction::Failed
                 } else {
-                    "Reported"
+                    ViolationAction::Reported
                 };
                 report.violations.push(Violation {
                     rule: ctype.to_string(),
                     object: f.object.clone(),
                     message: format!("{}: {}", f.field, f.message),
-                    action: action.to_string(),
+                    action: action.into(),
                 });
             }
         }
@@ -514,25 +515,25 @@ pub async fn reconcile(
     msg.extend(notes.into_iter().take(3));
 
     let (status, reason) = if failed_writes > 0 {
-        (Status::False, WRITE_FAILED)
+        (Status::False, reasons::WRITE_FAILED)
     } else if !fights.is_empty() {
-        (Status::False, "FightDetected")
+        (Status::False, reasons::FIGHT_DETECTED)
     } else if blocking {
-        (Status::False, "BudgetBlocksDrain")
+        (Status::False, reasons::BUDGET_BLOCKS_DRAIN)
     } else if istiod_managed {
-        (Status::False, source::MANAGED_BY_ISTIOD)
+        (Status::False, reasons::MANAGED_BY_ISTIOD)
     } else if !report.violations.is_empty() && unfixable {
-        (Status::False, "CannotCorrect")
+        (Status::False, reasons::CANNOT_CORRECT)
     } else if !report.violations.is_empty() {
-        (Status::False, "NonCompliant")
+        (Status::False, reasons::NON_COMPLIANT)
     } else if report.targets == 0 || !empty_groups.is_empty() {
-        (Status::False, "NoTargets")
+        (Status::False, reasons::NO_TARGETS)
     } else if !takeovers.is_empty() {
-        (Status::True, "FieldOwnedByOther")
+        (Status::True, reasons::FIELD_OWNED_BY_OTHER)
     } else if report.corrected > 0 {
-        (Status::True, "Corrected")
+        (Status::True, reasons::CORRECTED)
     } else {
-        (Status::True, "Compliant")
+        (Status::True, reasons::COMPLIANT)
     };
     report.condition = Observed::new(ctype, status, reason, msg.join(". "));
     if let Some(e) = refused.first() {
@@ -560,9 +561,6 @@ struct WriteFailure {
     message: String,
     forbidden: bool,
 }
-
-/// Reason of an HA condition when a write was refused.
-pub const WRITE_FAILED: &str = "WriteFailed";
 
 /// Which write of a plan corrects a finding.
 fn write_kind(f: &Finding) -> &'static str {

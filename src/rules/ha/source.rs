@@ -90,9 +90,6 @@ pub fn budget_hint<K: Resource>(container: &str, pdb: &K, want: &DisruptionBudge
     )
 }
 
-/// Condition reason when targets are deployed by istiod (Gateway API gateways, waypoints).
-pub const MANAGED_BY_ISTIOD: &str = "ManagedByIstiod";
-
 /// The Gateway whose Deployment istiod renders (label `gateway.istio.io/managed`, or an owner
 /// reference to a `gateway.networking.k8s.io` Gateway), if this Deployment is one.
 pub fn istiod_gateway(meta: &ObjectMeta) -> Option<String> {

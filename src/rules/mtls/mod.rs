@@ -30,12 +30,13 @@ use crate::api::{
     Enforcement, MeshPolicy, MtlsExemption, MtlsMode, MtlsOverrides, MtlsScope, MtlsSpec, Violation,
 };
 use crate::apply::{self, FIELD_MANAGER};
-use crate::conditions::{Observed, Status, types};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::rules::RuleReport;
 use crate::rules::ha::{MANAGED_BY, POLICY_LABEL};
 use crate::selector;
+use crate::status::conditions::{Observed, Status, types};
+use crate::status::reasons::{self, CLIENTS_CUT_OFF, OVERRIDES_REPORTED, ViolationAction};
 
 /// PeerAuthentication writes of one reconcile in flight at once.
 pub const WRITE_CONCURRENCY: usize = 16;
@@ -179,11 +180,6 @@ pub struct Finding {
     /// ([`OVERRIDES_REPORTED`], [`CLIENTS_CUT_OFF`]); `None`: the generic ones.
     pub reason: Option<&'static str>,
 }
-
-/// Reason of weaker user overrides that are reported, not rewritten (`overrides: Report`).
-pub const OVERRIDES_REPORTED: &str = "OverridesReported";
-/// Reason of a STRICT scope that pods without a sidecar cannot reach.
-pub const CLIENTS_CUT_OFF: &str = "ClientsCutOff";
 
 /// Everything the pure planner decided.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -342,7 +338,7 @@ where
 /// only, pages of 500) when no cache runs (a caller without the controller) or it is not
 /// ready within 30 s.
 async fn observe_pods(ctx: &Context) -> Result<Vec<PodInfo>> {
-    if let Some(cache) = ctx.mtls_pods()
+    if let Some(cache) = ctx.cache::<PodCache>()
         && cache.ready(std::time::Duration::from_secs(30)).await
     {
         return Ok(cache.pods());
@@ -459,7 +455,7 @@ pub async fn reconcile(
     });
 
     let mut report = RuleReport {
-        condition: Observed::new(ctype, Status::True, "Compliant", ""),
+        condition: Observed::new(ctype, Status::True, reasons::COMPLIANT, ""),
         violations: Vec::new(),
         targets: plan.targets,
         compliant: 0,
@@ -469,7 +465,7 @@ pub async fn reconcile(
     let mut takeovers = Vec::new();
     let mut fights = Vec::new();
     let mut unfixable = false;
-    let mut reasons: BTreeSet<&'static str> = BTreeSet::new();
+    let mut found: BTreeSet<&'static str> = BTreeSet::new();
     let mut outstanding_targets = 0;
     // Which findings are written: all with a fix in Enforce, except objects in a fight.
     let now = Instant::now();
@@ -540,21 +536,21 @@ pub async fn reconcile(
             outstanding_targets += 1;
         }
         unfixable |= f.fix.is_none() && !f.held && f.reason.is_none();
-        reasons.extend(f.reason);
+        found.extend(f.reason);
         let action = if !enforce {
-            "Reported"
+            ViolationAction::Reported
         } else if f.held {
-            "Held"
+            ViolationAction::Held
         } else if fighting {
-            "Skipped"
+            ViolationAction::Skipped
         } else {
-            "Reported"
+            ViolationAction::Reported
         };
         report.violations.push(Violation {
             rule: ctype.to_string(),
             object: f.object.clone(),
             message: f.message.clone(),
-            action: action.to_string(),
+            action: action.into(),
         });
     }
     report.compliant = (plan.targets - outstanding_targets).max(0);
@@ -595,7 +591,7 @@ pub async fn reconcile(
     let deviations: Vec<&Violation> = report
         .violations
         .iter()
-        .filter(|v| v.action != "Held")
+        .filter(|v| v.action != ViolationAction::Held)
         .collect();
     if !deviations.is_empty() {
         let shown: Vec<String> = deviations
@@ -612,36 +608,36 @@ pub async fn reconcile(
     if plan.held {
         msg.push(hold_message(&blocking, &obs.namespaces));
     }
-    let cut_off = reasons.contains(CLIENTS_CUT_OFF);
+    let cut_off = found.contains(CLIENTS_CUT_OFF);
     if cut_off {
         msg.push(cut_off_message(&blocking, &obs.namespaces));
     }
 
     let held = plan.held && enforce;
     let (status, reason) = if !fights.is_empty() {
-        (Status::False, "FightDetected")
+        (Status::False, reasons::FIGHT_DETECTED)
     } else if held {
-        (Status::False, "StrictHeld")
+        (Status::False, reasons::STRICT_HELD)
     } else if cut_off {
         (Status::False, CLIENTS_CUT_OFF)
     } else if !report.violations.is_empty() && !enforce {
-        (Status::False, "NonCompliant")
+        (Status::False, reasons::NON_COMPLIANT)
     } else if !report.violations.is_empty() && unfixable {
-        (Status::False, "CannotCorrect")
-    } else if reasons.contains(OVERRIDES_REPORTED) {
+        (Status::False, reasons::CANNOT_CORRECT)
+    } else if found.contains(OVERRIDES_REPORTED) {
         (Status::False, OVERRIDES_REPORTED)
     } else if !report.violations.is_empty() {
-        (Status::False, "NonCompliant")
+        (Status::False, reasons::NON_COMPLIANT)
     } else if report.targets == 0 {
-        (Status::False, "NoTargets")
+        (Status::False, reasons::NO_TARGETS)
     } else if !takeovers.is_empty() {
-        (Status::True, "FieldOwnedByOther")
+        (Status::True, reasons::FIELD_OWNED_BY_OTHER)
     } else if report.corrected > 0 {
-        (Status::True, "Corrected")
+        (Status::True, reasons::CORRECTED)
     } else {
-        (Status::True, "Compliant")
+        (Status::True, reasons::COMPLIANT)
     };
-    if reason == "NoTargets" {
+    if reason == reasons::NO_TARGETS {
         msg.push(
             "mtls.namespaceSelector selects no namespace: check its labels against `kubectl get ns --show-labels`"
                 .to_string(),
@@ -660,7 +656,7 @@ pub fn changed_meta<K>(
     fingerprint: fn(&ObjectMeta) -> u64,
 ) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: crate::watch::Watched,
 {
     let api: Api<PartialObjectMeta<K>> = Api::all(client.clone());
     only_changes(

@@ -53,7 +53,7 @@ pub fn only_changes<K>(
     fingerprint: fn(&ObjectMeta) -> u64,
 ) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: crate::watch::Watched,
 {
     let mut seen: HashMap<(String, String), u64> = HashMap::new();
     stream.filter_map(move |ev| {

@@ -2,9 +2,12 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{MeshPolicyStatus, Violation};
-use crate::conditions::{self, Observed, Status, types};
+pub mod conditions;
+pub mod reasons;
+
 use crate::policy::Conflict;
 use crate::rules::RuleReport;
+use conditions::{Observed, Status, types};
 
 /// Most violations listed in status; `violationCount` has them all.
 pub const MAX_VIOLATIONS: usize = 50;
@@ -33,7 +36,7 @@ pub fn build(
         Observed::new(
             types::READY,
             Status::True,
-            "Compliant",
+            reasons::COMPLIANT,
             "every configured rule holds",
         )
     } else {
@@ -52,7 +55,7 @@ pub fn build(
         Observed::new(
             types::READY,
             status,
-            "RulesNotReady",
+            reasons::RULES_NOT_READY,
             format!("not ready: {}", names.join(", ")),
         )
     };
@@ -66,7 +69,7 @@ pub fn build(
         observed.push(Observed::new(
             types::CONFLICT,
             Status::True,
-            "OlderPolicyWins",
+            reasons::OLDER_POLICY_WINS,
             format!(
                 "not enforced because an older MeshPolicy sets the same rule differently: {}; align the values or remove the rule from one policy",
                 parts.join(", ")
@@ -97,15 +100,25 @@ pub fn build(
 }
 
 /// True when writing `new` over `old` would change nothing but timestamps.
+/// Every field is named (no `..`), so a new status field cannot escape this check.
 pub fn unchanged(old: Option<&MeshPolicyStatus>, new: &MeshPolicyStatus) -> bool {
     let Some(old) = old else { return false };
-    old.observed_generation == new.observed_generation
-        && old.violations == new.violations
-        && old.violation_count == new.violation_count
-        && old.targets == new.targets
-        && old.compliant == new.compliant
-        && old.corrected == new.corrected
-        && conditions::same_ignoring_time(&old.conditions, &new.conditions)
+    let MeshPolicyStatus {
+        observed_generation,
+        conditions,
+        violations,
+        violation_count,
+        targets,
+        compliant,
+        corrected,
+    } = new;
+    old.observed_generation == *observed_generation
+        && conditions::same_ignoring_time(&old.conditions, conditions)
+        && old.violations == *violations
+        && old.violation_count == *violation_count
+        && old.targets == *targets
+        && old.compliant == *compliant
+        && old.corrected == *corrected
 }
 
 #[cfg(test)]

@@ -1,0 +1,328 @@
+//! The MeshPolicy controller: watches policies and the objects their rules cover, and
+//! reconciles each policy: resolve conflicts, run every rule section, write status (only when
+//! it changed) and publish Events for transitions and corrections.
+//!
+//! `mod.rs` wires it (watches, readiness, shutdown drain); [`reconcile`] is one reconcile;
+//! [`watches`] builds the streams; [`routing`] decides which policies an event concerns.
+
+mod reconcile;
+mod routing;
+mod watches;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Controller;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use tracing::{Instrument, warn};
+
+use crate::api::MeshPolicy;
+use crate::context::Context;
+use crate::rules::{mtls, sidecars};
+use crate::telemetry::Metrics;
+use crate::watch;
+
+pub use reconcile::evaluate;
+use routing::Route;
+use watches::{Triggers, cached, isolated, meta_stream};
+
+/// Shared state of the running controller.
+pub struct State {
+    pub ctx: Context,
+    /// Only policies with these labels are handled (`--policy-selector`); all when `None`.
+    pub policy_selector: Option<String>,
+    store: RwLock<Option<Store<MeshPolicy>>>,
+    /// Reconciles running now; a shutdown waits for them (up to [`SHUTDOWN_GRACE`]).
+    in_flight: AtomicUsize,
+}
+
+impl State {
+    pub fn new(ctx: Context, policy_selector: Option<String>) -> Self {
+        State {
+            ctx,
+            policy_selector,
+            store: RwLock::new(None),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Lives as long as one reconcile: counts it as running (a shutdown waits for it) and, when
+/// dropped (however the reconcile ended), records its count and duration.
+struct Running<'a> {
+    count: &'a AtomicUsize,
+    metrics: &'a Metrics,
+    started: Instant,
+}
+
+impl<'a> Running<'a> {
+    fn enter(count: &'a AtomicUsize, metrics: &'a Metrics) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Running {
+            count,
+            metrics,
+            started: Instant::now(),
+        }
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.reconciles.inc();
+        self.metrics
+            .reconcile_duration
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// How long a shutdown waits for running reconciles (below Kubernetes' default 30 s grace).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Builds the controller and runs it until `shutdown` resolves.
+pub async fn run(
+    state: Arc<State>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let shutdown = shutdown.shared();
+    let client = state.ctx.client.clone();
+    let policies: Api<MeshPolicy> = Api::all(client.clone());
+    let mut wc = watcher::Config::default();
+    if let Some(sel) = &state.policy_selector {
+        wc = wc.labels(sel);
+    }
+    // The policy reflector is ours so that readiness can follow the end of its initial list
+    // (the store's own readiness future wakes only one waiter, which the controller needs).
+    let (store, writer) = reflector::store::<MeshPolicy>();
+    let listed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let policies_listed = listed.clone();
+    let health = state.ctx.metrics.watches.clone();
+    let policy_watch = watch::resilient(health.clone(), "MeshPolicies", move || {
+        watcher(policies.clone(), wc.clone())
+    });
+    let policy_stream = reflector::reflector(writer, policy_watch)
+        .inspect(move |ev| {
+            if let Ok(watcher::Event::InitDone) = ev {
+                policies_listed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+        .touched_objects();
+    let controller = Controller::for_stream(policy_stream, store.clone());
+    if let Ok(mut s) = state.store.write() {
+        *s = Some(store.clone());
+    }
+    // The mTLS section's pods (metadata of the pods that have not finished, reduced), read by
+    // its reconciles; changes that matter to the STRICT hold trigger every mtls policy.
+    let (mtls_pods, mtls_pod_events) = mtls::PodCache::watch(&client);
+    state.ctx.set_cache(Some(mtls_pods));
+    // Namespace labels, for routing workload events to sidecars sections; namespace changes
+    // also reach mtls sections (one watch serves both).
+    let (ns_store, ns_stream) = cached::<PartialObjectMeta<Namespace>>(
+        &client,
+        (&health, "Namespaces"),
+        watcher::Config::default(),
+        sidecars::strip_namespace,
+    );
+    // The sidecars section reads workloads, LimitRanges, ResourceQuotas and running pods from
+    // these stores instead of listing them on every reconcile. Workloads and pods are kept as
+    // the facts the rule reads (`compact::Compact`), not as objects. Pages of 100 on the large
+    // lists: a page is held whole before it is reduced.
+    let (deployments, deployment_events) = cached::<sidecars::CachedWorkload<Deployment>>(
+        &client,
+        (&health, "Deployments"),
+        watcher::Config::default().page_size(100),
+        |_| {},
+    );
+    let (statefulsets, statefulset_events) = cached::<sidecars::CachedWorkload<StatefulSet>>(
+        &client,
+        (&health, "StatefulSets"),
+        watcher::Config::default(),
+        |_| {},
+    );
+    let (daemonsets, daemonset_events) = cached::<sidecars::CachedWorkload<DaemonSet>>(
+        &client,
+        (&health, "DaemonSets"),
+        watcher::Config::default(),
+        |_| {},
+    );
+    let (limit_ranges, limit_range_events) = cached::<LimitRange>(
+        &client,
+        (&health, "LimitRanges"),
+        watcher::Config::default(),
+        |_| {},
+    );
+    let (quotas, quota_events) = cached::<ResourceQuota>(
+        &client,
+        (&health, "ResourceQuotas"),
+        watcher::Config::default(),
+        |_| {},
+    );
+    let (pods, pod_events) = cached::<sidecars::CachedPod>(
+        &client,
+        (&health, "RunningPods"),
+        watcher::Config::default()
+            .fields("status.phase=Running")
+            .page_size(100),
+        |_| {},
+    );
+    state.ctx.set_cache(Some(sidecars::Cache::new(
+        ns_store.clone(),
+        deployments,
+        statefulsets,
+        daemonsets,
+        limit_ranges,
+        quotas,
+        pods,
+    )));
+    // Ready once the policies and every cache have their initial list (a reconcile before
+    // that would wait for them). Polled: a store's readiness future wakes one waiter only.
+    let ready_task = {
+        let (metrics, cache) = (state.ctx.metrics.clone(), state.ctx.cache::<sidecars::Cache>());
+        let mtls_pods = state.ctx.cache::<mtls::PodCache>();
+        tokio::spawn(async move {
+            loop {
+                let caches = match &cache {
+                    Some(c) => c.ready(Duration::from_millis(100)).await,
+                    None => true,
+                } && match &mtls_pods {
+                    Some(c) => c.ready(Duration::from_millis(100)).await,
+                    None => true,
+                };
+                if caches && listed.load(std::sync::atomic::Ordering::Relaxed) {
+                    metrics.set_ready(true);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    // The stores' watches run in a task of their own: the controller stops polling its
+    // trigger streams while the policy they point at is being reconciled, and a reconcile
+    // reads these stores, so they must not wait for it. Their events reach the controller as
+    // a coalesced set of policies to reconcile.
+    let triggers = Triggers::default();
+    // A cache that listed again after a failure may have missed changes (its sections said
+    // Unknown meanwhile): every policy is evaluated again.
+    let resync_task = {
+        let (health, t, s) = (health.clone(), triggers.clone(), store.clone());
+        tokio::spawn(async move {
+            loop {
+                health.relisted().await;
+                t.add(
+                    s.state()
+                        .iter()
+                        .map(|p| ObjectRef::from_obj(p.as_ref()))
+                        .collect(),
+                );
+            }
+        })
+    };
+    // Workload events reach the policies whose HA or sidecars sections cover the namespace;
+    // namespace changes reach sidecars and mtls sections; mTLS pod changes reach mtls sections.
+    // LimitRanges, ResourceQuotas and running pods only keep their stores current.
+    let route = Route {
+        policies: store.clone(),
+        namespaces: ns_store,
+        triggers: triggers.clone(),
+    };
+    let cache_task = tokio::spawn(
+        async move {
+            futures::join!(
+                deployment_events.for_each(|r| route.workload(r.map(|o| o.metadata))),
+                statefulset_events.for_each(|r| route.workload(r.map(|o| o.metadata))),
+                daemonset_events.for_each(|r| route.workload(r.map(|o| o.metadata))),
+                ns_stream.for_each(|r| route.when_ok(r, |s| {
+                    let mut refs = routing::policies_with_sidecars(s);
+                    refs.extend(routing::policies_with_mtls(s));
+                    refs
+                })),
+                limit_range_events.for_each(|_| async {}),
+                quota_events.for_each(|_| async {}),
+                pod_events.for_each(|_| async {}),
+                mtls_pod_events.for_each(|r| {
+                    if let Err(e) = &r {
+                        warn!(watch = "Pods (mTLS)", error = %e, "watch failed; retrying with backoff");
+                    }
+                    route.when_ok(r, routing::policies_with_mtls)
+                }),
+            );
+        }
+        .instrument(tracing::info_span!("watches", of = "rule caches")),
+    );
+    let (hpa_route, pdb_route, pa_route) = (store.clone(), store.clone(), store.clone());
+    let running = controller
+        .reconcile_on(triggers.stream())
+        .watches_stream(
+            isolated(meta_stream::<HorizontalPodAutoscaler>(
+                &client,
+                &health,
+                "HorizontalPodAutoscalers",
+            )),
+            move |h| {
+                routing::policies_for_namespace(&hpa_route, &h.namespace().unwrap_or_default())
+            },
+        )
+        .watches_stream(
+            isolated(meta_stream::<PodDisruptionBudget>(
+                &client,
+                &health,
+                "PodDisruptionBudgets",
+            )),
+            move |b| {
+                routing::policies_for_namespace(&pdb_route, &b.namespace().unwrap_or_default())
+            },
+        )
+        .watches_stream(
+            isolated(mtls::changed_meta::<mtls::PeerAuthentication>(
+                &client,
+                (&health, "PeerAuthentications"),
+                mtls::peer_auth_fingerprint,
+            )),
+            move |_| routing::policies_with_mtls(&pa_route),
+        )
+        .graceful_shutdown_on(shutdown.clone())
+        .run(reconcile::reconcile, reconcile::error_policy, state.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "controller event");
+            }
+        });
+    // kube's graceful shutdown never returns while the policy store has not listed (CRD
+    // missing, list forbidden, API server down at start): its runner waits for the store
+    // first. Only the reconciles running when the shutdown comes are waited for.
+    let drained = async {
+        shutdown.await;
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while state.in_flight.load(Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                warn!("reconciles still running after the shutdown grace period; stopping them");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        _ = running => {}
+        _ = drained => {}
+    }
+    cache_task.abort();
+    ready_task.abort();
+    resync_task.abort();
+    state.ctx.set_cache::<sidecars::Cache>(None);
+    health.clear();
+    state.ctx.set_cache::<mtls::PodCache>(None);
+}

@@ -1,0 +1,300 @@
+//! One reconcile of one policy: evaluate every rule section, write status when it changed,
+//! publish Events, record metrics, and decide when to look again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::{Running, State};
+use crate::api::MeshPolicy;
+use crate::apply::FIELD_MANAGER;
+use crate::context::Context;
+use crate::error::{Error, Result, Retry, backoff};
+use crate::policy;
+use crate::rules::{RuleReport, ha, mtls, sidecars};
+use crate::status;
+use crate::status::conditions::{self, Status, types};
+use crate::status::reasons;
+
+/// Periodic re-check of every policy, as a safety net behind the watches.
+pub(super) const RESYNC: Duration = Duration::from_secs(300);
+
+/// Runs the rule sections of one policy. Pure of status; used by the reconciler and tests.
+pub async fn evaluate(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    all: &[&MeshPolicy],
+) -> (Vec<RuleReport>, Vec<policy::Conflict>) {
+    let (spec, conflicts) = policy::resolve(policy, all);
+    let control_plane = if spec.control_plane.is_some() {
+        ha::reconcile(
+            ctx,
+            policy,
+            ha::Section::ControlPlane,
+            &ha::control_plane_groups(&spec),
+        )
+        .await
+    } else {
+        RuleReport::not_configured(types::CONTROL_PLANE_HA, "controlPlane")
+    };
+    let gateways = if !spec.gateways.is_empty() {
+        ha::reconcile(
+            ctx,
+            policy,
+            ha::Section::Gateways,
+            &ha::gateway_groups(&spec),
+        )
+        .await
+    } else {
+        RuleReport::not_configured(types::GATEWAY_HA, "gateways")
+    };
+    let name = policy.name_any();
+    let sidecars = match &spec.sidecars {
+        None => {
+            ctx.metrics.set_sidecar_drift(&name, &Default::default());
+            RuleReport::not_configured(types::SIDECAR_RESOURCES, "sidecars")
+        }
+        Some(_) if !stale_sidecar_caches(ctx).is_empty() => {
+            let stale = stale_sidecar_caches(ctx);
+            let names: Vec<&str> = stale.iter().map(|(n, _)| n.as_str()).collect();
+            RuleReport {
+                condition: conditions::Observed::new(
+                    types::SIDECAR_RESOURCES,
+                    Status::Unknown,
+                    reasons::CACHE_NOT_SYNCED,
+                    format!(
+                        "the watches of {} failed ({}) and have not listed again: the section is evaluated once they have, within seconds of the API server answering",
+                        names.join(", "),
+                        stale[0].1
+                    ),
+                ),
+                ..RuleReport::not_configured(types::SIDECAR_RESOURCES, "sidecars")
+            }
+        }
+        Some(s) => {
+            let enforcement = policy::effective(&spec, s.enforcement);
+            let (report, stats) = sidecars::reconcile_with_stats(ctx, policy, s, enforcement).await;
+            // A failed pass keeps the last known drift.
+            if report.condition.status != Status::Unknown {
+                let drift = stats
+                    .pod_drift
+                    .iter()
+                    .map(|(ns, pods)| (ns.clone(), pods.len()))
+                    .collect();
+                ctx.metrics.set_sidecar_drift(&name, &drift);
+            }
+            report
+        }
+    };
+    let mtls = match &spec.mtls {
+        None => RuleReport::not_configured(types::MUTUAL_TLS, "mtls"),
+        Some(m) => mtls::reconcile(ctx, policy, m, policy::effective(&spec, m.enforcement)).await,
+    };
+    (vec![control_plane, gateways, sidecars, mtls], conflicts)
+}
+
+/// Watches whose caches the sidecars section reads.
+const SIDECAR_WATCHES: [&str; 7] = [
+    "Namespaces",
+    "Deployments",
+    "StatefulSets",
+    "DaemonSets",
+    "LimitRanges",
+    "ResourceQuotas",
+    "RunningPods",
+];
+
+/// The sidecars section's caches that missed changes (watch failed, not listed again yet).
+fn stale_sidecar_caches(ctx: &Context) -> Vec<(String, String)> {
+    ctx.metrics.watches.stale(&SIDECAR_WATCHES)
+}
+
+#[tracing::instrument(skip_all, fields(policy = %policy.name_any(), generation = policy.metadata.generation))]
+pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action> {
+    let running = Running::enter(&state.in_flight, &state.ctx.metrics);
+    let ctx = &state.ctx;
+    let name = policy.name_any();
+    tracing::debug!("reconcile starts");
+    let all: Vec<Arc<MeshPolicy>> = state
+        .store
+        .read()
+        .ok()
+        .and_then(|s| s.as_ref().map(|s| s.state()))
+        .unwrap_or_default();
+    let refs: Vec<&MeshPolicy> = all.iter().map(|p| p.as_ref()).collect();
+    let (reports, conflicts) = evaluate(ctx, &policy, &refs).await;
+
+    let now = Time(jiff::Timestamp::now());
+    let new_status = status::build(
+        policy.status.as_ref(),
+        policy.metadata.generation,
+        &reports,
+        &conflicts,
+        &now,
+    );
+    if !status::unchanged(policy.status.as_ref(), &new_status) {
+        let api: Api<MeshPolicy> = Api::all(ctx.client.clone());
+        let patch = json!({
+            "apiVersion": "meshwarden.io/v1alpha1",
+            "kind": "MeshPolicy",
+            "status": new_status,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|e| Error::kube(format!("update status of MeshPolicy {name}"), e))?;
+        let before = policy
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        publish_events(ctx, &policy, &before, &new_status.conditions, &reports).await;
+    }
+
+    let names: Vec<String> = all.iter().map(|p| p.name_any()).collect();
+    ctx.metrics.retain_policies(&names);
+    record_metrics(ctx, &name, &reports, &new_status);
+
+    // A section that could not be evaluated, or whose writes the API server refused (an
+    // admission policy, a change freeze), is retried with backoff.
+    let failing: Vec<&RuleReport> = reports
+        .iter()
+        .filter(|r| {
+            r.condition.status == Status::Unknown || r.condition.reason == reasons::WRITE_FAILED
+        })
+        .collect();
+    if failing.is_empty() {
+        ctx.succeeded(&name);
+        info!(
+            policy = %name,
+            targets = new_status.targets,
+            violations = new_status.violation_count,
+            took_ms = running.elapsed().as_millis() as u64,
+            "reconciled"
+        );
+        Ok(Action::requeue(RESYNC))
+    } else {
+        let n = ctx.failed(&name);
+        let retry = if failing
+            .iter()
+            .any(|r| r.condition.reason == reasons::FORBIDDEN)
+        {
+            Retry::Permission
+        } else {
+            Retry::Transient
+        };
+        let wait = backoff(retry, n);
+        for r in failing {
+            warn!(policy = %name, rule = %r.condition.type_, reason = %r.condition.reason, message = %r.condition.message, "rule failed");
+        }
+        Ok(Action::requeue(wait))
+    }
+}
+
+async fn publish_events(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    before: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    after: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    reports: &[RuleReport],
+) {
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let reference = policy.object_ref(&());
+    let mut events: Vec<Event> = conditions::transitions(before, after)
+        .into_iter()
+        .map(|c| Event {
+            type_: if c.status == "True" {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: c.reason.clone(),
+            note: Some(conditions::truncate(
+                &format!("{}: {}", c.type_, c.message),
+                1000,
+            )),
+            action: c.type_.clone(),
+            secondary: None,
+        })
+        .collect();
+    for r in reports {
+        for line in r.corrections.iter().take(5) {
+            events.push(Event {
+                type_: EventType::Normal,
+                reason: "Corrected".into(),
+                note: Some(conditions::truncate(line, 1000)),
+                action: r.condition.type_.clone(),
+                secondary: None,
+            });
+        }
+    }
+    for ev in events {
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            warn!(policy = %policy.name_any(), error = %e, "cannot publish event");
+        }
+    }
+}
+
+fn record_metrics(
+    ctx: &Context,
+    policy: &str,
+    reports: &[RuleReport],
+    status: &crate::api::MeshPolicyStatus,
+) {
+    use crate::telemetry::{ErrorLabels, PolicyLabels, RuleLabels};
+    let m = &ctx.metrics;
+    let ready = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == types::READY && c.status == "True");
+    m.policy_ready
+        .get_or_create(&PolicyLabels {
+            policy: policy.to_string(),
+        })
+        .set(i64::from(ready));
+    for r in reports {
+        let labels = RuleLabels {
+            policy: policy.to_string(),
+            rule: r.condition.type_.clone(),
+        };
+        m.violations
+            .get_or_create(&labels)
+            .set(i64::try_from(r.violations.len()).unwrap_or(i64::MAX));
+        if r.corrected > 0 {
+            m.corrections
+                .get_or_create(&labels)
+                .inc_by(u64::try_from(r.corrected).unwrap_or(0));
+        }
+        if r.condition.status == Status::Unknown {
+            m.reconcile_errors
+                .get_or_create(&ErrorLabels {
+                    kind: r.condition.reason.clone(),
+                })
+                .inc();
+        }
+    }
+}
+
+pub(super) fn error_policy(policy: Arc<MeshPolicy>, err: &Error, state: Arc<State>) -> Action {
+    let n = state.ctx.failed(&policy.name_any());
+    state
+        .ctx
+        .metrics
+        .reconcile_errors
+        .get_or_create(&crate::telemetry::ErrorLabels {
+            kind: err.reason().to_string(),
+        })
+        .inc();
+    warn!(policy = %policy.name_any(), error = %err, "reconcile failed");
+    Action::requeue(err.backoff(n))
+}

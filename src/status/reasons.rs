@@ -1,0 +1,167 @@
+//! Every reason a condition can carry, and every action a violation can name. Conditions,
+//! Events, metric labels and docs/reference.md use these words; a test keeps the reference
+//! in step with [`ALL`].
+
+/// The section holds: every target meets it.
+pub const COMPLIANT: &str = "Compliant";
+/// meshwarden corrected deviations in this reconcile; the section now holds.
+pub const CORRECTED: &str = "Corrected";
+/// Holds, but a field another manager set was taken over (change it at the source).
+pub const FIELD_OWNED_BY_OTHER: &str = "FieldOwnedByOther";
+/// The section is not set in the policy.
+pub const NOT_CONFIGURED: &str = "NotConfigured";
+/// Deviations reported (Audit, or nothing meshwarden may write).
+pub const NON_COMPLIANT: &str = "NonCompliant";
+/// The section selects nothing that exists.
+pub const NO_TARGETS: &str = "NoTargets";
+/// A deviation meshwarden cannot correct by writing (for example a HPA that caps replicas).
+pub const CANNOT_CORRECT: &str = "CannotCorrect";
+/// Another writer keeps reverting values meshwarden set; those fields are left alone for a while.
+pub const FIGHT_DETECTED: &str = "FightDetected";
+/// The API server refused a write (admission policy, change freeze, permission).
+pub const WRITE_FAILED: &str = "WriteFailed";
+/// A PodDisruptionBudget allows no disruption: node drains block.
+pub const BUDGET_BLOCKS_DRAIN: &str = "BudgetBlocksDrain";
+/// The gateway is rendered by istiod; meshwarden reports it and never patches it.
+pub const MANAGED_BY_ISTIOD: &str = "ManagedByIstiod";
+/// STRICT is held back while clients without a sidecar would be cut off.
+pub const STRICT_HELD: &str = "StrictHeld";
+/// Weaker user overrides exist and are reported, not rewritten (`mtls.overrides: Report`).
+pub const OVERRIDES_REPORTED: &str = "OverridesReported";
+/// STRICT is in force and clients without a sidecar are cut off by it.
+pub const CLIENTS_CUT_OFF: &str = "ClientsCutOff";
+/// A sidecar rollout meshwarden started stopped making progress.
+pub const ROLLOUT_STALLED: &str = "RolloutStalled";
+/// Sidecar rollouts are under way (paced).
+pub const ROLLOUT_IN_PROGRESS: &str = "RolloutInProgress";
+/// The declared proxy resources do not fit a LimitRange or ResourceQuota.
+pub const QUOTA_CONFLICT: &str = "QuotaConflict";
+/// `sidecars.resources` lacks a value the section needs.
+pub const INCOMPLETE_RESOURCES: &str = "IncompleteResources";
+/// A watch the section reads from failed and has not listed again.
+pub const CACHE_NOT_SYNCED: &str = "CacheNotSynced";
+/// `Ready`: some section is not True.
+pub const RULES_NOT_READY: &str = "RulesNotReady";
+/// `Conflict`: an older policy sets a rule differently and wins.
+pub const OLDER_POLICY_WINS: &str = "OlderPolicyWins";
+
+/// Reasons of a section that could not be evaluated (`Unknown`), from the error.
+pub const FORBIDDEN: &str = "Forbidden";
+pub const CONFLICT: &str = "Conflict";
+pub const NOT_FOUND: &str = "NotFound";
+pub const REJECTED: &str = "Rejected";
+pub const API_ERROR: &str = "ApiError";
+pub const API_UNREACHABLE: &str = "ApiUnreachable";
+pub const INVALID_SPEC: &str = "InvalidSpec";
+pub const UNEXPECTED_OBJECT: &str = "UnexpectedObject";
+pub const INTERNAL_ERROR: &str = "InternalError";
+
+/// Every reason above, for the reference check.
+pub const ALL: &[&str] = &[
+    COMPLIANT,
+    CORRECTED,
+    FIELD_OWNED_BY_OTHER,
+    NOT_CONFIGURED,
+    NON_COMPLIANT,
+    NO_TARGETS,
+    CANNOT_CORRECT,
+    FIGHT_DETECTED,
+    WRITE_FAILED,
+    BUDGET_BLOCKS_DRAIN,
+    MANAGED_BY_ISTIOD,
+    STRICT_HELD,
+    OVERRIDES_REPORTED,
+    CLIENTS_CUT_OFF,
+    ROLLOUT_STALLED,
+    ROLLOUT_IN_PROGRESS,
+    QUOTA_CONFLICT,
+    INCOMPLETE_RESOURCES,
+    CACHE_NOT_SYNCED,
+    RULES_NOT_READY,
+    OLDER_POLICY_WINS,
+    FORBIDDEN,
+    CONFLICT,
+    NOT_FOUND,
+    REJECTED,
+    API_ERROR,
+    API_UNREACHABLE,
+    INVALID_SPEC,
+    UNEXPECTED_OBJECT,
+    INTERNAL_ERROR,
+];
+
+/// What meshwarden did about one violation (`status.violations[].action`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ViolationAction {
+    /// Audit, or nothing meshwarden may write: reported only.
+    Reported,
+    /// Enforce, but deliberately not written yet (the STRICT hold, a rollout slot).
+    Held,
+    /// Enforce, but left alone this time (a fight, a failed write retried later).
+    Skipped,
+    /// Enforce: the write was refused.
+    Failed,
+}
+
+impl ViolationAction {
+    pub const ALL: [ViolationAction; 4] = [
+        ViolationAction::Reported,
+        ViolationAction::Held,
+        ViolationAction::Skipped,
+        ViolationAction::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ViolationAction::Reported => "Reported",
+            ViolationAction::Held => "Held",
+            ViolationAction::Skipped => "Skipped",
+            ViolationAction::Failed => "Failed",
+        }
+    }
+}
+
+impl From<ViolationAction> for String {
+    fn from(a: ViolationAction) -> String {
+        a.as_str().to_string()
+    }
+}
+
+impl PartialEq<ViolationAction> for String {
+    fn eq(&self, a: &ViolationAction) -> bool {
+        self == a.as_str()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reference_names_every_reason_and_action() {
+        let reference = include_str!("../../docs/reference.md");
+        let missing: Vec<&str> = ALL
+            .iter()
+            .copied()
+            .chain(ViolationAction::ALL.iter().map(|a| a.as_str()))
+            .filter(|r| !reference.contains(&format!("`{r}`")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "docs/reference.md does not name {missing:?}"
+        );
+    }
+
+    #[test]
+    fn reasons_are_unique_camel_case_words() {
+        let mut seen = std::collections::BTreeSet::new();
+        for r in ALL {
+            assert!(seen.insert(*r), "{r} twice");
+            assert!(
+                r.chars().next().is_some_and(|c| c.is_ascii_uppercase()),
+                "{r}"
+            );
+            assert!(r.chars().all(|c| c.is_ascii_alphanumeric()), "{r}");
+        }
+    }
+}
