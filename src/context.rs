@@ -3,13 +3,12 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
 
 use kube::Client;
 use kube::runtime::events::Reporter;
 
-use crate::apply::{FightTracker, WriteCounter};
 use crate::telemetry::Metrics;
+use crate::write::{Memory, WriteCounter};
 
 /// Shared by every reconcile of every policy.
 pub struct Context {
@@ -18,9 +17,9 @@ pub struct Context {
     /// Writes made so far (benchmarks and metrics).
     pub writes: WriteCounter,
     pub metrics: Arc<Metrics>,
-    fights: Mutex<FightTracker>,
+    /// Fight and takeover memory of the writes.
+    pub memory: Memory,
     failures: Mutex<HashMap<String, u32>>,
-    takeovers: Mutex<HashMap<String, Vec<String>>>,
     /// The rule sections' watch caches while the controller runs, one per type.
     caches: RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
 }
@@ -40,9 +39,8 @@ impl Context {
             },
             writes: WriteCounter::new(metrics.writes.clone()),
             metrics,
-            fights: Mutex::new(FightTracker::default()),
+            memory: Memory::default(),
             failures: Mutex::new(HashMap::new()),
-            takeovers: Mutex::new(HashMap::new()),
             caches: RwLock::new(HashMap::new()),
         }
     }
@@ -64,41 +62,6 @@ impl Context {
         }
     }
 
-    /// Replaces the fight detection: `limit` corrections within `window` (0 turns it off).
-    pub fn set_fight_limit(&self, window: std::time::Duration, limit: usize) {
-        if let Ok(mut f) = self.fights.lock() {
-            *f = FightTracker::new(window, if limit == 0 { usize::MAX } else { limit });
-        }
-    }
-
-    /// True when `key` is in a fight (see [`FightTracker`]).
-    pub fn fight_check(&self, key: &str, now: Instant) -> bool {
-        self.fights
-            .lock()
-            .map(|mut f| f.is_fight(key, now))
-            .unwrap_or(false)
-    }
-
-    /// Records a correction of `key`.
-    pub fn fight_record(&self, key: &str, now: Instant) {
-        if let Ok(mut f) = self.fights.lock() {
-            f.record(key, now);
-        }
-    }
-
-    /// Records that meshwarden set the field `key` (see [`FightTracker::correct`]).
-    pub fn fight_correct(
-        &self,
-        key: &str,
-        now: Instant,
-        seen: &crate::apply::ForeignWrites,
-        after: &crate::apply::ForeignWrites,
-    ) {
-        if let Ok(mut f) = self.fights.lock() {
-            f.correct(key, now, seen, after);
-        }
-    }
-
     /// Counts a failed reconcile of `policy`; returns failures in a row so far.
     pub fn failed(&self, policy: &str) -> u32 {
         let Ok(mut f) = self.failures.lock() else {
@@ -107,35 +70,6 @@ impl Context {
         let n = f.entry(policy.to_string()).or_insert(0);
         *n += 1;
         *n - 1
-    }
-
-    /// Adds fields taken over from other managers under `key` (policy, generation and
-    /// section) and returns all taken over under that key so far, so that the condition keeps
-    /// naming them after the other manager has lost ownership, until the spec changes.
-    pub fn remember_takeovers(&self, key: &str, new: &[String]) -> Vec<String> {
-        let Ok(mut t) = self.takeovers.lock() else {
-            return new.to_vec();
-        };
-        // Entries of older generations of the same policy are dropped.
-        let policy_gen = |k: &str| {
-            let mut parts = k.splitn(3, '/');
-            (
-                parts.next().map(str::to_string),
-                parts.next().map(str::to_string),
-            )
-        };
-        let (policy, generation) = policy_gen(key);
-        t.retain(|k, _| {
-            let (p, g) = policy_gen(k);
-            p != policy || g == generation
-        });
-        let all = t.entry(key.to_string()).or_default();
-        for n in new {
-            if !all.contains(n) {
-                all.push(n.clone());
-            }
-        }
-        all.clone()
     }
 
     /// Clears the failure count of `policy` after a good reconcile.
@@ -167,35 +101,5 @@ mod tests {
         c.set_cache::<u32>(None);
         assert_eq!(c.cache::<u32>(), None);
         assert!(c.cache::<String>().is_some());
-    }
-
-    #[tokio::test]
-    async fn takeovers_accumulate_per_generation_and_section() {
-        let c = ctx();
-        assert_eq!(
-            c.remember_takeovers("p/1/ControlPlaneHA", &["a".into()]),
-            vec!["a"]
-        );
-        assert_eq!(
-            c.remember_takeovers("p/1/GatewayHA", &["g".into()]),
-            vec!["g"]
-        );
-        assert_eq!(
-            c.remember_takeovers("p/1/ControlPlaneHA", &[]),
-            vec!["a"],
-            "kept across reconciles and sections"
-        );
-        assert!(
-            c.remember_takeovers("p/2/ControlPlaneHA", &[]).is_empty(),
-            "a new generation starts afresh"
-        );
-        assert!(
-            c.remember_takeovers("p/1/GatewayHA", &[]).is_empty(),
-            "older generations are dropped"
-        );
-        assert_eq!(
-            c.remember_takeovers("q/1/GatewayHA", &["x".into()]),
-            vec!["x"]
-        );
     }
 }

@@ -3,7 +3,6 @@
 //! `api` declares the MeshPolicy resource; `controller` runs the reconcile loop; each module
 //! under `rules` holds one rule section; `apply` is the only write path.
 pub mod api;
-pub mod apply;
 pub mod compact;
 pub mod context;
 pub mod controller;
@@ -16,4 +15,5 @@ pub mod selector;
 pub mod status;
 pub mod telemetry;
 pub mod watch;
+pub mod write;
 pub mod yaml;

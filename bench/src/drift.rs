@@ -34,7 +34,7 @@ pub async fn run(n: usize) {
         ),
         None,
     ));
-    state.ctx.set_fight_limit(Duration::from_secs(1), 0);
+    state.ctx.memory.set_fight_limit(Duration::from_secs(1), 0);
     let st = state.clone();
     tokio::spawn(async move { controller::run(st, std::future::pending()).await });
     let policies: Api<MeshPolicy> = Api::all(admin.clone());

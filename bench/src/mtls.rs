@@ -237,7 +237,7 @@ async fn baseline(client: &Client, n: usize) -> Duration {
             async move {
                 api.patch(
                     mtls::SCOPE_OBJECT,
-                    &PatchParams::apply(meshwarden::apply::FIELD_MANAGER).force(),
+                    &PatchParams::apply(meshwarden::write::FIELD_MANAGER).force(),
                     &Patch::Apply(peer_auth(&ns, "00000000-0000-0000-0000-000000000000")),
                 )
                 .await

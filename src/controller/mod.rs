@@ -191,7 +191,10 @@ pub async fn run(
     // Ready once the policies and every cache have their initial list (a reconcile before
     // that would wait for them). Polled: a store's readiness future wakes one waiter only.
     let ready_task = {
-        let (metrics, cache) = (state.ctx.metrics.clone(), state.ctx.cache::<sidecars::Cache>());
+        let (metrics, cache) = (
+            state.ctx.metrics.clone(),
+            state.ctx.cache::<sidecars::Cache>(),
+        );
         let mtls_pods = state.ctx.cache::<mtls::PodCache>();
         tokio::spawn(async move {
             loop {

@@ -14,7 +14,6 @@ use tracing::{info, warn};
 
 use super::{Running, State};
 use crate::api::MeshPolicy;
-use crate::apply::FIELD_MANAGER;
 use crate::context::Context;
 use crate::error::{Error, Result, Retry, backoff};
 use crate::policy;
@@ -22,6 +21,7 @@ use crate::rules::{RuleReport, ha, mtls, sidecars};
 use crate::status;
 use crate::status::conditions::{self, Status, types};
 use crate::status::reasons;
+use crate::write::FIELD_MANAGER;
 
 /// Periodic re-check of every policy, as a safety net behind the watches.
 pub(super) const RESYNC: Duration = Duration::from_secs(300);

@@ -76,23 +76,3 @@ pub fn covers_namespace(spec: &crate::api::MeshPolicySpec, namespace: &str) -> b
         .is_some_and(|c| c.namespace == namespace)
         || spec.gateways.iter().any(|g| g.namespace == namespace)
 }
-
-/// The condition sentence naming fields meshwarden took over from other managers.
-pub fn takeover_sentence(takeovers: &[String]) -> Option<String> {
-    (!takeovers.is_empty()).then(|| {
-        format!(
-            "meshwarden took over fields another manager set: {}; change the source (Helm values, Git) so it stops setting other values",
-            takeovers.join(", ")
-        )
-    })
-}
-
-/// The condition sentence naming objects meshwarden stopped rewriting because of a fight.
-pub fn fight_sentence(fights: &[String]) -> Option<String> {
-    (!fights.is_empty()).then(|| {
-        format!(
-            "{} keep being changed back by another writer; meshwarden stopped rewriting them for 10 minutes: find the other writer (kubectl get -o yaml --show-managed-fields)",
-            fights.join(", ")
-        )
-    })
-}

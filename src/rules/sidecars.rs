@@ -18,8 +18,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
     Container, LimitRange, Namespace, Pod, PodTemplateSpec, ResourceQuota,
@@ -33,7 +31,6 @@ use kube::runtime::reflector::Store;
 use serde_json::{Value, json};
 
 use crate::api::{Enforcement, MeshPolicy, Pacing, ResourcesSpec, SidecarSpec, Violation};
-use crate::apply::{self, FIELD_MANAGER};
 use crate::compact::Compact;
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -41,7 +38,10 @@ use crate::quantity;
 use crate::rules::RuleReport;
 use crate::selector;
 use crate::status::conditions::{Observed, Status, types};
+use crate::status::messages::{self, Contested, list};
 use crate::status::reasons::{self, ViolationAction};
+use crate::write::driver::{self, Outcome, Planned};
+use crate::write::{self, FIELD_MANAGER, FightKey, ForeignWrites};
 
 /// CPU request of the proxy.
 pub const PROXY_CPU: &str = "sidecar.istio.io/proxyCPU";
@@ -326,17 +326,6 @@ pub fn daemonset_rollout(d: &DaemonSet) -> Rollout {
     }
 }
 
-/// When meshwarden last changed the object (its `Apply` entry in managedFields).
-fn meshwarden_write_time(meta: &ObjectMeta) -> Option<jiff::Timestamp> {
-    meta.managed_fields
-        .iter()
-        .flatten()
-        .filter(|m| m.manager.as_deref() == Some(FIELD_MANAGER))
-        .filter(|m| m.subresource.as_deref().unwrap_or_default().is_empty())
-        .filter_map(|m| m.time.as_ref().map(|t| t.0))
-        .max()
-}
-
 /// True when meshwarden owns fields of the object beyond the sidecar annotations, i.e. another
 /// meshwarden rule (gateway or control-plane HA) writes it with the same field manager. Writing
 /// it from this rule too would release that rule's fields, so it is left alone.
@@ -554,9 +543,25 @@ pub struct WorkloadFacts {
     pub written_at: Option<jiff::Timestamp>,
     /// Managers other than meshwarden that own one of the four annotations.
     pub foreign_owners: Vec<String>,
+    /// Their writes of the four annotations (the evidence of a fight).
+    pub foreign_writes: ForeignWrites,
     /// Requests/limits of the template's other containers.
     pub other_containers: Amounts,
     pub rollout: Rollout,
+}
+
+/// The `managedFields` paths of the four proxy annotations.
+fn annotation_paths() -> Vec<Vec<String>> {
+    [PROXY_CPU, PROXY_CPU_LIMIT, PROXY_MEMORY, PROXY_MEMORY_LIMIT]
+        .iter()
+        .map(|k| {
+            ["f:spec", "f:template", "f:metadata", "f:annotations"]
+                .iter()
+                .map(|p| p.to_string())
+                .chain([format!("f:{k}")])
+                .collect()
+        })
+        .collect()
 }
 
 const TEMPLATE_LABELS: [&str; 2] = [INJECT, "istio.io/rev"];
@@ -588,12 +593,10 @@ impl WorkloadFacts {
     ) -> Self {
         let tpl_meta = template.and_then(|t| t.metadata.as_ref());
         let mut foreign_owners = Vec::new();
-        for k in [PROXY_CPU, PROXY_CPU_LIMIT, PROXY_MEMORY, PROXY_MEMORY_LIMIT] {
-            let key = format!("f:{k}");
-            for m in apply::foreign_managers(
-                meta,
-                &["f:spec", "f:template", "f:metadata", "f:annotations", &key],
-            ) {
+        let paths = annotation_paths();
+        for path in &paths {
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            for m in write::foreign_managers(meta, &path) {
                 if !foreign_owners.contains(&m) {
                     foreign_owners.push(m);
                 }
@@ -615,8 +618,9 @@ impl WorkloadFacts {
             ),
             opted_out: opted_out(&annotations_of(Some(meta))),
             other_rule: owned_by_other_rule(meta),
-            written_at: meshwarden_write_time(meta),
+            written_at: write::fields::meshwarden_write_time(meta),
             foreign_owners,
+            foreign_writes: write::foreign_writes(meta, &paths),
             other_containers: container_amounts(containers),
             rollout,
         }
@@ -1430,32 +1434,31 @@ where
 }
 
 /// Applies the patch; returns the generation the write produced.
-async fn write(ctx: &Context, w: &Workload, patch: &Value) -> Result<Option<i64>> {
+/// Writes the annotations; returns the generation the write produced and the other managers'
+/// writes of the annotations as it left them.
+async fn write(ctx: &Context, w: &Workload, patch: &Value) -> Result<(Option<i64>, ForeignWrites)> {
     let c = ctx.client.clone();
     let ns = &w.namespace;
     let w_ = &ctx.writes;
-    match w.kind {
-        Kind::Deployment => apply::apply(&Api::<Deployment>::namespaced(c, ns), &w.name, patch, w_)
-            .await
-            .map(|o| o.metadata.generation),
-        Kind::StatefulSet => {
-            apply::apply(&Api::<StatefulSet>::namespaced(c, ns), &w.name, patch, w_)
-                .await
-                .map(|o| o.metadata.generation)
+    let meta = match w.kind {
+        Kind::Deployment => {
+            write::apply(&Api::<Deployment>::namespaced(c, ns), &w.name, patch, w_)
+                .await?
+                .metadata
         }
-        Kind::DaemonSet => apply::apply(&Api::<DaemonSet>::namespaced(c, ns), &w.name, patch, w_)
-            .await
-            .map(|o| o.metadata.generation),
-    }
-}
-
-fn list(items: &[String], max: usize) -> String {
-    let shown: Vec<&str> = items.iter().take(max).map(String::as_str).collect();
-    if items.len() > max {
-        format!("{} and {} more", shown.join(", "), items.len() - max)
-    } else {
-        shown.join(", ")
-    }
+        Kind::StatefulSet => {
+            write::apply(&Api::<StatefulSet>::namespaced(c, ns), &w.name, patch, w_)
+                .await?
+                .metadata
+        }
+        Kind::DaemonSet => {
+            write::apply(&Api::<DaemonSet>::namespaced(c, ns), &w.name, patch, w_)
+                .await?
+                .metadata
+        }
+    };
+    let after = write::foreign_writes(&meta, &annotation_paths());
+    Ok((meta.generation, after))
 }
 
 /// Observes, plans and (in Enforce) applies the sidecars section; reports the result.
@@ -1550,7 +1553,7 @@ pub async fn reconcile_with_stats(
     let mut held: Vec<String> = Vec::new();
     let mut stalled: Vec<String> = Vec::new();
     let mut rolling: Vec<String> = Vec::new();
-    let mut to_write: Vec<(&Workload, &Decision, String, String)> = Vec::new();
+    let mut to_write: Vec<Planned<(&Workload, &Decision, String)>> = Vec::new();
     report.targets = i32::try_from(targets.len()).unwrap_or(i32::MAX);
     for (w, d) in targets.iter().zip(&decisions) {
         let id = w.id();
@@ -1587,48 +1590,58 @@ pub async fn reconcile_with_stats(
                 ViolationAction::Skipped,
                 format!("{devs}; not written: {why}"),
             )),
-            Action::Apply => {
-                let key = format!("{}:sidecars:{id}", policy.name_any());
-                if ctx.fight_check(&key, Instant::now()) {
-                    fights.push(id.clone());
-                    report.violations.push(violation(
-                        ViolationAction::Skipped,
-                        format!("{devs}; another writer keeps changing these annotations back"),
-                    ));
-                    continue;
-                }
-                to_write.push((w, d, key, devs));
+            Action::Apply => to_write.push(Planned {
+                key: FightKey {
+                    policy: policy.name_any(),
+                    section: ctype,
+                    object: id.clone(),
+                    field: None,
+                },
+                seen: Some(w.foreign_writes.clone()),
+                item: (w, d, devs),
+            }),
+        }
+    }
+    // Fight check → write (a bounded number in flight, each patch built only when it starts)
+    // → record, in target order.
+    let generations: std::sync::Mutex<HashMap<String, Option<i64>>> = Default::default();
+    let (generations_ref, desired_ref) = (&generations, &desired);
+    let outcomes = driver::drive(&ctx.memory, to_write, WRITE_CONCURRENCY, |&(w, _, _)| {
+        let (generations, desired) = (generations_ref, desired_ref);
+        async move {
+            let (generation, after) = write(ctx, w, &patch(w, desired)).await?;
+            if let Ok(mut g) = generations.lock() {
+                g.insert(w.id(), generation);
             }
+            Ok(Some(after))
         }
-    }
-    // The writes, a bounded number in flight (a slow one holds no slot but its own), each
-    // built only when it starts; results put back in target order.
-    let mut in_flight = futures::stream::FuturesUnordered::new();
-    let mut done: Vec<(usize, Result<Option<i64>>)> = Vec::with_capacity(to_write.len());
-    let mut next = 0;
-    loop {
-        while in_flight.len() < WRITE_CONCURRENCY && next < to_write.len() {
-            let (i, w) = (next, to_write[next].0);
-            let p = patch(w, &desired);
-            in_flight.push(async move { (i, write(ctx, w, &p).await) });
-            next += 1;
-        }
-        match in_flight.next().await {
-            Some(r) => done.push(r),
-            None => break,
-        }
-    }
-    done.sort_by_key(|(i, _)| *i);
-    let results = done.into_iter().map(|(_, r)| r);
+    })
+    .await;
+    let generations = generations.into_inner().unwrap_or_default();
+    let written = outcomes
+        .iter()
+        .filter(|(_, o)| !matches!(o, Outcome::Fighting(_)))
+        .count();
     let mut first_error = None;
     let mut failed_writes = 0;
-    for ((w, d, key, devs), result) in to_write.iter().zip(results) {
-        if let Some(c) = &cache {
-            c.record_write_result(w, result.is_ok());
-        }
-        let generation = match result {
-            Ok(g) => g,
-            Err(e) => {
+    for (_, outcome) in outcomes {
+        let (w, d, devs) = match outcome {
+            Outcome::Fighting((w, _, devs)) => {
+                fights.push(w.id());
+                report.violations.push(Violation {
+                    rule: ctype.into(),
+                    object: w.id(),
+                    message: format!(
+                        "{devs}; another writer keeps changing these annotations back"
+                    ),
+                    action: ViolationAction::Skipped.into(),
+                });
+                continue;
+            }
+            Outcome::Failed((w, _, devs), e) => {
+                if let Some(c) = &cache {
+                    c.record_write_result(w, false);
+                }
                 // Reported on its own; the others' writes and slots are not held up by it.
                 failed_writes += 1;
                 report.violations.push(Violation {
@@ -1642,12 +1655,13 @@ pub async fn reconcile_with_stats(
                 first_error.get_or_insert(e);
                 continue;
             }
+            Outcome::Written(item) => item,
         };
-        if let Some(c) = &cache {
-            c.record_written(w, generation);
-        }
         let id = w.id();
-        ctx.fight_record(key, Instant::now());
+        if let Some(c) = &cache {
+            c.record_write_result(w, true);
+            c.record_written(w, generations.get(&id).copied().flatten());
+        }
         report.corrected += 1;
         report.compliant += 1;
         // The first few are published as Events; the rest are counted in `corrected`.
@@ -1665,10 +1679,7 @@ pub async fn reconcile_with_stats(
         }
     }
     // Every write failed: most likely not about one workload (permissions, the API server).
-    if let Some(e) = first_error
-        .as_ref()
-        .filter(|_| failed_writes == to_write.len())
-    {
+    if let Some(e) = first_error.as_ref().filter(|_| failed_writes == written) {
         let mut failed = RuleReport::failed(ctype, e);
         failed.targets = report.targets;
         return (failed, stats);
@@ -1723,12 +1734,7 @@ pub async fn reconcile_with_stats(
             why.join("; ")
         ));
     }
-    if !fights.is_empty() {
-        msg.push(format!(
-            "{} keep being changed back by another writer; meshwarden stopped rewriting them for 10 minutes",
-            list(&fights, 5)
-        ));
-    }
+    msg.extend(messages::fight_sentence(&fights, Contested::Objects));
     if !takeovers.is_empty() {
         msg.push(format!(
             "meshwarden took over proxy annotations another manager set: {}",
@@ -1838,6 +1844,7 @@ mod tests {
                 other_rule: false,
                 written_at: None,
                 foreign_owners: vec![],
+                foreign_writes: ForeignWrites::default(),
                 other_containers: Amounts::new(),
                 rollout: rollout.clone(),
             }),
@@ -2406,6 +2413,7 @@ mod tests {
             other_rule: false,
             written_at: None,
             foreign_owners: vec![],
+            foreign_writes: ForeignWrites::default(),
             other_containers: Amounts::new(),
             rollout: Rollout::Complete,
         };

@@ -3,6 +3,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{MeshPolicyStatus, Violation};
 pub mod conditions;
+pub mod messages;
 pub mod reasons;
 
 use crate::policy::Conflict;

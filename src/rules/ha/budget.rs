@@ -3,13 +3,13 @@
 
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use serde_json::{Value, json};
 
 use super::plan::{int_or_string_json, ios_string};
-use super::{Finding, HaRules, MANAGED_BY, Observation, POLICY_LABEL, PdbAction, Plan, object_id};
+use super::{Finding, HaRules, Observation, PdbAction, Plan, object_id};
 use crate::api::MeshPolicy;
-use crate::apply;
+use crate::write::{self, MANAGED_BY, POLICY_LABEL};
 
 /// Pods allowed to be disrupted under `budget` when `replicas` pods run.
 pub fn allowed_disruptions(
@@ -141,11 +141,7 @@ pub(super) fn plan_budget(
                 changed_by: Vec::new(),
                 owned: Vec::new(),
             });
-            let owner = policy.controller_owner_ref(&()).map(|mut o| {
-                o.controller = Some(false);
-                o.block_owner_deletion = Some(false);
-                o
-            });
+            let owner = write::owner_reference(policy);
             let mut spec = budget_json.clone();
             spec.insert("selector".into(), pod_selector.clone());
             p.pdb = Some(PdbAction::Apply {
@@ -166,8 +162,8 @@ pub(super) fn plan_budget(
         Some(b) => {
             let s = b.spec.clone().unwrap_or_default();
             let pdb_id = object_id("PodDisruptionBudget", &ns, &b.name_any());
-            let min_owners = apply::foreign_managers(&b.metadata, &["f:spec", "f:minAvailable"]);
-            let max_owners = apply::foreign_managers(&b.metadata, &["f:spec", "f:maxUnavailable"]);
+            let min_owners = write::foreign_managers(&b.metadata, &["f:spec", "f:minAvailable"]);
+            let max_owners = write::foreign_managers(&b.metadata, &["f:spec", "f:maxUnavailable"]);
             // The form (minAvailable or maxUnavailable) another manager owns is kept: Helm's
             // three-way merge and Istio's charts fail on a budget whose form was switched.
             let kept_form = if ours(b) {

@@ -23,21 +23,19 @@ use crate::api::{
     DisruptionBudgetSpec, Enforcement, MeshPolicy, ReplicasSpec, ResourcesSpec, SpreadSpec,
     Violation,
 };
-use crate::apply;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::rules::RuleReport;
 use crate::selector;
 use crate::status::conditions::{Observed, Status};
+use crate::status::messages::{self, Contested};
 use crate::status::reasons::{self, ViolationAction};
+use crate::write::fight::{TakeoverKey, TakeoverPart};
+use crate::write::{self, FightKey, MANAGED_BY, POLICY_LABEL};
 
 pub use budget::allowed_disruptions;
 pub use plan::{plan, resource_deviations};
 
-/// Label on objects meshwarden creates.
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshwarden");
-/// Label naming the policy that created an object.
-pub const POLICY_LABEL: &str = "meshwarden.io/policy";
 pub(crate) const HOSTNAME: &str = "kubernetes.io/hostname";
 pub(crate) const ZONE: &str = "topology.kubernetes.io/zone";
 
@@ -79,7 +77,7 @@ pub struct Finding {
     /// when meshwarden set the field before, they reverted it.
     pub changed_by: Vec<String>,
     /// Where the field lives in `managedFields` (e.g. `["f:spec", "f:minReplicas"]`): whose
-    /// writes own it is read there before and after a correction (see [`apply::foreign_writes`]).
+    /// writes own it is read there before and after a correction (see [`write::foreign_writes`]).
     pub owned: Vec<Vec<String>>,
 }
 
@@ -312,7 +310,7 @@ pub async fn reconcile(
                             message: format!("PodDisruptionBudget: {message}"),
                             action: ViolationAction::Reported.into(),
                         });
-                    } else if let Err(e) = apply::delete(&api, &name, &ctx.writes).await {
+                    } else if let Err(e) = write::delete(&api, &name, &ctx.writes).await {
                         write_failures.push(format!("{id}: {e}"));
                         failed_writes += 1;
                     } else {
@@ -345,12 +343,17 @@ pub async fn reconcile(
             }
             let dep_id = object_id("Deployment", &group.namespace, &obs.deployment.name_any());
             let now = Instant::now();
-            let fight_key = |f: &Finding| format!("{}:{}:{}", policy.name_any(), f.object, f.field);
+            let fight_key = |f: &Finding| FightKey {
+                policy: policy.name_any(),
+                section: ctype,
+                object: f.object.clone(),
+                field: Some(f.field.clone()),
+            };
             // Fields another writer keeps reverting are left alone; the rest is still written.
             let held: Vec<Finding> = plan
                 .findings
                 .iter()
-                .filter(|f| enforce && f.fixable && ctx.fight_check(&fight_key(f), now))
+                .filter(|f| enforce && f.fixable && ctx.memory.fighting(&fight_key(f), now))
                 .cloned()
                 .collect();
             let mut plan = plan;
@@ -382,13 +385,13 @@ pub async fn reconcile(
                     let Some(read) = observed_meta(obs, f) else {
                         continue;
                     };
-                    let seen = apply::foreign_writes(read, &f.owned);
+                    let seen = write::foreign_writes(read, &f.owned);
                     // Without the object the write returned (a deleted PDB), the next correction
                     // compares with what was read.
                     let after = applied
                         .get(write_kind(f))
-                        .map_or_else(|| seen.clone(), |m| apply::foreign_writes(m, &f.owned));
-                    ctx.fight_correct(&fight_key(f), now, &seen, &after);
+                        .map_or_else(|| seen.clone(), |m| write::foreign_writes(m, &f.owned));
+                    ctx.memory.corrected(&fight_key(f), now, &seen, &after);
                 }
                 if !fixed.is_empty() {
                     report.corrected += 1;
@@ -455,12 +458,13 @@ pub async fn reconcile(
         }
     }
 
-    let key = format!(
-        "{}/{}/{ctype}",
-        policy.name_any(),
-        policy.metadata.generation.unwrap_or_default()
-    );
-    let takeovers = ctx.remember_takeovers(&key, &takeovers);
+    let key = TakeoverKey {
+        policy: policy.name_any(),
+        generation: policy.metadata.generation.unwrap_or_default(),
+        section: ctype,
+        part: TakeoverPart::Fields,
+    };
+    let takeovers = ctx.memory.takeovers(key.clone(), &takeovers);
     let mut msg = Vec::new();
     msg.push(format!(
         "{} of {} target(s) compliant",
@@ -475,8 +479,14 @@ pub async fn reconcile(
             rolled.join(", ")
         ));
     }
-    msg.extend(super::takeover_sentence(&takeovers));
-    msg.extend(ctx.remember_takeovers(&format!("{key}/source"), &at_source));
+    msg.extend(messages::takeover_sentence(&takeovers));
+    msg.extend(ctx.memory.takeovers(
+        TakeoverKey {
+            part: TakeoverPart::AtSource,
+            ..key
+        },
+        &at_source,
+    ));
     if !write_failures.is_empty() {
         msg.push(format!(
             "could not write {}; meshwarden retries with backoff{}",
@@ -488,12 +498,7 @@ pub async fn reconcile(
             }
         ));
     }
-    if !fights.is_empty() {
-        msg.push(format!(
-            "{} keep being changed back by another writer; meshwarden stopped rewriting these fields for 10 minutes (everything else is still held): find the other writer (kubectl get -o yaml --show-managed-fields)",
-            fights.join(", ")
-        ));
-    }
+    msg.extend(messages::fight_sentence(&fights, Contested::Fields));
     if !empty_groups.is_empty() {
         msg.push(format!(
             "no Deployment found for {}",
@@ -627,7 +632,7 @@ async fn execute(
     };
     if let Some((name, patch)) = &plan.hpa_patch {
         let api: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
-        let r = apply::apply_keeping(&api, name, patch, &ctx.writes).await;
+        let r = write::apply_keeping(&api, name, patch, &ctx.writes).await;
         record(
             "HorizontalPodAutoscaler",
             name,
@@ -640,7 +645,7 @@ async fn execute(
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let r = apply::apply_keeping(&api, &name, patch, &ctx.writes).await;
+        let r = write::apply_keeping(&api, &name, patch, &ctx.writes).await;
         if let Ok((_, released)) = &r
             && !released.is_empty()
         {
@@ -651,11 +656,11 @@ async fn execute(
     let api: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
     match &plan.pdb {
         Some(PdbAction::Apply { name, patch }) => {
-            let r = apply::apply(&api, name, patch, &ctx.writes).await;
+            let r = write::apply(&api, name, patch, &ctx.writes).await;
             record("PodDisruptionBudget", name, r.map(|b| Some(b.metadata)));
         }
         Some(PdbAction::Delete { name }) => {
-            let r = apply::delete(&api, name, &ctx.writes).await;
+            let r = write::delete(&api, name, &ctx.writes).await;
             record("PodDisruptionBudget", name, r.map(|()| None));
         }
         None => {}

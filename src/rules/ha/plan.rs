@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 
 use super::{Finding, HOSTNAME, HaRules, Observation, Plan, ZONE, object_id};
 use crate::api::{MeshPolicy, ResourceAmounts, ResourcesSpec, SpreadMode};
-use crate::apply;
 use crate::quantity;
+use crate::write;
 
 pub(super) fn int_or_string_json(v: &IntOrString) -> Value {
     match v {
@@ -73,7 +73,7 @@ pub fn resource_deviations(
 /// Records who owns a deviating field (the finding just pushed; `path` as in `managedFields`)
 /// and names them as taken over.
 fn note_owners(p: &mut Plan, meta: &ObjectMeta, path: &[&str], field: String) {
-    let owners = apply::foreign_managers(meta, path);
+    let owners = write::foreign_managers(meta, path);
     if let Some(f) = p.findings.last_mut() {
         f.changed_by = owners.clone();
         f.owned = owned(path);
@@ -249,7 +249,7 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                     message: format!("no {which} pod anti-affinity on {HOSTNAME}"),
                     fixable: true,
                     blocks_drain: false,
-                    changed_by: apply::foreign_managers(&d.metadata, AFFINITY),
+                    changed_by: write::foreign_managers(&d.metadata, AFFINITY),
                     owned: owned(AFFINITY),
                 });
                 dep_changed = true;
@@ -312,7 +312,7 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                     message: format!("no topology spread constraint on {ZONE} ({when})"),
                     fixable: true,
                     blocks_drain: false,
-                    changed_by: apply::foreign_managers(&d.metadata, SPREAD),
+                    changed_by: write::foreign_managers(&d.metadata, SPREAD),
                     owned: owned(SPREAD),
                 });
                 dep_changed = true;

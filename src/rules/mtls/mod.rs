@@ -13,7 +13,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::time::Instant;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -29,14 +28,16 @@ use serde_json::{Value, json};
 use crate::api::{
     Enforcement, MeshPolicy, MtlsExemption, MtlsMode, MtlsOverrides, MtlsScope, MtlsSpec, Violation,
 };
-use crate::apply::{self, FIELD_MANAGER};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::rules::RuleReport;
-use crate::rules::ha::{MANAGED_BY, POLICY_LABEL};
 use crate::selector;
 use crate::status::conditions::{Observed, Status, types};
+use crate::status::messages::{self, Contested};
 use crate::status::reasons::{self, CLIENTS_CUT_OFF, OVERRIDES_REPORTED, ViolationAction};
+use crate::write::driver::{self, Outcome, Planned};
+use crate::write::fight::{TakeoverKey, TakeoverPart};
+use crate::write::{self, FightKey, ForeignWrites, MANAGED_BY, POLICY_LABEL};
 
 /// PeerAuthentication writes of one reconcile in flight at once.
 pub const WRITE_CONCURRENCY: usize = 16;
@@ -264,22 +265,8 @@ fn pa_mode(pa: &PeerAuthentication) -> Option<Strength> {
     Strength::parse(pa.spec.mtls.as_ref().and_then(|m| m.mode.as_deref()))
 }
 
-/// True when meshwarden's manager owns the field at `path` of the object.
-fn owned_by_us(meta: &ObjectMeta, path: &[&str]) -> bool {
-    meta.managed_fields.iter().flatten().any(|e| {
-        e.manager.as_deref() == Some(FIELD_MANAGER)
-            && e.fields_v1.as_ref().is_some_and(|f| {
-                let mut node = Some(&f.0);
-                for key in path {
-                    node = node.and_then(|n| n.get(*key));
-                }
-                node.is_some()
-            })
-    })
-}
-
 fn takeovers_of(meta: &ObjectMeta, id: &str, path: &[&str], field: &str) -> Vec<String> {
-    apply::foreign_managers(meta, path)
+    write::foreign_managers(meta, path)
         .into_iter()
         .map(|m| format!("{id} {field} (was managed by {m})"))
         .collect()
@@ -400,7 +387,31 @@ pub async fn observe(ctx: &Context, need_pods: bool) -> Result<Observation> {
     })
 }
 
-async fn execute(ctx: &Context, fix: &Fix) -> Result<()> {
+/// The fields of a PeerAuthentication meshwarden sets.
+const OWNED_PATHS: [&[&str]; 2] = [&["f:spec", "f:mtls"], &["f:spec", "f:portLevelMtls"]];
+
+fn owned_paths() -> Vec<Vec<String>> {
+    OWNED_PATHS
+        .iter()
+        .map(|p| p.iter().map(|k| k.to_string()).collect())
+        .collect()
+}
+
+/// Other managers' writes of the fields `fix` sets, as read; `None` for a create or a delete.
+fn seen_writes(fix: &Fix, read: &[PeerAuthentication]) -> Option<ForeignWrites> {
+    let Fix::Apply {
+        namespace, name, ..
+    } = fix
+    else {
+        return None;
+    };
+    read.iter()
+        .find(|pa| pa.namespace().as_deref() == Some(namespace) && &pa.name_any() == name)
+        .map(|pa| write::foreign_writes(&pa.metadata, &owned_paths()))
+}
+
+/// Writes `fix`; returns the other managers' writes of the fields it set, as left.
+async fn execute(ctx: &Context, fix: &Fix) -> Result<Option<ForeignWrites>> {
     match fix {
         Fix::Apply {
             namespace,
@@ -409,13 +420,13 @@ async fn execute(ctx: &Context, fix: &Fix) -> Result<()> {
             ..
         } => {
             let api: Api<PeerAuthentication> = Api::namespaced(ctx.client.clone(), namespace);
-            apply::apply(&api, name, patch, &ctx.writes)
+            write::apply(&api, name, patch, &ctx.writes)
                 .await
-                .map(|_| ())
+                .map(|pa| Some(write::foreign_writes(&pa.metadata, &owned_paths())))
         }
         Fix::Delete { namespace, name } => {
             let api: Api<PeerAuthentication> = Api::namespaced(ctx.client.clone(), namespace);
-            apply::delete(&api, name, &ctx.writes).await
+            write::delete(&api, name, &ctx.writes).await.map(|()| None)
         }
     }
 }
@@ -440,10 +451,7 @@ pub async fn reconcile(
         ..spec.clone()
     };
     let blocking = blockers(&obs.pods, &obs.namespaces, &spec.exemptions);
-    let owner = policy.controller_owner_ref(&()).map(|mut o| {
-        o.block_owner_deletion = Some(false);
-        o
-    });
+    let owner = write::owner_reference(policy);
     let name = policy.name_any();
     let plan = plan(&Input {
         spec,
@@ -467,47 +475,45 @@ pub async fn reconcile(
     let mut unfixable = false;
     let mut found: BTreeSet<&'static str> = BTreeSet::new();
     let mut outstanding_targets = 0;
-    // Which findings are written: all with a fix in Enforce, except objects in a fight.
-    let now = Instant::now();
+    // Every finding with a fix is written in Enforce, except objects in a fight: applies
+    // first, then deletions (an object that replaces another one exists before the old one
+    // goes), each phase with at most WRITE_CONCURRENCY in flight.
     let mut write = vec![false; plan.findings.len()];
     let mut fighting = vec![false; plan.findings.len()];
-    for (i, f) in plan.findings.iter().enumerate() {
-        if enforce && f.fix.is_some() {
-            if ctx.fight_check(&format!("{name}:{}", f.object), now) {
-                fighting[i] = true;
-                fights.push(f.object.clone());
-            } else {
-                write[i] = true;
-            }
-        }
-    }
-    // Applies first, then deletions (an object that replaces another one exists before the
-    // old one goes), each phase with at most WRITE_CONCURRENCY in flight.
     for deletes in [false, true] {
-        let batch: Vec<&Fix> = plan
+        let planned: Vec<Planned<(usize, &Fix)>> = plan
             .findings
             .iter()
-            .zip(&write)
-            .filter(|(_, w)| **w)
-            .filter_map(|(f, _)| f.fix.as_ref())
-            .filter(|fix| matches!(fix, Fix::Delete { .. }) == deletes)
+            .enumerate()
+            .filter(|_| enforce)
+            .filter_map(|(i, f)| f.fix.as_ref().map(|fix| (i, f, fix)))
+            .filter(|(_, _, fix)| matches!(fix, Fix::Delete { .. }) == deletes)
+            .map(|(i, f, fix)| Planned {
+                key: FightKey {
+                    policy: name.clone(),
+                    section: ctype,
+                    object: f.object.clone(),
+                    field: None,
+                },
+                seen: seen_writes(fix, &obs.peer_auths),
+                item: (i, fix),
+            })
             .collect();
-        let mut in_flight = futures::stream::FuturesUnordered::new();
-        let mut pending = batch.into_iter();
+        let outcomes = driver::drive(&ctx.memory, planned, WRITE_CONCURRENCY, |(_, fix)| {
+            execute(ctx, fix)
+        })
+        .await;
         let mut first_error = None;
-        loop {
-            while in_flight.len() < WRITE_CONCURRENCY {
-                match pending.next() {
-                    Some(fix) => in_flight.push(execute(ctx, fix)),
-                    None => break,
+        for (_, outcome) in outcomes {
+            match outcome {
+                Outcome::Fighting((i, _)) => {
+                    fighting[i] = true;
+                    fights.push(plan.findings[i].object.clone());
                 }
-            }
-            match in_flight.next().await {
-                Some(Err(e)) => {
+                Outcome::Written((i, _)) => write[i] = true,
+                Outcome::Failed(_, e) => {
                     first_error.get_or_insert(e);
                 }
-                Some(Ok(())) => {}
-                None => break,
             }
         }
         if let Some(e) = first_error {
@@ -520,7 +526,6 @@ pub async fn reconcile(
         let fixed = write[i];
         let fighting = fighting[i];
         if let (true, Some(fix)) = (fixed, &f.fix) {
-            ctx.fight_record(&format!("{name}:{}", f.object), now);
             report.corrected += 1;
             report
                 .corrections
@@ -555,11 +560,13 @@ pub async fn reconcile(
     }
     report.compliant = (plan.targets - outstanding_targets).max(0);
 
-    let key = format!(
-        "{name}/{}/{ctype}",
-        policy.metadata.generation.unwrap_or_default()
-    );
-    let takeovers = ctx.remember_takeovers(&key, &takeovers);
+    let key = TakeoverKey {
+        policy: name.clone(),
+        generation: policy.metadata.generation.unwrap_or_default(),
+        section: ctype,
+        part: TakeoverPart::Fields,
+    };
+    let takeovers = ctx.memory.takeovers(key, &takeovers);
     let mut msg = Vec::new();
     let scope = match spec.scope {
         MtlsScope::Mesh => format!(
@@ -586,8 +593,8 @@ pub async fn reconcile(
         }
         msg.push(format!("exemptions: {shown}"));
     }
-    msg.extend(super::takeover_sentence(&takeovers));
-    msg.extend(super::fight_sentence(&fights));
+    msg.extend(messages::takeover_sentence(&takeovers));
+    msg.extend(messages::fight_sentence(&fights, Contested::Objects));
     let deviations: Vec<&Violation> = report
         .violations
         .iter()

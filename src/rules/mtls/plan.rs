@@ -435,7 +435,7 @@ impl Planner<'_> {
                     "spec.mtls.mode",
                 ));
             } else if let Some(m) = mode
-                && owned_by_us(&pa.metadata, &mode_path)
+                && write::fields::owned_by_meshwarden(&pa.metadata, &mode_path)
             {
                 // Every apply carries all the fields meshwarden owns, or they would be removed.
                 mtls.insert("mode".into(), json!(m.as_str()));
@@ -458,7 +458,7 @@ impl Planner<'_> {
                         &format!("spec.portLevelMtls.{port}.mode"),
                     ));
                 } else if let Some(m) = pmode
-                    && owned_by_us(&pa.metadata, &path)
+                    && write::fields::owned_by_meshwarden(&pa.metadata, &path)
                 {
                     ports.insert(port.clone(), json!({"mode": m.as_str()}));
                 }
@@ -1112,7 +1112,7 @@ mod tests {
             json!({"selector": {"matchLabels": {"app": "api"}}, "mtls": {"mode": "STRICT"}, "portLevelMtls": {"9000": {"mode": "DISABLE"}}}),
         );
         api.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
-            manager: Some(FIELD_MANAGER.into()),
+            manager: Some(write::FIELD_MANAGER.into()),
             fields_v1: Some(FieldsV1(json!({"f:spec": {"f:mtls": {"f:mode": {}}}}))),
             ..Default::default()
         }]);

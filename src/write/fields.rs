@@ -1,119 +1,10 @@
-//! The only way meshwarden writes to the mesh: server-side apply of partial objects with one
-//! field manager, plus what a write needs to be honest about: which other managers owned the
-//! fields we take over, and whether we keep correcting the same field (a fight).
-
-use std::collections::{HashMap, VecDeque};
-use std::fmt::Debug;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+//! Which fields a manager owns, read from `managedFields`: the managers meshwarden takes a field
+//! over from, their writes (the evidence of a fight), and the hand-over of fields meshwarden
+//! stops declaring. Every `managedFields` query of meshwarden is here.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
-use kube::Resource;
-use kube::api::{Api, Patch, PatchParams};
-use serde::de::DeserializeOwned;
 
-use crate::error::{Error, Result};
-
-/// Field manager of every write meshwarden makes.
-pub const FIELD_MANAGER: &str = "meshwarden";
-
-/// Counts the writes made, for tests, benchmarks and the `meshwarden_api_writes` metric.
-#[derive(Debug, Default)]
-pub struct WriteCounter {
-    count: AtomicU64,
-    metric: prometheus_client::metrics::counter::Counter,
-}
-
-impl WriteCounter {
-    /// A counter that also increments `metric`.
-    pub fn new(metric: prometheus_client::metrics::counter::Counter) -> Self {
-        WriteCounter {
-            count: AtomicU64::new(0),
-            metric,
-        }
-    }
-
-    pub fn get(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    /// Counts one write.
-    pub fn add(&self) {
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.metric.inc();
-    }
-}
-
-/// Server-side applies `patch` (a partial object holding only the fields meshwarden owns)
-/// to `name`, taking over conflicting fields (`force`), as the Kubernetes docs advise for
-/// controllers. Callers report the previous owners (see [`foreign_managers`]).
-pub async fn apply<K>(
-    api: &Api<K>,
-    name: &str,
-    patch: &serde_json::Value,
-    writes: &WriteCounter,
-) -> Result<K>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
-{
-    writes.add();
-    let kind = K::kind(&()).to_string();
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(patch),
-    )
-    .await
-    .map_err(|e| Error::kube(format!("apply {kind} {name}"), e))
-}
-
-/// Server-side applies `patch` like [`apply`], first making sure that no value meshwarden set
-/// is lost because `patch` no longer carries it.
-///
-/// Server-side apply removes a field that its manager stops sending when no other manager owns
-/// it (`spec.replicas` falls back to 1, anti-affinity terms and resource limits disappear).
-/// meshwarden often is the only owner of what it took over, so before an apply that drops such
-/// fields they are handed to meshwarden's own `Update` entry in `managedFields`, the entry a
-/// `kubectl edit` by the same manager would have left: the values stay as they are, nobody
-/// re-declares them, and the next writer of any of them (Helm, a human) simply takes them over.
-/// Returns the released fields' paths (for logs and tests) with the applied object.
-pub async fn apply_keeping<K>(
-    api: &Api<K>,
-    name: &str,
-    patch: &serde_json::Value,
-    writes: &WriteCounter,
-) -> Result<(K, Vec<String>)>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + serde::Serialize,
-{
-    let kind = K::kind(&()).to_string();
-    let live = api
-        .get_opt(name)
-        .await
-        .map_err(|e| Error::kube(format!("read {kind} {name}"), e))?;
-    let mut released = Vec::new();
-    if let Some(live) = live {
-        let meta = live.meta();
-        let api_version = K::api_version(&()).to_string();
-        if let Some(ops) = handover_patch(meta, patch, &api_version, &jiff::Timestamp::now()) {
-            released = ops.1;
-            let ops: json_patch::Patch = serde_json::from_value(ops.0)?;
-            writes.add();
-            api.patch(
-                name,
-                &PatchParams {
-                    field_manager: Some(FIELD_MANAGER.to_string()),
-                    ..Default::default()
-                },
-                &Patch::<()>::Json(ops),
-            )
-            .await
-            .map_err(|e| Error::kube(format!("keep released fields of {kind} {name}"), e))?;
-        }
-    }
-    let applied = apply(api, name, patch, writes).await?;
-    Ok((applied, released))
-}
+use super::FIELD_MANAGER;
 
 /// The JSON patch (and the released paths) that moves every field meshwarden's `Apply` entry
 /// owns but `patch` does not carry to meshwarden's `Update` entry, guarded by the object's
@@ -258,20 +149,6 @@ fn merge(into: &mut serde_json::Value, from: &serde_json::Value) {
     }
 }
 
-/// Deletes an object meshwarden created, if it still exists.
-pub async fn delete<K>(api: &Api<K>, name: &str, writes: &WriteCounter) -> Result<()>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
-{
-    writes.add();
-    let kind = K::kind(&()).to_string();
-    match api.delete(name, &Default::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(Error::kube(format!("delete {kind} {name}"), e)),
-    }
-}
-
 /// `managedFields` entries of managers other than meshwarden that own the field at `path`
 /// (keys as they appear in `managedFields`, e.g. `["f:spec", "f:minReplicas"]`) or anything
 /// below it.
@@ -337,99 +214,31 @@ pub fn foreign_writes(meta: &ObjectMeta, paths: &[Vec<String>]) -> ForeignWrites
     }
 }
 
-/// Remembers recent corrections of each (object, field) so that a field somebody else keeps
-/// rewriting is recognised as a fight and left alone instead of rewritten in a loop.
-#[derive(Debug)]
-pub struct FightTracker {
-    window: Duration,
-    limit: usize,
-    seen: HashMap<String, VecDeque<Instant>>,
-    /// Keys meshwarden has set, with the object as its last correction left it (see
-    /// [`FightTracker::correct`]).
-    set: HashMap<String, Corrected>,
+/// True when meshwarden's `Apply` entry owns the field at `path` (keys as in
+/// [`foreign_managers`]) or anything below it.
+pub fn owned_by_meshwarden(meta: &ObjectMeta, path: &[&str]) -> bool {
+    meta.managed_fields.iter().flatten().any(|e| {
+        e.manager.as_deref() == Some(FIELD_MANAGER)
+            && e.fields_v1.as_ref().is_some_and(|f| {
+                let mut node = Some(&f.0);
+                for key in path {
+                    node = node.and_then(|n| n.get(*key));
+                }
+                node.is_some()
+            })
+    })
 }
 
-/// What meshwarden's last correction of a field left.
-#[derive(Debug)]
-struct Corrected {
-    after: ForeignWrites,
-    /// The write raised the object's `generation`, so its kind keeps one (Deployments and
-    /// PodDisruptionBudgets do, HorizontalPodAutoscalers do not).
-    ordered: bool,
-}
-
-impl Default for FightTracker {
-    fn default() -> Self {
-        FightTracker::new(Duration::from_secs(600), 3)
-    }
-}
-
-impl FightTracker {
-    /// A fight is `limit` corrections of the same key within `window`.
-    pub fn new(window: Duration, limit: usize) -> Self {
-        FightTracker {
-            window,
-            limit,
-            seen: HashMap::new(),
-            set: HashMap::new(),
-        }
-    }
-
-    fn prune(&mut self, key: &str, now: Instant) -> usize {
-        let window = self.window;
-        let q = self.seen.entry(key.to_string()).or_default();
-        while q
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) > window)
-        {
-            q.pop_front();
-        }
-        q.len()
-    }
-
-    /// True when `key` was corrected `limit` times within the window: do not write again.
-    pub fn is_fight(&mut self, key: &str, now: Instant) -> bool {
-        self.prune(key, now) >= self.limit
-    }
-
-    /// Records that meshwarden set the field `key`: `seen` is what the plan read (the deviating
-    /// object), `after` what meshwarden's write left (the object the API server returned).
-    ///
-    /// A correction counts toward a fight only when it reverts a write by another manager made
-    /// after meshwarden's previous correction of the field: another manager owns the field
-    /// through a write that did not own it right after that correction, and, for kinds that keep
-    /// a `generation`, the object read is newer than the one that correction left (an older copy
-    /// read again before the correction shows is not). So one `helm upgrade` is one revert however many
-    /// reconciles see it, and a field an installer still owns a part of since its install
-    /// (a sibling meshwarden never took, or an equal value both own) makes no policy edit a
-    /// revert. meshwarden's own first correction, a re-created object and a field nobody else
-    /// owns never count.
-    pub fn correct(
-        &mut self,
-        key: &str,
-        now: Instant,
-        seen: &ForeignWrites,
-        after: &ForeignWrites,
-    ) {
-        let reverted = self.set.get(key).is_some_and(|prev| {
-            (!prev.ordered || seen.generation > prev.after.generation)
-                && seen.writes.iter().any(|w| !prev.after.writes.contains(w))
-        });
-        let corrected = Corrected {
-            after: after.clone(),
-            ordered: after.generation > seen.generation,
-        };
-        self.set.insert(key.to_string(), corrected);
-        if reverted {
-            self.record(key, now);
-        }
-    }
-
-    /// Records a correction of `key`.
-    pub fn record(&mut self, key: &str, now: Instant) {
-        self.prune(key, now);
-        self.seen.entry(key.to_string()).or_default().push_back(now);
-    }
+/// When meshwarden last changed the object (the newest time of its entries, the status
+/// subresource excepted).
+pub fn meshwarden_write_time(meta: &ObjectMeta) -> Option<jiff::Timestamp> {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.manager.as_deref() == Some(FIELD_MANAGER))
+        .filter(|m| m.subresource.as_deref().unwrap_or_default().is_empty())
+        .filter_map(|m| m.time.as_ref().map(|t| t.0))
+        .max()
 }
 
 #[cfg(test)]
@@ -580,90 +389,5 @@ mod tests {
             ops[3]["value"],
             serde_json::json!({"f:spec": {"f:replicas": {}, "f:paused": {}}})
         );
-    }
-
-    fn writes(generation: i64, writes: &[&str]) -> ForeignWrites {
-        ForeignWrites {
-            generation,
-            writes: writes.iter().map(|w| w.to_string()).collect(),
-        }
-    }
-
-    #[test]
-    fn one_foreign_write_is_one_revert_however_often_it_is_seen() {
-        let mut f = FightTracker::new(Duration::from_secs(600), 2);
-        let t0 = Instant::now();
-        let install = "helm Update 2026-01-01T00:00:00Z";
-        let upgrade = "helm Update 2026-01-01T00:05:00Z";
-        // meshwarden takes the requests over from the install; Helm keeps the CPU limit.
-        f.correct("d/res", t0, &writes(1, &[install]), &writes(2, &[install]));
-        // The HPA scales the Deployment, then the policy is edited twice: Helm's install still
-        // owns the sibling limit, which is no new write.
-        f.correct("d/res", t0, &writes(3, &[install]), &writes(4, &[install]));
-        f.correct("d/res", t0, &writes(4, &[install]), &writes(5, &[install]));
-        assert!(!f.is_fight("d/res", t0), "policy edits are no reverts");
-        // One upgrade, seen again on a later reconcile before the correction shows.
-        f.correct("d/res", t0, &writes(6, &[upgrade]), &writes(7, &[upgrade]));
-        f.correct("d/res", t0, &writes(6, &[upgrade]), &writes(8, &[upgrade]));
-        assert!(!f.is_fight("d/res", t0), "one upgrade is one revert");
-        f.correct(
-            "d/res",
-            t0,
-            &writes(9, &["helm Update 2026-01-01T00:06:00Z"]),
-            &writes(10, &[]),
-        );
-        assert!(f.is_fight("d/res", t0), "a second write reverts again");
-    }
-
-    #[test]
-    fn writes_within_one_second_are_told_apart() {
-        let mut f = FightTracker::new(Duration::from_secs(600), 2);
-        let t0 = Instant::now();
-        let tuner = "tuner Apply 2026-01-01T00:00:00Z";
-        // meshwarden's apply takes the field from the tuner: its entry no longer owns it.
-        f.correct("hpa/min", t0, &writes(1, &[tuner]), &writes(2, &[]));
-        // The tuner writes it again within the same second: same entry time, newer object.
-        f.correct("hpa/min", t0, &writes(3, &[tuner]), &writes(4, &[]));
-        f.correct("hpa/min", t0, &writes(5, &[tuner]), &writes(6, &[]));
-        assert!(f.is_fight("hpa/min", t0));
-        // HPAs keep no generation: the writes alone decide.
-        let mut f = FightTracker::new(Duration::from_secs(600), 2);
-        f.correct("hpa/min", t0, &writes(1, &[tuner]), &writes(1, &[]));
-        f.correct("hpa/min", t0, &writes(1, &[tuner]), &writes(1, &[]));
-        f.correct("hpa/min", t0, &writes(1, &[tuner]), &writes(1, &[]));
-        assert!(f.is_fight("hpa/min", t0));
-    }
-
-    #[test]
-    fn only_reverts_by_another_manager_count() {
-        let mut f = FightTracker::new(Duration::from_secs(60), 2);
-        let t0 = Instant::now();
-        let helm = |g: i64| writes(g, &["helm Update 1"]);
-        // First correction (taking over Helm's value) and corrections of values nobody else
-        // owns are no reverts.
-        f.correct("hpa/min", t0, &helm(1), &writes(2, &[]));
-        f.correct("hpa/min", t0, &writes(3, &[]), &writes(4, &[]));
-        f.correct("hpa/min", t0, &writes(5, &[]), &writes(6, &[]));
-        assert!(!f.is_fight("hpa/min", t0));
-        f.correct("hpa/min", t0, &helm(7), &writes(8, &[]));
-        assert!(!f.is_fight("hpa/min", t0), "one revert is no fight");
-        f.correct("hpa/min", t0, &helm(9), &writes(10, &[]));
-        assert!(f.is_fight("hpa/min", t0));
-        assert!(!f.is_fight("pdb/spec", t0), "per field");
-    }
-
-    #[test]
-    fn fight_needs_repeated_corrections_within_the_window() {
-        let mut f = FightTracker::new(Duration::from_secs(60), 3);
-        let t0 = Instant::now();
-        assert!(!f.is_fight("d/replicas", t0));
-        f.record("d/replicas", t0);
-        f.record("d/replicas", t0 + Duration::from_secs(10));
-        assert!(!f.is_fight("d/replicas", t0 + Duration::from_secs(20)));
-        f.record("d/replicas", t0 + Duration::from_secs(20));
-        assert!(f.is_fight("d/replicas", t0 + Duration::from_secs(30)));
-        assert!(!f.is_fight("other", t0 + Duration::from_secs(30)));
-        // Once the corrections age out of the window, writing resumes.
-        assert!(!f.is_fight("d/replicas", t0 + Duration::from_secs(200)));
     }
 }

@@ -1,0 +1,152 @@
+//! The only way meshwarden writes to the mesh: server-side apply of partial objects with one
+//! field manager, plus what a write needs to be honest about: which other managers owned the
+//! fields we take over ([`fields`]), whether we keep correcting the same field ([`fight`]), and
+//! one bounded loop that checks fights, writes and records ([`driver`]). Labels and owner
+//! references of the objects meshwarden creates are built here too.
+
+pub mod driver;
+pub mod fields;
+pub mod fight;
+
+pub use fields::{ForeignWrites, foreign_managers, foreign_writes, handover_patch};
+pub use fight::{FightKey, FightTracker, Memory};
+
+use std::fmt::Debug;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Resource;
+use kube::api::{Api, Patch, PatchParams};
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+
+/// Field manager of every write meshwarden makes.
+pub const FIELD_MANAGER: &str = "meshwarden";
+
+/// The label every object meshwarden creates carries.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshwarden");
+
+/// The label naming the policy an object meshwarden created belongs to.
+pub const POLICY_LABEL: &str = "meshwarden.io/policy";
+
+/// The owner reference of an object meshwarden creates for `policy`: the garbage collector
+/// deletes it with the policy; deleting the policy is never blocked by it.
+pub fn owner_reference(policy: &crate::api::MeshPolicy) -> Option<OwnerReference> {
+    policy.controller_owner_ref(&()).map(|mut o| {
+        o.block_owner_deletion = Some(false);
+        o
+    })
+}
+
+/// Counts the writes made, for tests, benchmarks and the `meshwarden_api_writes` metric.
+#[derive(Debug, Default)]
+pub struct WriteCounter {
+    count: AtomicU64,
+    metric: prometheus_client::metrics::counter::Counter,
+}
+
+impl WriteCounter {
+    /// A counter that also increments `metric`.
+    pub fn new(metric: prometheus_client::metrics::counter::Counter) -> Self {
+        WriteCounter {
+            count: AtomicU64::new(0),
+            metric,
+        }
+    }
+
+    pub fn get(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Counts one write.
+    pub fn add(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.metric.inc();
+    }
+}
+
+/// Server-side applies `patch` (a partial object holding only the fields meshwarden owns)
+/// to `name`, taking over conflicting fields (`force`), as the Kubernetes docs advise for
+/// controllers. Callers report the previous owners (see [`foreign_managers`]).
+pub async fn apply<K>(
+    api: &Api<K>,
+    name: &str,
+    patch: &serde_json::Value,
+    writes: &WriteCounter,
+) -> Result<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    writes.add();
+    let kind = K::kind(&()).to_string();
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await
+    .map_err(|e| Error::kube(format!("apply {kind} {name}"), e))
+}
+
+/// Server-side applies `patch` like [`apply`], first making sure that no value meshwarden set
+/// is lost because `patch` no longer carries it.
+///
+/// Server-side apply removes a field that its manager stops sending when no other manager owns
+/// it (`spec.replicas` falls back to 1, anti-affinity terms and resource limits disappear).
+/// meshwarden often is the only owner of what it took over, so before an apply that drops such
+/// fields they are handed to meshwarden's own `Update` entry in `managedFields`, the entry a
+/// `kubectl edit` by the same manager would have left: the values stay as they are, nobody
+/// re-declares them, and the next writer of any of them (Helm, a human) simply takes them over.
+/// Returns the released fields' paths (for logs and tests) with the applied object.
+pub async fn apply_keeping<K>(
+    api: &Api<K>,
+    name: &str,
+    patch: &serde_json::Value,
+    writes: &WriteCounter,
+) -> Result<(K, Vec<String>)>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + serde::Serialize,
+{
+    let kind = K::kind(&()).to_string();
+    let live = api
+        .get_opt(name)
+        .await
+        .map_err(|e| Error::kube(format!("read {kind} {name}"), e))?;
+    let mut released = Vec::new();
+    if let Some(live) = live {
+        let meta = live.meta();
+        let api_version = K::api_version(&()).to_string();
+        if let Some(ops) = handover_patch(meta, patch, &api_version, &jiff::Timestamp::now()) {
+            released = ops.1;
+            let ops: json_patch::Patch = serde_json::from_value(ops.0)?;
+            writes.add();
+            api.patch(
+                name,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.to_string()),
+                    ..Default::default()
+                },
+                &Patch::<()>::Json(ops),
+            )
+            .await
+            .map_err(|e| Error::kube(format!("keep released fields of {kind} {name}"), e))?;
+        }
+    }
+    let applied = apply(api, name, patch, writes).await?;
+    Ok((applied, released))
+}
+
+/// Deletes an object meshwarden created, if it still exists.
+pub async fn delete<K>(api: &Api<K>, name: &str, writes: &WriteCounter) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    writes.add();
+    let kind = K::kind(&()).to_string();
+    match api.delete(name, &Default::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(Error::kube(format!("delete {kind} {name}"), e)),
+    }
+}
