@@ -4,9 +4,11 @@
 
 mod budget;
 mod fight;
+mod observe;
 mod plan;
 pub mod source;
 pub mod values;
+mod writes;
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -34,7 +36,10 @@ use crate::write::fight::{TakeoverKey, TakeoverPart};
 use crate::write::{self, FightKey, MANAGED_BY, POLICY_LABEL};
 
 pub use budget::allowed_disruptions;
+use observe::left_behind;
+pub use observe::{control_plane_groups, gateway_groups, observe};
 pub use plan::{plan, resource_deviations};
+use writes::{execute, observed_meta, write_kind};
 
 pub(crate) const HOSTNAME: &str = "kubernetes.io/hostname";
 pub(crate) const ZONE: &str = "topology.kubernetes.io/zone";
@@ -130,117 +135,6 @@ pub struct Group {
     pub selector: String,
     pub rules: HaRules,
     pub enforcement: Enforcement,
-}
-
-/// Reads the targets of a group: Deployments by label, the HPA targeting each, and the
-/// PodDisruptionBudgets selecting each one's pods. PodDisruptionBudgets the ClusterRole does
-/// not let meshwarden read (403) are returned as that error, so the other rules still hold.
-pub async fn observe(ctx: &Context, group: &Group) -> Result<(Vec<Observation>, Option<Error>)> {
-    let ns = &group.namespace;
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
-    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
-    // Served from the API server's watch cache (resourceVersion 0): it already holds the change
-    // that triggered this reconcile, and a consistent read would first wait for the cache to
-    // catch up with etcd, which costs tens of milliseconds per list.
-    let lp = ListParams::default().match_any().labels(&group.selector);
-    let (deps, hpas, pdbs) = tokio::try_join!(
-        async {
-            deployments
-                .list(&lp)
-                .await
-                .map_err(|e| Error::kube(format!("list Deployments in {ns}"), e))
-        },
-        async {
-            hpas.list(&ListParams::default().match_any())
-                .await
-                .map_err(|e| Error::kube(format!("list HorizontalPodAutoscalers in {ns}"), e))
-        },
-        async {
-            match pdbs.list(&ListParams::default().match_any()).await {
-                Ok(list) => Ok((list.items, None)),
-                Err(e) => {
-                    let e = Error::kube(format!("list PodDisruptionBudgets in {ns}"), e);
-                    match e.status_code() {
-                        Some(403) => Ok((Vec::new(), Some(e))),
-                        _ => Err(e),
-                    }
-                }
-            }
-        },
-    )?;
-    let (pdbs, pdbs_refused) = pdbs;
-    let mut out = Vec::new();
-    for d in deps.items {
-        let name = d.name_any();
-        let mut targeting = hpas.items.iter().filter(|h| {
-            h.spec.as_ref().is_some_and(|s| {
-                s.scale_target_ref.kind == "Deployment" && s.scale_target_ref.name == name
-            })
-        });
-        let hpa = targeting.next().cloned();
-        let other_hpas = targeting.map(|h| h.name_any()).collect();
-        let labels = d
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.metadata.as_ref())
-            .and_then(|m| m.labels.clone())
-            .unwrap_or_default();
-        let matching = pdbs
-            .iter()
-            .filter(|b| {
-                b.spec
-                    .as_ref()
-                    .and_then(|s| s.selector.as_ref())
-                    .is_some_and(|sel| {
-                        // An empty selector in policy/v1 selects every pod of the namespace.
-                        selector::matches(sel, &labels)
-                    })
-            })
-            .cloned()
-            .collect();
-        out.push(Observation {
-            deployment: d,
-            hpa,
-            other_hpas,
-            pdbs: matching,
-        });
-    }
-    Ok((out, pdbs_refused))
-}
-
-/// PodDisruptionBudgets meshwarden created for this policy in the group's namespace
-/// (`<deployment>-meshwarden`) whose Deployment no longer exists.
-async fn left_behind(ctx: &Context, group: &Group, policy: &MeshPolicy) -> Result<Vec<String>> {
-    let ns = &group.namespace;
-    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-    let lp = ListParams::default().match_any().labels(&format!(
-        "{}={},{POLICY_LABEL}={}",
-        MANAGED_BY.0,
-        MANAGED_BY.1,
-        policy.name_any()
-    ));
-    let ours = pdbs
-        .list_metadata(&lp)
-        .await
-        .map_err(|e| Error::kube(format!("list PodDisruptionBudgets in {ns}"), e))?;
-    let mut out = Vec::new();
-    for b in ours.items {
-        let name = b.name_any();
-        let Some(deployment) = name.strip_suffix("-meshwarden") else {
-            continue;
-        };
-        let exists = deployments
-            .get_metadata_opt(deployment)
-            .await
-            .map_err(|e| Error::kube(format!("read Deployment {ns}/{deployment}"), e))?
-            .is_some();
-        if !exists {
-            out.push(name);
-        }
-    }
-    Ok(out)
 }
 
 /// Observes, plans and (in Enforce) applies every group of a section; reports the result.
@@ -554,158 +448,6 @@ pub async fn reconcile(
         );
     }
     report
-}
-
-/// A write of a plan that the API server refused (or that could not be sent).
-struct WriteFailure {
-    /// Kind of the object (`Deployment`, `HorizontalPodAutoscaler`, `PodDisruptionBudget`).
-    kind: &'static str,
-    /// `Kind/namespace/name`.
-    object: String,
-    /// The API server's message.
-    message: String,
-    forbidden: bool,
-}
-
-/// Which write of a plan corrects a finding.
-fn write_kind(f: &Finding) -> &'static str {
-    if f.object.starts_with("HorizontalPodAutoscaler/") {
-        "HorizontalPodAutoscaler"
-    } else if f.object.starts_with("PodDisruptionBudget/") || f.field == "PodDisruptionBudget" {
-        "PodDisruptionBudget"
-    } else {
-        "Deployment"
-    }
-}
-
-/// The object a finding is about, as read.
-fn observed_meta<'a>(obs: &'a Observation, f: &Finding) -> Option<&'a ObjectMeta> {
-    match write_kind(f) {
-        "HorizontalPodAutoscaler" => obs.hpa.as_ref().map(|h| &h.metadata),
-        "PodDisruptionBudget" => obs
-            .pdbs
-            .iter()
-            .find(|b| {
-                f.object
-                    == object_id(
-                        "PodDisruptionBudget",
-                        &b.namespace().unwrap_or_default(),
-                        &b.name_any(),
-                    )
-            })
-            .map(|b| &b.metadata)
-            .or(Some(&obs.deployment.metadata)),
-        _ => Some(&obs.deployment.metadata),
-    }
-}
-
-/// Sends every write of a plan; one refused write does not stop the others. Returns those
-/// that failed, and the metadata of each object written, by kind, as the API server returned it.
-async fn execute(
-    ctx: &Context,
-    group: &Group,
-    plan: &Plan,
-) -> (Vec<WriteFailure>, HashMap<&'static str, ObjectMeta>) {
-    let ns = &group.namespace;
-    let mut failed = Vec::new();
-    let mut applied = HashMap::new();
-    let mut record = |kind: &'static str, name: &str, result: Result<Option<ObjectMeta>>| {
-        if let Ok(Some(meta)) = &result {
-            applied.insert(kind, meta.clone());
-        }
-        if let Err(e) = result {
-            let (message, forbidden) = match &e {
-                Error::Kube {
-                    source: kube::Error::Api(s),
-                    ..
-                } => (s.message.clone(), s.code == 403),
-                other => (other.to_string(), false),
-            };
-            tracing::warn!(kind, name, namespace = %ns, error = %e, "write failed");
-            failed.push(WriteFailure {
-                kind,
-                object: object_id(kind, ns, name),
-                message,
-                forbidden,
-            });
-        }
-    };
-    if let Some((name, patch)) = &plan.hpa_patch {
-        let api: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
-        let r = write::apply_keeping(&api, name, patch, &ctx.writes).await;
-        record(
-            "HorizontalPodAutoscaler",
-            name,
-            r.map(|(h, _)| Some(h.metadata)),
-        );
-    }
-    if let Some(patch) = &plan.deployment_patch {
-        let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-        let name = patch["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let r = write::apply_keeping(&api, &name, patch, &ctx.writes).await;
-        if let Ok((_, released)) = &r
-            && !released.is_empty()
-        {
-            tracing::info!(deployment = %name, namespace = %ns, fields = ?released, "released fields the policy no longer declares; their values stay");
-        }
-        record("Deployment", &name, r.map(|(d, _)| Some(d.metadata)));
-    }
-    let api: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
-    match &plan.pdb {
-        Some(PdbAction::Apply { name, patch }) => {
-            let r = write::apply(&api, name, patch, &ctx.writes).await;
-            record("PodDisruptionBudget", name, r.map(|b| Some(b.metadata)));
-        }
-        Some(PdbAction::Delete { name }) => {
-            let r = write::delete(&api, name, &ctx.writes).await;
-            record("PodDisruptionBudget", name, r.map(|()| None));
-        }
-        None => {}
-    }
-    (failed, applied)
-}
-
-/// The groups of the control-plane section: every istiod revision in the namespace.
-pub fn control_plane_groups(spec: &crate::api::MeshPolicySpec) -> Vec<Group> {
-    let Some(cp) = &spec.control_plane else {
-        return Vec::new();
-    };
-    vec![Group {
-        label: "istiod".into(),
-        namespace: cp.namespace.clone(),
-        selector: "app=istiod".into(),
-        rules: HaRules {
-            replicas: cp.replicas.clone(),
-            budget: cp.disruption_budget.clone(),
-            spread: cp.spread.clone(),
-            resources: cp.resources.clone(),
-            container: "discovery",
-        },
-        enforcement: crate::policy::effective(spec, cp.enforcement),
-    }]
-}
-
-/// The groups of the gateways section: one per entry.
-pub fn gateway_groups(spec: &crate::api::MeshPolicySpec) -> Vec<Group> {
-    spec.gateways
-        .iter()
-        .map(|g| Group {
-            label: format!("gateway {}", g.name),
-            namespace: g.namespace.clone(),
-            selector: selector::to_query(&g.selector),
-            rules: HaRules {
-                replicas: g.replicas.clone(),
-                budget: g.disruption_budget.clone(),
-                spread: g.spread.clone(),
-                resources: g.resources.clone(),
-                container: "istio-proxy",
-            },
-            enforcement: crate::policy::effective(spec, g.enforcement),
-        })
-        .collect()
 }
 
 #[cfg(test)]
