@@ -5,9 +5,11 @@ use crate::api::{MeshPolicyStatus, Violation};
 pub mod conditions;
 pub mod messages;
 pub mod reasons;
+mod report;
+
+pub use report::RuleReport;
 
 use crate::policy::Conflict;
-use crate::rules::RuleReport;
 use conditions::{Observed, Status, types};
 
 /// Most violations listed in status; `violationCount` has them all.

@@ -1,0 +1,65 @@
+//! What one rule section reports: its condition, violations and counts.
+
+use crate::api::Violation;
+use crate::error::Error;
+use crate::status::conditions::{Observed, Status};
+use crate::status::reasons;
+
+/// What one rule section found and did in one reconcile.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuleReport {
+    /// The section's condition (`ControlPlaneHA`, `GatewayHA`, ...).
+    pub condition: Observed,
+    /// Outstanding deviations (not those corrected in this reconcile).
+    pub violations: Vec<Violation>,
+    /// Objects the section applies to.
+    pub targets: i32,
+    /// Targets that meet the section after this reconcile.
+    pub compliant: i32,
+    /// Targets written to in this reconcile.
+    pub corrected: i32,
+    /// One line per correction made, for Events.
+    pub corrections: Vec<String>,
+}
+
+impl RuleReport {
+    /// The section is not set in the policy: nothing to hold, nothing violated.
+    pub fn not_configured(type_: &str, field: &str) -> Self {
+        RuleReport {
+            condition: Observed::new(
+                type_,
+                Status::True,
+                reasons::NOT_CONFIGURED,
+                format!("spec.{field} is not set; meshwarden leaves this part of the mesh alone"),
+            ),
+            violations: Vec::new(),
+            targets: 0,
+            compliant: 0,
+            corrected: 0,
+            corrections: Vec::new(),
+        }
+    }
+
+    /// The section could not be evaluated.
+    pub fn failed(type_: &str, err: &Error) -> Self {
+        let hint = match err.status_code() {
+            Some(403) => {
+                " meshwarden's ClusterRole lacks a permission: compare it with the chart's (charts/meshwarden/templates/clusterrole.yaml)."
+            }
+            _ => "",
+        };
+        RuleReport {
+            condition: Observed::new(
+                type_,
+                Status::Unknown,
+                err.reason(),
+                format!("{err}.{hint}"),
+            ),
+            violations: Vec::new(),
+            targets: 0,
+            compliant: 0,
+            corrected: 0,
+            corrections: Vec::new(),
+        }
+    }
+}
