@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use kube::runtime::watcher;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 /// Why a watch failed, which decides how soon it is retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,7 +216,10 @@ where
         wait: Duration::ZERO,
         health,
     };
-    futures::stream::unfold(run, move |mut run| async move {
+    // Every step of the watch (its LISTs, WATCHes and backoff) runs in a span naming it.
+    let span = tracing::info_span!("watch", kind = name);
+    futures::stream::unfold(run, move |mut run| {
+        async move {
         if !run.wait.is_zero() {
             tokio::time::sleep(std::mem::take(&mut run.wait)).await;
         }
@@ -273,6 +276,8 @@ where
             }
             return Some((item, run));
         }
+        }
+        .instrument(span.clone())
     })
 }
 

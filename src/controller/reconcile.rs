@@ -17,7 +17,7 @@ use crate::api::MeshPolicy;
 use crate::context::Context;
 use crate::error::{Error, Result, Retry, backoff};
 use crate::policy;
-use crate::rules::{RuleReport, ha, mtls, sidecars};
+use crate::rules::{RuleReport, Section};
 use crate::status;
 use crate::status::conditions::{self, Status, types};
 use crate::status::reasons;
@@ -26,94 +26,18 @@ use crate::write::FIELD_MANAGER;
 /// Periodic re-check of every policy, as a safety net behind the watches.
 pub(super) const RESYNC: Duration = Duration::from_secs(300);
 
-/// Runs the rule sections of one policy. Pure of status; used by the reconciler and tests.
+/// Runs every rule section of one policy. Pure of status; used by the reconciler and tests.
 pub async fn evaluate(
     ctx: &Context,
     policy: &MeshPolicy,
     all: &[&MeshPolicy],
 ) -> (Vec<RuleReport>, Vec<policy::Conflict>) {
     let (spec, conflicts) = policy::resolve(policy, all);
-    let control_plane = if spec.control_plane.is_some() {
-        ha::reconcile(
-            ctx,
-            policy,
-            ha::Section::ControlPlane,
-            &ha::control_plane_groups(&spec),
-        )
-        .await
-    } else {
-        RuleReport::not_configured(types::CONTROL_PLANE_HA, "controlPlane")
-    };
-    let gateways = if !spec.gateways.is_empty() {
-        ha::reconcile(
-            ctx,
-            policy,
-            ha::Section::Gateways,
-            &ha::gateway_groups(&spec),
-        )
-        .await
-    } else {
-        RuleReport::not_configured(types::GATEWAY_HA, "gateways")
-    };
-    let name = policy.name_any();
-    let sidecars = match &spec.sidecars {
-        None => {
-            ctx.metrics.set_sidecar_drift(&name, &Default::default());
-            RuleReport::not_configured(types::SIDECAR_RESOURCES, "sidecars")
-        }
-        Some(_) if !stale_sidecar_caches(ctx).is_empty() => {
-            let stale = stale_sidecar_caches(ctx);
-            let names: Vec<&str> = stale.iter().map(|(n, _)| n.as_str()).collect();
-            RuleReport {
-                condition: conditions::Observed::new(
-                    types::SIDECAR_RESOURCES,
-                    Status::Unknown,
-                    reasons::CACHE_NOT_SYNCED,
-                    format!(
-                        "the watches of {} failed ({}) and have not listed again: the section is evaluated once they have, within seconds of the API server answering",
-                        names.join(", "),
-                        stale[0].1
-                    ),
-                ),
-                ..RuleReport::not_configured(types::SIDECAR_RESOURCES, "sidecars")
-            }
-        }
-        Some(s) => {
-            let enforcement = policy::effective(&spec, s.enforcement);
-            let (report, stats) = sidecars::reconcile_with_stats(ctx, policy, s, enforcement).await;
-            // A failed pass keeps the last known drift.
-            if report.condition.status != Status::Unknown {
-                let drift = stats
-                    .pod_drift
-                    .iter()
-                    .map(|(ns, pods)| (ns.clone(), pods.len()))
-                    .collect();
-                ctx.metrics.set_sidecar_drift(&name, &drift);
-            }
-            report
-        }
-    };
-    let mtls = match &spec.mtls {
-        None => RuleReport::not_configured(types::MUTUAL_TLS, "mtls"),
-        Some(m) => mtls::reconcile(ctx, policy, m, policy::effective(&spec, m.enforcement)).await,
-    };
-    (vec![control_plane, gateways, sidecars, mtls], conflicts)
-}
-
-/// Watches whose caches the sidecars section reads.
-const SIDECAR_WATCHES: [&str; 7] = [
-    "Namespaces",
-    "Deployments",
-    "StatefulSets",
-    "DaemonSets",
-    "LimitRanges",
-    "ResourceQuotas",
-    "RunningPods",
-];
-
-/// The sidecars section's caches that missed changes (watch failed, not listed again yet).
-fn stale_sidecar_caches(ctx: &Context) -> Vec<(String, String)> {
-    ctx.metrics.watches.stale(&SIDECAR_WATCHES)
+    let mut reports = Vec::with_capacity(Section::ALL.len());
+    for section in Section::ALL {
+        reports.push(section.run(ctx, policy, &spec).await);
+    }
+    (reports, conflicts)
 }
 
 #[tracing::instrument(skip_all, fields(policy = %policy.name_any(), generation = policy.metadata.generation))]

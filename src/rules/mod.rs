@@ -1,14 +1,159 @@
-//! Rule sections of a MeshPolicy. Each module turns one section into a [`RuleReport`]:
-//! observe (reads), plan (pure functions), apply (server-side apply, Enforce only), report.
+//! Rule sections of a MeshPolicy. Each section turns its part of the policy into a
+//! [`RuleReport`]: observe (reads), plan (pure functions), write (through
+//! [`crate::write::driver`], Enforce only), report. [`Section`] is the list of sections and
+//! the one way the controller runs them: adding a section is adding its module and one entry
+//! here.
 
 pub mod ha;
 pub mod mtls;
 pub mod sidecars;
 
+use kube::ResourceExt;
+use tracing::Instrument;
+
+use crate::api::{MeshPolicy, MeshPolicySpec};
+use crate::context::Context;
+use crate::policy;
+use crate::status::conditions::{Observed, Status, types};
+use crate::status::reasons;
+
 pub use crate::status::RuleReport;
 
+/// The rule sections, in the order their conditions are listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Section {
+    ControlPlaneHa,
+    GatewayHa,
+    SidecarResources,
+    MutualTls,
+}
+
+impl Section {
+    pub const ALL: [Section; 4] = [
+        Section::ControlPlaneHa,
+        Section::GatewayHa,
+        Section::SidecarResources,
+        Section::MutualTls,
+    ];
+
+    /// The section's condition type.
+    pub fn condition_type(self) -> &'static str {
+        match self {
+            Section::ControlPlaneHa => types::CONTROL_PLANE_HA,
+            Section::GatewayHa => types::GATEWAY_HA,
+            Section::SidecarResources => types::SIDECAR_RESOURCES,
+            Section::MutualTls => types::MUTUAL_TLS,
+        }
+    }
+
+    /// The `spec` field that declares it.
+    pub fn field(self) -> &'static str {
+        match self {
+            Section::ControlPlaneHa => "controlPlane",
+            Section::GatewayHa => "gateways",
+            Section::SidecarResources => "sidecars",
+            Section::MutualTls => "mtls",
+        }
+    }
+
+    /// Evaluates the section of `spec` (the policy's spec after conflicts were resolved) in a
+    /// span of its own.
+    pub async fn run(
+        self,
+        ctx: &Context,
+        policy: &MeshPolicy,
+        spec: &MeshPolicySpec,
+    ) -> RuleReport {
+        let span = tracing::info_span!("section", section = self.condition_type());
+        self.evaluate(ctx, policy, spec).instrument(span).await
+    }
+
+    async fn evaluate(
+        self,
+        ctx: &Context,
+        policy: &MeshPolicy,
+        spec: &MeshPolicySpec,
+    ) -> RuleReport {
+        let not_configured = || RuleReport::not_configured(self.condition_type(), self.field());
+        match self {
+            Section::ControlPlaneHa if spec.control_plane.is_some() => {
+                ha::reconcile(
+                    ctx,
+                    policy,
+                    ha::Section::ControlPlane,
+                    &ha::control_plane_groups(spec),
+                )
+                .await
+            }
+            Section::GatewayHa if !spec.gateways.is_empty() => {
+                ha::reconcile(
+                    ctx,
+                    policy,
+                    ha::Section::Gateways,
+                    &ha::gateway_groups(spec),
+                )
+                .await
+            }
+            Section::SidecarResources => match &spec.sidecars {
+                Some(s) => {
+                    sidecars_section(ctx, policy, s, policy::effective(spec, s.enforcement)).await
+                }
+                None => {
+                    ctx.metrics
+                        .set_sidecar_drift(&policy.name_any(), &Default::default());
+                    not_configured()
+                }
+            },
+            Section::MutualTls => match &spec.mtls {
+                Some(m) => {
+                    mtls::reconcile(ctx, policy, m, policy::effective(spec, m.enforcement)).await
+                }
+                None => not_configured(),
+            },
+            _ => not_configured(),
+        }
+    }
+}
+
+/// The sidecars section: `Unknown` while a cache it reads missed changes; otherwise evaluated,
+/// with the pod drift kept as a metric (a failed pass keeps the last known drift).
+async fn sidecars_section(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    spec: &crate::api::SidecarSpec,
+    enforcement: crate::api::Enforcement,
+) -> RuleReport {
+    let ctype = types::SIDECAR_RESOURCES;
+    let stale = ctx.metrics.watches.stale(&sidecars::WATCHES);
+    if let Some((_, error)) = stale.first() {
+        let names: Vec<&str> = stale.iter().map(|(n, _)| n.as_str()).collect();
+        return RuleReport {
+            condition: Observed::new(
+                ctype,
+                Status::Unknown,
+                reasons::CACHE_NOT_SYNCED,
+                format!(
+                    "the watches of {} failed ({error}) and have not listed again: the section is evaluated once they have, within seconds of the API server answering",
+                    names.join(", "),
+                ),
+            ),
+            ..RuleReport::not_configured(ctype, "sidecars")
+        };
+    }
+    let (report, stats) = sidecars::reconcile_with_stats(ctx, policy, spec, enforcement).await;
+    if report.condition.status != Status::Unknown {
+        let drift = stats
+            .pod_drift
+            .iter()
+            .map(|(ns, pods)| (ns.clone(), pods.len()))
+            .collect();
+        ctx.metrics.set_sidecar_drift(&policy.name_any(), &drift);
+    }
+    report
+}
+
 /// Whether a policy's rules cover objects in `namespace` (routes watch events to policies).
-pub fn covers_namespace(spec: &crate::api::MeshPolicySpec, namespace: &str) -> bool {
+pub fn covers_namespace(spec: &MeshPolicySpec, namespace: &str) -> bool {
     spec.control_plane
         .as_ref()
         .is_some_and(|c| c.namespace == namespace)

@@ -43,6 +43,17 @@ use crate::status::reasons::{self, ViolationAction};
 use crate::write::driver::{self, Outcome, Planned};
 use crate::write::{self, FIELD_MANAGER, FightKey, ForeignWrites};
 
+/// The watches whose caches the section reads (their names in `watch::Health`).
+pub const WATCHES: [&str; 7] = [
+    "Namespaces",
+    "Deployments",
+    "StatefulSets",
+    "DaemonSets",
+    "LimitRanges",
+    "ResourceQuotas",
+    "RunningPods",
+];
+
 /// CPU request of the proxy.
 pub const PROXY_CPU: &str = "sidecar.istio.io/proxyCPU";
 /// CPU limit of the proxy.
