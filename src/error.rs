@@ -1,8 +1,6 @@
 //! Errors of a reconcile, typed so that the controller can decide how to retry.
 use std::time::Duration;
 
-use crate::status::reasons;
-
 /// Everything that can go wrong while reconciling a MeshPolicy.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -41,23 +39,6 @@ impl Error {
                 ..
             } => Some(s.code),
             _ => None,
-        }
-    }
-
-    /// A bounded CamelCase word for conditions, events and metric labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Error::Kube { .. } => match self.status_code() {
-                Some(403) => reasons::FORBIDDEN,
-                Some(409) => reasons::CONFLICT,
-                Some(404) => reasons::NOT_FOUND,
-                Some(422) => reasons::REJECTED,
-                Some(_) => reasons::API_ERROR,
-                None => reasons::API_UNREACHABLE,
-            },
-            Error::InvalidSpec(_) => reasons::INVALID_SPEC,
-            Error::MissingField(..) => reasons::UNEXPECTED_OBJECT,
-            Error::Serialize(_) => reasons::INTERNAL_ERROR,
         }
     }
 
@@ -128,7 +109,6 @@ mod tests {
     #[test]
     fn forbidden_is_retried_every_half_minute() {
         let e = api(403);
-        assert_eq!(e.reason(), "Forbidden");
         assert!(!e.is_transient());
         assert_eq!(e.backoff(0), Duration::from_secs(30));
         assert_eq!(e.backoff(9), Duration::from_secs(30));
@@ -146,7 +126,6 @@ mod tests {
     #[test]
     fn invalid_spec_waits() {
         let e = Error::InvalidSpec("x".into());
-        assert_eq!(e.reason(), "InvalidSpec");
         assert!(!e.is_transient());
         assert_eq!(e.backoff(0), Duration::from_secs(300));
     }

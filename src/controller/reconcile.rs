@@ -216,7 +216,7 @@ pub(super) fn error_policy(policy: Arc<MeshPolicy>, err: &Error, state: Arc<Stat
         .metrics
         .reconcile_errors
         .get_or_create(&crate::telemetry::ErrorLabels {
-            kind: err.reason().to_string(),
+            kind: reasons::of_error(err).to_string(),
         })
         .inc();
     warn!(policy = %policy.name_any(), error = %err, "reconcile failed");

@@ -90,6 +90,25 @@ pub const ALL: &[&str] = &[
     INTERNAL_ERROR,
 ];
 
+use crate::error::Error;
+
+/// The reason of a section that failed with `err`: a bounded CamelCase word for conditions, events and metric labels.
+pub fn of_error(err: &Error) -> &'static str {
+    match err {
+        Error::Kube { .. } => match err.status_code() {
+            Some(403) => FORBIDDEN,
+            Some(409) => CONFLICT,
+            Some(404) => NOT_FOUND,
+            Some(422) => REJECTED,
+            Some(_) => API_ERROR,
+            None => API_UNREACHABLE,
+        },
+        Error::InvalidSpec(_) => INVALID_SPEC,
+        Error::MissingField(..) => UNEXPECTED_OBJECT,
+        Error::Serialize(_) => INTERNAL_ERROR,
+    }
+}
+
 /// What meshwarden did about one violation (`status.violations[].action`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ViolationAction {
@@ -150,6 +169,21 @@ mod tests {
             missing.is_empty(),
             "docs/reference.md does not name {missing:?}"
         );
+    }
+
+    #[test]
+    fn errors_map_to_reasons() {
+        let api = |code: u16| Error::Kube {
+            action: "x".into(),
+            source: kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            })),
+        };
+        assert_eq!(of_error(&api(403)), FORBIDDEN);
+        assert_eq!(of_error(&api(422)), REJECTED);
+        assert_eq!(of_error(&api(500)), API_ERROR);
+        assert_eq!(of_error(&Error::InvalidSpec("x".into())), INVALID_SPEC);
     }
 
     #[test]

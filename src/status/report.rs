@@ -52,7 +52,7 @@ impl RuleReport {
             condition: Observed::new(
                 type_,
                 Status::Unknown,
-                err.reason(),
+                reasons::of_error(err),
                 format!("{err}.{hint}"),
             ),
             violations: Vec::new(),
