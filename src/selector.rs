@@ -1,46 +1,23 @@
-//! Label selectors evaluated in memory, against labels the operator already holds.
+//! Label selectors of a policy, evaluated with kube's own [`Selector`]: in memory against
+//! labels the operator already holds, or as a query for list and watch calls.
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::core::{Selector, SelectorExt};
 
-/// True when `labels` satisfy `selector`. An empty selector matches everything.
+/// A query no object matches, for a selector kube cannot read (the CRD admits only the four
+/// operators kube knows, so this is a safety net, never a way to select everything).
+const NOTHING: &str = "meshwarden.io/unreadable-selector,!meshwarden.io/unreadable-selector";
+
+/// True when `labels` satisfy `selector`. An empty selector matches everything; one kube
+/// cannot read matches nothing.
 pub fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let exprs_ok = selector.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.clone().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
-            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
-            _ => false,
-        }
-    });
-    labels_ok && exprs_ok
+    Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels))
 }
 
 /// The selector in Kubernetes' query syntax (`a=b,c in (d,e)`), for list/watch calls.
 pub fn to_query(selector: &LabelSelector) -> String {
-    let mut parts: Vec<String> = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    for e in selector.match_expressions.iter().flatten() {
-        let values = e.values.clone().unwrap_or_default().join(",");
-        parts.push(match e.operator.as_str() {
-            "In" => format!("{} in ({values})", e.key),
-            "NotIn" => format!("{} notin ({values})", e.key),
-            "Exists" => e.key.clone(),
-            _ => format!("!{}", e.key),
-        });
-    }
-    parts.join(",")
+    Selector::try_from(selector.clone()).map_or_else(|_| NOTHING.to_string(), |s| s.to_string())
 }
 
 #[cfg(test)]
@@ -73,5 +50,15 @@ mod tests {
         assert!(!matches(&sel, &labels(&[("istio", "egressgateway")])));
         assert!(matches(&LabelSelector::default(), &labels(&[])));
         assert_eq!(to_query(&sel), "istio=ingressgateway,tier notin (test)");
+        let bad = LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: "Near".into(),
+                values: None,
+            }]),
+            ..Default::default()
+        };
+        assert!(!matches(&bad, &labels(&[("tier", "x")])));
+        assert_eq!(to_query(&bad), NOTHING);
     }
 }
