@@ -177,13 +177,24 @@ impl Env {
     /// Waits until the policy is Ready for its current generation and its status stopped
     /// changing (no write for a second): the operator has converged.
     pub async fn wait_settled(&self, name: &str, secs: u64) -> MeshPolicy {
+        self.wait_stable(name, secs, true).await
+    }
+
+    /// Waits until the policy's status is for its current generation and stopped changing (no
+    /// write for a second), Ready or not: the operator has converged on what it can do.
+    #[allow(dead_code)]
+    pub async fn wait_converged(&self, name: &str, secs: u64) -> MeshPolicy {
+        self.wait_stable(name, secs, false).await
+    }
+
+    async fn wait_stable(&self, name: &str, secs: u64, need_ready: bool) -> MeshPolicy {
         let api: Api<MeshPolicy> = Api::all(self.client.clone());
         let full = format!("{}-{name}", self.id);
         let start = Instant::now();
         let mut last: Option<String> = None;
         loop {
             let p = api.get(&full).await.expect("get policy");
-            let ready = condition(&p, "Ready").is_some_and(|c| c.status == "True")
+            let ready = (!need_ready || condition(&p, "Ready").is_some_and(|c| c.status == "True"))
                 && p.status.as_ref().and_then(|s| s.observed_generation) == p.metadata.generation;
             let rv = p.metadata.resource_version.clone();
             if ready && last.is_some() && last == rv {
@@ -409,4 +420,22 @@ pub fn quantity(
     key: &str,
 ) -> Option<String> {
     r.as_ref().and_then(|m| m.get(key)).map(|q| q.0.clone())
+}
+
+/// Pod anti-affinity terms (preferred and required) of a Deployment's pod template.
+pub fn anti_affinity_terms(d: &k8s_openapi::api::apps::v1::Deployment) -> usize {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .map(|a| {
+            a.preferred_during_scheduling_ignored_during_execution
+                .as_ref()
+                .map_or(0, Vec::len)
+                + a.required_during_scheduling_ignored_during_execution
+                    .as_ref()
+                    .map_or(0, Vec::len)
+        })
+        .unwrap_or(0)
 }

@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, Patch, PatchParams};
 use meshwarden::api::MeshPolicy;
 
-use crate::common::{self, condition, container_resources, quantity};
+use crate::common::{self, anti_affinity_terms, condition, container_resources, quantity};
 
 const KINDS: &[&str] = &[
     "Deployment",
@@ -125,23 +125,6 @@ async fn shutdown_ends_an_operator_that_cannot_list_policies() {
         .await
         .expect("the controller returns within 5 s of the shutdown signal")
         .unwrap();
-}
-
-fn anti_affinity_terms(d: &Deployment) -> usize {
-    d.spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
-        .and_then(|s| s.affinity.as_ref())
-        .and_then(|a| a.pod_anti_affinity.as_ref())
-        .map(|a| {
-            a.preferred_during_scheduling_ignored_during_execution
-                .as_ref()
-                .map_or(0, Vec::len)
-                + a.required_during_scheduling_ignored_during_execution
-                    .as_ref()
-                    .map_or(0, Vec::len)
-        })
-        .unwrap_or(0)
 }
 
 async fn wait_cpu_request(api: &Api<Deployment>, name: &str, container: &str, cpu: &str) {
