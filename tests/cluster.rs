@@ -772,6 +772,13 @@ async fn istiod_release_lifecycle_with_helm_never_lowers_the_posture() {
         "the chart value of the budget: {}",
         c.message
     );
+    assert!(
+        c.message.contains(
+            "set autoscaleMin, pdb.maxUnavailable, resources, affinity, topologySpreadConstraints in Helm release istiod-lc"
+        ),
+        "every chart value that declares what meshwarden took over: {}",
+        c.message
+    );
     sampler.reset();
     tokio::time::sleep(Duration::from_secs(6)).await; // an HPA sync period
     sampler.check("Enforce", 3, true);

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::source::{Installer, Value as Key, installer};
 use super::{HaRules, Observation};
-use crate::api::MeshPolicy;
+use crate::api::{MeshPolicy, SpreadMode};
 use crate::context::Context;
 use crate::error::{Error, Result};
 
@@ -53,9 +53,12 @@ pub fn installer_values(
     let c = rules.container;
     let mut v = json!({});
     let mut keys = Vec::new();
-    let mut put = |k: Key, value: Value| {
+    // A key without a value is only named: spread meshwarden has not written yet.
+    let mut put = |k: Key, value: Option<Value>| {
         if let Some(key) = installer.key(c, k) {
-            set(&mut v, &key, value);
+            if let Some(value) = value {
+                set(&mut v, &key, value);
+            }
             keys.push(key);
         }
     };
@@ -64,19 +67,19 @@ pub fn installer_values(
         match &obs.hpa {
             Some(h) => {
                 let current = h.spec.as_ref().and_then(|s| s.min_replicas).unwrap_or(1);
-                put(Key::HpaMin, json!(current.max(r.min)));
+                put(Key::HpaMin, Some(json!(current.max(r.min))));
             }
             None => {
                 let current = spec.replicas.unwrap_or(1);
-                put(Key::Replicas, json!(current.max(r.min)));
+                put(Key::Replicas, Some(json!(current.max(r.min))));
             }
         }
     }
     if let Some(b) = &rules.budget {
         if let Some(m) = &b.min_available {
-            put(Key::MinAvailable, json!(m));
+            put(Key::MinAvailable, Some(json!(m)));
         } else if let Some(m) = &b.max_unavailable {
-            put(Key::MaxUnavailable, json!(m));
+            put(Key::MaxUnavailable, Some(json!(m)));
         }
     }
     let pod = spec.template.spec.unwrap_or_default();
@@ -94,14 +97,16 @@ pub fn installer_values(
             merge_values(&mut merged, &r);
             r = merged;
         }
-        put(Key::Resources, r);
+        put(Key::Resources, Some(r));
     }
-    if rules.spread.is_some() {
-        if let Some(a) = &pod.affinity {
-            put(Key::Affinity, json!(a));
+    if let Some(spread) = &rules.spread {
+        let affinity = pod.affinity.as_ref().map(|a| json!(a));
+        if spread.nodes != SpreadMode::Off || affinity.is_some() {
+            put(Key::Affinity, affinity);
         }
-        if let Some(t) = &pod.topology_spread_constraints {
-            put(Key::TopologySpread, json!(t));
+        let zones = pod.topology_spread_constraints.as_ref().map(|t| json!(t));
+        if spread.zones != SpreadMode::Off || zones.is_some() {
+            put(Key::TopologySpread, zones);
         }
     }
     Some((installer, v, keys))
