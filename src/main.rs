@@ -1,5 +1,6 @@
 //! The meshwarden binary: `meshwarden run` runs the operator, `meshwarden crd` prints the CRD,
-//! `meshwarden values` prints Helm values files that declare what the policies hold.
+//! `meshwarden values` prints the installers' values (Helm, Sail operator, Argo CD) that declare
+//! what the policies hold.
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -29,8 +30,10 @@ enum Command {
     Run(RunArgs),
     /// Print the MeshPolicy CustomResourceDefinition as YAML.
     Crd,
-    /// Print, per Helm release of istiod or a gateway that a policy covers, the chart values
-    /// that declare what the policy holds (for `helm upgrade --reuse-values -f`).
+    /// Print, per installer of istiod or a gateway that a policy covers (a Helm release, the
+    /// Sail operator's Istio resource, an Argo CD Application), the values that declare what the
+    /// policy holds (for `helm upgrade --reuse-values -f`, a patch of the Istio resource, or the
+    /// Application's values in Git).
     Values {
         /// Only this MeshPolicy (default: every policy).
         policy: Option<String>,

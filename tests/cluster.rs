@@ -10,6 +10,9 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::AtomicI32;
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -17,6 +20,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
+use meshwarden::api::MeshPolicy;
 use serde_json::json;
 
 async fn namespace(client: &Client, name: &str, labels: serde_json::Value) {
@@ -341,25 +345,128 @@ fn helm(bin: &std::path::Path, kubeconfig: &std::path::Path, args: &[&str]) -> S
 /// The lowest values seen while sampling: Deployment replicas, available pods, HPA minimum.
 #[derive(Debug, Default)]
 struct Floor {
-    replicas: std::sync::atomic::AtomicI32,
-    available: std::sync::atomic::AtomicI32,
-    hpa_min: std::sync::atomic::AtomicI32,
+    replicas: AtomicI32,
+    available: AtomicI32,
+    hpa_min: AtomicI32,
 }
 
-impl Floor {
-    fn reset(&self) {
-        use std::sync::atomic::Ordering::SeqCst;
-        self.replicas.store(i32::MAX, SeqCst);
-        self.available.store(i32::MAX, SeqCst);
-        self.hpa_min.store(i32::MAX, SeqCst);
+/// Samples a Deployment and the HPA scaling it every 100 ms in the background, for the whole
+/// test, and keeps the lowest values seen since the last reset.
+struct Sampler {
+    floor: Arc<Floor>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sampler {
+    fn start(client: &Client, ns: &str, deployment: &str, hpa: &str) -> Self {
+        use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+        let floor = Arc::new(Floor::default());
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), ns);
+        let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), ns);
+        let (f, deployment, hpa) = (floor.clone(), deployment.to_string(), hpa.to_string());
+        let task = tokio::spawn(async move {
+            loop {
+                if let (Ok(d), Ok(h)) = (deploys.get(&deployment).await, hpas.get(&hpa).await) {
+                    let spec = d.spec.and_then(|s| s.replicas).unwrap_or(1);
+                    let avail = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
+                    let min = h.spec.and_then(|s| s.min_replicas).unwrap_or(1);
+                    f.replicas.fetch_min(spec, SeqCst);
+                    f.available.fetch_min(avail, SeqCst);
+                    f.hpa_min.fetch_min(min, SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let sampler = Sampler { floor, task };
+        sampler.reset();
+        sampler
     }
-    fn get(&self) -> (i32, i32, i32) {
-        use std::sync::atomic::Ordering::SeqCst;
+
+    fn reset(&self) {
+        self.floor.replicas.store(i32::MAX, SeqCst);
+        self.floor.available.store(i32::MAX, SeqCst);
+        self.floor.hpa_min.store(i32::MAX, SeqCst);
+    }
+
+    /// Asserts that since the last reset the Deployment's replicas and available pods, and
+    /// (with `hpa`) the HPA minimum, never went below `min`; then resets. A `helm upgrade`
+    /// writes the chart's HPA minimum back for the moment until meshwarden restores it, so the
+    /// HPA is left out of the check of an upgrade.
+    fn check(&self, step: &str, min: i32, hpa: bool) {
+        let replicas = self.floor.replicas.load(SeqCst);
+        let available = self.floor.available.load(SeqCst);
+        let hpa_min = self.floor.hpa_min.load(SeqCst);
+        assert!(
+            replicas >= min,
+            "{step}: Deployment replicas went down to {replicas}"
+        );
+        assert!(
+            available >= min,
+            "{step}: available pods went down to {available}"
+        );
+        assert!(
+            !hpa || hpa_min >= min,
+            "{step}: HPA minReplicas went down to {hpa_min}"
+        );
+        self.reset();
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Replaces the spec of a test's policy with `yaml`.
+async fn set_spec(env: &common::Env, name: &str, yaml: &str) {
+    let api: Api<MeshPolicy> = Api::all(env.client.clone());
+    let name = env.policy_name(name);
+    let mut p = api.get(&name).await.unwrap();
+    p.spec = serde_yaml::from_str(yaml).unwrap();
+    api.replace(&name, &PostParams::default(), &p)
+        .await
+        .unwrap();
+}
+
+/// Runs `helm upgrade --reuse-values` of `release` with Helm 3 (three-way merge), Helm 4 as the
+/// release was installed (client-side after Helm 3), and Helm 4 server-side with
+/// `--force-conflicts` (it asks for it on the fields meshwarden holds). Every upgrade must
+/// succeed; after each, `after(step)` runs once meshwarden converged, and the section's
+/// condition must not call the upgrade a fight.
+async fn helm_upgrades<F, Fut>(
+    env: &common::Env,
+    policy: &str,
+    condition: &str,
+    release: &str,
+    chart: &str,
+    ns: &str,
+    after: F,
+) where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let kc = env.plane.kubeconfig.clone();
+    let upgrades: [(&str, std::path::PathBuf, &[&str]); 3] = [
+        ("helm 3 upgrade", testplane::istio::helm3(), &[]),
+        ("helm 4 upgrade", testplane::istio::helm(), &[]),
         (
-            self.replicas.load(SeqCst),
-            self.available.load(SeqCst),
-            self.hpa_min.load(SeqCst),
-        )
+            "helm 4 server-side upgrade",
+            testplane::istio::helm(),
+            &["--server-side=true", "--force-conflicts"],
+        ),
+    ];
+    for (step, bin, extra) in upgrades {
+        let mut args = vec!["upgrade", release, chart, "-n", ns, "--reuse-values"];
+        args.extend_from_slice(extra);
+        helm(&bin, &kc, &args);
+        let p = env.wait_converged(policy, 90).await;
+        let c = common::condition(&p, condition).unwrap();
+        assert_ne!(
+            c.reason, "FightDetected",
+            "{step}: a Helm upgrade is not a fight: {c:?}"
+        );
+        after(step.to_string()).await;
     }
 }
 
@@ -387,18 +494,13 @@ fn writes_in(env: &common::Env, namespace: &str) -> usize {
 #[tokio::test]
 async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
     use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-    use meshwarden::api::MeshPolicy;
-    use std::sync::Arc;
-    use std::sync::atomic::Ordering::SeqCst;
 
     let env = common::cluster_env("gwlife").await;
     let ns = env.namespace("gw", &[]).await;
     let kc = env.plane.kubeconfig.clone();
     let chart = testplane::istio::chart("gateway").display().to_string();
-    let helm3 = testplane::istio::helm3();
-    let helm4 = testplane::istio::helm();
     helm(
-        &helm3,
+        &testplane::istio::helm3(),
         &kc,
         &[
             "install",
@@ -418,26 +520,7 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
         (d.status?.available_replicas? >= 1).then_some(())
     })
     .await;
-
-    // Samples the floor of the posture every 100 ms for the rest of the test.
-    let floor = Arc::new(Floor::default());
-    floor.reset();
-    let sampler = {
-        let (floor, deploys, hpas) = (floor.clone(), deploys.clone(), hpas.clone());
-        tokio::spawn(async move {
-            loop {
-                if let (Ok(d), Ok(h)) = (deploys.get("gw").await, hpas.get("gw").await) {
-                    let spec = d.spec.and_then(|s| s.replicas).unwrap_or(1);
-                    let avail = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
-                    let min = h.spec.and_then(|s| s.min_replicas).unwrap_or(1);
-                    floor.replicas.fetch_min(spec, SeqCst);
-                    floor.available.fetch_min(avail, SeqCst);
-                    floor.hpa_min.fetch_min(min, SeqCst);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let sampler = Sampler::start(&env.client, &ns, "gw", "gw");
 
     let gateway = |extra: &str| {
         format!(
@@ -445,17 +528,6 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
         )
     };
     let full = "  replicas: {min: 3}\n  disruptionBudget: {maxUnavailable: 1}\n  resources: {requests: {cpu: 200m, memory: 256Mi}, limits: {memory: 1Gi}}\n";
-    let set_spec = |yaml: String| {
-        let api: Api<MeshPolicy> = Api::all(env.client.clone());
-        let name = env.policy_name("gw");
-        async move {
-            let mut p = api.get(&name).await.unwrap();
-            p.spec = serde_yaml::from_str(&yaml).unwrap();
-            api.replace(&name, &PostParams::default(), &p)
-                .await
-                .unwrap();
-        }
-    };
 
     // Audit: reported, nothing written.
     env.create_policy("gw", &format!("enforcement: Audit\n{}", gateway(full)))
@@ -471,7 +543,12 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
     assert_eq!(writes_in(&env, &ns), 0, "Audit writes nothing");
 
     // Enforce: HPA minimum 3, three available pods, one PDB with one allowed disruption.
-    set_spec(format!("enforcement: Enforce\n{}", gateway(full))).await;
+    set_spec(
+        &env,
+        "gw",
+        &format!("enforcement: Enforce\n{}", gateway(full)),
+    )
+    .await;
     common::eventually(
         120,
         "3 available gateway pods and a PDB allowing 1",
@@ -486,61 +563,32 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
     )
     .await;
     env.wait_settled("gw", 60).await;
-    floor.reset();
-    let check = |step: &str| {
-        let (replicas, available, hpa_min) = floor.get();
-        assert!(
-            replicas >= 3,
-            "{step}: Deployment replicas went down to {replicas}"
-        );
-        assert!(
-            available >= 3,
-            "{step}: available pods went down to {available}"
-        );
-        assert!(
-            hpa_min >= 3,
-            "{step}: HPA minReplicas went down to {hpa_min}"
-        );
-    };
-    check("Enforce");
+    sampler.reset();
+    sampler.check("Enforce", 3, true);
 
     // Edit: the policy stops declaring replicas and changes resources. Nothing goes down.
-    set_spec(format!(
-        "enforcement: Enforce\n{}",
-        gateway("  disruptionBudget: {maxUnavailable: 1}\n  resources: {requests: {cpu: 300m, memory: 256Mi}}\n")
-    ))
+    set_spec(
+        &env,
+        "gw",
+        &format!(
+            "enforcement: Enforce\n{}",
+            gateway("  disruptionBudget: {maxUnavailable: 1}\n  resources: {requests: {cpu: 300m, memory: 256Mi}}\n")
+        ),
+    )
     .await;
     env.wait_settled("gw", 90).await;
     tokio::time::sleep(Duration::from_secs(6)).await; // an HPA sync period
-    check("policy edited");
-    set_spec(format!("enforcement: Enforce\n{}", gateway(full))).await;
+    sampler.check("policy edited", 3, true);
+    set_spec(
+        &env,
+        "gw",
+        &format!("enforcement: Enforce\n{}", gateway(full)),
+    )
+    .await;
     env.wait_settled("gw", 90).await;
 
     // helm upgrade with unchanged values: Helm 3 (three-way merge), then Helm 4.
-    helm(
-        &helm3,
-        &kc,
-        &["upgrade", "gw", &chart, "-n", &ns, "--reuse-values"],
-    );
-    let p = env.wait_settled("gw", 90).await;
-    let c = common::condition(&p, "GatewayHA").unwrap();
-    assert_ne!(
-        c.reason, "FightDetected",
-        "a Helm upgrade is not a fight: {c:?}"
-    );
-    // Helm 4 keeps the method the release was installed with (client-side here), unless told
-    // to apply server-side, where it asks for --force-conflicts on fields meshwarden holds.
-    for extra in [&[][..], &["--server-side=true", "--force-conflicts"][..]] {
-        let mut args = vec!["upgrade", "gw", &chart, "-n", &ns, "--reuse-values"];
-        args.extend_from_slice(extra);
-        helm(&helm4, &kc, &args);
-        let p = env.wait_settled("gw", 90).await;
-        let c = common::condition(&p, "GatewayHA").unwrap();
-        assert_ne!(
-            c.reason, "FightDetected",
-            "a Helm upgrade is not a fight: {c:?}"
-        );
-    }
+    helm_upgrades(&env, "gw", "GatewayHA", "gw", &chart, &ns, |_| async {}).await;
     common::eventually(
         60,
         "HPA minimum restored to 3 after the upgrades",
@@ -548,24 +596,20 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let (replicas, available, _) = floor.get();
-    assert!(
-        replicas >= 3,
-        "helm upgrade: replicas went down to {replicas}"
-    );
-    assert!(
-        available >= 3,
-        "helm upgrade: available pods went down to {available}"
-    );
-    floor.reset();
+    sampler.check("helm upgrade", 3, false);
 
     // Audit again: nothing written, values stay.
-    set_spec(format!("enforcement: Audit\n{}", gateway(full))).await;
+    set_spec(
+        &env,
+        "gw",
+        &format!("enforcement: Audit\n{}", gateway(full)),
+    )
+    .await;
     env.wait_settled("gw", 60).await;
     let before = writes_in(&env, &ns);
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(writes_in(&env, &ns), before, "Audit writes nothing");
-    check("Audit");
+    sampler.check("Audit", 3, true);
 
     // Delete the policy: the garbage collector removes what meshwarden created; the values
     // it set stay.
@@ -581,6 +625,229 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(6)).await;
-    check("policy deleted");
-    sampler.abort();
+    sampler.check("policy deleted", 3, true);
+}
+
+/// istiod's own Helm release through its whole life with meshwarden: installed with Helm 3
+/// (revision `lc` in a namespace of its own, so the cluster's istiod is not touched;
+/// `autoscaleMin=2`, so the chart renders its PDB `minAvailable: 1`) -> policy in Audit ->
+/// Enforce -> policy edited (replicas dropped, resources changed, node spread off) -> `helm
+/// upgrade --reuse-values` with Helm 3, with Helm 4 as installed and with Helm 4 server-side
+/// and `--force-conflicts` -> Audit -> policy deleted. After every step: no replica count,
+/// available pod count or HPA minimum went below 3 since Enforce (sampled every 100 ms; the
+/// HPA minimum is left out while Helm writes the chart's value back), every installer value
+/// is still there, the chart's PDB keeps its form, the posture is restored after each
+/// upgrade without a fight, and Audit writes nothing.
+#[tokio::test]
+async fn istiod_release_lifecycle_with_helm_never_lowers_the_posture() {
+    use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    let env = common::cluster_env("istiodlife").await;
+    let ns = env.namespace("istio", &[]).await;
+    let kc = env.plane.kubeconfig.clone();
+    let chart = testplane::istio::chart("istiod").display().to_string();
+    let istio_ns = format!("global.istioNamespace={ns}");
+    helm(
+        &testplane::istio::helm3(),
+        &kc,
+        &[
+            "install",
+            "istiod-lc",
+            &chart,
+            "-n",
+            &ns,
+            "--set",
+            "revision=lc",
+            "--set",
+            "autoscaleMin=2",
+            "--set",
+            &istio_ns,
+            "--set",
+            "global.operatorManageWebhooks=true",
+            "--set",
+            "global.configValidation=false",
+            "--set",
+            "global.hub=docker.io/istio",
+        ],
+    );
+    let name = "istiod-lc";
+    let deploys: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &ns);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(env.client.clone(), &ns);
+    common::eventually(90, "2 available istiod pods", || async {
+        let d = deploys.get(name).await.ok()?;
+        (d.status?.available_replicas? >= 2).then_some(())
+    })
+    .await;
+    let sampler = Sampler::start(&env.client, &ns, name, name);
+
+    // What the installer set and must keep: the memory request the policy does not declare,
+    // the HPA maximum, the PDB in its chart form, the revision label.
+    let installer_values_kept = |step: &str| {
+        let (deploys, hpas, pdbs) = (deploys.clone(), hpas.clone(), pdbs.clone());
+        let step = step.to_string();
+        async move {
+            let d = deploys.get(name).await.unwrap();
+            let r = common::container_resources(&d, "discovery");
+            assert_eq!(
+                common::quantity(&r.requests, "memory").as_deref(),
+                Some("2Gi"), // the chart's 2048Mi, as the API server stores it
+                "{step}: the chart's memory request"
+            );
+            assert_eq!(
+                d.labels().get("istio.io/rev").map(String::as_str),
+                Some("lc"),
+                "{step}"
+            );
+            let h = hpas.get(name).await.unwrap().spec.unwrap();
+            assert_eq!(h.max_replicas, 5, "{step}: the chart's HPA maximum");
+            let b = pdbs.get(name).await.unwrap().spec.unwrap();
+            assert_eq!(
+                (b.min_available, b.max_unavailable),
+                (Some(IntOrString::Int(1)), None),
+                "{step}: the chart's PDB keeps its form"
+            );
+            let all = pdbs.list(&ListParams::default()).await.unwrap().items;
+            assert_eq!(all.len(), 1, "{step}: one PDB, the chart's");
+        }
+    };
+    // What the policy holds while it declares it: None when istiod has it and finished
+    // rolling, else what is missing.
+    let gap = |cpu: &'static str| {
+        let (deploys, hpas) = (deploys.clone(), hpas.clone());
+        async move {
+            let d = deploys.get(name).await.unwrap();
+            let min = hpas.get(name).await.unwrap().spec.unwrap().min_replicas;
+            let r = common::container_resources(&d, "discovery");
+            let got_cpu = common::quantity(&r.requests, "cpu");
+            let available = d.status.as_ref().and_then(|s| s.available_replicas);
+            if min < Some(3) {
+                Some(format!("HPA minReplicas {min:?}"))
+            } else if got_cpu.as_deref() != Some(cpu) {
+                Some(format!("CPU request {got_cpu:?}, not {cpu}"))
+            } else if common::anti_affinity_terms(&d) < 1 {
+                Some("no pod anti-affinity term".into())
+            } else if rolling(&d) || available < Some(3) {
+                Some(format!("rolling, {available:?} available"))
+            } else {
+                None
+            }
+        }
+    };
+    let posture = |cpu: &'static str| async move { gap(cpu).await.is_none().then_some(()) };
+    let control_plane = |enforcement: &str, rules: &str| {
+        format!("enforcement: {enforcement}\ncontrolPlane:\n  namespace: {ns}\n{rules}")
+    };
+    let full = "  replicas: {min: 3}\n  disruptionBudget: {maxUnavailable: 1}\n  resources: {requests: {cpu: 700m}}\n  spread: {nodes: Preferred, zones: Preferred}\n";
+
+    // Audit: violations reported, nothing written.
+    installer_values_kept("installed").await;
+    env.create_policy("cp", &control_plane("Audit", full)).await;
+    let _op = env.start_operator().await;
+    let p = env
+        .wait_policy("cp", 60, |p| {
+            let c = common::condition(p, "ControlPlaneHA")?;
+            (c.status == "False" && p.status.as_ref()?.violation_count > 0).then_some(p.clone())
+        })
+        .await;
+    assert!(
+        common::condition(&p, "ControlPlaneHA")
+            .unwrap()
+            .message
+            .contains("Audit mode")
+    );
+    assert_eq!(writes_in(&env, &ns), 0, "Audit writes nothing");
+    installer_values_kept("Audit").await;
+
+    // Enforce: HPA minimum 3, the CPU request, spread; three available pods. The chart's PDB
+    // has no equivalent of maxUnavailable 1 at 3..5 replicas: reported, left in its form.
+    set_spec(&env, "cp", &control_plane("Enforce", full)).await;
+    common::eventually(120, "istiod raised to the posture", || posture("700m")).await;
+    let p = env.wait_converged("cp", 60).await;
+    let c = common::condition(&p, "ControlPlaneHA").unwrap();
+    assert!(
+        c.message
+            .contains("pdb.maxUnavailable=1 in Helm release istiod-lc"),
+        "the chart value of the budget: {}",
+        c.message
+    );
+    assert!(
+        c.message.contains(
+            "set autoscaleMin, pdb.maxUnavailable, resources, affinity, topologySpreadConstraints in Helm release istiod-lc"
+        ),
+        "every chart value that declares what meshwarden took over: {}",
+        c.message
+    );
+    sampler.reset();
+    tokio::time::sleep(Duration::from_secs(6)).await; // an HPA sync period
+    sampler.check("Enforce", 3, true);
+    installer_values_kept("Enforce").await;
+
+    // Edit: replicas dropped, the CPU request changed, node spread off. Nothing goes down and
+    // the anti-affinity term meshwarden added stays (released, not removed).
+    set_spec(
+        &env,
+        "cp",
+        &control_plane(
+            "Enforce",
+            "  disruptionBudget: {maxUnavailable: 1}\n  resources: {requests: {cpu: 600m}}\n  spread: {nodes: Off, zones: Preferred}\n",
+        ),
+    )
+    .await;
+    common::eventually(120, "the edited CPU request rolled out", || async {
+        let g = gap("600m").await;
+        (g.is_none() || g.is_some_and(|g| !g.starts_with("CPU") && !g.starts_with("rolling")))
+            .then_some(())
+    })
+    .await;
+    env.wait_converged("cp", 60).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    sampler.check("policy edited", 3, true);
+    assert_eq!(gap("600m").await, None, "policy edited: the values stay");
+    installer_values_kept("policy edited").await;
+    set_spec(&env, "cp", &control_plane("Enforce", full)).await;
+    common::eventually(120, "the full posture again", || posture("700m")).await;
+    env.wait_converged("cp", 60).await;
+    sampler.check("policy restored", 3, true);
+
+    // helm upgrade with unchanged values: each succeeds, meshwarden restores the posture.
+    helm_upgrades(&env, "cp", "ControlPlaneHA", name, &chart, &ns, |step| {
+        let (posture, kept, sampler) = (&posture, &installer_values_kept, &sampler);
+        async move {
+            common::eventually(120, "the posture restored after the upgrade", || {
+                posture("700m")
+            })
+            .await;
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            sampler.check(&step, 3, false);
+            kept(&step).await;
+        }
+    })
+    .await;
+
+    // Audit again: nothing written, values stay.
+    set_spec(&env, "cp", &control_plane("Audit", full)).await;
+    env.wait_converged("cp", 60).await;
+    let before = writes_in(&env, &ns);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(writes_in(&env, &ns), before, "Audit writes nothing");
+    sampler.check("Audit", 3, true);
+    assert_eq!(gap("700m").await, None, "Audit keeps the values");
+    installer_values_kept("Audit again").await;
+
+    // Delete the policy: the values stay, the chart's PDB is untouched.
+    Api::<MeshPolicy>::all(env.client.clone())
+        .delete(&env.policy_name("cp"), &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    sampler.check("policy deleted", 3, true);
+    assert_eq!(gap("700m").await, None, "the values stay after the delete");
+    installer_values_kept("policy deleted").await;
+    helm(
+        &testplane::istio::helm3(),
+        &kc,
+        &["uninstall", name, "-n", &ns],
+    );
 }

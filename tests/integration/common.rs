@@ -112,27 +112,8 @@ impl Env {
     /// Loads the namespaced objects of an Istio fixture into `namespace` (cluster-scoped
     /// objects and webhooks are left out). `kinds` limits what is loaded (empty: all).
     pub async fn load_fixture(&self, file: &str, namespace: &str, kinds: &[&str]) -> usize {
-        let text = istio_fixture(file);
-        let mut out = String::new();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v = serde_json::Value::deserialize(doc).unwrap();
-            if v.is_null() {
-                continue;
-            }
-            let kind = v["kind"].as_str().unwrap_or_default().to_string();
-            if v["metadata"]["namespace"].is_null() {
-                continue;
-            }
-            if !kinds.is_empty() && !kinds.contains(&kind.as_str()) {
-                continue;
-            }
-            let mut v = v;
-            v["metadata"]["namespace"] = serde_json::json!(namespace);
-            out.push_str("---\n");
-            out.push_str(&serde_yaml::to_string(&v).unwrap());
-        }
         // Fixture objects are written with Helm's field manager, as a Helm install would.
-        apply_as(&self.client, &out, "helm").await
+        apply_as(&self.client, &fixture_in(file, namespace, kinds), "helm").await
     }
 
     /// Creates a MeshPolicy from YAML (its spec), labelled for this test's operator.
@@ -196,13 +177,24 @@ impl Env {
     /// Waits until the policy is Ready for its current generation and its status stopped
     /// changing (no write for a second): the operator has converged.
     pub async fn wait_settled(&self, name: &str, secs: u64) -> MeshPolicy {
+        self.wait_stable(name, secs, true).await
+    }
+
+    /// Waits until the policy's status is for its current generation and stopped changing (no
+    /// write for a second), Ready or not: the operator has converged on what it can do.
+    #[allow(dead_code)]
+    pub async fn wait_converged(&self, name: &str, secs: u64) -> MeshPolicy {
+        self.wait_stable(name, secs, false).await
+    }
+
+    async fn wait_stable(&self, name: &str, secs: u64, need_ready: bool) -> MeshPolicy {
         let api: Api<MeshPolicy> = Api::all(self.client.clone());
         let full = format!("{}-{name}", self.id);
         let start = Instant::now();
         let mut last: Option<String> = None;
         loop {
             let p = api.get(&full).await.expect("get policy");
-            let ready = condition(&p, "Ready").is_some_and(|c| c.status == "True")
+            let ready = (!need_ready || condition(&p, "Ready").is_some_and(|c| c.status == "True"))
                 && p.status.as_ref().and_then(|s| s.observed_generation) == p.metadata.generation;
             let rv = p.metadata.resource_version.clone();
             if ready && last.is_some() && last == rv {
@@ -224,35 +216,87 @@ impl Env {
     }
 }
 
-/// Server-side applies a YAML stream with the given field manager.
-pub async fn apply_as(client: &Client, yaml: &str, manager: &str) -> usize {
-    let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
-    let mut n = 0;
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let v = serde_json::Value::deserialize(doc).unwrap();
-        if v.is_null() {
+/// The namespaced objects of an Istio fixture moved into `namespace`, as a YAML stream
+/// (cluster-scoped objects and webhooks are left out). `kinds` limits what is kept (empty: all).
+pub fn fixture_in(file: &str, namespace: &str, kinds: &[&str]) -> String {
+    let mut out = String::new();
+    for mut v in fixture_objects(file) {
+        let kind = v["kind"].as_str().unwrap_or_default().to_string();
+        if v["metadata"]["namespace"].is_null() {
             continue;
         }
-        let obj: DynamicObject = serde_json::from_value(v).unwrap();
-        let tm = obj.types.clone().unwrap();
-        let (g, ver) = tm
-            .api_version
-            .split_once('/')
-            .unwrap_or(("", &tm.api_version));
-        let gvk = kube::api::GroupVersionKind::gvk(g, ver, &tm.kind);
-        let (ar, _) = discovery.resolve_gvk(&gvk).expect("known kind");
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(client.clone(), &obj.namespace().unwrap(), &ar);
+        if !kinds.is_empty() && !kinds.contains(&kind.as_str()) {
+            continue;
+        }
+        v["metadata"]["namespace"] = serde_json::json!(namespace);
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&v).unwrap());
+    }
+    out
+}
+
+/// The objects of an Istio fixture.
+pub fn fixture_objects(file: &str) -> Vec<serde_json::Value> {
+    yaml_docs(&istio_fixture(file))
+}
+
+fn yaml_docs(yaml: &str) -> Vec<serde_json::Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| serde_json::Value::deserialize(doc).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Each object of a YAML stream with the API to write it, resolved by discovery.
+async fn resolved(client: &Client, yaml: &str) -> Vec<(Api<DynamicObject>, DynamicObject)> {
+    let discovery = kube::Discovery::new(client.clone()).run().await.unwrap();
+    yaml_docs(yaml)
+        .into_iter()
+        .map(|v| {
+            let obj: DynamicObject = serde_json::from_value(v).unwrap();
+            let tm = obj.types.clone().unwrap();
+            let (g, ver) = tm
+                .api_version
+                .split_once('/')
+                .unwrap_or(("", &tm.api_version));
+            let gvk = kube::api::GroupVersionKind::gvk(g, ver, &tm.kind);
+            let (ar, _) = discovery.resolve_gvk(&gvk).expect("known kind");
+            let api = Api::namespaced_with(client.clone(), &obj.namespace().unwrap(), &ar);
+            (api, obj)
+        })
+        .collect()
+}
+
+/// Creates the objects of a YAML stream with the given field manager (an `Update` entry in
+/// `managedFields`, as Helm's library writes them).
+#[allow(dead_code)]
+pub async fn create_as(client: &Client, yaml: &str, manager: &str) -> usize {
+    let pp = PostParams {
+        field_manager: Some(manager.to_string()),
+        ..Default::default()
+    };
+    let objects = resolved(client, yaml).await;
+    for (api, obj) in &objects {
+        api.create(&pp, obj)
+            .await
+            .unwrap_or_else(|e| panic!("create {}: {e}", obj.name_any()));
+    }
+    objects.len()
+}
+
+/// Server-side applies a YAML stream with the given field manager.
+pub async fn apply_as(client: &Client, yaml: &str, manager: &str) -> usize {
+    let objects = resolved(client, yaml).await;
+    for (api, obj) in &objects {
         api.patch(
             &obj.name_any(),
             &PatchParams::apply(manager).force(),
-            &Patch::Apply(&obj),
+            &Patch::Apply(obj),
         )
         .await
-        .unwrap_or_else(|e| panic!("apply {} {}: {e}", tm.kind, obj.name_any()));
-        n += 1;
+        .unwrap_or_else(|e| panic!("apply {}: {e}", obj.name_any()));
     }
-    n
+    objects.len()
 }
 
 /// A running in-process operator; stopped on drop.
@@ -353,4 +397,45 @@ pub fn helm(v3: bool, args: &[&str]) -> Result<String, String> {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     testplane::istio::run_helm(&bin, &args, Some(&testplane::shared().kubeconfig))
         .map_err(|e| e.to_string())
+}
+
+/// The resources of container `name` in a Deployment's pod template.
+pub fn container_resources(
+    d: &k8s_openapi::api::apps::v1::Deployment,
+    name: &str,
+) -> k8s_openapi::api::core::v1::ResourceRequirements {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.containers.iter().find(|c| c.name == name))
+        .and_then(|c| c.resources.clone())
+        .unwrap_or_default()
+}
+
+/// A quantity of a resources map, as written.
+pub fn quantity(
+    r: &Option<
+        std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    >,
+    key: &str,
+) -> Option<String> {
+    r.as_ref().and_then(|m| m.get(key)).map(|q| q.0.clone())
+}
+
+/// Pod anti-affinity terms (preferred and required) of a Deployment's pod template.
+pub fn anti_affinity_terms(d: &k8s_openapi::api::apps::v1::Deployment) -> usize {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .map(|a| {
+            a.preferred_during_scheduling_ignored_during_execution
+                .as_ref()
+                .map_or(0, Vec::len)
+                + a.required_during_scheduling_ignored_during_execution
+                    .as_ref()
+                    .map_or(0, Vec::len)
+        })
+        .unwrap_or(0)
 }

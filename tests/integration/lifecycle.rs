@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, Patch, PatchParams};
 use meshwarden::api::MeshPolicy;
 
-use crate::common::{self, condition};
+use crate::common::{self, anti_affinity_terms, condition, container_resources, quantity};
 
 const KINDS: &[&str] = &[
     "Deployment",
@@ -125,44 +125,6 @@ async fn shutdown_ends_an_operator_that_cannot_list_policies() {
         .await
         .expect("the controller returns within 5 s of the shutdown signal")
         .unwrap();
-}
-
-fn container_resources(
-    d: &Deployment,
-    name: &str,
-) -> k8s_openapi::api::core::v1::ResourceRequirements {
-    d.spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
-        .and_then(|s| s.containers.iter().find(|c| c.name == name))
-        .and_then(|c| c.resources.clone())
-        .unwrap_or_default()
-}
-
-fn quantity(
-    r: &Option<
-        std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
-    >,
-    key: &str,
-) -> Option<String> {
-    r.as_ref().and_then(|m| m.get(key)).map(|q| q.0.clone())
-}
-
-fn anti_affinity_terms(d: &Deployment) -> usize {
-    d.spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
-        .and_then(|s| s.affinity.as_ref())
-        .and_then(|a| a.pod_anti_affinity.as_ref())
-        .map(|a| {
-            a.preferred_during_scheduling_ignored_during_execution
-                .as_ref()
-                .map_or(0, Vec::len)
-                + a.required_during_scheduling_ignored_during_execution
-                    .as_ref()
-                    .map_or(0, Vec::len)
-        })
-        .unwrap_or(0)
 }
 
 async fn wait_cpu_request(api: &Api<Deployment>, name: &str, container: &str, cpu: &str) {

@@ -3,6 +3,7 @@
 mod common;
 mod crd;
 mod ha;
+mod installers;
 mod lifecycle;
 mod mtls;
 mod sidecars;

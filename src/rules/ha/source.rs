@@ -1,6 +1,7 @@
-//! Fixing drift at its source: which Helm release installed an object, and which value of
-//! Istio's charts sets what meshwarden holds, so that the condition can say what to change in
-//! the installer for the drift to stop for good.
+//! Fixing drift at its source: which installer wrote an object (a Helm release, the Sail
+//! operator, a GitOps tool applying rendered charts), and which of its values sets what
+//! meshwarden holds, so that the condition can say what to change there for the drift to stop
+//! for good.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -12,6 +13,16 @@ use crate::api::DisruptionBudgetSpec;
 const HELM_MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "Helm");
 const HELM_RELEASE: &str = "meta.helm.sh/release-name";
 const HELM_NAMESPACE: &str = "meta.helm.sh/release-namespace";
+/// What the Sail operator puts on every object it installs: its post-renderer adds the label
+/// `managed-by: sail-operator` and a controller owner reference to the `IstioRevision`
+/// (`sailoperator.io/v1`); it installs through Helm's library, whose field manager is the
+/// binary's name, `sail-operator`.
+const SAIL_LABEL: (&str, &str) = ("managed-by", "sail-operator");
+const SAIL_MANAGER: &str = "sail-operator";
+const SAIL_GROUP: &str = "sailoperator.io/";
+/// The field manager of Argo CD's server-side syncs (`ArgoCDSSAManager`); they apply with
+/// `--force-conflicts`.
+const ARGOCD_MANAGER: &str = "argocd-controller";
 
 /// A Helm release, as recognised from an object it installed.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -20,10 +31,34 @@ pub struct Release {
     pub namespace: String,
 }
 
+/// Who renders an object and writes it back: where a value has to change for good.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Installer {
+    /// `helm install`/`helm upgrade` of Istio's charts.
+    Helm(Release),
+    /// The Sail operator, from the `Istio` resource that owns this `IstioRevision` (or the
+    /// `IstioRevision` itself when it was created directly): `spec.values`.
+    Sail { revision: String },
+    /// Argo CD syncing Istio's charts, rendered from the Application's Helm values in Git.
+    ArgoCd,
+}
+
+fn has_label(meta: &ObjectMeta, (k, v): (&str, &str)) -> bool {
+    meta.labels
+        .as_ref()
+        .is_some_and(|l| l.get(k).map(String::as_str) == Some(v))
+}
+
+fn has_manager(meta: &ObjectMeta, manager: &str) -> bool {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .any(|m| m.manager.as_deref() == Some(manager))
+}
+
 /// The Helm release that installed an object, if Helm did.
 pub fn helm_release(meta: &ObjectMeta) -> Option<Release> {
-    let labels = meta.labels.as_ref()?;
-    if labels.get(HELM_MANAGED_BY.0).map(String::as_str) != Some(HELM_MANAGED_BY.1) {
+    if !has_label(meta, HELM_MANAGED_BY) {
         return None;
     }
     let ann = meta.annotations.as_ref()?;
@@ -35,6 +70,32 @@ pub fn helm_release(meta: &ObjectMeta) -> Option<Release> {
             .or_else(|| meta.namespace.clone())
             .unwrap_or_default(),
     })
+}
+
+/// The installer of an object. The Sail operator installs through Helm's library, so its
+/// objects carry a Helm release too (`<revision>-istiod`); it is checked first, since running
+/// `helm upgrade` on that release would be undone by the operator.
+pub fn installer(meta: &ObjectMeta) -> Option<Installer> {
+    let sail_owner = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.kind == "IstioRevision" && o.api_version.starts_with(SAIL_GROUP));
+    if let Some(o) = sail_owner {
+        return Some(Installer::Sail {
+            revision: o.name.clone(),
+        });
+    }
+    if has_label(meta, SAIL_LABEL) || has_manager(meta, SAIL_MANAGER) {
+        let revision = helm_release(meta)
+            .and_then(|r| r.name.strip_suffix("-istiod").map(str::to_string))
+            .unwrap_or_else(|| "default".into());
+        return Some(Installer::Sail { revision });
+    }
+    if let Some(r) = helm_release(meta) {
+        return Some(Installer::Helm(r));
+    }
+    has_manager(meta, ARGOCD_MANAGER).then_some(Installer::ArgoCd)
 }
 
 /// What meshwarden holds, in the terms of Istio's charts.
@@ -66,6 +127,50 @@ pub fn chart_key(container: &str, v: Value) -> &'static str {
     }
 }
 
+impl Installer {
+    /// The key that sets `v` in this installer, or None when it has none. The Sail operator
+    /// passes `spec.values.pilot` to the istiod chart, which reads `pilot.*` as its top-level
+    /// values; its values API (Istio's `PilotConfig`) has no PodDisruptionBudget field.
+    pub fn key(&self, container: &str, v: Value) -> Option<String> {
+        match self {
+            Installer::Sail { .. } => match v {
+                Value::MinAvailable | Value::MaxUnavailable => None,
+                _ => Some(format!("spec.values.pilot.{}", chart_key(container, v))),
+            },
+            Installer::Helm(_) | Installer::ArgoCd => Some(chart_key(container, v).to_string()),
+        }
+    }
+
+    /// Where the values live, e.g. "Helm release istiod (namespace istio-system)".
+    pub fn place(&self) -> String {
+        match self {
+            Installer::Helm(r) => format!("Helm release {} (namespace {})", r.name, r.namespace),
+            Installer::Sail { revision } => format!(
+                "the Sail operator's Istio resource that owns IstioRevision {revision} (or that IstioRevision, if it was created directly)"
+            ),
+            Installer::ArgoCd => {
+                "the Helm values of the Argo CD Application in Git (Argo CD applies as argocd-controller and re-applies its manifests on every sync)".into()
+            }
+        }
+    }
+
+    /// How to make an installer carry a values file that `meshwarden values` printed.
+    pub fn how(&self) -> String {
+        match self {
+            Installer::Helm(r) => format!(
+                "helm upgrade {} <chart> -n {} --reuse-values -f <this file>",
+                r.name, r.namespace
+            ),
+            Installer::Sail { revision } => format!(
+                "merge into the spec of the Istio resource that owns IstioRevision {revision}: kubectl patch istio <name> --type merge --patch-file <this file>"
+            ),
+            Installer::ArgoCd => {
+                "merge into the Application's Helm values in Git; Argo CD renders them on its next sync".into()
+            }
+        }
+    }
+}
+
 fn ios(v: &IntOrString) -> String {
     match v {
         IntOrString::Int(i) => i.to_string(),
@@ -73,21 +178,29 @@ fn ios(v: &IntOrString) -> String {
     }
 }
 
-/// The sentence telling how to declare the budget in the installer of `pdb` (empty when no
-/// Helm release installed it).
+/// The sentence telling how to declare the budget in the installer of `pdb`.
 pub fn budget_hint<K: Resource>(container: &str, pdb: &K, want: &DisruptionBudgetSpec) -> String {
-    let Some(release) = helm_release(pdb.meta()) else {
+    let Some(installer) = installer(pdb.meta()) else {
         return ": declare the budget where this PodDisruptionBudget comes from".into();
     };
-    let (key, value) = match (&want.min_available, &want.max_unavailable) {
-        (Some(m), _) => (chart_key(container, Value::MinAvailable), ios(m)),
-        (None, Some(m)) => (chart_key(container, Value::MaxUnavailable), ios(m)),
+    let (v, value) = match (&want.min_available, &want.max_unavailable) {
+        (Some(m), _) => (Value::MinAvailable, ios(m)),
+        (None, Some(m)) => (Value::MaxUnavailable, ios(m)),
         (None, None) => return String::new(),
     };
-    format!(
-        ": set {key}={value} in Helm release {} (namespace {}), e.g. helm upgrade {} <chart> -n {} --reuse-values --set {key}={value}",
-        release.name, release.namespace, release.name, release.namespace
-    )
+    match (&installer, installer.key(container, v)) {
+        (Installer::Helm(r), Some(key)) => format!(
+            ": set {key}={value} in {}, e.g. helm upgrade {} <chart> -n {} --reuse-values --set {key}={value}",
+            installer.place(),
+            r.name,
+            r.namespace
+        ),
+        (_, Some(key)) => format!(": set {key}={value} in {}", installer.place()),
+        (_, None) => format!(
+            ": {} has no value for this budget (spec.values.pilot has no pdb), so it cannot be declared at the source; replace the chart's PodDisruptionBudget or leave its form as it is",
+            installer.place()
+        ),
+    }
 }
 
 /// The Gateway whose Deployment istiod renders (label `gateway.istio.io/managed`, or an owner
@@ -166,5 +279,87 @@ mod tests {
         let mut plain = pdb.clone();
         plain.metadata.annotations = None;
         assert!(helm_release(&plain.metadata).is_none());
+    }
+
+    /// What the Sail operator's post-renderer and Helm's library put on istiod's objects.
+    fn sail_meta(with_owner: bool) -> ObjectMeta {
+        serde_json::from_value(serde_json::json!({
+            "name": "istiod", "namespace": "istio-system",
+            "labels": {"app.kubernetes.io/managed-by": "Helm", "managed-by": "sail-operator"},
+            "annotations": {"meta.helm.sh/release-name": "default-istiod", "meta.helm.sh/release-namespace": "istio-system"},
+            "ownerReferences": if with_owner { serde_json::json!([{
+                "apiVersion": "sailoperator.io/v1", "kind": "IstioRevision", "name": "prod",
+                "uid": "1", "controller": true, "blockOwnerDeletion": true
+            }]) } else { serde_json::json!([]) },
+            "managedFields": [{"manager": "sail-operator", "operation": "Update", "apiVersion": "apps/v1"}]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_sail_operator_wins_over_the_helm_release_it_installs_through() {
+        let owned = installer(&sail_meta(true)).unwrap();
+        assert_eq!(
+            owned,
+            Installer::Sail {
+                revision: "prod".into()
+            }
+        );
+        // Without the owner reference: the label, and the revision from the release name.
+        assert_eq!(
+            installer(&sail_meta(false)),
+            Some(Installer::Sail {
+                revision: "default".into()
+            })
+        );
+        assert_eq!(
+            owned.key("discovery", Value::HpaMin).as_deref(),
+            Some("spec.values.pilot.autoscaleMin")
+        );
+        assert_eq!(
+            owned.key("discovery", Value::Resources).as_deref(),
+            Some("spec.values.pilot.resources")
+        );
+        assert_eq!(
+            owned.key("discovery", Value::Replicas).as_deref(),
+            Some("spec.values.pilot.replicaCount")
+        );
+        assert_eq!(owned.key("discovery", Value::MaxUnavailable), None);
+        assert!(
+            owned
+                .place()
+                .contains("Istio resource that owns IstioRevision prod")
+        );
+        let pdb = PodDisruptionBudget {
+            metadata: sail_meta(true),
+            ..Default::default()
+        };
+        let want = DisruptionBudgetSpec {
+            min_available: None,
+            max_unavailable: Some(IntOrString::Int(1)),
+        };
+        let hint = budget_hint("discovery", &pdb, &want);
+        assert!(hint.contains("has no value for this budget"), "{hint}");
+        assert!(!hint.contains("helm upgrade"), "{hint}");
+    }
+
+    #[test]
+    fn argo_cd_is_recognised_by_its_field_manager() {
+        let meta: ObjectMeta = serde_json::from_value(serde_json::json!({
+            "name": "istiod",
+            "labels": {"app.kubernetes.io/managed-by": "Helm", "helm.sh/chart": "istiod-1.31.0"},
+            "managedFields": [{"manager": "argocd-controller", "operation": "Apply", "apiVersion": "apps/v1"}]
+        }))
+        .unwrap();
+        let found = installer(&meta).unwrap();
+        assert_eq!(found, Installer::ArgoCd);
+        assert_eq!(
+            found.key("discovery", Value::HpaMin).as_deref(),
+            Some("autoscaleMin")
+        );
+        assert!(found.place().contains("Argo CD Application in Git"));
+        let mut other = meta.clone();
+        other.managed_fields = None;
+        assert_eq!(installer(&other), None);
     }
 }

@@ -9,9 +9,9 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
 
-use super::source::{Release, Value as Key, chart_key, helm_release};
+use super::source::{Installer, Value as Key, installer};
 use super::{HaRules, Observation};
-use crate::api::MeshPolicy;
+use crate::api::{MeshPolicy, SpreadMode};
 use crate::context::Context;
 use crate::error::{Error, Result};
 
@@ -43,33 +43,43 @@ fn merge_values(into: &mut Value, from: &Value) {
     }
 }
 
-/// The chart values declaring `rules` for a target Helm installed, with its release.
-pub fn chart_values(rules: &HaRules, obs: &Observation) -> Option<(Release, Value)> {
-    let release = helm_release(&obs.deployment.metadata)?;
+/// The values declaring `rules` for a target, in the terms of its installer, with the keys set
+/// (dotted, in order) and the installer. None when no installer was recognised.
+pub fn installer_values(
+    rules: &HaRules,
+    obs: &Observation,
+) -> Option<(Installer, Value, Vec<String>)> {
+    let installer = installer(&obs.deployment.metadata)?;
     let c = rules.container;
     let mut v = json!({});
+    let mut keys = Vec::new();
+    // A key without a value is only named: spread meshwarden has not written yet.
+    let mut put = |k: Key, value: Option<Value>| {
+        if let Some(key) = installer.key(c, k) {
+            if let Some(value) = value {
+                set(&mut v, &key, value);
+            }
+            keys.push(key);
+        }
+    };
     let spec = obs.deployment.spec.clone().unwrap_or_default();
     if let Some(r) = &rules.replicas {
         match &obs.hpa {
             Some(h) => {
                 let current = h.spec.as_ref().and_then(|s| s.min_replicas).unwrap_or(1);
-                set(&mut v, chart_key(c, Key::HpaMin), json!(current.max(r.min)));
+                put(Key::HpaMin, Some(json!(current.max(r.min))));
             }
             None => {
                 let current = spec.replicas.unwrap_or(1);
-                set(
-                    &mut v,
-                    chart_key(c, Key::Replicas),
-                    json!(current.max(r.min)),
-                );
+                put(Key::Replicas, Some(json!(current.max(r.min))));
             }
         }
     }
     if let Some(b) = &rules.budget {
         if let Some(m) = &b.min_available {
-            set(&mut v, chart_key(c, Key::MinAvailable), json!(m));
+            put(Key::MinAvailable, Some(json!(m)));
         } else if let Some(m) = &b.max_unavailable {
-            set(&mut v, chart_key(c, Key::MaxUnavailable), json!(m));
+            put(Key::MaxUnavailable, Some(json!(m)));
         }
     }
     let pod = spec.template.spec.unwrap_or_default();
@@ -87,17 +97,19 @@ pub fn chart_values(rules: &HaRules, obs: &Observation) -> Option<(Release, Valu
             merge_values(&mut merged, &r);
             r = merged;
         }
-        set(&mut v, chart_key(c, Key::Resources), r);
+        put(Key::Resources, Some(r));
     }
-    if rules.spread.is_some() {
-        if let Some(a) = &pod.affinity {
-            set(&mut v, chart_key(c, Key::Affinity), json!(a));
+    if let Some(spread) = &rules.spread {
+        let affinity = pod.affinity.as_ref().map(|a| json!(a));
+        if spread.nodes != SpreadMode::Off || affinity.is_some() {
+            put(Key::Affinity, affinity);
         }
-        if let Some(t) = &pod.topology_spread_constraints {
-            set(&mut v, chart_key(c, Key::TopologySpread), json!(t));
+        let zones = pod.topology_spread_constraints.as_ref().map(|t| json!(t));
+        if spread.zones != SpreadMode::Off || zones.is_some() {
+            put(Key::TopologySpread, zones);
         }
     }
-    Some((release, v))
+    Some((installer, v, keys))
 }
 
 /// The values files for `policy` (all policies when `None`), as one YAML stream.
@@ -109,7 +121,7 @@ pub async fn values_files(ctx: &Context, policy: Option<&str>) -> Result<String>
         .map_err(|e| Error::kube("list MeshPolicies", e))?
         .items;
     let refs: Vec<&MeshPolicy> = all.iter().collect();
-    let mut files: BTreeMap<Release, (Value, Vec<String>)> = BTreeMap::new();
+    let mut files: BTreeMap<Installer, (Value, Vec<String>)> = BTreeMap::new();
     for p in all
         .iter()
         .filter(|p| policy.is_none_or(|n| p.name_any() == n))
@@ -124,8 +136,10 @@ pub async fn values_files(ctx: &Context, policy: Option<&str>) -> Result<String>
                 return Err(e);
             }
             for obs in observations {
-                if let Some((release, v)) = chart_values(&group.rules, &obs) {
-                    let entry = files.entry(release).or_insert_with(|| (json!({}), vec![]));
+                if let Some((installer, v, _)) = installer_values(&group.rules, &obs) {
+                    let entry = files
+                        .entry(installer)
+                        .or_insert_with(|| (json!({}), vec![]));
                     merge_values(&mut entry.0, &v);
                     entry
                         .1
@@ -136,17 +150,21 @@ pub async fn values_files(ctx: &Context, policy: Option<&str>) -> Result<String>
     }
     if files.is_empty() {
         return Err(Error::InvalidSpec(match policy {
-            Some(n) => format!("no target of MeshPolicy {n} was installed by Helm (no meta.helm.sh/release-name annotation), or the policy does not exist"),
-            None => "no target of any MeshPolicy was installed by Helm (no meta.helm.sh/release-name annotation)".into(),
+            Some(n) => format!("no target of MeshPolicy {n} was installed by Helm (no meta.helm.sh/release-name annotation), the Sail operator or Argo CD, or the policy does not exist"),
+            None => "no target of any MeshPolicy was installed by Helm (no meta.helm.sh/release-name annotation), the Sail operator or Argo CD".into(),
         }));
     }
     let mut out = String::new();
-    for (release, (values, targets)) in files {
+    for (installer, (values, targets)) in files {
         out.push_str(&format!(
-            "# Helm release {name} in namespace {ns}, for {targets}\n# helm upgrade {name} <chart> -n {ns} --reuse-values -f <this file>\n---\n",
-            name = release.name,
-            ns = release.namespace,
-            targets = targets.join(", ")
+            "# {}, for {}\n# {}\n---\n",
+            match &installer {
+                Installer::Helm(r) =>
+                    format!("Helm release {} in namespace {}", r.name, r.namespace),
+                other => capitalised(&other.place()),
+            },
+            targets.join(", "),
+            installer.how()
         ));
         out.push_str(
             &serde_yaml::to_string(&values)
@@ -156,24 +174,25 @@ pub async fn values_files(ctx: &Context, policy: Option<&str>) -> Result<String>
     Ok(out)
 }
 
-/// The sentence telling which values of which Helm release declare what meshwarden took over
-/// on this target (None when Helm did not install it).
+fn capitalised(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+/// The sentence telling which values of which installer declare what meshwarden took over on
+/// this target (None when no installer was recognised).
 pub fn source_sentence(rules: &HaRules, obs: &Observation, policy: &str) -> Option<String> {
-    let (release, values) = chart_values(rules, obs)?;
-    let keys: Vec<String> = values
-        .as_object()?
-        .iter()
-        .flat_map(|(k, v)| match v.as_object() {
-            Some(sub) if ["pdb", "podDisruptionBudget", "autoscaling"].contains(&k.as_str()) => {
-                sub.keys().map(|s| format!("{k}.{s}")).collect::<Vec<_>>()
-            }
-            _ => vec![k.clone()],
-        })
-        .collect();
+    let (installer, _, keys) = installer_values(rules, obs)?;
+    let what = match &installer {
+        Installer::Helm(_) => "as a values file for helm upgrade --reuse-values -f",
+        Installer::Sail { .. } => "as a patch of the Istio resource",
+        Installer::ArgoCd => "as a values file for the Application",
+    };
     Some(format!(
-        "to stop the drift for good, set {} in Helm release {} (namespace {}): `meshwarden values {policy}` prints them as a values file for helm upgrade --reuse-values -f",
+        "to stop the drift for good, set {} in {}: `meshwarden values {policy}` prints them {what}",
         keys.join(", "),
-        release.name,
-        release.namespace
+        installer.place(),
     ))
 }
