@@ -365,19 +365,7 @@ impl Floor {
 
 /// The operator's writes in `namespace` so far.
 fn writes_in(env: &common::Env, namespace: &str) -> usize {
-    env.plane
-        .audit_events()
-        .iter()
-        .filter(|e| e["user"]["username"] == "meshwarden-operator")
-        .filter(|e| e["stage"] == "ResponseComplete")
-        .filter(|e| e["objectRef"]["namespace"] == namespace)
-        .filter(|e| {
-            matches!(
-                e["verb"].as_str(),
-                Some("create" | "update" | "patch" | "delete")
-            )
-        })
-        .count()
+    env.operator_writes_to(|o| o["namespace"] == namespace)
 }
 
 /// One gateway release through its whole life with meshwarden, checking after every step that
