@@ -254,6 +254,11 @@ pub fn deployment_rollout(d: &Deployment) -> Rollout {
             c.message.clone().unwrap_or_default()
         ));
     }
+    if progress_complete(&st) {
+        // The controller declared the observed generation rolled out; fewer updated or
+        // available replicas since are pod churn (a pod deleted and not yet replaced).
+        return Rollout::Complete;
+    }
     let updated = st.updated_replicas.unwrap_or(0);
     let total = st.replicas.unwrap_or(0);
     let available = st.available_replicas.unwrap_or(0);
@@ -264,19 +269,20 @@ pub fn deployment_rollout(d: &Deployment) -> Rollout {
             "{} old replica(s) pending termination",
             total - updated
         ))
-    } else if available < updated && !progress_complete(&st) {
+    } else if available < updated {
         Rollout::Settling(format!(
             "{available} of {updated} updated replicas available"
         ))
     } else {
-        // Every replica available, or the controller already declared this generation rolled
-        // out (`NewReplicaSetAvailable`) and a replica became unavailable since: pod churn.
         Rollout::Complete
     }
 }
 
 /// The Deployment controller's `Progressing` condition says the observed generation finished
-/// rolling out. It keeps that reason when a replica becomes unavailable later.
+/// rolling out (`NewReplicaSetAvailable`). The controller replaces that reason, in the same
+/// status write that records a new `observedGeneration`, as soon as a new template has
+/// replicas to roll, and keeps it while a replica of a finished rollout is deleted or becomes
+/// unavailable.
 fn progress_complete(st: &k8s_openapi::api::apps::v1::DeploymentStatus) -> bool {
     st.conditions
         .iter()
@@ -2247,13 +2253,19 @@ mod tests {
             deployment_rollout(&deployment(&format!("{base}status: {{observedGeneration: 3, replicas: 2, updatedReplicas: 2, availableReplicas: 1}}"))),
             Rollout::Settling(w) if w.contains("available")
         ));
-        // The controller declared generation 3 rolled out; a replica unavailable since is churn.
-        assert_eq!(
-            deployment_rollout(&deployment(&format!(
-                "{base}status: {{observedGeneration: 3, replicas: 2, updatedReplicas: 2, availableReplicas: 1, conditions: [{{type: Progressing, status: 'True', reason: NewReplicaSetAvailable}}]}}"
-            ))),
-            Rollout::Complete
-        );
+        // The controller declared generation 3 rolled out; a replica unavailable since, or
+        // deleted and not yet replaced, is churn.
+        for counts in [
+            "replicas: 2, updatedReplicas: 2, availableReplicas: 1",
+            "replicas: 1, updatedReplicas: 1, availableReplicas: 1",
+        ] {
+            assert_eq!(
+                deployment_rollout(&deployment(&format!(
+                    "{base}status: {{observedGeneration: 3, {counts}, conditions: [{{type: Progressing, status: 'True', reason: NewReplicaSetAvailable}}]}}"
+                ))),
+                Rollout::Complete
+            );
+        }
         assert_eq!(
             deployment_rollout(&deployment(
                 &format!("{base}status: {{observedGeneration: 2}}")
