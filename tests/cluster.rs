@@ -472,19 +472,7 @@ async fn helm_upgrades<F, Fut>(
 
 /// The operator's writes in `namespace` so far.
 fn writes_in(env: &common::Env, namespace: &str) -> usize {
-    env.plane
-        .audit_events()
-        .iter()
-        .filter(|e| e["user"]["username"] == "meshwarden-operator")
-        .filter(|e| e["stage"] == "ResponseComplete")
-        .filter(|e| e["objectRef"]["namespace"] == namespace)
-        .filter(|e| {
-            matches!(
-                e["verb"].as_str(),
-                Some("create" | "update" | "patch" | "delete")
-            )
-        })
-        .count()
+    env.operator_writes_to(|o| o["namespace"] == namespace)
 }
 
 /// One gateway release through its whole life with meshwarden, checking after every step that
@@ -850,4 +838,102 @@ async fn istiod_release_lifecycle_with_helm_never_lowers_the_posture() {
         &kc,
         &["uninstall", name, "-n", &ns],
     );
+}
+
+/// What the sidecars rule reads to tell pod churn from a rollout, from the real controllers:
+/// a pod of a rolled-out StatefulSet and of a rolled-out Deployment is deleted (as a drain
+/// does); while the replacement is not ready yet, the StatefulSet keeps its update revision
+/// current and the Deployment keeps `Progressing` at `NewReplicaSetAvailable`, so
+/// `statefulset_rollout` and `deployment_rollout` read every state in between as rolled out.
+#[tokio::test]
+async fn pod_churn_after_a_rollout_keeps_the_controllers_completion_marks() {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use meshwarden::rules::sidecars::{Rollout, deployment_rollout, statefulset_rollout};
+
+    let env = common::cluster_env("churn").await;
+    let ns = env.namespace("apps", &[]).await;
+    let c = &env.client;
+    let mut sts = deployment("db", 2, json!({}));
+    sts["kind"] = json!("StatefulSet");
+    sts["spec"]["serviceName"] = json!("db");
+    let sts: StatefulSet = serde_json::from_value(sts).unwrap();
+    let statefulsets: Api<StatefulSet> = Api::namespaced(c.clone(), &ns);
+    statefulsets
+        .create(&PostParams::default(), &sts)
+        .await
+        .unwrap();
+    let deploys: Api<Deployment> = Api::namespaced(c.clone(), &ns);
+    deploys
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(deployment("web", 2, json!({}))).unwrap(),
+        )
+        .await
+        .unwrap();
+    let marks = |s: &StatefulSet, d: &Deployment| {
+        let st = s.status.clone().unwrap_or_default();
+        let progressing = d
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter().flatten())
+            .find(|c| c.type_ == "Progressing")
+            .and_then(|c| c.reason.clone());
+        (
+            st.current_revision.is_some() && st.current_revision == st.update_revision,
+            progressing.as_deref() == Some("NewReplicaSetAvailable"),
+        )
+    };
+    common::eventually(90, "both rolled out and ready", || async {
+        let (s, d) = (
+            statefulsets.get("db").await.ok()?,
+            deploys.get("web").await.ok()?,
+        );
+        let ready = s.status.as_ref()?.ready_replicas == Some(2)
+            && d.status.as_ref()?.available_replicas == Some(2);
+        (ready && marks(&s, &d) == (true, true)).then_some(())
+    })
+    .await;
+
+    let pods: Api<Pod> = Api::namespaced(c.clone(), &ns);
+    for app in ["db", "web"] {
+        let victim = ready_pods(&pods, app).await.remove(0);
+        pods.delete(&victim.name_any(), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    let (mut sts_unready, mut deploy_unavailable) = (0, 0);
+    let start = Instant::now();
+    loop {
+        let (s, d) = (
+            statefulsets.get("db").await.unwrap(),
+            deploys.get("web").await.unwrap(),
+        );
+        let ready = s
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0);
+        let available = d
+            .status
+            .as_ref()
+            .and_then(|s| s.available_replicas)
+            .unwrap_or(0);
+        if ready < 2 {
+            sts_unready += 1;
+        }
+        if available < 2 {
+            deploy_unavailable += 1;
+        }
+        assert_eq!(marks(&s, &d), (true, true), "{:?} {:?}", s.status, d.status);
+        assert_eq!(statefulset_rollout(&s), Rollout::Complete, "{:?}", s.status);
+        assert_eq!(deployment_rollout(&d), Rollout::Complete, "{:?}", d.status);
+        if ready == 2 && available == 2 && sts_unready > 0 && deploy_unavailable > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the pods were not replaced in 60s (StatefulSet unready seen {sts_unready} times, Deployment unavailable {deploy_unavailable})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -64,6 +64,10 @@ pub const PROXY_MEMORY: &str = "sidecar.istio.io/proxyMemory";
 pub const PROXY_MEMORY_LIMIT: &str = "sidecar.istio.io/proxyMemoryLimit";
 /// Hash of the four values meshwarden wrote on a pod template.
 pub const HASH_ANNOTATION: &str = "meshwarden.io/sidecar-resources";
+/// Workload annotation (on its metadata, not the template, so writing it starts no rollout):
+/// the `metadata.generation` meshwarden's last write of the template produced. A rollout is
+/// meshwarden's only while the workload is still at that generation.
+pub const GENERATION_ANNOTATION: &str = "meshwarden.io/sidecar-generation";
 /// Workload annotation that opts out of meshwarden rules (comma-separated rule names).
 pub const IGNORE_ANNOTATION: &str = "meshwarden.io/ignore";
 /// The rule name that opts a workload out of this section.
@@ -250,6 +254,11 @@ pub fn deployment_rollout(d: &Deployment) -> Rollout {
             c.message.clone().unwrap_or_default()
         ));
     }
+    if progress_complete(&st) {
+        // The controller declared the observed generation rolled out; fewer updated or
+        // available replicas since are pod churn (a pod deleted and not yet replaced).
+        return Rollout::Complete;
+    }
     let updated = st.updated_replicas.unwrap_or(0);
     let total = st.replicas.unwrap_or(0);
     let available = st.available_replicas.unwrap_or(0);
@@ -267,6 +276,18 @@ pub fn deployment_rollout(d: &Deployment) -> Rollout {
     } else {
         Rollout::Complete
     }
+}
+
+/// The Deployment controller's `Progressing` condition says the observed generation finished
+/// rolling out (`NewReplicaSetAvailable`). The controller replaces that reason, in the same
+/// status write that records a new `observedGeneration`, as soon as a new template has
+/// replicas to roll, and keeps it while a replica of a finished rollout is deleted or becomes
+/// unavailable.
+fn progress_complete(st: &k8s_openapi::api::apps::v1::DeploymentStatus) -> bool {
+    st.conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("NewReplicaSetAvailable"))
 }
 
 /// Rollout state of a StatefulSet (`OnDelete` never rolls by itself: complete).
@@ -290,26 +311,30 @@ pub fn statefulset_rollout(s: &StatefulSet) -> Rollout {
         .and_then(|r| r.partition)
         .unwrap_or(0);
     let updated = st.updated_replicas.unwrap_or(0);
+    if st.update_revision == st.current_revision {
+        // The controller makes the update revision current only once every replica is
+        // updated and ready, and keeps it so: a replica not ready since is pod churn.
+        return Rollout::Complete;
+    }
     if partition > 0 {
-        if ready < replicas {
-            return Rollout::InProgress(format!("{ready} of {replicas} replicas ready"));
-        }
-        if updated < replicas - partition {
+        // Pods of the old revision beyond the ordinals the partition keeps are still to be
+        // replaced (a deleted pod lowers the counts of both revisions, not this one).
+        let old = st.current_replicas.unwrap_or(0);
+        if old > partition.min(replicas) {
             return Rollout::InProgress(format!(
                 "{updated} of {} replicas above the partition updated",
-                replicas - partition
+                replicas - partition.min(replicas)
             ));
         }
-    } else if st.update_revision != st.current_revision {
-        // The controller makes the update revision current only once every replica is
-        // updated and ready: until then the rollout runs.
-        return Rollout::InProgress(format!(
-            "{updated} of {replicas} replicas updated, {ready} ready"
-        ));
-    } else if ready < replicas {
-        return Rollout::Settling(format!("{ready} of {replicas} replicas ready"));
+        if ready < replicas {
+            return Rollout::Settling(format!("{ready} of {replicas} replicas ready"));
+        }
+        return Rollout::Complete;
     }
-    Rollout::Complete
+    // Until every replica is updated and ready the rollout runs.
+    Rollout::InProgress(format!(
+        "{updated} of {replicas} replicas updated, {ready} ready"
+    ))
 }
 
 /// Rollout state of a DaemonSet (`OnDelete` never rolls by itself: complete).
@@ -328,8 +353,12 @@ pub fn daemonset_rollout(d: &DaemonSet) -> Rollout {
     let want = st.desired_number_scheduled;
     let updated = st.updated_number_scheduled.unwrap_or(0);
     let available = st.number_available.unwrap_or(0);
-    if updated < want {
+    if updated < st.current_number_scheduled {
+        // Nodes still run a pod of an older template.
         Rollout::InProgress(format!("{updated} of {want} pods updated"))
+    } else if updated < want {
+        // No old pod is left; some nodes have none yet (a new node): not a template rollout.
+        Rollout::Settling(format!("{updated} of {want} pods scheduled"))
     } else if available < want {
         Rollout::Settling(format!("{available} of {want} pods available"))
     } else {
@@ -366,15 +395,33 @@ pub fn owned_by_other_rule(meta: &ObjectMeta) -> bool {
         .filter(|m| m.subresource.as_deref().unwrap_or_default().is_empty())
         .filter_map(|m| m.fields_v1.as_ref())
         .any(|f| {
-            let annotations = only(&f.0, "f:spec")
-                .and_then(|v| only(&v, "f:template"))
-                .and_then(|v| only(&v, "f:metadata"))
-                .and_then(|v| only(&v, "f:annotations"));
-            match annotations {
-                Some(Value::Object(a)) => a.keys().any(|k| k != "." && !ours.contains(k)),
-                Some(Value::Null) => false,
-                _ => true,
-            }
+            let Some(top) = f.0.as_object() else {
+                return true;
+            };
+            // This rule's fields: the template's annotations and one on the metadata.
+            let template = top.get("f:spec").map(|spec| {
+                let annotations = only(spec, "f:template")
+                    .and_then(|v| only(&v, "f:metadata"))
+                    .and_then(|v| only(&v, "f:annotations"));
+                match annotations {
+                    Some(Value::Object(a)) => a.keys().any(|k| k != "." && !ours.contains(k)),
+                    Some(Value::Null) => false,
+                    _ => true,
+                }
+            });
+            let metadata = top
+                .get("f:metadata")
+                .map(|m| match only(m, "f:annotations") {
+                    Some(Value::Object(a)) => a
+                        .keys()
+                        .any(|k| k != "." && k != &format!("f:{GENERATION_ANNOTATION}")),
+                    Some(Value::Null) => false,
+                    _ => true,
+                });
+            top.keys()
+                .any(|k| k != "f:spec" && k != "f:metadata" && k != ".")
+                || template.unwrap_or(false)
+                || metadata.unwrap_or(false)
         })
 }
 
@@ -552,6 +599,9 @@ pub struct WorkloadFacts {
     pub other_rule: bool,
     /// When meshwarden last changed it.
     pub written_at: Option<jiff::Timestamp>,
+    /// The generation meshwarden's last write of the template produced
+    /// ([`GENERATION_ANNOTATION`]); `None` when it never wrote it (or an older version did).
+    pub written_generation: Option<i64>,
     /// Managers other than meshwarden that own one of the four annotations.
     pub foreign_owners: Vec<String>,
     /// Their writes of the four annotations (the evidence of a fight).
@@ -630,6 +680,11 @@ impl WorkloadFacts {
             opted_out: opted_out(&annotations_of(Some(meta))),
             other_rule: owned_by_other_rule(meta),
             written_at: write::fields::meshwarden_write_time(meta),
+            written_generation: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(GENERATION_ANNOTATION))
+                .and_then(|v| v.parse().ok()),
             foreign_owners,
             foreign_writes: write::foreign_writes(meta, &paths),
             other_containers: container_amounts(containers),
@@ -643,6 +698,7 @@ impl WorkloadFacts {
     fn written(&self, generation: i64, d: &Desired) -> Self {
         let mut out = self.clone();
         out.generation = generation;
+        out.written_generation = Some(generation);
         for (k, v) in d.annotations() {
             out.template_annotations
                 .insert(k.to_string(), v.to_string());
@@ -798,6 +854,52 @@ pub struct Classified {
     pub excluded: BTreeSet<(String, Kind, String)>,
 }
 
+/// The rollout meshwarden is responsible for (pure): the workload's rollout when meshwarden's
+/// last write produced its current generation, `Complete` otherwise. A generation written since
+/// by someone else (a `helm upgrade`, a scale) is their rollout: it neither holds a rollout slot
+/// nor is ever reported stalled. Pod churn after a rollout finished (a node drained, a new
+/// node) is no rollout: the kinds' rollout states tell it apart where their controllers keep
+/// a lasting mark of completion (a StatefulSet's current revision, a Deployment's
+/// `NewReplicaSetAvailable`); a DaemonSet has none, so pods not all available count as the
+/// tail of meshwarden's rollout only while its write is recent. A StatefulSet or DaemonSet
+/// whose template is still not on every pod long after meshwarden's write is stalled (a
+/// Deployment says so itself: `ProgressDeadlineExceeded`). Workloads written by versions that
+/// did not record the generation are taken as meshwarden's but never time out.
+pub fn meshwarden_rollout(w: &WorkloadFacts, now: jiff::Timestamp) -> Rollout {
+    let written = w.template_annotations.contains_key(HASH_ANNOTATION);
+    let current = match w.written_generation {
+        Some(g) => g == w.generation,
+        None => written,
+    };
+    if w.rollout == Rollout::Paused {
+        return Rollout::Paused;
+    }
+    if !current {
+        return Rollout::Complete;
+    }
+    let limit = STALL_BASE_SECS + STALL_PER_POD_SECS * i64::from(w.replicas.max(0));
+    let waited = w
+        .written_at
+        .map(|since| now.as_second() - since.as_second());
+    match &w.rollout {
+        Rollout::Settling(why) if waited.is_some_and(|s| s <= limit) => {
+            Rollout::InProgress(why.clone())
+        }
+        Rollout::Settling(_) => Rollout::Complete,
+        Rollout::InProgress(why)
+            if w.kind != Kind::Deployment
+                && w.written_generation.is_some()
+                && waited.is_some_and(|s| s > limit) =>
+        {
+            Rollout::Stalled(format!(
+                "not rolled out {}s after meshwarden changed it (limit {limit}s): {why}",
+                waited.unwrap_or_default()
+            ))
+        }
+        other => other.clone(),
+    }
+}
+
 /// Sorts the observed workloads (pure). `now` decides stalls of StatefulSets and DaemonSets.
 pub fn classify(namespaces: &[NamespaceObservation], now: jiff::Timestamp) -> Classified {
     let mut out = Classified::default();
@@ -820,32 +922,7 @@ pub fn classify(namespaces: &[NamespaceObservation], now: jiff::Timestamp) -> Cl
                 out.excluded.insert(key);
                 continue;
             }
-            let mut rollout = w.rollout.clone();
-            // Every replica has the template: in progress only while meshwarden's write is
-            // recent (the tail of its rollout); later it is pod churn, never a rollout.
-            if let Rollout::Settling(why) = &rollout {
-                let limit = STALL_BASE_SECS + STALL_PER_POD_SECS * i64::from(w.replicas.max(0));
-                let recent = w
-                    .written_at
-                    .is_some_and(|since| now.as_second() - since.as_second() <= limit);
-                rollout = if recent {
-                    Rollout::InProgress(why.clone())
-                } else {
-                    Rollout::Complete
-                };
-            }
-            if w.kind != Kind::Deployment
-                && let Rollout::InProgress(why) = &rollout
-                && let Some(since) = w.written_at
-            {
-                let limit = STALL_BASE_SECS + STALL_PER_POD_SECS * i64::from(w.replicas.max(0));
-                let waited = now.as_second() - since.as_second();
-                if waited > limit {
-                    rollout = Rollout::Stalled(format!(
-                        "not rolled out {waited}s after meshwarden changed it (limit {limit}s): {why}"
-                    ));
-                }
-            }
+            let rollout = meshwarden_rollout(w, now);
             out.targets.push(Workload {
                 namespace: ns.name.clone(),
                 facts: w.clone(),
@@ -1082,8 +1159,10 @@ pub fn plan(
     decisions
 }
 
-/// The server-side apply patch: exactly the five annotations meshwarden owns on the template.
-pub fn patch(w: &Workload, desired: &Desired) -> Value {
+/// The server-side apply patch: exactly the five annotations meshwarden owns on the template,
+/// and [`GENERATION_ANNOTATION`] on the workload with `generation`, the generation the write
+/// will produce (the template changes, so the server adds one to the stored generation).
+pub fn patch(w: &Workload, desired: &Desired, generation: i64) -> Value {
     let mut ann = serde_json::Map::new();
     for (k, v) in desired.annotations() {
         ann.insert(k.into(), json!(v));
@@ -1092,7 +1171,8 @@ pub fn patch(w: &Workload, desired: &Desired) -> Value {
     json!({
         "apiVersion": "apps/v1",
         "kind": w.kind.as_str(),
-        "metadata": {"name": w.name, "namespace": w.namespace},
+        "metadata": {"name": w.name, "namespace": w.namespace,
+            "annotations": {GENERATION_ANNOTATION: generation.to_string()}},
         "spec": {"template": {"metadata": {"annotations": Value::Object(ann)}}},
     })
 }
@@ -1444,7 +1524,22 @@ where
         .map_err(|e| Error::kube(format!("list {what} in {namespace}"), e))
 }
 
-/// Applies the patch; returns the generation the write produced.
+/// Applies the five annotations and records the generation the write produced on the workload
+/// ([`GENERATION_ANNOTATION`]). The generation is predicted from the read one; when another
+/// write came in between, a second apply (metadata only: no new generation) corrects it.
+async fn write_recording(
+    ctx: &Context,
+    w: &Workload,
+    desired: &Desired,
+) -> Result<(Option<i64>, ForeignWrites)> {
+    let predicted = w.generation + 1;
+    let produced = write(ctx, w, &patch(w, desired, predicted)).await?;
+    match produced.0 {
+        Some(g) if g != predicted => write(ctx, w, &patch(w, desired, g)).await,
+        _ => Ok(produced),
+    }
+}
+
 /// Writes the annotations; returns the generation the write produced and the other managers'
 /// writes of the annotations as it left them.
 async fn write(ctx: &Context, w: &Workload, patch: &Value) -> Result<(Option<i64>, ForeignWrites)> {
@@ -1620,7 +1715,7 @@ pub async fn reconcile_with_stats(
     let outcomes = driver::drive(&ctx.memory, to_write, WRITE_CONCURRENCY, |&(w, _, _)| {
         let (generations, desired) = (generations_ref, desired_ref);
         async move {
-            let (generation, after) = write(ctx, w, &patch(w, desired)).await?;
+            let (generation, after) = write_recording(ctx, w, desired).await?;
             if let Ok(mut g) = generations.lock() {
                 g.insert(w.id(), generation);
             }
@@ -1854,6 +1949,7 @@ mod tests {
                 opted_out: false,
                 other_rule: false,
                 written_at: None,
+                written_generation: None,
                 foreign_owners: vec![],
                 foreign_writes: ForeignWrites::default(),
                 other_containers: Amounts::new(),
@@ -2119,7 +2215,7 @@ mod tests {
     #[test]
     fn patch_holds_exactly_the_five_annotations() {
         let d = full();
-        let p = patch(&workload("a", &[("keep", "me")], Rollout::Complete), &d);
+        let p = patch(&workload("a", &[("keep", "me")], Rollout::Complete), &d, 7);
         let ann = p["spec"]["template"]["metadata"]["annotations"]
             .as_object()
             .unwrap();
@@ -2128,6 +2224,11 @@ mod tests {
         assert_eq!(ann[HASH_ANNOTATION], d.hash().as_str());
         assert_eq!(p["kind"], "Deployment");
         assert!(p["spec"].as_object().unwrap().len() == 1);
+        // The generation the write produces, on the workload's metadata (no rollout of its own).
+        assert_eq!(
+            p["metadata"]["annotations"],
+            json!({GENERATION_ANNOTATION: "7"})
+        );
     }
 
     fn deployment(yaml: &str) -> Deployment {
@@ -2152,6 +2253,19 @@ mod tests {
             deployment_rollout(&deployment(&format!("{base}status: {{observedGeneration: 3, replicas: 2, updatedReplicas: 2, availableReplicas: 1}}"))),
             Rollout::Settling(w) if w.contains("available")
         ));
+        // The controller declared generation 3 rolled out; a replica unavailable since, or
+        // deleted and not yet replaced, is churn.
+        for counts in [
+            "replicas: 2, updatedReplicas: 2, availableReplicas: 1",
+            "replicas: 1, updatedReplicas: 1, availableReplicas: 1",
+        ] {
+            assert_eq!(
+                deployment_rollout(&deployment(&format!(
+                    "{base}status: {{observedGeneration: 3, {counts}, conditions: [{{type: Progressing, status: 'True', reason: NewReplicaSetAvailable}}]}}"
+                ))),
+                Rollout::Complete
+            );
+        }
         assert_eq!(
             deployment_rollout(&deployment(
                 &format!("{base}status: {{observedGeneration: 2}}")
@@ -2189,7 +2303,96 @@ mod tests {
         assert!(matches!(daemonset_rollout(&d), Rollout::Settling(w) if w.contains("available")));
         // Rolled out (current = update revision) with a replica not ready later: pod churn.
         let s: StatefulSet = serde_yaml::from_str("metadata: {name: s, generation: 2}\nspec: {replicas: 3, selector: {}, serviceName: s, template: {}}\nstatus: {observedGeneration: 2, replicas: 3, readyReplicas: 2, updatedReplicas: 3, currentRevision: r2, updateRevision: r2}").unwrap();
-        assert!(matches!(statefulset_rollout(&s), Rollout::Settling(_)));
+        assert_eq!(statefulset_rollout(&s), Rollout::Complete);
+        // Partitioned: old pods above the partition are a rollout; a pod not ready is not.
+        let part = "metadata: {name: s, generation: 2}\nspec: {replicas: 4, selector: {}, serviceName: s, template: {}, updateStrategy: {type: RollingUpdate, rollingUpdate: {partition: 2}}}\n";
+        let s: StatefulSet = serde_yaml::from_str(&format!("{part}status: {{observedGeneration: 2, replicas: 4, readyReplicas: 4, currentReplicas: 3, updatedReplicas: 1, currentRevision: r1, updateRevision: r2}}")).unwrap();
+        assert!(matches!(statefulset_rollout(&s), Rollout::InProgress(_)));
+        let s: StatefulSet = serde_yaml::from_str(&format!("{part}status: {{observedGeneration: 2, replicas: 3, readyReplicas: 3, currentReplicas: 2, updatedReplicas: 1, currentRevision: r1, updateRevision: r2}}")).unwrap();
+        assert!(
+            matches!(statefulset_rollout(&s), Rollout::Settling(_)),
+            "an updated pod deleted (a drain) is no rollout"
+        );
+        // A new node: no pod of an older template left, one node without its pod yet.
+        let d: DaemonSet = serde_yaml::from_str("metadata: {name: d, generation: 2}\nspec: {selector: {}, template: {}}\nstatus: {observedGeneration: 2, desiredNumberScheduled: 4, currentNumberScheduled: 3, numberMisscheduled: 0, numberReady: 3, updatedNumberScheduled: 3, numberAvailable: 3}").unwrap();
+        assert!(matches!(daemonset_rollout(&d), Rollout::Settling(_)));
+        let d: DaemonSet = serde_yaml::from_str("metadata: {name: d, generation: 2}\nspec: {selector: {}, template: {}}\nstatus: {observedGeneration: 2, desiredNumberScheduled: 4, currentNumberScheduled: 4, numberMisscheduled: 0, numberReady: 4, updatedNumberScheduled: 2, numberAvailable: 4}").unwrap();
+        assert!(matches!(daemonset_rollout(&d), Rollout::InProgress(_)));
+    }
+
+    /// The stall decision: only a rollout of the generation meshwarden's write produced, not
+    /// finished long after that write; never someone else's rollout nor churn.
+    #[test]
+    fn only_meshwarden_s_unfinished_rollout_can_stall() {
+        let now = jiff::Timestamp::from_second(1_000_000).unwrap();
+        let day_ago = jiff::Timestamp::from_second(1_000_000 - 86_400).unwrap();
+        let facts = |generation: i64, written: Option<i64>, rollout: Rollout| {
+            let mut w = workload("s", &[(HASH_ANNOTATION, "h")], rollout);
+            let f = Arc::make_mut(&mut w.facts);
+            f.kind = Kind::StatefulSet;
+            f.replicas = 3;
+            f.generation = generation;
+            f.written_generation = written;
+            f.written_at = Some(day_ago);
+            w.facts
+        };
+        let rolling = || Rollout::InProgress("1 of 3 replicas updated, 3 ready".into());
+        // meshwarden's generation, not rolled out a day after its write: stalled.
+        assert!(matches!(
+            meshwarden_rollout(&facts(4, Some(4), rolling()), now),
+            Rollout::Stalled(w) if w.contains("86400s")
+        ));
+        // The same shortly after the write: in progress.
+        let mut recent = (*facts(4, Some(4), rolling())).clone();
+        recent.written_at = Some(jiff::Timestamp::from_second(1_000_000 - 30).unwrap());
+        assert!(matches!(
+            meshwarden_rollout(&recent, now),
+            Rollout::InProgress(_)
+        ));
+        // Someone else wrote generation 5 (a helm upgrade): their rollout, no slot, no stall.
+        assert_eq!(
+            meshwarden_rollout(&facts(5, Some(4), rolling()), now),
+            Rollout::Complete
+        );
+        let deadline = Rollout::Stalled("ProgressDeadlineExceeded".into());
+        assert_eq!(
+            meshwarden_rollout(&facts(5, Some(4), deadline.clone()), now),
+            Rollout::Complete
+        );
+        assert_eq!(
+            meshwarden_rollout(&facts(4, Some(4), deadline.clone()), now),
+            deadline
+        );
+        // Pods not ready after the rollout, long after the write: churn.
+        let settling = Rollout::Settling("2 of 3 replicas ready".into());
+        assert_eq!(
+            meshwarden_rollout(&facts(4, Some(4), settling.clone()), now),
+            Rollout::Complete
+        );
+        assert!(matches!(
+            meshwarden_rollout(&recent_with(&facts(4, Some(4), settling), now), now),
+            Rollout::InProgress(_)
+        ));
+        // Written by a version that did not record the generation: in progress, never stalled.
+        assert_eq!(
+            meshwarden_rollout(&facts(4, None, rolling()), now),
+            rolling()
+        );
+        // Never written by meshwarden: not its rollout.
+        let mut theirs = (*facts(4, None, rolling())).clone();
+        theirs.template_annotations.clear();
+        assert_eq!(meshwarden_rollout(&theirs, now), Rollout::Complete);
+        // Paused stays paused (reported, holds no slot).
+        assert_eq!(
+            meshwarden_rollout(&facts(5, Some(4), Rollout::Paused), now),
+            Rollout::Paused
+        );
+    }
+
+    fn recent_with(f: &WorkloadFacts, now: jiff::Timestamp) -> WorkloadFacts {
+        let mut f = f.clone();
+        f.written_at = Some(jiff::Timestamp::from_second(now.as_second() - 30).unwrap());
+        f
     }
 
     #[test]
@@ -2287,6 +2490,12 @@ mod tests {
             json!({"f:spec": {"f:template": {"f:metadata": {"f:annotations": {"f:sidecar.istio.io/proxyCPU": {}, "f:meshwarden.io/sidecar-resources": {}}}}}}),
         );
         assert!(!owned_by_other_rule(&ours));
+        let with_generation = meta_with(
+            json!({"f:metadata": {"f:annotations": {"f:meshwarden.io/sidecar-generation": {}}}, "f:spec": {"f:template": {"f:metadata": {"f:annotations": {"f:meshwarden.io/sidecar-resources": {}}}}}}),
+        );
+        assert!(!owned_by_other_rule(&with_generation));
+        let labels = meta_with(json!({"f:metadata": {"f:labels": {"f:x": {}}}}));
+        assert!(owned_by_other_rule(&labels));
         let ha = meta_with(json!({"f:spec": {"f:replicas": {}}}));
         assert!(owned_by_other_rule(&ha));
         let ha_tpl = meta_with(json!({"f:spec": {"f:template": {"f:spec": {"f:affinity": {}}}}}));
@@ -2423,6 +2632,7 @@ mod tests {
             opted_out: false,
             other_rule: false,
             written_at: None,
+            written_generation: None,
             foreign_owners: vec![],
             foreign_writes: ForeignWrites::default(),
             other_containers: Amounts::new(),
@@ -2430,6 +2640,7 @@ mod tests {
         };
         let seen = cached.written(5, &d);
         assert_eq!(seen.generation, 5);
+        assert_eq!(seen.written_generation, Some(5));
         assert!(deviations(&d, &seen.template_annotations).is_empty());
         assert_eq!(seen.template_annotations[HASH_ANNOTATION], d.hash());
         assert!(matches!(seen.rollout, Rollout::InProgress(_)));

@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod istio;
+pub mod mtls;
 
 use std::fs;
 use std::io::Write;

@@ -214,6 +214,20 @@ impl Env {
     pub fn policy_name(&self, name: &str) -> String {
         format!("{}-{name}", self.id)
     }
+
+    /// Writes the operator made so far on this env's plane to objects whose audit
+    /// `objectRef` passes `object`. Used by the full-cluster tests.
+    #[allow(dead_code)]
+    pub fn operator_writes_to(&self, object: impl Fn(&serde_json::Value) -> bool) -> usize {
+        self.plane
+            .audit_events()
+            .iter()
+            .filter(|e| e["user"]["username"] == "meshwarden-operator")
+            .filter(|e| e["stage"] == "ResponseComplete")
+            .filter(|e| is_write(e))
+            .filter(|e| object(&e["objectRef"]))
+            .count()
+    }
 }
 
 /// The namespaced objects of an Istio fixture moved into `namespace`, as a YAML stream

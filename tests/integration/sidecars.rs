@@ -9,7 +9,8 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use meshwarden::api::MeshPolicy;
 use meshwarden::rules::sidecars::{
-    HASH_ANNOTATION, PROXY_CPU, PROXY_CPU_LIMIT, PROXY_MEMORY, PROXY_MEMORY_LIMIT,
+    GENERATION_ANNOTATION, HASH_ANNOTATION, PROXY_CPU, PROXY_CPU_LIMIT, PROXY_MEMORY,
+    PROXY_MEMORY_LIMIT,
 };
 
 use crate::common::{self, Env, condition};
@@ -803,4 +804,104 @@ spec:
         let api: Api<kube::api::DynamicObject> = Api::all_with(c.clone(), &ar);
         let _ = api.delete(&name, &Default::default()).await;
     }
+}
+
+/// Plays the StatefulSet controller: writes `status` (merged) with the current generation
+/// observed.
+async fn statefulset_status(client: &Client, ns: &str, name: &str, status: serde_json::Value) {
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let s = api.get(name).await.unwrap();
+    let mut status = status;
+    status["observedGeneration"] = serde_json::json!(s.metadata.generation);
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": status })),
+    )
+    .await
+    .unwrap();
+}
+
+/// A rollout stall is only a rollout meshwarden started that has not finished. A StatefulSet
+/// meshwarden wrote and that rolled out completely, whose pod then becomes unready, holds no
+/// rollout slot; a template change by someone else long after meshwarden's write is their
+/// rollout, never reported stalled. maxConcurrentRollouts 1 throughout.
+#[tokio::test]
+async fn pod_churn_and_other_writers_rollouts_are_no_stall() {
+    let env = common::env("sc-churn").await;
+    let c = &env.client;
+    let ns = ns(&env, "apps", &[("istio-injection", "enabled")]).await;
+    workload(c, "StatefulSet", &ns, "s", 2, &[], &[], &[]).await;
+    let api: Api<StatefulSet> = Api::namespaced(c.clone(), &ns);
+    let op = env.start_operator().await;
+    env.create_policy("p", &policy_spec(&env, "Enforce", 1))
+        .await;
+    let s = common::eventually(30, "s written", || async {
+        let s = api.get("s").await.unwrap();
+        let tpl = s.spec.as_ref()?.template.metadata.as_ref()?;
+        has_four(tpl.annotations.as_ref()?).then_some(s)
+    })
+    .await;
+    // The generation meshwarden's write produced is recorded on the workload.
+    assert_eq!(
+        s.metadata.annotations.as_ref().unwrap()[GENERATION_ANNOTATION],
+        s.metadata.generation.unwrap().to_string()
+    );
+    let done = serde_json::json!({"replicas": 2, "readyReplicas": 2, "currentReplicas": 2,
+        "updatedReplicas": 2, "availableReplicas": 2, "currentRevision": "s-2", "updateRevision": "s-2"});
+    statefulset_status(c, &ns, "s", done.clone()).await;
+    wait_reason(&env, "p", "Compliant", 15).await;
+
+    // A pod of s becomes unready (a node drained): churn, not a rollout.
+    let mut churn = done.clone();
+    churn["readyReplicas"] = serde_json::json!(1);
+    churn["availableReplicas"] = serde_json::json!(1);
+    statefulset_status(c, &ns, "s", churn).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    deployment(c, &ns, "b", 1).await;
+    let never_stalled = |p: &MeshPolicy| {
+        let c = condition(p, "SidecarResources").unwrap();
+        assert_ne!(c.reason, "RolloutStalled", "{}", c.message);
+        assert!(!c.message.contains("StatefulSet/"), "{}", c.message);
+    };
+    common::eventually(15, "b written while s has an unready pod", || async {
+        has_four(&annotations_of(c, &ns, "b").await).then_some(())
+    })
+    .await;
+    never_stalled(&wait_reason(&env, "p", "RolloutInProgress", 15).await);
+    complete_rollout(c, &ns, "b").await;
+    never_stalled(&wait_reason(&env, "p", "Compliant", 15).await);
+
+    // meshwarden's write is a day old; someone else changes s's template (a `helm upgrade`),
+    // and that rollout has not finished: theirs, not meshwarden's.
+    let s = api.get("s").await.unwrap();
+    let mut fields = s.metadata.managed_fields.clone().unwrap();
+    for m in fields.iter_mut() {
+        if m.manager.as_deref() == Some("meshwarden") {
+            m.time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24),
+            ));
+        }
+    }
+    api.patch(
+        "s",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"managedFields": fields}})),
+    )
+    .await
+    .unwrap();
+    workload(c, "StatefulSet", &ns, "s", 2, &[("release", "2")], &[], &[]).await;
+    let mut theirs = done.clone();
+    theirs["updateRevision"] = serde_json::json!("s-3");
+    theirs["updatedReplicas"] = serde_json::json!(0);
+    statefulset_status(c, &ns, "s", theirs).await;
+    deployment(c, &ns, "c", 1).await;
+    common::eventually(
+        15,
+        "c written while someone else's rollout of s runs",
+        || async { has_four(&annotations_of(c, &ns, "c").await).then_some(()) },
+    )
+    .await;
+    never_stalled(&wait_reason(&env, "p", "RolloutInProgress", 15).await);
+    op.stop().await;
 }

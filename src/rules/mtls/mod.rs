@@ -166,6 +166,37 @@ pub enum Fix {
     },
 }
 
+impl Fix {
+    /// When the write goes out in a reconcile: 0, applies that let plain text in or keep it
+    /// (any mode in the patch other than STRICT: exemptions, PERMISSIVE or held scopes), then
+    /// 1, applies that only write STRICT, then 2, deletions. Istio applies each object as it
+    /// arrives, so a namespace's exemption must exist before the mesh-wide object turns STRICT,
+    /// and an object that replaces another must exist before the old one goes.
+    pub fn phase(&self) -> u8 {
+        match self {
+            Fix::Delete { .. } => 2,
+            Fix::Apply { patch, .. } => {
+                let spec = &patch["spec"];
+                let ports = spec["portLevelMtls"].as_object();
+                let mut modes = std::iter::once(&spec["mtls"]["mode"])
+                    .chain(
+                        ports
+                            .into_iter()
+                            .flat_map(|p| p.values().map(|m| &m["mode"])),
+                    )
+                    .filter(|m| !m.is_null())
+                    .peekable();
+                let some = modes.peek().is_some();
+                if some && modes.all(|m| m.as_str() == Some("STRICT")) {
+                    1
+                } else {
+                    0
+                }
+            }
+        }
+    }
+}
+
 /// A deviation, with the write that corrects it when there is one.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Finding {
@@ -475,19 +506,20 @@ pub async fn reconcile(
     let mut unfixable = false;
     let mut found: BTreeSet<&'static str> = BTreeSet::new();
     let mut outstanding_targets = 0;
-    // Every finding with a fix is written in Enforce, except objects in a fight: applies
-    // first, then deletions (an object that replaces another one exists before the old one
-    // goes), each phase with at most WRITE_CONCURRENCY in flight.
+    // Every finding with a fix is written in Enforce, except objects in a fight, in the order
+    // of [`Fix::phase`]: what lets plain text in, then what only writes STRICT, then
+    // deletions; each phase done before the next starts, with at most WRITE_CONCURRENCY in
+    // flight.
     let mut write = vec![false; plan.findings.len()];
     let mut fighting = vec![false; plan.findings.len()];
-    for deletes in [false, true] {
+    for phase in 0..=2 {
         let planned: Vec<Planned<(usize, &Fix)>> = plan
             .findings
             .iter()
             .enumerate()
             .filter(|_| enforce)
             .filter_map(|(i, f)| f.fix.as_ref().map(|fix| (i, f, fix)))
-            .filter(|(_, _, fix)| matches!(fix, Fix::Delete { .. }) == deletes)
+            .filter(|(_, _, fix)| fix.phase() == phase)
             .map(|(i, f, fix)| Planned {
                 key: FightKey {
                     policy: name.clone(),
