@@ -1,0 +1,293 @@
+//! The watch caches the section reads, and the reads without them.
+
+use super::*;
+
+/// A namespace's metadata as kept in the controller's store: name and labels.
+pub fn strip_namespace(n: &mut PartialObjectMeta<Namespace>) {
+    n.metadata.managed_fields = None;
+    n.metadata.annotations = None;
+}
+
+/// What the section reads, kept current by the controller's watches so that a reconcile makes
+/// no LIST. Workloads and pods are kept as their [`WorkloadFacts`] and [`PodFacts`] only.
+/// Without it (or before it is filled) the rule lists.
+#[derive(Clone)]
+pub struct Cache {
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    pub deployments: Store<CachedWorkload<Deployment>>,
+    pub statefulsets: Store<CachedWorkload<StatefulSet>>,
+    pub daemonsets: Store<CachedWorkload<DaemonSet>>,
+    pub limit_ranges: Store<LimitRange>,
+    pub quotas: Store<ResourceQuota>,
+    /// Running pods (field selector `status.phase=Running`).
+    pub pods: Store<CachedPod>,
+    /// Workloads written by this process that the watch may not have delivered yet: the
+    /// generation the write produced and when. A cached object of an older generation is read
+    /// as carrying the written annotations, so a reconcile that runs before the watch catches
+    /// up neither writes it again nor hands its rollout slot to another workload.
+    written: Arc<Mutex<Written>>,
+    /// Workloads whose last write failed, and when: they take a rollout slot only after the
+    /// others, so a write that keeps failing never holds the pacing.
+    failed: Arc<Mutex<Failed>>,
+}
+
+/// Workloads whose last write failed: (kind, namespace, name) -> when.
+pub(super) type Failed = HashMap<(Kind, String, String), Instant>;
+
+/// Written workloads: (kind, namespace, name) -> (generation the write produced, when).
+pub(super) type Written = HashMap<(Kind, String, String), (i64, Instant)>;
+
+/// How long a written generation is remembered at most (the watch delivers within seconds).
+pub(super) const WRITTEN_TTL: Duration = Duration::from_secs(300);
+
+impl Cache {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        namespaces: Store<PartialObjectMeta<Namespace>>,
+        deployments: Store<CachedWorkload<Deployment>>,
+        statefulsets: Store<CachedWorkload<StatefulSet>>,
+        daemonsets: Store<CachedWorkload<DaemonSet>>,
+        limit_ranges: Store<LimitRange>,
+        quotas: Store<ResourceQuota>,
+        pods: Store<CachedPod>,
+    ) -> Self {
+        Cache {
+            namespaces,
+            deployments,
+            statefulsets,
+            daemonsets,
+            limit_ranges,
+            quotas,
+            pods,
+            written: Arc::new(Mutex::new(HashMap::new())),
+            failed: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Whether the last write of `w` failed less than [`WRITTEN_TTL`] ago.
+    pub(super) fn failed_recently(&self, w: &Workload) -> bool {
+        let key = (w.kind, w.namespace.clone(), w.name.clone());
+        self.failed
+            .lock()
+            .is_ok_and(|m| m.get(&key).is_some_and(|t| t.elapsed() < WRITTEN_TTL))
+    }
+
+    pub(super) fn record_write_result(&self, w: &Workload, ok: bool) {
+        if let Ok(mut m) = self.failed.lock() {
+            let key = (w.kind, w.namespace.clone(), w.name.clone());
+            if ok {
+                m.remove(&key);
+            } else {
+                m.insert(key, Instant::now());
+            }
+        }
+    }
+
+    /// Waits (up to `limit`) until every store holds its initial list. A store's readiness
+    /// future wakes only the waiter that polled it last, so with several waiters (reconciles
+    /// of several policies, the readiness probe) each one re-polls every 50 ms.
+    pub async fn ready(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let all = async {
+                self.namespaces.wait_until_ready().await.is_ok()
+                    && self.deployments.wait_until_ready().await.is_ok()
+                    && self.statefulsets.wait_until_ready().await.is_ok()
+                    && self.daemonsets.wait_until_ready().await.is_ok()
+                    && self.limit_ranges.wait_until_ready().await.is_ok()
+                    && self.quotas.wait_until_ready().await.is_ok()
+                    && self.pods.wait_until_ready().await.is_ok()
+            };
+            let step = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(50));
+            if let Ok(ready) = tokio::time::timeout(step, all).await {
+                return ready;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+
+    pub(super) fn record_written(&self, w: &Workload, generation: Option<i64>) {
+        if let (Some(g), Ok(mut m)) = (generation, self.written.lock()) {
+            m.insert(
+                (w.kind, w.namespace.clone(), w.name.clone()),
+                (g, Instant::now()),
+            );
+        }
+    }
+}
+
+/// The written generation of a workload whose cached copy is older, if any (and forgets
+/// entries the cache has caught up with or that are too old).
+pub(super) fn pending_write(
+    written: &mut Written,
+    key: (Kind, String, String),
+    cached_generation: i64,
+) -> Option<i64> {
+    let (g, at) = *written.get(&key)?;
+    if cached_generation >= g || at.elapsed() > WRITTEN_TTL {
+        written.remove(&key);
+        return None;
+    }
+    Some(g)
+}
+
+/// Namespaces the section covers (by name, empty observations) and the selected ambient ones.
+pub(super) fn covered_namespaces<'a>(
+    spec: &SidecarSpec,
+    namespaces: impl Iterator<Item = (String, BTreeMap<String, String>)> + 'a,
+) -> (BTreeMap<String, NamespaceObservation>, Vec<String>) {
+    let mut out = BTreeMap::new();
+    let mut ambient = Vec::new();
+    for (name, labels) in namespaces {
+        if is_ambient(&labels) {
+            let selected = match &spec.namespace_selector {
+                Some(sel) => selector::matches(sel, &labels),
+                None => namespace_injection_on(&labels),
+            };
+            if selected {
+                ambient.push(name);
+            }
+            continue;
+        }
+        if selects_namespace(spec, &labels) {
+            out.insert(
+                name.clone(),
+                NamespaceObservation {
+                    name,
+                    labels,
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    ambient.sort();
+    (out, ambient)
+}
+
+/// [`observe`] from the controller's cache: no request to the API server. Entries are shared
+/// with the cache, not copied; a workload written by this process that the cache has not seen
+/// yet is read as written.
+pub(super) fn observe_cached(
+    cache: &Cache,
+    spec: &SidecarSpec,
+    desired: &Desired,
+) -> (Vec<NamespaceObservation>, Vec<String>) {
+    let (mut out, ambient) = covered_namespaces(
+        spec,
+        cache.namespaces.state().into_iter().map(|ns| {
+            (
+                ns.name_any(),
+                ns.metadata.labels.clone().unwrap_or_default(),
+            )
+        }),
+    );
+    let mut written = match cache.written.lock() {
+        Ok(w) => w,
+        Err(p) => p.into_inner(),
+    };
+    let mut add = |namespace: &Option<String>, facts: &Arc<WorkloadFacts>| {
+        let Some(ns) = out.get_mut(namespace.as_deref().unwrap_or_default()) else {
+            return;
+        };
+        let key = (facts.kind, ns.name.clone(), facts.name.clone());
+        let facts = match pending_write(&mut written, key, facts.generation) {
+            Some(g) => Arc::new(facts.written(g, desired)),
+            None => facts.clone(),
+        };
+        ns.workloads.push(facts);
+    };
+    for o in cache.deployments.state() {
+        add(&o.metadata.namespace, &o.facts);
+    }
+    for o in cache.statefulsets.state() {
+        add(&o.metadata.namespace, &o.facts);
+    }
+    for o in cache.daemonsets.state() {
+        add(&o.metadata.namespace, &o.facts);
+    }
+    drop(written);
+    for o in cache.pods.state() {
+        if let Some(ns) = out.get_mut(o.metadata.namespace.as_deref().unwrap_or_default()) {
+            ns.pods.push(o.facts.clone());
+        }
+    }
+    for o in cache.limit_ranges.state() {
+        if let Some(ns) = out.get_mut(o.metadata.namespace.as_deref().unwrap_or_default()) {
+            ns.limit_ranges.push((*o).clone());
+        }
+    }
+    for o in cache.quotas.state() {
+        if let Some(ns) = out.get_mut(o.metadata.namespace.as_deref().unwrap_or_default()) {
+            ns.quotas.push((*o).clone());
+        }
+    }
+    (out.into_values().collect(), ambient)
+}
+
+/// Reads every namespace the section covers and what is needed in it.
+pub async fn observe(
+    ctx: &Context,
+    spec: &SidecarSpec,
+) -> Result<(Vec<NamespaceObservation>, Vec<String>)> {
+    let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+    let list = namespaces
+        .list_metadata(&ListParams::default())
+        .await
+        .map_err(|e| Error::kube("list Namespaces", e))?;
+    let (mut out, ambient) = covered_namespaces(
+        spec,
+        list.items
+            .into_iter()
+            .map(|ns| (ns.name_any(), ns.metadata.labels.unwrap_or_default())),
+    );
+    for ns in out.values_mut() {
+        let (c, name) = (&ctx.client, ns.name.as_str());
+        let (lp, running) = (
+            ListParams::default(),
+            ListParams::default().fields("status.phase=Running"),
+        );
+        let (deployments, statefulsets, daemonsets, limit_ranges, quotas, pods) = tokio::try_join!(
+            list_in::<Deployment>(c, name, &lp, "Deployments"),
+            list_in::<StatefulSet>(c, name, &lp, "StatefulSets"),
+            list_in::<DaemonSet>(c, name, &lp, "DaemonSets"),
+            list_in::<LimitRange>(c, name, &lp, "LimitRanges"),
+            list_in::<ResourceQuota>(c, name, &lp, "ResourceQuotas"),
+            list_in::<Pod>(c, name, &running, "Pods"),
+        )?;
+        let facts = deployments.items.iter().map(WorkloadFacts::from);
+        let facts = facts.chain(statefulsets.items.iter().map(WorkloadFacts::from));
+        let facts = facts.chain(daemonsets.items.iter().map(WorkloadFacts::from));
+        ns.workloads = facts.map(Arc::new).collect();
+        ns.limit_ranges = limit_ranges.items;
+        ns.quotas = quotas.items;
+        ns.pods = pods
+            .items
+            .iter()
+            .map(|p| Arc::new(PodFacts::from(p)))
+            .collect();
+    }
+    Ok((out.into_values().collect(), ambient))
+}
+
+/// Lists `K` in `namespace`, naming what failed.
+pub(super) async fn list_in<K>(
+    client: &kube::Client,
+    namespace: &str,
+    lp: &ListParams,
+    what: &str,
+) -> Result<kube::core::ObjectList<K>>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), namespace)
+        .list(lp)
+        .await
+        .map_err(|e| Error::kube(format!("list {what} in {namespace}"), e))
+}

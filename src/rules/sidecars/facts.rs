@@ -1,0 +1,296 @@
+//! The facts the section reads about a workload or pod, reduced on arrival from the watch.
+
+use super::*;
+
+/// A workload whose pods get a sidecar, as read from the cluster: its facts (shared with the
+/// cache, see [`WorkloadFacts`]), its namespace, and its rollout state as of now.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub namespace: String,
+    pub facts: Arc<WorkloadFacts>,
+    /// The facts' rollout, with stalls of StatefulSets and DaemonSets decided.
+    pub rollout: Rollout,
+}
+
+impl std::ops::Deref for Workload {
+    type Target = WorkloadFacts;
+    fn deref(&self) -> &WorkloadFacts {
+        &self.facts
+    }
+}
+
+impl Workload {
+    pub fn id(&self) -> String {
+        format!("{}/{}/{}", self.kind.as_str(), self.namespace, self.name)
+    }
+
+    /// Current per-pod proxy amount from the template's annotations (0 when unset: the mesh
+    /// default is not known, so the whole declared amount counts as added).
+    pub(super) fn current(&self, key: &str) -> i128 {
+        let ann = match key {
+            "requests.cpu" => PROXY_CPU,
+            "limits.cpu" => PROXY_CPU_LIMIT,
+            "requests.memory" => PROXY_MEMORY,
+            _ => PROXY_MEMORY_LIMIT,
+        };
+        self.template_annotations
+            .get(ann)
+            .and_then(|v| quantity::millis(v))
+            .unwrap_or(0)
+    }
+}
+
+/// What the rule knows of a workload, read from the whole object once (watch event or LIST)
+/// and kept instead of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkloadFacts {
+    pub kind: Kind,
+    pub name: String,
+    pub generation: i64,
+    /// Pods it runs when rolled out (a DaemonSet: the nodes it is scheduled on).
+    pub replicas: i32,
+    /// Template labels that decide injection (`sidecar.istio.io/inject`, `istio.io/rev`).
+    pub template_labels: BTreeMap<String, String>,
+    /// Template annotations the rule reads: the four proxy values, meshwarden's hash,
+    /// `sidecar.istio.io/inject` and `inject.istio.io/templates`.
+    pub template_annotations: BTreeMap<String, String>,
+    /// Opted out with `meshwarden.io/ignore: sidecar-resources` on the workload.
+    pub opted_out: bool,
+    /// Another meshwarden rule writes it (see [`owned_by_other_rule`]).
+    pub other_rule: bool,
+    /// When meshwarden last changed it.
+    pub written_at: Option<jiff::Timestamp>,
+    /// The generation meshwarden's last write of the template produced
+    /// ([`GENERATION_ANNOTATION`]); `None` when it never wrote it (or an older version did).
+    pub written_generation: Option<i64>,
+    /// Managers other than meshwarden that own one of the four annotations.
+    pub foreign_owners: Vec<String>,
+    /// Their writes of the four annotations (the evidence of a fight).
+    pub foreign_writes: ForeignWrites,
+    /// Requests/limits of the template's other containers.
+    pub other_containers: Amounts,
+    pub rollout: Rollout,
+}
+
+/// The `managedFields` paths of the four proxy annotations.
+pub(super) fn annotation_paths() -> Vec<Vec<String>> {
+    [PROXY_CPU, PROXY_CPU_LIMIT, PROXY_MEMORY, PROXY_MEMORY_LIMIT]
+        .iter()
+        .map(|k| {
+            ["f:spec", "f:template", "f:metadata", "f:annotations"]
+                .iter()
+                .map(|p| p.to_string())
+                .chain([format!("f:{k}")])
+                .collect()
+        })
+        .collect()
+}
+
+pub(super) const TEMPLATE_LABELS: [&str; 2] = [INJECT, "istio.io/rev"];
+
+pub(super) const TEMPLATE_ANNOTATIONS: [&str; 7] = [
+    PROXY_CPU,
+    PROXY_CPU_LIMIT,
+    PROXY_MEMORY,
+    PROXY_MEMORY_LIMIT,
+    HASH_ANNOTATION,
+    INJECT,
+    INJECT_TEMPLATES,
+];
+
+pub(super) fn only(
+    map: Option<&BTreeMap<String, String>>,
+    keys: &[&str],
+) -> BTreeMap<String, String> {
+    map.into_iter()
+        .flatten()
+        .filter(|(k, _)| keys.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+impl WorkloadFacts {
+    pub(super) fn read(
+        kind: Kind,
+        meta: &ObjectMeta,
+        template: Option<&PodTemplateSpec>,
+        replicas: i32,
+        rollout: Rollout,
+    ) -> Self {
+        let tpl_meta = template.and_then(|t| t.metadata.as_ref());
+        let mut foreign_owners = Vec::new();
+        let paths = annotation_paths();
+        for path in &paths {
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            for m in write::foreign_managers(meta, &path) {
+                if !foreign_owners.contains(&m) {
+                    foreign_owners.push(m);
+                }
+            }
+        }
+        let containers = template
+            .and_then(|t| t.spec.as_ref())
+            .map(|s| s.containers.as_slice())
+            .unwrap_or_default();
+        WorkloadFacts {
+            kind,
+            name: meta.name.clone().unwrap_or_default(),
+            generation: meta.generation.unwrap_or(0),
+            replicas,
+            template_labels: only(tpl_meta.and_then(|m| m.labels.as_ref()), &TEMPLATE_LABELS),
+            template_annotations: only(
+                tpl_meta.and_then(|m| m.annotations.as_ref()),
+                &TEMPLATE_ANNOTATIONS,
+            ),
+            opted_out: opted_out(&annotations_of(Some(meta))),
+            other_rule: owned_by_other_rule(meta),
+            written_at: write::fields::meshwarden_write_time(meta),
+            written_generation: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(GENERATION_ANNOTATION))
+                .and_then(|v| v.parse().ok()),
+            foreign_owners,
+            foreign_writes: write::foreign_writes(meta, &paths),
+            other_containers: container_amounts(containers),
+            rollout,
+        }
+    }
+
+    /// Reads the facts as a write of this process left the workload, before a watch has
+    /// delivered it: the five annotations on its template and the written generation, whose
+    /// rollout the workload's controller has not observed yet.
+    pub(super) fn written(&self, generation: i64, d: &Desired) -> Self {
+        let mut out = self.clone();
+        out.generation = generation;
+        out.written_generation = Some(generation);
+        for (k, v) in d.annotations() {
+            out.template_annotations
+                .insert(k.to_string(), v.to_string());
+        }
+        out.template_annotations
+            .insert(HASH_ANNOTATION.to_string(), d.hash());
+        out.rollout = Rollout::InProgress(format!(
+            "the {} controller has not observed generation {generation} yet",
+            self.kind.as_str()
+        ));
+        out
+    }
+}
+
+impl From<&Deployment> for WorkloadFacts {
+    fn from(d: &Deployment) -> Self {
+        let spec = d.spec.as_ref();
+        let replicas = spec.and_then(|s| s.replicas).unwrap_or(1);
+        let template = spec.map(|s| &s.template);
+        WorkloadFacts::read(
+            Kind::Deployment,
+            &d.metadata,
+            template,
+            replicas,
+            deployment_rollout(d),
+        )
+    }
+}
+
+impl From<&StatefulSet> for WorkloadFacts {
+    fn from(s: &StatefulSet) -> Self {
+        let spec = s.spec.as_ref();
+        let replicas = spec.and_then(|s| s.replicas).unwrap_or(1);
+        let template = spec.map(|s| &s.template);
+        WorkloadFacts::read(
+            Kind::StatefulSet,
+            &s.metadata,
+            template,
+            replicas,
+            statefulset_rollout(s),
+        )
+    }
+}
+
+impl From<&DaemonSet> for WorkloadFacts {
+    fn from(d: &DaemonSet) -> Self {
+        let replicas = d
+            .status
+            .as_ref()
+            .map(|s| s.desired_number_scheduled)
+            .unwrap_or(0);
+        let template = d.spec.as_ref().map(|s| &s.template);
+        WorkloadFacts::read(
+            Kind::DaemonSet,
+            &d.metadata,
+            template,
+            replicas,
+            daemonset_rollout(d),
+        )
+    }
+}
+
+/// What the rule knows of a running pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodFacts {
+    pub name: String,
+    /// The workload that runs it (a ReplicaSet's pods: its Deployment).
+    pub owner: Option<(Kind, String)>,
+    /// Labels that decide injection (`sidecar.istio.io/inject`, `istio.io/rev`).
+    pub labels: BTreeMap<String, String>,
+    /// Annotations that decide injection (`sidecar.istio.io/inject`, `inject.istio.io/templates`).
+    pub annotations: BTreeMap<String, String>,
+    /// The `istio-proxy` container's requests/limits in milli-units, in the order of
+    /// [`Desired::annotations`] (cpu, cpu limit, memory, memory limit); `None` without one.
+    pub proxy: Option<[Option<i128>; 4]>,
+}
+
+impl From<&Pod> for PodFacts {
+    fn from(p: &Pod) -> Self {
+        let labels = p.labels();
+        let owner = p
+            .owner_references()
+            .iter()
+            .find_map(|o| match o.kind.as_str() {
+                "ReplicaSet" => {
+                    let hash = labels.get("pod-template-hash")?;
+                    let name = o.name.strip_suffix(&format!("-{hash}"))?;
+                    Some((Kind::Deployment, name.to_string()))
+                }
+                "StatefulSet" => Some((Kind::StatefulSet, o.name.clone())),
+                "DaemonSet" => Some((Kind::DaemonSet, o.name.clone())),
+                _ => None,
+            });
+        let proxy = p.spec.as_ref().and_then(|spec| {
+            let c = spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+                .find(|c| c.name == PROXY_CONTAINER)?;
+            let res = c.resources.clone().unwrap_or_default();
+            let get = |m: &Option<
+                BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+            >,
+                       k: &str| {
+                m.as_ref()
+                    .and_then(|m| m.get(k))
+                    .and_then(|q| quantity::millis(&q.0))
+            };
+            Some([
+                get(&res.requests, "cpu"),
+                get(&res.limits, "cpu"),
+                get(&res.requests, "memory"),
+                get(&res.limits, "memory"),
+            ])
+        });
+        PodFacts {
+            name: p.name_any(),
+            owner,
+            labels: only(Some(labels), &[INJECT, "istio.io/rev"]),
+            annotations: only(Some(p.annotations()), &[INJECT, INJECT_TEMPLATES]),
+            proxy,
+        }
+    }
+}
+
+/// A cached workload.
+pub type CachedWorkload<K> = Compact<K, WorkloadFacts>;
+
+/// A cached running pod.
+pub type CachedPod = Compact<Pod, PodFacts>;

@@ -1,0 +1,136 @@
+//! Which namespaces and workloads the section covers, and why a workload gets no sidecar.
+
+use super::*;
+
+/// True when meshwarden owns fields of the object beyond the sidecar annotations, i.e. another
+/// meshwarden rule (gateway or control-plane HA) writes it with the same field manager. Writing
+/// it from this rule too would release that rule's fields, so it is left alone.
+pub fn owned_by_other_rule(meta: &ObjectMeta) -> bool {
+    let ours: BTreeSet<String> = [
+        PROXY_CPU,
+        PROXY_CPU_LIMIT,
+        PROXY_MEMORY,
+        PROXY_MEMORY_LIMIT,
+        HASH_ANNOTATION,
+    ]
+    .iter()
+    .map(|k| format!("f:{k}"))
+    .collect();
+    let only = |v: &Value, key: &str| -> Option<Value> {
+        let m = v.as_object()?;
+        if m.keys().all(|k| k == key || k == ".") {
+            Some(m.get(key).cloned().unwrap_or(Value::Null))
+        } else {
+            None
+        }
+    };
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.manager.as_deref() == Some(FIELD_MANAGER))
+        .filter(|m| m.subresource.as_deref().unwrap_or_default().is_empty())
+        .filter_map(|m| m.fields_v1.as_ref())
+        .any(|f| {
+            let Some(top) = f.0.as_object() else {
+                return true;
+            };
+            // This rule's fields: the template's annotations and one on the metadata.
+            let template = top.get("f:spec").map(|spec| {
+                let annotations = only(spec, "f:template")
+                    .and_then(|v| only(&v, "f:metadata"))
+                    .and_then(|v| only(&v, "f:annotations"));
+                match annotations {
+                    Some(Value::Object(a)) => a.keys().any(|k| k != "." && !ours.contains(k)),
+                    Some(Value::Null) => false,
+                    _ => true,
+                }
+            });
+            let metadata = top
+                .get("f:metadata")
+                .map(|m| match only(m, "f:annotations") {
+                    Some(Value::Object(a)) => a
+                        .keys()
+                        .any(|k| k != "." && k != &format!("f:{GENERATION_ANNOTATION}")),
+                    Some(Value::Null) => false,
+                    _ => true,
+                });
+            top.keys()
+                .any(|k| k != "f:spec" && k != "f:metadata" && k != ".")
+                || template.unwrap_or(false)
+                || metadata.unwrap_or(false)
+        })
+}
+
+pub(super) fn is_ambient(ns_labels: &BTreeMap<String, String>) -> bool {
+    ns_labels.get("istio.io/dataplane-mode").map(String::as_str) == Some("ambient")
+}
+
+pub use crate::istio::namespace_injection_on;
+
+/// Whether the section covers a namespace with these labels: its `namespaceSelector`, or by
+/// default every namespace with injection on. Ambient namespaces are never covered.
+pub fn selects_namespace(spec: &SidecarSpec, ns_labels: &BTreeMap<String, String>) -> bool {
+    if is_ambient(ns_labels) {
+        return false;
+    }
+    match &spec.namespace_selector {
+        Some(sel) => selector::matches(sel, ns_labels),
+        None => namespace_injection_on(ns_labels),
+    }
+}
+
+/// Routing of watch events: whether a policy's sidecars section may cover a namespace
+/// (`None`: labels unknown, so yes).
+pub fn covers_namespace(
+    spec: &crate::api::MeshPolicySpec,
+    ns_labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    match (&spec.sidecars, ns_labels) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(s), Some(l)) => selects_namespace(s, l),
+    }
+}
+
+/// Why pods from this template get no sidecar, or `None` when they get one (Istio's webhook
+/// selectors: namespace `istio-injection` / `istio.io/rev`, pod `sidecar.istio.io/inject`).
+pub fn no_sidecar_reason(
+    ns_labels: &BTreeMap<String, String>,
+    tpl_labels: &BTreeMap<String, String>,
+    tpl_annotations: &BTreeMap<String, String>,
+) -> Option<&'static str> {
+    if is_ambient(ns_labels) {
+        return Some("ambient namespace");
+    }
+    if tpl_labels.get(INJECT).map(String::as_str) == Some("false")
+        || tpl_annotations.get(INJECT).map(String::as_str) == Some("false")
+    {
+        return Some("sidecar.istio.io/inject is false");
+    }
+    if tpl_annotations
+        .get(INJECT_TEMPLATES)
+        .is_some_and(|t| t.split(',').any(|t| t.trim() == "gateway"))
+    {
+        return Some(
+            "Istio gateway (inject.istio.io/templates: gateway), held by the gateways section",
+        );
+    }
+    match ns_labels.get("istio-injection").map(String::as_str) {
+        Some("enabled") => None,
+        Some(_) => Some("injection disabled in the namespace"),
+        None if ns_labels.contains_key("istio.io/rev") => None,
+        None if tpl_labels.get(INJECT).map(String::as_str) == Some("true")
+            || tpl_labels.contains_key("istio.io/rev") =>
+        {
+            None
+        }
+        None => Some("injection is not on for the namespace or the pod"),
+    }
+}
+
+/// True when a workload's annotation `meshwarden.io/ignore` names `sidecar-resources`.
+pub fn opted_out(workload_annotations: &BTreeMap<String, String>) -> bool {
+    workload_annotations
+        .get(IGNORE_ANNOTATION)
+        .is_some_and(|v| v.split(',').any(|p| p.trim() == IGNORE_VALUE))
+}

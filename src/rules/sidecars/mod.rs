@@ -1,0 +1,521 @@
+//! Resources of injected `istio-proxy` sidecars (`spec.sidecars`).
+//!
+//! Istio sizes a sidecar from four pod annotations (`sidecar.istio.io/proxyCPU`,
+//! `proxyCPULimit`, `proxyMemory`, `proxyMemoryLimit`). Its injection template uses them as
+//! soon as any one is present and then ignores the mesh defaults for the others, so meshwarden
+//! always writes all four together, on the pod template of every Deployment, StatefulSet and
+//! DaemonSet whose pods get a sidecar, plus `meshwarden.io/sidecar-resources: <hash>` so that
+//! the templates it changed are recognisable after a restart.
+//!
+//! Changing a pod template rolls the workload, so rollouts are paced: at most
+//! `maxConcurrentRollouts` workloads carrying meshwarden's hash are rolling at once, and a
+//! stalled rollout stops the pacing. The pacing state is read from the cluster (hash annotation
+//! and rollout status), never kept only in memory.
+//!
+//! observe (reads) -> [`classify`] and [`plan`] (pure) -> apply (Enforce) -> report.
+
+mod cache;
+mod desired;
+mod facts;
+mod fit;
+mod injection;
+mod plan;
+mod rollout;
+
+pub use cache::*;
+pub use desired::*;
+pub use facts::*;
+pub use fit::*;
+pub use injection::*;
+pub use plan::*;
+pub use rollout::*;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{
+    Container, LimitRange, Namespace, Pod, PodTemplateSpec, ResourceQuota,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::Store;
+use serde_json::{Value, json};
+
+use crate::api::{Enforcement, MeshPolicy, Pacing, ResourcesSpec, SidecarSpec, Violation};
+use crate::compact::Compact;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::quantity;
+use crate::rules::RuleReport;
+use crate::selector;
+use crate::status::conditions::{Observed, Status, types};
+use crate::status::messages::{self, Contested, list};
+use crate::status::reasons::{self, ViolationAction};
+use crate::write::driver::{self, Outcome, Planned};
+use crate::write::{self, FIELD_MANAGER, FightKey, ForeignWrites};
+
+/// The watches whose caches the section reads (their names in `watch::Health`).
+pub const WATCHES: [&str; 7] = [
+    "Namespaces",
+    "Deployments",
+    "StatefulSets",
+    "DaemonSets",
+    "LimitRanges",
+    "ResourceQuotas",
+    "RunningPods",
+];
+
+/// CPU request of the proxy.
+pub const PROXY_CPU: &str = "sidecar.istio.io/proxyCPU";
+
+/// CPU limit of the proxy.
+pub const PROXY_CPU_LIMIT: &str = "sidecar.istio.io/proxyCPULimit";
+
+/// Memory request of the proxy.
+pub const PROXY_MEMORY: &str = "sidecar.istio.io/proxyMemory";
+
+/// Memory limit of the proxy.
+pub const PROXY_MEMORY_LIMIT: &str = "sidecar.istio.io/proxyMemoryLimit";
+
+/// Hash of the four values meshwarden wrote on a pod template.
+pub const HASH_ANNOTATION: &str = "meshwarden.io/sidecar-resources";
+
+/// Workload annotation (on its metadata, not the template, so writing it starts no rollout):
+/// the `metadata.generation` meshwarden's last write of the template produced. A rollout is
+/// meshwarden's only while the workload is still at that generation.
+pub const GENERATION_ANNOTATION: &str = "meshwarden.io/sidecar-generation";
+
+/// Workload annotation that opts out of meshwarden rules (comma-separated rule names).
+pub const IGNORE_ANNOTATION: &str = "meshwarden.io/ignore";
+
+/// The rule name that opts a workload out of this section.
+pub const IGNORE_VALUE: &str = "sidecar-resources";
+
+/// Injection switch on a pod (label or annotation).
+pub const INJECT: &str = "sidecar.istio.io/inject";
+
+/// Injection templates of a pod; `gateway` marks an Istio gateway, which is not a sidecar.
+pub const INJECT_TEMPLATES: &str = "inject.istio.io/templates";
+
+const PROXY_CONTAINER: &str = "istio-proxy";
+
+/// Server-side applies of one reconcile in flight at once.
+pub const WRITE_CONCURRENCY: usize = 16;
+
+/// Corrections of one reconcile described one by one (Events); `corrected` counts them all.
+const CORRECTIONS_LISTED: usize = 5;
+
+/// The workload kinds whose pod templates are held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Deployment => "Deployment",
+            Kind::StatefulSet => "StatefulSet",
+            Kind::DaemonSet => "DaemonSet",
+        }
+    }
+}
+
+/// Applies the five annotations and records the generation the write produced on the workload
+/// ([`GENERATION_ANNOTATION`]). The generation is predicted from the read one; when another
+/// write came in between, a second apply (metadata only: no new generation) corrects it.
+async fn write_recording(
+    ctx: &Context,
+    w: &Workload,
+    desired: &Desired,
+) -> Result<(Option<i64>, ForeignWrites)> {
+    let predicted = w.generation + 1;
+    let produced = write(ctx, w, &patch(w, desired, predicted)).await?;
+    match produced.0 {
+        Some(g) if g != predicted => write(ctx, w, &patch(w, desired, g)).await,
+        _ => Ok(produced),
+    }
+}
+
+/// Writes the annotations; returns the generation the write produced and the other managers'
+/// writes of the annotations as it left them.
+async fn write(ctx: &Context, w: &Workload, patch: &Value) -> Result<(Option<i64>, ForeignWrites)> {
+    let c = ctx.client.clone();
+    let ns = &w.namespace;
+    let w_ = &ctx.writes;
+    let meta = match w.kind {
+        Kind::Deployment => {
+            write::apply(&Api::<Deployment>::namespaced(c, ns), &w.name, patch, w_)
+                .await?
+                .metadata
+        }
+        Kind::StatefulSet => {
+            write::apply(&Api::<StatefulSet>::namespaced(c, ns), &w.name, patch, w_)
+                .await?
+                .metadata
+        }
+        Kind::DaemonSet => {
+            write::apply(&Api::<DaemonSet>::namespaced(c, ns), &w.name, patch, w_)
+                .await?
+                .metadata
+        }
+    };
+    let after = write::foreign_writes(&meta, &annotation_paths());
+    Ok((meta.generation, after))
+}
+
+/// Observes, plans and (in Enforce) applies the sidecars section; reports the result.
+pub async fn reconcile(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    spec: &SidecarSpec,
+    enforcement: Enforcement,
+) -> RuleReport {
+    reconcile_with_stats(ctx, policy, spec, enforcement).await.0
+}
+
+/// [`reconcile`], with the numbers behind the report.
+pub async fn reconcile_with_stats(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    spec: &SidecarSpec,
+    enforcement: Enforcement,
+) -> (RuleReport, SidecarStats) {
+    let ctype = types::SIDECAR_RESOURCES;
+    let mut stats = SidecarStats::default();
+    let mut report = RuleReport {
+        condition: Observed::new(ctype, Status::True, reasons::COMPLIANT, ""),
+        violations: Vec::new(),
+        targets: 0,
+        compliant: 0,
+        corrected: 0,
+        corrections: Vec::new(),
+    };
+    let desired = match desired(&spec.resources) {
+        Ok(d) => d,
+        Err(msg) => {
+            report.condition =
+                Observed::new(ctype, Status::False, reasons::INCOMPLETE_RESOURCES, msg);
+            return (report, stats);
+        }
+    };
+    let cache = ctx.cache::<Cache>();
+    let cached = match &cache {
+        Some(c) if c.ready(Duration::from_secs(30)).await => {
+            Some(observe_cached(c, spec, &desired))
+        }
+        _ => None,
+    };
+    let (namespaces, ambient) = match cached {
+        Some(o) => o,
+        None => match observe(ctx, spec).await {
+            Ok(o) => o,
+            Err(e) => return (RuleReport::failed(ctype, &e), stats),
+        },
+    };
+    let mut classified = classify(&namespaces, jiff::Timestamp::now());
+    // Targets whose last write failed queue behind the others for rollout slots.
+    if let Some(c) = &cache {
+        classified.targets.sort_by_key(|w| c.failed_recently(w));
+    }
+    let enforce = enforcement == Enforcement::Enforce;
+    let targets = &classified.targets;
+
+    let mut unfit: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Targets to change, by namespace (one pass: deviations format strings).
+    let mut changes_by_ns: HashMap<&str, Vec<&Workload>> = HashMap::new();
+    for w in targets {
+        if !deviations(&desired, &w.template_annotations).is_empty() {
+            changes_by_ns
+                .entry(w.namespace.as_str())
+                .or_default()
+                .push(w);
+        }
+    }
+    for ns in &namespaces {
+        let Some(changes) = changes_by_ns.get(ns.name.as_str()) else {
+            continue;
+        };
+        let problems = namespace_fit(&desired, changes, &ns.limit_ranges, &ns.quotas);
+        if !problems.is_empty() {
+            unfit.insert(ns.name.clone(), problems);
+        }
+    }
+    let paced = spec.pacing == Pacing::Paced;
+    let decisions = plan(
+        &desired,
+        targets,
+        &unfit,
+        paced.then_some(spec.max_concurrent_rollouts),
+        enforce,
+    );
+
+    let mut started: Vec<String> = Vec::new();
+    let mut fights: Vec<String> = Vec::new();
+    let mut takeovers: Vec<String> = Vec::new();
+    let mut held: Vec<String> = Vec::new();
+    let mut stalled: Vec<String> = Vec::new();
+    let mut rolling: Vec<String> = Vec::new();
+    let mut to_write: Vec<Planned<(&Workload, &Decision, String)>> = Vec::new();
+    report.targets = i32::try_from(targets.len()).unwrap_or(i32::MAX);
+    for (w, d) in targets.iter().zip(&decisions) {
+        let id = w.id();
+        if let Some(why) = &d.stalled {
+            stalled.push(id.clone());
+            report.violations.push(Violation {
+                rule: ctype.into(),
+                object: id.clone(),
+                message: format!("rollout stalled: {why}"),
+                action: ViolationAction::Reported.into(),
+            });
+        } else if d.rolling {
+            rolling.push(id.clone());
+        }
+        let devs = d.deviations.join("; ");
+        let violation = |action: ViolationAction, message: String| Violation {
+            rule: ctype.into(),
+            object: id.clone(),
+            message,
+            action: action.into(),
+        };
+        match &d.action {
+            Action::Compliant => report.compliant += 1,
+            Action::Reported => report
+                .violations
+                .push(violation(ViolationAction::Reported, devs)),
+            Action::Held(why) => {
+                held.push(id.clone());
+                report
+                    .violations
+                    .push(violation(ViolationAction::Held, format!("{devs}; {why}")));
+            }
+            Action::Skipped(why) => report.violations.push(violation(
+                ViolationAction::Skipped,
+                format!("{devs}; not written: {why}"),
+            )),
+            Action::Apply => to_write.push(Planned {
+                key: FightKey {
+                    policy: policy.name_any(),
+                    section: ctype,
+                    object: id.clone(),
+                    field: None,
+                },
+                seen: Some(w.foreign_writes.clone()),
+                item: (w, d, devs),
+            }),
+        }
+    }
+    // Fight check → write (a bounded number in flight, each patch built only when it starts)
+    // → record, in target order.
+    let generations: std::sync::Mutex<HashMap<String, Option<i64>>> = Default::default();
+    let (generations_ref, desired_ref) = (&generations, &desired);
+    let outcomes = driver::drive(&ctx.memory, to_write, WRITE_CONCURRENCY, |&(w, _, _)| {
+        let (generations, desired) = (generations_ref, desired_ref);
+        async move {
+            let (generation, after) = write_recording(ctx, w, desired).await?;
+            if let Ok(mut g) = generations.lock() {
+                g.insert(w.id(), generation);
+            }
+            Ok(Some(after))
+        }
+    })
+    .await;
+    let generations = generations.into_inner().unwrap_or_default();
+    let written = outcomes
+        .iter()
+        .filter(|(_, o)| !matches!(o, Outcome::Fighting(_)))
+        .count();
+    let mut first_error = None;
+    let mut failed_writes = 0;
+    for (_, outcome) in outcomes {
+        let (w, d, devs) = match outcome {
+            Outcome::Fighting((w, _, devs)) => {
+                fights.push(w.id());
+                report.violations.push(Violation {
+                    rule: ctype.into(),
+                    object: w.id(),
+                    message: format!(
+                        "{devs}; another writer keeps changing these annotations back"
+                    ),
+                    action: ViolationAction::Skipped.into(),
+                });
+                continue;
+            }
+            Outcome::Failed((w, _, devs), e) => {
+                if let Some(c) = &cache {
+                    c.record_write_result(w, false);
+                }
+                // Reported on its own; the others' writes and slots are not held up by it.
+                failed_writes += 1;
+                report.violations.push(Violation {
+                    rule: ctype.into(),
+                    object: w.id(),
+                    message: format!(
+                        "{devs}; the write failed: {e}; retried at the next reconcile, after the other targets"
+                    ),
+                    action: ViolationAction::Skipped.into(),
+                });
+                first_error.get_or_insert(e);
+                continue;
+            }
+            Outcome::Written(item) => item,
+        };
+        let id = w.id();
+        if let Some(c) = &cache {
+            c.record_write_result(w, true);
+            c.record_written(w, generations.get(&id).copied().flatten());
+        }
+        report.corrected += 1;
+        report.compliant += 1;
+        // The first few are published as Events; the rest are counted in `corrected`.
+        if report.corrections.len() < CORRECTIONS_LISTED {
+            report.corrections.push(format!(
+                "{id}: sidecar resources set to {} ({devs}); its pods roll",
+                desired.summary()
+            ));
+        }
+        for m in &w.foreign_owners {
+            takeovers.push(format!("{id} (was managed by {m})"));
+        }
+        if !d.rolling {
+            started.push(id.clone());
+        }
+    }
+    // Every write failed: most likely not about one workload (permissions, the API server).
+    if let Some(e) = first_error.as_ref().filter(|_| failed_writes == written) {
+        let mut failed = RuleReport::failed(ctype, e);
+        failed.targets = report.targets;
+        return (failed, stats);
+    }
+    stats.pod_drift = pod_drift(&desired, &namespaces, &classified.excluded);
+    stats.targets = targets.len();
+    stats.compliant = usize::try_from(report.compliant).unwrap_or(0);
+    stats.opted_out = classified.opted_out.len();
+    stats.rolling = rolling.len() + started.len() + stalled.len();
+    stats.held = held.len();
+    stats.stalled = stalled.len();
+    stats.skipped_namespaces = unfit.keys().cloned().collect();
+
+    let mut msg = vec![format!(
+        "{} of {} workload(s) have the declared sidecar resources ({})",
+        report.compliant,
+        report.targets,
+        desired.summary()
+    )];
+    msg.extend(desired.notes.iter().cloned());
+    if !started.is_empty() {
+        msg.push(format!("started the rollout of {}", list(&started, 5)));
+    }
+    if !rolling.is_empty() {
+        msg.push(format!(
+            "rolling because of meshwarden: {}",
+            list(&rolling, 5)
+        ));
+    }
+    if !held.is_empty() {
+        msg.push(format!(
+            "{} workload(s) wait for a rollout slot (maxConcurrentRollouts {}): {}",
+            held.len(),
+            spec.max_concurrent_rollouts,
+            list(&held, 5)
+        ));
+    }
+    if !stalled.is_empty() && paced {
+        msg.push(format!(
+            "the rollout of {} stalled; no other sidecar rollout starts until it completes or is rolled back (kubectl rollout status)",
+            list(&stalled, 5)
+        ));
+    } else if !stalled.is_empty() {
+        msg.push(format!(
+            "the rollout of {} stalled (kubectl rollout status); pacing is off, so other rollouts were not held",
+            list(&stalled, 5)
+        ));
+    }
+    for (ns, why) in &unfit {
+        msg.push(format!(
+            "namespace {ns} skipped, the declared resources do not fit: {}",
+            why.join("; ")
+        ));
+    }
+    msg.extend(messages::fight_sentence(&fights, Contested::Objects));
+    if !takeovers.is_empty() {
+        msg.push(format!(
+            "meshwarden took over proxy annotations another manager set: {}",
+            list(&takeovers, 5)
+        ));
+    }
+    if !classified.opted_out.is_empty() {
+        msg.push(format!(
+            "opted out ({IGNORE_ANNOTATION}: {IGNORE_VALUE}): {}",
+            list(&classified.opted_out, 10)
+        ));
+    }
+    if !classified.other_rule.is_empty() {
+        msg.push(format!(
+            "left to meshwarden's HA rules: {}",
+            list(&classified.other_rule, 5)
+        ));
+    }
+    if !ambient.is_empty() {
+        msg.push(format!(
+            "ambient namespaces have no sidecars: {}",
+            list(&ambient, 5)
+        ));
+    }
+    if !stats.pod_drift.is_empty() {
+        let parts: Vec<String> = stats
+            .pod_drift
+            .iter()
+            .map(|(ns, pods)| format!("{ns}: {} ({})", pods.len(), list(pods, DRIFT_NAMES)))
+            .collect();
+        let total: usize = stats.pod_drift.values().map(Vec::len).sum();
+        msg.push(format!(
+            "{total} running pod(s) have other istio-proxy resources than declared: {}",
+            parts.join("; ")
+        ));
+    }
+    if !enforce && !report.violations.is_empty() {
+        msg.push("Audit mode: nothing was changed".into());
+    }
+
+    let audit_deviations = decisions.iter().any(|d| d.action == Action::Reported);
+    if let Some(e) = &first_error {
+        msg.push(format!(
+            "{failed_writes} write(s) failed (first: {e}); those targets are retried after the others"
+        ));
+    }
+    let (status, reason) = if !stalled.is_empty() {
+        (Status::False, reasons::ROLLOUT_STALLED)
+    } else if first_error.is_some() {
+        (Status::False, reasons::WRITE_FAILED)
+    } else if !unfit.is_empty() {
+        (Status::False, reasons::QUOTA_CONFLICT)
+    } else if !fights.is_empty() {
+        (Status::False, reasons::FIGHT_DETECTED)
+    } else if audit_deviations {
+        (Status::False, reasons::NON_COMPLIANT)
+    } else if !held.is_empty() || !rolling.is_empty() {
+        (Status::False, reasons::ROLLOUT_IN_PROGRESS)
+    } else if targets.is_empty() {
+        (Status::False, reasons::NO_TARGETS)
+    } else if report.corrected > 0 {
+        (Status::True, reasons::CORRECTED)
+    } else {
+        (Status::True, reasons::COMPLIANT)
+    };
+    if targets.is_empty() {
+        msg[0] = "no Deployment, StatefulSet or DaemonSet with an injected sidecar in the selected namespaces (default: istio-injection=enabled or istio.io/rev)".into();
+    }
+    report.condition = Observed::new(ctype, status, reason, msg.join(". "));
+    (report, stats)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,235 @@
+//! The pure plan: which workloads are written, held or reported, and the pacing of rollouts.
+
+use super::*;
+
+/// Pods named per namespace in the condition.
+pub(super) const DRIFT_NAMES: usize = 3;
+
+/// What was read in one namespace the section covers.
+#[derive(Clone, Debug, Default)]
+pub struct NamespaceObservation {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Deployments, StatefulSets and DaemonSets.
+    pub workloads: Vec<Arc<WorkloadFacts>>,
+    pub limit_ranges: Vec<LimitRange>,
+    pub quotas: Vec<ResourceQuota>,
+    /// Running pods (field selector `status.phase=Running`).
+    pub pods: Vec<Arc<PodFacts>>,
+}
+
+/// Workloads of the covered namespaces, sorted into targets and the ones left alone.
+#[derive(Clone, Debug, Default)]
+pub struct Classified {
+    pub targets: Vec<Workload>,
+    /// Workloads opted out with `meshwarden.io/ignore: sidecar-resources`.
+    pub opted_out: Vec<String>,
+    /// Workloads another meshwarden rule writes (HA), left to it.
+    pub other_rule: Vec<String>,
+    /// (namespace, kind, name) of every workload not held, so its pods are not counted as drift.
+    pub excluded: BTreeSet<(String, Kind, String)>,
+}
+
+/// Sorts the observed workloads (pure). `now` decides stalls of StatefulSets and DaemonSets.
+pub fn classify(namespaces: &[NamespaceObservation], now: jiff::Timestamp) -> Classified {
+    let mut out = Classified::default();
+    for ns in namespaces {
+        for w in &ns.workloads {
+            let id = format!("{}/{}/{}", w.kind.as_str(), ns.name, w.name);
+            let key = (ns.name.clone(), w.kind, w.name.clone());
+            if no_sidecar_reason(&ns.labels, &w.template_labels, &w.template_annotations).is_some()
+            {
+                out.excluded.insert(key);
+                continue;
+            }
+            if w.opted_out {
+                out.opted_out.push(id);
+                out.excluded.insert(key);
+                continue;
+            }
+            if w.other_rule {
+                out.other_rule.push(id);
+                out.excluded.insert(key);
+                continue;
+            }
+            let rollout = meshwarden_rollout(w, now);
+            out.targets.push(Workload {
+                namespace: ns.name.clone(),
+                facts: w.clone(),
+                rollout,
+            });
+        }
+    }
+    out.targets
+        .sort_by(|a, b| (&a.namespace, a.kind, &a.name).cmp(&(&b.namespace, b.kind, &b.name)));
+    out.opted_out.sort();
+    out.other_rule.sort();
+    out
+}
+
+/// What to do with one target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// The template has the declared values.
+    Compliant,
+    /// Write the annotations now (its pods roll).
+    Apply,
+    /// Needs the annotations but waits for a rollout slot, or for a stalled rollout.
+    Held(String),
+    /// Not written: the namespace's LimitRange or ResourceQuota does not fit.
+    Skipped(String),
+    /// Audit: reported only.
+    Reported,
+}
+
+/// The decision for one target (same index as the targets).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    pub deviations: Vec<String>,
+    /// Carries meshwarden's hash and is not rolled out yet (uses a rollout slot).
+    pub rolling: bool,
+    /// Its rollout stalled.
+    pub stalled: Option<String>,
+}
+
+/// Plans every target (pure). Targets come sorted; earlier ones get rollout slots first.
+/// `unfit` maps a namespace to the reasons its LimitRange/ResourceQuota rejects the values.
+/// `max_concurrent` is the pacing limit; `None` (pacing off) writes every target at once and
+/// lets no stalled rollout hold the others.
+pub fn plan(
+    desired: &Desired,
+    targets: &[Workload],
+    unfit: &BTreeMap<String, Vec<String>>,
+    max_concurrent: Option<i32>,
+    enforce: bool,
+) -> Vec<Decision> {
+    let mut decisions: Vec<Decision> = targets
+        .iter()
+        .map(|w| {
+            let ours = w.template_annotations.contains_key(HASH_ANNOTATION);
+            let (rolling, stalled) = match &w.rollout {
+                _ if !ours => (false, None),
+                Rollout::Complete | Rollout::Paused => (false, None),
+                Rollout::InProgress(_) | Rollout::Settling(_) => (true, None),
+                Rollout::Stalled(why) => (true, Some(why.clone())),
+            };
+            Decision {
+                action: Action::Compliant,
+                deviations: deviations(desired, &w.template_annotations),
+                rolling,
+                stalled,
+            }
+        })
+        .collect();
+    let mut in_flight = decisions.iter().filter(|d| d.rolling).count();
+    let stalled = max_concurrent.is_some() && decisions.iter().any(|d| d.stalled.is_some());
+    let max = match max_concurrent {
+        Some(n) => usize::try_from(n.max(1)).unwrap_or(1),
+        None => usize::MAX,
+    };
+    for (w, d) in targets.iter().zip(decisions.iter_mut()) {
+        if d.deviations.is_empty() {
+            continue;
+        }
+        d.action = if !enforce {
+            Action::Reported
+        } else if let Some(why) = unfit.get(&w.namespace) {
+            Action::Skipped(why.join("; "))
+        } else if w.rollout == Rollout::Paused {
+            // Reported, never written while paused, and it holds no rollout slot.
+            Action::Held(
+                "the Deployment is paused (spec.paused): meshwarden writes it once it is resumed"
+                    .into(),
+            )
+        } else if stalled {
+            Action::Held("a sidecar rollout stalled; no other starts until it completes".into())
+        } else if d.rolling {
+            // Already rolling because of meshwarden: rewriting it takes no new slot.
+            Action::Apply
+        } else if in_flight < max {
+            in_flight += 1;
+            Action::Apply
+        } else {
+            Action::Held(format!(
+                "waits for a rollout slot (maxConcurrentRollouts {max})"
+            ))
+        };
+    }
+    decisions
+}
+
+/// The server-side apply patch: exactly the five annotations meshwarden owns on the template,
+/// and [`GENERATION_ANNOTATION`] on the workload with `generation`, the generation the write
+/// will produce (the template changes, so the server adds one to the stored generation).
+pub fn patch(w: &Workload, desired: &Desired, generation: i64) -> Value {
+    let mut ann = serde_json::Map::new();
+    for (k, v) in desired.annotations() {
+        ann.insert(k.into(), json!(v));
+    }
+    ann.insert(HASH_ANNOTATION.into(), json!(desired.hash()));
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": w.kind.as_str(),
+        "metadata": {"name": w.name, "namespace": w.namespace,
+            "annotations": {GENERATION_ANNOTATION: generation.to_string()}},
+        "spec": {"template": {"metadata": {"annotations": Value::Object(ann)}}},
+    })
+}
+
+/// Running pods whose `istio-proxy` has other resources than declared, per namespace (pure).
+/// Pods of workloads left alone (opted out, no sidecar, other rule) are not counted.
+pub fn pod_drift(
+    desired: &Desired,
+    namespaces: &[NamespaceObservation],
+    excluded: &BTreeSet<(String, Kind, String)>,
+) -> BTreeMap<String, Vec<String>> {
+    let want: Vec<Option<i128>> = desired
+        .annotations()
+        .iter()
+        .map(|(_, v)| quantity::millis(v))
+        .collect();
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for ns in namespaces {
+        for pod in &ns.pods {
+            if let Some((kind, name)) = &pod.owner
+                && excluded.contains(&(ns.name.clone(), *kind, name.clone()))
+            {
+                continue;
+            }
+            if no_sidecar_reason(&ns.labels, &pod.labels, &pod.annotations).is_some() {
+                continue;
+            }
+            let Some(have) = &pod.proxy else { continue };
+            let differs = want
+                .iter()
+                .zip(have.iter())
+                .any(|(want, have)| have.is_none() || want != have);
+            if differs {
+                out.entry(ns.name.clone())
+                    .or_default()
+                    .push(pod.name.clone());
+            }
+        }
+    }
+    for names in out.values_mut() {
+        names.sort();
+    }
+    out
+}
+
+/// Numbers of one reconcile, for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SidecarStats {
+    pub targets: usize,
+    pub compliant: usize,
+    pub opted_out: usize,
+    /// Workloads rolling because of meshwarden (including the ones started in this reconcile).
+    pub rolling: usize,
+    pub held: usize,
+    pub stalled: usize,
+    /// Namespaces skipped because of their LimitRange/ResourceQuota.
+    pub skipped_namespaces: Vec<String>,
+    /// Running pods whose istio-proxy differs from the declared resources, per namespace.
+    pub pod_drift: BTreeMap<String, Vec<String>>,
+}
