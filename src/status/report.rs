@@ -23,21 +23,26 @@ pub struct RuleReport {
 }
 
 impl RuleReport {
-    /// The section is not set in the policy: nothing to hold, nothing violated.
-    pub fn not_configured(type_: &str, field: &str) -> Self {
+    /// A report with `condition` and nothing found yet: no targets, violations or corrections.
+    pub fn new(condition: Observed) -> Self {
         RuleReport {
-            condition: Observed::new(
-                type_,
-                Status::True,
-                reasons::NOT_CONFIGURED,
-                format!("spec.{field} is not set; meshwarden leaves this part of the mesh alone"),
-            ),
+            condition,
             violations: Vec::new(),
             targets: 0,
             compliant: 0,
             corrected: 0,
             corrections: Vec::new(),
         }
+    }
+
+    /// The section is not set in the policy: nothing to hold, nothing violated.
+    pub fn not_configured(type_: &str, field: &str) -> Self {
+        RuleReport::new(Observed::new(
+            type_,
+            Status::True,
+            reasons::NOT_CONFIGURED,
+            format!("spec.{field} is not set; meshwarden leaves this part of the mesh alone"),
+        ))
     }
 
     /// The section could not be evaluated.
@@ -48,18 +53,11 @@ impl RuleReport {
             }
             _ => "",
         };
-        RuleReport {
-            condition: Observed::new(
-                type_,
-                Status::Unknown,
-                reasons::of_error(err),
-                format!("{err}.{hint}"),
-            ),
-            violations: Vec::new(),
-            targets: 0,
-            compliant: 0,
-            corrected: 0,
-            corrections: Vec::new(),
-        }
+        RuleReport::new(Observed::new(
+            type_,
+            Status::Unknown,
+            reasons::of_error(err),
+            format!("{err}.{hint}"),
+        ))
     }
 }

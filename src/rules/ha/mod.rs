@@ -145,14 +145,7 @@ pub async fn reconcile(
     groups: &[Group],
 ) -> RuleReport {
     let ctype = section.condition_type();
-    let mut report = RuleReport {
-        condition: Observed::new(ctype, Status::True, reasons::COMPLIANT, ""),
-        violations: Vec::new(),
-        targets: 0,
-        compliant: 0,
-        corrected: 0,
-        corrections: Vec::new(),
-    };
+    let mut report = RuleReport::new(Observed::new(ctype, Status::True, reasons::COMPLIANT, ""));
     let mut empty_groups = Vec::new();
     let mut takeovers: Vec<String> = Vec::new();
     let mut fights: Vec<String> = Vec::new();

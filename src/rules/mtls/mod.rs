@@ -494,12 +494,8 @@ pub async fn reconcile(
     });
 
     let mut report = RuleReport {
-        condition: Observed::new(ctype, Status::True, reasons::COMPLIANT, ""),
-        violations: Vec::new(),
         targets: plan.targets,
-        compliant: 0,
-        corrected: 0,
-        corrections: Vec::new(),
+        ..RuleReport::new(Observed::new(ctype, Status::True, reasons::COMPLIANT, ""))
     };
     let mut takeovers = Vec::new();
     let mut fights = Vec::new();

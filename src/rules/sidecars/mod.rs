@@ -190,14 +190,7 @@ pub async fn reconcile_with_stats(
 ) -> (RuleReport, SidecarStats) {
     let ctype = types::SIDECAR_RESOURCES;
     let mut stats = SidecarStats::default();
-    let mut report = RuleReport {
-        condition: Observed::new(ctype, Status::True, reasons::COMPLIANT, ""),
-        violations: Vec::new(),
-        targets: 0,
-        compliant: 0,
-        corrected: 0,
-        corrections: Vec::new(),
-    };
+    let mut report = RuleReport::new(Observed::new(ctype, Status::True, reasons::COMPLIANT, ""));
     let desired = match desired(&spec.resources) {
         Ok(d) => d,
         Err(msg) => {
