@@ -17,6 +17,10 @@ pub enum Error {
     /// An object the API server returned lacks a field it always sets.
     #[error("object {0} has no {1}")]
     MissingField(String, &'static str),
+    /// A watched cache the section reads cannot be read now (its watch is refused, or has not
+    /// listed since it started or failed).
+    #[error("{}", .0.message)]
+    Cache(crate::watch::NotReadable),
     /// Serialising a patch failed (a bug, not a cluster condition).
     #[error("cannot build patch: {0}")]
     Serialize(#[from] serde_json::Error),
@@ -34,6 +38,7 @@ impl Error {
     /// HTTP status of an API error, if any.
     pub fn status_code(&self) -> Option<u16> {
         match self {
+            Error::Cache(c) if c.cause == Some(crate::watch::Cause::Forbidden) => Some(403),
             Error::Kube {
                 source: kube::Error::Api(s),
                 ..
@@ -46,6 +51,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Kube { .. } => !matches!(self.status_code(), Some(400 | 403 | 422)),
+            Error::Cache(c) => c.cause.is_none_or(crate::watch::Cause::stale),
             Error::InvalidSpec(_) | Error::Serialize(_) => false,
             Error::MissingField(..) => true,
         }

@@ -15,6 +15,8 @@ use futures::{Stream, StreamExt};
 use kube::runtime::watcher;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::status::reasons;
+
 /// Why a watch failed, which decides how soon it is retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cause {
@@ -75,7 +77,7 @@ impl Cause {
 
     /// Whether the failure means the cache missed changes that a retry will bring (as opposed
     /// to a kind that cannot be read at all, which the sections report themselves).
-    fn stale(self) -> bool {
+    pub fn stale(self) -> bool {
         matches!(self, Cause::Unavailable | Cause::Expired)
     }
 }
@@ -94,6 +96,18 @@ pub enum State {
     Synced,
     /// Failing since the last LIST: the cache may miss changes until it lists again.
     Failing { cause: Cause, error: String },
+}
+
+/// Why a watched cache cannot be read now (see [`Health::readable`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotReadable {
+    /// The watch at fault.
+    pub watch: String,
+    /// Why it failed; `None` while it lists for the first time.
+    pub cause: Option<Cause>,
+    /// `Forbidden`, `NotFound`, `ApiError` or `CacheNotSynced`.
+    pub reason: &'static str,
+    pub message: String,
 }
 
 /// The state of every watch of the running controller.
@@ -149,6 +163,69 @@ impl Health {
                 State::Failing { cause, .. } => !cause.stale(),
             })
         })
+    }
+
+    /// The state of one watch (`None`: not started).
+    pub fn state(&self, name: &str) -> Option<State> {
+        self.watches.lock().ok()?.get(name).cloned()
+    }
+
+    /// Whether the caches fed by the watches `names` can be read now: every one has listed
+    /// and none has failed since. Otherwise why not: `Forbidden` or `NotFound` for a kind the
+    /// server refuses (the message names the watch and the server's answer), `CacheNotSynced`
+    /// while a watch lists for the first time or again after a failure.
+    pub fn readable(&self, names: &[&str]) -> Result<(), NotReadable> {
+        for n in names {
+            let not = |cause: Option<Cause>, reason: &'static str, message: String| {
+                Err(NotReadable {
+                    watch: n.to_string(),
+                    cause,
+                    reason,
+                    message,
+                })
+            };
+            match self.state(n) {
+                Some(State::Synced) => {}
+                None | Some(State::Listing) => {
+                    return not(
+                        None,
+                        reasons::CACHE_NOT_SYNCED,
+                        format!("the watch of {n} has not listed yet"),
+                    );
+                }
+                Some(State::Failing { cause, error }) => {
+                    let reason = match cause {
+                        Cause::Forbidden => reasons::FORBIDDEN,
+                        Cause::NotFound => reasons::NOT_FOUND,
+                        Cause::Rejected => reasons::API_ERROR,
+                        Cause::Unavailable | Cause::Expired => reasons::CACHE_NOT_SYNCED,
+                    };
+                    return not(
+                        Some(cause),
+                        reason,
+                        format!("the watch of {n} failed ({error}) and has not listed again"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Health::readable`], waiting up to `limit` while a watch lists (a refused kind is
+    /// answered at once).
+    pub async fn wait_readable(&self, names: &[&str], limit: Duration) -> Result<(), NotReadable> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match self.readable(names) {
+                Err(e)
+                    if e.cause.is_none_or(Cause::stale)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Every watch and its state, for metrics.

@@ -127,7 +127,7 @@ pub async fn run(
     }
     // The mTLS section's pods (metadata of the pods that have not finished, reduced), read by
     // its reconciles; changes that matter to the STRICT hold trigger every mtls policy.
-    let (mtls_pods, mtls_pod_events) = mtls::PodCache::watch(&client);
+    let (mtls_pods, mtls_pod_events) = mtls::PodCache::watch(&client, &health);
     state.ctx.set_cache(Some(mtls_pods));
     // Namespace labels, for routing workload events to sidecars sections; namespace changes
     // also reach mtls sections (one watch serves both).
@@ -256,12 +256,8 @@ pub async fn run(
                 limit_range_events.for_each(|_| async {}),
                 quota_events.for_each(|_| async {}),
                 pod_events.for_each(|_| async {}),
-                mtls_pod_events.for_each(|r| {
-                    if let Err(e) = &r {
-                        warn!(watch = "Pods (mTLS)", error = %e, "watch failed; retrying with backoff");
-                    }
-                    route.when_ok(r, routing::policies_with_mtls)
-                }),
+                // Errors were logged by `watch::resilient`.
+                mtls_pod_events.for_each(|r| route.when_ok(r, routing::policies_with_mtls)),
             );
         }
         .instrument(tracing::info_span!("watches", of = "rule caches")),

@@ -104,6 +104,7 @@ pub fn of_error(err: &Error) -> &'static str {
             None => API_UNREACHABLE,
         },
         Error::InvalidSpec(_) => INVALID_SPEC,
+        Error::Cache(c) => c.reason,
         Error::MissingField(..) => UNEXPECTED_OBJECT,
         Error::Serialize(_) => INTERNAL_ERROR,
     }

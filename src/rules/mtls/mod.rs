@@ -353,12 +353,15 @@ where
 }
 
 /// The pods that have not finished, from the controller's watch cache, or listed (metadata
-/// only, pages of 500) when no cache runs (a caller without the controller) or it is not
-/// ready within 30 s.
+/// only, pages of 500) when no cache runs (a caller without the controller). A cache that
+/// has not listed within 10 s, or whose watch failed and has not listed again, is an error:
+/// the section is Unknown until the cache is current, never Compliant on a partial view.
 async fn observe_pods(ctx: &Context) -> Result<Vec<PodInfo>> {
-    if let Some(cache) = ctx.cache::<PodCache>()
-        && cache.ready(std::time::Duration::from_secs(30)).await
-    {
+    if let Some(cache) = ctx.cache::<PodCache>() {
+        cache
+            .current(std::time::Duration::from_secs(10))
+            .await
+            .map_err(Error::Cache)?;
         return Ok(cache.pods());
     }
     let api: Api<Pod> = Api::all(ctx.client.clone());

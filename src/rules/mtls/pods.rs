@@ -4,6 +4,7 @@
 //! network, which a sidecar can never capture. Reconciles read the caches instead of listing
 //! every pod; the events that matter (see [`pod_fingerprint`]) trigger the mTLS policies.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::ready;
@@ -11,6 +12,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, Store};
 
 use super::*;
+use crate::watch::{self, Health};
 
 /// Pods that can still send traffic: finished pods (Jobs) leave the watch as deletions.
 pub const NOT_FINISHED: &str = "status.phase!=Succeeded,status.phase!=Failed";
@@ -19,11 +21,16 @@ pub const HOST_NETWORK: &str = "spec.hostNetwork=true,status.phase!=Succeeded,st
 
 type PodMeta = PartialObjectMeta<Pod>;
 
+/// Watch names (in `meshwarden_watch_synced`, logs and conditions).
+pub const PODS_WATCH: &str = "MtlsPods";
+pub const HOST_PODS_WATCH: &str = "MtlsHostNetworkPods";
+
 /// The watched pods of the mTLS rule, while the controller runs.
 #[derive(Clone)]
 pub struct PodCache {
     pods: Store<PodMeta>,
     host: Store<PodMeta>,
+    health: Arc<Health>,
 }
 
 /// Keeps only what the rule reads: a pod's metadata shrinks from a few KiB (managedFields,
@@ -83,23 +90,24 @@ where
     })
 }
 
-fn watch_pods(
-    client: &kube::Client,
-    fields: &str,
+/// A reduced store of pods fed by `make` (a watcher), restarted after failures by
+/// [`watch::resilient`] under `name`; the stream yields pods whose fingerprint changed.
+fn watch_pods<S, F>(
+    health: &Arc<Health>,
+    name: &'static str,
+    make: F,
 ) -> (
     Store<PodMeta>,
     impl Stream<Item = Result<PodMeta, watcher::Error>> + Send + 'static,
-) {
+)
+where
+    S: Stream<Item = Result<watcher::Event<PodMeta>, watcher::Error>> + Send + 'static,
+    F: Fn() -> S + Send + 'static,
+{
     let (store, writer) = reflector::store::<PodMeta>();
-    let api: Api<PodMeta> = Api::all(client.clone());
     let events = reflector::reflector(
         writer,
-        watcher::watcher(
-            api,
-            watcher::Config::default().fields(fields).page_size(500),
-        )
-        .default_backoff()
-        .modify(strip),
+        watch::resilient(health.clone(), name, make).modify(strip),
     );
     (store, only_changes(events, pod_fingerprint))
 }
@@ -109,16 +117,73 @@ impl PodCache {
     /// something the hold reads changed (it must be polled).
     pub fn watch(
         client: &kube::Client,
+        health: &Arc<Health>,
     ) -> (
         PodCache,
         impl Stream<Item = Result<PodMeta, watcher::Error>> + Send + 'static,
     ) {
-        let (pods, pod_events) = watch_pods(client, NOT_FINISHED);
-        let (host, host_events) = watch_pods(client, HOST_NETWORK);
+        let api: Api<PodMeta> = Api::all(client.clone());
+        let watch = |fields: &'static str| {
+            let api = api.clone();
+            move || {
+                watcher::watcher(
+                    api.clone(),
+                    watcher::Config::default().fields(fields).page_size(500),
+                )
+            }
+        };
+        Self::from_watches(health, watch(NOT_FINISHED), watch(HOST_NETWORK))
+    }
+
+    /// The cache fed by two watchers: the pods that have not finished, and those of them on
+    /// the host network.
+    pub fn from_watches<S1, F1, S2, F2>(
+        health: &Arc<Health>,
+        pods: F1,
+        host: F2,
+    ) -> (
+        PodCache,
+        impl Stream<Item = Result<PodMeta, watcher::Error>> + Send + 'static,
+    )
+    where
+        S1: Stream<Item = Result<watcher::Event<PodMeta>, watcher::Error>> + Send + 'static,
+        F1: Fn() -> S1 + Send + 'static,
+        S2: Stream<Item = Result<watcher::Event<PodMeta>, watcher::Error>> + Send + 'static,
+        F2: Fn() -> S2 + Send + 'static,
+    {
+        let (pods, pod_events) = watch_pods(health, PODS_WATCH, pods);
+        let (host, host_events) = watch_pods(health, HOST_PODS_WATCH, host);
         (
-            PodCache { pods, host },
+            PodCache {
+                pods,
+                host,
+                health: health.clone(),
+            },
             futures::stream::select(pod_events, host_events),
         )
+    }
+
+    /// Whether the caches hold every pod now: both watches have listed (waiting up to
+    /// `limit` for that) and neither has failed since. Until then the hold cannot be decided.
+    pub async fn current(&self, limit: Duration) -> Result<(), crate::watch::NotReadable> {
+        let started = tokio::time::Instant::now();
+        self.health
+            .wait_readable(&[PODS_WATCH, HOST_PODS_WATCH], limit)
+            .await?;
+        // The watch state turns Synced just before the store has applied the list.
+        let rest = limit
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(1));
+        if self.ready(rest).await {
+            Ok(())
+        } else {
+            Err(crate::watch::NotReadable {
+                watch: PODS_WATCH.to_string(),
+                cause: None,
+                reason: crate::status::reasons::CACHE_NOT_SYNCED,
+                message: format!("the watch of {PODS_WATCH} has not listed yet"),
+            })
+        }
     }
 
     /// Waits up to `limit` for both initial lists. A store's readiness future wakes only the
@@ -184,6 +249,88 @@ pub fn pod_info(m: &ObjectMeta) -> PodInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type Ev = Result<watcher::Event<PodMeta>, watcher::Error>;
+
+    /// A watcher factory whose every attempt is a channel the test feeds.
+    #[allow(clippy::type_complexity)]
+    fn scripted() -> (
+        impl Fn() -> futures::channel::mpsc::UnboundedReceiver<Ev> + Send + 'static,
+        Arc<std::sync::Mutex<Vec<futures::channel::mpsc::UnboundedSender<Ev>>>>,
+    ) {
+        let senders = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = senders.clone();
+        let make = move || {
+            let (tx, rx) = futures::channel::mpsc::unbounded();
+            s.lock().unwrap().push(tx);
+            rx
+        };
+        (make, senders)
+    }
+
+    async fn attempt(
+        senders: &std::sync::Mutex<Vec<futures::channel::mpsc::UnboundedSender<Ev>>>,
+        n: usize,
+    ) -> futures::channel::mpsc::UnboundedSender<Ev> {
+        loop {
+            if let Some(tx) = senders.lock().unwrap().get(n) {
+                return tx.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn meta(name: &str) -> PodMeta {
+        serde_json::from_value(json!({
+            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": {"name": name, "namespace": "n"},
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_hold_is_not_decided_before_the_pod_watch_lists_nor_after_it_failed() {
+        let health = Arc::new(Health::default());
+        let (pods, pod_attempts) = scripted();
+        let (host, host_attempts) = scripted();
+        let (cache, events) = PodCache::from_watches(&health, pods, host);
+        tokio::spawn(events.for_each(|_| async {}));
+        let host = attempt(&host_attempts, 0).await;
+        host.unbounded_send(Ok(watcher::Event::Init)).unwrap();
+        host.unbounded_send(Ok(watcher::Event::InitDone)).unwrap();
+        let pods = attempt(&pod_attempts, 0).await;
+        pods.unbounded_send(Ok(watcher::Event::Init)).unwrap();
+
+        // Still listing: no answer, however long the reconcile waits.
+        let err = cache.current(Duration::from_secs(10)).await.unwrap_err();
+        assert_eq!(err.reason, crate::status::reasons::CACHE_NOT_SYNCED);
+        assert_eq!(err.watch, PODS_WATCH);
+
+        pods.unbounded_send(Ok(watcher::Event::InitApply(meta("a"))))
+            .unwrap();
+        pods.unbounded_send(Ok(watcher::Event::InitDone)).unwrap();
+        cache.current(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(cache.pods().len(), 1);
+
+        // The watch fails (API server unavailable): the store still holds pod a, but may
+        // miss changes until it lists again, so the hold is not decided from it.
+        let unavailable = kube::Error::Api(Box::new(kube::core::Status {
+            code: 503,
+            ..Default::default()
+        }));
+        pods.unbounded_send(Err(watcher::Error::WatchFailed(unavailable)))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let err = cache.current(Duration::from_millis(100)).await.unwrap_err();
+        assert_eq!(err.reason, crate::status::reasons::CACHE_NOT_SYNCED);
+
+        // Listed again: current.
+        let again = attempt(&pod_attempts, 1).await;
+        again.unbounded_send(Ok(watcher::Event::Init)).unwrap();
+        again.unbounded_send(Ok(watcher::Event::InitDone)).unwrap();
+        cache.current(Duration::from_secs(10)).await.unwrap();
+        assert!(health.readable(&[PODS_WATCH, HOST_PODS_WATCH]).is_ok());
+    }
 
     #[test]
     fn strip_keeps_only_what_the_hold_reads() {
