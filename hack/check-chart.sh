@@ -307,6 +307,9 @@ EOF
     HNS=meshwarden-helm-check
     echo "-- helm install / upgrade / uninstall (release helm-check, namespace $HNS)"
     helm_ok=1
+    # istiod's namespace exists before meshwarden is installed (its Role for the mesh config
+    # lives there).
+    "$KUBECTL" create namespace istio-system > /dev/null || fail "namespace" "create istio-system"
     "$HELM" install helm-check "$CHART" -n "$HNS" --create-namespace > "$A/helm-install.log" || helm_ok=0
     if [ "$helm_ok" = 1 ] && [ "$HAS_CRD" = 1 ]; then
       "$KUBECTL" wait --for=condition=Established crd/meshpolicies.meshwarden.io --timeout=60s \
@@ -377,6 +380,10 @@ print(json.dumps({"apiVersion": "v1", "kind": "Pod",
     done
     sar NO create - pods eviction istio-system
     for r in secrets configmaps serviceaccounts; do sar NO get - "$r" - istio-system; sar NO list - "$r" - -; done
+    # The mesh config: ConfigMaps listed and watched in istiod's namespace only.
+    for v in list watch; do sar YES "$v" - configmaps - istio-system; sar NO "$v" - configmaps - default; done
+    for v in list watch; do sar YES "$v" admissionregistration.k8s.io mutatingwebhookconfigurations - -; done
+    for v in get create patch; do sar NO "$v" admissionregistration.k8s.io mutatingwebhookconfigurations - -; done
     for v in get list watch create update patch; do sar YES "$v" coordination.k8s.io leases - "$NAMESPACE"; done
     sar NO delete coordination.k8s.io leases - "$NAMESPACE"
     sar NO update coordination.k8s.io leases - kube-system

@@ -338,10 +338,14 @@ pub struct MtlsSpec {
     /// chosen by `namespaceSelector`.
     #[serde(default)]
     pub scope: MtlsScope,
-    /// Istio's root namespace, where the mesh-wide PeerAuthentication lives.
-    #[serde(default = "default_istio_namespace")]
+    /// Istio's root namespace, where the mesh-wide PeerAuthentication lives. Leave it unset:
+    /// meshwarden then reads `meshConfig.rootNamespace` from istiod's mesh config (ConfigMap
+    /// `istio`, or `istio-<revision>`, key `mesh`, in istiod's namespace; istiod's namespace
+    /// when the mesh config does not set it). When set, it is used as written, and a value
+    /// that disagrees with the mesh config is reported (`RootNamespaceMismatch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "namespace_name")]
-    pub root_namespace: String,
+    pub root_namespace: Option<String>,
     /// Namespaces that get their own PeerAuthentication (scope `Namespaces`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "label_selector")]

@@ -22,6 +22,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// The rule sections' watch caches while the controller runs, one per type.
     caches: RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
+    /// Namespace of istiod, where its mesh config lives (`--istio-namespace`).
+    pub istio_namespace: String,
 }
 
 impl Context {
@@ -42,6 +44,16 @@ impl Context {
             memory: Memory::default(),
             failures: Mutex::new(HashMap::new()),
             caches: RwLock::new(HashMap::new()),
+            istio_namespace: crate::istio::DEFAULT_ISTIO_NAMESPACE.to_string(),
+        }
+    }
+
+    /// The live revisions and tags: from the controller's cache (waiting up to 10 s for its
+    /// first list), or, without a controller, every revision label taken as live.
+    pub async fn revisions(&self) -> crate::error::Result<crate::istio::Revisions> {
+        match self.cache::<crate::istio::IstioCache>() {
+            Some(c) => c.revisions(std::time::Duration::from_secs(10)).await,
+            None => Ok(crate::istio::Revisions::any()),
         }
     }
 

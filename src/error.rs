@@ -21,6 +21,10 @@ pub enum Error {
     /// listed since it started or failed).
     #[error("{}", .0.message)]
     Cache(crate::watch::NotReadable),
+    /// Istio's mesh configs cannot tell the root namespace (they disagree, or one is not
+    /// YAML); waits for them or the policy to change.
+    #[error("{0}")]
+    MeshConfig(String),
     /// Serialising a patch failed (a bug, not a cluster condition).
     #[error("cannot build patch: {0}")]
     Serialize(#[from] serde_json::Error),
@@ -52,7 +56,7 @@ impl Error {
         match self {
             Error::Kube { .. } => !matches!(self.status_code(), Some(400 | 403 | 422)),
             Error::Cache(c) => c.cause.is_none_or(crate::watch::Cause::stale),
-            Error::InvalidSpec(_) | Error::Serialize(_) => false,
+            Error::InvalidSpec(_) | Error::MeshConfig(_) | Error::Serialize(_) => false,
             Error::MissingField(..) => true,
         }
     }

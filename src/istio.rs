@@ -1,27 +1,389 @@
 //! What Istio itself decides, in one place for every rule: whether its sidecar injector
-//! injects the pods of a namespace.
+//! injects the pods of a namespace (which depends on the revisions and revision tags that
+//! exist), and which namespace is its root namespace (meshConfig).
+//!
+//! The controller keeps three small watch caches for this ([`IstioCache`]): the istiod
+//! Deployments (metadata, label `app=istiod`, every namespace), the revision tags
+//! (`MutatingWebhookConfiguration` metadata, label `istio.io/tag`) and the ConfigMaps of
+//! istiod's namespace (`--istio-namespace`), reduced on arrival to the `mesh` key of
+//! `istio` / `istio-<revision>`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+
+use crate::error::{Error, Result};
+use crate::watch::{self, Health};
 
 /// Namespace label of the default injector (`enabled` turns injection on).
 pub const INJECTION_LABEL: &str = "istio-injection";
-/// Namespace (or pod) label naming the revision whose injector injects.
+/// Namespace (or pod) label naming the revision (or revision tag) whose injector injects.
 pub const REVISION_LABEL: &str = "istio.io/rev";
+/// Label of the injector webhook configuration of a revision tag (its value is the tag).
+pub const TAG_LABEL: &str = "istio.io/tag";
+/// istiod's namespace unless `--istio-namespace` says otherwise.
+pub const DEFAULT_ISTIO_NAMESPACE: &str = "istio-system";
+/// Key of the mesh config in its ConfigMap.
+pub const MESH_KEY: &str = "mesh";
+
+/// Watch names (in `meshwarden_watch_synced` and conditions).
+pub const REVISIONS_WATCH: &str = "IstiodRevisions";
+pub const TAGS_WATCH: &str = "RevisionTags";
+pub const MESH_CONFIG_WATCH: &str = "MeshConfig";
+
+/// The revisions that exist and the tags that point at them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Revisions {
+    /// `istio.io/rev` of every istiod Deployment (label `app=istiod`), with its namespace.
+    pub live: BTreeMap<String, BTreeSet<String>>,
+    /// Tag -> revision, from the MutatingWebhookConfigurations labelled `istio.io/tag`.
+    pub tags: BTreeMap<String, String>,
+    /// Not known (no controller runs): every value is taken to name a revision.
+    pub any: bool,
+}
+
+impl Revisions {
+    /// Every `istio.io/rev` value is taken to name a revision (routing of watch events, where
+    /// covering too much costs only a reconcile).
+    pub fn any() -> Self {
+        Revisions {
+            any: true,
+            ..Revisions::default()
+        }
+    }
+
+    /// The revision whose injector serves `value` of an `istio.io/rev` label: the revision of
+    /// that name when an istiod of it runs, or the revision a tag of that name points at.
+    /// `None`: no injector webhook matches, so pods get no sidecar.
+    pub fn resolve<'a>(&'a self, value: &'a str) -> Option<&'a str> {
+        if self.any || self.live.contains_key(value) {
+            return Some(value);
+        }
+        self.tags.get(value).map(String::as_str)
+    }
+
+    /// The revisions whose istiod runs in `namespace`.
+    pub fn live_in(&self, namespace: &str) -> BTreeSet<String> {
+        self.live
+            .iter()
+            .filter(|(_, namespaces)| namespaces.contains(namespace))
+            .map(|(rev, _)| rev.clone())
+            .collect()
+    }
+
+    /// What to tell a user whose label names `value`, which resolves to nothing.
+    pub fn unknown_message(&self, value: &str) -> String {
+        let mut known: Vec<String> = self.live.keys().cloned().collect();
+        known.extend(self.tags.keys().map(|t| format!("{t} (tag)")));
+        let known = if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        };
+        format!(
+            "istio.io/rev={value} names no istiod revision (Deployment labelled app=istiod, istio.io/rev={value}) and no revision tag (MutatingWebhookConfiguration labelled istio.io/tag={value}), so no injector matches and its pods get no sidecar; revisions and tags: {known}"
+        )
+    }
+}
+
+/// The injector's decision for the pods of a namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Injection {
+    /// The default injector (`istio-injection=enabled`) or a live revision or tag injects.
+    On,
+    /// No injector selects the namespace.
+    Off,
+    /// `istio.io/rev` names no live revision and no tag: no injector webhook matches.
+    UnknownRevision(String),
+}
 
 /// Whether Istio's injector injects every pod of a namespace with these labels. It follows the
 /// namespace selectors of the injector webhooks in the istio-discovery chart
-/// (`MutatingWebhookConfiguration` `istio-sidecar-injector`):
+/// (`MutatingWebhookConfiguration` `istio-sidecar-injector`, and `istio-revision-tag-<tag>`):
 /// - `namespace.sidecar-injector.istio.io` selects `istio-injection In [enabled]`;
-/// - `rev.namespace.sidecar-injector.istio.io` selects `istio.io/rev In [<revision>]` **and**
-///   `istio-injection DoesNotExist`.
+/// - `rev.namespace.sidecar-injector.istio.io` selects `istio.io/rev In [<revision or tag>]`
+///   **and** `istio-injection DoesNotExist`; only revisions that run and tags that exist
+///   have such a webhook.
 ///
 /// So any other value of `istio-injection` (`disabled`) switches injection off even when
-/// `istio.io/rev` is set, and `istio.io/rev` alone turns it on.
-pub fn namespace_injection_on(ns_labels: &BTreeMap<String, String>) -> bool {
+/// `istio.io/rev` is set, and `istio.io/rev` alone turns it on when it names a revision or tag.
+pub fn namespace_injection(
+    ns_labels: &BTreeMap<String, String>,
+    revisions: &Revisions,
+) -> Injection {
     match ns_labels.get(INJECTION_LABEL).map(String::as_str) {
-        Some("enabled") => true,
-        Some(_) => false,
-        None => ns_labels.contains_key(REVISION_LABEL),
+        Some("enabled") => Injection::On,
+        Some(_) => Injection::Off,
+        None => match ns_labels.get(REVISION_LABEL) {
+            None => Injection::Off,
+            Some(rev) if revisions.resolve(rev).is_some() => Injection::On,
+            Some(rev) => Injection::UnknownRevision(rev.clone()),
+        },
+    }
+}
+
+/// [`namespace_injection`] is [`Injection::On`].
+pub fn namespace_injection_on(ns_labels: &BTreeMap<String, String>, revisions: &Revisions) -> bool {
+    namespace_injection(ns_labels, revisions) == Injection::On
+}
+
+/// The ConfigMap holding the mesh config of a revision: `istio` for the default revision,
+/// `istio-<revision>` for the others (istio-discovery chart, `templates/configmap.yaml`).
+pub fn mesh_config_map(revision: &str) -> String {
+    match revision {
+        "" | "default" => "istio".to_string(),
+        rev => format!("istio-{rev}"),
+    }
+}
+
+/// `rootNamespace` of a `mesh` document (`None` when it does not set one).
+pub fn root_namespace_of(mesh: &str) -> std::result::Result<Option<String>, String> {
+    let v: serde_json::Value = serde_yaml::from_str(mesh).map_err(|e| e.to_string())?;
+    match v.get("rootNamespace") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) if s.is_empty() => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(format!("rootNamespace is not a string: {other}")),
+    }
+}
+
+/// Istio's root namespace, and where it was read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshRoot {
+    pub namespace: String,
+    /// For messages: which ConfigMap said so, or why it was assumed.
+    pub source: String,
+    /// Read from a mesh config (not assumed for want of one).
+    pub from_mesh_config: bool,
+}
+
+/// The root namespace of the control plane in `istio_namespace`: `rootNamespace` of the
+/// `mesh` key of the ConfigMaps `istio` / `istio-<revision>` there (`maps`: name -> `mesh`),
+/// for the revisions whose istiod runs there (`live_here`; every such ConfigMap when none
+/// does), or istiod's namespace where a mesh config does not set it (istiod's default). With
+/// no mesh config at all, istiod's namespace is assumed. Err when the mesh configs disagree
+/// or one cannot be read.
+pub fn mesh_root(
+    istio_namespace: &str,
+    live_here: &BTreeSet<String>,
+    maps: &BTreeMap<String, String>,
+) -> std::result::Result<MeshRoot, String> {
+    let wanted: BTreeSet<String> = live_here.iter().map(|r| mesh_config_map(r)).collect();
+    let candidates: Vec<(&String, &String)> = maps
+        .iter()
+        .filter(|(name, _)| {
+            if wanted.is_empty() {
+                name.as_str() == "istio" || name.starts_with("istio-")
+            } else {
+                wanted.contains(name.as_str())
+            }
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Ok(MeshRoot {
+            namespace: istio_namespace.to_string(),
+            source: format!(
+                "assumed: no mesh config (ConfigMap istio or istio-<revision> with a `{MESH_KEY}` key) in istiod's namespace {istio_namespace}"
+            ),
+            from_mesh_config: false,
+        });
+    }
+    let mut roots: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, mesh) in &candidates {
+        let root = root_namespace_of(mesh).map_err(|e| {
+            format!("ConfigMap {istio_namespace}/{name}: key {MESH_KEY} cannot be read: {e}")
+        })?;
+        let (root, how) = match root {
+            Some(r) => (r, "meshConfig.rootNamespace"),
+            None => (
+                istio_namespace.to_string(),
+                "istiod's namespace, as meshConfig.rootNamespace is not set",
+            ),
+        };
+        roots
+            .entry(root)
+            .or_default()
+            .push(format!("{how} in ConfigMap {istio_namespace}/{name}"));
+    }
+    if roots.len() > 1 {
+        let all: Vec<String> = roots
+            .iter()
+            .map(|(root, from)| format!("{root} ({})", from.join(", ")))
+            .collect();
+        return Err(format!(
+            "the revisions' mesh configs name different root namespaces: {}",
+            all.join("; ")
+        ));
+    }
+    let (namespace, from) = roots.into_iter().next().unwrap_or_default();
+    Ok(MeshRoot {
+        namespace,
+        source: from.join(", "),
+        from_mesh_config: true,
+    })
+}
+
+type DeploymentMeta = PartialObjectMeta<Deployment>;
+type TagMeta = PartialObjectMeta<MutatingWebhookConfiguration>;
+
+/// The watched revisions, tags and mesh configs, while the controller runs.
+#[derive(Clone)]
+pub struct IstioCache {
+    istio_namespace: String,
+    istiods: Store<DeploymentMeta>,
+    tags: Store<TagMeta>,
+    meshes: Store<ConfigMap>,
+    health: Arc<Health>,
+}
+
+/// Keeps name, namespace and labels.
+fn strip_meta(m: &mut kube::core::ObjectMeta) {
+    *m = kube::core::ObjectMeta {
+        name: m.name.take(),
+        namespace: m.namespace.take(),
+        labels: m.labels.take(),
+        ..Default::default()
+    };
+}
+
+/// Keeps only the `mesh` key of the ConfigMaps that can hold a mesh config.
+fn strip_config_map(cm: &mut ConfigMap) {
+    strip_meta(&mut cm.metadata);
+    let name = cm.metadata.name.as_deref().unwrap_or_default();
+    let mesh_config = name == "istio" || name.starts_with("istio-");
+    cm.data = cm
+        .data
+        .take()
+        .and_then(|mut d| d.remove(MESH_KEY))
+        .filter(|_| mesh_config)
+        .map(|m| [(MESH_KEY.to_string(), m)].into());
+    cm.binary_data = None;
+}
+
+impl IstioCache {
+    /// The caches and the stream that drives their watches (it must be polled; it yields
+    /// whenever one of them changed).
+    pub fn watch(
+        client: &kube::Client,
+        health: &Arc<Health>,
+        istio_namespace: &str,
+    ) -> (IstioCache, impl Stream<Item = ()> + Send + 'static) {
+        let (istiods, w1) = reflector::store::<DeploymentMeta>();
+        let api: Api<DeploymentMeta> = Api::all(client.clone());
+        let s1 = reflector::reflector(
+            w1,
+            watch::resilient(health.clone(), REVISIONS_WATCH, move || {
+                watcher::watcher(api.clone(), watcher::Config::default().labels("app=istiod"))
+            })
+            .modify(|d| strip_meta(&mut d.metadata)),
+        );
+        let (tags, w2) = reflector::store::<TagMeta>();
+        let api: Api<TagMeta> = Api::all(client.clone());
+        let s2 = reflector::reflector(
+            w2,
+            watch::resilient(health.clone(), TAGS_WATCH, move || {
+                watcher::watcher(api.clone(), watcher::Config::default().labels(TAG_LABEL))
+            })
+            .modify(|d| strip_meta(&mut d.metadata)),
+        );
+        let (meshes, w3) = reflector::store::<ConfigMap>();
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), istio_namespace);
+        let s3 = reflector::reflector(
+            w3,
+            watch::resilient(health.clone(), MESH_CONFIG_WATCH, move || {
+                watcher::watcher(api.clone(), watcher::Config::default())
+            })
+            .modify(strip_config_map),
+        );
+        let changes = futures::stream::select(s1.map(|e| e.is_ok()), s2.map(|e| e.is_ok()));
+        let changes = futures::stream::select(changes, s3.map(|e| e.is_ok()))
+            .filter_map(|ok| futures::future::ready(ok.then_some(())));
+        (
+            IstioCache {
+                istio_namespace: istio_namespace.to_string(),
+                istiods,
+                tags,
+                meshes,
+                health: health.clone(),
+            },
+            changes,
+        )
+    }
+
+    /// istiod's namespace (`--istio-namespace`).
+    pub fn istio_namespace(&self) -> &str {
+        &self.istio_namespace
+    }
+
+    /// The live revisions and tags, once both watches have listed (waits up to `limit`).
+    pub async fn revisions(&self, limit: Duration) -> Result<Revisions> {
+        self.health
+            .wait_readable(&[REVISIONS_WATCH, TAGS_WATCH], limit)
+            .await
+            .map_err(Error::Cache)?;
+        let mut out = self.live();
+        for t in self.tags.state() {
+            let labels = t.metadata.labels.clone().unwrap_or_default();
+            if let (Some(tag), Some(rev)) = (labels.get(TAG_LABEL), labels.get(REVISION_LABEL)) {
+                out.tags.insert(tag.clone(), rev.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The live revisions (no tags).
+    fn live(&self) -> Revisions {
+        let mut out = Revisions::default();
+        for d in self.istiods.state() {
+            let rev = d
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(REVISION_LABEL))
+                .cloned()
+                .unwrap_or_else(|| "default".to_string());
+            out.live
+                .entry(rev)
+                .or_default()
+                .insert(d.metadata.namespace.clone().unwrap_or_default());
+        }
+        out
+    }
+
+    /// Istio's root namespace from the mesh configs of the revisions in istiod's namespace.
+    /// Outer Err: the caches cannot be read; inner Err: the mesh configs are unclear.
+    pub async fn mesh_root(
+        &self,
+        limit: Duration,
+    ) -> Result<std::result::Result<MeshRoot, String>> {
+        self.health
+            .wait_readable(&[MESH_CONFIG_WATCH, REVISIONS_WATCH], limit)
+            .await
+            .map_err(Error::Cache)?;
+        let revisions = self.live();
+        let maps: BTreeMap<String, String> = self
+            .meshes
+            .state()
+            .iter()
+            .filter_map(|cm| {
+                let mesh = cm.data.as_ref()?.get(MESH_KEY)?.clone();
+                Some((cm.metadata.name.clone()?, mesh))
+            })
+            .collect();
+        Ok(mesh_root(
+            &self.istio_namespace,
+            &revisions.live_in(&self.istio_namespace),
+            &maps,
+        ))
     }
 }
 
@@ -36,27 +398,159 @@ mod tests {
             .collect()
     }
 
+    fn revisions() -> Revisions {
+        Revisions {
+            live: [
+                ("default".to_string(), ["istio-system".to_string()].into()),
+                ("canary".to_string(), ["istio-system".to_string()].into()),
+            ]
+            .into(),
+            tags: [("prod".to_string(), "canary".to_string())].into(),
+            any: false,
+        }
+    }
+
     #[test]
     fn injection_follows_the_injector_webhook_selectors() {
-        assert!(namespace_injection_on(&labels(&[(
-            "istio-injection",
-            "enabled"
-        )])));
-        assert!(namespace_injection_on(&labels(&[(
-            "istio.io/rev",
-            "canary"
-        )])));
-        assert!(namespace_injection_on(&labels(&[
-            ("istio-injection", "enabled"),
-            ("istio.io/rev", "canary")
-        ])));
-        assert!(
-            !namespace_injection_on(&labels(&[
-                ("istio-injection", "disabled"),
-                ("istio.io/rev", "canary")
-            ])),
+        let r = revisions();
+        let on = |l: &[(&str, &str)]| namespace_injection(&labels(l), &r);
+        assert_eq!(on(&[("istio-injection", "enabled")]), Injection::On);
+        assert_eq!(on(&[("istio.io/rev", "canary")]), Injection::On);
+        assert_eq!(
+            on(&[("istio-injection", "enabled"), ("istio.io/rev", "canary")]),
+            Injection::On
+        );
+        assert_eq!(
+            on(&[("istio-injection", "disabled"), ("istio.io/rev", "canary")]),
+            Injection::Off,
             "istio-injection=disabled wins over a revision label"
         );
-        assert!(!namespace_injection_on(&labels(&[])));
+        assert_eq!(on(&[]), Injection::Off);
+    }
+
+    #[test]
+    fn revision_labels_resolve_against_live_revisions_and_tags() {
+        let r = revisions();
+        assert_eq!(r.resolve("canary"), Some("canary"));
+        assert_eq!(
+            r.resolve("prod"),
+            Some("canary"),
+            "a tag names its revision"
+        );
+        assert_eq!(r.resolve("gone"), None);
+        assert_eq!(
+            namespace_injection(&labels(&[("istio.io/rev", "gone")]), &r),
+            Injection::UnknownRevision("gone".into())
+        );
+        assert!(namespace_injection_on(
+            &labels(&[("istio.io/rev", "prod")]),
+            &r
+        ));
+        // `istio-injection=enabled` is the default injector's, whatever the revision label.
+        assert!(namespace_injection_on(
+            &labels(&[("istio-injection", "enabled"), ("istio.io/rev", "gone")]),
+            &r
+        ));
+        assert!(Revisions::any().resolve("gone").is_some());
+        let msg = r.unknown_message("gone");
+        assert!(
+            msg.contains("istio.io/rev=gone") && msg.contains("prod (tag)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn each_revision_has_its_mesh_config_map() {
+        assert_eq!(mesh_config_map("default"), "istio");
+        assert_eq!(mesh_config_map(""), "istio");
+        assert_eq!(mesh_config_map("canary"), "istio-canary");
+    }
+
+    #[test]
+    fn root_namespace_comes_from_mesh_config_or_istiods_namespace() {
+        let maps = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let live =
+            |revs: &[&str]| -> BTreeSet<String> { revs.iter().map(|r| r.to_string()).collect() };
+        let set = "trustDomain: cluster.local\nrootNamespace: \"istio-config\"\n";
+        let root = mesh_root(
+            "istio-system",
+            &live(&["default"]),
+            &maps(&[("istio", set)]),
+        )
+        .unwrap();
+        assert_eq!(root.namespace, "istio-config");
+        assert!(root.from_mesh_config);
+        assert!(
+            root.source.contains("ConfigMap istio-system/istio"),
+            "{}",
+            root.source
+        );
+
+        // Not set: istiod's namespace.
+        let unset = "trustDomain: cluster.local\n";
+        let root = mesh_root("istiod-ns", &live(&["default"]), &maps(&[("istio", unset)])).unwrap();
+        assert_eq!(root.namespace, "istiod-ns");
+        assert!(root.from_mesh_config);
+
+        // A canary revision alone reads istio-canary; another revision's ConfigMap is ignored.
+        let root = mesh_root(
+            "istio-system",
+            &live(&["canary"]),
+            &maps(&[("istio", set), ("istio-canary", "rootNamespace: c\n")]),
+        )
+        .unwrap();
+        assert_eq!(root.namespace, "c");
+
+        // No mesh config: assumed, and said so.
+        let root = mesh_root("istio-system", &live(&[]), &maps(&[])).unwrap();
+        assert_eq!(root.namespace, "istio-system");
+        assert!(!root.from_mesh_config);
+        assert!(root.source.contains("assumed"));
+
+        // No istiod here: any istio / istio-<rev> mesh config counts.
+        let root = mesh_root("istio-system", &live(&[]), &maps(&[("istio-x", set)])).unwrap();
+        assert_eq!(root.namespace, "istio-config");
+
+        // Revisions that disagree, and a mesh config that is not YAML.
+        let err = mesh_root(
+            "istio-system",
+            &live(&["default", "canary"]),
+            &maps(&[("istio", set), ("istio-canary", "rootNamespace: other\n")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("istio-config") && err.contains("other"),
+            "{err}"
+        );
+        let err = mesh_root(
+            "istio-system",
+            &live(&["default"]),
+            &maps(&[("istio", "a: [")]),
+        )
+        .unwrap_err();
+        assert!(err.contains("istio-system/istio"), "{err}");
+    }
+
+    #[test]
+    fn mesh_config_maps_keep_only_the_mesh_key() {
+        let mut cm: ConfigMap = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "istio", "namespace": "istio-system", "resourceVersion": "3"},
+            "data": {"mesh": "rootNamespace: x", "meshNetworks": "networks: {}"},
+        }))
+        .unwrap();
+        strip_config_map(&mut cm);
+        assert_eq!(cm.data.as_ref().map(|d| d.len()), Some(1));
+        assert!(cm.metadata.resource_version.is_none());
+        let mut other: ConfigMap = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "kube-root-ca.crt"}, "data": {"mesh": "x", "ca.crt": "y"},
+        }))
+        .unwrap();
+        strip_config_map(&mut other);
+        assert!(other.data.is_none());
     }
 }

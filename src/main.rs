@@ -71,6 +71,10 @@ struct RunArgs {
     /// Namespace of the leader-election Lease (the operator's own namespace).
     #[arg(long, env = "POD_NAMESPACE")]
     lease_namespace: Option<String>,
+    /// Namespace of istiod, whose mesh config (ConfigMap `istio` or `istio-<revision>`, key
+    /// `mesh`) gives Istio's root namespace. meshwarden reads ConfigMaps only there.
+    #[arg(long, default_value = meshwarden::istio::DEFAULT_ISTIO_NAMESPACE, env = "MESHWARDEN_ISTIO_NAMESPACE")]
+    istio_namespace: String,
     /// Seconds a leader holds the Lease without renewing it; a standby takes over after that.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(5..=300))]
     lease_duration: u64,
@@ -130,10 +134,9 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("meshwarden-{}", std::process::id()));
-    let state = Arc::new(State::new(
-        Context::with_metrics(client.clone(), Some(identity.clone()), metrics.clone()),
-        args.policy_selector,
-    ));
+    let mut ctx = Context::with_metrics(client.clone(), Some(identity.clone()), metrics.clone());
+    ctx.istio_namespace = args.istio_namespace;
+    let state = Arc::new(State::new(ctx, args.policy_selector));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), %identity, "meshwarden starting");
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::ServiceAccount;
-use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use meshwarden::api::MeshPolicy;
@@ -115,7 +115,7 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
 
     let policies: Api<MeshPolicy> = Api::all(admin.clone());
     let policy: MeshPolicy = serde_yaml::from_str(
-        "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: install-test}\nspec:\n  enforcement: Enforce\n  controlPlane: {replicas: {min: 2}, disruptionBudget: {maxUnavailable: 1}}\n",
+        "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: install-test}\nspec:\n  enforcement: Enforce\n  controlPlane: {replicas: {min: 2}, disruptionBudget: {maxUnavailable: 1}}\n  mtls: {mode: PERMISSIVE}\n",
     )
     .unwrap();
     policies
@@ -212,6 +212,12 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
         .replace("meshwarden", &PostParams::default(), &role)
         .await
         .unwrap();
+    // And the Role that lets it read the mesh config in istio-system.
+    let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), "istio-system");
+    bindings
+        .delete("meshwarden-mesh-config", &Default::default())
+        .await
+        .unwrap();
     // Open watches outlive the change (authorization is checked when a request starts): the
     // leader is replaced by a replica that starts with the permission missing.
     let mut old_leader = standby;
@@ -236,6 +242,18 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
     .await;
     assert!(cond.message.contains("ClusterRole"), "{}", cond.message);
     assert_eq!(cond.status, "Unknown");
+    // The mTLS section, which needs the root namespace from the mesh config, is Unknown
+    // with the watch and the server's answer named; the process keeps running.
+    let mtls = eventually(30, "a Forbidden MutualTLS condition", || async {
+        let p = policies.get("install-test").await.ok()?;
+        p.status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "MutualTLS" && c.reason == "Forbidden")
+    })
+    .await;
+    assert_eq!(mtls.status, "Unknown");
+    assert!(mtls.message.contains("MeshConfig"), "{}", mtls.message);
     let mut standby = standby;
     assert!(
         standby.child.try_wait().unwrap().is_none(),

@@ -129,6 +129,11 @@ pub async fn run(
     // its reconciles; changes that matter to the STRICT hold trigger every mtls policy.
     let (mtls_pods, mtls_pod_events) = mtls::PodCache::watch(&client, &health);
     state.ctx.set_cache(Some(mtls_pods));
+    // Revisions, revision tags and the mesh config (root namespace): a change can change what
+    // the mtls and sidecars sections decide.
+    let (istio_cache, istio_events) =
+        crate::istio::IstioCache::watch(&client, &health, &state.ctx.istio_namespace);
+    state.ctx.set_cache(Some(istio_cache));
     // Namespace labels, for routing workload events to sidecars sections; namespace changes
     // also reach mtls sections (one watch serves both).
     let (ns_store, ns_stream) = cached::<PartialObjectMeta<Namespace>>(
@@ -248,16 +253,18 @@ pub async fn run(
                 deployment_events.for_each(|r| route.workload(r.map(|o| o.metadata))),
                 statefulset_events.for_each(|r| route.workload(r.map(|o| o.metadata))),
                 daemonset_events.for_each(|r| route.workload(r.map(|o| o.metadata))),
-                ns_stream.for_each(|r| route.when_ok(r, |s| {
-                    let mut refs = routing::policies_with_sidecars(s);
-                    refs.extend(routing::policies_with_mtls(s));
-                    refs
-                })),
+                ns_stream.for_each(|r| route.when_ok(r, routing::policies_with_sidecars_or_mtls)),
                 limit_range_events.for_each(|_| async {}),
                 quota_events.for_each(|_| async {}),
                 pod_events.for_each(|_| async {}),
                 // Errors were logged by `watch::resilient`.
                 mtls_pod_events.for_each(|r| route.when_ok(r, routing::policies_with_mtls)),
+                istio_events.for_each(|()| {
+                    route.when_ok(
+                        Ok::<(), watcher::Error>(()),
+                        routing::policies_with_sidecars_or_mtls,
+                    )
+                }),
             );
         }
         .instrument(tracing::info_span!("watches", of = "rule caches")),
@@ -324,4 +331,5 @@ pub async fn run(
     state.ctx.set_cache::<sidecars::Cache>(None);
     health.clear();
     state.ctx.set_cache::<mtls::PodCache>(None);
+    state.ctx.set_cache::<crate::istio::IstioCache>(None);
 }

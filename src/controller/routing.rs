@@ -56,12 +56,15 @@ pub(super) fn policies_for_workload(
         .collect()
 }
 
-/// Every policy with a sidecars section (a namespace's labels decide what it covers).
-pub(super) fn policies_with_sidecars(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
+/// Every policy with a sidecars or an mtls section: both decide by namespace labels and by
+/// what Istio injects (revisions, tags), and mtls by the mesh config.
+pub(super) fn policies_with_sidecars_or_mtls(
+    store: &Store<MeshPolicy>,
+) -> Vec<ObjectRef<MeshPolicy>> {
     store
         .state()
         .iter()
-        .filter(|p| p.spec.sidecars.is_some())
+        .filter(|p| p.spec.sidecars.is_some() || p.spec.mtls.is_some())
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
 }

@@ -40,6 +40,12 @@ pub const QUOTA_CONFLICT: &str = "QuotaConflict";
 pub const INCOMPLETE_RESOURCES: &str = "IncompleteResources";
 /// A watch the section reads from failed and has not listed again.
 pub const CACHE_NOT_SYNCED: &str = "CacheNotSynced";
+/// `mtls.rootNamespace` disagrees with Istio's `meshConfig.rootNamespace`.
+pub const ROOT_NAMESPACE_MISMATCH: &str = "RootNamespaceMismatch";
+/// The revisions' mesh configs name different root namespaces, or one cannot be read.
+pub const MESH_CONFIG_UNCLEAR: &str = "MeshConfigUnclear";
+/// A selected namespace's `istio.io/rev` names no live revision and no revision tag.
+pub const UNKNOWN_REVISION: &str = "UnknownRevision";
 /// `Ready`: some section is not True.
 pub const RULES_NOT_READY: &str = "RulesNotReady";
 /// `Conflict`: an older policy sets a rule differently and wins.
@@ -77,6 +83,9 @@ pub const ALL: &[&str] = &[
     QUOTA_CONFLICT,
     INCOMPLETE_RESOURCES,
     CACHE_NOT_SYNCED,
+    ROOT_NAMESPACE_MISMATCH,
+    MESH_CONFIG_UNCLEAR,
+    UNKNOWN_REVISION,
     RULES_NOT_READY,
     OLDER_POLICY_WINS,
     FORBIDDEN,
@@ -105,6 +114,7 @@ pub fn of_error(err: &Error) -> &'static str {
         },
         Error::InvalidSpec(_) => INVALID_SPEC,
         Error::Cache(c) => c.reason,
+        Error::MeshConfig(_) => MESH_CONFIG_UNCLEAR,
         Error::MissingField(..) => UNEXPECTED_OBJECT,
         Error::Serialize(_) => INTERNAL_ERROR,
     }

@@ -116,6 +116,11 @@ impl Env {
         apply_as(&self.client, &fixture_in(file, namespace, kinds), "helm").await
     }
 
+    /// [`Env::load_fixture`] for manifests rendered by the test (`render_istiod`).
+    pub async fn load_manifests(&self, text: &str, namespace: &str, kinds: &[&str]) -> usize {
+        apply_as(&self.client, &manifests_in(text, namespace, kinds), "helm").await
+    }
+
     /// Creates a MeshPolicy from YAML (its spec), labelled for this test's operator.
     pub async fn create_policy(&self, name: &str, spec_yaml: &str) -> MeshPolicy {
         let spec = serde_yaml::from_str(spec_yaml).expect("policy spec YAML");
@@ -129,9 +134,18 @@ impl Env {
 
     /// Runs an operator for this test's policies, as user `meshwarden-operator`.
     pub async fn start_operator(&self) -> Operator {
+        self.start_operator_in(meshwarden::istio::DEFAULT_ISTIO_NAMESPACE)
+            .await
+    }
+
+    /// [`Env::start_operator`] with istiod's namespace (`--istio-namespace`) set, so that a
+    /// test's own mesh config is read.
+    pub async fn start_operator_in(&self, istio_namespace: &str) -> Operator {
         let client = self.plane.operator_client().await;
+        let mut ctx = Context::new(client, Some(self.id.clone()));
+        ctx.istio_namespace = istio_namespace.to_string();
         let state = Arc::new(State::new(
-            Context::new(client, Some(self.id.clone())),
+            ctx,
             Some(format!("meshwarden-test={}", self.id)),
         ));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -233,8 +247,13 @@ impl Env {
 /// The namespaced objects of an Istio fixture moved into `namespace`, as a YAML stream
 /// (cluster-scoped objects and webhooks are left out). `kinds` limits what is kept (empty: all).
 pub fn fixture_in(file: &str, namespace: &str, kinds: &[&str]) -> String {
+    manifests_in(&istio_fixture(file), namespace, kinds)
+}
+
+/// [`fixture_in`] for a rendered YAML stream.
+pub fn manifests_in(yaml: &str, namespace: &str, kinds: &[&str]) -> String {
     let mut out = String::new();
-    for mut v in fixture_objects(file) {
+    for mut v in yaml_docs(yaml) {
         let kind = v["kind"].as_str().unwrap_or_default().to_string();
         if v["metadata"]["namespace"].is_null() {
             continue;
@@ -247,11 +266,6 @@ pub fn fixture_in(file: &str, namespace: &str, kinds: &[&str]) -> String {
         out.push_str(&serde_yaml::to_string(&v).unwrap());
     }
     out
-}
-
-/// The objects of an Istio fixture.
-pub fn fixture_objects(file: &str) -> Vec<serde_json::Value> {
-    yaml_docs(&istio_fixture(file))
 }
 
 fn yaml_docs(yaml: &str) -> Vec<serde_json::Value> {
@@ -398,6 +412,40 @@ pub fn condition<'a>(
         .conditions
         .iter()
         .find(|c| c.type_ == type_)
+}
+
+/// Renders Istio's istiod chart into `namespace` with the usual image values and `values`.
+pub fn render_istiod(release: &str, namespace: &str, values: &[&str]) -> String {
+    let mut all = testplane::istio::image_values();
+    all.extend(values.iter().map(|v| v.to_string()));
+    testplane::istio::template("istiod", release, namespace, &all)
+        .unwrap_or_else(|e| panic!("render istiod {release}: {e}"))
+}
+
+/// Creates the cluster-scoped revision-tag webhook configurations (label `istio.io/tag`) of
+/// rendered istiod manifests; returns their names (delete them at the end of the test).
+pub async fn create_revision_tags(client: &Client, rendered: &str) -> Vec<String> {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let mut names = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(rendered) {
+        let v = serde_json::Value::deserialize(doc).unwrap();
+        if v["kind"] != "MutatingWebhookConfiguration"
+            || v["metadata"]["labels"]["istio.io/tag"].is_null()
+        {
+            continue;
+        }
+        let name = v["metadata"]["name"].as_str().unwrap().to_string();
+        api.patch(
+            &name,
+            &PatchParams::apply("helm").force(),
+            &Patch::Apply(&v),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("create revision tag {name}: {e}"));
+        names.push(name);
+    }
+    names
 }
 
 /// Runs Helm 4 (Helm 3 when `v3`), as `testplane::istio` finds them, against the shared plane;

@@ -46,5 +46,6 @@ async fn defaults_are_applied_by_the_server() {
     assert_eq!(p.spec.sidecars.as_ref().unwrap().max_concurrent_rollouts, 1);
     let m = p.spec.mtls.as_ref().unwrap();
     assert_eq!(m.scope, meshwarden::api::MtlsScope::Mesh);
-    assert_eq!(m.root_namespace, "istio-system");
+    // No default: unset, the root namespace is read from Istio's mesh config.
+    assert_eq!(m.root_namespace, None);
 }

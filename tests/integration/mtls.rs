@@ -1035,3 +1035,182 @@ async fn exemptions_select_namespaces_by_label() {
     }
     op.stop().await;
 }
+
+/// Waits for the MutualTLS condition of the current generation to say `text`.
+async fn wait_message(env: &Env, policy: &str, text: &str, secs: u64) -> MeshPolicy {
+    env.wait_policy(policy, secs, |p| {
+        let c = condition(p, "MutualTLS")?;
+        (c.message.contains(text)
+            && p.status.as_ref()?.observed_generation == p.metadata.generation)
+            .then(|| p.clone())
+    })
+    .await
+}
+
+/// No report of a root namespace mismatch. (Mesh-scope policies also report the weaker
+/// overrides of other tests, so the condition need not be True.)
+fn no_mismatch(p: &MeshPolicy) {
+    let c = condition(p, "MutualTLS").unwrap();
+    assert_ne!(c.reason, "RootNamespaceMismatch", "{}", c.message);
+    let v = &p.status.as_ref().unwrap().violations;
+    assert!(
+        !v.iter().any(|v| v.object.starts_with("MeshPolicy/")),
+        "{v:?}"
+    );
+}
+
+/// Istio's root namespace is `meshConfig.rootNamespace` of istiod's mesh config, not a guess:
+/// with Istio's own chart rendered with `meshConfig.rootNamespace` set to another namespace,
+/// the mesh-wide object lands there (and not in istiod's namespace). A policy that names
+/// another root namespace is used as written, and the disagreement is reported, naming both.
+#[tokio::test]
+async fn the_root_namespace_is_read_from_the_mesh_config() {
+    let env = common::env("mtls-root").await;
+    let istio = env.namespace("istio", &[]).await;
+    let config = env.namespace("config", &[]).await;
+    let rendered = common::render_istiod(
+        "istiod",
+        &istio,
+        &[&format!("meshConfig.rootNamespace={config}")],
+    );
+    let loaded = env
+        .load_manifests(&rendered, &istio, &["ConfigMap", "Deployment"])
+        .await;
+    assert!(
+        loaded >= 3,
+        "istio, istio-sidecar-injector, istiod: {loaded}"
+    );
+    let op = env.start_operator_in(&istio).await;
+    env.create_policy(
+        "p",
+        "enforcement: Enforce\nmtls: {mode: STRICT, force: true}",
+    )
+    .await;
+    let ours = |ns: String| {
+        let api = pas(&env.client, &ns);
+        async move { api.get_opt("meshwarden-mtls").await.unwrap() }
+    };
+
+    // Step 1: the mesh-wide STRICT object is in meshConfig's root namespace only.
+    wait_mode(&env.client, &config, "meshwarden-mtls", "STRICT", 30).await;
+    let from_mesh_config =
+        format!("root namespace {config}: meshConfig.rootNamespace in ConfigMap {istio}/istio");
+    let p = wait_message(&env, "p", &from_mesh_config, 15).await;
+    no_mismatch(&p);
+    assert!(
+        ours(istio.clone()).await.is_none(),
+        "nothing in istiod's namespace"
+    );
+
+    // Step 2: the policy names istiod's namespace instead: used as written, and reported.
+    patch_policy(
+        &env,
+        "p",
+        json!({"spec": {"mtls": {"rootNamespace": istio}}}),
+    )
+    .await;
+    let p = wait_reason(&env, "p", "RootNamespaceMismatch", 30).await;
+    let c = condition(&p, "MutualTLS").unwrap();
+    assert_eq!(c.status, "False");
+    for needle in [
+        format!("mtls.rootNamespace is {istio}"),
+        format!("Istio's root namespace is {config}"),
+    ] {
+        assert!(
+            c.message.contains(&needle),
+            "{needle:?} not in {}",
+            c.message
+        );
+    }
+    let v = &p.status.as_ref().unwrap().violations;
+    assert!(
+        v.iter()
+            .any(|v| v.message.contains(&format!("set it to {config}"))),
+        "{v:?}"
+    );
+    assert_eq!(
+        mode(
+            &ours(istio.clone())
+                .await
+                .expect("written where the policy says")
+        )
+        .as_deref(),
+        Some("STRICT")
+    );
+    assert_eq!(
+        mode(
+            &ours(config.clone())
+                .await
+                .expect("the STRICT object in force stays")
+        )
+        .as_deref(),
+        Some("STRICT"),
+        "moving the root namespace never removes the mesh-wide object Istio applies"
+    );
+
+    // Step 3: the setting removed again: meshConfig's root namespace, no report.
+    Api::<MeshPolicy>::all(env.client.clone())
+        .patch(
+            &env.policy_name("p"),
+            &PatchParams::default(),
+            &Patch::Json::<()>(
+                serde_json::from_value(json!([
+                    {"op": "remove", "path": "/spec/mtls/rootNamespace"}
+                ]))
+                .unwrap(),
+            ),
+        )
+        .await
+        .unwrap();
+    let p = wait_message(&env, "p", &from_mesh_config, 30).await;
+    no_mismatch(&p);
+    common::eventually(15, "the object in istiod's namespace removed", || async {
+        ours(istio.clone()).await.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(
+        mode(&ours(config.clone()).await.unwrap()).as_deref(),
+        Some("STRICT")
+    );
+    op.stop().await;
+}
+
+/// A pod without a sidecar in a namespace whose `istio.io/rev` names no revision or tag is
+/// not told that a restart adds the sidecar: no injector matches that namespace.
+#[tokio::test]
+async fn a_revision_label_naming_nothing_is_not_counted_as_injection() {
+    let _plain = PLAIN_PODS.lock().await;
+    let env = common::env("mtls-gone").await;
+    let root = env.namespace("root", &[]).await;
+    let gone = env.namespace("gone", &[("istio.io/rev", "gone")]).await;
+    let on = env.namespace("on", &[("istio-injection", "enabled")]).await;
+    create_pod(&env.client, &gone, "legacy", false).await;
+    create_pod(&env.client, &on, "old", false).await;
+    let op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!("enforcement: Enforce\nmtls: {{mode: STRICT, rootNamespace: {root}}}"),
+    )
+    .await;
+    let p = wait_reason(&env, "p", "StrictHeld", 30).await;
+    let c = condition(&p, "MutualTLS").unwrap();
+    for needle in [
+        format!(
+            "{gone} (1: legacy; its istio.io/rev=gone names no live revision or tag, so restarting them adds no sidecar)"
+        ),
+        format!("{on} (1: old; injection is on there, so restarting them adds the sidecar)"),
+    ] {
+        assert!(
+            c.message.contains(&needle),
+            "{needle:?} not in {}",
+            c.message
+        );
+    }
+    for (ns, name) in [(&gone, "legacy"), (&on, "old")] {
+        Api::<Pod>::namespaced(env.client.clone(), ns)
+            .delete(name, &Default::default())
+            .await
+            .unwrap();
+    }
+    op.stop().await;
+}

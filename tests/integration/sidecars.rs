@@ -422,12 +422,93 @@ async fn targets_get_all_four_annotations_and_nothing_else_is_touched() {
     op.stop().await;
 }
 
+/// A namespace whose `istio.io/rev` names no istiod revision and no revision tag gets no
+/// sidecar from Istio's injector: it is reported, and its workloads are not rolled out for
+/// sidecar resources. A revision tag created later (Istio's own rendered tag webhook, `prod`
+/// pointing at revision `canary`) makes the same label resolve, and the workload is held.
+#[tokio::test]
+async fn revision_labels_resolve_against_live_revisions_and_tags() {
+    let env = common::env("sc-rev").await;
+    let c = &env.client;
+    let istio = env.namespace("istio", &[]).await;
+    let rendered = common::render_istiod(
+        "istiod-canary",
+        &istio,
+        &["revision=canary", "revisionTags={prod}"],
+    );
+    env.load_manifests(&rendered, &istio, &["Deployment"]).await;
+    let gone = ns(&env, "gone", &[("istio.io/rev", "gone")]).await;
+    let tagged = ns(&env, "tagged", &[("istio.io/rev", "prod")]).await;
+    for n in [&gone, &tagged] {
+        deployment(c, n, "a", 1).await;
+    }
+    let op = env.start_operator().await;
+    env.create_policy("p", &policy_spec(&env, "Enforce", 5))
+        .await;
+
+    // Step 1: neither label resolves (no tag `prod` yet, no revision `gone`).
+    let p = wait_reason(&env, "p", "UnknownRevision", 30).await;
+    let check_reported = |p: &MeshPolicy, namespaces: &[&String]| {
+        let status = p.status.as_ref().unwrap();
+        for n in namespaces {
+            let v = status
+                .violations
+                .iter()
+                .find(|v| v.object == format!("Namespace/{n}"))
+                .unwrap_or_else(|| panic!("{n} reported: {:?}", status.violations));
+            assert!(
+                v.message.contains("names no istiod revision"),
+                "{}",
+                v.message
+            );
+        }
+    };
+    check_reported(&p, &[&gone, &tagged]);
+    for n in [&gone, &tagged] {
+        assert!(
+            !has_four(&annotations_of(c, n, "a").await),
+            "{n}: no rollout for a sidecar that is never injected"
+        );
+    }
+
+    // Step 2: the tag appears; `prod` resolves to `canary`, `gone` still names nothing.
+    let tags = common::create_revision_tags(c, &rendered).await;
+    assert_eq!(tags.len(), 1, "{tags:?}");
+    common::eventually(30, "the tagged namespace's workload is held", || async {
+        has_four(&annotations_of(c, &tagged, "a").await).then_some(())
+    })
+    .await;
+    let p = wait_reason(&env, "p", "UnknownRevision", 15).await;
+    check_reported(&p, &[&gone]);
+    let status = p.status.as_ref().unwrap();
+    assert!(
+        !status
+            .violations
+            .iter()
+            .any(|v| v.object == format!("Namespace/{tagged}")),
+        "{:?}",
+        status.violations
+    );
+    assert!(!has_four(&annotations_of(c, &gone, "a").await));
+
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let mwcs: Api<MutatingWebhookConfiguration> = Api::all(c.clone());
+    for t in tags {
+        mwcs.delete(&t, &Default::default()).await.unwrap();
+    }
+    op.stop().await;
+}
+
 /// maxConcurrentRollouts 1 with three Deployments: one at a time, the next only once the
 /// previous one is rolled out; the pacing holds across an operator restart.
 #[tokio::test]
 async fn rollouts_are_paced_one_at_a_time() {
     let env = common::env("sc-pace").await;
     let c = &env.client;
+    // The namespace's revision label names a revision that runs (an istiod Deployment).
+    let istio = env.namespace("istio", &[]).await;
+    env.load_fixture("istiod-default.yaml", &istio, &["Deployment"])
+        .await;
     let ns = ns(&env, "apps", &[("istio.io/rev", "default")]).await;
     for name in ["a", "b", "c"] {
         deployment(c, &ns, name, 2).await;

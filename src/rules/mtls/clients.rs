@@ -1,6 +1,7 @@
 //! Which pods are clients that a STRICT scope would cut off.
 
 use super::*;
+use crate::istio::{Injection, Revisions, namespace_injection};
 
 fn is_ambient(labels: &BTreeMap<String, String>) -> Option<bool> {
     labels
@@ -60,8 +61,12 @@ pub fn blockers(
 
 /// The condition text of a STRICT hold: how many pods, where, a few names, and the exact
 /// exemptions to add (or `force`).
-pub fn hold_message(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> String {
-    let (count, places, snippet) = clients_text(blockers, namespaces);
+pub fn hold_message(
+    blockers: &[PodInfo],
+    namespaces: &[NamespaceInfo],
+    revisions: &Revisions,
+) -> String {
+    let (count, places, snippet) = clients_text(blockers, namespaces, revisions);
     format!(
         "STRICT is held at PERMISSIVE: {count} pod(s) without a sidecar could no longer connect: {places}. To exempt them (they keep PERMISSIVE and lose access to STRICT workloads), add to the policy:\n  exemptions:\n{snippet}\nor set spec.mtls.force: true to move to STRICT anyway"
     )
@@ -70,8 +75,12 @@ pub fn hold_message(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> Strin
 /// The condition text of a scope that is STRICT already while pods without a sidecar run:
 /// they are cut off. A STRICT scope is never weakened; the exemption is the decision that
 /// serves their own namespace in plain text again and stops the report.
-pub fn cut_off_message(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> String {
-    let (count, places, snippet) = clients_text(blockers, namespaces);
+pub fn cut_off_message(
+    blockers: &[PodInfo],
+    namespaces: &[NamespaceInfo],
+    revisions: &Revisions,
+) -> String {
+    let (count, places, snippet) = clients_text(blockers, namespaces, revisions);
     format!(
         "STRICT is in force and {count} pod(s) without a sidecar cannot connect to STRICT workloads: {places}. Give them a sidecar, or, to let plain-text clients reach their own namespace again and accept that they stay cut off from STRICT workloads, add to the policy:\n  exemptions:\n{snippet}"
     )
@@ -79,7 +88,11 @@ pub fn cut_off_message(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> St
 
 /// How many pods, where (a few names each), and one exemption line per namespace. Pods on
 /// the host network are their own class: a sidecar can never capture their traffic.
-fn clients_text(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> (usize, String, String) {
+fn clients_text(
+    blockers: &[PodInfo],
+    namespaces: &[NamespaceInfo],
+    revisions: &Revisions,
+) -> (usize, String, String) {
     let mut by_ns: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     let mut host: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for p in blockers {
@@ -88,10 +101,9 @@ fn clients_text(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> (usize, S
             host.entry(&p.namespace).or_default().push(&p.name);
         }
     }
-    let injected: BTreeSet<&str> = namespaces
+    let injection: HashMap<&str, Injection> = namespaces
         .iter()
-        .filter(|n| crate::istio::namespace_injection_on(&n.labels))
-        .map(|n| n.name.as_str())
+        .map(|n| (n.name.as_str(), namespace_injection(&n.labels, revisions)))
         .collect();
     let mut parts = Vec::new();
     for (ns, names) in by_ns.iter().take(5) {
@@ -111,8 +123,16 @@ fn clients_text(blockers: &[PodInfo], namespaces: &[NamespaceInfo]) -> (usize, S
                 "; {} on the host network, which no sidecar can capture",
                 h.len()
             ));
-        } else if injected.contains(ns) {
-            s.push_str("; injection is on there, so restarting them adds the sidecar");
+        } else {
+            match injection.get(ns) {
+                Some(Injection::On) => {
+                    s.push_str("; injection is on there, so restarting them adds the sidecar")
+                }
+                Some(Injection::UnknownRevision(rev)) => s.push_str(&format!(
+                    "; its istio.io/rev={rev} names no live revision or tag, so restarting them adds no sidecar"
+                )),
+                _ => {}
+            }
         }
         s.push(')');
         parts.push(s);
@@ -165,7 +185,7 @@ mod tests {
         let names: Vec<&str> = b.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, vec!["a", "old", "opted-out"]);
 
-        let msg = hold_message(&b, &nss);
+        let msg = hold_message(&b, &nss, &Revisions::any());
         assert!(msg.contains("3 pod(s)"), "{msg}");
         assert!(msg.contains("plain (1: a)"), "{msg}");
         assert!(msg.contains("restarting them adds the sidecar"), "{msg}");
@@ -201,7 +221,7 @@ mod tests {
         let b = blockers(&pods, &nss, &[]);
         let names: Vec<&str> = b.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, vec!["node-exporter"]);
-        let msg = hold_message(&b, &nss);
+        let msg = hold_message(&b, &nss, &Revisions::any());
         assert!(
             msg.contains(
                 "monitoring (1: node-exporter; 1 on the host network, which no sidecar can capture)"
@@ -216,7 +236,7 @@ mod tests {
             "off",
             &[("istio-injection", "disabled"), ("istio.io/rev", "canary")],
         )];
-        let msg = hold_message(&[pod("off", "a", false)], &nss);
+        let msg = hold_message(&[pod("off", "a", false)], &nss, &Revisions::any());
         assert!(!msg.contains("restarting them adds the sidecar"), "{msg}");
     }
 }

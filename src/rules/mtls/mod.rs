@@ -232,6 +232,11 @@ pub struct Input<'a> {
     pub spec: &'a MtlsSpec,
     pub policy: &'a str,
     pub owner: Option<OwnerReference>,
+    /// Istio's root namespace (the policy's `rootNamespace`, or meshConfig's).
+    pub root: &'a str,
+    /// meshConfig's root namespace when the policy's `rootNamespace` disagrees with it: the
+    /// mesh-wide object meshwarden made there is in force, so it is never removed.
+    pub istio_root: Option<&'a str>,
     pub namespaces: &'a [NamespaceInfo],
     pub peer_auths: &'a [PeerAuthentication],
     /// Pods without a sidecar that could no longer connect under STRICT (see [`blockers`]).
@@ -465,6 +470,63 @@ async fn execute(ctx: &Context, fix: &Fix) -> Result<Option<ForeignWrites>> {
     }
 }
 
+/// Istio's root namespace as this policy uses it.
+struct Root {
+    namespace: String,
+    /// Where it comes from, for the condition.
+    source: String,
+    /// The policy's `rootNamespace` disagrees with meshConfig: what to say.
+    mismatch: Option<String>,
+    /// meshConfig's root namespace, when it differs from `namespace`.
+    istio_root: Option<String>,
+}
+
+/// The root namespace: the policy's `rootNamespace` when set (compared with meshConfig when
+/// that can be read), otherwise meshConfig's (see [`crate::istio::mesh_root`]). Without a
+/// controller (no cache), istiod's namespace is assumed.
+async fn root_namespace(ctx: &Context, spec: &MtlsSpec) -> Result<Root> {
+    let mesh = match ctx.cache::<crate::istio::IstioCache>() {
+        Some(c) => Some(c.mesh_root(std::time::Duration::from_secs(10)).await),
+        None => None,
+    };
+    let unclear = |message: String| {
+        Error::MeshConfig(format!(
+            "{message}: set mtls.rootNamespace to the root namespace Istio uses, or make the mesh configs agree"
+        ))
+    };
+    Ok(match (&spec.root_namespace, mesh) {
+        (Some(set), Some(Ok(Ok(m)))) if m.from_mesh_config && m.namespace != *set => Root {
+            namespace: set.clone(),
+            source: "mtls.rootNamespace".into(),
+            mismatch: Some(format!(
+                "mtls.rootNamespace is {set} but Istio's root namespace is {} ({}): Istio takes a selector-less PeerAuthentication as mesh-wide only in its root namespace, so the mode set in {set} is not the mesh's; remove mtls.rootNamespace to follow meshConfig, or set it to {}",
+                m.namespace, m.source, m.namespace
+            )),
+            istio_root: Some(m.namespace),
+        },
+        (Some(set), _) => Root {
+            namespace: set.clone(),
+            source: "mtls.rootNamespace".into(),
+            mismatch: None,
+            istio_root: None,
+        },
+        (None, None) => Root {
+            namespace: ctx.istio_namespace.clone(),
+            source: "assumed: istiod's namespace".into(),
+            mismatch: None,
+            istio_root: None,
+        },
+        (None, Some(Err(e))) => return Err(e),
+        (None, Some(Ok(Err(message)))) => return Err(unclear(message)),
+        (None, Some(Ok(Ok(m)))) => Root {
+            namespace: m.namespace,
+            source: m.source,
+            mismatch: None,
+            istio_root: None,
+        },
+    })
+}
+
 /// Observes, plans and (in Enforce) applies the `mtls` section; reports the result.
 pub async fn reconcile(
     ctx: &Context,
@@ -475,10 +537,20 @@ pub async fn reconcile(
     let ctype = types::MUTUAL_TLS;
     let enforce = enforcement == Enforcement::Enforce;
     let need_pods = spec.mode == MtlsMode::STRICT && !spec.force;
+    let root = match root_namespace(ctx, spec).await {
+        Ok(r) => r,
+        Err(e) => return RuleReport::failed(ctype, &e),
+    };
     let obs = match observe(ctx, need_pods).await {
         Ok(o) => o,
         Err(e) => return RuleReport::failed(ctype, &e),
     };
+    // Only the hints about restarting pods depend on revisions: without them, every revision
+    // label is taken as live.
+    let revisions = ctx
+        .revisions()
+        .await
+        .unwrap_or_else(|_| crate::istio::Revisions::any());
     // Exemptions that select namespaces by label apply to each namespace they select now.
     let spec = &MtlsSpec {
         exemptions: expand_exemptions(&spec.exemptions, &obs.namespaces),
@@ -489,6 +561,8 @@ pub async fn reconcile(
     let name = policy.name_any();
     let plan = plan(&Input {
         spec,
+        root: &root.namespace,
+        istio_root: root.istio_root.as_deref(),
         policy: &name,
         owner,
         namespaces: &obs.namespaces,
@@ -601,9 +675,10 @@ pub async fn reconcile(
     let mut msg = Vec::new();
     let scope = match spec.scope {
         MtlsScope::Mesh => format!(
-            "mode {} for the mesh (root namespace {})",
+            "mode {} for the mesh (root namespace {}: {})",
             Strength::from(spec.mode).as_str(),
-            spec.root_namespace
+            root.namespace,
+            root.source
         ),
         MtlsScope::Namespaces => format!(
             "mode {} for each selected namespace",
@@ -644,16 +719,30 @@ pub async fn reconcile(
     }
     msg.extend(plan.notes.iter().take(3).cloned());
     if plan.held {
-        msg.push(hold_message(&blocking, &obs.namespaces));
+        msg.push(hold_message(&blocking, &obs.namespaces, &revisions));
     }
     let cut_off = found.contains(CLIENTS_CUT_OFF);
     if cut_off {
-        msg.push(cut_off_message(&blocking, &obs.namespaces));
+        msg.push(cut_off_message(&blocking, &obs.namespaces, &revisions));
     }
 
+    if let Some(m) = &root.mismatch {
+        msg.insert(1, m.clone());
+        report.violations.insert(
+            0,
+            Violation {
+                rule: ctype.to_string(),
+                object: format!("MeshPolicy/{name}"),
+                message: m.clone(),
+                action: ViolationAction::Reported.into(),
+            },
+        );
+    }
     let held = plan.held && enforce;
     let (status, reason) = if !fights.is_empty() {
         (Status::False, reasons::FIGHT_DETECTED)
+    } else if root.mismatch.is_some() {
+        (Status::False, reasons::ROOT_NAMESPACE_MISMATCH)
     } else if held {
         (Status::False, reasons::STRICT_HELD)
     } else if cut_off {
@@ -781,6 +870,8 @@ pub(crate) mod testutil {
     ) -> Plan {
         plan(&Input {
             spec: s,
+            root: s.root_namespace.as_deref().unwrap_or("istio-system"),
+            istio_root: None,
             policy: "p",
             owner: None,
             namespaces: nss,

@@ -293,7 +293,7 @@ impl Planner<'_> {
         exempt_ns: &BTreeSet<&str>,
     ) {
         let policy = self.input.policy;
-        let root = self.input.spec.root_namespace.as_str();
+        let root = self.input.root;
         let scope = self.input.spec.scope;
         for pa in self.input.peer_auths {
             let ns = pa.namespace().unwrap_or_default();
@@ -435,6 +435,18 @@ impl Planner<'_> {
             if !is_ours(&pa.metadata, policy) || self.desired.contains(&key) {
                 continue;
             }
+            // The mesh-wide object in the root namespace Istio reads (meshConfig) while the
+            // policy names another one: it is the one in force, so it stays.
+            if self.input.spec.scope == MtlsScope::Mesh
+                && name == SCOPE_OBJECT
+                && self.input.istio_root == Some(ns.as_str())
+            {
+                self.plan.notes.push(format!(
+                    "{} is kept: it is the mesh-wide mode in Istio's root namespace, which mtls.rootNamespace disagrees with",
+                    pa_id(&ns, &name)
+                ));
+                continue;
+            }
             // Removing an object that lets plain text in makes its namespace stricter: not
             // while pods without a sidecar are counted, unless Istio ignores it anyway.
             if !only_strict(&pa.spec)
@@ -488,7 +500,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
         hold,
     };
     let known: BTreeSet<&str> = input.namespaces.iter().map(|n| n.name.as_str()).collect();
-    let root = spec.root_namespace.as_str();
+    let root = input.root;
 
     // Exemptions first: a namespace exemption takes its namespace out of the scope.
     let mut exempt_ns: BTreeSet<&str> = BTreeSet::new();

@@ -135,25 +135,48 @@ pub(super) fn pending_write(
     Some(g)
 }
 
-/// Namespaces the section covers (by name, empty observations) and the selected ambient ones.
+/// What the section covers: namespaces (by name, empty observations), the selected ambient
+/// ones, and the namespaces it would select whose `istio.io/rev` names no live revision or
+/// tag (name, revision), which get no sidecar.
+#[derive(Clone, Debug, Default)]
+pub struct Covered {
+    pub namespaces: Vec<NamespaceObservation>,
+    pub ambient: Vec<String>,
+    pub unknown_revision: Vec<(String, String)>,
+}
+
+/// Namespaces the section covers (by name, empty observations), the selected ambient ones,
+/// and the selected ones whose revision label resolves to nothing.
+#[allow(clippy::type_complexity)]
 pub(super) fn covered_namespaces<'a>(
     spec: &SidecarSpec,
     namespaces: impl Iterator<Item = (String, BTreeMap<String, String>)> + 'a,
-) -> (BTreeMap<String, NamespaceObservation>, Vec<String>) {
+    revisions: &Revisions,
+) -> (
+    BTreeMap<String, NamespaceObservation>,
+    Vec<String>,
+    Vec<(String, String)>,
+) {
     let mut out = BTreeMap::new();
     let mut ambient = Vec::new();
+    let mut unknown = Vec::new();
     for (name, labels) in namespaces {
+        let selected = |any: bool| match &spec.namespace_selector {
+            Some(sel) => selector::matches(sel, &labels),
+            None => any,
+        };
         if is_ambient(&labels) {
-            let selected = match &spec.namespace_selector {
-                Some(sel) => selector::matches(sel, &labels),
-                None => namespace_injection_on(&labels),
-            };
-            if selected {
+            if selected(namespace_injection_on(&labels, revisions)) {
                 ambient.push(name);
             }
             continue;
         }
-        if selects_namespace(spec, &labels) {
+        if let Injection::UnknownRevision(rev) = namespace_injection(&labels, revisions)
+            && selected(true)
+        {
+            unknown.push((name.clone(), rev));
+        }
+        if selects_namespace(spec, &labels, revisions) {
             out.insert(
                 name.clone(),
                 NamespaceObservation {
@@ -165,7 +188,8 @@ pub(super) fn covered_namespaces<'a>(
         }
     }
     ambient.sort();
-    (out, ambient)
+    unknown.sort();
+    (out, ambient, unknown)
 }
 
 /// [`observe`] from the controller's cache: no request to the API server. Entries are shared
@@ -175,8 +199,9 @@ pub(super) fn observe_cached(
     cache: &Cache,
     spec: &SidecarSpec,
     desired: &Desired,
-) -> (Vec<NamespaceObservation>, Vec<String>) {
-    let (mut out, ambient) = covered_namespaces(
+    revisions: &Revisions,
+) -> Covered {
+    let (mut out, ambient, unknown_revision) = covered_namespaces(
         spec,
         cache.namespaces.state().into_iter().map(|ns| {
             (
@@ -184,6 +209,7 @@ pub(super) fn observe_cached(
                 ns.metadata.labels.clone().unwrap_or_default(),
             )
         }),
+        revisions,
     );
     let mut written = match cache.written.lock() {
         Ok(w) => w,
@@ -225,24 +251,26 @@ pub(super) fn observe_cached(
             ns.quotas.push((*o).clone());
         }
     }
-    (out.into_values().collect(), ambient)
+    Covered {
+        namespaces: out.into_values().collect(),
+        ambient,
+        unknown_revision,
+    }
 }
 
 /// Reads every namespace the section covers and what is needed in it.
-pub async fn observe(
-    ctx: &Context,
-    spec: &SidecarSpec,
-) -> Result<(Vec<NamespaceObservation>, Vec<String>)> {
+pub async fn observe(ctx: &Context, spec: &SidecarSpec, revisions: &Revisions) -> Result<Covered> {
     let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
     let list = namespaces
         .list_metadata(&ListParams::default())
         .await
         .map_err(|e| Error::kube("list Namespaces", e))?;
-    let (mut out, ambient) = covered_namespaces(
+    let (mut out, ambient, unknown_revision) = covered_namespaces(
         spec,
         list.items
             .into_iter()
             .map(|ns| (ns.name_any(), ns.metadata.labels.unwrap_or_default())),
+        revisions,
     );
     for ns in out.values_mut() {
         let (c, name) = (&ctx.client, ns.name.as_str());
@@ -270,7 +298,11 @@ pub async fn observe(
             .map(|p| Arc::new(PodFacts::from(p)))
             .collect();
     }
-    Ok((out.into_values().collect(), ambient))
+    Ok(Covered {
+        namespaces: out.into_values().collect(),
+        ambient,
+        unknown_revision,
+    })
 }
 
 /// Lists `K` in `namespace`, naming what failed.

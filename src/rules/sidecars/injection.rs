@@ -65,17 +65,22 @@ pub(super) fn is_ambient(ns_labels: &BTreeMap<String, String>) -> bool {
     ns_labels.get("istio.io/dataplane-mode").map(String::as_str) == Some("ambient")
 }
 
-pub use crate::istio::namespace_injection_on;
+pub use crate::istio::{Injection, Revisions, namespace_injection, namespace_injection_on};
 
 /// Whether the section covers a namespace with these labels: its `namespaceSelector`, or by
-/// default every namespace with injection on. Ambient namespaces are never covered.
-pub fn selects_namespace(spec: &SidecarSpec, ns_labels: &BTreeMap<String, String>) -> bool {
+/// default every namespace with injection on (an `istio.io/rev` label counts only when it
+/// names a live revision or a tag). Ambient namespaces are never covered.
+pub fn selects_namespace(
+    spec: &SidecarSpec,
+    ns_labels: &BTreeMap<String, String>,
+    revisions: &Revisions,
+) -> bool {
     if is_ambient(ns_labels) {
         return false;
     }
     match &spec.namespace_selector {
         Some(sel) => selector::matches(sel, ns_labels),
-        None => namespace_injection_on(ns_labels),
+        None => namespace_injection_on(ns_labels, revisions),
     }
 }
 
@@ -88,7 +93,7 @@ pub fn covers_namespace(
     match (&spec.sidecars, ns_labels) {
         (None, _) => false,
         (Some(_), None) => true,
-        (Some(s), Some(l)) => selects_namespace(s, l),
+        (Some(s), Some(l)) => selects_namespace(s, l, &Revisions::any()),
     }
 }
 
@@ -98,6 +103,7 @@ pub fn no_sidecar_reason(
     ns_labels: &BTreeMap<String, String>,
     tpl_labels: &BTreeMap<String, String>,
     tpl_annotations: &BTreeMap<String, String>,
+    revisions: &Revisions,
 ) -> Option<&'static str> {
     if is_ambient(ns_labels) {
         return Some("ambient namespace");
@@ -115,16 +121,22 @@ pub fn no_sidecar_reason(
             "Istio gateway (inject.istio.io/templates: gateway), held by the gateways section",
         );
     }
-    match ns_labels.get("istio-injection").map(String::as_str) {
-        Some("enabled") => None,
-        Some(_) => Some("injection disabled in the namespace"),
-        None if ns_labels.contains_key("istio.io/rev") => None,
-        None if tpl_labels.get(INJECT).map(String::as_str) == Some("true")
-            || tpl_labels.contains_key("istio.io/rev") =>
-        {
-            None
+    match namespace_injection(ns_labels, revisions) {
+        Injection::On => None,
+        Injection::UnknownRevision(_) => {
+            Some("the namespace's istio.io/rev names no live revision or tag")
         }
-        None => Some("injection is not on for the namespace or the pod"),
+        Injection::Off if ns_labels.contains_key(crate::istio::INJECTION_LABEL) => {
+            Some("injection disabled in the namespace")
+        }
+        Injection::Off => match tpl_labels.get(crate::istio::REVISION_LABEL) {
+            Some(rev) if revisions.resolve(rev).is_none() => {
+                Some("the pod's istio.io/rev names no live revision or tag")
+            }
+            Some(_) => None,
+            None if tpl_labels.get(INJECT).map(String::as_str) == Some("true") => None,
+            None => Some("injection is not on for the namespace or the pod"),
+        },
     }
 }
 

@@ -199,21 +199,46 @@ pub async fn reconcile_with_stats(
             return (report, stats);
         }
     };
+    // Revision labels are resolved against the live revisions and tags; when those cannot be
+    // read, every label is taken as live, and the section is Unknown only if a namespace it
+    // would cover depends on one.
+    let (revisions, revisions_error) = match ctx.revisions().await {
+        Ok(r) => (r, None),
+        Err(e) => (Revisions::any(), Some(e)),
+    };
     let cache = ctx.cache::<Cache>();
     let cached = match &cache {
         Some(c) if c.ready(Duration::from_secs(30)).await => {
-            Some(observe_cached(c, spec, &desired))
+            Some(observe_cached(c, spec, &desired, &revisions))
         }
         _ => None,
     };
-    let (namespaces, ambient) = match cached {
+    let Covered {
+        namespaces,
+        ambient,
+        unknown_revision,
+    } = match cached {
         Some(o) => o,
-        None => match observe(ctx, spec).await {
+        None => match observe(ctx, spec, &revisions).await {
             Ok(o) => o,
             Err(e) => return (RuleReport::failed(ctype, &e), stats),
         },
     };
-    let mut classified = classify(&namespaces, jiff::Timestamp::now());
+    if let Some(e) = revisions_error
+        && namespaces.iter().any(|n| {
+            n.labels.contains_key(crate::istio::REVISION_LABEL)
+                && !n.labels.contains_key(crate::istio::INJECTION_LABEL)
+        })
+    {
+        let mut failed = RuleReport::failed(ctype, &e);
+        failed.condition.message = format!(
+            "{}: revision labels (istio.io/rev) of the covered namespaces cannot be resolved. {}",
+            failed.condition.message,
+            "meshwarden reads istiod Deployments (label app=istiod) and MutatingWebhookConfigurations (label istio.io/tag): compare its ClusterRole with the chart's"
+        );
+        return (failed, stats);
+    }
+    let mut classified = classify(&namespaces, jiff::Timestamp::now(), &revisions);
     // Targets whose last write failed queue behind the others for rollout slots.
     if let Some(c) = &cache {
         classified.targets.sort_by_key(|w| c.failed_recently(w));
@@ -387,7 +412,7 @@ pub async fn reconcile_with_stats(
         failed.targets = report.targets;
         return (failed, stats);
     }
-    stats.pod_drift = pod_drift(&desired, &namespaces, &classified.excluded);
+    stats.pod_drift = pod_drift(&desired, &namespaces, &classified.excluded, &revisions);
     stats.targets = targets.len();
     stats.compliant = usize::try_from(report.compliant).unwrap_or(0);
     stats.opted_out = classified.opted_out.len();
@@ -462,6 +487,27 @@ pub async fn reconcile_with_stats(
             list(&ambient, 5)
         ));
     }
+    for (ns, rev) in &unknown_revision {
+        report.violations.push(Violation {
+            rule: ctype.into(),
+            object: format!("Namespace/{ns}"),
+            message: format!(
+                "{}: the section holds nothing there; label the namespace with a live revision or tag, or remove the label",
+                revisions.unknown_message(rev)
+            ),
+            action: ViolationAction::Reported.into(),
+        });
+    }
+    if !unknown_revision.is_empty() {
+        let names: Vec<String> = unknown_revision
+            .iter()
+            .map(|(ns, rev)| format!("{ns} (istio.io/rev={rev})"))
+            .collect();
+        msg.push(format!(
+            "namespaces whose revision label names no live revision or tag get no sidecar: {}",
+            list(&names, 5)
+        ));
+    }
     if !stats.pod_drift.is_empty() {
         let parts: Vec<String> = stats
             .pod_drift
@@ -492,6 +538,8 @@ pub async fn reconcile_with_stats(
         (Status::False, reasons::QUOTA_CONFLICT)
     } else if !fights.is_empty() {
         (Status::False, reasons::FIGHT_DETECTED)
+    } else if !unknown_revision.is_empty() {
+        (Status::False, reasons::UNKNOWN_REVISION)
     } else if audit_deviations {
         (Status::False, reasons::NON_COMPLIANT)
     } else if !held.is_empty() || !rolling.is_empty() {

@@ -31,13 +31,23 @@ pub struct Classified {
 }
 
 /// Sorts the observed workloads (pure). `now` decides stalls of StatefulSets and DaemonSets.
-pub fn classify(namespaces: &[NamespaceObservation], now: jiff::Timestamp) -> Classified {
+pub fn classify(
+    namespaces: &[NamespaceObservation],
+    now: jiff::Timestamp,
+    revisions: &Revisions,
+) -> Classified {
     let mut out = Classified::default();
     for ns in namespaces {
         for w in &ns.workloads {
             let id = format!("{}/{}/{}", w.kind.as_str(), ns.name, w.name);
             let key = (ns.name.clone(), w.kind, w.name.clone());
-            if no_sidecar_reason(&ns.labels, &w.template_labels, &w.template_annotations).is_some()
+            if no_sidecar_reason(
+                &ns.labels,
+                &w.template_labels,
+                &w.template_annotations,
+                revisions,
+            )
+            .is_some()
             {
                 out.excluded.insert(key);
                 continue;
@@ -183,6 +193,7 @@ pub fn pod_drift(
     desired: &Desired,
     namespaces: &[NamespaceObservation],
     excluded: &BTreeSet<(String, Kind, String)>,
+    revisions: &Revisions,
 ) -> BTreeMap<String, Vec<String>> {
     let want: Vec<Option<i128>> = desired
         .annotations()
@@ -197,7 +208,7 @@ pub fn pod_drift(
             {
                 continue;
             }
-            if no_sidecar_reason(&ns.labels, &pod.labels, &pod.annotations).is_some() {
+            if no_sidecar_reason(&ns.labels, &pod.labels, &pod.annotations, revisions).is_some() {
                 continue;
             }
             let Some(have) = &pod.proxy else { continue };

@@ -103,41 +103,48 @@ fn which_pods_get_a_sidecar() {
     let none = map(&[]);
     let injected = map(&[("istio-injection", "enabled")]);
     let rev = map(&[("istio.io/rev", "canary")]);
-    assert_eq!(no_sidecar_reason(&injected, &none, &none), None);
-    assert_eq!(no_sidecar_reason(&rev, &none, &none), None);
-    assert!(no_sidecar_reason(&none, &none, &none).is_some());
+    assert_eq!(
+        no_sidecar_reason(&injected, &none, &none, &Revisions::any()),
+        None
+    );
+    assert_eq!(
+        no_sidecar_reason(&rev, &none, &none, &Revisions::any()),
+        None
+    );
+    assert!(no_sidecar_reason(&none, &none, &none, &Revisions::any()).is_some());
     assert!(
         no_sidecar_reason(
             &map(&[("istio-injection", "disabled"), ("istio.io/rev", "x")]),
             &none,
-            &none
+            &none,
+            &Revisions::any()
         )
         .is_some(),
         "istio-injection=disabled wins over a revision label"
     );
     // Opt-out on the pod, as label or annotation.
     let off = map(&[(INJECT, "false")]);
-    assert!(no_sidecar_reason(&injected, &off, &none).is_some());
-    assert!(no_sidecar_reason(&injected, &none, &off).is_some());
+    assert!(no_sidecar_reason(&injected, &off, &none, &Revisions::any()).is_some());
+    assert!(no_sidecar_reason(&injected, &none, &off, &Revisions::any()).is_some());
     // Opt-in on the pod in a namespace without injection labels.
     assert_eq!(
-        no_sidecar_reason(&none, &map(&[(INJECT, "true")]), &none),
+        no_sidecar_reason(&none, &map(&[(INJECT, "true")]), &none, &Revisions::any()),
         None
     );
     assert!(
-        no_sidecar_reason(&none, &none, &map(&[(INJECT, "true")])).is_some(),
+        no_sidecar_reason(&none, &none, &map(&[(INJECT, "true")]), &Revisions::any()).is_some(),
         "the webhook selects on the label, not the annotation"
     );
     // An Istio gateway (as the gateway chart renders it) is not a sidecar.
     let gw_labels = map(&[(INJECT, "true"), ("istio", "ingressgateway")]);
     let gw_ann = map(&[(INJECT_TEMPLATES, "gateway"), (INJECT, "true")]);
-    assert!(no_sidecar_reason(&injected, &gw_labels, &gw_ann).is_some());
+    assert!(no_sidecar_reason(&injected, &gw_labels, &gw_ann, &Revisions::any()).is_some());
     // Ambient namespaces have no sidecars.
     let ambient = map(&[
         ("istio-injection", "enabled"),
         ("istio.io/dataplane-mode", "ambient"),
     ]);
-    assert!(no_sidecar_reason(&ambient, &none, &none).is_some());
+    assert!(no_sidecar_reason(&ambient, &none, &none, &Revisions::any()).is_some());
 }
 
 #[test]
@@ -146,25 +153,83 @@ fn namespace_selection_defaults_to_injection_on() {
         serde_yaml::from_str("{resources: {requests: {cpu: 1, memory: 1Gi}}}").unwrap();
     assert!(selects_namespace(
         &spec,
-        &map(&[("istio-injection", "enabled")])
+        &map(&[("istio-injection", "enabled")]),
+        &Revisions::any()
     ));
     assert!(selects_namespace(
         &spec,
-        &map(&[("istio.io/rev", "default")])
+        &map(&[("istio.io/rev", "default")]),
+        &Revisions::any()
     ));
-    assert!(!selects_namespace(&spec, &map(&[("team", "a")])));
+    assert!(!selects_namespace(
+        &spec,
+        &map(&[("team", "a")]),
+        &Revisions::any()
+    ));
     assert!(!selects_namespace(
         &spec,
         &map(&[
             ("istio-injection", "enabled"),
             ("istio.io/dataplane-mode", "ambient")
-        ])
+        ]),
+        &Revisions::any()
     ));
-    spec.namespace_selector = Some(serde_yaml::from_str("{matchLabels: {team: a}}").unwrap());
-    assert!(selects_namespace(&spec, &map(&[("team", "a")])));
+    // A revision label counts only when it names a live revision or a tag.
+    let live = Revisions {
+        live: [("canary".to_string(), ["istio-system".to_string()].into())].into(),
+        tags: [("prod".to_string(), "canary".to_string())].into(),
+        any: false,
+    };
+    assert!(selects_namespace(
+        &spec,
+        &map(&[("istio.io/rev", "prod")]),
+        &live
+    ));
     assert!(!selects_namespace(
         &spec,
-        &map(&[("istio-injection", "enabled")])
+        &map(&[("istio.io/rev", "gone")]),
+        &live
+    ));
+    let (covered, _, unknown) = covered_namespaces(
+        &spec,
+        [
+            ("a".to_string(), map(&[("istio.io/rev", "gone")])),
+            ("b".to_string(), map(&[("istio.io/rev", "canary")])),
+        ]
+        .into_iter(),
+        &live,
+    );
+    assert_eq!(covered.keys().collect::<Vec<_>>(), ["b"]);
+    assert_eq!(unknown, [("a".to_string(), "gone".to_string())]);
+    assert!(
+        no_sidecar_reason(
+            &map(&[]),
+            &map(&[("istio.io/rev", "gone")]),
+            &map(&[]),
+            &live
+        )
+        .is_some(),
+        "a pod template naming no revision gets no sidecar"
+    );
+    assert!(
+        no_sidecar_reason(
+            &map(&[]),
+            &map(&[("istio.io/rev", "prod")]),
+            &map(&[]),
+            &live
+        )
+        .is_none()
+    );
+    spec.namespace_selector = Some(serde_yaml::from_str("{matchLabels: {team: a}}").unwrap());
+    assert!(selects_namespace(
+        &spec,
+        &map(&[("team", "a")]),
+        &Revisions::any()
+    ));
+    assert!(!selects_namespace(
+        &spec,
+        &map(&[("istio-injection", "enabled")]),
+        &Revisions::any()
     ));
 }
 
@@ -404,7 +469,7 @@ fn pod_drift_counts_running_proxies_with_other_resources() {
         ..Default::default()
     };
     let excluded = BTreeSet::from([("apps".to_string(), Kind::Deployment, "b".to_string())]);
-    let drift = pod_drift(&d, &[ns], &excluded);
+    let drift = pod_drift(&d, &[ns], &excluded, &Revisions::any());
     assert_eq!(drift.get("apps"), Some(&vec!["a-2".to_string()]));
 }
 
@@ -451,7 +516,7 @@ fn facts_keep_what_the_rule_reads() {
         workloads: vec![Arc::new(f)],
         ..Default::default()
     };
-    let c = classify(&[ns], jiff::Timestamp::now());
+    let c = classify(&[ns], jiff::Timestamp::now(), &Revisions::any());
     assert_eq!(c.targets.len(), 1);
     assert_eq!(c.targets[0].id(), "Deployment/apps/a");
 
@@ -490,7 +555,7 @@ fn pod_facts_keep_their_drift() {
         pods: vec![p.facts.clone()],
         ..Default::default()
     };
-    let drift = pod_drift(&full(), &[ns], &BTreeSet::new());
+    let drift = pod_drift(&full(), &[ns], &BTreeSet::new(), &Revisions::any());
     assert_eq!(drift.get("apps"), Some(&vec!["a-1".to_string()]));
 }
 

@@ -365,6 +365,8 @@ fn run_owned(
 ) -> Plan {
     plan(&Input {
         spec: s,
+        root: s.root_namespace.as_deref().unwrap_or("istio-system"),
+        istio_root: None,
         policy: "p",
         owner: Some(OwnerReference {
             api_version: "meshwarden.io/v1alpha1".into(),
@@ -501,6 +503,38 @@ fn weaker_overrides_are_reported_by_default_not_rewritten() {
             .message
             .contains("port 9000 is DISABLE")
     );
+}
+
+#[test]
+fn the_mesh_wide_object_in_istios_root_namespace_stays_while_the_policy_names_another() {
+    let s = spec("{mode: STRICT, rootNamespace: other, force: true}");
+    let nss = [ns("root", &[]), ns("other", &[])];
+    let applied = ours(
+        pa("root", SCOPE_OBJECT, 5, json!({"mtls": {"mode": "STRICT"}})),
+        "p",
+    );
+    let input = |istio_root| Input {
+        spec: &s,
+        root: "other",
+        istio_root,
+        policy: "p",
+        owner: None,
+        namespaces: &nss,
+        peer_auths: std::slice::from_ref(&applied),
+        blockers: &[],
+    };
+    let p = plan(&input(Some("root")));
+    assert!(
+        !p.findings
+            .iter()
+            .any(|f| matches!(&f.fix, Some(Fix::Delete { .. }))),
+        "{p:?}"
+    );
+    assert!(p.notes.iter().any(|n| n.contains("is kept")), "{p:?}");
+    // Once meshConfig agrees with the policy, the old object goes.
+    let p = plan(&input(None));
+    let f = find_in(&p, "PeerAuthentication/root/meshwarden-mtls");
+    assert!(matches!(f.fix, Some(Fix::Delete { .. })), "{f:?}");
 }
 
 #[test]

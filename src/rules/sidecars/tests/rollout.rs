@@ -185,11 +185,11 @@ fn churn_long_after_meshwarden_wrote_is_no_rollout_and_paused_holds_no_slot() {
         ..Default::default()
     };
     assert_eq!(
-        classify(&[ns(&churn)], now).targets[0].rollout,
+        classify(&[ns(&churn)], now, &Revisions::any()).targets[0].rollout,
         Rollout::Complete
     );
     assert!(matches!(
-        classify(&[ns(&recent)], now).targets[0].rollout,
+        classify(&[ns(&recent)], now, &Revisions::any()).targets[0].rollout,
         Rollout::InProgress(_)
     ));
 
