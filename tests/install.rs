@@ -281,7 +281,9 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
         standby
             .log_text()
             .lines()
-            .filter(|l| l.contains("PodDisruptionBudgets") && l.contains("watch"))
+            // meshwarden's own lines (`RUST_LOG=info` here also lets kube's watcher log each
+            // attempt, and the watch's span names the kind on those lines too).
+            .filter(|l| l.contains("PodDisruptionBudgets") && l.contains("meshwarden::watch"))
             .count()
     };
     let lines_before = pdb_watch_lines();
