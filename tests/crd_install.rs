@@ -28,6 +28,10 @@ async fn crd_installed_with_kubectl_and_helm_accepts_every_documented_value() {
     check_installed(&admin, "kubectl apply -f crds/").await;
     remove_crd(&admin, kc).await;
 
+    // istiod's namespace exists before meshwarden is installed (docs/operations.md): the
+    // chart's Role for the mesh config lives there.
+    kubectl(kc, &["create", "namespace", "istio-system"]);
+
     helm(
         kc,
         &[
