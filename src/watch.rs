@@ -15,8 +15,6 @@ use futures::{Stream, StreamExt};
 use kube::runtime::watcher;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::status::reasons;
-
 /// Why a watch failed, which decides how soon it is retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cause {
@@ -105,8 +103,6 @@ pub struct NotReadable {
     pub watch: String,
     /// Why it failed; `None` while it lists for the first time.
     pub cause: Option<Cause>,
-    /// `Forbidden`, `NotFound`, `ApiError` or `CacheNotSynced`.
-    pub reason: &'static str,
     pub message: String,
 }
 
@@ -176,33 +172,21 @@ impl Health {
     /// while a watch lists for the first time or again after a failure.
     pub fn readable(&self, names: &[&str]) -> Result<(), NotReadable> {
         for n in names {
-            let not = |cause: Option<Cause>, reason: &'static str, message: String| {
+            let not = |cause: Option<Cause>, message: String| {
                 Err(NotReadable {
                     watch: n.to_string(),
                     cause,
-                    reason,
                     message,
                 })
             };
             match self.state(n) {
                 Some(State::Synced) => {}
                 None | Some(State::Listing) => {
-                    return not(
-                        None,
-                        reasons::CACHE_NOT_SYNCED,
-                        format!("the watch of {n} has not listed yet"),
-                    );
+                    return not(None, format!("the watch of {n} has not listed yet"));
                 }
                 Some(State::Failing { cause, error }) => {
-                    let reason = match cause {
-                        Cause::Forbidden => reasons::FORBIDDEN,
-                        Cause::NotFound => reasons::NOT_FOUND,
-                        Cause::Rejected => reasons::API_ERROR,
-                        Cause::Unavailable | Cause::Expired => reasons::CACHE_NOT_SYNCED,
-                    };
                     return not(
                         Some(cause),
-                        reason,
                         format!("the watch of {n} failed ({error}) and has not listed again"),
                     );
                 }

@@ -100,6 +100,7 @@ pub const ALL: &[&str] = &[
 ];
 
 use crate::error::Error;
+use crate::watch::Cause;
 
 /// The reason of a section that failed with `err`: a bounded CamelCase word for conditions, events and metric labels.
 pub fn of_error(err: &Error) -> &'static str {
@@ -113,7 +114,12 @@ pub fn of_error(err: &Error) -> &'static str {
             None => API_UNREACHABLE,
         },
         Error::InvalidSpec(_) => INVALID_SPEC,
-        Error::Cache(c) => c.reason,
+        Error::Cache(c) => match c.cause {
+            Some(Cause::Forbidden) => FORBIDDEN,
+            Some(Cause::NotFound) => NOT_FOUND,
+            Some(Cause::Rejected) => API_ERROR,
+            None | Some(Cause::Unavailable | Cause::Expired) => CACHE_NOT_SYNCED,
+        },
         Error::MeshConfig(_) => MESH_CONFIG_UNCLEAR,
         Error::MissingField(..) => UNEXPECTED_OBJECT,
         Error::Serialize(_) => INTERNAL_ERROR,

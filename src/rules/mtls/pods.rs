@@ -180,7 +180,6 @@ impl PodCache {
             Err(crate::watch::NotReadable {
                 watch: PODS_WATCH.to_string(),
                 cause: None,
-                reason: crate::status::reasons::CACHE_NOT_SYNCED,
                 message: format!("the watch of {PODS_WATCH} has not listed yet"),
             })
         }
@@ -303,7 +302,10 @@ mod tests {
 
         // Still listing: no answer, however long the reconcile waits.
         let err = cache.current(Duration::from_secs(10)).await.unwrap_err();
-        assert_eq!(err.reason, crate::status::reasons::CACHE_NOT_SYNCED);
+        assert_eq!(
+            crate::status::reasons::of_error(&crate::error::Error::Cache(err.clone())),
+            crate::status::reasons::CACHE_NOT_SYNCED
+        );
         assert_eq!(err.watch, PODS_WATCH);
 
         pods.unbounded_send(Ok(watcher::Event::InitApply(meta("a"))))
@@ -322,7 +324,10 @@ mod tests {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
         let err = cache.current(Duration::from_millis(100)).await.unwrap_err();
-        assert_eq!(err.reason, crate::status::reasons::CACHE_NOT_SYNCED);
+        assert_eq!(
+            crate::status::reasons::of_error(&crate::error::Error::Cache(err.clone())),
+            crate::status::reasons::CACHE_NOT_SYNCED
+        );
 
         // Listed again: current.
         let again = attempt(&pod_attempts, 1).await;
