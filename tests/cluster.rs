@@ -363,12 +363,41 @@ impl Sampler {
         let floor = Arc::new(Floor::default());
         let deploys: Api<Deployment> = Api::namespaced(client.clone(), ns);
         let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), ns);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
         let (f, deployment, hpa) = (floor.clone(), deployment.to_string(), hpa.to_string());
         let task = tokio::spawn(async move {
             loop {
                 if let (Ok(d), Ok(h)) = (deploys.get(&deployment).await, hpas.get(&hpa).await) {
-                    let spec = d.spec.and_then(|s| s.replicas).unwrap_or(1);
-                    let avail = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
+                    let spec = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                    // The pods that serve: Ready and not being deleted, counted directly. The
+                    // Deployment's `availableReplicas` sums its ReplicaSets' statuses and can
+                    // lag a rollout step by a sync, showing a dip no client sees.
+                    let selector = d
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.selector.match_labels.clone())
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    let Ok(list) = pods.list(&ListParams::default().labels(&selector)).await else {
+                        continue;
+                    };
+                    let avail = list
+                        .items
+                        .iter()
+                        .filter(|p| p.metadata.deletion_timestamp.is_none())
+                        .filter(|p| {
+                            p.status
+                                .as_ref()
+                                .and_then(|s| s.conditions.as_ref())
+                                .is_some_and(|c| {
+                                    c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                                })
+                        })
+                        .count();
+                    let avail = i32::try_from(avail).unwrap_or(i32::MAX);
                     let min = h.spec.and_then(|s| s.min_replicas).unwrap_or(1);
                     f.replicas.fetch_min(spec, SeqCst);
                     f.available.fetch_min(avail, SeqCst);
