@@ -141,6 +141,20 @@ rules:
 - level: None
 "#;
 
+/// [`AUDIT_POLICY`] plus every list and watch made by the operator's user, for benchmarks
+/// that check the operator never lists again after its start.
+const AUDIT_POLICY_WITH_READS: &str = r#"apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Metadata
+  verbs: ["create", "update", "patch", "delete", "deletecollection"]
+- level: Metadata
+  users: ["meshwarden-operator"]
+  verbs: ["list", "watch"]
+- level: None
+"#;
+
 impl Plane {
     /// Starts a bare plane in `dir` (created; must not hold a running plane).
     pub async fn start(dir: &Path, lifetime: Lifetime) -> Result<Plane> {
@@ -149,7 +163,7 @@ impl Plane {
 
     /// Starts a plane of `flavor` in `dir` (created; must not hold a running plane).
     pub async fn start_with(dir: &Path, lifetime: Lifetime, flavor: Flavor) -> Result<Plane> {
-        let mut plane = Plane::start_apiserver(dir, lifetime, flavor).await?;
+        let mut plane = Plane::start_apiserver(dir, lifetime, flavor, AUDIT_POLICY).await?;
         if flavor == Flavor::Cluster
             && let Err(e) = cluster::start(&mut plane, lifetime).await
         {
@@ -159,7 +173,17 @@ impl Plane {
         Ok(plane)
     }
 
-    async fn start_apiserver(dir: &Path, lifetime: Lifetime, flavor: Flavor) -> Result<Plane> {
+    /// Starts a bare plane whose audit log also records the operator's lists and watches.
+    pub async fn start_auditing_reads(dir: &Path, lifetime: Lifetime) -> Result<Plane> {
+        Plane::start_apiserver(dir, lifetime, Flavor::Bare, AUDIT_POLICY_WITH_READS).await
+    }
+
+    async fn start_apiserver(
+        dir: &Path,
+        lifetime: Lifetime,
+        flavor: Flavor,
+        audit: &str,
+    ) -> Result<Plane> {
         let bins = bin_dir();
         let (apiserver_bin, etcd_bin) = (bins.join("kube-apiserver"), bins.join("etcd"));
         if !apiserver_bin.exists() || !etcd_bin.exists() {
@@ -171,7 +195,7 @@ impl Plane {
             (free_port(&dir)?, free_port(&dir)?, free_port(&dir)?);
         write_pki(&dir)?;
         let audit_policy = dir.join("audit-policy.yaml");
-        io(&audit_policy, fs::write(&audit_policy, AUDIT_POLICY))?;
+        io(&audit_policy, fs::write(&audit_policy, audit))?;
 
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let etcd = spawn(
