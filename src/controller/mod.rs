@@ -18,7 +18,6 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::ResourceExt;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Controller;
@@ -28,13 +27,14 @@ use tracing::{Instrument, warn};
 
 use crate::api::MeshPolicy;
 use crate::context::Context;
+use crate::rules::stores::{self, Stores};
 use crate::rules::{mtls, sidecars};
 use crate::telemetry::Metrics;
 use crate::watch;
 
 pub use reconcile::evaluate;
 use routing::Route;
-use watches::{Triggers, cached, isolated, meta_stream};
+use watches::{Triggers, cached};
 
 /// Shared state of the running controller.
 pub struct State {
@@ -184,6 +184,28 @@ pub async fn run(
             .page_size(100),
         |_| {},
     );
+    // HPAs, PDBs and PeerAuthentications, whole (few objects): the HA and mtls sections read
+    // them, with the namespaces, from these stores instead of listing.
+    let (hpas, hpa_events) = cached::<HorizontalPodAutoscaler>(
+        &client,
+        (&health, stores::HPAS),
+        watcher::Config::default(),
+        |_| {},
+    );
+    let (pdbs, pdb_events) = cached::<PodDisruptionBudget>(
+        &client,
+        (&health, stores::PDBS),
+        watcher::Config::default(),
+        |_| {},
+    );
+    let (peer_auths, pa_events) = mtls::watch_peer_auths(&client, &health);
+    state.ctx.set_cache(Some(Stores::new(
+        ns_store.clone(),
+        peer_auths,
+        hpas,
+        pdbs,
+        health.clone(),
+    )));
     state.ctx.set_cache(Some(sidecars::Cache::new(
         ns_store.clone(),
         deployments,
@@ -201,15 +223,17 @@ pub async fn run(
             state.ctx.cache::<sidecars::Cache>(),
         );
         let mtls_pods = state.ctx.cache::<mtls::PodCache>();
+        let stores = state.ctx.cache::<Stores>();
         tokio::spawn(async move {
             loop {
                 let caches = match &cache {
                     Some(c) => c.ready(Duration::from_millis(100)).await,
                     None => true,
-                } && match &mtls_pods {
-                    Some(c) => c.ready(Duration::from_millis(100)).await,
-                    None => true,
-                };
+                } && stores.as_ref().is_none_or(|s| s.ready())
+                    && match &mtls_pods {
+                        Some(c) => c.ready(Duration::from_millis(100)).await,
+                        None => true,
+                    };
                 if caches && listed.load(std::sync::atomic::Ordering::Relaxed) {
                     metrics.set_ready(true);
                     return;
@@ -259,6 +283,9 @@ pub async fn run(
                 pod_events.for_each(|_| async {}),
                 // Errors were logged by `watch::resilient`.
                 mtls_pod_events.for_each(|r| route.when_ok(r, routing::policies_with_mtls)),
+                hpa_events.for_each(|r| route.namespaced(r.map(|o| o.metadata))),
+                pdb_events.for_each(|r| route.namespaced(r.map(|o| o.metadata))),
+                pa_events.for_each(|r| route.when_ok(r, routing::policies_with_mtls)),
                 istio_events.for_each(|()| {
                     route.when_ok(
                         Ok::<(), watcher::Error>(()),
@@ -269,37 +296,8 @@ pub async fn run(
         }
         .instrument(tracing::info_span!("watches", of = "rule caches")),
     );
-    let (hpa_route, pdb_route, pa_route) = (store.clone(), store.clone(), store.clone());
     let running = controller
         .reconcile_on(triggers.stream())
-        .watches_stream(
-            isolated(meta_stream::<HorizontalPodAutoscaler>(
-                &client,
-                &health,
-                "HorizontalPodAutoscalers",
-            )),
-            move |h| {
-                routing::policies_for_namespace(&hpa_route, &h.namespace().unwrap_or_default())
-            },
-        )
-        .watches_stream(
-            isolated(meta_stream::<PodDisruptionBudget>(
-                &client,
-                &health,
-                "PodDisruptionBudgets",
-            )),
-            move |b| {
-                routing::policies_for_namespace(&pdb_route, &b.namespace().unwrap_or_default())
-            },
-        )
-        .watches_stream(
-            isolated(mtls::changed_meta::<mtls::PeerAuthentication>(
-                &client,
-                (&health, "PeerAuthentications"),
-                mtls::peer_auth_fingerprint,
-            )),
-            move |_| routing::policies_with_mtls(&pa_route),
-        )
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile::reconcile, reconcile::error_policy, state.clone())
         .for_each(|res| async move {
@@ -331,5 +329,6 @@ pub async fn run(
     state.ctx.set_cache::<sidecars::Cache>(None);
     health.clear();
     state.ctx.set_cache::<mtls::PodCache>(None);
+    state.ctx.set_cache::<Stores>(None);
     state.ctx.set_cache::<crate::istio::IstioCache>(None);
 }

@@ -86,6 +86,15 @@ impl Route {
         ready(())
     }
 
+    /// An HPA or PDB changed: the policies whose HA sections cover its namespace.
+    pub fn namespaced(&self, event: Result<ObjectMeta, watcher::Error>) -> Ready<()> {
+        if let Some(ns) = event.ok().and_then(|m| m.namespace) {
+            self.triggers
+                .add(policies_for_namespace(&self.policies, &ns));
+        }
+        ready(())
+    }
+
     /// Something the policies chosen by `which` read changed.
     pub fn when_ok<T>(
         &self,

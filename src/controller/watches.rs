@@ -5,37 +5,11 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use kube::api::Api;
-use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 
 use crate::api::MeshPolicy;
 use crate::watch;
-
-/// Keeps a failing watch (say, on PeerAuthentications before Istio's CRDs exist) from holding
-/// up the others: kube-runtime backs off the whole merged trigger stream on any error, which
-/// would delay every reconcile. Errors are dropped here; [`watch::resilient`] has logged them
-/// and retries with its own backoff.
-pub(super) fn isolated<T: Send + 'static>(
-    stream: impl Stream<Item = Result<T, watcher::Error>> + Send + 'static,
-) -> impl Stream<Item = Result<T, watcher::Error>> + Send + 'static {
-    stream.filter(|r| futures::future::ready(r.is_ok()))
-}
-
-pub(super) fn meta_stream<K>(
-    client: &kube::Client,
-    health: &Arc<watch::Health>,
-    name: &'static str,
-) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
-where
-    K: watch::Watched,
-{
-    let api: Api<PartialObjectMeta<K>> = Api::all(client.clone());
-    watch::resilient(health.clone(), name, move || {
-        watcher(api.clone(), watcher::Config::default())
-    })
-    .touched_objects()
-}
 
 /// Policies to reconcile, coalesced: however many events name a policy while it waits, it is
 /// queued once.

@@ -7,6 +7,7 @@
 pub mod ha;
 pub mod mtls;
 pub mod sidecars;
+pub mod stores;
 
 use kube::ResourceExt;
 use tracing::Instrument;

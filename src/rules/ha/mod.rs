@@ -28,6 +28,8 @@ use crate::api::{
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::rules::RuleReport;
+use crate::rules::sidecars;
+use crate::rules::stores::{self, Stores};
 use crate::selector;
 use crate::status::conditions::{Observed, Status};
 use crate::status::messages::{self, Contested};
@@ -132,7 +134,7 @@ impl Section {
 pub struct Group {
     pub label: String,
     pub namespace: String,
-    pub selector: String,
+    pub selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
     pub rules: HaRules,
     pub enforcement: Enforcement,
 }
@@ -210,7 +212,9 @@ pub async fn reconcile(
         if observations.is_empty() {
             empty_groups.push(format!(
                 "{} (namespace {}, selector {})",
-                group.label, group.namespace, group.selector
+                group.label,
+                group.namespace,
+                selector::to_query(&group.selector)
             ));
             continue;
         }

@@ -6,7 +6,97 @@ use super::*;
 /// Reads the targets of a group: Deployments by label, the HPA targeting each, and the
 /// PodDisruptionBudgets selecting each one's pods. PodDisruptionBudgets the ClusterRole does
 /// not let meshwarden read (403) are returned as that error, so the other rules still hold.
+/// Under the controller, HPAs and PDBs come from its stores and the Deployments are found in
+/// the sidecars section's Deployment store (names and labels) and read by name: no LIST.
 pub async fn observe(ctx: &Context, group: &Group) -> Result<(Vec<Observation>, Option<Error>)> {
+    match (ctx.cache::<Stores>(), ctx.cache::<sidecars::Cache>()) {
+        (Some(stores), Some(workloads)) => observe_cached(ctx, &stores, &workloads, group).await,
+        _ => observe_listed(ctx, group).await,
+    }
+}
+
+/// The Deployments of `group` by name, from the sidecars section's Deployment store.
+fn deployment_names(
+    ctx: &Context,
+    workloads: &sidecars::Cache,
+    group: &Group,
+) -> Result<Vec<String>> {
+    ctx.metrics
+        .watches
+        .readable(&[stores::DEPLOYMENTS])
+        .map_err(Error::Cache)?;
+    let mut names: Vec<String> = workloads
+        .deployments
+        .state()
+        .iter()
+        .filter(|d| d.metadata.namespace.as_deref() == Some(group.namespace.as_str()))
+        .filter(|d| selector::matches(&group.selector, &d.facts.labels))
+        .map(|d| d.facts.name.clone())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// The PodDisruptionBudgets of `namespace` from the store, or the error that keeps them out
+/// (403: the others rules still hold).
+async fn store_pdbs(
+    stores: &Stores,
+    namespace: &str,
+) -> Result<(Vec<PodDisruptionBudget>, Option<Error>)> {
+    match stores.readable(&[stores::PDBS]).await {
+        Ok(()) => Ok((
+            stores
+                .pdbs
+                .state()
+                .iter()
+                .filter(|b| b.metadata.namespace.as_deref() == Some(namespace))
+                .map(|b| (**b).clone())
+                .collect(),
+            None,
+        )),
+        Err(e) if e.cause == Some(crate::watch::Cause::Forbidden) => {
+            Ok((Vec::new(), Some(Error::Cache(e))))
+        }
+        Err(e) => Err(Error::Cache(e)),
+    }
+}
+
+async fn observe_cached(
+    ctx: &Context,
+    stores: &Stores,
+    workloads: &sidecars::Cache,
+    group: &Group,
+) -> Result<(Vec<Observation>, Option<Error>)> {
+    let ns = &group.namespace;
+    stores
+        .readable(&[stores::HPAS])
+        .await
+        .map_err(Error::Cache)?;
+    let hpas: Vec<HorizontalPodAutoscaler> = stores
+        .hpas
+        .state()
+        .iter()
+        .filter(|h| h.metadata.namespace.as_deref() == Some(ns.as_str()))
+        .map(|h| (**h).clone())
+        .collect();
+    let (pdbs, pdbs_refused) = store_pdbs(stores, ns).await?;
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let mut deps = Vec::new();
+    for name in deployment_names(ctx, workloads, group)? {
+        // Read whole and current (the store keeps facts only); gone since: skipped.
+        if let Some(d) = api
+            .get_opt(&name)
+            .await
+            .map_err(|e| Error::kube(format!("read Deployment {ns}/{name}"), e))?
+        {
+            deps.push(d);
+        }
+    }
+    Ok((matched(deps, &hpas, &pdbs), pdbs_refused))
+}
+
+/// Lists the group's objects (no controller, hence no stores).
+async fn observe_listed(ctx: &Context, group: &Group) -> Result<(Vec<Observation>, Option<Error>)> {
     let ns = &group.namespace;
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
@@ -14,7 +104,9 @@ pub async fn observe(ctx: &Context, group: &Group) -> Result<(Vec<Observation>, 
     // Served from the API server's watch cache (resourceVersion 0): it already holds the change
     // that triggered this reconcile, and a consistent read would first wait for the cache to
     // catch up with etcd, which costs tens of milliseconds per list.
-    let lp = ListParams::default().match_any().labels(&group.selector);
+    let lp = ListParams::default()
+        .match_any()
+        .labels(&selector::to_query(&group.selector));
     let (deps, hpas, pdbs) = tokio::try_join!(
         async {
             deployments
@@ -41,10 +133,19 @@ pub async fn observe(ctx: &Context, group: &Group) -> Result<(Vec<Observation>, 
         },
     )?;
     let (pdbs, pdbs_refused) = pdbs;
+    Ok((matched(deps.items, &hpas.items, &pdbs), pdbs_refused))
+}
+
+/// Each Deployment with the HPAs targeting it and the budgets selecting its pods.
+fn matched(
+    deps: Vec<Deployment>,
+    hpas: &[HorizontalPodAutoscaler],
+    pdbs: &[PodDisruptionBudget],
+) -> Vec<Observation> {
     let mut out = Vec::new();
-    for d in deps.items {
+    for d in deps {
         let name = d.name_any();
-        let mut targeting = hpas.items.iter().filter(|h| {
+        let mut targeting = hpas.iter().filter(|h| {
             h.spec.as_ref().is_some_and(|s| {
                 s.scale_target_ref.kind == "Deployment" && s.scale_target_ref.name == name
             })
@@ -77,7 +178,7 @@ pub async fn observe(ctx: &Context, group: &Group) -> Result<(Vec<Observation>, 
             pdbs: matching,
         });
     }
-    Ok((out, pdbs_refused))
+    out
 }
 
 /// PodDisruptionBudgets meshwarden created for this policy in the group's namespace
@@ -88,6 +189,41 @@ pub(super) async fn left_behind(
     policy: &MeshPolicy,
 ) -> Result<Vec<String>> {
     let ns = &group.namespace;
+    if let (Some(stores), Some(workloads)) = (ctx.cache::<Stores>(), ctx.cache::<sidecars::Cache>())
+    {
+        stores
+            .readable(&[stores::PDBS])
+            .await
+            .map_err(Error::Cache)?;
+        ctx.metrics
+            .watches
+            .readable(&[stores::DEPLOYMENTS])
+            .map_err(Error::Cache)?;
+        let policy_name = policy.name_any();
+        let ours = |b: &PodDisruptionBudget| {
+            let labels = b.labels();
+            labels.get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1)
+                && labels.get(POLICY_LABEL) == Some(&policy_name)
+        };
+        let exists = |name: &str| {
+            workloads.deployments.state().iter().any(|d| {
+                d.metadata.namespace.as_deref() == Some(ns.as_str()) && d.facts.name == name
+            })
+        };
+        let mut out: Vec<String> = stores
+            .pdbs
+            .state()
+            .iter()
+            .filter(|b| b.metadata.namespace.as_deref() == Some(ns.as_str()) && ours(b))
+            .map(|b| b.name_any())
+            .filter(|name| {
+                name.strip_suffix("-meshwarden")
+                    .is_some_and(|deployment| !exists(deployment))
+            })
+            .collect();
+        out.sort();
+        return Ok(out);
+    }
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let lp = ListParams::default().match_any().labels(&format!(
@@ -126,7 +262,10 @@ pub fn control_plane_groups(spec: &crate::api::MeshPolicySpec) -> Vec<Group> {
     vec![Group {
         label: "istiod".into(),
         namespace: cp.namespace.clone(),
-        selector: "app=istiod".into(),
+        selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+            match_labels: Some([("app".to_string(), "istiod".to_string())].into()),
+            ..Default::default()
+        },
         rules: HaRules {
             replicas: cp.replicas.clone(),
             budget: cp.disruption_budget.clone(),
@@ -145,7 +284,7 @@ pub fn gateway_groups(spec: &crate::api::MeshPolicySpec) -> Vec<Group> {
         .map(|g| Group {
             label: format!("gateway {}", g.name),
             namespace: g.namespace.clone(),
-            selector: selector::to_query(&g.selector),
+            selector: g.selector.clone(),
             rules: HaRules {
                 replicas: g.replicas.clone(),
                 budget: g.disruption_budget.clone(),

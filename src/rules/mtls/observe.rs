@@ -77,8 +77,47 @@ pub(super) async fn observe_pods(ctx: &Context) -> Result<Vec<PodInfo>> {
         .collect())
 }
 
-/// Reads namespaces, PeerAuthentications and (when needed) the pods.
+/// Reads namespaces, PeerAuthentications and (when needed) the pods: from the controller's
+/// stores when it runs (no LIST), listed otherwise.
 pub async fn observe(ctx: &Context, need_pods: bool) -> Result<Observation> {
+    let Some(stores) = ctx.cache::<crate::rules::stores::Stores>() else {
+        return observe_listed(ctx, need_pods).await;
+    };
+    use crate::rules::stores::{NAMESPACES, PEER_AUTHENTICATIONS};
+    stores
+        .readable(&[NAMESPACES, PEER_AUTHENTICATIONS])
+        .await
+        .map_err(Error::Cache)?;
+    let pods = match need_pods {
+        true => observe_pods(ctx).await?,
+        false => Vec::new(),
+    };
+    let mut namespaces: Vec<NamespaceInfo> = stores
+        .namespaces
+        .state()
+        .iter()
+        .map(|n| NamespaceInfo {
+            name: n.name_any(),
+            labels: n.metadata.labels.clone().unwrap_or_default(),
+        })
+        .collect();
+    namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut peer_auths: Vec<PeerAuthentication> = stores
+        .peer_auths
+        .state()
+        .iter()
+        .map(|p| (**p).clone())
+        .collect();
+    peer_auths.sort_by_key(|p| (p.namespace(), p.name_any()));
+    Ok(Observation {
+        namespaces,
+        peer_auths,
+        pods,
+    })
+}
+
+/// [`observe`] without the controller: lists.
+async fn observe_listed(ctx: &Context, need_pods: bool) -> Result<Observation> {
     let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
     let pas: Api<PeerAuthentication> = Api::all(ctx.client.clone());
     let (ns, pa, pods) = tokio::try_join!(
@@ -169,24 +208,25 @@ pub(super) async fn root_namespace(ctx: &Context, spec: &MtlsSpec) -> Result<Roo
     })
 }
 
-/// Metadata watch of every object of a kind that only passes on events where `fingerprint`
-/// changed (and deletions), so that busy objects such as pods do not trigger a reconcile on
-/// every status update.
-pub fn changed_meta<K>(
+/// The PeerAuthentications, whole, in a store; the stream yields those whose spec or labels
+/// changed, and deletions (it must be polled).
+#[allow(clippy::type_complexity)]
+pub fn watch_peer_auths(
     client: &kube::Client,
-    (health, name): (&std::sync::Arc<crate::watch::Health>, &'static str),
-    fingerprint: fn(&ObjectMeta) -> u64,
-) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
-where
-    K: crate::watch::Watched,
-{
-    let api: Api<PartialObjectMeta<K>> = Api::all(client.clone());
-    only_changes(
-        crate::watch::resilient(health.clone(), name, move || {
-            watcher::watcher(api.clone(), watcher::Config::default())
-        }),
-        fingerprint,
-    )
+    health: &std::sync::Arc<crate::watch::Health>,
+) -> (
+    kube::runtime::reflector::Store<PeerAuthentication>,
+    impl Stream<Item = Result<PeerAuthentication, watcher::Error>> + Send + 'static,
+) {
+    let (store, writer) = kube::runtime::reflector::store::<PeerAuthentication>();
+    let api: Api<PeerAuthentication> = Api::all(client.clone());
+    let events = crate::watch::resilient(
+        health.clone(),
+        crate::rules::stores::PEER_AUTHENTICATIONS,
+        move || watcher::watcher(api.clone(), watcher::Config::default()),
+    );
+    let events = kube::runtime::reflector::reflector(writer, events);
+    (store, only_changes(events, peer_auth_fingerprint))
 }
 
 /// What matters about a pod: labels, sidecar, being deleted.

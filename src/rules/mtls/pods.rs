@@ -58,13 +58,11 @@ pub fn strip(p: &mut PodMeta) {
 /// Passes on only the events where `fingerprint` changed, and deletions: pods change status
 /// all the time, and none of that matters to the hold.
 pub fn only_changes<K>(
-    stream: impl Stream<Item = Result<watcher::Event<PartialObjectMeta<K>>, watcher::Error>>
-    + Send
-    + 'static,
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     fingerprint: fn(&ObjectMeta) -> u64,
-) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
 where
-    K: crate::watch::Watched,
+    K: Resource + Send + 'static,
 {
     let mut seen: HashMap<(String, String), u64> = HashMap::new();
     stream.filter_map(move |ev| {
@@ -77,12 +75,12 @@ where
         let out = match ev {
             Err(e) => Some(Err(e)),
             Ok(watcher::Event::Delete(o)) => {
-                seen.remove(&key(&o.metadata));
+                seen.remove(&key(o.meta()));
                 Some(Ok(o))
             }
             Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                let fp = fingerprint(&o.metadata);
-                if seen.insert(key(&o.metadata), fp) == Some(fp) {
+                let fp = fingerprint(o.meta());
+                if seen.insert(key(o.meta()), fp) == Some(fp) {
                     None
                 } else {
                     Some(Ok(o))

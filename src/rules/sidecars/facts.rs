@@ -46,6 +46,8 @@ impl Workload {
 pub struct WorkloadFacts {
     pub kind: Kind,
     pub name: String,
+    /// The workload's own labels (the HA section finds its targets by them).
+    pub labels: BTreeMap<String, String>,
     pub generation: i64,
     /// Pods it runs when rolled out (a DaemonSet: the nodes it is scheduled on).
     pub replicas: i32,
@@ -135,6 +137,7 @@ impl WorkloadFacts {
         WorkloadFacts {
             kind,
             name: meta.name.clone().unwrap_or_default(),
+            labels: meta.labels.clone().unwrap_or_default(),
             generation: meta.generation.unwrap_or(0),
             replicas,
             template_labels: only(tpl_meta.and_then(|m| m.labels.as_ref()), &TEMPLATE_LABELS),

@@ -27,6 +27,7 @@ fn workload(name: &str, annotations: &[(&str, &str)], rollout: Rollout) -> Workl
         facts: Arc::new(WorkloadFacts {
             kind: Kind::Deployment,
             name: name.into(),
+            labels: BTreeMap::new(),
             generation: 1,
             replicas: 2,
             template_labels: BTreeMap::new(),
@@ -568,6 +569,7 @@ fn a_write_the_cache_has_not_seen_is_read_as_written() {
     let cached = WorkloadFacts {
         kind: Kind::Deployment,
         name: "a".into(),
+        labels: BTreeMap::new(),
         generation: 4,
         replicas: 2,
         template_labels: BTreeMap::new(),

@@ -1,0 +1,193 @@
+//! Once started, the operator reads from its watch caches: drift corrections and reconciles
+//! of every section send no LIST to the API server (its audit log records the operator's
+//! lists and watches on this test's own plane). The operator runs as its binary.
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use kube::api::{Api, Patch, PatchParams};
+use meshwarden::api::MeshPolicy;
+use serde_json::json;
+
+#[path = "support/operator.rs"]
+mod operator;
+use operator::{Replica, eventually, http_get};
+
+const CPU: &str = "sidecar.istio.io/proxyCPU";
+
+const POLICY: &str = "apiVersion: meshwarden.io/v1alpha1
+kind: MeshPolicy
+metadata: {name: steady}
+spec:
+  enforcement: Enforce
+  controlPlane:
+    namespace: istio-system
+    replicas: {min: 2}
+    disruptionBudget: {maxUnavailable: 1}
+  sidecars:
+    pacing: 'Off'
+    resources: {requests: {cpu: 100m, memory: 128Mi}}
+  mtls: {mode: STRICT, scope: Mesh}
+";
+
+/// The operator's LIST requests in the audit log from entry `from` on, by URI.
+fn lists_since(plane: &testplane::Plane, from: usize) -> Vec<String> {
+    plane
+        .audit_events()
+        .into_iter()
+        .skip(from)
+        .filter(|e| e["user"]["username"] == "meshwarden-operator")
+        .filter(|e| e["verb"] == "list" && e["stage"] == "ResponseComplete")
+        .map(|e| e["requestURI"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+async fn hpa_min(hpas: &Api<HorizontalPodAutoscaler>) -> Option<i32> {
+    hpas.get("istiod").await.ok()?.spec?.min_replicas
+}
+
+async fn cpu_annotation(deployments: &Api<Deployment>) -> Option<String> {
+    let d = deployments.get("web").await.ok()?;
+    d.spec?.template.metadata?.annotations?.get(CPU).cloned()
+}
+
+#[tokio::test]
+async fn reconciles_after_start_up_send_no_list() {
+    let dir = testplane::scratch_dir("steady");
+    let plane = testplane::Plane::start_auditing_reads(&dir, testplane::Lifetime::Attached)
+        .await
+        .expect("start kube-apiserver (run hack/build-k8s-bins.sh first)");
+    let admin = plane.client().await.unwrap();
+    testplane::apply_yaml(&admin, &meshwarden::api::crd_yaml().unwrap(), &[])
+        .await
+        .unwrap();
+    testplane::apply_yaml(
+        &admin,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system}\n",
+        &[],
+    )
+    .await
+    .unwrap();
+    let rendered = testplane::istio::fixture("base.yaml").unwrap();
+    testplane::apply_yaml(&admin, &rendered, &[]).await.unwrap();
+    // istiod as Helm renders it (Deployment, HPA, PDB), loaded into istio-system.
+    let istiod = testplane::istio::fixture("istiod-default.yaml").unwrap();
+    let mut keep = String::new();
+    for doc in istiod.split("\n---") {
+        let Ok(mut v) = serde_yaml::from_str::<serde_json::Value>(doc) else {
+            continue;
+        };
+        let kind = v["kind"].as_str().unwrap_or_default();
+        if ![
+            "Deployment",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+        ]
+        .contains(&kind)
+        {
+            continue;
+        }
+        v["metadata"]["namespace"] = json!("istio-system");
+        keep.push_str("---\n");
+        keep.push_str(&serde_yaml::to_string(&v).unwrap());
+    }
+    testplane::apply_yaml(&admin, &keep, &[]).await.unwrap();
+    testplane::apply_yaml(
+        &admin,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio-injection: enabled}}\n---\n\
+         apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    \
+         spec: {containers: [{name: web, image: web}]}\n",
+        &[],
+    )
+    .await
+    .unwrap();
+    let policies: Api<MeshPolicy> = Api::all(admin.clone());
+    policies
+        .create(&Default::default(), &serde_yaml::from_str(POLICY).unwrap())
+        .await
+        .unwrap();
+
+    let operator = Replica::start(&plane.operator_kubeconfig, "operator", &dir, &[]);
+    eventually(30, "ready", || http_get(operator.port, "/readyz")).await;
+    let conditions = |p: &MeshPolicy| -> BTreeMap<String, String> {
+        p.status
+            .iter()
+            .flat_map(|s| s.conditions.iter())
+            .map(|c| (c.type_.clone(), c.status.clone()))
+            .collect()
+    };
+    eventually(60, "every section evaluated and True", || async {
+        let c = conditions(&policies.get("steady").await.ok()?);
+        ["ControlPlaneHA", "SidecarResources", "MutualTLS"]
+            .iter()
+            .all(|t| c.get(*t).map(String::as_str) == Some("True"))
+            .then_some(())
+    })
+    .await;
+    let from = plane.audit_events().len();
+
+    // HA drift: an HPA lowered by hand is raised again.
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(admin.clone(), "istio-system");
+    let edit = PatchParams {
+        field_manager: Some("kubectl-edit".into()),
+        ..Default::default()
+    };
+    hpas.patch(
+        "istiod",
+        &edit,
+        &Patch::Merge(json!({"spec": {"minReplicas": 1}})),
+    )
+    .await
+    .unwrap();
+    eventually(30, "the HPA raised again", || async {
+        (hpa_min(&hpas).await? == 2).then_some(())
+    })
+    .await;
+    // Sidecars drift: a removed proxy annotation comes back.
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), "shop");
+    deployments
+        .patch(
+            "web",
+            &edit,
+            &Patch::Merge(
+                json!({"spec": {"template": {"metadata": {"annotations": {CPU: null}}}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    eventually(30, "the annotation restored", || async {
+        (cpu_annotation(&deployments).await? == "100m").then_some(())
+    })
+    .await;
+    // mTLS: a new namespace and a PERMISSIVE override are read and reported.
+    testplane::apply_yaml(
+        &admin,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: legacy}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: legacy}\n\
+         spec: {mtls: {mode: PERMISSIVE}}\n",
+        &[],
+    )
+    .await
+    .unwrap();
+    eventually(30, "the override reported", || async {
+        let p = policies.get("steady").await.ok()?;
+        let s = p.status?;
+        s.violations
+            .iter()
+            .any(|v| v.object.contains("legacy"))
+            .then_some(())
+    })
+    .await;
+
+    let lists = lists_since(&plane, from);
+    assert!(
+        lists.is_empty(),
+        "the operator listed after start-up:\n{}\n{}",
+        lists.join("\n"),
+        operator.log_text()
+    );
+    drop(operator);
+    drop(plane);
+    let _ = std::fs::remove_dir_all(dir);
+}
