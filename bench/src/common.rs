@@ -21,6 +21,20 @@ pub async fn start_plane(tag: &str) -> (std::path::PathBuf, testplane::Plane, Cl
     (dir, plane, admin)
 }
 
+/// The `istio-system` namespace and Istio's CRDs (the `base` chart).
+pub async fn istio_base(admin: &Client) {
+    testplane::apply_yaml(
+        admin,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system}\n",
+        &[],
+    )
+    .await
+    .expect("istio-system");
+    testplane::apply_yaml(admin, &istio_fixture("base.yaml"), &[])
+        .await
+        .expect("Istio CRDs");
+}
+
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx]

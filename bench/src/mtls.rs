@@ -324,17 +324,7 @@ fn ts(e: &Value, key: &str) -> Option<f64> {
 
 pub async fn run(n: usize) {
     let (dir, plane, admin) = crate::common::start_plane("bench-mtls").await;
-    testplane::apply_yaml(
-        &admin,
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system}\n",
-        &[],
-    )
-    .await
-    .expect("istio-system");
-    let base = istio_fixture("base.yaml");
-    testplane::apply_yaml(&admin, &base, &[])
-        .await
-        .expect("Istio CRDs");
+    crate::common::istio_base(&admin).await;
 
     let t = Instant::now();
     create_set(&admin, OPERATOR_SET, n).await;

@@ -24,29 +24,29 @@ use meshwarden::rules::sidecars::{
 use serde_json::json;
 
 /// Concurrency of the bench's own setup requests.
-const SETUP_CONCURRENCY: usize = 32;
+pub(crate) const SETUP_CONCURRENCY: usize = 32;
 /// Label on everything the benchmark creates.
-const LABEL: (&str, &str) = ("meshwarden-bench", "sidecars");
+pub(crate) const LABEL: (&str, &str) = ("meshwarden-bench", "sidecars");
 /// The declared values (policy) and the annotations they give.
-const DECLARED: [(&str, &str); 4] = [
+pub(crate) const DECLARED: [(&str, &str); 4] = [
     (PROXY_CPU, "100m"),
     (PROXY_CPU_LIMIT, "1"),
     (PROXY_MEMORY, "128Mi"),
     (PROXY_MEMORY_LIMIT, "512Mi"),
 ];
 /// Replicas of every Deployment.
-const REPLICAS: i32 = 2;
-const BASELINE_MANAGER: &str = "bench-baseline";
+pub(crate) const REPLICAS: i32 = 2;
+pub(crate) const BASELINE_MANAGER: &str = "bench-baseline";
 
-fn ns_name(i: usize) -> String {
+pub(crate) fn ns_name(i: usize) -> String {
     format!("bench-sc-{i:03}")
 }
 
-fn deploy_name(i: usize) -> String {
+pub(crate) fn deploy_name(i: usize) -> String {
     format!("app-{i:05}")
 }
 
-fn deployment(ns: &str, name: &str) -> Deployment {
+pub(crate) fn deployment(ns: &str, name: &str) -> Deployment {
     serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "namespace": ns, "labels": {LABEL.0: LABEL.1, "app": name}},
@@ -71,7 +71,7 @@ fn deployment(ns: &str, name: &str) -> Deployment {
 }
 
 /// A pod as the ReplicaSet and Istio's injector would have created it.
-fn pod(ns: &str, owner: &str, i: usize) -> Pod {
+pub(crate) fn pod(ns: &str, owner: &str, i: usize) -> Pod {
     let hash = "5d8f7c9b4";
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -99,7 +99,7 @@ fn pod(ns: &str, owner: &str, i: usize) -> Pod {
     .expect("pod")
 }
 
-fn has_declared(d: &Deployment) -> bool {
+pub(crate) fn has_declared(d: &Deployment) -> bool {
     let ann = d
         .spec
         .as_ref()
@@ -119,8 +119,33 @@ fn carries_hash(d: &Deployment) -> bool {
         .is_some_and(|a| a.contains_key(HASH_ANNOTATION))
 }
 
+/// Server-side applies `body` to every bench Deployment as the baseline's manager (force),
+/// `concurrency` in flight.
+pub(crate) async fn apply_baseline(
+    admin: &Client,
+    namespaces: usize,
+    deployments: usize,
+    body: &serde_json::Value,
+    concurrency: usize,
+) {
+    bounded(deployments, concurrency, |i| {
+        let admin = admin.clone();
+        async move {
+            let api: Api<Deployment> = Api::namespaced(admin, &ns_name(i % namespaces));
+            api.patch(
+                &deploy_name(i),
+                &PatchParams::apply(BASELINE_MANAGER).force(),
+                &Patch::Apply(body),
+            )
+            .await
+            .map(|_| ())
+        }
+    })
+    .await;
+}
+
 /// Runs `n` requests made by `f` with at most `c` in flight; panics on the first failure.
-async fn bounded<F, Fut>(n: usize, c: usize, f: F)
+pub(crate) async fn bounded<F, Fut>(n: usize, c: usize, f: F)
 where
     F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = Result<(), kube::Error>>,
@@ -135,24 +160,55 @@ where
 
 /// What the bench's Deployment watch saw: which Deployments carry the declared values, and
 /// rollouts it completed (it plays the Deployment controller, which this API server lacks).
-struct Watch {
-    compliant: Mutex<HashMap<String, bool>>,
+pub(crate) struct Watch {
+    /// `namespace/name` -> (carries the declared values, resourceVersion of the last event).
+    compliant: Mutex<HashMap<String, (bool, u64)>>,
     /// Whether it completes rollouts (off while the operator's convergence is timed).
-    completing: std::sync::atomic::AtomicBool,
-    completed: AtomicU64,
+    pub(crate) completing: std::sync::atomic::AtomicBool,
+    /// Whether it completes every rollout, not only those meshwarden started.
+    pub(crate) complete_any: std::sync::atomic::AtomicBool,
+    pub(crate) completed: AtomicU64,
     notify: tokio::sync::Notify,
 }
 
 impl Watch {
-    fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.compliant
             .lock()
-            .map(|m| m.values().filter(|v| **v).count())
+            .map(|m| m.values().filter(|v| v.0).count())
             .unwrap_or(0)
     }
 
+    pub(crate) fn listed(&self) -> usize {
+        self.compliant.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Waits until the watch shows `key` with the declared values in a version newer than
+    /// `after` (resourceVersions of one etcd are increasing numbers); returns when it saw it,
+    /// or `None` after `limit`.
+    pub(crate) async fn fixed_after(
+        &self,
+        key: &str,
+        after: u64,
+        limit: Duration,
+    ) -> Option<Instant> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let notified = self.notify.notified();
+            let state = self.compliant.lock().ok().and_then(|m| m.get(key).copied());
+            if state.is_some_and(|(ok, rv)| ok && rv > after) {
+                return Some(Instant::now());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(500)), notified).await;
+        }
+    }
+
     /// Waits until `want(count)`; returns the time it became true.
-    async fn until(&self, want: impl Fn(usize) -> bool, limit: Duration) -> Instant {
+    pub(crate) async fn until(&self, want: impl Fn(usize) -> bool, limit: Duration) -> Instant {
         let deadline = Instant::now() + limit;
         loop {
             let notified = self.notify.notified();
@@ -173,10 +229,11 @@ impl Watch {
 /// Watches the bench's Deployments: records which carry the declared values and, for those
 /// meshwarden changed (hash annotation) whose new generation is not observed yet, completes the
 /// rollout at once by writing the status as the Deployment controller would.
-fn spawn_watch(client: Client) -> Arc<Watch> {
+pub(crate) fn spawn_watch(client: Client) -> Arc<Watch> {
     let w = Arc::new(Watch {
         compliant: Mutex::new(HashMap::new()),
         completing: std::sync::atomic::AtomicBool::new(true),
+        complete_any: std::sync::atomic::AtomicBool::new(false),
         completed: AtomicU64::new(0),
         notify: tokio::sync::Notify::new(),
     });
@@ -192,12 +249,16 @@ fn spawn_watch(client: Client) -> Arc<Watch> {
         while let Some(ev) = events.next().await {
             let Ok(d) = ev else { continue };
             let key = format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any());
+            let rv = d
+                .resource_version()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             if let Ok(mut m) = w.compliant.lock() {
-                m.insert(key, has_declared(&d));
+                m.insert(key, (has_declared(&d), rv));
             }
             w.notify.notify_waiters();
             if let Some(generation) = unobserved_generation(&d)
-                && carries_hash(&d)
+                && (carries_hash(&d) || w.complete_any.load(Ordering::Relaxed))
                 && w.completing.load(Ordering::Relaxed)
             {
                 let permit = sem.clone().acquire_owned().await.expect("semaphore");
@@ -243,7 +304,7 @@ async fn complete_all(admin: &Client, namespaces: usize, deployments: usize) -> 
     n.into_inner()
 }
 
-async fn complete_rollout(
+pub(crate) async fn complete_rollout(
     api: &Api<Deployment>,
     name: &str,
     generation: i64,
@@ -261,7 +322,7 @@ async fn complete_rollout(
     .map(|_| ())
 }
 
-fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+pub(crate) fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     text.lines()
         .find(|l| l.starts_with(key))
@@ -269,14 +330,14 @@ fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
 }
 
-fn start_operator(dir: &Path, kubeconfig: &Path, port: u16) -> Child {
+pub(crate) fn start_operator(dir: &Path, kubeconfig: &Path, port: u16) -> Child {
     let exe = std::env::current_exe().expect("current exe");
     let bin = exe.with_file_name("meshwarden");
     assert!(
@@ -300,7 +361,7 @@ fn start_operator(dir: &Path, kubeconfig: &Path, port: u16) -> Child {
 }
 
 /// Waits until the operator answers 200 on `path`.
-async fn wait_http_ok(port: u16, path: &str, child: &mut Child) {
+pub(crate) async fn wait_http_ok(port: u16, path: &str, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Ok(Some(st)) = child.try_wait() {
@@ -355,17 +416,14 @@ fn audit_counts(plane: &testplane::Plane) -> (BTreeMap<(String, String), u64>, u
     (counts, written.len())
 }
 
-pub async fn run(namespaces: usize, deployments: usize, pods: usize) {
-    assert!(
-        namespaces > 0 && deployments > 0,
-        "namespaces and deployments must be > 0"
-    );
-    let (dir, plane, admin) = crate::common::start_plane("bench-sidecars").await;
-    println!(
-        "sidecar resources at scale: {namespaces} namespaces, {deployments} Deployments ({REPLICAS} replicas), {pods} running pods"
-    );
-
-    // Setup, timed on its own.
+/// Creates `namespaces` injected namespaces, `deployments` rolled-out Deployments and `pods`
+/// Running pods (32 requests in flight); returns the time it took and the pods created.
+pub(crate) async fn setup(
+    admin: &Client,
+    namespaces: usize,
+    deployments: usize,
+    pods: usize,
+) -> (Duration, usize) {
     let t = Instant::now();
     let ns_api: Api<Namespace> = Api::all(admin.clone());
     bounded(namespaces, SETUP_CONCURRENCY, |i| {
@@ -414,17 +472,30 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize) {
         }
     })
     .await;
-    let setup = t.elapsed();
+    (t.elapsed(), running.into_inner())
+}
+
+pub async fn run(namespaces: usize, deployments: usize, pods: usize) {
+    assert!(
+        namespaces > 0 && deployments > 0,
+        "namespaces and deployments must be > 0"
+    );
+    let (dir, plane, admin) = crate::common::start_plane("bench-sidecars").await;
+    println!(
+        "sidecar resources at scale: {namespaces} namespaces, {deployments} Deployments ({REPLICAS} replicas), {pods} running pods"
+    );
+
+    let (setup, running) = setup(&admin, namespaces, deployments, pods).await;
     println!(
         "  setup: {namespaces} namespaces, {deployments} Deployments (rolled out), {} pods (Running) in {:.1} s",
-        running.load(Ordering::Relaxed),
+        running,
         setup.as_secs_f64()
     );
 
     let watch = spawn_watch(admin.clone());
     // Wait until the watch has listed every Deployment.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while watch.compliant.lock().map(|m| m.len()).unwrap_or(0) < deployments {
+    while watch.listed() < deployments {
         assert!(
             Instant::now() < deadline,
             "bench watch did not list every Deployment"
@@ -444,20 +515,7 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize) {
         .collect();
     let with = patch(serde_json::Value::Object(declared));
     let t = Instant::now();
-    bounded(deployments, WRITE_CONCURRENCY, |i| {
-        let (client, with) = (admin.clone(), &with);
-        async move {
-            let api: Api<Deployment> = Api::namespaced(client, &ns_name(i % namespaces));
-            api.patch(
-                &deploy_name(i),
-                &PatchParams::apply(BASELINE_MANAGER).force(),
-                &Patch::Apply(with),
-            )
-            .await
-            .map(|_| ())
-        }
-    })
-    .await;
+    apply_baseline(&admin, namespaces, deployments, &with, WRITE_CONCURRENCY).await;
     let writes_done = t.elapsed();
     let seen = watch
         .until(|n| n == deployments, Duration::from_secs(600))
