@@ -16,7 +16,7 @@ use meshwarden::api::MeshPolicy;
 use meshwarden::rules::mtls::{self, PeerAuthentication};
 use serde_json::{Value, json};
 
-use crate::common::{istio_fixture, ms};
+use crate::common::ms;
 
 /// Pods per namespace (all with a sidecar, so that STRICT is not held).
 const PODS: usize = 3;

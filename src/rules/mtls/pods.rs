@@ -92,6 +92,32 @@ where
     })
 }
 
+/// Passes on the pod events that can change the STRICT hold: a pod without a sidecar (a
+/// possible plain-text client) appearing, changing or going away, and a pod that had none
+/// getting one; errors too. Pods with a sidecar coming and going, the churn of a healthy
+/// mesh, change nothing the hold reads, so they trigger no reconcile. (The host-network
+/// pods, always possible clients, are passed on by their own watch.)
+pub fn hold_relevant<S>(
+    stream: S,
+) -> impl Stream<Item = Result<PodMeta, watcher::Error>> + Send + 'static
+where
+    S: Stream<Item = Result<PodMeta, watcher::Error>> + Send + 'static,
+{
+    // Pods last seen without a sidecar.
+    let mut bare: std::collections::HashSet<(String, String)> = Default::default();
+    stream.filter(move |r| {
+        let pass = match r {
+            Err(_) => true,
+            Ok(p) if !pod_info(&p.metadata).injected => {
+                bare.insert(key(&p.metadata));
+                true
+            }
+            Ok(p) => bare.remove(&key(&p.metadata)),
+        };
+        ready(pass)
+    })
+}
+
 /// A reduced store of pods fed by `make` (a watcher), restarted after failures by
 /// [`watch::resilient`] under `name`; the stream yields pods whose fingerprint changed.
 fn watch_pods<S, F>(
@@ -161,6 +187,7 @@ impl PodCache {
     {
         let (wanted, gate) = tokio::sync::watch::channel(false);
         let (pods, pod_events) = watch_pods(health, PODS_WATCH, pods, gate.clone());
+        let pod_events = hold_relevant(pod_events);
         let (host, host_events) = watch_pods(health, HOST_PODS_WATCH, host, gate);
         (
             PodCache {
@@ -362,6 +389,28 @@ mod tests {
         again.unbounded_send(Ok(watcher::Event::InitDone)).unwrap();
         cache.current(Duration::from_secs(10)).await.unwrap();
         assert!(health.readable(&[PODS_WATCH, HOST_PODS_WATCH]).is_ok());
+    }
+
+    #[tokio::test]
+    async fn only_pods_without_a_sidecar_trigger_the_hold() {
+        let injected = |name: &str| {
+            let mut p = meta(name);
+            p.metadata.annotations = Some([(SIDECAR_STATUS.to_string(), String::new())].into());
+            p
+        };
+        let events: Vec<Result<PodMeta, watcher::Error>> = vec![
+            Ok(injected("a")), // a healthy pod: nothing to decide
+            Ok(meta("b")),     // no sidecar: a possible client
+            Ok(meta("b")),     // changed, still none
+            Ok(injected("b")), // got one: the hold may lift
+            Ok(injected("b")), // churn of an injected pod
+            Ok(injected("c")),
+        ];
+        let passed: Vec<String> = hold_relevant(futures::stream::iter(events))
+            .map(|r| r.unwrap().metadata.name.unwrap())
+            .collect()
+            .await;
+        assert_eq!(passed, ["b", "b", "b"]);
     }
 
     #[test]
