@@ -1,11 +1,14 @@
 //! Once started, the operator reads from its watch caches: drift corrections and reconciles
 //! of every section send no LIST to the API server (its audit log records the operator's
-//! lists and watches on this test's own plane). The operator runs as its binary.
+//! lists and watches on this test's own plane), and the churn of pods with a sidecar costs no
+//! reconcile. The operator runs as its binary.
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use meshwarden::api::MeshPolicy;
 use serde_json::json;
 
@@ -114,16 +117,23 @@ async fn reconciles_after_start_up_send_no_list() {
         p.status
             .iter()
             .flat_map(|s| s.conditions.iter())
-            .map(|c| (c.type_.clone(), c.status.clone()))
+            .map(|c| (c.type_.clone(), format!("{}/{}", c.status, c.reason)))
             .collect()
     };
-    eventually(60, "every section evaluated and True", || async {
-        let c = conditions(&policies.get("steady").await.ok()?);
-        ["ControlPlaneHA", "SidecarResources", "MutualTLS"]
-            .iter()
-            .all(|t| c.get(*t).map(String::as_str) == Some("True"))
+    eventually(
+        60,
+        "every section evaluated, the sidecars rollout started",
+        || async {
+            let c = conditions(&policies.get("steady").await.ok()?);
+            // No controller rolls Deployments out here: the sidecars section waits for the
+            // rollout it started.
+            let is = |t: &str, prefix: &str| c.get(t).is_some_and(|v| v.starts_with(prefix));
+            (is("ControlPlaneHA", "True/")
+                && is("MutualTLS", "True/")
+                && is("SidecarResources", "False/RolloutInProgress"))
             .then_some(())
-    })
+        },
+    )
     .await;
     let from = plane.audit_events().len();
 
@@ -177,6 +187,60 @@ async fn reconciles_after_start_up_send_no_list() {
             .iter()
             .any(|v| v.object.contains("legacy"))
             .then_some(())
+    })
+    .await;
+
+    // Pods with a sidecar coming and going, the churn of a healthy mesh, trigger no
+    // reconcile; a pod without one (a possible plain-text client) does.
+    let reconciles = || async {
+        operator
+            .metric("meshwarden_reconciles_total")
+            .await
+            .unwrap_or(-1.0)
+    };
+    let mut settled = reconciles().await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = reconciles().await;
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "shop");
+    let pod = |name: &str, injected: bool| -> Pod {
+        let annotations = match injected {
+            true => json!({"sidecar.istio.io/status": "{}"}),
+            false => json!({}),
+        };
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"app": "web"}, "annotations": annotations},
+            "spec": {"containers": [{"name": "web", "image": "web"}]},
+        }))
+        .unwrap()
+    };
+    let now = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..Default::default()
+    };
+    for i in 0..10 {
+        let name = format!("web-{i}");
+        pods.create(&PostParams::default(), &pod(&name, true))
+            .await
+            .unwrap();
+        pods.delete(&name, &now).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        reconciles().await,
+        settled,
+        "pods with a sidecar triggered reconciles"
+    );
+    pods.create(&PostParams::default(), &pod("plain", false))
+        .await
+        .unwrap();
+    eventually(30, "a reconcile for the pod without a sidecar", || async {
+        (reconciles().await > settled).then_some(())
     })
     .await;
 

@@ -9,6 +9,7 @@ mod reconcile;
 mod routing;
 mod watches;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -22,13 +23,13 @@ use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Controller;
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use tracing::{Instrument, warn};
 
 use crate::api::MeshPolicy;
 use crate::context::Context;
 use crate::rules::stores::{self, Stores};
-use crate::rules::{mtls, sidecars};
+use crate::rules::{Section, Sections, mtls, sidecars};
 use crate::telemetry::Metrics;
 use crate::watch;
 
@@ -42,6 +43,10 @@ pub struct State {
     /// Only policies with these labels are handled (`--policy-selector`); all when `None`.
     pub policy_selector: Option<String>,
     store: RwLock<Option<Store<MeshPolicy>>>,
+    /// Policies queued by watch events, with the sections each event concerns.
+    triggers: Triggers,
+    /// Each policy's last evaluation, whose reports the sections no event concerned reuse.
+    memo: std::sync::Mutex<HashMap<String, reconcile::Memo>>,
     /// Reconciles running now; a shutdown waits for them (up to [`SHUTDOWN_GRACE`]).
     in_flight: AtomicUsize,
 }
@@ -52,6 +57,8 @@ impl State {
             ctx,
             policy_selector,
             store: RwLock::new(None),
+            triggers: Triggers::default(),
+            memo: Default::default(),
             in_flight: AtomicUsize::new(0),
         }
     }
@@ -120,7 +127,10 @@ pub async fn run(
                 policies_listed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         })
-        .touched_objects();
+        .touched_objects()
+        // A policy is reconciled when its spec changes (generation), not when its status
+        // does: meshwarden's own status writes would each cost a full evaluation.
+        .predicate_filter(predicates::generation, Default::default());
     let controller = Controller::for_stream(policy_stream, store.clone());
     if let Ok(mut s) = state.store.write() {
         *s = Some(store.clone());
@@ -246,7 +256,7 @@ pub async fn run(
     // trigger streams while the policy they point at is being reconciled, and a reconcile
     // reads these stores, so they must not wait for it. Their events reach the controller as
     // a coalesced set of policies to reconcile.
-    let triggers = Triggers::default();
+    let triggers = state.triggers.clone();
     // A cache that listed again after a failure may have missed changes (its sections said
     // Unknown meanwhile): every policy is evaluated again.
     let resync_task = {
@@ -259,6 +269,7 @@ pub async fn run(
                         .iter()
                         .map(|p| ObjectRef::from_obj(p.as_ref()))
                         .collect(),
+                    Sections::ALL,
                 );
             }
         })
@@ -271,25 +282,30 @@ pub async fn run(
         namespaces: ns_store,
         triggers: triggers.clone(),
     };
+    let mtls = Section::MutualTls.only();
+    let sidecars_or_mtls = Section::SidecarResources.only() | mtls;
     let cache_task = tokio::spawn(
         async move {
             futures::join!(
                 deployment_events.for_each(|r| route.workload(r.map(|o| o.metadata))),
                 statefulset_events.for_each(|r| route.workload(r.map(|o| o.metadata))),
                 daemonset_events.for_each(|r| route.workload(r.map(|o| o.metadata))),
-                ns_stream.for_each(|r| route.when_ok(r, routing::policies_with_sidecars_or_mtls)),
+                ns_stream.for_each(|r| {
+                    route.when_ok(r, routing::policies_with_sidecars_or_mtls, sidecars_or_mtls)
+                }),
                 limit_range_events.for_each(|_| async {}),
                 quota_events.for_each(|_| async {}),
                 pod_events.for_each(|_| async {}),
                 // Errors were logged by `watch::resilient`.
-                mtls_pod_events.for_each(|r| route.when_ok(r, routing::policies_with_mtls)),
+                mtls_pod_events.for_each(|r| route.when_ok(r, routing::policies_with_mtls, mtls)),
                 hpa_events.for_each(|r| route.namespaced(r.map(|o| o.metadata))),
                 pdb_events.for_each(|r| route.namespaced(r.map(|o| o.metadata))),
-                pa_events.for_each(|r| route.when_ok(r, routing::policies_with_mtls)),
+                pa_events.for_each(|r| route.when_ok(r, routing::policies_with_mtls, mtls)),
                 istio_events.for_each(|()| {
                     route.when_ok(
                         Ok::<(), watcher::Error>(()),
                         routing::policies_with_sidecars_or_mtls,
+                        sidecars_or_mtls,
                     )
                 }),
             );

@@ -17,7 +17,7 @@ use crate::api::MeshPolicy;
 use crate::context::Context;
 use crate::error::{Error, Result, Retry, backoff};
 use crate::policy;
-use crate::rules::{RuleReport, Section};
+use crate::rules::{RuleReport, Section, Sections};
 use crate::status;
 use crate::status::conditions::{self, Status, types};
 use crate::status::reasons;
@@ -40,6 +40,67 @@ pub async fn evaluate(
     (reports, conflicts)
 }
 
+/// A policy's last evaluation: what it was evaluated against and every section's report.
+#[derive(Clone)]
+pub(super) struct Memo {
+    generation: Option<i64>,
+    /// The spec after conflicts were resolved.
+    spec: crate::api::MeshPolicySpec,
+    reports: Vec<RuleReport>,
+    /// When every section was last evaluated.
+    full_at: std::time::Instant,
+}
+
+/// Evaluates the sections of `dirty` and reuses the last reports of the others, when the last
+/// evaluation was of the same spec and generation, less than [`RESYNC`] ago, and the reused
+/// section was settled (True, nothing corrected); otherwise (`dirty` is `None`: the
+/// policy itself changed or was requeued) evaluates every section. A reused report carries no
+/// corrections, which were counted and published when they were made.
+async fn evaluate_dirty(
+    ctx: &Context,
+    policy: &MeshPolicy,
+    all: &[&MeshPolicy],
+    dirty: Option<Sections>,
+    memo: Option<Memo>,
+) -> (Vec<RuleReport>, Vec<policy::Conflict>, Memo) {
+    let (spec, conflicts) = policy::resolve(policy, all);
+    let reusable = memo.filter(|m| {
+        dirty.is_some()
+            && m.generation == policy.metadata.generation
+            && m.spec == spec
+            && m.full_at.elapsed() < RESYNC
+    });
+    let dirty = dirty.unwrap_or(Sections::ALL);
+    let mut reports = Vec::with_capacity(Section::ALL.len());
+    for (i, section) in Section::ALL.into_iter().enumerate() {
+        // Only a settled section is reused: True, and nothing corrected in its last pass
+        // (a correction's effects, rollouts and holds are followed up by evaluating again).
+        let last = reusable
+            .as_ref()
+            .and_then(|m| m.reports.get(i))
+            .filter(|r| r.condition.status == Status::True && r.corrected == 0);
+        match last {
+            Some(r) if !dirty.contains(section) => reports.push(RuleReport {
+                corrected: 0,
+                corrections: Vec::new(),
+                ..r.clone()
+            }),
+            _ => reports.push(section.run(ctx, policy, &spec).await),
+        }
+    }
+    tracing::debug!(sections = ?dirty, reused = reusable.is_some(), "evaluated");
+    let memo = Memo {
+        generation: policy.metadata.generation,
+        full_at: match &reusable {
+            Some(m) => m.full_at,
+            None => std::time::Instant::now(),
+        },
+        spec,
+        reports: reports.clone(),
+    };
+    (reports, conflicts, memo)
+}
+
 #[tracing::instrument(skip_all, fields(policy = %policy.name_any(), generation = policy.metadata.generation))]
 pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action> {
     let running = Running::enter(&state.in_flight, &state.ctx.metrics);
@@ -53,7 +114,17 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
         .and_then(|s| s.as_ref().map(|s| s.state()))
         .unwrap_or_default();
     let refs: Vec<&MeshPolicy> = all.iter().map(|p| p.as_ref()).collect();
-    let (reports, conflicts) = evaluate(ctx, &policy, &refs).await;
+    let dirty = state
+        .triggers
+        .take_dirty(&kube::runtime::reflector::ObjectRef::from_obj(
+            policy.as_ref(),
+        ));
+    let memo = state.memo.lock().ok().and_then(|m| m.get(&name).cloned());
+    let (reports, conflicts, memo) = evaluate_dirty(ctx, &policy, &refs, dirty, memo).await;
+    if let Ok(mut m) = state.memo.lock() {
+        m.retain(|k, _| all.iter().any(|p| p.name_any() == *k));
+        m.insert(name.clone(), memo);
+    }
 
     let now = Time(jiff::Timestamp::now());
     let new_status = status::build(

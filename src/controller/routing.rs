@@ -10,7 +10,7 @@ use kube::runtime::watcher;
 
 use super::watches::Triggers;
 use crate::api::MeshPolicy;
-use crate::rules::{self, sidecars};
+use crate::rules::{self, Section, Sections, sidecars};
 
 /// Policies with an `mtls` section: a PeerAuthentication, namespace or pod anywhere can
 /// change what it holds.
@@ -36,26 +36,6 @@ pub(super) fn policies_for_namespace(
         .collect()
 }
 
-/// Policies to reconcile for an event on a workload in `namespace`: those whose HA rules cover
-/// it, and those whose sidecars section covers it (by the namespace's labels, when known).
-pub(super) fn policies_for_workload(
-    store: &Store<MeshPolicy>,
-    namespaces: &Store<PartialObjectMeta<Namespace>>,
-    namespace: &str,
-) -> Vec<ObjectRef<MeshPolicy>> {
-    let ns = namespaces.get(&ObjectRef::new(namespace));
-    let labels = ns.as_ref().map(|n| n.labels().clone());
-    store
-        .state()
-        .iter()
-        .filter(|p| {
-            rules::covers_namespace(&p.spec, namespace)
-                || sidecars::covers_namespace(&p.spec, labels.as_ref())
-        })
-        .map(|p| ObjectRef::from_obj(p.as_ref()))
-        .collect()
-}
-
 /// Every policy with a sidecars or an mtls section: both decide by namespace labels and by
 /// what Istio injects (revisions, tags), and mtls by the mesh config.
 pub(super) fn policies_with_sidecars_or_mtls(
@@ -77,32 +57,52 @@ pub(super) struct Route {
 }
 
 impl Route {
-    /// A workload changed: the policies whose HA or sidecars sections cover its namespace.
+    /// A workload changed: the policies whose HA sections cover its namespace (for those
+    /// sections), and those whose sidecars section covers it.
     pub fn workload(&self, event: Result<ObjectMeta, watcher::Error>) -> Ready<()> {
         if let Some(ns) = event.ok().and_then(|m| m.namespace) {
-            self.triggers
-                .add(policies_for_workload(&self.policies, &self.namespaces, &ns));
+            let labels = self
+                .namespaces
+                .get(&ObjectRef::new(&ns))
+                .map(|n| n.labels().clone());
+            let policies = self.policies.state();
+            let which = |f: &dyn Fn(&MeshPolicy) -> bool| {
+                policies
+                    .iter()
+                    .filter(|p| f(p))
+                    .map(|p| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
+            };
+            self.triggers.add(
+                which(&|p| rules::covers_namespace(&p.spec, &ns)),
+                Sections::HA,
+            );
+            self.triggers.add(
+                which(&|p| sidecars::covers_namespace(&p.spec, labels.as_ref())),
+                Section::SidecarResources.only(),
+            );
         }
         ready(())
     }
 
-    /// An HPA or PDB changed: the policies whose HA sections cover its namespace.
+    /// An HPA or PDB changed: the HA sections of the policies covering its namespace.
     pub fn namespaced(&self, event: Result<ObjectMeta, watcher::Error>) -> Ready<()> {
         if let Some(ns) = event.ok().and_then(|m| m.namespace) {
             self.triggers
-                .add(policies_for_namespace(&self.policies, &ns));
+                .add(policies_for_namespace(&self.policies, &ns), Sections::HA);
         }
         ready(())
     }
 
-    /// Something the policies chosen by `which` read changed.
+    /// Something `sections` of the policies chosen by `which` read changed.
     pub fn when_ok<T>(
         &self,
         event: Result<T, watcher::Error>,
         which: impl Fn(&Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>>,
+        sections: Sections,
     ) -> Ready<()> {
         if event.is_ok() {
-            self.triggers.add(which(&self.policies));
+            self.triggers.add(which(&self.policies), sections);
         }
         ready(())
     }

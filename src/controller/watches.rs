@@ -8,26 +8,41 @@ use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 
+use std::collections::HashMap;
+
 use crate::api::MeshPolicy;
+use crate::rules::Sections;
 use crate::watch;
 
 /// Policies to reconcile, coalesced: however many events name a policy while it waits, it is
-/// queued once.
+/// queued once, with the union of the sections those events concern. When the controller
+/// takes a policy, its sections move to the dirty set that its reconcile takes.
 #[derive(Clone, Default)]
-pub(super) struct Triggers {
-    pending: Arc<std::sync::Mutex<std::collections::HashSet<ObjectRef<MeshPolicy>>>>,
+pub struct Triggers {
+    pending: Arc<std::sync::Mutex<HashMap<ObjectRef<MeshPolicy>, Sections>>>,
+    dirty: Arc<std::sync::Mutex<HashMap<ObjectRef<MeshPolicy>, Sections>>>,
     notify: Arc<tokio::sync::Notify>,
 }
 
 impl Triggers {
-    pub(super) fn add(&self, refs: Vec<ObjectRef<MeshPolicy>>) {
-        if refs.is_empty() {
+    /// Queues `refs`, each for `sections`.
+    pub(super) fn add(&self, refs: Vec<ObjectRef<MeshPolicy>>, sections: Sections) {
+        if refs.is_empty() || sections.is_empty() {
             return;
         }
         if let Ok(mut p) = self.pending.lock() {
-            p.extend(refs);
+            for r in refs {
+                let s = p.entry(r).or_default();
+                *s = *s | sections;
+            }
         }
         self.notify.notify_one();
+    }
+
+    /// The sections queued for `policy` since its last reconcile took them (`None`: no
+    /// watch event named it; a reconcile of its own, such as a spec change or a requeue).
+    pub(super) fn take_dirty(&self, policy: &ObjectRef<MeshPolicy>) -> Option<Sections> {
+        self.dirty.lock().ok()?.remove(policy)
     }
 
     pub(super) fn stream(&self) -> impl Stream<Item = ObjectRef<MeshPolicy>> + Send + 'static {
@@ -40,7 +55,18 @@ impl Triggers {
                     .map(|mut p| std::mem::take(&mut *p))
                     .unwrap_or_default();
                 if !taken.is_empty() {
-                    return Some((futures::stream::iter(taken), this));
+                    let refs: Vec<ObjectRef<MeshPolicy>> = match this.dirty.lock() {
+                        Ok(mut d) => taken
+                            .into_iter()
+                            .map(|(r, s)| {
+                                let e = d.entry(r.clone()).or_default();
+                                *e = *e | s;
+                                r
+                            })
+                            .collect(),
+                        Err(_) => taken.into_keys().collect(),
+                    };
+                    return Some((futures::stream::iter(refs), this));
                 }
                 this.notify.notified().await;
             }

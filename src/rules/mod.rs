@@ -37,6 +37,11 @@ impl Section {
         Section::MutualTls,
     ];
 
+    /// This section alone, as a [`Sections`] set.
+    pub fn only(self) -> Sections {
+        Sections(1 << self as u8)
+    }
+
     /// The section's condition type.
     pub fn condition_type(self) -> &'static str {
         match self {
@@ -113,6 +118,34 @@ impl Section {
             },
             _ => not_configured(),
         }
+    }
+}
+
+/// A set of sections: those a change in the cluster concerns, hence those a reconcile it
+/// triggers has to evaluate again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sections(u8);
+
+impl Sections {
+    pub const NONE: Sections = Sections(0);
+    pub const ALL: Sections = Sections((1 << Section::ALL.len()) - 1);
+    /// Both HA sections (they read the same kinds).
+    pub const HA: Sections =
+        Sections(1 << Section::ControlPlaneHa as u8 | 1 << Section::GatewayHa as u8);
+
+    pub fn contains(self, s: Section) -> bool {
+        self.0 & s.only().0 != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl std::ops::BitOr for Sections {
+    type Output = Sections;
+    fn bitor(self, other: Sections) -> Sections {
+        Sections(self.0 | other.0)
     }
 }
 
