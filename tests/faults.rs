@@ -20,15 +20,6 @@ async fn cpu_annotation(deployments: &Api<Deployment>) -> Option<String> {
     d.spec?.template.metadata?.annotations?.get(CPU).cloned()
 }
 
-/// Stops an operator as Kubernetes does (SIGTERM).
-fn sigterm(r: &Replica) {
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &r.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 /// Drift: the sidecar CPU annotation removed by someone else.
 async fn remove_cpu(deployments: &Api<Deployment>) {
     deployments
@@ -157,7 +148,7 @@ async fn a_released_lease_is_taken_over_within_2s() {
     let (mut leader, standby) = if a_leads { (a, b) } else { (b, a) };
     // Let the standby settle into waiting for the lease's expiry.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    sigterm(&leader);
+    leader.terminate().unwrap();
     let stopped = Instant::now();
     eventually(20, "the standby leads", || async {
         (standby.metric("meshwarden_leader").await? == 1.0).then_some(())
@@ -302,7 +293,7 @@ async fn a_second_instance_without_leader_election_goes_passive_and_never_double
     assert_eq!(b.metric("meshwarden_leader").await, Some(0.0));
 
     // Step 4: a stops gracefully: b resumes and clears what it reported.
-    sigterm(&a);
+    a.terminate().unwrap();
     let stopped = std::time::Instant::now();
     let _ = a.child.wait();
     eventually(20, "b writes, alone", || async {
