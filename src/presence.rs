@@ -208,9 +208,14 @@ impl Presence {
         let started = jiff::Timestamp::now();
         let me = self.record(started);
         let selector = format!("{GROUP_LABEL}={}", self.lease_name);
-        if let Err(e) = self.heartbeat(started).await {
-            warn!(namespace = %self.namespace, error = %e, "cannot write this instance's presence Lease; another instance running without leader election would not be detected");
-        }
+        // Logged once per change, not at every renewal.
+        let mut renewing = match self.heartbeat(started).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(namespace = %self.namespace, error = %e, "cannot write this instance's presence Lease; another instance running without leader election would not be detected");
+                false
+            }
+        };
         let first = match self
             .api()
             .list(&ListParams::default().labels(&selector))
@@ -243,8 +248,16 @@ impl Presence {
                 tokio::select! {
                     _ = &mut stop_rx => break,
                     _ = tick.tick() => {
-                        if let Err(e) = self.heartbeat(started).await {
-                            warn!(error = %e, "cannot renew this instance's presence Lease");
+                        match (self.heartbeat(started).await, renewing) {
+                            (Ok(()), false) => {
+                                info!("this instance's presence Lease is written again");
+                                renewing = true;
+                            }
+                            (Err(e), true) => {
+                                warn!(error = %e, "cannot renew this instance's presence Lease (logged again when it is written)");
+                                renewing = false;
+                            }
+                            _ => {}
                         }
                         self.forget_expired(&store.state()).await;
                     }
