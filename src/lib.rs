@@ -9,6 +9,7 @@ pub mod controller;
 pub mod error;
 pub mod istio;
 pub mod policy;
+pub mod presence;
 pub mod quantity;
 pub mod rules;
 pub mod selector;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use meshwarden::context::Context;
 use meshwarden::controller::{self, State};
+use meshwarden::presence::{Presence, Seen};
 use meshwarden::telemetry::{self, Metrics};
 use tokio::sync::watch;
 
@@ -112,6 +113,19 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// Resolves once this instance is (`true`) or is no longer (`false`) passive. Without a
+/// presence task (it ended) the instance stays active.
+async fn until_passive(rx: &mut watch::Receiver<Seen>, passive: bool) {
+    if rx
+        .wait_for(|s| s.yield_to.is_some() == passive)
+        .await
+        .is_err()
+        && passive
+    {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Resolves once `rx` holds `want` (or its sender is gone).
 async fn until(rx: &mut watch::Receiver<bool>, want: bool) {
     let _ = rx.wait_for(|v| *v == want).await;
@@ -136,7 +150,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .unwrap_or_else(|| format!("meshwarden-{}", std::process::id()));
     let mut ctx = Context::with_metrics(client.clone(), Some(identity.clone()), metrics.clone());
     ctx.istio_namespace = args.istio_namespace;
-    let state = Arc::new(State::new(ctx, args.policy_selector));
+    let state = Arc::new(State::new(ctx, args.policy_selector.clone()));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), %identity, "meshwarden starting");
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -144,22 +158,68 @@ async fn run(args: RunArgs) -> Result<(), String> {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
+    let presence = |elected: bool, namespace: String| Presence {
+        client: client.clone(),
+        namespace,
+        lease_name: args.lease_name.clone(),
+        identity: identity.clone(),
+        elected,
+        selector: args.policy_selector.clone(),
+        duration: args.lease_duration,
+        metrics: metrics.clone(),
+    };
 
     if !args.leader_election {
-        metrics.leader.set(1);
-        let mut stop = stop_rx.clone();
-        controller::run(state, async move { until(&mut stop, true).await }).await;
+        // Without leader election this instance still keeps a presence record, so that a
+        // second one is detected; the younger of two goes passive (writes nothing, publishes
+        // no Event) until the other is gone.
+        let namespace = args
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string());
+        let present = presence(false, namespace).start().await;
+        loop {
+            let mut seen = present.seen.clone();
+            if seen.borrow().yield_to.is_some() {
+                metrics.leader.set(0);
+                metrics.set_ready(true);
+                let mut stop = stop_rx.clone();
+                tokio::select! {
+                    _ = until_passive(&mut seen, false) => {},
+                    _ = until(&mut stop, true) => break,
+                }
+                tracing::info!("no other instance is active; resuming writes");
+            }
+            if *stop_rx.borrow() {
+                break;
+            }
+            metrics.leader.set(1);
+            metrics.set_ready(false);
+            let mut stop = stop_rx.clone();
+            controller::run(state.clone(), async move {
+                tokio::select! {
+                    _ = until_passive(&mut seen, true) => tracing::warn!("another instance is active; stopping writes"),
+                    _ = until(&mut stop, true) => {},
+                }
+            })
+            .await;
+            if *stop_rx.borrow() {
+                break;
+            }
+        }
+        // The record goes once nothing is written any more: a passive peer resumes at once.
+        present.stop().await;
         return Ok(());
     }
 
-    let namespace = args.lease_namespace.ok_or(
+    let namespace = args.lease_namespace.clone().ok_or(
         "--leader-election needs --lease-namespace (or the POD_NAMESPACE environment variable)",
     )?;
     let lease = LeaseConfig {
-        client,
+        client: client.clone(),
         namespace,
-        name: args.lease_name,
-        identity,
+        name: args.lease_name.clone(),
+        identity: identity.clone(),
         duration: args.lease_duration,
     };
     let mut election = lease.start().await?;
@@ -192,6 +252,9 @@ async fn run(args: RunArgs) -> Result<(), String> {
         tracing::info!("became leader");
         metrics.leader.set(1);
         metrics.set_ready(false);
+        // The leader's presence record: an instance started without leader election next to
+        // it sees it and stays passive.
+        let present = presence(true, lease.namespace.clone()).start().await;
         let (mut lost, mut stop) = (election.0.clone(), stop_rx.clone());
         controller::run(state.clone(), async move {
             tokio::select! {
@@ -200,6 +263,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
             }
         })
         .await;
+        present.stop().await;
         if *stop_rx.borrow() {
             break;
         }

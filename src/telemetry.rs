@@ -54,6 +54,8 @@ pub struct Metrics {
     /// Running pods whose istio-proxy has other resources than the policy declares.
     pub sidecar_drift: Family<NamespaceLabels, Gauge>,
     pub leader: Gauge,
+    /// Other live instances handling the same policies (`presence`).
+    pub other_instances: Gauge,
     pub writes: Counter,
     /// State of every watch of the running controller (readiness, sections, `watch_synced`).
     pub watches: Arc<crate::watch::Health>,
@@ -77,6 +79,7 @@ impl Default for Metrics {
         let policy_ready = Family::<PolicyLabels, Gauge>::default();
         let sidecar_drift = Family::<NamespaceLabels, Gauge>::default();
         let leader = Gauge::default();
+        let other_instances = Gauge::default();
         let writes = Counter::default();
         let watch_synced = Family::<WatchLabels, Gauge>::default();
         registry.register(
@@ -121,8 +124,13 @@ impl Default for Metrics {
         );
         registry.register(
             "leader",
-            "1 while this instance holds the leader lease",
+            "1 while this instance writes: it holds the leader lease, or runs without leader election and is not passive",
             leader.clone(),
+        );
+        registry.register(
+            "other_instances",
+            "Other live meshwarden instances handling the same policies (more than 0: one of them is passive)",
+            other_instances.clone(),
         );
         registry.register(
             "api_writes",
@@ -139,6 +147,7 @@ impl Default for Metrics {
             policy_ready,
             sidecar_drift,
             leader,
+            other_instances,
             writes,
             watches: Default::default(),
             watch_synced,

@@ -195,16 +195,15 @@ impl Health {
         Ok(())
     }
 
-    /// [`Health::readable`], waiting up to `limit` while a watch lists (a refused kind is
-    /// answered at once).
+    /// [`Health::readable`], waiting up to `limit` while a watch lists for the first time. A
+    /// watch that failed is answered at once, whatever the cause: while the API server is
+    /// gone, waiting would only hold the policy's reconcile (and every change queued behind
+    /// it), and once the watch lists again every policy is reconciled anyway.
     pub async fn wait_readable(&self, names: &[&str], limit: Duration) -> Result<(), NotReadable> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             match self.readable(names) {
-                Err(e)
-                    if e.cause.is_none_or(Cause::stale)
-                        && tokio::time::Instant::now() < deadline =>
-                {
+                Err(e) if e.cause.is_none() && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 other => return other,
@@ -434,5 +433,41 @@ mod tests {
         stream.next().await;
         assert!(health.current());
         assert!(health.stale(&["pods"]).is_empty());
+    }
+
+    /// A reconcile that meets a cache whose watch failed (the API server gone) answers at once
+    /// instead of waiting: while it waited, the controller held the policy, so drift made
+    /// after the server returned waited for it too. Only a first list is waited for.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_watch_is_not_waited_for_a_first_list_is() {
+        let health = Health::default();
+        let failing = State::Failing {
+            cause: Cause::Unavailable,
+            error: "connection refused".into(),
+        };
+        health.set("pods", failing);
+        let start = tokio::time::Instant::now();
+        let err = health
+            .wait_readable(&["pods"], Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert_eq!(err.cause, Some(Cause::Unavailable));
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "waited {:?} for a failed watch",
+            start.elapsed()
+        );
+
+        let health = Arc::new(Health::default());
+        health.set("pods", State::Listing);
+        let h = health.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            h.set("pods", State::Synced);
+        });
+        health
+            .wait_readable(&["pods"], Duration::from_secs(10))
+            .await
+            .unwrap();
     }
 }

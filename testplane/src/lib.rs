@@ -28,6 +28,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope};
 use kube::{Client, Config, ResourceExt};
 
+pub mod operator;
 mod restart;
 
 /// Kubernetes version the binaries are built at (see `tools/k8s-bins/go.mod`).
@@ -358,6 +359,51 @@ impl Drop for Plane {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A kubeconfig for the plane in `plane_dir` (written there as `<name>.kubeconfig`)
+/// authenticating as ServiceAccount `namespace/name` with a one-hour TokenRequest token: real authentication, so the
+/// account's RBAC applies.
+pub async fn service_account_kubeconfig(
+    plane_dir: &Path,
+    namespace: &str,
+    name: &str,
+) -> Result<PathBuf> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    let admin_kc = plane_dir.join("kubeconfig");
+    let admin = client_from(&admin_kc).await?;
+    let text = io(&admin_kc, fs::read_to_string(&admin_kc))?;
+    let parsed: serde_json::Value =
+        serde_yaml::from_str(&text).map_err(|e| Error::Manifest(e.to_string()))?;
+    let server = parsed["clusters"][0]["cluster"]["server"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(admin, namespace);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token = sas
+        .create_token_request(name, &Default::default(), &request)
+        .await
+        .map_err(|e| Error::Manifest(format!("TokenRequest for {namespace}/{name}: {e}")))?
+        .status
+        .ok_or_else(|| Error::Manifest(format!("TokenRequest for {namespace}/{name}: no status")))?
+        .token;
+    let path = plane_dir.join(format!("{name}.kubeconfig"));
+    let yaml = format!(
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: '{}', certificate-authority: '{}'}}}}]\n\
+         users: [{{name: sa, user: {{token: '{token}'}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: sa}}}}]\ncurrent-context: t\n",
+        server,
+        plane_dir.join("ca.crt").display()
+    );
+    io(&path, fs::write(&path, yaml))?;
+    Ok(path)
 }
 
 /// Audit entries from a plane directory's `audit.log`.

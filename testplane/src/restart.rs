@@ -1,20 +1,92 @@
-//! Fault injection on a plane a test owns: kill kube-apiserver (as `kill -9` would) and start
-//! it again with the same arguments, etcd and data untouched.
+//! Fault injection on a plane a test owns: kill kube-apiserver or etcd (as `kill -9` would)
+//! and start it again with the same arguments and data; compact etcd (so that watches from
+//! before the compaction expire).
 
 use std::fs;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use crate::{Error, Lifetime, Plane, Result, io, spawn};
 
 const APISERVER: &str = "kube-apiserver";
+const ETCD: &str = "etcd";
 
 impl Plane {
     /// Kills kube-apiserver with SIGKILL and waits for it to exit. etcd keeps running.
     pub fn kill_apiserver(&mut self) -> Result<()> {
-        let i = self.apiserver_index()?;
+        self.kill_component(APISERVER)
+    }
+
+    /// Starts kube-apiserver again with the arguments it had when [`Plane::kill_apiserver`]
+    /// stopped it, and waits until it is ready (its log goes to `kube-apiserver.restarted.log`).
+    pub async fn restart_apiserver(&mut self) -> Result<()> {
+        self.restart_component(APISERVER)?;
+        self.wait_ready().await
+    }
+
+    /// Kills etcd with SIGKILL and waits for it to exit. kube-apiserver keeps running (and
+    /// fails its readiness until etcd is back).
+    pub fn kill_etcd(&mut self) -> Result<()> {
+        self.kill_component(ETCD)
+    }
+
+    /// Starts etcd again on its data and waits until kube-apiserver is ready again.
+    pub async fn restart_etcd(&mut self) -> Result<()> {
+        self.restart_component(ETCD)?;
+        self.wait_ready().await
+    }
+
+    /// Writes a key outside the API server's prefix (so etcd's revision moves on) and compacts
+    /// etcd at its current revision, through etcd's JSON gateway. A watch from an earlier
+    /// resourceVersion then ends with `410 Expired`. Returns the compacted revision.
+    pub fn compact_etcd(&self) -> Result<i64> {
+        let url = self.etcd_url()?;
+        let put = etcd_post(
+            &url,
+            "/v3/kv/put",
+            r#"{"key":"dGVzdHBsYW5lL2NvbXBhY3Q=","value":"eA=="}"#,
+        )?;
+        let revision = put["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse::<i64>().ok())
+            .or_else(|| put["header"]["revision"].as_i64())
+            .ok_or_else(|| Error::Manifest(format!("etcd put answered {put}")))?;
+        etcd_post(
+            &url,
+            "/v3/kv/compaction",
+            &format!(r#"{{"revision":"{revision}","physical":true}}"#),
+        )?;
+        Ok(revision)
+    }
+
+    /// etcd's client URL, from the running (or last killed) etcd's command line.
+    fn etcd_url(&self) -> Result<String> {
+        let args = match self.component_index(ETCD) {
+            Ok(i) => io(
+                &self.dir,
+                fs::read(format!("/proc/{}/cmdline", self.children[i].id())),
+            )?,
+            Err(_) => {
+                let saved = self.saved(ETCD);
+                io(&saved, fs::read(&saved))?
+            }
+        };
+        args.split(|b| *b == 0)
+            .filter_map(|a| std::str::from_utf8(a).ok())
+            .find_map(|a| a.strip_prefix("--listen-client-urls="))
+            .map(str::to_string)
+            .ok_or_else(|| Error::Manifest("etcd has no --listen-client-urls".into()))
+    }
+
+    fn saved(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.cmdline"))
+    }
+
+    fn kill_component(&mut self, name: &str) -> Result<()> {
+        let i = self.component_index(name)?;
         let cmdline = PathBuf::from(format!("/proc/{}/cmdline", self.children[i].id()));
         let args = io(&cmdline, fs::read(&cmdline))?;
-        let saved = self.dir.join("kube-apiserver.cmdline");
+        let saved = self.saved(name);
         io(&saved, fs::write(&saved, args))?;
         let mut child = self.children.remove(i);
         let _ = child.kill();
@@ -22,10 +94,8 @@ impl Plane {
         Ok(())
     }
 
-    /// Starts kube-apiserver again with the arguments it had when [`Plane::kill_apiserver`]
-    /// stopped it, and waits until it is ready (its log goes to `kube-apiserver.restarted.log`).
-    pub async fn restart_apiserver(&mut self) -> Result<()> {
-        let saved = self.dir.join("kube-apiserver.cmdline");
+    fn restart_component(&mut self, name: &str) -> Result<()> {
+        let saved = self.saved(name);
         let raw = io(&saved, fs::read(&saved))?;
         let mut argv = raw
             .split(|b| *b == 0)
@@ -36,22 +106,44 @@ impl Plane {
             .map(PathBuf::from)
             .ok_or_else(|| Error::Manifest(format!("{} holds no command line", saved.display())))?;
         let args: Vec<String> = argv.collect();
-        let log = self.dir.join("kube-apiserver.restarted.log");
+        let log = self.dir.join(format!("{name}.restarted.log"));
         let child = spawn(&bin, &args, &log, Lifetime::Attached)?;
         self.children.insert(0, child);
-        self.wait_ready().await
+        Ok(())
     }
 
-    fn apiserver_index(&self) -> Result<usize> {
+    fn component_index(&self, name: &str) -> Result<usize> {
         self.children
             .iter()
             .position(|c| {
                 fs::read(format!("/proc/{}/cmdline", c.id())).is_ok_and(|cmd| {
-                    cmd.split(|b| *b == 0)
-                        .next()
-                        .is_some_and(|argv0| argv0.ends_with(APISERVER.as_bytes()))
+                    cmd.split(|b| *b == 0).next().is_some_and(|argv0| {
+                        argv0.ends_with(format!("/{name}").as_bytes()) || argv0 == name.as_bytes()
+                    })
                 })
             })
-            .ok_or_else(|| Error::Manifest(format!("no running {APISERVER} in this plane")))
+            .ok_or_else(|| Error::Manifest(format!("no running {name} in this plane")))
     }
+}
+
+/// A JSON POST to etcd's gateway on loopback (plain HTTP/1.0, one request per connection).
+fn etcd_post(url: &str, path: &str, body: &str) -> Result<serde_json::Value> {
+    let addr = url.trim_start_matches("http://");
+    let err = |e: std::io::Error| Error::Manifest(format!("etcd {addr}{path}: {e}"));
+    let mut s = std::net::TcpStream::connect(addr).map_err(err)?;
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(err)?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).map_err(err)?;
+    let (head, json) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    if head.split(' ').nth(1) != Some("200") {
+        return Err(Error::Manifest(format!(
+            "etcd {path} answered {head}: {json}"
+        )));
+    }
+    serde_json::from_str(json).map_err(|e| Error::Manifest(format!("etcd {path}: {e}")))
 }

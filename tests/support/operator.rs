@@ -1,81 +1,33 @@
-//! The operator binary as a child process, and waiting on it.
+//! The operator binary as a child process (`testplane::operator`), and waiting on it.
 #![allow(dead_code)]
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use testplane::operator::Operator;
+pub use testplane::operator::http_get;
 
-/// The operator binary running as a child process.
-pub struct Replica {
-    pub child: Child,
-    pub port: u16,
-    pub log: PathBuf,
-}
+/// This package's operator binary as a child process.
+pub struct Replica(Operator);
 
 impl Replica {
     /// `meshwarden run args…` as `name` (its Lease identity), logging to `dir/name.log`.
     pub fn start(kubeconfig: &Path, name: &str, dir: &Path, args: &[&str]) -> Replica {
-        let port = free_port();
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_meshwarden"))
-            .arg("run")
-            .args(args)
-            .arg(format!("--metrics-addr=127.0.0.1:{port}"))
-            .env("KUBECONFIG", kubeconfig)
-            .env("POD_NAME", name)
-            .env("POD_NAMESPACE", "meshwarden")
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_OPERATOR_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start meshwarden");
-        Replica { child, port, log }
-    }
-
-    pub async fn metric(&self, name: &str) -> Option<f64> {
-        let text = http_get(self.port, "/metrics").await?;
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let bin = Path::new(env!("CARGO_BIN_EXE_meshwarden"));
+        Replica(Operator::start(bin, kubeconfig, name, dir, args).expect("start meshwarden"))
     }
 }
 
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Replica {
+    type Target = Operator;
+    fn deref(&self) -> &Operator {
+        &self.0
     }
 }
 
-/// A bare HTTP/1.0 GET on loopback (the endpoints need nothing more).
-pub async fn http_get(port: u16, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    let (head, body) = buf.split_once("\r\n\r\n")?;
-    (head.split(' ').nth(1) == Some("200")).then(|| body.to_string())
+impl std::ops::DerefMut for Replica {
+    fn deref_mut(&mut self) -> &mut Operator {
+        &mut self.0
+    }
 }
 
 pub async fn eventually<T, F, Fut>(secs: u64, what: &str, f: F) -> T

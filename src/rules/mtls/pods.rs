@@ -387,6 +387,14 @@ mod tests {
         let again = attempt(&pod_attempts, 1).await;
         again.unbounded_send(Ok(watcher::Event::Init)).unwrap();
         again.unbounded_send(Ok(watcher::Event::InitDone)).unwrap();
+        // A failed watch is not waited for (a reconcile answers Unknown at once): wait for
+        // the relist here.
+        for _ in 0..200 {
+            if health.readable(&[PODS_WATCH, HOST_PODS_WATCH]).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         cache.current(Duration::from_secs(10)).await.unwrap();
         assert!(health.readable(&[PODS_WATCH, HOST_PODS_WATCH]).is_ok());
     }
