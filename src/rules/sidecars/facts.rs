@@ -242,6 +242,8 @@ pub struct PodFacts {
     /// The `istio-proxy` container's requests/limits in milli-units, in the order of
     /// [`Desired::annotations`] (cpu, cpu limit, memory, memory limit); `None` without one.
     pub proxy: Option<[Option<i128>; 4]>,
+    /// The proxy's revision and version (read by the upgrades section); `None` without one.
+    pub sidecar: Option<crate::istio::ProxyVersion>,
 }
 
 impl From<&Pod> for PodFacts {
@@ -260,12 +262,25 @@ impl From<&Pod> for PodFacts {
                 "DaemonSet" => Some((Kind::DaemonSet, o.name.clone())),
                 _ => None,
             });
-        let proxy = p.spec.as_ref().and_then(|spec| {
-            let c = spec
-                .containers
+        let container = p.spec.as_ref().and_then(|spec| {
+            spec.containers
                 .iter()
                 .chain(spec.init_containers.iter().flatten())
-                .find(|c| c.name == PROXY_CONTAINER)?;
+                .find(|c| c.name == PROXY_CONTAINER)
+        });
+        let sidecar = container.map(|c| crate::istio::ProxyVersion {
+            revision: p
+                .annotations()
+                .get(crate::istio::SIDECAR_STATUS)
+                .and_then(|s| crate::istio::injected_revision(s)),
+            version: c
+                .image
+                .as_deref()
+                .and_then(crate::istio::image_tag)
+                .unwrap_or(crate::istio::UNKNOWN)
+                .to_string(),
+        });
+        let proxy = container.map(|c| {
             let res = c.resources.clone().unwrap_or_default();
             let get = |m: &Option<
                 BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
@@ -275,12 +290,12 @@ impl From<&Pod> for PodFacts {
                     .and_then(|m| m.get(k))
                     .and_then(|q| quantity::millis(&q.0))
             };
-            Some([
+            [
                 get(&res.requests, "cpu"),
                 get(&res.limits, "cpu"),
                 get(&res.requests, "memory"),
                 get(&res.limits, "memory"),
-            ])
+            ]
         });
         PodFacts {
             name: p.name_any(),
@@ -288,6 +303,7 @@ impl From<&Pod> for PodFacts {
             labels: only(Some(labels), &[INJECT, "istio.io/rev"]),
             annotations: only(Some(p.annotations()), &[INJECT, INJECT_TEMPLATES]),
             proxy,
+            sidecar,
         }
     }
 }

@@ -179,7 +179,7 @@ fn namespace_selection_defaults_to_injection_on() {
     let live = Revisions {
         live: [("canary".to_string(), ["istio-system".to_string()].into())].into(),
         tags: [("prod".to_string(), "canary".to_string())].into(),
-        any: false,
+        ..Revisions::default()
     };
     assert!(selects_namespace(
         &spec,
