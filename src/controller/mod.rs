@@ -265,7 +265,8 @@ pub async fn run(
     };
     // Workload events reach the policies whose HA or sidecars sections cover the namespace;
     // namespace changes reach sidecars and mtls sections; mTLS pod changes reach mtls sections.
-    // LimitRanges, ResourceQuotas and running pods only keep their stores current.
+    // running pods reach upgrades sections; LimitRanges and ResourceQuotas only keep their
+    // stores current.
     let route = Route {
         policies: store.clone(),
         namespaces: ns_store,
@@ -280,7 +281,8 @@ pub async fn run(
                 ns_stream.for_each(|r| route.when_ok(r, routing::policies_with_sidecars_or_mtls)),
                 limit_range_events.for_each(|_| async {}),
                 quota_events.for_each(|_| async {}),
-                pod_events.for_each(|_| async {}),
+                // Running pods: what the upgrades sections count.
+                pod_events.for_each(|r| route.when_ok(r, routing::policies_with_upgrades)),
                 // Errors were logged by `watch::resilient`.
                 mtls_pod_events.for_each(|r| route.when_ok(r, routing::policies_with_mtls)),
                 hpa_events.for_each(|r| route.namespaced(r.map(|o| o.metadata))),
