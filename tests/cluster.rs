@@ -998,3 +998,298 @@ async fn pod_churn_after_a_rollout_keeps_the_controllers_completion_marks() {
         }
     }
 }
+
+/// The pod spec and metadata the default istiod's injection really produced, moved to revision
+/// `revision` (the status annotation and revision labels) with the proxy image tag `tag`.
+fn injected_as(pod: &Pod, app: &str, revision: &str, tag: &str) -> serde_json::Value {
+    let ann = pod.annotations();
+    let mut status: serde_json::Value =
+        serde_json::from_str(&ann["sidecar.istio.io/status"]).unwrap();
+    status["revision"] = json!(revision);
+    let mut labels = pod.labels().clone();
+    labels.remove("pod-template-hash");
+    labels.insert("app".into(), app.into());
+    labels.insert("service.istio.io/canonical-name".into(), app.into());
+    if labels.contains_key("istio.io/rev") {
+        labels.insert("istio.io/rev".into(), revision.into());
+    }
+    let mut spec = serde_json::to_value(pod.spec.clone().unwrap()).unwrap();
+    spec.as_object_mut().unwrap().remove("nodeName");
+    spec.as_object_mut()
+        .unwrap()
+        .remove("topologySpreadConstraints");
+    for list in ["containers", "initContainers"] {
+        for c in spec[list].as_array_mut().into_iter().flatten() {
+            if c["name"] == "istio-proxy" {
+                let image = c["image"].as_str().unwrap();
+                let (repo, _) = image.rsplit_once(':').unwrap();
+                c["image"] = json!(format!("{repo}:{tag}"));
+            }
+        }
+    }
+    json!({
+        "metadata": {"labels": labels, "annotations": {"sidecar.istio.io/status": status.to_string()}},
+        "spec": spec,
+    })
+}
+
+/// The upgrades section on the full cluster, step by step: a second istiod revision `canary`
+/// (image tag 1.33.1) with a revision tag, installed by Helm 4 from Istio's chart into a
+/// namespace of its own; a namespace whose pods the default istiod really injects (1.31-dev);
+/// a namespace labelled with a revision that does not exist, one with both injection labels,
+/// a tag pointing at a revision that does not run. The test plane runs no canary istiod, so
+/// canary proxies are pods carrying exactly what the default injection produced, moved to
+/// revision canary, in a namespace no injector selects. After every step the condition,
+/// the violations, `status.upgrades` and the metric are checked exactly; the section never
+/// writes to the mesh.
+#[tokio::test]
+async fn upgrades_report_revisions_tags_and_proxy_skew() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+
+    let env = common::cluster_env("upgrades").await;
+    let id = env.id.clone();
+    let mine = [("meshwarden-upgrades", id.as_str())];
+    let sys = env.namespace("canary-system", &[]).await;
+    let tag = format!("{id}-prod");
+    let kc = env.plane.kubeconfig.clone();
+    let chart = testplane::istio::chart("istiod").display().to_string();
+    helm(
+        &testplane::istio::helm(),
+        &kc,
+        &[
+            "install",
+            "istiod-canary",
+            &chart,
+            "-n",
+            &sys,
+            "--set",
+            "revision=canary",
+            "--set",
+            &format!("revisionTags={{{tag}}}"),
+            "--set",
+            &format!("global.istioNamespace={sys}"),
+            "--set",
+            "global.configValidation=false",
+            "--set",
+            "global.hub=docker.io/istio",
+            "--set",
+            "global.tag=1.33.1",
+        ],
+    );
+    // A tag whose revision does not run.
+    let old_tag = format!("{id}-old");
+    let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": format!("istio-revision-tag-{old_tag}"),
+                     "labels": {"istio.io/tag": old_tag, "istio.io/rev": format!("{id}-gone")}},
+        "webhooks": [],
+    }))
+    .unwrap();
+    Api::<MutatingWebhookConfiguration>::all(env.client.clone())
+        .create(&PostParams::default(), &mwc)
+        .await
+        .unwrap();
+    let web = env
+        .namespace("web", &[mine[0], ("istio-injection", "enabled")])
+        .await;
+    let legacy = env
+        .namespace("legacy", &[mine[0], ("istio-injection", "disabled")])
+        .await;
+    let missing = env
+        .namespace("missing", &[mine[0], ("istio.io/rev", "retired")])
+        .await;
+    let both = env
+        .namespace(
+            "both",
+            &[
+                mine[0],
+                ("istio-injection", "enabled"),
+                ("istio.io/rev", "canary"),
+            ],
+        )
+        .await;
+    let webs: Api<Deployment> = Api::namespaced(env.client.clone(), &web);
+    webs.create(
+        &PostParams::default(),
+        &serde_json::from_value(deployment("web", 1, json!({}))).unwrap(),
+    )
+    .await
+    .unwrap();
+    let web_pods: Api<Pod> = Api::namespaced(env.client.clone(), &web);
+    let injected = common::eventually(90, "a ready injected web pod", || async {
+        let p = ready_pods(&web_pods, "web").await;
+        p.into_iter().find(|p| proxy_requests(p).is_some())
+    })
+    .await;
+    // A pod that never runs (no node matches), with a canary proxy.
+    let pending = injected_as(&injected, "stuck", "canary", "1.31-dev");
+    let mut pod = pending.clone();
+    pod["metadata"]["name"] = json!("stuck");
+    pod["spec"]["nodeSelector"] = json!({"meshwarden.io/no-such-node": "x"});
+    Api::<Pod>::namespaced(env.client.clone(), &legacy)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(pod).unwrap(),
+        )
+        .await
+        .unwrap();
+
+    env.create_policy(
+        "upgrades",
+        &format!(
+            "upgrades:\n  namespaceSelector: {{matchLabels: {{meshwarden-upgrades: {id}}}}}\n"
+        ),
+    )
+    .await;
+    let op = env.start_operator().await;
+    let policy = env.policy_name("upgrades");
+    let metric = |revision: &str, version: &str, n: usize| {
+        format!(
+            "meshwarden_proxies{{policy=\"{policy}\",revision=\"{revision}\",version=\"{version}\"}} {n}"
+        )
+    };
+    // Waits until the section reports `objects` (sorted) and returns the policy.
+    let expect = |step: &'static str, reason: &'static str, objects: Vec<String>| {
+        let env = &env;
+        async move {
+            let mut objects = objects;
+            objects.sort();
+            env.wait_policy("upgrades", 90, |p| {
+                let c = common::condition(p, "Upgrades")?;
+                let st = p.status.as_ref()?;
+                let mut found: Vec<String> =
+                    st.violations.iter().map(|v| v.object.clone()).collect();
+                found.sort();
+                (c.reason == reason && found == objects).then(|| p.clone())
+            })
+            .await;
+            let p = env.wait_converged("upgrades", 60).await;
+            let c = common::condition(&p, "Upgrades").unwrap();
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str()),
+                ("False", reason),
+                "{step}: {c:?}"
+            );
+            p
+        }
+    };
+    let always = |mut v: Vec<String>| {
+        v.push(format!("Namespace/{missing}"));
+        v.push(format!("Namespace/{both}"));
+        v.push(format!("RevisionTag/{old_tag}"));
+        v
+    };
+
+    // Step 1: canary is used only by the pending pod.
+    let p = expect(
+        "only a pending pod on canary",
+        "UnknownRevision",
+        always(vec!["Revision/canary".into()]),
+    )
+    .await;
+    let st = p.status.as_ref().unwrap().upgrades.clone().unwrap();
+    let counts: Vec<(String, String, i32)> = st
+        .proxies
+        .iter()
+        .map(|c| (c.revision.clone(), c.version.clone(), c.pods))
+        .collect();
+    assert_eq!(counts, [("default".into(), "1.31-dev".into(), 1)], "step 1");
+    let revs: Vec<(String, String)> = st
+        .revisions
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    assert!(
+        revs.contains(&("canary".into(), "1.33.1".into())),
+        "{revs:?}"
+    );
+    assert!(
+        revs.contains(&("default".into(), "1.31-dev".into())),
+        "{revs:?}"
+    );
+    let tags: Vec<(String, String)> = st
+        .tags
+        .iter()
+        .map(|t| (t.name.clone(), t.revision.clone()))
+        .collect();
+    assert!(tags.contains(&(tag.clone(), "canary".into())), "{tags:?}");
+    assert!(
+        tags.contains(&(old_tag.clone(), format!("{id}-gone"))),
+        "{tags:?}"
+    );
+    let text = op.state.ctx.metrics.encode();
+    assert!(text.contains(&metric("default", "1.31-dev", 1)), "{text}");
+    assert!(!text.contains("revision=\"canary\""), "{text}");
+
+    // Step 2: two running canary pods two minor versions behind their istiod.
+    let mut old = deployment("old", 2, json!({}));
+    let tpl = injected_as(&injected, "old", "canary", "1.31-dev");
+    old["spec"]["template"] = tpl;
+    Api::<Deployment>::namespaced(env.client.clone(), &legacy)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(old).unwrap(),
+        )
+        .await
+        .unwrap();
+    let p = expect(
+        "canary pods behind",
+        "UnknownRevision",
+        always(vec![format!("Deployment/{legacy}/old")]),
+    )
+    .await;
+    let st = p.status.as_ref().unwrap();
+    let skew = st
+        .violations
+        .iter()
+        .find(|v| v.object.ends_with("/old"))
+        .unwrap();
+    assert!(
+        skew.message.contains("2 running pod(s) have istio-proxy 1.31-dev, 2 minor version(s) behind istiod canary (1.33.1)"),
+        "{skew:?}"
+    );
+    let counts: Vec<(String, String, i32)> = st
+        .upgrades
+        .as_ref()
+        .unwrap()
+        .proxies
+        .iter()
+        .map(|c| (c.revision.clone(), c.version.clone(), c.pods))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("canary".into(), "1.31-dev".into(), 2),
+            ("default".into(), "1.31-dev".into(), 1)
+        ],
+        "step 2"
+    );
+    assert_eq!((st.targets, st.compliant), (3, 1));
+    let text = op.state.ctx.metrics.encode();
+    assert!(text.contains(&metric("canary", "1.31-dev", 2)), "{text}");
+    assert!(text.contains(&metric("default", "1.31-dev", 1)), "{text}");
+
+    // Step 3: a skew of 2 allows them.
+    set_spec(
+        &env,
+        "upgrades",
+        &format!("upgrades:\n  maxMinorSkew: 2\n  namespaceSelector: {{matchLabels: {{meshwarden-upgrades: {id}}}}}\n"),
+    )
+    .await;
+    let p = expect("maxMinorSkew 2", "UnknownRevision", always(vec![])).await;
+    assert_eq!(p.status.as_ref().unwrap().compliant, 3);
+
+    // The section never wrote to the mesh.
+    for ns in [&web, &legacy, &missing, &both, &sys] {
+        assert_eq!(writes_in(&env, ns), 0, "writes in {ns}");
+    }
+    assert_eq!(
+        env.operator_writes_to(|o| {
+            o["resource"] != "meshpolicies"
+                && o["resource"] != "events"
+                && o["namespace"].as_str().is_some_and(|n| n.starts_with(&id))
+        }),
+        0,
+        "only the policy's status and Events are written"
+    );
+    op.stop().await;
+}
