@@ -65,6 +65,11 @@ pub struct WorkloadFacts {
     /// The generation meshwarden's last write of the template produced
     /// ([`GENERATION_ANNOTATION`]); `None` when it never wrote it (or an older version did).
     pub written_generation: Option<i64>,
+    /// The generation the upgrades section's last restart produced
+    /// ([`RESTART_GENERATION_ANNOTATION`]).
+    pub restart_generation: Option<i64>,
+    /// Opted out of restarts with `meshwarden.io/ignore: upgrades`.
+    pub restart_opted_out: bool,
     /// Managers other than meshwarden that own one of the four annotations.
     pub foreign_owners: Vec<String>,
     /// Their writes of the four annotations (the evidence of a fight).
@@ -146,6 +151,12 @@ impl WorkloadFacts {
                 &TEMPLATE_ANNOTATIONS,
             ),
             opted_out: opted_out(&annotations_of(Some(meta))),
+            restart_opted_out: ignores(&annotations_of(Some(meta)), IGNORE_UPGRADES),
+            restart_generation: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(RESTART_GENERATION_ANNOTATION))
+                .and_then(|v| v.parse().ok()),
             other_rule: owned_by_other_rule(meta),
             written_at: write::fields::meshwarden_write_time(meta),
             written_generation: meta
