@@ -15,8 +15,10 @@
 //! observe -> [`plan`] (pure) -> report.
 
 mod plan;
+mod restart;
 
 pub use plan::*;
+pub use restart::*;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -31,7 +33,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::istio::{self, Revisions};
 use crate::rules::RuleReport;
-use crate::rules::sidecars::{Cache, PodFacts};
+use crate::rules::sidecars::{Cache, Kind, PodFacts};
 use crate::selector;
 use crate::status::conditions::{Observed, Status, types};
 use crate::status::messages::list;
@@ -196,16 +198,173 @@ pub async fn reconcile(
         }
     }
     ctx.metrics.set_proxies(&policy.name_any(), &plan.proxies);
-    report(spec, enforcement, &revisions, plan)
+    let restarts = match spec.restart_outdated {
+        true => Some(restarts(ctx, spec, enforcement, &selected, &plan.outdated).await),
+        false => None,
+    };
+    let mut report = report(spec, &revisions, plan);
+    if let Some(r) = restarts {
+        r.apply_to(&mut report, spec);
+    }
+    report
+}
+
+/// What the restarts did in one reconcile.
+#[derive(Clone, Debug, Default)]
+pub struct Restarts {
+    pub plan: RestartPlan,
+    /// Restarted now, and the restarts the API server refused (id, error).
+    pub started: Vec<String>,
+    pub failed: Vec<(String, String)>,
+    /// Why nothing could be planned (no watch cache).
+    pub unavailable: Option<String>,
+    pub enforce: bool,
+}
+
+/// Plans the restarts of the outdated workloads and, in Enforce, makes them.
+async fn restarts(
+    ctx: &Context,
+    spec: &UpgradesSpec,
+    enforcement: Enforcement,
+    selected: &BTreeSet<&str>,
+    outdated: &Outdated,
+) -> Restarts {
+    let mut out = Restarts {
+        enforce: enforcement == Enforcement::Enforce,
+        ..Restarts::default()
+    };
+    let Some(cache) = ctx.cache::<Cache>() else {
+        out.unavailable = Some("restarts need the controller's workload caches".into());
+        return out;
+    };
+    let (pending, now) = (Pending::of(ctx), jiff::Timestamp::now());
+    let mut workloads = Workloads::new();
+    let mut add = |ns: Option<&String>, w: &Arc<crate::rules::sidecars::WorkloadFacts>| {
+        let ns = ns.cloned().unwrap_or_default();
+        if selected.contains(ns.as_str()) {
+            let rollout = restart_rollout(w, &ns, &pending, now);
+            workloads.insert((ns, w.kind, w.name.clone()), (w.clone(), rollout));
+        }
+    };
+    for o in cache.deployments.state() {
+        add(o.metadata.namespace.as_ref(), &o.facts);
+    }
+    for o in cache.statefulsets.state() {
+        add(o.metadata.namespace.as_ref(), &o.facts);
+    }
+    for o in cache.daemonsets.state() {
+        add(o.metadata.namespace.as_ref(), &o.facts);
+    }
+    out.plan = plan_restarts(outdated, &workloads, spec.max_concurrent_restarts);
+    if !out.enforce {
+        return out;
+    }
+    for ((ns, kind, name), decision) in &out.plan.decisions {
+        let Some(kind) = kind.filter(|_| *decision == Restart::Now) else {
+            continue;
+        };
+        let key = (ns.clone(), kind, name.clone());
+        let Some((w, _)) = workloads.get(&key) else {
+            continue;
+        };
+        match restart(ctx, w, ns).await {
+            Ok(()) => out.started.push(workload_id(&key)),
+            Err(e) => out.failed.push((workload_id(&key), e.to_string())),
+        }
+    }
+    out
+}
+
+impl Restarts {
+    /// Adds the restarts to the section's report: actions on the outdated workloads'
+    /// violations, corrections, the condition's reason and message.
+    fn apply_to(&self, report: &mut RuleReport, spec: &UpgradesSpec) {
+        let mut msg = vec![report.condition.message.clone()];
+        if let Some(why) = &self.unavailable {
+            msg.push(format!("nothing was restarted: {why}"));
+        }
+        for ((ns, kind, name), decision) in &self.plan.decisions {
+            let id = format!("{}/{ns}/{name}", kind.map_or("Pod", Kind::as_str));
+            let failed = self.failed.iter().find(|(f, _)| *f == id);
+            let Some(v) = report.violations.iter_mut().find(|v| v.object == id) else {
+                continue;
+            };
+            let (action, note) = match (decision, failed) {
+                _ if !self.enforce => (ViolationAction::Reported, String::new()),
+                (_, Some((_, e))) => (ViolationAction::Failed, format!("the restart failed: {e}")),
+                (Restart::Now, None) => (ViolationAction::Reported, "restarted now".into()),
+                (Restart::Rolling, None) => (
+                    ViolationAction::Reported,
+                    "restarting (meshwarden restarted it)".into(),
+                ),
+                (Restart::Held(why), None) => (ViolationAction::Held, why.clone()),
+                (Restart::Skipped(why), None) => (ViolationAction::Skipped, why.clone()),
+            };
+            v.action = action.into();
+            if !note.is_empty() {
+                v.message = format!("{}; {note}", v.message);
+            }
+        }
+        report.corrected += i32::try_from(self.started.len()).unwrap_or(i32::MAX);
+        for id in self.started.iter().take(5) {
+            report
+                .corrections
+                .push(format!("{id}: restarted, its proxies are outdated"));
+        }
+        if !self.started.is_empty() {
+            msg.push(format!("restarted {}", list(&self.started, 5)));
+        }
+        if !self.plan.rolling.is_empty() {
+            msg.push(format!(
+                "restarting because of meshwarden: {}",
+                list(&self.plan.rolling, 5)
+            ));
+        }
+        let held = self
+            .plan
+            .decisions
+            .iter()
+            .filter(|(_, d)| matches!(d, Restart::Held(_)))
+            .count();
+        if held > 0 && self.enforce {
+            msg.push(format!(
+                "{held} workload(s) wait to be restarted (maxConcurrentRestarts {})",
+                spec.max_concurrent_restarts
+            ));
+        }
+        if !self.enforce && !self.plan.decisions.is_empty() {
+            msg.push("Audit mode: nothing was restarted".into());
+        }
+        let stalled: Vec<String> = self.plan.stalled.iter().map(|(id, _)| id.clone()).collect();
+        if let Some((_, why)) = self.plan.stalled.first() {
+            msg.push(format!(
+                "the restart of {} stalled ({why}); no other restart starts until it completes or is rolled back (kubectl rollout status)",
+                list(&stalled, 5)
+            ));
+        }
+        if let Some((id, e)) = self.failed.first() {
+            msg.push(format!(
+                "{} restart(s) failed (first: {id}: {e}); retried at the next reconcile",
+                self.failed.len()
+            ));
+        }
+        let reason = if !self.plan.stalled.is_empty() {
+            Some(reasons::ROLLOUT_STALLED)
+        } else if !self.failed.is_empty() {
+            Some(reasons::WRITE_FAILED)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            report.condition.status = Status::False;
+            report.condition.reason = reason.into();
+        }
+        report.condition.message = msg.join(". ");
+    }
 }
 
 /// The section's report from its plan (pure).
-pub fn report(
-    spec: &UpgradesSpec,
-    enforcement: Enforcement,
-    revisions: &Revisions,
-    plan: Plan,
-) -> RuleReport {
+pub fn report(spec: &UpgradesSpec, revisions: &Revisions, plan: Plan) -> RuleReport {
     let ctype = types::UPGRADES;
     let mut report = RuleReport::new(Observed::new(ctype, Status::True, reasons::COMPLIANT, ""));
     report.targets = i32::try_from(plan.pods).unwrap_or(i32::MAX);
@@ -263,11 +422,6 @@ pub fn report(
         if let Some(objects) = by_reason.get(reason) {
             msg.push(format!("{reason}: {}", list(objects, 5)));
         }
-    }
-    if spec.restart_outdated && !plan.outdated.is_empty() {
-        msg.push(format!(
-            "restartOutdated is not implemented in this version ({enforcement:?}): nothing was restarted"
-        ));
     }
     let first = PRECEDENCE.iter().find(|r| by_reason.contains_key(**r));
     let (status, reason) = match first {

@@ -1,6 +1,6 @@
 use super::*;
 use crate::istio::ProxyVersion;
-use crate::rules::sidecars::Kind;
+use crate::rules::sidecars::{Kind, Rollout, WorkloadFacts};
 use std::collections::BTreeSet;
 
 fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -235,12 +235,7 @@ fn the_condition_names_the_most_urgent_finding() {
     ];
     let pods = [pod("old-1", Some("old"), Some("canary"), Some("1.31-dev"))];
     let refs: Vec<(&str, &PodFacts)> = pods.iter().map(|p| ("apps", p)).collect();
-    let rep = report(
-        &spec(1),
-        Enforcement::Audit,
-        &r,
-        plan(1, &r, &namespaces, &refs),
-    );
+    let rep = report(&spec(1), &r, plan(1, &r, &namespaces, &refs));
     assert_eq!(rep.condition.status, Status::False);
     // The dangling tag comes before the skew and the labels.
     assert_eq!(rep.condition.reason, reasons::TAG_WITHOUT_REVISION);
@@ -258,12 +253,7 @@ fn the_condition_names_the_most_urgent_finding() {
     clean.tags.remove("old");
     let pods = [pod("web-1", Some("web"), Some("default"), Some("1.31-dev"))];
     let refs: Vec<(&str, &PodFacts)> = pods.iter().map(|p| ("apps", p)).collect();
-    let rep = report(
-        &spec(1),
-        Enforcement::Audit,
-        &clean,
-        plan(1, &clean, &namespaces[..1], &refs),
-    );
+    let rep = report(&spec(1), &clean, plan(1, &clean, &namespaces[..1], &refs));
     assert_eq!(
         rep.condition.reason,
         reasons::COMPLIANT,
@@ -273,11 +263,141 @@ fn the_condition_names_the_most_urgent_finding() {
     assert_eq!((rep.targets, rep.compliant), (1, 1));
 
     let none = Revisions::default();
-    let rep = report(
-        &spec(1),
-        Enforcement::Audit,
-        &none,
-        plan(1, &none, &[], &[]),
-    );
+    let rep = report(&spec(1), &none, plan(1, &none, &[], &[]));
     assert_eq!(rep.condition.reason, reasons::NO_TARGETS);
+}
+
+fn facts(
+    name: &str,
+    generation: i64,
+    restarted: Option<i64>,
+    rollout: Rollout,
+) -> Arc<WorkloadFacts> {
+    Arc::new(WorkloadFacts {
+        kind: Kind::Deployment,
+        name: name.into(),
+        generation,
+        replicas: 2,
+        template_labels: BTreeMap::new(),
+        template_annotations: BTreeMap::new(),
+        opted_out: false,
+        other_rule: false,
+        written_at: None,
+        written_generation: None,
+        restart_generation: restarted,
+        restart_opted_out: false,
+        foreign_owners: vec![],
+        foreign_writes: Default::default(),
+        other_containers: Default::default(),
+        rollout,
+    })
+}
+
+fn owner(name: &str) -> Owner {
+    ("apps".into(), Some(Kind::Deployment), name.into())
+}
+
+#[test]
+fn restarts_are_paced_and_a_stall_stops_them() {
+    let now = jiff::Timestamp::now();
+    let pending = Pending::default();
+    let rolling = Rollout::InProgress("1 of 2 replicas updated".into());
+    let all = |ws: Vec<Arc<WorkloadFacts>>| -> Workloads {
+        ws.into_iter()
+            .map(|w| {
+                let r = restart_rollout(&w, "apps", &pending, now);
+                (("apps".to_string(), w.kind, w.name.clone()), (w, r))
+            })
+            .collect()
+    };
+    let outdated: Outdated = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| (owner(n), "behind".to_string()))
+        .collect();
+    // Nothing rolling: two slots.
+    let ws = all(["a", "b", "c", "d"]
+        .iter()
+        .map(|n| facts(n, 3, None, Rollout::Complete))
+        .collect());
+    let p = plan_restarts(&outdated, &ws, 2);
+    let d: Vec<&Restart> = p.decisions.iter().map(|(_, d)| d).collect();
+    assert_eq!(d[0], &Restart::Now);
+    assert_eq!(d[1], &Restart::Now);
+    assert!(matches!(d[2], Restart::Held(w) if w.contains("maxConcurrentRestarts 2")));
+    // a is restarting (meshwarden's generation, rolling): one slot left; a rolling workload
+    // that is not meshwarden's restart holds none.
+    let ws = all(vec![
+        facts("a", 4, Some(4), rolling.clone()),
+        facts("b", 3, None, rolling.clone()),
+        facts("c", 3, None, Rollout::Complete),
+        facts("d", 3, None, Rollout::Complete),
+    ]);
+    let p = plan_restarts(&outdated, &ws, 2);
+    let d: Vec<&Restart> = p.decisions.iter().map(|(_, d)| d).collect();
+    assert_eq!(
+        d,
+        [
+            &Restart::Rolling,
+            &Restart::Now,
+            &Restart::Held("waits for a restart slot (maxConcurrentRestarts 2)".into()),
+            &Restart::Held("waits for a restart slot (maxConcurrentRestarts 2)".into())
+        ]
+    );
+    assert_eq!(p.rolling, ["Deployment/apps/a"]);
+    // a stalled: nothing else starts.
+    let stalled = Rollout::Stalled("ProgressDeadlineExceeded".into());
+    let ws = all(vec![
+        facts("a", 4, Some(4), stalled),
+        facts("b", 3, None, Rollout::Complete),
+        facts("c", 3, None, Rollout::Complete),
+        facts("d", 3, None, Rollout::Complete),
+    ]);
+    let p = plan_restarts(&outdated, &ws, 2);
+    assert_eq!(p.stalled.len(), 1);
+    assert!(
+        p.decisions[1..]
+            .iter()
+            .all(|(_, d)| matches!(d, Restart::Held(w) if w.contains("stalled")))
+    );
+    // Restarted and complete but still outdated: never restarted again; opted out, HA-owned,
+    // pods of no workload and unknown workloads are skipped.
+    let mut opted = (*facts("b", 3, None, Rollout::Complete)).clone();
+    opted.restart_opted_out = true;
+    let mut ha = (*facts("c", 3, None, Rollout::Complete)).clone();
+    ha.other_rule = true;
+    let ws = all(vec![
+        facts("a", 4, Some(4), Rollout::Complete),
+        Arc::new(opted),
+        Arc::new(ha),
+    ]);
+    let mut outdated = outdated;
+    outdated.insert(("apps".into(), None, "bare".into()), "behind".into());
+    let p = plan_restarts(&outdated, &ws, 2);
+    let skipped = p
+        .decisions
+        .iter()
+        .filter(|(_, d)| matches!(d, Restart::Skipped(_)))
+        .count();
+    assert_eq!(skipped, 5, "{:?}", p.decisions);
+    // A restart this process wrote that the cache has not seen yet counts as rolling.
+    pending.record((Kind::Deployment, "apps".into(), "b".into()), 4);
+    let ws = all(vec![facts("b", 3, None, Rollout::Complete)]);
+    assert!(matches!(
+        ws.values().next().unwrap().1,
+        Rollout::InProgress(_)
+    ));
+}
+
+#[test]
+fn a_restart_carries_only_the_restart_annotation_and_its_generation() {
+    let p = restart::patch(Kind::StatefulSet, "apps", "db", "2026-01-01T00:00:00Z", 7);
+    assert_eq!(
+        p,
+        serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "db", "namespace": "apps",
+                "annotations": {"meshwarden.io/restart-generation": "7"}},
+            "spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"}}}},
+        })
+    );
 }
