@@ -28,6 +28,7 @@ spec:
     pacing: 'Off'
     resources: {requests: {cpu: 100m, memory: 128Mi}}
   mtls: {mode: STRICT, scope: Mesh}
+  upgrades: {maxMinorSkew: 1}
 ";
 
 /// The operator's LIST requests in the audit log from entry `from` on, by URI.
@@ -119,10 +120,15 @@ async fn reconciles_after_start_up_send_no_list() {
     };
     eventually(60, "every section evaluated and True", || async {
         let c = conditions(&policies.get("steady").await.ok()?);
-        ["ControlPlaneHA", "SidecarResources", "MutualTLS"]
-            .iter()
-            .all(|t| c.get(*t).map(String::as_str) == Some("True"))
-            .then_some(())
+        [
+            "ControlPlaneHA",
+            "SidecarResources",
+            "MutualTLS",
+            "Upgrades",
+        ]
+        .iter()
+        .all(|t| c.get(*t).map(String::as_str) == Some("True"))
+        .then_some(())
     })
     .await;
     let from = plane.audit_events().len();

@@ -276,6 +276,7 @@ fn facts(
     Arc::new(WorkloadFacts {
         kind: Kind::Deployment,
         name: name.into(),
+        labels: BTreeMap::new(),
         generation,
         replicas: 2,
         template_labels: BTreeMap::new(),
