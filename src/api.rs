@@ -14,6 +14,9 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod upgrades;
+pub use upgrades::*;
+
 /// API group of every meshwarden resource.
 pub const GROUP: &str = "meshwarden.io";
 
@@ -81,6 +84,11 @@ pub struct MeshPolicySpec {
     /// Mutual TLS between workloads, enforced with Istio `PeerAuthentication` objects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsSpec>,
+
+    /// Upgrade posture: istiod revisions and revision tags, and the revision and version of
+    /// every injected proxy (mesh-wide).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrades: Option<UpgradesSpec>,
 }
 
 /// Whether a rule corrects the mesh or only reports.
@@ -435,7 +443,7 @@ pub struct MeshPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready` and one condition per rule section: `ControlPlaneHA`, `GatewayHA`,
-    /// `SidecarResources`, `MutualTLS`; `Conflict` when another policy wins a rule.
+    /// `SidecarResources`, `MutualTLS`, `Upgrades`; `Conflict` when another policy wins a rule.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions")]
     pub conditions: Vec<Condition>,
@@ -455,13 +463,17 @@ pub struct MeshPolicyStatus {
     /// Corrections made since the spec last changed (metadata.generation).
     #[serde(default)]
     pub corrected: i32,
+    /// Revisions, tags and proxies per revision and version (`spec.upgrades`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrades: Option<UpgradesStatus>,
 }
 
 /// One deviation from the policy.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Violation {
-    /// Rule section: `ControlPlaneHA`, `GatewayHA`, `SidecarResources` or `MutualTLS`.
+    /// Rule section: `ControlPlaneHA`, `GatewayHA`, `SidecarResources`, `MutualTLS` or
+    /// `Upgrades`.
     pub rule: String,
     /// The object, as `Kind/namespace/name`.
     pub object: String,
@@ -578,7 +590,7 @@ fn conditions(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
-fn label_selector(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+pub(crate) fn label_selector(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "object",
         "description": "A Kubernetes label selector: matchLabels and/or matchExpressions, all of which must match.",

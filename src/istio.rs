@@ -35,6 +35,74 @@ pub const DEFAULT_ISTIO_NAMESPACE: &str = "istio-system";
 /// Key of the mesh config in its ConfigMap.
 pub const MESH_KEY: &str = "mesh";
 
+/// Pod annotation the injector writes: what it injected, and from which revision (JSON).
+pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+
+/// The revision named in a `sidecar.istio.io/status` annotation (`None` when it names none or
+/// is not JSON).
+pub fn injected_revision(status: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(status).ok()?;
+    v.get("revision")?
+        .as_str()
+        .filter(|r| !r.is_empty())
+        .map(str::to_string)
+}
+
+/// An injected proxy as its pod shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyVersion {
+    /// The injector's revision (`sidecar.istio.io/status`).
+    pub revision: Option<String>,
+    /// Image tag of the `istio-proxy` container ([`UNKNOWN`] without one).
+    pub version: String,
+}
+
+/// Name of istiod's container in its Deployment.
+pub const DISCOVERY_CONTAINER: &str = "discovery";
+/// Version of an image without a tag (a digest only).
+pub const UNKNOWN: &str = "unknown";
+
+/// The tag of a container image (`docker.io/istio/proxyv2:1.30.2@sha256:…` -> `1.30.2`);
+/// `None` for an image named by digest only or without a tag.
+pub fn image_tag(image: &str) -> Option<&str> {
+    let image = image.split('@').next().unwrap_or_default();
+    let last = image.rsplit('/').next().unwrap_or_default();
+    last.split_once(':')
+        .map(|(_, tag)| tag)
+        .filter(|t| !t.is_empty())
+}
+
+/// An istiod Deployment as the revisions cache keeps it: its revision and version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Istiod {
+    /// `istio.io/rev` (`default` without one).
+    pub revision: String,
+    /// Image tag of the discovery container ([`UNKNOWN`] without one).
+    pub version: String,
+}
+
+impl From<&Deployment> for Istiod {
+    fn from(d: &Deployment) -> Self {
+        let revision = d
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(REVISION_LABEL))
+            .cloned()
+            .unwrap_or_else(|| "default".to_string());
+        let version = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|s| s.containers.iter().find(|c| c.name == DISCOVERY_CONTAINER))
+            .and_then(|c| c.image.as_deref())
+            .and_then(image_tag)
+            .unwrap_or(UNKNOWN)
+            .to_string();
+        Istiod { revision, version }
+    }
+}
+
 /// Watch names (in `meshwarden_watch_synced` and conditions).
 pub const REVISIONS_WATCH: &str = "IstiodRevisions";
 pub const TAGS_WATCH: &str = "RevisionTags";
@@ -47,6 +115,9 @@ pub struct Revisions {
     pub live: BTreeMap<String, BTreeSet<String>>,
     /// Tag -> revision, from the MutatingWebhookConfigurations labelled `istio.io/tag`.
     pub tags: BTreeMap<String, String>,
+    /// Revision -> image tags of the discovery container of its Deployments ([`UNKNOWN`]
+    /// when an image has no tag).
+    pub versions: BTreeMap<String, BTreeSet<String>>,
     /// Not known (no controller runs): every value is taken to name a revision.
     pub any: bool,
 }
@@ -232,14 +303,41 @@ pub fn mesh_root(
     })
 }
 
-type DeploymentMeta = PartialObjectMeta<Deployment>;
+type IstiodEntry = crate::compact::Compact<Deployment, Istiod>;
+
+/// The live revisions, their versions and the tags, listed (without the controller's cache).
+pub async fn list_revisions(client: &kube::Client) -> Result<Revisions> {
+    let lp = kube::api::ListParams::default().match_any();
+    let istiods = Api::<Deployment>::all(client.clone())
+        .list(&lp.clone().labels("app=istiod"))
+        .await
+        .map_err(|e| Error::kube("list istiod Deployments", e))?;
+    let tags = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .list_metadata(&lp.labels(TAG_LABEL))
+        .await
+        .map_err(|e| Error::kube("list revision tags", e))?;
+    let mut out = Revisions::default();
+    for d in &istiods.items {
+        let Istiod { revision, version } = Istiod::from(d);
+        let ns = d.metadata.namespace.clone().unwrap_or_default();
+        out.live.entry(revision.clone()).or_default().insert(ns);
+        out.versions.entry(revision).or_default().insert(version);
+    }
+    for t in &tags.items {
+        let labels = t.metadata.labels.clone().unwrap_or_default();
+        if let (Some(tag), Some(rev)) = (labels.get(TAG_LABEL), labels.get(REVISION_LABEL)) {
+            out.tags.insert(tag.clone(), rev.clone());
+        }
+    }
+    Ok(out)
+}
 type TagMeta = PartialObjectMeta<MutatingWebhookConfiguration>;
 
 /// The watched revisions, tags and mesh configs, while the controller runs.
 #[derive(Clone)]
 pub struct IstioCache {
     istio_namespace: String,
-    istiods: Store<DeploymentMeta>,
+    istiods: Store<IstiodEntry>,
     tags: Store<TagMeta>,
     meshes: Store<ConfigMap>,
     health: Arc<Health>,
@@ -277,14 +375,14 @@ impl IstioCache {
         health: &Arc<Health>,
         istio_namespace: &str,
     ) -> (IstioCache, impl Stream<Item = ()> + Send + 'static) {
-        let (istiods, w1) = reflector::store::<DeploymentMeta>();
-        let api: Api<DeploymentMeta> = Api::all(client.clone());
+        // Whole Deployments (few), reduced on arrival to revision and image tag.
+        let (istiods, w1) = reflector::store::<IstiodEntry>();
+        let api: Api<IstiodEntry> = Api::all(client.clone());
         let s1 = reflector::reflector(
             w1,
             watch::resilient(health.clone(), REVISIONS_WATCH, move || {
                 watcher::watcher(api.clone(), watcher::Config::default().labels("app=istiod"))
-            })
-            .modify(|d| strip_meta(&mut d.metadata)),
+            }),
         );
         let (tags, w2) = reflector::store::<TagMeta>();
         let api: Api<TagMeta> = Api::all(client.clone());
@@ -344,17 +442,15 @@ impl IstioCache {
     fn live(&self) -> Revisions {
         let mut out = Revisions::default();
         for d in self.istiods.state() {
-            let rev = d
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(REVISION_LABEL))
-                .cloned()
-                .unwrap_or_else(|| "default".to_string());
+            let Istiod { revision, version } = d.facts.as_ref();
             out.live
-                .entry(rev)
+                .entry(revision.clone())
                 .or_default()
                 .insert(d.metadata.namespace.clone().unwrap_or_default());
+            out.versions
+                .entry(revision.clone())
+                .or_default()
+                .insert(version.clone());
         }
         out
     }
@@ -388,169 +484,4 @@ impl IstioCache {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn revisions() -> Revisions {
-        Revisions {
-            live: [
-                ("default".to_string(), ["istio-system".to_string()].into()),
-                ("canary".to_string(), ["istio-system".to_string()].into()),
-            ]
-            .into(),
-            tags: [("prod".to_string(), "canary".to_string())].into(),
-            any: false,
-        }
-    }
-
-    #[test]
-    fn injection_follows_the_injector_webhook_selectors() {
-        let r = revisions();
-        let on = |l: &[(&str, &str)]| namespace_injection(&labels(l), &r);
-        assert_eq!(on(&[("istio-injection", "enabled")]), Injection::On);
-        assert_eq!(on(&[("istio.io/rev", "canary")]), Injection::On);
-        assert_eq!(
-            on(&[("istio-injection", "enabled"), ("istio.io/rev", "canary")]),
-            Injection::On
-        );
-        assert_eq!(
-            on(&[("istio-injection", "disabled"), ("istio.io/rev", "canary")]),
-            Injection::Off,
-            "istio-injection=disabled wins over a revision label"
-        );
-        assert_eq!(on(&[]), Injection::Off);
-    }
-
-    #[test]
-    fn revision_labels_resolve_against_live_revisions_and_tags() {
-        let r = revisions();
-        assert_eq!(r.resolve("canary"), Some("canary"));
-        assert_eq!(
-            r.resolve("prod"),
-            Some("canary"),
-            "a tag names its revision"
-        );
-        assert_eq!(r.resolve("gone"), None);
-        assert_eq!(
-            namespace_injection(&labels(&[("istio.io/rev", "gone")]), &r),
-            Injection::UnknownRevision("gone".into())
-        );
-        assert!(namespace_injection_on(
-            &labels(&[("istio.io/rev", "prod")]),
-            &r
-        ));
-        // `istio-injection=enabled` is the default injector's, whatever the revision label.
-        assert!(namespace_injection_on(
-            &labels(&[("istio-injection", "enabled"), ("istio.io/rev", "gone")]),
-            &r
-        ));
-        assert!(Revisions::any().resolve("gone").is_some());
-        let msg = r.unknown_message("gone");
-        assert!(
-            msg.contains("istio.io/rev=gone") && msg.contains("prod (tag)"),
-            "{msg}"
-        );
-    }
-
-    #[test]
-    fn each_revision_has_its_mesh_config_map() {
-        assert_eq!(mesh_config_map("default"), "istio");
-        assert_eq!(mesh_config_map(""), "istio");
-        assert_eq!(mesh_config_map("canary"), "istio-canary");
-    }
-
-    #[test]
-    fn root_namespace_comes_from_mesh_config_or_istiods_namespace() {
-        let maps = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        };
-        let live =
-            |revs: &[&str]| -> BTreeSet<String> { revs.iter().map(|r| r.to_string()).collect() };
-        let set = "trustDomain: cluster.local\nrootNamespace: \"istio-config\"\n";
-        let root = mesh_root(
-            "istio-system",
-            &live(&["default"]),
-            &maps(&[("istio", set)]),
-        )
-        .unwrap();
-        assert_eq!(root.namespace, "istio-config");
-        assert!(root.from_mesh_config);
-        assert!(
-            root.source.contains("ConfigMap istio-system/istio"),
-            "{}",
-            root.source
-        );
-
-        // Not set: istiod's namespace.
-        let unset = "trustDomain: cluster.local\n";
-        let root = mesh_root("istiod-ns", &live(&["default"]), &maps(&[("istio", unset)])).unwrap();
-        assert_eq!(root.namespace, "istiod-ns");
-        assert!(root.from_mesh_config);
-
-        // A canary revision alone reads istio-canary; another revision's ConfigMap is ignored.
-        let root = mesh_root(
-            "istio-system",
-            &live(&["canary"]),
-            &maps(&[("istio", set), ("istio-canary", "rootNamespace: c\n")]),
-        )
-        .unwrap();
-        assert_eq!(root.namespace, "c");
-
-        // No mesh config: assumed, and said so.
-        let root = mesh_root("istio-system", &live(&[]), &maps(&[])).unwrap();
-        assert_eq!(root.namespace, "istio-system");
-        assert!(!root.from_mesh_config);
-        assert!(root.source.contains("assumed"));
-
-        // No istiod here: any istio / istio-<rev> mesh config counts.
-        let root = mesh_root("istio-system", &live(&[]), &maps(&[("istio-x", set)])).unwrap();
-        assert_eq!(root.namespace, "istio-config");
-
-        // Revisions that disagree, and a mesh config that is not YAML.
-        let err = mesh_root(
-            "istio-system",
-            &live(&["default", "canary"]),
-            &maps(&[("istio", set), ("istio-canary", "rootNamespace: other\n")]),
-        )
-        .unwrap_err();
-        assert!(
-            err.contains("istio-config") && err.contains("other"),
-            "{err}"
-        );
-        let err = mesh_root(
-            "istio-system",
-            &live(&["default"]),
-            &maps(&[("istio", "a: [")]),
-        )
-        .unwrap_err();
-        assert!(err.contains("istio-system/istio"), "{err}");
-    }
-
-    #[test]
-    fn mesh_config_maps_keep_only_the_mesh_key() {
-        let mut cm: ConfigMap = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "istio", "namespace": "istio-system", "resourceVersion": "3"},
-            "data": {"mesh": "rootNamespace: x", "meshNetworks": "networks: {}"},
-        }))
-        .unwrap();
-        strip_config_map(&mut cm);
-        assert_eq!(cm.data.as_ref().map(|d| d.len()), Some(1));
-        assert!(cm.metadata.resource_version.is_none());
-        let mut other: ConfigMap = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "kube-root-ca.crt"}, "data": {"mesh": "x", "ca.crt": "y"},
-        }))
-        .unwrap();
-        strip_config_map(&mut other);
-        assert!(other.data.is_none());
-    }
-}
+mod tests;

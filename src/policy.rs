@@ -137,6 +137,14 @@ pub fn resolve(policy: &MeshPolicy, all: &[&MeshPolicy]) -> (MeshPolicySpec, Vec
             note("mtls".to_string());
             spec.mtls = None;
         }
+
+        // Mesh-wide: two policies that set it differently conflict.
+        if let (Some(mine), Some(theirs)) = (&spec.upgrades, &other.spec.upgrades)
+            && mine != theirs
+        {
+            note("upgrades".to_string());
+            spec.upgrades = None;
+        }
     }
     (spec, conflicts)
 }

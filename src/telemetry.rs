@@ -33,6 +33,13 @@ pub struct NamespaceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyLabels {
+    pub policy: String,
+    pub revision: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WatchLabels {
     pub watch: String,
 }
@@ -66,6 +73,9 @@ pub struct Metrics {
     known: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Namespaces with a `sidecar_drift` series, per policy, so that fixed ones are removed.
     drift_namespaces: std::sync::Mutex<BTreeMap<String, BTreeSet<String>>>,
+    pub proxies: Family<ProxyLabels, Gauge>,
+    /// (revision, version) with a `proxies` series, per policy, so that gone ones are removed.
+    proxy_series: std::sync::Mutex<BTreeMap<String, BTreeSet<(String, String)>>>,
 }
 
 impl Default for Metrics {
@@ -81,6 +91,12 @@ impl Default for Metrics {
         let leader = Gauge::default();
         let other_instances = Gauge::default();
         let writes = Counter::default();
+        let proxies = Family::<ProxyLabels, Gauge>::default();
+        registry.register(
+            "proxies",
+            "Running pods with an injected istio-proxy, by revision and proxy version (policies with an upgrades section)",
+            proxies.clone(),
+        );
         let watch_synced = Family::<WatchLabels, Gauge>::default();
         registry.register(
             "watch_synced",
@@ -154,7 +170,39 @@ impl Default for Metrics {
             ready: AtomicBool::new(false),
             known: Default::default(),
             drift_namespaces: Default::default(),
+            proxies,
+            proxy_series: Default::default(),
         }
+    }
+}
+
+/// Sets a policy's series of `family` to `counts`; keys the policy had series for before
+/// (`known`) and no longer counts lose theirs.
+fn replace_series<K: Ord + Clone, L: EncodeLabelSet + Clone + std::hash::Hash + Eq>(
+    family: &Family<L, Gauge>,
+    known: &std::sync::Mutex<BTreeMap<String, BTreeSet<K>>>,
+    policy: &str,
+    counts: &BTreeMap<K, usize>,
+    labels: impl Fn(&K) -> L,
+) {
+    let before = match known.lock() {
+        Ok(mut m) => {
+            let now: BTreeSet<K> = counts.keys().cloned().collect();
+            if now.is_empty() {
+                m.remove(policy).unwrap_or_default()
+            } else {
+                m.insert(policy.to_string(), now).unwrap_or_default()
+            }
+        }
+        Err(_) => BTreeSet::new(),
+    };
+    for key in before.iter().filter(|k| !counts.contains_key(*k)) {
+        family.remove(&labels(key));
+    }
+    for (key, n) in counts {
+        family
+            .get_or_create(&labels(key))
+            .set(i64::try_from(*n).unwrap_or(i64::MAX));
     }
 }
 
@@ -208,34 +256,38 @@ impl Metrics {
     /// Sets the policy's `sidecar_drift_pods` series to `per_namespace` (namespace -> pods);
     /// namespaces no longer listed lose their series.
     pub fn set_sidecar_drift(&self, policy: &str, per_namespace: &BTreeMap<String, usize>) {
-        let before = match self.drift_namespaces.lock() {
-            Ok(mut m) => {
-                let now: BTreeSet<String> = per_namespace.keys().cloned().collect();
-                if now.is_empty() {
-                    m.remove(policy).unwrap_or_default()
-                } else {
-                    m.insert(policy.to_string(), now).unwrap_or_default()
-                }
-            }
-            Err(_) => BTreeSet::new(),
-        };
-        let labels = |namespace: &str| NamespaceLabels {
-            policy: policy.to_string(),
-            namespace: namespace.to_string(),
-        };
-        for ns in before.iter().filter(|ns| !per_namespace.contains_key(*ns)) {
-            self.sidecar_drift.remove(&labels(ns));
-        }
-        for (ns, pods) in per_namespace {
-            self.sidecar_drift
-                .get_or_create(&labels(ns))
-                .set(i64::try_from(*pods).unwrap_or(i64::MAX));
-        }
+        replace_series(
+            &self.sidecar_drift,
+            &self.drift_namespaces,
+            policy,
+            per_namespace,
+            |namespace| NamespaceLabels {
+                policy: policy.to_string(),
+                namespace: namespace.clone(),
+            },
+        );
+    }
+
+    /// Sets the policy's `proxies` series to `counts` ((revision, version) -> running pods);
+    /// pairs no longer counted lose their series.
+    pub fn set_proxies(&self, policy: &str, counts: &BTreeMap<(String, String), usize>) {
+        replace_series(
+            &self.proxies,
+            &self.proxy_series,
+            policy,
+            counts,
+            |(revision, version)| ProxyLabels {
+                policy: policy.to_string(),
+                revision: revision.clone(),
+                version: version.clone(),
+            },
+        );
     }
 
     /// Removes the per-policy series of a deleted policy.
     pub fn forget_policy(&self, policy: &str) {
         self.set_sidecar_drift(policy, &BTreeMap::new());
+        self.set_proxies(policy, &BTreeMap::new());
         self.policy_ready.remove(&PolicyLabels {
             policy: policy.to_string(),
         });
@@ -244,6 +296,7 @@ impl Metrics {
             crate::status::conditions::types::GATEWAY_HA,
             crate::status::conditions::types::SIDECAR_RESOURCES,
             crate::status::conditions::types::MUTUAL_TLS,
+            crate::status::conditions::types::UPGRADES,
         ] {
             let labels = RuleLabels {
                 policy: policy.to_string(),
@@ -293,6 +346,34 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxy_series_follow_the_counted_versions() {
+        let m = Metrics::default();
+        let k = |r: &str, v: &str| (r.to_string(), v.to_string());
+        m.set_proxies(
+            "p",
+            &BTreeMap::from([(k("default", "1.31-dev"), 2), (k("canary", "1.30.1"), 1)]),
+        );
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "meshwarden_proxies{policy=\"p\",revision=\"canary\",version=\"1.30.1\"} 1"
+            ),
+            "{text}"
+        );
+        m.set_proxies("p", &BTreeMap::from([(k("default", "1.31-dev"), 3)]));
+        let text = m.encode();
+        assert!(!text.contains("1.30.1"), "{text}");
+        assert!(
+            text.contains(
+                "meshwarden_proxies{policy=\"p\",revision=\"default\",version=\"1.31-dev\"} 3"
+            ),
+            "{text}"
+        );
+        m.forget_policy("p");
+        assert!(!m.encode().contains("meshwarden_proxies{"));
+    }
 
     #[test]
     fn sidecar_drift_series_follow_the_namespaces_with_drift() {

@@ -998,3 +998,640 @@ async fn pod_churn_after_a_rollout_keeps_the_controllers_completion_marks() {
         }
     }
 }
+
+/// Runs a Deployment `web` of one pod in `namespace` (injection on) and returns its pod once
+/// the default istiod really injected it and it is ready.
+async fn injected_web_pod(client: &Client, namespace: &str) -> Pod {
+    let webs: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    webs.create(
+        &PostParams::default(),
+        &serde_json::from_value(deployment("web", 1, json!({}))).unwrap(),
+    )
+    .await
+    .unwrap();
+    let web_pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    common::eventually(90, "a ready injected web pod", || async {
+        let p = ready_pods(&web_pods, "web").await;
+        p.into_iter().find(|p| proxy_requests(p).is_some())
+    })
+    .await
+}
+
+/// The pod spec and metadata the default istiod's injection really produced, moved to revision
+/// `revision` (the status annotation and revision labels) with the proxy image tag `tag`.
+fn injected_as(pod: &Pod, app: &str, revision: &str, tag: &str) -> serde_json::Value {
+    let ann = pod.annotations();
+    let mut status: serde_json::Value =
+        serde_json::from_str(&ann["sidecar.istio.io/status"]).unwrap();
+    status["revision"] = json!(revision);
+    let mut labels = pod.labels().clone();
+    labels.remove("pod-template-hash");
+    labels.insert("app".into(), app.into());
+    labels.insert("service.istio.io/canonical-name".into(), app.into());
+    if labels.contains_key("istio.io/rev") {
+        labels.insert("istio.io/rev".into(), revision.into());
+    }
+    let mut spec = serde_json::to_value(pod.spec.clone().unwrap()).unwrap();
+    spec.as_object_mut().unwrap().remove("nodeName");
+    spec.as_object_mut()
+        .unwrap()
+        .remove("topologySpreadConstraints");
+    for list in ["containers", "initContainers"] {
+        for c in spec[list].as_array_mut().into_iter().flatten() {
+            if c["name"] == "istio-proxy" {
+                let image = c["image"].as_str().unwrap();
+                let (repo, _) = image.rsplit_once(':').unwrap();
+                c["image"] = json!(format!("{repo}:{tag}"));
+            }
+        }
+    }
+    json!({
+        "metadata": {"labels": labels, "annotations": {"sidecar.istio.io/status": status.to_string()}},
+        "spec": spec,
+    })
+}
+
+/// The upgrades section on the full cluster, step by step: a second istiod revision `canary`
+/// (image tag 1.33.1) with a revision tag, installed by Helm 4 from Istio's chart into a
+/// namespace of its own; a namespace whose pods the default istiod really injects (1.31-dev);
+/// a namespace labelled with a revision that does not exist, one with both injection labels,
+/// a tag pointing at a revision that does not run. The test plane runs no canary istiod, so
+/// canary proxies are pods carrying exactly what the default injection produced, moved to
+/// revision canary, in a namespace no injector selects. After every step the condition,
+/// the violations, `status.upgrades` and the metric are checked exactly; the section never
+/// writes to the mesh.
+#[tokio::test]
+async fn upgrades_report_revisions_tags_and_proxy_skew() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+
+    let env = common::cluster_env("upgrades").await;
+    let id = env.id.clone();
+    let mine = [("meshwarden-upgrades", id.as_str())];
+    let sys = env.namespace("canary-system", &[]).await;
+    let tag = format!("{id}-prod");
+    let kc = env.plane.kubeconfig.clone();
+    let chart = testplane::istio::chart("istiod").display().to_string();
+    helm(
+        &testplane::istio::helm(),
+        &kc,
+        &[
+            "install",
+            "istiod-canary",
+            &chart,
+            "-n",
+            &sys,
+            "--set",
+            "revision=canary",
+            "--set",
+            &format!("revisionTags={{{tag}}}"),
+            "--set",
+            &format!("global.istioNamespace={sys}"),
+            "--set",
+            "global.configValidation=false",
+            "--set",
+            "global.hub=docker.io/istio",
+            "--set",
+            "global.tag=1.33.1",
+        ],
+    );
+    // A tag whose revision does not run.
+    let old_tag = format!("{id}-old");
+    let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": format!("istio-revision-tag-{old_tag}"),
+                     "labels": {"istio.io/tag": old_tag, "istio.io/rev": format!("{id}-gone")}},
+        "webhooks": [],
+    }))
+    .unwrap();
+    Api::<MutatingWebhookConfiguration>::all(env.client.clone())
+        .create(&PostParams::default(), &mwc)
+        .await
+        .unwrap();
+    let web = env
+        .namespace("web", &[mine[0], ("istio-injection", "enabled")])
+        .await;
+    let legacy = env
+        .namespace("legacy", &[mine[0], ("istio-injection", "disabled")])
+        .await;
+    let missing = env
+        .namespace("missing", &[mine[0], ("istio.io/rev", "retired")])
+        .await;
+    let both = env
+        .namespace(
+            "both",
+            &[
+                mine[0],
+                ("istio-injection", "enabled"),
+                ("istio.io/rev", "canary"),
+            ],
+        )
+        .await;
+    let injected = injected_web_pod(&env.client, &web).await;
+    // A pod that never runs (no node matches), with a canary proxy.
+    let pending = injected_as(&injected, "stuck", "canary", "1.31-dev");
+    let mut pod = pending.clone();
+    pod["metadata"]["name"] = json!("stuck");
+    pod["spec"]["nodeSelector"] = json!({"meshwarden.io/no-such-node": "x"});
+    Api::<Pod>::namespaced(env.client.clone(), &legacy)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(pod).unwrap(),
+        )
+        .await
+        .unwrap();
+
+    env.create_policy(
+        "upgrades",
+        &format!(
+            "upgrades:\n  namespaceSelector: {{matchLabels: {{meshwarden-upgrades: {id}}}}}\n"
+        ),
+    )
+    .await;
+    let op = env.start_operator().await;
+    let policy = env.policy_name("upgrades");
+    let metric = |revision: &str, version: &str, n: usize| {
+        format!(
+            "meshwarden_proxies{{policy=\"{policy}\",revision=\"{revision}\",version=\"{version}\"}} {n}"
+        )
+    };
+    // Waits until the section reports `objects` (sorted) and returns the policy.
+    let expect = |step: &'static str, reason: &'static str, objects: Vec<String>| {
+        let env = &env;
+        async move {
+            let mut objects = objects;
+            objects.sort();
+            env.wait_policy("upgrades", 90, |p| {
+                let c = common::condition(p, "Upgrades")?;
+                let st = p.status.as_ref()?;
+                let mut found: Vec<String> =
+                    st.violations.iter().map(|v| v.object.clone()).collect();
+                found.sort();
+                (c.reason == reason && found == objects).then(|| p.clone())
+            })
+            .await;
+            let p = env.wait_converged("upgrades", 60).await;
+            let c = common::condition(&p, "Upgrades").unwrap();
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str()),
+                ("False", reason),
+                "{step}: {c:?}"
+            );
+            p
+        }
+    };
+    let always = |mut v: Vec<String>| {
+        v.push(format!("Namespace/{missing}"));
+        v.push(format!("Namespace/{both}"));
+        v.push(format!("RevisionTag/{old_tag}"));
+        v
+    };
+
+    // Step 1: canary is used only by the pending pod.
+    let p = expect(
+        "only a pending pod on canary",
+        "UnknownRevision",
+        always(vec!["Revision/canary".into()]),
+    )
+    .await;
+    let st = p.status.as_ref().unwrap().upgrades.clone().unwrap();
+    let counts: Vec<(String, String, i32)> = st
+        .proxies
+        .iter()
+        .map(|c| (c.revision.clone(), c.version.clone(), c.pods))
+        .collect();
+    assert_eq!(counts, [("default".into(), "1.31-dev".into(), 1)], "step 1");
+    let revs: Vec<(String, String)> = st
+        .revisions
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    assert!(
+        revs.contains(&("canary".into(), "1.33.1".into())),
+        "{revs:?}"
+    );
+    assert!(
+        revs.contains(&("default".into(), "1.31-dev".into())),
+        "{revs:?}"
+    );
+    let tags: Vec<(String, String)> = st
+        .tags
+        .iter()
+        .map(|t| (t.name.clone(), t.revision.clone()))
+        .collect();
+    assert!(tags.contains(&(tag.clone(), "canary".into())), "{tags:?}");
+    assert!(
+        tags.contains(&(old_tag.clone(), format!("{id}-gone"))),
+        "{tags:?}"
+    );
+    let text = op.state.ctx.metrics.encode();
+    assert!(text.contains(&metric("default", "1.31-dev", 1)), "{text}");
+    assert!(!text.contains("revision=\"canary\""), "{text}");
+
+    // Step 2: two running canary pods two minor versions behind their istiod.
+    let mut old = deployment("old", 2, json!({}));
+    let tpl = injected_as(&injected, "old", "canary", "1.31-dev");
+    old["spec"]["template"] = tpl;
+    Api::<Deployment>::namespaced(env.client.clone(), &legacy)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(old).unwrap(),
+        )
+        .await
+        .unwrap();
+    let p = expect(
+        "canary pods behind",
+        "UnknownRevision",
+        always(vec![format!("Deployment/{legacy}/old")]),
+    )
+    .await;
+    let st = p.status.as_ref().unwrap();
+    let skew = st
+        .violations
+        .iter()
+        .find(|v| v.object.ends_with("/old"))
+        .unwrap();
+    assert!(
+        skew.message.contains("2 running pod(s) have istio-proxy 1.31-dev, 2 minor version(s) behind istiod canary (1.33.1)"),
+        "{skew:?}"
+    );
+    let counts: Vec<(String, String, i32)> = st
+        .upgrades
+        .as_ref()
+        .unwrap()
+        .proxies
+        .iter()
+        .map(|c| (c.revision.clone(), c.version.clone(), c.pods))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("canary".into(), "1.31-dev".into(), 2),
+            ("default".into(), "1.31-dev".into(), 1)
+        ],
+        "step 2"
+    );
+    assert_eq!((st.targets, st.compliant), (3, 1));
+    let text = op.state.ctx.metrics.encode();
+    assert!(text.contains(&metric("canary", "1.31-dev", 2)), "{text}");
+    assert!(text.contains(&metric("default", "1.31-dev", 1)), "{text}");
+
+    // Step 3: a skew of 2 allows them.
+    set_spec(
+        &env,
+        "upgrades",
+        &format!("upgrades:\n  maxMinorSkew: 2\n  namespaceSelector: {{matchLabels: {{meshwarden-upgrades: {id}}}}}\n"),
+    )
+    .await;
+    let p = expect("maxMinorSkew 2", "UnknownRevision", always(vec![])).await;
+    assert_eq!(p.status.as_ref().unwrap().compliant, 3);
+
+    // The section never wrote to the mesh.
+    for ns in [&web, &legacy, &missing, &both, &sys] {
+        assert_eq!(writes_in(&env, ns), 0, "writes in {ns}");
+    }
+    assert_eq!(
+        env.operator_writes_to(|o| {
+            o["resource"] != "meshpolicies"
+                && o["resource"] != "events"
+                && o["namespace"].as_str().is_some_and(|n| n.starts_with(&id))
+        }),
+        0,
+        "only the policy's status and Events are written"
+    );
+    op.stop().await;
+    Api::<MutatingWebhookConfiguration>::all(env.client.clone())
+        .delete(
+            &format!("istio-revision-tag-{old_tag}"),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Whether a Deployment rolls because of meshwarden's restart: its current generation is the
+/// one the restart produced.
+fn restart_rolling(d: &Deployment) -> bool {
+    let ours = d
+        .annotations()
+        .get("meshwarden.io/restart-generation")
+        .and_then(|g| g.parse::<i64>().ok())
+        == d.metadata.generation;
+    ours && rolling(d)
+}
+
+/// Samples the Deployments until every one is at the generation meshwarden's restart produced
+/// and none rolls; returns the most that rolled because of a restart at once.
+async fn restarts_finish<F, Fut>(sample: &F) -> usize
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = (Vec<Deployment>, usize)>,
+{
+    let (mut most, start) = (0, Instant::now());
+    loop {
+        let (all, n) = sample().await;
+        most = most.max(n);
+        let done = all.iter().all(|d| {
+            d.annotations()
+                .get("meshwarden.io/restart-generation")
+                .and_then(|g| g.parse::<i64>().ok())
+                == d.metadata.generation
+        });
+        if done && all.iter().all(|d| !rolling(d)) {
+            return most;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the restarts did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits up to 60 s until `actions()` returns `expected`; panics with what it returned.
+async fn wait_for_actions<F, Fut>(actions: &F, expected: Vec<(String, String)>, what: &str)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Vec<(String, String)>>,
+{
+    let start = Instant::now();
+    loop {
+        let got = actions().await;
+        if got == expected {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{what}: violations and actions are {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Makes the operator reconcile twice more (a namespace label change reaches upgrades
+/// policies) and waits for it.
+async fn two_more_reconciles(
+    env: &common::Env,
+    state: &meshwarden::controller::State,
+    namespace: &str,
+) {
+    let metrics = state.ctx.metrics.clone();
+    let namespaces: Api<Namespace> = Api::all(env.client.clone());
+    for round in 0..2 {
+        let before = metrics.reconciles.get();
+        namespaces
+            .patch(
+                namespace,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"metadata": {"labels": {"touched": format!("{round}-{before}")}}}),
+                ),
+            )
+            .await
+            .unwrap();
+        common::eventually(30, "one more reconcile", || async {
+            (metrics.reconciles.get() > before).then_some(())
+        })
+        .await;
+    }
+}
+
+/// `restartOutdated` on the full cluster: four Deployments whose proxies (the default
+/// injection's pod, moved to proxy 1.29.0) are two minor versions behind the default istiod,
+/// `maxConcurrentRestarts: 2`. Audit writes nothing. Enforce restarts them, never more than two
+/// at once; a workload restarted whose pods are still outdated (its template pins the proxy)
+/// is not restarted again, so the converged mesh costs no write. Then the first one's restart
+/// cannot finish (its pod holds a host port on the one node it may run on, so the surge pod
+/// stays Pending past its progress deadline): while it is stalled the others, changed by
+/// their owner since, are held; once the owner fixes it, they are restarted two at a time.
+#[tokio::test]
+async fn upgrades_restarts_outdated_workloads_paced_and_stopped_by_a_stall() {
+    let env = common::cluster_env("restarts").await;
+    let id = env.id.clone();
+    let mine = ("meshwarden-upgrades", id.as_str());
+    let web = env
+        .namespace("web", &[("istio-injection", "enabled")])
+        .await;
+    let injected = injected_web_pod(&env.client, &web).await;
+    let first = env
+        .namespace("a-stall", &[mine, ("istio-injection", "disabled")])
+        .await;
+    let rest = env
+        .namespace("b-rest", &[mine, ("istio-injection", "disabled")])
+        .await;
+    let outdated = |name: &str| {
+        let mut d = deployment(name, 1, json!({}));
+        d["spec"]["template"] = injected_as(&injected, name, "default", "1.29.0");
+        d["spec"]["progressDeadlineSeconds"] = json!(5);
+        d
+    };
+    let firsts: Api<Deployment> = Api::namespaced(env.client.clone(), &first);
+    let rests: Api<Deployment> = Api::namespaced(env.client.clone(), &rest);
+    firsts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(outdated("a")).unwrap(),
+        )
+        .await
+        .unwrap();
+    for name in ["b", "c", "d"] {
+        rests
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(outdated(name)).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    // Every Deployment, and how many roll because of meshwarden's restarts.
+    let sample = || {
+        let (firsts, rests) = (firsts.clone(), rests.clone());
+        async move {
+            let mut all = firsts.list(&ListParams::default()).await.unwrap().items;
+            all.extend(rests.list(&ListParams::default()).await.unwrap().items);
+            let n = all.iter().filter(|d| restart_rolling(d)).count();
+            (all, n)
+        }
+    };
+    common::eventually(90, "four available outdated Deployments", || async {
+        let (all, _) = sample().await;
+        (all.len() == 4 && all.iter().all(|d| !rolling(d))).then_some(())
+    })
+    .await;
+    let selector = format!("namespaceSelector: {{matchLabels: {{meshwarden-upgrades: {id}}}}}");
+    let spec = |mode: &str| {
+        format!(
+            "enforcement: {mode}\nupgrades:\n  restartOutdated: true\n  maxConcurrentRestarts: 2\n  {selector}\n"
+        )
+    };
+    env.create_policy("restarts", &spec("Audit")).await;
+    let mut op = env.start_operator().await;
+    let writes = |env: &common::Env| writes_in(env, &first) + writes_in(env, &rest);
+    let policy_api: Api<MeshPolicy> = Api::all(env.client.clone());
+    let policy = env.policy_name("restarts");
+    let actions = || {
+        let api = policy_api.clone();
+        let policy = policy.clone();
+        async move {
+            let p = api.get(&policy).await.unwrap();
+            let mut v: Vec<(String, String)> = p
+                .status
+                .unwrap_or_default()
+                .violations
+                .into_iter()
+                // Revision tags are mesh-wide: another test's may be listed too.
+                .filter(|v| v.object.starts_with("Deployment/"))
+                .map(|v| (v.object, v.action))
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    let ids: Vec<String> = [(&first, "a"), (&rest, "b"), (&rest, "c"), (&rest, "d")]
+        .iter()
+        .map(|(ns, n)| format!("Deployment/{ns}/{n}"))
+        .collect();
+    let all_with = |action: &str| -> Vec<(String, String)> {
+        ids.iter()
+            .map(|i| (i.clone(), action.to_string()))
+            .collect()
+    };
+
+    // Every workload restarted and skipped since (still outdated), and no write over two
+    // more reconciles.
+    let converged = |op: &common::Operator| {
+        let (env, actions, expected, first) = (&env, &actions, all_with("Skipped"), &first);
+        let metrics_op = op.state.clone();
+        async move {
+            wait_for_actions(actions, expected, "every restarted workload skipped").await;
+            let before = writes(env);
+            two_more_reconciles(env, &metrics_op, first).await;
+            assert_eq!(writes(env), before, "a converged mesh costs no write");
+        }
+    };
+
+    // 1. Audit: every outdated workload reported, nothing written.
+    let p = env
+        .wait_policy("restarts", 90, |p| {
+            let c = common::condition(p, "Upgrades")?;
+            let v = &p.status.as_ref()?.violations;
+            let deployments = v.iter().filter(|v| v.object.starts_with("Deployment/"));
+            (c.status == "False" && deployments.count() == 4).then(|| p.clone())
+        })
+        .await;
+    let violations = &p.status.as_ref().unwrap().violations;
+    for v in violations
+        .iter()
+        .filter(|v| v.object.starts_with("Deployment/"))
+    {
+        assert_eq!(v.action, "Reported", "{v:?}");
+        assert!(
+            v.message
+                .contains("1.29.0, 2 minor version(s) behind istiod default"),
+            "{v:?}"
+        );
+    }
+    assert_eq!(writes(&env), 0, "Audit writes nothing");
+
+    // 2. Enforce: all four restarted, never more than two at once; then skipped for good.
+    set_spec(&env, "restarts", &spec("Enforce")).await;
+    let most = restarts_finish(&sample).await;
+    assert!((1..=2).contains(&most), "restarts rolling at once: {most}");
+    converged(&op).await;
+
+    // 3. The owner pins a to one node with a host port (operator stopped meanwhile, so the
+    // change rolls out first); restarting it then stalls.
+    op.stop().await;
+    let node = Api::<Node>::all(env.client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items[0]
+        .name_any();
+    firsts
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": {"spec": {
+                "nodeSelector": {"kubernetes.io/hostname": node},
+            }}}})),
+        )
+        .await
+        .unwrap();
+    firsts
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Json::<()>(
+                serde_json::from_value(json!([{"op": "add",
+                    "path": "/spec/template/spec/containers/0/ports",
+                    "value": [{"containerPort": 8080, "hostPort": 18080}]}]))
+                .unwrap(),
+            ),
+        )
+        .await
+        .unwrap();
+    common::eventually(90, "a rolled out on one node", || async {
+        let d = firsts.get("a").await.ok()?;
+        (!rolling(&d)).then_some(())
+    })
+    .await;
+    op = env.start_operator().await;
+    env.wait_policy("restarts", 90, |p| {
+        let c = common::condition(p, "Upgrades")?;
+        (c.reason == "RolloutStalled").then_some(())
+    })
+    .await;
+    // The owner changes b, c and d: they are outdated again, and held while a is stalled.
+    for name in ["b", "c", "d"] {
+        rests
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"spec": {"template": {"metadata": {"labels": {"edited": "1"}}}}}),
+                ),
+            )
+            .await
+            .unwrap();
+    }
+    let mut expected = all_with("Held");
+    expected[0].1 = "Reported".into();
+    wait_for_actions(
+        &actions,
+        expected,
+        "b, c and d held behind the stalled restart",
+    )
+    .await;
+    let held_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < held_until {
+        let (all, _) = sample().await;
+        for d in all.iter().filter(|d| d.name_any() != "a") {
+            assert!(
+                !restart_rolling(d),
+                "{} restarted while a is stalled",
+                d.name_any()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let p = policy_api.get(&policy).await.unwrap();
+    let c = common::condition(&p, "Upgrades").unwrap();
+    assert_eq!(c.reason, "RolloutStalled", "{c:?}");
+
+    // 4. The owner drops the host port: the stall is over, the others restart, two at a time.
+    firsts
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Json::<()>(
+                serde_json::from_value(json!([{"op": "remove",
+                    "path": "/spec/template/spec/containers/0/ports"}]))
+                .unwrap(),
+            ),
+        )
+        .await
+        .unwrap();
+    let most = restarts_finish(&sample).await;
+    assert!(most <= 2, "restarts rolling at once: {most}");
+    converged(&op).await;
+    op.stop().await;
+}

@@ -31,6 +31,7 @@ spec:
     pacing: 'Off'
     resources: {requests: {cpu: 100m, memory: 128Mi}}
   mtls: {mode: STRICT, scope: Mesh}
+  upgrades: {maxMinorSkew: 1}
 ";
 
 /// The operator's LIST requests in the audit log from entry `from` on, by URI.
@@ -130,6 +131,7 @@ async fn reconciles_after_start_up_send_no_list() {
             let is = |t: &str, prefix: &str| c.get(t).is_some_and(|v| v.starts_with(prefix));
             (is("ControlPlaneHA", "True/")
                 && is("MutualTLS", "True/")
+                && is("Upgrades", "True/")
                 && is("SidecarResources", "False/RolloutInProgress"))
             .then_some(())
         },

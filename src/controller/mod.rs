@@ -276,14 +276,17 @@ pub async fn run(
     };
     // Workload events reach the policies whose HA or sidecars sections cover the namespace;
     // namespace changes reach sidecars and mtls sections; mTLS pod changes reach mtls sections.
-    // LimitRanges, ResourceQuotas and running pods only keep their stores current.
+    // running pods reach upgrades sections; LimitRanges and ResourceQuotas only keep their
+    // stores current.
     let route = Route {
         policies: store.clone(),
         namespaces: ns_store,
         triggers: triggers.clone(),
     };
     let mtls = Section::MutualTls.only();
-    let sidecars_or_mtls = Section::SidecarResources.only() | mtls;
+    let upgrades = Section::Upgrades.only();
+    // Namespace labels and Istio's revisions and tags are read by these three.
+    let sidecars_or_mtls = Section::SidecarResources.only() | mtls | upgrades;
     let cache_task = tokio::spawn(
         async move {
             futures::join!(
@@ -295,7 +298,9 @@ pub async fn run(
                 }),
                 limit_range_events.for_each(|_| async {}),
                 quota_events.for_each(|_| async {}),
-                pod_events.for_each(|_| async {}),
+                // Running pods: what the upgrades sections count.
+                pod_events
+                    .for_each(|r| { route.when_ok(r, routing::policies_with_upgrades, upgrades) }),
                 // Errors were logged by `watch::resilient`.
                 mtls_pod_events.for_each(|r| route.when_ok(r, routing::policies_with_mtls, mtls)),
                 hpa_events.for_each(|r| route.namespaced(r.map(|o| o.metadata))),

@@ -36,15 +36,25 @@ pub(super) fn policies_for_namespace(
         .collect()
 }
 
-/// Every policy with a sidecars or an mtls section: both decide by namespace labels and by
-/// what Istio injects (revisions, tags), and mtls by the mesh config.
+/// Every policy with a sidecars, mtls or upgrades section: they decide by namespace labels and
+/// by what Istio injects (revisions, tags), and mtls by the mesh config.
 pub(super) fn policies_with_sidecars_or_mtls(
     store: &Store<MeshPolicy>,
 ) -> Vec<ObjectRef<MeshPolicy>> {
     store
         .state()
         .iter()
-        .filter(|p| p.spec.sidecars.is_some() || p.spec.mtls.is_some())
+        .filter(|p| p.spec.sidecars.is_some() || p.spec.mtls.is_some() || p.spec.upgrades.is_some())
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Policies with an `upgrades` section: a running pod anywhere can change what it counts.
+pub(super) fn policies_with_upgrades(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| p.spec.upgrades.is_some())
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
 }

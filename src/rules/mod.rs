@@ -8,6 +8,7 @@ pub mod ha;
 pub mod mtls;
 pub mod sidecars;
 pub mod stores;
+pub mod upgrades;
 
 use kube::ResourceExt;
 use tracing::Instrument;
@@ -27,14 +28,16 @@ pub enum Section {
     GatewayHa,
     SidecarResources,
     MutualTls,
+    Upgrades,
 }
 
 impl Section {
-    pub const ALL: [Section; 4] = [
+    pub const ALL: [Section; 5] = [
         Section::ControlPlaneHa,
         Section::GatewayHa,
         Section::SidecarResources,
         Section::MutualTls,
+        Section::Upgrades,
     ];
 
     /// This section alone, as a [`Sections`] set.
@@ -49,6 +52,7 @@ impl Section {
             Section::GatewayHa => types::GATEWAY_HA,
             Section::SidecarResources => types::SIDECAR_RESOURCES,
             Section::MutualTls => types::MUTUAL_TLS,
+            Section::Upgrades => types::UPGRADES,
         }
     }
 
@@ -59,6 +63,7 @@ impl Section {
             Section::GatewayHa => "gateways",
             Section::SidecarResources => "sidecars",
             Section::MutualTls => "mtls",
+            Section::Upgrades => "upgrades",
         }
     }
 
@@ -116,6 +121,17 @@ impl Section {
                 }
                 None => not_configured(),
             },
+            Section::Upgrades => match &spec.upgrades {
+                Some(u) => {
+                    upgrades::reconcile(ctx, policy, u, policy::effective(spec, u.enforcement))
+                        .await
+                }
+                None => {
+                    ctx.metrics
+                        .set_proxies(&policy.name_any(), &Default::default());
+                    not_configured()
+                }
+            },
             _ => not_configured(),
         }
     }
@@ -157,22 +173,13 @@ async fn sidecars_section(
     spec: &crate::api::SidecarSpec,
     enforcement: crate::api::Enforcement,
 ) -> RuleReport {
-    let ctype = types::SIDECAR_RESOURCES;
-    let stale = ctx.metrics.watches.stale(&sidecars::WATCHES);
-    if let Some((_, error)) = stale.first() {
-        let names: Vec<&str> = stale.iter().map(|(n, _)| n.as_str()).collect();
-        return RuleReport {
-            condition: Observed::new(
-                ctype,
-                Status::Unknown,
-                reasons::CACHE_NOT_SYNCED,
-                format!(
-                    "the watches of {} failed ({error}) and have not listed again: the section is evaluated once they have, within seconds of the API server answering",
-                    names.join(", "),
-                ),
-            ),
-            ..RuleReport::not_configured(ctype, "sidecars")
-        };
+    if let Some(stale) = stale_caches(
+        ctx,
+        types::SIDECAR_RESOURCES,
+        "sidecars",
+        &sidecars::WATCHES,
+    ) {
+        return stale;
     }
     let (report, stats) = sidecars::reconcile_with_stats(ctx, policy, spec, enforcement).await;
     if report.condition.status != Status::Unknown {
@@ -184,6 +191,31 @@ async fn sidecars_section(
         ctx.metrics.set_sidecar_drift(&policy.name_any(), &drift);
     }
     report
+}
+
+/// `Unknown` (`CacheNotSynced`) while one of the watches a section reads (`watches`) failed
+/// and has not listed again; `None` when they are all current.
+pub fn stale_caches(
+    ctx: &Context,
+    ctype: &str,
+    field: &str,
+    watches: &[&str],
+) -> Option<RuleReport> {
+    let stale = ctx.metrics.watches.stale(watches);
+    let (_, error) = stale.first()?;
+    let names: Vec<&str> = stale.iter().map(|(n, _)| n.as_str()).collect();
+    Some(RuleReport {
+        condition: Observed::new(
+            ctype,
+            Status::Unknown,
+            reasons::CACHE_NOT_SYNCED,
+            format!(
+                "the watches of {} failed ({error}) and have not listed again: the section is evaluated once they have, within seconds of the API server answering",
+                names.join(", "),
+            ),
+        ),
+        ..RuleReport::not_configured(ctype, field)
+    })
 }
 
 /// Whether a policy's rules cover objects in `namespace` (routes watch events to policies).

@@ -46,6 +46,16 @@ pub const ROOT_NAMESPACE_MISMATCH: &str = "RootNamespaceMismatch";
 pub const MESH_CONFIG_UNCLEAR: &str = "MeshConfigUnclear";
 /// A selected namespace's `istio.io/rev` names no live revision and no revision tag.
 pub const UNKNOWN_REVISION: &str = "UnknownRevision";
+/// A namespace has both `istio-injection=enabled` and `istio.io/rev`.
+pub const INJECTION_LABELS_CONFLICT: &str = "InjectionLabelsConflict";
+/// A revision tag points at a revision whose istiod no longer runs.
+pub const TAG_WITHOUT_REVISION: &str = "TagWithoutRevision";
+/// Running proxies belong to a revision whose istiod no longer runs.
+pub const REVISION_NOT_RUNNING: &str = "RevisionNotRunning";
+/// Running proxies are more minor versions behind their istiod than `maxMinorSkew` (or ahead).
+pub const PROXY_VERSION_SKEW: &str = "ProxyVersionSkew";
+/// A live revision is named only by pods that are not running.
+pub const REVISION_KEPT_BY_IDLE_PODS: &str = "RevisionKeptByIdlePods";
 /// `Ready`: some section is not True.
 pub const RULES_NOT_READY: &str = "RulesNotReady";
 /// `Conflict`: an older policy sets a rule differently and wins.
@@ -86,6 +96,11 @@ pub const ALL: &[&str] = &[
     ROOT_NAMESPACE_MISMATCH,
     MESH_CONFIG_UNCLEAR,
     UNKNOWN_REVISION,
+    INJECTION_LABELS_CONFLICT,
+    TAG_WITHOUT_REVISION,
+    REVISION_NOT_RUNNING,
+    PROXY_VERSION_SKEW,
+    REVISION_KEPT_BY_IDLE_PODS,
     RULES_NOT_READY,
     OLDER_POLICY_WINS,
     FORBIDDEN,

@@ -20,6 +20,8 @@ pub struct RuleReport {
     pub corrected: i32,
     /// One line per correction made, for Events.
     pub corrections: Vec<String>,
+    /// `status.upgrades` (the upgrades section only).
+    pub upgrades: Option<crate::api::UpgradesStatus>,
 }
 
 impl RuleReport {
@@ -32,6 +34,7 @@ impl RuleReport {
             compliant: 0,
             corrected: 0,
             corrections: Vec::new(),
+            upgrades: None,
         }
     }
 

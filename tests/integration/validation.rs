@@ -83,6 +83,11 @@ const INVALID: &[(&str, &str)] = &[
         "sidecars: {resources: {}, pacing: None}",
         "spec.sidecars.pacing",
     ),
+    (
+        "upgrades: {maxConcurrentRestarts: 0}",
+        "spec.upgrades.maxConcurrentRestarts",
+    ),
+    ("upgrades: {maxMinorSkew: -1}", "spec.upgrades.maxMinorSkew"),
     ("mtls: {mode: DISABLE}", "spec.mtls.mode"),
     (
         "mtls: {mode: STRICT, scope: Namespaces}",

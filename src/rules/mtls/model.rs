@@ -8,8 +8,7 @@ pub const SCOPE_OBJECT: &str = "meshwarden-mtls";
 /// Prefix of the PeerAuthentications that render exemptions.
 pub const EXEMPTION_PREFIX: &str = "meshwarden-exemption-";
 
-/// Annotation Istio's injector puts on every pod it gave a sidecar.
-pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+pub use crate::istio::SIDECAR_STATUS;
 
 pub(super) const API_VERSION: &str = "security.istio.io/v1";
 

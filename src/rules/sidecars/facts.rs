@@ -65,6 +65,11 @@ pub struct WorkloadFacts {
     /// The generation meshwarden's last write of the template produced
     /// ([`GENERATION_ANNOTATION`]); `None` when it never wrote it (or an older version did).
     pub written_generation: Option<i64>,
+    /// The generation the upgrades section's last restart produced
+    /// ([`RESTART_GENERATION_ANNOTATION`]).
+    pub restart_generation: Option<i64>,
+    /// Opted out of restarts with `meshwarden.io/ignore: upgrades`.
+    pub restart_opted_out: bool,
     /// Managers other than meshwarden that own one of the four annotations.
     pub foreign_owners: Vec<String>,
     /// Their writes of the four annotations (the evidence of a fight).
@@ -146,6 +151,12 @@ impl WorkloadFacts {
                 &TEMPLATE_ANNOTATIONS,
             ),
             opted_out: opted_out(&annotations_of(Some(meta))),
+            restart_opted_out: ignores(&annotations_of(Some(meta)), IGNORE_UPGRADES),
+            restart_generation: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(RESTART_GENERATION_ANNOTATION))
+                .and_then(|v| v.parse().ok()),
             other_rule: owned_by_other_rule(meta),
             written_at: write::fields::meshwarden_write_time(meta),
             written_generation: meta
@@ -242,6 +253,8 @@ pub struct PodFacts {
     /// The `istio-proxy` container's requests/limits in milli-units, in the order of
     /// [`Desired::annotations`] (cpu, cpu limit, memory, memory limit); `None` without one.
     pub proxy: Option<[Option<i128>; 4]>,
+    /// The proxy's revision and version (read by the upgrades section); `None` without one.
+    pub sidecar: Option<crate::istio::ProxyVersion>,
 }
 
 impl From<&Pod> for PodFacts {
@@ -260,12 +273,25 @@ impl From<&Pod> for PodFacts {
                 "DaemonSet" => Some((Kind::DaemonSet, o.name.clone())),
                 _ => None,
             });
-        let proxy = p.spec.as_ref().and_then(|spec| {
-            let c = spec
-                .containers
+        let container = p.spec.as_ref().and_then(|spec| {
+            spec.containers
                 .iter()
                 .chain(spec.init_containers.iter().flatten())
-                .find(|c| c.name == PROXY_CONTAINER)?;
+                .find(|c| c.name == PROXY_CONTAINER)
+        });
+        let sidecar = container.map(|c| crate::istio::ProxyVersion {
+            revision: p
+                .annotations()
+                .get(crate::istio::SIDECAR_STATUS)
+                .and_then(|s| crate::istio::injected_revision(s)),
+            version: c
+                .image
+                .as_deref()
+                .and_then(crate::istio::image_tag)
+                .unwrap_or(crate::istio::UNKNOWN)
+                .to_string(),
+        });
+        let proxy = container.map(|c| {
             let res = c.resources.clone().unwrap_or_default();
             let get = |m: &Option<
                 BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
@@ -275,12 +301,12 @@ impl From<&Pod> for PodFacts {
                     .and_then(|m| m.get(k))
                     .and_then(|q| quantity::millis(&q.0))
             };
-            Some([
+            [
                 get(&res.requests, "cpu"),
                 get(&res.limits, "cpu"),
                 get(&res.requests, "memory"),
                 get(&res.limits, "memory"),
-            ])
+            ]
         });
         PodFacts {
             name: p.name_any(),
@@ -288,6 +314,7 @@ impl From<&Pod> for PodFacts {
             labels: only(Some(labels), &[INJECT, "istio.io/rev"]),
             annotations: only(Some(p.annotations()), &[INJECT, INJECT_TEMPLATES]),
             proxy,
+            sidecar,
         }
     }
 }

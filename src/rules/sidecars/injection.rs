@@ -2,8 +2,9 @@
 
 use super::*;
 
-/// True when meshwarden owns fields of the object beyond the sidecar annotations, i.e. another
-/// meshwarden rule (gateway or control-plane HA) writes it with the same field manager. Writing
+/// True when meshwarden owns fields of the object beyond the sidecar annotations and the
+/// upgrades section's restart annotations, i.e. another meshwarden rule (gateway or
+/// control-plane HA) writes it with the same field manager. Writing
 /// it from this rule too would release that rule's fields, so it is left alone.
 pub fn owned_by_other_rule(meta: &ObjectMeta) -> bool {
     let ours: BTreeSet<String> = [
@@ -12,6 +13,7 @@ pub fn owned_by_other_rule(meta: &ObjectMeta) -> bool {
         PROXY_MEMORY,
         PROXY_MEMORY_LIMIT,
         HASH_ANNOTATION,
+        RESTARTED_AT,
     ]
     .iter()
     .map(|k| format!("f:{k}"))
@@ -48,9 +50,11 @@ pub fn owned_by_other_rule(meta: &ObjectMeta) -> bool {
             let metadata = top
                 .get("f:metadata")
                 .map(|m| match only(m, "f:annotations") {
-                    Some(Value::Object(a)) => a
-                        .keys()
-                        .any(|k| k != "." && k != &format!("f:{GENERATION_ANNOTATION}")),
+                    Some(Value::Object(a)) => a.keys().any(|k| {
+                        k != "."
+                            && k != &format!("f:{GENERATION_ANNOTATION}")
+                            && k != &format!("f:{RESTART_GENERATION_ANNOTATION}")
+                    }),
                     Some(Value::Null) => false,
                     _ => true,
                 });
@@ -142,7 +146,12 @@ pub fn no_sidecar_reason(
 
 /// True when a workload's annotation `meshwarden.io/ignore` names `sidecar-resources`.
 pub fn opted_out(workload_annotations: &BTreeMap<String, String>) -> bool {
+    ignores(workload_annotations, IGNORE_VALUE)
+}
+
+/// True when a workload's annotation `meshwarden.io/ignore` names `rule`.
+pub fn ignores(workload_annotations: &BTreeMap<String, String>, rule: &str) -> bool {
     workload_annotations
         .get(IGNORE_ANNOTATION)
-        .is_some_and(|v| v.split(',').any(|p| p.trim() == IGNORE_VALUE))
+        .is_some_and(|v| v.split(',').any(|p| p.trim() == rule))
 }

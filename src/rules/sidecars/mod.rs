@@ -90,6 +90,17 @@ pub const HASH_ANNOTATION: &str = "meshwarden.io/sidecar-resources";
 /// meshwarden's only while the workload is still at that generation.
 pub const GENERATION_ANNOTATION: &str = "meshwarden.io/sidecar-generation";
 
+/// Pod-template annotation `kubectl rollout restart` sets; the upgrades section restarts a
+/// workload by setting it too.
+pub const RESTARTED_AT: &str = "kubectl.kubernetes.io/restartedAt";
+
+/// Workload annotation (metadata): the `metadata.generation` the upgrades section's last
+/// restart produced, so that its rollout takes a restart slot and can stall.
+pub const RESTART_GENERATION_ANNOTATION: &str = "meshwarden.io/restart-generation";
+
+/// The rule name that opts a workload out of the upgrades section's restarts.
+pub const IGNORE_UPGRADES: &str = "upgrades";
+
 /// Workload annotation that opts out of meshwarden rules (comma-separated rule names).
 pub const IGNORE_ANNOTATION: &str = "meshwarden.io/ignore";
 

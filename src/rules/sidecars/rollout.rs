@@ -174,7 +174,19 @@ pub fn daemonset_rollout(d: &DaemonSet) -> Rollout {
 /// did not record the generation are taken as meshwarden's but never time out.
 pub fn meshwarden_rollout(w: &WorkloadFacts, now: jiff::Timestamp) -> Rollout {
     let written = w.template_annotations.contains_key(HASH_ANNOTATION);
-    let current = match w.written_generation {
+    paced_rollout(w, w.written_generation, written, now)
+}
+
+/// [`meshwarden_rollout`] for any write of the template meshwarden records the generation of
+/// (`written_generation`; `written`: the template carries meshwarden's mark, for writes that
+/// did not record one): the upgrades section's restarts use the same slots and stalls.
+pub fn paced_rollout(
+    w: &WorkloadFacts,
+    written_generation: Option<i64>,
+    written: bool,
+    now: jiff::Timestamp,
+) -> Rollout {
+    let current = match written_generation {
         Some(g) => g == w.generation,
         None => written,
     };
@@ -195,7 +207,7 @@ pub fn meshwarden_rollout(w: &WorkloadFacts, now: jiff::Timestamp) -> Rollout {
         Rollout::Settling(_) => Rollout::Complete,
         Rollout::InProgress(why)
             if w.kind != Kind::Deployment
-                && w.written_generation.is_some()
+                && written_generation.is_some()
                 && waited.is_some_and(|s| s > limit) =>
         {
             Rollout::Stalled(format!(

@@ -36,6 +36,8 @@ fn workload(name: &str, annotations: &[(&str, &str)], rollout: Rollout) -> Workl
             other_rule: false,
             written_at: None,
             written_generation: None,
+            restart_generation: None,
+            restart_opted_out: false,
             foreign_owners: vec![],
             foreign_writes: ForeignWrites::default(),
             other_containers: Amounts::new(),
@@ -179,7 +181,7 @@ fn namespace_selection_defaults_to_injection_on() {
     let live = Revisions {
         live: [("canary".to_string(), ["istio-system".to_string()].into())].into(),
         tags: [("prod".to_string(), "canary".to_string())].into(),
-        any: false,
+        ..Revisions::default()
     };
     assert!(selects_namespace(
         &spec,
@@ -438,6 +440,11 @@ fn fields_of_the_ha_rule_are_recognised() {
         json!({"f:metadata": {"f:annotations": {"f:meshwarden.io/sidecar-generation": {}}}, "f:spec": {"f:template": {"f:metadata": {"f:annotations": {"f:meshwarden.io/sidecar-resources": {}}}}}}),
     );
     assert!(!owned_by_other_rule(&with_generation));
+    // The upgrades section's restart is no other rule's write either.
+    let restarted = meta_with(
+        json!({"f:metadata": {"f:annotations": {"f:meshwarden.io/restart-generation": {}}}, "f:spec": {"f:template": {"f:metadata": {"f:annotations": {"f:kubectl.kubernetes.io/restartedAt": {}}}}}}),
+    );
+    assert!(!owned_by_other_rule(&restarted));
     let labels = meta_with(json!({"f:metadata": {"f:labels": {"f:x": {}}}}));
     assert!(owned_by_other_rule(&labels));
     let ha = meta_with(json!({"f:spec": {"f:replicas": {}}}));
@@ -578,6 +585,8 @@ fn a_write_the_cache_has_not_seen_is_read_as_written() {
         other_rule: false,
         written_at: None,
         written_generation: None,
+        restart_generation: None,
+        restart_opted_out: false,
         foreign_owners: vec![],
         foreign_writes: ForeignWrites::default(),
         other_containers: Amounts::new(),

@@ -1,0 +1,199 @@
+//! Unit tests of the injection decision, revisions, versions and mesh config.
+use super::*;
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn revisions() -> Revisions {
+    Revisions {
+        live: [
+            ("default".to_string(), ["istio-system".to_string()].into()),
+            ("canary".to_string(), ["istio-system".to_string()].into()),
+        ]
+        .into(),
+        tags: [("prod".to_string(), "canary".to_string())].into(),
+        ..Revisions::default()
+    }
+}
+
+#[test]
+fn injection_follows_the_injector_webhook_selectors() {
+    let r = revisions();
+    let on = |l: &[(&str, &str)]| namespace_injection(&labels(l), &r);
+    assert_eq!(on(&[("istio-injection", "enabled")]), Injection::On);
+    assert_eq!(on(&[("istio.io/rev", "canary")]), Injection::On);
+    assert_eq!(
+        on(&[("istio-injection", "enabled"), ("istio.io/rev", "canary")]),
+        Injection::On
+    );
+    assert_eq!(
+        on(&[("istio-injection", "disabled"), ("istio.io/rev", "canary")]),
+        Injection::Off,
+        "istio-injection=disabled wins over a revision label"
+    );
+    assert_eq!(on(&[]), Injection::Off);
+}
+
+#[test]
+fn revision_labels_resolve_against_live_revisions_and_tags() {
+    let r = revisions();
+    assert_eq!(r.resolve("canary"), Some("canary"));
+    assert_eq!(
+        r.resolve("prod"),
+        Some("canary"),
+        "a tag names its revision"
+    );
+    assert_eq!(r.resolve("gone"), None);
+    assert_eq!(
+        namespace_injection(&labels(&[("istio.io/rev", "gone")]), &r),
+        Injection::UnknownRevision("gone".into())
+    );
+    assert!(namespace_injection_on(
+        &labels(&[("istio.io/rev", "prod")]),
+        &r
+    ));
+    // `istio-injection=enabled` is the default injector's, whatever the revision label.
+    assert!(namespace_injection_on(
+        &labels(&[("istio-injection", "enabled"), ("istio.io/rev", "gone")]),
+        &r
+    ));
+    assert!(Revisions::any().resolve("gone").is_some());
+    let msg = r.unknown_message("gone");
+    assert!(
+        msg.contains("istio.io/rev=gone") && msg.contains("prod (tag)"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn versions_are_image_tags() {
+    assert_eq!(
+        image_tag("docker.io/istio/pilot:1.31-dev"),
+        Some("1.31-dev")
+    );
+    assert_eq!(
+        image_tag("localhost:5000/istio/proxyv2:1.30.2"),
+        Some("1.30.2")
+    );
+    assert_eq!(
+        image_tag("gcr.io/istio/proxyv2:1.29.1-distroless@sha256:abc"),
+        Some("1.29.1-distroless")
+    );
+    assert_eq!(image_tag("localhost:5000/istio/proxyv2"), None);
+    assert_eq!(image_tag("istio/proxyv2@sha256:abc"), None);
+    let d: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "istiod-canary", "labels": {"app": "istiod", "istio.io/rev": "canary"}},
+        "spec": {"selector": {}, "template": {"spec": {"containers": [
+            {"name": "discovery", "image": "docker.io/istio/pilot:1.30.1"}]}}},
+    }))
+    .unwrap();
+    assert_eq!(
+        injected_revision(r#"{"containers":["istio-proxy"],"revision":"canary"}"#).as_deref(),
+        Some("canary")
+    );
+    assert_eq!(injected_revision("{}"), None);
+    assert_eq!(injected_revision("x"), None);
+    let i = Istiod::from(&d);
+    assert_eq!(
+        (i.revision.as_str(), i.version.as_str()),
+        ("canary", "1.30.1")
+    );
+}
+
+#[test]
+fn each_revision_has_its_mesh_config_map() {
+    assert_eq!(mesh_config_map("default"), "istio");
+    assert_eq!(mesh_config_map(""), "istio");
+    assert_eq!(mesh_config_map("canary"), "istio-canary");
+}
+
+#[test]
+fn root_namespace_comes_from_mesh_config_or_istiods_namespace() {
+    let maps = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let live = |revs: &[&str]| -> BTreeSet<String> { revs.iter().map(|r| r.to_string()).collect() };
+    let set = "trustDomain: cluster.local\nrootNamespace: \"istio-config\"\n";
+    let root = mesh_root(
+        "istio-system",
+        &live(&["default"]),
+        &maps(&[("istio", set)]),
+    )
+    .unwrap();
+    assert_eq!(root.namespace, "istio-config");
+    assert!(root.from_mesh_config);
+    assert!(
+        root.source.contains("ConfigMap istio-system/istio"),
+        "{}",
+        root.source
+    );
+
+    // Not set: istiod's namespace.
+    let unset = "trustDomain: cluster.local\n";
+    let root = mesh_root("istiod-ns", &live(&["default"]), &maps(&[("istio", unset)])).unwrap();
+    assert_eq!(root.namespace, "istiod-ns");
+    assert!(root.from_mesh_config);
+
+    // A canary revision alone reads istio-canary; another revision's ConfigMap is ignored.
+    let root = mesh_root(
+        "istio-system",
+        &live(&["canary"]),
+        &maps(&[("istio", set), ("istio-canary", "rootNamespace: c\n")]),
+    )
+    .unwrap();
+    assert_eq!(root.namespace, "c");
+
+    // No mesh config: assumed, and said so.
+    let root = mesh_root("istio-system", &live(&[]), &maps(&[])).unwrap();
+    assert_eq!(root.namespace, "istio-system");
+    assert!(!root.from_mesh_config);
+    assert!(root.source.contains("assumed"));
+
+    // No istiod here: any istio / istio-<rev> mesh config counts.
+    let root = mesh_root("istio-system", &live(&[]), &maps(&[("istio-x", set)])).unwrap();
+    assert_eq!(root.namespace, "istio-config");
+
+    // Revisions that disagree, and a mesh config that is not YAML.
+    let err = mesh_root(
+        "istio-system",
+        &live(&["default", "canary"]),
+        &maps(&[("istio", set), ("istio-canary", "rootNamespace: other\n")]),
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("istio-config") && err.contains("other"),
+        "{err}"
+    );
+    let err = mesh_root(
+        "istio-system",
+        &live(&["default"]),
+        &maps(&[("istio", "a: [")]),
+    )
+    .unwrap_err();
+    assert!(err.contains("istio-system/istio"), "{err}");
+}
+
+#[test]
+fn mesh_config_maps_keep_only_the_mesh_key() {
+    let mut cm: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "istio", "namespace": "istio-system", "resourceVersion": "3"},
+        "data": {"mesh": "rootNamespace: x", "meshNetworks": "networks: {}"},
+    }))
+    .unwrap();
+    strip_config_map(&mut cm);
+    assert_eq!(cm.data.as_ref().map(|d| d.len()), Some(1));
+    assert!(cm.metadata.resource_version.is_none());
+    let mut other: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "kube-root-ca.crt"}, "data": {"mesh": "x", "ca.crt": "y"},
+    }))
+    .unwrap();
+    strip_config_map(&mut other);
+    assert!(other.data.is_none());
+}

@@ -1,0 +1,231 @@
+//! Restarts of workloads whose proxies are outdated (`restartOutdated`, Enforce only), paced
+//! with the sidecars section's rollout slots and stall detection.
+//!
+//! A restart is what `kubectl rollout restart` does: the pod-template annotation
+//! `kubectl.kubernetes.io/restartedAt`, here written with server-side apply (field manager
+//! `meshwarden`) together with `meshwarden.io/restart-generation` on the workload's metadata
+//! (the generation the restart produced: its rollout is meshwarden's while the workload is at
+//! that generation). The apply goes through [`write::apply_keeping`]: fields meshwarden's apply
+//! owned before (the sidecars section's annotations) are handed to meshwarden's `Update` entry
+//! first, so they stay. meshwarden keeps owning `restartedAt` and never stops sending it in a
+//! way that removes it: the upgrades section only ever re-applies it with a new time, and the
+//! sidecars section, whose apply drops it, changes the template (and so rolls the pods) anyway.
+//! A later `kubectl rollout restart` simply takes the field over.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use kube::api::Api;
+use serde_json::{Value, json};
+
+use super::plan::{Outdated, Owner};
+use crate::context::Context;
+use crate::error::Result;
+use crate::rules::sidecars::{
+    Kind, RESTART_GENERATION_ANNOTATION, RESTARTED_AT, Rollout, WorkloadFacts, paced_rollout,
+};
+use crate::write;
+
+/// How long a restart this process wrote is remembered while the watch has not delivered it.
+const PENDING_TTL: Duration = Duration::from_secs(300);
+
+/// Restarts written by this process: (kind, namespace, name) -> (generation produced, when).
+/// A reconcile that runs before the watch delivers the new generation reads the workload as
+/// restarting, so it neither restarts it twice nor gives its slot to another.
+#[derive(Clone, Default)]
+pub struct Pending(Arc<Mutex<HashMap<WorkloadKey, (i64, Instant)>>>);
+
+/// (kind, namespace, name) of a workload.
+type WorkloadKey = (Kind, String, String);
+
+impl Pending {
+    /// The process's memory (kept in the context's caches).
+    pub fn of(ctx: &Context) -> Pending {
+        if let Some(p) = ctx.cache::<Pending>() {
+            return p;
+        }
+        let p = Pending::default();
+        ctx.set_cache(Some(p.clone()));
+        p
+    }
+
+    pub(super) fn record(&self, key: WorkloadKey, generation: i64) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(key, (generation, Instant::now()));
+        }
+    }
+
+    /// Whether a restart of `w` this process wrote is not in the cached facts yet.
+    fn ahead_of(&self, key: &WorkloadKey, cached_generation: i64) -> bool {
+        let Ok(mut m) = self.0.lock() else {
+            return false;
+        };
+        match m.get(key) {
+            Some((g, at)) if *g > cached_generation && at.elapsed() < PENDING_TTL => true,
+            Some(_) => {
+                m.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+/// A workload of the selected namespaces, with the rollout of meshwarden's restart.
+pub type Workloads =
+    std::collections::BTreeMap<(String, Kind, String), (Arc<WorkloadFacts>, Rollout)>;
+
+/// The rollout of meshwarden's last restart of `w` (pure but for the pending memory).
+pub fn restart_rollout(
+    w: &WorkloadFacts,
+    namespace: &str,
+    pending: &Pending,
+    now: jiff::Timestamp,
+) -> Rollout {
+    if pending.ahead_of(
+        &(w.kind, namespace.to_string(), w.name.clone()),
+        w.generation,
+    ) {
+        return Rollout::InProgress(format!(
+            "the {} controller has not observed the restart yet",
+            w.kind.as_str()
+        ));
+    }
+    paced_rollout(w, w.restart_generation, false, now)
+}
+
+/// What happens to one outdated workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Restart {
+    /// Restart it now (a slot is free).
+    Now,
+    /// meshwarden's restart of it is rolling (or stalled).
+    Rolling,
+    /// Waits for a slot, for a stalled restart, or for the Deployment to be resumed.
+    Held(String),
+    /// Never restarted by this section: why.
+    Skipped(String),
+}
+
+/// The restart plan: a decision per outdated workload (in order), the workloads whose
+/// restart rolls now, and those whose restart stalled (id, why).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RestartPlan {
+    pub decisions: Vec<(Owner, Restart)>,
+    pub rolling: Vec<String>,
+    pub stalled: Vec<(String, String)>,
+}
+
+/// `Kind/namespace/name`.
+pub fn workload_id((ns, kind, name): &(String, Kind, String)) -> String {
+    format!("{}/{ns}/{name}", kind.as_str())
+}
+
+/// Plans the restarts (pure): at most `max` restarts of meshwarden roll at once, none starts
+/// while one stalled, and a workload meshwarden restarted whose pods are still outdated is not
+/// restarted again (the injector gives it the same proxy: a restart would not help).
+pub fn plan_restarts(outdated: &Outdated, workloads: &Workloads, max: i32) -> RestartPlan {
+    let mut out = RestartPlan::default();
+    for (key, (_, rollout)) in workloads {
+        match rollout {
+            Rollout::InProgress(_) | Rollout::Settling(_) => out.rolling.push(workload_id(key)),
+            Rollout::Stalled(why) => out.stalled.push((workload_id(key), why.clone())),
+            Rollout::Complete | Rollout::Paused => {}
+        }
+    }
+    let max = usize::try_from(max.max(1)).unwrap_or(1);
+    let mut in_flight = out.rolling.len() + out.stalled.len();
+    for owner in outdated.keys() {
+        let (ns, kind, name) = owner;
+        let decision = match kind {
+            None => Restart::Skipped(
+                "a pod of no Deployment, StatefulSet or DaemonSet: delete it to get a current proxy"
+                    .into(),
+            ),
+            Some(kind) => match workloads.get(&(ns.clone(), *kind, name.clone())) {
+                None => Restart::Skipped("its workload is not in the watch cache yet".into()),
+                Some((w, _)) if w.restart_opted_out => {
+                    Restart::Skipped("opted out (meshwarden.io/ignore: upgrades)".into())
+                }
+                Some((w, _)) if w.other_rule => Restart::Skipped(
+                    "written by meshwarden's HA rules: restart it with its control plane or gateway"
+                        .into(),
+                ),
+                Some((_, Rollout::InProgress(_) | Rollout::Settling(_) | Rollout::Stalled(_))) => {
+                    Restart::Rolling
+                }
+                Some((w, _)) if w.restart_generation == Some(w.generation) => Restart::Skipped(
+                    "meshwarden restarted it and its pods still run the outdated proxy: the injector gives them the same one; check the namespace's istio.io/rev label and the pod template".into(),
+                ),
+                Some((_, Rollout::Paused)) => Restart::Held(
+                    "the Deployment is paused (spec.paused): restarted once it is resumed".into(),
+                ),
+                Some(_) if !out.stalled.is_empty() => Restart::Held(
+                    "a restart stalled; no other starts until it completes".into(),
+                ),
+                Some(_) if in_flight < max => {
+                    in_flight += 1;
+                    Restart::Now
+                }
+                Some(_) => Restart::Held(format!(
+                    "waits for a restart slot (maxConcurrentRestarts {max})"
+                )),
+            },
+        };
+        out.decisions.push((owner.clone(), decision));
+    }
+    out
+}
+
+/// The apply of a restart: `restartedAt` on the template, the generation it will produce on the
+/// workload.
+pub fn patch(kind: Kind, namespace: &str, name: &str, at: &str, generation: i64) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": kind.as_str(),
+        "metadata": {"name": name, "namespace": namespace,
+            "annotations": {RESTART_GENERATION_ANNOTATION: generation.to_string()}},
+        "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: at}}}},
+    })
+}
+
+async fn apply(ctx: &Context, kind: Kind, ns: &str, name: &str, patch: &Value) -> Result<i64> {
+    let (c, w) = (ctx.client.clone(), &ctx.writes);
+    let meta = match kind {
+        Kind::Deployment => {
+            write::apply_keeping(&Api::<Deployment>::namespaced(c, ns), name, patch, w)
+                .await?
+                .0
+                .metadata
+        }
+        Kind::StatefulSet => {
+            write::apply_keeping(&Api::<StatefulSet>::namespaced(c, ns), name, patch, w)
+                .await?
+                .0
+                .metadata
+        }
+        Kind::DaemonSet => {
+            write::apply_keeping(&Api::<DaemonSet>::namespaced(c, ns), name, patch, w)
+                .await?
+                .0
+                .metadata
+        }
+    };
+    Ok(meta.generation.unwrap_or_default())
+}
+
+/// Restarts one workload and records the generation the restart produced (predicted from the
+/// cached one; corrected by a second apply of the same values when another write came between).
+pub async fn restart(ctx: &Context, w: &WorkloadFacts, namespace: &str) -> Result<()> {
+    let at = jiff::Timestamp::now().to_string();
+    let predicted = w.generation + 1;
+    let patch_with = |g| patch(w.kind, namespace, &w.name, &at, g);
+    let mut produced = apply(ctx, w.kind, namespace, &w.name, &patch_with(predicted)).await?;
+    if produced != predicted {
+        produced = apply(ctx, w.kind, namespace, &w.name, &patch_with(produced)).await?;
+    }
+    Pending::of(ctx).record((w.kind, namespace.to_string(), w.name.clone()), produced);
+    Ok(())
+}
