@@ -14,6 +14,11 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod certificates;
+pub use certificates::{
+    CertificatesSpec, CertificatesStatus, GO_DURATION_PATTERN, RootCertificateStatus,
+};
+
 /// API group of every meshwarden resource.
 pub const GROUP: &str = "meshwarden.io";
 
@@ -81,6 +86,11 @@ pub struct MeshPolicySpec {
     /// Mutual TLS between workloads, enforced with Istio `PeerAuthentication` objects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsSpec>,
+
+    /// Expiry of the mesh's root certificates, read from Istio's public `istio-ca-root-cert`
+    /// ConfigMaps (no access to Secrets needed). Reports only; never writes to the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<CertificatesSpec>,
 }
 
 /// Whether a rule corrects the mesh or only reports.
@@ -435,7 +445,8 @@ pub struct MeshPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready` and one condition per rule section: `ControlPlaneHA`, `GatewayHA`,
-    /// `SidecarResources`, `MutualTLS`; `Conflict` when another policy wins a rule.
+    /// `SidecarResources`, `MutualTLS`, `Certificates`; `Conflict` when another policy wins a
+    /// rule.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions")]
     pub conditions: Vec<Condition>,
@@ -455,13 +466,17 @@ pub struct MeshPolicyStatus {
     /// Corrections made since the spec last changed (metadata.generation).
     #[serde(default)]
     pub corrected: i32,
+    /// The root certificates the `certificates` section found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<CertificatesStatus>,
 }
 
 /// One deviation from the policy.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Violation {
-    /// Rule section: `ControlPlaneHA`, `GatewayHA`, `SidecarResources` or `MutualTLS`.
+    /// Rule section: `ControlPlaneHA`, `GatewayHA`, `SidecarResources`, `MutualTLS` or
+    /// `Certificates`.
     pub rule: String,
     /// The object, as `Kind/namespace/name`.
     pub object: String,

@@ -4,6 +4,7 @@
 //! the one way the controller runs them: adding a section is adding its module and one entry
 //! here.
 
+pub mod certificates;
 pub mod ha;
 pub mod mtls;
 pub mod sidecars;
@@ -27,14 +28,16 @@ pub enum Section {
     GatewayHa,
     SidecarResources,
     MutualTls,
+    Certificates,
 }
 
 impl Section {
-    pub const ALL: [Section; 4] = [
+    pub const ALL: [Section; 5] = [
         Section::ControlPlaneHa,
         Section::GatewayHa,
         Section::SidecarResources,
         Section::MutualTls,
+        Section::Certificates,
     ];
 
     /// The section's condition type.
@@ -44,6 +47,7 @@ impl Section {
             Section::GatewayHa => types::GATEWAY_HA,
             Section::SidecarResources => types::SIDECAR_RESOURCES,
             Section::MutualTls => types::MUTUAL_TLS,
+            Section::Certificates => types::CERTIFICATES,
         }
     }
 
@@ -54,6 +58,7 @@ impl Section {
             Section::GatewayHa => "gateways",
             Section::SidecarResources => "sidecars",
             Section::MutualTls => "mtls",
+            Section::Certificates => "certificates",
         }
     }
 
@@ -110,6 +115,13 @@ impl Section {
                     mtls::reconcile(ctx, policy, m, policy::effective(spec, m.enforcement)).await
                 }
                 None => not_configured(),
+            },
+            Section::Certificates => match &spec.certificates {
+                Some(c) => certificates::reconcile(ctx, policy, c).await,
+                None => {
+                    ctx.metrics.set_root_certificates(&policy.name_any(), None);
+                    not_configured()
+                }
             },
             _ => not_configured(),
         }

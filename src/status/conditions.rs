@@ -11,6 +11,7 @@ pub mod types {
     pub const GATEWAY_HA: &str = "GatewayHA";
     pub const SIDECAR_RESOURCES: &str = "SidecarResources";
     pub const MUTUAL_TLS: &str = "MutualTLS";
+    pub const CERTIFICATES: &str = "Certificates";
     pub const CONFLICT: &str = "Conflict";
 }
 

@@ -99,6 +99,7 @@ pub fn build(
                 .filter(|s| s.observed_generation == generation)
                 .map(|s| s.corrected)
                 .unwrap_or(0),
+        certificates: reports.iter().find_map(|r| r.certificates.clone()),
     }
 }
 
@@ -114,6 +115,7 @@ pub fn unchanged(old: Option<&MeshPolicyStatus>, new: &MeshPolicyStatus) -> bool
         targets,
         compliant,
         corrected,
+        certificates,
     } = new;
     old.observed_generation == *observed_generation
         && conditions::same_ignoring_time(&old.conditions, conditions)
@@ -122,6 +124,7 @@ pub fn unchanged(old: Option<&MeshPolicyStatus>, new: &MeshPolicyStatus) -> bool
         && old.targets == *targets
         && old.compliant == *compliant
         && old.corrected == *corrected
+        && old.certificates == *certificates
 }
 
 #[cfg(test)]
@@ -147,6 +150,7 @@ mod tests {
             compliant: 1,
             corrected: 0,
             corrections: vec![],
+            ..RuleReport::new(Observed::new(type_, status, reason, "m"))
         }
     }
 

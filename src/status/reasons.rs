@@ -46,6 +46,12 @@ pub const ROOT_NAMESPACE_MISMATCH: &str = "RootNamespaceMismatch";
 pub const MESH_CONFIG_UNCLEAR: &str = "MeshConfigUnclear";
 /// A selected namespace's `istio.io/rev` names no live revision and no revision tag.
 pub const UNKNOWN_REVISION: &str = "UnknownRevision";
+/// A root certificate of the mesh expires within `certificates.warnBefore`.
+pub const ROOT_CERTIFICATE_EXPIRING: &str = "RootCertificateExpiring";
+/// A root certificate of the mesh has expired: workloads trusting only it fail mTLS.
+pub const ROOT_CERTIFICATE_EXPIRED: &str = "RootCertificateExpired";
+/// An `istio-ca-root-cert` ConfigMap (or a granted Secret) holds no readable certificate.
+pub const CERTIFICATE_UNREADABLE: &str = "CertificateUnreadable";
 /// `Ready`: some section is not True.
 pub const RULES_NOT_READY: &str = "RulesNotReady";
 /// `Conflict`: an older policy sets a rule differently and wins.
@@ -86,6 +92,9 @@ pub const ALL: &[&str] = &[
     ROOT_NAMESPACE_MISMATCH,
     MESH_CONFIG_UNCLEAR,
     UNKNOWN_REVISION,
+    ROOT_CERTIFICATE_EXPIRING,
+    ROOT_CERTIFICATE_EXPIRED,
+    CERTIFICATE_UNREADABLE,
     RULES_NOT_READY,
     OLDER_POLICY_WINS,
     FORBIDDEN,

@@ -20,6 +20,11 @@ pub struct RuleReport {
     pub corrected: i32,
     /// One line per correction made, for Events.
     pub corrections: Vec<String>,
+    /// Evaluate again within this time even without an event (a certificate crosses a
+    /// threshold as time passes).
+    pub recheck_in: Option<std::time::Duration>,
+    /// The root certificates found (`certificates` section only), for `status.certificates`.
+    pub certificates: Option<crate::api::CertificatesStatus>,
 }
 
 impl RuleReport {
@@ -32,6 +37,8 @@ impl RuleReport {
             compliant: 0,
             corrected: 0,
             corrections: Vec::new(),
+            recheck_in: None,
+            certificates: None,
         }
     }
 
