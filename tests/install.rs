@@ -3,9 +3,7 @@
 //! a missing permission reported instead of a crash loop, then `helm upgrade` and `helm uninstall`.
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -54,17 +52,7 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
     apply_fixture(&admin, "base.yaml").await;
     apply_fixture(&admin, "istiod-default.yaml").await;
 
-    // helm install, as a user would (no --wait: this server runs no pods).
-    helm(
-        &plane.kubeconfig,
-        &[
-            "install",
-            "meshwarden",
-            &format!("{ROOT}/charts/meshwarden"),
-            "-n",
-            NS,
-        ],
-    );
+    tools::helm_install_chart(&plane.kubeconfig, &admin, NS).await;
     let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
     assert!(
         crds.get_opt("meshpolicies.meshwarden.io")
@@ -73,55 +61,23 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
             .is_some(),
         "the chart installs the CRD"
     );
-    testplane::wait_crd_established(&admin, "meshpolicies.meshwarden.io")
-        .await
-        .unwrap();
 
     // A token of the chart's ServiceAccount: real authentication, real RBAC.
-    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), NS);
-    let tr = sas
-        .create_token_request(
-            "meshwarden",
-            &PostParams::default(),
-            &TokenRequest {
-                spec: TokenRequestSpec {
-                    audiences: vec![],
-                    expiration_seconds: Some(3600),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("TokenRequest for the chart's ServiceAccount");
-    let token = tr.status.unwrap().token;
-    let admin_kc: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(&plane.kubeconfig).unwrap()).unwrap();
-    let server = admin_kc["clusters"][0]["cluster"]["server"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let ca = admin_kc["clusters"][0]["cluster"]["certificate-authority"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let sa_kc = dir.join("sa.kubeconfig");
-    std::fs::write(&sa_kc, format!(
-        "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: '{server}', certificate-authority: '{ca}'}}}}]\nusers: [{{name: sa, user: {{token: '{token}'}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: sa}}}}]\ncurrent-context: t\n"
-    )).unwrap();
-
+    let sa_kc = operator::service_account_kubeconfig(
+        &admin,
+        &plane.kubeconfig,
+        (NS, "meshwarden"),
+        &dir.join("sa.kubeconfig"),
+    )
+    .await;
     let a = Replica::start(&sa_kc, "replica-a", &dir, LEADER_ELECTION);
     let b = Replica::start(&sa_kc, "replica-b", &dir, LEADER_ELECTION);
 
-    let policies: Api<MeshPolicy> = Api::all(admin.clone());
-    let policy: MeshPolicy = serde_yaml::from_str(
+    let policies = operator::create_policy(
+        &admin,
         "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: install-test}\nspec:\n  enforcement: Enforce\n  controlPlane: {replicas: {min: 2}, disruptionBudget: {maxUnavailable: 1}}\n  mtls: {mode: PERMISSIVE}\n",
     )
-    .unwrap();
-    policies
-        .create(&PostParams::default(), &policy)
-        .await
-        .unwrap();
+    .await;
     let ready = |p: &MeshPolicy| {
         p.status
             .as_ref()?

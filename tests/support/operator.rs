@@ -92,3 +92,55 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A kubeconfig at `out` that authenticates as the ServiceAccount `namespace/name` (a token
+/// from a TokenRequest, valid an hour), for the API server of `admin_kubeconfig`: real
+/// authentication, real RBAC.
+pub async fn service_account_kubeconfig(
+    admin: &kube::Client,
+    admin_kubeconfig: &Path,
+    (namespace, name): (&str, &str),
+    out: &Path,
+) -> PathBuf {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let sas: kube::Api<ServiceAccount> = kube::Api::namespaced(admin.clone(), namespace);
+    let tr = sas
+        .create_token_request(
+            name,
+            &kube::api::PostParams::default(),
+            &TokenRequest {
+                spec: TokenRequestSpec {
+                    audiences: vec![],
+                    expiration_seconds: Some(3600),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("TokenRequest for the ServiceAccount");
+    let token = tr.status.unwrap().token;
+    let admin_kc: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(admin_kubeconfig).unwrap()).unwrap();
+    let cluster = &admin_kc["clusters"][0]["cluster"];
+    let server = cluster["server"].as_str().unwrap();
+    let ca = cluster["certificate-authority"].as_str().unwrap();
+    std::fs::write(out, format!(
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: '{server}', certificate-authority: '{ca}'}}}}]\nusers: [{{name: sa, user: {{token: '{token}'}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: sa}}}}]\ncurrent-context: t\n"
+    )).unwrap();
+    out.to_path_buf()
+}
+
+/// Creates a MeshPolicy from a whole YAML object; returns the API to read it back.
+pub async fn create_policy(
+    client: &kube::Client,
+    yaml: &str,
+) -> kube::Api<meshwarden::api::MeshPolicy> {
+    let api: kube::Api<meshwarden::api::MeshPolicy> = kube::Api::all(client.clone());
+    let policy: meshwarden::api::MeshPolicy = serde_yaml::from_str(yaml).unwrap();
+    api.create(&kube::api::PostParams::default(), &policy)
+        .await
+        .unwrap();
+    api
+}
