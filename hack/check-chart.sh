@@ -386,6 +386,8 @@ print(json.dumps({"apiVersion": "v1", "kind": "Pod",
     # Root certificates: the istio-ca-root-cert ConfigMaps by name, in every namespace; no get.
     for v in list watch; do sar YES "$v" - configmaps - - istio-ca-root-cert; sar YES "$v" - configmaps - default istio-ca-root-cert; done
     sar NO get - configmaps - default istio-ca-root-cert
+    # No Secret by default, not even a plugged-in CA (certificates.readSecrets grants that).
+    sar NO get - secrets - istio-system cacerts
     sar NO list - configmaps - default other-config
     for v in list watch; do sar YES "$v" admissionregistration.k8s.io mutatingwebhookconfigurations - -; done
     for v in get create patch; do sar NO "$v" admissionregistration.k8s.io mutatingwebhookconfigurations - -; done

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 mod certificates;
 pub use certificates::{
-    CertificatesSpec, CertificatesStatus, GO_DURATION_PATTERN, RootCertificateStatus,
+    CertificatesSpec, CertificatesStatus, GO_DURATION_PATTERN, RootCertificateStatus, SecretRef,
 };
 
 /// API group of every meshwarden resource.

@@ -91,7 +91,7 @@ async fn the_charts_service_account_reads_roots_without_any_secret_access() {
     }
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "cacerts", "namespace": "istio-system"},
-        "stringData": {"root-cert.pem": pem("plugged root", 100), "ca-cert.pem": pem("plugged ca", 50)}
+        "stringData": {"root-cert.pem": pem("plugged root", 200), "ca-cert.pem": pem("plugged ca", 50)}
     }))
     .unwrap();
     Api::<Secret>::namespaced(admin.clone(), "istio-system")
@@ -140,7 +140,7 @@ async fn the_charts_service_account_reads_roots_without_any_secret_access() {
     let op = Replica::start(&sa_kc, "replica-a", &dir, &[]);
     let policies = operator::create_policy(
         &admin,
-        "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: certs}\nspec:\n  certificates: {warnBefore: 720h}\n",
+        "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: certs}\nspec:\n  certificates: {warnBefore: 720h, secrets: [{name: cacerts}]}\n",
     )
     .await;
     let p = eventually(45, "the Certificates condition", || async {
@@ -180,6 +180,68 @@ async fn the_charts_service_account_reads_roots_without_any_secret_access() {
         .and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
         .expect("the expiry metric of the old root");
     assert!((10 * DAY..=10 * DAY + 3600).contains(&old), "{old}");
+    // The named Secret cannot be read by default: reported, naming the chart value.
+    let status = policies.get("certs").await.unwrap().status.unwrap();
+    let refused = status
+        .violations
+        .iter()
+        .find(|v| v.object == "Secret/istio-system/cacerts")
+        .expect("the unreadable Secret is a violation");
+    assert!(
+        refused.message.contains("certificates.readSecrets"),
+        "{}",
+        refused.message
+    );
+
+    // The user grants that one Secret through the chart: get on cacerts, nothing more.
+    tools::helm(
+        &plane.kubeconfig,
+        &[
+            "upgrade",
+            "meshwarden",
+            &format!("{}/charts/meshwarden", env!("CARGO_MANIFEST_DIR")),
+            "-n",
+            NS,
+            "--reuse-values",
+            "--set",
+            "certificates.readSecrets={cacerts}",
+        ],
+    );
+    assert!(allowed(&sa, "get", "secrets", Some("istio-system"), Some("cacerts")).await);
+    assert!(
+        !allowed(
+            &sa,
+            "get",
+            "secrets",
+            Some("istio-system"),
+            Some("istio-ca-secret")
+        )
+        .await
+    );
+    assert!(!allowed(&sa, "list", "secrets", Some("istio-system"), None).await);
+    assert!(!allowed(&sa, "get", "secrets", Some("certs-a"), Some("cacerts")).await);
+    // Read again within 30 s, with no event: the plugged-in CA's certificates join the roots.
+    let roots = eventually(45, "the Secret's certificates in status", || async {
+        let s = policies.get("certs").await.ok()?.status?;
+        let roots: Vec<(String, i64, i32, Vec<String>)> = s
+            .certificates?
+            .roots
+            .into_iter()
+            .map(|r| (r.subject, r.days_left, r.namespaces, r.secrets))
+            .collect();
+        (roots.len() == 4).then_some(roots)
+    })
+    .await;
+    let secret = vec!["istio-system/cacerts".to_string()];
+    assert_eq!(
+        roots,
+        [
+            ("CN=old root".to_string(), 10, 1, vec![]),
+            ("CN=plugged ca".to_string(), 50, 0, secret.clone()),
+            ("CN=new root".to_string(), 100, 1, vec![]),
+            ("CN=plugged root".to_string(), 200, 0, secret),
+        ]
+    );
     let log = op.log_text();
     assert!(
         !log.to_lowercase().contains("forbidden"),

@@ -16,14 +16,36 @@ pub struct CertificatesSpec {
     #[serde(default = "default_warn_before")]
     #[schemars(schema_with = "go_duration")]
     pub warn_before: String,
+
+    /// Secrets holding CA certificates to check as well, such as a plugged-in `cacerts` in
+    /// istiod's namespace (keys `root-cert.pem` and `ca-cert.pem`). meshwarden reads a Secret
+    /// only when its ServiceAccount may `get` it: grant that with the chart value
+    /// `certificates.readSecrets`; the default install reads no Secret. Empty by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub secrets: Vec<SecretRef>,
 }
 
 impl Default for CertificatesSpec {
     fn default() -> Self {
         CertificatesSpec {
             warn_before: default_warn_before(),
+            secrets: Vec::new(),
         }
     }
+}
+
+/// A Secret by namespace and name.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Namespace of the Secret.
+    #[serde(default = "default_istio_system")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: String,
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// What the `certificates` section found: one entry per distinct root certificate.
@@ -50,6 +72,13 @@ pub struct RootCertificateStatus {
     pub days_left: i64,
     /// Namespaces whose `istio-ca-root-cert` holds this root.
     pub namespaces: i32,
+    /// Secrets (`namespace/name`, from `certificates.secrets`) holding this certificate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+}
+
+fn default_istio_system() -> String {
+    "istio-system".to_string()
 }
 
 fn default_warn_before() -> String {

@@ -1,6 +1,7 @@
 //! The `certificates` section: how long the mesh's root certificates have left. Roots are
 //! read from Istio's public `istio-ca-root-cert` ConfigMaps ([`cache`]), so no access to
-//! Secrets is needed; [`plan`] groups them by fingerprint and weighs them against
+//! Secrets is needed (a Secret is read only when a policy names it and the chart grants it:
+//! [`secrets`]); [`plan`] groups them by fingerprint and weighs them against
 //! `warnBefore`. The section only reports: it never writes to the mesh. As time passes
 //! without events, the report asks to be evaluated again when the next root crosses a
 //! threshold ([`RuleReport::recheck_in`]).
@@ -8,6 +9,7 @@
 pub mod cache;
 pub mod facts;
 pub mod plan;
+pub mod secrets;
 #[cfg(test)]
 mod tests;
 
@@ -37,10 +39,14 @@ pub async fn reconcile(ctx: &Context, policy: &MeshPolicy, spec: &CertificatesSp
             .map_err(Error::Cache),
         None => cache::list(&ctx.client).await,
     };
-    let bundles = match bundles {
+    let mut bundles = match bundles {
         Ok(b) => b,
         Err(e) => return RuleReport::failed(ctype, &e),
     };
+    match secrets::read(&ctx.client, &spec.secrets).await {
+        Ok(s) => bundles.extend(s),
+        Err(e) => return RuleReport::failed(ctype, &e),
+    }
     let plan = plan::plan(&bundles, jiff::Timestamp::now().as_second(), warn_before);
     ctx.metrics.set_root_certificates(
         &policy.name_any(),

@@ -14,6 +14,9 @@ use crate::status::reasons::{self, ViolationAction};
 /// Most roots listed in status (a mesh has one or two; a few while rotating).
 pub const MAX_ROOTS: usize = 20;
 
+/// How soon a named Secret that could not be read is read again.
+pub const SECRET_RETRY: Duration = Duration::from_secs(30);
+
 /// How a root stands against `warnBefore`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Standing {
@@ -93,6 +96,13 @@ pub fn plan(sources: &BTreeMap<String, Bundle>, now: i64, warn_before: Duration)
         .filter(|s| *s >= 0)
         .min()
         .map(|s| Duration::from_secs(s.unsigned_abs() + 1));
+    // A Secret that cannot be read (not granted yet) is tried again like a permission error:
+    // Secrets are read, not watched, so nothing else tells when access is granted.
+    let recheck_in = if unreadable.iter().any(|(s, _)| s.starts_with("Secret/")) {
+        Some(recheck_in.map_or(SECRET_RETRY, |d| d.min(SECRET_RETRY)))
+    } else {
+        recheck_in
+    };
     Plan {
         roots,
         unreadable,
@@ -243,6 +253,12 @@ pub fn report(plan: &Plan, warn_text: &str) -> RuleReport {
                             .count(),
                     )
                     .unwrap_or(i32::MAX),
+                    secrets: r
+                        .sources
+                        .iter()
+                        .filter_map(|s| s.strip_prefix("Secret/"))
+                        .map(str::to_string)
+                        .collect(),
                 })
                 .collect(),
         }),

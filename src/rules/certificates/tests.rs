@@ -220,3 +220,57 @@ async fn the_cache_keeps_one_copy_per_distinct_bundle_and_follows_events() {
     };
     assert!(Arc::ptr_eq(r2, r3), "namespaces share one copy");
 }
+
+#[test]
+fn secrets_add_their_certificates_and_are_not_counted_as_namespaces() {
+    let root_pem = root("plugged root", 100 * DAY);
+    let ca_pem = root("plugged ca", 50 * DAY);
+    let secret = k8s_openapi::api::core::v1::Secret {
+        data: Some(
+            [
+                ("root-cert.pem", &root_pem),
+                ("ca-cert.pem", &ca_pem),
+                ("ca-key.pem", &"not read".to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    k8s_openapi::ByteString(v.clone().into_bytes()),
+                )
+            })
+            .collect(),
+        ),
+        ..Default::default()
+    };
+    let r = crate::api::SecretRef {
+        namespace: "istio-system".into(),
+        name: "cacerts".into(),
+    };
+    let mut s = sources(&[("a", &root_pem)]);
+    s.insert(super::secrets::source(&r), super::secrets::reduce(&secret));
+    let report = report(&plan(&s, NOW, warn(60)), "1440h");
+    let roots = report.certificates.unwrap().roots;
+    assert_eq!(roots.len(), 2);
+    assert_eq!(roots[0].subject, "CN=plugged ca, O=cluster.local");
+    assert_eq!(
+        (roots[0].namespaces, roots[0].secrets.clone()),
+        (0, vec!["istio-system/cacerts".to_string()])
+    );
+    assert_eq!((roots[1].namespaces, roots[1].secrets.len()), (1, 1));
+    assert_eq!(report.condition.reason, reasons::ROOT_CERTIFICATE_EXPIRING);
+    let mut missing = s.clone();
+    missing.insert(
+        "Secret/istio-system/other".into(),
+        Bundle::Unreadable("cannot be read".into()),
+    );
+    assert_eq!(
+        plan(&missing, NOW, warn(60)).recheck_in,
+        Some(super::plan::SECRET_RETRY),
+        "an unreadable Secret is read again soon"
+    );
+    assert!(matches!(
+        super::secrets::reduce(&Default::default()),
+        Bundle::Unreadable(why) if why.contains("neither key root-cert.pem nor ca-cert.pem")
+    ));
+}
