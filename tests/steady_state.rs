@@ -28,6 +28,7 @@ spec:
     pacing: 'Off'
     resources: {requests: {cpu: 100m, memory: 128Mi}}
   mtls: {mode: STRICT, scope: Mesh}
+  certificates: {warnBefore: 720h}
 ";
 
 /// The operator's LIST requests in the audit log from entry `from` on, by URI.
@@ -49,6 +50,19 @@ async fn hpa_min(hpas: &Api<HorizontalPodAutoscaler>) -> Option<i32> {
 async fn cpu_annotation(deployments: &Api<Deployment>) -> Option<String> {
     let d = deployments.get("web").await.ok()?;
     d.spec?.template.metadata?.annotations?.get(CPU).cloned()
+}
+
+/// The `istio-ca-root-cert` ConfigMap istiod would write into `namespace`, with a root
+/// valid for `days`.
+async fn root_config_map(admin: &kube::Client, namespace: &str, days: i64) {
+    let now = testplane::certs::unix_now();
+    let pem = testplane::certs::root_certificate(namespace, None, now, now + days * 86_400);
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "istio-ca-root-cert", "namespace": namespace},
+        "data": {"root-cert.pem": pem.unwrap()}});
+    testplane::apply_yaml(admin, &serde_yaml::to_string(&cm).unwrap(), &[])
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -102,6 +116,8 @@ async fn reconciles_after_start_up_send_no_list() {
     )
     .await
     .unwrap();
+    // The root istiod would write into the namespace (the certificates section's watch).
+    root_config_map(&admin, "shop", 400).await;
     let policies: Api<MeshPolicy> = Api::all(admin.clone());
     policies
         .create(&Default::default(), &serde_yaml::from_str(POLICY).unwrap())
@@ -119,10 +135,15 @@ async fn reconciles_after_start_up_send_no_list() {
     };
     eventually(60, "every section evaluated and True", || async {
         let c = conditions(&policies.get("steady").await.ok()?);
-        ["ControlPlaneHA", "SidecarResources", "MutualTLS"]
-            .iter()
-            .all(|t| c.get(*t).map(String::as_str) == Some("True"))
-            .then_some(())
+        [
+            "ControlPlaneHA",
+            "SidecarResources",
+            "MutualTLS",
+            "Certificates",
+        ]
+        .iter()
+        .all(|t| c.get(*t).map(String::as_str) == Some("True"))
+        .then_some(())
     })
     .await;
     let from = plane.audit_events().len();
@@ -176,6 +197,18 @@ async fn reconciles_after_start_up_send_no_list() {
         s.violations
             .iter()
             .any(|v| v.object.contains("legacy"))
+            .then_some(())
+    })
+    .await;
+
+    // Certificates: a new root within warnBefore is read from the watch and reported.
+    root_config_map(&admin, "legacy", 10).await;
+    eventually(30, "the expiring root reported", || async {
+        let p = policies.get("steady").await.ok()?;
+        p.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Certificates" && c.reason == "RootCertificateExpiring")
             .then_some(())
     })
     .await;
