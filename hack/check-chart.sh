@@ -194,13 +194,13 @@ else
 fi
 
 # --- a real API server (opt-in) ---------------------------------------------------------
-# sar YES|NO VERB GROUP RESOURCE SUBRESOURCE NAMESPACE ("-" = empty): queues a
+# sar YES|NO VERB GROUP RESOURCE SUBRESOURCE NAMESPACE [NAME] ("-" = empty): queues a
 # SubjectAccessReview for the operator's ServiceAccount with the expected answer.
 # sar_run sends all queued reviews in one request and fails on any unexpected answer.
 SAR_DOCS=""
 SAR_WANT=()
 sar() {
-  local want=$1 verb=$2 group=${3#-} resource=$4 sub=${5#-} ns=${6#-}
+  local want=$1 verb=$2 group=${3#-} resource=$4 sub=${5#-} ns=${6#-} name=${7:-}
   SAR_WANT+=("$want")
   SAR_DOCS+="---
 apiVersion: authorization.k8s.io/v1
@@ -208,7 +208,7 @@ kind: SubjectAccessReview
 spec:
   user: system:serviceaccount:$NAMESPACE:$RELEASE
   groups: [system:serviceaccounts, \"system:serviceaccounts:$NAMESPACE\", system:authenticated]
-  resourceAttributes: {verb: \"$verb\", group: \"$group\", resource: \"$resource\", subresource: \"$sub\", namespace: \"$ns\"}
+  resourceAttributes: {verb: \"$verb\", group: \"$group\", resource: \"$resource\", subresource: \"$sub\", namespace: \"$ns\", name: \"$name\"}
 "
 }
 sar_run() {
@@ -226,6 +226,7 @@ for r in reviews:
     a = r["spec"]["resourceAttributes"]
     got = "YES" if r["status"].get("allowed") else "NO"
     what = "%s/%s%s" % (a.get("group") or "core", a["resource"], "/" + a["subresource"] if a.get("subresource") else "")
+    what += " " + a["name"] if a.get("name") else ""
     print("%-3s %-16s %s in %s" % (got, a["verb"], what, a.get("namespace") or "all namespaces"))
 '); then
     fail "rbac" "SubjectAccessReviews could not be created"
@@ -382,6 +383,12 @@ print(json.dumps({"apiVersion": "v1", "kind": "Pod",
     for r in secrets configmaps serviceaccounts; do sar NO get - "$r" - istio-system; sar NO list - "$r" - -; done
     # The mesh config: ConfigMaps listed and watched in istiod's namespace only.
     for v in list watch; do sar YES "$v" - configmaps - istio-system; sar NO "$v" - configmaps - default; done
+    # Root certificates: the istio-ca-root-cert ConfigMaps by name, in every namespace; no get.
+    for v in list watch; do sar YES "$v" - configmaps - - istio-ca-root-cert; sar YES "$v" - configmaps - default istio-ca-root-cert; done
+    sar NO get - configmaps - default istio-ca-root-cert
+    # No Secret by default, not even a plugged-in CA (certificates.readSecrets grants that).
+    sar NO get - secrets - istio-system cacerts
+    sar NO list - configmaps - default other-config
     for v in list watch; do sar YES "$v" admissionregistration.k8s.io mutatingwebhookconfigurations - -; done
     for v in get create patch; do sar NO "$v" admissionregistration.k8s.io mutatingwebhookconfigurations - -; done
     for v in get list watch create update patch; do sar YES "$v" coordination.k8s.io leases - "$NAMESPACE"; done

@@ -16,6 +16,10 @@ use serde::{Deserialize, Serialize};
 
 mod upgrades;
 pub use upgrades::*;
+mod certificates;
+pub use certificates::{
+    CertificatesSpec, CertificatesStatus, GO_DURATION_PATTERN, RootCertificateStatus, SecretRef,
+};
 
 /// API group of every meshwarden resource.
 pub const GROUP: &str = "meshwarden.io";
@@ -89,6 +93,10 @@ pub struct MeshPolicySpec {
     /// every injected proxy (mesh-wide).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrades: Option<UpgradesSpec>,
+    /// Expiry of the mesh's root certificates, read from Istio's public `istio-ca-root-cert`
+    /// ConfigMaps (no access to Secrets needed). Reports only; never writes to the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<CertificatesSpec>,
 }
 
 /// Whether a rule corrects the mesh or only reports.
@@ -443,7 +451,8 @@ pub struct MeshPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready` and one condition per rule section: `ControlPlaneHA`, `GatewayHA`,
-    /// `SidecarResources`, `MutualTLS`, `Upgrades`; `Conflict` when another policy wins a rule.
+    /// `SidecarResources`, `MutualTLS`, `Upgrades`, `Certificates`; `Conflict` when another
+    /// policy wins a rule.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions")]
     pub conditions: Vec<Condition>,
@@ -466,6 +475,9 @@ pub struct MeshPolicyStatus {
     /// Revisions, tags and proxies per revision and version (`spec.upgrades`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrades: Option<UpgradesStatus>,
+    /// The root certificates the `certificates` section found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<CertificatesStatus>,
 }
 
 /// One deviation from the policy.
@@ -473,7 +485,7 @@ pub struct MeshPolicyStatus {
 #[serde(rename_all = "camelCase")]
 pub struct Violation {
     /// Rule section: `ControlPlaneHA`, `GatewayHA`, `SidecarResources`, `MutualTLS` or
-    /// `Upgrades`.
+    /// `Upgrades`, `Certificates`.
     pub rule: String,
     /// The object, as `Kind/namespace/name`.
     pub object: String,

@@ -45,6 +45,15 @@ pub struct WatchLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RootLabels {
+    pub fingerprint: String,
+    pub subject: String,
+}
+
+/// A root certificate as the metrics show it: fingerprint, subject, `notAfter` (Unix seconds).
+pub type RootExpiry = (String, String, i64);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub kind: String,
 }
@@ -67,6 +76,10 @@ pub struct Metrics {
     /// State of every watch of the running controller (readiness, sections, `watch_synced`).
     pub watches: Arc<crate::watch::Health>,
     watch_synced: Family<WatchLabels, Gauge>,
+    /// Seconds left per root certificate, computed when scraped from `roots`.
+    root_expiry: Family<RootLabels, Gauge>,
+    /// The roots each policy's `certificates` section found last.
+    roots: std::sync::Mutex<BTreeMap<String, Vec<RootExpiry>>>,
     /// Health: set once the process serves; readiness: leader with synced watches, or standby.
     ready: AtomicBool,
     /// Policies with series, so that deleted ones can be forgotten.
@@ -98,6 +111,12 @@ impl Default for Metrics {
             proxies.clone(),
         );
         let watch_synced = Family::<WatchLabels, Gauge>::default();
+        let root_expiry = Family::<RootLabels, Gauge>::default();
+        registry.register(
+            "root_certificate_expiry_seconds",
+            "Seconds until a root certificate of the mesh expires (negative once expired), by SHA-256 fingerprint and subject",
+            root_expiry.clone(),
+        );
         registry.register(
             "watch_synced",
             "1 while the watch of a kind has listed and is watching; 0 while it lists or fails",
@@ -167,6 +186,8 @@ impl Default for Metrics {
             writes,
             watches: Default::default(),
             watch_synced,
+            root_expiry,
+            roots: Default::default(),
             ready: AtomicBool::new(false),
             known: Default::default(),
             drift_namespaces: Default::default(),
@@ -216,6 +237,18 @@ impl Metrics {
                     watch: watch.to_string(),
                 })
                 .set(i64::from(state == crate::watch::State::Synced));
+        }
+        self.root_expiry.clear();
+        let now = jiff::Timestamp::now().as_second();
+        if let Ok(roots) = self.roots.lock() {
+            for (fingerprint, subject, not_after) in roots.values().flatten() {
+                self.root_expiry
+                    .get_or_create(&RootLabels {
+                        fingerprint: fingerprint.clone(),
+                        subject: subject.clone(),
+                    })
+                    .set(not_after.saturating_sub(now));
+            }
         }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
@@ -284,8 +317,19 @@ impl Metrics {
         );
     }
 
+    /// Records the roots `policy`'s `certificates` section found (`None`: it has none).
+    pub fn set_root_certificates(&self, policy: &str, roots: Option<Vec<RootExpiry>>) {
+        if let Ok(mut m) = self.roots.lock() {
+            match roots {
+                Some(r) => m.insert(policy.to_string(), r),
+                None => m.remove(policy),
+            };
+        }
+    }
+
     /// Removes the per-policy series of a deleted policy.
     pub fn forget_policy(&self, policy: &str) {
+        self.set_root_certificates(policy, None);
         self.set_sidecar_drift(policy, &BTreeMap::new());
         self.set_proxies(policy, &BTreeMap::new());
         self.policy_ready.remove(&PolicyLabels {
@@ -297,6 +341,7 @@ impl Metrics {
             crate::status::conditions::types::SIDECAR_RESOURCES,
             crate::status::conditions::types::MUTUAL_TLS,
             crate::status::conditions::types::UPGRADES,
+            crate::status::conditions::types::CERTIFICATES,
         ] {
             let labels = RuleLabels {
                 policy: policy.to_string(),
@@ -400,6 +445,34 @@ mod tests {
         );
         m.forget_policy("p");
         assert!(!m.encode().contains("namespace=\"b\""));
+    }
+
+    #[test]
+    fn root_certificate_series_show_the_time_left_when_scraped() {
+        let m = Metrics::default();
+        let in_a_day = jiff::Timestamp::now().as_second() + 86_400;
+        let root = ("ab".to_string(), "CN=root".to_string(), in_a_day);
+        m.set_root_certificates("p", Some(vec![root.clone()]));
+        m.set_root_certificates("q", Some(vec![root]));
+        let text = m.encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("meshwarden_root_certificate_expiry_seconds{"))
+            .unwrap();
+        assert!(
+            line.starts_with("meshwarden_root_certificate_expiry_seconds{fingerprint=\"ab\",subject=\"CN=root\"} 86"),
+            "{line}"
+        );
+        assert_eq!(
+            text.matches("subject=\"CN=root\"").count(),
+            1,
+            "one series per root"
+        );
+        m.set_root_certificates("p", None);
+        assert!(m.encode().contains("CN=root"), "q still holds it");
+        m.retain_policies(&["q".to_string()]);
+        m.retain_policies(&[]);
+        assert!(!m.encode().contains("CN=root"), "gone with the last policy");
     }
 
     #[test]

@@ -52,17 +52,7 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
     apply_fixture(&admin, "base.yaml").await;
     apply_fixture(&admin, "istiod-default.yaml").await;
 
-    // helm install, as a user would (no --wait: this server runs no pods).
-    helm(
-        &plane.kubeconfig,
-        &[
-            "install",
-            "meshwarden",
-            &format!("{ROOT}/charts/meshwarden"),
-            "-n",
-            NS,
-        ],
-    );
+    tools::helm_install_chart(&plane.kubeconfig, &admin, NS).await;
     let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
     assert!(
         crds.get_opt("meshpolicies.meshwarden.io")
@@ -71,9 +61,6 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
             .is_some(),
         "the chart installs the CRD"
     );
-    testplane::wait_crd_established(&admin, "meshpolicies.meshwarden.io")
-        .await
-        .unwrap();
 
     // A token of the chart's ServiceAccount: real authentication, real RBAC.
     let sa_kc = testplane::service_account_kubeconfig(&plane.dir, NS, "meshwarden")
@@ -83,15 +70,11 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
     let a = Replica::start(&sa_kc, "replica-a", &dir, LEADER_ELECTION);
     let b = Replica::start(&sa_kc, "replica-b", &dir, LEADER_ELECTION);
 
-    let policies: Api<MeshPolicy> = Api::all(admin.clone());
-    let policy: MeshPolicy = serde_yaml::from_str(
+    let policies = operator::create_policy(
+        &admin,
         "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: install-test}\nspec:\n  enforcement: Enforce\n  controlPlane: {replicas: {min: 2}, disruptionBudget: {maxUnavailable: 1}}\n  mtls: {mode: PERMISSIVE}\n",
     )
-    .unwrap();
-    policies
-        .create(&PostParams::default(), &policy)
-        .await
-        .unwrap();
+    .await;
     let ready = |p: &MeshPolicy| {
         p.status
             .as_ref()?

@@ -32,6 +32,7 @@ spec:
     resources: {requests: {cpu: 100m, memory: 128Mi}}
   mtls: {mode: STRICT, scope: Mesh}
   upgrades: {maxMinorSkew: 1}
+  certificates: {warnBefore: 720h}
 ";
 
 /// The operator's LIST requests in the audit log from entry `from` on, by URI.
@@ -53,6 +54,19 @@ async fn hpa_min(hpas: &Api<HorizontalPodAutoscaler>) -> Option<i32> {
 async fn cpu_annotation(deployments: &Api<Deployment>) -> Option<String> {
     let d = deployments.get("web").await.ok()?;
     d.spec?.template.metadata?.annotations?.get(CPU).cloned()
+}
+
+/// The `istio-ca-root-cert` ConfigMap istiod would write into `namespace`, with a root
+/// valid for `days`.
+async fn root_config_map(admin: &kube::Client, namespace: &str, days: i64) {
+    let now = testplane::certs::unix_now();
+    let pem = testplane::certs::root_certificate(namespace, None, now, now + days * 86_400);
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "istio-ca-root-cert", "namespace": namespace},
+        "data": {"root-cert.pem": pem.unwrap()}});
+    testplane::apply_yaml(admin, &serde_yaml::to_string(&cm).unwrap(), &[])
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -106,6 +120,8 @@ async fn reconciles_after_start_up_send_no_list() {
     )
     .await
     .unwrap();
+    // The root istiod would write into the namespace (the certificates section's watch).
+    root_config_map(&admin, "shop", 400).await;
     let policies: Api<MeshPolicy> = Api::all(admin.clone());
     policies
         .create(&Default::default(), &serde_yaml::from_str(POLICY).unwrap())
@@ -132,6 +148,7 @@ async fn reconciles_after_start_up_send_no_list() {
             (is("ControlPlaneHA", "True/")
                 && is("MutualTLS", "True/")
                 && is("Upgrades", "True/")
+                && is("Certificates", "True/")
                 && is("SidecarResources", "False/RolloutInProgress"))
             .then_some(())
         },
@@ -243,6 +260,18 @@ async fn reconciles_after_start_up_send_no_list() {
         .unwrap();
     eventually(30, "a reconcile for the pod without a sidecar", || async {
         (reconciles().await > settled).then_some(())
+    })
+    .await;
+
+    // Certificates: a new root within warnBefore is read from the watch and reported.
+    root_config_map(&admin, "legacy", 10).await;
+    eventually(30, "the expiring root reported", || async {
+        let p = policies.get("steady").await.ok()?;
+        p.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Certificates" && c.reason == "RootCertificateExpiring")
+            .then_some(())
     })
     .await;
 

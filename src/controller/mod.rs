@@ -29,7 +29,7 @@ use tracing::{Instrument, warn};
 use crate::api::MeshPolicy;
 use crate::context::Context;
 use crate::rules::stores::{self, Stores};
-use crate::rules::{Section, Sections, mtls, sidecars};
+use crate::rules::{Section, Sections, certificates, mtls, sidecars};
 use crate::telemetry::Metrics;
 use crate::watch;
 
@@ -144,6 +144,10 @@ pub async fn run(
     let (istio_cache, istio_events) =
         crate::istio::IstioCache::watch(&client, &health, &state.ctx.istio_namespace);
     state.ctx.set_cache(Some(istio_cache));
+    // Root certificates (the istio-ca-root-cert ConfigMaps, reduced): watched from the first
+    // reconcile of a policy with a certificates section on.
+    let (root_certs, root_cert_events) = certificates::RootCache::watch(&client, &health);
+    state.ctx.set_cache(Some(root_certs));
     // Namespace labels, for routing workload events to sidecars sections; namespace changes
     // also reach mtls sections (one watch serves both).
     let (ns_store, ns_stream) = cached::<PartialObjectMeta<Namespace>>(
@@ -306,6 +310,13 @@ pub async fn run(
                 hpa_events.for_each(|r| route.namespaced(r.map(|o| o.metadata))),
                 pdb_events.for_each(|r| route.namespaced(r.map(|o| o.metadata))),
                 pa_events.for_each(|r| route.when_ok(r, routing::policies_with_mtls, mtls)),
+                root_cert_events.for_each(|r| {
+                    route.when_ok(
+                        r,
+                        routing::policies_with_certificates,
+                        Section::Certificates.only(),
+                    )
+                }),
                 istio_events.for_each(|()| {
                     route.when_ok(
                         Ok::<(), watcher::Error>(()),
@@ -352,4 +363,5 @@ pub async fn run(
     state.ctx.set_cache::<mtls::PodCache>(None);
     state.ctx.set_cache::<Stores>(None);
     state.ctx.set_cache::<crate::istio::IstioCache>(None);
+    state.ctx.set_cache::<certificates::RootCache>(None);
 }

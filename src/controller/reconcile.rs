@@ -177,7 +177,14 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
             took_ms = running.elapsed().as_millis() as u64,
             "reconciled"
         );
-        Ok(Action::requeue(RESYNC))
+        // A section that changes with time alone (a certificate nearing expiry) asks to be
+        // evaluated again when it will have.
+        let next = reports
+            .iter()
+            .filter_map(|r| r.recheck_in)
+            .min()
+            .map_or(RESYNC, |d| d.min(RESYNC));
+        Ok(Action::requeue(next))
     } else {
         let n = ctx.failed(&name);
         let retry = if failing

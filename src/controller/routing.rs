@@ -23,6 +23,16 @@ pub(super) fn policies_with_mtls(store: &Store<MeshPolicy>) -> Vec<ObjectRef<Mes
         .collect()
 }
 
+/// Policies with a `certificates` section: a root certificate anywhere concerns them.
+pub(super) fn policies_with_certificates(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| p.spec.certificates.is_some())
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
 /// Policies whose rules cover objects in `namespace`.
 pub(super) fn policies_for_namespace(
     store: &Store<MeshPolicy>,

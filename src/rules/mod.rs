@@ -4,6 +4,7 @@
 //! the one way the controller runs them: adding a section is adding its module and one entry
 //! here.
 
+pub mod certificates;
 pub mod ha;
 pub mod mtls;
 pub mod sidecars;
@@ -29,15 +30,17 @@ pub enum Section {
     SidecarResources,
     MutualTls,
     Upgrades,
+    Certificates,
 }
 
 impl Section {
-    pub const ALL: [Section; 5] = [
+    pub const ALL: [Section; 6] = [
         Section::ControlPlaneHa,
         Section::GatewayHa,
         Section::SidecarResources,
         Section::MutualTls,
         Section::Upgrades,
+        Section::Certificates,
     ];
 
     /// This section alone, as a [`Sections`] set.
@@ -53,6 +56,7 @@ impl Section {
             Section::SidecarResources => types::SIDECAR_RESOURCES,
             Section::MutualTls => types::MUTUAL_TLS,
             Section::Upgrades => types::UPGRADES,
+            Section::Certificates => types::CERTIFICATES,
         }
     }
 
@@ -64,6 +68,7 @@ impl Section {
             Section::SidecarResources => "sidecars",
             Section::MutualTls => "mtls",
             Section::Upgrades => "upgrades",
+            Section::Certificates => "certificates",
         }
     }
 
@@ -129,6 +134,13 @@ impl Section {
                 None => {
                     ctx.metrics
                         .set_proxies(&policy.name_any(), &Default::default());
+                    not_configured()
+                }
+            },
+            Section::Certificates => match &spec.certificates {
+                Some(c) => certificates::reconcile(ctx, policy, c).await,
+                None => {
+                    ctx.metrics.set_root_certificates(&policy.name_any(), None);
                     not_configured()
                 }
             },

@@ -12,6 +12,7 @@ pub mod types {
     pub const SIDECAR_RESOURCES: &str = "SidecarResources";
     pub const MUTUAL_TLS: &str = "MutualTLS";
     pub const UPGRADES: &str = "Upgrades";
+    pub const CERTIFICATES: &str = "Certificates";
     pub const CONFLICT: &str = "Conflict";
 }
 

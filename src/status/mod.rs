@@ -100,6 +100,7 @@ pub fn build(
                 .map(|s| s.corrected)
                 .unwrap_or(0),
         upgrades: reports.iter().find_map(|r| r.upgrades.clone()),
+        certificates: reports.iter().find_map(|r| r.certificates.clone()),
     }
 }
 
@@ -116,6 +117,7 @@ pub fn unchanged(old: Option<&MeshPolicyStatus>, new: &MeshPolicyStatus) -> bool
         compliant,
         corrected,
         upgrades,
+        certificates,
     } = new;
     old.observed_generation == *observed_generation
         && conditions::same_ignoring_time(&old.conditions, conditions)
@@ -125,6 +127,7 @@ pub fn unchanged(old: Option<&MeshPolicyStatus>, new: &MeshPolicyStatus) -> bool
         && old.compliant == *compliant
         && old.corrected == *corrected
         && old.upgrades == *upgrades
+        && old.certificates == *certificates
 }
 
 #[cfg(test)]
@@ -150,7 +153,7 @@ mod tests {
             compliant: 1,
             corrected: 0,
             corrections: vec![],
-            upgrades: None,
+            ..RuleReport::new(Observed::new(type_, status, reason, "m"))
         }
     }
 

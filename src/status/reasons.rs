@@ -56,6 +56,12 @@ pub const REVISION_NOT_RUNNING: &str = "RevisionNotRunning";
 pub const PROXY_VERSION_SKEW: &str = "ProxyVersionSkew";
 /// A live revision is named only by pods that are not running.
 pub const REVISION_KEPT_BY_IDLE_PODS: &str = "RevisionKeptByIdlePods";
+/// A root certificate of the mesh expires within `certificates.warnBefore`.
+pub const ROOT_CERTIFICATE_EXPIRING: &str = "RootCertificateExpiring";
+/// A root certificate of the mesh has expired: workloads trusting only it fail mTLS.
+pub const ROOT_CERTIFICATE_EXPIRED: &str = "RootCertificateExpired";
+/// An `istio-ca-root-cert` ConfigMap (or a granted Secret) holds no readable certificate.
+pub const CERTIFICATE_UNREADABLE: &str = "CertificateUnreadable";
 /// `Ready`: some section is not True.
 pub const RULES_NOT_READY: &str = "RulesNotReady";
 /// `Conflict`: an older policy sets a rule differently and wins.
@@ -101,6 +107,9 @@ pub const ALL: &[&str] = &[
     REVISION_NOT_RUNNING,
     PROXY_VERSION_SKEW,
     REVISION_KEPT_BY_IDLE_PODS,
+    ROOT_CERTIFICATE_EXPIRING,
+    ROOT_CERTIFICATE_EXPIRED,
+    CERTIFICATE_UNREADABLE,
     RULES_NOT_READY,
     OLDER_POLICY_WINS,
     FORBIDDEN,

@@ -22,6 +22,11 @@ pub struct RuleReport {
     pub corrections: Vec<String>,
     /// `status.upgrades` (the upgrades section only).
     pub upgrades: Option<crate::api::UpgradesStatus>,
+    /// Evaluate again within this time even without an event (a certificate crosses a
+    /// threshold as time passes).
+    pub recheck_in: Option<std::time::Duration>,
+    /// The root certificates found (`certificates` section only), for `status.certificates`.
+    pub certificates: Option<crate::api::CertificatesStatus>,
 }
 
 impl RuleReport {
@@ -35,6 +40,8 @@ impl RuleReport {
             corrected: 0,
             corrections: Vec::new(),
             upgrades: None,
+            recheck_in: None,
+            certificates: None,
         }
     }
 

@@ -9,6 +9,7 @@
 //! Tests share one plane of each flavour per test binary through [`shared`] and
 //! [`shared_cluster`]; `testplane up` starts a detached one for people.
 
+pub mod certs;
 pub mod cluster;
 pub mod istio;
 pub mod mtls;

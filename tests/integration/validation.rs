@@ -105,6 +105,18 @@ const INVALID: &[(&str, &str)] = &[
         "mtls: {mode: STRICT, exemptions: [{namespace: m, selector: {}, ports: [{port: 1, mode: PERMISSIVE}, {port: 1, mode: STRICT}]}]}",
         "spec.mtls.exemptions[0].ports[1]",
     ),
+    (
+        "certificates: {warnBefore: 60d}",
+        "spec.certificates.warnBefore",
+    ),
+    (
+        "certificates: {warnBefore: \"1440\"}",
+        "spec.certificates.warnBefore",
+    ),
+    (
+        "certificates: {warnBefore: \"-720h\"}",
+        "spec.certificates.warnBefore",
+    ),
 ];
 
 #[tokio::test]

@@ -47,3 +47,16 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Creates a MeshPolicy from a whole YAML object; returns the API to read it back.
+pub async fn create_policy(
+    client: &kube::Client,
+    yaml: &str,
+) -> kube::Api<meshwarden::api::MeshPolicy> {
+    let api: kube::Api<meshwarden::api::MeshPolicy> = kube::Api::all(client.clone());
+    let policy: meshwarden::api::MeshPolicy = serde_yaml::from_str(yaml).unwrap();
+    api.create(&kube::api::PostParams::default(), &policy)
+        .await
+        .unwrap();
+    api
+}

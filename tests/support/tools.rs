@@ -62,3 +62,22 @@ fn run(mut cmd: Command, name: &str, args: &[&str]) -> String {
     assert!(out.status.success(), "{name} {args:?} failed:\n{text}");
     text
 }
+
+/// `helm install meshwarden` of this repository's chart into `namespace`, as a user would (no
+/// `--wait`: a bare plane runs no pods), then waits until the MeshPolicy CRD is established.
+#[allow(dead_code)]
+pub async fn helm_install_chart(kubeconfig: &Path, admin: &kube::Client, namespace: &str) {
+    helm(
+        kubeconfig,
+        &[
+            "install",
+            "meshwarden",
+            &format!("{}/charts/meshwarden", env!("CARGO_MANIFEST_DIR")),
+            "-n",
+            namespace,
+        ],
+    );
+    testplane::wait_crd_established(admin, "meshpolicies.meshwarden.io")
+        .await
+        .unwrap();
+}
