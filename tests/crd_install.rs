@@ -237,6 +237,10 @@ fn everything() -> Value {
                  "exemptions": [{"namespaceSelector": selector, "selector": selector,
                                  "mode": "PERMISSIVE", "ports": [{"port": 80, "mode": "PERMISSIVE"}]},
                                 {"namespace": "x", "mode": "PERMISSIVE"}]},
+        "upgrades": {"enforcement": "Audit", "namespaceSelector": selector, "maxMinorSkew": 1,
+                     "restartOutdated": false, "maxConcurrentRestarts": 2},
+        "certificates": {"warnBefore": "720h",
+                         "secrets": [{"namespace": "istio-system", "name": "cacerts"}]},
     })
 }
 
