@@ -18,10 +18,10 @@ mod upgrades;
 pub use upgrades::*;
 mod certificates;
 mod mtls;
-pub use mtls::*;
 pub use certificates::{
     CertificatesSpec, CertificatesStatus, GO_DURATION_PATTERN, RootCertificateStatus, SecretRef,
 };
+pub use mtls::*;
 
 /// API group of every meshwarden resource.
 pub const GROUP: &str = "meshwarden.io";

@@ -941,7 +941,14 @@ async fn finished_pods_waypoints_and_gateways_hold_nothing_and_host_network_is_i
     )
     .await;
     wait_mode(&env.client, &app, "meshwarden-mtls", "STRICT", 30).await;
-    wait_reason(&env, "p", "Corrected", 15).await;
+    // Corrected, then Compliant once the next reconcile reads its own write back: either
+    // says that nothing holds STRICT back.
+    env.wait_policy("p", 15, |p| {
+        let c = condition(p, "MutualTLS")?;
+        (c.status == "True" && ["Corrected", "Compliant"].contains(&c.reason.as_str()))
+            .then_some(())
+    })
+    .await;
 
     // A pod on the host network appears: cut off, and said to be on the host network.
     plain_pod(
