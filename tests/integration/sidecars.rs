@@ -475,7 +475,20 @@ async fn revision_labels_resolve_against_live_revisions_and_tags() {
         has_four(&annotations_of(c, &tagged, "a").await).then_some(())
     })
     .await;
-    let p = wait_reason(&env, "p", "UnknownRevision", 15).await;
+    // The annotations are written before the status of the same reconcile: wait for the
+    // status that no longer reports the tagged namespace.
+    let p = env
+        .wait_policy("p", 15, |p| {
+            let c = common::condition(p, "SidecarResources")?;
+            let tagged_reported = p
+                .status
+                .as_ref()?
+                .violations
+                .iter()
+                .any(|v| v.object == format!("Namespace/{tagged}"));
+            (c.reason == "UnknownRevision" && !tagged_reported).then(|| p.clone())
+        })
+        .await;
     check_reported(&p, &[&gone]);
     let status = p.status.as_ref().unwrap();
     assert!(
