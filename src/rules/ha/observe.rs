@@ -68,10 +68,12 @@ async fn observe_cached(
     group: &Group,
 ) -> Result<(Vec<Observation>, Option<Error>)> {
     let ns = &group.namespace;
+    // Waits while a watch lists for the first time (a reconcile right after start-up).
     stores
-        .readable(&[stores::HPAS])
+        .readable(&[stores::HPAS, stores::DEPLOYMENTS])
         .await
         .map_err(Error::Cache)?;
+    workloads.ready(std::time::Duration::from_secs(10)).await;
     let hpas: Vec<HorizontalPodAutoscaler> = stores
         .hpas
         .state()
@@ -192,13 +194,10 @@ pub(super) async fn left_behind(
     if let (Some(stores), Some(workloads)) = (ctx.cache::<Stores>(), ctx.cache::<sidecars::Cache>())
     {
         stores
-            .readable(&[stores::PDBS])
+            .readable(&[stores::PDBS, stores::DEPLOYMENTS])
             .await
             .map_err(Error::Cache)?;
-        ctx.metrics
-            .watches
-            .readable(&[stores::DEPLOYMENTS])
-            .map_err(Error::Cache)?;
+        workloads.ready(std::time::Duration::from_secs(10)).await;
         let policy_name = policy.name_any();
         let ours = |b: &PodDisruptionBudget| {
             let labels = b.labels();
