@@ -238,22 +238,8 @@ pub async fn run(
         );
         let mtls_pods = state.ctx.cache::<mtls::PodCache>();
         let stores = state.ctx.cache::<Stores>();
-        let policies = store.clone();
         tokio::spawn(async move {
             loop {
-                // With a policy that will read the pods, their caches list before the
-                // operator is ready, not in its first reconcile.
-                if listed.load(std::sync::atomic::Ordering::Relaxed)
-                    && let Some(c) = &mtls_pods
-                    && policies.state().iter().any(|p| {
-                        p.spec
-                            .mtls
-                            .as_ref()
-                            .is_some_and(|m| m.mode == crate::api::MtlsMode::STRICT && !m.force)
-                    })
-                {
-                    c.start();
-                }
                 let caches = match &cache {
                     Some(c) => c.ready(Duration::from_millis(100)).await,
                     None => true,

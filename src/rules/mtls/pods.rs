@@ -25,17 +25,15 @@ type PodMeta = PartialObjectMeta<Pod>;
 pub const PODS_WATCH: &str = "MtlsPods";
 pub const HOST_PODS_WATCH: &str = "MtlsHostNetworkPods";
 
-/// The watched pods of the mTLS rule, while the controller runs. Its watches start when a
-/// reconcile first needs the pods (a policy with STRICT declared), not with the controller:
-/// a mesh without an `mtls` section never lists its pods. The stores hold only the pods
-/// without a sidecar; the injected ones pass through the watch and are dropped. Once
-/// started the watches keep running.
+/// The watched pods of the mTLS rule, while the controller runs. The watches start with the
+/// controller, so the first STRICT policy is decided at once and no pod is listed after
+/// start-up. The stores hold only the pods without a sidecar (a few in a healthy mesh); the
+/// injected ones pass through the watch and are dropped.
 #[derive(Clone)]
 pub struct PodCache {
     pods: Store<PodMeta>,
     host: Store<PodMeta>,
     health: Arc<Health>,
-    wanted: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Keeps only what the rule reads: a pod's metadata shrinks from a few KiB (managedFields,
@@ -146,7 +144,6 @@ fn watch_pods<S, F>(
     health: &Arc<Health>,
     name: &'static str,
     make: F,
-    mut wanted: tokio::sync::watch::Receiver<bool>,
 ) -> (
     Store<PodMeta>,
     impl Stream<Item = Result<PodMeta, watcher::Error>> + Send + 'static,
@@ -156,15 +153,8 @@ where
     F: Fn() -> S + Send + 'static,
 {
     let (store, writer) = reflector::store::<PodMeta>();
-    let health = health.clone();
-    // Nothing is listed, and the watch is not even registered in `health` (so readiness does
-    // not wait for it), until the cache is wanted.
-    let lazy = futures::stream::once(async move {
-        let _ = wanted.wait_for(|w| *w).await;
-        watch::resilient(health, name, make)
-    })
-    .flatten();
-    let events = reflector::reflector(writer, without_sidecar(lazy.modify(strip)));
+    let pods = watch::resilient(health.clone(), name, make).modify(strip);
+    let events = reflector::reflector(writer, without_sidecar(pods));
     (store, only_changes(events, pod_fingerprint))
 }
 
@@ -207,16 +197,14 @@ impl PodCache {
         S2: Stream<Item = Result<watcher::Event<PodMeta>, watcher::Error>> + Send + 'static,
         F2: Fn() -> S2 + Send + 'static,
     {
-        let (wanted, gate) = tokio::sync::watch::channel(false);
-        let (pods, pod_events) = watch_pods(health, PODS_WATCH, pods, gate.clone());
+        let (pods, pod_events) = watch_pods(health, PODS_WATCH, pods);
         let pod_events = hold_relevant(pod_events);
-        let (host, host_events) = watch_pods(health, HOST_PODS_WATCH, host, gate);
+        let (host, host_events) = watch_pods(health, HOST_PODS_WATCH, host);
         (
             PodCache {
                 pods,
                 host,
                 health: health.clone(),
-                wanted: Arc::new(wanted),
             },
             futures::stream::select(pod_events, host_events),
         )
@@ -224,13 +212,7 @@ impl PodCache {
 
     /// Whether the caches hold every pod now: both watches have listed (waiting up to
     /// `limit` for that) and neither has failed since. Until then the hold cannot be decided.
-    /// Starts the watches, if they have not started yet.
-    pub fn start(&self) {
-        self.wanted.send_replace(true);
-    }
-
     pub async fn current(&self, limit: Duration) -> Result<(), crate::watch::NotReadable> {
-        self.start();
         let started = tokio::time::Instant::now();
         self.health
             .wait_readable(&[PODS_WATCH, HOST_PODS_WATCH], limit)
@@ -254,10 +236,6 @@ impl PodCache {
     /// waiter that polled it last, so with several waiters (reconciles of several policies,
     /// the readiness probe) each one re-polls every 50 ms.
     pub async fn ready(&self, limit: Duration) -> bool {
-        if !*self.wanted.borrow() {
-            // Not started: nothing to wait for.
-            return true;
-        }
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let both = async {
@@ -363,13 +341,8 @@ mod tests {
         let (host, host_attempts) = scripted();
         let (cache, events) = PodCache::from_watches(&health, pods, host);
         tokio::spawn(events.for_each(|_| async {}));
-        // Nothing is watched, and readiness waits for nothing, until a reconcile wants the pods.
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(pod_attempts.lock().unwrap().is_empty());
-        assert!(host_attempts.lock().unwrap().is_empty());
-        assert_eq!(health.state(PODS_WATCH), None);
-        assert!(cache.ready(Duration::from_millis(1)).await);
-        cache.start();
+        // The watches start with the cache; until both have listed it is not ready.
+        assert!(!cache.ready(Duration::from_millis(100)).await);
         let host = attempt(&host_attempts, 0).await;
         host.unbounded_send(Ok(watcher::Event::Init)).unwrap();
         host.unbounded_send(Ok(watcher::Event::InitDone)).unwrap();
