@@ -1051,49 +1051,122 @@ fn injected_as(pod: &Pod, app: &str, revision: &str, tag: &str) -> serde_json::V
     })
 }
 
-/// The upgrades section on the full cluster, step by step: a second istiod revision `canary`
-/// (image tag 1.33.1) with a revision tag, installed by Helm 4 from Istio's chart into a
-/// namespace of its own; a namespace whose pods the default istiod really injects (1.31-dev);
-/// a namespace labelled with a revision that does not exist, one with both injection labels,
-/// a tag pointing at a revision that does not run. The test plane runs no canary istiod, so
-/// canary proxies are pods carrying exactly what the default injection produced, moved to
-/// revision canary, in a namespace no injector selects. After every step the condition,
-/// the violations, `status.upgrades` and the metric are checked exactly; the section never
-/// writes to the mesh.
+/// What istiod's injection really wrote into the ready pods of `app` in `namespace`, per pod:
+/// the `revision` of `sidecar.istio.io/status`, the `istio.io/rev` annotation (the injection
+/// template writes it as an annotation, not a label) and the `istio-proxy` image tag.
+async fn injections(client: &Client, namespace: &str, app: &str) -> Vec<(String, String, String)> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let mut out: Vec<(String, String, String)> = ready_pods(&pods, app)
+        .await
+        .iter()
+        .map(|p| {
+            let status: serde_json::Value = p
+                .annotations()
+                .get("sidecar.istio.io/status")
+                .and_then(|s| serde_json::from_str(s).ok())
+                .unwrap_or_default();
+            let spec = p.spec.clone().unwrap_or_default();
+            let proxy = spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+                .find(|c| c.name == "istio-proxy")
+                .and_then(|c| c.image.clone())
+                .and_then(|i| i.rsplit_once(':').map(|(_, t)| t.to_string()))
+                .unwrap_or_default();
+            (
+                status["revision"].as_str().unwrap_or_default().to_string(),
+                p.annotations()
+                    .get("istio.io/rev")
+                    .cloned()
+                    .unwrap_or_default(),
+                proxy,
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Waits until the one ready pod of `app` in `namespace` was injected by `revision` (both
+/// annotations) with proxy `tag`.
+async fn injected_by(client: &Client, namespace: &str, app: &str, revision: &str, tag: &str) {
+    let want = vec![(revision.to_string(), revision.to_string(), tag.to_string())];
+    let what = format!("{namespace}/{app} injected by {revision} with {tag}");
+    wait_equal(90, &what, || injections(client, namespace, app), want).await;
+}
+
+/// Waits up to `secs` until `get()` returns `expected`; panics with what it returned.
+async fn wait_equal<T, F, Fut>(secs: u64, what: &str, get: F, expected: T)
+where
+    T: PartialEq + std::fmt::Debug,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let start = Instant::now();
+    loop {
+        let got = get().await;
+        if got == expected {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "{what}: got {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The upgrades section with two istiod revisions really injecting (issue 14): the shared
+/// cluster's default istiod (1.31-dev) and a second revision `canary` (`helm install
+/// istiod-canary <istio-discovery> -n istio-system --set revision=canary`, image tag 1.33.1, a
+/// revision tag through the chart's `revisionTags`) whose own `pilot-discovery` runs on the host
+/// (`testplane::istio::start_revision`). Pods are injected by the canary through
+/// `istio.io/rev=canary` and through the tag, by the default revision through
+/// `istio-injection=enabled`; a namespace names a missing revision, one has both injection
+/// labels, a tag points at a revision that does not run. `restartOutdated: true,
+/// maxConcurrentRestarts: 2`. After every step the condition, the violations with their
+/// actions, `status.upgrades` proxies, the counts and the metric are exact:
+/// 0. Audit: no namespace selects the canary and no running proxy is its, but a pending pod
+///    the canary injected keeps it in use (`RevisionKeptByIdlePods`).
+/// 1. Audit: namespaces on the canary (directly and through the tag), every pod on its
+///    revision, nothing outdated, nothing written.
+/// 2. Audit: a namespace moved from canary to `istio.io/rev=default` (its running pod keeps
+///    its canary proxy); a workload whose proxy is pinned two minors behind
+///    (`sidecar.istio.io/proxyImage`), on one node with a host port.
+/// 3. Enforce: that workload is restarted and its restart stalls (the surge pod cannot get the
+///    host port; progress deadline 5 s): `RolloutStalled`.
+/// 4. `helm upgrade` of the canary to 1.35.0: the four canary workloads are two minors behind
+///    and held behind the stall; none is restarted.
+/// 5. The owner drops the pin and the host port: the four are restarted, never more than two
+///    at once, and re-injected for real by the revision their namespace selects now (canary
+///    1.35.0; default 1.31-dev for the moved namespace).
+/// 6. Converged: no write over two more reconciles.
+/// 7. Known limitation: the canary upgraded again (1.37.0) makes the three canary workloads
+///    outdated again, but meshwarden restarted them at their current generation, so they are
+///    `Skipped` and nothing is written.
 #[tokio::test]
-async fn upgrades_report_revisions_tags_and_proxy_skew() {
+async fn upgrades_with_two_real_revisions_report_and_restart_paced() {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 
-    let env = common::cluster_env("upgrades").await;
+    let env = common::cluster_env("canary").await;
     let id = env.id.clone();
-    let mine = [("meshwarden-upgrades", id.as_str())];
-    let sys = env.namespace("canary-system", &[]).await;
+    let mine = ("meshwarden-upgrades", id.as_str());
     let tag = format!("{id}-prod");
-    let kc = env.plane.kubeconfig.clone();
-    let chart = testplane::istio::chart("istiod").display().to_string();
-    helm(
-        &testplane::istio::helm(),
-        &kc,
+    let started = Instant::now();
+    let canary = testplane::istio::start_revision(
+        &env.plane.dir,
+        &env.plane.kubeconfig,
+        "canary",
         &[
-            "install",
-            "istiod-canary",
-            &chart,
-            "-n",
-            &sys,
-            "--set",
-            "revision=canary",
-            "--set",
-            &format!("revisionTags={{{tag}}}"),
-            "--set",
-            &format!("global.istioNamespace={sys}"),
-            "--set",
-            "global.configValidation=false",
-            "--set",
-            "global.hub=docker.io/istio",
-            "--set",
-            "global.tag=1.33.1",
+            format!("revisionTags={{{tag}}}"),
+            "global.configValidation=false".into(),
+            "global.tag=1.33.1".into(),
         ],
-    );
+    )
+    .await
+    .unwrap();
+    eprintln!("canary istiod serving after {:?}", started.elapsed());
     // A tag whose revision does not run.
     let old_tag = format!("{id}-old");
     let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
@@ -1107,98 +1180,192 @@ async fn upgrades_report_revisions_tags_and_proxy_skew() {
         .await
         .unwrap();
     let web = env
-        .namespace("web", &[mine[0], ("istio-injection", "enabled")])
+        .namespace("web", &[mine, ("istio-injection", "enabled")])
         .await;
-    let legacy = env
-        .namespace("legacy", &[mine[0], ("istio-injection", "disabled")])
+    // Labelled with their revision (or tag) once step 0 is checked.
+    let can = env.namespace("canary", &[mine]).await;
+    let tagged = env.namespace("tagged", &[mine]).await;
+    let moved = env.namespace("move", &[mine]).await;
+    let idle = env
+        .namespace("idle", &[mine, ("istio.io/rev", "canary")])
         .await;
     let missing = env
-        .namespace("missing", &[mine[0], ("istio.io/rev", "retired")])
+        .namespace("missing", &[mine, ("istio.io/rev", "retired")])
         .await;
     let both = env
         .namespace(
             "both",
             &[
-                mine[0],
+                mine,
                 ("istio-injection", "enabled"),
                 ("istio.io/rev", "canary"),
             ],
         )
         .await;
-    let injected = injected_web_pod(&env.client, &web).await;
-    // A pod that never runs (no node matches), with a canary proxy.
-    let pending = injected_as(&injected, "stuck", "canary", "1.31-dev");
-    let mut pod = pending.clone();
-    pod["metadata"]["name"] = json!("stuck");
-    pod["spec"]["nodeSelector"] = json!({"meshwarden.io/no-such-node": "x"});
-    Api::<Pod>::namespaced(env.client.clone(), &legacy)
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(pod).unwrap(),
-        )
+    let stall = env
+        .namespace("stall", &[mine, ("istio-injection", "enabled")])
+        .await;
+    // A pod the canary really injects that never runs (no node matches); its namespace then
+    // stops selecting the canary.
+    let stuck: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "stuck", "labels": {"app": "stuck"}},
+        "spec": {
+            "nodeSelector": {"meshwarden.io/no-such-node": "x"},
+            "containers": [{"name": "app", "image": "registry.example/app:1"}],
+        },
+    }))
+    .unwrap();
+    let stuck = Api::<Pod>::namespaced(env.client.clone(), &idle)
+        .create(&PostParams::default(), &stuck)
         .await
         .unwrap();
-
-    env.create_policy(
-        "upgrades",
-        &format!(
-            "upgrades:\n  namespaceSelector: {{matchLabels: {{meshwarden-upgrades: {id}}}}}\n"
-        ),
+    assert!(
+        stuck.annotations()["sidecar.istio.io/status"].contains("\"revision\":\"canary\""),
+        "{:?}",
+        stuck.annotations()
+    );
+    let relabel = |ns: &str, labels: serde_json::Value| {
+        let (namespaces, ns) = (Api::<Namespace>::all(env.client.clone()), ns.to_string());
+        async move {
+            namespaces
+                .patch(
+                    &ns,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": labels}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    relabel(
+        &idle,
+        json!({"istio.io/rev": null, "istio-injection": "disabled"}),
     )
     .await;
-    let op = env.start_operator().await;
-    let policy = env.policy_name("upgrades");
-    let metric = |revision: &str, version: &str, n: usize| {
+    let api = |ns: &str| Api::<Deployment>::namespaced(env.client.clone(), ns);
+    let create = |ns: &str, d: serde_json::Value| {
+        let api = api(ns);
+        async move {
+            api.create(&PostParams::default(), &serde_json::from_value(d).unwrap())
+                .await
+                .unwrap();
+        }
+    };
+    create(&web, deployment("web", 1, json!({}))).await;
+    injected_by(&env.client, &web, "web", "default", "1.31-dev").await;
+
+    let spec = |mode: &str| {
         format!(
-            "meshwarden_proxies{{policy=\"{policy}\",revision=\"{revision}\",version=\"{version}\"}} {n}"
+            "enforcement: {mode}\nupgrades:\n  restartOutdated: true\n  maxConcurrentRestarts: 2\n  namespaceSelector: {{matchLabels: {{meshwarden-upgrades: {id}}}}}\n"
         )
     };
-    // Waits until the section reports `objects` (sorted) and returns the policy.
-    let expect = |step: &'static str, reason: &'static str, objects: Vec<String>| {
-        let env = &env;
+    env.create_policy("canary", &spec("Audit")).await;
+    let op = env.start_operator().await;
+    let policy = env.policy_name("canary");
+    let mine_ns = [&web, &can, &tagged, &moved, &idle, &missing, &both, &stall];
+    let writes = |env: &common::Env| mine_ns.iter().map(|ns| writes_in(env, ns)).sum::<usize>();
+    // Waits until the section reports exactly `objects` (object, action) with `reason`, the
+    // running proxies `proxies` (revision, version, pods) and `compliant` of them; then checks
+    // the settled status and the metric. Returns the policy.
+    let report = |step: &'static str,
+                  reason: &'static str,
+                  objects: Vec<(String, &'static str)>,
+                  proxies: Vec<(&'static str, &'static str, i32)>,
+                  compliant: i32| {
+        let (env, op, policy) = (&env, &op, &policy);
+        let always = [
+            (format!("Namespace/{missing}"), "Reported"),
+            (format!("Namespace/{both}"), "Reported"),
+            (format!("RevisionTag/{old_tag}"), "Reported"),
+        ];
         async move {
-            let mut objects = objects;
-            objects.sort();
-            env.wait_policy("upgrades", 90, |p| {
+            let mut want: Vec<(String, String)> = objects
+                .into_iter()
+                .chain(always)
+                .map(|(o, a)| (o, a.to_string()))
+                .collect();
+            want.sort();
+            let counts: Vec<(String, String, i32)> = proxies
+                .iter()
+                .map(|(r, v, n)| (r.to_string(), v.to_string(), *n))
+                .collect();
+            let targets: i32 = proxies.iter().map(|p| p.2).sum();
+            let seen = |p: &MeshPolicy| {
                 let c = common::condition(p, "Upgrades")?;
                 let st = p.status.as_ref()?;
-                let mut found: Vec<String> =
-                    st.violations.iter().map(|v| v.object.clone()).collect();
+                let mut found: Vec<(String, String)> = st
+                    .violations
+                    .iter()
+                    .map(|v| (v.object.clone(), v.action.clone()))
+                    .collect();
                 found.sort();
-                (c.reason == reason && found == objects).then(|| p.clone())
-            })
-            .await;
-            let p = env.wait_converged("upgrades", 60).await;
+                let got: Vec<(String, String, i32)> = st
+                    .upgrades
+                    .as_ref()?
+                    .proxies
+                    .iter()
+                    .map(|c| (c.revision.clone(), c.version.clone(), c.pods))
+                    .collect();
+                (c.reason == reason
+                    && found == want
+                    && got == counts
+                    && (st.targets, st.compliant) == (targets, compliant))
+                    .then_some(())
+            };
+            env.wait_policy("canary", 90, seen).await;
+            let p = env.wait_converged("canary", 60).await;
+            assert!(seen(&p).is_some(), "{step}: {:#?}", p.status);
             let c = common::condition(&p, "Upgrades").unwrap();
-            assert_eq!(
-                (c.status.as_str(), c.reason.as_str()),
-                ("False", reason),
-                "{step}: {c:?}"
-            );
+            assert_eq!(c.status, "False", "{step}: {c:?}");
+            let prefix = format!("meshwarden_proxies{{policy=\"{policy}\",");
+            let text = op.state.ctx.metrics.encode();
+            let mut lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
+            lines.sort();
+            let expected: Vec<String> = proxies
+                .iter()
+                .map(|(r, v, n)| format!("{prefix}revision=\"{r}\",version=\"{v}\"}} {n}"))
+                .collect();
+            assert_eq!(lines, expected, "{step}: the metric");
+            eprintln!("{step}: checked after {:?}", started.elapsed());
             p
         }
     };
-    let always = |mut v: Vec<String>| {
-        v.push(format!("Namespace/{missing}"));
-        v.push(format!("Namespace/{both}"));
-        v.push(format!("RevisionTag/{old_tag}"));
-        v
-    };
 
-    // Step 1: canary is used only by the pending pod.
-    let p = expect(
-        "only a pending pod on canary",
+    // 0. Audit: the canary runs, no namespace selects it and no running proxy is its: only
+    // the pending pod keeps it in use.
+    let p = report(
+        "canary kept by a pending pod",
         "UnknownRevision",
-        always(vec!["Revision/canary".into()]),
+        vec![("Revision/canary".into(), "Reported")],
+        vec![("default", "1.31-dev", 1)],
+        1,
+    )
+    .await;
+    let v = &p.status.as_ref().unwrap().violations;
+    let kept = v.iter().find(|v| v.object == "Revision/canary").unwrap();
+    assert!(kept.message.contains(&format!("{idle}/stuck")), "{kept:?}");
+
+    // 1. Audit: namespaces on the canary, directly and through the tag; pods on both
+    // revisions, nothing outdated.
+    relabel(&can, json!({"istio.io/rev": "canary"})).await;
+    relabel(&moved, json!({"istio.io/rev": "canary"})).await;
+    relabel(&tagged, json!({"istio.io/rev": tag})).await;
+    let canaries = [(&can, "c1"), (&can, "c2"), (&tagged, "t1"), (&moved, "m1")];
+    for (ns, name) in canaries {
+        create(ns, deployment(name, 1, json!({}))).await;
+    }
+    for (ns, name) in canaries {
+        injected_by(&env.client, ns, name, "canary", "1.33.1").await;
+    }
+    let p = report(
+        "pods on both revisions",
+        "UnknownRevision",
+        vec![],
+        vec![("canary", "1.33.1", 4), ("default", "1.31-dev", 1)],
+        5,
     )
     .await;
     let st = p.status.as_ref().unwrap().upgrades.clone().unwrap();
-    let counts: Vec<(String, String, i32)> = st
-        .proxies
-        .iter()
-        .map(|c| (c.revision.clone(), c.version.clone(), c.pods))
-        .collect();
-    assert_eq!(counts, [("default".into(), "1.31-dev".into(), 1)], "step 1");
     let revs: Vec<(String, String)> = st
         .revisions
         .iter()
@@ -1222,81 +1389,207 @@ async fn upgrades_report_revisions_tags_and_proxy_skew() {
         tags.contains(&(old_tag.clone(), format!("{id}-gone"))),
         "{tags:?}"
     );
-    let text = op.state.ctx.metrics.encode();
-    assert!(text.contains(&metric("default", "1.31-dev", 1)), "{text}");
-    assert!(!text.contains("revision=\"canary\""), "{text}");
 
-    // Step 2: two running canary pods two minor versions behind their istiod.
-    let mut old = deployment("old", 2, json!({}));
-    let tpl = injected_as(&injected, "old", "canary", "1.31-dev");
-    old["spec"]["template"] = tpl;
-    Api::<Deployment>::namespaced(env.client.clone(), &legacy)
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(old).unwrap(),
+    // 2. Audit: `move` now selects the default revision; a's proxy is pinned two minors behind,
+    // on one node with a host port.
+    relabel(&moved, json!({"istio.io/rev": "default"})).await;
+    let node = Api::<Node>::all(env.client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items[1]
+        .name_any();
+    let mut a = deployment(
+        "a",
+        1,
+        json!({"sidecar.istio.io/proxyImage": "docker.io/istio/proxyv2:1.29.0"}),
+    );
+    a["spec"]["progressDeadlineSeconds"] = json!(5);
+    a["spec"]["template"]["spec"]["nodeSelector"] = json!({"kubernetes.io/hostname": node});
+    a["spec"]["template"]["spec"]["containers"][0]["ports"] =
+        json!([{"containerPort": 8080, "hostPort": 18081}]);
+    create(&stall, a).await;
+    injected_by(&env.client, &stall, "a", "default", "1.29.0").await;
+    let a_id = format!("Deployment/{stall}/a");
+    // The running proxies from step 2 until the canary's workloads are restarted.
+    let before_upgrade = || {
+        vec![
+            ("canary", "1.33.1", 4),
+            ("default", "1.29.0", 1),
+            ("default", "1.31-dev", 1),
+        ]
+    };
+    let p = report(
+        "namespace moved, a pinned behind",
+        "UnknownRevision",
+        vec![(a_id.clone(), "Reported")],
+        before_upgrade(),
+        5,
+    )
+    .await;
+    let v = p
+        .status
+        .as_ref()
+        .unwrap()
+        .violations
+        .iter()
+        .find(|v| v.object == a_id)
+        .unwrap();
+    assert!(
+        v.message
+            .contains("1 running pod(s) have istio-proxy 1.29.0, 2 minor version(s) behind istiod default (1.31-dev)"),
+        "{v:?}"
+    );
+    // Relabelling a namespace re-injects nothing that runs.
+    injected_by(&env.client, &moved, "m1", "canary", "1.33.1").await;
+    assert_eq!(writes(&env), 0, "Audit writes nothing");
+
+    // 3. Enforce: a is restarted; its surge pod cannot get the host port, so it stalls.
+    set_spec(&env, "canary", &spec("Enforce")).await;
+    report(
+        "a's restart stalled",
+        "RolloutStalled",
+        vec![(a_id.clone(), "Reported")],
+        before_upgrade(),
+        5,
+    )
+    .await;
+    let only_stall = writes_in(&env, &stall);
+    assert!(only_stall >= 1, "a restarted");
+    assert_eq!(writes(&env), only_stall, "only a was written");
+
+    // 4. The canary upgraded to 1.35.0 by Helm: its four workloads are two minors behind and
+    // held behind the stalled restart.
+    let chart = testplane::istio::chart("istiod").display().to_string();
+    let kc = env.plane.kubeconfig.clone();
+    let upgrade_canary = |version: &str| {
+        helm(
+            &testplane::istio::helm(),
+            &kc,
+            &[
+                "upgrade",
+                &canary.release,
+                &chart,
+                "-n",
+                "istio-system",
+                "--reuse-values",
+                "--set",
+                &format!("global.tag={version}"),
+            ],
+        );
+    };
+    upgrade_canary("1.35.0");
+    let ids: Vec<String> = canaries
+        .iter()
+        .map(|(ns, n)| format!("Deployment/{ns}/{n}"))
+        .collect();
+    let with = |action: &'static str| -> Vec<(String, &'static str)> {
+        ids.iter().map(|i| (i.clone(), action)).collect()
+    };
+    let mut held = with("Held");
+    held.push((a_id.clone(), "Reported"));
+    report(
+        "canary upgraded, held behind the stall",
+        "RolloutStalled",
+        held,
+        before_upgrade(),
+        1,
+    )
+    .await;
+    let four = || {
+        let apis: Vec<(Api<Deployment>, &str)> =
+            canaries.iter().map(|(ns, n)| (api(ns), *n)).collect();
+        async move {
+            let mut all = Vec::new();
+            for (a, n) in &apis {
+                all.push(a.get(n).await.unwrap());
+            }
+            let rolling = all.iter().filter(|d| restart_rolling(d)).count();
+            (all, rolling)
+        }
+    };
+    let held_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < held_until {
+        let (all, _) = four().await;
+        for d in &all {
+            assert!(
+                !d.annotations()
+                    .contains_key("meshwarden.io/restart-generation"),
+                "{} restarted while a is stalled",
+                d.name_any()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        writes(&env),
+        only_stall,
+        "nothing restarted while a is stalled"
+    );
+
+    // 5. The owner drops a's pin and host port: the four restart, two at a time at most, and
+    // are re-injected by the revision their namespace selects now.
+    api(&stall)
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Json::<()>(
+                serde_json::from_value(json!([
+                    {"op": "remove", "path": "/spec/template/spec/containers/0/ports"},
+                    {"op": "remove",
+                     "path": "/spec/template/metadata/annotations/sidecar.istio.io~1proxyImage"},
+                ]))
+                .unwrap(),
+            ),
         )
         .await
         .unwrap();
-    let p = expect(
-        "canary pods behind",
-        "UnknownRevision",
-        always(vec![format!("Deployment/{legacy}/old")]),
-    )
-    .await;
-    let st = p.status.as_ref().unwrap();
-    let skew = st
-        .violations
-        .iter()
-        .find(|v| v.object.ends_with("/old"))
-        .unwrap();
-    assert!(
-        skew.message.contains("2 running pod(s) have istio-proxy 1.31-dev, 2 minor version(s) behind istiod canary (1.33.1)"),
-        "{skew:?}"
-    );
-    let counts: Vec<(String, String, i32)> = st
-        .upgrades
-        .as_ref()
-        .unwrap()
-        .proxies
-        .iter()
-        .map(|c| (c.revision.clone(), c.version.clone(), c.pods))
-        .collect();
-    assert_eq!(
-        counts,
-        [
-            ("canary".into(), "1.31-dev".into(), 2),
-            ("default".into(), "1.31-dev".into(), 1)
-        ],
-        "step 2"
-    );
-    assert_eq!((st.targets, st.compliant), (3, 1));
-    let text = op.state.ctx.metrics.encode();
-    assert!(text.contains(&metric("canary", "1.31-dev", 2)), "{text}");
-    assert!(text.contains(&metric("default", "1.31-dev", 1)), "{text}");
-
-    // Step 3: a skew of 2 allows them.
-    set_spec(
-        &env,
-        "upgrades",
-        &format!("upgrades:\n  maxMinorSkew: 2\n  namespaceSelector: {{matchLabels: {{meshwarden-upgrades: {id}}}}}\n"),
-    )
-    .await;
-    let p = expect("maxMinorSkew 2", "UnknownRevision", always(vec![])).await;
-    assert_eq!(p.status.as_ref().unwrap().compliant, 3);
-
-    // The section never wrote to the mesh.
-    for ns in [&web, &legacy, &missing, &both, &sys] {
-        assert_eq!(writes_in(&env, ns), 0, "writes in {ns}");
+    let most = restarts_finish(&four).await;
+    assert!((1..=2).contains(&most), "restarts rolling at once: {most}");
+    for (ns, name) in canaries {
+        let (rev, version) = if ns == &moved {
+            ("default", "1.31-dev")
+        } else {
+            ("canary", "1.35.0")
+        };
+        injected_by(&env.client, ns, name, rev, version).await;
     }
-    assert_eq!(
-        env.operator_writes_to(|o| {
-            o["resource"] != "meshpolicies"
-                && o["resource"] != "events"
-                && o["namespace"].as_str().is_some_and(|n| n.starts_with(&id))
-        }),
-        0,
-        "only the policy's status and Events are written"
-    );
+    injected_by(&env.client, &stall, "a", "default", "1.31-dev").await;
+    report(
+        "restarted and re-injected",
+        "UnknownRevision",
+        vec![],
+        vec![("canary", "1.35.0", 3), ("default", "1.31-dev", 3)],
+        6,
+    )
+    .await;
+
+    // 6. Converged: no write over two more reconciles.
+    let before = writes(&env);
+    two_more_reconciles(&env, &op.state, &web).await;
+    assert_eq!(writes(&env), before, "a converged mesh costs no write");
+
+    // 7. Known limitation: upgraded again, the canary's workloads are outdated again, but
+    // meshwarden restarted them at their current generation: skipped, nothing written.
+    upgrade_canary("1.37.0");
+    let skipped: Vec<(String, &'static str)> = with("Skipped")
+        .into_iter()
+        .filter(|(i, _)| !i.contains(&format!("/{moved}/")))
+        .collect();
+    report(
+        "upgraded again: skipped",
+        "UnknownRevision",
+        skipped,
+        vec![("canary", "1.35.0", 3), ("default", "1.31-dev", 3)],
+        3,
+    )
+    .await;
+    two_more_reconciles(&env, &op.state, &web).await;
+    assert_eq!(writes(&env), before, "skipped restarts write nothing");
+    for (ns, name) in canaries.iter().filter(|(ns, _)| *ns != &moved) {
+        injected_by(&env.client, ns, name, "canary", "1.35.0").await;
+    }
+
     op.stop().await;
     Api::<MutatingWebhookConfiguration>::all(env.client.clone())
         .delete(
@@ -1305,6 +1598,8 @@ async fn upgrades_report_revisions_tags_and_proxy_skew() {
         )
         .await
         .unwrap();
+    canary.stop().unwrap();
+    eprintln!("done after {:?}", started.elapsed());
 }
 
 /// Whether a Deployment rolls because of meshwarden's restart: its current generation is the
@@ -1352,18 +1647,8 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Vec<(String, String)>>,
 {
-    let start = Instant::now();
-    loop {
-        let got = actions().await;
-        if got == expected {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{what}: violations and actions are {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let what = format!("{what}: violations and actions");
+    wait_equal(60, &what, actions, expected).await;
 }
 
 /// Makes the operator reconcile twice more (a namespace label change reaches upgrades

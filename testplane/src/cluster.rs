@@ -187,6 +187,20 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
+    wait_for_in(&plane.dir, what, limit, check).await
+}
+
+/// [`wait_for`] for the plane in `dir`.
+pub(crate) async fn wait_for_in<T, F, Fut>(
+    dir: &std::path::Path,
+    what: &'static str,
+    limit: Duration,
+    check: F,
+) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
     let started = Instant::now();
     loop {
         if let Some(v) = check().await {
@@ -199,8 +213,9 @@ where
                 "kube-scheduler.log",
                 "kwok.log",
                 "istiod.log",
+                "istiod-canary.log",
             ] {
-                let path = plane.dir.join(f);
+                let path = dir.join(f);
                 if path.exists() {
                     log.push_str(&tail(&path, 15));
                 }

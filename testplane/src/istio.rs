@@ -8,6 +8,10 @@
 //! serving certificate. istiod writes its CA into the webhooks itself. The istiod Deployment the
 //! chart creates still runs, on simulated nodes, so the cluster looks like a real one to
 //! meshwarden.
+//!
+//! A test can add a second revision the same way ([`start_revision`]): its release
+//! `istiod-<revision>` in `istio-system` and its own `pilot-discovery` with `REVISION` set,
+//! which then injects the pods its namespaces and tags select.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,7 +22,7 @@ use std::time::Duration;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::api::Api;
 
-use crate::cluster::wait_for;
+use crate::cluster::wait_for_in;
 use crate::{Error, Lifetime, Plane, Result, bin_dir, free_port, spawn_with, tools_dir};
 
 /// The pins of `tools/versions.env`.
@@ -208,88 +212,204 @@ pub fn webhook_port(plane_dir: &Path) -> Option<u16> {
         .ok()
 }
 
+/// `helm install RELEASE CHART -n istio-system` with `values`, as the plane's admin.
+fn install(kubeconfig: &Path, release: &str, chart_name: &str, values: &[String]) -> Result<()> {
+    let mut args: Vec<String> = vec![
+        "install".into(),
+        release.into(),
+        chart(chart_name).display().to_string(),
+        "--namespace".into(),
+        "istio-system".into(),
+        "--create-namespace".into(),
+    ];
+    for v in values {
+        args.push("--set".into());
+        args.push(v.clone());
+    }
+    run_helm(&helm(), &args, Some(kubeconfig)).map(|_| ())
+}
+
 /// Installs base and istiod with Helm into `istio-system` and starts istiod on the host.
 pub(crate) async fn start(plane: &mut Plane, lifetime: Lifetime) -> Result<()> {
-    let istiod_bin = bin_dir().join("pilot-discovery");
-    if !istiod_bin.exists() || !charts_dir().exists() {
+    if !bin_dir().join("pilot-discovery").exists() || !charts_dir().exists() {
         return Err(Error::MissingBinaries(bin_dir()));
     }
     let port = free_port(&plane.dir)?;
     crate::write_file(&plane.dir.join("istiod.port"), &port.to_string())?;
     let mut values = image_values();
     values.extend(host_istiod_values(port));
-    let install = |release: &str, chart_name: &str| -> Result<String> {
-        let mut args: Vec<String> = vec![
-            "install".into(),
-            release.into(),
-            chart(chart_name).display().to_string(),
-            "--namespace".into(),
-            "istio-system".into(),
-            "--create-namespace".into(),
-        ];
-        for v in &values {
-            args.push("--set".into());
-            args.push(v.clone());
-        }
-        run_helm(&helm(), &args, Some(&plane.kubeconfig))
-    };
-    install("istio-base", "base")?;
-    install("istiod", "istiod")?;
+    install(&plane.kubeconfig, "istio-base", "base", &values)?;
+    install(&plane.kubeconfig, "istiod", "istiod", &values)?;
+    let istiod = spawn_istiod(&plane.dir, &plane.kubeconfig, "default", port, lifetime)?;
+    plane.adopt(istiod, lifetime)?;
+    wait_injector(&plane.dir, &plane.kubeconfig, "default", port).await
+}
 
-    let work = plane.dir.join("istiod");
+/// Starts `pilot-discovery discovery` for `revision` on the host, its webhooks on `port`
+/// (`https://localhost:<port>`), its log in `istiod.log` (`istiod-<revision>.log` for another
+/// revision). `REVISION` is what the chart's Deployment sets: the injector ConfigMap
+/// (`istio-sidecar-injector-<revision>`), the mesh config (`istio-<revision>`) and the webhooks
+/// it patches (labelled `istio.io/rev=<revision>`) follow from it. Every revision runs in
+/// `istio-system`, so they share the CA in `istio-ca-secret` and write the same root into each
+/// namespace's `istio-ca-root-cert`.
+fn spawn_istiod(
+    dir: &Path,
+    kubeconfig: &Path,
+    revision: &str,
+    port: u16,
+    lifetime: Lifetime,
+) -> Result<std::process::Child> {
+    let name = match revision {
+        "default" => "istiod".to_string(),
+        other => format!("istiod-{other}"),
+    };
+    let work = dir.join(&name);
     std::fs::create_dir_all(&work).map_err(|e| Error::Io {
         path: work.clone(),
         source: e,
     })?;
     let local = |p: u16| format!("127.0.0.1:{p}");
-    let http = free_port(&plane.dir)?;
     let args = vec![
         "discovery".to_string(),
-        format!("--kubeconfig={}", plane.kubeconfig.display()),
-        format!("--httpAddr={}", local(http)),
+        format!("--kubeconfig={}", kubeconfig.display()),
+        format!("--httpAddr={}", local(free_port(dir)?)),
         format!("--httpsAddr={}", local(port)),
-        format!("--grpcAddr={}", local(free_port(&plane.dir)?)),
-        format!("--secureGRPCAddr={}", local(free_port(&plane.dir)?)),
-        format!("--monitoringAddr={}", local(free_port(&plane.dir)?)),
+        format!("--grpcAddr={}", local(free_port(dir)?)),
+        format!("--secureGRPCAddr={}", local(free_port(dir)?)),
+        format!("--monitoringAddr={}", local(free_port(dir)?)),
         "--profile=false".into(),
         "--log_output_level=default:warn,ads:error,validation:info".into(),
     ];
     let envs = [
         ("POD_NAMESPACE", "istio-system".to_string()),
-        ("POD_NAME", "istiod-host".to_string()),
-        ("REVISION", "default".to_string()),
+        ("POD_NAME", format!("{name}-host")),
+        ("REVISION", revision.to_string()),
         ("ISTIOD_CUSTOM_HOST", "localhost".to_string()),
-        ("KUBECONFIG", plane.kubeconfig.display().to_string()),
+        ("KUBECONFIG", kubeconfig.display().to_string()),
     ];
-    let istiod = spawn_with(
-        &istiod_bin,
+    spawn_with(
+        &bin_dir().join("pilot-discovery"),
         &args,
         &envs,
         Some(&work),
-        &plane.dir.join("istiod.log"),
+        &dir.join(format!("{name}.log")),
         lifetime,
-    )?;
-    plane.adopt(istiod, lifetime)?;
+    )
+}
 
-    // Ready when istiod serves and has written its CA into the injector webhook.
-    let client = plane.client().await?;
+/// Waits until the istiod of `revision` serves on `port` and has written its CA into every
+/// injector webhook of its revision (its own and its tags': labelled `istio.io/rev`).
+async fn wait_injector(dir: &Path, kubeconfig: &Path, revision: &str, port: u16) -> Result<()> {
+    let client = crate::client_from(kubeconfig).await?;
     let mwc: Api<MutatingWebhookConfiguration> = Api::all(client);
-    wait_for(plane, "istiod", Duration::from_secs(120), || {
-        let mwc = mwc.clone();
+    let selector = format!("istio.io/rev={revision}");
+    wait_for_in(dir, "istiod", Duration::from_secs(120), || {
+        let (mwc, selector) = (mwc.clone(), selector.clone());
         async move {
             let ready = tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .is_ok();
-            let hook = mwc.get_opt("istio-sidecar-injector").await.ok().flatten()?;
-            let patched = hook.webhooks.iter().flatten().all(|w| {
-                w.client_config
-                    .ca_bundle
-                    .as_ref()
-                    .is_some_and(|b| !b.0.is_empty())
+            let lp = kube::api::ListParams::default().labels(&selector);
+            let hooks = mwc.list(&lp).await.ok()?.items;
+            let patched = hooks.iter().all(|h| {
+                h.webhooks.iter().flatten().all(|w| {
+                    w.client_config
+                        .ca_bundle
+                        .as_ref()
+                        .is_some_and(|b| !b.0.is_empty())
+                })
             });
-            (ready && patched && !hook.webhooks.unwrap_or_default().is_empty()).then_some(())
+            (ready && patched && !hooks.is_empty()).then_some(())
         }
     })
-    .await?;
-    Ok(())
+    .await
+}
+
+/// A second istiod revision on the host, next to a cluster plane's default one: its Helm
+/// release `istiod-<revision>` in `istio-system` and its `pilot-discovery`. Dropping it (or
+/// [`HostRevision::stop`]) uninstalls the release first, then stops istiod, so no webhook is
+/// left pointing at a port nobody serves; istiod also dies with the thread that started it,
+/// like the plane's own processes.
+pub struct HostRevision {
+    /// The revision (`canary`).
+    pub revision: String,
+    /// Its Helm release, `istiod-<revision>` in `istio-system`.
+    pub release: String,
+    /// The port of its webhooks.
+    pub port: u16,
+    kubeconfig: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+/// Installs Istio's istiod chart as revision `revision` (`helm install istiod-<revision>
+/// <istio-discovery> -n istio-system --set revision=<revision>`, the plane's image values, the
+/// host webhook values for a port of its own, then `values`, e.g. `revisionTags={prod}`,
+/// `global.tag=1.33.1`) and starts its `pilot-discovery` with `REVISION=<revision>`; returns once
+/// it serves and has patched its webhooks (and its tags'). Opt-in: only tests that call it pay
+/// for it. Call it from the test's own thread (a `#[tokio::test]` runs there): istiod gets the
+/// parent-death signal of that thread. Set `global.configValidation=false` unless the test
+/// wants this istiod to validate Istio resources too.
+pub async fn start_revision(
+    plane_dir: &Path,
+    kubeconfig: &Path,
+    revision: &str,
+    values: &[String],
+) -> Result<HostRevision> {
+    if revision.is_empty() || revision == "default" {
+        return Err(Error::Manifest(format!(
+            "start_revision: revision {revision:?} is the plane's own; name another (canary)"
+        )));
+    }
+    let port = free_port(plane_dir)?;
+    let release = format!("istiod-{revision}");
+    let mut all = image_values();
+    all.extend(host_istiod_values(port));
+    all.push(format!("revision={revision}"));
+    all.extend(values.iter().cloned());
+    install(kubeconfig, &release, "istiod", &all)?;
+    let mut out = HostRevision {
+        revision: revision.to_string(),
+        release,
+        port,
+        kubeconfig: kubeconfig.to_path_buf(),
+        child: None,
+    };
+    out.child = Some(spawn_istiod(
+        plane_dir,
+        kubeconfig,
+        revision,
+        port,
+        Lifetime::Attached,
+    )?);
+    wait_injector(plane_dir, kubeconfig, revision, port).await?;
+    Ok(out)
+}
+
+impl HostRevision {
+    /// `helm uninstall` of the release, then istiod stopped.
+    pub fn stop(mut self) -> Result<()> {
+        self.shut_down()
+    }
+
+    fn shut_down(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let args: Vec<String> = vec![
+            "uninstall".into(),
+            self.release.clone(),
+            "--namespace".into(),
+            "istio-system".into(),
+        ];
+        let uninstalled = run_helm(&helm(), &args, Some(&self.kubeconfig)).map(|_| ());
+        let _ = child.kill();
+        let _ = child.wait();
+        uninstalled
+    }
+}
+
+impl Drop for HostRevision {
+    fn drop(&mut self) {
+        let _ = self.shut_down();
+    }
 }
