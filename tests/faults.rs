@@ -1,5 +1,6 @@
 //! Faults on a plane of this test's own: kube-apiserver killed (`kill -9`) and started again;
-//! the leader stopped; two instances started without leader election.
+//! the leader stopped; two instances started without leader election. `cluster.rs`: the same
+//! faults and more on a full cluster of its own.
 //! The operator runs as its binary, as in production.
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,9 @@ use serde_json::json;
 #[path = "support/operator.rs"]
 mod operator;
 use operator::{Replica, eventually, http_get};
+
+#[path = "faults/cluster.rs"]
+mod cluster;
 
 const NS: &str = "shop";
 const CPU: &str = "sidecar.istio.io/proxyCPU";

@@ -210,7 +210,6 @@ async fn publish_events(
     after: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
     reports: &[RuleReport],
 ) {
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let reference = policy.object_ref(&());
     let mut events: Vec<Event> = conditions::transitions(before, after)
         .into_iter()
@@ -241,6 +240,10 @@ async fn publish_events(
         }
     }
     for ev in events {
+        // A recorder of its own per Event: a recorder folds every Event with the same reason
+        // and action into one series and keeps only the first note, so the corrections of one
+        // reconcile (reason `Corrected`, action the section) would show as one, counted.
+        let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
         if let Err(e) = recorder.publish(&ev, &reference).await {
             warn!(policy = %policy.name_any(), error = %e, "cannot publish event");
         }
