@@ -91,13 +91,31 @@ impl Plane {
     /// informers were found stale: the Deployment controller ignored a Deployment's new
     /// generation for over a minute, then retried a ReplicaSet update from its stale cache
     /// with `409 Conflict` every few seconds. Restarting them is what a real cluster does.
-    pub fn restart_controllers(&mut self) -> Result<()> {
+    ///
+    /// Returns once the new controller manager has started its controllers: until then it
+    /// waits for the API server's `/healthz` and exits when that takes too long, as it would
+    /// if the next outage came at once.
+    pub async fn restart_controllers(&mut self) -> Result<()> {
         if self.flavor != crate::Flavor::Cluster {
             return Ok(());
         }
         for name in ["kube-controller-manager", "kube-scheduler"] {
             self.kill_component(name)?;
             self.restart_component(name)?;
+        }
+        let log = self.dir.join("kube-controller-manager.restarted.log");
+        let started = std::time::Instant::now();
+        while !fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains(r#""Starting controller" controller="deployment""#))
+        {
+            if started.elapsed() > Duration::from_secs(60) {
+                return Err(Error::NotReady {
+                    what: "kube-controller-manager",
+                    secs: started.elapsed().as_secs(),
+                    log: crate::tail(&log, 20),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(())
     }
@@ -191,7 +209,7 @@ impl Outage {
     /// [`Plane::restart_controllers`] explains).
     pub async fn inject(self, plane: &mut Plane, outage: Duration) -> Result<()> {
         self.inject_only(plane, outage).await?;
-        plane.restart_controllers()
+        plane.restart_controllers().await
     }
 
     async fn inject_only(self, plane: &mut Plane, outage: Duration) -> Result<()> {
