@@ -648,7 +648,6 @@ async fn full_cluster_lifecycle_under_faults() {
         .unwrap();
     let seen = Arc::new(Mutex::new(Seen::default()));
     let sampler = sample(admin.clone(), seen.clone());
-    let shop_watch = watch_shop(admin.clone(), seen.clone());
     let mut run = Run {
         dir,
         plane,
@@ -699,6 +698,14 @@ async fn full_cluster_lifecycle_under_faults() {
         s.most_rolling = 0;
         s.generations.clear();
     }
+    // A watch of its own, started after the outages: one resumed from its resourceVersion
+    // across them (kube's watcher with backoff) once delivered no event at all in this step,
+    // like the controller manager's informers after the watch expiry.
+    let shop_watch = watch_shop(admin.clone(), seen.clone());
+    eventually(10, "the shop's watch listed", || async {
+        (seen.lock().unwrap().generations.len() == WORKLOADS.len()).then_some(())
+    })
+    .await;
     testplane::apply_yaml(&admin, &policy("200m", 1), &[])
         .await
         .unwrap();
