@@ -205,7 +205,8 @@ async fn events_about(
 }
 
 /// Removes the CPU annotation, waits until it is back (and 2 s more for Events), and returns
-/// the `Corrected` Events about the policy since the removal.
+/// the `Corrected` Events about the policy since the removal that name `web` (one per
+/// correction; the condition's move to `Corrected` is an Event of its own).
 async fn drift_corrected(
     admin: &kube::Client,
     deployments: &Api<Deployment>,
@@ -220,7 +221,9 @@ async fn drift_corrected(
     events_about(admin, "MeshPolicy", "faults", drift)
         .await
         .into_iter()
-        .filter(|(reason, _, _)| reason == "Corrected")
+        .filter(|(reason, note, _)| {
+            reason == "Corrected" && note.starts_with("Deployment/shop/web:")
+        })
         .collect()
 }
 
