@@ -11,10 +11,19 @@ pub fn istio_fixture(name: &str) -> String {
 /// A fresh kube-apiserver and etcd in a scratch directory named after `tag`, with the
 /// MeshPolicy CRD installed: the directory, the plane and an admin client.
 pub async fn start_plane(tag: &str) -> (std::path::PathBuf, testplane::Plane, Client) {
+    start_plane_of(tag, testplane::Flavor::Bare).await
+}
+
+/// [`start_plane`] of either flavour: `Cluster` adds the controllers, the scheduler, kwok nodes
+/// and Istio installed by Helm with a real istiod.
+pub async fn start_plane_of(
+    tag: &str,
+    flavor: testplane::Flavor,
+) -> (std::path::PathBuf, testplane::Plane, Client) {
     let dir = testplane::scratch_dir(tag);
-    let plane = testplane::Plane::start(&dir, testplane::Lifetime::Attached)
+    let plane = testplane::Plane::start_with(&dir, testplane::Lifetime::Attached, flavor)
         .await
-        .expect("start kube-apiserver (run hack/build-k8s-bins.sh first)");
+        .expect("start the plane (run hack/build-k8s-bins.sh first)");
     let admin = plane.client().await.expect("client");
     let crd = meshwarden::api::crd_yaml().expect("crd");
     testplane::apply_yaml(&admin, &crd, &[]).await.expect("crd");

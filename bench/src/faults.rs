@@ -10,6 +10,7 @@ use k8s_openapi::api::rbac::v1::ClusterRole;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
+use testplane::Outage;
 use testplane::operator::{Operator, http_get};
 
 const CPU: &str = "sidecar.istio.io/proxyCPU";
@@ -138,7 +139,9 @@ fn policy(cpu: &str) -> String {
     )
 }
 
-async fn setup(admin: &Client, fleet: usize) {
+/// Namespaces, Deployments, istiod (from the fixture on a bare plane; a cluster has it
+/// installed by Helm) and the policy.
+async fn setup(admin: &Client, fleet: usize, cluster: bool) {
     let mut yaml = String::from(
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: meshwarden}\n---\n\
          apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system}\n---\n\
@@ -152,7 +155,9 @@ async fn setup(admin: &Client, fleet: usize) {
     testplane::apply_yaml(admin, &yaml, &[])
         .await
         .expect("namespaces and Deployments");
-    crate::common::load(admin, "istiod-default.yaml", "istio-system").await;
+    if !cluster {
+        crate::common::load(admin, "istiod-default.yaml", "istio-system").await;
+    }
     testplane::apply_yaml(admin, &policy("100m"), &[])
         .await
         .expect("policy");
@@ -169,63 +174,22 @@ fn expired_lines(op: &Operator, from: usize) -> usize {
         .count()
 }
 
-/// An outage of the plane, ended when kube-apiserver is ready again.
-#[derive(Clone, Copy)]
-enum Outage {
-    Apiserver,
-    Etcd,
-    Expiry,
-}
-
-impl Outage {
-    fn describe(self, secs: u64) -> String {
-        match self {
-            Outage::Apiserver => format!("kill -9 kube-apiserver, restarted after {secs} s"),
-            Outage::Etcd => format!("kill -9 etcd, restarted after {secs} s"),
-            Outage::Expiry => {
-                format!("watch expiry: etcd compacted during a {secs} s API server outage")
-            }
-        }
-    }
-
-    async fn inject(self, plane: &mut testplane::Plane, outage: Duration) {
-        match self {
-            Outage::Apiserver => {
-                plane.kill_apiserver().expect("kill kube-apiserver");
-                tokio::time::sleep(outage).await;
-                plane
-                    .restart_apiserver()
-                    .await
-                    .expect("restart kube-apiserver");
-            }
-            Outage::Etcd => {
-                plane.kill_etcd().expect("kill etcd");
-                tokio::time::sleep(outage).await;
-                plane.restart_etcd().await.expect("restart etcd");
-            }
-            Outage::Expiry => {
-                plane.kill_apiserver().expect("kill kube-apiserver");
-                tokio::time::sleep(outage / 2).await;
-                plane.compact_etcd().expect("compact etcd");
-                tokio::time::sleep(outage / 2).await;
-                plane
-                    .restart_apiserver()
-                    .await
-                    .expect("restart kube-apiserver");
-            }
-        }
-    }
-}
-
 /// Rounds of each API server and etcd fault (the watches retry at most 2 s apart, so one
 /// round alone says little).
 const ROUNDS: usize = 3;
 
-pub async fn run(outage: u64, fleet: usize) {
+/// Runs every fault on a bare plane, or with `cluster` on a full cluster (pods scheduled and
+/// run by kwok, rollouts done by the controller manager, sidecars injected by istiod).
+pub async fn run(outage: u64, fleet: usize, cluster: bool) {
     let bin = operator_bin();
     let outage_d = Duration::from_secs(outage);
-    let (dir, mut plane, mut admin) = crate::common::start_plane("bench-faults").await;
-    setup(&admin, fleet).await;
+    let (tag, flavor) = if cluster {
+        ("bench-faults-cluster", testplane::Flavor::Cluster)
+    } else {
+        ("bench-faults", testplane::Flavor::Bare)
+    };
+    let (dir, mut plane, mut admin) = crate::common::start_plane_of(tag, flavor).await;
+    setup(&admin, fleet, cluster).await;
     let kc = plane.operator_kubeconfig.clone();
     let start = |name: &str, args: &[&str]| {
         Operator::start(&bin, &kc, name, &dir, args).expect("start meshwarden")
@@ -241,7 +205,12 @@ pub async fn run(outage: u64, fleet: usize) {
     .expect("the first convergence");
     let first = started.elapsed();
     println!(
-        "meshwarden-bench faults: outage {outage} s, fleet of {fleet} Deployments; first convergence {:.2} s",
+        "meshwarden-bench faults: {}, outage {outage} s, fleet of {fleet} Deployments; first convergence {:.2} s",
+        if cluster {
+            "full cluster (controller manager, scheduler, kwok nodes, Istio by Helm)"
+        } else {
+            "bare plane"
+        },
         first.as_secs_f64()
     );
     let mut rows = Vec::new();
@@ -253,7 +222,10 @@ pub async fn run(outage: u64, fleet: usize) {
         let (mut took, mut expired) = (Vec::new(), 0);
         for _ in 0..ROUNDS {
             let log_mark = op.log_text().len();
-            fault.inject(&mut plane, outage_d).await;
+            fault
+                .inject(&mut plane, outage_d)
+                .await
+                .expect("inject the outage");
             admin = plane.client().await.expect("client");
             took.push(drift_and_recover(&admin, "100m").await);
             expired += expired_lines(&op, log_mark);

@@ -20,7 +20,15 @@ async fn main() {
     match args.first().map(String::as_str) {
         Some("drift") => drift::run(n(1, 50)).await,
         Some("mtls") => mtls::run(n(1, 1000)).await,
-        Some("faults") => faults::run(n(1, 10) as u64, n(2, 200)).await,
+        Some("faults") => {
+            let cluster = args.iter().any(|a| a == "--cluster");
+            let rest: Vec<&String> = args.iter().skip(1).filter(|a| *a != "--cluster").collect();
+            let n = |i: usize, default: usize| {
+                rest.get(i).and_then(|n| n.parse().ok()).unwrap_or(default)
+            };
+            let fleet = n(1, if cluster { 20 } else { 200 });
+            faults::run(n(0, 10) as u64, fleet, cluster).await
+        }
         Some("scale") => {
             let rate = args.get(4).and_then(|r| r.parse().ok()).unwrap_or(100.0);
             scale::run(n(1, 5000), n(2, 10000), n(3, 50000), rate, n(5, 60) as u64).await
@@ -28,7 +36,7 @@ async fn main() {
         Some("sidecars") => sidecars::run(n(1, 200), n(2, 5000), n(3, 10000)).await,
         _ => {
             eprintln!(
-                "usage: meshwarden-bench drift [N] | mtls [N] | faults [OUTAGE_SECS FLEET] (defaults 10 200) | sidecars [NAMESPACES DEPLOYMENTS PODS] (defaults 200 5000 10000) | scale [NAMESPACES DEPLOYMENTS PODS EVENTS_PER_S SECONDS] (defaults 5000 10000 50000 100 60)"
+                "usage: meshwarden-bench drift [N] | mtls [N] | faults [--cluster] [OUTAGE_SECS FLEET] (defaults 10 200; 10 20 with --cluster) | sidecars [NAMESPACES DEPLOYMENTS PODS] (defaults 200 5000 10000) | scale [NAMESPACES DEPLOYMENTS PODS EVENTS_PER_S SECONDS] (defaults 5000 10000 50000 100 60)"
             );
             std::process::exit(2);
         }

@@ -47,6 +47,9 @@ pub struct State {
     triggers: Triggers,
     /// Each policy's last evaluation, whose reports the sections no event concerned reuse.
     memo: std::sync::Mutex<HashMap<String, reconcile::Memo>>,
+    /// The status this process last wrote for each policy, the policy's own view until the
+    /// store has its write.
+    written: std::sync::Mutex<HashMap<String, reconcile::Written>>,
     /// Reconciles running now; a shutdown waits for them (up to [`SHUTDOWN_GRACE`]).
     in_flight: AtomicUsize,
 }
@@ -59,6 +62,7 @@ impl State {
             store: RwLock::new(None),
             triggers: Triggers::default(),
             memo: Default::default(),
+            written: Default::default(),
             in_flight: AtomicUsize::new(0),
         }
     }

@@ -101,6 +101,31 @@ async fn evaluate_dirty(
     (reports, conflicts, memo)
 }
 
+/// A status this process wrote: the resourceVersion of the policy it was built from, and the
+/// status itself.
+#[derive(Clone)]
+pub(super) struct Written {
+    from: Option<String>,
+    status: crate::api::MeshPolicyStatus,
+}
+
+/// The policy's status as this process knows it: the status it last wrote while the store
+/// still holds the object that write was built from (the store is behind: its watch has not
+/// delivered the write yet, or is listing again after an outage), else the store's. Without
+/// it a reconcile would compare with the older status, write again and publish the same
+/// transitions twice.
+pub(super) fn own_view<'a>(
+    policy: &'a MeshPolicy,
+    written: Option<&'a Written>,
+) -> Option<&'a crate::api::MeshPolicyStatus> {
+    match written {
+        Some(w) if w.from.is_some() && w.from == policy.metadata.resource_version => {
+            Some(&w.status)
+        }
+        _ => policy.status.as_ref(),
+    }
+}
+
 #[tracing::instrument(skip_all, fields(policy = %policy.name_any(), generation = policy.metadata.generation))]
 pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action> {
     let running = Running::enter(&state.in_flight, &state.ctx.metrics);
@@ -125,16 +150,22 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
         m.retain(|k, _| all.iter().any(|p| p.name_any() == *k));
         m.insert(name.clone(), memo);
     }
+    let written = state.written.lock().ok().and_then(|w| {
+        let mut w = w;
+        w.retain(|k, _| all.iter().any(|p| p.name_any() == *k));
+        w.get(&name).cloned()
+    });
+    let current = own_view(&policy, written.as_ref());
 
     let now = Time(jiff::Timestamp::now());
     let new_status = status::build(
-        policy.status.as_ref(),
+        current,
         policy.metadata.generation,
         &reports,
         &conflicts,
         &now,
     );
-    if !status::unchanged(policy.status.as_ref(), &new_status) {
+    if !status::unchanged(current, &new_status) {
         let api: Api<MeshPolicy> = Api::all(ctx.client.clone());
         let patch = json!({
             "apiVersion": "meshwarden.io/v1alpha1",
@@ -148,11 +179,17 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
         )
         .await
         .map_err(|e| Error::kube(format!("update status of MeshPolicy {name}"), e))?;
-        let before = policy
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
+        let before = current.map(|s| s.conditions.clone()).unwrap_or_default();
+        if let Ok(mut w) = state.written.lock() {
+            let from = policy.metadata.resource_version.clone();
+            w.insert(
+                name.clone(),
+                Written {
+                    from,
+                    status: new_status.clone(),
+                },
+            );
+        }
         publish_events(ctx, &policy, &before, &new_status.conditions, &reports).await;
     }
 
@@ -210,7 +247,6 @@ async fn publish_events(
     after: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
     reports: &[RuleReport],
 ) {
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let reference = policy.object_ref(&());
     let mut events: Vec<Event> = conditions::transitions(before, after)
         .into_iter()
@@ -241,6 +277,10 @@ async fn publish_events(
         }
     }
     for ev in events {
+        // A recorder of its own per Event: a recorder folds every Event with the same reason
+        // and action into one series and keeps only the first note, so the corrections of one
+        // reconcile (reason `Corrected`, action the section) would show as one, counted.
+        let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
         if let Err(e) = recorder.publish(&ev, &reference).await {
             warn!(policy = %policy.name_any(), error = %e, "cannot publish event");
         }
@@ -299,4 +339,44 @@ pub(super) fn error_policy(policy: Arc<MeshPolicy>, err: &Error, state: Arc<Stat
         .inc();
     warn!(policy = %policy.name_any(), error = %err, "reconcile failed");
     Action::requeue(err.backoff(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(rv: &str, corrected: i32) -> MeshPolicy {
+        let mut p = MeshPolicy::new("p", Default::default());
+        p.metadata.resource_version = Some(rv.into());
+        p.status = Some(crate::api::MeshPolicyStatus {
+            corrected,
+            ..Default::default()
+        });
+        p
+    }
+
+    #[test]
+    fn own_view_is_the_last_write_until_the_store_has_it() {
+        let written = Written {
+            from: Some("10".into()),
+            status: crate::api::MeshPolicyStatus {
+                corrected: 2,
+                ..Default::default()
+            },
+        };
+        // The store still holds the object the write was built from: the write is newer.
+        let stale = policy("10", 1);
+        assert_eq!(
+            own_view(&stale, Some(&written)).map(|s| s.corrected),
+            Some(2)
+        );
+        // The store moved on (the write, or someone else's change): the store's.
+        let moved = policy("11", 1);
+        assert_eq!(
+            own_view(&moved, Some(&written)).map(|s| s.corrected),
+            Some(1)
+        );
+        // Nothing written yet.
+        assert_eq!(own_view(&stale, None).map(|s| s.corrected), Some(1));
+    }
 }

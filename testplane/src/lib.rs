@@ -31,6 +31,7 @@ use kube::{Client, Config, ResourceExt};
 
 pub mod operator;
 mod restart;
+pub use restart::Outage;
 
 /// Kubernetes version the binaries are built at (see `tools/k8s-bins/go.mod`).
 pub const K8S_VERSION: &str = "v1.36.2";

@@ -1,10 +1,12 @@
 //! Fault injection on a plane a test owns: kill kube-apiserver or etcd (as `kill -9` would)
 //! and start it again with the same arguments and data; compact etcd (so that watches from
-//! before the compaction expire).
+//! before the compaction expire). [`Outage`] runs one of the three outages the fault tests and
+//! `meshwarden-bench faults` inject.
 
 use std::fs;
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::{Error, Lifetime, Plane, Result, io, spawn};
 
@@ -78,6 +80,58 @@ impl Plane {
             .ok_or_else(|| Error::Manifest("etcd has no --listen-client-urls".into()))
     }
 
+    /// On a cluster, stops kube-controller-manager and kube-scheduler and starts them again
+    /// with the same arguments (logs in `<name>.restarted.log`); nothing on a bare plane.
+    ///
+    /// A real control plane's controller manager and scheduler run with leader election and
+    /// exit when they cannot renew their lease for `--leader-elect-renew-deadline` (10 s), so
+    /// after an outage of the API server or etcd they start afresh with new informers. Here
+    /// they run without it (one instance each) and live through the outage; after a watch
+    /// expiry (etcd compacted while kube-apiserver was down) the controller manager's
+    /// informers were found stale: the Deployment controller ignored a Deployment's new
+    /// generation for over a minute, then retried a ReplicaSet update from its stale cache
+    /// with `409 Conflict` every few seconds. Restarting them is what a real cluster does.
+    ///
+    /// Returns once the new controller manager has started its controllers: until then it
+    /// waits for the API server's `/healthz` and exits when that takes too long, as it would
+    /// if the next outage came at once.
+    pub async fn restart_controllers(&mut self) -> Result<()> {
+        if self.flavor != crate::Flavor::Cluster {
+            return Ok(());
+        }
+        for name in ["kube-controller-manager", "kube-scheduler"] {
+            self.kill_component(name)?;
+            self.restart_component(name)?;
+        }
+        let log = self.dir.join("kube-controller-manager.restarted.log");
+        let started = std::time::Instant::now();
+        while !fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains(r#""Starting controller" controller="deployment""#))
+        {
+            if started.elapsed() > Duration::from_secs(60) {
+                return Err(Error::NotReady {
+                    what: "kube-controller-manager",
+                    secs: started.elapsed().as_secs(),
+                    log: crate::tail(&log, 20),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Names of the plane's processes that have exited (a controller, the scheduler, kwok or
+    /// istiod that did not survive a fault), with their exit status.
+    pub fn exited(&mut self) -> Vec<String> {
+        self.children
+            .iter_mut()
+            .filter_map(|c| {
+                let status = c.try_wait().ok()??;
+                Some(format!("process {} ({status})", c.id()))
+            })
+            .collect()
+    }
+
     fn saved(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.cmdline"))
     }
@@ -123,6 +177,61 @@ impl Plane {
                 })
             })
             .ok_or_else(|| Error::Manifest(format!("no running {name} in this plane")))
+    }
+}
+
+/// An outage of the plane, ended when kube-apiserver is ready again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outage {
+    /// kube-apiserver killed with SIGKILL, started again after the outage.
+    Apiserver,
+    /// etcd killed with SIGKILL (kube-apiserver keeps running), started again after it.
+    Etcd,
+    /// A watch expiry: kube-apiserver killed, etcd compacted halfway through the outage, so a
+    /// watch resumed from its last resourceVersion ends with `410 Expired`.
+    Expiry,
+}
+
+impl Outage {
+    /// The outage in words, for logs and tables.
+    pub fn describe(self, secs: u64) -> String {
+        match self {
+            Outage::Apiserver => format!("kill -9 kube-apiserver, restarted after {secs} s"),
+            Outage::Etcd => format!("kill -9 etcd, restarted after {secs} s"),
+            Outage::Expiry => {
+                format!("watch expiry: etcd compacted during a {secs} s API server outage")
+            }
+        }
+    }
+
+    /// Injects the outage, lasting `outage`, and returns once kube-apiserver is ready again
+    /// (on a cluster, with the controller manager and scheduler started again, as
+    /// [`Plane::restart_controllers`] explains).
+    pub async fn inject(self, plane: &mut Plane, outage: Duration) -> Result<()> {
+        self.inject_only(plane, outage).await?;
+        plane.restart_controllers().await
+    }
+
+    async fn inject_only(self, plane: &mut Plane, outage: Duration) -> Result<()> {
+        match self {
+            Outage::Apiserver => {
+                plane.kill_apiserver()?;
+                tokio::time::sleep(outage).await;
+                plane.restart_apiserver().await
+            }
+            Outage::Etcd => {
+                plane.kill_etcd()?;
+                tokio::time::sleep(outage).await;
+                plane.restart_etcd().await
+            }
+            Outage::Expiry => {
+                plane.kill_apiserver()?;
+                tokio::time::sleep(outage / 2).await;
+                plane.compact_etcd()?;
+                tokio::time::sleep(outage / 2).await;
+                plane.restart_apiserver().await
+            }
+        }
     }
 }
 
