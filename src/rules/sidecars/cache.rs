@@ -64,6 +64,11 @@ impl Cache {
         }
     }
 
+    /// Whether any write is recorded as failed (most passes: none, and nothing to sort).
+    pub(super) fn any_failed(&self) -> bool {
+        self.failed.lock().is_ok_and(|m| !m.is_empty())
+    }
+
     /// Whether the last write of `w` failed less than [`WRITTEN_TTL`] ago.
     pub(super) fn failed_recently(&self, w: &Workload) -> bool {
         let key = (w.kind, w.namespace.clone(), w.name.clone());
@@ -201,7 +206,7 @@ pub(super) fn observe_cached(
     desired: &Desired,
     revisions: &Revisions,
 ) -> Covered {
-    let (mut out, ambient, unknown_revision) = covered_namespaces(
+    let (covered, ambient, unknown_revision) = covered_namespaces(
         spec,
         cache.namespaces.state().into_iter().map(|ns| {
             (
@@ -211,6 +216,8 @@ pub(super) fn observe_cached(
         }),
         revisions,
     );
+    // Looked up once per workload and pod: hashed, not compared along a tree.
+    let mut out: HashMap<String, NamespaceObservation> = covered.into_iter().collect();
     let mut written = match cache.written.lock() {
         Ok(w) => w,
         Err(p) => p.into_inner(),
@@ -219,8 +226,14 @@ pub(super) fn observe_cached(
         let Some(ns) = out.get_mut(namespace.as_deref().unwrap_or_default()) else {
             return;
         };
-        let key = (facts.kind, ns.name.clone(), facts.name.clone());
-        let facts = match pending_write(&mut written, key, facts.generation) {
+        let pending = match written.is_empty() {
+            true => None,
+            false => {
+                let key = (facts.kind, ns.name.clone(), facts.name.clone());
+                pending_write(&mut written, key, facts.generation)
+            }
+        };
+        let facts = match pending {
             Some(g) => Arc::new(facts.written(g, desired)),
             None => facts.clone(),
         };
@@ -251,8 +264,10 @@ pub(super) fn observe_cached(
             ns.quotas.push((*o).clone());
         }
     }
+    let mut namespaces: Vec<NamespaceObservation> = out.into_values().collect();
+    namespaces.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     Covered {
-        namespaces: out.into_values().collect(),
+        namespaces,
         ambient,
         unknown_revision,
     }

@@ -251,8 +251,12 @@ pub async fn reconcile_with_stats(
     }
     let mut classified = classify(&namespaces, jiff::Timestamp::now(), &revisions);
     // Targets whose last write failed queue behind the others for rollout slots.
-    if let Some(c) = &cache {
-        classified.targets.sort_by_key(|w| c.failed_recently(w));
+    if let Some(c) = &cache
+        && c.any_failed()
+    {
+        classified
+            .targets
+            .sort_by_cached_key(|w| c.failed_recently(w));
     }
     let enforce = enforcement == Enforcement::Enforce;
     let targets = &classified.targets;
@@ -520,11 +524,19 @@ pub async fn reconcile_with_stats(
         ));
     }
     if !stats.pod_drift.is_empty() {
-        let parts: Vec<String> = stats
+        // A few namespaces by name: the metric has them all.
+        let mut parts: Vec<String> = stats
             .pod_drift
             .iter()
+            .take(DRIFT_NAMESPACES)
             .map(|(ns, pods)| format!("{ns}: {} ({})", pods.len(), list(pods, DRIFT_NAMES)))
             .collect();
+        if stats.pod_drift.len() > DRIFT_NAMESPACES {
+            parts.push(format!(
+                "and {} more namespace(s) (metric meshwarden_sidecar_drift_pods)",
+                stats.pod_drift.len() - DRIFT_NAMESPACES
+            ));
+        }
         let total: usize = stats.pod_drift.values().map(Vec::len).sum();
         msg.push(format!(
             "{total} running pod(s) have other istio-proxy resources than declared: {}",

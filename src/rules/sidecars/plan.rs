@@ -4,6 +4,8 @@ use super::*;
 
 /// Pods named per namespace in the condition.
 pub(super) const DRIFT_NAMES: usize = 3;
+/// Namespaces named in the condition message's pod drift line (the metric has every one).
+pub(super) const DRIFT_NAMESPACES: usize = 5;
 
 /// What was read in one namespace the section covers.
 #[derive(Clone, Debug, Default)]
@@ -39,8 +41,9 @@ pub fn classify(
     let mut out = Classified::default();
     for ns in namespaces {
         for w in &ns.workloads {
-            let id = format!("{}/{}/{}", w.kind.as_str(), ns.name, w.name);
-            let key = (ns.name.clone(), w.kind, w.name.clone());
+            // Built only for the workloads left out (most are targets).
+            let id = || format!("{}/{}/{}", w.kind.as_str(), ns.name, w.name);
+            let key = || (ns.name.clone(), w.kind, w.name.clone());
             if no_sidecar_reason(
                 &ns.labels,
                 &w.template_labels,
@@ -49,17 +52,17 @@ pub fn classify(
             )
             .is_some()
             {
-                out.excluded.insert(key);
+                out.excluded.insert(key());
                 continue;
             }
             if w.opted_out {
-                out.opted_out.push(id);
-                out.excluded.insert(key);
+                out.opted_out.push(id());
+                out.excluded.insert(key());
                 continue;
             }
             if w.other_rule {
-                out.other_rule.push(id);
-                out.excluded.insert(key);
+                out.other_rule.push(id());
+                out.excluded.insert(key());
                 continue;
             }
             let rollout = meshwarden_rollout(w, now);
@@ -203,7 +206,8 @@ pub fn pod_drift(
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for ns in namespaces {
         for pod in &ns.pods {
-            if let Some((kind, name)) = &pod.owner
+            if !excluded.is_empty()
+                && let Some((kind, name)) = &pod.owner
                 && excluded.contains(&(ns.name.clone(), *kind, name.clone()))
             {
                 continue;
