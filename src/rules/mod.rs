@@ -198,7 +198,7 @@ async fn sidecars_section(
         let drift = stats
             .pod_drift
             .iter()
-            .map(|(ns, pods)| (ns.clone(), pods.len()))
+            .map(|(ns, drift)| (ns.clone(), drift.pods))
             .collect();
         ctx.metrics.set_sidecar_drift(&policy.name_any(), &drift);
     }

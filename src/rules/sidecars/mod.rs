@@ -529,7 +529,7 @@ pub async fn reconcile_with_stats(
             .pod_drift
             .iter()
             .take(DRIFT_NAMESPACES)
-            .map(|(ns, pods)| format!("{ns}: {} ({})", pods.len(), list(pods, DRIFT_NAMES)))
+            .map(|(ns, drift)| format!("{ns}: {} ({})", drift.pods, drift.names()))
             .collect();
         if stats.pod_drift.len() > DRIFT_NAMESPACES {
             parts.push(format!(
@@ -537,7 +537,7 @@ pub async fn reconcile_with_stats(
                 stats.pod_drift.len() - DRIFT_NAMESPACES
             ));
         }
-        let total: usize = stats.pod_drift.values().map(Vec::len).sum();
+        let total: usize = stats.pod_drift.values().map(|d| d.pods).sum();
         msg.push(format!(
             "{total} running pod(s) have other istio-proxy resources than declared: {}",
             parts.join("; ")

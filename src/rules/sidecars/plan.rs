@@ -197,15 +197,24 @@ pub fn pod_drift(
     namespaces: &[NamespaceObservation],
     excluded: &BTreeSet<(String, Kind, String)>,
     revisions: &Revisions,
-) -> BTreeMap<String, Vec<String>> {
+) -> BTreeMap<String, PodDrift> {
     let want: Vec<Option<i128>> = desired
         .annotations()
         .iter()
         .map(|(_, v)| quantity::millis(v))
         .collect();
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut out: BTreeMap<String, PodDrift> = BTreeMap::new();
     for ns in namespaces {
         for pod in &ns.pods {
+            // The cheap test first: most pods run the declared values.
+            let Some(have) = &pod.proxy else { continue };
+            let differs = want
+                .iter()
+                .zip(have.iter())
+                .any(|(want, have)| have.is_none() || want != have);
+            if !differs {
+                continue;
+            }
             if !excluded.is_empty()
                 && let Some((kind, name)) = &pod.owner
                 && excluded.contains(&(ns.name.clone(), *kind, name.clone()))
@@ -215,22 +224,42 @@ pub fn pod_drift(
             if no_sidecar_reason(&ns.labels, &pod.labels, &pod.annotations, revisions).is_some() {
                 continue;
             }
-            let Some(have) = &pod.proxy else { continue };
-            let differs = want
-                .iter()
-                .zip(have.iter())
-                .any(|(want, have)| have.is_none() || want != have);
-            if differs {
-                out.entry(ns.name.clone())
-                    .or_default()
-                    .push(pod.name.clone());
-            }
+            out.entry(ns.name.clone()).or_default().add(&pod.name);
         }
     }
-    for names in out.values_mut() {
-        names.sort();
-    }
     out
+}
+
+/// The running pods of one namespace whose proxy has other resources than declared: how many,
+/// and the first few names in order (all a condition message shows; a cluster mid-rollout can
+/// have tens of thousands).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodDrift {
+    pub pods: usize,
+    /// The [`DRIFT_NAMES`] smallest names, sorted.
+    pub first: Vec<String>,
+}
+
+impl PodDrift {
+    pub(super) fn add(&mut self, name: &str) {
+        self.pods += 1;
+        if self.first.len() == DRIFT_NAMES && self.first.last().is_some_and(|l| l.as_str() <= name)
+        {
+            return;
+        }
+        let at = self.first.partition_point(|n| n.as_str() < name);
+        self.first.insert(at, name.to_string());
+        self.first.truncate(DRIFT_NAMES);
+    }
+
+    /// `a-1, a-2, a-3 and 4 more`.
+    pub fn names(&self) -> String {
+        let more = self.pods.saturating_sub(self.first.len());
+        match more {
+            0 => self.first.join(", "),
+            n => format!("{} and {n} more", self.first.join(", ")),
+        }
+    }
 }
 
 /// Numbers of one reconcile, for metrics.
@@ -246,5 +275,5 @@ pub struct SidecarStats {
     /// Namespaces skipped because of their LimitRange/ResourceQuota.
     pub skipped_namespaces: Vec<String>,
     /// Running pods whose istio-proxy differs from the declared resources, per namespace.
-    pub pod_drift: BTreeMap<String, Vec<String>>,
+    pub pod_drift: BTreeMap<String, PodDrift>,
 }

@@ -478,7 +478,8 @@ fn pod_drift_counts_running_proxies_with_other_resources() {
     };
     let excluded = BTreeSet::from([("apps".to_string(), Kind::Deployment, "b".to_string())]);
     let drift = pod_drift(&d, &[ns], &excluded, &Revisions::any());
-    assert_eq!(drift.get("apps"), Some(&vec!["a-2".to_string()]));
+    assert_eq!(drift["apps"].pods, 1);
+    assert_eq!(drift["apps"].names(), "a-2");
 }
 
 #[test]
@@ -564,7 +565,7 @@ fn pod_facts_keep_their_drift() {
         ..Default::default()
     };
     let drift = pod_drift(&full(), &[ns], &BTreeSet::new(), &Revisions::any());
-    assert_eq!(drift.get("apps"), Some(&vec!["a-1".to_string()]));
+    assert_eq!(drift["apps"].names(), "a-1");
 }
 
 #[test]
@@ -601,4 +602,18 @@ fn a_write_the_cache_has_not_seen_is_read_as_written() {
     // Caught up: forgotten.
     assert_eq!(pending_write(&mut written, key.clone(), 5), None);
     assert!(written.is_empty());
+}
+
+#[test]
+fn pod_drift_keeps_a_count_and_the_first_names_only() {
+    let mut d = PodDrift::default();
+    for name in ["e", "b", "d", "a", "c", "b2"] {
+        d.add(name);
+    }
+    assert_eq!(d.pods, 6);
+    assert_eq!(d.first, ["a", "b", "b2"]);
+    assert_eq!(d.names(), "a, b, b2 and 3 more");
+    let mut one = PodDrift::default();
+    one.add("x");
+    assert_eq!(one.names(), "x");
 }
