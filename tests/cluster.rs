@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicI32;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
+use testplane::cluster::rolling;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
@@ -250,16 +251,6 @@ async fn istiod_injects_sidecars_sized_by_the_annotations() {
                 .contains_key("sidecar.istio.io/status")
         );
     }
-}
-
-/// Rolling: the Deployment controller has not finished the newest generation.
-fn rolling(d: &Deployment) -> bool {
-    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let st = d.status.clone().unwrap_or_default();
-    st.observed_generation < d.metadata.generation
-        || st.updated_replicas.unwrap_or(0) < want
-        || st.replicas.unwrap_or(0) > want
-        || st.available_replicas.unwrap_or(0) < want
 }
 
 fn proxy_requests(p: &Pod) -> Option<(String, String)> {

@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::api::{Api, Patch, PatchParams};
 
@@ -228,4 +229,14 @@ where
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Rolling: the Deployment controller has not finished the newest generation.
+pub fn rolling(d: &Deployment) -> bool {
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let st = d.status.clone().unwrap_or_default();
+    st.observed_generation < d.metadata.generation
+        || st.updated_replicas.unwrap_or(0) < want
+        || st.replicas.unwrap_or(0) > want
+        || st.available_replicas.unwrap_or(0) < want
 }

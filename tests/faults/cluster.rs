@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use testplane::cluster::rolling;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -63,16 +64,6 @@ fn shop() -> String {
         ));
     }
     yaml
-}
-
-/// Rolling: the Deployment controller has not finished the newest generation.
-fn rolling(d: &Deployment) -> bool {
-    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let st = d.status.clone().unwrap_or_default();
-    st.observed_generation < d.metadata.generation
-        || st.updated_replicas.unwrap_or(0) < want
-        || st.replicas.unwrap_or(0) > want
-        || st.available_replicas.unwrap_or(0) < want
 }
 
 fn proxy_cpu(p: &Pod) -> Option<String> {
