@@ -193,6 +193,16 @@ pub struct ForeignWrites {
     pub writes: Vec<String>,
 }
 
+impl ForeignWrites {
+    /// These writes without those of the field manager `manager`, if any.
+    pub fn without(mut self, manager: Option<&str>) -> Self {
+        if let Some(m) = manager {
+            self.writes.retain(|w| w.split(' ').next() != Some(m));
+        }
+        self
+    }
+}
+
 /// The [`ForeignWrites`] of the fields at `paths` (keys as in [`foreign_managers`]).
 pub fn foreign_writes(meta: &ObjectMeta, paths: &[Vec<String>]) -> ForeignWrites {
     let mut writes: Vec<String> = Vec::new();
@@ -260,6 +270,28 @@ mod tests {
             ),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn without_drops_only_the_named_managers_writes() {
+        let w = ForeignWrites {
+            generation: 3,
+            writes: vec![
+                "helm Update 2026-01-01T00:00:00Z".into(),
+                "helm-controller Update 2026-01-01T00:00:00Z".into(),
+                "kubectl-edit Update 2026-01-01T00:01:00Z".into(),
+            ],
+        };
+        assert_eq!(w.clone().without(None), w);
+        let left = w.without(Some("helm"));
+        assert_eq!(left.generation, 3);
+        assert_eq!(
+            left.writes,
+            vec![
+                "helm-controller Update 2026-01-01T00:00:00Z",
+                "kubectl-edit Update 2026-01-01T00:01:00Z"
+            ]
+        );
     }
 
     #[test]

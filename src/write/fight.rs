@@ -75,7 +75,8 @@ impl<K: Hash + Eq + Clone> FightTracker<K> {
     /// reconciles see it, and a field an installer still owns a part of since its install
     /// (a sibling meshwarden never took, or an equal value both own) makes no policy edit a
     /// revert. meshwarden's own first correction, a re-created object and a field nobody else
-    /// owns never count.
+    /// owns never count. The HA rule leaves the writes of the object's installer out of `seen`
+    /// and `after`: an installer re-applying its render is restored, never a fight.
     pub fn correct(&mut self, key: &K, now: Instant, seen: &ForeignWrites, after: &ForeignWrites) {
         let reverted = self.set.get(key).is_some_and(|prev| {
             (!prev.ordered || seen.generation > prev.after.generation)

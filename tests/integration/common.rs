@@ -461,6 +461,24 @@ pub fn helm(v3: bool, args: &[&str]) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Sets the `minReplicas` of HPA `name` as `kubectl edit` would (field manager `kubectl-edit`).
+pub async fn edit_hpa_min(
+    hpas: &Api<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>,
+    name: &str,
+    min: i32,
+) {
+    hpas.patch(
+        name,
+        &PatchParams {
+            field_manager: Some("kubectl-edit".into()),
+            ..Default::default()
+        },
+        &Patch::Merge(serde_json::json!({"spec": {"minReplicas": min}})),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("edit HPA {name}: {e}"));
+}
+
 /// The resources of container `name` in a Deployment's pod template.
 pub fn container_resources(
     d: &k8s_openapi::api::apps::v1::Deployment,

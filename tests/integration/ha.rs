@@ -592,18 +592,7 @@ async fn fights_need_another_writer_and_never_drop_protection() {
     wait_true(&env, "p", "Ready").await;
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &ns);
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(env.client.clone(), &ns);
-    let lower_min = || async {
-        hpas.patch(
-            "istiod",
-            &PatchParams {
-                field_manager: Some("kubectl-edit".into()),
-                ..Default::default()
-            },
-            &Patch::Merge(serde_json::json!({"spec": {"minReplicas": 1}})),
-        )
-        .await
-        .unwrap();
-    };
+    let lower_min = || common::edit_hpa_min(&hpas, "istiod", 1);
     let min_is = |want: i32| {
         let hpas = hpas.clone();
         async move {

@@ -69,6 +69,38 @@ impl Istiod {
         (op, p)
     }
 
+    /// After the installer re-applied its render at `step`: meshwarden wrote again (more than
+    /// `writes`) and restored the posture, the PDB kept its form, and the condition is no fight
+    /// and still names the values to set at the source (`hint`).
+    async fn restored(
+        &self,
+        env: &common::Env,
+        op: &common::Operator,
+        writes: u64,
+        step: &str,
+        hint: &str,
+    ) {
+        common::eventually(
+            10,
+            "posture restored after the installer's write",
+            || async {
+                self.corrected().await?;
+                (op.writes() > writes).then_some(())
+            },
+        )
+        .await;
+        self.assert_chart_budget(step).await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let p = env.wait_policy("p", 5, |p| Some(p.clone())).await;
+        let c = condition(&p, "ControlPlaneHA").unwrap();
+        assert_ne!(c.reason, "FightDetected", "{step}: {c:?}");
+        assert!(
+            c.message.contains(hint),
+            "{step}: still names the values to set: {}",
+            c.message
+        );
+    }
+
     async fn assert_chart_budget(&self, step: &str) {
         let s = self.budgets.get("istiod").await.unwrap().spec.unwrap();
         assert_eq!(
@@ -123,18 +155,15 @@ async fn gitops_server_side_sync_and_meshwarden_coexist() {
         p.message
     );
 
-    // Every sync re-applies the unchanged manifests, taking the fields back.
-    for round in 1..=2 {
+    // Every sync (or self-heal) re-applies the unchanged manifests, taking the fields back:
+    // more of them within ten minutes than a fight takes.
+    for round in 1..=5 {
         let step = format!("sync {round}");
         let writes = op.writes();
         sync(&step);
         // The sync took the fields back, and meshwarden wrote them again.
-        common::eventually(10, "posture restored after the sync", || async {
-            istiod.corrected().await?;
-            (op.writes() > writes).then_some(())
-        })
-        .await;
-        istiod.assert_chart_budget(&step).await;
+        let hint = "in the Helm values of the Argo CD Application in Git";
+        istiod.restored(&env, &op, writes, &step, hint).await;
         let hpa = istiod.hpas.get("istiod").await.unwrap();
         assert!(
             hpa.managed_fields()
@@ -142,10 +171,6 @@ async fn gitops_server_side_sync_and_meshwarden_coexist() {
                 .any(|m| m.manager.as_deref() == Some("argocd-controller")),
             "{step}: Argo CD still manages the HPA"
         );
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        let p = env.wait_policy("p", 5, |p| Some(p.clone())).await;
-        let c = condition(&p, "ControlPlaneHA").unwrap();
-        assert_ne!(c.reason, "FightDetected", "{step}: {c:?}");
     }
     let ctx = meshwarden::context::Context::new(env.client.clone(), None);
     let file = meshwarden::rules::ha::values::values_files(&ctx, Some(&env.policy_name("p")))
@@ -247,4 +272,72 @@ async fn the_sail_operator_is_named_with_its_istio_values() {
             && !file.contains("pdb"),
         "{file}"
     );
+}
+
+/// Issue 11: `helm upgrade --reuse-values` and `helm rollback` re-apply the release's own
+/// values; each takes the fields meshwarden holds back, and meshwarden restores them right
+/// after. However many fall within the fight window, they are installer upgrades, not a fight,
+/// and the condition keeps naming the chart values to set. Another writer reverting the same
+/// field as often is still a fight.
+#[tokio::test]
+async fn repeated_helm_upgrades_are_no_fight() {
+    let env = common::env("upgrades").await;
+    let ns = env.namespace("istio", &[]).await;
+    let chart = testplane::istio::chart("istiod").display().to_string();
+    let istio_ns = format!("global.istioNamespace={ns}");
+    let helm = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["-n", ns.as_str()]);
+        common::helm(true, &all).unwrap_or_else(|e| panic!("helm {args:?}: {e}"))
+    };
+    helm(&[
+        "install",
+        "istiod",
+        &chart,
+        "--set",
+        "autoscaleMin=2",
+        "--set",
+        &istio_ns,
+        "--set",
+        "global.operatorManageWebhooks=true",
+    ]);
+    let istiod = Istiod::new(&env, &ns);
+    let (op, _) = istiod.enforce(&env, &ns).await;
+    let upgrade = ["upgrade", "istiod", chart.as_str(), "--reuse-values"];
+    for round in 1..=5 {
+        let step = if round < 5 {
+            format!("upgrade {round}")
+        } else {
+            "rollback".to_string()
+        };
+        let writes = op.writes();
+        match round {
+            5 => helm(&["rollback", "istiod"]),
+            _ => helm(&upgrade),
+        };
+        let hint = "set autoscaleMin, pdb.maxUnavailable, resources in Helm release istiod";
+        istiod.restored(&env, &op, writes, &step, hint).await;
+    }
+
+    // Somebody else lowering the HPA minimum as often is a fight on that field.
+    for round in 0..6 {
+        common::edit_hpa_min(&istiod.hpas, "istiod", 1).await;
+        let restored = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while istiod.corrected().await.is_none() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .is_ok();
+        assert!(restored || round >= 3, "revert {round} restored");
+        if !restored {
+            break;
+        }
+    }
+    env.wait_policy("p", 15, |p| {
+        (condition(p, "ControlPlaneHA")?.reason == "FightDetected").then_some(())
+    })
+    .await;
+    op.stop().await;
+    helm(&["uninstall", "istiod"]);
 }

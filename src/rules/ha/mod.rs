@@ -276,12 +276,16 @@ pub async fn reconcile(
                     let Some(read) = observed_meta(obs, f) else {
                         continue;
                     };
-                    let seen = write::foreign_writes(read, &f.owned);
+                    // The installer re-applying its own render (an upgrade, a rollback, a
+                    // sync) is restored, never counted toward a fight.
+                    let installer = source::installer(read).map(|i| i.manager());
+                    let seen = write::foreign_writes(read, &f.owned).without(installer);
                     // Without the object the write returned (a deleted PDB), the next correction
                     // compares with what was read.
-                    let after = applied
-                        .get(write_kind(f))
-                        .map_or_else(|| seen.clone(), |m| write::foreign_writes(m, &f.owned));
+                    let after = applied.get(write_kind(f)).map_or_else(
+                        || seen.clone(),
+                        |m| write::foreign_writes(m, &f.owned).without(installer),
+                    );
                     ctx.memory.corrected(&fight_key(f), now, &seen, &after);
                 }
                 if !fixed.is_empty() {

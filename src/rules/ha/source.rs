@@ -23,6 +23,8 @@ const SAIL_GROUP: &str = "sailoperator.io/";
 /// The field manager of Argo CD's server-side syncs (`ArgoCDSSAManager`); they apply with
 /// `--force-conflicts`.
 const ARGOCD_MANAGER: &str = "argocd-controller";
+/// The field manager of `helm install`/`upgrade`/`rollback`, Helm 3 (client-side) and Helm 4.
+const HELM_MANAGER: &str = "helm";
 
 /// A Helm release, as recognised from an object it installed.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -128,6 +130,17 @@ pub fn chart_key(container: &str, v: Value) -> &'static str {
 }
 
 impl Installer {
+    /// The field manager this installer writes with. Its writes re-apply its own render (an
+    /// upgrade, a rollback, a sync or self-heal): meshwarden restores the posture after them
+    /// without counting them toward a fight.
+    pub fn manager(&self) -> &'static str {
+        match self {
+            Installer::Helm(_) => HELM_MANAGER,
+            Installer::Sail { .. } => SAIL_MANAGER,
+            Installer::ArgoCd => ARGOCD_MANAGER,
+        }
+    }
+
     /// The key that sets `v` in this installer, or None when it has none. The Sail operator
     /// passes `spec.values.pilot` to the istiod chart, which reads `pilot.*` as its top-level
     /// values; its values API (Istio's `PilotConfig`) has no PodDisruptionBudget field.
@@ -358,6 +371,7 @@ mod tests {
             Some("autoscaleMin")
         );
         assert!(found.place().contains("Argo CD Application in Git"));
+        assert_eq!(found.manager(), "argocd-controller");
         let mut other = meta.clone();
         other.managed_fields = None;
         assert_eq!(installer(&other), None);
