@@ -221,6 +221,94 @@ async fn policy_edits_never_lower_or_remove_values() {
     op.stop().await;
 }
 
+/// Zone spread that the policy turns `Off` and HPA bounds it stops declaring keep their values:
+/// the zone topology spread constraint stays in the pod template (no rollout), and an HPA
+/// whose maximum meshwarden raised along with its minimum keeps both. Checked after every step.
+#[tokio::test]
+async fn released_zone_spread_and_hpa_bounds_keep_their_values() {
+    let (env, ns, op) =
+        common::with_fixture("keepspread", "istio", "istiod-default.yaml", KINDS).await;
+    // The chart's HPA is 1..5: a minimum of 7 raises the maximum to 7 too.
+    env.create_policy(
+        "p",
+        &format!(
+            "enforcement: Enforce\ncontrolPlane: {{namespace: {ns}, replicas: {{min: 7}}, spread: {{nodes: 'Off', zones: Preferred}}}}"
+        ),
+    )
+    .await;
+    env.wait_settled("p", 30).await;
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &ns);
+    let zone_constraints = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|s| s.topology_spread_constraints.as_ref())
+            .map_or(0, |c| {
+                c.iter()
+                    .filter(|c| c.topology_key == "topology.kubernetes.io/zone")
+                    .count()
+            })
+    };
+    let posture_kept = |step: &'static str| {
+        let (deployments, hpas) = (deployments.clone(), hpas.clone());
+        async move {
+            let d = deployments.get("istiod").await.unwrap();
+            assert_eq!(
+                zone_constraints(&d),
+                1,
+                "{step}: the zone spread constraint"
+            );
+            let h = hpas.get("istiod").await.unwrap().spec.unwrap();
+            assert_eq!(
+                (h.min_replicas, h.max_replicas),
+                (Some(7), 7),
+                "{step}: the HPA bounds"
+            );
+            d.metadata.generation
+        }
+    };
+    let generation = posture_kept("enforced").await;
+
+    // Zone spread turned off: the constraint stays, the pods do not roll.
+    edit_policy(
+        &env,
+        "p",
+        serde_json::json!({"controlPlane": {"spread": {"zones": "Off"}}}),
+    )
+    .await;
+    env.wait_converged("p", 30).await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(
+        posture_kept("zone spread off").await,
+        generation,
+        "zone spread off: no rollout"
+    );
+
+    // Replicas dropped: the HPA keeps its minimum and its raised maximum.
+    edit_policy(
+        &env,
+        "p",
+        serde_json::json!({"controlPlane": {"replicas": null}}),
+    )
+    .await;
+    env.wait_converged("p", 30).await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(posture_kept("replicas dropped").await, generation);
+
+    // Audit, then delete: nothing changes.
+    edit_policy(&env, "p", serde_json::json!({"enforcement": "Audit"})).await;
+    env.wait_converged("p", 30).await;
+    assert_eq!(posture_kept("Audit").await, generation);
+    Api::<MeshPolicy>::all(env.client.clone())
+        .delete(&env.policy_name("p"), &Default::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(posture_kept("policy deleted").await, generation);
+    op.stop().await;
+}
+
 /// The same for a gateway: proxy limits that leave the policy stay on the gateway.
 #[tokio::test]
 async fn gateway_limits_stay_when_the_policy_drops_them() {
