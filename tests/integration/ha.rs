@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 
-use crate::common::{self, Env, condition};
+use crate::common::{self, Env, anti_affinity_terms, condition, container_resources, quantity};
 
 const KINDS: &[&str] = &[
     "Deployment",
@@ -549,33 +549,63 @@ spec:
         "{:?}",
         status.violations
     );
-    // The canary revision was corrected all the same.
-    let canary = deployments.get("istiod-canary").await.unwrap();
-    let tpl = canary.spec.unwrap().template.spec.unwrap();
-    assert!(tpl.affinity.is_some(), "istiod-canary was corrected");
-    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &ns);
-    assert_eq!(
-        hpas.get("istiod-canary")
-            .await
-            .unwrap()
-            .spec
-            .unwrap()
-            .min_replicas,
-        Some(2)
-    );
+    // The canary revision was corrected all the same, and so were istiod's other objects:
+    // only its Deployment is frozen.
+    let corrected = |name: &'static str| {
+        let deployments = deployments.clone();
+        async move {
+            let d = deployments.get(name).await.unwrap();
+            let cpu = quantity(&container_resources(&d, "discovery").requests, "cpu");
+            (anti_affinity_terms(&d) == 1 && cpu.as_deref() == Some("500m")).then_some(())
+        }
+    };
     assert!(
-        pdbs(&env.client, &ns)
-            .await
-            .iter()
-            .any(|b| b.name_any() == "istiod-canary-meshwarden")
+        corrected("istiod-canary").await.is_some(),
+        "istiod-canary was corrected"
     );
-    op.stop().await;
+    assert!(corrected("istiod").await.is_none(), "istiod is frozen");
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &ns);
+    let hpa_min = |name: &'static str| {
+        let hpas = hpas.clone();
+        async move { hpas.get(name).await.unwrap().spec.unwrap().min_replicas }
+    };
+    assert_eq!(hpa_min("istiod-canary").await, Some(2));
+    assert_eq!(
+        hpa_min("istiod").await,
+        Some(2),
+        "istiod's own HPA is raised"
+    );
+    let names: Vec<String> = pdbs(&env.client, &ns)
+        .await
+        .iter()
+        .map(|b| b.name_any())
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "istiod-canary-meshwarden"),
+        "{names:?}"
+    );
+
+    // The freeze is lifted: meshwarden's retry corrects istiod and the condition turns True.
     Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding>::all(
         env.client.clone(),
     )
     .delete(&format!("{ns}-freeze"), &Default::default())
     .await
     .unwrap();
+    let lifted = std::time::Instant::now();
+    common::eventually(120, "istiod corrected after the freeze", || {
+        corrected("istiod")
+    })
+    .await;
+    let p = wait_true(&env, "p", "ControlPlaneHA").await;
+    let c = condition(&p, "ControlPlaneHA").unwrap();
+    assert!(!c.message.contains("could not write"), "{}", c.message);
+    eprintln!(
+        "istiod corrected and the condition True {:?} after the freeze was lifted",
+        lifted.elapsed()
+    );
+    assert_eq!(hpa_min("istiod").await, Some(2));
+    op.stop().await;
 }
 
 /// Issue 13 item 2: a fight is another writer reverting a value meshwarden set, counted per
