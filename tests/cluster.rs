@@ -450,10 +450,11 @@ async fn set_spec(env: &common::Env, name: &str, yaml: &str) {
 }
 
 /// Runs `helm upgrade --reuse-values` of `release` with Helm 3 (three-way merge), Helm 4 as the
-/// release was installed (client-side after Helm 3), and Helm 4 server-side with
-/// `--force-conflicts` (it asks for it on the fields meshwarden holds). Every upgrade must
-/// succeed; after each, `after(step)` runs once meshwarden converged, and the section's
-/// condition must not call the upgrade a fight.
+/// release was installed (client-side after Helm 3), Helm 4 server-side with `--force-conflicts`
+/// (it asks for it on the fields meshwarden holds) twice, then `helm rollback` server-side: five
+/// installer writes within ten minutes, more than a fight takes. Every one must succeed; after
+/// each, `after(step)` runs once meshwarden converged, and the section's condition must not
+/// call the installer's write a fight.
 async fn helm_upgrades<F, Fut>(
     env: &common::Env,
     policy: &str,
@@ -467,18 +468,33 @@ async fn helm_upgrades<F, Fut>(
     Fut: std::future::Future<Output = ()>,
 {
     let kc = env.plane.kubeconfig.clone();
-    let upgrades: [(&str, std::path::PathBuf, &[&str]); 3] = [
-        ("helm 3 upgrade", testplane::istio::helm3(), &[]),
-        ("helm 4 upgrade", testplane::istio::helm(), &[]),
+    let server_side = ["--server-side=true", "--force-conflicts"];
+    let upgrade = |extra: &[&'static str]| {
+        let mut args = vec!["upgrade", release, chart, "-n", ns, "--reuse-values"];
+        args.extend_from_slice(extra);
+        args
+    };
+    let rollback = [vec!["rollback", release, "-n", ns], server_side.to_vec()].concat();
+    let steps: [(&str, std::path::PathBuf, Vec<&str>); 5] = [
+        ("helm 3 upgrade", testplane::istio::helm3(), upgrade(&[])),
+        ("helm 4 upgrade", testplane::istio::helm(), upgrade(&[])),
         (
             "helm 4 server-side upgrade",
             testplane::istio::helm(),
-            &["--server-side=true", "--force-conflicts"],
+            upgrade(&server_side),
+        ),
+        (
+            "helm 4 server-side upgrade again",
+            testplane::istio::helm(),
+            upgrade(&server_side),
+        ),
+        (
+            "helm 4 server-side rollback",
+            testplane::istio::helm(),
+            rollback,
         ),
     ];
-    for (step, bin, extra) in upgrades {
-        let mut args = vec!["upgrade", release, chart, "-n", ns, "--reuse-values"];
-        args.extend_from_slice(extra);
+    for (step, bin, args) in steps {
         helm(&bin, &kc, &args);
         let p = env.wait_converged(policy, 90).await;
         let c = common::condition(&p, condition).unwrap();
@@ -496,9 +512,11 @@ fn writes_in(env: &common::Env, namespace: &str) -> usize {
 }
 
 /// One gateway release through its whole life with meshwarden, checking after every step that
-/// no replica count or HPA minimum went down, no pod became unavailable, Helm upgrades work
-/// and nothing is fought: install with Helm 3 -> policy in Audit -> Enforce -> edit the
-/// policy -> `helm upgrade` with Helm 3 and with Helm 4 -> Audit -> delete the policy.
+/// no replica count or HPA minimum went down, no pod became unavailable (sampled every 100 ms
+/// for a few seconds once the posture holds), the proxy resources meshwarden set are there,
+/// Helm upgrades work and nothing is fought: install with Helm 3 -> policy in Audit -> Enforce
+/// -> edit the policy (replicas and limits dropped, CPU request changed) -> `helm upgrade` with
+/// Helm 3 and with Helm 4, and `helm rollback` -> Audit -> delete the policy.
 #[tokio::test]
 async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
     use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -535,7 +553,42 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
             "gateways:\n- name: ingress\n  namespace: {ns}\n  selector: {{matchLabels: {{istio: gw}}}}\n{extra}"
         )
     };
-    let full = "  replicas: {min: 3}\n  disruptionBudget: {maxUnavailable: 1}\n  resources: {requests: {cpu: 200m, memory: 256Mi}, limits: {memory: 1Gi}}\n";
+    // The memory limit differs from the chart's 1024Mi, so that a Helm write shows.
+    let full = "  replicas: {min: 3}\n  disruptionBudget: {maxUnavailable: 1}\n  resources: {requests: {cpu: 200m, memory: 256Mi}, limits: {memory: 1536Mi}}\n";
+    // The proxy's CPU request and memory limit, as meshwarden set them.
+    let resources_are = |step: &str, cpu: &str| {
+        let (deploys, step, cpu) = (deploys.clone(), step.to_string(), cpu.to_string());
+        async move {
+            let d = deploys.get("gw").await.unwrap();
+            let r = common::container_resources(&d, "istio-proxy");
+            assert_eq!(
+                (
+                    common::quantity(&r.requests, "cpu"),
+                    common::quantity(&r.limits, "memory")
+                ),
+                (Some(cpu), Some("1536Mi".to_string())),
+                "{step}: the proxy's CPU request and memory limit"
+            );
+        }
+    };
+    // The posture: 3 available pods with the HPA minimum at 3, a PDB allowing 1 disruption,
+    // the CPU request `cpu` rolled out.
+    let posture = |cpu: &'static str| {
+        let (deploys, hpas, pdbs) = (deploys.clone(), hpas.clone(), pdbs.clone());
+        async move {
+            let d = deploys.get("gw").await.ok()?;
+            let h = hpas.get("gw").await.ok()?;
+            let pdb = pdbs.list(&ListParams::default()).await.ok()?.items;
+            let allowed = pdb.first()?.status.as_ref()?.disruptions_allowed;
+            let r = common::container_resources(&d, "istio-proxy");
+            let rolled = !rolling(&d) && d.status.as_ref()?.available_replicas? >= 3;
+            (rolled
+                && h.spec?.min_replicas? >= 3
+                && allowed == 1
+                && common::quantity(&r.requests, "cpu").as_deref() == Some(cpu))
+            .then_some(())
+        }
+    };
 
     // Audit: reported, nothing written.
     env.create_policy("gw", &format!("enforcement: Audit\n{}", gateway(full)))
@@ -557,22 +610,15 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
         &format!("enforcement: Enforce\n{}", gateway(full)),
     )
     .await;
-    common::eventually(
-        120,
-        "3 available gateway pods and a PDB allowing 1",
-        || async {
-            let d = deploys.get("gw").await.ok()?;
-            let h = hpas.get("gw").await.ok()?;
-            let pdb = pdbs.list(&ListParams::default()).await.ok()?.items;
-            let allowed = pdb.first()?.status.as_ref()?.disruptions_allowed;
-            (d.status?.available_replicas? >= 3 && h.spec?.min_replicas? >= 3 && allowed == 1)
-                .then_some(())
-        },
-    )
+    common::eventually(120, "3 available gateway pods and a PDB allowing 1", || {
+        posture("200m")
+    })
     .await;
     env.wait_settled("gw", 60).await;
     sampler.reset();
+    tokio::time::sleep(Duration::from_secs(6)).await; // an HPA sync period
     sampler.check("Enforce", 3, true);
+    resources_are("Enforce", "200m").await;
 
     // Edit: the policy stops declaring replicas and changes resources. Nothing goes down.
     set_spec(
@@ -584,27 +630,35 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
         ),
     )
     .await;
+    common::eventually(120, "the edited CPU request rolled out", || posture("300m")).await;
     env.wait_settled("gw", 90).await;
     tokio::time::sleep(Duration::from_secs(6)).await; // an HPA sync period
     sampler.check("policy edited", 3, true);
+    resources_are("policy edited", "300m").await;
     set_spec(
         &env,
         "gw",
         &format!("enforcement: Enforce\n{}", gateway(full)),
     )
     .await;
+    common::eventually(120, "the full posture again", || posture("200m")).await;
     env.wait_settled("gw", 90).await;
+    sampler.check("policy restored", 3, true);
 
     // helm upgrade with unchanged values: Helm 3 (three-way merge), then Helm 4.
-    helm_upgrades(&env, "gw", "GatewayHA", "gw", &chart, &ns, |_| async {}).await;
-    common::eventually(
-        60,
-        "HPA minimum restored to 3 after the upgrades",
-        || async { (hpas.get("gw").await.ok()?.spec?.min_replicas? >= 3).then_some(()) },
-    )
+    helm_upgrades(&env, "gw", "GatewayHA", "gw", &chart, &ns, |step| {
+        let (posture, resources_are, sampler) = (&posture, &resources_are, &sampler);
+        async move {
+            common::eventually(120, "the posture restored after the upgrade", || {
+                posture("200m")
+            })
+            .await;
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            sampler.check(&step, 3, false);
+            resources_are(&step, "200m").await;
+        }
+    })
     .await;
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    sampler.check("helm upgrade", 3, false);
 
     // Audit again: nothing written, values stay.
     set_spec(
@@ -618,6 +672,7 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(writes_in(&env, &ns), before, "Audit writes nothing");
     sampler.check("Audit", 3, true);
+    resources_are("Audit", "200m").await;
 
     // Delete the policy: the garbage collector removes what meshwarden created; the values
     // it set stay.
@@ -634,14 +689,16 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
     .await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     sampler.check("policy deleted", 3, true);
+    resources_are("policy deleted", "200m").await;
 }
 
 /// istiod's own Helm release through its whole life with meshwarden: installed with Helm 3
 /// (revision `lc` in a namespace of its own, so the cluster's istiod is not touched;
 /// `autoscaleMin=2`, so the chart renders its PDB `minAvailable: 1`) -> policy in Audit ->
 /// Enforce -> policy edited (replicas dropped, resources changed, node spread off) -> `helm
-/// upgrade --reuse-values` with Helm 3, with Helm 4 as installed and with Helm 4 server-side
-/// and `--force-conflicts` -> Audit -> policy deleted. After every step: no replica count,
+/// upgrade --reuse-values` with Helm 3, with Helm 4 as installed and twice with Helm 4
+/// server-side and `--force-conflicts`, then `helm rollback` (five installer writes within ten
+/// minutes, none a fight) -> Audit -> policy deleted. After every step: no replica count,
 /// available pod count or HPA minimum went below 3 since Enforce (sampled every 100 ms; the
 /// HPA minimum is left out while Helm writes the chart's value back), every installer value
 /// is still there, the chart's PDB keeps its form, the posture is restored after each
