@@ -188,9 +188,10 @@ async fn gitops_server_side_sync_and_meshwarden_coexist() {
 /// (`sailoperator.io/v1`), and `Update` entries of the field manager `sail-operator` (the
 /// binary's name, which Helm's library uses). `helm upgrade` of that release would be undone by
 /// the operator, so the condition, the violations and `meshwarden values` speak in the `Istio`
-/// resource's `spec.values.pilot.*` terms. The Sail operator itself does not run here: the
-/// `IstioRevision` CRD is a minimal stand-in (only its group, version and kind matter for the
-/// owner reference), and the objects are created the way its Helm library does.
+/// resource's `spec.values.pilot.*` terms; its re-renders (applied here as `sail-operator`)
+/// are restored, never a fight. The Sail operator itself does not run here: the `IstioRevision`
+/// CRD is a minimal stand-in (only its group, version and kind matter for the owner reference),
+/// and the objects are created the way its Helm library does.
 #[tokio::test]
 async fn the_sail_operator_is_named_with_its_istio_values() {
     let env = common::env("sail").await;
@@ -234,7 +235,7 @@ async fn the_sail_operator_is_named_with_its_istio_values() {
     }
     common::create_as(&env.client, &stream, "sail-operator").await;
     let istiod = Istiod::new(&env, &ns);
-    let (_op, p) = istiod.enforce(&env, &ns).await;
+    let (op, p) = istiod.enforce(&env, &ns).await;
     let c = condition(&p, "ControlPlaneHA").unwrap();
     assert!(
         c.message.contains(&format!(
@@ -261,6 +262,15 @@ async fn the_sail_operator_is_named_with_its_istio_values() {
         "{}",
         budget.message
     );
+    // The operator re-applies its render whenever it reconciles: each time the fields go
+    // back to the chart's values, and meshwarden restores them without a fight.
+    for round in 1..=4 {
+        let step = format!("Sail operator render {round}");
+        let writes = op.writes();
+        common::apply_as(&env.client, &stream, "sail-operator").await;
+        let hint = "set spec.values.pilot.autoscaleMin";
+        istiod.restored(&env, &op, writes, &step, hint).await;
+    }
     let ctx = meshwarden::context::Context::new(env.client.clone(), None);
     let file = meshwarden::rules::ha::values::values_files(&ctx, Some(&env.policy_name("p")))
         .await
