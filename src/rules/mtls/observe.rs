@@ -6,7 +6,7 @@ use super::*;
 pub struct Observation {
     pub namespaces: Vec<NamespaceInfo>,
     pub peer_auths: Vec<PeerAuthentication>,
-    /// Pods, read only when a STRICT hold has to be decided.
+    /// Pods, read only when STRICT is declared (for the hold, and the cut-off report).
     pub pods: Vec<PodInfo>,
 }
 
