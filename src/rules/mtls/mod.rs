@@ -396,6 +396,7 @@ pub(crate) mod testutil {
             namespace: ns.into(),
             name: name.into(),
             labels: [("app".to_string(), name.to_string())].into(),
+            annotations: BTreeMap::new(),
             injected,
             host_network: false,
         }
