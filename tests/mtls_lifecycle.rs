@@ -4,8 +4,10 @@
 //!
 //! the user's own mesh-wide `default` (PERMISSIVE) -> a policy STRICT with an exemption for
 //! `legacy` (whose clients have no sidecar) in Audit -> Enforce -> a Job finishes and a waypoint
-//! appears -> the user adds a PERMISSIVE override in `ext` (reported, not rewritten) -> the
-//! policy is deleted and the garbage collector runs.
+//! appears -> a Job pod without a sidecar that has not finished is reported as cut off ->
+//! the user adds a PERMISSIVE override in `ext` (reported, not rewritten) -> the policy is
+//! deleted and the garbage collector runs. From Enforce on, the namespaces the policy makes
+//! STRICT are checked never to be weakened, until the override opens `ext` and until deletion.
 //!
 //! A binary of its own: the mesh-wide object in the root namespace applies to the whole
 //! cluster, and the STRICT hold counts pods without a sidecar in every namespace, so this test
@@ -54,6 +56,9 @@ struct Invariants {
     namespaces: Vec<String>,
     /// Namespaces whose clients need plain text: never STRICT.
     plain_text: BTreeSet<String>,
+    /// Namespaces made STRICT by the policy: never weakened while it is in force (until the
+    /// step that legitimately opens one, and until the policy is deleted).
+    floor: BTreeSet<String>,
     /// After the policy is deleted: no namespace stricter than this.
     ceiling: Option<BTreeMap<String, Mode>>,
     /// Violations seen, with the modes at that moment.
@@ -80,6 +85,13 @@ impl Invariants {
             if modes.get(ns) == Some(&Mode::Strict) {
                 self.violations.push(format!(
                     "{when}: {ns} is STRICT although its clients need plain text; modes {modes:?}"
+                ));
+            }
+        }
+        for ns in &self.floor {
+            if modes.get(ns) != Some(&Mode::Strict) {
+                self.violations.push(format!(
+                    "{when}: {ns} is no longer STRICT while the policy holds it so; modes {modes:?}"
                 ));
             }
         }
@@ -199,6 +211,11 @@ fn deployment(ns: &str, name: &str, labels: serde_json::Value) -> String {
 /// A Job whose pod opts out of injection (as Jobs in meshed namespaces usually do: a sidecar
 /// would keep the pod from completing). kwok completes pods owned by a Job once they run.
 fn job(ns: &str, name: &str) -> String {
+    job_with(ns, name, json!({}))
+}
+
+/// [`job`] with `node_selector` on its pod.
+fn job_with(ns: &str, name: &str, node_selector: serde_json::Value) -> String {
     serde_yaml::to_string(&json!({
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": name, "namespace": ns},
@@ -207,6 +224,7 @@ fn job(ns: &str, name: &str) -> String {
                 "metadata": {"labels": {"sidecar.istio.io/inject": "false"}},
                 "spec": {
                     "restartPolicy": "Never",
+                    "nodeSelector": node_selector,
                     "containers": [{"name": "task", "image": "registry.example/task:1"}],
                 },
             },
@@ -255,6 +273,14 @@ fn mtls_condition(p: &MeshPolicy) -> Option<(String, String, String)> {
     let c = common::condition(p, "MutualTLS")?;
     let current = p.status.as_ref()?.observed_generation == p.metadata.generation;
     current.then(|| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Waits for the MutualTLS condition of the current generation to be True.
+async fn wait_compliant(env: &common::Env, secs: u64) {
+    env.wait_policy("mtls", secs, |p| {
+        mtls_condition(p).filter(|(s, _, _)| s == "True")
+    })
+    .await;
 }
 
 /// Writes by the operator to PeerAuthentications so far.
@@ -346,17 +372,14 @@ async fn mtls_lifecycle_never_cuts_off_plain_text_clients() {
         )
         .await
         .unwrap();
-    let (status, reason, message) = env
-        .wait_policy("mtls", 30, |p| {
-            mtls_condition(p).filter(|(s, _, _)| s == "True")
-        })
-        .await;
-    assert_eq!(status, "True", "{reason}: {message}");
+    wait_compliant(&env, 30).await;
     let modes = step(c, &inv, "Enforce").await;
     assert_eq!(modes[&legacy], Mode::Permissive);
     for ns in [&shop, &batch, &ext] {
         assert_eq!(modes[ns], Mode::Strict, "{ns}: {modes:?}");
     }
+    // From now on every PeerAuthentication change is also checked against this floor.
+    inv.lock().unwrap().floor = [shop.clone(), batch.clone(), ext.clone()].into();
     let pas = peer_auths(c).await;
     let root_default = pas
         .iter()
@@ -387,12 +410,7 @@ async fn mtls_lifecycle_never_cuts_off_plain_text_clients() {
             .contains_key("sidecar.istio.io/status")
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (status, reason, message) = env
-        .wait_policy("mtls", 30, |p| {
-            mtls_condition(p).filter(|(s, _, _)| s == "True")
-        })
-        .await;
-    assert_eq!(status, "True", "{reason}: {message}");
+    wait_compliant(&env, 30).await;
     let p = policies.get(&full).await.unwrap();
     assert!(
         p.status
@@ -404,8 +422,60 @@ async fn mtls_lifecycle_never_cuts_off_plain_text_clients() {
     );
     step(c, &inv, "a Job finished, a waypoint appeared").await;
 
+    // 3b. A Job pod without a sidecar that has not finished is cut off by the STRICT mesh:
+    // reported, with the exemption that would let it in and no promise that a restart adds
+    // the sidecar (it opts out), while every namespace stays STRICT. kwok completes a Job's
+    // pod as soon as it runs, so this pod is kept unscheduled (no node has the label): a
+    // Pending pod becomes a client as soon as it starts, so it counts like a running one.
+    common::apply_as(
+        c,
+        &job_with(
+            &batch,
+            "nightly",
+            json!({"meshwarden.io/test-no-node": "true"}),
+        ),
+        "kubectl",
+    )
+    .await;
+    let (status, _, message) = env
+        .wait_policy("mtls", 30, |p| {
+            mtls_condition(p).filter(|(_, r, m)| r == "ClientsCutOff" && m.contains(&batch))
+        })
+        .await;
+    assert_eq!(status, "False", "{message}");
+    let pods: Api<Pod> = Api::namespaced(c.clone(), &batch);
+    let nightly = pods
+        .list(&ListParams::default().labels("job-name=nightly"))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(nightly.len(), 1);
+    let pod_name = nightly[0].name_any();
+    for needle in [
+        format!(
+            "{batch} (1: {pod_name}; injection is on there but they opt out (sidecar.istio.io/inject is false), so restarting them adds no sidecar)"
+        ),
+        format!("  exemptions:\n  - namespace: {batch}"),
+    ] {
+        assert!(message.contains(&needle), "{needle:?} not in {message}");
+    }
+    let modes = step(c, &inv, "a Job pod without a sidecar is cut off").await;
+    for ns in [&shop, &batch, &ext] {
+        assert_eq!(modes[ns], Mode::Strict, "{ns}: {modes:?}");
+    }
+    Api::<Job>::namespaced(c.clone(), &batch)
+        .delete("nightly", &DeleteParams::background())
+        .await
+        .unwrap();
+    wait_compliant(&env, 60).await;
+    step(c, &inv, "the cut-off Job deleted").await;
+
     // 4. The user opens ext to plain text (say for NodePort traffic): reported, not rewritten.
-    inv.lock().unwrap().plain_text.insert(ext.clone());
+    {
+        let mut inv = inv.lock().unwrap();
+        inv.plain_text.insert(ext.clone());
+        inv.floor.remove(&ext);
+    }
     let open = format!(
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: nodeport, namespace: {ext}}}\nspec: {{mtls: {{mode: PERMISSIVE}}}}\n"
     );
@@ -433,7 +503,11 @@ async fn mtls_lifecycle_never_cuts_off_plain_text_clients() {
 
     // 5. The policy is deleted; the garbage collector removes what the policy owns (a
     // ConfigMap owned by it shows when it has run).
-    inv.lock().unwrap().ceiling = Some(before_delete.clone());
+    {
+        let mut inv = inv.lock().unwrap();
+        inv.ceiling = Some(before_delete.clone());
+        inv.floor.clear();
+    }
     let p = policies.get(&full).await.unwrap();
     let uid = p.metadata.uid.clone().unwrap();
     let owned: Vec<String> = peer_auths(c)

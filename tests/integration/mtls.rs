@@ -2,9 +2,10 @@
 //!
 //! Every test has its own namespaces, and its own root namespace. Tests run in parallel on one
 //! API server, so two rules keep them apart: pods without a sidecar count for every policy
-//! that declares STRICT without `force`, so the tests that create such pods or declare STRICT
-//! without `force` hold [`PLAIN_PODS`]; and weaker overrides of other tests are only reported
-//! (`overrides: Report`, the default) by Mesh-scope policies, never rewritten.
+//! that declares STRICT (held at PERMISSIVE without `force`, reported as cut off with it), so
+//! every test here holds [`PLAIN_PODS`] and removes the pods without a sidecar it created;
+//! and weaker overrides of other tests are only reported (`overrides: Report`, the default) by
+//! Mesh-scope policies, never rewritten.
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -16,7 +17,7 @@ use serde_json::json;
 
 use crate::common::{self, Env, condition};
 
-/// Held by the tests that create pods without a sidecar or declare STRICT without `force`.
+/// Held by every test: they create pods without a sidecar or declare STRICT.
 static PLAIN_PODS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn pas(client: &Client, ns: &str) -> Api<PeerAuthentication> {
@@ -114,6 +115,7 @@ async fn patch_policy(env: &Env, name: &str, patch: serde_json::Value) {
 
 #[tokio::test]
 async fn mesh_scope_is_created_and_drift_is_corrected() {
+    let _plain = PLAIN_PODS.lock().await;
     let env = common::env("mtls-mesh").await;
     let root = env.namespace("root", &[]).await;
     let op = env.start_operator().await;
@@ -173,6 +175,7 @@ async fn mesh_scope_is_created_and_drift_is_corrected() {
 
 #[tokio::test]
 async fn namespaces_scope_over_twenty_namespaces() {
+    let _plain = PLAIN_PODS.lock().await;
     let env = common::env("mtls-many").await;
     let team = env.id.clone();
     let mut names = Vec::new();
@@ -249,6 +252,7 @@ async fn namespaces_scope_over_twenty_namespaces() {
 
 #[tokio::test]
 async fn exemptions_are_rendered() {
+    let _plain = PLAIN_PODS.lock().await;
     let env = common::env("mtls-exempt").await;
     let team = env.id.clone();
     let app = env.namespace("app", &[("team", &team)]).await;
@@ -327,6 +331,7 @@ async fn exemptions_are_rendered() {
 
 #[tokio::test]
 async fn users_default_is_corrected_in_place() {
+    let _plain = PLAIN_PODS.lock().await;
     let env = common::env("mtls-inplace").await;
     let team = env.id.clone();
     let ns = env.namespace("app", &[("team", &team)]).await;
@@ -418,6 +423,33 @@ async fn users_default_is_corrected_in_place() {
     op.stop().await;
 }
 
+/// Waits for policy `p` to report one pod without a sidecar cut off by the STRICT scope of
+/// namespace `scope`: listed as `listed`, with the exemption of `exempt` to add.
+async fn expect_cut_off(env: &Env, scope: &str, listed: &str, exempt: &str) {
+    let p = wait_reason(env, "p", "ClientsCutOff", 15).await;
+    let c = condition(&p, "MutualTLS").unwrap();
+    assert_eq!(c.status, "False");
+    for needle in [
+        "1 pod(s) without a sidecar cannot connect",
+        listed,
+        &format!("  exemptions:\n  - namespace: {exempt}"),
+    ] {
+        assert!(
+            c.message.contains(needle),
+            "{needle:?} not in {}",
+            c.message
+        );
+    }
+    let v = &p.status.as_ref().unwrap().violations;
+    assert!(
+        v.iter().any(
+            |v| v.object == format!("PeerAuthentication/{scope}/meshwarden-mtls")
+                && v.message.contains("is STRICT and stays so")
+        ),
+        "{v:?}"
+    );
+}
+
 #[tokio::test]
 async fn pod_without_sidecar_holds_strict_until_exempted() {
     let _plain = PLAIN_PODS.lock().await;
@@ -500,28 +532,7 @@ async fn pod_without_sidecar_holds_strict_until_exempted() {
     // weakened, and the pod is reported as cut off, with the exemption to add.
     let stray = env.namespace("stray", &[]).await;
     create_pod(&env.client, &stray, "tool", false).await;
-    let p = wait_reason(&env, "p", "ClientsCutOff", 15).await;
-    let c = condition(&p, "MutualTLS").unwrap();
-    assert_eq!(c.status, "False");
-    for needle in [
-        "1 pod(s) without a sidecar cannot connect",
-        &format!("{stray} (1: tool)"),
-        &format!("  exemptions:\n  - namespace: {stray}"),
-    ] {
-        assert!(
-            c.message.contains(needle),
-            "{needle:?} not in {}",
-            c.message
-        );
-    }
-    let v = &p.status.as_ref().unwrap().violations;
-    assert!(
-        v.iter().any(
-            |v| v.object == format!("PeerAuthentication/{app}/meshwarden-mtls")
-                && v.message.contains("is STRICT and stays so")
-        ),
-        "{v:?}"
-    );
+    expect_cut_off(&env, &app, &format!("{stray} (1: tool)"), &stray).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         mode(&pas(&env.client, &app).get("meshwarden-mtls").await.unwrap()).as_deref(),
@@ -537,8 +548,54 @@ async fn pod_without_sidecar_holds_strict_until_exempted() {
     op.stop().await;
 }
 
+/// `force` skips the hold, not the report: a pod without a sidecar that appears while the
+/// forced STRICT is in force is reported as cut off, with the exemption that would let it in,
+/// and the scope stays STRICT.
+#[tokio::test]
+async fn a_forced_strict_still_reports_the_clients_it_cuts_off() {
+    let _plain = PLAIN_PODS.lock().await;
+    let env = common::env("mtls-force").await;
+    let team = env.id.clone();
+    let app = env.namespace("app", &[("team", &team)]).await;
+    let op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!(
+            "enforcement: Enforce\nmtls: {{mode: STRICT, force: true, scope: Namespaces, namespaceSelector: {{matchLabels: {{team: {team}}}}}}}"
+        ),
+    )
+    .await;
+    wait_mode(&env.client, &app, "meshwarden-mtls", "STRICT", 30).await;
+    let compliant = |p: &MeshPolicy| {
+        let c = condition(p, "MutualTLS")?;
+        (c.status == "True").then_some(())
+    };
+    env.wait_policy("p", 15, compliant).await;
+
+    let stray = env
+        .namespace("stray", &[("istio-injection", "enabled")])
+        .await;
+    create_pod(&env.client, &stray, "tool", false).await;
+    let listed =
+        format!("{stray} (1: tool; injection is on there, so restarting them adds the sidecar)");
+    expect_cut_off(&env, &app, &listed, &stray).await;
+    assert_eq!(
+        mode(&pas(&env.client, &app).get("meshwarden-mtls").await.unwrap()).as_deref(),
+        Some("STRICT")
+    );
+
+    // Gone again: compliant.
+    Api::<Pod>::namespaced(env.client.clone(), &stray)
+        .delete("tool", &Default::default())
+        .await
+        .unwrap();
+    env.wait_policy("p", 15, compliant).await;
+    op.stop().await;
+}
+
 #[tokio::test]
 async fn audit_writes_nothing() {
+    let _plain = PLAIN_PODS.lock().await;
     let env = common::env("mtls-audit").await;
     let team = env.id.clone();
     let ns = env.namespace("app", &[("team", &team)]).await;
@@ -603,6 +660,7 @@ async fn audit_writes_nothing() {
 
 #[tokio::test]
 async fn converged_mesh_costs_no_write() {
+    let _plain = PLAIN_PODS.lock().await;
     let env = common::env("mtls-conv").await;
     let team = env.id.clone();
     let mut names = Vec::new();
@@ -665,6 +723,7 @@ async fn converged_mesh_costs_no_write() {
 
 #[tokio::test]
 async fn deleting_auditing_or_dropping_the_policy_never_makes_a_namespace_stricter() {
+    let _plain = PLAIN_PODS.lock().await;
     let env = common::env("mtls-delete").await;
     let team = env.id.clone();
     let app = env.namespace("app", &[("team", &team)]).await;
@@ -778,6 +837,7 @@ async fn deleting_auditing_or_dropping_the_policy_never_makes_a_namespace_strict
 
 #[tokio::test]
 async fn a_newer_mesh_wide_object_is_reported_and_never_displaces_the_applied_one() {
+    let _plain = PLAIN_PODS.lock().await;
     let env = common::env("mtls-newer").await;
     let root = env.namespace("root", &[]).await;
     let op = env.start_operator().await;
@@ -834,6 +894,7 @@ async fn a_newer_mesh_wide_object_is_reported_and_never_displaces_the_applied_on
 
 #[tokio::test]
 async fn weaker_overrides_are_reported_not_rewritten_unless_enforced() {
+    let _plain = PLAIN_PODS.lock().await;
     let env = common::env("mtls-override").await;
     let team = env.id.clone();
     let ns = env.namespace("app", &[("team", &team)]).await;
@@ -994,6 +1055,7 @@ async fn finished_pods_waypoints_and_gateways_hold_nothing_and_host_network_is_i
 
 #[tokio::test]
 async fn exemptions_select_namespaces_by_label() {
+    let _plain = PLAIN_PODS.lock().await;
     let env = common::env("mtls-exsel").await;
     let team = env.id.clone();
     let app = env.namespace("app", &[("team", &team)]).await;
@@ -1072,6 +1134,7 @@ fn no_mismatch(p: &MeshPolicy) {
 /// another root namespace is used as written, and the disagreement is reported, naming both.
 #[tokio::test]
 async fn the_root_namespace_is_read_from_the_mesh_config() {
+    let _plain = PLAIN_PODS.lock().await;
     let env = common::env("mtls-root").await;
     let istio = env.namespace("istio", &[]).await;
     let config = env.namespace("config", &[]).await;

@@ -880,6 +880,26 @@ spec:
     })
     .await;
     assert!(!has_four(&annotations_of(c, &ns, "a").await));
+    // The failed write is reported on its own target, with the server's denial, and names the
+    // condition's reason.
+    let a = format!("Deployment/{ns}/a");
+    let p = env
+        .wait_policy("p", 30, |p| {
+            let v = p
+                .status
+                .as_ref()?
+                .violations
+                .iter()
+                .find(|v| v.object == a)?;
+            (v.action == "Skipped"
+                && v.message.contains("the write failed")
+                && v.message.contains("deployment a is frozen"))
+            .then(|| p.clone())
+        })
+        .await;
+    let cond = condition(&p, "SidecarResources").unwrap();
+    assert_eq!(cond.reason, "WriteFailed", "{}", cond.message);
+    assert_eq!(cond.status, "False");
     op.stop().await;
     for kind in [
         "validatingadmissionpolicybindings",

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::istio::{Injection, Revisions, namespace_injection};
+use crate::rules::sidecars::no_sidecar_reason;
 
 fn is_ambient(labels: &BTreeMap<String, String>) -> Option<bool> {
     labels
@@ -93,21 +94,18 @@ fn clients_text(
     namespaces: &[NamespaceInfo],
     revisions: &Revisions,
 ) -> (usize, String, String) {
-    let mut by_ns: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    let mut host: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut by_ns: BTreeMap<&str, Vec<&PodInfo>> = BTreeMap::new();
     for p in blockers {
-        by_ns.entry(&p.namespace).or_default().push(&p.name);
-        if p.host_network {
-            host.entry(&p.namespace).or_default().push(&p.name);
-        }
+        by_ns.entry(&p.namespace).or_default().push(p);
     }
-    let injection: HashMap<&str, Injection> = namespaces
+    let ns_labels: HashMap<&str, &BTreeMap<String, String>> = namespaces
         .iter()
-        .map(|n| (n.name.as_str(), namespace_injection(&n.labels, revisions)))
+        .map(|n| (n.name.as_str(), &n.labels))
         .collect();
+    let none = BTreeMap::new();
     let mut parts = Vec::new();
-    for (ns, names) in by_ns.iter().take(5) {
-        let mut names = names.clone();
+    for (ns, pods) in by_ns.iter().take(5) {
+        let mut names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
         names.sort_unstable();
         let more = names.len().saturating_sub(3);
         let mut s = format!(
@@ -118,22 +116,8 @@ fn clients_text(
         if more > 0 {
             s.push_str(&format!(" and {more} more"));
         }
-        if let Some(h) = host.get(ns) {
-            s.push_str(&format!(
-                "; {} on the host network, which no sidecar can capture",
-                h.len()
-            ));
-        } else {
-            match injection.get(ns) {
-                Some(Injection::On) => {
-                    s.push_str("; injection is on there, so restarting them adds the sidecar")
-                }
-                Some(Injection::UnknownRevision(rev)) => s.push_str(&format!(
-                    "; its istio.io/rev={rev} names no live revision or tag, so restarting them adds no sidecar"
-                )),
-                _ => {}
-            }
-        }
+        let labels = ns_labels.get(ns).copied().unwrap_or(&none);
+        s.push_str(&restart_hint(pods, labels, revisions));
         s.push(')');
         parts.push(s);
     }
@@ -145,6 +129,47 @@ fn clients_text(
         .map(|ns| format!("  - namespace: {ns}"))
         .collect();
     (blockers.len(), parts.join(", "), snippet.join("\n"))
+}
+
+/// Whether restarting the pods of one namespace adds the sidecar: Istio's injector decides
+/// per pod ([`no_sidecar_reason`]: the namespace's labels, then the pod's own opt-out or
+/// opt-in), so a pod that opts out is never told a restart helps.
+fn restart_hint(
+    pods: &[&PodInfo],
+    ns_labels: &BTreeMap<String, String>,
+    revisions: &Revisions,
+) -> String {
+    let host = pods.iter().filter(|p| p.host_network).count();
+    if host > 0 {
+        return format!("; {host} on the host network, which no sidecar can capture");
+    }
+    let injection = namespace_injection(ns_labels, revisions);
+    if let Injection::UnknownRevision(rev) = &injection {
+        return format!(
+            "; its istio.io/rev={rev} names no live revision or tag, so restarting them adds no sidecar"
+        );
+    }
+    let mut sorted = pods.to_vec();
+    sorted.sort_unstable_by_key(|p| &p.name);
+    let why_not: Vec<&'static str> = sorted
+        .iter()
+        .filter_map(|p| no_sidecar_reason(ns_labels, &p.labels, &p.annotations, revisions))
+        .collect();
+    let adds = pods.len() - why_not.len();
+    match (why_not.first(), adds) {
+        (None, _) if injection == Injection::On => {
+            "; injection is on there, so restarting them adds the sidecar".to_string()
+        }
+        (None, _) => "; injection is on for them, so restarting them adds the sidecar".to_string(),
+        (Some(why), 0) if injection == Injection::On => format!(
+            "; injection is on there but they opt out ({why}), so restarting them adds no sidecar"
+        ),
+        (Some(_), 0) => String::new(),
+        (Some(why), _) => format!(
+            "; restarting {adds} of them adds the sidecar, not the other {} ({why})",
+            why_not.len()
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -228,6 +253,65 @@ mod tests {
             ),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn the_restart_hint_follows_each_pods_own_opt_out() {
+        let nss = [
+            ns("on", &[("istio-injection", "enabled")]),
+            ns("plain", &[]),
+        ];
+        let with = |mut p: PodInfo, labels: &[(&str, &str)], annotations: &[(&str, &str)]| {
+            for (k, v) in labels {
+                p.labels.insert(k.to_string(), v.to_string());
+            }
+            for (k, v) in annotations {
+                p.annotations.insert(k.to_string(), v.to_string());
+            }
+            p
+        };
+        let out = with(
+            pod("on", "job", false),
+            &[("sidecar.istio.io/inject", "false")],
+            &[],
+        );
+        let msg = hold_message(std::slice::from_ref(&out), &nss, &Revisions::any());
+        assert!(!msg.contains("restarting them adds the sidecar"), "{msg}");
+        assert!(
+            msg.contains("on (1: job; injection is on there but they opt out (sidecar.istio.io/inject is false), so restarting them adds no sidecar)"),
+            "{msg}"
+        );
+        // The annotation opts out as well.
+        let by_annotation = with(
+            pod("on", "cron", false),
+            &[],
+            &[("sidecar.istio.io/inject", "false")],
+        );
+        let msg = cut_off_message(&[by_annotation], &nss, &Revisions::any());
+        assert!(msg.contains("restarting them adds no sidecar"), "{msg}");
+        // Mixed: only the pods that do not opt out are promised a sidecar.
+        let msg = hold_message(&[out, pod("on", "web", false)], &nss, &Revisions::any());
+        assert!(
+            msg.contains("on (2: job, web; restarting 1 of them adds the sidecar, not the other 1 (sidecar.istio.io/inject is false))"),
+            "{msg}"
+        );
+        // A pod that opts in where the namespace does not inject.
+        let opted_in = with(
+            pod("plain", "api", false),
+            &[("sidecar.istio.io/inject", "true")],
+            &[],
+        );
+        let msg = hold_message(
+            &[opted_in, pod("plain", "old", false)],
+            &nss,
+            &Revisions::any(),
+        );
+        assert!(
+            msg.contains("plain (2: api, old; restarting 1 of them adds the sidecar, not the other 1 (injection is not on for the namespace or the pod))"),
+            "{msg}"
+        );
+        let msg = hold_message(&[pod("plain", "old", false)], &nss, &Revisions::any());
+        assert!(msg.contains("plain (1: old)"), "{msg}");
     }
 
     #[test]

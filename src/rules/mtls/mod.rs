@@ -1,6 +1,7 @@
 //! Mutual TLS with Istio `PeerAuthentication` objects.
 //!
-//! observe (namespaces, every PeerAuthentication, and pod metadata when STRICT is declared)
+//! observe (namespaces, every PeerAuthentication, and pod metadata when STRICT is declared,
+//! with or without `force`)
 //! -> pure [`plan`] -> execute with server-side apply (Enforce only) -> report in the
 //! `MutualTLS` condition.
 //!
@@ -8,7 +9,8 @@
 //! PeerAuthentication: a user's own selector-less object is corrected in place (only
 //! `spec.mtls.mode` is applied), otherwise meshwarden creates `meshwarden-mtls`. Exemptions
 //! are rendered as `meshwarden-exemption-<hash>`. A scope is moved to STRICT only when no pod
-//! without a sidecar would be cut off, or when `force` is set.
+//! without a sidecar would be cut off, or when `force` is set; either way, pods without a
+//! sidecar that a STRICT scope cuts off are reported (`ClientsCutOff`).
 
 mod model;
 mod observe;
@@ -111,7 +113,9 @@ pub async fn reconcile(
 ) -> RuleReport {
     let ctype = types::MUTUAL_TLS;
     let enforce = enforcement == Enforcement::Enforce;
-    let need_pods = spec.mode == MtlsMode::STRICT && !spec.force;
+    // Under STRICT the pods are read with or without `force`: `force` skips the hold, not
+    // the report of the pods a STRICT scope cuts off (the cache is read, nothing is listed).
+    let need_pods = spec.mode == MtlsMode::STRICT;
     let root = match root_namespace(ctx, spec).await {
         Ok(r) => r,
         Err(e) => return RuleReport::failed(ctype, &e),
@@ -392,6 +396,7 @@ pub(crate) mod testutil {
             namespace: ns.into(),
             name: name.into(),
             labels: [("app".to_string(), name.to_string())].into(),
+            annotations: BTreeMap::new(),
             injected,
             host_network: false,
         }

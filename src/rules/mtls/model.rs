@@ -102,12 +102,22 @@ pub struct NamespaceInfo {
     pub labels: BTreeMap<String, String>,
 }
 
+/// The pod annotations Istio's injector decides by (an opt-out, the gateway template); the
+/// only annotations the pod cache keeps besides the sidecar's status.
+pub const INJECTOR_ANNOTATIONS: [&str; 2] = [
+    crate::rules::sidecars::INJECT,
+    crate::rules::sidecars::INJECT_TEMPLATES,
+];
+
 /// A pod as meshwarden needs it (from metadata only).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PodInfo {
     pub namespace: String,
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// Only the annotations the injector reads on a pod ([`INJECTOR_ANNOTATIONS`]): whether a
+    /// restart would add the sidecar.
+    pub annotations: BTreeMap<String, String>,
     /// Carries the `sidecar.istio.io/status` annotation.
     pub injected: bool,
     /// Runs on the host network: a sidecar can never capture its traffic.

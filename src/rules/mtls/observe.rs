@@ -6,7 +6,7 @@ use super::*;
 pub struct Observation {
     pub namespaces: Vec<NamespaceInfo>,
     pub peer_auths: Vec<PeerAuthentication>,
-    /// Pods, read only when a STRICT hold has to be decided.
+    /// Pods, read only when STRICT is declared (for the hold, and the cut-off report).
     pub pods: Vec<PodInfo>,
 }
 
@@ -229,10 +229,13 @@ pub fn watch_peer_auths(
     (store, only_changes(events, peer_auth_fingerprint))
 }
 
-/// What matters about a pod: labels, sidecar, being deleted.
+/// What matters about a pod: labels, sidecar, the injector's annotations, being deleted.
 pub fn pod_fingerprint(m: &ObjectMeta) -> u64 {
     let mut h = DefaultHasher::new();
     m.labels.hash(&mut h);
+    for key in INJECTOR_ANNOTATIONS {
+        m.annotations.as_ref().and_then(|a| a.get(key)).hash(&mut h);
+    }
     m.annotations
         .as_ref()
         .is_some_and(|a| a.contains_key(SIDECAR_STATUS))

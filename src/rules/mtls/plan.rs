@@ -28,6 +28,9 @@ struct Planner<'a> {
     /// meshwarden's own objects that Istio ignores (an older namespace-wide object exists).
     shadowed: BTreeSet<(String, String)>,
     hold: bool,
+    /// STRICT is declared while pods without a sidecar run (with or without `force`): a
+    /// scope that is STRICT already cuts them off, which is reported.
+    cut_off: bool,
 }
 
 impl Planner<'_> {
@@ -217,7 +220,7 @@ impl Planner<'_> {
     /// A STRICT scope while pods without a sidecar exist: never weakened, and reported, because
     /// those pods are cut off from it.
     fn already_strict(&mut self, slot: &Slot<'_>, id: &str) {
-        if self.hold && slot.declared == Strength::Strict {
+        if self.cut_off && slot.declared == Strength::Strict {
             self.plan.findings.push(Finding {
                 object: id.to_string(),
                 message: format!(
@@ -348,7 +351,9 @@ impl Planner<'_> {
 pub fn plan(input: &Input<'_>) -> Plan {
     let spec = input.spec;
     let declared = Strength::from(spec.mode);
-    let hold = declared == Strength::Strict && !spec.force && !input.blockers.is_empty();
+    let cut_off = declared == Strength::Strict && !input.blockers.is_empty();
+    // `force` skips the hold, never the report of the pods a STRICT scope cuts off.
+    let hold = cut_off && !spec.force;
     let mut p = Planner {
         input,
         plan: Plan {
@@ -359,6 +364,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
         handled: BTreeSet::new(),
         shadowed: BTreeSet::new(),
         hold,
+        cut_off,
     };
     let known: BTreeSet<&str> = input.namespaces.iter().map(|n| n.name.as_str()).collect();
     let root = input.root;

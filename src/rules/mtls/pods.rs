@@ -1,8 +1,10 @@
-//! The pods the STRICT hold reads: metadata-only watch caches of the pods that have not
-//! finished and have no sidecar, reduced on arrival to what the rule reads (name, namespace,
-//! labels, being deleted); pods with a sidecar are dropped as they arrive. A second, small cache holds the pods on the host
-//! network, which a sidecar can never capture. Reconciles read the caches instead of listing
-//! every pod; the events that matter (see [`pod_fingerprint`]) trigger the mTLS policies.
+//! The pods the STRICT hold and the cut-off report read: metadata-only watch caches of the
+//! pods that have not finished (`Pending` ones included) and have no sidecar, reduced on
+//! arrival to what the rule reads (name, namespace, labels, the injector's annotations, being
+//! deleted); pods with a sidecar are dropped as they arrive. A second, small cache holds the
+//! pods on the host network, which a sidecar can never capture. Reconciles read the caches
+//! instead of listing every pod; the events that matter (see [`pod_fingerprint`]) trigger the
+//! mTLS policies.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,18 +39,26 @@ pub struct PodCache {
 }
 
 /// Keeps only what the rule reads: a pod's metadata shrinks from a few KiB (managedFields,
-/// owner references, every annotation) to its name, namespace and labels.
+/// owner references, every annotation) to its name, namespace, labels and the injector's
+/// own annotations ([`INJECTOR_ANNOTATIONS`], for the restart hint).
 pub fn strip(p: &mut PodMeta) {
     let m = &mut p.metadata;
-    let injected = m
-        .annotations
-        .as_ref()
-        .is_some_and(|a| a.contains_key(SIDECAR_STATUS));
+    let mut kept: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(a) = m.annotations.as_mut() {
+        if a.contains_key(SIDECAR_STATUS) {
+            kept.insert(SIDECAR_STATUS.to_string(), String::new());
+        }
+        for key in INJECTOR_ANNOTATIONS {
+            if let Some(v) = a.remove(key) {
+                kept.insert(key.to_string(), v);
+            }
+        }
+    }
     *m = ObjectMeta {
         name: m.name.take(),
         namespace: m.namespace.take(),
         labels: m.labels.take(),
-        annotations: injected.then(|| [(SIDECAR_STATUS.to_string(), String::new())].into()),
+        annotations: (!kept.is_empty()).then_some(kept),
         deletion_timestamp: m.deletion_timestamp.take(),
         ..ObjectMeta::default()
     };
@@ -288,6 +298,13 @@ pub fn pod_info(m: &ObjectMeta) -> PodInfo {
         namespace: m.namespace.clone().unwrap_or_default(),
         name: m.name.clone().unwrap_or_default(),
         labels: m.labels.clone().unwrap_or_default(),
+        annotations: m
+            .annotations
+            .iter()
+            .flatten()
+            .filter(|(k, _)| INJECTOR_ANNOTATIONS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         host_network: false,
     }
 }
@@ -460,5 +477,24 @@ mod tests {
         assert_eq!(p.metadata.annotations.as_ref().map(|a| a.len()), Some(1));
         assert_eq!(p.metadata.annotations.as_ref().unwrap()[SIDECAR_STATUS], "");
         assert!(p.metadata.resource_version.is_none());
+
+        // A pod without a sidecar keeps the injector's own annotations (the restart hint
+        // reads them), and nothing else.
+        let mut p: PodMeta = serde_json::from_value(json!({
+            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": {
+                "name": "a", "namespace": "n",
+                "annotations": {"sidecar.istio.io/inject": "false", "other": "x".repeat(1000)},
+            },
+        }))
+        .unwrap();
+        strip(&mut p);
+        let info = pod_info(&p.metadata);
+        assert!(!info.injected);
+        assert_eq!(
+            p.metadata.annotations,
+            Some([("sidecar.istio.io/inject".to_string(), "false".to_string())].into())
+        );
+        assert_eq!(info.annotations["sidecar.istio.io/inject"], "false");
     }
 }

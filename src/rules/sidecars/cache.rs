@@ -31,8 +31,8 @@ pub struct Cache {
     failed: Arc<Mutex<Failed>>,
 }
 
-/// Workloads whose last write failed: (kind, namespace, name) -> when.
-pub(super) type Failed = HashMap<(Kind, String, String), Instant>;
+/// Workloads whose last write failed: (kind, namespace, name) -> (when, the error).
+pub(super) type Failed = HashMap<(Kind, String, String), (Instant, String)>;
 
 /// Written workloads: (kind, namespace, name) -> (generation the write produced, when).
 pub(super) type Written = HashMap<(Kind, String, String), (i64, Instant)>;
@@ -74,17 +74,26 @@ impl Cache {
         let key = (w.kind, w.namespace.clone(), w.name.clone());
         self.failed
             .lock()
-            .is_ok_and(|m| m.get(&key).is_some_and(|t| t.elapsed() < WRITTEN_TTL))
+            .is_ok_and(|m| m.get(&key).is_some_and(|(t, _)| t.elapsed() < WRITTEN_TTL))
     }
 
-    pub(super) fn record_write_result(&self, w: &Workload, ok: bool) {
+    /// The error of the last write of `w`, when it failed less than [`WRITTEN_TTL`] ago.
+    pub(super) fn last_failure(&self, w: &Workload) -> Option<String> {
+        let key = (w.kind, w.namespace.clone(), w.name.clone());
+        let m = self.failed.lock().ok()?;
+        m.get(&key)
+            .filter(|(t, _)| t.elapsed() < WRITTEN_TTL)
+            .map(|(_, e)| e.clone())
+    }
+
+    /// Records a write of `w`: `failure` is its error, `None` when it succeeded.
+    pub(super) fn record_write_result(&self, w: &Workload, failure: Option<String>) {
         if let Ok(mut m) = self.failed.lock() {
             let key = (w.kind, w.namespace.clone(), w.name.clone());
-            if ok {
-                m.remove(&key);
-            } else {
-                m.insert(key, Instant::now());
-            }
+            match failure {
+                None => m.remove(&key),
+                Some(e) => m.insert(key, (Instant::now(), e)),
+            };
         }
     }
 

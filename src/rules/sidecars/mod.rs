@@ -297,6 +297,9 @@ pub async fn reconcile_with_stats(
     let mut stalled: Vec<String> = Vec::new();
     let mut rolling: Vec<String> = Vec::new();
     let mut to_write: Vec<Planned<(&Workload, &Decision, String)>> = Vec::new();
+    // Targets not written this pass whose last write failed, and the first such error.
+    let mut earlier_failures = 0;
+    let mut first_failure: Option<String> = None;
     report.targets = i32::try_from(targets.len()).unwrap_or(i32::MAX);
     for (w, d) in targets.iter().zip(&decisions) {
         let id = w.id();
@@ -323,11 +326,25 @@ pub async fn reconcile_with_stats(
             Action::Reported => report
                 .violations
                 .push(violation(ViolationAction::Reported, devs)),
+            // A target whose last write failed and that now waits for a slot stays reported
+            // with that failure: waiting hides nothing the user has to fix.
             Action::Held(why) => {
-                held.push(id.clone());
-                report
-                    .violations
-                    .push(violation(ViolationAction::Held, format!("{devs}; {why}")));
+                match cache.as_ref().and_then(|c| c.last_failure(w)) {
+                    Some(e) => {
+                        earlier_failures += 1;
+                        first_failure.get_or_insert(e.clone());
+                        report.violations.push(violation(
+                        ViolationAction::Skipped,
+                        format!("{devs}; the write failed: {e}; retried after the other targets ({why})"),
+                    ));
+                    }
+                    None => {
+                        held.push(id.clone());
+                        report
+                            .violations
+                            .push(violation(ViolationAction::Held, format!("{devs}; {why}")));
+                    }
+                }
             }
             Action::Skipped(why) => report.violations.push(violation(
                 ViolationAction::Skipped,
@@ -383,7 +400,7 @@ pub async fn reconcile_with_stats(
             }
             Outcome::Failed((w, _, devs), e) => {
                 if let Some(c) = &cache {
-                    c.record_write_result(w, false);
+                    c.record_write_result(w, Some(e.to_string()));
                 }
                 // Reported on its own; the others' writes and slots are not held up by it.
                 failed_writes += 1;
@@ -402,7 +419,7 @@ pub async fn reconcile_with_stats(
         };
         let id = w.id();
         if let Some(c) = &cache {
-            c.record_write_result(w, true);
+            c.record_write_result(w, None);
             c.record_written(w, generations.get(&id).copied().flatten());
         }
         report.corrected += 1;
@@ -548,14 +565,19 @@ pub async fn reconcile_with_stats(
     }
 
     let audit_deviations = decisions.iter().any(|d| d.action == Action::Reported);
-    if let Some(e) = &first_error {
+    if let Some(e) = first_error
+        .as_ref()
+        .map(|e| e.to_string())
+        .or(first_failure)
+    {
         msg.push(format!(
-            "{failed_writes} write(s) failed (first: {e}); those targets are retried after the others"
+            "{} write(s) failed (first: {e}); those targets are retried after the others",
+            failed_writes + earlier_failures
         ));
     }
     let (status, reason) = if !stalled.is_empty() {
         (Status::False, reasons::ROLLOUT_STALLED)
-    } else if first_error.is_some() {
+    } else if first_error.is_some() || earlier_failures > 0 {
         (Status::False, reasons::WRITE_FAILED)
     } else if !unfit.is_empty() {
         (Status::False, reasons::QUOTA_CONFLICT)

@@ -160,6 +160,13 @@ fn strict_is_held_at_permissive_but_a_strict_scope_is_never_weakened() {
     let p = run(&forced, &nss, &[], &blockers);
     assert!(!p.held);
     assert_eq!(patch_of(&p.findings[0])["spec"]["mtls"]["mode"], "STRICT");
+
+    // `force` skips the hold, not the report: once STRICT, the pods it cuts off are reported.
+    let strict = pa("root", "default", 3, json!({"mtls": {"mode": "STRICT"}}));
+    let p = run(&forced, &nss, &[strict], &blockers);
+    assert_eq!(p.findings.len(), 1, "{:?}", p.findings);
+    assert_eq!(p.findings[0].reason, Some(CLIENTS_CUT_OFF));
+    assert!(!p.held);
 }
 
 #[test]
