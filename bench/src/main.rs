@@ -2,6 +2,7 @@
 //! baseline measured in the same run. See docs/benchmarks.md.
 mod common;
 mod drift;
+mod evaluate;
 mod faults;
 mod mtls;
 mod scale;
@@ -33,10 +34,11 @@ async fn main() {
             let rate = args.get(4).and_then(|r| r.parse().ok()).unwrap_or(100.0);
             scale::run(n(1, 5000), n(2, 10000), n(3, 50000), rate, n(5, 60) as u64).await
         }
+        Some("evaluate") => evaluate::run(n(1, 5000), n(2, 10000), n(3, 50000), n(4, 20)),
         Some("sidecars") => sidecars::run(n(1, 200), n(2, 5000), n(3, 10000)).await,
         _ => {
             eprintln!(
-                "usage: meshwarden-bench drift [N] | mtls [N] | faults [--cluster] [OUTAGE_SECS FLEET] (defaults 10 200; 10 20 with --cluster) | sidecars [NAMESPACES DEPLOYMENTS PODS] (defaults 200 5000 10000) | scale [NAMESPACES DEPLOYMENTS PODS EVENTS_PER_S SECONDS] (defaults 5000 10000 50000 100 60)"
+                "usage: meshwarden-bench drift [N] | mtls [N] | faults [--cluster] [OUTAGE_SECS FLEET] (defaults 10 200; 10 20 with --cluster) | sidecars [NAMESPACES DEPLOYMENTS PODS] (defaults 200 5000 10000) | evaluate [NAMESPACES DEPLOYMENTS PODS EVALUATIONS] (defaults 5000 10000 50000 20) | scale [NAMESPACES DEPLOYMENTS PODS EVENTS_PER_S SECONDS] (defaults 5000 10000 50000 100 60)"
             );
             std::process::exit(2);
         }

@@ -209,7 +209,7 @@ pub(super) fn covered_namespaces<'a>(
 /// [`observe`] from the controller's cache: no request to the API server. Entries are shared
 /// with the cache, not copied; a workload written by this process that the cache has not seen
 /// yet is read as written.
-pub(super) fn observe_cached(
+pub fn observe_cached(
     cache: &Cache,
     spec: &SidecarSpec,
     desired: &Desired,
@@ -275,6 +275,11 @@ pub(super) fn observe_cached(
     }
     let mut namespaces: Vec<NamespaceObservation> = out.into_values().collect();
     namespaces.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    // In the order targets are planned in, so that sorting them all finds them sorted.
+    for ns in &mut namespaces {
+        ns.workloads
+            .sort_unstable_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
+    }
     Covered {
         namespaces,
         ambient,

@@ -16,6 +16,7 @@
 
 mod cache;
 mod desired;
+mod evaluate;
 mod facts;
 mod fit;
 mod injection;
@@ -24,6 +25,7 @@ mod rollout;
 
 pub use cache::*;
 pub use desired::*;
+pub use evaluate::*;
 pub use facts::*;
 pub use fit::*;
 pub use injection::*;
@@ -249,46 +251,27 @@ pub async fn reconcile_with_stats(
         );
         return (failed, stats);
     }
-    let mut classified = classify(&namespaces, jiff::Timestamp::now(), &revisions);
-    // Targets whose last write failed queue behind the others for rollout slots.
-    if let Some(c) = &cache
-        && c.any_failed()
-    {
-        classified
-            .targets
-            .sort_by_cached_key(|w| c.failed_recently(w));
-    }
     let enforce = enforcement == Enforcement::Enforce;
-    let targets = &classified.targets;
-
-    let mut unfit: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    // Targets to change, by namespace (one pass: deviations format strings).
-    let mut changes_by_ns: HashMap<&str, Vec<&Workload>> = HashMap::new();
-    for w in targets {
-        if !deviations(&desired, &w.template_annotations).is_empty() {
-            changes_by_ns
-                .entry(w.namespace.as_str())
-                .or_default()
-                .push(w);
-        }
-    }
-    for ns in &namespaces {
-        let Some(changes) = changes_by_ns.get(ns.name.as_str()) else {
-            continue;
-        };
-        let problems = namespace_fit(&desired, changes, &ns.limit_ranges, &ns.quotas);
-        if !problems.is_empty() {
-            unfit.insert(ns.name.clone(), problems);
-        }
-    }
     let paced = spec.pacing == Pacing::Paced;
-    let decisions = plan(
+    let failed = cache
+        .as_ref()
+        .filter(|c| c.any_failed())
+        .map(|c| move |w: &Workload| c.failed_recently(w));
+    let Evaluation {
+        classified,
+        unfit,
+        decisions,
+        pod_drift,
+    } = evaluate(
+        &namespaces,
         &desired,
-        targets,
-        &unfit,
-        paced.then_some(spec.max_concurrent_rollouts),
+        spec,
         enforce,
+        &revisions,
+        jiff::Timestamp::now(),
+        failed.as_ref().map(|f| f as &dyn Fn(&Workload) -> bool),
     );
+    let targets = &classified.targets;
 
     let mut started: Vec<String> = Vec::new();
     let mut fights: Vec<String> = Vec::new();
@@ -302,6 +285,11 @@ pub async fn reconcile_with_stats(
     let mut first_failure: Option<String> = None;
     report.targets = i32::try_from(targets.len()).unwrap_or(i32::MAX);
     for (w, d) in targets.iter().zip(&decisions) {
+        // Most targets: nothing to say about them (no name built).
+        if d.action == Action::Compliant && d.stalled.is_none() && !d.rolling {
+            report.compliant += 1;
+            continue;
+        }
         let id = w.id();
         if let Some(why) = &d.stalled {
             stalled.push(id.clone());
@@ -444,7 +432,7 @@ pub async fn reconcile_with_stats(
         failed.targets = report.targets;
         return (failed, stats);
     }
-    stats.pod_drift = pod_drift(&desired, &namespaces, &classified.excluded, &revisions);
+    stats.pod_drift = pod_drift;
     stats.targets = targets.len();
     stats.compliant = usize::try_from(report.compliant).unwrap_or(0);
     stats.opted_out = classified.opted_out.len();

@@ -40,17 +40,14 @@ pub fn classify(
 ) -> Classified {
     let mut out = Classified::default();
     for ns in namespaces {
+        let injection = NamespaceInjection::of(&ns.labels, revisions);
         for w in &ns.workloads {
             // Built only for the workloads left out (most are targets).
             let id = || format!("{}/{}/{}", w.kind.as_str(), ns.name, w.name);
             let key = || (ns.name.clone(), w.kind, w.name.clone());
-            if no_sidecar_reason(
-                &ns.labels,
-                &w.template_labels,
-                &w.template_annotations,
-                revisions,
-            )
-            .is_some()
+            if injection
+                .no_sidecar_reason(&w.template_labels, &w.template_annotations, revisions)
+                .is_some()
             {
                 out.excluded.insert(key());
                 continue;
@@ -205,6 +202,8 @@ pub fn pod_drift(
         .collect();
     let mut out: BTreeMap<String, PodDrift> = BTreeMap::new();
     for ns in namespaces {
+        let injection = NamespaceInjection::of(&ns.labels, revisions);
+        let mut drift = PodDrift::default();
         for pod in &ns.pods {
             // The cheap test first: most pods run the declared values.
             let Some(have) = &pod.proxy else { continue };
@@ -221,10 +220,16 @@ pub fn pod_drift(
             {
                 continue;
             }
-            if no_sidecar_reason(&ns.labels, &pod.labels, &pod.annotations, revisions).is_some() {
+            if injection
+                .no_sidecar_reason(&pod.labels, &pod.annotations, revisions)
+                .is_some()
+            {
                 continue;
             }
-            out.entry(ns.name.clone()).or_default().add(&pod.name);
+            drift.add(&pod.name);
+        }
+        if drift.pods > 0 {
+            out.insert(ns.name.clone(), drift);
         }
     }
     out

@@ -1,0 +1,136 @@
+//! One evaluation of the sidecars section from its watch caches, in process (issue 13): the
+//! stores filled with N namespaces, D Deployments (half of them carrying the declared values)
+//! and P running pods as the operator's watches would hold them, then E evaluations timed one
+//! by one, with the heap growth they cause. No API server: this isolates the per-event cost
+//! that `scale` measures as CPU and drift latency.
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{LimitRange, Namespace, Pod, ResourceQuota};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::Event;
+use meshwarden::api::{Enforcement, MeshPolicy};
+use meshwarden::istio::Revisions;
+use meshwarden::rules::sidecars::{
+    self, CachedPod, CachedWorkload, Covered, PodFacts, WorkloadFacts, desired, evaluate,
+};
+use serde_json::json;
+
+use crate::sidecars::{DECLARED, deploy_name, deployment, ns_name, pod, proc_status_kib};
+
+/// A store holding `items`, as a watch's initial list leaves it.
+fn store<K>(items: impl IntoIterator<Item = K>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (reader, mut writer) = reflector::store();
+    writer.apply_watcher_event(&Event::Init);
+    for item in items {
+        writer.apply_watcher_event(&Event::InitApply(item));
+    }
+    writer.apply_watcher_event(&Event::InitDone);
+    reader
+}
+
+pub fn run(namespaces: usize, deployments: usize, pods: usize, evaluations: usize) {
+    println!(
+        "evaluate: {namespaces} namespaces, {deployments} Deployments, {pods} running pods; {evaluations} evaluations of the sidecars section from its caches"
+    );
+    // As the operator's binary does (`limit_malloc_arenas`), so that the heap compares.
+    // SAFETY: called before any other thread allocates here.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+    let policy: MeshPolicy = serde_yaml::from_str(
+        "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: scale}\nspec:\n  enforcement: Enforce\n  sidecars:\n    pacing: 'Off'\n    resources: {requests: {cpu: 100m, memory: 128Mi}, limits: {cpu: '1', memory: 512Mi}}\n",
+    )
+    .expect("policy");
+    let spec = policy.spec.sidecars.clone().expect("sidecars");
+    let want = desired(&spec.resources).expect("declared resources");
+    let ns_store = store((0..namespaces).map(|i| {
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": ns_name(i),
+            "labels": {"istio-injection": "enabled", "kubernetes.io/metadata.name": ns_name(i),
+                       "team": format!("team-{}", i % 40)}}}))
+        .expect("namespace");
+        PartialObjectMeta::<Namespace> {
+            types: None,
+            metadata: ns.metadata,
+            _phantom: Default::default(),
+        }
+    }));
+    let deploy_store = store((0..deployments).map(|i| {
+        let mut d: Deployment = deployment(&ns_name(i % namespaces), &deploy_name(i));
+        if i % 2 == 0
+            && let Some(meta) = d.spec.as_mut().and_then(|s| s.template.metadata.as_mut())
+        {
+            let ann = meta.annotations.get_or_insert_default();
+            for (k, v) in DECLARED {
+                ann.insert(k.into(), v.into());
+            }
+        }
+        d.metadata.generation = Some(1);
+        CachedWorkload::<Deployment>::new(d.metadata.clone(), WorkloadFacts::from(&d))
+    }));
+    let pod_store = store((0..pods).map(|i| {
+        let d = i % deployments;
+        let p: Pod = pod(&ns_name(d % namespaces), &deploy_name(d), i);
+        CachedPod::new(p.metadata.clone(), PodFacts::from(&p))
+    }));
+    let cache = sidecars::Cache::new(
+        ns_store,
+        deploy_store,
+        store(std::iter::empty()),
+        store(std::iter::empty()),
+        store(std::iter::empty::<LimitRange>()),
+        store(std::iter::empty::<ResourceQuota>()),
+        pod_store,
+    );
+    let revisions = Revisions::any();
+    let pid = std::process::id();
+    let before = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    let mut times = Vec::with_capacity(evaluations);
+    let mut last = None;
+    for _ in 0..evaluations {
+        let t = Instant::now();
+        let Covered { namespaces, .. } = sidecars::observe_cached(&cache, &spec, &want, &revisions);
+        let e = evaluate(
+            &namespaces,
+            &want,
+            &spec,
+            policy.spec.enforcement == Enforcement::Enforce,
+            &revisions,
+            jiff::Timestamp::now(),
+            None,
+        );
+        times.push(t.elapsed());
+        last = Some(e);
+    }
+    let after = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    let peak = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let e = last.expect("one evaluation at least");
+    println!(
+        "  {} targets, {} to write, {} namespaces with pod drift ({} pods)",
+        e.classified.targets.len(),
+        e.decisions
+            .iter()
+            .filter(|d| d.action == sidecars::Action::Apply)
+            .count(),
+        e.pod_drift.len(),
+        e.pod_drift.values().map(|d| d.pods).sum::<usize>()
+    );
+    println!(
+        "  one evaluation: min {:.1} ms, median {:.1} ms, max {:.1} ms",
+        ms(times[0]),
+        ms(times[times.len() / 2]),
+        ms(times[times.len() - 1])
+    );
+    println!(
+        "  RSS with the caches filled {:.1} MiB, after the evaluations {:.1} MiB, peak (VmHWM) {:.1} MiB",
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+}
