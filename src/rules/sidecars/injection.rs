@@ -219,6 +219,14 @@ mod tests {
             .collect()
     }
 
+    /// Namespace labels, template labels, template annotations, the reason.
+    type Case = (
+        &'static [(&'static str, &'static str)],
+        &'static [(&'static str, &'static str)],
+        &'static [(&'static str, &'static str)],
+        Option<&'static str>,
+    );
+
     #[test]
     fn every_reason_is_decided_with_the_namespace_part_computed_once() {
         let revisions = Revisions {
@@ -229,12 +237,7 @@ mod tests {
             ..Revisions::default()
         };
         let none = labels(&[]);
-        let cases: [(
-            &[(&str, &str)],
-            &[(&str, &str)],
-            &[(&str, &str)],
-            Option<&str>,
-        ); 10] = [
+        let cases: [Case; 10] = [
             (&[("istio-injection", "enabled")], &[], &[], None),
             (&[("istio.io/rev", "canary")], &[], &[], None),
             (
