@@ -295,12 +295,15 @@ pub async fn run(
     let upgrades = Section::Upgrades.only();
     // Namespace labels and Istio's revisions and tags are read by these three.
     let sidecars_or_mtls = Section::SidecarResources.only() | mtls | upgrades;
+    // The echo of the sidecars section's own write triggers no evaluation of that section.
+    let echoes = state.ctx.cache::<sidecars::Cache>();
+    let (e1, e2, e3) = (echoes.clone(), echoes.clone(), echoes);
     let cache_task = tokio::spawn(
         async move {
             futures::join!(
-                deployment_events.for_each(|r| route.workload(r.map(|o| o.metadata))),
-                statefulset_events.for_each(|r| route.workload(r.map(|o| o.metadata))),
-                daemonset_events.for_each(|r| route.workload(r.map(|o| o.metadata))),
+                deployment_events.for_each(|r| route.workload(r.map(|o| routing::echo(&e1, o)))),
+                statefulset_events.for_each(|r| route.workload(r.map(|o| routing::echo(&e2, o)))),
+                daemonset_events.for_each(|r| route.workload(r.map(|o| routing::echo(&e3, o)))),
                 ns_stream.for_each(|r| {
                     route.when_ok(r, routing::policies_with_sidecars_or_mtls, sidecars_or_mtls)
                 }),

@@ -69,6 +69,21 @@ pub(super) fn policies_with_upgrades(store: &Store<MeshPolicy>) -> Vec<ObjectRef
         .collect()
 }
 
+/// A workload's metadata, and whether its event is the echo of the sidecars section's own
+/// write ([`sidecars::Cache::echoes_own_write`]).
+pub(super) fn echo<K>(
+    cache: &Option<sidecars::Cache>,
+    o: sidecars::CachedWorkload<K>,
+) -> (ObjectMeta, bool) {
+    let echo = cache.as_ref().is_some_and(|c| {
+        c.echoes_own_write(
+            o.metadata.namespace.as_deref().unwrap_or_default(),
+            &o.facts,
+        )
+    });
+    (o.metadata, echo)
+}
+
 /// Turns watch events of the rule caches into policies to reconcile.
 pub(super) struct Route {
     pub policies: Store<MeshPolicy>,
@@ -79,8 +94,11 @@ pub(super) struct Route {
 impl Route {
     /// A workload changed: the policies whose HA sections cover its namespace (for those
     /// sections), and those whose sidecars section covers it.
-    pub fn workload(&self, event: Result<ObjectMeta, watcher::Error>) -> Ready<()> {
-        if let Some(ns) = event.ok().and_then(|m| m.namespace) {
+    /// `echo`: the event is the echo of the sidecars section's own write ([`echo`]).
+    pub fn workload(&self, event: Result<(ObjectMeta, bool), watcher::Error>) -> Ready<()> {
+        if let Ok((meta, echo)) = event
+            && let Some(ns) = meta.namespace
+        {
             let labels = self
                 .namespaces
                 .get(&ObjectRef::new(&ns))
@@ -97,10 +115,12 @@ impl Route {
                 which(&|p| rules::covers_namespace(&p.spec, &ns)),
                 Sections::HA,
             );
-            self.triggers.add(
-                which(&|p| sidecars::covers_namespace(&p.spec, labels.as_ref())),
-                Section::SidecarResources.only(),
-            );
+            if !echo {
+                self.triggers.add(
+                    which(&|p| sidecars::covers_namespace(&p.spec, labels.as_ref())),
+                    Section::SidecarResources.only(),
+                );
+            }
         }
         ready(())
     }

@@ -29,6 +29,9 @@ pub struct Cache {
     /// Workloads whose last write failed, and when: they take a rollout slot only after the
     /// others, so a write that keeps failing never holds the pacing.
     failed: Arc<Mutex<Failed>>,
+    /// Workloads this process is writing, with the generation the write will produce: the
+    /// watch event that delivers exactly that state (its echo) triggers no evaluation.
+    echoes: Arc<Mutex<Written>>,
 }
 
 /// Workloads whose last write failed: (kind, namespace, name) -> (when, the error).
@@ -61,6 +64,7 @@ impl Cache {
             pods,
             written: Arc::new(Mutex::new(HashMap::new())),
             failed: Arc::new(Mutex::new(HashMap::new())),
+            echoes: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -121,6 +125,40 @@ impl Cache {
             if Instant::now() >= deadline {
                 return false;
             }
+        }
+    }
+
+    /// Before a write of `w` that will produce `generation`: its echo is expected.
+    pub(super) fn expect_echo(&self, w: &Workload, generation: i64) {
+        if let Ok(mut m) = self.echoes.lock() {
+            m.retain(|_, (_, at)| at.elapsed() < WRITTEN_TTL);
+            m.insert(
+                (w.kind, w.namespace.clone(), w.name.clone()),
+                (generation, Instant::now()),
+            );
+        }
+    }
+
+    /// Whether a watched workload is the echo of a write of this process: at the generation
+    /// that write produced, carrying it as meshwarden's written generation, not yet observed
+    /// by its controller. The reconcile that wrote it planned with exactly that state (see
+    /// [`observe_cached`]), so evaluating the section again for it decides nothing new; the
+    /// controller's next status update is evaluated as any other change. Each echo is
+    /// recognised once.
+    pub fn echoes_own_write(&self, namespace: &str, facts: &WorkloadFacts) -> bool {
+        if facts.observed || facts.written_generation != Some(facts.generation) {
+            return false;
+        }
+        let Ok(mut m) = self.echoes.lock() else {
+            return false;
+        };
+        let key = (facts.kind, namespace.to_string(), facts.name.clone());
+        match m.get(&key) {
+            Some((g, at)) if *g == facts.generation && at.elapsed() < WRITTEN_TTL => {
+                m.remove(&key);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -351,4 +389,55 @@ where
         .list(lp)
         .await
         .map_err(|e| Error::kube(format!("list {what} in {namespace}"), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector;
+
+    fn empty<K: kube::Resource<DynamicType = ()> + Clone + 'static>() -> Store<K> {
+        reflector::store().0
+    }
+
+    fn facts(generation: i64, written: Option<i64>, observed: bool) -> WorkloadFacts {
+        let d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "a", "namespace": "apps", "generation": generation,
+                "annotations": written.map(|g| json!({GENERATION_ANNOTATION: g.to_string()}))},
+            "spec": {"selector": {}, "template": {}},
+            "status": {"observedGeneration": if observed { generation } else { generation - 1 }},
+        }))
+        .unwrap();
+        WorkloadFacts::from(&d)
+    }
+
+    #[test]
+    fn only_the_exact_state_of_an_own_write_is_its_echo_and_only_once() {
+        let cache = Cache::new(
+            empty(),
+            empty(),
+            empty(),
+            empty(),
+            empty(),
+            empty(),
+            empty(),
+        );
+        let w = Workload {
+            namespace: "apps".into(),
+            facts: Arc::new(facts(4, None, true)),
+            rollout: Rollout::Complete,
+        };
+        // Nothing written: no echo.
+        assert!(!cache.echoes_own_write("apps", &facts(5, Some(5), false)));
+        cache.expect_echo(&w, 5);
+        // Another writer's generation, a state the controller observed, a missing mark, or
+        // another namespace: not the echo.
+        assert!(!cache.echoes_own_write("apps", &facts(6, Some(5), false)));
+        assert!(!cache.echoes_own_write("apps", &facts(5, Some(5), true)));
+        assert!(!cache.echoes_own_write("apps", &facts(5, None, false)));
+        assert!(!cache.echoes_own_write("other", &facts(5, Some(5), false)));
+        // The write's own state, once.
+        assert!(cache.echoes_own_write("apps", &facts(5, Some(5), false)));
+        assert!(!cache.echoes_own_write("apps", &facts(5, Some(5), false)));
+    }
 }

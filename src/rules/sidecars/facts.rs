@@ -77,6 +77,8 @@ pub struct WorkloadFacts {
     /// Requests/limits of the template's other containers.
     pub other_containers: Amounts,
     pub rollout: Rollout,
+    /// The workload's controller has observed its generation (`status.observedGeneration`).
+    pub observed: bool,
 }
 
 /// The `managedFields` paths of the four proxy annotations.
@@ -123,6 +125,7 @@ impl WorkloadFacts {
         template: Option<&PodTemplateSpec>,
         replicas: i32,
         rollout: Rollout,
+        observed_generation: Option<i64>,
     ) -> Self {
         let tpl_meta = template.and_then(|t| t.metadata.as_ref());
         let mut foreign_owners = Vec::new();
@@ -168,6 +171,7 @@ impl WorkloadFacts {
             foreign_writes: write::foreign_writes(meta, &paths),
             other_containers: container_amounts(containers),
             rollout,
+            observed: observed_generation.unwrap_or(-1) >= meta.generation.unwrap_or(0),
         }
     }
 
@@ -178,6 +182,7 @@ impl WorkloadFacts {
         let mut out = self.clone();
         out.generation = generation;
         out.written_generation = Some(generation);
+        out.observed = false;
         for (k, v) in d.annotations() {
             out.template_annotations
                 .insert(k.to_string(), v.to_string());
@@ -203,6 +208,7 @@ impl From<&Deployment> for WorkloadFacts {
             template,
             replicas,
             deployment_rollout(d),
+            d.status.as_ref().and_then(|s| s.observed_generation),
         )
     }
 }
@@ -218,6 +224,7 @@ impl From<&StatefulSet> for WorkloadFacts {
             template,
             replicas,
             statefulset_rollout(s),
+            s.status.as_ref().and_then(|s| s.observed_generation),
         )
     }
 }
@@ -236,6 +243,7 @@ impl From<&DaemonSet> for WorkloadFacts {
             template,
             replicas,
             daemonset_rollout(d),
+            d.status.as_ref().and_then(|s| s.observed_generation),
         )
     }
 }

@@ -150,6 +150,9 @@ async fn write_recording(
     desired: &Desired,
 ) -> Result<(Option<i64>, ForeignWrites)> {
     let predicted = w.generation + 1;
+    if let Some(c) = ctx.cache::<Cache>() {
+        c.expect_echo(w, predicted);
+    }
     let produced = write(ctx, w, &patch(w, desired, predicted)).await?;
     match produced.0 {
         Some(g) if g != predicted => write(ctx, w, &patch(w, desired, g)).await,

@@ -42,6 +42,7 @@ fn workload(name: &str, annotations: &[(&str, &str)], rollout: Rollout) -> Workl
             foreign_writes: ForeignWrites::default(),
             other_containers: Amounts::new(),
             rollout: rollout.clone(),
+            observed: true,
         }),
         rollout,
     }
@@ -592,6 +593,7 @@ fn a_write_the_cache_has_not_seen_is_read_as_written() {
         foreign_writes: ForeignWrites::default(),
         other_containers: Amounts::new(),
         rollout: Rollout::Complete,
+        observed: true,
     };
     let seen = cached.written(5, &d);
     assert_eq!(seen.generation, 5);

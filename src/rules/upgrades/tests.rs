@@ -291,6 +291,7 @@ fn facts(
         foreign_writes: Default::default(),
         other_containers: Default::default(),
         rollout,
+        observed: true,
     })
 }
 
