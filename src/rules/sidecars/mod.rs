@@ -59,7 +59,7 @@ use crate::status::conditions::{Observed, Status, types};
 use crate::status::messages::{self, Contested, list};
 use crate::status::reasons::{self, ViolationAction};
 use crate::write::driver::{self, Outcome, Planned};
-use crate::write::{self, FIELD_MANAGER, FightKey, ForeignWrites};
+use crate::write::{self, FightKey, ForeignWrites};
 
 /// The watches whose caches the section reads (their names in `watch::Health`).
 pub const WATCHES: [&str; 7] = [
