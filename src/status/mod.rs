@@ -146,7 +146,7 @@ mod tests {
                     rule: type_.into(),
                     object: format!("Deployment/ns/d{i}"),
                     message: "x".into(),
-                    action: "Reported".into(),
+                    action: reasons::ViolationAction::Reported,
                 })
                 .collect(),
             targets: 2,

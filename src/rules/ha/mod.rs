@@ -197,7 +197,7 @@ pub async fn reconcile(
                             rule: ctype.to_string(),
                             object: id,
                             message: format!("PodDisruptionBudget: {message}"),
-                            action: ViolationAction::Reported.into(),
+                            action: ViolationAction::Reported,
                         });
                     } else if let Err(e) = write::delete(&api, &name, &ctx.writes).await {
                         write_failures.push(format!("{id}: {e}"));
@@ -347,7 +347,7 @@ pub async fn reconcile(
                     rule: ctype.to_string(),
                     object: f.object.clone(),
                     message: format!("{}: {}", f.field, f.message),
-                    action: action.into(),
+                    action,
                 });
             }
         }

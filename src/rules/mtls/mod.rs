@@ -239,7 +239,7 @@ pub async fn reconcile(
             rule: ctype.to_string(),
             object: f.object.clone(),
             message: f.message.clone(),
-            action: action.into(),
+            action,
         });
     }
     report.compliant = (plan.targets - outstanding_targets).max(0);
@@ -313,7 +313,7 @@ pub async fn reconcile(
                 rule: ctype.to_string(),
                 object: format!("MeshPolicy/{name}"),
                 message: m.clone(),
-                action: ViolationAction::Reported.into(),
+                action: ViolationAction::Reported,
             },
         );
     }

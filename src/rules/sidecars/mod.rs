@@ -297,7 +297,7 @@ pub async fn reconcile_with_stats(
                 rule: ctype.into(),
                 object: id.clone(),
                 message: format!("rollout stalled: {why}"),
-                action: ViolationAction::Reported.into(),
+                action: ViolationAction::Reported,
             });
         } else if d.rolling {
             rolling.push(id.clone());
@@ -307,7 +307,7 @@ pub async fn reconcile_with_stats(
             rule: ctype.into(),
             object: id.clone(),
             message,
-            action: action.into(),
+            action,
         };
         match &d.action {
             Action::Compliant => report.compliant += 1,
@@ -382,7 +382,7 @@ pub async fn reconcile_with_stats(
                     message: format!(
                         "{devs}; another writer keeps changing these annotations back"
                     ),
-                    action: ViolationAction::Skipped.into(),
+                    action: ViolationAction::Skipped,
                 });
                 continue;
             }
@@ -398,7 +398,7 @@ pub async fn reconcile_with_stats(
                     message: format!(
                         "{devs}; the write failed: {e}; retried at the next reconcile, after the other targets"
                     ),
-                    action: ViolationAction::Skipped.into(),
+                    action: ViolationAction::Skipped,
                 });
                 first_error.get_or_insert(e);
                 continue;
@@ -515,7 +515,7 @@ pub async fn reconcile_with_stats(
                 "{}: the section holds nothing there; label the namespace with a live revision or tag, or remove the label",
                 revisions.unknown_message(rev)
             ),
-            action: ViolationAction::Reported.into(),
+            action: ViolationAction::Reported,
         });
     }
     if !unknown_revision.is_empty() {
