@@ -21,8 +21,9 @@ pub fn owned_by_other_rule(meta: &ObjectMeta) -> bool {
     )
 }
 
+/// The namespace is in ambient mode ([`crate::istio::ambient`] of the namespace alone).
 pub(super) fn is_ambient(ns_labels: &BTreeMap<String, String>) -> bool {
-    ns_labels.get("istio.io/dataplane-mode").map(String::as_str) == Some("ambient")
+    crate::istio::ambient(ns_labels, None)
 }
 
 pub use crate::istio::{Injection, Revisions, namespace_injection, namespace_injection_on};

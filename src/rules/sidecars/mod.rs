@@ -109,11 +109,7 @@ pub const IGNORE_ANNOTATION: &str = "meshwarden.io/ignore";
 /// The rule name that opts a workload out of this section.
 pub const IGNORE_VALUE: &str = "sidecar-resources";
 
-/// Injection switch on a pod (label or annotation).
-pub const INJECT: &str = "sidecar.istio.io/inject";
-
-/// Injection templates of a pod; `gateway` marks an Istio gateway, which is not a sidecar.
-pub const INJECT_TEMPLATES: &str = "inject.istio.io/templates";
+pub use crate::istio::{INJECT, INJECT_TEMPLATES};
 
 const PROXY_CONTAINER: &str = "istio-proxy";
 
