@@ -35,7 +35,7 @@ use crate::status::conditions::{Observed, Status};
 use crate::status::messages::{self, Contested};
 use crate::status::reasons::{self, ViolationAction};
 use crate::write::fight::{TakeoverKey, TakeoverPart};
-use crate::write::{self, FightKey, MANAGED_BY, POLICY_LABEL};
+use crate::write::{self, FightKey};
 
 pub use budget::allowed_disruptions;
 use observe::left_behind;

@@ -45,7 +45,7 @@ use crate::status::messages::{self, Contested};
 use crate::status::reasons::{self, CLIENTS_CUT_OFF, OVERRIDES_REPORTED, ViolationAction};
 use crate::write::driver::{self, Outcome, Planned};
 use crate::write::fight::{TakeoverKey, TakeoverPart};
-use crate::write::{self, FightKey, ForeignWrites, MANAGED_BY, POLICY_LABEL};
+use crate::write::{self, FightKey, ForeignWrites};
 
 /// PeerAuthentication writes of one reconcile in flight at once.
 pub const WRITE_CONCURRENCY: usize = 16;
@@ -381,13 +381,7 @@ pub(crate) mod testutil {
     }
 
     pub(crate) fn ours(mut p: PeerAuthentication, policy: &str) -> PeerAuthentication {
-        p.metadata.labels = Some(
-            [
-                (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-                (POLICY_LABEL.to_string(), policy.to_string()),
-            ]
-            .into(),
-        );
+        p.metadata.labels = Some(write::labels(policy));
         p
     }
 

@@ -234,19 +234,13 @@ pub fn exemption_name(ex: &MtlsExemption) -> String {
 }
 
 pub(super) fn is_ours(meta: &ObjectMeta, policy: &str) -> bool {
-    let labels = meta.labels.as_ref();
-    labels.and_then(|l| l.get(MANAGED_BY.0)).map(String::as_str) == Some(MANAGED_BY.1)
-        && labels.and_then(|l| l.get(POLICY_LABEL)).map(String::as_str) == Some(policy)
+    write::created_for(meta, policy)
 }
 
 /// Created by any meshwarden policy: another policy's objects are that policy's business
 /// (policies that disagree are resolved as conflicts), never overrides to correct.
 pub(super) fn is_meshwarden(meta: &ObjectMeta) -> bool {
-    meta.labels
-        .as_ref()
-        .and_then(|l| l.get(MANAGED_BY.0))
-        .map(String::as_str)
-        == Some(MANAGED_BY.1)
+    write::created_by_meshwarden(meta)
 }
 
 pub(super) fn selector_labels(pa: &PeerAuthentication) -> BTreeMap<String, String> {

@@ -1,5 +1,6 @@
 use super::*;
 use crate::rules::mtls::testutil::*;
+use crate::write::POLICY_LABEL;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 
 #[test]
