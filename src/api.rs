@@ -362,8 +362,49 @@ pub struct Violation {
     pub object: String,
     /// What is wrong.
     pub message: String,
-    /// What meshwarden did: `Corrected`, `Reported` (Audit), `Held` or `Skipped`.
-    pub action: String,
+    /// What meshwarden did: `Reported` (reported only: Audit, or nothing it writes now),
+    /// `Held` (Enforce, deliberately not written yet), `Skipped` (Enforce, left alone this
+    /// time: a fight) or `Failed` (Enforce, the write was refused).
+    pub action: ViolationAction,
+}
+
+/// What meshwarden did about one violation (`status.violations[].action`).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ViolationAction {
+    /// Audit, or nothing meshwarden may write: reported only.
+    #[default]
+    Reported,
+    /// Enforce, but deliberately not written yet (the STRICT hold, a rollout slot).
+    Held,
+    /// Enforce, but left alone this time (a fight, a failed write retried later).
+    Skipped,
+    /// Enforce: the write was refused.
+    Failed,
+}
+
+impl ViolationAction {
+    pub const ALL: [ViolationAction; 4] = [
+        ViolationAction::Reported,
+        ViolationAction::Held,
+        ViolationAction::Skipped,
+        ViolationAction::Failed,
+    ];
+
+    /// The value in `status.violations[].action`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ViolationAction::Reported => "Reported",
+            ViolationAction::Held => "Held",
+            ViolationAction::Skipped => "Skipped",
+            ViolationAction::Failed => "Failed",
+        }
+    }
+}
+
+impl PartialEq<&str> for ViolationAction {
+    fn eq(&self, s: &&str) -> bool {
+        self.as_str() == *s
+    }
 }
 
 /// Longest MeshPolicy name: the name is the value of the label `meshwarden.io/policy` on

@@ -202,6 +202,35 @@ pub fn namespace_injection(
     }
 }
 
+/// The label that puts a namespace's or a pod's traffic through ztunnel (`ambient`); on a pod,
+/// `none` takes it out of its ambient namespace.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+
+/// Whether pods are in ambient mode: a pod's `istio.io/dataplane-mode` label, when it has one,
+/// overrides its namespace's. With `pod_labels` `None` it is the namespace's mode: the sidecars
+/// section decides which namespaces it covers (the template labels it keeps are the injection
+/// ones), the mTLS section decides for each pod.
+pub fn ambient(
+    ns_labels: &BTreeMap<String, String>,
+    pod_labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    let mode = |labels: &BTreeMap<String, String>| {
+        labels
+            .get(DATAPLANE_MODE_LABEL)
+            .map(|v| v.as_str() == "ambient")
+    };
+    pod_labels
+        .and_then(mode)
+        .or_else(|| mode(ns_labels))
+        .unwrap_or(false)
+}
+
+/// Injection switch on a pod (label or annotation).
+pub const INJECT: &str = "sidecar.istio.io/inject";
+
+/// Injection templates of a pod; `gateway` marks an Istio gateway, which is not a sidecar.
+pub const INJECT_TEMPLATES: &str = "inject.istio.io/templates";
+
 /// [`namespace_injection`] is [`Injection::On`].
 pub fn namespace_injection_on(ns_labels: &BTreeMap<String, String>, revisions: &Revisions) -> bool {
     namespace_injection(ns_labels, revisions) == Injection::On

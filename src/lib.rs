@@ -1,12 +1,13 @@
 //! meshwarden: a Kubernetes operator that keeps an Istio mesh in production posture.
 //!
 //! `api` declares the MeshPolicy resource; `controller` runs the reconcile loop; each module
-//! under `rules` holds one rule section; `apply` is the only write path.
+//! under `rules` holds one rule section; `write` is the only write path.
 pub mod api;
 pub mod compact;
 pub mod context;
 pub mod controller;
 pub mod error;
+pub mod hash;
 pub mod istio;
 pub mod policy;
 pub mod presence;

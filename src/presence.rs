@@ -26,7 +26,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
 use crate::telemetry::Metrics;
-use crate::write::FIELD_MANAGER;
+use crate::write::{FIELD_MANAGER, MANAGED_BY};
 
 /// Label naming the leader-election Lease the instances share (their group).
 pub const GROUP_LABEL: &str = "meshwarden.io/instance-of";
@@ -179,7 +179,7 @@ impl Presence {
                 "labels": {
                     GROUP_LABEL: self.lease_name,
                     ELECTED_LABEL: self.elected.to_string(),
-                    "app.kubernetes.io/managed-by": "meshwarden",
+                    MANAGED_BY.0: MANAGED_BY.1,
                 },
                 "annotations": annotations,
             },

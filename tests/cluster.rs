@@ -1344,7 +1344,7 @@ async fn upgrades_with_two_real_revisions_report_and_restart_paced() {
                 let mut found: Vec<(String, String)> = st
                     .violations
                     .iter()
-                    .map(|v| (v.object.clone(), v.action.clone()))
+                    .map(|v| (v.object.clone(), v.action.as_str().to_string()))
                     .collect();
                 found.sort();
                 let got: Vec<(String, String, i32)> = st
@@ -1812,7 +1812,7 @@ async fn upgrades_restarts_outdated_workloads_paced_and_stopped_by_a_stall() {
                 .into_iter()
                 // Revision tags are mesh-wide: another test's may be listed too.
                 .filter(|v| v.object.starts_with("Deployment/"))
-                .map(|v| (v.object, v.action))
+                .map(|v| (v.object, v.action.as_str().to_string()))
                 .collect();
             v.sort();
             v

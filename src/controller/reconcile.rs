@@ -269,7 +269,7 @@ async fn publish_events(
         for line in r.corrections.iter().take(5) {
             events.push(Event {
                 type_: EventType::Normal,
-                reason: "Corrected".into(),
+                reason: reasons::CORRECTED.into(),
                 note: Some(conditions::truncate(line, 1000)),
                 action: r.condition.type_.clone(),
                 secondary: None,

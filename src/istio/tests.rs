@@ -197,3 +197,20 @@ fn mesh_config_maps_keep_only_the_mesh_key() {
     strip_config_map(&mut other);
     assert!(other.data.is_none());
 }
+
+#[test]
+fn a_pods_dataplane_mode_overrides_its_namespaces() {
+    let ambient_ns = labels(&[(DATAPLANE_MODE_LABEL, "ambient")]);
+    let plain = labels(&[]);
+    assert!(ambient(&ambient_ns, None));
+    assert!(!ambient(&plain, None));
+    assert!(!ambient(&labels(&[(DATAPLANE_MODE_LABEL, "none")]), None));
+    assert!(
+        ambient(&ambient_ns, Some(&plain)),
+        "no label: the namespace's"
+    );
+    let none = labels(&[(DATAPLANE_MODE_LABEL, "none")]);
+    assert!(!ambient(&ambient_ns, Some(&none)), "opted out");
+    let opted_in = labels(&[(DATAPLANE_MODE_LABEL, "ambient")]);
+    assert!(ambient(&plain, Some(&opted_in)));
+}

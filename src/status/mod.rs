@@ -32,7 +32,7 @@ pub fn build(
         Observed::new(
             types::READY,
             Status::False,
-            "Conflict",
+            reasons::CONFLICT,
             "another, older MeshPolicy sets some of the same rules differently; see the Conflict condition",
         )
     } else if not_ready.is_empty() {
@@ -146,7 +146,7 @@ mod tests {
                     rule: type_.into(),
                     object: format!("Deployment/ns/d{i}"),
                     message: "x".into(),
-                    action: "Reported".into(),
+                    action: reasons::ViolationAction::Reported,
                 })
                 .collect(),
             targets: 2,

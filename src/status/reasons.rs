@@ -150,48 +150,7 @@ pub fn of_error(err: &Error) -> &'static str {
     }
 }
 
-/// What meshwarden did about one violation (`status.violations[].action`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ViolationAction {
-    /// Audit, or nothing meshwarden may write: reported only.
-    Reported,
-    /// Enforce, but deliberately not written yet (the STRICT hold, a rollout slot).
-    Held,
-    /// Enforce, but left alone this time (a fight, a failed write retried later).
-    Skipped,
-    /// Enforce: the write was refused.
-    Failed,
-}
-
-impl ViolationAction {
-    pub const ALL: [ViolationAction; 4] = [
-        ViolationAction::Reported,
-        ViolationAction::Held,
-        ViolationAction::Skipped,
-        ViolationAction::Failed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ViolationAction::Reported => "Reported",
-            ViolationAction::Held => "Held",
-            ViolationAction::Skipped => "Skipped",
-            ViolationAction::Failed => "Failed",
-        }
-    }
-}
-
-impl From<ViolationAction> for String {
-    fn from(a: ViolationAction) -> String {
-        a.as_str().to_string()
-    }
-}
-
-impl PartialEq<ViolationAction> for String {
-    fn eq(&self, a: &ViolationAction) -> bool {
-        self == a.as_str()
-    }
-}
+pub use crate::api::ViolationAction;
 
 #[cfg(test)]
 mod tests {
@@ -209,6 +168,24 @@ mod tests {
         assert!(
             missing.is_empty(),
             "docs/reference.md does not name {missing:?}"
+        );
+    }
+
+    /// `status.violations[].action` is the variant's name on the wire, both ways.
+    #[test]
+    fn violation_actions_are_plain_strings() {
+        for a in ViolationAction::ALL {
+            assert_eq!(serde_json::to_value(a).unwrap(), a.as_str());
+            let back: ViolationAction = serde_json::from_value(a.as_str().into()).unwrap();
+            assert_eq!(back, a);
+        }
+        let crd = serde_json::to_value(crate::api::crd()).unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+            ["properties"]["violations"]["items"]["properties"]["action"];
+        assert_eq!(schema["type"], "string", "{schema}");
+        assert_eq!(
+            schema["enum"],
+            serde_json::json!(["Reported", "Held", "Skipped", "Failed"])
         );
     }
 

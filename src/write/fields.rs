@@ -251,6 +251,64 @@ pub fn meshwarden_write_time(meta: &ObjectMeta) -> Option<jiff::Timestamp> {
         .max()
 }
 
+/// True when an entry of meshwarden (of the object itself, not a subresource) owns a field
+/// other than the pod template annotations `template` and the object annotations `metadata`
+/// (annotation names), for instance because another rule writes the object with the same field
+/// manager.
+pub fn owns_more_than_annotations(meta: &ObjectMeta, template: &[&str], metadata: &[&str]) -> bool {
+    use serde_json::Value;
+    let key = |k: &&str| format!("f:{k}");
+    let template: Vec<String> = template.iter().map(key).collect();
+    let metadata: Vec<String> = metadata.iter().map(key).collect();
+    // The child `key` of `v` when `v` holds nothing else (`Null` when it holds nothing).
+    let only = |v: &Value, key: &str| -> Option<Value> {
+        let m = v.as_object()?;
+        if m.keys().all(|k| k == key || k == ".") {
+            Some(m.get(key).cloned().unwrap_or(Value::Null))
+        } else {
+            None
+        }
+    };
+    // Whether an annotations node holds a key outside `allowed` (anything else: true).
+    let beyond = |node: Option<Value>, allowed: &[String]| match node {
+        Some(Value::Object(a)) => a.keys().any(|k| k != "." && !allowed.contains(k)),
+        Some(Value::Null) => false,
+        _ => true,
+    };
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.manager.as_deref() == Some(FIELD_MANAGER))
+        .filter(|m| m.subresource.as_deref().unwrap_or_default().is_empty())
+        .filter_map(|m| m.fields_v1.as_ref())
+        .any(|f| {
+            let Some(top) = f.0.as_object() else {
+                return true;
+            };
+            let in_template = top.get("f:spec").map(|spec| {
+                let annotations = only(spec, "f:template")
+                    .and_then(|v| only(&v, "f:metadata"))
+                    .and_then(|v| only(&v, "f:annotations"));
+                beyond(annotations, &template)
+            });
+            let in_metadata = top
+                .get("f:metadata")
+                .map(|m| beyond(only(m, "f:annotations"), &metadata));
+            top.keys()
+                .any(|k| k != "f:spec" && k != "f:metadata" && k != ".")
+                || in_template.unwrap_or(false)
+                || in_metadata.unwrap_or(false)
+        })
+}
+
+/// True when `manager` has an entry in the object's `managedFields`.
+pub fn has_manager(meta: &ObjectMeta, manager: &str) -> bool {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .any(|m| m.manager.as_deref() == Some(manager))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,5 +479,27 @@ mod tests {
             ops[3]["value"],
             serde_json::json!({"f:spec": {"f:replicas": {}, "f:paused": {}}})
         );
+    }
+
+    #[test]
+    fn fields_beyond_the_given_annotations() {
+        use serde_json::json;
+        let ours = |f: serde_json::Value| meta(&[("meshwarden", f)]);
+        let tpl = json!({"f:spec": {"f:template": {"f:metadata": {"f:annotations": {"f:a": {}}}}}});
+        assert!(!owns_more_than_annotations(&ours(tpl.clone()), &["a"], &[]));
+        assert!(owns_more_than_annotations(&ours(tpl), &["b"], &["a"]));
+        let top = json!({"f:metadata": {"f:annotations": {"f:m": {}}}});
+        assert!(!owns_more_than_annotations(&ours(top.clone()), &[], &["m"]));
+        assert!(owns_more_than_annotations(&ours(top), &["m"], &[]));
+        let replicas = json!({"f:spec": {"f:replicas": {}}});
+        assert!(owns_more_than_annotations(
+            &ours(replicas.clone()),
+            &["a"],
+            &["m"]
+        ));
+        // Another manager's fields are not meshwarden's.
+        let helm = meta(&[("helm", replicas)]);
+        assert!(!owns_more_than_annotations(&helm, &[], &[]));
+        assert!(has_manager(&helm, "helm") && !has_manager(&helm, "meshwarden"));
     }
 }

@@ -11,10 +11,11 @@ pub mod fight;
 pub use fields::{ForeignWrites, foreign_managers, foreign_writes, handover_patch};
 pub use fight::{FightKey, FightTracker, Memory};
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
 use serde::de::DeserializeOwned;
@@ -29,6 +30,33 @@ pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshwarde
 
 /// The label naming the policy an object meshwarden created belongs to.
 pub const POLICY_LABEL: &str = "meshwarden.io/policy";
+
+/// The labels of an object meshwarden creates for `policy`.
+pub fn labels(policy: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (POLICY_LABEL.to_string(), policy.to_string()),
+    ])
+}
+
+/// The label selector of the objects meshwarden created for `policy` ([`labels`]).
+pub fn label_selector(policy: &str) -> String {
+    format!("{}={},{POLICY_LABEL}={policy}", MANAGED_BY.0, MANAGED_BY.1)
+}
+
+/// True when meshwarden created the object, for any policy (it carries [`MANAGED_BY`]).
+pub fn created_by_meshwarden(meta: &ObjectMeta) -> bool {
+    label(meta, MANAGED_BY.0) == Some(MANAGED_BY.1)
+}
+
+/// True when meshwarden created the object for `policy` (it carries [`labels`]).
+pub fn created_for(meta: &ObjectMeta, policy: &str) -> bool {
+    created_by_meshwarden(meta) && label(meta, POLICY_LABEL) == Some(policy)
+}
+
+fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.labels.as_ref()?.get(key).map(String::as_str)
+}
 
 /// The owner reference of an object meshwarden creates for `policy`: the garbage collector
 /// deletes it with the policy; deleting the policy is never blocked by it.
@@ -148,5 +176,28 @@ where
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(Error::kube(format!("delete {kind} {name}"), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_say_who_created_an_object() {
+        let meta = |labels: BTreeMap<String, String>| ObjectMeta {
+            labels: Some(labels),
+            ..Default::default()
+        };
+        let ours = meta(labels("p"));
+        assert!(created_for(&ours, "p") && created_by_meshwarden(&ours));
+        assert!(!created_for(&ours, "q"), "another policy's");
+        let helm = meta(BTreeMap::from([(MANAGED_BY.0.into(), "Helm".into())]));
+        assert!(!created_by_meshwarden(&helm) && !created_for(&helm, "p"));
+        assert!(!created_by_meshwarden(&ObjectMeta::default()));
+        assert_eq!(
+            label_selector("p"),
+            "app.kubernetes.io/managed-by=meshwarden,meshwarden.io/policy=p"
+        );
     }
 }

@@ -154,7 +154,7 @@ pub fn report(plan: &Plan, warn_text: &str) -> RuleReport {
             rule: ctype.to_string(),
             object: describe(r),
             message: format!("{when}; {}", used_by(r)),
-            action: ViolationAction::Reported.into(),
+            action: ViolationAction::Reported,
         });
     }
     for (source, why) in &plan.unreadable {
@@ -162,7 +162,7 @@ pub fn report(plan: &Plan, warn_text: &str) -> RuleReport {
             rule: ctype.to_string(),
             object: source.clone(),
             message: format!("{why}; meshwarden cannot tell when its root expires"),
-            action: ViolationAction::Reported.into(),
+            action: ViolationAction::Reported,
         });
     }
     let worst = plan.roots.iter().map(|r| r.standing).max();

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use super::plan::{int_or_string_json, ios_string};
 use super::{Finding, HaRules, Observation, PdbAction, Plan, object_id};
 use crate::api::MeshPolicy;
-use crate::write::{self, MANAGED_BY, POLICY_LABEL};
+use crate::write;
 
 /// Pods allowed to be disrupted under `budget` when `replicas` pods run.
 pub fn allowed_disruptions(
@@ -45,9 +45,7 @@ pub(super) fn plan_budget(
     let d = &obs.deployment;
     let ns = d.namespace().unwrap_or_default();
     let dep_id = object_id("Deployment", &ns, &d.name_any());
-    let ours = |pdb: &PodDisruptionBudget| {
-        pdb.labels().get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1)
-    };
+    let ours = |pdb: &PodDisruptionBudget| write::created_by_meshwarden(&pdb.metadata);
 
     if obs.pdbs.len() > 1 {
         let names: Vec<String> = obs.pdbs.iter().map(|b| b.name_any()).collect();
@@ -152,7 +150,7 @@ pub(super) fn plan_budget(
                     "metadata": {
                         "name": name,
                         "namespace": ns,
-                        "labels": {MANAGED_BY.0: MANAGED_BY.1, POLICY_LABEL: policy.name_any()},
+                        "labels": write::labels(&policy.name_any()),
                         "ownerReferences": owner.into_iter().collect::<Vec<_>>(),
                     },
                     "spec": Value::Object(spec),

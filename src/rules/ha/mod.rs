@@ -35,7 +35,7 @@ use crate::status::conditions::{Observed, Status};
 use crate::status::messages::{self, Contested};
 use crate::status::reasons::{self, ViolationAction};
 use crate::write::fight::{TakeoverKey, TakeoverPart};
-use crate::write::{self, FightKey, MANAGED_BY, POLICY_LABEL};
+use crate::write::{self, FightKey};
 
 pub use budget::allowed_disruptions;
 use observe::left_behind;
@@ -197,7 +197,7 @@ pub async fn reconcile(
                             rule: ctype.to_string(),
                             object: id,
                             message: format!("PodDisruptionBudget: {message}"),
-                            action: ViolationAction::Reported.into(),
+                            action: ViolationAction::Reported,
                         });
                     } else if let Err(e) = write::delete(&api, &name, &ctx.writes).await {
                         write_failures.push(format!("{id}: {e}"));
@@ -347,7 +347,7 @@ pub async fn reconcile(
                     rule: ctype.to_string(),
                     object: f.object.clone(),
                     message: format!("{}: {}", f.field, f.message),
-                    action: action.into(),
+                    action,
                 });
             }
         }

@@ -199,11 +199,7 @@ pub(super) async fn left_behind(
             .map_err(Error::Cache)?;
         workloads.ready(std::time::Duration::from_secs(10)).await;
         let policy_name = policy.name_any();
-        let ours = |b: &PodDisruptionBudget| {
-            let labels = b.labels();
-            labels.get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1)
-                && labels.get(POLICY_LABEL) == Some(&policy_name)
-        };
+        let ours = |b: &PodDisruptionBudget| write::created_for(&b.metadata, &policy_name);
         let exists = |name: &str| {
             workloads.deployments.state().iter().any(|d| {
                 d.metadata.namespace.as_deref() == Some(ns.as_str()) && d.facts.name == name
@@ -225,12 +221,9 @@ pub(super) async fn left_behind(
     }
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-    let lp = ListParams::default().match_any().labels(&format!(
-        "{}={},{POLICY_LABEL}={}",
-        MANAGED_BY.0,
-        MANAGED_BY.1,
-        policy.name_any()
-    ));
+    let lp = ListParams::default()
+        .match_any()
+        .labels(&write::label_selector(&policy.name_any()));
     let ours = pdbs
         .list_metadata(&lp)
         .await

@@ -51,13 +51,6 @@ fn has_label(meta: &ObjectMeta, (k, v): (&str, &str)) -> bool {
         .is_some_and(|l| l.get(k).map(String::as_str) == Some(v))
 }
 
-fn has_manager(meta: &ObjectMeta, manager: &str) -> bool {
-    meta.managed_fields
-        .iter()
-        .flatten()
-        .any(|m| m.manager.as_deref() == Some(manager))
-}
-
 /// The Helm release that installed an object, if Helm did.
 pub fn helm_release(meta: &ObjectMeta) -> Option<Release> {
     if !has_label(meta, HELM_MANAGED_BY) {
@@ -88,7 +81,7 @@ pub fn installer(meta: &ObjectMeta) -> Option<Installer> {
             revision: o.name.clone(),
         });
     }
-    if has_label(meta, SAIL_LABEL) || has_manager(meta, SAIL_MANAGER) {
+    if has_label(meta, SAIL_LABEL) || crate::write::fields::has_manager(meta, SAIL_MANAGER) {
         let revision = helm_release(meta)
             .and_then(|r| r.name.strip_suffix("-istiod").map(str::to_string))
             .unwrap_or_else(|| "default".into());
@@ -97,7 +90,7 @@ pub fn installer(meta: &ObjectMeta) -> Option<Installer> {
     if let Some(r) = helm_release(meta) {
         return Some(Installer::Helm(r));
     }
-    has_manager(meta, ARGOCD_MANAGER).then_some(Installer::ArgoCd)
+    crate::write::fields::has_manager(meta, ARGOCD_MANAGER).then_some(Installer::ArgoCd)
 }
 
 /// What meshwarden holds, in the terms of Istio's charts.

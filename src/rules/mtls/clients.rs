@@ -4,12 +4,6 @@ use super::*;
 use crate::istio::{Injection, Revisions, namespace_injection};
 use crate::rules::sidecars::no_sidecar_reason;
 
-fn is_ambient(labels: &BTreeMap<String, String>) -> Option<bool> {
-    labels
-        .get("istio.io/dataplane-mode")
-        .map(|v| v.as_str() == "ambient")
-}
-
 /// Istio's own control plane and node agents, which never call workloads on their ports, and
 /// the proxies istiod deploys itself, which speak mTLS or HBONE without a sidecar: waypoints
 /// (`gateway.istio.io/managed: istio.io-mesh-controller`, `istio.io/waypoint-for`) and
@@ -35,18 +29,13 @@ pub fn blockers(
         .iter()
         .map(|n| (n.name.as_str(), &n.labels))
         .collect();
+    let unknown = BTreeMap::new();
     pods.iter()
         .filter(|p| !p.injected && !is_istio_infra(&p.labels))
         .filter(|p| {
             // A pod label overrides the namespace's (`istio.io/dataplane-mode: none` opts out).
-            let ambient = is_ambient(&p.labels)
-                .or_else(|| {
-                    ns_labels
-                        .get(p.namespace.as_str())
-                        .and_then(|l| is_ambient(l))
-                })
-                .unwrap_or(false);
-            !ambient
+            let ns = ns_labels.get(p.namespace.as_str()).copied();
+            !crate::istio::ambient(ns.unwrap_or(&unknown), Some(&p.labels))
         })
         .filter(|p| {
             !exemptions.iter().any(|e| {

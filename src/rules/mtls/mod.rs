@@ -45,7 +45,7 @@ use crate::status::messages::{self, Contested};
 use crate::status::reasons::{self, CLIENTS_CUT_OFF, OVERRIDES_REPORTED, ViolationAction};
 use crate::write::driver::{self, Outcome, Planned};
 use crate::write::fight::{TakeoverKey, TakeoverPart};
-use crate::write::{self, FightKey, ForeignWrites, MANAGED_BY, POLICY_LABEL};
+use crate::write::{self, FightKey, ForeignWrites};
 
 /// PeerAuthentication writes of one reconcile in flight at once.
 pub const WRITE_CONCURRENCY: usize = 16;
@@ -239,7 +239,7 @@ pub async fn reconcile(
             rule: ctype.to_string(),
             object: f.object.clone(),
             message: f.message.clone(),
-            action: action.into(),
+            action,
         });
     }
     report.compliant = (plan.targets - outstanding_targets).max(0);
@@ -313,7 +313,7 @@ pub async fn reconcile(
                 rule: ctype.to_string(),
                 object: format!("MeshPolicy/{name}"),
                 message: m.clone(),
-                action: ViolationAction::Reported.into(),
+                action: ViolationAction::Reported,
             },
         );
     }
@@ -381,13 +381,7 @@ pub(crate) mod testutil {
     }
 
     pub(crate) fn ours(mut p: PeerAuthentication, policy: &str) -> PeerAuthentication {
-        p.metadata.labels = Some(
-            [
-                (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-                (POLICY_LABEL.to_string(), policy.to_string()),
-            ]
-            .into(),
-        );
+        p.metadata.labels = Some(write::labels(policy));
         p
     }
 

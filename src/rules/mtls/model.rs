@@ -221,16 +221,6 @@ pub(super) fn pa_id(ns: &str, name: &str) -> String {
     format!("PeerAuthentication/{ns}/{name}")
 }
 
-/// FNV-1a: stable across Rust versions, unlike the std hasher.
-pub(super) fn fnv1a(data: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 /// The name of the PeerAuthentication rendering an exemption: stable for a namespace and
 /// selector, so that changing the modes updates the same object.
 pub fn exemption_name(ex: &MtlsExemption) -> String {
@@ -239,24 +229,18 @@ pub fn exemption_name(ex: &MtlsExemption) -> String {
         .as_ref()
         .map(|s| serde_json::to_string(s).unwrap_or_default())
         .unwrap_or_default();
-    let h = fnv1a(&format!("{}\n{selector}", ex.namespace));
+    let h = crate::hash::fnv1a(format!("{}\n{selector}", ex.namespace).as_bytes());
     format!("{EXEMPTION_PREFIX}{:010x}", h & 0xff_ffff_ffff)
 }
 
 pub(super) fn is_ours(meta: &ObjectMeta, policy: &str) -> bool {
-    let labels = meta.labels.as_ref();
-    labels.and_then(|l| l.get(MANAGED_BY.0)).map(String::as_str) == Some(MANAGED_BY.1)
-        && labels.and_then(|l| l.get(POLICY_LABEL)).map(String::as_str) == Some(policy)
+    write::created_for(meta, policy)
 }
 
 /// Created by any meshwarden policy: another policy's objects are that policy's business
 /// (policies that disagree are resolved as conflicts), never overrides to correct.
 pub(super) fn is_meshwarden(meta: &ObjectMeta) -> bool {
-    meta.labels
-        .as_ref()
-        .and_then(|l| l.get(MANAGED_BY.0))
-        .map(String::as_str)
-        == Some(MANAGED_BY.1)
+    write::created_by_meshwarden(meta)
 }
 
 pub(super) fn selector_labels(pa: &PeerAuthentication) -> BTreeMap<String, String> {

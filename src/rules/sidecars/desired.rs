@@ -24,16 +24,17 @@ impl Desired {
         ]
     }
 
-    /// A short stable hash of the four values (FNV-1a, hex).
+    /// A short stable hash of the four values (FNV-1a of `key=value;` per annotation, hex). It
+    /// is stored in the workloads, so the bytes hashed must not change.
     pub fn hash(&self) -> String {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut data = String::new();
         for (k, v) in self.annotations() {
-            for b in k.bytes().chain([b'=']).chain(v.bytes()).chain([b';']) {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
+            data.push_str(k);
+            data.push('=');
+            data.push_str(v);
+            data.push(';');
         }
-        format!("{h:016x}")
+        format!("{:016x}", crate::hash::fnv1a(data.as_bytes()))
     }
 
     /// `cpu 100m/1, memory 128Mi/512Mi` (request/limit).

@@ -7,66 +7,23 @@ use super::*;
 /// control-plane HA) writes it with the same field manager. Writing
 /// it from this rule too would release that rule's fields, so it is left alone.
 pub fn owned_by_other_rule(meta: &ObjectMeta) -> bool {
-    let ours: BTreeSet<String> = [
-        PROXY_CPU,
-        PROXY_CPU_LIMIT,
-        PROXY_MEMORY,
-        PROXY_MEMORY_LIMIT,
-        HASH_ANNOTATION,
-        RESTARTED_AT,
-    ]
-    .iter()
-    .map(|k| format!("f:{k}"))
-    .collect();
-    let only = |v: &Value, key: &str| -> Option<Value> {
-        let m = v.as_object()?;
-        if m.keys().all(|k| k == key || k == ".") {
-            Some(m.get(key).cloned().unwrap_or(Value::Null))
-        } else {
-            None
-        }
-    };
-    meta.managed_fields
-        .iter()
-        .flatten()
-        .filter(|m| m.manager.as_deref() == Some(FIELD_MANAGER))
-        .filter(|m| m.subresource.as_deref().unwrap_or_default().is_empty())
-        .filter_map(|m| m.fields_v1.as_ref())
-        .any(|f| {
-            let Some(top) = f.0.as_object() else {
-                return true;
-            };
-            // This rule's fields: the template's annotations and one on the metadata.
-            let template = top.get("f:spec").map(|spec| {
-                let annotations = only(spec, "f:template")
-                    .and_then(|v| only(&v, "f:metadata"))
-                    .and_then(|v| only(&v, "f:annotations"));
-                match annotations {
-                    Some(Value::Object(a)) => a.keys().any(|k| k != "." && !ours.contains(k)),
-                    Some(Value::Null) => false,
-                    _ => true,
-                }
-            });
-            let metadata = top
-                .get("f:metadata")
-                .map(|m| match only(m, "f:annotations") {
-                    Some(Value::Object(a)) => a.keys().any(|k| {
-                        k != "."
-                            && k != &format!("f:{GENERATION_ANNOTATION}")
-                            && k != &format!("f:{RESTART_GENERATION_ANNOTATION}")
-                    }),
-                    Some(Value::Null) => false,
-                    _ => true,
-                });
-            top.keys()
-                .any(|k| k != "f:spec" && k != "f:metadata" && k != ".")
-                || template.unwrap_or(false)
-                || metadata.unwrap_or(false)
-        })
+    crate::write::fields::owns_more_than_annotations(
+        meta,
+        &[
+            PROXY_CPU,
+            PROXY_CPU_LIMIT,
+            PROXY_MEMORY,
+            PROXY_MEMORY_LIMIT,
+            HASH_ANNOTATION,
+            RESTARTED_AT,
+        ],
+        &[GENERATION_ANNOTATION, RESTART_GENERATION_ANNOTATION],
+    )
 }
 
+/// The namespace is in ambient mode ([`crate::istio::ambient`] of the namespace alone).
 pub(super) fn is_ambient(ns_labels: &BTreeMap<String, String>) -> bool {
-    ns_labels.get("istio.io/dataplane-mode").map(String::as_str) == Some("ambient")
+    crate::istio::ambient(ns_labels, None)
 }
 
 pub use crate::istio::{Injection, Revisions, namespace_injection, namespace_injection_on};

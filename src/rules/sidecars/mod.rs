@@ -59,7 +59,7 @@ use crate::status::conditions::{Observed, Status, types};
 use crate::status::messages::{self, Contested, list};
 use crate::status::reasons::{self, ViolationAction};
 use crate::write::driver::{self, Outcome, Planned};
-use crate::write::{self, FIELD_MANAGER, FightKey, ForeignWrites};
+use crate::write::{self, FightKey, ForeignWrites};
 
 /// The watches whose caches the section reads (their names in `watch::Health`).
 pub const WATCHES: [&str; 7] = [
@@ -109,11 +109,7 @@ pub const IGNORE_ANNOTATION: &str = "meshwarden.io/ignore";
 /// The rule name that opts a workload out of this section.
 pub const IGNORE_VALUE: &str = "sidecar-resources";
 
-/// Injection switch on a pod (label or annotation).
-pub const INJECT: &str = "sidecar.istio.io/inject";
-
-/// Injection templates of a pod; `gateway` marks an Istio gateway, which is not a sidecar.
-pub const INJECT_TEMPLATES: &str = "inject.istio.io/templates";
+pub use crate::istio::{INJECT, INJECT_TEMPLATES};
 
 const PROXY_CONTAINER: &str = "istio-proxy";
 
@@ -300,7 +296,7 @@ pub async fn reconcile_with_stats(
                 rule: ctype.into(),
                 object: id.clone(),
                 message: format!("rollout stalled: {why}"),
-                action: ViolationAction::Reported.into(),
+                action: ViolationAction::Reported,
             });
         } else if d.rolling {
             rolling.push(id.clone());
@@ -310,7 +306,7 @@ pub async fn reconcile_with_stats(
             rule: ctype.into(),
             object: id.clone(),
             message,
-            action: action.into(),
+            action,
         };
         match &d.action {
             Action::Compliant => report.compliant += 1,
@@ -385,7 +381,7 @@ pub async fn reconcile_with_stats(
                     message: format!(
                         "{devs}; another writer keeps changing these annotations back"
                     ),
-                    action: ViolationAction::Skipped.into(),
+                    action: ViolationAction::Skipped,
                 });
                 continue;
             }
@@ -401,7 +397,7 @@ pub async fn reconcile_with_stats(
                     message: format!(
                         "{devs}; the write failed: {e}; retried at the next reconcile, after the other targets"
                     ),
-                    action: ViolationAction::Skipped.into(),
+                    action: ViolationAction::Skipped,
                 });
                 first_error.get_or_insert(e);
                 continue;
@@ -518,7 +514,7 @@ pub async fn reconcile_with_stats(
                 "{}: the section holds nothing there; label the namespace with a live revision or tag, or remove the label",
                 revisions.unknown_message(rev)
             ),
-            action: ViolationAction::Reported.into(),
+            action: ViolationAction::Reported,
         });
     }
     if !unknown_revision.is_empty() {

@@ -102,6 +102,12 @@ fn hash_follows_the_values() {
     assert_eq!(a.hash().len(), 16);
 }
 
+/// The hash is stored in the workloads' annotations: it must not change between releases.
+#[test]
+fn hash_is_stable_across_releases() {
+    assert_eq!(full().hash(), "ed6686402a0c22d3");
+}
+
 #[test]
 fn which_pods_get_a_sidecar() {
     let none = map(&[]);

@@ -300,7 +300,7 @@ impl Restarts {
                 (Restart::Held(why), None) => (ViolationAction::Held, why.clone()),
                 (Restart::Skipped(why), None) => (ViolationAction::Skipped, why.clone()),
             };
-            v.action = action.into();
+            v.action = action;
             if !note.is_empty() {
                 v.message = format!("{}; {note}", v.message);
             }
@@ -415,7 +415,7 @@ pub fn report(spec: &UpgradesSpec, revisions: &Revisions, plan: Plan) -> RuleRep
             rule: ctype.into(),
             object: f.object.clone(),
             message: f.message.clone(),
-            action: ViolationAction::Reported.into(),
+            action: ViolationAction::Reported,
         });
     }
     for reason in PRECEDENCE {

@@ -44,7 +44,7 @@ pub(super) fn own_patch(
         "metadata": {
             "name": name,
             "namespace": ns,
-            "labels": {MANAGED_BY.0: MANAGED_BY.1, POLICY_LABEL: policy},
+            "labels": write::labels(policy),
             "ownerReferences": owner_refs,
         },
         "spec": serde_json::to_value(spec).unwrap_or(Value::Null),

@@ -1,5 +1,6 @@
 use super::*;
 use crate::rules::mtls::testutil::*;
+use crate::write::POLICY_LABEL;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 
 #[test]
@@ -210,6 +211,10 @@ fn exemptions_are_rendered_with_stable_names() {
     assert!(legacy.starts_with(EXEMPTION_PREFIX) && legacy.len() == EXEMPTION_PREFIX.len() + 10);
     assert_ne!(legacy, pay);
     assert_eq!(pay, exemption_name(&s.exemptions[1].clone()), "stable");
+    assert_eq!(
+        legacy, "meshwarden-exemption-e486891c3c",
+        "the name of an existing PeerAuthentication: stable across releases"
+    );
     let find = |id: String| p.findings.iter().find(|f| f.object == id).unwrap();
     let l = patch_of(find(format!("PeerAuthentication/legacy/{legacy}")));
     assert_eq!(l["spec"], json!({"mtls": {"mode": "PERMISSIVE"}}));
