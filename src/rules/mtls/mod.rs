@@ -172,15 +172,14 @@ pub async fn reconcile(
             .filter(|_| enforce)
             .filter_map(|(i, f)| f.fix.as_ref().map(|fix| (i, f, fix)))
             .filter(|(_, _, fix)| fix.phase() == phase)
-            .map(|(i, f, fix)| Planned {
-                key: FightKey {
+            .map(|(i, f, fix)| {
+                let key = FightKey {
                     policy: name.clone(),
                     section: ctype,
                     object: f.object.clone(),
                     field: None,
-                },
-                seen: seen_writes(fix, &obs.peer_auths),
-                item: (i, fix),
+                };
+                Planned::one(key, seen_writes(fix, &obs.peer_auths), (i, fix))
             })
             .collect();
         let outcomes = driver::drive(&ctx.memory, planned, WRITE_CONCURRENCY, |(_, fix)| {
@@ -188,7 +187,7 @@ pub async fn reconcile(
         })
         .await;
         let mut first_error = None;
-        for (_, outcome) in outcomes {
+        for outcome in outcomes {
             match outcome {
                 Outcome::Fighting((i, _)) => {
                     fighting[i] = true;

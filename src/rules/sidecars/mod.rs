@@ -337,16 +337,16 @@ pub async fn reconcile_with_stats(
                 ViolationAction::Skipped,
                 format!("{devs}; not written: {why}"),
             )),
-            Action::Apply => to_write.push(Planned {
-                key: FightKey {
+            Action::Apply => to_write.push(Planned::one(
+                FightKey {
                     policy: policy.name_any(),
                     section: ctype,
                     object: id.clone(),
                     field: None,
                 },
-                seen: Some(w.foreign_writes.clone()),
-                item: (w, d, devs),
-            }),
+                Some(w.foreign_writes.clone()),
+                (w, d, devs),
+            )),
         }
     }
     // Fight check → write (a bounded number in flight, each patch built only when it starts)
@@ -367,11 +367,11 @@ pub async fn reconcile_with_stats(
     let generations = generations.into_inner().unwrap_or_default();
     let written = outcomes
         .iter()
-        .filter(|(_, o)| !matches!(o, Outcome::Fighting(_)))
+        .filter(|o| !matches!(o, Outcome::Fighting(_)))
         .count();
     let mut first_error = None;
     let mut failed_writes = 0;
-    for (_, outcome) in outcomes {
+    for outcome in outcomes {
         let (w, d, devs) = match outcome {
             Outcome::Fighting((w, _, devs)) => {
                 fights.push(w.id());
