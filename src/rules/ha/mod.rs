@@ -11,7 +11,7 @@ pub mod values;
 mod writes;
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::sync::Mutex;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -34,6 +34,7 @@ use crate::selector;
 use crate::status::conditions::{Observed, Status};
 use crate::status::messages::{self, Contested};
 use crate::status::reasons::{self, ViolationAction};
+use crate::write::driver::{self, Outcome, Planned};
 use crate::write::fight::{TakeoverKey, TakeoverPart};
 use crate::write::{self, FightKey};
 
@@ -41,7 +42,7 @@ pub use budget::allowed_disruptions;
 use observe::left_behind;
 pub use observe::{control_plane_groups, gateway_groups, observe};
 pub use plan::{plan, resource_deviations};
-use writes::{execute, observed_meta, write_kind};
+use writes::{HaWrite, Target, WriteFailure, write_kind};
 
 pub(crate) const HOSTNAME: &str = "kubernetes.io/hostname";
 pub(crate) const ZONE: &str = "topology.kubernetes.io/zone";
@@ -108,6 +109,12 @@ pub struct Plan {
     pub takeovers: Vec<(String, String)>,
     /// Messages that are not deviations but worth a line (HPA handling).
     pub notes: Vec<String>,
+}
+
+/// Why a PodDisruptionBudget meshwarden created (`<deployment>-meshwarden`) is left behind.
+fn gone_message(name: &str) -> String {
+    let deployment = name.trim_end_matches("-meshwarden");
+    format!("meshwarden created it for Deployment {deployment}, which is gone")
 }
 
 pub(crate) fn object_id(kind: &str, ns: &str, name: &str) -> String {
@@ -183,31 +190,25 @@ pub async fn reconcile(
             true => left_behind(ctx, group, policy).await,
             false => Ok(Vec::new()),
         };
-        match gone {
-            Ok(names) => {
-                for name in names {
-                    let id = object_id("PodDisruptionBudget", &group.namespace, &name);
-                    let deployment = name.trim_end_matches("-meshwarden");
-                    let message =
-                        format!("meshwarden created it for Deployment {deployment}, which is gone");
-                    let api: Api<PodDisruptionBudget> =
-                        Api::namespaced(ctx.client.clone(), &group.namespace);
-                    if !enforce {
-                        report.violations.push(Violation {
-                            rule: ctype.to_string(),
-                            object: id,
-                            message: format!("PodDisruptionBudget: {message}"),
-                            action: ViolationAction::Reported,
-                        });
-                    } else if let Err(e) = write::delete(&api, &name, &ctx.writes).await {
-                        write_failures.push(format!("{id}: {e}"));
-                        failed_writes += 1;
-                    } else {
-                        report.corrections.push(format!("{id}: removed, {message}"));
-                    }
-                }
-            }
+        let gone = match gone {
+            Ok(names) => names,
             Err(e) => return RuleReport::failed(ctype, &e),
+        };
+        let mut planned: Vec<Planned<HaWrite>> = Vec::new();
+        for name in gone {
+            if enforce {
+                planned.push(Planned {
+                    checks: Vec::new(),
+                    item: HaWrite::LeftBehind { name },
+                });
+            } else {
+                report.violations.push(Violation {
+                    rule: ctype.to_string(),
+                    object: object_id("PodDisruptionBudget", &group.namespace, &name),
+                    message: format!("PodDisruptionBudget: {}", gone_message(&name)),
+                    action: ViolationAction::Reported,
+                });
+            }
         }
         if observations.is_empty() {
             empty_groups.push(format!(
@@ -216,9 +217,9 @@ pub async fn reconcile(
                 group.namespace,
                 selector::to_query(&group.selector)
             ));
-            continue;
+        } else {
+            audit |= !enforce;
         }
-        audit |= !enforce;
         for obs in &observations {
             report.targets += 1;
             let deployed_by_istiod = source::istiod_gateway(&obs.deployment.metadata);
@@ -232,102 +233,130 @@ pub async fn reconcile(
                 report.compliant += 1;
                 continue;
             }
-            let dep_id = object_id("Deployment", &group.namespace, &obs.deployment.name_any());
-            let now = Instant::now();
-            let fight_key = |f: &Finding| FightKey {
-                policy: policy.name_any(),
-                section: ctype,
-                object: f.object.clone(),
-                field: Some(f.field.clone()),
-            };
-            // Fields another writer keeps reverting are left alone; the rest is still written.
-            let held: Vec<Finding> = plan
-                .findings
-                .iter()
-                .filter(|f| enforce && f.fixable && ctx.memory.fighting(&fight_key(f), now))
-                .cloned()
-                .collect();
-            let mut plan = plan;
-            if !held.is_empty() {
-                fight::hold(&mut plan, &held);
-                for f in &held {
-                    fights.push(format!(
-                        "{} {} (changed by {})",
-                        f.object,
-                        f.field,
-                        f.changed_by.join(", ")
-                    ));
+            planned.push(writes::planned(
+                &policy.name_any(),
+                ctype,
+                obs,
+                plan,
+                enforce,
+            ));
+        }
+        // Fight check → writes → record, one target after the other (each in the order HPA,
+        // Deployment, PodDisruptionBudget); fields another writer keeps reverting are left
+        // alone, the rest is still written. In Audit nothing is written.
+        let failures = Mutex::new(HashMap::new());
+        let done: Vec<(HaWrite, Option<Result<()>>)> = if enforce {
+            let outcomes = driver::drive_checks(&ctx.memory, planned, 1, writes::hold, |w| {
+                writes::send(ctx, group, w.clone(), &failures)
+            })
+            .await;
+            outcomes
+                .into_iter()
+                .map(|o| match o {
+                    Outcome::Fighting(w) | Outcome::Written(w) => (w, Some(Ok(()))),
+                    Outcome::Failed(w, e) => (w, Some(Err(e))),
+                })
+                .collect()
+        } else {
+            planned.into_iter().map(|p| (p.item, None)).collect()
+        };
+        let mut failures = failures.into_inner().unwrap_or_default();
+        for (w, sent) in done {
+            let (obs, plan, held) = match w {
+                HaWrite::LeftBehind { name } => {
+                    let id = object_id("PodDisruptionBudget", &group.namespace, &name);
+                    match sent {
+                        Some(Err(e)) => {
+                            write_failures.push(format!("{id}: {e}"));
+                            failed_writes += 1;
+                        }
+                        _ => report
+                            .corrections
+                            .push(format!("{id}: removed, {}", gone_message(&name))),
+                    }
+                    continue;
                 }
+                HaWrite::Target(t) => {
+                    let Target {
+                        obs, plan, held, ..
+                    } = *t;
+                    (obs, plan, held)
+                }
+            };
+            let dep_id = object_id("Deployment", &group.namespace, &obs.deployment.name_any());
+            for f in &held {
+                fights.push(format!(
+                    "{} {} (changed by {})",
+                    f.object,
+                    f.field,
+                    f.changed_by.join(", ")
+                ));
             }
             let fighting = |f: &Finding| held.contains(f);
-            let outstanding: Vec<Finding> = if !enforce {
-                plan.findings.clone()
-            } else {
-                tracing::debug!(target = %dep_id, "correcting");
-                let (failed, applied) = execute(ctx, group, &plan).await;
-                tracing::debug!(target = %dep_id, "corrected");
-                let failure_of = |f: &Finding| failed.iter().find(|w| w.kind == write_kind(f));
-                let fixed: Vec<&Finding> = plan
-                    .findings
-                    .iter()
-                    .filter(|f| f.fixable && !fighting(f) && failure_of(f).is_none())
-                    .collect();
-                for f in &fixed {
-                    let Some(read) = observed_meta(obs, f) else {
-                        continue;
+            let outstanding: Vec<Finding> = match sent {
+                None => plan.findings.clone(),
+                Some(sent) => {
+                    let failed = match sent {
+                        Ok(()) => failures
+                            .remove(&obs.deployment.name_any())
+                            .unwrap_or_default(),
+                        Err(e) => [
+                            "HorizontalPodAutoscaler",
+                            "Deployment",
+                            "PodDisruptionBudget",
+                        ]
+                        .into_iter()
+                        .map(|kind| WriteFailure::of(kind, dep_id.clone(), &e))
+                        .collect(),
                     };
-                    // The installer re-applying its own render (an upgrade, a rollback, a
-                    // sync) is restored, never counted toward a fight.
-                    let installer = source::installer(read).map(|i| i.manager());
-                    let seen = write::foreign_writes(read, &f.owned).without(installer);
-                    // Without the object the write returned (a deleted PDB), the next correction
-                    // compares with what was read.
-                    let after = applied.get(write_kind(f)).map_or_else(
-                        || seen.clone(),
-                        |m| write::foreign_writes(m, &f.owned).without(installer),
-                    );
-                    ctx.memory.corrected(&fight_key(f), now, &seen, &after);
-                }
-                if !fixed.is_empty() {
-                    report.corrected += 1;
-                    for f in &fixed {
-                        report
-                            .corrections
-                            .push(format!("{}: {}", f.object, f.message));
+                    let failure_of = |f: &Finding| failed.iter().find(|w| w.kind == write_kind(f));
+                    let fixed: Vec<&Finding> = plan
+                        .findings
+                        .iter()
+                        .filter(|f| f.fixable && !fighting(f) && failure_of(f).is_none())
+                        .collect();
+                    if !fixed.is_empty() {
+                        report.corrected += 1;
+                        for f in &fixed {
+                            report
+                                .corrections
+                                .push(format!("{}: {}", f.object, f.message));
+                        }
                     }
-                }
-                let wrote = |kind: &str| !failed.iter().any(|w| w.kind == kind);
-                if plan.rolls_pods && wrote("Deployment") {
-                    rolled.push(dep_id.clone());
-                }
-                let mut took_over = false;
-                for (field, manager) in &plan.takeovers {
-                    if wrote(field.split('/').next().unwrap_or_default()) {
-                        takeovers.push(format!("{field} (was managed by {manager})"));
-                        took_over = true;
+                    let wrote = |kind: &str| !failed.iter().any(|w| w.kind == kind);
+                    if plan.rolls_pods && wrote("Deployment") {
+                        rolled.push(dep_id.clone());
                     }
+                    let mut took_over = false;
+                    for (field, manager) in &plan.takeovers {
+                        if wrote(field.split('/').next().unwrap_or_default()) {
+                            takeovers.push(format!("{field} (was managed by {manager})"));
+                            took_over = true;
+                        }
+                    }
+                    if took_over
+                        && let Some(s) =
+                            values::source_sentence(&group.rules, obs, &policy.name_any())
+                        && !at_source.contains(&s)
+                    {
+                        at_source.push(s);
+                    }
+                    for w in &failed {
+                        write_failures.push(format!("{}: {}", w.object, w.message));
+                        retry_forbidden |= w.forbidden;
+                    }
+                    plan.findings
+                        .iter()
+                        .filter(|f| !f.fixable || fighting(f) || failure_of(f).is_some())
+                        .map(|f| match failure_of(f) {
+                            Some(w) => Finding {
+                                message: format!("{} (not corrected: {})", f.message, w.message),
+                                ..f.clone()
+                            },
+                            None => f.clone(),
+                        })
+                        .collect()
                 }
-                if took_over
-                    && let Some(s) = values::source_sentence(&group.rules, obs, &policy.name_any())
-                    && !at_source.contains(&s)
-                {
-                    at_source.push(s);
-                }
-                for w in &failed {
-                    write_failures.push(format!("{}: {}", w.object, w.message));
-                    retry_forbidden |= w.forbidden;
-                }
-                plan.findings
-                    .iter()
-                    .filter(|f| !f.fixable || fighting(f) || failure_of(f).is_some())
-                    .map(|f| match failure_of(f) {
-                        Some(w) => Finding {
-                            message: format!("{} (not corrected: {})", f.message, w.message),
-                            ..f.clone()
-                        },
-                        None => f.clone(),
-                    })
-                    .collect()
             };
             if outstanding.is_empty() {
                 report.compliant += 1;
