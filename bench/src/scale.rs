@@ -369,6 +369,12 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize, rate: f64, 
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     println!("  conditions before the churn: {conditions}");
+    // Where the peak is reached: converging, or under the churn.
+    println!(
+        "  operator RSS before the churn: {:.1} MiB, peak so far (VmHWM) {:.1} MiB",
+        proc_status_kib(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0,
+        proc_status_kib(pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0
+    );
 
     let peak = Arc::new(AtomicU64::new(0));
     let sampler = {

@@ -265,26 +265,10 @@ pub fn observe_cached(
     );
     // Looked up once per workload and pod: hashed, not compared along a tree.
     let mut out: HashMap<String, NamespaceObservation> = covered.into_iter().collect();
-    let mut written = match cache.written.lock() {
-        Ok(w) => w,
-        Err(p) => p.into_inner(),
-    };
     let mut add = |namespace: &Option<String>, facts: &Arc<WorkloadFacts>| {
-        let Some(ns) = out.get_mut(namespace.as_deref().unwrap_or_default()) else {
-            return;
-        };
-        let pending = match written.is_empty() {
-            true => None,
-            false => {
-                let key = (facts.kind, ns.name.clone(), facts.name.clone());
-                pending_write(&mut written, key, facts.generation)
-            }
-        };
-        let facts = match pending {
-            Some(g) => Arc::new(facts.written(g, desired)),
-            None => facts.clone(),
-        };
-        ns.workloads.push(facts);
+        if let Some(ns) = out.get_mut(namespace.as_deref().unwrap_or_default()) {
+            ns.workloads.push(facts.clone());
+        }
     };
     for o in cache.deployments.state() {
         add(&o.metadata.namespace, &o.facts);
@@ -294,6 +278,30 @@ pub fn observe_cached(
     }
     for o in cache.daemonsets.state() {
         add(&o.metadata.namespace, &o.facts);
+    }
+    // The few workloads written by this process that the cache has not caught up with are
+    // read as written (looked up from the written ones: no key is built per workload).
+    let mut written = match cache.written.lock() {
+        Ok(w) => w,
+        Err(p) => p.into_inner(),
+    };
+    written.retain(|_, (_, at)| at.elapsed() <= WRITTEN_TTL);
+    let keys: Vec<(Kind, String, String)> = written.keys().cloned().collect();
+    for key in keys {
+        let Some(ns) = out.get_mut(key.1.as_str()) else {
+            continue;
+        };
+        let Some(slot) = ns
+            .workloads
+            .iter_mut()
+            .find(|f| f.kind == key.0 && f.name == key.2)
+        else {
+            continue;
+        };
+        let cached_generation = slot.generation;
+        if let Some(g) = pending_write(&mut written, key, cached_generation) {
+            *slot = Arc::new(slot.written(g, desired));
+        }
     }
     drop(written);
     for o in cache.pods.state() {
