@@ -402,6 +402,21 @@ impl Sampler {
         sampler
     }
 
+    /// [`Sampler::check`] without the HPA, with a floor of its own for available pods.
+    fn check_available(&self, step: &str, replicas_min: i32, available_min: i32) {
+        let replicas = self.floor.replicas.load(SeqCst);
+        let available = self.floor.available.load(SeqCst);
+        assert!(
+            replicas >= replicas_min,
+            "{step}: Deployment replicas went down to {replicas}"
+        );
+        assert!(
+            available >= available_min,
+            "{step}: available pods went down to {available}"
+        );
+        self.reset();
+    }
+
     fn reset(&self) {
         self.floor.replicas.store(i32::MAX, SeqCst);
         self.floor.available.store(i32::MAX, SeqCst);
@@ -654,7 +669,11 @@ async fn gateway_release_lifecycle_with_helm_never_lowers_the_posture() {
             })
             .await;
             tokio::time::sleep(Duration::from_secs(6)).await;
-            sampler.check(&step, 3, false);
+            // The upgrade writes the chart's proxy resources and meshwarden writes the
+            // declared ones back: two rollouts of the installer's making, during which the
+            // serving pods may dip by what the declared budget allows (maxUnavailable 1),
+            // never below it; replicas never drop.
+            sampler.check_available(&step, 3, 2);
             resources_are(&step, "200m").await;
         }
     })
