@@ -35,7 +35,7 @@ use crate::watch;
 
 pub use reconcile::evaluate;
 use routing::Route;
-use watches::{Triggers, cached};
+use watches::{Triggers, cached, cached_observed};
 
 /// Shared state of the running controller.
 pub struct State {
@@ -164,23 +164,32 @@ pub async fn run(
     // these stores instead of listing them on every reconcile. Workloads and pods are kept as
     // the facts the rule reads (`compact::Compact`), not as objects. Pages of 100 on the large
     // lists: a page is held whole before it is reduced.
-    let (deployments, deployment_events) = cached::<sidecars::CachedWorkload<Deployment>>(
+    // The workloads' and pods' facts are also kept by namespace, from the same events, for
+    // the section's evaluation (`sidecars::ByNamespace`).
+    let indexes = sidecars::Indexes::default();
+    let index = indexes.deployments.clone();
+    let (deployments, deployment_events) = cached_observed::<sidecars::CachedWorkload<Deployment>>(
         &client,
         (&health, "Deployments"),
         watcher::Config::default().page_size(100),
         |_| {},
+        move |e| index.apply(e),
     );
-    let (statefulsets, statefulset_events) = cached::<sidecars::CachedWorkload<StatefulSet>>(
+    let index = indexes.statefulsets.clone();
+    let (statefulsets, statefulset_events) = cached_observed::<sidecars::CachedWorkload<StatefulSet>>(
         &client,
         (&health, "StatefulSets"),
         watcher::Config::default(),
         |_| {},
+        move |e| index.apply(e),
     );
-    let (daemonsets, daemonset_events) = cached::<sidecars::CachedWorkload<DaemonSet>>(
+    let index = indexes.daemonsets.clone();
+    let (daemonsets, daemonset_events) = cached_observed::<sidecars::CachedWorkload<DaemonSet>>(
         &client,
         (&health, "DaemonSets"),
         watcher::Config::default(),
         |_| {},
+        move |e| index.apply(e),
     );
     let (limit_ranges, limit_range_events) = cached::<LimitRange>(
         &client,
@@ -194,13 +203,15 @@ pub async fn run(
         watcher::Config::default(),
         |_| {},
     );
-    let (pods, pod_events) = cached::<sidecars::CachedPod>(
+    let index = indexes.pods.clone();
+    let (pods, pod_events) = cached_observed::<sidecars::CachedPod>(
         &client,
         (&health, "RunningPods"),
         watcher::Config::default()
             .fields("status.phase=Running")
             .page_size(100),
         |_| {},
+        move |e| index.apply(e),
     );
     // HPAs, PDBs and PeerAuthentications, whole (few objects): the HA and mtls sections read
     // them, with the namespaces, from these stores instead of listing.
@@ -224,15 +235,18 @@ pub async fn run(
         pdbs,
         health.clone(),
     )));
-    state.ctx.set_cache(Some(sidecars::Cache::new(
-        ns_store.clone(),
-        deployments,
-        statefulsets,
-        daemonsets,
-        limit_ranges,
-        quotas,
-        pods,
-    )));
+    state.ctx.set_cache(Some(
+        sidecars::Cache::new(
+            ns_store.clone(),
+            deployments,
+            statefulsets,
+            daemonsets,
+            limit_ranges,
+            quotas,
+            pods,
+        )
+        .indexed(indexes),
+    ));
     // Ready once the policies and every cache have their initial list (a reconcile before
     // that would wait for them). Polled: a store's readiness future wakes one waiter only.
     let ready_task = {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -80,9 +80,28 @@ impl Triggers {
 #[allow(clippy::type_complexity)]
 pub(super) fn cached<K>(
     client: &kube::Client,
+    watch: (&Arc<watch::Health>, &'static str),
+    config: watcher::Config,
+    strip: fn(&mut K),
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: watch::Watched,
+{
+    cached_observed(client, watch, config, strip, |_| {})
+}
+
+/// [`cached`], with every watch event also handed to `observe` as the store receives it (to
+/// keep another index of the same objects).
+#[allow(clippy::type_complexity)]
+pub(super) fn cached_observed<K>(
+    client: &kube::Client,
     (health, name): (&Arc<watch::Health>, &'static str),
     config: watcher::Config,
     strip: fn(&mut K),
+    observe: impl Fn(&watcher::Event<K>) + Send + 'static,
 ) -> (
     Store<K>,
     impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -95,6 +114,7 @@ where
     let events = watch::resilient(health.clone(), name, move || {
         watcher(api.clone(), config.clone())
     });
-    let stream = reflector::reflector(writer, events.modify(strip)).touched_objects();
+    let events = events.modify(strip).inspect_ok(move |e| observe(e));
+    let stream = reflector::reflector(writer, events).touched_objects();
     (store, stream)
 }

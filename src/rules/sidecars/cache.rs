@@ -32,7 +32,26 @@ pub struct Cache {
     /// Workloads this process is writing, with the generation the write will produce: the
     /// watch event that delivers exactly that state (its echo) triggers no evaluation.
     echoes: Arc<Mutex<Written>>,
+    /// Each policy's namespace parts of its last evaluation ([`Memo`]), and when it was used.
+    memos: Arc<Mutex<HashMap<String, (Instant, Memo)>>>,
+    /// The workloads' and pods' facts by namespace ([`ByNamespace`]), which
+    /// [`observe_cached`] reads; the controller applies each watch event to them as the
+    /// stores do ([`Cache::index`]).
+    pub by_namespace: Indexes,
 }
+
+/// The facts of the watched workloads and running pods, by namespace.
+#[derive(Clone, Default)]
+pub struct Indexes {
+    pub deployments: ByNamespace<WorkloadFacts>,
+    pub statefulsets: ByNamespace<WorkloadFacts>,
+    pub daemonsets: ByNamespace<WorkloadFacts>,
+    pub pods: ByNamespace<PodFacts>,
+}
+
+/// A policy's [`Memo`] unused this long is dropped (its policy was deleted or lost its
+/// section): at most one evaluation's parts are kept per policy.
+const MEMO_TTL: Duration = Duration::from_secs(600);
 
 /// Workloads whose last write failed: (kind, namespace, name) -> (when, the error).
 pub(super) type Failed = HashMap<(Kind, String, String), (Instant, String)>;
@@ -65,7 +84,34 @@ impl Cache {
             written: Arc::new(Mutex::new(HashMap::new())),
             failed: Arc::new(Mutex::new(HashMap::new())),
             echoes: Arc::new(Mutex::new(HashMap::new())),
+            memos: Arc::new(Mutex::new(HashMap::new())),
+            by_namespace: Indexes::default(),
         }
+    }
+
+    /// The cache with `by_namespace` as its indexes (the controller feeds them).
+    pub fn indexed(mut self, by_namespace: Indexes) -> Self {
+        self.by_namespace = by_namespace;
+        self
+    }
+
+    /// Runs `f` with the [`Memo`] of `policy`'s last evaluation (empty the first time) and
+    /// keeps what `f` leaves in it. One policy is never reconciled twice at once; another
+    /// policy's evaluation meanwhile uses its own memo.
+    pub fn with_memo<R>(&self, policy: &str, f: impl FnOnce(&mut Memo) -> R) -> R {
+        let taken = self
+            .memos
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(policy))
+            .map(|(_, memo)| memo);
+        let mut memo = taken.unwrap_or_default();
+        let out = f(&mut memo);
+        if let Ok(mut m) = self.memos.lock() {
+            m.retain(|_, (used, _)| used.elapsed() < MEMO_TTL);
+            m.insert(policy.to_string(), (Instant::now(), memo));
+        }
+        out
     }
 
     /// Whether any write is recorded as failed (most passes: none, and nothing to sort).
@@ -263,22 +309,28 @@ pub fn observe_cached(
         }),
         revisions,
     );
-    // Looked up once per workload and pod: hashed, not compared along a tree.
+    // Looked up once per namespace in each index, never per workload or pod.
     let mut out: HashMap<String, NamespaceObservation> = covered.into_iter().collect();
-    let mut add = |namespace: &Option<String>, facts: &Arc<WorkloadFacts>| {
-        if let Some(ns) = out.get_mut(namespace.as_deref().unwrap_or_default()) {
-            ns.workloads.push(facts.clone());
+    let idx = &cache.by_namespace;
+    // Deployments, then StatefulSets, then DaemonSets, each by name: the order targets are
+    // planned in. The four views are locked in this order only here.
+    let kinds = [
+        idx.deployments.read(),
+        idx.statefulsets.read(),
+        idx.daemonsets.read(),
+    ];
+    let pods = idx.pods.read();
+    for o in out.values_mut() {
+        for kind in &kinds {
+            if let Some(m) = kind.get(&o.name) {
+                o.workloads.extend(m.values().cloned());
+            }
         }
-    };
-    for o in cache.deployments.state() {
-        add(&o.metadata.namespace, &o.facts);
+        if let Some(m) = pods.get(&o.name) {
+            o.pods.extend(m.values().cloned());
+        }
     }
-    for o in cache.statefulsets.state() {
-        add(&o.metadata.namespace, &o.facts);
-    }
-    for o in cache.daemonsets.state() {
-        add(&o.metadata.namespace, &o.facts);
-    }
+    drop((kinds, pods));
     // The few workloads written by this process that the cache has not caught up with are
     // read as written (looked up from the written ones: no key is built per workload).
     let mut written = match cache.written.lock() {
@@ -304,11 +356,6 @@ pub fn observe_cached(
         }
     }
     drop(written);
-    for o in cache.pods.state() {
-        if let Some(ns) = out.get_mut(o.metadata.namespace.as_deref().unwrap_or_default()) {
-            ns.pods.push(o.facts.clone());
-        }
-    }
     for o in cache.limit_ranges.state() {
         if let Some(ns) = out.get_mut(o.metadata.namespace.as_deref().unwrap_or_default()) {
             ns.limit_ranges.push((*o).clone());
@@ -321,11 +368,6 @@ pub fn observe_cached(
     }
     let mut namespaces: Vec<NamespaceObservation> = out.into_values().collect();
     namespaces.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-    // In the order targets are planned in, so that sorting them all finds them sorted.
-    for ns in &mut namespaces {
-        ns.workloads
-            .sort_unstable_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
-    }
     Covered {
         namespaces,
         ambient,

@@ -1,5 +1,10 @@
 //! The section's decision over what was observed (pure): classify the workloads, check that
 //! the declared values fit each namespace, plan the writes and pacing, count pod drift.
+//!
+//! Everything but the pacing is decided per namespace, from that namespace's objects alone.
+//! A [`Memo`] keeps each namespace's part between evaluations together with the inputs it was
+//! decided from, so an evaluation re-decides only the namespaces whose objects changed (a
+//! watch event replaces the cached entry, so a changed object is a different `Arc`).
 
 use super::*;
 
@@ -11,7 +16,56 @@ pub struct Evaluation {
     pub unfit: BTreeMap<String, Vec<String>>,
     /// One per target, in the order of `classified.targets`.
     pub decisions: Vec<Decision>,
-    pub pod_drift: BTreeMap<String, PodDrift>,
+    /// Shared with the namespace parts a [`Memo`] keeps.
+    pub pod_drift: BTreeMap<String, Arc<PodDrift>>,
+}
+
+/// One namespace's part of an evaluation and the inputs it was decided from. The inputs are
+/// held, not only their addresses compared: an entry the cache dropped could otherwise be
+/// freed and its address reused by a new one.
+#[derive(Clone, Debug)]
+struct NamespacePart {
+    labels: BTreeMap<String, String>,
+    workloads: Vec<Arc<WorkloadFacts>>,
+    /// In the order observed (the cache's: by name); another order only decides anew.
+    pods: Vec<Arc<PodFacts>>,
+    limit_ranges: Vec<LimitRange>,
+    quotas: Vec<ResourceQuota>,
+    classes: NamespaceClasses,
+    /// Per target (order of `classes.targets`).
+    deviations: Vec<Vec<String>>,
+    unfit: Option<Vec<String>>,
+    pod_drift: Option<Arc<PodDrift>>,
+    /// The evaluation that last used it ([`Memo::round`]).
+    round: u64,
+}
+
+impl NamespacePart {
+    /// Whether the part was decided from exactly these objects.
+    fn decided_from(&self, ns: &NamespaceObservation) -> bool {
+        same_arcs(&self.workloads, &ns.workloads)
+            && same_arcs(&self.pods, &ns.pods)
+            && self.labels == ns.labels
+            && self.limit_ranges == ns.limit_ranges
+            && self.quotas == ns.quotas
+    }
+}
+
+fn same_arcs<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
+}
+
+/// Namespace parts kept between evaluations of one policy's section. Parts are reused only
+/// while the declared values and the revisions stay the same; a namespace no longer covered
+/// is dropped at the next evaluation.
+#[derive(Debug, Default)]
+pub struct Memo {
+    decided_for: Option<(Desired, Revisions)>,
+    parts: HashMap<String, NamespacePart>,
+    /// Counts evaluations, to drop the parts of namespaces the last one did not cover.
+    round: u64,
+    /// Namespaces decided anew by the last evaluation (the others were reused).
+    pub last_decided: usize,
 }
 
 /// Evaluates the covered namespaces. `failed_recently` tells the targets whose last write
@@ -25,43 +79,174 @@ pub fn evaluate(
     now: jiff::Timestamp,
     failed_recently: Option<&dyn Fn(&Workload) -> bool>,
 ) -> Evaluation {
-    let mut classified = classify(namespaces, now, revisions);
-    if let Some(failed) = failed_recently {
-        classified.targets.sort_by_cached_key(|w| failed(w));
+    evaluate_with(
+        &mut Memo::default(),
+        namespaces,
+        desired,
+        spec,
+        enforce,
+        revisions,
+        now,
+        failed_recently,
+    )
+}
+
+/// [`evaluate`], deciding anew only the namespaces whose objects differ from the ones `memo`
+/// holds their part for; the result is the same as [`evaluate`]'s.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_with(
+    memo: &mut Memo,
+    namespaces: &[NamespaceObservation],
+    desired: &Desired,
+    spec: &SidecarSpec,
+    enforce: bool,
+    revisions: &Revisions,
+    now: jiff::Timestamp,
+    failed_recently: Option<&dyn Fn(&Workload) -> bool>,
+) -> Evaluation {
+    if memo
+        .decided_for
+        .as_ref()
+        .is_none_or(|(d, r)| d != desired || r != revisions)
+    {
+        memo.parts.clear();
+        memo.decided_for = Some((desired.clone(), revisions.clone()));
     }
-    // Targets to change, by namespace (one pass: deviations format strings).
-    let mut changes_by_ns: HashMap<&str, Vec<&Workload>> = HashMap::new();
-    for w in &classified.targets {
-        if !deviations(desired, &w.template_annotations).is_empty() {
-            changes_by_ns
-                .entry(w.namespace.as_str())
-                .or_default()
-                .push(w);
+    let want = declared_millis(desired);
+    memo.last_decided = 0;
+    memo.round = memo.round.wrapping_add(1);
+    for ns in namespaces {
+        match memo.parts.get_mut(ns.name.as_str()) {
+            Some(part) if part.decided_from(ns) => part.round = memo.round,
+            _ => {
+                memo.last_decided += 1;
+                let mut part = decide_namespace(ns, desired, &want, revisions);
+                part.round = memo.round;
+                memo.parts.insert(ns.name.clone(), part);
+            }
         }
     }
+    // Namespaces no longer covered.
+    let round = memo.round;
+    memo.parts.retain(|_, p| p.round == round);
+
+    // The namespaces' parts, in namespace order (targets within one are in the order the
+    // observation lists its workloads).
+    let mut order: Vec<&NamespaceObservation> = namespaces.iter().collect();
+    order.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    let mut classified = Classified::default();
+    let mut deviations: Vec<Vec<String>> = Vec::new();
     let mut unfit: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for ns in namespaces {
-        let Some(changes) = changes_by_ns.get(ns.name.as_str()) else {
+    let mut pod_drift: BTreeMap<String, Arc<PodDrift>> = BTreeMap::new();
+    let mut targets: Vec<(Workload, Vec<String>)> = Vec::new();
+    for ns in order {
+        let Some(part) = memo.parts.get(&ns.name) else {
             continue;
         };
-        let problems = namespace_fit(desired, changes, &ns.limit_ranges, &ns.quotas);
-        if !problems.is_empty() {
-            unfit.insert(ns.name.clone(), problems);
+        for (w, devs) in part.classes.targets.iter().zip(&part.deviations) {
+            targets.push((
+                Workload {
+                    namespace: ns.name.clone(),
+                    facts: w.clone(),
+                    rollout: meshwarden_rollout(w, now),
+                },
+                devs.clone(),
+            ));
+        }
+        classified
+            .opted_out
+            .extend(part.classes.opted_out.iter().cloned());
+        classified
+            .other_rule
+            .extend(part.classes.other_rule.iter().cloned());
+        classified.excluded.extend(
+            part.classes
+                .excluded
+                .iter()
+                .map(|(kind, name)| (ns.name.clone(), *kind, name.clone())),
+        );
+        if let Some(problems) = &part.unfit {
+            unfit.insert(ns.name.clone(), problems.clone());
+        }
+        if let Some(drift) = &part.pod_drift {
+            pod_drift.insert(ns.name.clone(), Arc::clone(drift));
         }
     }
+    // Sorted as `classify` sorts them (a namespace's workloads may come in any order).
+    targets.sort_by(|(a, _), (b, _)| {
+        (&a.namespace, a.kind, &a.name).cmp(&(&b.namespace, b.kind, &b.name))
+    });
+    if let Some(failed) = failed_recently {
+        targets.sort_by_cached_key(|(w, _)| failed(w));
+    }
+    classified.opted_out.sort();
+    classified.other_rule.sort();
+    classified.targets.reserve(targets.len());
+    deviations.reserve(targets.len());
+    for (w, devs) in targets {
+        classified.targets.push(w);
+        deviations.push(devs);
+    }
     let paced = spec.pacing == Pacing::Paced;
-    let decisions = plan(
-        desired,
+    let decisions = plan_with(
         &classified.targets,
+        deviations,
         &unfit,
         paced.then_some(spec.max_concurrent_rollouts),
         enforce,
     );
-    let pod_drift = pod_drift(desired, namespaces, &classified.excluded, revisions);
     Evaluation {
         classified,
         unfit,
         decisions,
         pod_drift,
+    }
+}
+
+/// Decides one namespace: its classes, each target's deviations, whether the values fit, and
+/// its pod drift.
+fn decide_namespace(
+    ns: &NamespaceObservation,
+    desired: &Desired,
+    want: &[Option<i128>; 4],
+    revisions: &Revisions,
+) -> NamespacePart {
+    let classes = classify_namespace(ns, revisions);
+    let deviations: Vec<Vec<String>> = classes
+        .targets
+        .iter()
+        .map(|w| deviations(desired, &w.template_annotations))
+        .collect();
+    // The fit is checked for the targets to change (their rollout state does not matter).
+    let changes: Vec<Workload> = classes
+        .targets
+        .iter()
+        .zip(&deviations)
+        .filter(|(_, d)| !d.is_empty())
+        .map(|(w, _)| Workload {
+            namespace: ns.name.clone(),
+            facts: w.clone(),
+            rollout: Rollout::Complete,
+        })
+        .collect();
+    let unfit = if changes.is_empty() {
+        None
+    } else {
+        let refs: Vec<&Workload> = changes.iter().collect();
+        let problems = namespace_fit(desired, &refs, &ns.limit_ranges, &ns.quotas);
+        (!problems.is_empty()).then_some(problems)
+    };
+    let pod_drift = namespace_pod_drift(want, &ns.labels, &ns.pods, &classes.excluded, revisions);
+    NamespacePart {
+        labels: ns.labels.clone(),
+        workloads: ns.workloads.clone(),
+        pods: ns.pods.clone(),
+        limit_ranges: ns.limit_ranges.clone(),
+        quotas: ns.quotas.clone(),
+        classes,
+        deviations,
+        unfit,
+        pod_drift: pod_drift.map(Arc::new),
+        round: 0,
     }
 }

@@ -19,6 +19,7 @@ mod desired;
 mod evaluate;
 mod facts;
 mod fit;
+mod index;
 mod injection;
 mod plan;
 mod rollout;
@@ -28,6 +29,7 @@ pub use desired::*;
 pub use evaluate::*;
 pub use facts::*;
 pub use fit::*;
+pub use index::*;
 pub use injection::*;
 pub use plan::*;
 pub use rollout::*;
@@ -225,6 +227,9 @@ pub async fn reconcile_with_stats(
         }
         _ => None,
     };
+    // Only an observation from the cache shares its entries between reconciles, so only it
+    // can reuse the namespace parts of the last evaluation.
+    let from_cache = cached.is_some();
     let Covered {
         namespaces,
         ambient,
@@ -261,15 +266,26 @@ pub async fn reconcile_with_stats(
         unfit,
         decisions,
         pod_drift,
-    } = evaluate(
-        &namespaces,
-        &desired,
-        spec,
-        enforce,
-        &revisions,
-        jiff::Timestamp::now(),
-        failed.as_ref().map(|f| f as &dyn Fn(&Workload) -> bool),
-    );
+    } = {
+        let failed = failed.as_ref().map(|f| f as &dyn Fn(&Workload) -> bool);
+        let now = jiff::Timestamp::now();
+        let run = |memo: &mut Memo| {
+            evaluate_with(
+                memo,
+                &namespaces,
+                &desired,
+                spec,
+                enforce,
+                &revisions,
+                now,
+                failed,
+            )
+        };
+        match &cache {
+            Some(c) if from_cache => c.with_memo(&policy.name_any(), run),
+            _ => run(&mut Memo::default()),
+        }
+    };
     let targets = &classified.targets;
 
     let mut started: Vec<String> = Vec::new();

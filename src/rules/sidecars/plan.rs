@@ -40,40 +40,66 @@ pub fn classify(
 ) -> Classified {
     let mut out = Classified::default();
     for ns in namespaces {
-        let injection = NamespaceInjection::of(&ns.labels, revisions);
-        for w in &ns.workloads {
-            // Built only for the workloads left out (most are targets).
-            let id = || format!("{}/{}/{}", w.kind.as_str(), ns.name, w.name);
-            let key = || (ns.name.clone(), w.kind, w.name.clone());
-            if injection
-                .no_sidecar_reason(&w.template_labels, &w.template_annotations, revisions)
-                .is_some()
-            {
-                out.excluded.insert(key());
-                continue;
-            }
-            if w.opted_out {
-                out.opted_out.push(id());
-                out.excluded.insert(key());
-                continue;
-            }
-            if w.other_rule {
-                out.other_rule.push(id());
-                out.excluded.insert(key());
-                continue;
-            }
-            let rollout = meshwarden_rollout(w, now);
+        let part = classify_namespace(ns, revisions);
+        for w in part.targets {
+            let rollout = meshwarden_rollout(&w, now);
             out.targets.push(Workload {
                 namespace: ns.name.clone(),
-                facts: w.clone(),
+                facts: w,
                 rollout,
             });
         }
+        out.opted_out.extend(part.opted_out);
+        out.other_rule.extend(part.other_rule);
+        out.excluded.extend(
+            part.excluded
+                .into_iter()
+                .map(|(kind, name)| (ns.name.clone(), kind, name)),
+        );
     }
     out.targets
         .sort_by(|a, b| (&a.namespace, a.kind, &a.name).cmp(&(&b.namespace, b.kind, &b.name)));
     out.opted_out.sort();
     out.other_rule.sort();
+    out
+}
+
+/// One namespace's workloads sorted (pure): the targets in the order of `ns.workloads`, the
+/// ids of the ones opted out or left to another rule, and (kind, name) of every one not held.
+#[derive(Clone, Debug, Default)]
+pub struct NamespaceClasses {
+    pub targets: Vec<Arc<WorkloadFacts>>,
+    pub opted_out: Vec<String>,
+    pub other_rule: Vec<String>,
+    pub excluded: BTreeSet<(Kind, String)>,
+}
+
+/// [`classify`] of one namespace, without the rollout states (they depend on the time).
+pub fn classify_namespace(ns: &NamespaceObservation, revisions: &Revisions) -> NamespaceClasses {
+    let mut out = NamespaceClasses::default();
+    let injection = NamespaceInjection::of(&ns.labels, revisions);
+    for w in &ns.workloads {
+        // Built only for the workloads left out (most are targets).
+        let id = || format!("{}/{}/{}", w.kind.as_str(), ns.name, w.name);
+        if injection
+            .no_sidecar_reason(&w.template_labels, &w.template_annotations, revisions)
+            .is_some()
+        {
+            out.excluded.insert((w.kind, w.name.clone()));
+            continue;
+        }
+        if w.opted_out {
+            out.opted_out.push(id());
+            out.excluded.insert((w.kind, w.name.clone()));
+            continue;
+        }
+        if w.other_rule {
+            out.other_rule.push(id());
+            out.excluded.insert((w.kind, w.name.clone()));
+            continue;
+        }
+        out.targets.push(w.clone());
+    }
     out
 }
 
@@ -114,9 +140,26 @@ pub fn plan(
     max_concurrent: Option<i32>,
     enforce: bool,
 ) -> Vec<Decision> {
+    let deviations = targets
+        .iter()
+        .map(|w| deviations(desired, &w.template_annotations))
+        .collect();
+    plan_with(targets, deviations, unfit, max_concurrent, enforce)
+}
+
+/// [`plan`] with each target's deviations from the declared values already known (same
+/// order as `targets`).
+pub fn plan_with(
+    targets: &[Workload],
+    deviations: Vec<Vec<String>>,
+    unfit: &BTreeMap<String, Vec<String>>,
+    max_concurrent: Option<i32>,
+    enforce: bool,
+) -> Vec<Decision> {
     let mut decisions: Vec<Decision> = targets
         .iter()
-        .map(|w| {
+        .zip(deviations)
+        .map(|(w, deviations)| {
             let ours = w.template_annotations.contains_key(HASH_ANNOTATION);
             let (rolling, stalled) = match &w.rollout {
                 _ if !ours => (false, None),
@@ -126,7 +169,7 @@ pub fn plan(
             };
             Decision {
                 action: Action::Compliant,
-                deviations: deviations(desired, &w.template_annotations),
+                deviations,
                 rolling,
                 stalled,
             }
@@ -195,44 +238,65 @@ pub fn pod_drift(
     excluded: &BTreeSet<(String, Kind, String)>,
     revisions: &Revisions,
 ) -> BTreeMap<String, PodDrift> {
-    let want: Vec<Option<i128>> = desired
-        .annotations()
-        .iter()
-        .map(|(_, v)| quantity::millis(v))
-        .collect();
+    let want = declared_millis(desired);
     let mut out: BTreeMap<String, PodDrift> = BTreeMap::new();
     for ns in namespaces {
-        let injection = NamespaceInjection::of(&ns.labels, revisions);
-        let mut drift = PodDrift::default();
-        for pod in &ns.pods {
-            // The cheap test first: most pods run the declared values.
-            let Some(have) = &pod.proxy else { continue };
-            let differs = want
-                .iter()
-                .zip(have.iter())
-                .any(|(want, have)| have.is_none() || want != have);
-            if !differs {
-                continue;
-            }
-            if !excluded.is_empty()
-                && let Some((kind, name)) = &pod.owner
-                && excluded.contains(&(ns.name.clone(), *kind, name.clone()))
-            {
-                continue;
-            }
-            if injection
-                .no_sidecar_reason(&pod.labels, &pod.annotations, revisions)
-                .is_some()
-            {
-                continue;
-            }
-            drift.add(&pod.name);
-        }
-        if drift.pods > 0 {
+        let excluded_here: BTreeSet<(Kind, String)> = excluded
+            .iter()
+            .filter(|(n, _, _)| *n == ns.name)
+            .map(|(_, kind, name)| (*kind, name.clone()))
+            .collect();
+        if let Some(drift) =
+            namespace_pod_drift(&want, &ns.labels, &ns.pods, &excluded_here, revisions)
+        {
             out.insert(ns.name.clone(), drift);
         }
     }
     out
+}
+
+/// The declared values in milli-units, in the order of [`Desired::annotations`].
+pub(super) fn declared_millis(desired: &Desired) -> [Option<i128>; 4] {
+    desired.annotations().map(|(_, v)| quantity::millis(v))
+}
+
+/// [`pod_drift`] of one namespace (its labels and running pods): `want` from
+/// [`declared_millis`], `excluded` the (kind, name) of its workloads left alone. `None` when no
+/// pod drifts.
+pub(super) fn namespace_pod_drift(
+    want: &[Option<i128>; 4],
+    labels: &BTreeMap<String, String>,
+    pods: &[Arc<PodFacts>],
+    excluded: &BTreeSet<(Kind, String)>,
+    revisions: &Revisions,
+) -> Option<PodDrift> {
+    let injection = NamespaceInjection::of(labels, revisions);
+    let mut drift = PodDrift::default();
+    for pod in pods {
+        // The cheap test first: most pods run the declared values.
+        let Some(have) = &pod.proxy else { continue };
+        let differs = want
+            .iter()
+            .zip(have.iter())
+            .any(|(want, have)| have.is_none() || want != have);
+        if !differs {
+            continue;
+        }
+        if !excluded.is_empty()
+            && let Some((kind, name)) = &pod.owner
+            && excluded.contains(&(*kind, name.clone()))
+        {
+            continue;
+        }
+        if injection
+            .no_sidecar_reason(&pod.labels, &pod.annotations, revisions)
+            .is_some()
+        {
+            continue;
+        }
+        drift.add(&pod.name);
+    }
+    (drift.pods > 0).then_some(drift)
 }
 
 /// The running pods of one namespace whose proxy has other resources than declared: how many,
@@ -280,5 +344,5 @@ pub struct SidecarStats {
     /// Namespaces skipped because of their LimitRange/ResourceQuota.
     pub skipped_namespaces: Vec<String>,
     /// Running pods whose istio-proxy differs from the declared resources, per namespace.
-    pub pod_drift: BTreeMap<String, PodDrift>,
+    pub pod_drift: BTreeMap<String, Arc<PodDrift>>,
 }

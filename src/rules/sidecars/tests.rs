@@ -1,6 +1,8 @@
 use super::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 
+mod evaluate;
+mod index;
 mod rollout;
 
 fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -1,0 +1,124 @@
+//! The section's cached facts by namespace, kept from the same watch events as the stores.
+//!
+//! kube-runtime's store is one map over the whole cluster: reading one namespace's objects
+//! from it means walking all of them. An evaluation reads every covered namespace, so it
+//! would hash every cached workload and pod to find its namespace, on every reconcile. This
+//! index keeps each namespace's facts apart (by name), applying each watch event as the
+//! store does, so an evaluation takes a namespace's entries with one lookup.
+
+use super::*;
+use crate::compact::Compact;
+use kube::runtime::watcher;
+
+type Namespaces<F> = HashMap<String, BTreeMap<String, Arc<F>>>;
+
+/// Facts of one watched kind, by namespace and name. Cloning shares the index.
+pub struct ByNamespace<F> {
+    state: Arc<Mutex<Indexed<F>>>,
+}
+
+impl<F> Clone for ByNamespace<F> {
+    fn clone(&self) -> Self {
+        ByNamespace {
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<F> Default for ByNamespace<F> {
+    fn default() -> Self {
+        ByNamespace {
+            state: Arc::new(Mutex::new(Indexed {
+                current: HashMap::new(),
+                relist: None,
+            })),
+        }
+    }
+}
+
+struct Indexed<F> {
+    current: Namespaces<F>,
+    /// A (re)list in progress: its entries replace `current` when it is done, as the store's
+    /// do, so that objects deleted while the watch was down are dropped.
+    relist: Option<Namespaces<F>>,
+}
+
+fn insert<F>(into: &mut Namespaces<F>, meta: &ObjectMeta, facts: &Arc<F>) {
+    let (Some(ns), Some(name)) = (&meta.namespace, &meta.name) else {
+        return;
+    };
+    // Looked up before inserting: most events concern a namespace already indexed.
+    match into.get_mut(ns.as_str()) {
+        Some(m) => {
+            m.insert(name.clone(), facts.clone());
+        }
+        None => {
+            into.insert(ns.clone(), BTreeMap::from([(name.clone(), facts.clone())]));
+        }
+    }
+}
+
+impl<F> ByNamespace<F> {
+    /// Applies one watch event.
+    pub fn apply<K>(&self, event: &watcher::Event<Compact<K, F>>) {
+        let mut s = match self.state.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        match event {
+            watcher::Event::Apply(o) => insert(&mut s.current, &o.metadata, &o.facts),
+            watcher::Event::Delete(o) => {
+                if let (Some(ns), Some(name)) = (&o.metadata.namespace, &o.metadata.name)
+                    && let Some(m) = s.current.get_mut(ns.as_str())
+                {
+                    m.remove(name.as_str());
+                    if m.is_empty() {
+                        s.current.remove(ns.as_str());
+                    }
+                }
+            }
+            watcher::Event::Init => s.relist = Some(HashMap::new()),
+            watcher::Event::InitApply(o) => {
+                let relist = s.relist.get_or_insert_with(HashMap::new);
+                insert(relist, &o.metadata, &o.facts);
+            }
+            watcher::Event::InitDone => {
+                if let Some(done) = s.relist.take() {
+                    s.current = done;
+                }
+            }
+        }
+    }
+
+    /// The index as it is now, locked until the view is dropped (a watch event waits).
+    pub fn read(&self) -> View<'_, F> {
+        View(match self.state.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        })
+    }
+
+    /// How many entries the index holds.
+    pub fn len(&self) -> usize {
+        let s = match self.state.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        s.current.values().map(BTreeMap::len).sum()
+    }
+
+    /// Whether the index holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A locked view of a [`ByNamespace`].
+pub struct View<'a, F>(std::sync::MutexGuard<'a, Indexed<F>>);
+
+impl<F> View<'_, F> {
+    /// The facts of `namespace`'s objects, by name; `None` when it has none.
+    pub fn get(&self, namespace: &str) -> Option<&BTreeMap<String, Arc<F>>> {
+        self.0.current.get(namespace)
+    }
+}
