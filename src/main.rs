@@ -1,6 +1,8 @@
 //! The meshwarden binary: `meshwarden run` runs the operator, `meshwarden crd` prints the CRD,
 //! `meshwarden values` prints the installers' values (Helm, Sail operator, Argo CD) that declare
 //! what the policies hold.
+mod allocator;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -336,20 +338,6 @@ impl LeaseConfig {
     }
 }
 
-/// glibc gives each thread that meets contention an arena of its own (up to 8 per core) and
-/// keeps what is freed in it, so the parallel writes and watch events of a large mesh leave
-/// the process with a much higher resident size than it uses. One arena: measured with the
-/// sidecars benchmark (docs/benchmarks.md), the peak RSS fell from 78 MiB to 55 MiB at no
-/// measurable cost in time. musl, used by the static image, has no per-thread arenas.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator parameter; it is called before any other thread
-    // exists. Failure (0) leaves glibc's default, which is only slower to give memory back.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
-}
-
 async fn values(policy: Option<&str>) -> Result<(), String> {
     let client = kube::Client::try_default()
         .await
@@ -363,7 +351,7 @@ async fn values(policy: Option<&str>) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
+    allocator::configure();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
