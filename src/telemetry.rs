@@ -1,5 +1,5 @@
 //! Prometheus metrics and the HTTP endpoints `/livez`, `/readyz` and `/metrics`.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,10 +85,10 @@ pub struct Metrics {
     /// Policies with series, so that deleted ones can be forgotten.
     known: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Namespaces with a `sidecar_drift` series, per policy, so that fixed ones are removed.
-    drift_namespaces: std::sync::Mutex<BTreeMap<String, BTreeSet<String>>>,
+    drift_namespaces: Series<String>,
     pub proxies: Family<ProxyLabels, Gauge>,
     /// (revision, version) with a `proxies` series, per policy, so that gone ones are removed.
-    proxy_series: std::sync::Mutex<BTreeMap<String, BTreeSet<(String, String)>>>,
+    proxy_series: Series<(String, String)>,
 }
 
 impl Default for Metrics {
@@ -197,33 +197,42 @@ impl Default for Metrics {
     }
 }
 
+/// Per policy, the keys of a family's series and the count each was last set to.
+type Series<K> = std::sync::Mutex<BTreeMap<String, BTreeMap<K, usize>>>;
+
 /// Sets a policy's series of `family` to `counts`; keys the policy had series for before
 /// (`known`) and no longer counts lose theirs.
 fn replace_series<K: Ord + Clone, L: EncodeLabelSet + Clone + std::hash::Hash + Eq>(
     family: &Family<L, Gauge>,
-    known: &std::sync::Mutex<BTreeMap<String, BTreeSet<K>>>,
+    known: &Series<K>,
     policy: &str,
     counts: &BTreeMap<K, usize>,
     labels: impl Fn(&K) -> L,
 ) {
     let before = match known.lock() {
         Ok(mut m) => {
-            let now: BTreeSet<K> = counts.keys().cloned().collect();
-            if now.is_empty() {
+            // Most reconciles count what the last one did (thousands of series at scale).
+            if m.get(policy).map_or(counts.is_empty(), |b| b == counts) {
+                return;
+            }
+            if counts.is_empty() {
                 m.remove(policy).unwrap_or_default()
             } else {
-                m.insert(policy.to_string(), now).unwrap_or_default()
+                m.insert(policy.to_string(), counts.clone())
+                    .unwrap_or_default()
             }
         }
-        Err(_) => BTreeSet::new(),
+        Err(_) => BTreeMap::new(),
     };
-    for key in before.iter().filter(|k| !counts.contains_key(*k)) {
+    for key in before.keys().filter(|k| !counts.contains_key(*k)) {
         family.remove(&labels(key));
     }
     for (key, n) in counts {
-        family
-            .get_or_create(&labels(key))
-            .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        if before.get(key) != Some(n) {
+            family
+                .get_or_create(&labels(key))
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
     }
 }
 
