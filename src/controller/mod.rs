@@ -35,7 +35,7 @@ use crate::watch;
 
 pub use reconcile::evaluate;
 use routing::Route;
-use watches::{Triggers, cached, cached_observed};
+use watches::{Triggers, cached, cached_observed, observed};
 
 /// Shared state of the running controller.
 pub struct State {
@@ -203,8 +203,9 @@ pub async fn run(
         watcher::Config::default(),
         |_| {},
     );
+    // Running pods are kept in the index only (no store).
     let index = indexes.pods.clone();
-    let (pods, pod_events) = cached_observed::<sidecars::CachedPod>(
+    let pod_events = observed::<sidecars::CachedPod>(
         &client,
         (&health, "RunningPods"),
         watcher::Config::default()
@@ -243,7 +244,6 @@ pub async fn run(
             daemonsets,
             limit_ranges,
             quotas,
-            pods,
         )
         .indexed(indexes),
     ));

@@ -118,3 +118,25 @@ where
     let stream = reflector::reflector(writer, events).touched_objects();
     (store, stream)
 }
+
+/// The stream of touched objects of a watch whose objects pass through `strip` first and
+/// whose every event goes to `observe` only: no store (the caller keeps what it needs).
+pub(super) fn observed<K>(
+    client: &kube::Client,
+    (health, name): (&Arc<watch::Health>, &'static str),
+    config: watcher::Config,
+    strip: fn(&mut K),
+    observe: impl Fn(&watcher::Event<K>) + Send + 'static,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: watch::Watched,
+{
+    let api: Api<K> = Api::all(client.clone());
+    let events = watch::resilient(health.clone(), name, move || {
+        watcher(api.clone(), config.clone())
+    });
+    events
+        .modify(strip)
+        .inspect_ok(move |e| observe(e))
+        .touched_objects()
+}

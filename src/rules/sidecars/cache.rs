@@ -19,13 +19,15 @@ pub struct Cache {
     pub daemonsets: Store<CachedWorkload<DaemonSet>>,
     pub limit_ranges: Store<LimitRange>,
     pub quotas: Store<ResourceQuota>,
-    /// Running pods (field selector `status.phase=Running`).
-    pub pods: Store<CachedPod>,
     /// Workloads written by this process that the watch may not have delivered yet: the
     /// generation the write produced and when. A cached object of an older generation is read
     /// as carrying the written annotations, so a reconcile that runs before the watch catches
     /// up neither writes it again nor hands its rollout slot to another workload.
     written: Arc<Mutex<Written>>,
+    /// For each workload in `written` whose cached copy is older: that copy and the facts it
+    /// is read as, so that every evaluation until the watch catches up reads the same shared
+    /// facts (and a kept namespace part stays valid) instead of a new copy each time.
+    read_as_written: Arc<Mutex<ReadAsWritten>>,
     /// Workloads whose last write failed, and when: they take a rollout slot only after the
     /// others, so a write that keeps failing never holds the pacing.
     failed: Arc<Mutex<Failed>>,
@@ -46,6 +48,7 @@ pub struct Indexes {
     pub deployments: ByNamespace<WorkloadFacts>,
     pub statefulsets: ByNamespace<WorkloadFacts>,
     pub daemonsets: ByNamespace<WorkloadFacts>,
+    /// Running pods (field selector `status.phase=Running`), kept only here.
     pub pods: ByNamespace<PodFacts>,
 }
 
@@ -55,6 +58,9 @@ const MEMO_TTL: Duration = Duration::from_secs(600);
 
 /// Workloads whose last write failed: (kind, namespace, name) -> (when, the error).
 pub(super) type Failed = HashMap<(Kind, String, String), (Instant, String)>;
+
+/// (kind, namespace, name) -> (the cached facts, the facts they are read as).
+type ReadAsWritten = HashMap<(Kind, String, String), (Arc<WorkloadFacts>, Arc<WorkloadFacts>)>;
 
 /// Written workloads: (kind, namespace, name) -> (generation the write produced, when).
 pub(super) type Written = HashMap<(Kind, String, String), (i64, Instant)>;
@@ -71,7 +77,6 @@ impl Cache {
         daemonsets: Store<CachedWorkload<DaemonSet>>,
         limit_ranges: Store<LimitRange>,
         quotas: Store<ResourceQuota>,
-        pods: Store<CachedPod>,
     ) -> Self {
         Cache {
             namespaces,
@@ -80,8 +85,8 @@ impl Cache {
             daemonsets,
             limit_ranges,
             quotas,
-            pods,
             written: Arc::new(Mutex::new(HashMap::new())),
+            read_as_written: Arc::new(Mutex::new(HashMap::new())),
             failed: Arc::new(Mutex::new(HashMap::new())),
             echoes: Arc::new(Mutex::new(HashMap::new())),
             memos: Arc::new(Mutex::new(HashMap::new())),
@@ -147,9 +152,10 @@ impl Cache {
         }
     }
 
-    /// Waits (up to `limit`) until every store holds its initial list. A store's readiness
-    /// future wakes only the waiter that polled it last, so with several waiters (reconciles
-    /// of several policies, the readiness probe) each one re-polls every 50 ms.
+    /// Waits (up to `limit`) until every store and the pod index hold their initial list. A
+    /// store's readiness future wakes only the waiter that polled it last, so with several
+    /// waiters (reconciles of several policies, the readiness probe) each one re-polls every
+    /// 50 ms.
     pub async fn ready(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         loop {
@@ -160,7 +166,7 @@ impl Cache {
                     && self.daemonsets.wait_until_ready().await.is_ok()
                     && self.limit_ranges.wait_until_ready().await.is_ok()
                     && self.quotas.wait_until_ready().await.is_ok()
-                    && self.pods.wait_until_ready().await.is_ok()
+                    && (self.by_namespace.pods.is_synced() || std::future::pending::<bool>().await)
             };
             let step = deadline
                 .saturating_duration_since(Instant::now())
@@ -338,7 +344,17 @@ pub fn observe_cached(
         Err(p) => p.into_inner(),
     };
     written.retain(|_, (_, at)| at.elapsed() <= WRITTEN_TTL);
+    let mut seen_as = match cache.read_as_written.lock() {
+        Ok(w) => w,
+        Err(p) => p.into_inner(),
+    };
+    seen_as.retain(|k, _| written.contains_key(k));
     let keys: Vec<(Kind, String, String)> = written.keys().cloned().collect();
+    let hash = if keys.is_empty() {
+        String::new()
+    } else {
+        desired.hash()
+    };
     for key in keys {
         let Some(ns) = out.get_mut(key.1.as_str()) else {
             continue;
@@ -351,11 +367,27 @@ pub fn observe_cached(
             continue;
         };
         let cached_generation = slot.generation;
-        if let Some(g) = pending_write(&mut written, key, cached_generation) {
-            *slot = Arc::new(slot.written(g, desired));
+        match pending_write(&mut written, key.clone(), cached_generation) {
+            Some(g) => {
+                let reuse = seen_as.get(&key).and_then(|(base, facts)| {
+                    let same = Arc::ptr_eq(base, slot)
+                        && facts.generation == g
+                        && facts.template_annotations.get(HASH_ANNOTATION) == Some(&hash);
+                    same.then(|| facts.clone())
+                });
+                let facts = reuse.unwrap_or_else(|| {
+                    let facts = Arc::new(slot.written(g, desired));
+                    seen_as.insert(key, (slot.clone(), facts.clone()));
+                    facts
+                });
+                *slot = facts;
+            }
+            None => {
+                seen_as.remove(&key);
+            }
         }
     }
-    drop(written);
+    drop((written, seen_as));
     for o in cache.limit_ranges.state() {
         if let Some(ns) = out.get_mut(o.metadata.namespace.as_deref().unwrap_or_default()) {
             ns.limit_ranges.push((*o).clone());
@@ -463,15 +495,7 @@ mod tests {
 
     #[test]
     fn only_the_exact_state_of_an_own_write_is_its_echo_and_only_once() {
-        let cache = Cache::new(
-            empty(),
-            empty(),
-            empty(),
-            empty(),
-            empty(),
-            empty(),
-            empty(),
-        );
+        let cache = Cache::new(empty(), empty(), empty(), empty(), empty(), empty());
         let w = Workload {
             namespace: "apps".into(),
             facts: Arc::new(facts(4, None, true)),
@@ -489,5 +513,63 @@ mod tests {
         // The write's own state, once.
         assert!(cache.echoes_own_write("apps", &facts(5, Some(5), false)));
         assert!(!cache.echoes_own_write("apps", &facts(5, Some(5), false)));
+    }
+}
+
+#[cfg(test)]
+mod read_as_written_tests {
+    use super::*;
+    use kube::runtime::reflector;
+    use kube::runtime::watcher::Event;
+
+    fn deployment(generation: i64) -> CachedWorkload<Deployment> {
+        let d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "a", "namespace": "apps", "generation": generation},
+            "spec": {"selector": {}, "template": {}},
+            "status": {"observedGeneration": generation},
+        }))
+        .unwrap();
+        CachedWorkload::new(d.metadata.clone(), WorkloadFacts::from(&d))
+    }
+
+    #[test]
+    fn a_pending_write_is_read_as_the_same_facts_until_the_watch_delivers_it() {
+        let (namespaces, mut ns_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {
+            "name": "apps", "labels": {"istio-injection": "enabled"}}}))
+        .unwrap();
+        ns_writer.apply_watcher_event(&Event::Apply(PartialObjectMeta {
+            types: None,
+            metadata: ns.metadata,
+            _phantom: Default::default(),
+        }));
+        fn e<K: kube::Resource<DynamicType = ()> + Clone + 'static>() -> Store<K> {
+            reflector::store().0
+        }
+        let cache = Cache::new(namespaces, e(), e(), e(), e(), e());
+        cache.by_namespace.deployments.apply(&Event::Apply(deployment(4)));
+        let spec: SidecarSpec =
+            serde_yaml::from_str("{resources: {requests: {cpu: 100m, memory: 128Mi}}}").unwrap();
+        let d = desired(&spec.resources).unwrap();
+        let observe = || {
+            let c = observe_cached(&cache, &spec, &d, &Revisions::any());
+            c.namespaces[0].workloads[0].clone()
+        };
+        let w = Workload {
+            namespace: "apps".into(),
+            facts: observe(),
+            rollout: Rollout::Complete,
+        };
+        cache.record_written(&w, Some(5));
+        // Read as written, and the same facts each time while the watch has not delivered it.
+        let (first, second) = (observe(), observe());
+        assert_eq!((first.generation, first.written_generation), (5, Some(5)));
+        assert!(deviations(&d, &first.template_annotations).is_empty());
+        assert!(Arc::ptr_eq(&first, &second));
+        // Delivered: the cached entry itself.
+        let delivered = deployment(5);
+        let cached = delivered.facts.clone();
+        cache.by_namespace.deployments.apply(&Event::Apply(delivered));
+        assert!(Arc::ptr_eq(&observe(), &cached));
     }
 }

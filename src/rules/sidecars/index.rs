@@ -1,10 +1,12 @@
-//! The section's cached facts by namespace, kept from the same watch events as the stores.
+//! The section's cached facts by namespace, kept from watch events as a store keeps them.
 //!
 //! kube-runtime's store is one map over the whole cluster: reading one namespace's objects
 //! from it means walking all of them. An evaluation reads every covered namespace, so it
 //! would hash every cached workload and pod to find its namespace, on every reconcile. This
 //! index keeps each namespace's facts apart (by name), applying each watch event as the
-//! store does, so an evaluation takes a namespace's entries with one lookup.
+//! store does, so an evaluation takes a namespace's entries with one lookup. Running pods
+//! are kept only here (no store: at 50,000 pods a store's entries and keys cost about 30 MiB
+//! more); workloads are also kept in stores, which the HA section searches by labels.
 
 use super::*;
 use crate::compact::Compact;
@@ -31,6 +33,7 @@ impl<F> Default for ByNamespace<F> {
             state: Arc::new(Mutex::new(Indexed {
                 current: HashMap::new(),
                 relist: None,
+                synced: false,
             })),
         }
     }
@@ -41,6 +44,8 @@ struct Indexed<F> {
     /// A (re)list in progress: its entries replace `current` when it is done, as the store's
     /// do, so that objects deleted while the watch was down are dropped.
     relist: Option<Namespaces<F>>,
+    /// A first list was applied whole.
+    synced: bool,
 }
 
 fn insert<F>(into: &mut Namespaces<F>, meta: &ObjectMeta, facts: &Arc<F>) {
@@ -86,6 +91,7 @@ impl<F> ByNamespace<F> {
                 if let Some(done) = s.relist.take() {
                     s.current = done;
                 }
+                s.synced = true;
             }
         }
     }
@@ -96,6 +102,15 @@ impl<F> ByNamespace<F> {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         })
+    }
+
+    /// Whether a first list was applied whole (before it, the index is not the cluster's
+    /// state).
+    pub fn is_synced(&self) -> bool {
+        match self.state.lock() {
+            Ok(s) => s.synced,
+            Err(p) => p.into_inner().synced,
+        }
     }
 
     /// How many entries the index holds.
@@ -120,5 +135,13 @@ impl<F> View<'_, F> {
     /// The facts of `namespace`'s objects, by name; `None` when it has none.
     pub fn get(&self, namespace: &str) -> Option<&BTreeMap<String, Arc<F>>> {
         self.0.current.get(namespace)
+    }
+
+    /// Every entry with its namespace.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<F>)> {
+        self.0
+            .current
+            .iter()
+            .flat_map(|(ns, m)| m.values().map(move |f| (ns.as_str(), f)))
     }
 }

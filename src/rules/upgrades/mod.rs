@@ -74,15 +74,11 @@ async fn observe(ctx: &Context) -> Result<Seen> {
             .map(|n| (n.name_any(), n.metadata.labels.clone().unwrap_or_default()))
             .collect();
         let pods = c
+            .by_namespace
             .pods
-            .state()
+            .read()
             .iter()
-            .map(|p| {
-                (
-                    p.metadata.namespace.clone().unwrap_or_default(),
-                    p.facts.clone(),
-                )
-            })
+            .map(|(ns, facts)| (ns.to_string(), facts.clone()))
             .collect();
         return Ok((namespaces, pods));
     }

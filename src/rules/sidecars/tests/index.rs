@@ -25,7 +25,13 @@ fn names(index: &ByNamespace<PodFacts>, namespaces: &[&str]) -> Vec<String> {
 #[test]
 fn index_follows_applies_deletes_and_relists() {
     let index = ByNamespace::<PodFacts>::default();
-    for (ns, name) in [("a", "web-2"), ("a", "web-1"), ("b", "db-1")] {
+    assert!(!index.is_synced());
+    index.apply(&Event::<CachedPod>::Init);
+    index.apply(&Event::InitApply(pod("a", "web-2")));
+    assert!(!index.is_synced(), "not before the first list is whole");
+    index.apply(&Event::<CachedPod>::InitDone);
+    assert!(index.is_synced());
+    for (ns, name) in [("a", "web-1"), ("b", "db-1")] {
         index.apply(&Event::Apply(pod(ns, name)));
     }
     assert_eq!(
@@ -46,6 +52,20 @@ fn index_follows_applies_deletes_and_relists() {
     assert_eq!(names(&index, &["a", "c"]), ["a/web-1", "a/web-2"]);
     index.apply(&Event::<CachedPod>::InitDone);
     assert_eq!(names(&index, &["a", "b", "c"]), ["a/web-1", "c/cache-1"]);
+
+    let all: Vec<(String, String)> = {
+        let view = index.read();
+        let mut v: Vec<_> = view
+            .iter()
+            .map(|(ns, f)| (ns.to_string(), f.name.clone()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        all,
+        [("a".into(), "web-1".into()), ("c".into(), "cache-1".into())]
+    );
 
     // A shared clone sees the same entries.
     let other = index.clone();
