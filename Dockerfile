@@ -9,9 +9,10 @@
 # glibc: a statically linked glibc still loads NSS modules at run time for name
 # resolution and warns or fails without them, while a musl binary needs nothing from the
 # image. That lets the final stage be distroless/static, which holds no libc and no shell,
-# only CA certificates, time zone data and the nonroot user. musl's allocator is slower
-# than glibc's; the operator spends its time waiting on the API server, not allocating.
-# TLS is rustls with ring, whose C and assembly parts musl-gcc (musl-tools) compiles.
+# only CA certificates, time zone data and the nonroot user. musl's own allocator is not
+# used: the binary brings mimalloc (src/allocator.rs), the same as on glibc builds.
+# TLS is rustls with ring, whose C and assembly parts musl-gcc (musl-tools) compiles, as it
+# compiles mimalloc.
 #
 # The builder runs on the platform it builds for (emulated when cross-building with
 # buildx), so the Rust target follows `uname -m` and no cross linker is needed.
