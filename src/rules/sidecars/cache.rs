@@ -547,7 +547,10 @@ mod read_as_written_tests {
             reflector::store().0
         }
         let cache = Cache::new(namespaces, e(), e(), e(), e(), e());
-        cache.by_namespace.deployments.apply(&Event::Apply(deployment(4)));
+        cache
+            .by_namespace
+            .deployments
+            .apply(&Event::Apply(deployment(4)));
         let spec: SidecarSpec =
             serde_yaml::from_str("{resources: {requests: {cpu: 100m, memory: 128Mi}}}").unwrap();
         let d = desired(&spec.resources).unwrap();
@@ -569,7 +572,10 @@ mod read_as_written_tests {
         // Delivered: the cached entry itself.
         let delivered = deployment(5);
         let cached = delivered.facts.clone();
-        cache.by_namespace.deployments.apply(&Event::Apply(delivered));
+        cache
+            .by_namespace
+            .deployments
+            .apply(&Event::Apply(delivered));
         assert!(Arc::ptr_eq(&observe(), &cached));
     }
 }
