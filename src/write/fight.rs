@@ -47,16 +47,24 @@ impl<K: Hash + Eq + Clone> FightTracker<K> {
         }
     }
 
+    /// Drops the corrections of `key` older than the window; returns how many are left. A key
+    /// with none left is forgotten (a check adds no entry: most keys are never corrected twice).
     fn prune(&mut self, key: &K, now: Instant) -> usize {
         let window = self.window;
-        let q = self.seen.entry(key.clone()).or_default();
+        let Some(q) = self.seen.get_mut(key) else {
+            return 0;
+        };
         while q
             .front()
             .is_some_and(|t| now.saturating_duration_since(*t) > window)
         {
             q.pop_front();
         }
-        q.len()
+        let left = q.len();
+        if left == 0 {
+            self.seen.remove(key);
+        }
+        left
     }
 
     /// True when `key` was corrected `limit` times within the window: do not write again.
@@ -271,8 +279,10 @@ mod tests {
         f.record(&"d/replicas", t0 + Duration::from_secs(20));
         assert!(f.is_fight(&"d/replicas", t0 + Duration::from_secs(30)));
         assert!(!f.is_fight(&"other", t0 + Duration::from_secs(30)));
-        // Once the corrections age out of the window, writing resumes.
+        // Once the corrections age out of the window, writing resumes, and the key is
+        // forgotten; checking a key adds none.
         assert!(!f.is_fight(&"d/replicas", t0 + Duration::from_secs(200)));
+        assert!(f.seen.is_empty(), "{:?}", f.seen);
     }
 }
 
