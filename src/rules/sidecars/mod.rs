@@ -51,7 +51,7 @@ use kube::runtime::reflector::Store;
 use serde_json::{Value, json};
 
 use crate::api::{Enforcement, MeshPolicy, Pacing, ResourcesSpec, SidecarSpec, Violation};
-use crate::compact::Compact;
+use crate::compact::{Compact, KeyValues, SmallMap, small_map};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::quantity;
@@ -294,7 +294,9 @@ pub async fn reconcile_with_stats(
     let mut held: Vec<String> = Vec::new();
     let mut stalled: Vec<String> = Vec::new();
     let mut rolling: Vec<String> = Vec::new();
-    let mut to_write: Vec<Planned<(&Workload, &Decision, String)>> = Vec::new();
+    // The deviations are joined into a message only for the writes that need one (a
+    // converging cluster plans thousands).
+    let mut to_write: Vec<Planned<(&Workload, &Decision)>> = Vec::new();
     // Targets not written this pass whose last write failed, and the first such error.
     let mut earlier_failures = 0;
     let mut first_failure: Option<String> = None;
@@ -317,7 +319,7 @@ pub async fn reconcile_with_stats(
         } else if d.rolling {
             rolling.push(id.clone());
         }
-        let devs = d.deviations.join("; ");
+        let devs = || d.deviations.join("; ");
         let violation = |action: ViolationAction, message: String| Violation {
             rule: ctype.into(),
             object: id.clone(),
@@ -328,7 +330,7 @@ pub async fn reconcile_with_stats(
             Action::Compliant => report.compliant += 1,
             Action::Reported => report
                 .violations
-                .push(violation(ViolationAction::Reported, devs)),
+                .push(violation(ViolationAction::Reported, devs())),
             // A target whose last write failed and that now waits for a slot stays reported
             // with that failure: waiting hides nothing the user has to fix.
             Action::Held(why) => {
@@ -338,20 +340,21 @@ pub async fn reconcile_with_stats(
                         first_failure.get_or_insert(e.clone());
                         report.violations.push(violation(
                         ViolationAction::Skipped,
-                        format!("{devs}; the write failed: {e}; retried after the other targets ({why})"),
+                        format!("{}; the write failed: {e}; retried after the other targets ({why})", devs()),
                     ));
                     }
                     None => {
                         held.push(id.clone());
-                        report
-                            .violations
-                            .push(violation(ViolationAction::Held, format!("{devs}; {why}")));
+                        report.violations.push(violation(
+                            ViolationAction::Held,
+                            format!("{}; {why}", devs()),
+                        ));
                     }
                 }
             }
             Action::Skipped(why) => report.violations.push(violation(
                 ViolationAction::Skipped,
-                format!("{devs}; not written: {why}"),
+                format!("{}; not written: {why}", devs()),
             )),
             Action::Apply => to_write.push(Planned::one(
                 FightKey {
@@ -361,7 +364,7 @@ pub async fn reconcile_with_stats(
                     field: None,
                 },
                 Some(w.foreign_writes.clone()),
-                (w, d, devs),
+                (w, d),
             )),
         }
     }
@@ -369,7 +372,7 @@ pub async fn reconcile_with_stats(
     // → record, in target order.
     let generations: std::sync::Mutex<HashMap<String, Option<i64>>> = Default::default();
     let (generations_ref, desired_ref) = (&generations, &desired);
-    let outcomes = driver::drive(&ctx.memory, to_write, WRITE_CONCURRENCY, |&(w, _, _)| {
+    let outcomes = driver::drive(&ctx.memory, to_write, WRITE_CONCURRENCY, |&(w, _)| {
         let (generations, desired) = (generations_ref, desired_ref);
         async move {
             let (generation, after) = write_recording(ctx, w, desired).await?;
@@ -388,20 +391,21 @@ pub async fn reconcile_with_stats(
     let mut first_error = None;
     let mut failed_writes = 0;
     for outcome in outcomes {
-        let (w, d, devs) = match outcome {
-            Outcome::Fighting((w, _, devs)) => {
+        let (w, d) = match outcome {
+            Outcome::Fighting((w, d)) => {
                 fights.push(w.id());
                 report.violations.push(Violation {
                     rule: ctype.into(),
                     object: w.id(),
                     message: format!(
-                        "{devs}; another writer keeps changing these annotations back"
+                        "{}; another writer keeps changing these annotations back",
+                        d.deviations.join("; ")
                     ),
                     action: ViolationAction::Skipped,
                 });
                 continue;
             }
-            Outcome::Failed((w, _, devs), e) => {
+            Outcome::Failed((w, d), e) => {
                 if let Some(c) = &cache {
                     c.record_write_result(w, Some(e.to_string()));
                 }
@@ -411,7 +415,8 @@ pub async fn reconcile_with_stats(
                     rule: ctype.into(),
                     object: w.id(),
                     message: format!(
-                        "{devs}; the write failed: {e}; retried at the next reconcile, after the other targets"
+                        "{}; the write failed: {e}; retried at the next reconcile, after the other targets",
+                        d.deviations.join("; ")
                     ),
                     action: ViolationAction::Skipped,
                 });
@@ -430,8 +435,9 @@ pub async fn reconcile_with_stats(
         // The first few are published as Events; the rest are counted in `corrected`.
         if report.corrections.len() < CORRECTIONS_LISTED {
             report.corrections.push(format!(
-                "{id}: sidecar resources set to {} ({devs}); its pods roll",
-                desired.summary()
+                "{id}: sidecar resources set to {} ({}); its pods roll",
+                desired.summary(),
+                d.deviations.join("; ")
             ));
         }
         for m in &w.foreign_owners {
