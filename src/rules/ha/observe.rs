@@ -25,13 +25,23 @@ fn deployment_names(
         .watches
         .readable(&[stores::DEPLOYMENTS])
         .map_err(Error::Cache)?;
+    // The namespace's Deployments only, from the index the Deployment watch feeds.
     let mut names: Vec<String> = workloads
+        .by_namespace
         .deployments
-        .state()
-        .iter()
-        .filter(|d| d.metadata.namespace.as_deref() == Some(group.namespace.as_str()))
-        .filter(|d| selector::matches(&group.selector, &d.facts.labels))
-        .map(|d| d.facts.name.clone())
+        .read()
+        .get(&group.namespace)
+        .into_iter()
+        .flat_map(|m| m.values())
+        .filter(|d| {
+            let labels: std::collections::BTreeMap<String, String> = d
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            selector::matches(&group.selector, &labels)
+        })
+        .map(|d| d.name.clone())
         .collect();
     names.sort();
     Ok(names)

@@ -110,8 +110,29 @@ pub fn desired(res: &ResourcesSpec) -> std::result::Result<Desired, String> {
     }
 }
 
-/// Per-pod requests/limits (milli-units) keyed `requests.cpu`, `limits.memory`, ...
-pub type Amounts = BTreeMap<&'static str, i128>;
+/// Per-pod requests/limits (milli-units) of the four [`KEYS`] (`requests.cpu`,
+/// `limits.memory`, ...), held inline: one is kept per cached workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Amounts([Option<i128>; 4]);
+
+impl Amounts {
+    pub fn new() -> Self {
+        Amounts::default()
+    }
+
+    /// The amount of `key` (one of [`KEYS`]); `None` when no container declares it.
+    pub fn get(&self, key: &str) -> Option<&i128> {
+        let i = KEYS.iter().position(|k| *k == key)?;
+        self.0[i].as_ref()
+    }
+
+    /// Adds `millis` to `key` (one of [`KEYS`]; another key is ignored).
+    fn add(&mut self, key: &str, millis: i128) {
+        if let Some(i) = KEYS.iter().position(|k| *k == key) {
+            *self.0[i].get_or_insert(0) += millis;
+        }
+    }
+}
 
 pub(super) const KEYS: [&str; 4] = [
     "requests.cpu",
@@ -121,11 +142,11 @@ pub(super) const KEYS: [&str; 4] = [
 ];
 
 /// Deviations of a template's annotations from the declared values (empty: compliant).
-pub fn deviations(desired: &Desired, annotations: &BTreeMap<String, String>) -> Vec<String> {
+pub fn deviations(desired: &Desired, annotations: &impl KeyValues) -> Vec<String> {
     desired
         .annotations()
         .iter()
-        .filter_map(|(k, want)| match annotations.get(*k) {
+        .filter_map(|(k, want)| match annotations.value(k) {
             Some(have) if quantity::same(have, want) => None,
             Some(have) => Some(format!("{k} is {have}, declared {want}")),
             None => Some(format!("{k} is unset, declared {want}")),
@@ -146,7 +167,7 @@ pub(super) fn container_amounts(containers: &[Container]) -> Amounts {
                     ("limits", "memory") => "limits.memory",
                     _ => continue,
                 };
-                *out.entry(key).or_insert(0) += quantity::millis(&q.0).unwrap_or(0);
+                out.add(key, quantity::millis(&q.0).unwrap_or(0));
             }
         }
     }

@@ -25,7 +25,8 @@ pub struct Evaluation {
 /// freed and its address reused by a new one.
 #[derive(Clone, Debug)]
 struct NamespacePart {
-    labels: BTreeMap<String, String>,
+    /// Kept compact: one part is kept per covered namespace.
+    labels: SmallMap<String>,
     workloads: Vec<Arc<WorkloadFacts>>,
     /// In the order observed (the cache's: by name); another order only decides anew.
     pods: Vec<Arc<PodFacts>>,
@@ -45,7 +46,8 @@ impl NamespacePart {
     fn decided_from(&self, ns: &NamespaceObservation) -> bool {
         same_arcs(&self.workloads, &ns.workloads)
             && same_arcs(&self.pods, &ns.pods)
-            && self.labels == ns.labels
+            && self.labels.len() == ns.labels.len()
+            && self.labels.iter().eq(ns.labels.iter())
             && self.limit_ranges == ns.limit_ranges
             && self.quotas == ns.quotas
     }
@@ -238,7 +240,7 @@ fn decide_namespace(
     };
     let pod_drift = namespace_pod_drift(want, &ns.labels, &ns.pods, &classes.excluded, revisions);
     NamespacePart {
-        labels: ns.labels.clone(),
+        labels: small_map(ns.labels.iter().map(|(k, v)| (k.clone(), v.clone()))),
         workloads: ns.workloads.clone(),
         pods: ns.pods.clone(),
         limit_ranges: ns.limit_ranges.clone(),

@@ -47,15 +47,15 @@ pub struct WorkloadFacts {
     pub kind: Kind,
     pub name: String,
     /// The workload's own labels (the HA section finds its targets by them).
-    pub labels: BTreeMap<String, String>,
+    pub labels: SmallMap<String>,
     pub generation: i64,
     /// Pods it runs when rolled out (a DaemonSet: the nodes it is scheduled on).
     pub replicas: i32,
     /// Template labels that decide injection (`sidecar.istio.io/inject`, `istio.io/rev`).
-    pub template_labels: BTreeMap<String, String>,
+    pub template_labels: SmallMap<&'static str>,
     /// Template annotations the rule reads: the four proxy values, meshwarden's hash,
     /// `sidecar.istio.io/inject` and `inject.istio.io/templates`.
-    pub template_annotations: BTreeMap<String, String>,
+    pub template_annotations: SmallMap<&'static str>,
     /// Opted out with `meshwarden.io/ignore: sidecar-resources` on the workload.
     pub opted_out: bool,
     /// Another meshwarden rule writes it (see [`owned_by_other_rule`]).
@@ -107,15 +107,15 @@ pub(super) const TEMPLATE_ANNOTATIONS: [&str; 7] = [
     INJECT_TEMPLATES,
 ];
 
+/// The entries of `map` under `keys`, keyed by them.
 pub(super) fn only(
     map: Option<&BTreeMap<String, String>>,
-    keys: &[&str],
-) -> BTreeMap<String, String> {
-    map.into_iter()
-        .flatten()
-        .filter(|(k, _)| keys.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+    keys: &[&'static str],
+) -> SmallMap<&'static str> {
+    small_map(map.into_iter().flat_map(|m| {
+        keys.iter()
+            .filter_map(|k| m.get(*k).map(|v| (*k, v.clone())))
+    }))
 }
 
 impl WorkloadFacts {
@@ -145,7 +145,12 @@ impl WorkloadFacts {
         WorkloadFacts {
             kind,
             name: meta.name.clone().unwrap_or_default(),
-            labels: meta.labels.clone().unwrap_or_default(),
+            labels: small_map(
+                meta.labels
+                    .iter()
+                    .flatten()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            ),
             generation: meta.generation.unwrap_or(0),
             replicas,
             template_labels: only(tpl_meta.and_then(|m| m.labels.as_ref()), &TEMPLATE_LABELS),
@@ -184,11 +189,9 @@ impl WorkloadFacts {
         out.written_generation = Some(generation);
         out.observed = false;
         for (k, v) in d.annotations() {
-            out.template_annotations
-                .insert(k.to_string(), v.to_string());
+            out.template_annotations.insert(k, v.to_string());
         }
-        out.template_annotations
-            .insert(HASH_ANNOTATION.to_string(), d.hash());
+        out.template_annotations.insert(HASH_ANNOTATION, d.hash());
         out.rollout = Rollout::InProgress(format!(
             "the {} controller has not observed generation {generation} yet",
             self.kind.as_str()
@@ -255,9 +258,9 @@ pub struct PodFacts {
     /// The workload that runs it (a ReplicaSet's pods: its Deployment).
     pub owner: Option<(Kind, String)>,
     /// Labels that decide injection (`sidecar.istio.io/inject`, `istio.io/rev`).
-    pub labels: BTreeMap<String, String>,
+    pub labels: SmallMap<&'static str>,
     /// Annotations that decide injection (`sidecar.istio.io/inject`, `inject.istio.io/templates`).
-    pub annotations: BTreeMap<String, String>,
+    pub annotations: SmallMap<&'static str>,
     /// The `istio-proxy` container's requests/limits in milli-units, in the order of
     /// [`Desired::annotations`] (cpu, cpu limit, memory, memory limit); `None` without one.
     pub proxy: Option<[Option<i128>; 4]>,

@@ -82,27 +82,27 @@ impl NamespaceInjection {
     /// `sidecar.istio.io/inject`).
     pub fn no_sidecar_reason(
         &self,
-        tpl_labels: &BTreeMap<String, String>,
-        tpl_annotations: &BTreeMap<String, String>,
+        tpl_labels: &impl KeyValues,
+        tpl_annotations: &impl KeyValues,
         revisions: &Revisions,
     ) -> Option<&'static str> {
         if self.ambient {
             return Some("ambient namespace");
         }
         // Most templates carry none of the keys read below.
-        if tpl_labels.is_empty() && tpl_annotations.is_empty() {
+        if tpl_labels.has_none() && tpl_annotations.has_none() {
             return match self.injection {
                 Injection::On => None,
                 _ => Some(self.off_reason(None)),
             };
         }
-        if tpl_labels.get(INJECT).map(String::as_str) == Some("false")
-            || tpl_annotations.get(INJECT).map(String::as_str) == Some("false")
+        if tpl_labels.value(INJECT) == Some("false")
+            || tpl_annotations.value(INJECT) == Some("false")
         {
             return Some("sidecar.istio.io/inject is false");
         }
         if tpl_annotations
-            .get(INJECT_TEMPLATES)
+            .value(INJECT_TEMPLATES)
             .is_some_and(|t| t.split(',').any(|t| t.trim() == "gateway"))
         {
             return Some(
@@ -114,10 +114,10 @@ impl NamespaceInjection {
             _ if self.labelled || matches!(self.injection, Injection::UnknownRevision(_)) => {
                 Some(self.off_reason(None))
             }
-            Injection::Off => match tpl_labels.get(crate::istio::REVISION_LABEL) {
+            Injection::Off => match tpl_labels.value(crate::istio::REVISION_LABEL) {
                 Some(rev) if revisions.resolve(rev).is_none() => Some(self.off_reason(Some(rev))),
                 Some(_) => None,
-                None if tpl_labels.get(INJECT).map(String::as_str) == Some("true") => None,
+                None if tpl_labels.value(INJECT) == Some("true") => None,
                 None => Some(self.off_reason(None)),
             },
             Injection::UnknownRevision(_) => Some(self.off_reason(None)),
@@ -126,7 +126,7 @@ impl NamespaceInjection {
 
     /// Why nothing injects, the namespace not injecting (`pod_rev`: the pod's own
     /// `istio.io/rev`, which names nothing live).
-    fn off_reason(&self, pod_rev: Option<&String>) -> &'static str {
+    fn off_reason(&self, pod_rev: Option<&str>) -> &'static str {
         match (&self.injection, pod_rev) {
             (Injection::UnknownRevision(_), _) => {
                 "the namespace's istio.io/rev names no live revision or tag"
@@ -142,8 +142,8 @@ impl NamespaceInjection {
 /// when they get one (see [`NamespaceInjection::no_sidecar_reason`]).
 pub fn no_sidecar_reason(
     ns_labels: &BTreeMap<String, String>,
-    tpl_labels: &BTreeMap<String, String>,
-    tpl_annotations: &BTreeMap<String, String>,
+    tpl_labels: &impl KeyValues,
+    tpl_annotations: &impl KeyValues,
     revisions: &Revisions,
 ) -> Option<&'static str> {
     NamespaceInjection::of(ns_labels, revisions).no_sidecar_reason(

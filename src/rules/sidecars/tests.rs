@@ -12,6 +12,11 @@ fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// A template map of the keys the facts keep.
+fn small(pairs: &[(&'static str, &str)]) -> SmallMap<&'static str> {
+    small_map(pairs.iter().map(|(k, v)| (*k, v.to_string())))
+}
+
 fn resources(yaml: &str) -> ResourcesSpec {
     serde_yaml::from_str(yaml).unwrap()
 }
@@ -23,17 +28,17 @@ fn full() -> Desired {
     .unwrap()
 }
 
-fn workload(name: &str, annotations: &[(&str, &str)], rollout: Rollout) -> Workload {
+fn workload(name: &str, annotations: &[(&'static str, &str)], rollout: Rollout) -> Workload {
     Workload {
         namespace: "apps".into(),
         facts: Arc::new(WorkloadFacts {
             kind: Kind::Deployment,
             name: name.into(),
-            labels: BTreeMap::new(),
+            labels: SmallMap::new(),
             generation: 1,
             replicas: 2,
-            template_labels: BTreeMap::new(),
-            template_annotations: map(annotations),
+            template_labels: SmallMap::new(),
+            template_annotations: small(annotations),
             opted_out: false,
             other_rule: false,
             written_at: None,
@@ -518,8 +523,8 @@ fn facts_keep_what_the_rule_reads() {
     .unwrap();
     let f = WorkloadFacts::from(&d);
     assert_eq!(f.foreign_owners, vec!["helm".to_string()]);
-    assert_eq!(f.template_annotations, map(&[(PROXY_CPU, "50m")]));
-    assert_eq!(f.template_labels, map(&[(INJECT, "true")]));
+    assert_eq!(f.template_annotations, small(&[(PROXY_CPU, "50m")]));
+    assert_eq!(f.template_labels, small(&[(INJECT, "true")]));
     assert_eq!(
         (f.kind, f.name.as_str(), f.generation, f.replicas),
         (Kind::Deployment, "a", 4, 3)
@@ -586,11 +591,11 @@ fn a_write_the_cache_has_not_seen_is_read_as_written() {
     let cached = WorkloadFacts {
         kind: Kind::Deployment,
         name: "a".into(),
-        labels: BTreeMap::new(),
+        labels: SmallMap::new(),
         generation: 4,
         replicas: 2,
-        template_labels: BTreeMap::new(),
-        template_annotations: map(&[(PROXY_CPU, "1")]),
+        template_labels: SmallMap::new(),
+        template_annotations: small(&[(PROXY_CPU, "1")]),
         opted_out: false,
         other_rule: false,
         written_at: None,
@@ -607,7 +612,10 @@ fn a_write_the_cache_has_not_seen_is_read_as_written() {
     assert_eq!(seen.generation, 5);
     assert_eq!(seen.written_generation, Some(5));
     assert!(deviations(&d, &seen.template_annotations).is_empty());
-    assert_eq!(seen.template_annotations[HASH_ANNOTATION], d.hash());
+    assert_eq!(
+        seen.template_annotations.value(HASH_ANNOTATION),
+        Some(d.hash().as_str())
+    );
     assert!(matches!(seen.rollout, Rollout::InProgress(_)));
     // Caught up: forgotten.
     assert_eq!(pending_write(&mut written, key.clone(), 5), None);

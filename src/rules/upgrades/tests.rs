@@ -37,8 +37,8 @@ fn pod(name: &str, owner: Option<&str>, rev: Option<&str>, version: Option<&str>
     PodFacts {
         name: name.into(),
         owner: owner.map(|o| (Kind::Deployment, o.to_string())),
-        labels: rev.map(|r| map(&[("istio.io/rev", r)])).unwrap_or_default(),
-        annotations: BTreeMap::new(),
+        labels: crate::compact::small_map(rev.map(|r| ("istio.io/rev", r.to_string()))),
+        annotations: Default::default(),
         proxy: None,
         sidecar: version.map(|v| ProxyVersion {
             revision: rev.map(str::to_string),
@@ -276,11 +276,11 @@ fn facts(
     Arc::new(WorkloadFacts {
         kind: Kind::Deployment,
         name: name.into(),
-        labels: BTreeMap::new(),
+        labels: Default::default(),
         generation,
         replicas: 2,
-        template_labels: BTreeMap::new(),
-        template_annotations: BTreeMap::new(),
+        template_labels: Default::default(),
+        template_annotations: Default::default(),
         opted_out: false,
         other_rule: false,
         written_at: None,
