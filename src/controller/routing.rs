@@ -99,6 +99,7 @@ impl Route {
         if let Ok((meta, echo)) = event
             && let Some(ns) = meta.namespace
         {
+            tracing::debug!(namespace = %ns, name = meta.name.as_deref().unwrap_or_default(), echo, "workload changed");
             let labels = self
                 .namespaces
                 .get(&ObjectRef::new(&ns))
