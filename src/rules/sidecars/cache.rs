@@ -36,6 +36,10 @@ pub struct Cache {
     echoes: Arc<Mutex<Written>>,
     /// Each policy's namespace parts of its last evaluation ([`Memo`]), and when it was used.
     memos: Arc<Mutex<HashMap<String, (Instant, Memo)>>>,
+    /// Each namespace's labels as an evaluation reads them, with the store entry they were
+    /// copied from: copied again only when the store holds a new entry (see
+    /// [`observe_cached`]).
+    ns_labels: Arc<Mutex<NamespaceLabels>>,
     /// The workloads' and pods' facts by namespace ([`ByNamespace`]), which
     /// [`observe_cached`] reads; the controller applies each watch event to them as the
     /// stores do ([`Cache::index`]).
@@ -55,6 +59,15 @@ pub struct Indexes {
 /// A policy's [`Memo`] unused this long is dropped (its policy was deleted or lost its
 /// section): at most one evaluation's parts are kept per policy.
 const MEMO_TTL: Duration = Duration::from_secs(600);
+
+/// Namespace name -> (the store's entry, its labels).
+type NamespaceLabels = HashMap<
+    String,
+    (
+        Arc<PartialObjectMeta<Namespace>>,
+        Arc<BTreeMap<String, String>>,
+    ),
+>;
 
 /// Workloads whose last write failed: (kind, namespace, name) -> (when, the error).
 pub(super) type Failed = HashMap<(Kind, String, String), (Instant, String)>;
@@ -90,6 +103,7 @@ impl Cache {
             failed: Arc::new(Mutex::new(HashMap::new())),
             echoes: Arc::new(Mutex::new(HashMap::new())),
             memos: Arc::new(Mutex::new(HashMap::new())),
+            ns_labels: Arc::new(Mutex::new(HashMap::new())),
             by_namespace: Indexes::default(),
         }
     }
@@ -126,7 +140,7 @@ impl Cache {
 
     /// Whether the last write of `w` failed less than [`WRITTEN_TTL`] ago.
     pub(super) fn failed_recently(&self, w: &Workload) -> bool {
-        let key = (w.kind, w.namespace.clone(), w.name.clone());
+        let key = (w.kind, w.namespace.to_string(), w.name.clone());
         self.failed
             .lock()
             .is_ok_and(|m| m.get(&key).is_some_and(|(t, _)| t.elapsed() < WRITTEN_TTL))
@@ -134,7 +148,7 @@ impl Cache {
 
     /// The error of the last write of `w`, when it failed less than [`WRITTEN_TTL`] ago.
     pub(super) fn last_failure(&self, w: &Workload) -> Option<String> {
-        let key = (w.kind, w.namespace.clone(), w.name.clone());
+        let key = (w.kind, w.namespace.to_string(), w.name.clone());
         let m = self.failed.lock().ok()?;
         m.get(&key)
             .filter(|(t, _)| t.elapsed() < WRITTEN_TTL)
@@ -144,7 +158,7 @@ impl Cache {
     /// Records a write of `w`: `failure` is its error, `None` when it succeeded.
     pub(super) fn record_write_result(&self, w: &Workload, failure: Option<String>) {
         if let Ok(mut m) = self.failed.lock() {
-            let key = (w.kind, w.namespace.clone(), w.name.clone());
+            let key = (w.kind, w.namespace.to_string(), w.name.clone());
             match failure {
                 None => m.remove(&key),
                 Some(e) => m.insert(key, (Instant::now(), e)),
@@ -185,7 +199,7 @@ impl Cache {
         if let Ok(mut m) = self.echoes.lock() {
             m.retain(|_, (_, at)| at.elapsed() < WRITTEN_TTL);
             m.insert(
-                (w.kind, w.namespace.clone(), w.name.clone()),
+                (w.kind, w.namespace.to_string(), w.name.clone()),
                 (generation, Instant::now()),
             );
         }
@@ -217,7 +231,7 @@ impl Cache {
     pub(super) fn record_written(&self, w: &Workload, generation: Option<i64>) {
         if let (Some(g), Ok(mut m)) = (generation, self.written.lock()) {
             m.insert(
-                (w.kind, w.namespace.clone(), w.name.clone()),
+                (w.kind, w.namespace.to_string(), w.name.clone()),
                 (g, Instant::now()),
             );
         }
@@ -254,7 +268,7 @@ pub struct Covered {
 #[allow(clippy::type_complexity)]
 pub(super) fn covered_namespaces<'a>(
     spec: &SidecarSpec,
-    namespaces: impl Iterator<Item = (String, BTreeMap<String, String>)> + 'a,
+    namespaces: impl Iterator<Item = (String, Arc<BTreeMap<String, String>>)> + 'a,
     revisions: &Revisions,
 ) -> (
     BTreeMap<String, NamespaceObservation>,
@@ -296,6 +310,37 @@ pub(super) fn covered_namespaces<'a>(
     (out, ambient, unknown)
 }
 
+/// Every namespace in the store with its labels, shared with the cache's copy of them: a
+/// namespace's labels are copied once per store entry (a new entry is a changed namespace),
+/// not on every evaluation.
+fn namespace_labels(cache: &Cache) -> Vec<(String, Arc<BTreeMap<String, String>>)> {
+    let entries = cache.namespaces.state();
+    let mut kept = match cache.ns_labels.lock() {
+        Ok(k) => k,
+        Err(p) => p.into_inner(),
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for ns in entries {
+        let name = ns.name_any();
+        let labels = match kept.get(&name) {
+            Some((entry, labels)) if Arc::ptr_eq(entry, &ns) => labels.clone(),
+            _ => {
+                let labels = Arc::new(ns.metadata.labels.clone().unwrap_or_default());
+                kept.insert(name.clone(), (ns, labels.clone()));
+                labels
+            }
+        };
+        out.push((name, labels));
+    }
+    // Namespaces deleted from the store.
+    if kept.len() > out.len() {
+        let present: std::collections::HashSet<&str> =
+            out.iter().map(|(n, _)| n.as_str()).collect();
+        kept.retain(|n, _| present.contains(n.as_str()));
+    }
+    out
+}
+
 /// [`observe`] from the controller's cache: no request to the API server. Entries are shared
 /// with the cache, not copied; a workload written by this process that the cache has not seen
 /// yet is read as written.
@@ -305,18 +350,15 @@ pub fn observe_cached(
     desired: &Desired,
     revisions: &Revisions,
 ) -> Covered {
-    let (covered, ambient, unknown_revision) = covered_namespaces(
-        spec,
-        cache.namespaces.state().into_iter().map(|ns| {
-            (
-                ns.name_any(),
-                ns.metadata.labels.clone().unwrap_or_default(),
-            )
-        }),
-        revisions,
-    );
-    // Looked up once per namespace in each index, never per workload or pod.
-    let mut out: HashMap<String, NamespaceObservation> = covered.into_iter().collect();
+    let labelled = namespace_labels(cache);
+    let (covered, ambient, unknown_revision) =
+        covered_namespaces(spec, labelled.into_iter(), revisions);
+    // Sorted by name (the map's order): a namespace is found by binary search, and each
+    // index is looked up once per namespace, never per workload or pod.
+    let mut out: Vec<NamespaceObservation> = covered.into_values().collect();
+    let position = |out: &[NamespaceObservation], ns: &str| {
+        out.binary_search_by(|o| o.name.as_str().cmp(ns)).ok()
+    };
     let idx = &cache.by_namespace;
     // Deployments, then StatefulSets, then DaemonSets, each by name: the order targets are
     // planned in. The four views are locked in this order only here.
@@ -326,7 +368,7 @@ pub fn observe_cached(
         idx.daemonsets.read(),
     ];
     let pods = idx.pods.read();
-    for o in out.values_mut() {
+    for o in out.iter_mut() {
         for kind in &kinds {
             if let Some(m) = kind.get(&o.name) {
                 o.workloads.extend(m.values().cloned());
@@ -356,7 +398,7 @@ pub fn observe_cached(
         desired.hash()
     };
     for key in keys {
-        let Some(ns) = out.get_mut(key.1.as_str()) else {
+        let Some(ns) = position(&out, &key.1).map(|i| &mut out[i]) else {
             continue;
         };
         let Some(slot) = ns
@@ -389,19 +431,17 @@ pub fn observe_cached(
     }
     drop((written, seen_as));
     for o in cache.limit_ranges.state() {
-        if let Some(ns) = out.get_mut(o.metadata.namespace.as_deref().unwrap_or_default()) {
-            ns.limit_ranges.push((*o).clone());
+        if let Some(i) = position(&out, o.metadata.namespace.as_deref().unwrap_or_default()) {
+            out[i].limit_ranges.push((*o).clone());
         }
     }
     for o in cache.quotas.state() {
-        if let Some(ns) = out.get_mut(o.metadata.namespace.as_deref().unwrap_or_default()) {
-            ns.quotas.push((*o).clone());
+        if let Some(i) = position(&out, o.metadata.namespace.as_deref().unwrap_or_default()) {
+            out[i].quotas.push((*o).clone());
         }
     }
-    let mut namespaces: Vec<NamespaceObservation> = out.into_values().collect();
-    namespaces.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     Covered {
-        namespaces,
+        namespaces: out,
         ambient,
         unknown_revision,
     }
@@ -416,9 +456,12 @@ pub async fn observe(ctx: &Context, spec: &SidecarSpec, revisions: &Revisions) -
         .map_err(|e| Error::kube("list Namespaces", e))?;
     let (mut out, ambient, unknown_revision) = covered_namespaces(
         spec,
-        list.items
-            .into_iter()
-            .map(|ns| (ns.name_any(), ns.metadata.labels.unwrap_or_default())),
+        list.items.into_iter().map(|ns| {
+            (
+                ns.name_any(),
+                Arc::new(ns.metadata.labels.unwrap_or_default()),
+            )
+        }),
         revisions,
     );
     for ns in out.values_mut() {
@@ -577,5 +620,66 @@ mod read_as_written_tests {
             .deployments
             .apply(&Event::Apply(delivered));
         assert!(Arc::ptr_eq(&observe(), &cached));
+    }
+
+    #[test]
+    fn namespace_labels_are_copied_once_per_store_entry() {
+        let (namespaces, mut writer) = reflector::store::<PartialObjectMeta<Namespace>>();
+        let apply = |writer: &mut reflector::store::Writer<_>, name: &str, injection: &str| {
+            let ns: Namespace = serde_json::from_value(json!({"metadata": {
+                "name": name, "labels": {"istio-injection": injection}}}))
+            .unwrap();
+            writer.apply_watcher_event(&Event::Apply(PartialObjectMeta {
+                types: None,
+                metadata: ns.metadata,
+                _phantom: Default::default(),
+            }));
+        };
+        apply(&mut writer, "a", "enabled");
+        apply(&mut writer, "b", "enabled");
+        fn e<K: kube::Resource<DynamicType = ()> + Clone + 'static>() -> Store<K> {
+            reflector::store().0
+        }
+        let cache = Cache::new(namespaces, e(), e(), e(), e(), e());
+        let spec: SidecarSpec =
+            serde_yaml::from_str("{resources: {requests: {cpu: 100m, memory: 128Mi}}}").unwrap();
+        let d = desired(&spec.resources).unwrap();
+        let observe = || {
+            observe_cached(&cache, &spec, &d, &Revisions::any())
+                .namespaces
+                .into_iter()
+                .map(|n| (n.name, n.labels))
+                .collect::<Vec<_>>()
+        };
+        let first = observe();
+        assert_eq!(first.len(), 2);
+        let second = observe();
+        assert!(
+            first
+                .iter()
+                .zip(&second)
+                .all(|(x, y)| Arc::ptr_eq(&x.1, &y.1))
+        );
+        // A changed namespace is read anew, the other one stays shared.
+        apply(&mut writer, "b", "disabled");
+        let third = observe();
+        assert_eq!(third.len(), 1, "b no longer injects: {third:?}");
+        assert!(Arc::ptr_eq(&third[0].1, &first[0].1));
+        apply(&mut writer, "b", "enabled");
+        let fourth = observe();
+        assert_eq!(
+            fourth[1].1.get("istio-injection").map(String::as_str),
+            Some("enabled")
+        );
+        assert!(!Arc::ptr_eq(&fourth[1].1, &first[1].1));
+        // A deleted namespace is forgotten.
+        let gone: Namespace = serde_json::from_value(json!({"metadata": {"name": "a"}})).unwrap();
+        writer.apply_watcher_event(&Event::Delete(PartialObjectMeta {
+            types: None,
+            metadata: gone.metadata,
+            _phantom: Default::default(),
+        }));
+        assert_eq!(observe().len(), 1);
+        assert_eq!(cache.ns_labels.lock().unwrap().len(), 1);
     }
 }

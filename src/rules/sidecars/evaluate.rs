@@ -25,8 +25,10 @@ pub struct Evaluation {
 /// freed and its address reused by a new one.
 #[derive(Clone, Debug)]
 struct NamespacePart {
-    /// Kept compact: one part is kept per covered namespace.
-    labels: SmallMap<String>,
+    /// The namespace's name, shared by its targets.
+    name: Arc<str>,
+    /// Shared with the cache (see [`NamespaceObservation::labels`]).
+    labels: Arc<BTreeMap<String, String>>,
     workloads: Vec<Arc<WorkloadFacts>>,
     /// In the order observed (the cache's: by name); another order only decides anew.
     pods: Vec<Arc<PodFacts>>,
@@ -46,8 +48,7 @@ impl NamespacePart {
     fn decided_from(&self, ns: &NamespaceObservation) -> bool {
         same_arcs(&self.workloads, &ns.workloads)
             && same_arcs(&self.pods, &ns.pods)
-            && self.labels.len() == ns.labels.len()
-            && self.labels.iter().eq(ns.labels.iter())
+            && (Arc::ptr_eq(&self.labels, &ns.labels) || self.labels == ns.labels)
             && self.limit_ranges == ns.limit_ranges
             && self.quotas == ns.quotas
     }
@@ -148,7 +149,7 @@ pub fn evaluate_with(
         for (w, devs) in part.classes.targets.iter().zip(&part.deviations) {
             targets.push((
                 Workload {
-                    namespace: ns.name.clone(),
+                    namespace: part.name.clone(),
                     facts: w.clone(),
                     rollout: meshwarden_rollout(w, now),
                 },
@@ -213,6 +214,7 @@ fn decide_namespace(
     want: &[Option<i128>; 4],
     revisions: &Revisions,
 ) -> NamespacePart {
+    let name: Arc<str> = ns.name.as_str().into();
     let classes = classify_namespace(ns, revisions);
     let deviations: Vec<Vec<String>> = classes
         .targets
@@ -226,7 +228,7 @@ fn decide_namespace(
         .zip(&deviations)
         .filter(|(_, d)| !d.is_empty())
         .map(|(w, _)| Workload {
-            namespace: ns.name.clone(),
+            namespace: name.clone(),
             facts: w.clone(),
             rollout: Rollout::Complete,
         })
@@ -240,7 +242,8 @@ fn decide_namespace(
     };
     let pod_drift = namespace_pod_drift(want, &ns.labels, &ns.pods, &classes.excluded, revisions);
     NamespacePart {
-        labels: small_map(ns.labels.iter().map(|(k, v)| (k.clone(), v.clone()))),
+        name,
+        labels: ns.labels.clone(),
         workloads: ns.workloads.clone(),
         pods: ns.pods.clone(),
         limit_ranges: ns.limit_ranges.clone(),

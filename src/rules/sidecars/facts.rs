@@ -6,7 +6,8 @@ use super::*;
 /// cache, see [`WorkloadFacts`]), its namespace, and its rollout state as of now.
 #[derive(Clone, Debug)]
 pub struct Workload {
-    pub namespace: String,
+    /// Shared by the namespace's workloads (an evaluation assembles every target).
+    pub namespace: Arc<str>,
     pub facts: Arc<WorkloadFacts>,
     /// The facts' rollout, with stalls of StatefulSets and DaemonSets decided.
     pub rollout: Rollout,

@@ -11,7 +11,9 @@ pub(super) const DRIFT_NAMESPACES: usize = 5;
 #[derive(Clone, Debug, Default)]
 pub struct NamespaceObservation {
     pub name: String,
-    pub labels: BTreeMap<String, String>,
+    /// Shared with the cache's copy while the namespace is unchanged (see
+    /// [`Cache`]): an evaluation neither copies nor compares the labels of every namespace.
+    pub labels: Arc<BTreeMap<String, String>>,
     /// Deployments, StatefulSets and DaemonSets.
     pub workloads: Vec<Arc<WorkloadFacts>>,
     pub limit_ranges: Vec<LimitRange>,
@@ -44,7 +46,7 @@ pub fn classify(
         for w in part.targets {
             let rollout = meshwarden_rollout(&w, now);
             out.targets.push(Workload {
-                namespace: ns.name.clone(),
+                namespace: ns.name.as_str().into(),
                 facts: w,
                 rollout,
             });
@@ -187,7 +189,7 @@ pub fn plan_with(
         }
         d.action = if !enforce {
             Action::Reported
-        } else if let Some(why) = unfit.get(&w.namespace) {
+        } else if let Some(why) = unfit.get(&*w.namespace) {
             Action::Skipped(why.join("; "))
         } else if w.rollout == Rollout::Paused {
             // Reported, never written while paused, and it holds no rollout slot.
@@ -224,7 +226,7 @@ pub fn patch(w: &Workload, desired: &Desired, generation: i64) -> Value {
     json!({
         "apiVersion": "apps/v1",
         "kind": w.kind.as_str(),
-        "metadata": {"name": w.name, "namespace": w.namespace,
+        "metadata": {"name": w.name, "namespace": &*w.namespace,
             "annotations": {GENERATION_ANNOTATION: generation.to_string()}},
         "spec": {"template": {"metadata": {"annotations": Value::Object(ann)}}},
     })

@@ -210,8 +210,11 @@ fn namespace_selection_defaults_to_injection_on() {
     let (covered, _, unknown) = covered_namespaces(
         &spec,
         [
-            ("a".to_string(), map(&[("istio.io/rev", "gone")])),
-            ("b".to_string(), map(&[("istio.io/rev", "canary")])),
+            ("a".to_string(), Arc::new(map(&[("istio.io/rev", "gone")]))),
+            (
+                "b".to_string(),
+                Arc::new(map(&[("istio.io/rev", "canary")])),
+            ),
         ]
         .into_iter(),
         &live,
@@ -479,7 +482,7 @@ fn pod_drift_counts_running_proxies_with_other_resources() {
     };
     let ns = NamespaceObservation {
         name: "apps".into(),
-        labels: map(&[("istio-injection", "enabled")]),
+        labels: map(&[("istio-injection", "enabled")]).into(),
         pods: [
             pod("a-1", "a", "100m"),
             pod("a-2", "a", "200m"),
@@ -535,7 +538,7 @@ fn facts_keep_what_the_rule_reads() {
     assert_eq!(f.written_at, Some("2026-01-01T00:00:00Z".parse().unwrap()));
     let ns = NamespaceObservation {
         name: "apps".into(),
-        labels: map(&[("istio-injection", "enabled")]),
+        labels: map(&[("istio-injection", "enabled")]).into(),
         workloads: vec![Arc::new(f)],
         ..Default::default()
     };
@@ -574,7 +577,7 @@ fn pod_facts_keep_their_drift() {
     );
     let ns = NamespaceObservation {
         name: "apps".into(),
-        labels: map(&[("istio-injection", "enabled")]),
+        labels: map(&[("istio-injection", "enabled")]).into(),
         pods: vec![p.facts.clone()],
         ..Default::default()
     };

@@ -41,7 +41,7 @@ fn namespaces(d: &Desired) -> Vec<NamespaceObservation> {
     vec![
         NamespaceObservation {
             name: "a".into(),
-            labels: on.clone(),
+            labels: on.clone().into(),
             workloads: vec![
                 deployment("a", "one", &declared),
                 deployment("a", "two", "{}"),
@@ -51,7 +51,7 @@ fn namespaces(d: &Desired) -> Vec<NamespaceObservation> {
         },
         NamespaceObservation {
             name: "b".into(),
-            labels: on.clone(),
+            labels: on.clone().into(),
             workloads: vec![
                 deployment("b", "kept", "{}"),
                 deployment("b", "off", "{sidecar.istio.io/inject: 'false'}"),
@@ -62,7 +62,7 @@ fn namespaces(d: &Desired) -> Vec<NamespaceObservation> {
         },
         NamespaceObservation {
             name: "c".into(),
-            labels: on,
+            labels: on.into(),
             workloads: vec![deployment("c", "three", "{}")],
             pods: vec![pod("three-1", "three", "50m")],
             ..Default::default()
@@ -114,7 +114,7 @@ fn kept_parts_decide_as_a_fresh_evaluation_and_only_changed_namespaces_are_redon
     assert_eq!(same_as_fresh(&mut memo, &obs, &d), 1);
 
     // Injection turned off in `c`: its workload is no target any more.
-    obs[2].labels = map(&[("istio-injection", "disabled")]);
+    obs[2].labels = map(&[("istio-injection", "disabled")]).into();
     assert_eq!(same_as_fresh(&mut memo, &obs, &d), 1);
 
     // Other declared values: every namespace is decided anew.

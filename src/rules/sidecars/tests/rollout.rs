@@ -180,7 +180,7 @@ fn churn_long_after_meshwarden_wrote_is_no_rollout_and_paused_holds_no_slot() {
         Some(jiff::Timestamp::from_second(1_000_000 - 30).unwrap());
     let ns = |w: &Workload| NamespaceObservation {
         name: "n".into(),
-        labels: [("istio-injection".to_string(), "enabled".to_string())].into(),
+        labels: Arc::new([("istio-injection".to_string(), "enabled".to_string())].into()),
         workloads: vec![w.facts.clone()],
         ..Default::default()
     };
