@@ -133,13 +133,25 @@ impl Revisions {
     }
 
     /// The revision whose injector serves `value` of an `istio.io/rev` label: the revision of
-    /// that name when an istiod of it runs, or the revision a tag of that name points at.
-    /// `None`: no injector webhook matches, so pods get no sidecar.
+    /// that name when an istiod of it runs, or the revision a tag of that name points at when
+    /// that revision runs. `None`: no live injector serves it, so pods get no sidecar (a tag
+    /// of a revision that is gone keeps a webhook pointing at an istiod that no longer
+    /// answers: with `failurePolicy: Fail` its pods are refused).
     pub fn resolve<'a>(&'a self, value: &'a str) -> Option<&'a str> {
         if self.any || self.live.contains_key(value) {
             return Some(value);
         }
-        self.tags.get(value).map(String::as_str)
+        self.tags
+            .get(value)
+            .map(String::as_str)
+            .filter(|rev| self.live.contains_key(*rev))
+    }
+
+    /// Whether the default injector (`istio-injection=enabled`) exists: the `default`
+    /// revision runs, or a `default` tag points at a live revision. Revision-only installs
+    /// have none.
+    pub fn default_injector(&self) -> bool {
+        self.resolve("default").is_some()
     }
 
     /// The revisions whose istiod runs in `namespace`.
@@ -153,6 +165,11 @@ impl Revisions {
 
     /// What to tell a user whose label names `value`, which resolves to nothing.
     pub fn unknown_message(&self, value: &str) -> String {
+        if let Some(rev) = self.tags.get(value) {
+            return format!(
+                "istio.io/rev={value} is a revision tag of revision {rev}, whose istiod no longer runs: its webhook points at no live injector, so its pods get no sidecar (or are refused while the webhook fails closed); point the tag at a live revision (istioctl tag set {value} --revision <revision> --overwrite)"
+            );
+        }
         let mut known: Vec<String> = self.live.keys().cloned().collect();
         known.extend(self.tags.keys().map(|t| format!("{t} (tag)")));
         let known = if known.is_empty() {

@@ -125,6 +125,7 @@ pub fn run(namespaces: usize, deployments: usize, pods: usize, evaluations: usiz
             &revisions,
             jiff::Timestamp::now(),
             None,
+            None,
         );
         (t.elapsed(), e, memo.last_decided)
     };

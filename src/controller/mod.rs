@@ -329,7 +329,7 @@ pub async fn run(
                 // Errors were logged by `watch::resilient`.
                 mtls_pod_events.for_each(|r| route.when_ok(r, routing::policies_with_mtls, mtls)),
                 hpa_events.for_each(|r| route.namespaced(r.map(|o| o.metadata))),
-                pdb_events.for_each(|r| route.namespaced(r.map(|o| o.metadata))),
+                pdb_events.for_each(|r| route.budget(r.map(|o| o.metadata))),
                 pa_events.for_each(|r| route.when_ok(r, routing::policies_with_mtls, mtls)),
                 root_cert_events.for_each(|r| {
                     route.when_ok(

@@ -100,25 +100,13 @@ impl Route {
             && let Some(ns) = meta.namespace
         {
             tracing::debug!(namespace = %ns, name = meta.name.as_deref().unwrap_or_default(), echo, "workload changed");
-            let labels = self
-                .namespaces
-                .get(&ObjectRef::new(&ns))
-                .map(|n| n.labels().clone());
-            let policies = self.policies.state();
-            let which = |f: &dyn Fn(&MeshPolicy) -> bool| {
-                policies
-                    .iter()
-                    .filter(|p| f(p))
-                    .map(|p| ObjectRef::from_obj(p.as_ref()))
-                    .collect::<Vec<_>>()
-            };
             self.triggers.add(
-                which(&|p| rules::covers_namespace(&p.spec, &ns)),
+                self.policies_where(|p| rules::covers_namespace(&p.spec, &ns)),
                 Sections::HA,
             );
             if !echo {
                 self.triggers.add(
-                    which(&|p| sidecars::covers_namespace(&p.spec, labels.as_ref())),
+                    self.sidecars_covering(&ns),
                     Section::SidecarResources.only(),
                 );
             }
@@ -126,7 +114,46 @@ impl Route {
         ready(())
     }
 
-    /// An HPA or PDB changed: the HA sections of the policies covering its namespace.
+    /// The policies `f` chooses.
+    fn policies_where(&self, f: impl Fn(&MeshPolicy) -> bool) -> Vec<ObjectRef<MeshPolicy>> {
+        self.policies
+            .state()
+            .iter()
+            .filter(|p| f(p))
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect()
+    }
+
+    /// The policies whose sidecars section may cover namespace `ns`.
+    fn sidecars_covering(&self, ns: &str) -> Vec<ObjectRef<MeshPolicy>> {
+        let labels = self
+            .namespaces
+            .get(&ObjectRef::new(ns))
+            .map(|n| n.labels().clone());
+        self.policies_where(|p| sidecars::covers_namespace(&p.spec, labels.as_ref()))
+    }
+
+    /// A PDB changed: the HA sections of the policies covering its namespace, and the
+    /// sections whose rollout gate reads budgets (sidecars covering the namespace, upgrades).
+    pub fn budget(&self, event: Result<ObjectMeta, watcher::Error>) -> Ready<()> {
+        if let Some(ns) = event.ok().and_then(|m| m.namespace) {
+            self.triggers.add(
+                self.policies_where(|p| rules::covers_namespace(&p.spec, &ns)),
+                Sections::HA,
+            );
+            self.triggers.add(
+                self.sidecars_covering(&ns),
+                Section::SidecarResources.only(),
+            );
+            self.triggers.add(
+                self.policies_where(|p| p.spec.upgrades.is_some()),
+                Section::Upgrades.only(),
+            );
+        }
+        ready(())
+    }
+
+    /// An HPA changed: the HA sections of the policies covering its namespace.
     pub fn namespaced(&self, event: Result<ObjectMeta, watcher::Error>) -> Ready<()> {
         if let Some(ns) = event.ok().and_then(|m| m.namespace) {
             self.triggers

@@ -48,6 +48,27 @@ fn revision_labels_resolve_against_live_revisions_and_tags() {
         "a tag names its revision"
     );
     assert_eq!(r.resolve("gone"), None);
+    // A tag whose revision is gone serves nothing.
+    let mut dangling = r.clone();
+    dangling.tags.insert("old".into(), "retired".into());
+    assert_eq!(dangling.resolve("old"), None);
+    assert_eq!(
+        namespace_injection(&labels(&[("istio.io/rev", "old")]), &dangling),
+        Injection::UnknownRevision("old".into())
+    );
+    assert!(
+        dangling
+            .unknown_message("old")
+            .contains("revision tag of revision retired, whose istiod no longer runs"),
+        "{}",
+        dangling.unknown_message("old")
+    );
+    assert!(r.default_injector());
+    let mut canary_only = r.clone();
+    canary_only.live.remove("default");
+    assert!(!canary_only.default_injector(), "a revision-only install");
+    canary_only.tags.insert("default".into(), "canary".into());
+    assert!(canary_only.default_injector(), "the default tag");
     assert_eq!(
         namespace_injection(&labels(&[("istio.io/rev", "gone")]), &r),
         Injection::UnknownRevision("gone".into())

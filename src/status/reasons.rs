@@ -34,6 +34,9 @@ pub const CLIENTS_CUT_OFF: &str = "ClientsCutOff";
 pub const ROLLOUT_STALLED: &str = "RolloutStalled";
 /// Sidecar rollouts are under way (paced).
 pub const ROLLOUT_IN_PROGRESS: &str = "RolloutInProgress";
+/// A rollout meshwarden would start is held (or never started): it would take the workload
+/// below its availability (strategy, replica count, a PodDisruptionBudget), or roll no pod.
+pub const ROLLOUT_HELD: &str = "RolloutHeld";
 /// The declared proxy resources do not fit a LimitRange or ResourceQuota.
 pub const QUOTA_CONFLICT: &str = "QuotaConflict";
 /// `sidecars.resources` lacks a value the section needs.
@@ -96,6 +99,7 @@ pub const ALL: &[&str] = &[
     CLIENTS_CUT_OFF,
     ROLLOUT_STALLED,
     ROLLOUT_IN_PROGRESS,
+    ROLLOUT_HELD,
     QUOTA_CONFLICT,
     INCOMPLETE_RESOURCES,
     CACHE_NOT_SYNCED,

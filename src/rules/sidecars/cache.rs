@@ -2,6 +2,8 @@
 
 use super::*;
 
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+
 /// A namespace's metadata as kept in the controller's store: name and labels.
 pub fn strip_namespace(n: &mut PartialObjectMeta<Namespace>) {
     n.metadata.managed_fields = None;
@@ -225,6 +227,32 @@ impl Cache {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// `facts` of a workload in `namespace` as this process's last sidecar write left it,
+    /// while the watch has not delivered that write: at the written generation, not yet
+    /// observed by its controller (the upgrades section reads it so, and does not restart a
+    /// workload that write is rolling).
+    pub fn as_written(&self, namespace: &str, facts: &Arc<WorkloadFacts>) -> Arc<WorkloadFacts> {
+        let key = (facts.kind, namespace.to_string(), facts.name.clone());
+        let pending = match self.written.lock() {
+            Ok(mut w) => pending_write(&mut w, key, facts.generation),
+            Err(_) => None,
+        };
+        match pending {
+            None => facts.clone(),
+            Some(g) => {
+                let mut out = (**facts).clone();
+                out.generation = g;
+                out.written_generation = Some(g);
+                out.observed = false;
+                out.rollout = Rollout::InProgress(format!(
+                    "the {} controller has not observed generation {g} yet",
+                    facts.kind.as_str()
+                ));
+                Arc::new(out)
+            }
         }
     }
 
@@ -495,6 +523,38 @@ pub async fn observe(ctx: &Context, spec: &SidecarSpec, revisions: &Revisions) -
         ambient,
         unknown_revision,
     })
+}
+
+/// Every PodDisruptionBudget as the rollout gate reads it, by namespace: from the
+/// controller's store, or listed without one.
+pub async fn budgets(ctx: &Context) -> Result<HashMap<String, Vec<Budget>>> {
+    let mut out: HashMap<String, Vec<Budget>> = HashMap::new();
+    let mut add = |b: &PodDisruptionBudget| {
+        out.entry(b.metadata.namespace.clone().unwrap_or_default())
+            .or_default()
+            .push(Budget::from(b));
+    };
+    match ctx.cache::<crate::rules::stores::Stores>() {
+        Some(stores) => {
+            stores
+                .readable(&[crate::rules::stores::PDBS])
+                .await
+                .map_err(Error::Cache)?;
+            for b in stores.pdbs.state() {
+                add(&b);
+            }
+        }
+        None => {
+            let list = Api::<PodDisruptionBudget>::all(ctx.client.clone())
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| Error::kube("list PodDisruptionBudgets", e))?;
+            for b in &list.items {
+                add(b);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Lists `K` in `namespace`, naming what failed.

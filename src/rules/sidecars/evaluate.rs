@@ -72,7 +72,10 @@ pub struct Memo {
 }
 
 /// Evaluates the covered namespaces. `failed_recently` tells the targets whose last write
-/// failed (they queue behind the others for rollout slots); `None` when none did.
+/// failed (they queue behind the others for rollout slots); `None` when none did. `gate` is
+/// the rollout gate ([`availability`] with the namespace's budgets); `None`: every rollout
+/// may start.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     namespaces: &[NamespaceObservation],
     desired: &Desired,
@@ -81,6 +84,7 @@ pub fn evaluate(
     revisions: &Revisions,
     now: jiff::Timestamp,
     failed_recently: Option<&dyn Fn(&Workload) -> bool>,
+    gate: Option<GateFn<'_>>,
 ) -> Evaluation {
     evaluate_with(
         &mut Memo::default(),
@@ -91,6 +95,7 @@ pub fn evaluate(
         revisions,
         now,
         failed_recently,
+        gate,
     )
 }
 
@@ -106,6 +111,7 @@ pub fn evaluate_with(
     revisions: &Revisions,
     now: jiff::Timestamp,
     failed_recently: Option<&dyn Fn(&Workload) -> bool>,
+    gate: Option<GateFn<'_>>,
 ) -> Evaluation {
     if memo
         .decided_for
@@ -197,6 +203,7 @@ pub fn evaluate_with(
         &unfit,
         paced.then_some(spec.max_concurrent_rollouts),
         enforce,
+        gate.unwrap_or(&|_: &Workload| Gate::Go),
     );
     Evaluation {
         classified,

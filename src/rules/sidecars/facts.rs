@@ -80,6 +80,13 @@ pub struct WorkloadFacts {
     pub rollout: Rollout,
     /// The workload's controller has observed its generation (`status.observedGeneration`).
     pub observed: bool,
+    /// How its controller replaces pods ([`super::gate`]).
+    pub strategy: Strategy,
+    /// The pod template's labels: the PodDisruptionBudgets that select its pods are found
+    /// by them.
+    pub pod_labels: SmallMap<String>,
+    /// Opted in to rollouts that may cost availability ([`ROLLOUT_ANNOTATION`]).
+    pub allow_disruption: bool,
 }
 
 /// The `managedFields` paths of the four proxy annotations.
@@ -98,7 +105,7 @@ pub(super) fn annotation_paths() -> Vec<Vec<String>> {
 
 pub(super) const TEMPLATE_LABELS: [&str; 2] = [INJECT, "istio.io/rev"];
 
-pub(super) const TEMPLATE_ANNOTATIONS: [&str; 7] = [
+pub(super) const TEMPLATE_ANNOTATIONS: [&str; 8] = [
     PROXY_CPU,
     PROXY_CPU_LIMIT,
     PROXY_MEMORY,
@@ -106,6 +113,7 @@ pub(super) const TEMPLATE_ANNOTATIONS: [&str; 7] = [
     HASH_ANNOTATION,
     INJECT,
     INJECT_TEMPLATES,
+    PROXY_IMAGE,
 ];
 
 /// The entries of `map` under `keys`, keyed by them.
@@ -120,6 +128,7 @@ pub(super) fn only(
 }
 
 impl WorkloadFacts {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn read(
         kind: Kind,
         meta: &ObjectMeta,
@@ -127,6 +136,7 @@ impl WorkloadFacts {
         replicas: i32,
         rollout: Rollout,
         observed_generation: Option<i64>,
+        strategy: Strategy,
     ) -> Self {
         let tpl_meta = template.and_then(|t| t.metadata.as_ref());
         let mut foreign_owners = Vec::new();
@@ -178,6 +188,17 @@ impl WorkloadFacts {
             other_containers: container_amounts(containers),
             rollout,
             observed: observed_generation.unwrap_or(-1) >= meta.generation.unwrap_or(0),
+            strategy,
+            pod_labels: small_map(
+                tpl_meta
+                    .and_then(|m| m.labels.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            ),
+            allow_disruption: annotations_of(Some(meta))
+                .get(ROLLOUT_ANNOTATION)
+                .is_some_and(|v| v == ALLOW_DISRUPTION),
         }
     }
 
@@ -213,6 +234,7 @@ impl From<&Deployment> for WorkloadFacts {
             replicas,
             deployment_rollout(d),
             d.status.as_ref().and_then(|s| s.observed_generation),
+            deployment_strategy(spec.and_then(|s| s.strategy.as_ref()), replicas),
         )
     }
 }
@@ -229,6 +251,7 @@ impl From<&StatefulSet> for WorkloadFacts {
             replicas,
             statefulset_rollout(s),
             s.status.as_ref().and_then(|s| s.observed_generation),
+            statefulset_strategy(spec.and_then(|s| s.update_strategy.as_ref()), replicas),
         )
     }
 }
@@ -248,6 +271,10 @@ impl From<&DaemonSet> for WorkloadFacts {
             replicas,
             daemonset_rollout(d),
             d.status.as_ref().and_then(|s| s.observed_generation),
+            daemonset_strategy(
+                d.spec.as_ref().and_then(|s| s.update_strategy.as_ref()),
+                replicas,
+            ),
         )
     }
 }

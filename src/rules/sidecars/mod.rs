@@ -19,9 +19,11 @@ mod desired;
 mod evaluate;
 mod facts;
 mod fit;
+mod gate;
 mod index;
 mod injection;
 mod plan;
+mod report;
 mod rollout;
 
 pub use cache::*;
@@ -29,6 +31,7 @@ pub use desired::*;
 pub use evaluate::*;
 pub use facts::*;
 pub use fit::*;
+pub use gate::*;
 pub use index::*;
 pub use injection::*;
 pub use plan::*;
@@ -112,6 +115,9 @@ pub const IGNORE_ANNOTATION: &str = "meshwarden.io/ignore";
 pub const IGNORE_VALUE: &str = "sidecar-resources";
 
 pub use crate::istio::{INJECT, INJECT_TEMPLATES};
+
+/// Pod annotation that makes the injector use this proxy image instead of its revision's.
+pub const PROXY_IMAGE: &str = "sidecar.istio.io/proxyImage";
 
 const PROXY_CONTAINER: &str = "istio-proxy";
 
@@ -256,11 +262,22 @@ pub async fn reconcile_with_stats(
         return (failed, stats);
     }
     let enforce = enforcement == Enforcement::Enforce;
-    let paced = spec.pacing == Pacing::Paced;
     let failed = cache
         .as_ref()
         .filter(|c| c.any_failed())
         .map(|c| move |w: &Workload| c.failed_recently(w));
+    // The budgets the rollout gate reads (only a pass that may start rollouts asks it).
+    let budgets = match enforce {
+        true => Some(budgets(ctx).await),
+        false => None,
+    };
+    let gate = |w: &Workload| match &budgets {
+        Some(Ok(b)) => availability(w, b.get(&*w.namespace).map_or(&[], Vec::as_slice)),
+        Some(Err(e)) => Gate::Held(format!(
+            "the PodDisruptionBudgets that may select its pods cannot be read ({e}), so meshwarden cannot tell whether it can lose a pod"
+        )),
+        None => Gate::Go,
+    };
     let Evaluation {
         classified,
         unfit,
@@ -279,6 +296,7 @@ pub async fn reconcile_with_stats(
                 &revisions,
                 now,
                 failed,
+                Some(&gate),
             )
         };
         match &cache {
@@ -288,18 +306,10 @@ pub async fn reconcile_with_stats(
     };
     let targets = &classified.targets;
 
-    let mut started: Vec<String> = Vec::new();
-    let mut fights: Vec<String> = Vec::new();
-    let mut takeovers: Vec<String> = Vec::new();
-    let mut held: Vec<String> = Vec::new();
-    let mut stalled: Vec<String> = Vec::new();
-    let mut rolling: Vec<String> = Vec::new();
+    let mut tally = report::Tally::default();
     // The deviations are joined into a message only for the writes that need one (a
     // converging cluster plans thousands).
     let mut to_write: Vec<Planned<(&Workload, &Decision)>> = Vec::new();
-    // Targets not written this pass whose last write failed, and the first such error.
-    let mut earlier_failures = 0;
-    let mut first_failure: Option<String> = None;
     report.targets = i32::try_from(targets.len()).unwrap_or(i32::MAX);
     for (w, d) in targets.iter().zip(&decisions) {
         // Most targets: nothing to say about them (no name built).
@@ -309,7 +319,7 @@ pub async fn reconcile_with_stats(
         }
         let id = w.id();
         if let Some(why) = &d.stalled {
-            stalled.push(id.clone());
+            tally.stalled.push(id.clone());
             report.violations.push(Violation {
                 rule: ctype.into(),
                 object: id.clone(),
@@ -317,7 +327,7 @@ pub async fn reconcile_with_stats(
                 action: ViolationAction::Reported,
             });
         } else if d.rolling {
-            rolling.push(id.clone());
+            tally.rolling.push(id.clone());
         }
         let devs = || d.deviations.join("; ");
         let violation = |action: ViolationAction, message: String| Violation {
@@ -336,15 +346,15 @@ pub async fn reconcile_with_stats(
             Action::Held(why) => {
                 match cache.as_ref().and_then(|c| c.last_failure(w)) {
                     Some(e) => {
-                        earlier_failures += 1;
-                        first_failure.get_or_insert(e.clone());
+                        tally.earlier_failures += 1;
+                        tally.first_failure.get_or_insert(e.clone());
                         report.violations.push(violation(
                         ViolationAction::Skipped,
                         format!("{}; the write failed: {e}; retried after the other targets ({why})", devs()),
                     ));
                     }
                     None => {
-                        held.push(id.clone());
+                        tally.held.push(id.clone());
                         report.violations.push(violation(
                             ViolationAction::Held,
                             format!("{}; {why}", devs()),
@@ -352,10 +362,23 @@ pub async fn reconcile_with_stats(
                     }
                 }
             }
-            Action::Skipped(why) => report.violations.push(violation(
-                ViolationAction::Skipped,
-                format!("{}; not written: {why}", devs()),
-            )),
+            Action::Skipped(why) | Action::Gated(Gate::Skipped(why)) => {
+                if matches!(d.action, Action::Gated(_)) {
+                    tally.gated.push(id.clone());
+                }
+                report.violations.push(violation(
+                    ViolationAction::Skipped,
+                    format!("{}; not written: {why}", devs()),
+                ))
+            }
+            Action::Gated(Gate::Held(why)) => {
+                tally.gated.push(id.clone());
+                report.violations.push(violation(
+                    ViolationAction::Held,
+                    format!("{}; held: {why}", devs()),
+                ))
+            }
+            Action::Gated(Gate::Go) => {}
             Action::Apply => to_write.push(Planned::one(
                 FightKey {
                     policy: policy.name_any(),
@@ -389,11 +412,10 @@ pub async fn reconcile_with_stats(
         .filter(|o| !matches!(o, Outcome::Fighting(_)))
         .count();
     let mut first_error = None;
-    let mut failed_writes = 0;
     for outcome in outcomes {
         let (w, d) = match outcome {
             Outcome::Fighting((w, d)) => {
-                fights.push(w.id());
+                tally.fights.push(w.id());
                 report.violations.push(Violation {
                     rule: ctype.into(),
                     object: w.id(),
@@ -410,7 +432,7 @@ pub async fn reconcile_with_stats(
                     c.record_write_result(w, Some(e.to_string()));
                 }
                 // Reported on its own; the others' writes and slots are not held up by it.
-                failed_writes += 1;
+                tally.failed_writes += 1;
                 report.violations.push(Violation {
                     rule: ctype.into(),
                     object: w.id(),
@@ -441,14 +463,17 @@ pub async fn reconcile_with_stats(
             ));
         }
         for m in &w.foreign_owners {
-            takeovers.push(format!("{id} (was managed by {m})"));
+            tally.takeovers.push(format!("{id} (was managed by {m})"));
         }
         if !d.rolling {
-            started.push(id.clone());
+            tally.started.push(id.clone());
         }
     }
     // Every write failed: most likely not about one workload (permissions, the API server).
-    if let Some(e) = first_error.as_ref().filter(|_| failed_writes == written) {
+    if let Some(e) = first_error
+        .as_ref()
+        .filter(|_| tally.failed_writes == written)
+    {
         let mut failed = RuleReport::failed(ctype, e);
         failed.targets = report.targets;
         return (failed, stats);
@@ -457,158 +482,28 @@ pub async fn reconcile_with_stats(
     stats.targets = targets.len();
     stats.compliant = usize::try_from(report.compliant).unwrap_or(0);
     stats.opted_out = classified.opted_out.len();
-    stats.rolling = rolling.len() + started.len() + stalled.len();
-    stats.held = held.len();
-    stats.stalled = stalled.len();
+    tally.first_error = first_error.as_ref().map(|e| e.to_string());
+    stats.rolling = tally.rolling.len() + tally.started.len() + tally.stalled.len();
+    stats.held = tally.held.len() + tally.gated.len();
+    stats.stalled = tally.stalled.len();
     stats.skipped_namespaces = unfit.keys().cloned().collect();
 
-    let mut msg = vec![format!(
-        "{} of {} workload(s) have the declared sidecar resources ({})",
-        report.compliant,
-        report.targets,
-        desired.summary()
-    )];
-    msg.extend(desired.notes.iter().cloned());
-    if !started.is_empty() {
-        msg.push(format!("started the rollout of {}", list(&started, 5)));
-    }
-    if !rolling.is_empty() {
-        msg.push(format!(
-            "rolling because of meshwarden: {}",
-            list(&rolling, 5)
-        ));
-    }
-    if !held.is_empty() {
-        msg.push(format!(
-            "{} workload(s) wait for a rollout slot (maxConcurrentRollouts {}): {}",
-            held.len(),
-            spec.max_concurrent_rollouts,
-            list(&held, 5)
-        ));
-    }
-    if !stalled.is_empty() && paced {
-        msg.push(format!(
-            "the rollout of {} stalled; no other sidecar rollout starts until it completes or is rolled back (kubectl rollout status)",
-            list(&stalled, 5)
-        ));
-    } else if !stalled.is_empty() {
-        msg.push(format!(
-            "the rollout of {} stalled (kubectl rollout status); pacing is off, so other rollouts were not held",
-            list(&stalled, 5)
-        ));
-    }
-    for (ns, why) in &unfit {
-        msg.push(format!(
-            "namespace {ns} skipped, the declared resources do not fit: {}",
-            why.join("; ")
-        ));
-    }
-    msg.extend(messages::fight_sentence(&fights, Contested::Objects));
-    if !takeovers.is_empty() {
-        msg.push(format!(
-            "meshwarden took over proxy annotations another manager set: {}",
-            list(&takeovers, 5)
-        ));
-    }
-    if !classified.opted_out.is_empty() {
-        msg.push(format!(
-            "opted out ({IGNORE_ANNOTATION}: {IGNORE_VALUE}): {}",
-            list(&classified.opted_out, 10)
-        ));
-    }
-    if !classified.other_rule.is_empty() {
-        msg.push(format!(
-            "left to meshwarden's HA rules: {}",
-            list(&classified.other_rule, 5)
-        ));
-    }
-    if !ambient.is_empty() {
-        msg.push(format!(
-            "ambient namespaces have no sidecars: {}",
-            list(&ambient, 5)
-        ));
-    }
-    for (ns, rev) in &unknown_revision {
-        report.violations.push(Violation {
-            rule: ctype.into(),
-            object: format!("Namespace/{ns}"),
-            message: format!(
-                "{}: the section holds nothing there; label the namespace with a live revision or tag, or remove the label",
-                revisions.unknown_message(rev)
-            ),
-            action: ViolationAction::Reported,
-        });
-    }
-    if !unknown_revision.is_empty() {
-        let names: Vec<String> = unknown_revision
-            .iter()
-            .map(|(ns, rev)| format!("{ns} (istio.io/rev={rev})"))
-            .collect();
-        msg.push(format!(
-            "namespaces whose revision label names no live revision or tag get no sidecar: {}",
-            list(&names, 5)
-        ));
-    }
-    if !stats.pod_drift.is_empty() {
-        // A few namespaces by name: the metric has them all.
-        let mut parts: Vec<String> = stats
-            .pod_drift
-            .iter()
-            .take(DRIFT_NAMESPACES)
-            .map(|(ns, drift)| format!("{ns}: {} ({})", drift.pods, drift.names()))
-            .collect();
-        if stats.pod_drift.len() > DRIFT_NAMESPACES {
-            parts.push(format!(
-                "and {} more namespace(s) (metric meshwarden_sidecar_drift_pods)",
-                stats.pod_drift.len() - DRIFT_NAMESPACES
-            ));
-        }
-        let total: usize = stats.pod_drift.values().map(|d| d.pods).sum();
-        msg.push(format!(
-            "{total} running pod(s) have other istio-proxy resources than declared: {}",
-            parts.join("; ")
-        ));
-    }
-    if !enforce && !report.violations.is_empty() {
-        msg.push("Audit mode: nothing was changed".into());
-    }
-
-    let audit_deviations = decisions.iter().any(|d| d.action == Action::Reported);
-    if let Some(e) = first_error
-        .as_ref()
-        .map(|e| e.to_string())
-        .or(first_failure)
-    {
-        msg.push(format!(
-            "{} write(s) failed (first: {e}); those targets are retried after the others",
-            failed_writes + earlier_failures
-        ));
-    }
-    let (status, reason) = if !stalled.is_empty() {
-        (Status::False, reasons::ROLLOUT_STALLED)
-    } else if first_error.is_some() || earlier_failures > 0 {
-        (Status::False, reasons::WRITE_FAILED)
-    } else if !unfit.is_empty() {
-        (Status::False, reasons::QUOTA_CONFLICT)
-    } else if !fights.is_empty() {
-        (Status::False, reasons::FIGHT_DETECTED)
-    } else if !unknown_revision.is_empty() {
-        (Status::False, reasons::UNKNOWN_REVISION)
-    } else if audit_deviations {
-        (Status::False, reasons::NON_COMPLIANT)
-    } else if !held.is_empty() || !rolling.is_empty() {
-        (Status::False, reasons::ROLLOUT_IN_PROGRESS)
-    } else if targets.is_empty() {
-        (Status::False, reasons::NO_TARGETS)
-    } else if report.corrected > 0 {
-        (Status::True, reasons::CORRECTED)
-    } else {
-        (Status::True, reasons::COMPLIANT)
-    };
-    if targets.is_empty() {
-        msg[0] = "no Deployment, StatefulSet or DaemonSet with an injected sidecar in the selected namespaces (default: istio-injection=enabled or istio.io/rev)".into();
-    }
-    report.condition = Observed::new(ctype, status, reason, msg.join(". "));
+    report::condition(
+        &mut report,
+        &tally,
+        &report::Seen {
+            spec,
+            desired: &desired,
+            revisions: &revisions,
+            classified: &classified,
+            decisions: &decisions,
+            unfit: &unfit,
+            ambient: &ambient,
+            unknown_revision: &unknown_revision,
+            enforce,
+        },
+        &stats,
+    );
     (report, stats)
 }
 

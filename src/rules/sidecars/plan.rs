@@ -114,6 +114,10 @@ pub enum Action {
     Apply,
     /// Needs the annotations but waits for a rollout slot, or for a stalled rollout.
     Held(String),
+    /// Needs the annotations, but rolling it now would cost its availability
+    /// ([`availability`]): held until that changes, or never written when the write would
+    /// roll no pod.
+    Gated(Gate),
     /// Not written: the namespace's LimitRange or ResourceQuota does not fit.
     Skipped(String),
     /// Audit: reported only.
@@ -146,17 +150,31 @@ pub fn plan(
         .iter()
         .map(|w| deviations(desired, &w.template_annotations))
         .collect();
-    plan_with(targets, deviations, unfit, max_concurrent, enforce)
+    plan_with(
+        targets,
+        deviations,
+        unfit,
+        max_concurrent,
+        enforce,
+        &|_: &Workload| Gate::Go,
+    )
 }
 
+/// The rollout gate of a plan: [`availability`] of a target, with its namespace's budgets.
+pub type GateFn<'a> = &'a dyn Fn(&Workload) -> Gate;
+
 /// [`plan`] with each target's deviations from the declared values already known (same
-/// order as `targets`).
+/// order as `targets`). `gate` is asked before a target's rollout starts (not for a target
+/// already rolling because of meshwarden): a target it holds takes no slot.
+/// A target whose pods are rolling because of meshwarden's restart (the upgrades section)
+/// waits for that rollout: one rollout per change, and it counts against the slots.
 pub fn plan_with(
     targets: &[Workload],
     deviations: Vec<Vec<String>>,
     unfit: &BTreeMap<String, Vec<String>>,
     max_concurrent: Option<i32>,
     enforce: bool,
+    gate: GateFn<'_>,
 ) -> Vec<Decision> {
     let mut decisions: Vec<Decision> = targets
         .iter()
@@ -177,13 +195,16 @@ pub fn plan_with(
             }
         })
         .collect();
-    let mut in_flight = decisions.iter().filter(|d| d.rolling).count();
+    // Rollouts of meshwarden's restarts take slots too (one budget for both sections).
+    let restarting: Vec<bool> = targets.iter().map(restart_in_progress).collect();
+    let mut in_flight =
+        decisions.iter().filter(|d| d.rolling).count() + restarting.iter().filter(|r| **r).count();
     let stalled = max_concurrent.is_some() && decisions.iter().any(|d| d.stalled.is_some());
     let max = match max_concurrent {
         Some(n) => usize::try_from(n.max(1)).unwrap_or(1),
         None => usize::MAX,
     };
-    for (w, d) in targets.iter().zip(decisions.iter_mut()) {
+    for ((w, d), restarting) in targets.iter().zip(decisions.iter_mut()).zip(restarting) {
         if d.deviations.is_empty() {
             continue;
         }
@@ -202,6 +223,12 @@ pub fn plan_with(
         } else if d.rolling {
             // Already rolling because of meshwarden: rewriting it takes no new slot.
             Action::Apply
+        } else if restarting {
+            Action::Held(
+                "meshwarden's restart of it (upgrades section) is rolling; written once that rollout completes, so that its pods roll once per change".into(),
+            )
+        } else if let gated @ (Gate::Held(_) | Gate::Skipped(_)) = gate(w) {
+            Action::Gated(gated)
         } else if in_flight < max {
             in_flight += 1;
             Action::Apply
@@ -212,6 +239,12 @@ pub fn plan_with(
         };
     }
     decisions
+}
+
+/// Whether the upgrades section's restart of `w` is rolling (its last restart produced the
+/// current generation, which is not rolled out yet).
+fn restart_in_progress(w: &Workload) -> bool {
+    w.restart_generation == Some(w.generation) && matches!(w.facts.rollout, Rollout::InProgress(_))
 }
 
 /// The server-side apply patch: exactly the five annotations meshwarden owns on the template,

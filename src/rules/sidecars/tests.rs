@@ -2,6 +2,7 @@ use super::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 
 mod evaluate;
+mod gate;
 mod index;
 mod rollout;
 
@@ -50,6 +51,9 @@ fn workload(name: &str, annotations: &[(&'static str, &str)], rollout: Rollout) 
             other_containers: Amounts::new(),
             rollout: rollout.clone(),
             observed: true,
+            strategy: Strategy::default(),
+            pod_labels: Default::default(),
+            allow_disruption: false,
         }),
         rollout,
     }
@@ -591,26 +595,8 @@ fn a_write_the_cache_has_not_seen_is_read_as_written() {
     let key = (Kind::Deployment, "apps".to_string(), "a".to_string());
     let mut written = HashMap::from([(key.clone(), (5, Instant::now()))]);
     assert_eq!(pending_write(&mut written, key.clone(), 4), Some(5));
-    let cached = WorkloadFacts {
-        kind: Kind::Deployment,
-        name: "a".into(),
-        labels: SmallMap::new(),
-        generation: 4,
-        replicas: 2,
-        template_labels: SmallMap::new(),
-        template_annotations: small(&[(PROXY_CPU, "1")]),
-        opted_out: false,
-        other_rule: false,
-        written_at: None,
-        written_generation: None,
-        restart_generation: None,
-        restart_opted_out: false,
-        foreign_owners: vec![],
-        foreign_writes: ForeignWrites::default(),
-        other_containers: Amounts::new(),
-        rollout: Rollout::Complete,
-        observed: true,
-    };
+    let mut cached = (*workload("a", &[(PROXY_CPU, "1")], Rollout::Complete).facts).clone();
+    cached.generation = 4;
     let seen = cached.written(5, &d);
     assert_eq!(seen.generation, 5);
     assert_eq!(seen.written_generation, Some(5));

@@ -40,12 +40,21 @@ use crate::status::messages::list;
 use crate::status::reasons::{self, ViolationAction};
 
 /// The watches whose caches the section reads (their names in `watch::Health`).
-pub const WATCHES: [&str; 4] = [
+pub const WATCHES: [&str; 8] = [
     "Namespaces",
     "RunningPods",
     istio::REVISIONS_WATCH,
     istio::TAGS_WATCH,
+    // The workloads whose generations and rollouts the restarts are planned from, and the
+    // budgets the rollout gate reads.
+    "Deployments",
+    "StatefulSets",
+    "DaemonSets",
+    crate::rules::stores::PDBS,
 ];
+
+/// A namespace's name and labels.
+type Labelled = (String, BTreeMap<String, String>);
 
 /// Namespaces (name, labels) and running pods (namespace, facts).
 type Seen = (
@@ -195,7 +204,16 @@ pub async fn reconcile(
     }
     ctx.metrics.set_proxies(&policy.name_any(), &plan.proxies);
     let restarts = match spec.restart_outdated {
-        true => Some(restarts(ctx, spec, enforcement, &selected, &plan.outdated).await),
+        true => Some(
+            restarts(
+                ctx,
+                spec,
+                enforcement,
+                (&namespaces, &revisions),
+                &plan.outdated,
+            )
+            .await,
+        ),
         false => None,
     };
     let mut report = report(spec, &revisions, plan);
@@ -222,7 +240,7 @@ async fn restarts(
     ctx: &Context,
     spec: &UpgradesSpec,
     enforcement: Enforcement,
-    selected: &BTreeSet<&str>,
+    (namespaces, revisions): (&[Labelled], &Revisions),
     outdated: &Outdated,
 ) -> Restarts {
     let mut out = Restarts {
@@ -233,13 +251,17 @@ async fn restarts(
         out.unavailable = Some("restarts need the controller's workload caches".into());
         return out;
     };
+    let selected: BTreeMap<&str, &BTreeMap<String, String>> =
+        namespaces.iter().map(|(n, l)| (n.as_str(), l)).collect();
     let (pending, now) = (Pending::of(ctx), jiff::Timestamp::now());
     let mut workloads = Workloads::new();
     let mut add = |ns: Option<&String>, w: &Arc<crate::rules::sidecars::WorkloadFacts>| {
         let ns = ns.cloned().unwrap_or_default();
-        if selected.contains(ns.as_str()) {
-            let rollout = restart_rollout(w, &ns, &pending, now);
-            workloads.insert((ns, w.kind, w.name.clone()), (w.clone(), rollout));
+        if selected.contains_key(ns.as_str()) {
+            // A sidecar write of this process the watch has not delivered is read as written.
+            let w = cache.as_written(&ns, w);
+            let rollout = restart_rollout(&w, &ns, &pending, now);
+            workloads.insert((ns, w.kind, w.name.clone()), (w, rollout));
         }
     };
     for o in cache.deployments.state() {
@@ -251,7 +273,15 @@ async fn restarts(
     for o in cache.daemonsets.state() {
         add(o.metadata.namespace.as_ref(), &o.facts);
     }
-    out.plan = plan_restarts(outdated, &workloads, spec.max_concurrent_restarts);
+    let budgets = match out.enforce {
+        true => Some(crate::rules::sidecars::budgets(ctx).await),
+        false => None,
+    };
+    let gate = |ns: &str, w: &crate::rules::sidecars::WorkloadFacts| {
+        let labels = selected.get(ns).copied();
+        restart_gate(ns, labels, w, revisions, budgets.as_ref())
+    };
+    out.plan = plan_restarts(outdated, &workloads, spec.max_concurrent_restarts, &gate);
     if !out.enforce {
         return out;
     }
@@ -316,15 +346,22 @@ impl Restarts {
                 list(&self.plan.rolling, 5)
             ));
         }
-        let held = self
+        let held: Vec<(String, &String)> = self
             .plan
             .decisions
             .iter()
-            .filter(|(_, d)| matches!(d, Restart::Held(_)))
-            .count();
-        if held > 0 && self.enforce {
+            .filter_map(|((ns, kind, name), d)| match d {
+                Restart::Held(why) => Some((
+                    format!("{}/{ns}/{name}", kind.map_or("Pod", Kind::as_str)),
+                    why,
+                )),
+                _ => None,
+            })
+            .collect();
+        if let Some((first, why)) = held.first().filter(|_| self.enforce) {
             msg.push(format!(
-                "{held} workload(s) wait to be restarted (maxConcurrentRestarts {})",
+                "{} workload(s) wait to be restarted (maxConcurrentRestarts {}; first: {first}: {why})",
+                held.len(),
                 spec.max_concurrent_restarts
             ));
         }

@@ -77,7 +77,7 @@ pub struct Plan {
     pub findings: Vec<Finding>,
     /// Workloads (namespace, kind, name; a pod of no workload: kind `None`) whose running
     /// proxies are outdated: behind their istiod by more than the skew allowed, or of a
-    /// revision that no longer runs.
+    /// revision that no longer runs. Proxies newer than their istiod are reported only.
     pub outdated: Outdated,
     /// Running pods with a proxy, and those of them that are outdated.
     pub pods: usize,
@@ -228,14 +228,17 @@ pub fn plan(
             .unwrap_or_default();
         let message = if behind < 0 {
             format!(
-                "{n} running pod(s) have istio-proxy {version}, newer than istiod {rev} ({istiod}), which Istio does not support; upgrade the revision or label the namespace with a newer one"
+                "{n} running pod(s) have istio-proxy {version}, newer than istiod {rev} ({istiod}), which Istio does not support; upgrade the revision or label the namespace with a newer one. meshwarden never restarts these itself (after a rollback of istiod that would roll every workload in the middle of the incident): restart them (kubectl rollout restart) once istiod runs the version you want"
             )
         } else {
             format!(
                 "{n} running pod(s) have istio-proxy {version}, {behind} minor version(s) behind istiod {rev} ({istiod}), more than maxMinorSkew {allowed}: restart them (kubectl rollout restart) to get the current proxy"
             )
         };
-        out.outdated.insert(key.clone(), message.clone());
+        // A proxy newer than its istiod is reported, never restarted.
+        if behind > 0 {
+            out.outdated.insert(key.clone(), message.clone());
+        }
         out.findings.push(Finding {
             reason: reasons::PROXY_VERSION_SKEW,
             object: object_id(&key),

@@ -12,7 +12,7 @@
 //! sidecars section, whose apply drops it, changes the template (and so rolls the pods) anyway.
 //! A later `kubectl rollout restart` simply takes the field over.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,10 +21,13 @@ use kube::api::Api;
 use serde_json::{Value, json};
 
 use super::plan::{Outdated, Owner};
+use crate::compact::KeyValues;
 use crate::context::Context;
 use crate::error::Result;
+use crate::istio::{INJECTION_LABEL, Revisions};
 use crate::rules::sidecars::{
-    Kind, RESTART_GENERATION_ANNOTATION, RESTARTED_AT, Rollout, WorkloadFacts, paced_rollout,
+    Budget, Gate, Kind, NamespaceInjection, PROXY_IMAGE, RESTART_GENERATION_ANNOTATION,
+    RESTARTED_AT, Rollout, WorkloadFacts, availability, paced_rollout,
 };
 use crate::write;
 
@@ -123,20 +126,44 @@ pub fn workload_id((ns, kind, name): &(String, Kind, String)) -> String {
     format!("{}/{ns}/{name}", kind.as_str())
 }
 
-/// Plans the restarts (pure): at most `max` restarts of meshwarden roll at once, none starts
-/// while one stalled, and a workload meshwarden restarted whose pods are still outdated is not
-/// restarted again (the injector gives it the same proxy: a restart would not help).
-pub fn plan_restarts(outdated: &Outdated, workloads: &Workloads, max: i32) -> RestartPlan {
+/// The rollout gate of a restart: what the new pods would get and what the workload can
+/// lose ([`crate::rules::sidecars::availability`]), for a workload in a namespace.
+pub type RestartGate<'a> = &'a dyn Fn(&str, &WorkloadFacts) -> Gate;
+
+/// Whether meshwarden's sidecar write of `w` is rolling (the write produced its current
+/// generation, not rolled out yet).
+fn sidecar_write_rolling(w: &WorkloadFacts) -> bool {
+    w.written_generation == Some(w.generation)
+        && matches!(w.rollout, Rollout::InProgress(_) | Rollout::Settling(_))
+}
+
+/// Plans the restarts (pure): at most `max` rollouts of meshwarden (its restarts and its
+/// sidecar writes together) roll at once when a restart starts, none starts while one
+/// stalled, and a workload meshwarden restarted whose pods are still outdated is not
+/// restarted again (the injector gives it the same proxy: a restart would not help). A
+/// workload already rolling, for any reason, is not restarted on top of that rollout: its new
+/// pods get the current proxy anyway. `gate` says whether the restart would give the pods the
+/// intended proxy and keep the workload available.
+pub fn plan_restarts(
+    outdated: &Outdated,
+    workloads: &Workloads,
+    max: i32,
+    gate: RestartGate<'_>,
+) -> RestartPlan {
     let mut out = RestartPlan::default();
-    for (key, (_, rollout)) in workloads {
+    let mut sidecar_rollouts = 0;
+    for (key, (w, rollout)) in workloads {
         match rollout {
             Rollout::InProgress(_) | Rollout::Settling(_) => out.rolling.push(workload_id(key)),
             Rollout::Stalled(why) => out.stalled.push((workload_id(key), why.clone())),
+            Rollout::Complete | Rollout::Paused if sidecar_write_rolling(w) => {
+                sidecar_rollouts += 1
+            }
             Rollout::Complete | Rollout::Paused => {}
         }
     }
     let max = usize::try_from(max.max(1)).unwrap_or(1);
-    let mut in_flight = out.rolling.len() + out.stalled.len();
+    let mut in_flight = out.rolling.len() + out.stalled.len() + sidecar_rollouts;
     for owner in outdated.keys() {
         let (ns, kind, name) = owner;
         let decision = match kind {
@@ -146,37 +173,119 @@ pub fn plan_restarts(outdated: &Outdated, workloads: &Workloads, max: i32) -> Re
             ),
             Some(kind) => match workloads.get(&(ns.clone(), *kind, name.clone())) {
                 None => Restart::Skipped("its workload is not in the watch cache yet".into()),
-                Some((w, _)) if w.restart_opted_out => {
-                    Restart::Skipped("opted out (meshwarden.io/ignore: upgrades)".into())
-                }
-                Some((w, _)) if w.other_rule => Restart::Skipped(
-                    "written by meshwarden's HA rules: restart it with its control plane or gateway"
-                        .into(),
-                ),
-                Some((_, Rollout::InProgress(_) | Rollout::Settling(_) | Rollout::Stalled(_))) => {
-                    Restart::Rolling
-                }
-                Some((w, _)) if w.restart_generation == Some(w.generation) => Restart::Skipped(
-                    "meshwarden restarted it and its pods still run the outdated proxy: the injector gives them the same one; check the namespace's istio.io/rev label and the pod template".into(),
-                ),
-                Some((_, Rollout::Paused)) => Restart::Held(
-                    "the Deployment is paused (spec.paused): restarted once it is resumed".into(),
-                ),
-                Some(_) if !out.stalled.is_empty() => Restart::Held(
-                    "a restart stalled; no other starts until it completes".into(),
-                ),
-                Some(_) if in_flight < max => {
-                    in_flight += 1;
-                    Restart::Now
-                }
-                Some(_) => Restart::Held(format!(
-                    "waits for a restart slot (maxConcurrentRestarts {max})"
-                )),
+                Some((w, rollout)) => decide(w, rollout, ns, gate, &out, &mut in_flight, max),
             },
         };
         out.decisions.push((owner.clone(), decision));
     }
     out
+}
+
+/// The decision for one outdated workload of the cache (see [`plan_restarts`]).
+fn decide(
+    w: &WorkloadFacts,
+    rollout: &Rollout,
+    namespace: &str,
+    gate: RestartGate<'_>,
+    plan: &RestartPlan,
+    in_flight: &mut usize,
+    max: usize,
+) -> Restart {
+    if w.restart_opted_out {
+        return Restart::Skipped("opted out (meshwarden.io/ignore: upgrades)".into());
+    }
+    if w.other_rule {
+        return Restart::Skipped(
+            "written by meshwarden's HA rules: restart it with its control plane or gateway".into(),
+        );
+    }
+    if let Rollout::InProgress(_) | Rollout::Settling(_) | Rollout::Stalled(_) = rollout {
+        return Restart::Rolling;
+    }
+    if w.restart_generation == Some(w.generation) {
+        return Restart::Skipped(
+            "meshwarden restarted it and its pods still run the outdated proxy: the injector gives them the same one; check the namespace's istio.io/rev label and the pod template".into(),
+        );
+    }
+    if *rollout == Rollout::Paused {
+        return Restart::Held(
+            "the Deployment is paused (spec.paused): restarted once it is resumed".into(),
+        );
+    }
+    let verdict = gate(namespace, w);
+    if let Gate::Skipped(why) = verdict {
+        return Restart::Skipped(why);
+    }
+    if sidecar_write_rolling(w) {
+        return Restart::Held(
+            "meshwarden's sidecar write is rolling it: its new pods get the current proxy, so it is not restarted on top of that rollout".into(),
+        );
+    }
+    if let Rollout::InProgress(why) = &w.rollout {
+        return Restart::Held(format!(
+            "its own rollout is in progress ({why}): not restarted on top of it; its new pods get the current proxy"
+        ));
+    }
+    if !plan.stalled.is_empty() {
+        return Restart::Held("a restart stalled; no other starts until it completes".into());
+    }
+    if let Gate::Held(why) = verdict {
+        return Restart::Held(why);
+    }
+    if *in_flight < max {
+        *in_flight += 1;
+        return Restart::Now;
+    }
+    Restart::Held(format!(
+        "waits for a restart slot (maxConcurrentRestarts {max}, counting meshwarden's sidecar rollouts)"
+    ))
+}
+
+/// PodDisruptionBudgets by namespace, as [`crate::rules::sidecars::budgets`] read them.
+pub type Budgets = HashMap<String, Vec<Budget>>;
+
+/// Whether a restart of `w` (in namespace `ns` with these labels) gives its pods the intended
+/// proxy and keeps the workload available (pure). `budgets`: `None` in Audit (nothing is
+/// restarted), else the budgets or why they cannot be read.
+pub fn restart_gate(
+    ns: &str,
+    labels: Option<&BTreeMap<String, String>>,
+    w: &WorkloadFacts,
+    revisions: &Revisions,
+    budgets: Option<&Result<Budgets>>,
+) -> Gate {
+    if let Some(image) = w.template_annotations.value(PROXY_IMAGE) {
+        return Gate::Skipped(format!(
+            "its pod template pins {PROXY_IMAGE}={image}: a restart gives its pods the same proxy; change that annotation to upgrade them"
+        ));
+    }
+    let Some(labels) = labels else {
+        return Gate::Skipped("its namespace is not in the watch cache yet".into());
+    };
+    if let Some(why) = NamespaceInjection::of(labels, revisions).no_sidecar_reason(
+        &w.template_labels,
+        &w.template_annotations,
+        revisions,
+    ) {
+        return Gate::Skipped(format!(
+            "a restart would give its pods no sidecar ({why}): label the namespace (or the pod template) with a live revision or tag first"
+        ));
+    }
+    if labels.get(INJECTION_LABEL).map(String::as_str) == Some("enabled")
+        && !revisions.any
+        && !revisions.default_injector()
+    {
+        return Gate::Skipped(
+            "its namespace has istio-injection=enabled, but no default revision and no default tag exist (a revision-only install): a restart would give its pods no sidecar; label the namespace istio.io/rev=<revision> instead".into(),
+        );
+    }
+    match budgets {
+        None => Gate::Go,
+        Some(Ok(b)) => availability(w, b.get(ns).map_or(&[], Vec::as_slice)),
+        Some(Err(e)) => Gate::Held(format!(
+            "the PodDisruptionBudgets that may select its pods cannot be read ({e}), so meshwarden cannot tell whether it can lose a pod"
+        )),
+    }
 }
 
 /// The apply of a restart: `restartedAt` on the template, the generation it will produce on the

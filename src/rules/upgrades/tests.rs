@@ -1,6 +1,6 @@
 use super::*;
 use crate::istio::ProxyVersion;
-use crate::rules::sidecars::{Kind, Rollout, WorkloadFacts};
+use crate::rules::sidecars::{Budget, Gate, Kind, PROXY_IMAGE, Rollout, Strategy, WorkloadFacts};
 use std::collections::BTreeSet;
 
 fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -138,6 +138,21 @@ fn proxies_are_counted_and_skew_is_judged_against_their_own_istiod() {
         p.outdated
             .contains_key(&("apps".into(), Some(Kind::Deployment), "old".into()))
     );
+    // Newer than its istiod (after a rollback of istiod): reported, never restarted.
+    assert!(
+        !p.outdated
+            .contains_key(&("apps".into(), None, "ahead-1".into()))
+    );
+    let ahead = p
+        .findings
+        .iter()
+        .find(|f| f.object == "Pod/apps/ahead-1")
+        .unwrap();
+    assert!(
+        ahead
+            .message
+            .contains("meshwarden never restarts these itself")
+    );
     // With a skew of 2 the canary pods are fine.
     let p = plan(2, &r, &[], &refs);
     assert_eq!(p.outdated_pods, 1);
@@ -160,7 +175,8 @@ fn revisions_and_tags_that_name_nothing_are_violations() {
         ),
         ("missing".to_string(), map(&[("istio.io/rev", "retired")])),
         ("via-tag".to_string(), map(&[("istio.io/rev", "prod")])),
-        // The tag's webhook exists, so this is the tag's violation, not the namespace's.
+        // The tag's webhook exists but points at no live injector: the tag's violation, and
+        // the namespace's too (its pods get no sidecar).
         ("dangling".to_string(), map(&[("istio.io/rev", "old")])),
     ];
     let pods = [
@@ -181,6 +197,7 @@ fn revisions_and_tags_that_name_nothing_are_violations() {
             (reasons::TAG_WITHOUT_REVISION, "RevisionTag/old"),
             (reasons::INJECTION_LABELS_CONFLICT, "Namespace/both"),
             (reasons::UNKNOWN_REVISION, "Namespace/missing"),
+            (reasons::UNKNOWN_REVISION, "Namespace/dangling"),
             (reasons::REVISION_NOT_RUNNING, "Deployment/apps/legacy"),
             (reasons::UNKNOWN_REVISION, "Deployment/apps/lost"),
         ]
@@ -292,6 +309,9 @@ fn facts(
         other_containers: Default::default(),
         rollout,
         observed: true,
+        strategy: Strategy::default(),
+        pod_labels: Default::default(),
+        allow_disruption: false,
     })
 }
 
@@ -303,6 +323,7 @@ fn owner(name: &str) -> Owner {
 fn restarts_are_paced_and_a_stall_stops_them() {
     let now = jiff::Timestamp::now();
     let pending = Pending::default();
+    let go = |_: &str, _: &WorkloadFacts| Gate::Go;
     let rolling = Rollout::InProgress("1 of 2 replicas updated".into());
     let all = |ws: Vec<Arc<WorkloadFacts>>| -> Workloads {
         ws.into_iter()
@@ -321,31 +342,71 @@ fn restarts_are_paced_and_a_stall_stops_them() {
         .iter()
         .map(|n| facts(n, 3, None, Rollout::Complete))
         .collect());
-    let p = plan_restarts(&outdated, &ws, 2);
+    let p = plan_restarts(&outdated, &ws, 2, &go);
     let d: Vec<&Restart> = p.decisions.iter().map(|(_, d)| d).collect();
     assert_eq!(d[0], &Restart::Now);
     assert_eq!(d[1], &Restart::Now);
     assert!(matches!(d[2], Restart::Held(w) if w.contains("maxConcurrentRestarts 2")));
-    // a is restarting (meshwarden's generation, rolling): one slot left; a rolling workload
-    // that is not meshwarden's restart holds none.
+    // a is restarting (meshwarden's generation, rolling): one slot left. b rolls because of
+    // its owner (kubectl rollout restart, a helm upgrade): not restarted on top of that, and
+    // it holds no slot.
     let ws = all(vec![
         facts("a", 4, Some(4), rolling.clone()),
         facts("b", 3, None, rolling.clone()),
         facts("c", 3, None, Rollout::Complete),
         facts("d", 3, None, Rollout::Complete),
     ]);
-    let p = plan_restarts(&outdated, &ws, 2);
+    let p = plan_restarts(&outdated, &ws, 2, &go);
+    let d: Vec<&Restart> = p.decisions.iter().map(|(_, d)| d).collect();
+    let slot = Restart::Held(
+        "waits for a restart slot (maxConcurrentRestarts 2, counting meshwarden's sidecar rollouts)"
+            .into(),
+    );
+    assert_eq!(d[0], &Restart::Rolling);
+    assert!(
+        matches!(d[1], Restart::Held(w) if w.contains("its own rollout is in progress")),
+        "{:?}",
+        d[1]
+    );
+    assert_eq!(d[2..], [&Restart::Now, &slot]);
+    assert_eq!(p.rolling, ["Deployment/apps/a"]);
+    // A sidecar write of meshwarden rolling c: c is not restarted on top of it, and its
+    // rollout takes a slot of the same budget.
+    let mut written = (*facts("c", 5, None, rolling.clone())).clone();
+    written.written_generation = Some(5);
+    let ws = all(vec![
+        facts("a", 4, Some(4), rolling.clone()),
+        facts("b", 3, None, Rollout::Complete),
+        Arc::new(written),
+        facts("d", 3, None, Rollout::Complete),
+    ]);
+    let p = plan_restarts(&outdated, &ws, 2, &go);
+    let d: Vec<&Restart> = p.decisions.iter().map(|(_, d)| d).collect();
+    assert_eq!(d[0], &Restart::Rolling);
+    assert_eq!(d[1], &slot, "a and c's sidecar rollout fill both slots");
+    assert!(matches!(d[2], Restart::Held(w) if w.contains("sidecar write is rolling it")));
+    // The gate: a restart that gives no sidecar or rolls no pod is skipped, one that costs
+    // availability is held and takes no slot.
+    let gate = |_: &str, w: &WorkloadFacts| match w.name.as_str() {
+        "a" => Gate::Skipped("no injector".into()),
+        "b" => Gate::Held("Recreate".into()),
+        _ => Gate::Go,
+    };
+    let ws = all(["a", "b", "c", "d"]
+        .iter()
+        .map(|n| facts(n, 3, None, Rollout::Complete))
+        .collect());
+    let p = plan_restarts(&outdated, &ws, 2, &gate);
     let d: Vec<&Restart> = p.decisions.iter().map(|(_, d)| d).collect();
     assert_eq!(
         d,
         [
-            &Restart::Rolling,
+            &Restart::Skipped("no injector".into()),
+            &Restart::Held("Recreate".into()),
             &Restart::Now,
-            &Restart::Held("waits for a restart slot (maxConcurrentRestarts 2)".into()),
-            &Restart::Held("waits for a restart slot (maxConcurrentRestarts 2)".into())
+            &Restart::Now
         ]
     );
-    assert_eq!(p.rolling, ["Deployment/apps/a"]);
     // a stalled: nothing else starts.
     let stalled = Rollout::Stalled("ProgressDeadlineExceeded".into());
     let ws = all(vec![
@@ -354,7 +415,7 @@ fn restarts_are_paced_and_a_stall_stops_them() {
         facts("c", 3, None, Rollout::Complete),
         facts("d", 3, None, Rollout::Complete),
     ]);
-    let p = plan_restarts(&outdated, &ws, 2);
+    let p = plan_restarts(&outdated, &ws, 2, &go);
     assert_eq!(p.stalled.len(), 1);
     assert!(
         p.decisions[1..]
@@ -374,7 +435,7 @@ fn restarts_are_paced_and_a_stall_stops_them() {
     ]);
     let mut outdated = outdated;
     outdated.insert(("apps".into(), None, "bare".into()), "behind".into());
-    let p = plan_restarts(&outdated, &ws, 2);
+    let p = plan_restarts(&outdated, &ws, 2, &go);
     let skipped = p
         .decisions
         .iter()
@@ -401,5 +462,79 @@ fn a_restart_carries_only_the_restart_annotation_and_its_generation() {
                 "annotations": {"meshwarden.io/restart-generation": "7"}},
             "spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"}}}},
         })
+    );
+}
+
+#[test]
+fn a_restart_must_give_the_intended_proxy_and_keep_the_workload_available() {
+    let r = revisions();
+    let ns = |pairs: &[(&str, &str)]| map(pairs);
+    let w = facts("web", 3, None, Rollout::Complete);
+    let enabled = ns(&[("istio-injection", "enabled")]);
+    let none: Option<&crate::error::Result<Budgets>> = None;
+    assert_eq!(restart_gate("apps", Some(&enabled), &w, &r, none), Gate::Go);
+    // The namespace selects a revision that is gone, or nothing at all.
+    for labels in [ns(&[("istio.io/rev", "retired")]), ns(&[])] {
+        let g = restart_gate("apps", Some(&labels), &w, &r, none);
+        assert!(
+            matches!(&g, Gate::Skipped(why) if why.contains("a restart would give its pods no sidecar")),
+            "{labels:?}: {g:?}"
+        );
+    }
+    // A tag whose revision is gone.
+    let mut dangling = r.clone();
+    dangling.tags.insert("old".into(), "retired".into());
+    let g = restart_gate(
+        "apps",
+        Some(&ns(&[("istio.io/rev", "old")])),
+        &w,
+        &dangling,
+        none,
+    );
+    assert!(matches!(g, Gate::Skipped(_)), "{g:?}");
+    // istio-injection=enabled in a revision-only install.
+    let mut canary_only = r.clone();
+    canary_only.live.remove("default");
+    let g = restart_gate("apps", Some(&enabled), &w, &canary_only, none);
+    assert!(
+        matches!(&g, Gate::Skipped(why) if why.contains("no default revision")),
+        "{g:?}"
+    );
+    // A pinned proxy image.
+    let mut pinned = (*w).clone();
+    pinned
+        .template_annotations
+        .insert(PROXY_IMAGE, "registry.example/proxyv2:1.20.0".into());
+    let g = restart_gate("apps", Some(&enabled), &pinned, &r, none);
+    assert!(
+        matches!(&g, Gate::Skipped(why) if why.contains("pins sidecar.istio.io/proxyImage")),
+        "{g:?}"
+    );
+    // Enforce: the availability gate with the namespace's budgets.
+    let mut recreate = (*w).clone();
+    recreate.strategy = Strategy::Recreate;
+    let budgets: crate::error::Result<Budgets> = Ok(Budgets::new());
+    let g = restart_gate("apps", Some(&enabled), &recreate, &r, Some(&budgets));
+    assert!(
+        matches!(&g, Gate::Held(why) if why.contains("Recreate")),
+        "{g:?}"
+    );
+    let blocking = Budget {
+        name: "web".into(),
+        selector: Some(Default::default()),
+        allowed: Some(0),
+        healthy: 1,
+        desired: 2,
+    };
+    let budgets: crate::error::Result<Budgets> =
+        Ok(Budgets::from([("apps".to_string(), vec![blocking])]));
+    let g = restart_gate("apps", Some(&enabled), &w, &r, Some(&budgets));
+    assert!(
+        matches!(&g, Gate::Held(why) if why.contains("PodDisruptionBudget web")),
+        "{g:?}"
+    );
+    assert_eq!(
+        restart_gate("other", Some(&enabled), &w, &r, Some(&budgets)),
+        Gate::Go
     );
 }

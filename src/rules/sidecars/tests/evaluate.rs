@@ -79,8 +79,8 @@ fn same_as_fresh(memo: &mut Memo, obs: &[NamespaceObservation], d: &Desired) -> 
     .unwrap();
     let now = jiff::Timestamp::now();
     let r = Revisions::any();
-    let kept = evaluate_with(memo, obs, d, &spec, true, &r, now, None);
-    let fresh = evaluate(obs, d, &spec, true, &r, now, None);
+    let kept = evaluate_with(memo, obs, d, &spec, true, &r, now, None, None);
+    let fresh = evaluate(obs, d, &spec, true, &r, now, None, None);
     assert_eq!(format!("{kept:?}"), format!("{fresh:?}"));
     memo.last_decided
 }
