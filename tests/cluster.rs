@@ -1273,10 +1273,8 @@ async fn upgrades_with_two_real_revisions_report_and_restart_paced() {
             ],
         )
         .await;
-    // On the canary, and first in name order (so its restart takes the first slot).
-    let stall = env
-        .namespace("a-stall", &[mine, ("istio.io/rev", "canary")])
-        .await;
+    // Moved to the canary in step 1; first in name order (its restart takes the first slot).
+    let stall = env.namespace("a-stall", &[mine]).await;
     // A pod the canary really injects that never runs (no node matches); its namespace then
     // stops selecting the canary.
     let stuck: Pod = serde_json::from_value(json!({
@@ -1422,6 +1420,7 @@ async fn upgrades_with_two_real_revisions_report_and_restart_paced() {
     relabel(&can, json!({"istio.io/rev": "canary"})).await;
     relabel(&moved, json!({"istio.io/rev": "canary"})).await;
     relabel(&tagged, json!({"istio.io/rev": tag})).await;
+    relabel(&stall, json!({"istio.io/rev": "canary"})).await;
     let canaries = [(&can, "c1"), (&can, "c2"), (&tagged, "t1"), (&moved, "m1")];
     for (ns, name) in canaries {
         create(ns, deployment(name, 1, json!({}))).await;

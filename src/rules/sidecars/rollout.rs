@@ -49,12 +49,24 @@ pub fn deployment_rollout(d: &Deployment) -> Rollout {
             c.message.clone().unwrap_or_default()
         ));
     }
+    let updated = st.updated_replicas.unwrap_or(0);
+    let recreate = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.strategy.as_ref())
+        .and_then(|s| s.type_.as_deref())
+        == Some("Recreate");
+    if recreate && updated < replicas {
+        // A Recreate rollout records the new generation while it deletes the old pods, before
+        // the new ReplicaSet exists, and leaves the last rollout's `NewReplicaSetAvailable`
+        // in place meanwhile: that mark says nothing until every replica is updated.
+        return Rollout::InProgress(format!("{updated} of {replicas} replicas updated"));
+    }
     if progress_complete(&st) {
         // The controller declared the observed generation rolled out; fewer updated or
         // available replicas since are pod churn (a pod deleted and not yet replaced).
         return Rollout::Complete;
     }
-    let updated = st.updated_replicas.unwrap_or(0);
     let total = st.replicas.unwrap_or(0);
     let available = st.available_replicas.unwrap_or(0);
     if updated < replicas {

@@ -7,6 +7,16 @@ fn deployment(yaml: &str) -> Deployment {
 }
 
 #[test]
+fn a_recreate_rollout_is_not_complete_before_its_new_pods_exist() {
+    // Old pods deleted, new ReplicaSet not created yet: the controller recorded the new
+    // generation and kept the last rollout's completion mark.
+    let d = deployment(
+        "metadata: {name: a, generation: 4}\nspec: {replicas: 2, selector: {}, template: {}, strategy: {type: Recreate}}\nstatus: {observedGeneration: 4, replicas: 0, updatedReplicas: 0, availableReplicas: 0, conditions: [{type: Progressing, status: 'True', reason: NewReplicaSetAvailable}]}",
+    );
+    assert!(matches!(deployment_rollout(&d), Rollout::InProgress(_)));
+}
+
+#[test]
 fn deployment_rollout_like_kubectl() {
     let base =
         "metadata: {name: a, generation: 3}\nspec: {replicas: 2, selector: {}, template: {}}\n";
