@@ -79,6 +79,29 @@ pub struct Istiod {
     pub revision: String,
     /// Image tag of the discovery container ([`UNKNOWN`] without one).
     pub version: String,
+    /// The template (so `version`) is what serves: its controller observed it and no pod of
+    /// an older template is left ([`serves_template`]).
+    pub serving: bool,
+}
+
+/// Whether a Deployment's pods all run its current template: the controller observed the
+/// generation and either declared it rolled out (`NewReplicaSetAvailable`) or no replica of an
+/// older template is left. During a `helm upgrade` of istiod, and for good when the new pods
+/// never become ready, the old version still serves.
+pub fn serves_template(d: &Deployment) -> bool {
+    let Some(st) = &d.status else {
+        return false;
+    };
+    if st.observed_generation.unwrap_or(-1) < d.metadata.generation.unwrap_or(0) {
+        return false;
+    }
+    let declared =
+        st.conditions.iter().flatten().any(|c| {
+            c.type_ == "Progressing" && c.reason.as_deref() == Some("NewReplicaSetAvailable")
+        });
+    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let updated = st.updated_replicas.unwrap_or(0);
+    declared || (updated >= replicas && st.replicas.unwrap_or(0) <= updated)
 }
 
 impl From<&Deployment> for Istiod {
@@ -99,7 +122,11 @@ impl From<&Deployment> for Istiod {
             .and_then(image_tag)
             .unwrap_or(UNKNOWN)
             .to_string();
-        Istiod { revision, version }
+        Istiod {
+            revision,
+            version,
+            serving: serves_template(d),
+        }
     }
 }
 
@@ -120,6 +147,9 @@ pub struct Revisions {
     pub versions: BTreeMap<String, BTreeSet<String>>,
     /// Not known (no controller runs): every value is taken to name a revision.
     pub any: bool,
+    /// Revisions with an istiod Deployment whose template does not serve yet (rolling out,
+    /// or stuck): the version that serves is not known, so their proxies are not judged.
+    pub settling: BTreeSet<String>,
 }
 
 impl Revisions {
@@ -152,6 +182,19 @@ impl Revisions {
     /// have none.
     pub fn default_injector(&self) -> bool {
         self.resolve("default").is_some()
+    }
+
+    /// Adds an istiod Deployment of `namespace`.
+    fn add(&mut self, istiod: &Istiod, namespace: String) {
+        let rev = &istiod.revision;
+        self.live.entry(rev.clone()).or_default().insert(namespace);
+        self.versions
+            .entry(rev.clone())
+            .or_default()
+            .insert(istiod.version.clone());
+        if !istiod.serving {
+            self.settling.insert(rev.clone());
+        }
     }
 
     /// The revisions whose istiod runs in `namespace`.
@@ -364,10 +407,8 @@ pub async fn list_revisions(client: &kube::Client) -> Result<Revisions> {
         .map_err(|e| Error::kube("list revision tags", e))?;
     let mut out = Revisions::default();
     for d in &istiods.items {
-        let Istiod { revision, version } = Istiod::from(d);
         let ns = d.metadata.namespace.clone().unwrap_or_default();
-        out.live.entry(revision.clone()).or_default().insert(ns);
-        out.versions.entry(revision).or_default().insert(version);
+        out.add(&Istiod::from(d), ns);
     }
     for t in &tags.items {
         let labels = t.metadata.labels.clone().unwrap_or_default();
@@ -488,15 +529,7 @@ impl IstioCache {
     fn live(&self) -> Revisions {
         let mut out = Revisions::default();
         for d in self.istiods.state() {
-            let Istiod { revision, version } = d.facts.as_ref();
-            out.live
-                .entry(revision.clone())
-                .or_default()
-                .insert(d.metadata.namespace.clone().unwrap_or_default());
-            out.versions
-                .entry(revision.clone())
-                .or_default()
-                .insert(version.clone());
+            out.add(&d.facts, d.metadata.namespace.clone().unwrap_or_default());
         }
         out
     }

@@ -235,3 +235,34 @@ fn a_pods_dataplane_mode_overrides_its_namespaces() {
     let opted_in = labels(&[(DATAPLANE_MODE_LABEL, "ambient")]);
     assert!(ambient(&plain, Some(&opted_in)));
 }
+
+#[test]
+fn an_istiod_template_serves_once_no_older_pod_is_left() {
+    let d = |status: serde_json::Value| -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "istiod", "generation": 3},
+            "spec": {"replicas": 2, "selector": {}, "template": {}},
+            "status": status,
+        }))
+        .unwrap()
+    };
+    // A helm upgrade whose new pods never become ready: the old ReplicaSet still serves.
+    let stuck = d(
+        serde_json::json!({"observedGeneration": 3, "replicas": 3, "updatedReplicas": 1,
+        "conditions": [{"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"}]}),
+    );
+    assert!(!serves_template(&stuck));
+    assert!(!serves_template(&d(
+        serde_json::json!({"observedGeneration": 2})
+    )));
+    assert!(serves_template(&d(
+        serde_json::json!({"observedGeneration": 3, "replicas": 2, "updatedReplicas": 2})
+    )));
+    assert!(serves_template(&d(
+        serde_json::json!({"observedGeneration": 3, "replicas": 1, "updatedReplicas": 1,
+        "conditions": [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}]})
+    )));
+    let mut r = Revisions::default();
+    r.add(&Istiod::from(&stuck), "istio-system".into());
+    assert!(r.settling.contains("default"));
+}

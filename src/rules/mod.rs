@@ -117,6 +117,9 @@ impl Section {
                 None => {
                     ctx.metrics
                         .set_sidecar_drift(&policy.name_any(), &Default::default());
+                    if let Some(c) = ctx.cache::<sidecars::Cache>() {
+                        c.record_wanted(&policy.name_any(), Default::default());
+                    }
                     not_configured()
                 }
             },

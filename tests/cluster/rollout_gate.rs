@@ -135,7 +135,9 @@ impl Drop for Outcomes {
 ///    sections), a template pinning its proxy image and a namespace selecting a revision that
 ///    is gone (upgrades). No pod ever runs without a proxy, none of the held ones loses one.
 /// 3. The owner opts the Recreate Deployment in (`meshwarden.io/rollout: AllowDisruption`):
-///    rolled once. 4. The PDB relaxed: rolled once. 5. Audit, 6. delete: nothing written.
+///    rolled once. 4. The PDB relaxed: rolled once. 4b. A `helm upgrade` of the revision whose
+///    new istiod never starts: nothing judged against the version that does not serve, nothing
+///    restarted; rolled back. 5. Audit, 6. delete: nothing written.
 #[tokio::test]
 async fn rollouts_meshwarden_starts_never_cost_availability() {
     let env = common::cluster_env("gate").await;
@@ -515,6 +517,52 @@ upgrades:
         .map(|(a, n)| (*a, if *a == "guarded" { 1 } else { *n }))
         .collect();
     outcomes.check("4. budget relaxed", &floors);
+
+    // 4b. A helm upgrade of the revision whose new istiod pod never starts (a node selector no
+    // node has): 1.35.0 still serves, so no proxy is judged against 1.37.0 and nothing is
+    // restarted; rolled back, the findings are the ones before.
+    let before_stuck = writes(&env);
+    let upgrade = |args: &[&str]| {
+        let mut all = vec![
+            "upgrade",
+            gate.release.as_str(),
+            chart.as_str(),
+            "-n",
+            "istio-system",
+            "--reuse-values",
+        ];
+        all.extend_from_slice(args);
+        helm(&testplane::istio::helm(), &env.plane.kubeconfig, &all);
+    };
+    upgrade(&[
+        "--set",
+        "global.tag=1.37.0",
+        "--set",
+        "pilot.nodeSelector.nosuchnode=x",
+    ]);
+    let stuck = expect(&[
+        (s, sts, "solo", "Held"),
+        (s, sts, "ondelete", "Skipped"),
+        (u, "Namespace", "lost", "Reported"),
+    ]);
+    wait_equal(90, "4b. stuck istiod upgrade", actions, stuck).await;
+    two_more_reconciles(&env, &op.state, &apps).await;
+    assert_eq!(
+        writes(&env),
+        before_stuck,
+        "nothing restarted for a version that does not serve"
+    );
+    let p = policy_api.get(&policy).await.unwrap();
+    let c = common::condition(&p, "Upgrades").unwrap();
+    assert!(c.message.contains("istiod gate rolls out"), "{c:?}");
+    helm(
+        &testplane::istio::helm(),
+        &env.plane.kubeconfig,
+        &["rollback", gate.release.as_str(), "-n", "istio-system"],
+    );
+    wait_equal(120, "4b. rolled back", actions, no_guarded.clone()).await;
+    assert_eq!(writes(&env), before_stuck, "nothing restarted");
+    outcomes.check("4b. stuck istiod upgrade", &floors);
 
     // 5. Audit: nothing written, the rest reported.
     let before = writes(&env);

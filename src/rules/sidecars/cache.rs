@@ -38,6 +38,10 @@ pub struct Cache {
     echoes: Arc<Mutex<Written>>,
     /// Each policy's namespace parts of its last evaluation ([`Memo`]), and when it was used.
     memos: Arc<Mutex<HashMap<String, (Instant, Memo)>>>,
+    /// Per policy, the workloads its last evaluation (Enforce) will roll (written now, or
+    /// waiting for a slot or for the rollout gate): the upgrades section leaves them to it, so
+    /// that one rollout carries both changes.
+    wants: Arc<Mutex<HashMap<String, (Instant, Wanted)>>>,
     /// Each namespace's labels as an evaluation reads them, with the store entry they were
     /// copied from: copied again only when the store holds a new entry (see
     /// [`observe_cached`]).
@@ -70,6 +74,9 @@ type NamespaceLabels = HashMap<
         Arc<BTreeMap<String, String>>,
     ),
 >;
+
+/// Workloads (kind, namespace, name) an evaluation will roll.
+pub type Wanted = std::collections::HashSet<(Kind, String, String)>;
 
 /// Workloads whose last write failed: (kind, namespace, name) -> (when, the error).
 pub(super) type Failed = HashMap<(Kind, String, String), (Instant, String)>;
@@ -105,6 +112,7 @@ impl Cache {
             failed: Arc::new(Mutex::new(HashMap::new())),
             echoes: Arc::new(Mutex::new(HashMap::new())),
             memos: Arc::new(Mutex::new(HashMap::new())),
+            wants: Arc::new(Mutex::new(HashMap::new())),
             ns_labels: Arc::new(Mutex::new(HashMap::new())),
             by_namespace: Indexes::default(),
         }
@@ -133,6 +141,28 @@ impl Cache {
             m.insert(policy.to_string(), (Instant::now(), memo));
         }
         out
+    }
+
+    /// Records the workloads `policy`'s evaluation will roll (empty: none, or the section is
+    /// gone or in Audit).
+    pub fn record_wanted(&self, policy: &str, wanted: Wanted) {
+        if let Ok(mut m) = self.wants.lock() {
+            m.retain(|_, (at, _)| at.elapsed() < MEMO_TTL);
+            if wanted.is_empty() {
+                m.remove(policy);
+            } else {
+                m.insert(policy.to_string(), (Instant::now(), wanted));
+            }
+        }
+    }
+
+    /// Whether `policy`'s sidecars section will roll workload (kind, namespace, name): it
+    /// changes its template anyway, so a restart would roll it a second time.
+    pub fn sidecars_will_roll(&self, policy: &str, key: &(Kind, String, String)) -> bool {
+        self.wants.lock().is_ok_and(|m| {
+            m.get(policy)
+                .is_some_and(|(at, w)| at.elapsed() < MEMO_TTL && w.contains(key))
+        })
     }
 
     /// Whether any write is recorded as failed (most passes: none, and nothing to sort).

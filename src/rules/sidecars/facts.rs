@@ -69,6 +69,8 @@ pub struct WorkloadFacts {
     /// The generation the upgrades section's last restart produced
     /// ([`RESTART_GENERATION_ANNOTATION`]).
     pub restart_generation: Option<i64>,
+    /// What that restart aimed for ([`RESTART_TARGET_ANNOTATION`]).
+    pub restart_target: Option<String>,
     /// Opted out of restarts with `meshwarden.io/ignore: upgrades`.
     pub restart_opted_out: bool,
     /// Managers other than meshwarden that own one of the four annotations.
@@ -176,6 +178,9 @@ impl WorkloadFacts {
                 .as_ref()
                 .and_then(|a| a.get(RESTART_GENERATION_ANNOTATION))
                 .and_then(|v| v.parse().ok()),
+            restart_target: annotations_of(Some(meta))
+                .get(RESTART_TARGET_ANNOTATION)
+                .cloned(),
             other_rule: owned_by_other_rule(meta),
             written_at: write::fields::meshwarden_write_time(meta),
             written_generation: meta

@@ -17,7 +17,11 @@ pub fn owned_by_other_rule(meta: &ObjectMeta) -> bool {
             HASH_ANNOTATION,
             RESTARTED_AT,
         ],
-        &[GENERATION_ANNOTATION, RESTART_GENERATION_ANNOTATION],
+        &[
+            GENERATION_ANNOTATION,
+            RESTART_GENERATION_ANNOTATION,
+            RESTART_TARGET_ANNOTATION,
+        ],
     )
 }
 

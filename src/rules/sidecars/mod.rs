@@ -105,6 +105,11 @@ pub const RESTARTED_AT: &str = "kubectl.kubernetes.io/restartedAt";
 /// restart produced, so that its rollout takes a restart slot and can stall.
 pub const RESTART_GENERATION_ANNOTATION: &str = "meshwarden.io/restart-generation";
 
+/// Workload annotation (metadata): what the upgrades section's last restart aimed for, the
+/// revision and the version of its istiod (`canary@1.35.0`). A restart whose pods are still
+/// outdated is repeated only once that target has changed.
+pub const RESTART_TARGET_ANNOTATION: &str = "meshwarden.io/restart-target";
+
 /// The rule name that opts a workload out of the upgrades section's restarts.
 pub const IGNORE_UPGRADES: &str = "upgrades";
 
@@ -305,6 +310,9 @@ pub async fn reconcile_with_stats(
         }
     };
     let targets = &classified.targets;
+    if let Some(c) = cache.as_ref().filter(|_| from_cache) {
+        c.record_wanted(&policy.name_any(), wanted(targets, &decisions));
+    }
 
     let mut tally = report::Tally::default();
     // The deviations are joined into a message only for the writes that need one (a
@@ -505,6 +513,23 @@ pub async fn reconcile_with_stats(
         &stats,
     );
     (report, stats)
+}
+
+/// The targets a pass will roll: written now, or waiting for a slot, a stalled rollout, a
+/// restart or the rollout gate; not the ones it never writes (Audit, a namespace the values do
+/// not fit, `OnDelete`).
+pub fn wanted(targets: &[Workload], decisions: &[Decision]) -> Wanted {
+    targets
+        .iter()
+        .zip(decisions)
+        .filter(|(_, d)| {
+            matches!(
+                d.action,
+                Action::Apply | Action::Held(_) | Action::Gated(Gate::Held(_))
+            )
+        })
+        .map(|(w, _)| (w.kind, w.namespace.to_string(), w.name.clone()))
+        .collect()
 }
 
 #[cfg(test)]

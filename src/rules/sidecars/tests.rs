@@ -46,6 +46,7 @@ fn workload(name: &str, annotations: &[(&'static str, &str)], rollout: Rollout) 
             written_generation: None,
             restart_generation: None,
             restart_opted_out: false,
+            restart_target: None,
             foreign_owners: vec![],
             foreign_writes: ForeignWrites::default(),
             other_containers: Amounts::new(),

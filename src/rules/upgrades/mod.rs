@@ -33,7 +33,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::istio::{self, Revisions};
 use crate::rules::RuleReport;
-use crate::rules::sidecars::{Cache, Kind, PodFacts};
+use crate::rules::sidecars::{Cache, Gate, Kind, PodFacts};
 use crate::selector;
 use crate::status::conditions::{Observed, Status, types};
 use crate::status::messages::list;
@@ -207,6 +207,7 @@ pub async fn reconcile(
         true => Some(
             restarts(
                 ctx,
+                &policy.name_any(),
                 spec,
                 enforcement,
                 (&namespaces, &revisions),
@@ -238,6 +239,7 @@ pub struct Restarts {
 /// Plans the restarts of the outdated workloads and, in Enforce, makes them.
 async fn restarts(
     ctx: &Context,
+    policy: &str,
     spec: &UpgradesSpec,
     enforcement: Enforcement,
     (namespaces, revisions): (&[Labelled], &Revisions),
@@ -279,9 +281,28 @@ async fn restarts(
     };
     let gate = |ns: &str, w: &crate::rules::sidecars::WorkloadFacts| {
         let labels = selected.get(ns).copied();
-        restart_gate(ns, labels, w, revisions, budgets.as_ref())
+        let verdict = restart_gate(ns, labels, w, revisions, budgets.as_ref());
+        let key = (w.kind, ns.to_string(), w.name.clone());
+        match verdict {
+            // One rollout carries both changes: the sidecars section's.
+            Gate::Go if cache.sidecars_will_roll(policy, &key) => Gate::Held(
+                "the sidecars section of this policy will roll it (its proxy resources change): its new pods get the current proxy then, so it is not restarted as well".into(),
+            ),
+            _ => verdict,
+        }
     };
-    out.plan = plan_restarts(outdated, &workloads, spec.max_concurrent_restarts, &gate);
+    let target = |ns: &str, w: &crate::rules::sidecars::WorkloadFacts| {
+        selected
+            .get(ns)
+            .and_then(|labels| restart_target(labels, w, revisions))
+    };
+    out.plan = plan_restarts(
+        outdated,
+        &workloads,
+        spec.max_concurrent_restarts,
+        &gate,
+        &target,
+    );
     if !out.enforce {
         return out;
     }
@@ -293,7 +314,7 @@ async fn restarts(
         let Some((w, _)) = workloads.get(&key) else {
             continue;
         };
-        match restart(ctx, w, ns).await {
+        match restart(ctx, w, ns, target(ns, w).as_deref()).await {
             Ok(()) => out.started.push(workload_id(&key)),
             Err(e) => out.failed.push((workload_id(&key), e.to_string())),
         }
@@ -413,6 +434,13 @@ pub fn report(spec: &UpgradesSpec, revisions: &Revisions, plan: Plan) -> RuleRep
     } else {
         format!("istiod revisions: {}", revs.join(", "))
     }];
+    if !revisions.settling.is_empty() {
+        let settling: Vec<String> = revisions.settling.iter().cloned().collect();
+        msg.push(format!(
+            "istiod {} rolls out (or its new pods are not ready): its proxies are judged once its new version serves on every replica",
+            list(&settling, 5)
+        ));
+    }
     if !plan.status.tags.is_empty() {
         let tags: Vec<String> = plan
             .status

@@ -207,6 +207,10 @@ pub fn plan(
             orphaned.entry(object(ns, pod)).or_insert((rev, 0)).1 += 1;
             continue;
         }
+        if revisions.settling.contains(&rev) {
+            // Its istiod rolls out (or is stuck): the version that serves is not known.
+            continue;
+        }
         let (Some((istiod, _)), Some(proxy)) = (
             istiod_version(revisions, &rev),
             Minor::parse(&sidecar.version),

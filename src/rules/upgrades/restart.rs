@@ -27,7 +27,7 @@ use crate::error::Result;
 use crate::istio::{INJECTION_LABEL, Revisions};
 use crate::rules::sidecars::{
     Budget, Gate, Kind, NamespaceInjection, PROXY_IMAGE, RESTART_GENERATION_ANNOTATION,
-    RESTARTED_AT, Rollout, WorkloadFacts, availability, paced_rollout,
+    RESTART_TARGET_ANNOTATION, RESTARTED_AT, Rollout, WorkloadFacts, availability, paced_rollout,
 };
 use crate::write;
 
@@ -130,6 +130,34 @@ pub fn workload_id((ns, kind, name): &(String, Kind, String)) -> String {
 /// lose ([`crate::rules::sidecars::availability`]), for a workload in a namespace.
 pub type RestartGate<'a> = &'a dyn Fn(&str, &WorkloadFacts) -> Gate;
 
+/// What a restart of a workload in a namespace would aim for ([`restart_target`]).
+pub type TargetFn<'a> = &'a dyn Fn(&str, &WorkloadFacts) -> Option<String>;
+
+/// What a restart of `w` in a namespace with these labels aims for (pure): the revision whose
+/// injector serves its new pods and the version its istiod serves, as `revision@version`.
+/// `None` when not known (no injector, or its istiod rolls out).
+pub fn restart_target(
+    labels: &BTreeMap<String, String>,
+    w: &WorkloadFacts,
+    revisions: &Revisions,
+) -> Option<String> {
+    let label = match labels.get(INJECTION_LABEL).map(String::as_str) {
+        Some("enabled") => "default",
+        Some(_) => return None,
+        None => labels
+            .get(crate::istio::REVISION_LABEL)
+            .map(String::as_str)
+            .or(w.template_labels.value(crate::istio::REVISION_LABEL))
+            .unwrap_or("default"),
+    };
+    let rev = revisions.resolve(label)?;
+    if revisions.settling.contains(rev) {
+        return None;
+    }
+    let (_, version) = super::plan::istiod_version(revisions, rev)?;
+    Some(format!("{rev}@{version}"))
+}
+
 /// Whether meshwarden's sidecar write of `w` is rolling (the write produced its current
 /// generation, not rolled out yet).
 fn sidecar_write_rolling(w: &WorkloadFacts) -> bool {
@@ -149,6 +177,7 @@ pub fn plan_restarts(
     workloads: &Workloads,
     max: i32,
     gate: RestartGate<'_>,
+    target: TargetFn<'_>,
 ) -> RestartPlan {
     let mut out = RestartPlan::default();
     let mut sidecar_rollouts = 0;
@@ -173,7 +202,10 @@ pub fn plan_restarts(
             ),
             Some(kind) => match workloads.get(&(ns.clone(), *kind, name.clone())) {
                 None => Restart::Skipped("its workload is not in the watch cache yet".into()),
-                Some((w, rollout)) => decide(w, rollout, ns, gate, &out, &mut in_flight, max),
+                Some((w, rollout)) => {
+                    let checks = (gate, target);
+                    decide(w, rollout, ns, checks, &out, &mut in_flight, max)
+                }
             },
         };
         out.decisions.push((owner.clone(), decision));
@@ -186,7 +218,7 @@ fn decide(
     w: &WorkloadFacts,
     rollout: &Rollout,
     namespace: &str,
-    gate: RestartGate<'_>,
+    (gate, target): (RestartGate<'_>, TargetFn<'_>),
     plan: &RestartPlan,
     in_flight: &mut usize,
     max: usize,
@@ -203,9 +235,20 @@ fn decide(
         return Restart::Rolling;
     }
     if w.restart_generation == Some(w.generation) {
-        return Restart::Skipped(
-            "meshwarden restarted it and its pods still run the outdated proxy: the injector gives them the same one; check the namespace's istio.io/rev label and the pod template".into(),
-        );
+        // Restarted at this generation: again only for another target (istiod upgraded
+        // since); for the same one the injector would give the same proxy.
+        match (&w.restart_target, target(namespace, w)) {
+            (Some(done), Some(now)) if *done != now => {}
+            (done, _) => {
+                let aimed = done
+                    .as_ref()
+                    .map(|t| format!(" (for {t})"))
+                    .unwrap_or_default();
+                return Restart::Skipped(format!(
+                    "meshwarden restarted it{aimed} and its pods still run the outdated proxy: the injector gives them the same one; check the namespace's istio.io/rev label and the pod template"
+                ));
+            }
+        }
     }
     if *rollout == Rollout::Paused {
         return Restart::Held(
@@ -288,14 +331,28 @@ pub fn restart_gate(
     }
 }
 
-/// The apply of a restart: `restartedAt` on the template, the generation it will produce on the
-/// workload.
-pub fn patch(kind: Kind, namespace: &str, name: &str, at: &str, generation: i64) -> Value {
+/// The apply of a restart: `restartedAt` on the template, the generation it will produce and
+/// what it aims for (`target`, when known) on the workload.
+pub fn patch(
+    kind: Kind,
+    namespace: &str,
+    name: &str,
+    at: &str,
+    generation: i64,
+    target: Option<&str>,
+) -> Value {
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(
+        RESTART_GENERATION_ANNOTATION.into(),
+        json!(generation.to_string()),
+    );
+    if let Some(t) = target {
+        annotations.insert(RESTART_TARGET_ANNOTATION.into(), json!(t));
+    }
     json!({
         "apiVersion": "apps/v1",
         "kind": kind.as_str(),
-        "metadata": {"name": name, "namespace": namespace,
-            "annotations": {RESTART_GENERATION_ANNOTATION: generation.to_string()}},
+        "metadata": {"name": name, "namespace": namespace, "annotations": annotations},
         "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: at}}}},
     })
 }
@@ -327,10 +384,15 @@ async fn apply(ctx: &Context, kind: Kind, ns: &str, name: &str, patch: &Value) -
 
 /// Restarts one workload and records the generation the restart produced (predicted from the
 /// cached one; corrected by a second apply of the same values when another write came between).
-pub async fn restart(ctx: &Context, w: &WorkloadFacts, namespace: &str) -> Result<()> {
+pub async fn restart(
+    ctx: &Context,
+    w: &WorkloadFacts,
+    namespace: &str,
+    target: Option<&str>,
+) -> Result<()> {
     let at = jiff::Timestamp::now().to_string();
     let predicted = w.generation + 1;
-    let patch_with = |g| patch(w.kind, namespace, &w.name, &at, g);
+    let patch_with = |g| patch(w.kind, namespace, &w.name, &at, g, target);
     let mut produced = apply(ctx, w.kind, namespace, &w.name, &patch_with(predicted)).await?;
     if produced != predicted {
         produced = apply(ctx, w.kind, namespace, &w.name, &patch_with(produced)).await?;

@@ -30,6 +30,7 @@ fn revisions() -> Revisions {
         ]
         .into(),
         any: false,
+        settling: Default::default(),
     }
 }
 
@@ -153,6 +154,16 @@ fn proxies_are_counted_and_skew_is_judged_against_their_own_istiod() {
             .message
             .contains("meshwarden never restarts these itself")
     );
+    // The canary's istiod rolls out (a `helm upgrade` not finished, or stuck): the version
+    // that serves is not known, so its proxies are not judged, and nothing is restarted.
+    let mut rolling = r.clone();
+    rolling.settling.insert("canary".into());
+    let p2 = plan(1, &rolling, &[], &refs);
+    assert!(
+        !p2.outdated
+            .contains_key(&("apps".into(), Some(Kind::Deployment), "old".into()))
+    );
+    assert_eq!(p2.outdated_pods, 1, "only the default revision's newer pod");
     // With a skew of 2 the canary pods are fine.
     let p = plan(2, &r, &[], &refs);
     assert_eq!(p.outdated_pods, 1);
@@ -304,6 +315,7 @@ fn facts(
         written_generation: None,
         restart_generation: restarted,
         restart_opted_out: false,
+        restart_target: None,
         foreign_owners: vec![],
         foreign_writes: Default::default(),
         other_containers: Default::default(),
@@ -324,6 +336,7 @@ fn restarts_are_paced_and_a_stall_stops_them() {
     let now = jiff::Timestamp::now();
     let pending = Pending::default();
     let go = |_: &str, _: &WorkloadFacts| Gate::Go;
+    let no_target = |_: &str, _: &WorkloadFacts| None;
     let rolling = Rollout::InProgress("1 of 2 replicas updated".into());
     let all = |ws: Vec<Arc<WorkloadFacts>>| -> Workloads {
         ws.into_iter()
@@ -342,7 +355,7 @@ fn restarts_are_paced_and_a_stall_stops_them() {
         .iter()
         .map(|n| facts(n, 3, None, Rollout::Complete))
         .collect());
-    let p = plan_restarts(&outdated, &ws, 2, &go);
+    let p = plan_restarts(&outdated, &ws, 2, &go, &no_target);
     let d: Vec<&Restart> = p.decisions.iter().map(|(_, d)| d).collect();
     assert_eq!(d[0], &Restart::Now);
     assert_eq!(d[1], &Restart::Now);
@@ -356,7 +369,7 @@ fn restarts_are_paced_and_a_stall_stops_them() {
         facts("c", 3, None, Rollout::Complete),
         facts("d", 3, None, Rollout::Complete),
     ]);
-    let p = plan_restarts(&outdated, &ws, 2, &go);
+    let p = plan_restarts(&outdated, &ws, 2, &go, &no_target);
     let d: Vec<&Restart> = p.decisions.iter().map(|(_, d)| d).collect();
     let slot = Restart::Held(
         "waits for a restart slot (maxConcurrentRestarts 2, counting meshwarden's sidecar rollouts)"
@@ -380,7 +393,7 @@ fn restarts_are_paced_and_a_stall_stops_them() {
         Arc::new(written),
         facts("d", 3, None, Rollout::Complete),
     ]);
-    let p = plan_restarts(&outdated, &ws, 2, &go);
+    let p = plan_restarts(&outdated, &ws, 2, &go, &no_target);
     let d: Vec<&Restart> = p.decisions.iter().map(|(_, d)| d).collect();
     assert_eq!(d[0], &Restart::Rolling);
     assert_eq!(d[1], &slot, "a and c's sidecar rollout fill both slots");
@@ -396,7 +409,7 @@ fn restarts_are_paced_and_a_stall_stops_them() {
         .iter()
         .map(|n| facts(n, 3, None, Rollout::Complete))
         .collect());
-    let p = plan_restarts(&outdated, &ws, 2, &gate);
+    let p = plan_restarts(&outdated, &ws, 2, &gate, &no_target);
     let d: Vec<&Restart> = p.decisions.iter().map(|(_, d)| d).collect();
     assert_eq!(
         d,
@@ -415,7 +428,7 @@ fn restarts_are_paced_and_a_stall_stops_them() {
         facts("c", 3, None, Rollout::Complete),
         facts("d", 3, None, Rollout::Complete),
     ]);
-    let p = plan_restarts(&outdated, &ws, 2, &go);
+    let p = plan_restarts(&outdated, &ws, 2, &go, &no_target);
     assert_eq!(p.stalled.len(), 1);
     assert!(
         p.decisions[1..]
@@ -435,7 +448,7 @@ fn restarts_are_paced_and_a_stall_stops_them() {
     ]);
     let mut outdated = outdated;
     outdated.insert(("apps".into(), None, "bare".into()), "behind".into());
-    let p = plan_restarts(&outdated, &ws, 2, &go);
+    let p = plan_restarts(&outdated, &ws, 2, &go, &no_target);
     let skipped = p
         .decisions
         .iter()
@@ -453,7 +466,14 @@ fn restarts_are_paced_and_a_stall_stops_them() {
 
 #[test]
 fn a_restart_carries_only_the_restart_annotation_and_its_generation() {
-    let p = restart::patch(Kind::StatefulSet, "apps", "db", "2026-01-01T00:00:00Z", 7);
+    let p = restart::patch(
+        Kind::StatefulSet,
+        "apps",
+        "db",
+        "2026-01-01T00:00:00Z",
+        7,
+        None,
+    );
     assert_eq!(
         p,
         serde_json::json!({
@@ -536,5 +556,69 @@ fn a_restart_must_give_the_intended_proxy_and_keep_the_workload_available() {
     assert_eq!(
         restart_gate("other", Some(&enabled), &w, &r, Some(&budgets)),
         Gate::Go
+    );
+}
+
+#[test]
+fn a_restart_is_repeated_only_for_another_target() {
+    let r = revisions();
+    let ns = map(&[("istio.io/rev", "prod")]);
+    let w = facts("web", 4, Some(4), Rollout::Complete);
+    // The tag resolves to the canary, whose istiod serves 1.33.1.
+    assert_eq!(
+        restart_target(&ns, &w, &r),
+        Some("canary@1.33.1".to_string())
+    );
+    assert_eq!(
+        restart_target(&map(&[("istio-injection", "enabled")]), &w, &r),
+        Some("default@1.31-dev".to_string())
+    );
+    let mut settling = r.clone();
+    settling.settling.insert("canary".into());
+    assert_eq!(restart_target(&ns, &w, &settling), None);
+    let outdated: Outdated = [(owner("web"), "behind".to_string())].into();
+    let go = |_: &str, _: &WorkloadFacts| Gate::Go;
+    let at = |t: &'static str| move |_: &str, _: &WorkloadFacts| Some(t.to_string());
+    let plan_for = |w: WorkloadFacts, target: &dyn Fn(&str, &WorkloadFacts) -> Option<String>| {
+        let w = Arc::new(w);
+        let ws: Workloads = [(
+            ("apps".to_string(), w.kind, w.name.clone()),
+            (w.clone(), Rollout::Complete),
+        )]
+        .into();
+        plan_restarts(&outdated, &ws, 2, &go, target).decisions[0]
+            .1
+            .clone()
+    };
+    let mut done = (*w).clone();
+    done.restart_target = Some("canary@1.33.1".into());
+    // Same target: the injector gives the same proxy, not restarted again.
+    let d = plan_for(done.clone(), &at("canary@1.33.1"));
+    assert!(
+        matches!(&d, Restart::Skipped(why) if why.contains("restarted it (for canary@1.33.1)")),
+        "{d:?}"
+    );
+    // istiod upgraded since: restarted again.
+    assert_eq!(plan_for(done.clone(), &at("canary@1.35.0")), Restart::Now);
+    // Target not known (istiod rolls out), or a restart by a version that recorded none.
+    assert!(matches!(
+        plan_for(done, &|_: &str, _: &WorkloadFacts| None),
+        Restart::Skipped(_)
+    ));
+    assert!(matches!(
+        plan_for((*w).clone(), &at("canary@1.35.0")),
+        Restart::Skipped(_)
+    ));
+    let p = restart::patch(
+        Kind::Deployment,
+        "apps",
+        "web",
+        "t",
+        5,
+        Some("canary@1.35.0"),
+    );
+    assert_eq!(
+        p["metadata"]["annotations"]["meshwarden.io/restart-target"],
+        "canary@1.35.0"
     );
 }
