@@ -1545,18 +1545,7 @@ async fn upgrades_with_two_real_revisions_report_and_restart_paced() {
     let only_stall = writes_in(&env, &stall);
     assert!(only_stall >= 1, "a restarted");
     assert_eq!(writes(&env), only_stall, "only a was written");
-    let four = || {
-        let apis: Vec<(Api<Deployment>, &str)> =
-            canaries.iter().map(|(ns, n)| (api(ns), *n)).collect();
-        async move {
-            let mut all = Vec::new();
-            for (a, n) in &apis {
-                all.push(a.get(n).await.unwrap());
-            }
-            let rolling = all.iter().filter(|d| restart_rolling(d)).count();
-            (all, rolling)
-        }
-    };
+    let four = || sample_restarts(canaries.iter().map(|(ns, n)| (api(ns), *n)).collect());
     let held_until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < held_until {
         let (all, _) = four().await;
@@ -1625,20 +1614,13 @@ async fn upgrades_with_two_real_revisions_report_and_restart_paced() {
     // by its owner since; one at a time, re-injected for real.
     upgrade_canary("1.37.0");
     let again = || {
-        let apis: Vec<(Api<Deployment>, &str)> = canaries
+        let apis = canaries
             .iter()
             .filter(|(ns, _)| *ns != &moved)
             .map(|(ns, n)| (api(ns), *n))
             .chain([(api(&stall), "a")])
             .collect();
-        async move {
-            let mut all = Vec::new();
-            for (a, n) in &apis {
-                all.push(a.get(n).await.unwrap());
-            }
-            let rolling = all.iter().filter(|d| restart_rolling(d)).count();
-            (all, rolling)
-        }
+        sample_restarts(apis)
     };
     // Until each was restarted for 1.37.0 and rolled out: the most rolling at once.
     let (mut most, start) = (0, Instant::now());
@@ -1702,6 +1684,16 @@ async fn upgrades_with_two_real_revisions_report_and_restart_paced() {
         .unwrap();
     canary.stop().unwrap();
     eprintln!("done after {:?}", started.elapsed());
+}
+
+/// The Deployments `apis` name, and how many of them roll because of meshwarden's restart.
+async fn sample_restarts(apis: Vec<(Api<Deployment>, &str)>) -> (Vec<Deployment>, usize) {
+    let mut all = Vec::new();
+    for (a, n) in &apis {
+        all.push(a.get(n).await.unwrap());
+    }
+    let rolling = all.iter().filter(|d| restart_rolling(d)).count();
+    (all, rolling)
 }
 
 /// Whether a Deployment rolls because of meshwarden's restart: its current generation is the
