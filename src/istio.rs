@@ -3,10 +3,11 @@
 //! exist), and which namespace is its root namespace (meshConfig).
 //!
 //! The controller keeps three small watch caches for this ([`IstioCache`]): the istiod
-//! Deployments (metadata, label `app=istiod`, every namespace), the revision tags
-//! (`MutatingWebhookConfiguration` metadata, label `istio.io/tag`) and the ConfigMaps of
-//! istiod's namespace (`--istio-namespace`), reduced on arrival to the `mesh` key of
-//! `istio` / `istio-<revision>`.
+//! Deployments (label `app=istiod`, every namespace, reduced to revision, version and whether
+//! that version serves), the injector webhook configurations (`MutatingWebhookConfiguration`,
+//! label `istio.io/rev`, reduced to the revision, the tag and whether they call an istiod
+//! outside the cluster) and the ConfigMaps of istiod's namespace (`--istio-namespace`),
+//! reduced on arrival to the `mesh` key of `istio` / `istio-<revision>`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -17,7 +18,6 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
-use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 
@@ -394,6 +394,54 @@ pub fn mesh_root(
 
 type IstiodEntry = crate::compact::Compact<Deployment, Istiod>;
 
+/// An injector webhook configuration (label `istio.io/rev`) as the cache keeps it: a
+/// revision's own (`istio-sidecar-injector[-<revision>]`) or a revision tag's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Injector {
+    /// `istio.io/rev`: the revision it injects for.
+    pub revision: String,
+    /// `istio.io/tag`: the tag, for a tag's webhook.
+    pub tag: Option<String>,
+    /// Its webhooks call a URL, not a Service of the cluster: an istiod outside the cluster
+    /// (an external control plane, a remote cluster), which has no local Deployment.
+    pub external: bool,
+}
+
+impl From<&MutatingWebhookConfiguration> for Injector {
+    fn from(m: &MutatingWebhookConfiguration) -> Self {
+        let labels = m.metadata.labels.clone().unwrap_or_default();
+        let hooks = m.webhooks.iter().flatten();
+        Injector {
+            revision: labels.get(REVISION_LABEL).cloned().unwrap_or_default(),
+            tag: labels.get(TAG_LABEL).cloned(),
+            external: hooks
+                .map(|w| &w.client_config)
+                .any(|c| c.url.is_some() && c.service.is_none()),
+        }
+    }
+}
+
+impl Revisions {
+    /// Adds an injector webhook configuration: a tag, or a revision served from outside the
+    /// cluster (live without a local istiod; its version is not known, so its proxies are
+    /// never judged outdated). A revision's webhook calling a Service whose istiod is gone
+    /// adds nothing: it injects nothing (or refuses pods while it fails closed).
+    pub fn add_injector(&mut self, injector: &Injector) {
+        if injector.revision.is_empty() {
+            return;
+        }
+        match &injector.tag {
+            Some(tag) => {
+                self.tags.insert(tag.clone(), injector.revision.clone());
+            }
+            None if injector.external => {
+                self.live.entry(injector.revision.clone()).or_default();
+            }
+            None => {}
+        }
+    }
+}
+
 /// The live revisions, their versions and the tags, listed (without the controller's cache).
 pub async fn list_revisions(client: &kube::Client) -> Result<Revisions> {
     let lp = kube::api::ListParams::default().match_any();
@@ -401,31 +449,29 @@ pub async fn list_revisions(client: &kube::Client) -> Result<Revisions> {
         .list(&lp.clone().labels("app=istiod"))
         .await
         .map_err(|e| Error::kube("list istiod Deployments", e))?;
-    let tags = Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .list_metadata(&lp.labels(TAG_LABEL))
+    let injectors = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .list(&lp.labels(REVISION_LABEL))
         .await
-        .map_err(|e| Error::kube("list revision tags", e))?;
+        .map_err(|e| Error::kube("list injector webhook configurations", e))?;
     let mut out = Revisions::default();
     for d in &istiods.items {
         let ns = d.metadata.namespace.clone().unwrap_or_default();
         out.add(&Istiod::from(d), ns);
     }
-    for t in &tags.items {
-        let labels = t.metadata.labels.clone().unwrap_or_default();
-        if let (Some(tag), Some(rev)) = (labels.get(TAG_LABEL), labels.get(REVISION_LABEL)) {
-            out.tags.insert(tag.clone(), rev.clone());
-        }
+    for m in &injectors.items {
+        out.add_injector(&Injector::from(m));
     }
     Ok(out)
 }
-type TagMeta = PartialObjectMeta<MutatingWebhookConfiguration>;
+/// An injector webhook configuration, reduced on arrival ([`Injector`]).
+type InjectorEntry = crate::compact::Compact<MutatingWebhookConfiguration, Injector>;
 
 /// The watched revisions, tags and mesh configs, while the controller runs.
 #[derive(Clone)]
 pub struct IstioCache {
     istio_namespace: String,
     istiods: Store<IstiodEntry>,
-    tags: Store<TagMeta>,
+    injectors: Store<InjectorEntry>,
     meshes: Store<ConfigMap>,
     health: Arc<Health>,
 }
@@ -471,14 +517,17 @@ impl IstioCache {
                 watcher::watcher(api.clone(), watcher::Config::default().labels("app=istiod"))
             }),
         );
-        let (tags, w2) = reflector::store::<TagMeta>();
-        let api: Api<TagMeta> = Api::all(client.clone());
+        // Injector webhook configurations (few; tags' and revisions'), reduced on arrival.
+        let (injectors, w2) = reflector::store::<InjectorEntry>();
+        let api: Api<InjectorEntry> = Api::all(client.clone());
         let s2 = reflector::reflector(
             w2,
             watch::resilient(health.clone(), TAGS_WATCH, move || {
-                watcher::watcher(api.clone(), watcher::Config::default().labels(TAG_LABEL))
-            })
-            .modify(|d| strip_meta(&mut d.metadata)),
+                watcher::watcher(
+                    api.clone(),
+                    watcher::Config::default().labels(REVISION_LABEL),
+                )
+            }),
         );
         let (meshes, w3) = reflector::store::<ConfigMap>();
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), istio_namespace);
@@ -496,7 +545,7 @@ impl IstioCache {
             IstioCache {
                 istio_namespace: istio_namespace.to_string(),
                 istiods,
-                tags,
+                injectors,
                 meshes,
                 health: health.clone(),
             },
@@ -516,11 +565,8 @@ impl IstioCache {
             .await
             .map_err(Error::Cache)?;
         let mut out = self.live();
-        for t in self.tags.state() {
-            let labels = t.metadata.labels.clone().unwrap_or_default();
-            if let (Some(tag), Some(rev)) = (labels.get(TAG_LABEL), labels.get(REVISION_LABEL)) {
-                out.tags.insert(tag.clone(), rev.clone());
-            }
+        for m in self.injectors.state() {
+            out.add_injector(&m.facts);
         }
         Ok(out)
     }

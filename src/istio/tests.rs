@@ -266,3 +266,47 @@ fn an_istiod_template_serves_once_no_older_pod_is_left() {
     r.add(&Istiod::from(&stuck), "istio-system".into());
     assert!(r.settling.contains("default"));
 }
+
+#[test]
+fn injector_webhooks_name_tags_and_external_revisions() {
+    let mwc = |name: &str, labels: serde_json::Value, client: serde_json::Value| {
+        let m: MutatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": labels},
+            "webhooks": [{"name": "rev.namespace.sidecar-injector.istio.io",
+                "clientConfig": client, "admissionReviewVersions": ["v1"],
+                "sideEffects": "None"}],
+        }))
+        .unwrap();
+        Injector::from(&m)
+    };
+    let svc =
+        serde_json::json!({"service": {"name": "istiod-remote", "namespace": "istio-system"}});
+    let url = serde_json::json!({"url": "https://istiod.example:15017/inject"});
+    let mut r = Revisions::default();
+    // A remote cluster's injector: the external istiod's URL, no local Deployment.
+    r.add_injector(&mwc(
+        "istio-sidecar-injector-remote",
+        serde_json::json!({"istio.io/rev": "remote"}),
+        url.clone(),
+    ));
+    // A revision whose istiod (a Service of the cluster) is gone: not live.
+    r.add_injector(&mwc(
+        "istio-sidecar-injector-gone",
+        serde_json::json!({"istio.io/rev": "gone"}),
+        svc,
+    ));
+    r.add_injector(&mwc(
+        "istio-revision-tag-prod",
+        serde_json::json!({"istio.io/rev": "remote", "istio.io/tag": "prod"}),
+        url,
+    ));
+    assert!(r.live.contains_key("remote"));
+    assert!(!r.live.contains_key("gone"));
+    assert_eq!(r.resolve("prod"), Some("remote"));
+    assert_eq!(
+        namespace_injection(&labels(&[("istio.io/rev", "remote")]), &r),
+        Injection::On
+    );
+    // Its version is not known: its proxies are never judged outdated (no versions).
+    assert!(!r.versions.contains_key("remote"));
+}

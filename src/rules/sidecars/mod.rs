@@ -262,7 +262,7 @@ pub async fn reconcile_with_stats(
         failed.condition.message = format!(
             "{}: revision labels (istio.io/rev) of the covered namespaces cannot be resolved. {}",
             failed.condition.message,
-            "meshwarden reads istiod Deployments (label app=istiod) and MutatingWebhookConfigurations (label istio.io/tag): compare its ClusterRole with the chart's"
+            "meshwarden reads istiod Deployments (label app=istiod) and MutatingWebhookConfigurations (label istio.io/rev): compare its ClusterRole with the chart's"
         );
         return (failed, stats);
     }
