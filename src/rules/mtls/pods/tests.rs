@@ -124,8 +124,7 @@ async fn passed_by_the_cache(events: Vec<Ev>) -> Vec<String> {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     task.abort();
-    let names = out.lock().unwrap().clone();
-    names
+    out.lock().unwrap().clone()
 }
 
 fn injected(name: &str) -> PodMeta {
