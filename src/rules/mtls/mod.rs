@@ -133,7 +133,7 @@ pub async fn reconcile(
             mesh_object_elsewhere(&obs.peer_auths, &policy.name_any(), &root.namespace)
     {
         let e = Error::RootNamespaceUnknown(format!(
-            "no mesh config in istiod's namespace {}, and this policy's mesh-wide object is in {ns}: Istio's root namespace is not guessed, so the writes that depend on it are held (nothing is moved or deleted) until meshConfig names it; mtls.rootNamespace decides it instead",
+            "no mesh config in istiod's namespace {}, and this policy's mesh-wide object is in {ns}: Istio's root namespace is not guessed, so every write of the section is held (nothing is created, moved or deleted) until meshConfig names it; mtls.rootNamespace decides it instead",
             root.namespace
         ));
         return RuleReport::failed(ctype, &e);

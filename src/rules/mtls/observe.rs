@@ -209,7 +209,7 @@ pub(super) async fn root_namespace(ctx: &Context, spec: &MtlsSpec) -> Result<Roo
         }
         (None, Some(Ok(Err(crate::istio::MeshRootError::Unreadable(message))))) => {
             return Err(Error::RootNamespaceUnknown(format!(
-                "{message}: Istio's root namespace is not guessed, so the writes that depend on it are held (nothing is moved or deleted) until meshConfig can be read again; mtls.rootNamespace decides it instead"
+                "{message}: Istio's root namespace is not guessed, so every write of the section is held (nothing is created, moved or deleted) until meshConfig can be read again; mtls.rootNamespace decides it instead"
             )));
         }
         (None, Some(Ok(Ok(m)))) => Root {
