@@ -25,6 +25,11 @@ pub enum Error {
     /// YAML); waits for them or the policy to change.
     #[error("{0}")]
     MeshConfig(String),
+    /// Istio's root namespace cannot be read from meshConfig (a mesh config is gone or not
+    /// YAML): the writes that depend on it are held, nothing is moved or deleted; waits for
+    /// the mesh config (its watch triggers the policy) or the policy to change.
+    #[error("{0}")]
+    RootNamespaceUnknown(String),
     /// Serialising a patch failed (a bug, not a cluster condition).
     #[error("cannot build patch: {0}")]
     Serialize(#[from] serde_json::Error),
@@ -56,7 +61,10 @@ impl Error {
         match self {
             Error::Kube { .. } => !matches!(self.status_code(), Some(400 | 403 | 422)),
             Error::Cache(c) => c.cause.is_none_or(crate::watch::Cause::stale),
-            Error::InvalidSpec(_) | Error::MeshConfig(_) | Error::Serialize(_) => false,
+            Error::InvalidSpec(_)
+            | Error::MeshConfig(_)
+            | Error::RootNamespaceUnknown(_)
+            | Error::Serialize(_) => false,
             Error::MissingField(..) => true,
         }
     }

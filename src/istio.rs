@@ -326,28 +326,76 @@ pub struct MeshRoot {
     pub from_mesh_config: bool,
 }
 
+/// Why [`mesh_root`] cannot tell the root namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MeshRootError {
+    /// The revisions' mesh configs name different root namespaces.
+    Unclear(String),
+    /// A mesh config cannot be read: it is not YAML, or a mesh config seen since the watch
+    /// started is gone (deleted, or its `mesh` key removed). Istio's root namespace is then
+    /// not known, and nothing that depends on it may be written.
+    Unreadable(String),
+}
+
+impl std::fmt::Display for MeshRootError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MeshRootError::Unclear(m) | MeshRootError::Unreadable(m) => f.write_str(m),
+        }
+    }
+}
+
 /// The root namespace of the control plane in `istio_namespace`: `rootNamespace` of the
 /// `mesh` key of the ConfigMaps `istio` / `istio-<revision>` there (`maps`: name -> `mesh`),
 /// for the revisions whose istiod runs there (`live_here`; every such ConfigMap when none
 /// does), or istiod's namespace where a mesh config does not set it (istiod's default). With
-/// no mesh config at all, istiod's namespace is assumed. Err when the mesh configs disagree
-/// or one cannot be read.
+/// no mesh config at all, and none seen since the watch started (`seen`: the names of the
+/// ConfigMaps seen holding a mesh config), istiod's namespace is assumed. Err when the mesh
+/// configs disagree, when one cannot be read, or when one that was seen is gone: a mesh
+/// config briefly absent (an installer re-creating it, `kubectl replace`) is no reason to
+/// move the root namespace.
 pub fn mesh_root(
     istio_namespace: &str,
     live_here: &BTreeSet<String>,
     maps: &BTreeMap<String, String>,
-) -> std::result::Result<MeshRoot, String> {
+    seen: &BTreeSet<String>,
+) -> std::result::Result<MeshRoot, MeshRootError> {
     let wanted: BTreeSet<String> = live_here.iter().map(|r| mesh_config_map(r)).collect();
+    let is_mesh_config = |name: &str| name == "istio" || name.starts_with("istio-");
     let candidates: Vec<(&String, &String)> = maps
         .iter()
         .filter(|(name, _)| {
             if wanted.is_empty() {
-                name.as_str() == "istio" || name.starts_with("istio-")
+                is_mesh_config(name)
             } else {
                 wanted.contains(name.as_str())
             }
         })
         .collect();
+    // Mesh configs seen since the watch started that are gone now: those of the revisions
+    // running here, or, with none running here, all of them once none is left.
+    let gone: Vec<&String> = if wanted.is_empty() {
+        if candidates.is_empty() {
+            seen.iter().filter(|n| is_mesh_config(n)).collect()
+        } else {
+            Vec::new()
+        }
+    } else {
+        wanted
+            .iter()
+            .filter(|n| seen.contains(*n) && !maps.contains_key(*n))
+            .collect()
+    };
+    if !gone.is_empty() {
+        let names: Vec<String> = gone
+            .iter()
+            .map(|n| format!("ConfigMap {istio_namespace}/{n}"))
+            .collect();
+        return Err(MeshRootError::Unreadable(format!(
+            "the mesh config that named Istio's root namespace is gone: {} held one and no longer does",
+            names.join(", ")
+        )));
+    }
     if candidates.is_empty() {
         return Ok(MeshRoot {
             namespace: istio_namespace.to_string(),
@@ -360,7 +408,9 @@ pub fn mesh_root(
     let mut roots: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, mesh) in &candidates {
         let root = root_namespace_of(mesh).map_err(|e| {
-            format!("ConfigMap {istio_namespace}/{name}: key {MESH_KEY} cannot be read: {e}")
+            MeshRootError::Unreadable(format!(
+                "ConfigMap {istio_namespace}/{name}: key {MESH_KEY} cannot be read: {e}"
+            ))
         })?;
         let (root, how) = match root {
             Some(r) => (r, "meshConfig.rootNamespace"),
@@ -379,10 +429,10 @@ pub fn mesh_root(
             .iter()
             .map(|(root, from)| format!("{root} ({})", from.join(", ")))
             .collect();
-        return Err(format!(
+        return Err(MeshRootError::Unclear(format!(
             "the revisions' mesh configs name different root namespaces: {}",
             all.join("; ")
-        ));
+        )));
     }
     let (namespace, from) = roots.into_iter().next().unwrap_or_default();
     Ok(MeshRoot {
@@ -473,6 +523,9 @@ pub struct IstioCache {
     istiods: Store<IstiodEntry>,
     injectors: Store<InjectorEntry>,
     meshes: Store<ConfigMap>,
+    /// The ConfigMaps seen holding a mesh config since the watch started (names; a few at
+    /// most): one of them gone makes the root namespace unknown, not assumed.
+    seen_meshes: Arc<std::sync::Mutex<BTreeSet<String>>>,
     health: Arc<Health>,
 }
 
@@ -498,6 +551,16 @@ fn strip_config_map(cm: &mut ConfigMap) {
         .filter(|_| mesh_config)
         .map(|m| [(MESH_KEY.to_string(), m)].into());
     cm.binary_data = None;
+}
+
+/// Records that `cm` holds a mesh config (after [`strip_config_map`], only those keep data).
+fn remember_mesh_config(seen: &std::sync::Mutex<BTreeSet<String>>, cm: &ConfigMap) {
+    let holds = cm.data.as_ref().is_some_and(|d| d.contains_key(MESH_KEY));
+    if let (true, Some(name), Ok(mut s)) = (holds, cm.metadata.name.as_ref(), seen.lock())
+        && !s.contains(name)
+    {
+        s.insert(name.clone());
+    }
 }
 
 impl IstioCache {
@@ -531,12 +594,19 @@ impl IstioCache {
         );
         let (meshes, w3) = reflector::store::<ConfigMap>();
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), istio_namespace);
+        let seen_meshes: Arc<std::sync::Mutex<BTreeSet<String>>> = Arc::default();
+        let seen = seen_meshes.clone();
         let s3 = reflector::reflector(
             w3,
             watch::resilient(health.clone(), MESH_CONFIG_WATCH, move || {
                 watcher::watcher(api.clone(), watcher::Config::default())
             })
-            .modify(strip_config_map),
+            .modify(strip_config_map)
+            .inspect(move |ev| {
+                if let Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) = ev {
+                    remember_mesh_config(&seen, cm);
+                }
+            }),
         );
         let changes = futures::stream::select(s1.map(|e| e.is_ok()), s2.map(|e| e.is_ok()));
         let changes = futures::stream::select(changes, s3.map(|e| e.is_ok()))
@@ -547,6 +617,7 @@ impl IstioCache {
                 istiods,
                 injectors,
                 meshes,
+                seen_meshes,
                 health: health.clone(),
             },
             changes,
@@ -581,11 +652,12 @@ impl IstioCache {
     }
 
     /// Istio's root namespace from the mesh configs of the revisions in istiod's namespace.
-    /// Outer Err: the caches cannot be read; inner Err: the mesh configs are unclear.
+    /// Outer Err: the caches cannot be read; inner Err: the mesh configs are unclear, or
+    /// cannot be read (see [`mesh_root`]).
     pub async fn mesh_root(
         &self,
         limit: Duration,
-    ) -> Result<std::result::Result<MeshRoot, String>> {
+    ) -> Result<std::result::Result<MeshRoot, MeshRootError>> {
         self.health
             .wait_readable(&[MESH_CONFIG_WATCH, REVISIONS_WATCH], limit)
             .await
@@ -600,10 +672,16 @@ impl IstioCache {
                 Some((cm.metadata.name.clone()?, mesh))
             })
             .collect();
+        let seen = self
+            .seen_meshes
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         Ok(mesh_root(
             &self.istio_namespace,
             &revisions.live_in(&self.istio_namespace),
             &maps,
+            &seen,
         ))
     }
 }

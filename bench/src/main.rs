@@ -4,6 +4,7 @@ mod common;
 mod drift;
 mod evaluate;
 mod faults;
+mod leak;
 mod mtls;
 mod scale;
 mod sidecars;
@@ -21,6 +22,7 @@ async fn main() {
     match args.first().map(String::as_str) {
         Some("drift") => drift::run(n(1, 50)).await,
         Some("mtls") => mtls::run(n(1, 1000)).await,
+        Some("leak") => leak::run(n(1, 10000)).await,
         Some("faults") => {
             let cluster = args.iter().any(|a| a == "--cluster");
             let rest: Vec<&String> = args.iter().skip(1).filter(|a| *a != "--cluster").collect();
@@ -38,7 +40,7 @@ async fn main() {
         Some("sidecars") => sidecars::run(n(1, 200), n(2, 5000), n(3, 10000)).await,
         _ => {
             eprintln!(
-                "usage: meshwarden-bench drift [N] | mtls [N] | faults [--cluster] [OUTAGE_SECS FLEET] (defaults 10 200; 10 20 with --cluster) | sidecars [NAMESPACES DEPLOYMENTS PODS] (defaults 200 5000 10000) | evaluate [NAMESPACES DEPLOYMENTS PODS EVALUATIONS] (defaults 5000 10000 50000 20) | scale [NAMESPACES DEPLOYMENTS PODS EVENTS_PER_S SECONDS] (defaults 5000 10000 50000 100 60)"
+                "usage: meshwarden-bench drift [N] | mtls [N] | leak [PODS] (default 10000) | faults [--cluster] [OUTAGE_SECS FLEET] (defaults 10 200; 10 20 with --cluster) | sidecars [NAMESPACES DEPLOYMENTS PODS] (defaults 200 5000 10000) | evaluate [NAMESPACES DEPLOYMENTS PODS EVALUATIONS] (defaults 5000 10000 50000 20) | scale [NAMESPACES DEPLOYMENTS PODS EVENTS_PER_S SECONDS] (defaults 5000 10000 50000 100 60)"
             );
             std::process::exit(2);
         }

@@ -141,11 +141,13 @@ fn root_namespace_comes_from_mesh_config_or_istiods_namespace() {
             .collect()
     };
     let live = |revs: &[&str]| -> BTreeSet<String> { revs.iter().map(|r| r.to_string()).collect() };
+    let none = BTreeSet::new();
     let set = "trustDomain: cluster.local\nrootNamespace: \"istio-config\"\n";
     let root = mesh_root(
         "istio-system",
         &live(&["default"]),
         &maps(&[("istio", set)]),
+        &none,
     )
     .unwrap();
     assert_eq!(root.namespace, "istio-config");
@@ -158,7 +160,13 @@ fn root_namespace_comes_from_mesh_config_or_istiods_namespace() {
 
     // Not set: istiod's namespace.
     let unset = "trustDomain: cluster.local\n";
-    let root = mesh_root("istiod-ns", &live(&["default"]), &maps(&[("istio", unset)])).unwrap();
+    let root = mesh_root(
+        "istiod-ns",
+        &live(&["default"]),
+        &maps(&[("istio", unset)]),
+        &none,
+    )
+    .unwrap();
     assert_eq!(root.namespace, "istiod-ns");
     assert!(root.from_mesh_config);
 
@@ -167,18 +175,25 @@ fn root_namespace_comes_from_mesh_config_or_istiods_namespace() {
         "istio-system",
         &live(&["canary"]),
         &maps(&[("istio", set), ("istio-canary", "rootNamespace: c\n")]),
+        &none,
     )
     .unwrap();
     assert_eq!(root.namespace, "c");
 
     // No mesh config: assumed, and said so.
-    let root = mesh_root("istio-system", &live(&[]), &maps(&[])).unwrap();
+    let root = mesh_root("istio-system", &live(&[]), &maps(&[]), &none).unwrap();
     assert_eq!(root.namespace, "istio-system");
     assert!(!root.from_mesh_config);
     assert!(root.source.contains("assumed"));
 
     // No istiod here: any istio / istio-<rev> mesh config counts.
-    let root = mesh_root("istio-system", &live(&[]), &maps(&[("istio-x", set)])).unwrap();
+    let root = mesh_root(
+        "istio-system",
+        &live(&[]),
+        &maps(&[("istio-x", set)]),
+        &none,
+    )
+    .unwrap();
     assert_eq!(root.namespace, "istio-config");
 
     // Revisions that disagree, and a mesh config that is not YAML.
@@ -186,8 +201,12 @@ fn root_namespace_comes_from_mesh_config_or_istiods_namespace() {
         "istio-system",
         &live(&["default", "canary"]),
         &maps(&[("istio", set), ("istio-canary", "rootNamespace: other\n")]),
+        &none,
     )
     .unwrap_err();
+    let MeshRootError::Unclear(err) = err else {
+        panic!("{err:?}")
+    };
     assert!(
         err.contains("istio-config") && err.contains("other"),
         "{err}"
@@ -196,9 +215,61 @@ fn root_namespace_comes_from_mesh_config_or_istiods_namespace() {
         "istio-system",
         &live(&["default"]),
         &maps(&[("istio", "a: [")]),
+        &none,
     )
     .unwrap_err();
+    let MeshRootError::Unreadable(err) = err else {
+        panic!("{err:?}")
+    };
     assert!(err.contains("istio-system/istio"), "{err}");
+}
+
+/// A mesh config seen since the watch started and gone now makes the root namespace unknown,
+/// never assumed: absent since the start is istiod's defaults, gone is most likely a moment
+/// of an installer re-creating it.
+#[test]
+fn a_mesh_config_seen_and_gone_leaves_the_root_namespace_unknown() {
+    let names = |n: &[&str]| -> BTreeSet<String> { n.iter().map(|r| r.to_string()).collect() };
+    let set = "rootNamespace: istio-config\n";
+    let maps = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    // The default revision's mesh config, seen, then deleted.
+    let err = mesh_root(
+        "istio-system",
+        &names(&["default"]),
+        &maps(&[]),
+        &names(&["istio"]),
+    )
+    .unwrap_err();
+    let MeshRootError::Unreadable(err) = err else {
+        panic!("{err:?}")
+    };
+    assert!(err.contains("ConfigMap istio-system/istio"), "{err}");
+    // No istiod here (a control plane elsewhere, a bare API server): the same once none is
+    // left.
+    assert!(mesh_root("istio-system", &names(&[]), &maps(&[]), &names(&["istio"])).is_err());
+    // A revision removed with its istiod: its mesh config is no longer wanted.
+    let root = mesh_root(
+        "istio-system",
+        &names(&["default"]),
+        &maps(&[("istio", set)]),
+        &names(&["istio", "istio-canary"]),
+    )
+    .unwrap();
+    assert_eq!(root.namespace, "istio-config");
+    // Back: read again.
+    let root = mesh_root(
+        "istio-system",
+        &names(&[]),
+        &maps(&[("istio", set)]),
+        &names(&["istio"]),
+    )
+    .unwrap();
+    assert_eq!(root.namespace, "istio-config");
 }
 
 #[test]

@@ -47,6 +47,9 @@ pub const CACHE_NOT_SYNCED: &str = "CacheNotSynced";
 pub const ROOT_NAMESPACE_MISMATCH: &str = "RootNamespaceMismatch";
 /// The revisions' mesh configs name different root namespaces, or one cannot be read.
 pub const MESH_CONFIG_UNCLEAR: &str = "MeshConfigUnclear";
+/// Istio's root namespace cannot be read from meshConfig now (a mesh config seen before is
+/// gone, or one is not YAML): the mTLS writes that depend on it are held.
+pub const ROOT_NAMESPACE_UNKNOWN: &str = "RootNamespaceUnknown";
 /// A selected namespace's `istio.io/rev` names no live revision and no revision tag.
 pub const UNKNOWN_REVISION: &str = "UnknownRevision";
 /// A namespace has both `istio-injection=enabled` and `istio.io/rev`.
@@ -105,6 +108,7 @@ pub const ALL: &[&str] = &[
     CACHE_NOT_SYNCED,
     ROOT_NAMESPACE_MISMATCH,
     MESH_CONFIG_UNCLEAR,
+    ROOT_NAMESPACE_UNKNOWN,
     UNKNOWN_REVISION,
     INJECTION_LABELS_CONFLICT,
     TAG_WITHOUT_REVISION,
@@ -149,6 +153,7 @@ pub fn of_error(err: &Error) -> &'static str {
             None | Some(Cause::Unavailable | Cause::Expired) => CACHE_NOT_SYNCED,
         },
         Error::MeshConfig(_) => MESH_CONFIG_UNCLEAR,
+        Error::RootNamespaceUnknown(_) => ROOT_NAMESPACE_UNKNOWN,
         Error::MissingField(..) => UNEXPECTED_OBJECT,
         Error::Serialize(_) => INTERNAL_ERROR,
     }

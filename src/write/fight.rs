@@ -19,6 +19,8 @@ pub struct FightTracker<K = FightKey> {
     /// Keys meshwarden has set, with the object as its last correction left it (see
     /// [`FightTracker::correct`]).
     set: HashMap<K, Corrected>,
+    /// When every key was last checked for expiry (see [`FightTracker::sweep`]).
+    swept: Option<Instant>,
 }
 
 /// What meshwarden's last correction of a field left.
@@ -28,6 +30,8 @@ struct Corrected {
     /// The write raised the object's `generation`, so its kind keeps one (Deployments and
     /// PodDisruptionBudgets do, HorizontalPodAutoscalers do not).
     ordered: bool,
+    /// When that correction was made.
+    at: Instant,
 }
 
 impl<K: Hash + Eq + Clone> Default for FightTracker<K> {
@@ -44,7 +48,32 @@ impl<K: Hash + Eq + Clone> FightTracker<K> {
             limit,
             seen: HashMap::new(),
             set: HashMap::new(),
+            swept: None,
         }
+    }
+
+    /// Forgets, at most once per window, every key whose corrections are all older than the
+    /// window: objects and policies come and go (a workload deleted, a policy removed), and
+    /// their keys would otherwise stay for the process's life. A correction that comes more
+    /// than a window after meshwarden's previous one of the same key is therefore counted as
+    /// a first correction, not a revert: the fight count starts afresh.
+    fn sweep(&mut self, now: Instant) {
+        let window = self.window;
+        if self
+            .swept
+            .is_some_and(|t| now.saturating_duration_since(t) <= window)
+        {
+            return;
+        }
+        self.swept = Some(now);
+        let old = |t: &Instant| now.saturating_duration_since(*t) > window;
+        self.seen.retain(|_, q| {
+            while q.front().is_some_and(old) {
+                q.pop_front();
+            }
+            !q.is_empty()
+        });
+        self.set.retain(|_, c| !old(&c.at));
     }
 
     /// Drops the corrections of `key` older than the window; returns how many are left. A key
@@ -69,6 +98,7 @@ impl<K: Hash + Eq + Clone> FightTracker<K> {
 
     /// True when `key` was corrected `limit` times within the window: do not write again.
     pub fn is_fight(&mut self, key: &K, now: Instant) -> bool {
+        self.sweep(now);
         self.prune(key, now) >= self.limit
     }
 
@@ -86,6 +116,7 @@ impl<K: Hash + Eq + Clone> FightTracker<K> {
     /// owns never count. The HA rule leaves the writes of the object's installer out of `seen`
     /// and `after`: an installer re-applying its render is restored, never a fight.
     pub fn correct(&mut self, key: &K, now: Instant, seen: &ForeignWrites, after: &ForeignWrites) {
+        self.sweep(now);
         let reverted = self.set.get(key).is_some_and(|prev| {
             (!prev.ordered || seen.generation > prev.after.generation)
                 && seen.writes.iter().any(|w| !prev.after.writes.contains(w))
@@ -93,6 +124,7 @@ impl<K: Hash + Eq + Clone> FightTracker<K> {
         let corrected = Corrected {
             after: after.clone(),
             ordered: after.generation > seen.generation,
+            at: now,
         };
         self.set.insert(key.clone(), corrected);
         if reverted {
@@ -102,6 +134,7 @@ impl<K: Hash + Eq + Clone> FightTracker<K> {
 
     /// Records a correction of `key`.
     pub fn record(&mut self, key: &K, now: Instant) {
+        self.sweep(now);
         self.prune(key, now);
         self.seen.entry(key.clone()).or_default().push_back(now);
     }
@@ -283,6 +316,37 @@ mod tests {
         // forgotten; checking a key adds none.
         assert!(!f.is_fight(&"d/replicas", t0 + Duration::from_secs(200)));
         assert!(f.seen.is_empty(), "{:?}", f.seen);
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+
+    /// Every key meshwarden ever corrected (workloads and PeerAuthentications come and go)
+    /// leaves the tracker once its corrections are older than the window: the tracker holds
+    /// the keys of one window, not of the process's life.
+    #[test]
+    fn keys_leave_once_their_corrections_are_older_than_the_window() {
+        let window = Duration::from_secs(60);
+        let mut f: FightTracker<String> = FightTracker::new(window, 3);
+        let t0 = Instant::now();
+        let none = ForeignWrites::default();
+        let helm = ForeignWrites {
+            generation: 1,
+            writes: vec!["helm Update 1".into()],
+        };
+        for i in 0..1000 {
+            let key = format!("Deployment/n/job-{i}");
+            f.correct(&key, t0, &helm, &none);
+            f.correct(&key, t0, &helm, &none);
+        }
+        assert_eq!(f.set.len(), 1000);
+        // Much later, one correction of another key: the old ones are gone.
+        let later = t0 + 2 * window + Duration::from_secs(1);
+        f.correct(&"Deployment/n/web".to_string(), later, &helm, &none);
+        assert!(f.set.len() <= 1, "{} keys kept", f.set.len());
+        assert!(f.seen.len() <= 1, "{} keys kept", f.seen.len());
     }
 }
 

@@ -8,7 +8,7 @@
 //! Mesh-scope policies, never rewritten.
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use meshwarden::api::MeshPolicy;
@@ -1128,6 +1128,31 @@ fn no_mismatch(p: &MeshPolicy) {
     );
 }
 
+/// What the condition says of a root namespace read from the mesh config `istio`.
+fn from_mesh_config(istio: &str, config: &str) -> String {
+    format!("root namespace {config}: meshConfig.rootNamespace in ConfigMap {istio}/istio")
+}
+
+/// The mesh-wide object meshwarden writes, in `ns`.
+async fn mesh_object(client: &Client, ns: String) -> Option<PeerAuthentication> {
+    pas(client, &ns).get_opt("meshwarden-mtls").await.unwrap()
+}
+
+/// Starts the operator with istiod's namespace `istio` and the policy `p` declaring STRICT
+/// for the mesh (with `force`), and waits for its mesh-wide object in the root namespace the
+/// mesh config names, `config`.
+async fn forced_strict(env: &Env, istio: &str, config: &str) -> (common::Operator, MeshPolicy) {
+    let op = env.start_operator_in(istio).await;
+    env.create_policy(
+        "p",
+        "enforcement: Enforce\nmtls: {mode: STRICT, force: true}",
+    )
+    .await;
+    wait_mode(&env.client, config, "meshwarden-mtls", "STRICT", 30).await;
+    let p = wait_message(env, "p", &from_mesh_config(istio, config), 15).await;
+    (op, p)
+}
+
 /// Istio's root namespace is `meshConfig.rootNamespace` of istiod's mesh config, not a guess:
 /// with Istio's own chart rendered with `meshConfig.rootNamespace` set to another namespace,
 /// the mesh-wide object lands there (and not in istiod's namespace). A policy that names
@@ -1150,22 +1175,10 @@ async fn the_root_namespace_is_read_from_the_mesh_config() {
         loaded >= 3,
         "istio, istio-sidecar-injector, istiod: {loaded}"
     );
-    let op = env.start_operator_in(&istio).await;
-    env.create_policy(
-        "p",
-        "enforcement: Enforce\nmtls: {mode: STRICT, force: true}",
-    )
-    .await;
-    let ours = |ns: String| {
-        let api = pas(&env.client, &ns);
-        async move { api.get_opt("meshwarden-mtls").await.unwrap() }
-    };
-
     // Step 1: the mesh-wide STRICT object is in meshConfig's root namespace only.
-    wait_mode(&env.client, &config, "meshwarden-mtls", "STRICT", 30).await;
-    let from_mesh_config =
-        format!("root namespace {config}: meshConfig.rootNamespace in ConfigMap {istio}/istio");
-    let p = wait_message(&env, "p", &from_mesh_config, 15).await;
+    let (op, p) = forced_strict(&env, &istio, &config).await;
+    let ours = |ns: String| mesh_object(&env.client, ns);
+    let from_mesh_config = from_mesh_config(&istio, &config);
     no_mismatch(&p);
     assert!(
         ours(istio.clone()).await.is_none(),
@@ -1282,5 +1295,115 @@ async fn a_revision_label_naming_nothing_is_not_counted_as_injection() {
             .await
             .unwrap();
     }
+    op.stop().await;
+}
+
+/// Istio's root namespace is never guessed for a write: when the mesh config that named it
+/// goes away (deleted, as a `kubectl replace` or an installer that re-creates it does for a
+/// moment), the mesh-wide object stays where it is, nothing is created in istiod's namespace,
+/// and the condition says the writes are held, also after a restart of meshwarden (which then
+/// has never seen the mesh config); with the mesh config back, all is as before.
+#[tokio::test]
+async fn a_mesh_config_gone_holds_the_writes_that_depend_on_the_root_namespace() {
+    let _plain = PLAIN_PODS.lock().await;
+    let env = common::env("mtls-meshgone").await;
+    let istio = env.namespace("istio", &[]).await;
+    let config = env.namespace("config", &[]).await;
+    let maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &istio);
+    let mesh_config = || -> ConfigMap {
+        serde_json::from_value(json!({
+            "metadata": {"name": "istio", "namespace": istio},
+            "data": {"mesh": format!("rootNamespace: {config}\ntrustDomain: cluster.local\n")},
+        }))
+        .unwrap()
+    };
+    maps.create(&PostParams::default(), &mesh_config())
+        .await
+        .unwrap();
+    let (op, _) = forced_strict(&env, &istio, &config).await;
+    let ours = |ns: String| mesh_object(&env.client, ns);
+    let from_mesh_config = from_mesh_config(&istio, &config);
+    let uid = ours(config.clone()).await.unwrap().metadata.uid;
+
+    // The mesh config is deleted: held, nothing moved.
+    maps.delete("istio", &Default::default()).await.unwrap();
+    let start = Instant::now();
+    let held = loop {
+        assert!(
+            ours(istio.clone()).await.is_none(),
+            "a mesh-wide object was created in istiod's namespace {istio}"
+        );
+        let kept = ours(config.clone()).await;
+        assert_eq!(
+            kept.and_then(|pa| pa.metadata.uid),
+            uid,
+            "the mesh-wide object in {config} was deleted"
+        );
+        let p = Api::<MeshPolicy>::all(env.client.clone())
+            .get(&env.policy_name("p"))
+            .await
+            .unwrap();
+        if let Some(c) = condition(&p, "MutualTLS")
+            .filter(|c| c.reason == "RootNamespaceUnknown")
+            .cloned()
+        {
+            break c;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the condition never said the writes are held: {:?}",
+            condition(&p, "MutualTLS")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(held.message.contains("held"), "{}", held.message);
+    assert!(
+        held.message.contains(&format!("ConfigMap {istio}/istio")),
+        "{}",
+        held.message
+    );
+    // And stays so: no write at all while the root namespace is unknown.
+    let writes = op.writes();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        op.writes(),
+        writes,
+        "no write while the root namespace is unknown"
+    );
+    assert!(ours(istio.clone()).await.is_none());
+    assert_eq!(
+        mode(&ours(config.clone()).await.unwrap()).as_deref(),
+        Some("STRICT")
+    );
+
+    // meshwarden restarted while the mesh config is gone: it has never seen one, so the root
+    // namespace would be assumed, but the mesh-wide object is elsewhere: still held.
+    op.stop().await;
+    let op = env.start_operator_in(&istio).await;
+    let p = env
+        .wait_policy("p", 30, |p| {
+            condition(p, "MutualTLS")
+                .filter(|c| {
+                    c.reason == "RootNamespaceUnknown"
+                        && c.message
+                            .contains(&format!("mesh-wide object is in {config}"))
+                })
+                .cloned()
+        })
+        .await;
+    assert!(p.message.contains("held"), "{}", p.message);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(op.writes(), 0, "no write after the restart");
+    assert!(ours(istio.clone()).await.is_none());
+    assert_eq!(ours(config.clone()).await.unwrap().metadata.uid, uid);
+
+    // Restored: read from the mesh config again, the same object, nothing in istiod's
+    // namespace.
+    maps.create(&PostParams::default(), &mesh_config())
+        .await
+        .unwrap();
+    wait_message(&env, "p", &from_mesh_config, 30).await;
+    assert_eq!(ours(config.clone()).await.unwrap().metadata.uid, uid);
+    assert!(ours(istio.clone()).await.is_none());
     op.stop().await;
 }

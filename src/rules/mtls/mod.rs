@@ -124,6 +124,20 @@ pub async fn reconcile(
         Ok(o) => o,
         Err(e) => return RuleReport::failed(ctype, &e),
     };
+    // An assumed root namespace (no mesh config seen since start, such as after a restart
+    // while it was gone) never moves the mesh-wide object made for a root namespace read
+    // before.
+    if spec.scope == MtlsScope::Mesh
+        && root.assumed
+        && let Some(ns) =
+            mesh_object_elsewhere(&obs.peer_auths, &policy.name_any(), &root.namespace)
+    {
+        let e = Error::RootNamespaceUnknown(format!(
+            "no mesh config in istiod's namespace {}, and this policy's mesh-wide object is in {ns}: Istio's root namespace is not guessed, so every write of the section is held (nothing is created, moved or deleted) until meshConfig names it; mtls.rootNamespace decides it instead",
+            root.namespace
+        ));
+        return RuleReport::failed(ctype, &e);
+    }
     // Only the hints about restarting pods depend on revisions: without them, every revision
     // label is taken as live.
     let revisions = ctx

@@ -160,11 +160,14 @@ pub(super) struct Root {
     pub(super) mismatch: Option<String>,
     /// meshConfig's root namespace, when it differs from `namespace`.
     pub(super) istio_root: Option<String>,
+    /// Assumed (istiod's namespace) for want of any mesh config, not read.
+    pub(super) assumed: bool,
 }
 
 /// The root namespace: the policy's `rootNamespace` when set (compared with meshConfig when
-/// that can be read), otherwise meshConfig's (see [`crate::istio::mesh_root`]). Without a
-/// controller (no cache), istiod's namespace is assumed.
+/// that can be read), otherwise meshConfig's (see [`crate::istio::mesh_root`]); Err
+/// ([`Error::RootNamespaceUnknown`]) when meshConfig cannot be read, so that nothing is
+/// written. Without a controller (no cache), istiod's namespace is assumed.
 pub(super) async fn root_namespace(ctx: &Context, spec: &MtlsSpec) -> Result<Root> {
     let mesh = match ctx.cache::<crate::istio::IstioCache>() {
         Some(c) => Some(c.mesh_root(std::time::Duration::from_secs(10)).await),
@@ -184,28 +187,53 @@ pub(super) async fn root_namespace(ctx: &Context, spec: &MtlsSpec) -> Result<Roo
                 m.namespace, m.source, m.namespace
             )),
             istio_root: Some(m.namespace),
+            assumed: false,
         },
         (Some(set), _) => Root {
             namespace: set.clone(),
             source: "mtls.rootNamespace".into(),
             mismatch: None,
             istio_root: None,
+            assumed: false,
         },
         (None, None) => Root {
             namespace: ctx.istio_namespace.clone(),
             source: "assumed: istiod's namespace".into(),
             mismatch: None,
             istio_root: None,
+            assumed: true,
         },
         (None, Some(Err(e))) => return Err(e),
-        (None, Some(Ok(Err(message)))) => return Err(unclear(message)),
+        (None, Some(Ok(Err(crate::istio::MeshRootError::Unclear(message))))) => {
+            return Err(unclear(message));
+        }
+        (None, Some(Ok(Err(crate::istio::MeshRootError::Unreadable(message))))) => {
+            return Err(Error::RootNamespaceUnknown(format!(
+                "{message}: Istio's root namespace is not guessed, so every write of the section is held (nothing is created, moved or deleted) until meshConfig can be read again; mtls.rootNamespace decides it instead"
+            )));
+        }
         (None, Some(Ok(Ok(m)))) => Root {
+            assumed: !m.from_mesh_config,
             namespace: m.namespace,
             source: m.source,
             mismatch: None,
             istio_root: None,
         },
     })
+}
+
+/// Where `policy`'s mesh-wide object is when that is not `root`: an assumed root namespace
+/// never moves it (see [`root_namespace`]).
+pub(super) fn mesh_object_elsewhere(
+    peer_auths: &[PeerAuthentication],
+    policy: &str,
+    root: &str,
+) -> Option<String> {
+    peer_auths
+        .iter()
+        .filter(|pa| pa.name_any() == SCOPE_OBJECT && is_ours(&pa.metadata, policy))
+        .filter_map(|pa| pa.namespace())
+        .find(|ns| ns != root)
 }
 
 /// The PeerAuthentications, whole, in a store; the stream yields those whose spec or labels

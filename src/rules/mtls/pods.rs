@@ -64,8 +64,92 @@ pub fn strip(p: &mut PodMeta) {
     };
 }
 
-/// Passes on only the events where `fingerprint` changed, and deletions: pods change status
-/// all the time, and none of that matters to the hold.
+/// One event passed on by [`changes`]: the object, whether it left the watch, and whether
+/// it was known before (seen since the last list, and not deleted since).
+pub struct Change<K> {
+    pub object: K,
+    pub gone: bool,
+    pub was_known: bool,
+}
+
+/// What [`changes`] remembers: each object's fingerprint, and during a (re)list the
+/// fingerprints listed so far, which replace the others when the list is done. So the map
+/// holds the objects the watch holds now: a Delete removes its entry, and an object deleted
+/// while the watch was down leaves with the next list.
+#[derive(Default)]
+struct Fingerprints {
+    current: HashMap<(String, String), u64>,
+    relist: Option<HashMap<(String, String), u64>>,
+}
+
+impl Fingerprints {
+    /// Applies one watch event; returns it when it is a change worth passing on.
+    fn apply<K: Resource>(
+        &mut self,
+        event: watcher::Event<K>,
+        fingerprint: fn(&ObjectMeta) -> u64,
+    ) -> Option<Change<K>> {
+        let (object, listing) = match event {
+            watcher::Event::Delete(object) => {
+                let k = key(object.meta());
+                let was_known = self.current.remove(&k).is_some();
+                if let Some(r) = self.relist.as_mut() {
+                    r.remove(&k);
+                }
+                return Some(Change {
+                    object,
+                    gone: true,
+                    was_known,
+                });
+            }
+            watcher::Event::Init => {
+                self.relist = Some(HashMap::new());
+                return None;
+            }
+            watcher::Event::InitDone => {
+                if let Some(done) = self.relist.take() {
+                    self.current = done;
+                }
+                return None;
+            }
+            watcher::Event::Apply(object) => (object, false),
+            watcher::Event::InitApply(object) => (object, true),
+        };
+        let k = key(object.meta());
+        let fp = fingerprint(object.meta());
+        let before = self.current.get(&k).copied();
+        match self.relist.as_mut().filter(|_| listing) {
+            Some(relist) => relist.insert(k, fp),
+            None => self.current.insert(k, fp),
+        };
+        (before != Some(fp)).then_some(Change {
+            object,
+            gone: false,
+            was_known: before.is_some(),
+        })
+    }
+}
+
+/// Passes on only the events where `fingerprint` changed, and deletions: objects change
+/// status all the time, and none of that matters to the hold. Each passed event says whether
+/// the object left the watch and whether it was known.
+pub fn changes<K>(
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    fingerprint: fn(&ObjectMeta) -> u64,
+) -> impl Stream<Item = Result<Change<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource + Send + 'static,
+{
+    let mut seen = Fingerprints::default();
+    stream.filter_map(move |ev| {
+        ready(match ev {
+            Err(e) => Some(Err(e)),
+            Ok(ev) => seen.apply(ev, fingerprint).map(Ok),
+        })
+    })
+}
+
+/// [`changes`], yielding the objects alone.
 pub fn only_changes<K>(
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     fingerprint: fn(&ObjectMeta) -> u64,
@@ -73,57 +157,36 @@ pub fn only_changes<K>(
 where
     K: Resource + Send + 'static,
 {
-    let mut seen: HashMap<(String, String), u64> = HashMap::new();
-    stream.filter_map(move |ev| {
-        let key = |m: &ObjectMeta| {
-            (
-                m.namespace.clone().unwrap_or_default(),
-                m.name.clone().unwrap_or_default(),
-            )
-        };
-        let out = match ev {
-            Err(e) => Some(Err(e)),
-            Ok(watcher::Event::Delete(o)) => {
-                seen.remove(&key(o.meta()));
-                Some(Ok(o))
-            }
-            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                let fp = fingerprint(o.meta());
-                if seen.insert(key(o.meta()), fp) == Some(fp) {
-                    None
-                } else {
-                    Some(Ok(o))
-                }
-            }
-            Ok(_) => None,
-        };
-        ready(out)
-    })
+    changes(stream, fingerprint).map(|r| r.map(|c| c.object))
 }
 
 /// Passes on the pod events that can change the STRICT hold: a pod without a sidecar (a
 /// possible plain-text client) appearing, changing or going away, and a pod that had none
 /// getting one; errors too. Pods with a sidecar coming and going, the churn of a healthy
 /// mesh, change nothing the hold reads, so they trigger no reconcile. (The host-network
-/// pods, always possible clients, are passed on by their own watch.)
+/// pods, always possible clients, are passed on by their own watch.) Which pods were last
+/// seen without a sidecar is what [`changes`] knows (the store it follows holds only those),
+/// so nothing is remembered here.
 pub fn hold_relevant<S>(
     stream: S,
 ) -> impl Stream<Item = Result<PodMeta, watcher::Error>> + Send + 'static
 where
-    S: Stream<Item = Result<PodMeta, watcher::Error>> + Send + 'static,
+    S: Stream<Item = Result<Change<PodMeta>, watcher::Error>> + Send + 'static,
 {
-    // Pods last seen without a sidecar.
-    let mut bare: std::collections::HashSet<(String, String)> = Default::default();
-    stream.filter(move |r| {
-        let pass = match r {
-            Err(_) => true,
-            Ok(p) if !pod_info(&p.metadata).injected => {
-                bare.insert(key(&p.metadata));
-                true
+    stream.filter_map(|r| {
+        let out = match r {
+            Err(e) => Some(Err(e)),
+            Ok(c) => {
+                let bare = !pod_info(&c.object.metadata).injected;
+                let pass = if c.gone {
+                    c.was_known
+                } else {
+                    bare || c.was_known
+                };
+                pass.then_some(Ok(c.object))
             }
-            Ok(p) => bare.remove(&key(&p.metadata)),
         };
-        ready(pass)
+        ready(out)
     })
 }
 
@@ -156,7 +219,7 @@ fn watch_pods<S, F>(
     make: F,
 ) -> (
     Store<PodMeta>,
-    impl Stream<Item = Result<PodMeta, watcher::Error>> + Send + 'static,
+    impl Stream<Item = Result<Change<PodMeta>, watcher::Error>> + Send + 'static,
 )
 where
     S: Stream<Item = Result<watcher::Event<PodMeta>, watcher::Error>> + Send + 'static,
@@ -165,7 +228,7 @@ where
     let (store, writer) = reflector::store::<PodMeta>();
     let pods = watch::resilient(health.clone(), name, make).modify(strip);
     let events = reflector::reflector(writer, without_sidecar(pods));
-    (store, only_changes(events, pod_fingerprint))
+    (store, changes(events, pod_fingerprint))
 }
 
 impl PodCache {
@@ -210,6 +273,7 @@ impl PodCache {
         let (pods, pod_events) = watch_pods(health, PODS_WATCH, pods);
         let pod_events = hold_relevant(pod_events);
         let (host, host_events) = watch_pods(health, HOST_PODS_WATCH, host);
+        let host_events = host_events.map(|r| r.map(|c| c.object));
         (
             PodCache {
                 pods,
@@ -310,191 +374,4 @@ pub fn pod_info(m: &ObjectMeta) -> PodInfo {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    type Ev = Result<watcher::Event<PodMeta>, watcher::Error>;
-
-    /// A watcher factory whose every attempt is a channel the test feeds.
-    #[allow(clippy::type_complexity)]
-    fn scripted() -> (
-        impl Fn() -> futures::channel::mpsc::UnboundedReceiver<Ev> + Send + 'static,
-        Arc<std::sync::Mutex<Vec<futures::channel::mpsc::UnboundedSender<Ev>>>>,
-    ) {
-        let senders = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let s = senders.clone();
-        let make = move || {
-            let (tx, rx) = futures::channel::mpsc::unbounded();
-            s.lock().unwrap().push(tx);
-            rx
-        };
-        (make, senders)
-    }
-
-    async fn attempt(
-        senders: &std::sync::Mutex<Vec<futures::channel::mpsc::UnboundedSender<Ev>>>,
-        n: usize,
-    ) -> futures::channel::mpsc::UnboundedSender<Ev> {
-        loop {
-            if let Some(tx) = senders.lock().unwrap().get(n) {
-                return tx.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn meta(name: &str) -> PodMeta {
-        serde_json::from_value(json!({
-            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-            "metadata": {"name": name, "namespace": "n"},
-        }))
-        .unwrap()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_hold_is_not_decided_before_the_pod_watch_lists_nor_after_it_failed() {
-        let health = Arc::new(Health::default());
-        let (pods, pod_attempts) = scripted();
-        let (host, host_attempts) = scripted();
-        let (cache, events) = PodCache::from_watches(&health, pods, host);
-        tokio::spawn(events.for_each(|_| async {}));
-        // The watches start with the cache; until both have listed it is not ready.
-        assert!(!cache.ready(Duration::from_millis(100)).await);
-        let host = attempt(&host_attempts, 0).await;
-        host.unbounded_send(Ok(watcher::Event::Init)).unwrap();
-        host.unbounded_send(Ok(watcher::Event::InitDone)).unwrap();
-        let pods = attempt(&pod_attempts, 0).await;
-        pods.unbounded_send(Ok(watcher::Event::Init)).unwrap();
-
-        // Still listing: no answer, however long the reconcile waits.
-        let err = cache.current(Duration::from_secs(10)).await.unwrap_err();
-        assert_eq!(
-            crate::status::reasons::of_error(&crate::error::Error::Cache(err.clone())),
-            crate::status::reasons::CACHE_NOT_SYNCED
-        );
-        assert_eq!(err.watch, PODS_WATCH);
-
-        pods.unbounded_send(Ok(watcher::Event::InitApply(meta("a"))))
-            .unwrap();
-        pods.unbounded_send(Ok(watcher::Event::InitDone)).unwrap();
-        cache.current(Duration::from_secs(10)).await.unwrap();
-        assert_eq!(cache.pods().len(), 1);
-
-        // The watch fails (API server unavailable): the store still holds pod a, but may
-        // miss changes until it lists again, so the hold is not decided from it.
-        let unavailable = kube::Error::Api(Box::new(kube::core::Status {
-            code: 503,
-            ..Default::default()
-        }));
-        pods.unbounded_send(Err(watcher::Error::WatchFailed(unavailable)))
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        let err = cache.current(Duration::from_millis(100)).await.unwrap_err();
-        assert_eq!(
-            crate::status::reasons::of_error(&crate::error::Error::Cache(err.clone())),
-            crate::status::reasons::CACHE_NOT_SYNCED
-        );
-
-        // Listed again: current.
-        let again = attempt(&pod_attempts, 1).await;
-        again.unbounded_send(Ok(watcher::Event::Init)).unwrap();
-        again.unbounded_send(Ok(watcher::Event::InitDone)).unwrap();
-        // A failed watch is not waited for (a reconcile answers Unknown at once): wait for
-        // the relist here.
-        for _ in 0..200 {
-            if health.readable(&[PODS_WATCH, HOST_PODS_WATCH]).is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        cache.current(Duration::from_secs(10)).await.unwrap();
-        assert!(health.readable(&[PODS_WATCH, HOST_PODS_WATCH]).is_ok());
-    }
-
-    #[tokio::test]
-    async fn only_pods_without_a_sidecar_trigger_the_hold() {
-        let injected = |name: &str| {
-            let mut p = meta(name);
-            p.metadata.annotations = Some([(SIDECAR_STATUS.to_string(), String::new())].into());
-            p
-        };
-        let events: Vec<Result<PodMeta, watcher::Error>> = vec![
-            Ok(injected("a")), // a healthy pod: nothing to decide
-            Ok(meta("b")),     // no sidecar: a possible client
-            Ok(meta("b")),     // changed, still none
-            Ok(injected("b")), // got one: the hold may lift
-            Ok(injected("b")), // churn of an injected pod
-            Ok(injected("c")),
-        ];
-        let passed: Vec<String> = hold_relevant(futures::stream::iter(events))
-            .map(|r| r.unwrap().metadata.name.unwrap())
-            .collect()
-            .await;
-        assert_eq!(passed, ["b", "b", "b"]);
-    }
-
-    #[tokio::test]
-    async fn the_store_keeps_only_pods_without_a_sidecar() {
-        let injected = |name: &str| {
-            let mut p = meta(name);
-            p.metadata.annotations = Some([(SIDECAR_STATUS.to_string(), String::new())].into());
-            p
-        };
-        let events: Vec<Ev> = vec![
-            Ok(watcher::Event::Init),
-            Ok(watcher::Event::InitApply(injected("a"))),
-            Ok(watcher::Event::InitApply(meta("b"))),
-            Ok(watcher::Event::InitApply(meta("c"))),
-            Ok(watcher::Event::InitDone),
-            Ok(watcher::Event::Apply(injected("d"))),
-            // c is injected now (it never is in practice, but the store must follow).
-            Ok(watcher::Event::Apply(injected("c"))),
-            Ok(watcher::Event::Apply(meta("e"))),
-        ];
-        let (store, writer) = reflector::store::<PodMeta>();
-        reflector::reflector(writer, without_sidecar(futures::stream::iter(events)))
-            .for_each(|_| async {})
-            .await;
-        let mut names: Vec<String> = store.state().iter().map(|p| p.name_any()).collect();
-        names.sort();
-        assert_eq!(names, ["b", "e"]);
-    }
-
-    #[test]
-    fn strip_keeps_only_what_the_hold_reads() {
-        let mut p: PodMeta = serde_json::from_value(json!({
-            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-            "metadata": {
-                "name": "a", "namespace": "n", "labels": {"app": "a"}, "resourceVersion": "7",
-                "annotations": {SIDECAR_STATUS: "{\"containers\":[]}", "other": "x".repeat(1000)},
-            },
-        }))
-        .unwrap();
-        strip(&mut p);
-        let info = pod_info(&p.metadata);
-        assert!(info.injected);
-        assert_eq!(info.labels["app"], "a");
-        assert_eq!(p.metadata.annotations.as_ref().map(|a| a.len()), Some(1));
-        assert_eq!(p.metadata.annotations.as_ref().unwrap()[SIDECAR_STATUS], "");
-        assert!(p.metadata.resource_version.is_none());
-
-        // A pod without a sidecar keeps the injector's own annotations (the restart hint
-        // reads them), and nothing else.
-        let mut p: PodMeta = serde_json::from_value(json!({
-            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-            "metadata": {
-                "name": "a", "namespace": "n",
-                "annotations": {"sidecar.istio.io/inject": "false", "other": "x".repeat(1000)},
-            },
-        }))
-        .unwrap();
-        strip(&mut p);
-        let info = pod_info(&p.metadata);
-        assert!(!info.injected);
-        assert_eq!(
-            p.metadata.annotations,
-            Some([("sidecar.istio.io/inject".to_string(), "false".to_string())].into())
-        );
-        assert_eq!(info.annotations["sidecar.istio.io/inject"], "false");
-    }
-}
+mod tests;

@@ -166,8 +166,26 @@ impl Cache {
     }
 
     /// Whether any write is recorded as failed (most passes: none, and nothing to sort).
+    /// Forgets first the failures older than [`WRITTEN_TTL`] and, once the workload watches
+    /// have listed, those of workloads they no longer hold (deleted, or missing from a relist).
     pub(super) fn any_failed(&self) -> bool {
-        self.failed.lock().is_ok_and(|m| !m.is_empty())
+        let Ok(mut m) = self.failed.lock() else {
+            return false;
+        };
+        if m.is_empty() {
+            return false;
+        }
+        let idx = &self.by_namespace;
+        let exists = |(kind, ns, name): &(Kind, String, String)| {
+            let index = match kind {
+                Kind::Deployment => &idx.deployments,
+                Kind::StatefulSet => &idx.statefulsets,
+                Kind::DaemonSet => &idx.daemonsets,
+            };
+            !index.is_synced() || index.read().get(ns).is_some_and(|m| m.contains_key(name))
+        };
+        m.retain(|k, (at, _)| at.elapsed() < WRITTEN_TTL && exists(k));
+        !m.is_empty()
     }
 
     /// Whether the last write of `w` failed less than [`WRITTEN_TTL`] ago.
@@ -190,6 +208,7 @@ impl Cache {
     /// Records a write of `w`: `failure` is its error, `None` when it succeeded.
     pub(super) fn record_write_result(&self, w: &Workload, failure: Option<String>) {
         if let Ok(mut m) = self.failed.lock() {
+            m.retain(|_, (at, _)| at.elapsed() < WRITTEN_TTL);
             let key = (w.kind, w.namespace.to_string(), w.name.clone());
             match failure {
                 None => m.remove(&key),

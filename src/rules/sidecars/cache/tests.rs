@@ -166,3 +166,81 @@ mod observe {
         assert_eq!(cache.ns_labels.lock().unwrap().len(), 1);
     }
 }
+
+mod failed {
+    use super::super::*;
+    use kube::runtime::reflector;
+    use kube::runtime::watcher::Event;
+
+    fn e<K: kube::Resource<DynamicType = ()> + Clone + 'static>() -> Store<K> {
+        reflector::store().0
+    }
+
+    fn deployment(name: &str) -> CachedWorkload<Deployment> {
+        let d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "apps", "generation": 1},
+            "spec": {"selector": {}, "template": {}},
+            "status": {"observedGeneration": 1},
+        }))
+        .unwrap();
+        CachedWorkload::new(d.metadata.clone(), WorkloadFacts::from(&d))
+    }
+
+    fn workload(d: &CachedWorkload<Deployment>) -> Workload {
+        Workload {
+            namespace: "apps".into(),
+            facts: d.facts.clone(),
+            rollout: Rollout::Complete,
+        }
+    }
+
+    /// A failed write is remembered while its workload exists and for [`WRITTEN_TTL`] at
+    /// most: a deleted workload (a Delete, or missing from a relist) leaves the map, and so
+    /// does an entry older than that.
+    #[test]
+    fn failed_writes_leave_on_delete_relist_and_expiry() {
+        let cache = Cache::new(e(), e(), e(), e(), e(), e());
+        let idx = &cache.by_namespace.deployments;
+        let (a, b, c) = (deployment("a"), deployment("b"), deployment("c"));
+        idx.apply(&Event::<CachedWorkload<Deployment>>::Init);
+        for d in [&a, &b, &c] {
+            idx.apply(&Event::InitApply(d.clone()));
+        }
+        idx.apply(&Event::<CachedWorkload<Deployment>>::InitDone);
+        for d in [&a, &b, &c] {
+            cache.record_write_result(&workload(d), Some("refused".into()));
+        }
+        assert!(cache.any_failed());
+        assert!(cache.failed_recently(&workload(&a)));
+
+        // Deleted: forgotten.
+        idx.apply(&Event::Delete(a.clone()));
+        cache.any_failed();
+        assert!(!cache.failed_recently(&workload(&a)));
+        assert_eq!(
+            cache.failed.lock().unwrap().len(),
+            2,
+            "a left on its Delete"
+        );
+
+        // Missing from a relist (deleted while the watch was down): forgotten.
+        idx.apply(&Event::<CachedWorkload<Deployment>>::Init);
+        idx.apply(&Event::InitApply(c.clone()));
+        idx.apply(&Event::<CachedWorkload<Deployment>>::InitDone);
+        cache.any_failed();
+        assert_eq!(
+            cache.failed.lock().unwrap().len(),
+            1,
+            "b left on the relist"
+        );
+
+        // Older than WRITTEN_TTL: forgotten although c still exists.
+        if let Some(long_ago) = Instant::now().checked_sub(WRITTEN_TTL + Duration::from_secs(1)) {
+            for (at, _) in cache.failed.lock().unwrap().values_mut() {
+                *at = long_ago;
+            }
+            assert!(!cache.any_failed());
+            assert!(cache.failed.lock().unwrap().is_empty(), "c expired");
+        }
+    }
+}
