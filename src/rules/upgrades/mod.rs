@@ -211,7 +211,7 @@ pub async fn reconcile(
                 spec,
                 enforcement,
                 (&namespaces, &revisions),
-                &plan.outdated,
+                (&plan.outdated, &plan.orphaned),
             )
             .await,
         ),
@@ -243,7 +243,7 @@ async fn restarts(
     spec: &UpgradesSpec,
     enforcement: Enforcement,
     (namespaces, revisions): (&[Labelled], &Revisions),
-    outdated: &Outdated,
+    (outdated, orphaned): (&Outdated, &BTreeMap<Owner, String>),
 ) -> Restarts {
     let mut out = Restarts {
         enforce: enforcement == Enforcement::Enforce,
@@ -279,17 +279,27 @@ async fn restarts(
         true => Some(crate::rules::sidecars::budgets(ctx).await),
         false => None,
     };
+    let gone_for = GoneSince::of(ctx).update(&orphaned.values().cloned().collect());
     let gate = |ns: &str, w: &crate::rules::sidecars::WorkloadFacts| {
         let labels = selected.get(ns).copied();
         let verdict = restart_gate(ns, labels, w, revisions, budgets.as_ref());
-        let key = (w.kind, ns.to_string(), w.name.clone());
-        match verdict {
-            // One rollout carries both changes: the sidecars section's.
-            Gate::Go if cache.sidecars_will_roll(policy, &key) => Gate::Held(
-                "the sidecars section of this policy will roll it (its proxy resources change): its new pods get the current proxy then, so it is not restarted as well".into(),
-            ),
-            _ => verdict,
+        if verdict != Gate::Go {
+            return verdict;
         }
+        // Proxies of a revision that is gone: only once it has been gone a while.
+        let waits = orphaned
+            .get(&(ns.to_string(), Some(w.kind), w.name.clone()))
+            .and_then(|rev| debounce(rev, gone_for.get(rev).copied().unwrap_or_default()));
+        if let Some(why) = waits {
+            return Gate::Held(why);
+        }
+        // One rollout carries both changes: the sidecars section's.
+        if cache.sidecars_will_roll(policy, &(w.kind, ns.to_string(), w.name.clone())) {
+            return Gate::Held(
+                "the sidecars section of this policy will roll it (its proxy resources change): its new pods get the current proxy then, so it is not restarted as well".into(),
+            );
+        }
+        Gate::Go
     };
     let target = |ns: &str, w: &crate::rules::sidecars::WorkloadFacts| {
         selected

@@ -79,6 +79,8 @@ pub struct Plan {
     /// proxies are outdated: behind their istiod by more than the skew allowed, or of a
     /// revision that no longer runs. Proxies newer than their istiod are reported only.
     pub outdated: Outdated,
+    /// The outdated workloads whose proxies' revision no longer runs, with that revision.
+    pub orphaned: BTreeMap<Owner, String>,
     /// Running pods with a proxy, and those of them that are outdated.
     pub pods: usize,
     pub outdated_pods: usize,
@@ -250,6 +252,7 @@ pub fn plan(
         });
     }
     for (key, (rev, n)) in orphaned {
+        out.orphaned.insert(key.clone(), rev.clone());
         let message = format!(
             "{n} running pod(s) have a proxy of revision {rev}, whose istiod no longer runs (revisions: {}): restart them so that their namespace's injector gives them a proxy of a live revision",
             live_list(revisions)

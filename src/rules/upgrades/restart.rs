@@ -12,7 +12,7 @@
 //! sidecars section, whose apply drops it, changes the template (and so rolls the pods) anyway.
 //! A later `kubectl rollout restart` simply takes the field over.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,53 @@ use crate::write;
 
 /// How long a restart this process wrote is remembered while the watch has not delivered it.
 const PENDING_TTL: Duration = Duration::from_secs(300);
+
+/// How long a revision must have been gone before the proxies it injected are restarted into
+/// another: a reinstall of istiod (`helm uninstall` then `install`, an Argo CD `Replace`) is no
+/// removal.
+pub const REVISION_GONE_AFTER: Duration = Duration::from_secs(300);
+
+/// When this process first saw each revision that running proxies name gone (per revision;
+/// forgotten once it runs again or no proxy names it).
+#[derive(Clone, Default)]
+pub struct GoneSince(Arc<Mutex<HashMap<String, Instant>>>);
+
+impl GoneSince {
+    /// The process's memory (kept in the context's caches).
+    pub fn of(ctx: &Context) -> GoneSince {
+        if let Some(g) = ctx.cache::<GoneSince>() {
+            return g;
+        }
+        let g = GoneSince::default();
+        ctx.set_cache(Some(g.clone()));
+        g
+    }
+
+    /// Records that `gone` are the revisions running proxies name that do not run now, and
+    /// returns how long each has been gone.
+    pub fn update(&self, gone: &BTreeSet<String>) -> HashMap<String, Duration> {
+        let Ok(mut m) = self.0.lock() else {
+            return HashMap::new();
+        };
+        m.retain(|rev, _| gone.contains(rev));
+        let now = Instant::now();
+        gone.iter()
+            .map(|rev| (rev.clone(), now - *m.entry(rev.clone()).or_insert(now)))
+            .collect()
+    }
+}
+
+/// Why a restart of a workload whose proxies' revision is gone waits (pure): `None` once the
+/// revision has been gone [`REVISION_GONE_AFTER`].
+pub fn debounce(revision: &str, gone_for: Duration) -> Option<String> {
+    (gone_for < REVISION_GONE_AFTER).then(|| {
+        format!(
+            "revision {revision} has been gone for {}s: its proxies are restarted once it has been gone {}s (a reinstall of istiod is not a removal)",
+            gone_for.as_secs(),
+            REVISION_GONE_AFTER.as_secs()
+        )
+    })
+}
 
 /// Restarts written by this process: (kind, namespace, name) -> (generation produced, when).
 /// A reconcile that runs before the watch delivers the new generation reads the workload as

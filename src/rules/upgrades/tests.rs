@@ -622,3 +622,34 @@ fn a_restart_is_repeated_only_for_another_target() {
         "canary@1.35.0"
     );
 }
+
+#[test]
+fn proxies_of_a_revision_that_is_gone_are_restarted_only_once_it_stayed_gone() {
+    use std::time::Duration;
+    assert!(
+        debounce("canary", Duration::from_secs(20))
+            .is_some_and(|w| w.contains("revision canary has been gone for 20s"))
+    );
+    assert_eq!(debounce("canary", REVISION_GONE_AFTER), None);
+    let gone = GoneSince::default();
+    let first = gone.update(&["canary".to_string()].into());
+    assert!(first["canary"] < Duration::from_secs(1));
+    // Back (no proxy names a gone revision): forgotten, so a later removal starts anew.
+    assert!(gone.update(&BTreeSet::new()).is_empty());
+    assert!(gone.update(&["canary".to_string()].into())["canary"] < Duration::from_secs(1));
+    // The plan names the revision of each orphaned workload.
+    let r = revisions();
+    let pods = [pod(
+        "gone-1",
+        Some("legacy"),
+        Some("retired"),
+        Some("1.29.0"),
+    )];
+    let refs: Vec<(&str, &PodFacts)> = pods.iter().map(|p| ("apps", p)).collect();
+    let p = plan(1, &r, &[], &refs);
+    assert_eq!(
+        p.orphaned
+            .get(&("apps".into(), Some(Kind::Deployment), "legacy".into())),
+        Some(&"retired".to_string())
+    );
+}
