@@ -1216,6 +1216,8 @@ where
 /// 7. The canary upgraded again (1.37.0): the workloads meshwarden restarted for 1.35.0 are
 ///    restarted again (the restart recorded the revision and version it aimed for), one at a
 ///    time, and re-injected with 1.37.0. 8. Converged: no write over two more reconciles.
+/// 9. `helm rollback` of the canary: its proxies are newer than istiod, reported and never
+///    restarted.
 #[tokio::test]
 async fn upgrades_with_two_real_revisions_report_and_restart_paced() {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -1673,6 +1675,43 @@ async fn upgrades_with_two_real_revisions_report_and_restart_paced() {
     let before = writes(&env);
     two_more_reconciles(&env, &op.state, &web).await;
     assert_eq!(writes(&env), before, "a converged mesh costs no write");
+
+    // 9. `helm rollback` of the canary (to 1.35.0), as in an incident: every canary proxy is
+    // newer than its istiod; reported, never restarted.
+    helm(
+        &testplane::istio::helm(),
+        &kc,
+        &["rollback", &canary.release, "-n", "istio-system"],
+    );
+    let mut newer = with("Reported");
+    newer.retain(|(i, _)| !i.contains(&format!("/{moved}/")));
+    newer.push((a_id.clone(), "Reported"));
+    let p = report(
+        "istiod rolled back: newer proxies reported",
+        "UnknownRevision",
+        newer,
+        vec![("canary", "1.37.0", 4), ("default", "1.31-dev", 2)],
+        2,
+    )
+    .await;
+    let v = p
+        .status
+        .as_ref()
+        .unwrap()
+        .violations
+        .iter()
+        .find(|v| v.object == a_id)
+        .unwrap();
+    assert!(
+        v.message.contains("newer than istiod canary (1.35.0)"),
+        "{v:?}"
+    );
+    two_more_reconciles(&env, &op.state, &web).await;
+    assert_eq!(
+        writes(&env),
+        before,
+        "nothing restarted after a rollback of istiod"
+    );
 
     op.stop().await;
     Api::<MutatingWebhookConfiguration>::all(env.client.clone())

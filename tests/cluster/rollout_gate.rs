@@ -137,7 +137,10 @@ impl Drop for Outcomes {
 /// 3. The owner opts the Recreate Deployment in (`meshwarden.io/rollout: AllowDisruption`):
 ///    rolled once. 4. The PDB relaxed: rolled once. 4b. A `helm upgrade` of the revision whose
 ///    new istiod never starts: nothing judged against the version that does not serve, nothing
-///    restarted; rolled back. 5. Audit, 6. delete: nothing written.
+///    restarted; rolled back. 5. Audit, 6. delete: nothing written. 7. The revision removed
+///    (`helm uninstall`) while namespaces still select it, one through a tag left behind: no
+///    restart into no sidecar. Throughout, a workload whose owner's rollout is in progress
+///    (2) is not restarted on top; it finishes with the current proxy (2b).
 #[tokio::test]
 async fn rollouts_meshwarden_starts_never_cost_availability() {
     let env = common::cluster_env("gate").await;
@@ -163,6 +166,16 @@ async fn rollouts_meshwarden_starts_never_cost_availability() {
     let lost = env
         .namespace(
             "lost",
+            &[
+                ("meshwarden-gate-up", id.as_str()),
+                ("istio.io/rev", "gate"),
+            ],
+        )
+        .await;
+    // A workload whose owner's rollout is in progress when the policy is enforced.
+    let busy = env
+        .namespace(
+            "busy",
             &[
                 ("meshwarden-gate-up", id.as_str()),
                 ("istio.io/rev", "gate"),
@@ -228,6 +241,7 @@ async fn rollouts_meshwarden_starts_never_cost_availability() {
     )
     .await;
     create(&lost, deployment("orphan", 1, json!({}))).await;
+    create(&busy, deployment("busy", 2, json!({}))).await;
     for (app, n) in [
         ("recreate", 3),
         ("allowed", 2),
@@ -240,6 +254,7 @@ async fn rollouts_meshwarden_starts_never_cost_availability() {
         injected_all(&env.client, &apps, app, n, "gate", "1.33.1").await;
     }
     injected_all(&env.client, &lost, "orphan", 1, "gate", "1.33.1").await;
+    injected_all(&env.client, &busy, "busy", 2, "gate", "1.33.1").await;
     eprintln!("workloads injected after {:?}", started.elapsed());
     // `lost` now names a revision that is gone; then the revision is upgraded by Helm.
     Api::<Namespace>::all(env.client.clone())
@@ -272,6 +287,20 @@ async fn rollouts_meshwarden_starts_never_cost_availability() {
         ("guarded", pod_uids(&env.client, &apps, "guarded").await),
     ];
     let orphan_pods = pod_uids(&env.client, &lost, "orphan").await;
+    // The owner restarts busy with a change that cannot finish (its surge pod fits no node):
+    // its own rollout stays in progress.
+    let busy_api: Api<Deployment> = Api::namespaced(env.client.clone(), &busy);
+    busy_api
+        .patch(
+            "busy",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": {
+                "metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": "2026-12-07T00:00:00Z"}},
+                "spec": {"nodeSelector": {"meshwarden.io/no-such-node": "x"}},
+            }}})),
+        )
+        .await
+        .unwrap();
     let outcomes = Outcomes::start(
         env.client.clone(),
         apps.clone(),
@@ -303,16 +332,18 @@ upgrades:
     };
     env.create_policy("gate", &spec("Audit")).await;
     let op = env.start_operator().await;
-    let writes = |env: &common::Env| writes_in(env, &apps) + writes_in(env, &lost);
+    let writes =
+        |env: &common::Env| writes_in(env, &apps) + writes_in(env, &lost) + writes_in(env, &busy);
     let policy_api: Api<MeshPolicy> = Api::all(env.client.clone());
     let policy = env.policy_name("gate");
     // (condition type, object, action) of this test's workloads and namespaces, sorted.
     let violations = || {
-        let (api, policy, apps, lost) = (
+        let (api, policy, apps, lost, busy) = (
             policy_api.clone(),
             policy.clone(),
             apps.clone(),
             lost.clone(),
+            busy.clone(),
         );
         async move {
             let p = api.get(&policy).await.unwrap();
@@ -322,7 +353,7 @@ upgrades:
                 .violations
                 .into_iter()
                 // Revisions and tags are mesh-wide: other tests' may be listed too.
-                .filter(|v| v.object.contains(&apps) || v.object.contains(&lost))
+                .filter(|v| [&apps, &lost, &busy].iter().any(|n| v.object.contains(*n)))
                 .map(|v| (v.rule, v.object, v.action.as_str().to_string(), v.message))
                 .collect();
             v.sort();
@@ -340,7 +371,11 @@ upgrades:
         let mut v: Vec<(String, String, String)> = rows
             .iter()
             .map(|(rule, kind, name, action)| {
-                let ns = if *name == "orphan" { &lost } else { &apps };
+                let ns = match *name {
+                    "orphan" => &lost,
+                    "busy" => &busy,
+                    _ => &apps,
+                };
                 let object = match *kind {
                     "Namespace" => format!("Namespace/{lost}"),
                     k => format!("{k}/{ns}/{name}"),
@@ -369,6 +404,7 @@ upgrades:
         audit.push((u, kind, name, "Reported"));
     }
     audit.push((u, dep, "orphan", "Reported"));
+    audit.push((u, dep, "busy", "Reported"));
     audit.push((u, "Namespace", "lost", "Reported"));
     wait_equal(120, "1. Audit", actions, expect(&audit)).await;
     assert_eq!(writes(&env), 0, "Audit writes nothing");
@@ -388,6 +424,7 @@ upgrades:
         (u, sts, "ondelete", "Skipped"),
         (u, dep, "pinned", "Skipped"),
         (u, dep, "orphan", "Skipped"),
+        (u, dep, "busy", "Held"),
         (u, "Namespace", "lost", "Reported"),
     ]);
     wait_equal(180, "2. Enforce", actions, enforced.clone()).await;
@@ -419,6 +456,11 @@ upgrades:
         message(u, "orphan").contains("a restart would give its pods no sidecar"),
         "{}",
         message(u, "orphan")
+    );
+    assert!(
+        message(u, "busy").contains("its own rollout is in progress"),
+        "{}",
+        message(u, "busy")
     );
     let p = policy_api.get(&policy).await.unwrap();
     let c = common::condition(&p, "SidecarResources").unwrap();
@@ -467,6 +509,44 @@ upgrades:
     }
     outcomes.check("2. Enforce", &floors);
     eprintln!("2. checked after {:?}", started.elapsed());
+
+    // 2b. The owner fixes busy's rollout: it finishes with the current proxy, and meshwarden
+    // never restarted it on top.
+    busy_api
+        .patch(
+            "busy",
+            &PatchParams::default(),
+            &Patch::Json::<()>(
+                serde_json::from_value(
+                    json!([{"op": "remove", "path": "/spec/template/spec/nodeSelector"}]),
+                )
+                .unwrap(),
+            ),
+        )
+        .await
+        .unwrap();
+    let enforced: Vec<(String, String, String)> = enforced
+        .into_iter()
+        .filter(|(_, o, _)| !o.ends_with("/busy"))
+        .collect();
+    wait_equal(
+        120,
+        "2b. the owner's rollout finished",
+        actions,
+        enforced.clone(),
+    )
+    .await;
+    injected_all(&env.client, &busy, "busy", 2, "gate", "1.35.0").await;
+    assert_eq!(
+        writes_in(&env, &busy),
+        0,
+        "busy never restarted by meshwarden"
+    );
+    assert_eq!(
+        replica_sets(&env.client, &busy, "busy").await,
+        3,
+        "the owner's two templates"
+    );
 
     // 3. The owner accepts the downtime of the Recreate Deployment: rolled once, with the
     // sidecar resources and the current proxy together.
@@ -554,7 +634,12 @@ upgrades:
     );
     let p = policy_api.get(&policy).await.unwrap();
     let c = common::condition(&p, "Upgrades").unwrap();
-    assert!(c.message.contains("istiod gate rolls out"), "{c:?}");
+    // Another test's revision may be rolling out too: `istiod canary, gate rolls out`.
+    let settling = c.message.split(" rolls out").next().unwrap_or_default();
+    assert!(
+        settling.contains("istiod ") && settling.contains("gate"),
+        "{c:?}"
+    );
     helm(
         &testplane::istio::helm(),
         &env.plane.kubeconfig,
@@ -596,7 +681,119 @@ upgrades:
         );
     }
     outcomes.check("6. deleted", &floors);
-    op.stop().await;
+
+    // 7. The revision removed (`helm uninstall`, its istiod stopped) while the namespaces still
+    // select it, under an upgrades policy in Enforce: every proxy is of a revision that no
+    // longer runs, and a restart would give the pods no sidecar: skipped, nothing written, no
+    // pod replaced.
+    let upgrades_only = format!(
+        "enforcement: Enforce\nupgrades:\n  restartOutdated: true\n  maxConcurrentRestarts: 10\n  namespaceSelector: {{matchLabels: {{meshwarden-gate-up: {id}}}}}\n"
+    );
+    env.create_policy("gate", &upgrades_only).await;
+    let apps_uids: Vec<(&str, Vec<String>)> = {
+        let mut v = Vec::new();
+        for app in [
+            "rolling", "allowed", "recreate", "guarded", "solo", "ondelete",
+        ] {
+            v.push((app, pod_uids(&env.client, &apps, app).await));
+        }
+        v
+    };
     gate.stop().unwrap();
+    // A revision tag left pointing at the removed revision, selected by `lost`.
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let tag = format!("{id}-gt");
+    let mwcs: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
+    mwcs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": format!("istio-revision-tag-{tag}"),
+                         "labels": {"istio.io/tag": tag, "istio.io/rev": "gate"}},
+            "webhooks": [],
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    Api::<Namespace>::all(env.client.clone())
+        .patch(
+            &lost,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"istio.io/rev": tag}}})),
+        )
+        .await
+        .unwrap();
+    let removed: Vec<(String, String, String)> =
+        ["rolling", "allowed", "recreate", "guarded", "pinned"]
+            .iter()
+            .map(|n| (dep, *n))
+            .chain([(sts, "solo"), (sts, "ondelete")])
+            .map(|(k, n)| {
+                (
+                    u.to_string(),
+                    format!("{k}/{apps}/{n}"),
+                    "Skipped".to_string(),
+                )
+            })
+            .chain([
+                (
+                    u.to_string(),
+                    format!("Deployment/{lost}/orphan"),
+                    "Skipped".to_string(),
+                ),
+                (
+                    u.to_string(),
+                    format!("Deployment/{busy}/busy"),
+                    "Skipped".to_string(),
+                ),
+                (
+                    u.to_string(),
+                    format!("Namespace/{busy}"),
+                    "Reported".to_string(),
+                ),
+                (
+                    u.to_string(),
+                    format!("Namespace/{apps}"),
+                    "Reported".to_string(),
+                ),
+                (
+                    u.to_string(),
+                    format!("Namespace/{lost}"),
+                    "Reported".to_string(),
+                ),
+            ])
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+    wait_equal(120, "7. revision removed", actions, removed).await;
+    for (rule, object, _, message) in violations().await {
+        let why = match object.as_str() {
+            o if o == format!("Namespace/{lost}") => {
+                "is a revision tag of revision gate, whose istiod no longer runs"
+            }
+            o if o.starts_with("Namespace/") => continue,
+            o if o.ends_with("/pinned") => "pins sidecar.istio.io/proxyImage",
+            _ => "a restart would give its pods no sidecar",
+        };
+        assert!(message.contains(why), "{rule} {object}: {message}");
+    }
+    two_more_reconciles(&env, &op.state, &apps).await;
+    assert_eq!(writes(&env), before, "nothing restarted into no sidecar");
+    for (app, uids) in &apps_uids {
+        assert_eq!(
+            &pod_uids(&env.client, &apps, app).await,
+            uids,
+            "{app} kept its pods"
+        );
+    }
+    assert_eq!(pod_uids(&env.client, &lost, "orphan").await, orphan_pods);
+    outcomes.check("7. revision removed", &floors);
+    op.stop().await;
+    mwcs.delete(
+        &format!("istio-revision-tag-{tag}"),
+        &DeleteParams::default(),
+    )
+    .await
+    .unwrap();
     eprintln!("done after {:?}", started.elapsed());
 }

@@ -165,7 +165,9 @@ async fn targets_get_all_four_annotations_and_nothing_else_is_touched() {
         &[],
     )
     .await;
-    workload(c, "StatefulSet", &inj, "db", 1, &[], &[], &[]).await;
+    // Two replicas: a StatefulSet of one is held by the rollout gate (its only pod would be
+    // deleted before its replacement exists; `rollout_gate` in tests/cluster covers it).
+    workload(c, "StatefulSet", &inj, "db", 2, &[], &[], &[]).await;
     workload(c, "DaemonSet", &inj, "agent", 0, &[], &[], &[]).await;
     workload(
         c,
@@ -317,8 +319,8 @@ async fn targets_get_all_four_annotations_and_nothing_else_is_touched() {
             "db",
             &PatchParams::default(),
             &Patch::Merge(serde_json::json!({"status": {
-            "observedGeneration": generation(&sts.metadata), "replicas": 1, "readyReplicas": 1,
-            "updatedReplicas": 1, "currentRevision": "r2", "updateRevision": "r2"}})),
+            "observedGeneration": generation(&sts.metadata), "replicas": 2, "readyReplicas": 2,
+            "updatedReplicas": 2, "currentRevision": "r2", "updateRevision": "r2"}})),
         )
         .await
         .unwrap();

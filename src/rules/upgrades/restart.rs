@@ -311,7 +311,7 @@ fn decide(
             "meshwarden's sidecar write is rolling it: its new pods get the current proxy, so it is not restarted on top of that rollout".into(),
         );
     }
-    if let Rollout::InProgress(why) = &w.rollout {
+    if let Rollout::InProgress(why) | Rollout::Stalled(why) = &w.rollout {
         return Restart::Held(format!(
             "its own rollout is in progress ({why}): not restarted on top of it; its new pods get the current proxy"
         ));
