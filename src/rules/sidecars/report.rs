@@ -77,7 +77,7 @@ pub(super) fn condition(report: &mut RuleReport, t: &Tally, seen: &Seen<'_>, sta
     }
     if !t.gated.is_empty() {
         msg.push(format!(
-            "{} workload(s) held: rolling them now would cost their availability (strategy, replicas or a PodDisruptionBudget; see the violations): {}",
+            "{} workload(s) held by the rollout gate: rolling them now would cost their availability (strategy, replicas or a PodDisruptionBudget), or would roll no pod (OnDelete); see the violations: {}",
             t.gated.len(),
             list(&t.gated, 5)
         ));
