@@ -1,5 +1,6 @@
 //! Integration tests against a real kube-apiserver and etcd (see testplane). One API server
 //! serves the whole binary; every test has its own namespaces and policy label.
+mod budgets;
 mod certificates;
 mod common;
 mod crd;

@@ -139,23 +139,14 @@ pub(super) fn plan_budget(
                 changed_by: Vec::new(),
                 owned: Vec::new(),
             });
-            let owner = write::owner_reference(policy);
-            let mut spec = budget_json.clone();
-            spec.insert("selector".into(), pod_selector.clone());
-            p.pdb = Some(PdbAction::Apply {
-                name: name.clone(),
-                patch: json!({
-                    "apiVersion": "policy/v1",
-                    "kind": "PodDisruptionBudget",
-                    "metadata": {
-                        "name": name,
-                        "namespace": ns,
-                        "labels": write::labels(&policy.name_any()),
-                        "ownerReferences": owner.into_iter().collect::<Vec<_>>(),
-                    },
-                    "spec": Value::Object(spec),
-                }),
-            });
+            let patch = own_patch(
+                policy,
+                &name,
+                &ns,
+                budget_json.clone(),
+                pod_selector.clone(),
+            );
+            p.pdb = Some(PdbAction::Apply { name, patch });
         }
         Some(b) => {
             let s = b.spec.clone().unwrap_or_default();
@@ -231,7 +222,39 @@ pub(super) fn plan_budget(
                 });
                 return;
             };
+            // A budget meshwarden created lets pods that are not ready be evicted: they serve
+            // nothing, and must not block a drain.
+            let eviction_policy_missing =
+                ours(b) && s.unhealthy_pod_eviction_policy.as_deref() != Some(ALWAYS_ALLOW);
             if s.min_available == min && s.max_unavailable == max {
+                if eviction_policy_missing {
+                    p.findings.push(Finding {
+                        object: pdb_id,
+                        field: "spec".into(),
+                        message: format!(
+                            "{UNHEALTHY_POLICY} is not {ALWAYS_ALLOW}: a pod that is not ready blocks every drain of its node"
+                        ),
+                        fixable: true,
+                        blocks_drain: false,
+                        changed_by: Vec::new(),
+                        owned: Vec::new(),
+                    });
+                    let mut budget = serde_json::Map::new();
+                    for (k, v) in [
+                        ("minAvailable", &s.min_available),
+                        ("maxUnavailable", &s.max_unavailable),
+                    ] {
+                        if let Some(v) = v {
+                            budget.insert(k.into(), int_or_string_json(v));
+                        }
+                    }
+                    let selector = json!(s.selector.clone().unwrap_or_default());
+                    let patch = own_patch(policy, &b.name_any(), &ns, budget, selector);
+                    p.pdb = Some(PdbAction::Apply {
+                        name: b.name_any(),
+                        patch,
+                    });
+                }
                 return;
             }
             let mut spec = serde_json::Map::new();
@@ -283,17 +306,56 @@ pub(super) fn plan_budget(
             if max.is_some() && s.min_available.is_some() {
                 spec.insert("minAvailable".into(), Value::Null);
             }
-            p.pdb = Some(PdbAction::Apply {
-                name: b.name_any(),
-                patch: json!({
+            let patch = if ours(b) {
+                // Everything meshwarden's apply owns on a budget it created, every time: an
+                // apply without its selector, labels or owner reference would remove them.
+                let selector = json!(s.selector.clone().unwrap_or_default());
+                own_patch(policy, &b.name_any(), &ns, spec, selector)
+            } else {
+                json!({
                     "apiVersion": "policy/v1",
                     "kind": "PodDisruptionBudget",
                     "metadata": {"name": b.name_any(), "namespace": ns},
                     "spec": Value::Object(spec),
-                }),
+                })
+            };
+            p.pdb = Some(PdbAction::Apply {
+                name: b.name_any(),
+                patch,
             });
         }
     }
+}
+
+/// `spec.unhealthyPodEvictionPolicy` and the value meshwarden's budgets carry.
+const UNHEALTHY_POLICY: &str = "unhealthyPodEvictionPolicy";
+const ALWAYS_ALLOW: &str = "AlwaysAllow";
+
+/// The apply of a budget meshwarden creates for `policy`, whole: its labels and owner
+/// reference, the budget (`minAvailable` or `maxUnavailable`, a `null` clearing the other
+/// form), the pod selector, and [`ALWAYS_ALLOW`] (pods that are not ready serve nothing and
+/// must not block a drain).
+fn own_patch(
+    policy: &MeshPolicy,
+    name: &str,
+    ns: &str,
+    mut spec: serde_json::Map<String, Value>,
+    selector: Value,
+) -> Value {
+    spec.insert("selector".into(), selector);
+    spec.insert(UNHEALTHY_POLICY.into(), json!(ALWAYS_ALLOW));
+    let owner = write::owner_reference(policy);
+    json!({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": write::labels(&policy.name_any()),
+            "ownerReferences": owner.into_iter().collect::<Vec<_>>(),
+        },
+        "spec": Value::Object(spec),
+    })
 }
 
 /// The two forms of a disruption budget.

@@ -440,10 +440,15 @@ fn meshwardens_own_budget_switches_form_and_clears_the_other() {
         panic!("no PDB planned")
     };
     assert_eq!(name, "istiod-meshwarden");
+    // The whole budget meshwarden created, every time: an apply without its selector, labels
+    // or owner reference would remove them.
+    let selector = json!({"matchLabels": {"app": "istiod"}});
     assert_eq!(
         patch["spec"],
-        json!({"minAvailable": 2, "maxUnavailable": null})
+        json!({"minAvailable": 2, "maxUnavailable": null, "selector": selector,
+               "unhealthyPodEvictionPolicy": "AlwaysAllow"})
     );
+    assert_eq!(patch["metadata"]["labels"]["meshwarden.io/policy"], "p");
     assert!(p.takeovers.is_empty(), "nobody else owns it");
 
     let p = plan(
@@ -457,6 +462,48 @@ fn meshwardens_own_budget_switches_form_and_clears_the_other() {
     };
     assert_eq!(
         patch["spec"],
-        json!({"maxUnavailable": 1, "minAvailable": null})
+        json!({"maxUnavailable": 1, "minAvailable": null, "selector": selector,
+               "unhealthyPodEvictionPolicy": "AlwaysAllow"})
     );
+}
+
+#[test]
+fn meshwardens_own_budget_lets_pods_that_are_not_ready_be_evicted() {
+    // Created by an earlier version, without the eviction policy: written once.
+    let p = plan(
+        &rules("disruptionBudget: {maxUnavailable: 1}"),
+        &obs("replicas: 3", None, vec![own_pdb("maxUnavailable: 1")]),
+        &policy(),
+        true,
+    );
+    let Some(PdbAction::Apply { patch, .. }) = p.pdb else {
+        panic!("no PDB planned")
+    };
+    assert_eq!(patch["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");
+    assert_eq!(patch["spec"]["maxUnavailable"], 1);
+    assert_eq!(patch["spec"]["selector"]["matchLabels"]["app"], "istiod");
+    // With it: nothing to write.
+    let p = plan(
+        &rules("disruptionBudget: {maxUnavailable: 1}"),
+        &obs(
+            "replicas: 3",
+            None,
+            vec![own_pdb(
+                "maxUnavailable: 1, unhealthyPodEvictionPolicy: AlwaysAllow",
+            )],
+        ),
+        &policy(),
+        true,
+    );
+    assert!(p.pdb.is_none(), "{:?}", p.pdb);
+    // A budget of another owner is never given it.
+    let p = plan(
+        &rules("disruptionBudget: {maxUnavailable: 1}"),
+        &obs("replicas: 3", None, vec![chart_pdb()]),
+        &policy(),
+        true,
+    );
+    if let Some(PdbAction::Apply { patch, .. }) = p.pdb {
+        assert!(patch["spec"].get("unhealthyPodEvictionPolicy").is_none());
+    }
 }
