@@ -766,6 +766,16 @@ upgrades:
             .into_iter()
             .collect();
     wait_equal(120, "7. revision removed", actions, removed).await;
+    // `lost` was relabelled to the tag after the revision went: its finding names the tag.
+    let tagged = format!("Namespace/{lost}");
+    common::eventually(60, "the namespace's finding names the tag", || async {
+        violations()
+            .await
+            .iter()
+            .any(|(_, o, _, m)| *o == tagged && m.contains(&format!("istio.io/rev={tag}")))
+            .then_some(())
+    })
+    .await;
     for (rule, object, _, message) in violations().await {
         let why = match object.as_str() {
             o if o == format!("Namespace/{lost}") => {
