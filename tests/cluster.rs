@@ -458,13 +458,7 @@ impl Drop for Sampler {
 
 /// Replaces the spec of a test's policy with `yaml`.
 async fn set_spec(env: &common::Env, name: &str, yaml: &str) {
-    let api: Api<MeshPolicy> = Api::all(env.client.clone());
-    let name = env.policy_name(name);
-    let mut p = api.get(&name).await.unwrap();
-    p.spec = serde_yaml::from_str(yaml).unwrap();
-    api.replace(&name, &PostParams::default(), &p)
-        .await
-        .unwrap();
+    env.set_spec(name, yaml).await;
 }
 
 /// Runs `helm upgrade --reuse-values` of `release` with Helm 3 (three-way merge), Helm 4 as the

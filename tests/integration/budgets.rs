@@ -80,17 +80,7 @@ async fn meshwardens_budget_keeps_its_selector_and_lets_unready_pods_go_through_
     check(&b, "created");
 
     // The policy switches the form: the budget follows, whole.
-    let set = |budget: &str| {
-        let api: Api<meshwarden::api::MeshPolicy> = Api::all(env.client.clone());
-        let name = env.policy_name("p");
-        let spec = spec(budget);
-        async move {
-            let mut p = api.get(&name).await.unwrap();
-            p.spec = serde_yaml::from_str(&spec).unwrap();
-            api.replace(&name, &Default::default(), &p).await.unwrap();
-        }
-    };
-    set("minAvailable: 2").await;
+    env.set_spec("p", &spec("minAvailable: 2")).await;
     let b = whole("minAvailable", IntOrString::Int(2)).await;
     check(&b, "form switched");
 

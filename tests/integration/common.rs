@@ -229,6 +229,24 @@ impl Env {
         format!("{}-{name}", self.id)
     }
 
+    /// Replaces the spec of a test's policy with `yaml` in one JSON patch: no read-modify-write,
+    /// which the operator's status writes in between would turn into a conflict.
+    pub async fn set_spec(&self, name: &str, yaml: &str) {
+        let spec: serde_json::Value = serde_yaml::from_str(yaml).expect("policy spec YAML");
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+            {"op": "replace", "path": "/spec", "value": spec}
+        ]))
+        .expect("JSON patch");
+        Api::<MeshPolicy>::all(self.client.clone())
+            .patch(
+                &self.policy_name(name),
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Json::<()>(patch),
+            )
+            .await
+            .expect("patch the MeshPolicy's spec");
+    }
+
     /// Writes the operator made so far on this env's plane to objects whose audit
     /// `objectRef` passes `object`. Used by the full-cluster tests.
     #[allow(dead_code)]
