@@ -279,13 +279,15 @@ pub async fn run(
     // reads these stores, so they must not wait for it. Their events reach the controller as
     // a coalesced set of policies to reconcile.
     let triggers = state.triggers.clone();
-    // A cache that listed again after a failure may have missed changes (its sections said
-    // Unknown meanwhile): every policy is evaluated again.
+    // A cache that listed again after a failure may have missed changes, deletions included
+    // (a LIST sends no Delete for what vanished; its sections said Unknown meanwhile): every
+    // policy is evaluated again, each section of it. A relist is counted once its list is in
+    // the cache (`watch::resilient`), so this evaluation reads the new list; however many
+    // watches relist together, one more round follows the last of them.
     let resync_task = {
-        let (health, t, s) = (health.clone(), triggers.clone(), store.clone());
+        let (mut relists, t, s) = (health.relists(), triggers.clone(), store.clone());
         tokio::spawn(async move {
-            loop {
-                health.relisted().await;
+            while relists.changed().await.is_ok() {
                 t.add(
                     s.state()
                         .iter()
