@@ -26,6 +26,13 @@ use crate::write::FIELD_MANAGER;
 /// Periodic re-check of every policy, as a safety net behind the watches.
 pub(super) const RESYNC: Duration = Duration::from_secs(300);
 
+/// How long a status write may take before it gives way to an evaluation of the same policy
+/// queued meanwhile (see [`reconcile`]). A status write takes milliseconds; one that has not
+/// been answered by then is waiting for the API server (after a restart, a custom resource is
+/// served a few seconds after the server says it is ready, and the client sets no read
+/// timeout).
+const GIVE_WAY_AFTER: Duration = Duration::from_secs(1);
+
 /// Runs every rule section of one policy. Pure of status; used by the reconciler and tests.
 pub async fn evaluate(
     ctx: &Context,
@@ -172,13 +179,26 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
             "kind": "MeshPolicy",
             "status": new_status,
         });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|e| Error::kube(format!("update status of MeshPolicy {name}"), e))?;
+        let (params, patch) = (
+            PatchParams::apply(FIELD_MANAGER).force(),
+            Patch::Apply(&patch),
+        );
+        let write = api.patch_status(&name, &params, &patch);
+        // A write the API server does not answer would hold the policy, and every evaluation
+        // queued for it (the one a relist asks for included) would wait behind it: after a
+        // second, a queued evaluation takes over, with caches at least as current, and writes
+        // its own status. Nothing was recorded or published for this one.
+        let oref = kube::runtime::reflector::ObjectRef::from_obj(policy.as_ref());
+        tokio::select! {
+            w = write => {
+                w.map_err(|e| Error::kube(format!("update status of MeshPolicy {name}"), e))?;
+            }
+            () = state.triggers.queued_after(&oref, GIVE_WAY_AFTER) => {
+                warn!(policy = %name, reconcile_ms = running.elapsed().as_millis() as u64,
+                    "status write not answered; it gives way to the evaluation queued since");
+                return Ok(Action::requeue(RESYNC));
+            }
+        };
         let before = current.map(|s| s.conditions.clone()).unwrap_or_default();
         if let Ok(mut w) = state.written.lock() {
             let from = policy.metadata.resource_version.clone();
