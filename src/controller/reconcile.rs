@@ -108,29 +108,45 @@ async fn evaluate_dirty(
     (reports, conflicts, memo)
 }
 
-/// A status this process wrote: the resourceVersion of the policy it was built from, and the
-/// status itself.
+/// A status this process wrote: the resourceVersion of the policy it was built from, the one
+/// the write produced, and the status itself.
 #[derive(Clone)]
 pub(super) struct Written {
     from: Option<String>,
+    to: Option<String>,
     status: crate::api::MeshPolicyStatus,
 }
 
 /// The policy's status as this process knows it: the status it last wrote while the store
-/// still holds the object that write was built from (the store is behind: its watch has not
-/// delivered the write yet, or is listing again after an outage), else the store's. Without
-/// it a reconcile would compare with the older status, write again and publish the same
-/// transitions twice.
+/// holds an older object than that write produced, else the store's. The store is behind when
+/// its watch has not delivered the write yet, and also when it listed again after an outage:
+/// a LIST answered before the write (or from the API server's watch cache, which may lag)
+/// hands the store an object older than the write, and the relist itself asks for every
+/// policy to be evaluated at once. Without this a reconcile would compare with the older
+/// status, write again and publish the same transitions twice. Objects are ordered by
+/// resourceVersion, which Kubernetes defines as comparable integers for objects of one
+/// resource (KEP-5504, GA in 1.35); where one is not such an integer, only the object the
+/// write was built from counts as older.
 pub(super) fn own_view<'a>(
     policy: &'a MeshPolicy,
     written: Option<&'a Written>,
 ) -> Option<&'a crate::api::MeshPolicyStatus> {
+    let stored = policy.metadata.resource_version.as_deref();
     match written {
-        Some(w) if w.from.is_some() && w.from == policy.metadata.resource_version => {
-            Some(&w.status)
-        }
+        Some(w) if w.from.is_some() && w.from.as_deref() == stored => Some(&w.status),
+        Some(w) if older(stored, w.to.as_deref()) => Some(&w.status),
         _ => policy.status.as_ref(),
     }
+}
+
+/// Whether resourceVersion `a` is older than `b` (both decimal integers as the API server
+/// writes them: no sign, no leading zero).
+fn older(a: Option<&str>, b: Option<&str>) -> bool {
+    let number = |v: Option<&str>| {
+        v.filter(|v| !v.starts_with('0') && !v.is_empty() && v.bytes().all(|c| c.is_ascii_digit()))
+            .and_then(|v| v.parse::<u128>().ok())
+    };
+    matches!((number(a), number(b)), (Some(a), Some(b)) if a < b)
 }
 
 #[tracing::instrument(skip_all, fields(policy = %policy.name_any(), generation = policy.metadata.generation))]
@@ -189,10 +205,8 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
         // second, a queued evaluation takes over, with caches at least as current, and writes
         // its own status. Nothing was recorded or published for this one.
         let oref = kube::runtime::reflector::ObjectRef::from_obj(policy.as_ref());
-        tokio::select! {
-            w = write => {
-                w.map_err(|e| Error::kube(format!("update status of MeshPolicy {name}"), e))?;
-            }
+        let written = tokio::select! {
+            w = write => w.map_err(|e| Error::kube(format!("update status of MeshPolicy {name}"), e))?,
             () = state.triggers.queued_after(&oref, GIVE_WAY_AFTER) => {
                 warn!(policy = %name, reconcile_ms = running.elapsed().as_millis() as u64,
                     "status write not answered; it gives way to the evaluation queued since");
@@ -206,6 +220,7 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
                 name.clone(),
                 Written {
                     from,
+                    to: written.metadata.resource_version,
                     status: new_status.clone(),
                 },
             );
@@ -379,6 +394,7 @@ mod tests {
     fn own_view_is_the_last_write_until_the_store_has_it() {
         let written = Written {
             from: Some("10".into()),
+            to: None,
             status: crate::api::MeshPolicyStatus {
                 corrected: 2,
                 ..Default::default()
@@ -398,5 +414,43 @@ mod tests {
         );
         // Nothing written yet.
         assert_eq!(own_view(&stale, None).map(|s| s.corrected), Some(1));
+    }
+
+    /// After an outage: one reconcile wrote `Unknown` (10 → 20) while the policy watch was
+    /// down, the next wrote the recovery (built from the store's 10 again, written as 30) and
+    /// published its transitions. The policy watch then lists again and hands the store 20
+    /// (listed before the second write landed, or served by a lagging watch cache), and the
+    /// relist asks for an evaluation at once: it must compare with 30's status, or it writes
+    /// the recovery again and publishes the same Events a second time.
+    #[test]
+    fn own_view_is_the_last_write_while_a_relist_hands_the_store_an_older_object() {
+        let written = Written {
+            from: Some("10".into()),
+            to: Some("30".into()),
+            status: crate::api::MeshPolicyStatus {
+                corrected: 2,
+                ..Default::default()
+            },
+        };
+        let seen = |rv: &str, corrected| {
+            own_view(&policy(rv, corrected), Some(&written)).map(|s| s.corrected)
+        };
+        assert_eq!(seen("20", 1), Some(2), "listed before the write: ours");
+        assert_eq!(seen("9", 1), Some(2));
+        assert_eq!(seen("30", 2), Some(2), "the store has the write");
+        assert_eq!(seen("31", 5), Some(5), "newer than the write: the store's");
+        // resourceVersions that are not integers are not ordered: only `from` is older.
+        let odd = Written {
+            from: Some("a".into()),
+            to: Some("c".into()),
+            ..written.clone()
+        };
+        assert_eq!(
+            own_view(&policy("b", 1), Some(&odd)).map(|s| s.corrected),
+            Some(1)
+        );
+        assert!(!older(Some("020"), Some("30")));
+        assert!(!older(None, Some("30")));
+        assert!(older(Some("99"), Some("100")));
     }
 }
