@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
@@ -132,6 +132,22 @@ pub async fn run(
             }
         })
         .touched_objects()
+        // A status newer than this process's last write and different from it (a write that
+        // gave way and landed after the one that took over, another instance's) is evaluated
+        // again: the generation predicate below would let it stand.
+        .inspect_ok({
+            let state = state.clone();
+            move |p| {
+                let foreign = state.written.lock().is_ok_and(|w| {
+                    reconcile::foreign_status(p, w.get(&kube::ResourceExt::name_any(p)))
+                });
+                if foreign {
+                    state
+                        .triggers
+                        .add(vec![ObjectRef::from_obj(p)], Sections::ALL);
+                }
+            }
+        })
         // A policy is reconciled when its spec changes (generation), not when its status
         // does: meshwarden's own status writes would each cost a full evaluation.
         .predicate_filter(predicates::generation, Default::default());

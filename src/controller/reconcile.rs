@@ -139,6 +139,18 @@ pub(super) fn own_view<'a>(
     }
 }
 
+/// Whether the store's `policy` carries a status this process did not write: newer than its
+/// last write (`written`) and different from it. A status write that gave way (see
+/// [`reconcile`]) may still land after the one that took over; the policy is then evaluated
+/// again rather than left with the older status.
+pub(super) fn foreign_status(policy: &MeshPolicy, written: Option<&Written>) -> bool {
+    let (Some(w), Some(status)) = (written, policy.status.as_ref()) else {
+        return false;
+    };
+    older(w.to.as_deref(), policy.metadata.resource_version.as_deref())
+        && !status::unchanged(Some(&w.status), status)
+}
+
 /// Whether resourceVersion `a` is older than `b` (both decimal integers as the API server
 /// writes them: no sign, no leading zero).
 fn older(a: Option<&str>, b: Option<&str>) -> bool {
@@ -449,6 +461,11 @@ mod tests {
             own_view(&policy("b", 1), Some(&odd)).map(|s| s.corrected),
             Some(1)
         );
+        // A status newer than the write and different from it is someone else's.
+        assert!(!foreign_status(&policy("30", 2), Some(&written)));
+        assert!(!foreign_status(&policy("20", 1), Some(&written)));
+        assert!(foreign_status(&policy("31", 1), Some(&written)));
+        assert!(!foreign_status(&policy("31", 2), Some(&written)));
         assert!(!older(Some("020"), Some("30")));
         assert!(!older(None, Some("30")));
         assert!(older(Some("99"), Some("100")));
