@@ -50,6 +50,10 @@ pub struct State {
     /// The status this process last wrote for each policy, the policy's own view until the
     /// store has its write.
     written: std::sync::Mutex<HashMap<String, reconcile::Written>>,
+    /// Policies whose last status write ended without an answer (an error, or it gave way):
+    /// it may have been applied or not, so the next reconcile writes the status even if it
+    /// looks unchanged.
+    unsure: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Reconciles running now; a shutdown waits for them (up to [`SHUTDOWN_GRACE`]).
     in_flight: AtomicUsize,
 }
@@ -63,6 +67,7 @@ impl State {
             triggers: Triggers::default(),
             memo: Default::default(),
             written: Default::default(),
+            unsure: Default::default(),
             in_flight: AtomicUsize::new(0),
         }
     }

@@ -200,7 +200,18 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
         &conflicts,
         &now,
     );
-    if !status::unchanged(current, &new_status) {
+    let unsure = state.unsure.lock().is_ok_and(|mut u| {
+        u.retain(|k| all.iter().any(|p| p.name_any() == *k));
+        u.contains(&name)
+    });
+    // A write that ended without an answer may have been applied after all: the status is
+    // written again, whatever it is compared with.
+    let mark_unsure = || {
+        if let Ok(mut u) = state.unsure.lock() {
+            u.insert(name.clone());
+        }
+    };
+    if unsure || !status::unchanged(current, &new_status) {
         let api: Api<MeshPolicy> = Api::all(ctx.client.clone());
         let patch = json!({
             "apiVersion": "meshwarden.io/v1alpha1",
@@ -218,13 +229,20 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
         // its own status. Nothing was recorded or published for this one.
         let oref = kube::runtime::reflector::ObjectRef::from_obj(policy.as_ref());
         let written = tokio::select! {
-            w = write => w.map_err(|e| Error::kube(format!("update status of MeshPolicy {name}"), e))?,
+            w = write => w.map_err(|e| {
+                mark_unsure();
+                Error::kube(format!("update status of MeshPolicy {name}"), e)
+            })?,
             () = state.triggers.queued_after(&oref, GIVE_WAY_AFTER) => {
+                mark_unsure();
                 warn!(policy = %name, reconcile_ms = running.elapsed().as_millis() as u64,
                     "status write not answered; it gives way to the evaluation queued since");
                 return Ok(Action::requeue(RESYNC));
             }
         };
+        if let Ok(mut u) = state.unsure.lock() {
+            u.remove(&name);
+        }
         let before = current.map(|s| s.conditions.clone()).unwrap_or_default();
         if let Ok(mut w) = state.written.lock() {
             let from = policy.metadata.resource_version.clone();
