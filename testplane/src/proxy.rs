@@ -10,7 +10,9 @@
 //!   them through again, and they list afresh.
 //! - [`Proxy::hold`]: requests matching a rule wait (as requests to a restarting API server
 //!   can, say for a custom resource it does not serve yet) until [`Proxy::release`];
-//!   [`Proxy::stop_holding`] lets new ones through while those already held keep waiting.
+//!   [`Proxy::stop_holding`] lets new ones through while those already held keep waiting;
+//!   [`Proxy::hold_answers`] sends the held requests on but holds their answers (a LIST
+//!   answered now and delivered late).
 use std::convert::Infallible;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,7 +40,10 @@ struct Rule {
     holding: bool,
     /// Held requests wait until this is true.
     open: watch::Sender<bool>,
+    /// Their answers wait until this is true.
+    answers: watch::Sender<bool>,
     held: Arc<AtomicUsize>,
+    held_answers: Arc<AtomicUsize>,
 }
 
 struct Shared {
@@ -112,7 +117,9 @@ impl Proxy {
                 matches,
                 holding: true,
                 open: watch::Sender::new(false),
+                answers: watch::Sender::new(false),
                 held: Arc::default(),
+                held_answers: Arc::default(),
             });
         }
     }
@@ -121,6 +128,20 @@ impl Proxy {
     pub fn held(&self, name: &str) -> usize {
         self.with_rule(name, |r| r.held.load(Ordering::SeqCst))
             .unwrap_or(0)
+    }
+
+    /// How many answers `name` holds now.
+    pub fn held_answers(&self, name: &str) -> usize {
+        self.with_rule(name, |r| r.held_answers.load(Ordering::SeqCst))
+            .unwrap_or(0)
+    }
+
+    /// Sends the requests `name` holds, and those it takes from now on, to the API server,
+    /// and holds their answers until [`Proxy::release`].
+    pub fn hold_answers(&self, name: &str) {
+        self.with_rule(name, |r| {
+            r.open.send_replace(true);
+        });
     }
 
     /// Holds no new request under `name`; those it holds keep waiting.
@@ -133,6 +154,7 @@ impl Proxy {
         self.with_rule(name, |r| {
             r.holding = false;
             r.open.send_replace(true);
+            r.answers.send_replace(true);
         });
     }
 
@@ -160,6 +182,7 @@ impl Drop for Proxy {
         if let Ok(rules) = self.shared.rules.lock() {
             for r in rules.iter() {
                 r.open.send_replace(true);
+                r.answers.send_replace(true);
             }
         }
         self.task.abort();
@@ -189,9 +212,15 @@ async fn forward(
         rules
             .iter()
             .find(|r| r.holding && (r.matches)(req.method(), &path))
-            .map(|r| (r.open.subscribe(), r.held.clone()))
+            .map(|r| {
+                (
+                    (r.open.subscribe(), r.held.clone()),
+                    (r.answers.subscribe(), r.held_answers.clone()),
+                )
+            })
     });
-    if let Some((mut open, held)) = gate {
+    let (before, after) = gate.unzip();
+    if let Some((mut open, held)) = before {
         held.fetch_add(1, Ordering::SeqCst);
         let _ = open.wait_for(|open| *open).await;
         held.fetch_sub(1, Ordering::SeqCst);
@@ -212,8 +241,14 @@ async fn forward(
         Ok(r) => r,
         Err(e) => return Ok(answer(StatusCode::BAD_REQUEST, e.to_string())),
     };
-    Ok(match shared.upstream.send(out).await {
+    let answer = match shared.upstream.send(out).await {
         Ok(resp) => resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
         Err(e) => answer(StatusCode::BAD_GATEWAY, e.to_string()),
-    })
+    };
+    if let Some((mut answers, held)) = after {
+        held.fetch_add(1, Ordering::SeqCst);
+        let _ = answers.wait_for(|open| *open).await;
+        held.fetch_sub(1, Ordering::SeqCst);
+    }
+    Ok(answer)
 }

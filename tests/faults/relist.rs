@@ -124,8 +124,8 @@ async fn cpu_of(admin: &kube::Client, ns: &str, name: &str) -> Option<String> {
     d.spec?.template.metadata?.annotations?.get(CPU).cloned()
 }
 
-/// The MutualTLS condition's status and reason.
-async fn mtls_condition(admin: &kube::Client) -> Option<(String, String)> {
+/// The policy's condition `type_`: its status and reason, read from the API server.
+async fn condition(admin: &kube::Client, type_: &str) -> Option<(String, String)> {
     let p = Api::<MeshPolicy>::all(admin.clone())
         .get("relist")
         .await
@@ -133,8 +133,18 @@ async fn mtls_condition(admin: &kube::Client) -> Option<(String, String)> {
     p.status?
         .conditions
         .into_iter()
-        .find(|c| c.type_ == "MutualTLS")
+        .find(|c| c.type_ == type_)
         .map(|c| (c.status, c.reason))
+}
+
+/// The MutualTLS condition's status and reason.
+async fn mtls_condition(admin: &kube::Client) -> Option<(String, String)> {
+    condition(admin, "MutualTLS").await
+}
+
+/// The status of the policy's condition `type_`.
+async fn condition_status(admin: &kube::Client, type_: &str) -> Option<String> {
+    Some(condition(admin, type_).await?.0)
 }
 
 /// Whether check `i` is corrected or reported now.
@@ -161,14 +171,16 @@ async fn holds(admin: &kube::Client, i: usize, pdb: &str) -> bool {
     }
 }
 
-/// The proxy's hold rules: the operator's reads of everything but its policies, and its
-/// writes of a policy's status.
-const READS: &str = "reads";
-const STATUS: &str = "status writes";
-
-#[tokio::test]
-async fn changes_made_while_the_watches_are_down_are_acted_on_within_2s_of_their_relist() {
-    let (dir, plane, admin) = super::own_plane("relist").await;
+/// A plane of its own set up as [`setup`] does, and the operator reaching it through a proxy.
+async fn behind_proxy(
+    tag: &str,
+) -> (
+    testplane::Plane,
+    kube::Client,
+    testplane::proxy::Proxy,
+    Replica,
+) {
+    let (dir, plane, admin) = super::own_plane(tag).await;
     setup(&admin).await;
     let proxy = testplane::proxy::Proxy::start(&plane.operator_kubeconfig)
         .await
@@ -176,6 +188,17 @@ async fn changes_made_while_the_watches_are_down_are_acted_on_within_2s_of_their
     let kubeconfig = dir.join("operator-via-proxy.kubeconfig");
     proxy.kubeconfig(&kubeconfig).unwrap();
     let operator = Replica::start(&kubeconfig, "operator", &dir, &[]);
+    (plane, admin, proxy, operator)
+}
+
+/// The proxy's hold rules: the operator's reads of everything but its policies, and its
+/// writes of a policy's status.
+const READS: &str = "reads";
+const STATUS: &str = "status writes";
+
+#[tokio::test]
+async fn changes_made_while_the_watches_are_down_are_acted_on_within_2s_of_their_relist() {
+    let (_plane, admin, proxy, operator) = behind_proxy("relist").await;
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), "shop");
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(admin.clone(), "istio-system");
     let pas: Api<PeerAuthentication> = Api::namespaced(admin.clone(), "secure");
@@ -347,4 +370,121 @@ async fn changes_made_while_the_watches_are_down_are_acted_on_within_2s_of_their
         operator.log_text()
     );
     eventually(10, "ready again", || http_get(operator.port, "/readyz")).await;
+}
+
+/// The status of every section's condition.
+async fn statuses(admin: &kube::Client) -> Vec<Option<String>> {
+    let mut all = Vec::new();
+    for t in ["SidecarResources", "ControlPlaneHA", "MutualTLS"] {
+        all.push(condition_status(admin, t).await);
+    }
+    all
+}
+
+/// Waits until every reconcile so far has ended (their count holds still for a second);
+/// returns the count.
+async fn idle(operator: &Replica) -> f64 {
+    eventually(30, "no reconcile running", || async {
+        let before = operator.metric("meshwarden_reconciles_total").await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = operator.metric("meshwarden_reconciles_total").await?;
+        (before == after).then_some(after)
+    })
+    .await
+}
+
+/// The race behind the doubled `again: Compliant` Event after an outage, made to happen: while
+/// the policy watch is down, one reconcile writes `Unknown` (the caches are stale) and the
+/// next the recovery, each publishing its transitions; then the policy watch lists again, and
+/// its LIST was answered between the two writes, so the store holds the `Unknown` status,
+/// older than the recovery. The relist asks for an evaluation at once: it must not write the
+/// recovery again, nor publish its Events a second time. The proxy orders every step (it holds
+/// the policy watch's answer, then its next watch); each step waits for a condition.
+#[tokio::test]
+async fn a_relist_older_than_the_last_status_write_publishes_nothing_twice() {
+    let (_plane, admin, proxy, operator) = behind_proxy("relist-events").await;
+    eventually(60, "converged: MutualTLS True", || async {
+        (condition_status(&admin, "MutualTLS").await? == "True").then_some(())
+    })
+    .await;
+    eventually(20, "ready", || http_get(operator.port, "/readyz")).await;
+    // No reconcile in flight when the connections are cut (its status write could be
+    // applied with the operator never told).
+    idle(&operator).await;
+    let settled = statuses(&admin).await;
+    let since = jiff::Timestamp::now();
+
+    // Every read held once the connections are back: the LimitRanges watch's (released first),
+    // the policy watch's, and every other.
+    const LIMIT_RANGES: &str = "LimitRanges reads";
+    const POLICIES: &str = "policy reads";
+    const POLICY_WATCH: &str = "policy watch";
+    proxy.hold(
+        LIMIT_RANGES,
+        Box::new(|m, p| m == "GET" && p.contains("/limitranges")),
+    );
+    proxy.hold(
+        POLICIES,
+        Box::new(|m, p| m == "GET" && p.contains("/meshpolicies")),
+    );
+    proxy.hold(READS, Box::new(|m, _| m == "GET"));
+    proxy.cut();
+    eventually(20, "every watch of the operator failing", || async {
+        let s = synced(operator.port).await?;
+        (s.iter().all(|(_, up)| !up) && !s.is_empty()).then_some(())
+    })
+    .await;
+    proxy.restore();
+
+    // 1. One watch lists again: its relist has the policy evaluated while the others are
+    //    stale, and the status written says Unknown (the store still holds the policy from
+    //    before the outage).
+    proxy.release(LIMIT_RANGES);
+    eventually(30, "Unknown written while the caches are stale", || async {
+        (condition_status(&admin, "SidecarResources").await? == "Unknown").then_some(())
+    })
+    .await;
+    // 2. The policy watch's LIST is answered now (the Unknown status) and its answer held.
+    proxy.hold_answers(POLICIES);
+    eventually(30, "the policy LIST answered and held", || async {
+        (proxy.held_answers(POLICIES) > 0).then_some(())
+    })
+    .await;
+    // 3. Every other watch lists again: the recovery is written and published.
+    proxy.release(READS);
+    eventually(30, "the recovery written", || async {
+        (statuses(&admin).await == settled).then_some(())
+    })
+    .await;
+    // 4. The held LIST reaches the store (older than the recovery), and the watch after it is
+    //    held: the evaluation the relist asks for sees only that older object.
+    let reconciles = idle(&operator).await;
+    proxy.stop_holding(POLICIES);
+    proxy.hold(
+        POLICY_WATCH,
+        Box::new(|m, p| m == "GET" && p.contains("/meshpolicies")),
+    );
+    proxy.release(POLICIES);
+    eventually(30, "the policy watch listed again", || async {
+        let s = synced(operator.port).await?;
+        s.iter()
+            .any(|(n, up)| n == "MeshPolicies" && *up)
+            .then_some(())
+    })
+    .await;
+    eventually(30, "the relist's evaluation done", || async {
+        let now = operator.metric("meshwarden_reconciles_total").await?;
+        (now > reconciles).then_some(())
+    })
+    .await;
+    proxy.release(POLICY_WATCH);
+    eventually(20, "ready again", || http_get(operator.port, "/readyz")).await;
+    // Events are written after the status: give the last ones time to land.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let doubled = super::cluster::doubled_events(&admin, since).await;
+    assert!(
+        doubled.is_empty(),
+        "Events published twice: {doubled:#?}\n{}",
+        operator.log_text()
+    );
 }
