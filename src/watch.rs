@@ -74,9 +74,22 @@ impl Cause {
     }
 
     /// Whether the failure means the cache missed changes that a retry will bring (as opposed
-    /// to a kind that cannot be read at all, which the sections report themselves).
+    /// to a kind that cannot be read at all, which the sections report themselves). A watch
+    /// that has listed before is stale whatever the cause (see [`State::Failing`]).
     pub fn stale(self) -> bool {
         matches!(self, Cause::Unavailable | Cause::Expired)
+    }
+
+    /// Wait before attempt `failures + 1` of a watch that has listed before: a kind that was
+    /// served and is not found now is, in practice, a custom resource that a restarted API
+    /// server serves again a few seconds after it reports ready, so it is retried like an
+    /// unavailable server (at most [`UNAVAILABLE_MAX`] apart) rather than backing off to
+    /// minutes.
+    pub fn delay_after_sync(self, failures: u32) -> Duration {
+        match self {
+            Cause::NotFound => Cause::Unavailable.delay(failures),
+            other => other.delay(failures),
+        }
     }
 }
 
@@ -93,7 +106,16 @@ pub enum State {
     /// The cache is current: listed, and watching.
     Synced,
     /// Failing since the last LIST: the cache may miss changes until it lists again.
-    Failing { cause: Cause, error: String },
+    /// `stale`: the cache holds what an earlier LIST and its watch brought, now frozen, so
+    /// nothing may be decided from it until it lists again: any failure after a successful
+    /// list (a 403 or 404 included), and an unreachable server or an expired watch always.
+    /// A kind refused from the start (403, 404, never listed) is not stale: its cache is
+    /// empty, and the sections that need it report why it cannot be read.
+    Failing {
+        cause: Cause,
+        error: String,
+        stale: bool,
+    },
 }
 
 /// Why a watched cache cannot be read now (see [`Health::readable`]).
@@ -107,17 +129,30 @@ pub struct NotReadable {
 }
 
 /// The state of every watch of the running controller.
-#[derive(Default)]
 pub struct Health {
     watches: Mutex<BTreeMap<&'static str, State>>,
-    relisted: tokio::sync::Notify,
+    /// How many times a watch has listed again after a failure, each counted once its
+    /// consumer has applied the list (see [`resilient`]).
+    relists: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            watches: Mutex::default(),
+            relists: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl Health {
-    /// Resolves when a watch has listed again after a failure (its cache may have missed
-    /// changes meanwhile, so whatever depends on it should be evaluated again).
-    pub async fn relisted(&self) {
-        self.relisted.notified().await;
+    /// A receiver that sees a change each time a watch has listed again after a failure, its
+    /// list applied to the caches it feeds (whatever depends on them may have missed changes
+    /// meanwhile, a deletion included, so it should be evaluated again). Relists that come
+    /// together are seen at least once after the last of them; the receiver starts with
+    /// every relist before this call seen.
+    pub fn relists(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.relists.subscribe()
     }
 
     fn set(&self, name: &'static str, state: State) -> Option<State> {
@@ -140,9 +175,9 @@ impl Health {
         names
             .iter()
             .filter_map(|n| match w.get(n) {
-                Some(State::Failing { cause, error }) if cause.stale() => {
-                    Some((n.to_string(), error.clone()))
-                }
+                Some(State::Failing {
+                    error, stale: true, ..
+                }) => Some((n.to_string(), error.clone())),
                 _ => None,
             })
             .collect()
@@ -156,7 +191,7 @@ impl Health {
             w.values().all(|s| match s {
                 State::Synced => true,
                 State::Listing => false,
-                State::Failing { cause, .. } => !cause.stale(),
+                State::Failing { stale, .. } => !stale,
             })
         })
     }
@@ -184,7 +219,7 @@ impl Health {
                 None | Some(State::Listing) => {
                     return not(None, format!("the watch of {n} has not listed yet"));
                 }
-                Some(State::Failing { cause, error }) => {
+                Some(State::Failing { cause, error, .. }) => {
                     return not(
                         Some(cause),
                         format!("the watch of {n} failed ({error}) and has not listed again"),
@@ -249,6 +284,11 @@ impl<K> Watched for K where
 /// A watcher made by `make`, started again (with a fresh LIST) after each failure, after a
 /// wait that depends on the failure's [`Cause`]. Its state is kept in `health` under `name`.
 /// Errors are logged here (once per change of cause) and passed on.
+///
+/// The watch turns `Synced` (and a relist after a failure is counted, [`Health::relists`])
+/// when the consumer asks for the event after `InitDone`, that is once every stage between
+/// this stream and the consumer (a reflector's store, an index) has applied the list: a
+/// cache is never reported current before it is.
 pub fn resilient<K, S, F>(
     health: Arc<Health>,
     name: &'static str,
@@ -266,6 +306,10 @@ where
         cause: Option<Cause>,
         wait: Duration,
         health: Arc<Health>,
+        /// `InitDone` was passed on; the consumer has applied it once it asks for more.
+        listed: bool,
+        /// A LIST has completed since the watch started.
+        synced_once: bool,
     }
     health.set(name, State::Listing);
     let run = Run {
@@ -275,11 +319,27 @@ where
         cause: None,
         wait: Duration::ZERO,
         health,
+        listed: false,
+        synced_once: false,
     };
     // Every step of the watch (its LISTs, WATCHes and backoff) runs in a span naming it.
     let span = tracing::info_span!("watch", kind = name);
     futures::stream::unfold(run, move |mut run| {
         async move {
+        // The consumer asked for the event after `InitDone`, so it has handled that one: a
+        // reflector downstream has swapped the LIST into its store (kube's `reflector`
+        // applies an event before passing it on), an index its `observe` hook keeps has done
+        // the same. Only now is the cache current, and only now may a relist trigger the
+        // evaluations that read it: marked at `InitDone` itself, a reconcile woken by the
+        // relist could read the store before the swap (the object deleted during the outage
+        // still in it) and decide nothing, with no later event to correct it.
+        if std::mem::take(&mut run.listed) {
+            let before = run.health.set(name, State::Synced);
+            if let Some(State::Failing { .. }) = before {
+                info!(watch = name, "watch recovered: listed again");
+                run.health.relists.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }
         if !run.wait.is_zero() {
             tokio::time::sleep(std::mem::take(&mut run.wait)).await;
         }
@@ -294,11 +354,8 @@ where
             };
             match &item {
                 Ok(watcher::Event::InitDone) => {
-                    let before = run.health.set(name, State::Synced);
-                    if let Some(State::Failing { .. }) = before {
-                        info!(watch = name, "watch recovered: listed again");
-                        run.health.relisted.notify_one();
-                    }
+                    run.listed = true;
+                    run.synced_once = true;
                     run.failures = 0;
                     run.cause = None;
                 }
@@ -314,7 +371,11 @@ where
                     } else {
                         1
                     };
-                    run.wait = cause.delay(run.failures);
+                    run.wait = if run.synced_once {
+                        cause.delay_after_sync(run.failures)
+                    } else {
+                        cause.delay(run.failures)
+                    };
                     if run.cause != Some(cause) {
                         warn!(watch = name, error = %e, ?cause, retry_in = ?run.wait,
                             "watch failed; retrying with backoff (logged again when the cause changes)");
@@ -327,6 +388,7 @@ where
                         State::Failing {
                             cause,
                             error: e.to_string(),
+                            stale: cause.stale() || run.synced_once,
                         },
                     );
                     // The next attempt lists afresh, so that the cache is known current
@@ -342,132 +404,4 @@ where
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use kube::core::Status;
-
-    fn api_error(code: u16) -> watcher::Error {
-        watcher::Error::InitialListFailed(kube::Error::Api(Box::new(Status {
-            code,
-            ..Status::default()
-        })))
-    }
-
-    #[test]
-    fn causes_from_errors() {
-        assert_eq!(Cause::of(&api_error(403)), Cause::Forbidden);
-        assert_eq!(Cause::of(&api_error(404)), Cause::NotFound);
-        assert_eq!(Cause::of(&api_error(410)), Cause::Expired);
-        assert_eq!(Cause::of(&api_error(503)), Cause::Unavailable);
-        assert_eq!(Cause::of(&api_error(429)), Cause::Unavailable);
-        assert_eq!(Cause::of(&api_error(422)), Cause::Rejected);
-        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        let refused = watcher::Error::WatchStartFailed(kube::Error::Service(Box::new(io)));
-        assert_eq!(Cause::of(&refused), Cause::Unavailable);
-    }
-
-    #[test]
-    fn refused_watches_back_off_to_minutes_unavailable_servers_to_seconds() {
-        let waits: Vec<u64> = (1..=12)
-            .map(|n| Cause::Forbidden.delay(n).as_secs())
-            .collect();
-        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
-        assert_eq!(Cause::Unavailable.delay(1), Duration::from_millis(250));
-        assert_eq!(Cause::Unavailable.delay(100), UNAVAILABLE_MAX);
-        assert_eq!(Cause::Expired.delay(5), Duration::ZERO);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_watch_whose_list_always_fails_backs_off_and_init_does_not_reset_it() {
-        let health = Arc::new(Health::default());
-        let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let counted = attempts.clone();
-        // Like kube's watcher on a forbidden kind: `Init`, then the LIST fails.
-        let stream = resilient(health.clone(), "pdbs", move || {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            futures::stream::iter(vec![Ok(watcher::Event::<()>::Init), Err(api_error(403))])
-                .chain(futures::stream::pending())
-        });
-        let started = tokio::time::Instant::now();
-        let mut stream = Box::pin(stream);
-        while started.elapsed() < Duration::from_secs(600) {
-            stream.next().await;
-        }
-        // 1+2+4+…+256 = 511 s, then 300 s apart: 10 attempts in 10 minutes, not 500.
-        let n = attempts.load(std::sync::atomic::Ordering::SeqCst);
-        assert!((9..=11).contains(&n), "{n} attempts");
-        assert!(
-            health.current(),
-            "a refused kind does not make the process unready"
-        );
-        assert!(health.stale(&["pdbs"]).is_empty());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_unavailable_server_marks_the_cache_stale_until_it_lists_again() {
-        let health = Arc::new(Health::default());
-        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let c = calls.clone();
-        let stream = resilient(health.clone(), "pods", move || {
-            let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let events: Vec<Result<watcher::Event<()>, watcher::Error>> = match n {
-                0 => vec![
-                    Ok(watcher::Event::Init),
-                    Ok(watcher::Event::InitDone),
-                    Err(api_error(503)),
-                ],
-                _ => vec![Ok(watcher::Event::Init), Ok(watcher::Event::InitDone)],
-            };
-            futures::stream::iter(events).chain(futures::stream::pending())
-        });
-        let mut stream = Box::pin(stream);
-        assert!(!health.current(), "listing");
-        stream.next().await;
-        stream.next().await;
-        assert!(health.current());
-        stream.next().await;
-        assert_eq!(health.stale(&["pods"]).len(), 1);
-        assert!(!health.current());
-        stream.next().await;
-        assert!(!health.current(), "listing again: still stale");
-        stream.next().await;
-        assert!(health.current());
-        assert!(health.stale(&["pods"]).is_empty());
-    }
-
-    /// A reconcile that meets a cache whose watch failed (the API server gone) answers at once
-    /// instead of waiting: while it waited, the controller held the policy, so drift made
-    /// after the server returned waited for it too. Only a first list is waited for.
-    #[tokio::test(start_paused = true)]
-    async fn a_failed_watch_is_not_waited_for_a_first_list_is() {
-        let health = Health::default();
-        let failing = State::Failing {
-            cause: Cause::Unavailable,
-            error: "connection refused".into(),
-        };
-        health.set("pods", failing);
-        let start = tokio::time::Instant::now();
-        let err = health
-            .wait_readable(&["pods"], Duration::from_secs(10))
-            .await
-            .unwrap_err();
-        assert_eq!(err.cause, Some(Cause::Unavailable));
-        assert!(
-            start.elapsed() < Duration::from_secs(1),
-            "waited {:?} for a failed watch",
-            start.elapsed()
-        );
-
-        let health = Arc::new(Health::default());
-        health.set("pods", State::Listing);
-        let h = health.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            h.set("pods", State::Synced);
-        });
-        health
-            .wait_readable(&["pods"], Duration::from_secs(10))
-            .await
-            .unwrap();
-    }
-}
+mod tests;

@@ -15,6 +15,8 @@ use operator::{Replica, eventually, http_get};
 
 #[path = "faults/cluster.rs"]
 mod cluster;
+#[path = "faults/relist.rs"]
+mod relist;
 
 const NS: &str = "shop";
 const CPU: &str = "sidecar.istio.io/proxyCPU";

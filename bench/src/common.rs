@@ -44,6 +44,26 @@ pub async fn istio_base(admin: &Client) {
         .expect("Istio CRDs");
 }
 
+/// `fut`, given at most `limit`: a benchmark waits only for what can happen, and says what
+/// it waited for when it does not.
+pub async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: not within {limit:?}"),
+    }
+}
+
+/// Whether an audit log entry is one of the operator's periodic writes, which it makes
+/// whatever else happens: the renewal of its presence or leader Lease (every 5 s). A wait for
+/// the operator to be quiet leaves them out, or it would never end.
+pub fn periodic(entry: &serde_json::Value) -> bool {
+    entry["objectRef"]["resource"] == "leases"
+}
+
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx]

@@ -56,11 +56,19 @@ pub async fn run(n: usize) {
     .applied_objects()
     .boxed();
     // Converged first.
-    while let Some(Ok(d)) = events.next().await {
-        if replicas(&d) == Some(2) {
-            break;
-        }
-    }
+    crate::common::bounded(
+        Duration::from_secs(120),
+        "istiod at 2 replicas (the policy converged)",
+        async {
+            while let Some(Ok(d)) = events.next().await {
+                if replicas(&d) == Some(2) {
+                    return;
+                }
+            }
+            panic!("the bench's Deployment watch ended");
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Baseline: the round trip of one server-side apply PATCH, measured now.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -178,6 +179,69 @@ fn expired_lines(op: &Operator, from: usize) -> usize {
 /// round alone says little).
 const ROUNDS: usize = 3;
 
+/// Rounds of the change made right at `/readyz`, and the time it must be corrected within.
+const READYZ_ROUNDS: usize = 20;
+const READYZ_LIMIT: Duration = Duration::from_secs(2);
+
+/// kube-apiserver killed and started again `rounds` times; each time `/readyz` answers, the
+/// PodDisruptionBudgets in `istio-system` (istiod's, which the policy holds) are deleted at
+/// once: the time until one exists again. The watches list again around that moment, some
+/// before it and some after, so this is the race a change in the reconnect window meets.
+async fn pdb_deleted_at_readyz(
+    plane: &mut testplane::Plane,
+    outage: Duration,
+    rounds: usize,
+) -> Row {
+    let mut took = Vec::new();
+    for _ in 0..rounds {
+        Outage::Apiserver
+            .inject(plane, outage)
+            .await
+            .expect("inject the outage");
+        let admin = plane.client().await.expect("client");
+        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(admin, "istio-system");
+        let start = Instant::now();
+        let names: Vec<String> = pdbs
+            .list(&ListParams::default())
+            .await
+            .expect("list PDBs")
+            .iter()
+            .map(|p| p.name_any())
+            .collect();
+        for name in &names {
+            pdbs.delete(name, &Default::default())
+                .await
+                .expect("delete PDB");
+        }
+        took.push(
+            within(Duration::from_secs(60), || async {
+                pdbs.list(&ListParams::default())
+                    .await
+                    .is_ok_and(|l| !l.items.is_empty())
+            })
+            .await
+            .map(|_| start.elapsed()),
+        );
+    }
+    let in_time = took
+        .iter()
+        .flatten()
+        .filter(|t| **t <= READYZ_LIMIT)
+        .count();
+    Row {
+        fault: format!(
+            "{}; istiod's PDB deleted at /readyz",
+            Outage::Apiserver.describe(outage.as_secs())
+        ),
+        from: "PDB deleted",
+        took,
+        note: format!(
+            "re-created within {} s in {in_time} of {rounds} rounds",
+            READYZ_LIMIT.as_secs()
+        ),
+    }
+}
+
 /// Runs every fault on a bare plane, or with `cluster` on a full cluster (pods scheduled and
 /// run by kwok, rollouts done by the controller manager, sidecars injected by istiod).
 pub async fn run(outage: u64, fleet: usize, cluster: bool) {
@@ -237,6 +301,9 @@ pub async fn run(outage: u64, fleet: usize, cluster: bool) {
             note: format!("{expired} watches ended with 410 Expired"),
         });
     }
+    // A change made right at `/readyz`, while the watches list again.
+    rows.push(pdb_deleted_at_readyz(&mut plane, outage_d, READYZ_ROUNDS).await);
+    admin = plane.client().await.expect("client");
 
     // 4. The operator killed mid-rollout: the policy's CPU changes, so every Deployment is
     //    rewritten; kill -9 once a tenth of the fleet has the new value, start it again.
@@ -391,7 +458,6 @@ async fn pdb_rule(admin: &Client, role: &str, original: &ClusterRole, allowed: b
 }
 
 async fn forbidden(plane: &testplane::Plane, admin: &Client, bin: &Path) -> Vec<Row> {
-    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
     let role = chart_rbac(admin).await;
     let roles: Api<ClusterRole> = Api::all(admin.clone());
     let original = roles.get(&role).await.expect("the chart's ClusterRole");

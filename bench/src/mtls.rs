@@ -30,6 +30,8 @@ const POLICY: &str = "bench-mtls";
 /// whatever the operator itself does.
 const BASELINE_CONCURRENCY: usize = 16;
 const WAIT: Duration = Duration::from_secs(900);
+/// How long the operator may take to be quiet (10 s without a write) once converged.
+const QUIET_WITHIN: Duration = Duration::from_secs(120);
 
 /// The operator binary: `$MESHWARDEN_BIN`, else `meshwarden` next to this binary.
 fn operator_bin() -> PathBuf {
@@ -266,15 +268,23 @@ async fn delete_baseline_objects(client: &Client, n: usize) {
         .await;
 }
 
-/// Consumes a watch until its initial list is done.
+/// Consumes a watch until its initial list is done (at most two minutes).
 async fn until_init<K>(
     events: &mut (impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Unpin),
 ) {
-    while let Some(ev) = events.next().await {
-        if let Ok(watcher::Event::InitDone) = ev {
-            return;
-        }
-    }
+    crate::common::bounded(
+        Duration::from_secs(120),
+        "the bench's watch listed",
+        async {
+            while let Some(ev) = events.next().await {
+                if let Ok(watcher::Event::InitDone) = ev {
+                    return;
+                }
+            }
+            panic!("the bench's watch ended");
+        },
+    )
+    .await;
 }
 
 fn is_converged(p: &MeshPolicy, n: usize) -> bool {
@@ -402,17 +412,27 @@ pub async fn run(n: usize) {
     let converged = converged.expect("converged");
     let all_written = all_written.expect("all written");
 
-    // Quiet: no write by the operator for 10 s (its own writes may trigger more reconciles).
-    let mut count = operator_writes(&plane, audit_before).len();
-    let mut quiet_since = Instant::now();
-    while quiet_since.elapsed() < Duration::from_secs(10) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let c = operator_writes(&plane, audit_before).len();
-        if c != count {
-            count = c;
-            quiet_since = Instant::now();
+    // Quiet: no write by the operator for 10 s (its own writes may trigger more reconciles),
+    // its Lease renewals aside (every 5 s, whatever else happens).
+    let acting = || {
+        operator_writes(&plane, audit_before)
+            .into_iter()
+            .filter(|e| !crate::common::periodic(e))
+            .count()
+    };
+    crate::common::bounded(QUIET_WITHIN, "the operator quiet for 10 s", async {
+        let mut count = acting();
+        let mut quiet_since = Instant::now();
+        while quiet_since.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let c = acting();
+            if c != count {
+                count = c;
+                quiet_since = Instant::now();
+            }
         }
-    }
+    })
+    .await;
     let hwm = op.proc_kib("VmHWM");
     let reconciles = op.metric("meshwarden_reconciles_total");
     let reconcile_secs = op.metric("meshwarden_reconcile_duration_seconds_sum");

@@ -605,6 +605,10 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize) {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    assert!(
+        condition.starts_with("True/"),
+        "SidecarResources not True within 600 s of the policy: {condition}"
+    );
     let condition_at = t.elapsed();
     // Quiet period: a converged mesh should cost no write.
     tokio::time::sleep(Duration::from_secs(5)).await;

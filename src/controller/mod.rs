@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{LimitRange, Namespace, ResourceQuota};
@@ -50,6 +50,10 @@ pub struct State {
     /// The status this process last wrote for each policy, the policy's own view until the
     /// store has its write.
     written: std::sync::Mutex<HashMap<String, reconcile::Written>>,
+    /// Policies whose last status write ended without an answer (an error, or it gave way):
+    /// it may have been applied or not, so the next reconcile writes the status even if it
+    /// looks unchanged.
+    unsure: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Reconciles running now; a shutdown waits for them (up to [`SHUTDOWN_GRACE`]).
     in_flight: AtomicUsize,
 }
@@ -63,6 +67,7 @@ impl State {
             triggers: Triggers::default(),
             memo: Default::default(),
             written: Default::default(),
+            unsure: Default::default(),
             in_flight: AtomicUsize::new(0),
         }
     }
@@ -132,6 +137,22 @@ pub async fn run(
             }
         })
         .touched_objects()
+        // A status newer than this process's last write and different from it (a write that
+        // gave way and landed after the one that took over, another instance's) is evaluated
+        // again: the generation predicate below would let it stand.
+        .inspect_ok({
+            let state = state.clone();
+            move |p| {
+                let foreign = state.written.lock().is_ok_and(|w| {
+                    reconcile::foreign_status(p, w.get(&kube::ResourceExt::name_any(p)))
+                });
+                if foreign {
+                    state
+                        .triggers
+                        .add(vec![ObjectRef::from_obj(p)], Sections::ALL);
+                }
+            }
+        })
         // A policy is reconciled when its spec changes (generation), not when its status
         // does: meshwarden's own status writes would each cost a full evaluation.
         .predicate_filter(predicates::generation, Default::default());
@@ -279,13 +300,15 @@ pub async fn run(
     // reads these stores, so they must not wait for it. Their events reach the controller as
     // a coalesced set of policies to reconcile.
     let triggers = state.triggers.clone();
-    // A cache that listed again after a failure may have missed changes (its sections said
-    // Unknown meanwhile): every policy is evaluated again.
+    // A cache that listed again after a failure may have missed changes, deletions included
+    // (a LIST sends no Delete for what vanished; its sections said Unknown meanwhile): every
+    // policy is evaluated again, each section of it. A relist is counted once its list is in
+    // the cache (`watch::resilient`), so this evaluation reads the new list; however many
+    // watches relist together, one more round follows the last of them.
     let resync_task = {
-        let (health, t, s) = (health.clone(), triggers.clone(), store.clone());
+        let (mut relists, t, s) = (health.relists(), triggers.clone(), store.clone());
         tokio::spawn(async move {
-            loop {
-                health.relisted().await;
+            while relists.changed().await.is_ok() {
                 t.add(
                     s.state()
                         .iter()

@@ -26,6 +26,13 @@ use crate::write::FIELD_MANAGER;
 /// Periodic re-check of every policy, as a safety net behind the watches.
 pub(super) const RESYNC: Duration = Duration::from_secs(300);
 
+/// How long a status write may take before it gives way to an evaluation of the same policy
+/// queued meanwhile (see [`reconcile`]). A status write takes milliseconds; one that has not
+/// been answered by then is waiting for the API server (after a restart, a custom resource is
+/// served a few seconds after the server says it is ready, and the client sets no read
+/// timeout).
+const GIVE_WAY_AFTER: Duration = Duration::from_secs(1);
+
 /// Runs every rule section of one policy. Pure of status; used by the reconciler and tests.
 pub async fn evaluate(
     ctx: &Context,
@@ -101,29 +108,57 @@ async fn evaluate_dirty(
     (reports, conflicts, memo)
 }
 
-/// A status this process wrote: the resourceVersion of the policy it was built from, and the
-/// status itself.
+/// A status this process wrote: the resourceVersion of the policy it was built from, the one
+/// the write produced, and the status itself.
 #[derive(Clone)]
 pub(super) struct Written {
     from: Option<String>,
+    to: Option<String>,
     status: crate::api::MeshPolicyStatus,
 }
 
 /// The policy's status as this process knows it: the status it last wrote while the store
-/// still holds the object that write was built from (the store is behind: its watch has not
-/// delivered the write yet, or is listing again after an outage), else the store's. Without
-/// it a reconcile would compare with the older status, write again and publish the same
-/// transitions twice.
+/// holds an older object than that write produced, else the store's. The store is behind when
+/// its watch has not delivered the write yet, and also when it listed again after an outage:
+/// a LIST answered before the write (or from the API server's watch cache, which may lag)
+/// hands the store an object older than the write, and the relist itself asks for every
+/// policy to be evaluated at once. Without this a reconcile would compare with the older
+/// status, write again and publish the same transitions twice. Objects are ordered by
+/// resourceVersion, which Kubernetes defines as comparable integers for objects of one
+/// resource (KEP-5504, GA in 1.35); where one is not such an integer, only the object the
+/// write was built from counts as older.
 pub(super) fn own_view<'a>(
     policy: &'a MeshPolicy,
     written: Option<&'a Written>,
 ) -> Option<&'a crate::api::MeshPolicyStatus> {
+    let stored = policy.metadata.resource_version.as_deref();
     match written {
-        Some(w) if w.from.is_some() && w.from == policy.metadata.resource_version => {
-            Some(&w.status)
-        }
+        Some(w) if w.from.is_some() && w.from.as_deref() == stored => Some(&w.status),
+        Some(w) if older(stored, w.to.as_deref()) => Some(&w.status),
         _ => policy.status.as_ref(),
     }
+}
+
+/// Whether the store's `policy` carries a status this process did not write: newer than its
+/// last write (`written`) and different from it. A status write that gave way (see
+/// [`reconcile`]) may still land after the one that took over; the policy is then evaluated
+/// again rather than left with the older status.
+pub(super) fn foreign_status(policy: &MeshPolicy, written: Option<&Written>) -> bool {
+    let (Some(w), Some(status)) = (written, policy.status.as_ref()) else {
+        return false;
+    };
+    older(w.to.as_deref(), policy.metadata.resource_version.as_deref())
+        && !status::unchanged(Some(&w.status), status)
+}
+
+/// Whether resourceVersion `a` is older than `b` (both decimal integers as the API server
+/// writes them: no sign, no leading zero).
+fn older(a: Option<&str>, b: Option<&str>) -> bool {
+    let number = |v: Option<&str>| {
+        v.filter(|v| !v.starts_with('0') && !v.is_empty() && v.bytes().all(|c| c.is_ascii_digit()))
+            .and_then(|v| v.parse::<u128>().ok())
+    };
+    matches!((number(a), number(b)), (Some(a), Some(b)) if a < b)
 }
 
 #[tracing::instrument(skip_all, fields(policy = %policy.name_any(), generation = policy.metadata.generation))]
@@ -165,20 +200,49 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
         &conflicts,
         &now,
     );
-    if !status::unchanged(current, &new_status) {
+    let unsure = state.unsure.lock().is_ok_and(|mut u| {
+        u.retain(|k| all.iter().any(|p| p.name_any() == *k));
+        u.contains(&name)
+    });
+    // A write that ended without an answer may have been applied after all: the status is
+    // written again, whatever it is compared with.
+    let mark_unsure = || {
+        if let Ok(mut u) = state.unsure.lock() {
+            u.insert(name.clone());
+        }
+    };
+    if unsure || !status::unchanged(current, &new_status) {
         let api: Api<MeshPolicy> = Api::all(ctx.client.clone());
         let patch = json!({
             "apiVersion": "meshwarden.io/v1alpha1",
             "kind": "MeshPolicy",
             "status": new_status,
         });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|e| Error::kube(format!("update status of MeshPolicy {name}"), e))?;
+        let (params, patch) = (
+            PatchParams::apply(FIELD_MANAGER).force(),
+            Patch::Apply(&patch),
+        );
+        let write = api.patch_status(&name, &params, &patch);
+        // A write the API server does not answer would hold the policy, and every evaluation
+        // queued for it (the one a relist asks for included) would wait behind it: after a
+        // second, a queued evaluation takes over, with caches at least as current, and writes
+        // its own status. Nothing was recorded or published for this one.
+        let oref = kube::runtime::reflector::ObjectRef::from_obj(policy.as_ref());
+        let written = tokio::select! {
+            w = write => w.map_err(|e| {
+                mark_unsure();
+                Error::kube(format!("update status of MeshPolicy {name}"), e)
+            })?,
+            () = state.triggers.queued_after(&oref, GIVE_WAY_AFTER) => {
+                mark_unsure();
+                warn!(policy = %name, reconcile_ms = running.elapsed().as_millis() as u64,
+                    "status write not answered; it gives way to the evaluation queued since");
+                return Ok(Action::requeue(RESYNC));
+            }
+        };
+        if let Ok(mut u) = state.unsure.lock() {
+            u.remove(&name);
+        }
         let before = current.map(|s| s.conditions.clone()).unwrap_or_default();
         if let Ok(mut w) = state.written.lock() {
             let from = policy.metadata.resource_version.clone();
@@ -186,6 +250,7 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
                 name.clone(),
                 Written {
                     from,
+                    to: written.metadata.resource_version,
                     status: new_status.clone(),
                 },
             );
@@ -359,6 +424,7 @@ mod tests {
     fn own_view_is_the_last_write_until_the_store_has_it() {
         let written = Written {
             from: Some("10".into()),
+            to: None,
             status: crate::api::MeshPolicyStatus {
                 corrected: 2,
                 ..Default::default()
@@ -378,5 +444,48 @@ mod tests {
         );
         // Nothing written yet.
         assert_eq!(own_view(&stale, None).map(|s| s.corrected), Some(1));
+    }
+
+    /// After an outage: one reconcile wrote `Unknown` (10 → 20) while the policy watch was
+    /// down, the next wrote the recovery (built from the store's 10 again, written as 30) and
+    /// published its transitions. The policy watch then lists again and hands the store 20
+    /// (listed before the second write landed, or served by a lagging watch cache), and the
+    /// relist asks for an evaluation at once: it must compare with 30's status, or it writes
+    /// the recovery again and publishes the same Events a second time.
+    #[test]
+    fn own_view_is_the_last_write_while_a_relist_hands_the_store_an_older_object() {
+        let written = Written {
+            from: Some("10".into()),
+            to: Some("30".into()),
+            status: crate::api::MeshPolicyStatus {
+                corrected: 2,
+                ..Default::default()
+            },
+        };
+        let seen = |rv: &str, corrected| {
+            own_view(&policy(rv, corrected), Some(&written)).map(|s| s.corrected)
+        };
+        assert_eq!(seen("20", 1), Some(2), "listed before the write: ours");
+        assert_eq!(seen("9", 1), Some(2));
+        assert_eq!(seen("30", 2), Some(2), "the store has the write");
+        assert_eq!(seen("31", 5), Some(5), "newer than the write: the store's");
+        // resourceVersions that are not integers are not ordered: only `from` is older.
+        let odd = Written {
+            from: Some("a".into()),
+            to: Some("c".into()),
+            ..written.clone()
+        };
+        assert_eq!(
+            own_view(&policy("b", 1), Some(&odd)).map(|s| s.corrected),
+            Some(1)
+        );
+        // A status newer than the write and different from it is someone else's.
+        assert!(!foreign_status(&policy("30", 2), Some(&written)));
+        assert!(!foreign_status(&policy("20", 1), Some(&written)));
+        assert!(foreign_status(&policy("31", 1), Some(&written)));
+        assert!(!foreign_status(&policy("31", 2), Some(&written)));
+        assert!(!older(Some("020"), Some("30")));
+        assert!(!older(None, Some("30")));
+        assert!(older(Some("99"), Some("100")));
     }
 }

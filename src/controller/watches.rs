@@ -2,6 +2,7 @@
 //! and the coalesced trigger queue that feeds the controller from them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt, TryStreamExt};
 use kube::api::Api;
@@ -43,6 +44,23 @@ impl Triggers {
     /// watch event named it; a reconcile of its own, such as a spec change or a requeue).
     pub(super) fn take_dirty(&self, policy: &ObjectRef<MeshPolicy>) -> Option<Sections> {
         self.dirty.lock().ok()?.remove(policy)
+    }
+
+    /// Whether an evaluation of `policy` is queued (an event named it since its reconcile
+    /// took its sections).
+    pub(super) fn queued(&self, policy: &ObjectRef<MeshPolicy>) -> bool {
+        let has = |m: &std::sync::Mutex<HashMap<ObjectRef<MeshPolicy>, Sections>>| {
+            m.lock().is_ok_and(|m| m.contains_key(policy))
+        };
+        has(&self.pending) || has(&self.dirty)
+    }
+
+    /// Resolves once `after` has passed and an evaluation of `policy` is queued.
+    pub(super) async fn queued_after(&self, policy: &ObjectRef<MeshPolicy>, after: Duration) {
+        tokio::time::sleep(after).await;
+        while !self.queued(policy) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub(super) fn stream(&self) -> impl Stream<Item = ObjectRef<MeshPolicy>> + Send + 'static {

@@ -30,6 +30,7 @@ use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope};
 use kube::{Client, Config, ResourceExt};
 
 pub mod operator;
+pub mod proxy;
 mod restart;
 pub use restart::Outage;
 

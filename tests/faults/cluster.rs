@@ -232,7 +232,7 @@ fn sample(client: Client, seen: Arc<Mutex<Seen>>) -> tokio::task::JoinHandle<()>
 /// Events meshwarden published since `since` that say what the Event before them about the
 /// same object and action said (the same transition or correction published twice in a row),
 /// or that count a series (the recorder folded several Events into one).
-async fn doubled_events(client: &Client, since: jiff::Timestamp) -> Vec<String> {
+pub(super) async fn doubled_events(client: &Client, since: jiff::Timestamp) -> Vec<String> {
     let all = Api::<Event>::all(client.clone())
         .list(&ListParams::default())
         .await

@@ -10,10 +10,14 @@ pub use testplane::operator::http_get;
 pub struct Replica(Operator);
 
 impl Replica {
-    /// `meshwarden run args…` as `name` (its Lease identity), logging to `dir/name.log`.
+    /// `meshwarden run args…` as `name` (its Lease identity), logging to `dir/name.log`. The
+    /// binary is this package's, or `MESHWARDEN_BIN` (a copy taken right after a build, when
+    /// the target directory is shared with other checkouts that may rebuild it meanwhile).
     pub fn start(kubeconfig: &Path, name: &str, dir: &Path, args: &[&str]) -> Replica {
-        let bin = Path::new(env!("CARGO_BIN_EXE_meshwarden"));
-        Replica(Operator::start(bin, kubeconfig, name, dir, args).expect("start meshwarden"))
+        let bin = std::env::var_os("MESHWARDEN_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_meshwarden").into());
+        Replica(Operator::start(&bin, kubeconfig, name, dir, args).expect("start meshwarden"))
     }
 }
 

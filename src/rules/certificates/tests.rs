@@ -174,23 +174,33 @@ fn configmap(ns: &str, pem: &str) -> ConfigMap {
 #[tokio::test]
 async fn the_cache_keeps_one_copy_per_distinct_bundle_and_follows_events() {
     let (a, b) = (root("a", 10 * DAY), root("b", 100 * DAY));
-    let events = vec![
+    let (events, received) = futures::channel::mpsc::unbounded();
+    let received = std::sync::Mutex::new(Some(received));
+    let send = |e| events.unbounded_send(e).unwrap();
+    for e in [
         watcher::Event::Init,
         watcher::Event::InitApply(configmap("n1", &a)),
         watcher::Event::InitApply(configmap("n2", &a)),
         watcher::Event::InitApply(configmap("n3", &b)),
         watcher::Event::InitDone,
-        watcher::Event::Apply(configmap("n3", &a)),
-        watcher::Event::Apply(configmap("n3", &a)),
-        watcher::Event::Delete(configmap("n1", &a)),
-    ];
+    ] {
+        send(e);
+    }
     let health = Arc::new(crate::watch::Health::default());
     let (cache, stream) = RootCache::from_watch(&health, move || {
-        futures::stream::iter(events.clone().into_iter().map(Ok)).chain(futures::stream::pending())
+        match received.lock().ok().and_then(|mut r| r.take()) {
+            Some(r) => r.map(Ok).boxed(),
+            None => futures::stream::pending().boxed(),
+        }
     });
     let mut stream = Box::pin(stream);
     cache.start();
     stream.next().await.unwrap().unwrap(); // the list
+    // The watch counts as listed once its consumer asks for the next event.
+    let _ = tokio::time::timeout(Duration::from_millis(50), stream.next()).await;
+    send(watcher::Event::Apply(configmap("n3", &a)));
+    send(watcher::Event::Apply(configmap("n3", &a)));
+    send(watcher::Event::Delete(configmap("n1", &a)));
     assert_eq!(
         cache.bundles(Duration::from_secs(1)).await.unwrap().len(),
         3

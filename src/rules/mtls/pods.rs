@@ -291,7 +291,8 @@ impl PodCache {
         self.health
             .wait_readable(&[PODS_WATCH, HOST_PODS_WATCH], limit)
             .await?;
-        // The watch state turns Synced just before the store has applied the list.
+        // The watch state turns Synced once the store has applied the list; this also covers
+        // a store that has never been polled (a cache built without its stream).
         let rest = limit
             .saturating_sub(started.elapsed())
             .max(Duration::from_secs(1));
