@@ -83,6 +83,19 @@ pub fn scaled(value: Option<&IntOrString>, total: i32, up: bool, default: i32) -
     }
 }
 
+/// A rolling update of resolved amounts: both zero means one unavailable, as the Deployment
+/// and DaemonSet controllers resolve them (a rollout must be able to progress).
+fn rolling(max_unavailable: i32, max_surge: i32) -> Strategy {
+    Strategy::Rolling {
+        max_unavailable: if max_surge == 0 && max_unavailable == 0 {
+            1
+        } else {
+            max_unavailable
+        },
+        max_surge,
+    }
+}
+
 /// A Deployment's strategy (defaults: `RollingUpdate`, 25% / 25%). Like the Deployment
 /// controller, surge rounds up, unavailability down, and both zero means one unavailable.
 pub fn deployment_strategy(s: Option<&DeploymentStrategy>, replicas: i32) -> Strategy {
@@ -103,15 +116,7 @@ pub fn deployment_strategy(s: Option<&DeploymentStrategy>, replicas: i32) -> Str
         false,
         0,
     );
-    let unavailable = if surge == 0 && unavailable == 0 {
-        1
-    } else {
-        unavailable
-    };
-    Strategy::Rolling {
-        max_unavailable: unavailable,
-        max_surge: surge,
-    }
+    rolling(unavailable, surge)
 }
 
 /// A StatefulSet's strategy (default `RollingUpdate`, one pod at a time from the highest
@@ -146,15 +151,7 @@ pub fn daemonset_strategy(s: Option<&DaemonSetUpdateStrategy>, nodes: i32) -> St
     let ru = s.and_then(|s| s.rolling_update.as_ref());
     let surge = scaled(ru.and_then(|r| r.max_surge.as_ref()), nodes, true, 0);
     let unavailable = scaled(ru.and_then(|r| r.max_unavailable.as_ref()), nodes, false, 1);
-    let unavailable = if surge == 0 && unavailable == 0 {
-        1
-    } else {
-        unavailable
-    };
-    Strategy::Rolling {
-        max_unavailable: unavailable,
-        max_surge: surge,
-    }
+    rolling(unavailable, surge)
 }
 
 /// What the gate reads of a PodDisruptionBudget.
