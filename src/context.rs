@@ -11,6 +11,9 @@ use crate::telemetry::Metrics;
 use crate::write::{Memory, WriteCounter};
 
 /// Shared by every reconcile of every policy.
+/// The default of [`Context::availability_grace`].
+pub const AVAILABILITY_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
+
 pub struct Context {
     pub client: Client,
     pub reporter: Reporter,
@@ -24,6 +27,9 @@ pub struct Context {
     caches: RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
     /// Namespace of istiod, where its mesh config lives (`--istio-namespace`).
     pub istio_namespace: String,
+    /// How long an HA target may fall short of what runs before it is reported
+    /// (`--availability-grace`): a normal rollout or rescheduling fits in it.
+    pub availability_grace: std::time::Duration,
 }
 
 impl Context {
@@ -45,6 +51,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             caches: RwLock::new(HashMap::new()),
             istio_namespace: crate::istio::DEFAULT_ISTIO_NAMESPACE.to_string(),
+            availability_grace: AVAILABILITY_GRACE,
         }
     }
 

@@ -81,6 +81,10 @@ struct RunArgs {
     /// Seconds a leader holds the Lease without renewing it; a standby takes over after that.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(5..=300))]
     lease_duration: u64,
+    /// Seconds an HA target may fall short of what runs (replicas available, spread achieved,
+    /// drains possible) before its section reports it; until then it reads `Progressing`.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=3600), env = "MESHWARDEN_AVAILABILITY_GRACE")]
+    availability_grace: u64,
 }
 
 fn init_logging(format: LogFormat) {
@@ -152,6 +156,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .unwrap_or_else(|| format!("meshwarden-{}", std::process::id()));
     let mut ctx = Context::with_metrics(client.clone(), Some(identity.clone()), metrics.clone());
     ctx.istio_namespace = args.istio_namespace;
+    ctx.availability_grace = std::time::Duration::from_secs(args.availability_grace);
     let state = Arc::new(State::new(ctx, args.policy_selector.clone()));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), %identity, "meshwarden starting");
 

@@ -1,4 +1,6 @@
 //! Prometheus metrics and the HTTP endpoints `/livez`, `/readyz` and `/metrics`.
+pub mod ha;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -89,6 +91,8 @@ pub struct Metrics {
     pub proxies: Family<ProxyLabels, Gauge>,
     /// (revision, version) with a `proxies` series, per policy, so that gone ones are removed.
     proxy_series: Series<(String, String)>,
+    /// What each HA target achieves.
+    pub ha: ha::HaMetrics,
 }
 
 impl Default for Metrics {
@@ -172,6 +176,8 @@ impl Default for Metrics {
             "Writes sent to the Kubernetes API",
             writes.clone(),
         );
+        let ha = ha::HaMetrics::default();
+        ha.register(&mut registry);
         Metrics {
             registry,
             reconciles,
@@ -193,6 +199,7 @@ impl Default for Metrics {
             drift_namespaces: Default::default(),
             proxies,
             proxy_series: Default::default(),
+            ha,
         }
     }
 }
@@ -341,6 +348,13 @@ impl Metrics {
         self.set_root_certificates(policy, None);
         self.set_sidecar_drift(policy, &BTreeMap::new());
         self.set_proxies(policy, &BTreeMap::new());
+        self.ha.forget(
+            policy,
+            &[
+                crate::status::conditions::types::CONTROL_PLANE_HA,
+                crate::status::conditions::types::GATEWAY_HA,
+            ],
+        );
         self.policy_ready.remove(&PolicyLabels {
             policy: policy.to_string(),
         });

@@ -8,6 +8,8 @@
 #[path = "integration/common.rs"]
 mod common;
 
+#[path = "cluster/posture.rs"]
+mod posture;
 #[path = "cluster/rollout_gate.rs"]
 mod rollout_gate;
 

@@ -29,7 +29,7 @@ use tracing::{Instrument, warn};
 use crate::api::MeshPolicy;
 use crate::context::Context;
 use crate::rules::stores::{self, Stores};
-use crate::rules::{Section, Sections, certificates, mtls, sidecars};
+use crate::rules::{Section, Sections, certificates, ha, mtls, sidecars};
 use crate::telemetry::Metrics;
 use crate::watch;
 
@@ -130,11 +130,16 @@ pub async fn run(
     let policy_watch = watch::resilient(health.clone(), "MeshPolicies", move || {
         watcher(policies.clone(), wc.clone())
     });
+    let metrics = state.ctx.metrics.clone();
     let policy_stream = reflector::reflector(writer, policy_watch)
-        .inspect(move |ev| {
-            if let Ok(watcher::Event::InitDone) = ev {
+        .inspect(move |ev| match ev {
+            Ok(watcher::Event::InitDone) => {
                 policies_listed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
+            // A deleted policy's series go with it (a relist that misses a deletion leaves
+            // them to the next reconcile's `retain_policies`).
+            Ok(watcher::Event::Delete(p)) => metrics.forget_policy(&kube::ResourceExt::name_any(p)),
+            _ => {}
         })
         .touched_objects()
         // A status newer than this process's last write and different from it (a write that
@@ -235,6 +240,26 @@ pub async fn run(
         |_| {},
         move |e| index.apply(e),
     );
+    // Pending pods (few, and briefly): the HA sections name the ones that do not serve.
+    let index = indexes.pending.clone();
+    let pending_events = observed::<sidecars::CachedPod>(
+        &client,
+        (&health, "PendingPods"),
+        watcher::Config::default()
+            .fields("status.phase=Pending")
+            .page_size(100),
+        |_| {},
+        move |e| index.apply(e),
+    );
+    // Nodes, reduced to zone, cordon, readiness, labels and taints: where HA targets run and
+    // could run. Only events that change those pass (not the kubelets' status heartbeats).
+    let (nodes, node_events) = cached::<ha::nodes::CachedNode>(
+        &client,
+        (&health, stores::NODES),
+        watcher::Config::default(),
+        |_| {},
+    );
+    let node_events = node_events.predicate_filter(ha::nodes::fingerprint, Default::default());
     // HPAs, PDBs and PeerAuthentications, whole (few objects): the HA and mtls sections read
     // them, with the namespaces, from these stores instead of listing.
     let (hpas, hpa_events) = cached::<HorizontalPodAutoscaler>(
@@ -255,6 +280,7 @@ pub async fn run(
         peer_auths,
         hpas,
         pdbs,
+        nodes,
         health.clone(),
     )));
     state.ctx.set_cache(Some(
@@ -347,8 +373,10 @@ pub async fn run(
                 limit_range_events.for_each(|_| async {}),
                 quota_events.for_each(|_| async {}),
                 // Running pods: what the upgrades sections count.
-                pod_events
-                    .for_each(|r| { route.when_ok(r, routing::policies_with_upgrades, upgrades) }),
+                pod_events.for_each(|r| route.running_pod(r)),
+                // Pending pods of an HA target's namespace; nodes: every HA section.
+                pending_events.for_each(|r| route.namespaced(r.map(|o| o.metadata))),
+                node_events.for_each(|r| route.when_ok(r, routing::policies_with_ha, Sections::HA)),
                 // Errors were logged by `watch::resilient`.
                 mtls_pod_events.for_each(|r| route.when_ok(r, routing::policies_with_mtls, mtls)),
                 hpa_events.for_each(|r| route.namespaced(r.map(|o| o.metadata))),

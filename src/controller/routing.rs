@@ -46,6 +46,17 @@ pub(super) fn policies_for_namespace(
         .collect()
 }
 
+/// Every policy with an HA section (control plane or gateways): a node change can change
+/// where their pods run or could run.
+pub(super) fn policies_with_ha(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| p.spec.control_plane.is_some() || !p.spec.gateways.is_empty())
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
 /// Every policy with a sidecars, mtls or upgrades section: they decide by namespace labels and
 /// by what Istio injects (revisions, tags), and mtls by the mesh config.
 pub(super) fn policies_with_sidecars_or_mtls(
@@ -147,6 +158,25 @@ impl Route {
             );
             self.triggers.add(
                 self.policies_where(|p| p.spec.upgrades.is_some()),
+                Section::Upgrades.only(),
+            );
+        }
+        ready(())
+    }
+
+    /// A running pod changed: the upgrades sections (they count every proxy) and the HA
+    /// sections covering its namespace (it may be a replica of their targets).
+    pub fn running_pod(
+        &self,
+        event: Result<crate::rules::sidecars::CachedPod, watcher::Error>,
+    ) -> Ready<()> {
+        if let Ok(pod) = event {
+            if let Some(ns) = &pod.metadata.namespace {
+                self.triggers
+                    .add(policies_for_namespace(&self.policies, ns), Sections::HA);
+            }
+            self.triggers.add(
+                policies_with_upgrades(&self.policies),
                 Section::Upgrades.only(),
             );
         }

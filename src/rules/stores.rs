@@ -1,5 +1,6 @@
 //! Watch stores the sections read instead of listing on every reconcile: namespaces (name and
-//! labels), PeerAuthentications, HorizontalPodAutoscalers and PodDisruptionBudgets, kept
+//! labels), PeerAuthentications, HorizontalPodAutoscalers, PodDisruptionBudgets and Nodes
+//! (reduced to their facts), kept
 //! current by the controller's watches. These kinds are few, so they are kept whole (the HA
 //! section reads their `managedFields`). Without the controller (a section called alone) there
 //! are none and the sections list.
@@ -13,6 +14,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::Store;
 
+use super::ha::nodes::CachedNode;
 use super::mtls::PeerAuthentication;
 use crate::watch::{Health, NotReadable};
 
@@ -21,6 +23,7 @@ pub const NAMESPACES: &str = "Namespaces";
 pub const PEER_AUTHENTICATIONS: &str = "PeerAuthentications";
 pub const HPAS: &str = "HorizontalPodAutoscalers";
 pub const PDBS: &str = "PodDisruptionBudgets";
+pub const NODES: &str = "Nodes";
 /// The sidecars section's Deployment store, whose names and labels the HA section reads.
 pub const DEPLOYMENTS: &str = "Deployments";
 
@@ -33,6 +36,8 @@ pub struct Stores {
     pub peer_auths: Store<PeerAuthentication>,
     pub hpas: Store<HorizontalPodAutoscaler>,
     pub pdbs: Store<PodDisruptionBudget>,
+    /// Nodes reduced to what the HA sections read ([`CachedNode`]).
+    pub nodes: Store<CachedNode>,
     health: Arc<Health>,
 }
 
@@ -42,6 +47,7 @@ impl Stores {
         peer_auths: Store<PeerAuthentication>,
         hpas: Store<HorizontalPodAutoscaler>,
         pdbs: Store<PodDisruptionBudget>,
+        nodes: Store<CachedNode>,
         health: Arc<Health>,
     ) -> Self {
         Stores {
@@ -49,6 +55,7 @@ impl Stores {
             peer_auths,
             hpas,
             pdbs,
+            nodes,
             health,
         }
     }
@@ -63,7 +70,7 @@ impl Stores {
     /// Whether every store has its initial list, or its kind is refused by the server (the
     /// sections that need it say so; the process is ready without it).
     pub fn ready(&self) -> bool {
-        [NAMESPACES, PEER_AUTHENTICATIONS, HPAS, PDBS]
+        [NAMESPACES, PEER_AUTHENTICATIONS, HPAS, PDBS, NODES]
             .iter()
             .all(|n| match self.health.readable(&[n]) {
                 Ok(()) => true,

@@ -22,6 +22,18 @@ pub const FIGHT_DETECTED: &str = "FightDetected";
 pub const WRITE_FAILED: &str = "WriteFailed";
 /// A PodDisruptionBudget allows no disruption: node drains block.
 pub const BUDGET_BLOCKS_DRAIN: &str = "BudgetBlocksDrain";
+/// Fewer replicas serve than wanted (the declared minimum, the Deployment's or its HPA's
+/// count) for longer than the grace period; the pods that do not serve are named with why.
+pub const REPLICAS_UNAVAILABLE: &str = "ReplicasUnavailable";
+/// The pods of a target run on one node, or in one zone while other zones could take them,
+/// for longer than the grace period.
+pub const SPREAD_NOT_ACHIEVED: &str = "SpreadNotAchieved";
+/// A PodDisruptionBudget covering a target allows no disruption now (its status), for longer
+/// than the grace period: draining the nodes named blocks.
+pub const DRAIN_BLOCKED: &str = "DrainBlocked";
+/// A target falls short of what the policy wants (replicas, spread, drains) for less than the
+/// grace period: a rollout or a rescheduling under way.
+pub const PROGRESSING: &str = "Progressing";
 /// The gateway is rendered by istiod; meshwarden reports it and never patches it.
 pub const MANAGED_BY_ISTIOD: &str = "ManagedByIstiod";
 /// STRICT is held back while clients without a sidecar would be cut off.
@@ -96,6 +108,10 @@ pub const ALL: &[&str] = &[
     FIGHT_DETECTED,
     WRITE_FAILED,
     BUDGET_BLOCKS_DRAIN,
+    REPLICAS_UNAVAILABLE,
+    SPREAD_NOT_ACHIEVED,
+    DRAIN_BLOCKED,
+    PROGRESSING,
     MANAGED_BY_ISTIOD,
     STRICT_HELD,
     OVERRIDES_REPORTED,

@@ -141,9 +141,15 @@ impl Env {
     /// [`Env::start_operator`] with istiod's namespace (`--istio-namespace`) set, so that a
     /// test's own mesh config is read.
     pub async fn start_operator_in(&self, istio_namespace: &str) -> Operator {
+        self.start_operator_with(|ctx| ctx.istio_namespace = istio_namespace.to_string())
+            .await
+    }
+
+    /// [`Env::start_operator`] with its context set by `tune` (a shorter grace period, say).
+    pub async fn start_operator_with(&self, tune: impl FnOnce(&mut Context)) -> Operator {
         let client = self.plane.operator_client().await;
         let mut ctx = Context::new(client, Some(self.id.clone()));
-        ctx.istio_namespace = istio_namespace.to_string();
+        tune(&mut ctx);
         let state = Arc::new(State::new(
             ctx,
             Some(format!("meshwarden-test={}", self.id)),

@@ -4,7 +4,9 @@
 
 mod budget;
 mod fight;
+pub mod nodes;
 mod observe;
+mod outcome;
 mod plan;
 pub mod source;
 pub mod values;
@@ -34,6 +36,7 @@ use crate::selector;
 use crate::status::conditions::{Observed, Status};
 use crate::status::messages::{self, Contested};
 use crate::status::reasons::{self, ViolationAction};
+use crate::telemetry::ha::TargetOutcome;
 use crate::write::driver::{self, Outcome, Planned};
 use crate::write::fight::{TakeoverKey, TakeoverPart};
 use crate::write::{self, FightKey};
@@ -67,6 +70,8 @@ pub struct Observation {
     pub other_hpas: Vec<String>,
     /// Every PodDisruptionBudget in the namespace whose selector matches the pods.
     pub pdbs: Vec<PodDisruptionBudget>,
+    /// Its pods that have not finished (running and pending), from its ReplicaSets.
+    pub pods: Vec<std::sync::Arc<sidecars::PodFacts>>,
 }
 
 /// A deviation found on a target.
@@ -169,6 +174,14 @@ pub async fn reconcile(
     let mut istiod_managed = false;
     let mut at_source: Vec<String> = Vec::new();
     let mut refused: Vec<Error> = Vec::new();
+    // What runs: judged per target, reported once a shortfall outlasts the grace period.
+    let nodes = match groups.is_empty() {
+        true => Err(String::new()),
+        false => observe::nodes(ctx).await,
+    };
+    let mut shortfalls: Vec<outcome::Shortfall> = Vec::new();
+    let mut achieved: Vec<TargetOutcome> = Vec::new();
+    let mut compliant_ids: Vec<String> = Vec::new();
 
     for group in groups {
         let (observations, pdbs_refused) = match observe(ctx, group).await {
@@ -222,6 +235,17 @@ pub async fn reconcile(
         }
         for obs in &observations {
             report.targets += 1;
+            let judged = outcome::judge(&rules, obs, nodes.as_ref().ok());
+            achieved.push(TargetOutcome {
+                namespace: group.namespace.clone(),
+                deployment: obs.deployment.name_any(),
+                available: judged.available,
+                wanted: judged.wanted,
+                zones: judged.zones,
+                disruptions_allowed: judged.disruptions_allowed,
+            });
+            shortfalls.extend(judged.shortfalls);
+            let target_id = object_id("Deployment", &group.namespace, &obs.deployment.name_any());
             let deployed_by_istiod = source::istiod_gateway(&obs.deployment.metadata);
             let plan = match &deployed_by_istiod {
                 Some(gateway) => source::report_only(plan(&rules, obs, policy, false), gateway),
@@ -231,6 +255,7 @@ pub async fn reconcile(
             notes.extend(plan.notes.iter().cloned());
             if plan.findings.is_empty() {
                 report.compliant += 1;
+                compliant_ids.push(target_id);
                 continue;
             }
             planned.push(writes::planned(
@@ -360,6 +385,7 @@ pub async fn reconcile(
             };
             if outstanding.is_empty() {
                 report.compliant += 1;
+                compliant_ids.push(dep_id.clone());
             }
             for f in outstanding {
                 blocking |= f.blocks_drain;
@@ -380,6 +406,31 @@ pub async fn reconcile(
                 });
             }
         }
+    }
+
+    // A target short of what runs is not compliant, within the grace period too.
+    let short: std::collections::BTreeSet<&str> =
+        shortfalls.iter().map(|s| s.target.as_str()).collect();
+    let short_compliant = compliant_ids
+        .iter()
+        .filter(|id| short.contains(id.as_str()))
+        .count();
+    report.compliant -= i32::try_from(short_compliant).unwrap_or(0);
+    ctx.metrics.ha.set(&policy.name_any(), ctype, &achieved);
+    let graded = outcome::grade(
+        &outcome::Since::of(ctx),
+        &format!("{}/{ctype}", policy.name_any()),
+        shortfalls,
+        ctx.availability_grace,
+    );
+    report.recheck_in = graded.recheck;
+    for s in &graded.counted {
+        report.violations.push(Violation {
+            rule: ctype.to_string(),
+            object: s.object.clone(),
+            message: format!("{}: {}", s.reason, s.message),
+            action: ViolationAction::Reported,
+        });
     }
 
     let key = TakeoverKey {
@@ -441,6 +492,17 @@ pub async fn reconcile(
             msg.push("Audit mode: nothing was changed".to_string());
         }
     }
+    msg.extend(outcome::waiting_sentence(
+        &graded.waiting,
+        ctx.availability_grace,
+    ));
+    if let Err(why) = &nodes
+        && !groups.is_empty()
+    {
+        msg.push(format!(
+            "the nodes cannot be read ({why}): spread over zones and pods on NotReady nodes are not judged"
+        ));
+    }
     msg.extend(notes.into_iter().take(3));
 
     let (status, reason) = if failed_writes > 0 {
@@ -449,12 +511,16 @@ pub async fn reconcile(
         (Status::False, reasons::FIGHT_DETECTED)
     } else if blocking {
         (Status::False, reasons::BUDGET_BLOCKS_DRAIN)
+    } else if let Some(reason) = outcome::worst(&graded.counted) {
+        (Status::False, reason)
     } else if istiod_managed {
         (Status::False, reasons::MANAGED_BY_ISTIOD)
     } else if !report.violations.is_empty() && unfixable {
         (Status::False, reasons::CANNOT_CORRECT)
     } else if !report.violations.is_empty() {
         (Status::False, reasons::NON_COMPLIANT)
+    } else if !graded.waiting.is_empty() {
+        (Status::False, reasons::PROGRESSING)
     } else if report.targets == 0 || !empty_groups.is_empty() {
         (Status::False, reasons::NO_TARGETS)
     } else if !takeovers.is_empty() {

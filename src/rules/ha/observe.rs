@@ -1,7 +1,13 @@
 //! What the HA sections read: the Deployments of a group with their HPAs and PDBs, the
 //! budgets meshwarden left behind, and the groups a policy declares.
 
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Pod;
+
+use super::nodes::{NodeFacts, Nodes};
 use super::*;
+use crate::rules::sidecars::PodFacts;
 
 /// Reads the targets of a group: Deployments by label, the HPA targeting each, and the
 /// PodDisruptionBudgets selecting each one's pods. PodDisruptionBudgets the ClusterRole does
@@ -92,6 +98,16 @@ async fn observe_cached(
         .map(|h| (**h).clone())
         .collect();
     let (pdbs, pdbs_refused) = store_pdbs(stores, ns).await?;
+    // The namespace's running and pending pods, from the indexes their watches feed.
+    let mut pods: Vec<Arc<PodFacts>> = Vec::new();
+    for index in [
+        &workloads.by_namespace.pods,
+        &workloads.by_namespace.pending,
+    ] {
+        if let Some(m) = index.read().get(ns) {
+            pods.extend(m.values().cloned());
+        }
+    }
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let mut deps = Vec::new();
     for name in deployment_names(ctx, workloads, group)? {
@@ -104,7 +120,7 @@ async fn observe_cached(
             deps.push(d);
         }
     }
-    Ok((matched(deps, &hpas, &pdbs), pdbs_refused))
+    Ok((matched(deps, &hpas, &pdbs, &pods), pdbs_refused))
 }
 
 /// Lists the group's objects (no controller, hence no stores).
@@ -113,13 +129,14 @@ async fn observe_listed(ctx: &Context, group: &Group) -> Result<(Vec<Observation
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(ctx.client.clone(), ns);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     // Served from the API server's watch cache (resourceVersion 0): it already holds the change
     // that triggered this reconcile, and a consistent read would first wait for the cache to
     // catch up with etcd, which costs tens of milliseconds per list.
     let lp = ListParams::default()
         .match_any()
         .labels(&selector::to_query(&group.selector));
-    let (deps, hpas, pdbs) = tokio::try_join!(
+    let (deps, hpas, pdbs, pods) = tokio::try_join!(
         async {
             deployments
                 .list(&lp)
@@ -143,16 +160,31 @@ async fn observe_listed(ctx: &Context, group: &Group) -> Result<(Vec<Observation
                 }
             }
         },
+        async {
+            let lp = ListParams::default()
+                .match_any()
+                .fields("status.phase!=Succeeded,status.phase!=Failed");
+            pods.list(&lp)
+                .await
+                .map_err(|e| Error::kube(format!("list Pods in {ns}"), e))
+        },
     )?;
     let (pdbs, pdbs_refused) = pdbs;
-    Ok((matched(deps.items, &hpas.items, &pdbs), pdbs_refused))
+    let pods: Vec<Arc<PodFacts>> = pods
+        .items
+        .iter()
+        .map(|p| Arc::new(PodFacts::from(p)))
+        .collect();
+    Ok((matched(deps.items, &hpas.items, &pdbs, &pods), pdbs_refused))
 }
 
-/// Each Deployment with the HPAs targeting it and the budgets selecting its pods.
+/// Each Deployment with the HPAs targeting it, the budgets selecting its pods and its pods
+/// (those of its ReplicaSets, among `pods` of the namespace).
 fn matched(
     deps: Vec<Deployment>,
     hpas: &[HorizontalPodAutoscaler],
     pdbs: &[PodDisruptionBudget],
+    pods: &[Arc<PodFacts>],
 ) -> Vec<Observation> {
     let mut out = Vec::new();
     for d in deps {
@@ -183,11 +215,21 @@ fn matched(
             })
             .cloned()
             .collect();
+        let own = pods
+            .iter()
+            .filter(|p| {
+                p.owner
+                    .as_ref()
+                    .is_some_and(|(kind, n)| *kind == sidecars::Kind::Deployment && *n == name)
+            })
+            .cloned()
+            .collect();
         out.push(Observation {
             deployment: d,
             hpa,
             other_hpas,
             pdbs: matching,
+            pods: own,
         });
     }
     out
@@ -254,6 +296,30 @@ pub(super) async fn left_behind(
         }
     }
     Ok(out)
+}
+
+/// The nodes, or why they cannot be read (the outcomes that need them are then not judged).
+pub async fn nodes(ctx: &Context) -> std::result::Result<Nodes, String> {
+    if let Some(stores) = ctx.cache::<Stores>() {
+        return match stores.readable(&[stores::NODES]).await {
+            Ok(()) => Ok(stores
+                .nodes
+                .state()
+                .iter()
+                .map(|n| (n.metadata.name.clone().unwrap_or_default(), n.facts.clone()))
+                .collect()),
+            Err(e) => Err(e.message),
+        };
+    }
+    let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(ctx.client.clone());
+    match api.list(&ListParams::default().match_any()).await {
+        Ok(list) => Ok(list
+            .items
+            .iter()
+            .map(|n| (n.name_any(), Arc::new(NodeFacts::from(n))))
+            .collect()),
+        Err(e) => Err(Error::kube("list Nodes", e).to_string()),
+    }
 }
 
 /// The groups of the control-plane section: every istiod revision in the namespace.

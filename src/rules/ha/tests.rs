@@ -78,6 +78,7 @@ fn obs(
         hpa,
         other_hpas: Vec::new(),
         pdbs,
+        pods: Vec::new(),
     }
 }
 

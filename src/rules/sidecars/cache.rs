@@ -60,6 +60,9 @@ pub struct Indexes {
     pub daemonsets: ByNamespace<WorkloadFacts>,
     /// Running pods (field selector `status.phase=Running`), kept only here.
     pub pods: ByNamespace<PodFacts>,
+    /// Pending pods (`status.phase=Pending`: not scheduled, or not started), read by the HA
+    /// sections only.
+    pub pending: ByNamespace<PodFacts>,
 }
 
 /// A policy's [`Memo`] unused this long is dropped (its policy was deleted or lost its
@@ -231,7 +234,9 @@ impl Cache {
                     && self.daemonsets.wait_until_ready().await.is_ok()
                     && self.limit_ranges.wait_until_ready().await.is_ok()
                     && self.quotas.wait_until_ready().await.is_ok()
-                    && (self.by_namespace.pods.is_synced() || std::future::pending::<bool>().await)
+                    && ((self.by_namespace.pods.is_synced()
+                        && self.by_namespace.pending.is_synced())
+                        || std::future::pending::<bool>().await)
             };
             let step = deadline
                 .saturating_duration_since(Instant::now())

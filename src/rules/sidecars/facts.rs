@@ -299,6 +299,51 @@ pub struct PodFacts {
     pub proxy: Option<[Option<i128>; 4]>,
     /// The proxy's revision and version (read by the upgrades section); `None` without one.
     pub sidecar: Option<crate::istio::ProxyVersion>,
+    /// Where it runs and whether it serves (read by the HA sections).
+    pub placement: Placement,
+}
+
+/// Where a pod runs and whether it serves: what the HA sections judge availability, spread
+/// and blocked drains by.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// `spec.nodeName`; `None` while the pod is not scheduled.
+    pub node: Option<Box<str>>,
+    /// The pod's `Ready` condition is True.
+    pub ready: bool,
+    /// The scheduler's message while `PodScheduled` is False (why no node fits).
+    pub unscheduled: Option<Box<str>>,
+    /// The pod is being deleted.
+    pub terminating: bool,
+}
+
+impl From<&Pod> for Placement {
+    fn from(p: &Pod) -> Self {
+        let conditions = p
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_deref())
+            .unwrap_or_default();
+        let condition = |t: &str| conditions.iter().find(|c| c.type_ == t);
+        Placement {
+            node: p
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_deref())
+                .map(Box::from),
+            ready: condition("Ready").is_some_and(|c| c.status == "True"),
+            unscheduled: condition("PodScheduled")
+                .filter(|c| c.status == "False")
+                .map(|c| {
+                    c.message
+                        .as_deref()
+                        .or(c.reason.as_deref())
+                        .unwrap_or("not scheduled")
+                        .into()
+                }),
+            terminating: p.metadata.deletion_timestamp.is_some(),
+        }
+    }
 }
 
 impl From<&Pod> for PodFacts {
@@ -359,6 +404,7 @@ impl From<&Pod> for PodFacts {
             annotations: only(Some(p.annotations()), &[INJECT, INJECT_TEMPLATES]),
             proxy,
             sidecar,
+            placement: Placement::from(p),
         }
     }
 }

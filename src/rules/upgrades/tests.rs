@@ -47,6 +47,7 @@ fn pod(name: &str, owner: Option<&str>, rev: Option<&str>, version: Option<&str>
             revision: rev.map(str::to_string),
             version: v.into(),
         }),
+        placement: Default::default(),
     }
 }
 
