@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: builds the real kube-apiserver/etcd (cached outside the repo), installs the
-# chart tools, then the Rust unit and integration tests and the chart checks.
+# chart tools, then the Rust unit and integration tests, the chart checks and the monitoring
+# checks (promtool on the alerts and the dashboard).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -16,4 +17,5 @@ cargo test --workspace --locked
 if [ -x hack/check-chart.sh ]; then
   hack/check-chart.sh
 fi
+hack/check-monitoring.sh
 echo "==> all tests passed in $(( $(date +%s) - start ))s" >&2
