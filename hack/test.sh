@@ -13,6 +13,8 @@ export PATH="$TOOLS:$PATH"
 echo "==> tools ready after $(( $(date +%s) - start ))s" >&2
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+# The image, built with buildah from the release binary (tests/image.rs checks its contract).
+hack/image.sh
 cargo test --workspace --locked
 if [ -x hack/check-chart.sh ]; then
   hack/check-chart.sh
