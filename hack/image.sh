@@ -58,6 +58,10 @@ IMAGE=${IMAGE:-localhost/meshwarden:$VERSION}
 
 missing=()
 command -v buildah > /dev/null || missing+=(buildah)
+# podman and runc run the image (tests/image_run.rs); crun, podman's default, refuses
+# the cgroups of some hosts.
+command -v podman > /dev/null || missing+=(podman)
+command -v runc > /dev/null || missing+=(runc)
 [ -f /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 if [ "${#missing[@]}" -gt 0 ]; then
   log "apt-get install ${missing[*]}"
