@@ -1,7 +1,11 @@
 //! The image `hack/image.sh` builds (buildah, here) and the one the Dockerfile builds (the
 //! published recipe) have the same contract: user, entrypoint and command, exposed port, OCI
 //! labels. The Dockerfile's final stage is read here; `hack/image.sh --config` prints what the
-//! script gives its image (and the script checks its committed image against that).
+//! script gives its image (and the script checks its committed image against that). And the
+//! operator's command line accepts the args the chart's Deployment gives it.
+
+#[path = "support/tools.rs"]
+mod tools;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -124,4 +128,49 @@ fn the_dockerfile_is_read_instruction_by_instruction() {
         label_pairs("k=\"v 1\" l=\"w\""),
         [("k".into(), "v 1".into()), ("l".into(), "w".into())]
     );
+}
+
+#[test]
+fn the_operator_accepts_the_args_the_chart_gives_it() {
+    // The Deployment as `helm template` renders it with the default values, and with every
+    // optional feature on.
+    let root = env!("CARGO_MANIFEST_DIR");
+    for values in [None, Some("charts/meshwarden/ci/all-features-values.yaml")] {
+        let mut args = vec![
+            "template".to_string(),
+            "meshwarden".into(),
+            format!("{root}/charts/meshwarden"),
+            "--show-only".into(),
+            "templates/deployment.yaml".into(),
+        ];
+        if let Some(v) = values {
+            args.extend(["-f".into(), format!("{root}/{v}")]);
+        }
+        let out = Command::new(tools::tool("helm"))
+            .args(&args)
+            .output()
+            .expect("helm");
+        assert!(out.status.success(), "{out:?}");
+        let deployment: serde_json::Value =
+            serde_yaml::from_slice(&out.stdout).expect("the Deployment");
+        let chart_args: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .map(|a| a.as_str().expect("a string"))
+            .collect();
+        assert_eq!(chart_args.first(), Some(&"run"), "{chart_args:?}");
+        // `--help` after them: the command line is parsed up to it, then help is printed;
+        // an argument it refuses stops it first.
+        let out = Command::new(env!("CARGO_BIN_EXE_meshwarden"))
+            .args(&chart_args)
+            .arg("--help")
+            .output()
+            .expect("meshwarden");
+        assert!(
+            out.status.success(),
+            "meshwarden {chart_args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
