@@ -62,6 +62,7 @@ command -v buildah > /dev/null || missing+=(buildah)
 # the cgroups of some hosts.
 command -v podman > /dev/null || missing+=(podman)
 command -v runc > /dev/null || missing+=(runc)
+command -v strip > /dev/null || missing+=(binutils)
 [ -f /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 if [ "${#missing[@]}" -gt 0 ]; then
   log "apt-get install ${missing[*]}"
