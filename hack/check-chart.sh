@@ -392,7 +392,8 @@ print(json.dumps({"apiVersion": "v1", "kind": "Pod",
     for v in list watch; do sar YES "$v" admissionregistration.k8s.io mutatingwebhookconfigurations - -; done
     for v in get create patch; do sar NO "$v" admissionregistration.k8s.io mutatingwebhookconfigurations - -; done
     for v in get list watch create update patch; do sar YES "$v" coordination.k8s.io leases - "$NAMESPACE"; done
-    sar NO delete coordination.k8s.io leases - "$NAMESPACE"
+    # delete: the presence Leases of instances that are gone (templates/role.yaml).
+    sar YES delete coordination.k8s.io leases - "$NAMESPACE"
     sar NO update coordination.k8s.io leases - kube-system
     sar NO escalate rbac.authorization.k8s.io clusterroles - -
     sar NO create networking.istio.io destinationrules - istio-system

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: builds the real kube-apiserver/etcd (cached outside the repo), installs the
-# chart tools, then the Rust unit and integration tests and the chart checks.
+# chart tools, then the Rust unit and integration tests, the chart checks and the monitoring
+# checks (promtool on the alerts and the dashboard).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -12,6 +13,12 @@ export PATH="$TOOLS:$PATH"
 echo "==> tools ready after $(( $(date +%s) - start ))s" >&2
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+# The alerts and the dashboard in promtool; installs Prometheus, which tests/image_run.rs runs.
+hack/check-monitoring.sh
+# The image, built with buildah from the release binary (tests/image.rs checks its contract,
+# tests/image_run.rs runs it on the full cluster).
+MESHWARDEN_IMAGE=$(hack/image.sh | tail -n 1 | cut -d' ' -f1)
+export MESHWARDEN_IMAGE
 cargo test --workspace --locked
 if [ -x hack/check-chart.sh ]; then
   hack/check-chart.sh

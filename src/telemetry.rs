@@ -29,6 +29,13 @@ pub struct RuleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub policy: String,
+    pub rule: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NamespaceLabels {
     pub policy: String,
     pub namespace: String,
@@ -93,6 +100,10 @@ pub struct Metrics {
     proxy_series: Series<(String, String)>,
     /// What each HA target achieves.
     pub ha: ha::HaMetrics,
+    /// 1 for the reason each rule section's condition carries now (fights, held rollouts).
+    rule_reason: Family<ReasonLabels, Gauge>,
+    /// (rule, reason) with a `rule_reason` series, per policy.
+    reason_series: Series<(String, String)>,
 }
 
 impl Default for Metrics {
@@ -109,6 +120,12 @@ impl Default for Metrics {
         let other_instances = Gauge::default();
         let writes = Counter::default();
         let proxies = Family::<ProxyLabels, Gauge>::default();
+        let rule_reason = Family::<ReasonLabels, Gauge>::default();
+        registry.register(
+            "rule_reason",
+            "1 for the reason the condition of each rule section carries now (FightDetected, RolloutHeld, ...), by policy and rule",
+            rule_reason.clone(),
+        );
         registry.register(
             "proxies",
             "Running pods with an injected istio-proxy, by revision and proxy version (policies with an upgrades section)",
@@ -200,6 +217,8 @@ impl Default for Metrics {
             proxies,
             proxy_series: Default::default(),
             ha,
+            rule_reason,
+            reason_series: Default::default(),
         }
     }
 }
@@ -333,6 +352,26 @@ impl Metrics {
         );
     }
 
+    /// Sets the policy's `rule_reason` series to `reasons` (rule -> the reason of its
+    /// condition); a rule's former reason loses its series.
+    pub fn set_rule_reasons(&self, policy: &str, reasons: &BTreeMap<String, String>) {
+        let counts: BTreeMap<(String, String), usize> = reasons
+            .iter()
+            .map(|(rule, reason)| ((rule.clone(), reason.clone()), 1))
+            .collect();
+        replace_series(
+            &self.rule_reason,
+            &self.reason_series,
+            policy,
+            &counts,
+            |(rule, reason)| ReasonLabels {
+                policy: policy.to_string(),
+                rule: rule.clone(),
+                reason: reason.clone(),
+            },
+        );
+    }
+
     /// Records the roots `policy`'s `certificates` section found (`None`: it has none).
     pub fn set_root_certificates(&self, policy: &str, roots: Option<Vec<RootExpiry>>) {
         if let Ok(mut m) = self.roots.lock() {
@@ -355,6 +394,7 @@ impl Metrics {
                 crate::status::conditions::types::GATEWAY_HA,
             ],
         );
+        self.set_rule_reasons(policy, &BTreeMap::new());
         self.policy_ready.remove(&PolicyLabels {
             policy: policy.to_string(),
         });
@@ -499,6 +539,28 @@ mod tests {
     }
 
     #[test]
+    fn a_rule_keeps_one_reason_series() {
+        let m = Metrics::default();
+        let set = |reason: &str| {
+            m.set_rule_reasons(
+                "p",
+                &BTreeMap::from([("SidecarResources".into(), reason.into())]),
+            );
+        };
+        set("RolloutHeld");
+        set("FightDetected");
+        let text = m.encode();
+        assert!(
+            text.contains("rule=\"SidecarResources\",reason=\"FightDetected\"} 1"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("reason=\"RolloutHeld\""),
+            "the former reason goes: {text}"
+        );
+    }
+
+    #[test]
     fn encodes_the_documented_metric_names() {
         let m = Metrics::default();
         m.reconciles.inc();
@@ -522,6 +584,10 @@ mod tests {
                 rule: "GatewayHA".into(),
             })
             .inc_by(2);
+        m.set_rule_reasons(
+            "p",
+            &BTreeMap::from([("SidecarResources".into(), "RolloutHeld".into())]),
+        );
         let text = m.encode();
         for needle in [
             "meshwarden_reconciles_total 1",
@@ -530,6 +596,7 @@ mod tests {
             "meshwarden_reconcile_errors_total{kind=\"Forbidden\"} 1",
             "meshwarden_reconcile_duration_seconds_bucket",
             "meshwarden_corrections_total{policy=\"p\",rule=\"GatewayHA\"} 2",
+            "meshwarden_rule_reason{policy=\"p\",rule=\"SidecarResources\",reason=\"RolloutHeld\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -369,6 +369,13 @@ fn record_metrics(
             policy: policy.to_string(),
         })
         .set(i64::from(ready));
+    m.set_rule_reasons(
+        policy,
+        &reports
+            .iter()
+            .map(|r| (r.condition.type_.clone(), r.condition.reason.clone()))
+            .collect(),
+    );
     for r in reports {
         let labels = RuleLabels {
             policy: policy.to_string(),

@@ -83,6 +83,12 @@ impl Drop for Operator {
 
 /// A bare HTTP/1.0 GET on loopback: the body of a 200 answer.
 pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    let (status, body) = http_answer(port, path).await?;
+    (status == 200).then_some(body)
+}
+
+/// A bare HTTP/1.0 GET on loopback: the answer's status code and body, whatever the status.
+pub async fn http_answer(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -93,5 +99,6 @@ pub async fn http_get(port: u16, path: &str) -> Option<String> {
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.ok()?;
     let (head, body) = buf.split_once("\r\n\r\n")?;
-    (head.split(' ').nth(1) == Some("200")).then(|| body.to_string())
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
 }
