@@ -10,7 +10,7 @@
 #   - the dashboard ConfigMap carries the sidecar's label (and the folder annotation when a
 #     folder is set), its JSON parses, panel ids are unique, and every query parses in
 #     promtool (as a recording rule)
-#   - every metric an alert or a query names is registered in src/telemetry.rs (a live
+#   - every metric an alert or a query names is registered in src/telemetry.rs or src/telemetry/ (a live
 #     scrape of the operator's /metrics checks the same in tests/monitoring.rs)
 #
 # promtool comes from Debian's prometheus package, installed with apt-get when missing;
@@ -170,10 +170,10 @@ if [ -f "$WORK/dashboard-rules.yaml" ]; then
   promtool check rules "$WORK/dashboard-rules.yaml" || fail "dashboard-queries" "a dashboard query does not parse"
 fi
 
-step "every metric named by an alert or a query is registered in src/telemetry.rs"
+step "every metric named by an alert or a query is registered in src/telemetry.rs or src/telemetry/"
 # The registered families, and the samples Prometheus sees for each (counters: _total;
 # the one histogram: _bucket, _sum, _count).
-REGISTERED=$(sed -n '/registry.register(/{n;s/^ *"\([a-z_]*\)",$/\1/p}' src/telemetry.rs | sort -u)
+REGISTERED=$(sed -n '/registry.register(/{n;s/^ *"\([a-z_]*\)",$/\1/p}' src/telemetry.rs src/telemetry/*.rs | sort -u)
 KNOWN=$(for m in $REGISTERED; do
   echo "meshwarden_$m"
   echo "meshwarden_${m}_total"

@@ -53,6 +53,18 @@ fn populated() -> Arc<Metrics> {
         "production",
         &BTreeMap::from([(("default".into(), "1.31-dev".into()), 3)]),
     );
+    m.ha.set(
+        "production",
+        "GatewayHA",
+        &[meshwarden::telemetry::ha::TargetOutcome {
+            namespace: "istio-ingress".into(),
+            deployment: "istio-ingressgateway".into(),
+            available: 2,
+            wanted: 3,
+            zones: 2,
+            disruptions_allowed: Some(0),
+        }],
+    );
     let in_ten_days = jiff::Timestamp::now().as_second() + 10 * 86_400;
     m.set_root_certificates(
         "production",
@@ -113,7 +125,7 @@ fn families(scrape: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn the_scrape_holds_every_registered_family() {
-    let source = read("src/telemetry.rs");
+    let source = read("src/telemetry.rs") + &read("src/telemetry/ha.rs");
     let registered: BTreeSet<String> = source
         .split("registry.register(")
         .skip(1)
@@ -126,7 +138,7 @@ async fn the_scrape_holds_every_registered_family() {
     assert_eq!(
         families(&scrape().await),
         registered,
-        "a family registered in src/telemetry.rs has no series in populated() (add one), or the reverse"
+        "a family registered in src/telemetry.rs or src/telemetry/ha.rs has no series in populated() (add one), or the reverse"
     );
 }
 
@@ -211,7 +223,7 @@ async fn every_alert_and_panel_names_only_exported_metrics() {
         "no meshwarden family in the scrape:\n{scrape}"
     );
     let alerts = alert_exprs();
-    assert_eq!(alerts.len(), 6, "alerts in the PrometheusRule: {alerts:?}");
+    assert_eq!(alerts.len(), 8, "alerts in the PrometheusRule: {alerts:?}");
     let panels = dashboard_exprs();
     let mut unknown = Vec::new();
     let mut used = BTreeSet::new();
