@@ -3,7 +3,7 @@
 # kube-apiserver, etcd, controller manager, scheduler, six simulated nodes in three zones,
 # Istio installed by Helm from its own charts with a real istiod; installs the ingress gateway
 # with Helm, a few workloads and the example MeshPolicy, runs meshwarden, and shows what it
-# did: istiod and gateway pods spread over zones, the PDBs' real allowed disruptions, and a
+# did: istiod and gateway pods spread over zones (pods per zone), the PDBs' real allowed disruptions, and a
 # sidecar rollout paced by meshwarden with the new proxy resources in the pods.
 # The cluster is left running so you can look around; the last lines say how to stop it.
 set -euo pipefail
@@ -47,9 +47,16 @@ pods() {
 proxies() {
   kubectl get pods -n shop --sort-by=.metadata.name -o custom-columns='POD:.metadata.name,PHASE:.status.phase,PROXY CPU:.spec.containers[?(@.name=="istio-proxy")].resources.requests.cpu,PROXY MEMORY:.spec.containers[?(@.name=="istio-proxy")].resources.requests.memory,PROXY LIMITS:.spec.containers[?(@.name=="istio-proxy")].resources.limits'
 }
+# Pods per zone (the node names carry the zone: node-<zone>-<n>).
+zones() {
+  kubectl get pods -n "$1" -l "$2" --field-selector=status.phase=Running \
+    -o jsonpath='{range .items[*]}{.spec.nodeName}{"\n"}{end}' \
+    | sed -n 's/^node-\(zone-[a-z]*\)-.*/\1/p' | sort | uniq -c \
+    | awk '{printf "%s: %s pod(s)  ", $2, $1} END {print ""}'
+}
 show() {
-  echo "-- istiod pods" >&2; pods istio-system app=istiod
-  echo "-- ingress gateway pods" >&2; pods istio-ingress istio=ingressgateway
+  echo "-- istiod pods" >&2; pods istio-system app=istiod; zones istio-system app=istiod
+  echo "-- ingress gateway pods" >&2; pods istio-ingress istio=ingressgateway; zones istio-ingress istio=ingressgateway
   echo "-- HPAs" >&2
   kubectl get hpa -A -o custom-columns=NAMESPACE:.metadata.namespace,NAME:.metadata.name,MIN:.spec.minReplicas,MAX:.spec.maxReplicas,CURRENT:.status.currentReplicas
   echo "-- PodDisruptionBudgets (status computed by the disruption controller)" >&2
@@ -72,14 +79,16 @@ step "Running meshwarden (logs in $TARGET/demo-operator.log)"
 OP=$!
 trap 'kill $OP 2>/dev/null || true' EXIT
 NAME=$(kubectl get -f "$POLICY" -o jsonpath='{.metadata.name}')
-# Converged: status written for the current generation, every sidecar rollout finished and
-# the status unchanged for two seconds.
+# Converged: status written for the current generation, the HA sections True (they judge what
+# runs: the istiod and gateway rollouts finished, every replica serving, spread achieved),
+# every sidecar rollout finished and the status unchanged for two seconds.
 settle() {
-  local last="" now gen rest seen
+  local last="" now gen rest seen ha
   for _ in $(seq 1 150); do
     now=$(kubectl get meshpolicy "$NAME" -o jsonpath='{.metadata.generation}/{.status.observedGeneration}/{.metadata.resourceVersion}')
     gen=${now%%/*}; rest=${now#*/}; seen=${rest%%/*}
-    if [ "$gen" = "$seen" ] && [ "$now" = "$last" ] \
+    ha=$(kubectl get meshpolicy "$NAME" -o jsonpath='{.status.conditions[?(@.type=="ControlPlaneHA")].status}{.status.conditions[?(@.type=="GatewayHA")].status}')
+    if [ "$gen" = "$seen" ] && [ "$now" = "$last" ] && [ "$ha" = "TrueTrue" ] \
       && kubectl -n shop rollout status deploy/cart deploy/checkout --timeout=1s >/dev/null 2>&1; then
       return 0
     fi
