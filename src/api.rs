@@ -179,6 +179,23 @@ pub struct SpreadSpec {
     /// Topology spread constraint on `topology.kubernetes.io/zone`. Changing it rolls the pods.
     #[serde(default)]
     pub zones: SpreadMode,
+    /// What meshwarden does when the pods run on one node or in one zone although others
+    /// could take them (`SpreadNotAchieved`): `Off` reports it; `Evict` (Enforce only) also
+    /// evicts one of those pods through the Eviction API, so that the scheduler places its
+    /// replacement elsewhere: one pod per target at a time, only while every replica serves
+    /// and the budgets allow a disruption, at most once per grace period.
+    #[serde(default)]
+    pub rebalance: Rebalance,
+}
+
+/// Whether meshwarden moves pods to achieve the declared spread.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Rebalance {
+    /// Report only.
+    #[default]
+    Off,
+    /// Evict one misplaced pod at a time (the budgets decide whether it may go now).
+    Evict,
 }
 
 /// CPU and memory amounts.

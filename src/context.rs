@@ -81,6 +81,21 @@ impl Context {
         }
     }
 
+    /// A memory of type `M` this process keeps across reconciles (shared handles inside
+    /// `M`): the one kept, or a new one, kept from now on. Two callers racing for the first
+    /// one get the same: the check and the insertion happen under one lock.
+    pub fn kept<M: Clone + Default + Send + Sync + 'static>(&self) -> M {
+        let Ok(mut caches) = self.caches.write() else {
+            return M::default();
+        };
+        caches
+            .entry(TypeId::of::<M>())
+            .or_insert_with(|| Box::new(M::default()))
+            .downcast_ref::<M>()
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Counts a failed reconcile of `policy`; returns failures in a row so far.
     pub fn failed(&self, policy: &str) -> u32 {
         let Ok(mut f) = self.failures.lock() else {

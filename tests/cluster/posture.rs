@@ -160,8 +160,9 @@ fn metric(op: &common::Operator, series: &str) -> Option<String> {
 /// 4. `kubectl drain` of a node while meshwarden's budget covers `edge`: it completes.
 ///    Uncordoned: True again.
 /// 5. `zonal` (zones: Preferred) placed in one zone while the other zones were cordoned, then
-///    uncordoned: `SpreadNotAchieved` naming the zone. One pod deleted: rescheduled into
-///    another zone, True again.
+///    uncordoned: `SpreadNotAchieved` naming the zone, and nothing moves (report only). With
+///    `rebalance: Evict`: one eviction by meshwarden, the replacement placed in another zone,
+///    True again.
 /// 6. Policy deleted: the per-target metrics are gone.
 #[tokio::test]
 async fn posture_is_judged_by_what_runs() {
@@ -418,18 +419,30 @@ async fn posture_is_judged_by_what_runs() {
         spread.1.starts_with("SpreadNotAchieved: all 2 scheduled pods run in zone zone-a while nodes in zone(s) zone-b, zone-c could take them"),
         "5. {spread:?}"
     );
-    // The owner moves one pod: the scheduler places it in another zone.
-    let victim = ready_pods(&pods, "zonal").await.remove(0);
-    pods.delete(&victim.name_any(), &DeleteParams::default())
-        .await
-        .unwrap();
+    // Report only by default: the pods stay where they are.
+    tokio::time::sleep(GRACE).await;
+    assert_eq!(nodes_of(&pods, "zonal").await, vec![names[0].clone(); 2]);
+    // With `rebalance: Evict`, meshwarden evicts one pod; the scheduler places its
+    // replacement in another zone.
+    let zonal = gateway(
+        "zonal",
+        "{nodes: Off, zones: Preferred, rebalance: Evict}",
+        2,
+    );
+    env.set_spec(
+        "posture",
+        &format!("enforcement: Enforce\ngateways:\n{edge}{zonal}"),
+    )
+    .await;
     let s = wait_reason(&api, &policy, "True", 90).await;
-    assert_eq!((s.0.as_str(), s.2.as_str()), ("True", "True"), "5. {s:?}");
+    assert_eq!(s.2, "True", "5. {s:?}");
     let zonal_nodes = nodes_of(&pods, "zonal").await;
     assert!(
         zonal_nodes.len() == 2 && zonal_nodes[0] != zonal_nodes[1],
         "5. zonal spread: {zonal_nodes:?}"
     );
+    let evictions = env.operator_writes_to(|o| o["subresource"] == "eviction");
+    assert_eq!(evictions, 1, "5. one eviction rebalanced zonal");
     eprintln!("5. checked after {:?}", started.elapsed());
 
     // 6. Policy deleted: the per-target series are gone.

@@ -8,6 +8,7 @@ pub mod nodes;
 mod observe;
 mod outcome;
 mod plan;
+mod rebalance;
 pub mod source;
 pub mod values;
 mod writes;
@@ -182,6 +183,9 @@ pub async fn reconcile(
     let mut shortfalls: Vec<outcome::Shortfall> = Vec::new();
     let mut achieved: Vec<TargetOutcome> = Vec::new();
     let mut compliant_ids: Vec<String> = Vec::new();
+    // Targets whose crowded pods meshwarden may move (Enforce, `spread.rebalance: Evict`):
+    // target -> (namespace, the pod to evict).
+    let mut movable: HashMap<String, (String, String)> = HashMap::new();
 
     for group in groups {
         let (observations, pdbs_refused) = match observe(ctx, group).await {
@@ -244,8 +248,11 @@ pub async fn reconcile(
                 zones: judged.zones,
                 disruptions_allowed: judged.disruptions_allowed,
             });
-            shortfalls.extend(judged.shortfalls);
             let target_id = object_id("Deployment", &group.namespace, &obs.deployment.name_any());
+            if enforce && let Some(pod) = rebalance::pick(&rules, obs, &judged) {
+                movable.insert(target_id.clone(), (group.namespace.clone(), pod));
+            }
+            shortfalls.extend(judged.shortfalls);
             let deployed_by_istiod = source::istiod_gateway(&obs.deployment.metadata);
             let plan = match &deployed_by_istiod {
                 Some(gateway) => source::report_only(plan(&rules, obs, policy, false), gateway),
@@ -424,7 +431,21 @@ pub async fn reconcile(
         ctx.availability_grace,
     );
     report.recheck_in = graded.recheck;
+    let evicted = rebalance::Evicted::of(ctx);
     for s in &graded.counted {
+        let crowded = s.reason == reasons::SPREAD_NOT_ACHIEVED;
+        if let (true, Some((ns, pod))) = (crowded, movable.remove(&s.target))
+            && evicted.claim(&s.target, ctx.availability_grace)
+        {
+            let pod_id = object_id("Pod", &ns, &pod);
+            match rebalance::evict(ctx, &ns, &pod).await {
+                Ok(()) => report.corrections.push(format!(
+                    "{pod_id}: evicted so that the scheduler places it elsewhere ({}: {})",
+                    s.target, s.message
+                )),
+                Err(e) => write_failures.push(format!("{pod_id}: eviction refused: {e}")),
+            }
+        }
         report.violations.push(Violation {
             rule: ctype.to_string(),
             object: s.object.clone(),

@@ -287,12 +287,7 @@ pub struct Since(Arc<Mutex<HashMap<String, HashMap<String, Instant>>>>);
 impl Since {
     /// The process's memory (kept in the context's caches).
     pub fn of(ctx: &Context) -> Since {
-        if let Some(s) = ctx.cache::<Since>() {
-            return s;
-        }
-        let s = Since::default();
-        ctx.set_cache(Some(s.clone()));
-        s
+        ctx.kept()
     }
 
     /// Records that `now` are the shortfalls of `scope` (policy and section) and returns how

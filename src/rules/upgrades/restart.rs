@@ -47,12 +47,7 @@ pub struct GoneSince(Arc<Mutex<HashMap<String, Instant>>>);
 impl GoneSince {
     /// The process's memory (kept in the context's caches).
     pub fn of(ctx: &Context) -> GoneSince {
-        if let Some(g) = ctx.cache::<GoneSince>() {
-            return g;
-        }
-        let g = GoneSince::default();
-        ctx.set_cache(Some(g.clone()));
-        g
+        ctx.kept()
     }
 
     /// Records that `gone` are the revisions running proxies name that do not run now, and

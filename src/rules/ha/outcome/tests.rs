@@ -411,3 +411,32 @@ fn the_most_pressing_reason_wins() {
     );
     assert_eq!(worst(&[]), None);
 }
+
+#[test]
+fn rebalancing_picks_a_serving_pod_only_when_asked_and_nothing_is_short() {
+    use crate::rules::ha::rebalance::pick;
+    let o = obs(deployment(2, ""), serving(&["a1", "a2"], Vec::new()));
+    let evict = rules("spread: {nodes: Off, zones: Preferred, rebalance: Evict}");
+    let got = judge(&evict, &o, Some(&nodes()));
+    assert_eq!(got.shortfalls[0].reason, reasons::SPREAD_NOT_ACHIEVED);
+    assert_eq!(pick(&evict, &o, &got).as_deref(), Some("gw-2"));
+    // Report only by default.
+    let report = rules("spread: {nodes: Off, zones: Preferred}");
+    assert_eq!(pick(&report, &o, &judge(&report, &o, Some(&nodes()))), None);
+    // A replica short, or a budget at zero: nothing is evicted.
+    let short = obs(deployment(3, ""), o.pods.clone());
+    assert_eq!(
+        pick(&evict, &short, &judge(&evict, &short, Some(&nodes()))),
+        None
+    );
+    let mut closed = got.clone();
+    closed.disruptions_allowed = Some(0);
+    assert_eq!(pick(&evict, &o, &closed), None);
+    // Only a serving, scheduled pod is chosen.
+    let mixed = obs(
+        deployment(2, ""),
+        serving(&["a1", "a2"], vec![pod("gw-9", None, false, None)]),
+    );
+    let got = judge(&evict, &mixed, Some(&nodes()));
+    assert_eq!(pick(&evict, &mixed, &got).as_deref(), Some("gw-2"));
+}
