@@ -75,7 +75,7 @@ async fn workload(
     common::apply_as(client, &serde_yaml::to_string(&obj).unwrap(), "kubectl").await;
 }
 
-async fn deployment(client: &Client, ns: &str, name: &str, replicas: i32) {
+pub(crate) async fn deployment(client: &Client, ns: &str, name: &str, replicas: i32) {
     workload(client, "Deployment", ns, name, replicas, &[], &[], &[]).await;
 }
 
@@ -100,7 +100,7 @@ fn has_four(a: &BTreeMap<String, String>) -> bool {
 }
 
 /// Plays the Deployment controller: the latest generation is observed and fully rolled out.
-async fn complete_rollout(client: &Client, ns: &str, name: &str) {
+pub(crate) async fn complete_rollout(client: &Client, ns: &str, name: &str) {
     let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let d = api.get(name).await.unwrap();
     let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
