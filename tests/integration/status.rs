@@ -53,10 +53,16 @@ async fn status_writes_are_coalesced_while_rollouts_complete() {
     )
     .await;
     // Every Deployment written in one pass (pacing off); their rollouts wait for the test.
-    env.wait_policy("p", 30, |p| {
-        (p.status.as_ref()?.corrected == DEPLOYMENTS as i32).then_some(())
-    })
-    .await;
+    let p = env
+        .wait_policy("p", 30, |p| {
+            (p.status.as_ref()?.corrected == DEPLOYMENTS as i32).then(|| p.clone())
+        })
+        .await;
+    let first = &condition(&p, "SidecarResources").unwrap().message;
+    assert!(
+        first.contains(". started the rollout of Deployment/"),
+        "{first}"
+    );
     let policy = env.policy_name("p");
     let since = jiff::Timestamp::now();
     let started = Instant::now();
