@@ -130,6 +130,21 @@ pub(crate) fn most_within(times: &[Timestamp], window: Duration) -> usize {
     most
 }
 
+/// A counter or gauge from the operator's `/metrics` on `port` (`meshwarden_reconciles_total`).
+pub(crate) async fn metric(port: u16, name: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// Seconds from `a` to `b`.
 pub(crate) fn secs(a: Timestamp, b: Timestamp) -> f64 {
     b.duration_since(a).as_secs_f64()

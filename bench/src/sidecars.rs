@@ -590,10 +590,21 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize) {
         .await;
     let operator = seen - t;
     watch.completing.store(true, Ordering::Relaxed);
+    let (cpu_before, reconciles_before) = (
+        crate::leak::cpu_ticks(pid),
+        settle::metric(port, "meshwarden_reconciles_total").await,
+    );
+    let completing = Instant::now();
     let completed_after = complete_all(&admin, namespaces, deployments).await;
     // The policy's condition catches up with the last rollouts (seen by a watch of it).
     let (true_at, condition) = policy_watch.until_true(Duration::from_secs(600)).await;
     let condition_at = settle::secs(created, true_at);
+    let completing = completing.elapsed();
+    let cpu = crate::leak::cpu_ticks(pid).saturating_sub(cpu_before) as f64 / 100.0;
+    let reconciles = settle::metric(port, "meshwarden_reconciles_total")
+        .await
+        .zip(reconciles_before)
+        .map(|(after, before)| after - before);
     // Quiet period: a converged mesh should cost no write.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let hwm = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
@@ -663,6 +674,12 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize) {
         } else {
             " (the condition did not stay True)"
         },
+    );
+    println!(
+        "  while the bench completed the rollouts ({:.1} s): operator CPU {cpu:.1} s ({:.2} cores), {} reconciles",
+        completing.as_secs_f64(),
+        cpu / completing.as_secs_f64().max(0.001),
+        reconciles.map_or("?".into(), |n| format!("{n:.0}")),
     );
     match last_rollout {
         Some(last) => println!(
