@@ -81,11 +81,12 @@ async fn status_writes_are_coalesced_while_rollouts_complete() {
     let policy = env.policy_name("p");
     let since = jiff::Timestamp::now();
     let started = Instant::now();
+    let mut last = started;
     for n in &names {
         complete_rollout(c, &ns, n).await;
+        last = Instant::now();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let last = Instant::now();
     let p = env
         .wait_policy("p", 20, |p| {
             let c = condition(p, "SidecarResources")?;
