@@ -7,6 +7,7 @@ mod faults;
 mod leak;
 mod mtls;
 mod scale;
+mod settle;
 mod sidecars;
 
 #[tokio::main]

@@ -23,6 +23,8 @@ use meshwarden::rules::sidecars::{
 };
 use serde_json::json;
 
+use crate::settle;
+
 /// Concurrency of the bench's own setup requests.
 pub(crate) const SETUP_CONCURRENCY: usize = 32;
 /// Label on everything the benchmark creates.
@@ -576,7 +578,9 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize) {
     // operator's convergence is timed (the baseline has none either), and completes them all
     // afterwards so that the policy's condition can settle.
     watch.completing.store(false, Ordering::Relaxed);
+    let policy_watch = settle::watch_policy(admin.clone(), "bench", "SidecarResources");
     let t = Instant::now();
+    let created = jiff::Timestamp::now();
     policies
         .create(&PostParams::default(), &policy)
         .await
@@ -586,30 +590,21 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize) {
         .await;
     let operator = seen - t;
     watch.completing.store(true, Ordering::Relaxed);
-    let completed_after = complete_all(&admin, namespaces, deployments).await;
-    // The policy's condition catches up with the last writes.
-    let mut condition = String::new();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while Instant::now() < deadline {
-        let p = policies.get("bench").await.expect("policy");
-        let c = p
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "SidecarResources"))
-            .map(|c| (c.status.clone(), c.reason.clone()));
-        if let Some((status, reason)) = c {
-            condition = format!("{status}/{reason}");
-            if status == "True" {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    assert!(
-        condition.starts_with("True/"),
-        "SidecarResources not True within 600 s of the policy: {condition}"
+    let (cpu_before, reconciles_before) = (
+        crate::leak::cpu_ticks(pid),
+        settle::metric(port, "meshwarden_reconciles_total").await,
     );
-    let condition_at = t.elapsed();
+    let completing = Instant::now();
+    let completed_after = complete_all(&admin, namespaces, deployments).await;
+    // The policy's condition catches up with the last rollouts (seen by a watch of it).
+    let (true_at, condition) = policy_watch.until_true(Duration::from_secs(600)).await;
+    let condition_at = settle::secs(created, true_at);
+    let completing = completing.elapsed();
+    let cpu = crate::leak::cpu_ticks(pid).saturating_sub(cpu_before) as f64 / 100.0;
+    let reconciles = settle::metric(port, "meshwarden_reconciles_total")
+        .await
+        .zip(reconciles_before)
+        .map(|(after, before)| after - before);
     // Quiet period: a converged mesh should cost no write.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let hwm = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
@@ -632,6 +627,20 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize) {
     let _ = child.wait();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (counts, distinct) = audit_counts(&plane);
+    let events = plane.audit_events();
+    let status_writes = settle::writes_of(&events, "meshwarden-operator", "meshpolicies/status");
+    let rolling: Vec<jiff::Timestamp> = status_writes
+        .iter()
+        .copied()
+        .filter(|w| *w >= created && *w <= true_at)
+        .collect();
+    let after_true = status_writes.iter().filter(|w| **w > true_at).count();
+    // The mesh converged when the last rollout completed: the bench's last status write as the
+    // Deployment controller.
+    let last_rollout = settle::writes_of(&events, "admin", "deployments/status")
+        .into_iter()
+        .rfind(|w| *w >= created);
+    let stayed_true = policy_watch.true_since() == Some(true_at);
     let of = |user: &str, res: &str| {
         counts
             .get(&(user.to_string(), res.to_string()))
@@ -651,9 +660,34 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize) {
     println!(
         "  operator: converged (all {deployments} Deployments carry the four declared values, seen by a watch) in {:.2} s; condition {condition} after {:.2} s",
         operator.as_secs_f64(),
-        condition_at.as_secs_f64()
+        condition_at
     );
     println!("  ratio operator/baseline: {ratio:.2}x (target: within 1.25x)");
+    let roll = settle::secs(created, true_at);
+    println!(
+        "  MeshPolicy status writes while the Deployments rolled (policy created until SidecarResources True, {roll:.1} s): {} ({:.2} per s, at most {} within one second; target about 1 per s); after it: {after_true}{}",
+        rolling.len(),
+        rolling.len() as f64 / roll.max(0.001),
+        settle::most_within(&rolling, Duration::from_secs(1)),
+        if stayed_true {
+            ""
+        } else {
+            " (the condition did not stay True)"
+        },
+    );
+    println!(
+        "  while the bench completed the rollouts ({:.1} s): operator CPU {cpu:.1} s ({:.2} cores), {} reconciles",
+        completing.as_secs_f64(),
+        cpu / completing.as_secs_f64().max(0.001),
+        reconciles.map_or("?".into(), |n| format!("{n:.0}")),
+    );
+    match last_rollout {
+        Some(last) => println!(
+            "  SidecarResources True {:.2} s after the last rollout completed (target: within 1 s)",
+            settle::secs(last, true_at)
+        ),
+        None => println!("  no rollout completed after the policy was created"),
+    }
     println!(
         "  operator writes (audit log, user {op_user}): {op_total} in all; Deployments {workload} ({distinct} distinct; target {deployments}), MeshPolicy status {}, Events {}",
         of(op_user, "meshpolicies/status"),

@@ -54,6 +54,9 @@ pub struct State {
     /// it may have been applied or not, so the next reconcile writes the status even if it
     /// looks unchanged.
     unsure: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Each policy's status writes, paced (`status::pace`): when the last was sent, and the
+    /// latest status built and not written yet.
+    paced: std::sync::Mutex<HashMap<String, reconcile::Paced>>,
     /// Reconciles running now; a shutdown waits for them (up to [`SHUTDOWN_GRACE`]).
     in_flight: AtomicUsize,
 }
@@ -68,6 +71,7 @@ impl State {
             memo: Default::default(),
             written: Default::default(),
             unsure: Default::default(),
+            paced: Default::default(),
             in_flight: AtomicUsize::new(0),
         }
     }

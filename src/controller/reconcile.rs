@@ -20,6 +20,7 @@ use crate::policy;
 use crate::rules::{RuleReport, Section, Sections};
 use crate::status;
 use crate::status::conditions::{self, Status, types};
+use crate::status::pace::{Pace, pace};
 use crate::status::reasons;
 use crate::write::FIELD_MANAGER;
 
@@ -117,6 +118,28 @@ pub(super) struct Written {
     status: crate::api::MeshPolicyStatus,
 }
 
+/// A policy's status writes, paced ([`status::pace`]).
+#[derive(Clone, Default)]
+pub(super) struct Paced {
+    /// When the last status write was sent, whatever its outcome.
+    sent: Option<std::time::Instant>,
+    /// The latest status built and not written: coalesced, or its write ended without an
+    /// answer. The next status is built on it, so that it keeps its corrections and
+    /// transition times, and it is written when `due` comes (or whatever newer status was
+    /// built by then; a failed write is retried with the reconcile's backoff).
+    pending: Option<crate::api::MeshPolicyStatus>,
+    /// When a coalesced status is to be written; the reconcile asks to run again then.
+    due: Option<std::time::Instant>,
+}
+
+impl Paced {
+    /// How long until the coalesced status is due, if one is.
+    fn due_in(&self) -> Option<Duration> {
+        self.due
+            .map(|d| d.saturating_duration_since(std::time::Instant::now()))
+    }
+}
+
 /// The policy's status as this process knows it: the status it last wrote while the store
 /// holds an older object than that write produced, else the store's. The store is behind when
 /// its watch has not delivered the write yet, and also when it listed again after an outage:
@@ -174,11 +197,23 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
         .and_then(|s| s.as_ref().map(|s| s.state()))
         .unwrap_or_default();
     let refs: Vec<&MeshPolicy> = all.iter().map(|p| p.as_ref()).collect();
+    let mut paced = state.paced.lock().map_or_else(
+        |_| Paced::default(),
+        |mut p| {
+            p.retain(|k, _| all.iter().any(|p| p.name_any() == *k));
+            p.get(&name).cloned().unwrap_or_default()
+        },
+    );
+    // Run when a coalesced status is due (the requeue asked for it), and no event came: what
+    // an event concerned was evaluated by the reconcile that coalesced it, so the sections
+    // are evaluated as after an event concerning none of them (the unsettled ones again).
+    let flush = paced.due.is_some_and(|d| d <= std::time::Instant::now());
     let dirty = state
         .triggers
         .take_dirty(&kube::runtime::reflector::ObjectRef::from_obj(
             policy.as_ref(),
-        ));
+        ))
+        .or(flush.then_some(Sections::NONE));
     let memo = state.memo.lock().ok().and_then(|m| m.get(&name).cloned());
     let (reports, conflicts, memo) = evaluate_dirty(ctx, &policy, &refs, dirty, memo).await;
     if let Ok(mut m) = state.memo.lock() {
@@ -193,8 +228,9 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
     let current = own_view(&policy, written.as_ref());
 
     let now = Time(jiff::Timestamp::now());
+    // Built on the latest status built, written or not.
     let new_status = status::build(
-        current,
+        paced.pending.as_ref().or(current),
         policy.metadata.generation,
         &reports,
         &conflicts,
@@ -204,58 +240,44 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
         u.retain(|k| all.iter().any(|p| p.name_any() == *k));
         u.contains(&name)
     });
-    // A write that ended without an answer may have been applied after all: the status is
-    // written again, whatever it is compared with.
-    let mark_unsure = || {
-        if let Ok(mut u) = state.unsure.lock() {
-            u.insert(name.clone());
+    // While things move, writes are coalesced: at most one per interval, the latest status.
+    let sent = std::time::Instant::now();
+    let decision = pace(sent, paced.sent, current, &new_status, unsure);
+    (paced.pending, paced.due) = match decision {
+        Pace::Nothing => (None, None),
+        Pace::Defer(due) => (Some(new_status.clone()), Some(due)),
+        Pace::Write => {
+            paced.sent = Some(sent);
+            (Some(new_status.clone()), None)
         }
     };
-    if unsure || !status::unchanged(current, &new_status) {
-        let api: Api<MeshPolicy> = Api::all(ctx.client.clone());
-        let patch = json!({
-            "apiVersion": "meshwarden.io/v1alpha1",
-            "kind": "MeshPolicy",
-            "status": new_status,
-        });
-        let (params, patch) = (
-            PatchParams::apply(FIELD_MANAGER).force(),
-            Patch::Apply(&patch),
-        );
-        let write = api.patch_status(&name, &params, &patch);
-        // A write the API server does not answer would hold the policy, and every evaluation
-        // queued for it (the one a relist asks for included) would wait behind it: after a
-        // second, a queued evaluation takes over, with caches at least as current, and writes
-        // its own status. Nothing was recorded or published for this one.
-        let oref = kube::runtime::reflector::ObjectRef::from_obj(policy.as_ref());
-        let written = tokio::select! {
-            w = write => w.map_err(|e| {
-                mark_unsure();
-                Error::kube(format!("update status of MeshPolicy {name}"), e)
-            })?,
-            () = state.triggers.queued_after(&oref, GIVE_WAY_AFTER) => {
-                mark_unsure();
-                warn!(policy = %name, reconcile_ms = running.elapsed().as_millis() as u64,
-                    "status write not answered; it gives way to the evaluation queued since");
-                return Ok(Action::requeue(RESYNC));
-            }
-        };
-        if let Ok(mut u) = state.unsure.lock() {
-            u.remove(&name);
+    let keep = |paced: &Paced| {
+        if let Ok(mut p) = state.paced.lock() {
+            p.insert(name.clone(), paced.clone());
         }
-        let before = current.map(|s| s.conditions.clone()).unwrap_or_default();
-        if let Ok(mut w) = state.written.lock() {
-            let from = policy.metadata.resource_version.clone();
-            w.insert(
-                name.clone(),
-                Written {
-                    from,
-                    to: written.metadata.resource_version,
-                    status: new_status.clone(),
-                },
-            );
+    };
+    keep(&paced);
+    let outcome = match decision {
+        Pace::Write => write_status(&state, &policy, &new_status, &running).await,
+        Pace::Defer(_) | Pace::Nothing => Ok(false),
+    };
+    // Corrections were made whatever became of the status write: their Events go out now;
+    // the conditions' transitions only with the write that shows them.
+    let before = current.map(|s| s.conditions.clone()).unwrap_or_default();
+    let after = match outcome {
+        Ok(true) => {
+            paced.pending = None;
+            keep(&paced);
+            Some(new_status.conditions.as_slice())
         }
-        publish_events(ctx, &policy, &before, &new_status.conditions, &reports).await;
+        _ => None,
+    };
+    publish_events(ctx, &policy, &before, after, &reports).await;
+    match outcome {
+        Err(e) => return Err(e),
+        // It gave way to the evaluation queued meanwhile, which runs next.
+        Ok(false) if decision == Pace::Write => return Ok(Action::requeue(RESYNC)),
+        Ok(_) => {}
     }
 
     let names: Vec<String> = all.iter().map(|p| p.name_any()).collect();
@@ -284,6 +306,7 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
         let next = reports
             .iter()
             .filter_map(|r| r.recheck_in)
+            .chain(paced.due_in())
             .min()
             .map_or(RESYNC, |d| d.min(RESYNC));
         Ok(Action::requeue(next))
@@ -297,7 +320,7 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
         } else {
             Retry::Transient
         };
-        let wait = backoff(retry, n);
+        let wait = backoff(retry, n).min(paced.due_in().unwrap_or(RESYNC));
         for r in failing {
             warn!(policy = %name, rule = %r.condition.type_, reason = %r.condition.reason, message = %r.condition.message, "rule failed");
         }
@@ -305,15 +328,80 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
     }
 }
 
+/// Writes `status` (server-side apply of the status subresource) and records it as the
+/// policy's last write. `Ok(false)`: the write gave way, unanswered after [`GIVE_WAY_AFTER`]
+/// while an evaluation of the policy was queued (see [`reconcile`]).
+async fn write_status(
+    state: &State,
+    policy: &MeshPolicy,
+    status: &crate::api::MeshPolicyStatus,
+    running: &Running<'_>,
+) -> Result<bool> {
+    let name = policy.name_any();
+    // A write that ended without an answer may have been applied after all: the status is
+    // written again, whatever it is compared with.
+    let mark_unsure = || {
+        if let Ok(mut u) = state.unsure.lock() {
+            u.insert(name.clone());
+        }
+    };
+    let api: Api<MeshPolicy> = Api::all(state.ctx.client.clone());
+    let patch = json!({
+        "apiVersion": "meshwarden.io/v1alpha1",
+        "kind": "MeshPolicy",
+        "status": status,
+    });
+    let (params, patch) = (
+        PatchParams::apply(FIELD_MANAGER).force(),
+        Patch::Apply(&patch),
+    );
+    let write = api.patch_status(&name, &params, &patch);
+    // A write the API server does not answer would hold the policy, and every evaluation
+    // queued for it (the one a relist asks for included) would wait behind it: after a
+    // second, a queued evaluation takes over, with caches at least as current, and writes
+    // its own status. Nothing was recorded for this one, nor its transitions published.
+    let oref = kube::runtime::reflector::ObjectRef::from_obj(policy);
+    let written = tokio::select! {
+        w = write => w.map_err(|e| {
+            mark_unsure();
+            Error::kube(format!("update status of MeshPolicy {name}"), e)
+        })?,
+        () = state.triggers.queued_after(&oref, GIVE_WAY_AFTER) => {
+            mark_unsure();
+            warn!(policy = %name, reconcile_ms = running.elapsed().as_millis() as u64,
+                "status write not answered; it gives way to the evaluation queued since");
+            return Ok(false);
+        }
+    };
+    if let Ok(mut u) = state.unsure.lock() {
+        u.remove(&name);
+    }
+    if let Ok(mut w) = state.written.lock() {
+        w.insert(
+            name.clone(),
+            Written {
+                from: policy.metadata.resource_version.clone(),
+                to: written.metadata.resource_version,
+                status: status.clone(),
+            },
+        );
+    }
+    Ok(true)
+}
+
+/// Publishes the Events of `reports`' corrections and, when `after` is given (the status
+/// written), of the conditions' transitions from `before`.
 async fn publish_events(
     ctx: &Context,
     policy: &MeshPolicy,
     before: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
-    after: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    after: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
     reports: &[RuleReport],
 ) {
     let reference = policy.object_ref(&());
-    let mut events: Vec<Event> = conditions::transitions(before, after)
+    let mut events: Vec<Event> = after
+        .map(|after| conditions::transitions(before, after))
+        .unwrap_or_default()
         .into_iter()
         .map(|c| Event {
             type_: if c.status == "True" {

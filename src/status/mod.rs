@@ -4,6 +4,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use crate::api::{MeshPolicyStatus, Violation};
 pub mod conditions;
 pub mod messages;
+pub mod pace;
 pub mod reasons;
 mod report;
 

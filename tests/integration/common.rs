@@ -408,6 +408,65 @@ fn is_write(e: &serde_json::Value) -> bool {
     )
 }
 
+/// A ValidatingAdmissionPolicy `name` and its binding (same name, `binding` added to its spec):
+/// UPDATEs (and `operations`) of `resource` in API group `group` are denied with `message`
+/// unless `expression` holds.
+#[allow(dead_code)]
+pub async fn deny(
+    client: &Client,
+    name: &str,
+    (group, resource, operations): (&str, &str, &str),
+    (expression, message): (&str, &str),
+    binding: &str,
+) {
+    let yaml = format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {name}}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - apiGroups: [{group}]
+      apiVersions: ["*"]
+      operations: [{operations}]
+      resources: [{resource}]
+  validations:
+  - expression: {expression:?}
+    message: {message:?}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {name}}}
+spec:
+  policyName: {name}
+  validationActions: [Deny]
+{binding}"#
+    );
+    testplane::apply_yaml(client, &yaml, &[])
+        .await
+        .expect("admission policy");
+}
+
+/// Deletes the ValidatingAdmissionPolicy `name` and its binding of the same name.
+#[allow(dead_code)]
+pub async fn delete_admission_policy(client: &Client, name: &str) {
+    for kind in [
+        "validatingadmissionpolicybindings",
+        "validatingadmissionpolicies",
+    ] {
+        let ar = kube::core::ApiResource {
+            group: "admissionregistration.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "admissionregistration.k8s.io/v1".into(),
+            kind: String::new(),
+            plural: kind.into(),
+        };
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        let _ = api.delete(name, &Default::default()).await;
+    }
+}
+
 /// Polls `f` until it returns Some, or panics with `what` after `secs`.
 pub async fn eventually<T, F, Fut>(secs: u64, what: &str, f: F) -> T
 where

@@ -9,4 +9,5 @@ mod installers;
 mod lifecycle;
 mod mtls;
 mod sidecars;
+mod status;
 mod validation;

@@ -75,7 +75,7 @@ async fn workload(
     common::apply_as(client, &serde_yaml::to_string(&obj).unwrap(), "kubectl").await;
 }
 
-async fn deployment(client: &Client, ns: &str, name: &str, replicas: i32) {
+pub(crate) async fn deployment(client: &Client, ns: &str, name: &str, replicas: i32) {
     workload(client, "Deployment", ns, name, replicas, &[], &[], &[]).await;
 }
 
@@ -100,7 +100,7 @@ fn has_four(a: &BTreeMap<String, String>) -> bool {
 }
 
 /// Plays the Deployment controller: the latest generation is observed and fully rolled out.
-async fn complete_rollout(client: &Client, ns: &str, name: &str) {
+pub(crate) async fn complete_rollout(client: &Client, ns: &str, name: &str) {
     let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let d = api.get(name).await.unwrap();
     let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
@@ -831,36 +831,20 @@ async fn a_failing_write_does_not_take_the_slot_from_the_others() {
     deployment(c, &ns, "a", 1).await;
     deployment(c, &ns, "b", 1).await;
     let name = format!("{}-deny-a", env.id);
-    let policy = format!(
-        r#"apiVersion: admissionregistration.k8s.io/v1
-kind: ValidatingAdmissionPolicy
-metadata: {{name: {name}}}
-spec:
-  failurePolicy: Fail
-  matchConstraints:
-    resourceRules:
-    - apiGroups: [apps]
-      apiVersions: [v1]
-      operations: [UPDATE]
-      resources: [deployments]
-  validations:
-  - expression: "object.metadata.name != 'a' || request.userInfo.username != 'meshwarden-operator'"
-    message: "deployment a is frozen"
----
-apiVersion: admissionregistration.k8s.io/v1
-kind: ValidatingAdmissionPolicyBinding
-metadata: {{name: {name}}}
-spec:
-  policyName: {name}
-  validationActions: [Deny]
-  matchResources:
-    namespaceSelector: {{matchLabels: {{meshwarden-test: {id}}}}}
-"#,
-        id = env.id
-    );
-    testplane::apply_yaml(c, &policy, &[])
-        .await
-        .expect("admission policy");
+    common::deny(
+        c,
+        &name,
+        ("apps", "deployments", "UPDATE"),
+        (
+            "object.metadata.name != 'a' || request.userInfo.username != 'meshwarden-operator'",
+            "deployment a is frozen",
+        ),
+        &format!(
+            "  matchResources:\n    namespaceSelector: {{matchLabels: {{meshwarden-test: {}}}}}\n",
+            env.id
+        ),
+    )
+    .await;
     // The binding takes effect asynchronously: wait until a write as the operator is denied.
     let op_client = testplane::shared().operator_client().await;
     common::eventually(30, "the admission policy denies writes to a", || async {
@@ -903,20 +887,7 @@ spec:
     assert_eq!(cond.reason, "WriteFailed", "{}", cond.message);
     assert_eq!(cond.status, "False");
     op.stop().await;
-    for kind in [
-        "validatingadmissionpolicybindings",
-        "validatingadmissionpolicies",
-    ] {
-        let ar = kube::core::ApiResource {
-            group: "admissionregistration.k8s.io".into(),
-            version: "v1".into(),
-            api_version: "admissionregistration.k8s.io/v1".into(),
-            kind: String::new(),
-            plural: kind.into(),
-        };
-        let api: Api<kube::api::DynamicObject> = Api::all_with(c.clone(), &ar);
-        let _ = api.delete(&name, &Default::default()).await;
-    }
+    common::delete_admission_policy(c, &name).await;
 }
 
 /// Plays the StatefulSet controller: writes `status` (merged) with the current generation

@@ -59,11 +59,11 @@ pub(super) fn condition(report: &mut RuleReport, t: &Tally, seen: &Seen<'_>, sta
     )];
     msg.extend(desired.notes.iter().cloned());
     if !t.started.is_empty() {
-        msg.push(format!("t.started the rollout of {}", list(&t.started, 5)));
+        msg.push(format!("started the rollout of {}", list(&t.started, 5)));
     }
     if !t.rolling.is_empty() {
         msg.push(format!(
-            "t.rolling because of meshwarden: {}",
+            "rolling because of meshwarden: {}",
             list(&t.rolling, 5)
         ));
     }
@@ -84,12 +84,12 @@ pub(super) fn condition(report: &mut RuleReport, t: &Tally, seen: &Seen<'_>, sta
     }
     if !t.stalled.is_empty() && paced {
         msg.push(format!(
-            "the rollout of {} t.stalled; no other sidecar rollout starts until it completes or is rolled back (kubectl rollout status)",
+            "the rollout of {} stalled; no other sidecar rollout starts until it completes or is rolled back (kubectl rollout status)",
             list(&t.stalled, 5)
         ));
     } else if !t.stalled.is_empty() {
         msg.push(format!(
-            "the rollout of {} t.stalled (kubectl rollout status); pacing is off, so other rollouts were not t.held",
+            "the rollout of {} stalled (kubectl rollout status); pacing is off, so other rollouts were not held",
             list(&t.stalled, 5)
         ));
     }
