@@ -121,23 +121,38 @@ async fn seen(api: &Api<MeshPolicy>, name: &str) -> Seen {
     (status, reason, ready, v)
 }
 
-/// Waits until the GatewayHA condition has `reason` (`True`: any reason with status True,
-/// such as `Compliant` or `FieldOwnedByOther` after meshwarden took over the replica count);
-/// returns what was seen then.
-async fn wait_reason(api: &Api<MeshPolicy>, name: &str, reason: &str, secs: u64) -> Seen {
+/// Waits until what is seen passes `done`; returns it.
+async fn wait_seen(
+    api: &Api<MeshPolicy>,
+    name: &str,
+    what: &str,
+    secs: u64,
+    done: impl Fn(&Seen) -> bool,
+) -> Seen {
     let start = Instant::now();
     loop {
         let s = seen(api, name).await;
-        if s.1 == reason || (reason == "True" && s.0 == "True") {
+        if done(&s) {
             return s;
         }
         if start.elapsed() > Duration::from_secs(secs) {
             let p = api.get(name).await.unwrap();
             let c = common::condition(&p, "GatewayHA").map(|c| c.message.clone());
-            panic!("waiting for GatewayHA {reason}: got {s:?}; message: {c:?}");
+            panic!("waiting for {what}: got {s:?}; message: {c:?}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Waits until the GatewayHA condition has `reason` (`True`: any reason with status True,
+/// such as `Compliant` or `FieldOwnedByOther` after meshwarden took over the replica count);
+/// returns what was seen then.
+async fn wait_reason(api: &Api<MeshPolicy>, name: &str, reason: &str, secs: u64) -> Seen {
+    let what = format!("GatewayHA {reason}");
+    wait_seen(api, name, &what, secs, |s| {
+        s.1 == reason || (reason == "True" && s.0 == "True")
+    })
+    .await
 }
 
 /// The value of the operator's metric line starting with `series` (labels included).
@@ -272,25 +287,57 @@ async fn posture_is_judged_by_what_runs() {
     let s = wait_reason(&api, &policy, "Progressing", 30).await;
     assert_eq!(s.0, "False", "2. within the grace period: {s:?}");
     assert!(s.3.is_empty(), "2. nothing counted yet: {s:?}");
-    let s = wait_reason(&api, &policy, "DrainBlocked", 60).await;
-    assert_eq!((s.0.as_str(), s.2.as_str()), ("False", "False"), "2. {s:?}");
-    let pending = pods
-        .list(&ListParams::default().labels("app=edge"))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none())
-        .expect("2. a pending edge pod");
-    let scheduler = pending
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "PodScheduled"))
-        .and_then(|c| c.message.clone())
-        .expect("2. the scheduler's message");
+    // The pending replacement and the scheduler's own reason for it.
+    let (pending, scheduler) = common::eventually(30, "2. a pod the scheduler refused", || async {
+        pods.list(&ListParams::default().labels("app=edge"))
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none())
+            .find_map(|p| {
+                let message = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .and_then(|c| {
+                        c.iter()
+                            .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+                    })
+                    .and_then(|c| c.message.clone())?;
+                Some((p.name_any(), message))
+            })
+    })
+    .await;
+    // Both shortfalls, each once past its grace period (the budget's status drops to 0 at the
+    // eviction itself, a moment before the pod is seen going, so DrainBlocked may count
+    // first), the pod named with the scheduler's message (it may read "not scheduled yet"
+    // until the scheduler's verdict arrives).
     let dep_id = format!("Deployment/{ns}/edge");
     let pdb_id = format!("PodDisruptionBudget/{ns}/edge-meshwarden");
+    // The scheduler's message as it was read; it may be reworded on a retry (node counts),
+    // so the status is matched on its words.
+    let named = format!("pod {pending} is Pending: 0/");
+    let why = "didn't match pod anti-affinity rules";
+    assert!(
+        scheduler.contains(why),
+        "2. the scheduler says: {scheduler}"
+    );
+    let s = wait_seen(
+        &api,
+        &policy,
+        "2. DrainBlocked and ReplicasUnavailable",
+        60,
+        |s| {
+            s.1 == "DrainBlocked"
+                && s.3.iter().any(|(o, _)| *o == pdb_id)
+                && s.3
+                    .iter()
+                    .any(|(o, m)| *o == dep_id && m.contains(&named) && m.contains(why))
+        },
+    )
+    .await;
+    assert_eq!((s.0.as_str(), s.2.as_str()), ("False", "False"), "2. {s:?}");
     let unavailable =
         s.3.iter()
             .find(|(o, _)| *o == dep_id)
@@ -299,10 +346,7 @@ async fn posture_is_judged_by_what_runs() {
         unavailable
             .1
             .starts_with("ReplicasUnavailable: 2 of 3 replica(s) available")
-            && unavailable.1.contains(&format!(
-                "pod {} is Pending: {scheduler}",
-                pending.name_any()
-            )),
+            && unavailable.1.contains(&named),
         "2. {unavailable:?} (scheduler: {scheduler})"
     );
     let blocked =
