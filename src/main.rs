@@ -429,7 +429,17 @@ fn main() -> ExitCode {
 }
 
 async fn async_main() -> ExitCode {
-    let cli = Cli::parse();
+    // A usage error exits 1, not clap's 2: `meshwarden plan` says "changes pending" with 2.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.use_stderr() {
+                true => ExitCode::FAILURE,
+                false => ExitCode::SUCCESS,
+            };
+        }
+    };
     let result = match cli.command {
         Command::Plan(args) => {
             return match plan(args).await {

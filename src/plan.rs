@@ -78,6 +78,9 @@ pub struct ObjectChange {
     /// The API server's message when it refuses the write.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// The server-side apply a refused write sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent: Option<Value>,
     /// The write changes the pod template: the workload's pods roll.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
@@ -310,6 +313,7 @@ fn object_change(c: Change) -> ObjectChange {
         after,
         takeovers,
         released: c.released,
+        sent: c.refused.is_some().then_some(c.sent).flatten(),
         refused: c.refused,
         rollout,
     }

@@ -95,6 +95,12 @@ fn text(plan: &Plan) -> String {
             );
         }
         if c.action == Action::Refused {
+            if let Some(sent) = &c.sent {
+                out.push_str("  the apply it sent:\n");
+                for l in yaml(&Some(sent.clone())).lines() {
+                    let _ = writeln!(out, "    {l}");
+                }
+            }
             continue;
         }
         let name = id(c);

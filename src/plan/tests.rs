@@ -33,6 +33,7 @@ fn change(before: Option<Value>, after: Option<Value>, verb: Verb) -> Change {
         after,
         released: Vec::new(),
         refused: None,
+        sent: None,
     }
 }
 

@@ -23,6 +23,8 @@ pub struct Change {
     pub released: Vec<String>,
     /// The API server's message when it refused the write.
     pub refused: Option<String>,
+    /// What the apply sent (its fields are what meshwarden would own).
+    pub sent: Option<Value>,
 }
 
 /// The request a write makes.
@@ -55,6 +57,7 @@ impl DryRun {
                 c.verb = change.verb;
                 c.refused = change.refused.or(c.refused.take());
                 c.released.extend(change.released);
+                c.sent = change.sent.or(c.sent.take());
             }
             None => all.push(change),
         }
@@ -133,6 +136,7 @@ mod tests {
             after: Some(json!({"g": after})),
             released: Vec::new(),
             refused: None,
+            sent: None,
         }
     }
 

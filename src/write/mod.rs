@@ -176,6 +176,7 @@ where
         after: None,
         released: released.iter().map(|p| fields::field_name(p)).collect(),
         refused: None,
+        sent: Some(patch.clone()),
     };
     match result {
         Ok(mut applied) => {
@@ -279,6 +280,7 @@ where
             after: None,
             released: Vec::new(),
             refused: None,
+            sent: None,
         };
         let params = DeleteParams {
             dry_run: true,

@@ -408,6 +408,88 @@ fn is_write(e: &serde_json::Value) -> bool {
     )
 }
 
+/// Plays the Deployment controller: the latest generation is observed and fully rolled out.
+#[allow(dead_code)]
+pub async fn complete_rollout(client: &Client, ns: &str, name: &str) {
+    let api: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), ns);
+    let d = api.get(name).await.unwrap();
+    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {
+            "observedGeneration": d.metadata.generation,
+            "replicas": replicas, "updatedReplicas": replicas,
+            "readyReplicas": replicas, "availableReplicas": replicas,
+        }})),
+    )
+    .await
+    .unwrap();
+}
+
+/// A change freeze: a ValidatingAdmissionPolicy `<namespace>-freeze` denying UPDATEs of the
+/// Deployments in `namespace` for which CEL `allowed` is false, with `message`. Returns once it
+/// denies the dry run of `probe` (a merge patch) on Deployment `name`: the API server loads
+/// admission policies asynchronously.
+#[allow(dead_code)]
+pub async fn freeze_deployments(
+    client: &Client,
+    namespace: &str,
+    allowed: &str,
+    message: &str,
+    name: &str,
+    probe: serde_json::Value,
+) {
+    let freeze = format!(
+        "apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {namespace}-freeze}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - {{apiGroups: [apps], apiVersions: [v1], operations: [UPDATE], resources: [deployments]}}
+  validations:
+  - {{expression: {allowed:?}, message: {message}}}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {namespace}-freeze}}
+spec:
+  policyName: {namespace}-freeze
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {namespace}}}}}
+"
+    );
+    testplane::apply_yaml(client, &freeze, &[]).await.unwrap();
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), namespace);
+    eventually(20, "the freeze is in force", || async {
+        let denied = deployments
+            .patch(
+                name,
+                &PatchParams::default().dry_run(),
+                &Patch::Merge(&probe),
+            )
+            .await
+            .is_err();
+        denied.then_some(())
+    })
+    .await;
+}
+
+/// Lifts [`freeze_deployments`].
+#[allow(dead_code)]
+pub async fn lift_freeze(client: &Client, namespace: &str) {
+    Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding>::all(
+        client.clone(),
+    )
+    .delete(&format!("{namespace}-freeze"), &Default::default())
+    .await
+    .unwrap();
+}
+
 /// Polls `f` until it returns Some, or panics with `what` after `secs`.
 pub async fn eventually<T, F, Fut>(secs: u64, what: &str, f: F) -> T
 where

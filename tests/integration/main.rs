@@ -8,5 +8,6 @@ mod ha;
 mod installers;
 mod lifecycle;
 mod mtls;
+mod plan;
 mod sidecars;
 mod validation;
