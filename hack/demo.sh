@@ -69,6 +69,12 @@ show() {
 step "Before meshwarden"
 show
 
+step "What Enforce would write: meshwarden plan -f $POLICY (before the CRD exists; dry runs, nothing written)"
+plan_start=$(date +%s%N)
+code=0
+"$TARGET/debug/meshwarden" plan -f "$POLICY" || code=$?
+echo "(exit code $code: 0 nothing would change, 2 changes pending, 1 error; $(( ($(date +%s%N) - plan_start) / 1000000 )) ms)" >&2
+
 step "Installing the MeshPolicy CRD and $POLICY"
 kubectl apply --server-side -f crds/meshpolicies.meshwarden.io.yaml >/dev/null
 kubectl wait --for=condition=Established crd/meshpolicies.meshwarden.io --timeout=30s >/dev/null
@@ -105,6 +111,11 @@ kubectl get events -n default --field-selector involvedObject.kind=MeshPolicy --
 
 step "After meshwarden"
 show
+
+step "Converged: meshwarden plan $NAME (from the cluster)"
+code=0
+"$TARGET/debug/meshwarden" plan "$NAME" || code=$?
+echo "(exit code $code)" >&2
 
 step "The policy"
 kubectl get meshpolicies

@@ -69,7 +69,7 @@ pub struct ObjectChange {
     /// The object as the API server's dry run returned it, likewise trimmed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub after: Option<Value>,
-    /// Fields taken over from other managers, by manager.
+    /// Fields taken over from other managers (or shared with them), by manager.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub takeovers: Vec<Takeover>,
     /// Fields meshwarden's apply owned and no longer declares: their values stay.
@@ -97,10 +97,15 @@ pub enum Action {
     Refused,
 }
 
+/// Another manager's fields a write takes over, or applies with the same value (both own
+/// them afterwards).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Takeover {
     pub manager: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub fields: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shared: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -289,19 +294,22 @@ fn object_change(c: Change) -> ObjectChange {
             .and_then(|v| serde_json::from_value(v["metadata"].clone()).ok())
             .unwrap_or_default()
     };
-    let takeovers = fields::taken_over(&meta(&c.before), &meta(&c.after))
+    let takeovers: Vec<Takeover> = fields::taken_over(&meta(&c.before), &meta(&c.after))
         .into_iter()
-        .map(|(manager, fields)| Takeover { manager, fields })
-        .collect::<Vec<_>>();
+        .map(|t| Takeover {
+            manager: t.manager,
+            fields: t.fields,
+            shared: t.shared,
+        })
+        .collect();
+    let taken = takeovers.iter().any(|t| !t.fields.is_empty());
     let rollout = rollout(&c);
     let (before, after) = (c.before.map(trim), c.after.map(trim));
     let action = match (&c.refused, c.verb, &before) {
         (Some(_), _, _) => Action::Refused,
         (None, Verb::Delete, _) => Action::Delete,
         (None, Verb::Apply, None) => Action::Create,
-        (None, Verb::Apply, Some(_)) if before == after && takeovers.is_empty() => {
-            Action::Unchanged
-        }
+        (None, Verb::Apply, Some(_)) if before == after && !taken => Action::Unchanged,
         (None, Verb::Apply, Some(_)) => Action::Update,
     };
     ObjectChange {

@@ -80,12 +80,16 @@ fn text(plan: &Plan) -> String {
             let _ = writeln!(out, "  refused: {m}");
         }
         for t in &c.takeovers {
-            let _ = writeln!(
-                out,
-                "  takes over from {}: {}",
-                t.manager,
-                t.fields.join(", ")
-            );
+            let lines = [
+                (&t.fields, format!("takes over from {}", t.manager)),
+                (
+                    &t.shared,
+                    format!("owns with {} (the same value, so both own it)", t.manager),
+                ),
+            ];
+            for (fields, how) in lines.iter().filter(|(f, _)| !f.is_empty()) {
+                let _ = writeln!(out, "  {how}: {}", fields.join(", "));
+            }
         }
         if !c.released.is_empty() {
             let _ = writeln!(

@@ -51,6 +51,7 @@ fn a_takeover_is_named_by_manager_and_field_and_a_template_change_rolls() {
                 "spec.replicas".into(),
                 "spec.template.spec.containers[name=discovery].resources.requests.cpu".into(),
             ],
+            shared: Vec::new(),
         }]
     );
     assert_eq!(c.rollout, Some(Rollout { pods: Some(2) }));
@@ -150,4 +151,31 @@ fn every_section_is_forced_to_enforce() {
     assert_eq!(p.spec.enforcement, Enforcement::Enforce);
     assert_eq!(p.spec.control_plane.unwrap().enforcement, None);
     assert_eq!(p.spec.mtls.unwrap().enforcement, None);
+}
+
+#[test]
+fn the_same_value_applied_is_owned_with_its_manager_not_taken_over() {
+    let entry = |manager: &str| {
+        json!({"manager": manager, "operation": "Apply", "apiVersion": "apps/v1", "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:spec": {"f:minReplicas": {}}}})
+    };
+    let object = |entries: Vec<Value>| {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "istiod", "namespace": "istio-system", "managedFields": entries},
+            "spec": {"minReplicas": 2}})
+    };
+    let c = object_change(change(
+        Some(object(vec![entry("helm")])),
+        Some(object(vec![entry("helm"), entry("meshwarden")])),
+        Verb::Apply,
+    ));
+    assert_eq!(
+        c.takeovers,
+        [Takeover {
+            manager: "helm".into(),
+            fields: Vec::new(),
+            shared: vec!["spec.minReplicas".into()],
+        }]
+    );
+    assert_eq!(c.action, Action::Unchanged, "no value changes hands");
 }

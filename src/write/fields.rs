@@ -90,11 +90,23 @@ pub fn released_paths(meta: &ObjectMeta, patch: &serde_json::Value) -> Vec<Vec<S
     paths.into_iter().filter(|p| !covered(patch, p)).collect()
 }
 
-/// The fields a write took over from other managers, by manager: owned by `manager` before
-/// (`before`), by meshwarden and no longer by `manager` after (`after`, as the API server
-/// returned the object). Paths as `spec.template.metadata.annotations.<name>`, list items as
-/// their key (`containers[name=discovery]`).
-pub fn taken_over(before: &ObjectMeta, after: &ObjectMeta) -> Vec<(String, Vec<String>)> {
+/// What a write did to the fields of another manager (`managedFields` before and after it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    pub manager: String,
+    /// Owned by the manager before, by meshwarden and no longer by the manager after (a
+    /// forced apply of another value).
+    pub fields: Vec<String>,
+    /// Owned by the manager before and after, and by meshwarden after but not before: the
+    /// same value applied, so both own it now.
+    pub shared: Vec<String>,
+}
+
+/// The fields a write took over from other managers, or now shares with them, by manager:
+/// compares `before` with `after` (the object as the API server returned it). Paths as
+/// `spec.template.metadata.annotations.<name>`, list items as their key
+/// (`containers[name=discovery]`).
+pub fn taken_over(before: &ObjectMeta, after: &ObjectMeta) -> Vec<Taken> {
     let paths = |meta: &ObjectMeta, want: &dyn Fn(&ManagedFieldsEntry) -> bool| {
         let mut out = Vec::new();
         for e in meta.managed_fields.iter().flatten().filter(|e| want(e)) {
@@ -105,9 +117,8 @@ pub fn taken_over(before: &ObjectMeta, after: &ObjectMeta) -> Vec<(String, Vec<S
         out
     };
     let top = |e: &ManagedFieldsEntry| e.subresource.as_deref().unwrap_or_default().is_empty();
-    let ours = paths(after, &|e| {
-        e.manager.as_deref() == Some(FIELD_MANAGER) && top(e)
-    });
+    let ours = |e: &ManagedFieldsEntry| e.manager.as_deref() == Some(FIELD_MANAGER) && top(e);
+    let (ours_before, ours_after) = (paths(before, &ours), paths(after, &ours));
     let mut managers: Vec<String> = before
         .managed_fields
         .iter()
@@ -118,19 +129,30 @@ pub fn taken_over(before: &ObjectMeta, after: &ObjectMeta) -> Vec<(String, Vec<S
         .collect();
     managers.sort();
     managers.dedup();
+    let names = |paths: Vec<Vec<String>>| {
+        let mut n: Vec<String> = paths.iter().map(|p| field_name(p)).collect();
+        n.sort();
+        n.dedup();
+        n
+    };
     let mut out = Vec::new();
     for m in managers {
         let theirs = |e: &ManagedFieldsEntry| e.manager.as_deref() == Some(&m) && top(e);
         let still = paths(after, &theirs);
-        let mut lost: Vec<String> = paths(before, &theirs)
+        let (lost, shared): (Vec<_>, Vec<_>) = paths(before, &theirs)
             .into_iter()
-            .filter(|p| ours.contains(p) && !still.contains(p) && !item_key(p))
-            .map(|p| field_name(&p))
+            .filter(|p| ours_after.contains(p) && !item_key(p))
+            .partition(|p| !still.contains(p));
+        let shared: Vec<_> = shared
+            .into_iter()
+            .filter(|p| !ours_before.contains(p))
             .collect();
-        lost.sort();
-        lost.dedup();
-        if !lost.is_empty() {
-            out.push((m, lost));
+        if !lost.is_empty() || !shared.is_empty() {
+            out.push(Taken {
+                manager: m.clone(),
+                fields: names(lost),
+                shared: names(shared),
+            });
         }
     }
     out

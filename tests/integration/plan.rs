@@ -17,11 +17,16 @@ const KINDS: &[&str] = &["Deployment", "HorizontalPodAutoscaler"];
 
 /// Runs `meshwarden plan` as the operator's user; (exit code, stdout, seconds taken).
 fn plan(env: &Env, args: &[&str]) -> (i32, String, f64) {
+    plan_with(&env.plane.operator_kubeconfig, args)
+}
+
+/// [`plan`] with a kubeconfig.
+fn plan_with(kubeconfig: &std::path::Path, args: &[&str]) -> (i32, String, f64) {
     let started = std::time::Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_meshwarden"))
         .arg("plan")
         .args(args)
-        .env("KUBECONFIG", &env.plane.operator_kubeconfig)
+        .env("KUBECONFIG", kubeconfig)
         .output()
         .expect("run meshwarden plan");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -279,4 +284,59 @@ async fn plan_names_a_refused_write_with_the_servers_message() {
     }
     assert!(writes_in(&[&istio]).iter().all(|w| w.4));
     common::lift_freeze(&env.client, &istio).await;
+}
+
+/// `-f` before the MeshPolicy CRD is installed: a plane of its own without it.
+#[tokio::test]
+async fn plan_from_a_file_works_before_the_crd_exists() {
+    let dir = testplane::scratch_dir("plan-nocrd");
+    let plane = testplane::Plane::start(&dir, testplane::Lifetime::Attached)
+        .await
+        .expect("start kube-apiserver (run hack/build-k8s-bins.sh first)");
+    let admin = plane.client().await.unwrap();
+    let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system}\n";
+    testplane::apply_yaml(&admin, ns, &[]).await.unwrap();
+    common::apply_as(
+        &admin,
+        &common::fixture_in("istiod-default.yaml", "istio-system", KINDS),
+        "helm",
+    )
+    .await;
+    let file = std::env::temp_dir().join(format!("plan-nocrd-{}.yaml", std::process::id()));
+    std::fs::write(
+        &file,
+        "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: production}\nspec:\n  controlPlane: {namespace: istio-system, replicas: {min: 2}, disruptionBudget: {maxUnavailable: 1}}\n",
+    )
+    .unwrap();
+    let _keep = tempfile::TempPath(file.clone());
+    let (code, out, secs) = plan_with(&plane.operator_kubeconfig, &["-f", file.to_str().unwrap()]);
+    eprintln!("plan without the CRD took {secs:.2}s:\n{out}");
+    assert_eq!(code, 2, "{out}");
+    for line in [
+        "note: the MeshPolicy CRD is not installed",
+        "~ HorizontalPodAutoscaler istio-system/istiod (updated)",
+        "+ PodDisruptionBudget istio-system/istiod-meshwarden (created)",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    assert!(
+        !out.contains("ownerReferences"),
+        "no policy to own it yet:\n{out}"
+    );
+    // By name there is nothing to plan: an error.
+    assert_eq!(plan_with(&plane.operator_kubeconfig, &["production"]).0, 1);
+    let writes: Vec<Value> = plane
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["user"]["username"] == "meshwarden-operator")
+        .filter(|e| e["stage"] == "ResponseComplete")
+        .filter(|e| e["verb"] != "get" && e["verb"] != "list")
+        .collect();
+    assert!(!writes.is_empty());
+    assert!(
+        writes.iter().all(|e| e["requestURI"]
+            .as_str()
+            .is_some_and(|u| u.contains("dryRun=All"))),
+        "only dry runs: {writes:?}"
+    );
 }
