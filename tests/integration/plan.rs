@@ -2,13 +2,9 @@
 //! Enforce's first pass, makes none itself (the audit log holds only its dry runs), names the
 //! fields it takes over from Helm and the writes the API server refuses, and plans nothing for
 //! a converged mesh.
-use std::collections::BTreeSet;
-use std::process::Command;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::Api;
-use meshwarden::api::MeshPolicy;
-use meshwarden::context::Context;
 use serde_json::Value;
 
 use crate::common::{self, Env};
@@ -17,98 +13,12 @@ const KINDS: &[&str] = &["Deployment", "HorizontalPodAutoscaler"];
 
 /// Runs `meshwarden plan` as the operator's user; (exit code, stdout, seconds taken).
 fn plan(env: &Env, args: &[&str]) -> (i32, String, f64) {
-    plan_with(&env.plane.operator_kubeconfig, args)
+    common::run_plan(&env.plane.operator_kubeconfig, args)
 }
 
-/// [`plan`] with a kubeconfig.
-fn plan_with(kubeconfig: &std::path::Path, args: &[&str]) -> (i32, String, f64) {
-    let started = std::time::Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_meshwarden"))
-        .arg("plan")
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .output()
-        .expect("run meshwarden plan");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.is_empty() || out.status.code() == Some(1),
-        "{stderr}"
-    );
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &stderr,
-        started.elapsed().as_secs_f64(),
-    )
-}
-
-/// The policy manifest of the test, in a file of its own.
-fn manifest(env: &Env, spec: &str) -> (String, tempfile::TempPath) {
-    let name = env.policy_name("p");
-    let text = format!(
-        "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata:\n  name: {name}\n  labels: {{meshwarden-test: {}}}\nspec:\n{}",
-        env.id,
-        spec.lines().map(|l| format!("  {l}\n")).collect::<String>()
-    );
-    let path = std::env::temp_dir().join(format!("{name}.yaml"));
-    std::fs::write(&path, text).unwrap();
-    (path.display().to_string(), tempfile::TempPath(path))
-}
-
-/// Removes the file when dropped.
-mod tempfile {
-    pub struct TempPath(pub std::path::PathBuf);
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-}
-
-/// The operator's writes on the plane in `namespaces`: (verb, resource, namespace, name, dry run).
-fn writes_in(namespaces: &[&str]) -> Vec<(String, String, String, String, bool)> {
-    namespaces
-        .iter()
-        .flat_map(|ns| common::operator_writes(Some(ns), &[]))
-        .map(|e| {
-            let r = &e["objectRef"];
-            let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
-            (
-                s(&e["verb"]),
-                s(&r["resource"]),
-                s(&r["namespace"]),
-                s(&r["name"]),
-                e["requestURI"]
-                    .as_str()
-                    .is_some_and(|u| u.contains("dryRun=All")),
-            )
-        })
-        .collect()
-}
-
-fn resource(kind: &str) -> String {
-    match kind {
-        "HorizontalPodAutoscaler" => "horizontalpodautoscalers".into(),
-        "PodDisruptionBudget" => "poddisruptionbudgets".into(),
-        "PeerAuthentication" => "peerauthentications".into(),
-        k => format!("{}s", k.to_lowercase()),
-    }
-}
-
-/// What Enforce writes of an object, read back or planned: its spec, labels and annotations.
-fn written(v: &Value) -> Value {
-    serde_json::json!({
-        "spec": v["spec"],
-        "labels": v["metadata"]["labels"],
-        "annotations": v["metadata"]["annotations"],
-    })
-}
-
-/// One pass of Enforce, as the controller's reconcile evaluates it (no status, no Events).
-async fn enforce_once(env: &Env) {
-    let api: Api<MeshPolicy> = Api::all(env.client.clone());
-    let policy = api.get(&env.policy_name("p")).await.unwrap();
-    let ctx = Context::new(env.plane.operator_client().await, None);
-    meshwarden::controller::evaluate(&ctx, &policy, &[&policy]).await;
+/// The operator's writes on the shared plane in `namespaces`.
+fn writes_in(namespaces: &[&str]) -> Vec<common::Write> {
+    common::writes_of(&testplane::shared().audit_events(), namespaces)
 }
 
 fn spec(env: &Env, istio: &str, enforcement: &str) -> String {
@@ -143,22 +53,23 @@ async fn plan_lists_the_writes_of_enforce_writes_nothing_and_plans_nothing_once_
     let istiod_before = deployments.get("istiod").await.unwrap();
 
     // The policy exists only in a file, in Audit: the plan is Enforce's all the same.
-    let (file, _keep) = manifest(&env, &spec(&env, &istio, "Audit"));
+    let (file, _keep) = env.policy_file("p", &spec(&env, &istio, "Audit"));
     let (code, out, secs) = plan(&env, &["-f", &file]);
     eprintln!("plan took {secs:.2}s:\n{out}");
     assert_eq!(code, 2, "changes pending:\n{out}");
-    for line in [
-        format!("~ HorizontalPodAutoscaler {istio}/istiod (updated)"),
-        format!("~ Deployment {istio}/istiod (updated; its pods roll: 1 pod)"),
-        format!("+ PodDisruptionBudget {istio}/istiod-meshwarden (created)"),
-        format!("~ Deployment {apps}/a (updated; its pods roll: 2 pods)"),
-        format!("+ PeerAuthentication {apps}/meshwarden-mtls (created)"),
-        "  takes over from helm: spec.minReplicas".to_string(),
-        "  takes over from helm: spec.template.spec.containers[name=discovery].resources.requests.cpu".to_string(),
-        format!("  Held Deployment/{apps}/b (SidecarResources)"),
-    ] {
-        assert!(out.contains(&line), "missing {line:?} in:\n{out}");
-    }
+    common::assert_lists(
+        &out,
+        &[
+            format!("~ HorizontalPodAutoscaler {istio}/istiod (updated)"),
+            format!("~ Deployment {istio}/istiod (updated; its pods roll: 1 pod)"),
+            format!("+ PodDisruptionBudget {istio}/istiod-meshwarden (created)"),
+            format!("~ Deployment {apps}/a (updated; its pods roll: 2 pods)"),
+            format!("+ PeerAuthentication {apps}/meshwarden-mtls (created)"),
+            "  takes over from helm: spec.minReplicas".to_string(),
+            "  takes over from helm: spec.template.spec.containers[name=discovery].resources.requests.cpu".to_string(),
+            format!("  Held Deployment/{apps}/b (SidecarResources)"),
+        ],
+    );
     assert!(
         !out.contains(&format!("Deployment {apps}/b (")),
         "b waits for a slot:\n{out}"
@@ -176,7 +87,10 @@ async fn plan_lists_the_writes_of_enforce_writes_nothing_and_plans_nothing_once_
     // istiod is as it was.
     let by_plan = writes_in(&[&istio, &apps]);
     assert!(!by_plan.is_empty());
-    assert!(by_plan.iter().all(|w| w.4), "only dry runs: {by_plan:?}");
+    assert!(
+        by_plan.iter().all(|w| w.dry_run),
+        "only dry runs: {by_plan:?}"
+    );
     let istiod_after = deployments.get("istiod").await.unwrap();
     assert_eq!(
         istiod_before.metadata.resource_version,
@@ -187,55 +101,17 @@ async fn plan_lists_the_writes_of_enforce_writes_nothing_and_plans_nothing_once_
     let (code, json, _) = plan(&env, &["-f", &file, "-o", "json"]);
     assert_eq!(code, 2);
     let planned: Value = serde_json::from_str(&json).unwrap();
-    let changes = planned["changes"].as_array().unwrap().clone();
-    let objects: BTreeSet<(String, String, String)> = changes
-        .iter()
-        .map(|c| {
-            let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
-            (resource(&s("kind")), s("namespace"), s("name"))
-        })
-        .collect();
-    env.create_policy("p", &spec(&env, &istio, "Enforce")).await;
-    enforce_once(&env).await;
-    let real: BTreeSet<(String, String, String)> = writes_in(&[&istio, &apps])
-        .into_iter()
-        .filter(|w| !w.4 && w.1 != "meshpolicies" && w.1 != "events")
-        .map(|w| (w.1, w.2, w.3))
-        .collect();
-    assert_eq!(objects, real, "plan == Enforce's first pass");
-    let client = env.client.clone();
-    for c in &changes {
-        let (kind, ns, name) = (
-            c["kind"].as_str().unwrap(),
-            c["namespace"].as_str().unwrap(),
-            c["name"].as_str().unwrap(),
-        );
-        let ar = kube::discovery::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
-            match kind {
-                "Deployment" => "apps",
-                "HorizontalPodAutoscaler" => "autoscaling",
-                "PodDisruptionBudget" => "policy",
-                _ => "security.istio.io",
-            },
-            match kind {
-                "HorizontalPodAutoscaler" => "v2",
-                "PeerAuthentication" => "v1beta1",
-                _ => "v1",
-            },
-            kind,
-        ));
-        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
-        let live = serde_json::to_value(api.get(name).await.unwrap()).unwrap();
-        assert_eq!(
-            written(&c["after"]),
-            written(&live),
-            "{kind} {ns}/{name}: the plan's object is what Enforce wrote"
-        );
-    }
+    env.enforce_as_planned(
+        "p",
+        &spec(&env, &istio, "Enforce"),
+        &planned,
+        &[&istio, &apps],
+    )
+    .await;
 
     // Converged: the rollouts finish, Enforce writes b, then nothing is planned.
     common::complete_rollout(&env.client, &apps, "a").await;
-    enforce_once(&env).await;
+    env.enforce_once("p").await;
     common::complete_rollout(&env.client, &apps, "b").await;
     let (code, out, secs) = plan(&env, &[&env.policy_name("p")]);
     // A usage error is an error (clap's own code, 2, would read as "changes pending").
@@ -263,8 +139,8 @@ async fn plan_names_a_refused_write_with_the_servers_message() {
         serde_json::json!({"spec": {"template": {"metadata": {"labels": {"probe": "1"}}}}}),
     )
     .await;
-    let (file, _keep) = manifest(
-        &env,
+    let (file, _keep) = env.policy_file(
+        "p",
         &format!(
             "controlPlane: {{namespace: {istio}, replicas: {{min: 2}}, resources: {{requests: {{cpu: 600m}}}}}}\n"
         ),
@@ -272,17 +148,18 @@ async fn plan_names_a_refused_write_with_the_servers_message() {
     let (code, out, _) = plan(&env, &["-f", &file]);
     eprintln!("{out}");
     assert_eq!(code, 2, "{out}");
-    for line in [
-        format!("! Deployment {istio}/istiod (REFUSED by the API server)"),
-        "change freeze on the pod template".to_string(),
-        "  the apply it sent:\n".to_string(),
-        "                cpu: 600m\n".to_string(),
-        format!("~ HorizontalPodAutoscaler {istio}/istiod (updated)"),
-        "Plan: 0 to create, 1 to update, 0 to delete, 1 refused".to_string(),
-    ] {
-        assert!(out.contains(&line), "missing {line:?} in:\n{out}");
-    }
-    assert!(writes_in(&[&istio]).iter().all(|w| w.4));
+    common::assert_lists(
+        &out,
+        &[
+            format!("! Deployment {istio}/istiod (REFUSED by the API server)"),
+            "change freeze on the pod template".to_string(),
+            "  the apply it sent:\n".to_string(),
+            "                cpu: 600m\n".to_string(),
+            format!("~ HorizontalPodAutoscaler {istio}/istiod (updated)"),
+            "Plan: 0 to create, 1 to update, 0 to delete, 1 refused".to_string(),
+        ],
+    );
+    assert!(writes_in(&[&istio]).iter().all(|w| w.dry_run));
     common::lift_freeze(&env.client, &istio).await;
 }
 
@@ -308,23 +185,28 @@ async fn plan_from_a_file_works_before_the_crd_exists() {
         "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: production}\nspec:\n  controlPlane: {namespace: istio-system, replicas: {min: 2}, disruptionBudget: {maxUnavailable: 1}}\n",
     )
     .unwrap();
-    let _keep = tempfile::TempPath(file.clone());
-    let (code, out, secs) = plan_with(&plane.operator_kubeconfig, &["-f", file.to_str().unwrap()]);
+    let _keep = common::TempPath(file.clone());
+    let (code, out, secs) =
+        common::run_plan(&plane.operator_kubeconfig, &["-f", file.to_str().unwrap()]);
     eprintln!("plan without the CRD took {secs:.2}s:\n{out}");
     assert_eq!(code, 2, "{out}");
-    for line in [
-        "note: the MeshPolicy CRD is not installed",
-        "~ HorizontalPodAutoscaler istio-system/istiod (updated)",
-        "+ PodDisruptionBudget istio-system/istiod-meshwarden (created)",
-    ] {
-        assert!(out.contains(line), "missing {line:?} in:\n{out}");
-    }
+    common::assert_lists(
+        &out,
+        &[
+            "note: the MeshPolicy CRD is not installed",
+            "~ HorizontalPodAutoscaler istio-system/istiod (updated)",
+            "+ PodDisruptionBudget istio-system/istiod-meshwarden (created)",
+        ],
+    );
     assert!(
         !out.contains("ownerReferences"),
         "no policy to own it yet:\n{out}"
     );
     // By name there is nothing to plan: an error.
-    assert_eq!(plan_with(&plane.operator_kubeconfig, &["production"]).0, 1);
+    assert_eq!(
+        common::run_plan(&plane.operator_kubeconfig, &["production"]).0,
+        1
+    );
     let writes: Vec<Value> = plane
         .audit_events()
         .into_iter()
