@@ -2,7 +2,8 @@
 # The main job, end to end on a fresh machine: builds a real cluster from Go modules (cached):
 # kube-apiserver, etcd, controller manager, scheduler, six simulated nodes in three zones,
 # Istio installed by Helm from its own charts with a real istiod; installs the ingress gateway
-# with Helm, a few workloads and the example MeshPolicy, runs meshwarden, and shows what it
+# with Helm, a few workloads and the example MeshPolicy, shows what Enforce would write
+# (`meshwarden plan -f`, before the CRD exists), runs meshwarden, and shows what it
 # did: istiod and gateway pods spread over zones (pods per zone), the PDBs' real allowed disruptions, and a
 # sidecar rollout paced by meshwarden with the new proxy resources in the pods.
 # The cluster is left running so you can look around; the last lines say how to stop it.
