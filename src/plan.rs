@@ -197,13 +197,20 @@ pub async fn plan(client: Client, source: Source, istio_namespace: &str) -> Resu
     let (reports, _) = crate::controller::evaluate(&ctx, &policy, &refs).await;
 
     let changes: Vec<ObjectChange> = record.changes().into_iter().map(object_change).collect();
-    let refused = changes.iter().any(|c| c.action == Action::Refused);
+    // As a section's error names them (`apply PeerAuthentication meshwarden-mtls: ...`).
+    let refused: Vec<String> = changes
+        .iter()
+        .filter(|c| c.action == Action::Refused)
+        .map(|c| format!("{} {}", c.kind, c.name))
+        .collect();
     let mut not_written = Vec::new();
     let mut failed_sections = Vec::new();
     for r in &reports {
         let section = r.condition.type_.clone();
-        // A section that stops at a refused write reports it as failed: the refusal is shown.
-        if r.condition.status == Status::Unknown && !refused {
+        // A section that stops at a refused write reports it as failed: the refusal is shown,
+        // and the plan is no less complete than Enforce's pass.
+        let stopped_at_refusal = refused.iter().any(|o| r.condition.message.contains(o));
+        if r.condition.status == Status::Unknown && !stopped_at_refusal {
             failed_sections.push(NotWritten {
                 section: section.clone(),
                 object: format!("MeshPolicy/{name}"),

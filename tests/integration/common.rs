@@ -485,19 +485,12 @@ pub async fn complete_rollout(client: &Client, ns: &str, name: &str) {
     .unwrap();
 }
 
-/// A change freeze: a ValidatingAdmissionPolicy `<namespace>-freeze` denying UPDATEs of the
-/// Deployments in `namespace` for which CEL `allowed` is false, with `message`. Returns once it
-/// denies the dry run of `probe` (a merge patch) on Deployment `name`: the API server loads
-/// admission policies asynchronously.
+/// A change freeze: a ValidatingAdmissionPolicy `<namespace>-freeze` denying the requests that
+/// `rule` (a `resourceRules` entry in YAML flow style) matches in `namespace` for which CEL
+/// `allowed` is false, with `message`. The API server loads admission policies
+/// asynchronously: callers wait until it denies.
 #[allow(dead_code)]
-pub async fn freeze_deployments(
-    client: &Client,
-    namespace: &str,
-    allowed: &str,
-    message: &str,
-    name: &str,
-    probe: serde_json::Value,
-) {
+pub async fn freeze(client: &Client, namespace: &str, rule: &str, allowed: &str, message: &str) {
     let freeze = format!(
         "apiVersion: admissionregistration.k8s.io/v1
 kind: ValidatingAdmissionPolicy
@@ -506,7 +499,7 @@ spec:
   failurePolicy: Fail
   matchConstraints:
     resourceRules:
-    - {{apiGroups: [apps], apiVersions: [v1], operations: [UPDATE], resources: [deployments]}}
+    - {rule}
   validations:
   - {{expression: {allowed:?}, message: {message}}}
 ---
@@ -521,6 +514,22 @@ spec:
 "
     );
     testplane::apply_yaml(client, &freeze, &[]).await.unwrap();
+}
+
+/// [`freeze`] of the UPDATEs of Deployments; returns once it denies the dry run of `probe` (a
+/// merge patch) on Deployment `name`.
+#[allow(dead_code)]
+pub async fn freeze_deployments(
+    client: &Client,
+    namespace: &str,
+    allowed: &str,
+    message: &str,
+    name: &str,
+    probe: serde_json::Value,
+) {
+    let rule =
+        "{apiGroups: [apps], apiVersions: [v1], operations: [UPDATE], resources: [deployments]}";
+    freeze(client, namespace, rule, allowed, message).await;
     let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
         Api::namespaced(client.clone(), namespace);
     eventually(20, "the freeze is in force", || async {

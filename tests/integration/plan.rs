@@ -222,3 +222,60 @@ async fn plan_from_a_file_works_before_the_crd_exists() {
         "only dry runs: {writes:?}"
     );
 }
+
+/// mTLS stops at a refused write, in Enforce as in the plan: the plan names it and is complete
+/// (exit 2, not 1).
+#[tokio::test]
+async fn a_section_stopped_by_a_refused_write_is_planned_not_failed() {
+    let env = common::env("plan-pa").await;
+    let apps = env.namespace("apps", &[("meshwarden-test", &env.id)]).await;
+    let rule = "{apiGroups: [security.istio.io], apiVersions: ['*'], operations: [CREATE], resources: [peerauthentications]}";
+    common::freeze(
+        &env.client,
+        &apps,
+        rule,
+        "false",
+        "no new PeerAuthentications",
+    )
+    .await;
+    let probe = serde_json::json!({
+        "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+        "metadata": {"name": "probe", "namespace": apps},
+        "spec": {"mtls": {"mode": "PERMISSIVE"}},
+    });
+    common::eventually(20, "the freeze is in force", || async {
+        let ar = kube::discovery::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "security.istio.io",
+            "v1",
+            "PeerAuthentication",
+        ));
+        let api: Api<kube::api::DynamicObject> =
+            Api::namespaced_with(env.client.clone(), &apps, &ar);
+        let obj: kube::api::DynamicObject = serde_json::from_value(probe.clone()).unwrap();
+        let pp = kube::api::PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        api.create(&pp, &obj).await.is_err().then_some(())
+    })
+    .await;
+    let (file, _keep) = env.policy_file(
+        "p",
+        &format!(
+            "mtls: {{mode: PERMISSIVE, scope: Namespaces, namespaceSelector: {{matchLabels: {{meshwarden-test: {}}}}}}}\n",
+            env.id
+        ),
+    );
+    let (code, out, _) = plan(&env, &["-f", &file]);
+    eprintln!("{out}");
+    assert_eq!(code, 2, "{out}");
+    common::assert_lists(
+        &out,
+        &[
+            format!("! PeerAuthentication {apps}/meshwarden-mtls (REFUSED by the API server)"),
+            "no new PeerAuthentications".to_string(),
+        ],
+    );
+    assert!(!out.contains("could not be evaluated"), "{out}");
+    common::lift_freeze(&env.client, &apps).await;
+}
