@@ -52,6 +52,34 @@ pub struct Plan {
     /// Sections that could not be evaluated (the plan is incomplete), with why.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub failed_sections: Vec<NotWritten>,
+    /// The sidecar rollouts and their pacing, when the sidecars section is paced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waves: Option<Waves>,
+}
+
+/// The sidecar rollouts Enforce starts now and those waiting for a slot: one wave after the
+/// other, each of at most `max_concurrent` workloads (rollouts already in progress hold slots
+/// too, so this is the fewest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Waves {
+    pub now: usize,
+    pub waiting: usize,
+    pub max_concurrent: usize,
+    pub waves: usize,
+}
+
+impl Waves {
+    /// `now` rollouts written, `waiting` held for a slot, `max_concurrent` at once.
+    pub fn of(now: usize, waiting: usize, max_concurrent: usize) -> Option<Waves> {
+        let max = max_concurrent.max(1);
+        (waiting > 0).then(|| Waves {
+            now,
+            waiting,
+            max_concurrent: max,
+            waves: usize::from(now > 0) + waiting.div_ceil(max),
+        })
+    }
 }
 
 /// One object Enforce would write.
@@ -230,12 +258,30 @@ pub async fn plan(client: Client, source: Source, istio_namespace: &str) -> Resu
             });
         }
     }
+    let waves = policy
+        .spec
+        .sidecars
+        .as_ref()
+        .filter(|s| s.pacing == crate::api::Pacing::Paced)
+        .and_then(|s| {
+            let now = changes.iter().filter(|c| sidecar_rollout(c)).count();
+            let waiting = not_written
+                .iter()
+                .filter(|n| n.message.contains(crate::rules::sidecars::WAITS_FOR_SLOT))
+                .count();
+            Waves::of(
+                now,
+                waiting,
+                usize::try_from(s.max_concurrent_rollouts).unwrap_or(1),
+            )
+        });
     Ok(Plan {
         policy: name,
         notes,
         changes,
         not_written,
         failed_sections,
+        waves,
     })
 }
 
@@ -332,6 +378,17 @@ fn object_change(c: Change) -> ObjectChange {
         refused: c.refused,
         rollout,
     }
+}
+
+/// Whether a write is a sidecar rollout: it changes meshwarden's sidecar hash on the template.
+fn sidecar_rollout(c: &ObjectChange) -> bool {
+    let hash = |v: &Option<Value>| {
+        v.as_ref()
+            .and_then(|v| v.pointer("/spec/template/metadata/annotations"))
+            .and_then(|a| a.get(crate::rules::sidecars::HASH_ANNOTATION))
+            .cloned()
+    };
+    c.rollout.is_some() && hash(&c.before) != hash(&c.after)
 }
 
 /// The pods a write rolls: those of a workload whose pod template it changes.

@@ -91,6 +91,7 @@ fn plan_of(changes: Vec<ObjectChange>, failed: bool) -> Plan {
             }],
             false => Vec::new(),
         },
+        waves: None,
     }
 }
 
@@ -178,4 +179,30 @@ fn the_same_value_applied_is_owned_with_its_manager_not_taken_over() {
         }]
     );
     assert_eq!(c.action, Action::Unchanged, "no value changes hands");
+}
+
+#[test]
+fn waves_count_the_rollouts_now_and_those_waiting_for_a_slot() {
+    assert_eq!(Waves::of(1, 0, 1), None, "nothing waits: no waves to tell");
+    let w = Waves::of(2, 5, 2).unwrap();
+    assert_eq!((w.waves, w.max_concurrent), (4, 2), "2 now, then 2, 2, 1");
+    assert_eq!(
+        Waves::of(0, 3, 2).unwrap().waves,
+        2,
+        "slots taken by rollouts in progress"
+    );
+    let update = object_change(change(
+        Some(deployment("10m", "helm", 2)),
+        Some(deployment("500m", "meshwarden", 2)),
+        Verb::Apply,
+    ));
+    let mut p = plan_of(vec![update], false);
+    p.waves = Waves::of(1, 1, 1);
+    let text = render(&p, Output::Diff).unwrap();
+    assert!(
+        text.contains(
+            "; sidecars roll in 2 paced wave(s) of at most 1 (1 now, 1 waiting for a slot)"
+        ),
+        "{text}"
+    );
 }

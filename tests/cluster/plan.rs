@@ -70,6 +70,7 @@ sidecars: {{namespaceSelector: {{matchLabels: {{meshwarden-test: {id}}}}}, maxCo
             "  takes over from helm: spec.minReplicas".into(),
             "  takes over from helm: spec.template.spec.containers[name=istio-proxy].resources.limits.memory".into(),
             format!("  Held Deployment/{shop}/checkout (SidecarResources)"),
+            "sidecars roll in 2 paced wave(s) of at most 1 (1 now, 1 waiting for a slot)".into(),
         ],
     );
     let writes = || common::writes_of(&env.plane.audit_events(), &[&gw, &shop]);

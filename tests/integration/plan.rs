@@ -68,6 +68,7 @@ async fn plan_lists_the_writes_of_enforce_writes_nothing_and_plans_nothing_once_
             "  takes over from helm: spec.minReplicas".to_string(),
             "  takes over from helm: spec.template.spec.containers[name=discovery].resources.requests.cpu".to_string(),
             format!("  Held Deployment/{apps}/b (SidecarResources)"),
+            "sidecars roll in 2 paced wave(s) of at most 1 (1 now, 1 waiting for a slot)".into(),
         ],
     );
     assert!(
