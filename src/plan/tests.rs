@@ -25,6 +25,7 @@ fn deployment(cpu: &str, manager: &str, replicas: i64) -> Value {
 
 fn change(before: Option<Value>, after: Option<Value>, verb: Verb) -> Change {
     Change {
+        seq: 0,
         kind: "Deployment".into(),
         namespace: Some("istio-system".into()),
         name: "istiod".into(),

@@ -4,12 +4,15 @@
 //! server's refusal, is recorded here.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 
 /// What one write would do to one object.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Change {
+    /// When the write started, in the order of [`DryRun::start`].
+    pub seq: usize,
     pub kind: String,
     pub namespace: Option<String>,
     pub name: String,
@@ -36,14 +39,21 @@ pub enum Verb {
     Delete,
 }
 
-/// The dry runs made so far, in the order they were made; a second write of the same object
+/// The dry runs made so far, in the order they were started (a section starts its writes in
+/// plan order, though several may be in flight at once); a second write of the same object
 /// (the sidecars section corrects its generation annotation) is folded into the first.
 #[derive(Debug, Default)]
 pub struct DryRun {
     changes: Mutex<Vec<Change>>,
+    started: AtomicUsize,
 }
 
 impl DryRun {
+    /// The sequence number of a write starting now.
+    pub fn start(&self) -> usize {
+        self.started.fetch_add(1, Ordering::Relaxed)
+    }
+
     pub fn record(&self, change: Change) {
         let Ok(mut all) = self.changes.lock() else {
             return;
@@ -63,9 +73,11 @@ impl DryRun {
         }
     }
 
-    /// Every change recorded, in order.
+    /// Every change recorded, in the order the writes started.
     pub fn changes(&self) -> Vec<Change> {
-        self.changes.lock().map(|c| c.clone()).unwrap_or_default()
+        let mut all = self.changes.lock().map(|c| c.clone()).unwrap_or_default();
+        all.sort_by_key(|c| c.seq);
+        all
     }
 }
 
@@ -128,6 +140,7 @@ mod tests {
 
     fn change(name: &str, after: i64) -> Change {
         Change {
+            seq: 0,
             kind: "Deployment".into(),
             namespace: Some("ns".into()),
             name: name.into(),
@@ -143,11 +156,23 @@ mod tests {
     #[test]
     fn a_second_write_of_an_object_is_folded_into_the_first() {
         let d = DryRun::default();
-        d.record(change("a", 2));
-        d.record(change("b", 2));
-        d.record(change("a", 3));
+        let (a, b) = (d.start(), d.start());
+        // b's answer comes first: listed in the order the writes started.
+        d.record(Change {
+            seq: b,
+            ..change("b", 2)
+        });
+        d.record(Change {
+            seq: a,
+            ..change("a", 2)
+        });
+        d.record(Change {
+            seq: d.start(),
+            ..change("a", 3)
+        });
         let c = d.changes();
         assert_eq!(c.len(), 2);
+        assert_eq!((c[0].name.as_str(), c[1].name.as_str()), ("a", "b"));
         assert_eq!(c[0].before, Some(json!({"g": 1})));
         assert_eq!(c[0].after, Some(json!({"g": 3})));
     }

@@ -135,8 +135,9 @@ where
             .await
             .map_err(|e| Error::kube(format!("apply {kind} {name}"), e));
     };
+    let seq = record.start();
     let live = read(api, name).await?;
-    dry_apply(api, name, patch, live, Vec::new(), record).await
+    dry_apply(api, name, patch, (seq, live), Vec::new(), record).await
 }
 
 async fn read<K>(api: &Api<K>, name: &str) -> Result<Option<K>>
@@ -156,7 +157,7 @@ async fn dry_apply<K>(
     api: &Api<K>,
     name: &str,
     patch: &serde_json::Value,
-    live: Option<K>,
+    (seq, live): (usize, Option<K>),
     released: Vec<Vec<String>>,
     record: &DryRun,
 ) -> Result<K>
@@ -168,6 +169,7 @@ where
     let before = live.as_ref().map(serde_json::to_value).transpose()?;
     let result = api.patch(name, &params, &Patch::Apply(patch)).await;
     let mut change = dry_run::Change {
+        seq,
         kind: kind.clone(),
         namespace: api_namespace(api, live.as_ref()),
         name: name.to_string(),
@@ -199,7 +201,7 @@ where
     }
 }
 
-/// The namespace a write goes to: the object's as read, else the one `patch` names.
+/// The namespace a write goes to: the object's as read, else the `Api`'s.
 fn api_namespace<K: Resource>(api: &Api<K>, live: Option<&K>) -> Option<String> {
     live.and_then(|l| l.meta().namespace.clone())
         .or_else(|| api.namespace().map(str::to_string))
@@ -225,8 +227,9 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + serde::Serialize,
 {
     let kind = K::kind(&()).to_string();
+    let seq = writes.dry_runs().map(DryRun::start);
     let live = read(api, name).await?;
-    if let Some(record) = writes.dry_runs() {
+    if let (Some(record), Some(seq)) = (writes.dry_runs(), seq) {
         // The hand-over is not sent: its JSON patch would have to persist before the apply
         // it prepares; the values it keeps are put back into the apply's answer instead.
         let released = live
@@ -234,7 +237,7 @@ where
             .map(|l| fields::released_paths(l.meta(), patch))
             .unwrap_or_default();
         let names = released.iter().map(|p| fields::field_name(p)).collect();
-        let applied = dry_apply(api, name, patch, live, released, record).await?;
+        let applied = dry_apply(api, name, patch, (seq, live), released, record).await?;
         return Ok((applied, names));
     }
     let mut released = Vec::new();
@@ -268,10 +271,12 @@ where
 {
     let kind = K::kind(&()).to_string();
     if let Some(record) = writes.dry_runs() {
+        let seq = record.start();
         let Some(live) = read(api, name).await? else {
             return Ok(());
         };
         let mut change = dry_run::Change {
+            seq,
             kind: kind.clone(),
             namespace: live.meta().namespace.clone(),
             name: name.to_string(),
