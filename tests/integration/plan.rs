@@ -280,3 +280,55 @@ async fn a_section_stopped_by_a_refused_write_is_planned_not_failed() {
     assert!(!out.contains("could not be evaluated"), "{out}");
     common::lift_freeze(&env.client, &apps).await;
 }
+
+/// A plan of an apply that no longer carries a field meshwarden's apply owned (the policy
+/// stopped declaring it): Enforce hands the field to meshwarden's `Update` entry first, so its
+/// value stays; the dry run cannot, and puts the live value back into its answer instead.
+#[tokio::test]
+async fn a_released_field_keeps_its_value_in_the_plan_as_in_enforce() {
+    use meshwarden::write::{self, DryRun, Writes};
+    let env = common::env("plan-keep").await;
+    let ns = env.namespace("apps", &[]).await;
+    let d = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: a, namespace: {ns}}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: a}}}}\n  template:\n    metadata: {{labels: {{app: a}}}}\n    spec: {{containers: [{{name: app, image: registry.example/app:1}}]}}\n"
+    );
+    common::apply_as(&env.client, &d, "kubectl").await;
+    let api: Api<Deployment> = Api::namespaced(env.plane.operator_client().await, &ns);
+    let patch = |replicas: Option<i32>| {
+        let mut p = serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "a", "namespace": ns, "annotations": {"meshwarden.io/x": "1"}},
+        });
+        if let Some(r) = replicas {
+            p["spec"] = serde_json::json!({"replicas": r});
+        }
+        p
+    };
+    // meshwarden's apply owns replicas 3 (taken over from kubectl) and the annotation.
+    let real = Writes::default();
+    write::apply(&api, "a", &patch(Some(3)), &real)
+        .await
+        .unwrap();
+    let record = std::sync::Arc::new(DryRun::default());
+    let (planned, released) =
+        write::apply_keeping(&api, "a", &patch(None), &Writes::dry_run(record.clone()))
+            .await
+            .unwrap();
+    assert_eq!(released, ["spec.replicas"]);
+    assert_eq!(planned.spec.unwrap().replicas, Some(3), "the value stays");
+    let changes = record.changes();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].released, ["spec.replicas"]);
+    assert_eq!(changes[0].after.as_ref().unwrap()["spec"]["replicas"], 3);
+    // Enforce does the same for real: the value stays.
+    let (applied, released) = write::apply_keeping(&api, "a", &patch(None), &real)
+        .await
+        .unwrap();
+    assert_eq!(released, ["spec.replicas"]);
+    assert_eq!(applied.spec.unwrap().replicas, Some(3));
+    let dry: Vec<common::Write> = writes_in(&[&ns])
+        .into_iter()
+        .filter(|w| w.dry_run)
+        .collect();
+    assert_eq!(dry.len(), 1, "the hand-over is not sent in a plan: {dry:?}");
+}
