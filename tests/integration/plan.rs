@@ -124,6 +124,25 @@ async fn plan_lists_the_writes_of_enforce_writes_nothing_and_plans_nothing_once_
         out.contains("No changes: Enforce would write nothing now"),
         "{out}"
     );
+    // No status and no Event about the policy: neither the plans (their dry-run creates of it
+    // validate the file) nor the passes wrote one.
+    let policy = env.policy_name("p");
+    let about_policy: Vec<serde_json::Value> = testplane::shared()
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["user"]["username"] == "meshwarden-operator")
+        .filter(|e| {
+            !e["requestURI"]
+                .as_str()
+                .is_some_and(|u| u.contains("dryRun=All"))
+        })
+        .filter(|e| {
+            e["objectRef"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(&policy))
+        })
+        .collect();
+    assert!(about_policy.is_empty(), "{about_policy:?}");
 }
 
 #[tokio::test]
