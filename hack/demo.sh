@@ -2,7 +2,8 @@
 # The main job, end to end on a fresh machine: builds a real cluster from Go modules (cached):
 # kube-apiserver, etcd, controller manager, scheduler, six simulated nodes in three zones,
 # Istio installed by Helm from its own charts with a real istiod; installs the ingress gateway
-# with Helm, a few workloads and the example MeshPolicy, runs meshwarden, and shows what it
+# with Helm, a few workloads and the example MeshPolicy, shows what Enforce would write
+# (`meshwarden plan -f`, before the CRD exists), runs meshwarden, and shows what it
 # did: istiod and gateway pods spread over zones (pods per zone), the PDBs' real allowed disruptions, and a
 # sidecar rollout paced by meshwarden with the new proxy resources in the pods.
 # The cluster is left running so you can look around; the last lines say how to stop it.
@@ -69,6 +70,12 @@ show() {
 step "Before meshwarden"
 show
 
+step "What Enforce would write: meshwarden plan -f $POLICY (before the CRD exists; dry runs, nothing written)"
+plan_start=$(date +%s%N)
+code=0
+"$TARGET/debug/meshwarden" plan -f "$POLICY" || code=$?
+echo "(exit code $code: 0 nothing would change, 2 changes pending, 1 error; $(( ($(date +%s%N) - plan_start) / 1000000 )) ms)" >&2
+
 step "Installing the MeshPolicy CRD and $POLICY"
 kubectl apply --server-side -f crds/meshpolicies.meshwarden.io.yaml >/dev/null
 kubectl wait --for=condition=Established crd/meshpolicies.meshwarden.io --timeout=30s >/dev/null
@@ -105,6 +112,11 @@ kubectl get events -n default --field-selector involvedObject.kind=MeshPolicy --
 
 step "After meshwarden"
 show
+
+step "Converged: meshwarden plan $NAME (from the cluster)"
+code=0
+"$TARGET/debug/meshwarden" plan "$NAME" || code=$?
+echo "(exit code $code)" >&2
 
 step "The policy"
 kubectl get meshpolicies

@@ -8,7 +8,7 @@ use kube::Client;
 use kube::runtime::events::Reporter;
 
 use crate::telemetry::Metrics;
-use crate::write::{Memory, WriteCounter};
+use crate::write::{Memory, Writes};
 
 /// Shared by every reconcile of every policy.
 /// The default of [`Context::availability_grace`].
@@ -17,8 +17,8 @@ pub const AVAILABILITY_GRACE: std::time::Duration = std::time::Duration::from_se
 pub struct Context {
     pub client: Client,
     pub reporter: Reporter,
-    /// Writes made so far (benchmarks and metrics).
-    pub writes: WriteCounter,
+    /// How writes are made (real, or dry runs for `meshwarden plan`), and how many so far.
+    pub writes: Writes,
     pub metrics: Arc<Metrics>,
     /// Fight and takeover memory of the writes.
     pub memory: Memory,
@@ -45,7 +45,7 @@ impl Context {
                 controller: "meshwarden".into(),
                 instance,
             },
-            writes: WriteCounter::new(metrics.writes.clone()),
+            writes: Writes::new(metrics.writes.clone()),
             metrics,
             memory: Memory::default(),
             failures: Mutex::new(HashMap::new()),

@@ -9,6 +9,7 @@ pub mod controller;
 pub mod error;
 pub mod hash;
 pub mod istio;
+pub mod plan;
 pub mod policy;
 pub mod presence;
 pub mod quantity;

@@ -1,6 +1,6 @@
 //! The meshwarden binary: `meshwarden run` runs the operator, `meshwarden crd` prints the CRD,
 //! `meshwarden values` prints the installers' values (Helm, Sail operator, Argo CD) that declare
-//! what the policies hold.
+//! what the policies hold, `meshwarden plan` shows what Enforce would write.
 mod allocator;
 
 use std::net::SocketAddr;
@@ -41,6 +41,35 @@ enum Command {
         /// Only this MeshPolicy (default: every policy).
         policy: Option<String>,
     },
+    /// Show exactly what Enforce would write for a policy, without writing anything: the
+    /// operator's own evaluation with every section in Enforce, each write sent as a dry run
+    /// (`dryRun=All`). Exit code 0: nothing would change; 2: changes are pending; 1: error.
+    Plan(PlanArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PlanOutput {
+    /// Per object a unified diff of its fields, takeovers, refusals and rollouts.
+    Diff,
+    Yaml,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// The MeshPolicy in the cluster to plan.
+    #[arg(required_unless_present = "filename", conflicts_with = "filename")]
+    policy: Option<String>,
+    /// A MeshPolicy manifest to plan instead (`-` reads stdin); neither it nor its CRD need
+    /// exist in the cluster.
+    #[arg(short = 'f', long)]
+    filename: Option<std::path::PathBuf>,
+    /// What to print.
+    #[arg(short = 'o', long, value_enum, default_value = "diff")]
+    output: PlanOutput,
+    /// Namespace of istiod, as for `run`.
+    #[arg(long, default_value = meshwarden::istio::DEFAULT_ISTIO_NAMESPACE, env = "MESHWARDEN_ISTIO_NAMESPACE")]
+    istio_namespace: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -355,6 +384,35 @@ async fn values(policy: Option<&str>) -> Result<(), String> {
     Ok(())
 }
 
+/// `meshwarden plan`: the exit code (0 nothing pending, 2 changes pending, 1 incomplete).
+async fn plan(args: PlanArgs) -> Result<u8, String> {
+    use meshwarden::plan::{self, Output, Source};
+    let source = match (&args.policy, &args.filename) {
+        (_, Some(path)) => {
+            let text = match path.to_str() {
+                Some("-") => std::io::read_to_string(std::io::stdin()),
+                _ => std::fs::read_to_string(path),
+            };
+            Source::File(text.map_err(|e| format!("cannot read {}: {e}", path.display()))?)
+        }
+        (Some(name), None) => Source::Cluster(name.clone()),
+        (None, None) => return Err("name a MeshPolicy or give -f FILE".into()),
+    };
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("cannot reach the cluster: {e}"))?;
+    let p = plan::plan(client, source, &args.istio_namespace)
+        .await
+        .map_err(|e| e.to_string())?;
+    let output = match args.output {
+        PlanOutput::Diff => Output::Diff,
+        PlanOutput::Yaml => Output::Yaml,
+        PlanOutput::Json => Output::Json,
+    };
+    print!("{}", plan::render(&p, output).map_err(|e| e.to_string())?);
+    Ok(p.exit_code())
+}
+
 fn main() -> ExitCode {
     allocator::configure();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -371,8 +429,27 @@ fn main() -> ExitCode {
 }
 
 async fn async_main() -> ExitCode {
-    let cli = Cli::parse();
+    // A usage error exits 1, not clap's 2: `meshwarden plan` says "changes pending" with 2.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.use_stderr() {
+                true => ExitCode::FAILURE,
+                false => ExitCode::SUCCESS,
+            };
+        }
+    };
     let result = match cli.command {
+        Command::Plan(args) => {
+            return match plan(args).await {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("meshwarden: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Crd => meshwarden::api::crd_yaml()
             .map(|y| print!("{y}"))
             .map_err(|e| e.to_string()),

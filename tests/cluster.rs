@@ -8,6 +8,8 @@
 #[path = "integration/common.rs"]
 mod common;
 
+#[path = "cluster/plan.rs"]
+mod plan;
 #[path = "cluster/posture.rs"]
 mod posture;
 #[path = "cluster/rollout_gate.rs"]
@@ -61,6 +63,20 @@ fn deployment(name: &str, replicas: i32, annotations: serde_json::Value) -> serd
             },
         },
     })
+}
+
+/// Creates a [`deployment`] of two replicas for each of `names` in `ns`.
+async fn create_deployments(client: &Client, ns: &str, names: &[&str]) {
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    for name in names {
+        deploys
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(deployment(name, 2, json!({}))).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
 }
 
 /// Ready pods of `app` in `ns`, those not being deleted.
@@ -277,15 +293,7 @@ async fn meshwarden_paces_a_real_sidecar_rollout() {
         .await;
     let deploys: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
-    for name in ["cart", "checkout"] {
-        deploys
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(deployment(name, 2, json!({}))).unwrap(),
-            )
-            .await
-            .unwrap();
-    }
+    create_deployments(&env.client, &ns, &["cart", "checkout"]).await;
     for name in ["cart", "checkout"] {
         common::eventually(90, "2 ready injected pods per workload", || async {
             let p = ready_pods(&pods, name).await;

@@ -22,10 +22,7 @@ pub fn handover_patch(
             && e.operation.as_deref() == Some(op)
             && e.subresource.as_deref().unwrap_or_default().is_empty()
     };
-    let applied = entries.iter().find(|e| ours(e, "Apply"))?;
-    let mut paths = Vec::new();
-    flatten(&applied.fields_v1.as_ref()?.0, &mut Vec::new(), &mut paths);
-    let released: Vec<Vec<String>> = paths.into_iter().filter(|p| !covered(patch, p)).collect();
+    let released = released_paths(meta, patch);
     if released.is_empty() {
         return None;
     }
@@ -75,6 +72,134 @@ pub fn handover_patch(
         })),
     }
     Some((Value::Array(ops), names))
+}
+
+/// The fields meshwarden's `Apply` entry owns that `patch` no longer carries (keys as in
+/// `managedFields`): an apply of `patch` would remove them where nobody else owns them.
+pub fn released_paths(meta: &ObjectMeta, patch: &serde_json::Value) -> Vec<Vec<String>> {
+    let applied = meta.managed_fields.iter().flatten().find(|e| {
+        e.manager.as_deref() == Some(FIELD_MANAGER)
+            && e.operation.as_deref() == Some("Apply")
+            && e.subresource.as_deref().unwrap_or_default().is_empty()
+    });
+    let Some(fields) = applied.and_then(|e| e.fields_v1.as_ref()) else {
+        return Vec::new();
+    };
+    let mut paths = Vec::new();
+    flatten(&fields.0, &mut Vec::new(), &mut paths);
+    paths.into_iter().filter(|p| !covered(patch, p)).collect()
+}
+
+/// What a write did to the fields of another manager (`managedFields` before and after it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    pub manager: String,
+    /// Owned by the manager before, by meshwarden and no longer by the manager after (a
+    /// forced apply of another value).
+    pub fields: Vec<String>,
+    /// Owned by the manager before and after, and by meshwarden after but not before: the
+    /// same value applied, so both own it now.
+    pub shared: Vec<String>,
+}
+
+/// The fields a write took over from other managers, or now shares with them, by manager:
+/// compares `before` with `after` (the object as the API server returned it). Paths as
+/// `spec.template.metadata.annotations.<name>`, list items as their key
+/// (`containers[name=discovery]`).
+pub fn taken_over(before: &ObjectMeta, after: &ObjectMeta) -> Vec<Taken> {
+    let paths = |meta: &ObjectMeta, want: &dyn Fn(&ManagedFieldsEntry) -> bool| {
+        let mut out = Vec::new();
+        for e in meta.managed_fields.iter().flatten().filter(|e| want(e)) {
+            if let Some(f) = &e.fields_v1 {
+                flatten(&f.0, &mut Vec::new(), &mut out);
+            }
+        }
+        out
+    };
+    let top = |e: &ManagedFieldsEntry| e.subresource.as_deref().unwrap_or_default().is_empty();
+    let ours = |e: &ManagedFieldsEntry| e.manager.as_deref() == Some(FIELD_MANAGER) && top(e);
+    let (ours_before, ours_after) = (paths(before, &ours), paths(after, &ours));
+    let mut managers: Vec<String> = before
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|e| top(e))
+        .filter_map(|e| e.manager.clone())
+        .filter(|m| m != FIELD_MANAGER)
+        .collect();
+    managers.sort();
+    managers.dedup();
+    let names = |paths: Vec<Vec<String>>| {
+        let mut n: Vec<String> = paths.iter().map(|p| field_name(p)).collect();
+        n.sort();
+        n.dedup();
+        n
+    };
+    let mut out = Vec::new();
+    for m in managers {
+        let theirs = |e: &ManagedFieldsEntry| e.manager.as_deref() == Some(&m) && top(e);
+        let still = paths(after, &theirs);
+        let (lost, shared): (Vec<_>, Vec<_>) = paths(before, &theirs)
+            .into_iter()
+            .filter(|p| ours_after.contains(p) && !item_key(p))
+            .partition(|p| !still.contains(p));
+        let shared: Vec<_> = shared
+            .into_iter()
+            .filter(|p| !ours_before.contains(p))
+            .collect();
+        if !lost.is_empty() || !shared.is_empty() {
+            out.push(Taken {
+                manager: m.clone(),
+                fields: names(lost),
+                shared: names(shared),
+            });
+        }
+    }
+    out
+}
+
+/// Whether `path` is a list item's own entry (`.`) or one of the fields its key names: owned
+/// with the item, never worth naming apart from its other fields.
+fn item_key(path: &[String]) -> bool {
+    match path {
+        [.., last] if last == "." => true,
+        [.., item, field] => item.strip_prefix("k:").is_some_and(|key| {
+            let name = field.trim_start_matches("f:");
+            serde_json::from_str::<serde_json::Value>(key).is_ok_and(|k| k.get(name).is_some())
+        }),
+        _ => false,
+    }
+}
+
+/// A `managedFields` path as a field name: `spec.template.spec.containers[name=discovery]`.
+pub fn field_name(path: &[String]) -> String {
+    let mut out = String::new();
+    for k in path.iter().filter(|k| k.as_str() != ".") {
+        if let Some(f) = k.strip_prefix("f:") {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(f);
+        } else if let Some(key) = k.strip_prefix("k:") {
+            let item = match serde_json::from_str::<serde_json::Value>(key) {
+                Ok(serde_json::Value::Object(m)) => m
+                    .iter()
+                    .map(|(k, v)| match v {
+                        serde_json::Value::String(s) => format!("{k}={s}"),
+                        other => format!("{k}={other}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+                _ => key.to_string(),
+            };
+            out.push_str(&format!("[{item}]"));
+        } else if let Some(v) = k.strip_prefix("v:") {
+            out.push_str(&format!("[{v}]"));
+        } else if let Some(i) = k.strip_prefix("i:") {
+            out.push_str(&format!("[{i}]"));
+        }
+    }
+    out
 }
 
 /// Every owned path of a `fieldsV1` set (a leaf is `{}`; `.` marks the node itself).

@@ -253,6 +253,64 @@ impl Env {
             .expect("patch the MeshPolicy's spec");
     }
 
+    /// The test's policy `<id>-<name>` (labelled for its operator) with `spec` as a manifest
+    /// in a file of its own: (path, the file's guard).
+    #[allow(dead_code)]
+    pub fn policy_file(&self, name: &str, spec: &str) -> (String, TempPath) {
+        let name = self.policy_name(name);
+        let text = format!(
+            "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata:\n  name: {name}\n  labels: {{meshwarden-test: {}}}\nspec:\n{}",
+            self.id,
+            spec.lines().map(|l| format!("  {l}\n")).collect::<String>()
+        );
+        let path = std::env::temp_dir().join(format!("{name}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        (path.display().to_string(), TempPath(path))
+    }
+
+    /// One pass of Enforce over the test's policy `name`, as the controller's reconcile
+    /// evaluates it (the policy must say Enforce), as user `meshwarden-operator`; no status,
+    /// no Event.
+    #[allow(dead_code)]
+    pub async fn enforce_once(&self, name: &str) {
+        let api: Api<MeshPolicy> = Api::all(self.client.clone());
+        let policy = api.get(&self.policy_name(name)).await.unwrap();
+        let ctx = Context::new(self.plane.operator_client().await, None);
+        meshwarden::controller::evaluate(&ctx, &policy, &[&policy]).await;
+    }
+
+    /// Creates the test's policy `name` with `enforce_spec` (in Enforce), runs Enforce's first
+    /// pass ([`Env::enforce_once`]) and checks that it wrote exactly the objects of `planned`
+    /// (a `meshwarden plan -o json` output) in `namespaces`, each with the planned fields.
+    #[allow(dead_code)]
+    pub async fn enforce_as_planned(
+        &self,
+        name: &str,
+        enforce_spec: &str,
+        planned: &serde_json::Value,
+        namespaces: &[&str],
+    ) {
+        self.create_policy(name, enforce_spec).await;
+        self.enforce_once(name).await;
+        let real: std::collections::BTreeSet<(String, String, String)> =
+            writes_of(&self.plane.audit_events(), namespaces)
+                .into_iter()
+                .filter(|w| !w.dry_run)
+                .map(|w| (w.resource, w.namespace, w.name))
+                .collect();
+        let compared = planned_and_live(&self.client, planned).await;
+        let objects: std::collections::BTreeSet<(String, String, String)> =
+            compared.iter().map(|(o, _, _)| o.clone()).collect();
+        assert_eq!(objects.len(), compared.len());
+        assert_eq!(objects, real, "plan == Enforce's first pass");
+        for (object, planned, live) in compared {
+            assert_eq!(
+                planned, live,
+                "{object:?}: the plan's object is what Enforce wrote"
+            );
+        }
+    }
+
     /// Writes the operator made so far on this env's plane to objects whose audit
     /// `objectRef` passes `object`. Used by the full-cluster tests.
     #[allow(dead_code)]
@@ -406,6 +464,235 @@ fn is_write(e: &serde_json::Value) -> bool {
         e["verb"].as_str(),
         Some("create" | "update" | "patch" | "delete" | "deletecollection")
     )
+}
+
+/// Plays the Deployment controller: the latest generation is observed and fully rolled out.
+#[allow(dead_code)]
+pub async fn complete_rollout(client: &Client, ns: &str, name: &str) {
+    let api: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), ns);
+    let d = api.get(name).await.unwrap();
+    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {
+            "observedGeneration": d.metadata.generation,
+            "replicas": replicas, "updatedReplicas": replicas,
+            "readyReplicas": replicas, "availableReplicas": replicas,
+        }})),
+    )
+    .await
+    .unwrap();
+}
+
+/// A change freeze: a ValidatingAdmissionPolicy `<namespace>-freeze` denying the requests that
+/// `rule` (a `resourceRules` entry in YAML flow style) matches in `namespace` for which CEL
+/// `allowed` is false, with `message`. The API server loads admission policies
+/// asynchronously: callers wait until it denies.
+#[allow(dead_code)]
+pub async fn freeze(client: &Client, namespace: &str, rule: &str, allowed: &str, message: &str) {
+    let freeze = format!(
+        "apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {namespace}-freeze}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - {rule}
+  validations:
+  - {{expression: {allowed:?}, message: {message}}}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {namespace}-freeze}}
+spec:
+  policyName: {namespace}-freeze
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {namespace}}}}}
+"
+    );
+    testplane::apply_yaml(client, &freeze, &[]).await.unwrap();
+}
+
+/// [`freeze`] of the UPDATEs of Deployments; returns once it denies the dry run of `probe` (a
+/// merge patch) on Deployment `name`.
+#[allow(dead_code)]
+pub async fn freeze_deployments(
+    client: &Client,
+    namespace: &str,
+    allowed: &str,
+    message: &str,
+    name: &str,
+    probe: serde_json::Value,
+) {
+    let rule =
+        "{apiGroups: [apps], apiVersions: [v1], operations: [UPDATE], resources: [deployments]}";
+    freeze(client, namespace, rule, allowed, message).await;
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), namespace);
+    eventually(20, "the freeze is in force", || async {
+        let denied = deployments
+            .patch(
+                name,
+                &PatchParams::default().dry_run(),
+                &Patch::Merge(&probe),
+            )
+            .await
+            .is_err();
+        denied.then_some(())
+    })
+    .await;
+}
+
+/// Lifts [`freeze_deployments`].
+#[allow(dead_code)]
+pub async fn lift_freeze(client: &Client, namespace: &str) {
+    Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding>::all(
+        client.clone(),
+    )
+    .delete(&format!("{namespace}-freeze"), &Default::default())
+    .await
+    .unwrap();
+}
+
+/// Runs `meshwarden plan ARGS` (the binary) with `kubeconfig`; (exit code, stdout with any
+/// stderr after it, seconds taken). Anything on stderr is an error (exit code 1).
+#[allow(dead_code)]
+pub fn run_plan(kubeconfig: &std::path::Path, args: &[&str]) -> (i32, String, f64) {
+    let started = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshwarden"))
+        .arg("plan")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .expect("run meshwarden plan");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.is_empty() || out.status.code() == Some(1),
+        "{stderr}"
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &stderr,
+        started.elapsed().as_secs_f64(),
+    )
+}
+
+/// A file removed when dropped.
+pub struct TempPath(pub std::path::PathBuf);
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// One write of the operator's user in the audit log.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Write {
+    pub verb: String,
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+    /// Sent with `dryRun=All`.
+    pub dry_run: bool,
+}
+
+/// The writes of user `meshwarden-operator` in `namespaces`, from audit `events`.
+#[allow(dead_code)]
+pub fn writes_of(events: &[serde_json::Value], namespaces: &[&str]) -> Vec<Write> {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    events
+        .iter()
+        .filter(|e| e["user"]["username"] == "meshwarden-operator")
+        .filter(|e| e["stage"] == "ResponseComplete")
+        .filter(|e| is_write(e))
+        .filter(|e| {
+            namespaces
+                .iter()
+                .any(|ns| e["objectRef"]["namespace"] == *ns)
+        })
+        .map(|e| Write {
+            verb: s(&e["verb"]),
+            resource: s(&e["objectRef"]["resource"]),
+            namespace: s(&e["objectRef"]["namespace"]),
+            name: s(&e["objectRef"]["name"]),
+            dry_run: e["requestURI"]
+                .as_str()
+                .is_some_and(|u| u.contains("dryRun=All")),
+        })
+        .collect()
+}
+
+/// The API resource of a kind meshwarden writes.
+#[allow(dead_code)]
+pub fn resource(kind: &str) -> String {
+    match kind {
+        "HorizontalPodAutoscaler" => "horizontalpodautoscalers".into(),
+        "PodDisruptionBudget" => "poddisruptionbudgets".into(),
+        "PeerAuthentication" => "peerauthentications".into(),
+        k => format!("{}s", k.to_lowercase()),
+    }
+}
+
+/// What Enforce writes of an object, read back or planned: its spec, labels and annotations
+/// (without the revision the Deployment controller records after a rollout starts).
+#[allow(dead_code)]
+pub fn written(v: &serde_json::Value) -> serde_json::Value {
+    let mut annotations = v["metadata"]["annotations"].clone();
+    if let Some(a) = annotations.as_object_mut() {
+        a.remove("deployment.kubernetes.io/revision");
+    }
+    serde_json::json!({
+        "spec": v["spec"],
+        "labels": v["metadata"]["labels"],
+        "annotations": annotations,
+    })
+}
+
+/// The objects of a `meshwarden plan -o json` output and their writes read back: (resource,
+/// namespace, name) of each change, with its planned and its live [`written`] fields.
+#[allow(dead_code)]
+pub async fn planned_and_live(
+    client: &Client,
+    plan: &serde_json::Value,
+) -> Vec<(
+    (String, String, String),
+    serde_json::Value,
+    serde_json::Value,
+)> {
+    let mut out = Vec::new();
+    for c in plan["changes"].as_array().into_iter().flatten() {
+        let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+        let (kind, ns, name) = (s("kind"), s("namespace"), s("name"));
+        let (group, version) = match kind.as_str() {
+            "Deployment" | "StatefulSet" | "DaemonSet" => ("apps", "v1"),
+            "HorizontalPodAutoscaler" => ("autoscaling", "v2"),
+            "PodDisruptionBudget" => ("policy", "v1"),
+            _ => ("security.istio.io", "v1"),
+        };
+        let ar = kube::discovery::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            group, version, &kind,
+        ));
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+        let live = serde_json::to_value(api.get(&name).await.unwrap()).unwrap();
+        out.push((
+            (resource(&kind), ns, name),
+            written(&c["after"]),
+            written(&live),
+        ));
+    }
+    out
+}
+
+/// Checks that a plan's output holds every line of `lines`.
+#[allow(dead_code)]
+pub fn assert_lists<S: AsRef<str>>(out: &str, lines: &[S]) {
+    for line in lines.iter().map(AsRef::as_ref) {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
 }
 
 /// A ValidatingAdmissionPolicy `name` and its binding (same name, `binding` added to its spec):

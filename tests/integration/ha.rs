@@ -481,45 +481,16 @@ async fn a_denied_write_affects_only_its_own_target() {
     let (env, ns, op) = common::with_fixture("deny", "istio", "istiod-default.yaml", KINDS).await;
     env.load_fixture("istiod-revision-canary.yaml", &ns, KINDS)
         .await;
-    let freeze = format!(
-        "apiVersion: admissionregistration.k8s.io/v1
-kind: ValidatingAdmissionPolicy
-metadata: {{name: {ns}-freeze}}
-spec:
-  failurePolicy: Fail
-  matchConstraints:
-    resourceRules:
-    - {{apiGroups: [apps], apiVersions: [v1], operations: [UPDATE], resources: [deployments]}}
-  validations:
-  - {{expression: \"object.metadata.name != 'istiod'\", message: change freeze on istiod}}
----
-apiVersion: admissionregistration.k8s.io/v1
-kind: ValidatingAdmissionPolicyBinding
-metadata: {{name: {ns}-freeze}}
-spec:
-  policyName: {ns}-freeze
-  validationActions: [Deny]
-  matchResources:
-    namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}
-"
-    );
-    testplane::apply_yaml(&env.client, &freeze, &[])
-        .await
-        .unwrap();
-    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
-    // The API server loads admission policies asynchronously: wait until the freeze denies.
-    common::eventually(20, "the freeze is in force", || async {
-        let denied = deployments
-            .patch(
-                "istiod",
-                &PatchParams::default().dry_run(),
-                &Patch::Merge(serde_json::json!({"metadata": {"labels": {"probe": "1"}}})),
-            )
-            .await
-            .is_err();
-        denied.then_some(())
-    })
+    common::freeze_deployments(
+        &env.client,
+        &ns,
+        "object.metadata.name != 'istiod'",
+        "change freeze on istiod",
+        "istiod",
+        serde_json::json!({"metadata": {"labels": {"probe": "1"}}}),
+    )
     .await;
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
     env.create_policy(
         "p",
         &format!("enforcement: Enforce\ncontrolPlane: {{namespace: {ns}, {FULL}}}"),
@@ -586,12 +557,7 @@ spec:
     );
 
     // The freeze is lifted: meshwarden's retry corrects istiod and the condition turns True.
-    Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding>::all(
-        env.client.clone(),
-    )
-    .delete(&format!("{ns}-freeze"), &Default::default())
-    .await
-    .unwrap();
+    common::lift_freeze(&env.client, &ns).await;
     let lifted = std::time::Instant::now();
     common::eventually(120, "istiod corrected after the freeze", || {
         corrected("istiod")

@@ -8,6 +8,7 @@ mod ha;
 mod installers;
 mod lifecycle;
 mod mtls;
+mod plan;
 mod sidecars;
 mod status;
 mod validation;

@@ -99,24 +99,6 @@ fn has_four(a: &BTreeMap<String, String>) -> bool {
     FOUR.iter().all(|k| a.contains_key(*k))
 }
 
-/// Plays the Deployment controller: the latest generation is observed and fully rolled out.
-pub(crate) async fn complete_rollout(client: &Client, ns: &str, name: &str) {
-    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let d = api.get(name).await.unwrap();
-    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"status": {
-            "observedGeneration": d.metadata.generation,
-            "replicas": replicas, "updatedReplicas": replicas,
-            "readyReplicas": replicas, "availableReplicas": replicas,
-        }})),
-    )
-    .await
-    .unwrap();
-}
-
 async fn wait_reason(env: &Env, policy: &str, reason: &str, secs: u64) -> MeshPolicy {
     env.wait_policy(policy, secs, |p| {
         let c = condition(p, "SidecarResources")?;
@@ -337,8 +319,8 @@ async fn targets_get_all_four_annotations_and_nothing_else_is_touched() {
         )
         .await
         .unwrap();
-    complete_rollout(c, &inj, "web").await;
-    complete_rollout(c, &plain, "optin").await;
+    common::complete_rollout(c, &inj, "web").await;
+    common::complete_rollout(c, &plain, "optin").await;
     let p = wait_reason(&env, "p", "Compliant", 30).await;
     let cond = condition(&p, "SidecarResources").unwrap().clone();
     let status = p.status.clone().unwrap();
@@ -572,7 +554,7 @@ async fn rollouts_are_paced_one_at_a_time() {
             round,
             "nothing starts while {current} rolls"
         );
-        complete_rollout(c, &ns, &current).await;
+        common::complete_rollout(c, &ns, &current).await;
         done.push(current);
         if round < 3 {
             common::eventually(15, "next rollout", || async {
@@ -618,7 +600,7 @@ async fn pacing_off_writes_every_workload_at_once() {
         status.violations
     );
     for name in ["a", "b", "c", "d"] {
-        complete_rollout(c, &ns, name).await;
+        common::complete_rollout(c, &ns, name).await;
     }
     wait_reason(&env, "p", "Compliant", 15).await;
     assert_eq!(common::operator_writes(Some(&ns), &[]).len(), 4);
@@ -953,7 +935,7 @@ async fn pod_churn_and_other_writers_rollouts_are_no_stall() {
     })
     .await;
     never_stalled(&wait_reason(&env, "p", "RolloutInProgress", 15).await);
-    complete_rollout(c, &ns, "b").await;
+    common::complete_rollout(c, &ns, "b").await;
     never_stalled(&wait_reason(&env, "p", "Compliant", 15).await);
 
     // meshwarden's write is a day old; someone else changes s's template (a `helm upgrade`),

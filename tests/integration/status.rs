@@ -8,8 +8,9 @@ use kube::api::{Api, Patch, PatchParams};
 use meshwarden::api::MeshPolicy;
 use meshwarden::rules::sidecars::GENERATION_ANNOTATION;
 
+use crate::common::complete_rollout;
 use crate::common::{self, Env, condition};
-use crate::sidecars::{complete_rollout, deployment};
+use crate::sidecars::deployment;
 
 const DEPLOYMENTS: usize = 30;
 

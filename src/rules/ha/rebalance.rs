@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, EvictParams};
+use kube::api::Api;
 
 use super::outcome::Achieved;
 use super::{HaRules, Observation};
@@ -62,13 +62,12 @@ impl Evicted {
     }
 }
 
-/// Evicts `pod` in `namespace`; the API server's refusal (a budget at zero: 429) is the error.
+/// Evicts `pod` in `namespace` (a dry run under `meshwarden plan`); the API server's refusal
+/// (a budget at zero: 429) is the error.
 pub async fn evict(ctx: &Context, namespace: &str, pod: &str) -> Result<(), String> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    ctx.writes.add();
-    api.evict(pod, &EvictParams::default())
+    crate::write::evict(&api, pod, &ctx.writes)
         .await
-        .map(|_| ())
         .map_err(|e| e.to_string())
 }
 

@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// Why a target is held while every rollout slot is taken (`meshwarden plan` counts them).
+pub const WAITS_FOR_SLOT: &str = "waits for a rollout slot";
+
 /// Pods named per namespace in the condition.
 pub(super) const DRIFT_NAMES: usize = 3;
 /// Namespaces named in the condition message's pod drift line (the metric has every one).
@@ -233,9 +236,7 @@ pub fn plan_with(
             in_flight += 1;
             Action::Apply
         } else {
-            Action::Held(format!(
-                "waits for a rollout slot (maxConcurrentRollouts {max})"
-            ))
+            Action::Held(format!("{WAITS_FOR_SLOT} (maxConcurrentRollouts {max})"))
         };
     }
     decisions

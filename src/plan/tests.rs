@@ -1,0 +1,209 @@
+use serde_json::json;
+
+use super::*;
+
+fn deployment(cpu: &str, manager: &str, replicas: i64) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {
+            "name": "istiod", "namespace": "istio-system", "generation": 3,
+            "resourceVersion": "10", "uid": "u",
+            "managedFields": [{
+                "manager": manager, "operation": "Apply", "apiVersion": "apps/v1",
+                "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:spec": {"f:replicas": {}, "f:template": {"f:spec": {"f:containers": {
+                    "k:{\"name\":\"discovery\"}": {".": {}, "f:name": {}, "f:resources": {"f:requests": {"f:cpu": {}}}}
+                }}}}}
+            }]
+        },
+        "spec": {"replicas": replicas, "template": {"spec": {"containers": [
+            {"name": "discovery", "resources": {"requests": {"cpu": cpu}}}
+        ]}}},
+        "status": {"replicas": replicas}
+    })
+}
+
+fn change(before: Option<Value>, after: Option<Value>, verb: Verb) -> Change {
+    Change {
+        seq: 0,
+        kind: "Deployment".into(),
+        namespace: Some("istio-system".into()),
+        name: "istiod".into(),
+        verb,
+        before,
+        after,
+        released: Vec::new(),
+        refused: None,
+        sent: None,
+    }
+}
+
+#[test]
+fn a_takeover_is_named_by_manager_and_field_and_a_template_change_rolls() {
+    let before = deployment("10m", "helm", 2);
+    let after = deployment("500m", "meshwarden", 2);
+    let c = object_change(change(Some(before), Some(after), Verb::Apply));
+    assert_eq!(c.action, Action::Update);
+    assert_eq!(
+        c.takeovers,
+        [Takeover {
+            manager: "helm".into(),
+            fields: vec![
+                "spec.replicas".into(),
+                "spec.template.spec.containers[name=discovery].resources.requests.cpu".into(),
+            ],
+            shared: Vec::new(),
+        }]
+    );
+    assert_eq!(c.rollout, Some(Rollout { pods: Some(2) }));
+    // What every write changes is not shown.
+    let after = c.after.unwrap();
+    assert!(after.get("status").is_none());
+    assert!(after["metadata"].get("managedFields").is_none());
+    assert!(after["metadata"].get("resourceVersion").is_none());
+}
+
+#[test]
+fn creates_deletes_refusals_and_writes_that_change_nothing() {
+    let d = deployment("10m", "meshwarden", 1);
+    let create = object_change(change(None, Some(d.clone()), Verb::Apply));
+    assert_eq!((create.action, create.rollout), (Action::Create, None));
+    let delete = object_change(change(Some(d.clone()), None, Verb::Delete));
+    assert_eq!(delete.action, Action::Delete);
+    let same = object_change(change(Some(d.clone()), Some(d.clone()), Verb::Apply));
+    assert_eq!(same.action, Action::Unchanged);
+    let mut refused = change(Some(d), None, Verb::Apply);
+    refused.refused = Some("frozen".into());
+    assert_eq!(object_change(refused).action, Action::Refused);
+}
+
+fn plan_of(changes: Vec<ObjectChange>, failed: bool) -> Plan {
+    Plan {
+        policy: "p".into(),
+        notes: Vec::new(),
+        changes,
+        not_written: Vec::new(),
+        failed_sections: match failed {
+            true => vec![NotWritten {
+                section: "MutualTLS".into(),
+                object: "MeshPolicy/p".into(),
+                action: "Forbidden".into(),
+                message: "no".into(),
+            }],
+            false => Vec::new(),
+        },
+        waves: None,
+    }
+}
+
+#[test]
+fn exit_codes_say_nothing_pending_pending_or_incomplete() {
+    let d = deployment("10m", "helm", 1);
+    let same = object_change(change(Some(d.clone()), Some(d.clone()), Verb::Apply));
+    let update = object_change(change(
+        Some(d),
+        Some(deployment("20m", "meshwarden", 1)),
+        Verb::Apply,
+    ));
+    assert_eq!(plan_of(vec![], false).exit_code(), 0);
+    assert_eq!(plan_of(vec![same], false).exit_code(), 0);
+    assert_eq!(plan_of(vec![update.clone()], false).exit_code(), 2);
+    assert_eq!(plan_of(vec![update], true).exit_code(), 1);
+}
+
+#[test]
+fn the_diff_output_shows_fields_takeovers_and_rollouts() {
+    let update = object_change(change(
+        Some(deployment("10m", "helm", 2)),
+        Some(deployment("500m", "meshwarden", 2)),
+        Verb::Apply,
+    ));
+    let text = render(&plan_of(vec![update], false), Output::Diff).unwrap();
+    assert!(
+        text.contains("~ Deployment istio-system/istiod (updated; its pods roll: 2 pods)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  takes over from helm: spec.replicas, "),
+        "{text}"
+    );
+    assert!(text.contains("--- Deployment istio-system/istiod (live)\n+++ Deployment istio-system/istiod (after)\n"), "{text}");
+    assert!(
+        text.contains("-            cpu: 10m\n+            cpu: 500m\n"),
+        "{text}"
+    );
+    assert!(text.ends_with("Plan: 0 to create, 1 to update, 0 to delete, 0 refused; 1 workload(s) roll (2 pods), 0 held\n"), "{text}");
+    let json = render(&plan_of(vec![], false), Output::Json).unwrap();
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["policy"], "p");
+    assert!(
+        render(&plan_of(vec![], false), Output::Diff)
+            .unwrap()
+            .ends_with("No changes: Enforce would write nothing now (0 held).\n")
+    );
+}
+
+#[test]
+fn every_section_is_forced_to_enforce() {
+    let mut p: MeshPolicy = serde_yaml::from_str(
+        "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: p}\nspec:\n  controlPlane: {enforcement: Audit, namespace: istio-system}\n  mtls: {enforcement: Audit, mode: STRICT}\n",
+    )
+    .unwrap();
+    enforce_everything(&mut p.spec);
+    assert_eq!(p.spec.enforcement, Enforcement::Enforce);
+    assert_eq!(p.spec.control_plane.unwrap().enforcement, None);
+    assert_eq!(p.spec.mtls.unwrap().enforcement, None);
+}
+
+#[test]
+fn the_same_value_applied_is_owned_with_its_manager_not_taken_over() {
+    let entry = |manager: &str| {
+        json!({"manager": manager, "operation": "Apply", "apiVersion": "apps/v1", "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:spec": {"f:minReplicas": {}}}})
+    };
+    let object = |entries: Vec<Value>| {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "istiod", "namespace": "istio-system", "managedFields": entries},
+            "spec": {"minReplicas": 2}})
+    };
+    let c = object_change(change(
+        Some(object(vec![entry("helm")])),
+        Some(object(vec![entry("helm"), entry("meshwarden")])),
+        Verb::Apply,
+    ));
+    assert_eq!(
+        c.takeovers,
+        [Takeover {
+            manager: "helm".into(),
+            fields: Vec::new(),
+            shared: vec!["spec.minReplicas".into()],
+        }]
+    );
+    assert_eq!(c.action, Action::Unchanged, "no value changes hands");
+}
+
+#[test]
+fn waves_count_the_rollouts_now_and_those_waiting_for_a_slot() {
+    assert_eq!(Waves::of(1, 0, 1), None, "nothing waits: no waves to tell");
+    let w = Waves::of(2, 5, 2).unwrap();
+    assert_eq!((w.waves, w.max_concurrent), (4, 2), "2 now, then 2, 2, 1");
+    assert_eq!(
+        Waves::of(0, 3, 2).unwrap().waves,
+        2,
+        "slots taken by rollouts in progress"
+    );
+    let update = object_change(change(
+        Some(deployment("10m", "helm", 2)),
+        Some(deployment("500m", "meshwarden", 2)),
+        Verb::Apply,
+    ));
+    let mut p = plan_of(vec![update], false);
+    p.waves = Waves::of(1, 1, 1);
+    let text = render(&p, Output::Diff).unwrap();
+    assert!(
+        text.contains(
+            "; sidecars roll in 2 paced wave(s) of at most 1 (1 now, 1 waiting for a slot)"
+        ),
+        "{text}"
+    );
+}
