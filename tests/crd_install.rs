@@ -226,9 +226,9 @@ fn everything() -> Value {
     let selector = json!({"matchExpressions": [{"key": "k", "operator": "Exists"}]});
     json!({
         "enforcement": "Audit",
-        "controlPlane": {"enforcement": "Audit", "spread": {"nodes": "Preferred", "zones": "Preferred"}},
+        "controlPlane": {"enforcement": "Audit", "spread": {"nodes": "Preferred", "zones": "Preferred", "rebalance": "Off"}},
         "gateways": [{"name": "a", "namespace": "gw", "selector": selector, "enforcement": "Audit",
-                      "spread": {"nodes": "Preferred", "zones": "Preferred"}}],
+                      "spread": {"nodes": "Preferred", "zones": "Preferred", "rebalance": "Off"}}],
         "sidecars": {"enforcement": "Audit", "namespaceSelector": selector,
                      "resources": {"requests": {"cpu": "100m"}}, "pacing": "Paced"},
         "mtls": {"enforcement": "Audit", "mode": "STRICT", "scope": "Namespaces",
