@@ -121,8 +121,8 @@ pub(super) struct Written {
 /// A policy's status writes, paced ([`status::pace`]).
 #[derive(Clone, Default)]
 pub(super) struct Paced {
-    /// When the last status write was sent, whatever its outcome.
-    sent: Option<std::time::Instant>,
+    /// When the last status writes were sent, whatever their outcome.
+    sent: crate::status::pace::Sent,
     /// The latest status built and not written: coalesced, or its write ended without an
     /// answer. The next status is built on it, so that it keeps its corrections and
     /// transition times, and it is written when `due` comes (or whatever newer status was
@@ -247,7 +247,7 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
         Pace::Nothing => (None, None),
         Pace::Defer(due) => (Some(new_status.clone()), Some(due)),
         Pace::Write => {
-            paced.sent = Some(sent);
+            paced.sent.record(sent);
             (Some(new_status.clone()), None)
         }
     };

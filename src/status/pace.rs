@@ -5,13 +5,13 @@
 //! the message), and every change was a write. Now the first change after a quiet interval is
 //! written at once; changes within the interval after a write are coalesced: the latest one is
 //! kept and written when the interval ends (the reconcile asks to be run again then). A status
-//! that makes `Ready` True is written at once: it is what users wait for, and since each such
-//! write needs a write that made `Ready` not True before it, writes stay within two per
-//! interval even when `Ready` flaps.
+//! in which a condition changes its status (a section turning False or True, `Ready` among
+//! them) is news users and alerts wait for: it is written at once, once per interval (a
+//! second such write within the interval is coalesced like any change), so writes stay within
+//! two per interval even when a condition flaps.
 
 use std::time::{Duration, Instant};
 
-use super::conditions::types;
 use super::unchanged;
 use crate::api::MeshPolicyStatus;
 
@@ -30,12 +30,32 @@ pub enum Pace {
     Nothing,
 }
 
-/// What to do with `new`, given the status as last written (`written`), when the last write
-/// was sent (`last_sent`, whatever its outcome), and whether that write may not have landed
-/// (`unsure`: it failed or was abandoned, so even an unchanged status is written again).
+/// When the last writes were sent, whatever their outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// The last write.
+    pub last: Option<Instant>,
+    /// The last write sent within the interval after the one before it (a condition changed
+    /// its status).
+    pub early: Option<Instant>,
+}
+
+impl Sent {
+    /// Records a write sent at `at`.
+    pub fn record(&mut self, at: Instant) {
+        if self.last.is_some_and(|last| at < last + INTERVAL) {
+            self.early = Some(at);
+        }
+        self.last = Some(at);
+    }
+}
+
+/// What to do with `new`, given the status as last written (`written`), when the last writes
+/// were sent (`sent`), and whether the last write may not have landed (`unsure`: it failed or
+/// was abandoned, so even an unchanged status is written again).
 pub fn pace(
     now: Instant,
-    last_sent: Option<Instant>,
+    sent: Sent,
     written: Option<&MeshPolicyStatus>,
     new: &MeshPolicyStatus,
     unsure: bool,
@@ -43,25 +63,25 @@ pub fn pace(
     if !unsure && unchanged(written, new) {
         return Pace::Nothing;
     }
-    match last_sent.map(|at| at + INTERVAL) {
-        Some(due) if now < due && !turns_ready(written, new) => Pace::Defer(due),
+    let early_allowed = sent.early.is_none_or(|at| now >= at + INTERVAL);
+    match sent.last.map(|at| at + INTERVAL) {
+        Some(due) if now < due && !(early_allowed && transition(written, new)) => Pace::Defer(due),
         _ => Pace::Write,
     }
 }
 
-/// Whether writing `new` over `written` turns `Ready` True.
-fn turns_ready(written: Option<&MeshPolicyStatus>, new: &MeshPolicyStatus) -> bool {
-    let ready = |s: &MeshPolicyStatus| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == types::READY && c.status == "True")
-    };
-    ready(new) && !written.is_some_and(ready)
+/// Whether a condition of `new` has another status than in `written` (or is new).
+fn transition(written: Option<&MeshPolicyStatus>, new: &MeshPolicyStatus) -> bool {
+    let before = |type_: &str| written.and_then(|w| w.conditions.iter().find(|c| c.type_ == type_));
+    new.conditions
+        .iter()
+        .any(|c| before(&c.type_).is_none_or(|b| b.status != c.status))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::status::conditions::types;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
     fn status(ready: bool, compliant: i32) -> MeshPolicyStatus {
@@ -84,7 +104,7 @@ mod tests {
     /// to run then), as the latest built.
     fn simulate(builds: &[(u64, MeshPolicyStatus)]) -> Vec<(u64, i32)> {
         let t0 = Instant::now();
-        let (mut written, mut last_sent, mut latest, mut due) = (None, None, None, None);
+        let (mut written, mut sent, mut latest, mut due) = (None, Sent::default(), None, None);
         let mut writes = Vec::new();
         for ms in (0..=5000).step_by(50) {
             let now = t0 + Duration::from_millis(ms);
@@ -96,10 +116,11 @@ mod tests {
                 },
                 None => continue,
             };
-            match pace(now, last_sent, written.as_ref(), &new, false) {
+            match pace(now, sent, written.as_ref(), &new, false) {
                 Pace::Write => {
                     writes.push((ms, new.compliant));
-                    (written, last_sent, latest, due) = (Some(new), Some(now), None, None);
+                    sent.record(now);
+                    (written, latest, due) = (Some(new), None, None);
                 }
                 Pace::Defer(when) => (latest, due) = (Some(new), Some(when)),
                 Pace::Nothing => (latest, due) = (None, None),
@@ -137,17 +158,37 @@ mod tests {
     }
 
     #[test]
+    fn a_condition_turning_false_is_written_at_once_once_per_interval() {
+        // Written at 0 (True), a count change at 300 (coalesced), a section turning False at
+        // 400 (written at once), another count change at 600 (coalesced with the interval of
+        // the write at 400), False again with a new count at 700 and back to True at 800: the
+        // early write of the interval is spent, so 800 is written when that interval ends.
+        let builds = vec![
+            (0, status(true, 0)),
+            (300, status(true, 1)),
+            (400, status(false, 2)),
+            (600, status(false, 3)),
+            (800, status(true, 4)),
+        ];
+        assert_eq!(simulate(&builds), vec![(0, 0), (400, 2), (1400, 4)]);
+    }
+
+    #[test]
     fn an_unchanged_status_is_not_written_unless_the_last_write_is_unsure() {
         let now = Instant::now();
         let s = status(true, 1);
-        assert_eq!(pace(now, None, Some(&s), &s, false), Pace::Nothing);
-        assert_eq!(pace(now, None, Some(&s), &s, true), Pace::Write);
+        let none = Sent::default();
+        assert_eq!(pace(now, none, Some(&s), &s, false), Pace::Nothing);
+        assert_eq!(pace(now, none, Some(&s), &s, true), Pace::Write);
         // A write that failed a moment ago is retried when the interval ends.
-        let sent = Some(now - Duration::from_millis(300));
+        let sent = Sent {
+            last: Some(now - Duration::from_millis(300)),
+            early: None,
+        };
         assert_eq!(
             pace(now, sent, Some(&s), &s, true),
             Pace::Defer(now + Duration::from_millis(700))
         );
-        assert_eq!(pace(now, None, None, &s, false), Pace::Write);
+        assert_eq!(pace(now, none, None, &s, false), Pace::Write);
     }
 }
