@@ -109,11 +109,8 @@ sidecars: {{namespaceSelector: {{matchLabels: {{meshwarden-test: {id}}}}}, maxCo
 async fn plan_of_restarts_names_the_restarts_the_slot_and_the_skipped_as_enforce_does_them() {
     let env = common::cluster_env("plan-restarts").await;
     let id = env.id.clone();
-    let mine = ("meshwarden-upgrades", id.as_str());
-    let web = env
-        .namespace("web", &[("istio-injection", "enabled")])
-        .await;
-    let injected = injected_web_pod(&env.client, &web).await;
+    let ((key, value), injected) = upgrades_fixture(&env).await;
+    let mine = (key, value.as_str());
     // Injection is turned on in `on` once its pods run the outdated proxy (istiod would
     // inject its own into them otherwise), as for pods that predate an upgrade.
     let on = env

@@ -149,6 +149,17 @@ pub fn injected_as(pod: &Pod, app: &str, revision: &str, tag: &str) -> serde_jso
     })
 }
 
+/// For the upgrades scenarios: the label that puts a test's namespaces under its policy's
+/// `namespaceSelector` (`meshwarden-upgrades: <test id>`), and a pod the default istiod
+/// really injected (in a namespace of its own), whose spec [`outdated_deployment`] copies.
+pub async fn upgrades_fixture(env: &common::Env) -> ((&'static str, String), Pod) {
+    let web = env
+        .namespace("web", &[("istio-injection", "enabled")])
+        .await;
+    let injected = injected_web_pod(&env.client, &web).await;
+    (("meshwarden-upgrades", env.id.clone()), injected)
+}
+
 /// A one-replica Deployment `name` whose pod template is what the default istiod's injection
 /// really produced for `injected`, with proxy image tag `tag`: its pods run that proxy.
 pub fn outdated_deployment(injected: &Pod, name: &str, tag: &str) -> Deployment {

@@ -13,11 +13,8 @@ use super::*;
 async fn upgrades_never_restarts_where_no_injector_gives_a_current_proxy() {
     let env = common::cluster_env("restarts").await;
     let id = env.id.clone();
-    let mine = ("meshwarden-upgrades", id.as_str());
-    let web = env
-        .namespace("web", &[("istio-injection", "enabled")])
-        .await;
-    let injected = injected_web_pod(&env.client, &web).await;
+    let ((key, value), injected) = upgrades_fixture(&env).await;
+    let mine = (key, value.as_str());
     let first = env
         .namespace("a-stall", &[mine, ("istio-injection", "disabled")])
         .await;

@@ -333,19 +333,19 @@ async fn write_planned(
         .filter(|o| !matches!(o, Outcome::Fighting(_)))
         .count();
     let mut first_error = None;
+    // A target not written: skipped with why, after its deviations.
+    let skipped = |w: &Workload, d: &Decision, why: String| Violation {
+        rule: ctype.into(),
+        object: w.id(),
+        message: format!("{}; {why}", d.deviations.join("; ")),
+        action: ViolationAction::Skipped,
+    };
     for outcome in outcomes {
         let (w, d) = match outcome {
             Outcome::Fighting((w, d)) => {
                 tally.fights.push(w.id());
-                report.violations.push(Violation {
-                    rule: ctype.into(),
-                    object: w.id(),
-                    message: format!(
-                        "{}; another writer keeps changing these annotations back",
-                        d.deviations.join("; ")
-                    ),
-                    action: ViolationAction::Skipped,
-                });
+                let why = "another writer keeps changing these annotations back";
+                report.violations.push(skipped(w, d, why.into()));
                 continue;
             }
             Outcome::Failed((w, d), e) => {
@@ -353,15 +353,10 @@ async fn write_planned(
                     c.record_write_result(w, Some(e.to_string()));
                 }
                 tally.failed_writes += 1;
-                report.violations.push(Violation {
-                    rule: ctype.into(),
-                    object: w.id(),
-                    message: format!(
-                        "{}; the write failed: {e}; retried at the next reconcile, after the other targets",
-                        d.deviations.join("; ")
-                    ),
-                    action: ViolationAction::Skipped,
-                });
+                let why = format!(
+                    "the write failed: {e}; retried at the next reconcile, after the other targets"
+                );
+                report.violations.push(skipped(w, d, why));
                 first_error.get_or_insert(e);
                 continue;
             }
