@@ -100,11 +100,13 @@ sidecars: {{namespaceSelector: {{matchLabels: {{meshwarden-test: {id}}}}}, maxCo
 /// `meshwarden plan` of the upgrades section's restarts, on the full cluster: four Deployments
 /// whose proxies (the default injection's pod, moved to proxy 1.29.0, carried in their
 /// templates) are two minors behind the default istiod; three in a namespace whose injection is
-/// turned on once they run, one with injection off. `restartOutdated: true, maxConcurrentRestarts: 2`. The plan from a
-/// file names the two restarts that start now with the pods they roll, the third held for a
-/// restart slot, the fourth skipped (a restart would give its pods no sidecar), and the waves;
-/// it writes nothing. Enforce's first pass then restarts exactly the planned two, whose pods
-/// istiod re-injects with its own proxy, and replaces no other pod.
+/// turned on once they run, one with injection off; a ValidatingAdmissionPolicy freezes `b`'s
+/// pod template. `restartOutdated: true, maxConcurrentRestarts: 2`. The plan from a file names
+/// the restart that starts now with the pods it rolls, `b`'s restart refused with the
+/// policy's message, the third held for a restart slot, the fourth skipped (a restart would
+/// give its pods no sidecar) and the waves; it writes nothing. Enforce's first pass then makes
+/// exactly the planned writes: `a`'s pods are re-injected by istiod with its own proxy, and no
+/// other pod is replaced. (Before the plan read the operator's caches, it planned no restart.)
 #[tokio::test]
 async fn plan_of_restarts_names_the_restarts_the_slot_and_the_skipped_as_enforce_does_them() {
     let env = common::cluster_env("plan-restarts").await;
@@ -160,7 +162,21 @@ async fn plan_of_restarts_names_the_restarts_the_slot_and_the_skipped_as_enforce
             uids
         }
     };
-    let (c_pods, d_pods) = (pods_of(&on, "c").await, pods_of(&off, "d").await);
+    let (b_pods, c_pods, d_pods) = (
+        pods_of(&on, "b").await,
+        pods_of(&on, "c").await,
+        pods_of(&off, "d").await,
+    );
+    // A release freeze on `b`'s pod template, as an admission policy would hold it.
+    common::freeze_deployments(
+        &env.client,
+        &on,
+        "object.metadata.name != 'b' || object.spec.template == oldObject.spec.template",
+        "b is frozen for the release",
+        "b",
+        json!({"spec": {"template": {"metadata": {"annotations": {"probe": "1"}}}}}),
+    )
+    .await;
 
     let spec = |mode: &str| {
         format!(
@@ -172,13 +188,14 @@ async fn plan_of_restarts_names_the_restarts_the_slot_and_the_skipped_as_enforce
         &out,
         &[
             format!("~ Deployment {on}/a (updated; its pods roll: 1 pod)"),
-            format!("~ Deployment {on}/b (updated; its pods roll: 1 pod)"),
+            format!("! Deployment {on}/b (REFUSED by the API server)"),
+            "b is frozen for the release".into(),
             format!("  Held Deployment/{on}/c (Upgrades)"),
             "waits for a restart slot (maxConcurrentRestarts 2".into(),
             format!("  Skipped Deployment/{off}/d (Upgrades)"),
             "a restart would give its pods no sidecar (injection disabled in the namespace)".into(),
-            "Plan: 0 to create, 2 to update, 0 to delete, 0 refused".into(),
-            "restarts run in 2 paced wave(s) of at most 2 (2 now, 1 waiting for a slot)".into(),
+            "Plan: 0 to create, 1 to update, 0 to delete, 1 refused".into(),
+            "restarts run in 2 paced wave(s) of at most 2 (1 now, 1 waiting for a slot)".into(),
         ],
     );
     assert!(!out.contains(&format!("Deployment {on}/c (")), "{out}");
@@ -191,10 +208,9 @@ async fn plan_of_restarts_names_the_restarts_the_slot_and_the_skipped_as_enforce
         &["kubectl.kubernetes.io/restartedAt"],
     )
     .await;
-    // What runs: the two restarted get istiod's own proxy; nothing else is replaced.
-    for app in ["a", "b"] {
-        injected_by(&env.client, &on, app, "default", "1.31-dev").await;
-    }
+    // What runs: `a` restarted with istiod's own proxy; nothing else is replaced.
+    injected_by(&env.client, &on, "a", "default", "1.31-dev").await;
+    assert_eq!(pods_of(&on, "b").await, b_pods, "b's restart was refused");
     assert_eq!(pods_of(&on, "c").await, c_pods, "c waits for a slot");
     assert_eq!(pods_of(&off, "d").await, d_pods, "d is never restarted");
 }

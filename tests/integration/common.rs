@@ -691,7 +691,8 @@ fn mask_template_annotations(v: &mut serde_json::Value, keys: &[&str]) {
 }
 
 /// The objects of a `meshwarden plan -o json` output and their writes read back: (resource,
-/// namespace, name) of each change, with its planned and its live [`written`] fields.
+/// namespace, name) of each change, with its planned (for a refused write, as read) and its
+/// live [`written`] fields.
 #[allow(dead_code)]
 pub async fn planned_and_live(
     client: &Client,
@@ -716,9 +717,14 @@ pub async fn planned_and_live(
         ));
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
         let live = serde_json::to_value(api.get(&name).await.unwrap()).unwrap();
+        // A refused write changes nothing: the object stays as the plan read it.
+        let planned = match c["action"].as_str() {
+            Some("refused") => &c["before"],
+            _ => &c["after"],
+        };
         out.push((
             (resource(&kind), ns, name),
-            written(&c["after"]),
+            written(planned),
             written(&live),
         ));
     }
