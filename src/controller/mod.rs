@@ -182,6 +182,10 @@ pub async fn run(
     // reconcile of a policy with a certificates section on.
     let (root_certs, root_cert_events) = certificates::RootCache::watch(&client, &health);
     state.ctx.set_cache(Some(root_certs));
+    // The upgrades section's running-pod counts per namespace, kept between evaluations.
+    state
+        .ctx
+        .set_cache(Some(crate::rules::upgrades::PodMemos::default()));
     // Namespace labels, for routing workload events to sidecars sections; namespace changes
     // also reach mtls sections (one watch serves both).
     let (ns_store, ns_stream) = cached::<PartialObjectMeta<Namespace>>(
