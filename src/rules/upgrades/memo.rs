@@ -1,7 +1,8 @@
 //! The running pods' counts kept between evaluations, per policy and namespace: an evaluation
 //! counts anew only the namespaces whose running pods changed, so a pod event costs one
-//! namespace's count, not the cluster's ([`PodPart`], [`plan_parts`]). A watch event replaces
-//! a pod's shared facts in the sidecars section's index, so a changed pod is a different `Arc`.
+//! namespace's count, not the cluster's ([`PodPart`], [`plan_parts`]). The sidecars section's
+//! index stamps each namespace's changes ([`View::stamp`]): a namespace with the stamp its part
+//! was counted at holds the same pods.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -38,20 +39,21 @@ impl PodMemos {
     }
 }
 
-/// One policy's namespace counts, each with the pods it was counted from; valid while the
-/// skew allowed and the revisions stay the same.
+/// One policy's namespace counts, each with the stamp of the pods it was counted from; valid
+/// while the skew allowed and the revisions stay the same.
 #[derive(Debug, Default)]
 pub struct PodMemo {
     decided_for: Option<(i32, Revisions)>,
-    parts: HashMap<String, (Vec<Arc<PodFacts>>, Arc<PodPart>)>,
+    /// Per namespace: the index's stamp of the pods it was counted from, and the part.
+    parts: HashMap<String, (u64, Arc<PodPart>)>,
     /// Namespaces counted anew by the last evaluation (the others were kept).
     pub last_counted: usize,
 }
 
 impl PodMemo {
     /// The parts of the `selected` namespaces that have running pods (in `pods`, the index),
-    /// in namespace order, counting anew only the namespaces whose pods differ from the ones
-    /// kept. Parts of namespaces no longer selected, or without running pods, are dropped.
+    /// in namespace order, counting anew only the namespaces whose pods changed since their
+    /// part was counted. Parts of namespaces no longer selected, or without running pods, are dropped.
     pub fn parts(
         &mut self,
         max_minor_skew: i32,
@@ -71,18 +73,11 @@ impl PodMemo {
         let mut out = Vec::with_capacity(selected.len());
         let mut present: HashSet<&str> = HashSet::new();
         for ns in selected {
-            let Some(now) = pods.get(ns) else {
+            let (Some(now), Some(stamp)) = (pods.get(ns), pods.stamp(ns)) else {
                 continue;
             };
             present.insert(ns);
-            let kept = self.parts.get(*ns).filter(|(from, _)| {
-                from.len() == now.len()
-                    && from
-                        .iter()
-                        .zip(now.values())
-                        .all(|(a, b)| Arc::ptr_eq(a, b))
-            });
-            let part = match kept {
+            let part = match self.parts.get(*ns).filter(|(at, _)| *at == stamp) {
                 Some((_, part)) => part.clone(),
                 None => {
                     self.last_counted += 1;
@@ -92,8 +87,7 @@ impl PodMemo {
                         ns,
                         now.values().map(Arc::as_ref),
                     ));
-                    let from: Vec<Arc<PodFacts>> = now.values().cloned().collect();
-                    self.parts.insert(ns.to_string(), (from, part.clone()));
+                    self.parts.insert(ns.to_string(), (stamp, part.clone()));
                     part
                 }
             };

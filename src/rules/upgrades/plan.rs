@@ -239,13 +239,14 @@ pub fn plan_parts<'a>(
         }
     }
     for (ns, labels) in namespaces {
-        let object = format!("Namespace/{ns}");
+        // Named only for a finding (most namespaces have none).
+        let object = || format!("Namespace/{ns}");
         if labels.get(INJECTION_LABEL).map(String::as_str) == Some("enabled")
             && let Some(rev) = labels.get(REVISION_LABEL)
         {
             out.findings.push(Finding {
                 reason: reasons::INJECTION_LABELS_CONFLICT,
-                object: object.clone(),
+                object: object(),
                 message: format!(
                     "the namespace has both istio-injection=enabled and istio.io/rev={rev}: the default injector wins and istio.io/rev is ignored, so a revision upgrade by relabelling does nothing; remove one of the two labels"
                 ),
@@ -254,7 +255,7 @@ pub fn plan_parts<'a>(
         match namespace_injection(labels, revisions) {
             Injection::UnknownRevision(rev) => out.findings.push(Finding {
                 reason: reasons::UNKNOWN_REVISION,
-                object,
+                object: object(),
                 message: format!(
                     "{}; label the namespace with a live revision or tag",
                     revisions.unknown_message(&rev)
