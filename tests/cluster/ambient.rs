@@ -41,45 +41,44 @@ fn install(release: &str, chart: &str, ns: &str, pool: &str) {
     .unwrap_or_else(|e| panic!("helm install {release}: {e}"));
 }
 
-/// Patches DaemonSet `name` as `kubectl patch` would (a JSON merge patch, its field manager).
-async fn patch_as_user(api: &Api<DaemonSet>, name: &str, patch: serde_json::Value) {
-    api.patch(
-        name,
-        &PatchParams {
-            field_manager: Some("kubectl-patch".into()),
-            ..Default::default()
-        },
-        &Patch::Merge(patch),
-    )
-    .await
-    .unwrap();
+/// Patches DaemonSet `name` as `kubectl patch` would (its field manager).
+async fn patch_as_user(api: &Api<DaemonSet>, name: &str, patch: Patch<serde_json::Value>) {
+    let params = PatchParams {
+        field_manager: Some("kubectl-patch".into()),
+        ..Default::default()
+    };
+    api.patch(name, &params, &patch).await.unwrap();
 }
 
-/// Waits for the `AmbientDataPlane` condition with `reason`, returns (message, violations as
-/// (object, message)).
+/// Waits until the `AmbientDataPlane` condition's reason and the section's violations (object,
+/// message) pass `done`; returns the condition's message and those violations.
+async fn wait_until(
+    env: &common::Env,
+    secs: u64,
+    done: impl Fn(&str, &[(String, String)]) -> bool,
+) -> (String, Vec<(String, String)>) {
+    env.wait_policy("p", secs, |p| {
+        let c = common::condition(p, "AmbientDataPlane")?;
+        let violations: Vec<(String, String)> = p
+            .status
+            .as_ref()?
+            .violations
+            .iter()
+            .filter(|v| v.rule == "AmbientDataPlane")
+            .map(|v| (v.object.clone(), v.message.clone()))
+            .collect();
+        done(&c.reason, &violations).then(|| (c.message.clone(), violations))
+    })
+    .await
+}
+
+/// [`wait_until`] the condition has `reason`.
 async fn wait_reason(
     env: &common::Env,
     secs: u64,
     reason: &str,
 ) -> (String, Vec<(String, String)>) {
-    env.wait_policy("p", secs, |p| {
-        let c = common::condition(p, "AmbientDataPlane")?;
-        (c.reason == reason).then(|| {
-            let violations = p
-                .status
-                .as_ref()
-                .map(|s| {
-                    s.violations
-                        .iter()
-                        .filter(|v| v.rule == "AmbientDataPlane")
-                        .map(|v| (v.object.clone(), v.message.clone()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            (c.message.clone(), violations)
-        })
-    })
-    .await
+    wait_until(env, secs, |r, _| r == reason).await
 }
 
 #[tokio::test]
@@ -155,10 +154,10 @@ async fn the_ambient_section_reports_the_charts_agents_a_drift_and_a_node_withou
     patch_as_user(
         &daemonsets,
         "ztunnel",
-        json!({"spec": {"template": {"spec": {"tolerations": [
+        Patch::Merge(json!({"spec": {"template": {"spec": {"tolerations": [
             {"effect": "NoSchedule", "operator": "Exists"},
             {"key": "CriticalAddonsOnly", "operator": "Exists"},
-        ]}}}}),
+        ]}}}})),
     )
     .await;
     let (message, violations) = wait_reason(&env, 30, "DataPlanePostureDrift").await;
@@ -181,13 +180,15 @@ async fn the_ambient_section_reports_the_charts_agents_a_drift_and_a_node_withou
     patch_as_user(
         &daemonsets,
         "ztunnel",
-        json!({"spec": {"template": {"spec": {"affinity": {"nodeAffinity": {
-        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-            {"matchExpressions": [
-                {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": [names[0]]},
-                {"key": "pool", "operator": "In", "values": [id]},
-            ]},
-        ]}}}}}}}),
+        Patch::Merge(
+            json!({"spec": {"template": {"spec": {"affinity": {"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [
+                    {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": [names[0]]},
+                    {"key": "pool", "operator": "In", "values": [id]},
+                ]},
+            ]}}}}}}}),
+        ),
     )
     .await;
     let (message, violations) = wait_reason(&env, 60, "DataPlaneNotReady").await;
@@ -212,6 +213,39 @@ async fn the_ambient_section_reports_the_charts_agents_a_drift_and_a_node_withou
             .iter()
             .any(|v| v.0 == format!("DaemonSet/{system}/ztunnel")),
         "{violations:?}"
+    );
+    // 4. ztunnel rolled back two minor versions below istiod (the container's image, as
+    //    `kubectl set image` would): reported next to the node without ztunnel.
+    let old = "docker.io/istio/ztunnel:1.29.0";
+    patch_as_user(
+        &daemonsets,
+        "ztunnel",
+        Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [
+            {"name": "istio-proxy", "image": old},
+        ]}}}})),
+    )
+    .await;
+    let ztunnel = format!("DaemonSet/{system}/ztunnel");
+    let (message, violations) = wait_until(&env, 30, |_, v| {
+        v.iter()
+            .any(|(o, m)| *o == ztunnel && m.contains("1.29.0 is"))
+    })
+    .await;
+    eprintln!("4. {message}\n   {violations:?}");
+    let skew: Vec<&(String, String)> = violations
+        .iter()
+        .filter(|(o, m)| *o == ztunnel && m.contains("1.29.0 is"))
+        .collect();
+    assert_eq!(skew.len(), 1, "{violations:?}");
+    assert!(
+        skew[0].1.contains(&format!(
+            "ztunnel 1.29.0 is 2 minor versions behind istiod {version}"
+        )),
+        "{skew:?}"
+    );
+    assert!(
+        message.starts_with(&node),
+        "the most urgent first: {message}"
     );
     // Nothing was written to the agents or the app.
     let writes = env.operator_writes_to(|r| r["namespace"] == system || r["namespace"] == app);
