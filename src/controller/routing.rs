@@ -189,8 +189,8 @@ impl Route {
     }
 
     /// A running pod changed: the upgrades sections (they count every proxy), the HA
-    /// sections covering its namespace (it may be a replica of their targets) and the ambient
-    /// sections (a node agent's pod, or an ambient pod on a node).
+    /// sections covering its namespace (it may be a replica of their targets) and, for a node
+    /// agent's pod or a pod in ambient mode, the ambient sections.
     pub fn running_pod(
         &self,
         event: Result<crate::rules::sidecars::CachedPod, watcher::Error>,
@@ -204,12 +204,29 @@ impl Route {
                 policies_with_upgrades(&self.policies),
                 Section::Upgrades.only(),
             );
-            self.triggers.add(
-                policies_with_ambient(&self.policies),
-                Section::Ambient.only(),
-            );
+            if self.concerns_ambient(&pod) {
+                self.triggers.add(
+                    policies_with_ambient(&self.policies),
+                    Section::Ambient.only(),
+                );
+            }
         }
         ready(())
+    }
+
+    /// Whether a running pod's change concerns the ambient sections (a node agent's pod, or a
+    /// pod in ambient mode), read with its namespace's labels.
+    fn concerns_ambient(&self, pod: &crate::rules::sidecars::CachedPod) -> bool {
+        let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let labels = self
+            .namespaces
+            .get(&ObjectRef::new(ns))
+            .map(|n| n.labels().clone());
+        let mode = labels
+            .as_ref()
+            .and_then(|l| l.get(crate::istio::DATAPLANE_MODE_LABEL))
+            .map(String::as_str);
+        rules::ambient::plan::concerns(mode, &pod.facts)
     }
 
     /// An HPA changed: the HA sections of the policies covering its namespace.

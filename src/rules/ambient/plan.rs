@@ -49,6 +49,19 @@ pub fn is_ambient(namespace_mode: Option<&str>, pod: &PodFacts) -> bool {
     mode == Some("ambient") && pod.sidecar.is_none() && !pod.placement.terminating
 }
 
+/// Whether a change of `pod` (in a namespace whose `istio.io/dataplane-mode` is
+/// `namespace_mode`) can change what the section reports: a DaemonSet's pod (a node agent's,
+/// perhaps), or a pod in ambient mode by its labels (whatever its state).
+pub fn concerns(namespace_mode: Option<&str>, pod: &PodFacts) -> bool {
+    matches!(pod.owner, Some((Kind::DaemonSet, _)))
+        || pod
+            .labels
+            .get(DATAPLANE_MODE_LABEL)
+            .map(String::as_str)
+            .or(namespace_mode)
+            == Some("ambient")
+}
+
 /// The nodes running ambient pods, from every running pod (namespace, facts) and each
 /// namespace's `istio.io/dataplane-mode`.
 pub fn ambient_nodes<'a>(

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{Pod, Toleration};
 use serde_json::json;
 
 use super::facts::{Component, DataPlaneFacts, tolerates_every};
-use super::plan::{self, AmbientPods, Seen, ambient_nodes, is_ambient};
+use super::plan::{self, AmbientPods, Seen, ambient_nodes, concerns, is_ambient};
 use crate::api::AmbientCheck;
 use crate::istio::Revisions;
 use crate::rules::sidecars::PodFacts;
@@ -89,6 +89,17 @@ fn pod(
     }))
     .unwrap();
     PodFacts::from(&p)
+}
+
+/// A Ready pod on `node` labelled `istio.io/dataplane-mode: <mode>`.
+fn labelled(name: &str, node: &str, mode: &str) -> PodFacts {
+    pod(
+        name,
+        node,
+        true,
+        json!({"istio.io/dataplane-mode": mode}),
+        None,
+    )
 }
 
 /// Asserts that `text` contains `part`.
@@ -377,20 +388,8 @@ fn versions_against_istiod() {
 #[test]
 fn ambient_pods_by_namespace_and_pod_label() {
     let web = pod("web", "a", true, json!({}), None);
-    let out = pod(
-        "out",
-        "b",
-        true,
-        json!({"istio.io/dataplane-mode": "none"}),
-        None,
-    );
-    let opted_in = pod(
-        "in",
-        "c",
-        true,
-        json!({"istio.io/dataplane-mode": "ambient"}),
-        None,
-    );
+    let out = labelled("out", "b", "none");
+    let opted_in = labelled("in", "c", "ambient");
     assert!(is_ambient(Some("ambient"), &web));
     assert!(!is_ambient(Some("ambient"), &out), "opted out per pod");
     assert!(is_ambient(None, &opted_in), "opted in per pod");
@@ -425,4 +424,17 @@ fn ambient_pods_by_namespace_and_pod_label() {
         ]
         .into()
     );
+}
+
+#[test]
+fn changes_that_concern_the_section() {
+    let agent = pod("ztunnel-a", "a", true, json!({}), Some("ztunnel"));
+    let web = pod("web", "a", true, json!({}), None);
+    let opted_in = labelled("in", "a", "ambient");
+    let opted_out = labelled("out", "a", "none");
+    assert!(concerns(None, &agent));
+    assert!(concerns(Some("ambient"), &web));
+    assert!(concerns(None, &opted_in));
+    assert!(!concerns(None, &web), "a pod outside ambient");
+    assert!(!concerns(Some("ambient"), &opted_out));
 }
