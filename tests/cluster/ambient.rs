@@ -83,7 +83,9 @@ async fn wait_reason(
 
 #[tokio::test]
 async fn the_ambient_section_reports_the_charts_agents_a_drift_and_a_node_without_ztunnel() {
-    let env = common::cluster_env("ambient").await;
+    // Its nodes' names (`ztunnel-…`) sort after the cluster's own (`node-…`): a test that
+    // takes the cluster's second node by name order is not given one of them.
+    let env = common::cluster_env("ztunnel").await;
     let id = env.id.clone();
     // Two nodes of the test's own, tainted so that only its pods (and agents that tolerate
     // every taint) run there.
@@ -262,5 +264,8 @@ async fn the_ambient_section_reports_the_charts_agents_a_drift_and_a_node_withou
             ],
             Some(&testplane::shared_cluster().kubeconfig),
         );
+    }
+    for name in &names {
+        let _ = nodes.delete(name, &DeleteParams::default()).await;
     }
 }
