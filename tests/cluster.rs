@@ -8,6 +8,8 @@
 #[path = "integration/common.rs"]
 mod common;
 
+#[path = "cluster/ambient.rs"]
+mod ambient;
 #[path = "cluster/behaviour.rs"]
 mod behaviour;
 #[path = "cluster/certificates.rs"]
