@@ -133,7 +133,11 @@ async fn the_ambient_section_reports_the_charts_agents_a_drift_and_a_node_withou
     // Enforce: the section reports all the same.
     env.create_policy(
         "p",
-        &format!("enforcement: Enforce\nambient: {{namespace: {system}}}"),
+        // The upgrades section restarts outdated proxies in the agents' namespace: ztunnel's
+        // `istio-proxy` container is none (a restart would cut every node's connections).
+        &format!(
+            "enforcement: Enforce\nambient: {{namespace: {system}}}\nupgrades: {{restartOutdated: true, namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {system}}}}}}}"
+        ),
     )
     .await;
     // 1. The charts' defaults hold, ztunnel and istio-cni are Ready where the app runs, and
@@ -249,6 +253,32 @@ async fn the_ambient_section_reports_the_charts_agents_a_drift_and_a_node_withou
         message.starts_with(&node),
         "the most urgent first: {message}"
     );
+    // Once ztunnel runs 1.29.0 (on node 2, kept off node 1), two more evaluations restart
+    // nothing.
+    common::eventually(90, "ztunnel 1.29.0 Ready where it runs", || async {
+        let ds = daemonsets.get("ztunnel").await.ok()?;
+        let st = ds.status?;
+        (st.observed_generation == ds.metadata.generation
+            && st.desired_number_scheduled > 0
+            && st.updated_number_scheduled == Some(st.desired_number_scheduled)
+            && st.number_ready == st.desired_number_scheduled)
+            .then_some(())
+    })
+    .await;
+    two_more_reconciles(&env, &op.state, &system).await;
+    let p = env.wait_converged("p", 30).await;
+    let st = p.status.unwrap_or_default();
+    let as_proxy: Vec<_> = st
+        .violations
+        .iter()
+        .filter(|v| v.rule == "Upgrades" && v.object.contains("ztunnel"))
+        .collect();
+    assert!(
+        as_proxy.is_empty(),
+        "ztunnel taken for a sidecar: {as_proxy:?}"
+    );
+    let counted = st.upgrades.map(|u| u.proxies).unwrap_or_default();
+    assert!(counted.is_empty(), "no sidecar runs here: {counted:?}");
     // Nothing was written to the agents or the app.
     let writes = env.operator_writes_to(|r| r["namespace"] == system || r["namespace"] == app);
     assert_eq!(writes, 0, "the section writes nothing");

@@ -298,7 +298,8 @@ pub struct PodFacts {
     /// The `istio-proxy` container's requests/limits in milli-units, in the order of
     /// [`Desired::annotations`] (cpu, cpu limit, memory, memory limit); `None` without one.
     pub proxy: Option<[Option<i128>; 4]>,
-    /// The proxy's revision and version (read by the upgrades section); `None` without one.
+    /// The injected proxy's revision and version (read by the upgrades section); `None`
+    /// without one, or for an `istio-proxy` container the injector did not add (ztunnel's).
     pub sidecar: Option<crate::istio::ProxyVersion>,
     /// Where it runs and whether it serves (read by the HA sections).
     pub placement: Placement,
@@ -369,18 +370,22 @@ impl From<&Pod> for PodFacts {
                 .chain(spec.init_containers.iter().flatten())
                 .find(|c| c.name == PROXY_CONTAINER)
         });
-        let sidecar = container.map(|c| crate::istio::ProxyVersion {
-            revision: p
-                .annotations()
-                .get(crate::istio::SIDECAR_STATUS)
-                .and_then(|s| crate::istio::injected_revision(s)),
-            version: c
-                .image
-                .as_deref()
-                .and_then(crate::istio::image_tag)
-                .unwrap_or(crate::istio::UNKNOWN)
-                .to_string(),
-        });
+        // A sidecar is a proxy the injector put there, which says so in the pod's status
+        // annotation (as the mTLS section reads it): the `istio-proxy` container of ztunnel's
+        // DaemonSet is none, nor is a proxy written into a template by hand, which a restart
+        // would only bring back as it is.
+        let status = p.annotations().get(crate::istio::SIDECAR_STATUS);
+        let sidecar = container
+            .filter(|_| status.is_some())
+            .map(|c| crate::istio::ProxyVersion {
+                revision: status.and_then(|s| crate::istio::injected_revision(s)),
+                version: c
+                    .image
+                    .as_deref()
+                    .and_then(crate::istio::image_tag)
+                    .unwrap_or(crate::istio::UNKNOWN)
+                    .to_string(),
+            });
         let proxy = container.map(|c| {
             let res = c.resources.clone().unwrap_or_default();
             let get = |m: &Option<

@@ -490,3 +490,31 @@ fn a_restart_carries_only_the_restart_annotation_and_its_generation() {
         })
     );
 }
+
+/// ztunnel's pods run a container named `istio-proxy` too, but no injector put it there: they
+/// are no sidecar proxy, never counted or outdated (a restart of the DaemonSet would cut every
+/// node's connections and upgrade nothing). An injected pod of the same image is.
+#[test]
+fn ztunnel_pods_are_no_sidecar_proxies() {
+    let pod = |annotations: serde_json::Value| -> PodFacts {
+        let p: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "ztunnel-x", "namespace": "istio-system",
+                         "annotations": annotations,
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                                              "name": "ztunnel", "uid": "u"}]},
+            "spec": {"containers": [{"name": "istio-proxy",
+                                     "image": "docker.io/istio/ztunnel:1.29.0-distroless"}]},
+        }))
+        .unwrap();
+        PodFacts::from(&p)
+    };
+    let ztunnel = pod(serde_json::json!({}));
+    assert_eq!(ztunnel.sidecar, None);
+    let r = revisions();
+    let p = plan(1, &r, &[], &[("istio-system", &ztunnel)]);
+    assert_eq!((p.pods, p.outdated.len()), (0, 0), "{:?}", p.findings);
+    let injected =
+        pod(serde_json::json!({"sidecar.istio.io/status": "{\"revision\":\"default\"}"}));
+    let p = plan(1, &r, &[], &[("istio-system", &injected)]);
+    assert_eq!((p.pods, p.outdated.len()), (1, 1), "{:?}", p.findings);
+}
