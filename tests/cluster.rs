@@ -8,6 +8,8 @@
 #[path = "integration/common.rs"]
 mod common;
 
+#[path = "cluster/gateway_api.rs"]
+mod gateway_api;
 #[path = "cluster/plan.rs"]
 mod plan;
 #[path = "cluster/posture.rs"]

@@ -56,6 +56,36 @@ pub fn chart(name: &str) -> PathBuf {
     charts_dir().join(rel)
 }
 
+/// The Gateway API CRDs of the standard channel, from the `config/crd/standard` of the
+/// pinned `sigs.k8s.io/gateway-api` module (the version `istio.io/istio` depends on), linked
+/// into the binary cache by `hack/build-k8s-bins.sh`: every CustomResourceDefinition there,
+/// as one YAML stream.
+pub fn gateway_api_crds() -> Result<String> {
+    let dir = bin_dir().join("gateway-api-crds").join("standard");
+    let entries = std::fs::read_dir(&dir).map_err(|e| Error::Io {
+        path: dir.clone(),
+        source: e,
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    let mut out = String::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|e| Error::Io {
+            path: f.clone(),
+            source: e,
+        })?;
+        if text.contains("kind: CustomResourceDefinition") {
+            out.push_str("---\n");
+            out.push_str(&text);
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
 /// Helm 4 (from `hack/install-tools.sh`), else `helm` on PATH.
 pub fn helm() -> PathBuf {
     let p = tools_dir().join("helm");
