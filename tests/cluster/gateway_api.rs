@@ -1,9 +1,11 @@
-//! Gateway API gateways on the full cluster, with the real istiod rendering them: the Gateway
-//! API CRDs come from the pinned `sigs.k8s.io/gateway-api` module, istiod creates the
-//! GatewayClass `istio` and deploys a Gateway's Deployment, Service, and (from meshwarden's
-//! class defaults) its HPA and PDB. meshwarden reaches the declared HA through istiod's own
-//! customization, never fights istiod's re-renders, and Audit and deletion leave nothing
-//! behind; the gateway keeps serving throughout (sampled).
+//! Gateway API gateways and waypoints on the full cluster, with the real istiod rendering
+//! them: the Gateway API CRDs come from the pinned `sigs.k8s.io/gateway-api` module, istiod
+//! creates the GatewayClass `istio` and deploys a Gateway's Deployment, Service, and (from
+//! meshwarden's class defaults) its HPA and PDB; a second istiod revision with ambient on
+//! (`PILOT_ENABLE_AMBIENT`) deploys a waypoint of class `istio-waypoint` the same way.
+//! meshwarden reaches the declared HA through istiod's own customization, never fights
+//! istiod's re-renders, and Audit and deletion leave nothing behind; the gateways keep
+//! serving throughout (sampled).
 
 use std::sync::atomic::AtomicBool;
 
@@ -25,26 +27,56 @@ fn gateways_api(client: &Client, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), ns, &ar)
 }
 
-/// The Gateway `public` of class `istio`, annotated `rerender: <n>` (istiod renders the
-/// Gateway's annotations into its Deployment, so each new value is a re-render).
-fn gateway(n: u32) -> serde_json::Value {
+/// Gateway `name` of `class`, labelled `labels`, annotated `rerender: <n>` (istiod renders
+/// the Gateway's annotations into its Deployment, so each new value is a re-render).
+fn gateway(name: &str, class: &str, labels: serde_json::Value, n: u32) -> serde_json::Value {
+    let listener = match class {
+        "istio-waypoint" => json!({"name": "mesh", "port": 15008, "protocol": "HBONE"}),
+        _ => json!({"name": "http", "port": 80, "protocol": "HTTP"}),
+    };
     json!({
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-        "metadata": {"name": "public", "annotations": {"test.meshwarden.io/rerender": n.to_string()}},
-        "spec": {
-            "gatewayClassName": "istio",
-            "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}],
-        },
+        "metadata": {"name": name, "labels": labels, "annotations": {"test.meshwarden.io/rerender": n.to_string()}},
+        "spec": {"gatewayClassName": class, "listeners": [listener]},
     })
+}
+
+/// The revision whose istiod runs with ambient on, so that it deploys waypoints.
+const WAYPOINT_REVISION: &str = "wp";
+
+/// The two gateways: (Gateway, class, Deployment istiod renders, labels).
+fn gateways() -> [(&'static str, &'static str, &'static str, serde_json::Value); 2] {
+    [
+        ("public", "istio", "public-istio", json!({})),
+        (
+            "waypoint",
+            "istio-waypoint",
+            "waypoint",
+            json!({"istio.io/rev": WAYPOINT_REVISION, "istio.io/waypoint-for": "service"}),
+        ),
+    ]
+}
+
+async fn apply_gateways(client: &Client, ns: &str, n: u32) {
+    for (name, class, _, labels) in gateways() {
+        gateways_api(client, ns)
+            .patch(
+                name,
+                &PatchParams::apply("gwapi-test").force(),
+                &Patch::Apply(gateway(name, class, labels, n)),
+            )
+            .await
+            .expect("apply a Gateway");
+    }
 }
 
 /// What the test reads of the gateway: (available replicas, zone spread in the template,
 /// HPA minReplicas, PDB maxUnavailable).
 type Posture = (i32, bool, Option<i32>, Option<String>);
 
-async fn posture(client: &Client, ns: &str) -> Posture {
+async fn posture(client: &Client, ns: &str, name: &str) -> Posture {
     let d = Api::<Deployment>::namespaced(client.clone(), ns)
-        .get_opt("public-istio")
+        .get_opt(name)
         .await
         .unwrap();
     let available = d
@@ -62,13 +94,13 @@ async fn posture(client: &Client, ns: &str) -> Posture {
                 .any(|c| c.topology_key == "topology.kubernetes.io/zone")
         });
     let hpa = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), ns)
-        .get_opt("public-istio")
+        .get_opt(name)
         .await
         .unwrap()
         .and_then(|h| h.spec)
         .and_then(|s| s.min_replicas);
     let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), ns)
-        .get_opt("public-istio")
+        .get_opt(name)
         .await
         .unwrap()
         .and_then(|b| b.spec)
@@ -80,36 +112,45 @@ async fn posture(client: &Client, ns: &str) -> Posture {
     (available, spread, hpa, pdb)
 }
 
-/// meshwarden's class-defaults ConfigMaps in istio-system.
-async fn own_defaults(client: &Client) -> Vec<String> {
-    Api::<ConfigMap>::namespaced(client.clone(), "istio-system")
-        .list(&ListParams::default().labels(&format!(
-            "{CLASS_DEFAULTS},app.kubernetes.io/managed-by=meshwarden"
-        )))
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|c| c.name_any())
-        .collect()
-}
-
-/// The zones of the gateway's running pods.
-async fn zones(client: &Client, ns: &str) -> BTreeSet<String> {
+/// The zones of the running pods of Gateway `gateway`.
+async fn zones(client: &Client, ns: &str, gateway: &str) -> BTreeSet<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let nodes: Api<Node> = Api::all(client.clone());
     let mut out = BTreeSet::new();
-    for p in pods
-        .list(&ListParams::default().labels("gateway.networking.k8s.io/gateway-name=public"))
-        .await
-        .unwrap()
-        .items
-    {
+    let lp =
+        ListParams::default().labels(&format!("gateway.networking.k8s.io/gateway-name={gateway}"));
+    for p in pods.list(&lp).await.unwrap().items {
         if p.metadata.deletion_timestamp.is_none()
             && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
         {
             out.insert(zone_of(&nodes, &p).await);
         }
+    }
+    out
+}
+
+/// meshwarden's class-defaults ConfigMaps in istio-system, sorted.
+async fn own_defaults(client: &Client) -> Vec<String> {
+    let lp = ListParams::default().labels(&format!(
+        "{CLASS_DEFAULTS},app.kubernetes.io/managed-by=meshwarden"
+    ));
+    let mut names: Vec<String> = Api::<ConfigMap>::namespaced(client.clone(), "istio-system")
+        .list(&lp)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|c| c.name_any())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The posture of both gateways: (Deployment, posture).
+async fn postures(client: &Client, ns: &str) -> Vec<(&'static str, Posture)> {
+    let mut out = Vec::new();
+    for (_, _, deployment, _) in gateways() {
+        out.push((deployment, posture(client, ns, deployment).await));
     }
     out
 }
@@ -122,19 +163,21 @@ async fn condition(api: &Api<MeshPolicy>, name: &str) -> (String, String, String
         .unwrap_or_default()
 }
 
-/// 1. Enforce: the ingress gateway istiod deployed for a Gateway of class `istio` reaches 2
-///    replicas (through the HPA istiod renders), a PDB with maxUnavailable 1 and zone spread,
-///    judged by what runs (pods in two zones, condition True).
-/// 2. istiod re-renders five times over 60 s (annotation changes on the Gateway): zero
+/// 1. Enforce: the ingress gateway istiod deployed for a Gateway of class `istio` and the
+///    waypoint it deployed for one of class `istio-waypoint` reach 2 replicas (through the
+///    HPA istiod renders), a PDB with maxUnavailable 1 and zone spread, judged by what runs
+///    (pods in two zones, condition True).
+/// 2. istiod re-renders five times over 60 s (annotation changes on both Gateways): zero
 ///    writes by meshwarden, the posture never reverted.
-/// 3. Somebody else's class defaults appear: meshwarden removes its own and says what to add
-///    to theirs (`ClassDefaultsExist`); they go, meshwarden's come back.
-/// 4. Audit: the ConfigMap goes, then the HPA and PDB istiod leaves behind.
+/// 3. Somebody else's class defaults for `istio` appear: meshwarden removes its own and says
+///    what to add to theirs (`ClassDefaultsExist`), the waypoint's stay; they go, meshwarden's
+///    come back.
+/// 4. Audit: the ConfigMaps go, then the HPAs and PDBs istiod leaves behind.
 /// 5. Enforce again, then the policy is deleted: nothing is left, the policy is gone.
 ///
-/// Through every step the gateway has a replica available (sampled every 200 ms).
+/// Through every step each gateway has a replica available (sampled every 200 ms).
 #[tokio::test]
-async fn gateway_api_gateways_reach_ha_through_istiods_defaults() {
+async fn gateway_api_gateways_and_waypoints_reach_ha_through_istiods_defaults() {
     let env = common::cluster_env("gwapi").await;
     testplane::apply_yaml(
         &env.client,
@@ -143,25 +186,36 @@ async fn gateway_api_gateways_reach_ha_through_istiods_defaults() {
     )
     .await
     .expect("install the Gateway API CRDs");
+    // The waypoint class: deployed by an istiod with ambient on (the plane's own runs without).
+    let waypoints = testplane::istio::start_revision_with_env(
+        &env.plane.dir,
+        &env.plane.kubeconfig,
+        WAYPOINT_REVISION,
+        &["global.configValidation=false".into()],
+        &[("PILOT_ENABLE_AMBIENT", "true")],
+    )
+    .await
+    .expect("start the waypoint revision");
+    let class = "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: istio-waypoint}\nspec: {controllerName: istio.io/mesh-controller}\n";
+    testplane::apply_yaml(&env.client, class, &[])
+        .await
+        .expect("create GatewayClass istio-waypoint");
     let ns = format!("{}-edge", env.id);
     namespace(&env.client, &ns, json!({})).await;
-    // istiod creates the GatewayClass once it sees the CRDs; a Gateway created before is
-    // picked up as well, so the Gateway is created at once.
-    gateways_api(&env.client, &ns)
-        .patch(
-            "public",
-            &PatchParams::apply("gwapi-test").force(),
-            &Patch::Apply(gateway(0)),
-        )
-        .await
-        .expect("create the Gateway");
+    apply_gateways(&env.client, &ns, 0).await;
     common::eventually(
         120,
-        "istiod deploys Gateway public with one available replica",
-        || async { (posture(&env.client, &ns).await.0 >= 1).then_some(()) },
+        "istiod deploys both Gateways, one replica available each",
+        || async {
+            postures(&env.client, &ns)
+                .await
+                .iter()
+                .all(|(_, p)| p.0 >= 1)
+                .then_some(())
+        },
     )
     .await;
-    // Sampled from here on: the gateway always has an available replica.
+    // Sampled from here on: each gateway always has an available replica.
     let lowest = Arc::new(AtomicI32::new(i32::MAX));
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
@@ -171,14 +225,16 @@ async fn gateway_api_gateways_reach_ha_through_istiods_defaults() {
             let deploys: Api<Deployment> = Api::namespaced(client, &ns);
             let mut samples = 0u32;
             while !stop.load(SeqCst) {
-                let available = deploys
-                    .get("public-istio")
-                    .await
-                    .ok()
-                    .and_then(|d| d.status)
-                    .and_then(|s| s.available_replicas)
-                    .unwrap_or(0);
-                lowest.fetch_min(available, SeqCst);
+                for (_, _, name, _) in gateways() {
+                    let available = deploys
+                        .get(name)
+                        .await
+                        .ok()
+                        .and_then(|d| d.status)
+                        .and_then(|s| s.available_replicas)
+                        .unwrap_or(0);
+                    lowest.fetch_min(available, SeqCst);
+                }
                 samples += 1;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -186,34 +242,39 @@ async fn gateway_api_gateways_reach_ha_through_istiods_defaults() {
         })
     };
 
-    let spec = "enforcement: Enforce
-gatewayApi:
-  classes:
-  - className: istio
-    replicas: {min: 2}
+    let class_spec = "    replicas: {min: 2}
     disruptionBudget: {maxUnavailable: 1}
     spread: {nodes: Preferred, zones: Preferred}
 ";
-    env.create_policy("gwapi", spec).await;
+    let spec = format!(
+        "enforcement: Enforce\ngatewayApi:\n  classes:\n  - className: istio\n{class_spec}  - className: istio-waypoint\n{class_spec}"
+    );
+    env.create_policy("gwapi", &spec).await;
     let op = env.start_operator().await;
     let api: Api<MeshPolicy> = Api::all(env.client.clone());
     let policy = env.policy_name("gwapi");
-    let cm = format!("meshwarden-istio-{policy}");
+    let cms = [
+        format!("meshwarden-istio-{policy}"),
+        format!("meshwarden-istio-waypoint-{policy}"),
+    ];
+    let held: Posture = (2, true, Some(2), Some("1".into()));
 
     // 1. The declared HA, by what runs.
     let start = Instant::now();
     common::eventually(
         120,
-        "1. two replicas available, HPA min 2, PDB maxUnavailable 1, zone spread",
+        "1. both: two replicas available, HPA min 2, PDB maxUnavailable 1, zone spread",
         || async {
-            let p = posture(&env.client, &ns).await;
-            (p == (2, true, Some(2), Some("1".into()))).then_some(())
+            let p = postures(&env.client, &ns).await;
+            p.iter().all(|(_, p)| *p == held).then_some(())
         },
     )
     .await;
     let reached = start.elapsed();
-    common::eventually(60, "1. the pods in two zones", || async {
-        (zones(&env.client, &ns).await.len() >= 2).then_some(())
+    common::eventually(60, "1. the pods of each in two zones", || async {
+        let public = zones(&env.client, &ns, "public").await.len();
+        let waypoint = zones(&env.client, &ns, "waypoint").await.len();
+        (public >= 2 && waypoint >= 2).then_some(())
     })
     .await;
     common::eventually(60, "1. GatewayAPIHA True", || async {
@@ -221,7 +282,7 @@ gatewayApi:
         (c.0 == "True").then_some(c)
     })
     .await;
-    assert_eq!(own_defaults(&env.client).await, vec![cm.clone()]);
+    assert_eq!(own_defaults(&env.client).await, cms.to_vec());
     eprintln!(
         "1. declared HA reached {:.1}s after the policy",
         reached.as_secs_f64()
@@ -231,48 +292,44 @@ gatewayApi:
     let writes = op.writes();
     let rerenders = Instant::now();
     for n in 1..=5u32 {
-        gateways_api(&env.client, &ns)
-            .patch(
-                "public",
-                &PatchParams::apply("gwapi-test").force(),
-                &Patch::Apply(gateway(n)),
-            )
-            .await
-            .unwrap();
+        apply_gateways(&env.client, &ns, n).await;
         let until = Instant::now() + Duration::from_secs(12);
         while Instant::now() < until {
-            let p = posture(&env.client, &ns).await;
-            assert!(
-                p.1 && p.2 == Some(2) && p.3.as_deref() == Some("1"),
-                "2. re-render {n} reverted the posture: {p:?}"
-            );
+            for (name, p) in postures(&env.client, &ns).await {
+                assert!(
+                    p.1 && p.2 == Some(2) && p.3.as_deref() == Some("1"),
+                    "2. re-render {n} reverted the posture of {name}: {p:?}"
+                );
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
-    let d = Api::<Deployment>::namespaced(env.client.clone(), &ns)
-        .get("public-istio")
-        .await
-        .unwrap();
-    let rendered = d
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.metadata.as_ref())
-        .and_then(|m| m.annotations.as_ref())
-        .and_then(|a| a.get("test.meshwarden.io/rerender").cloned());
-    assert_eq!(
-        rendered.as_deref(),
-        Some("5"),
-        "2. istiod re-rendered the last change"
-    );
-    let managers: Vec<String> = d
-        .managed_fields()
-        .iter()
-        .filter_map(|m| m.manager.clone())
-        .collect();
-    assert!(
-        !managers.iter().any(|m| m == "meshwarden"),
-        "2. meshwarden never writes the Deployment: {managers:?}"
-    );
+    for (_, _, name, _) in gateways() {
+        let d = Api::<Deployment>::namespaced(env.client.clone(), &ns)
+            .get(name)
+            .await
+            .unwrap();
+        let rendered = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get("test.meshwarden.io/rerender").cloned());
+        assert_eq!(
+            rendered.as_deref(),
+            Some("5"),
+            "2. istiod re-rendered {name}"
+        );
+        let managers: Vec<String> = d
+            .managed_fields()
+            .iter()
+            .filter_map(|m| m.manager.clone())
+            .collect();
+        assert!(
+            !managers.iter().any(|m| m == "meshwarden"),
+            "2. meshwarden never writes {name}: {managers:?}"
+        );
+    }
     assert_eq!(
         op.writes(),
         writes,
@@ -281,20 +338,25 @@ gatewayApi:
     );
     assert_eq!(condition(&api, &policy).await.0, "True");
 
-    // 3. Somebody else's class defaults: meshwarden's go, with the advice; then back.
-    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), "istio-system");
+    // 3. Somebody else's defaults for class istio: meshwarden's go, with the advice; the
+    // waypoint's stay; then they come back.
+    let cm_api: Api<ConfigMap> = Api::namespaced(env.client.clone(), "istio-system");
     let theirs: ConfigMap = serde_json::from_value(json!({
         "metadata": {"name": format!("{}-team", env.id), "labels": {CLASS_DEFAULTS: "istio"}},
         "data": {"service": "metadata: {annotations: {team: edge}}"},
     }))
     .unwrap();
-    cms.create(&PostParams::default(), &theirs).await.unwrap();
+    cm_api
+        .create(&PostParams::default(), &theirs)
+        .await
+        .unwrap();
     let c = common::eventually(
         60,
-        "3. ClassDefaultsExist and meshwarden's ConfigMap removed",
+        "3. ClassDefaultsExist and meshwarden's istio ConfigMap removed",
         || async {
             let c = condition(&api, &policy).await;
-            (c.1 == "ClassDefaultsExist" && own_defaults(&env.client).await.is_empty()).then_some(c)
+            (c.1 == "ClassDefaultsExist" && own_defaults(&env.client).await == cms[1..])
+                .then_some(c)
         },
     )
     .await;
@@ -303,16 +365,17 @@ gatewayApi:
         "{}",
         c.2
     );
-    cms.delete(&theirs.name_any(), &DeleteParams::default())
+    cm_api
+        .delete(&theirs.name_any(), &DeleteParams::default())
         .await
         .unwrap();
     common::eventually(60, "3. meshwarden's defaults back", || async {
-        let p = posture(&env.client, &ns).await;
-        (own_defaults(&env.client).await == vec![cm.clone()] && p.2 == Some(2)).then_some(())
+        let p = posture(&env.client, &ns, "public-istio").await;
+        (own_defaults(&env.client).await == cms && p.2 == Some(2)).then_some(())
     })
     .await;
 
-    // 4. Audit: the ConfigMap, then what istiod left behind, go; the gateway keeps serving.
+    // 4. Audit: the ConfigMaps, then what istiod left behind, go; the gateways keep serving.
     env.set_spec(
         "gwapi",
         &spec.replace("enforcement: Enforce", "enforcement: Audit"),
@@ -320,11 +383,13 @@ gatewayApi:
     .await;
     common::eventually(
         60,
-        "4. Audit: no ConfigMap, HPA or PDB; istiod re-rendered without spread",
+        "4. Audit: no ConfigMap, HPA or PDB; istiod re-rendered both without spread",
         || async {
-            let p = posture(&env.client, &ns).await;
-            (own_defaults(&env.client).await.is_empty() && !p.1 && p.2.is_none() && p.3.is_none())
-                .then_some(())
+            let gone = postures(&env.client, &ns)
+                .await
+                .iter()
+                .all(|(_, p)| !p.1 && p.2.is_none() && p.3.is_none());
+            (own_defaults(&env.client).await.is_empty() && gone).then_some(())
         },
     )
     .await;
@@ -336,9 +401,10 @@ gatewayApi:
     assert!(c.2.contains("Audit mode"), "{}", c.2);
 
     // 5. Enforce again, then delete the policy: nothing left, the policy gone.
-    env.set_spec("gwapi", spec).await;
-    common::eventually(60, "5. Enforce: HPA back", || async {
-        (posture(&env.client, &ns).await.2 == Some(2)).then_some(())
+    env.set_spec("gwapi", &spec).await;
+    common::eventually(60, "5. Enforce: both HPAs back", || async {
+        let p = postures(&env.client, &ns).await;
+        p.iter().all(|(_, p)| p.2 == Some(2)).then_some(())
     })
     .await;
     api.delete(&policy, &DeleteParams::default()).await.unwrap();
@@ -346,10 +412,12 @@ gatewayApi:
         60,
         "5. deleted: policy gone, no ConfigMap, HPA or PDB",
         || async {
-            let p = posture(&env.client, &ns).await;
+            let left = postures(&env.client, &ns)
+                .await
+                .iter()
+                .any(|(_, p)| p.2.is_some() || p.3.is_some());
             let gone = api.get_opt(&policy).await.unwrap().is_none();
-            (gone && own_defaults(&env.client).await.is_empty() && p.2.is_none() && p.3.is_none())
-                .then_some(())
+            (gone && own_defaults(&env.client).await.is_empty() && !left).then_some(())
         },
     )
     .await;
@@ -357,14 +425,17 @@ gatewayApi:
     stop.store(true, SeqCst);
     let samples = sampler.await.unwrap();
     let lowest = lowest.load(SeqCst);
-    eprintln!("gateway sampled {samples} times; lowest available replicas {lowest}");
+    eprintln!("gateways sampled {samples} times; lowest available replicas {lowest}");
     assert!(
         lowest >= 1,
-        "the gateway had no available replica at some point"
+        "a gateway had no available replica at some point"
     );
     op.stop().await;
-    gateways_api(&env.client, &ns)
-        .delete("public", &DeleteParams::default())
-        .await
-        .unwrap();
+    for (name, _, _, _) in gateways() {
+        gateways_api(&env.client, &ns)
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    waypoints.stop().unwrap();
 }
