@@ -168,7 +168,8 @@ async fn condition(api: &Api<MeshPolicy>, name: &str) -> (String, String, String
 ///    HPA istiod renders), a PDB with maxUnavailable 1 and zone spread, judged by what runs
 ///    (pods in two zones, condition True).
 /// 2. istiod re-renders five times over 60 s (annotation changes on both Gateways): zero
-///    writes by meshwarden, the posture never reverted.
+///    writes by meshwarden, the posture never reverted; then `helm upgrade` of the waypoint
+///    revision's istiod, with Helm 4 as installed and server-side: the same.
 /// 3. Somebody else's class defaults for `istio` appear: meshwarden removes its own and says
 ///    what to add to theirs (`ClassDefaultsExist`), the waypoint's stay; they go, meshwarden's
 ///    come back.
@@ -338,9 +339,67 @@ async fn gateway_api_gateways_and_waypoints_reach_ha_through_istiods_defaults() 
     );
     assert_eq!(condition(&api, &policy).await.0, "True");
 
+    // 2b. helm upgrade of the waypoint revision's istiod, as installed and server-side (its
+    // chart re-applied, its injector templates reloaded): nothing meshwarden set changes, no
+    // write.
+    let cm_api: Api<ConfigMap> = Api::namespaced(env.client.clone(), "istio-system");
+    let versions = |cms: Vec<ConfigMap>| -> Vec<Option<String>> {
+        cms.into_iter()
+            .map(|c| c.metadata.resource_version)
+            .collect()
+    };
+    let mut before = Vec::new();
+    for cm in &cms {
+        before.push(cm_api.get(cm).await.unwrap());
+    }
+    let chart = testplane::istio::chart("istiod").display().to_string();
+    for extra in [&[][..], &["--server-side=true", "--force-conflicts"][..]] {
+        let args: Vec<String> = [
+            "upgrade",
+            waypoints.release.as_str(),
+            chart.as_str(),
+            "-n",
+            "istio-system",
+            "--reuse-values",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|a| a.to_string())
+        .collect();
+        testplane::istio::run_helm(
+            &testplane::istio::helm(),
+            &args,
+            Some(&env.plane.kubeconfig),
+        )
+        .expect("helm upgrade of the waypoint revision");
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            for (name, p) in postures(&env.client, &ns).await {
+                assert!(
+                    p.1 && p.2 == Some(2) && p.3.as_deref() == Some("1"),
+                    "2b. helm upgrade {extra:?} changed the posture of {name}: {p:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let mut after = Vec::new();
+    for cm in &cms {
+        after.push(cm_api.get(cm).await.unwrap());
+    }
+    assert_eq!(
+        versions(after),
+        versions(before),
+        "2b. meshwarden's ConfigMaps untouched"
+    );
+    assert_eq!(
+        op.writes(),
+        writes,
+        "2b. meshwarden wrote during the helm upgrades"
+    );
+
     // 3. Somebody else's defaults for class istio: meshwarden's go, with the advice; the
     // waypoint's stay; then they come back.
-    let cm_api: Api<ConfigMap> = Api::namespaced(env.client.clone(), "istio-system");
     let theirs: ConfigMap = serde_json::from_value(json!({
         "metadata": {"name": format!("{}-team", env.id), "labels": {CLASS_DEFAULTS: "istio"}},
         "data": {"service": "metadata: {annotations: {team: edge}}"},
