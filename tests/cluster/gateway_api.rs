@@ -458,6 +458,19 @@ async fn gateway_api_gateways_and_waypoints_reach_ha_through_istiods_defaults() 
     })
     .await;
     assert!(c.2.contains("Audit mode"), "{}", c.2);
+    // Nothing of meshwarden's is left, so the finalizer goes; then Audit writes nothing.
+    common::eventually(30, "4. Audit: the finalizer removed", || async {
+        let p = api.get(&policy).await.ok()?;
+        p.metadata
+            .finalizers
+            .unwrap_or_default()
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let audit_writes = op.writes();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(op.writes(), audit_writes, "4. Audit wrote");
 
     // 5. Enforce again, then delete the policy: nothing left, the policy gone.
     env.set_spec("gwapi", &spec).await;
