@@ -155,6 +155,43 @@ async fn postures(client: &Client, ns: &str) -> Vec<(&'static str, Posture)> {
     out
 }
 
+/// [`common::eventually`] that, when it times out, first prints what the test sees: both
+/// gateways' posture, meshwarden's ConfigMaps, the policy's finalizers and condition, and the
+/// end of the istiod logs.
+async fn wait<T, F, Fut>(env: &common::Env, ns: &str, secs: u64, what: &str, f: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > Duration::from_secs(secs) {
+            let api: Api<MeshPolicy> = Api::all(env.client.clone());
+            let p = api.get_opt(&env.policy_name("gwapi")).await.ok().flatten();
+            eprintln!(
+                "postures {:?}\nmeshwarden's ConfigMaps {:?}\nfinalizers {:?}, deleting {:?}\ncondition {:?}",
+                postures(&env.client, ns).await,
+                own_defaults(&env.client).await,
+                p.as_ref().map(|p| p.finalizers().to_vec()),
+                p.as_ref().map(|p| p.metadata.deletion_timestamp.is_some()),
+                p.as_ref()
+                    .and_then(|p| common::condition(p, "GatewayAPIHA").cloned()),
+            );
+            for log in ["istiod.log", "istiod-wp.log"] {
+                let text = std::fs::read_to_string(env.plane.dir.join(log)).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+                eprintln!("--- {log} (last 30 lines)\n{tail}");
+            }
+            panic!("timed out after {secs}s waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The GatewayAPIHA condition as (status, reason, message).
 async fn condition(api: &Api<MeshPolicy>, name: &str) -> (String, String, String) {
     let p = api.get(name).await.unwrap();
@@ -204,7 +241,9 @@ async fn gateway_api_gateways_and_waypoints_reach_ha_through_istiods_defaults() 
     let ns = format!("{}-edge", env.id);
     namespace(&env.client, &ns, json!({})).await;
     apply_gateways(&env.client, &ns, 0).await;
-    common::eventually(
+    wait(
+        &env,
+        &ns,
         120,
         "istiod deploys both Gateways, one replica available each",
         || async {
@@ -262,7 +301,9 @@ async fn gateway_api_gateways_and_waypoints_reach_ha_through_istiods_defaults() 
 
     // 1. The declared HA, by what runs.
     let start = Instant::now();
-    common::eventually(
+    wait(
+        &env,
+        &ns,
         120,
         "1. both: two replicas available, HPA min 2, PDB maxUnavailable 1, zone spread",
         || async {
@@ -272,13 +313,19 @@ async fn gateway_api_gateways_and_waypoints_reach_ha_through_istiods_defaults() 
     )
     .await;
     let reached = start.elapsed();
-    common::eventually(60, "1. the pods of each in two zones", || async {
-        let public = zones(&env.client, &ns, "public").await.len();
-        let waypoint = zones(&env.client, &ns, "waypoint").await.len();
-        (public >= 2 && waypoint >= 2).then_some(())
-    })
+    wait(
+        &env,
+        &ns,
+        120,
+        "1. the pods of each in two zones",
+        || async {
+            let public = zones(&env.client, &ns, "public").await.len();
+            let waypoint = zones(&env.client, &ns, "waypoint").await.len();
+            (public >= 2 && waypoint >= 2).then_some(())
+        },
+    )
     .await;
-    common::eventually(60, "1. GatewayAPIHA True", || async {
+    wait(&env, &ns, 120, "1. GatewayAPIHA True", || async {
         let c = condition(&api, &policy).await;
         (c.0 == "True").then_some(c)
     })
@@ -409,8 +456,10 @@ async fn gateway_api_gateways_and_waypoints_reach_ha_through_istiods_defaults() 
         .create(&PostParams::default(), &theirs)
         .await
         .unwrap();
-    let c = common::eventually(
-        60,
+    let c = wait(
+        &env,
+        &ns,
+        120,
         "3. ClassDefaultsExist and meshwarden's istio ConfigMap removed",
         || async {
             let c = condition(&api, &policy).await;
@@ -428,7 +477,7 @@ async fn gateway_api_gateways_and_waypoints_reach_ha_through_istiods_defaults() 
         .delete(&theirs.name_any(), &DeleteParams::default())
         .await
         .unwrap();
-    common::eventually(60, "3. meshwarden's defaults back", || async {
+    wait(&env, &ns, 120, "3. meshwarden's defaults back", || async {
         let p = posture(&env.client, &ns, "public-istio").await;
         (own_defaults(&env.client).await == cms && p.2 == Some(2)).then_some(())
     })
@@ -440,8 +489,10 @@ async fn gateway_api_gateways_and_waypoints_reach_ha_through_istiods_defaults() 
         &spec.replace("enforcement: Enforce", "enforcement: Audit"),
     )
     .await;
-    common::eventually(
-        60,
+    wait(
+        &env,
+        &ns,
+        120,
         "4. Audit: no ConfigMap, HPA or PDB; istiod re-rendered both without spread",
         || async {
             let gone = postures(&env.client, &ns)
@@ -452,14 +503,20 @@ async fn gateway_api_gateways_and_waypoints_reach_ha_through_istiods_defaults() 
         },
     )
     .await;
-    let c = common::eventually(30, "4. Audit reports the defaults missing", || async {
-        let c = condition(&api, &policy).await;
-        (c.1 == "NonCompliant").then_some(c)
-    })
+    let c = wait(
+        &env,
+        &ns,
+        60,
+        "4. Audit reports the defaults missing",
+        || async {
+            let c = condition(&api, &policy).await;
+            (c.1 == "NonCompliant").then_some(c)
+        },
+    )
     .await;
     assert!(c.2.contains("Audit mode"), "{}", c.2);
     // Nothing of meshwarden's is left, so the finalizer goes; then Audit writes nothing.
-    common::eventually(30, "4. Audit: the finalizer removed", || async {
+    wait(&env, &ns, 60, "4. Audit: the finalizer removed", || async {
         let p = api.get(&policy).await.ok()?;
         p.metadata
             .finalizers
@@ -474,14 +531,16 @@ async fn gateway_api_gateways_and_waypoints_reach_ha_through_istiods_defaults() 
 
     // 5. Enforce again, then delete the policy: nothing left, the policy gone.
     env.set_spec("gwapi", &spec).await;
-    common::eventually(60, "5. Enforce: both HPAs back", || async {
+    wait(&env, &ns, 120, "5. Enforce: both HPAs back", || async {
         let p = postures(&env.client, &ns).await;
         p.iter().all(|(_, p)| p.2 == Some(2)).then_some(())
     })
     .await;
     api.delete(&policy, &DeleteParams::default()).await.unwrap();
-    common::eventually(
-        60,
+    wait(
+        &env,
+        &ns,
+        120,
         "5. deleted: policy gone, no ConfigMap, HPA or PDB",
         || async {
             let left = postures(&env.client, &ns)
