@@ -163,33 +163,26 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
+    common::eventually_or_report(secs, what, f, || async {
+        let api: Api<MeshPolicy> = Api::all(env.client.clone());
+        let p = api.get_opt(&env.policy_name("gwapi")).await.ok().flatten();
+        eprintln!(
+            "postures {:?}\nmeshwarden's ConfigMaps {:?}\nfinalizers {:?}, deleting {:?}\ncondition {:?}",
+            postures(&env.client, ns).await,
+            own_defaults(&env.client).await,
+            p.as_ref().map(|p| p.finalizers().to_vec()),
+            p.as_ref().map(|p| p.metadata.deletion_timestamp.is_some()),
+            p.as_ref()
+                .and_then(|p| common::condition(p, "GatewayAPIHA").cloned()),
+        );
+        for log in ["istiod.log", "istiod-wp.log"] {
+            let text = std::fs::read_to_string(env.plane.dir.join(log)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+            eprintln!("--- {log} (last 30 lines)\n{tail}");
         }
-        if start.elapsed() > Duration::from_secs(secs) {
-            let api: Api<MeshPolicy> = Api::all(env.client.clone());
-            let p = api.get_opt(&env.policy_name("gwapi")).await.ok().flatten();
-            eprintln!(
-                "postures {:?}\nmeshwarden's ConfigMaps {:?}\nfinalizers {:?}, deleting {:?}\ncondition {:?}",
-                postures(&env.client, ns).await,
-                own_defaults(&env.client).await,
-                p.as_ref().map(|p| p.finalizers().to_vec()),
-                p.as_ref().map(|p| p.metadata.deletion_timestamp.is_some()),
-                p.as_ref()
-                    .and_then(|p| common::condition(p, "GatewayAPIHA").cloned()),
-            );
-            for log in ["istiod.log", "istiod-wp.log"] {
-                let text = std::fs::read_to_string(env.plane.dir.join(log)).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = lines[lines.len().saturating_sub(30)..].join("\n");
-                eprintln!("--- {log} (last 30 lines)\n{tail}");
-            }
-            panic!("timed out after {secs}s waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 /// The GatewayAPIHA condition as (status, reason, message).
