@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 
 mod upgrades;
 pub use upgrades::*;
+mod ambient;
+pub use ambient::{AmbientCheck, AmbientSpec};
 mod certificates;
 mod gateway_api;
 mod mtls;
@@ -107,6 +109,11 @@ pub struct MeshPolicySpec {
     /// ConfigMaps (no access to Secrets needed). Reports only; never writes to the mesh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificates: Option<CertificatesSpec>,
+    /// The ambient data plane: ztunnel and istio-cni against the production settings of
+    /// Istio's charts, ready on every node that runs ambient pods, at istiod's version.
+    /// Reports only; never writes to the mesh, whatever `enforcement` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ambient: Option<AmbientSpec>,
 }
 
 /// Whether a rule corrects the mesh or only reports.
@@ -347,8 +354,8 @@ pub struct MeshPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready` and one condition per rule section: `ControlPlaneHA`, `GatewayHA`,
-    /// `GatewayAPIHA`, `SidecarResources`, `MutualTLS`, `Upgrades`, `Certificates`; `Conflict`
-    /// when another policy wins a rule.
+    /// `GatewayAPIHA`, `SidecarResources`, `MutualTLS`, `Upgrades`, `Certificates`,
+    /// `AmbientDataPlane`; `Conflict` when another policy wins a rule.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions")]
     pub conditions: Vec<Condition>,
@@ -381,7 +388,7 @@ pub struct MeshPolicyStatus {
 #[serde(rename_all = "camelCase")]
 pub struct Violation {
     /// Rule section: `ControlPlaneHA`, `GatewayHA`, `GatewayAPIHA`, `SidecarResources`,
-    /// `MutualTLS`, `Upgrades` or `Certificates`.
+    /// `MutualTLS`, `Upgrades`, `Certificates` or `AmbientDataPlane`.
     pub rule: String,
     /// The object, as `Kind/namespace/name`.
     pub object: String,
@@ -467,7 +474,7 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     crate::yaml::to_string(&crd())
 }
 
-fn default_istio_namespace() -> String {
+pub(crate) fn default_istio_namespace() -> String {
     "istio-system".to_string()
 }
 
@@ -479,7 +486,7 @@ fn default_permissive() -> MtlsMode {
     MtlsMode::PERMISSIVE
 }
 
-fn namespace_name(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+pub(crate) fn namespace_name(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "string",
         "minLength": 1,

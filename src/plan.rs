@@ -22,6 +22,7 @@ use serde_json::Value;
 use crate::api::{Enforcement, MeshPolicy, MeshPolicySpec, ViolationAction};
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::rules::upgrades::WAITS_FOR_RESTART_SLOT;
 use crate::status::conditions::Status;
 use crate::write::dry_run::{Change, DryRun, Verb};
 use crate::write::{Writes, fields};
@@ -55,11 +56,14 @@ pub struct Plan {
     /// The sidecar rollouts and their pacing, when the sidecars section is paced.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waves: Option<Waves>,
+    /// The upgrades section's restarts of outdated proxies and their pacing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart_waves: Option<Waves>,
 }
 
-/// The sidecar rollouts Enforce starts now and those waiting for a slot: one wave after the
-/// other, each of at most `max_concurrent` workloads (rollouts already in progress hold slots
-/// too, so this is the fewest).
+/// The rollouts (sidecar rollouts, or restarts) Enforce starts now and those waiting for a
+/// slot: one wave after the other, each of at most `max_concurrent` workloads (rollouts already
+/// in progress hold slots too, so this is the fewest).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Waves {
@@ -219,8 +223,7 @@ pub async fn plan(client: Client, source: Source, istio_namespace: &str) -> Resu
     let refs: Vec<&MeshPolicy> = others.iter().collect();
 
     let record = Arc::new(DryRun::default());
-    let mut ctx = Context::new(client, None);
-    ctx.istio_namespace = istio_namespace.to_string();
+    let mut ctx = one_pass_context(client, istio_namespace).await?;
     ctx.writes = Writes::dry_run(record.clone());
     let (reports, _) = crate::controller::evaluate(&ctx, &policy, &refs).await;
 
@@ -275,6 +278,23 @@ pub async fn plan(client: Client, source: Source, istio_namespace: &str) -> Resu
                 usize::try_from(s.max_concurrent_rollouts).unwrap_or(1),
             )
         });
+    let restart_waves = policy
+        .spec
+        .upgrades
+        .as_ref()
+        .filter(|u| u.restart_outdated)
+        .and_then(|u| {
+            let now = changes.iter().filter(|c| restart(c)).count();
+            let waiting = not_written
+                .iter()
+                .filter(|n| n.message.contains(WAITS_FOR_RESTART_SLOT))
+                .count();
+            Waves::of(
+                now,
+                waiting,
+                usize::try_from(u.max_concurrent_restarts).unwrap_or(1),
+            )
+        });
     Ok(Plan {
         policy: name,
         notes,
@@ -282,7 +302,21 @@ pub async fn plan(client: Client, source: Source, istio_namespace: &str) -> Resu
         not_written,
         failed_sections,
         waves,
+        restart_waves,
     })
+}
+
+/// A context for one evaluation outside the controller: the workload and pod caches the
+/// operator's reconciles read, filled from one LIST of each kind
+/// ([`crate::rules::sidecars::Cache::snapshot`]), so that every section decides from what it
+/// decides from under the controller (the upgrades section plans restarts only from them).
+pub async fn one_pass_context(client: Client, istio_namespace: &str) -> Result<Context> {
+    let mut ctx = Context::new(client, None);
+    ctx.istio_namespace = istio_namespace.to_string();
+    ctx.set_cache(Some(
+        crate::rules::sidecars::Cache::snapshot(&ctx.client).await?,
+    ));
+    Ok(ctx)
 }
 
 /// The policy of a manifest, validated by the API server (a dry-run create, or update of the
@@ -389,6 +423,18 @@ fn sidecar_rollout(c: &ObjectChange) -> bool {
             .cloned()
     };
     c.rollout.is_some() && hash(&c.before) != hash(&c.after)
+}
+
+/// Whether a write is a restart by the upgrades section: it changes the template's
+/// `kubectl.kubernetes.io/restartedAt`.
+fn restart(c: &ObjectChange) -> bool {
+    let at = |v: &Option<Value>| {
+        v.as_ref()
+            .and_then(|v| v.pointer("/spec/template/metadata/annotations"))
+            .and_then(|a| a.get(crate::rules::sidecars::RESTARTED_AT))
+            .cloned()
+    };
+    c.rollout.is_some() && at(&c.before) != at(&c.after)
 }
 
 /// The pods a write rolls: those of a workload whose pod template it changes.

@@ -407,6 +407,7 @@ impl Metrics {
             crate::status::conditions::types::MUTUAL_TLS,
             crate::status::conditions::types::UPGRADES,
             crate::status::conditions::types::CERTIFICATES,
+            crate::status::conditions::types::AMBIENT_DATA_PLANE,
         ] {
             let labels = RuleLabels {
                 policy: policy.to_string(),

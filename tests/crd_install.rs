@@ -199,10 +199,16 @@ fn set(spec: &mut Value, path: &str, value: Value) -> bool {
         let Some(obj) = cur.as_object_mut() else {
             return false;
         };
-        if last && !items {
+        if last {
             if !obj.contains_key(key) {
                 return false;
             }
+            // A list of enum values (a set): the value alone.
+            let value = if items {
+                Value::Array(vec![value])
+            } else {
+                value
+            };
             obj.insert(key.to_string(), value);
             return true;
         }
@@ -245,6 +251,8 @@ fn everything() -> Value {
                      "restartOutdated": false, "maxConcurrentRestarts": 2},
         "certificates": {"warnBefore": "720h",
                          "secrets": [{"namespace": "istio-system", "name": "cacerts"}]},
+        "ambient": {"namespace": "istio-system",
+                    "checks": ["Posture", "NodeCoverage", "Versions"]},
     })
 }
 

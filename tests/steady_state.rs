@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -34,6 +34,7 @@ spec:
   upgrades: {maxMinorSkew: 1}
   certificates: {warnBefore: 720h}
   gatewayApi: {classes: [{className: istio, replicas: {min: 2}, disruptionBudget: {maxUnavailable: 1}}]}
+  ambient: {}
 ";
 
 /// The operator's LIST requests in the audit log from entry `from` on, by URI.
@@ -89,10 +90,12 @@ async fn reconciles_after_start_up_send_no_list() {
     .unwrap();
     let rendered = testplane::istio::fixture("base.yaml").unwrap();
     testplane::apply_yaml(&admin, &rendered, &[]).await.unwrap();
-    // istiod as Helm renders it (Deployment, HPA, PDB), loaded into istio-system.
+    // istiod as Helm renders it (Deployment, HPA, PDB) and ztunnel's DaemonSet, loaded into
+    // istio-system.
     let istiod = testplane::istio::fixture("istiod-default.yaml").unwrap();
+    let ztunnel = testplane::istio::fixture("ztunnel.yaml").unwrap();
     let mut keep = String::new();
-    for doc in istiod.split("\n---") {
+    for doc in istiod.split("\n---").chain(ztunnel.split("\n---")) {
         let Ok(mut v) = serde_yaml::from_str::<serde_json::Value>(doc) else {
             continue;
         };
@@ -101,6 +104,7 @@ async fn reconciles_after_start_up_send_no_list() {
             "Deployment",
             "HorizontalPodAutoscaler",
             "PodDisruptionBudget",
+            "DaemonSet",
         ]
         .contains(&kind)
         {
@@ -151,6 +155,7 @@ async fn reconciles_after_start_up_send_no_list() {
                 && is("Upgrades", "True/")
                 && is("Certificates", "True/")
                 && is("GatewayAPIHA", "True/")
+                && is("AmbientDataPlane", "False/DataPlaneComponentMissing")
                 && is("SidecarResources", "False/RolloutInProgress"))
             .then_some(())
         },
@@ -273,6 +278,26 @@ async fn reconciles_after_start_up_send_no_list() {
             .conditions
             .iter()
             .any(|c| c.type_ == "Certificates" && c.reason == "RootCertificateExpiring")
+            .then_some(())
+    })
+    .await;
+
+    // Ambient: a ztunnel DaemonSet edited by hand is read from the watch and reported.
+    let daemonsets: Api<DaemonSet> = Api::namespaced(admin.clone(), "istio-system");
+    daemonsets
+        .patch(
+            "ztunnel",
+            &edit,
+            &Patch::Merge(json!({"spec": {"template": {"spec": {"priorityClassName": null}}}})),
+        )
+        .await
+        .unwrap();
+    eventually(30, "the ztunnel drift reported", || async {
+        let p = policies.get("steady").await.ok()?;
+        p.status?
+            .violations
+            .iter()
+            .any(|v| v.message.contains("priorityClassName is unset"))
             .then_some(())
     })
     .await;

@@ -2,7 +2,11 @@
 //! stores filled with N namespaces, D Deployments (half of them carrying the declared values)
 //! and P running pods as the operator's watches would hold them, then E evaluations timed one
 //! by one, with the heap growth they cause. No API server: this isolates the per-event cost
-//! that `scale` measures as CPU and drift latency.
+//! that `scale` measures as CPU and drift latency. Then the upgrades section's count of the
+//! running pods over the same caches: every pod counted anew, and after one pod event with the
+//! other namespaces' counts kept (issue 29).
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -15,6 +19,7 @@ use meshwarden::istio::Revisions;
 use meshwarden::rules::sidecars::{
     self, CachedPod, CachedWorkload, Covered, Memo, PodFacts, WorkloadFacts, desired, evaluate_with,
 };
+use meshwarden::rules::upgrades::{self, PodMemo};
 use serde_json::json;
 
 use crate::sidecars::{DECLARED, deploy_name, deployment, ns_name, pod, proc_status_kib};
@@ -154,10 +159,14 @@ pub fn run(namespaces: usize, deployments: usize, pods: usize, evaluations: usiz
         kept_times.push(took);
         decided += n;
     }
+    let upgrades = upgrades_series(&cache, evaluations, |round| {
+        indexes
+            .pods
+            .apply(&Event::Apply(cached_pod((round * 7_919 + 13) % pods)));
+    });
     let after = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
     let peak = proc_status_kib(pid, "VmHWM:").unwrap_or(0);
     times.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let e = last.expect("one evaluation at least");
     println!(
         "  {} targets, {} to write, {} namespaces with pod drift ({} pods)",
@@ -183,10 +192,73 @@ pub fn run(namespaces: usize, deployments: usize, pods: usize, evaluations: usiz
         ms(kept_times[kept_times.len() - 1]),
         decided as f64 / evaluations as f64
     );
+    println!("{upgrades}");
     println!(
         "  RSS with the caches filled {:.1} MiB, after the evaluations {:.1} MiB, peak (VmHWM) {:.1} MiB",
         before as f64 / 1024.0,
         after as f64 / 1024.0,
         peak as f64 / 1024.0
     );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The upgrades section's count of the running pods in `cache`, `evaluations` times: every pod
+/// counted anew (as each evaluation did before the counts were kept per namespace; the
+/// namespaces' labels shared, which that code copied too), then after each `event(round)`
+/// with the other namespaces' counts kept. Returns the lines to print.
+fn upgrades_series(cache: &sidecars::Cache, evaluations: usize, event: impl Fn(usize)) -> String {
+    let revisions = Revisions::any();
+    let labelled = sidecars::namespace_labels(cache);
+    let selected: BTreeSet<&str> = labelled.iter().map(|(n, _)| n.as_str()).collect();
+    let index = &cache.by_namespace.pods;
+    let mut anew = Vec::with_capacity(evaluations);
+    let mut counted_pods = 0;
+    for _ in 0..evaluations {
+        let t = Instant::now();
+        let running: Vec<(String, Arc<PodFacts>)> = index
+            .read()
+            .iter()
+            .map(|(ns, p)| (ns.to_string(), p.clone()))
+            .collect();
+        let refs: Vec<(&str, &PodFacts)> = running
+            .iter()
+            .map(|(ns, p)| (ns.as_str(), p.as_ref()))
+            .collect();
+        counted_pods = upgrades::plan(1, &revisions, &labelled, &refs).pods;
+        anew.push(t.elapsed());
+    }
+    let mut memo = PodMemo::default();
+    memo.parts(1, &revisions, &selected, &index.read());
+    let (mut kept, mut counted) = (Vec::with_capacity(evaluations), 0);
+    for round in 0..evaluations {
+        event(round);
+        let t = Instant::now();
+        let parts = memo.parts(1, &revisions, &selected, &index.read());
+        let plan = upgrades::plan_parts(1, &revisions, &labelled, parts.iter().map(Arc::as_ref));
+        kept.push(t.elapsed());
+        assert_eq!(plan.pods, counted_pods, "the kept counts hold every pod");
+        counted += memo.last_counted;
+    }
+    anew.sort();
+    kept.sort();
+    let line = |what: &str, t: &[Duration]| {
+        format!(
+            "  upgrades, {what}: min {:.2} ms, median {:.2} ms, max {:.2} ms",
+            ms(t[0]),
+            ms(t[t.len() / 2]),
+            ms(t[t.len() - 1])
+        )
+    };
+    format!(
+        "{}\n{} ({:.1} namespaces counted per evaluation; {counted_pods} proxies)",
+        line("every running pod counted anew", &anew),
+        line(
+            "after a pod event, the other namespaces' counts kept",
+            &kept
+        ),
+        counted as f64 / evaluations as f64
+    )
 }

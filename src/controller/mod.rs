@@ -29,7 +29,7 @@ use tracing::{Instrument, warn};
 use crate::api::MeshPolicy;
 use crate::context::Context;
 use crate::rules::stores::{self, Stores};
-use crate::rules::{Section, Sections, certificates, ha, mtls, sidecars};
+use crate::rules::{Section, Sections, ambient, certificates, ha, mtls, sidecars};
 use crate::telemetry::Metrics;
 use crate::watch;
 
@@ -182,6 +182,13 @@ pub async fn run(
     // reconcile of a policy with a certificates section on.
     let (root_certs, root_cert_events) = certificates::RootCache::watch(&client, &health);
     state.ctx.set_cache(Some(root_certs));
+    // The upgrades section's running-pod counts per namespace, kept between evaluations.
+    state
+        .ctx
+        .set_cache(Some(crate::rules::upgrades::PodMemos::default()));
+    // The ztunnel and istio-cni DaemonSets (by their chart label, reduced): the ambient section.
+    let (ambient_daemonsets, ambient_events) = ambient::DaemonSets::watch(&client, &health);
+    state.ctx.set_cache(Some(ambient_daemonsets));
     // Namespace labels, for routing workload events to sidecars sections; namespace changes
     // also reach mtls sections (one watch serves both).
     let (ns_store, ns_stream) = cached::<PartialObjectMeta<Namespace>>(
@@ -360,8 +367,9 @@ pub async fn run(
     };
     let mtls = Section::MutualTls.only();
     let upgrades = Section::Upgrades.only();
-    // Namespace labels and Istio's revisions and tags are read by these three.
-    let sidecars_or_mtls = Section::SidecarResources.only() | mtls | upgrades;
+    // Namespace labels and Istio's revisions and tags are read by these four.
+    let sidecars_or_mtls =
+        Section::SidecarResources.only() | mtls | upgrades | Section::Ambient.only();
     // The echo of the sidecars section's own write triggers no evaluation of that section.
     let echoes = state.ctx.cache::<sidecars::Cache>();
     let (e1, e2, e3) = (echoes.clone(), echoes.clone(), echoes);
@@ -386,6 +394,9 @@ pub async fn run(
                 hpa_events.for_each(|r| route.namespaced(r.map(|o| o.metadata))),
                 pdb_events.for_each(|r| route.budget(r.map(|o| o.metadata))),
                 pa_events.for_each(|r| route.when_ok(r, routing::policies_with_mtls, mtls)),
+                ambient_events.for_each(|r| {
+                    route.when_ok(r, routing::policies_with_ambient, Section::Ambient.only())
+                }),
                 root_cert_events.for_each(|r| {
                     route.when_ok(
                         r,
@@ -443,4 +454,5 @@ pub async fn run(
     state.ctx.set_cache::<Stores>(None);
     state.ctx.set_cache::<crate::istio::IstioCache>(None);
     state.ctx.set_cache::<certificates::RootCache>(None);
+    state.ctx.set_cache::<ambient::DaemonSets>(None);
 }

@@ -33,6 +33,25 @@ pub(super) fn policies_with_certificates(store: &Store<MeshPolicy>) -> Vec<Objec
         .collect()
 }
 
+/// The policies of `store` that `f` chooses.
+fn policies_with(
+    store: &Store<MeshPolicy>,
+    f: impl Fn(&MeshPolicy) -> bool,
+) -> Vec<ObjectRef<MeshPolicy>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| f(p))
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Policies with an `ambient` section: a ztunnel or istio-cni DaemonSet anywhere concerns
+/// them.
+pub(super) fn policies_with_ambient(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
+    policies_with(store, |p| p.spec.ambient.is_some())
+}
+
 /// Policies whose rules cover objects in `namespace`.
 pub(super) fn policies_for_namespace(
     store: &Store<MeshPolicy>,
@@ -61,15 +80,20 @@ pub(super) fn policies_with_ha(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshP
         .collect()
 }
 
-/// Every policy with a sidecars, mtls or upgrades section: they decide by namespace labels and
-/// by what Istio injects (revisions, tags), and mtls by the mesh config.
+/// Every policy with a sidecars, mtls, upgrades or ambient section: they decide by namespace
+/// labels and by what Istio injects (revisions, tags, versions), and mtls by the mesh config.
 pub(super) fn policies_with_sidecars_or_mtls(
     store: &Store<MeshPolicy>,
 ) -> Vec<ObjectRef<MeshPolicy>> {
     store
         .state()
         .iter()
-        .filter(|p| p.spec.sidecars.is_some() || p.spec.mtls.is_some() || p.spec.upgrades.is_some())
+        .filter(|p| {
+            p.spec.sidecars.is_some()
+                || p.spec.mtls.is_some()
+                || p.spec.upgrades.is_some()
+                || p.spec.ambient.is_some()
+        })
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
 }
@@ -198,8 +222,9 @@ impl Route {
         ready(())
     }
 
-    /// A running pod changed: the upgrades sections (they count every proxy) and the HA
-    /// sections covering its namespace (it may be a replica of their targets).
+    /// A running pod changed: the upgrades sections (they count every proxy), the HA
+    /// sections covering its namespace (it may be a replica of their targets) and, for a node
+    /// agent's pod or a pod in ambient mode, the ambient sections.
     pub fn running_pod(
         &self,
         event: Result<crate::rules::sidecars::CachedPod, watcher::Error>,
@@ -213,8 +238,29 @@ impl Route {
                 policies_with_upgrades(&self.policies),
                 Section::Upgrades.only(),
             );
+            if self.concerns_ambient(&pod) {
+                self.triggers.add(
+                    policies_with_ambient(&self.policies),
+                    Section::Ambient.only(),
+                );
+            }
         }
         ready(())
+    }
+
+    /// Whether a running pod's change concerns the ambient sections (a node agent's pod, or a
+    /// pod in ambient mode), read with its namespace's labels.
+    fn concerns_ambient(&self, pod: &crate::rules::sidecars::CachedPod) -> bool {
+        let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let labels = self
+            .namespaces
+            .get(&ObjectRef::new(ns))
+            .map(|n| n.labels().clone());
+        let mode = labels
+            .as_ref()
+            .and_then(|l| l.get(crate::istio::DATAPLANE_MODE_LABEL))
+            .map(String::as_str);
+        rules::ambient::plan::concerns(mode, &pod.facts)
     }
 
     /// An HPA changed: the HA sections of the policies covering its namespace.

@@ -173,12 +173,17 @@ pub fn summary(plan: &Plan) -> String {
         "; {} workload(s) roll ({pods} pods), {held} held",
         rolls.len()
     );
-    if let Some(w) = &plan.waves {
-        let _ = write!(
-            s,
-            "; sidecars roll in {} paced wave(s) of at most {} ({} now, {} waiting for a slot)",
-            w.waves, w.max_concurrent, w.now, w.waiting
-        );
+    for (what, w) in [
+        ("sidecars roll", &plan.waves),
+        ("restarts run", &plan.restart_waves),
+    ] {
+        if let Some(w) = w {
+            let _ = write!(
+                s,
+                "; {what} in {} paced wave(s) of at most {} ({} now, {} waiting for a slot)",
+                w.waves, w.max_concurrent, w.now, w.waiting
+            );
+        }
     }
     if !plan.pending() {
         s = format!("No changes: Enforce would write nothing now ({held} held).");

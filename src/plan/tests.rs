@@ -93,6 +93,7 @@ fn plan_of(changes: Vec<ObjectChange>, failed: bool) -> Plan {
             false => Vec::new(),
         },
         waves: None,
+        restart_waves: None,
     }
 }
 
@@ -206,4 +207,40 @@ fn waves_count_the_rollouts_now_and_those_waiting_for_a_slot() {
         ),
         "{text}"
     );
+}
+
+#[test]
+fn a_restart_is_told_from_a_sidecar_rollout_and_its_waves_are_told_apart() {
+    let with = |annotations: Value| {
+        let mut d = deployment("10m", "meshwarden", 3);
+        d["spec"]["template"]["metadata"] = json!({ "annotations": annotations });
+        d
+    };
+    let restarted = object_change(change(
+        Some(with(json!({}))),
+        Some(with(
+            json!({(crate::rules::sidecars::RESTARTED_AT): "2026-12-07T16:00:00Z"}),
+        )),
+        Verb::Apply,
+    ));
+    assert!(restart(&restarted) && !sidecar_rollout(&restarted));
+    assert_eq!(restarted.rollout, Some(Rollout { pods: Some(3) }));
+    let sidecar = object_change(change(
+        Some(with(json!({}))),
+        Some(with(
+            json!({(crate::rules::sidecars::HASH_ANNOTATION): "h"}),
+        )),
+        Verb::Apply,
+    ));
+    assert!(sidecar_rollout(&sidecar) && !restart(&sidecar));
+    let mut p = plan_of(vec![restarted, sidecar], false);
+    p.restart_waves = Waves::of(1, 3, 2);
+    let text = render(&p, Output::Diff).unwrap();
+    assert!(
+        text.contains(
+            "; restarts run in 3 paced wave(s) of at most 2 (1 now, 3 waiting for a slot)"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("sidecars roll in"), "{text}");
 }

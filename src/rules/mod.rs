@@ -4,6 +4,7 @@
 //! the one way the controller runs them: adding a section is adding its module and one entry
 //! here.
 
+pub mod ambient;
 pub mod certificates;
 pub mod gateway_api;
 pub mod ha;
@@ -33,10 +34,11 @@ pub enum Section {
     MutualTls,
     Upgrades,
     Certificates,
+    Ambient,
 }
 
 impl Section {
-    pub const ALL: [Section; 7] = [
+    pub const ALL: [Section; 8] = [
         Section::ControlPlaneHa,
         Section::GatewayHa,
         Section::GatewayApi,
@@ -44,11 +46,12 @@ impl Section {
         Section::MutualTls,
         Section::Upgrades,
         Section::Certificates,
+        Section::Ambient,
     ];
 
     /// This section alone, as a [`Sections`] set.
     pub fn only(self) -> Sections {
-        Sections(1 << self as u8)
+        Sections(1 << self as u16)
     }
 
     /// The section's condition type.
@@ -61,6 +64,7 @@ impl Section {
             Section::MutualTls => types::MUTUAL_TLS,
             Section::Upgrades => types::UPGRADES,
             Section::Certificates => types::CERTIFICATES,
+            Section::Ambient => types::AMBIENT_DATA_PLANE,
         }
     }
 
@@ -74,6 +78,7 @@ impl Section {
             Section::MutualTls => "mtls",
             Section::Upgrades => "upgrades",
             Section::Certificates => "certificates",
+            Section::Ambient => "ambient",
         }
     }
 
@@ -159,6 +164,11 @@ impl Section {
                     not_configured()
                 }
             },
+            // Reports only: Audit whatever `enforcement` says.
+            Section::Ambient => match &spec.ambient {
+                Some(a) => ambient::reconcile(ctx, policy, a).await,
+                None => not_configured(),
+            },
             _ => not_configured(),
         }
     }
@@ -167,16 +177,16 @@ impl Section {
 /// A set of sections: those a change in the cluster concerns, hence those a reconcile it
 /// triggers has to evaluate again.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Sections(u8);
+pub struct Sections(u16);
 
 impl Sections {
     pub const NONE: Sections = Sections(0);
     pub const ALL: Sections = Sections((1 << Section::ALL.len()) - 1);
     /// The HA sections (they read the same kinds).
     pub const HA: Sections = Sections(
-        1 << Section::ControlPlaneHa as u8
-            | 1 << Section::GatewayHa as u8
-            | 1 << Section::GatewayApi as u8,
+        1 << Section::ControlPlaneHa as u16
+            | 1 << Section::GatewayHa as u16
+            | 1 << Section::GatewayApi as u16,
     );
 
     pub fn contains(self, s: Section) -> bool {

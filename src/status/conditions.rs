@@ -14,6 +14,7 @@ pub mod types {
     pub const MUTUAL_TLS: &str = "MutualTLS";
     pub const UPGRADES: &str = "Upgrades";
     pub const CERTIFICATES: &str = "Certificates";
+    pub const AMBIENT_DATA_PLANE: &str = "AmbientDataPlane";
     pub const CONFLICT: &str = "Conflict";
 }
 

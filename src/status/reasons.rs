@@ -89,6 +89,14 @@ pub const ROOT_CERTIFICATE_EXPIRING: &str = "RootCertificateExpiring";
 pub const ROOT_CERTIFICATE_EXPIRED: &str = "RootCertificateExpired";
 /// An `istio-ca-root-cert` ConfigMap (or a granted Secret) holds no readable certificate.
 pub const CERTIFICATE_UNREADABLE: &str = "CertificateUnreadable";
+/// A node runs ambient pods without a Ready ztunnel (or istio-cni) pod: their traffic stops.
+pub const DATA_PLANE_NOT_READY: &str = "DataPlaneNotReady";
+/// ztunnel or istio-cni is not installed where the `ambient` section looks.
+pub const DATA_PLANE_COMPONENT_MISSING: &str = "DataPlaneComponentMissing";
+/// ztunnel or istio-cni is newer than its istiod, or more than one minor version behind.
+pub const DATA_PLANE_VERSION_SKEW: &str = "DataPlaneVersionSkew";
+/// A ztunnel or istio-cni DaemonSet lacks a production setting of Istio's charts.
+pub const DATA_PLANE_POSTURE_DRIFT: &str = "DataPlanePostureDrift";
 /// `Ready`: some section is not True.
 pub const RULES_NOT_READY: &str = "RulesNotReady";
 /// `Conflict`: an older policy sets a rule differently and wins.
@@ -146,6 +154,10 @@ pub const ALL: &[&str] = &[
     ROOT_CERTIFICATE_EXPIRING,
     ROOT_CERTIFICATE_EXPIRED,
     CERTIFICATE_UNREADABLE,
+    DATA_PLANE_NOT_READY,
+    DATA_PLANE_COMPONENT_MISSING,
+    DATA_PLANE_VERSION_SKEW,
+    DATA_PLANE_POSTURE_DRIFT,
     RULES_NOT_READY,
     OLDER_POLICY_WINS,
     FORBIDDEN,

@@ -12,6 +12,7 @@ use std::sync::atomic::AtomicBool;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use kube::api::{ApiResource, DynamicObject};
 
+use super::behaviour::zone_of;
 use super::*;
 
 const CLASS_DEFAULTS: &str = "gateway.istio.io/defaults-for-class";

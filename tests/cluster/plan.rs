@@ -6,6 +6,25 @@
 
 use super::*;
 
+/// `meshwarden plan -f` of a policy with `spec` (not in the cluster), run with the operator's
+/// credentials, as text and as JSON: both exit 2 (changes pending), and neither wrote anything
+/// in `namespaces` (only dry runs in the audit log).
+fn plan_pending(env: &common::Env, spec: &str, namespaces: &[&str]) -> (String, serde_json::Value) {
+    let (file, _keep) = env.policy_file("p", spec);
+    let kubeconfig = &env.plane.operator_kubeconfig;
+    let (code, out, secs) = common::run_plan(kubeconfig, &["-f", &file]);
+    eprintln!("plan took {secs:.2}s:\n{out}");
+    assert_eq!(code, 2, "changes pending:\n{out}");
+    let (code, json, _) = common::run_plan(kubeconfig, &["-f", &file, "-o", "json"]);
+    assert_eq!(code, 2, "{json}");
+    let by_plan = common::writes_of(&env.plane.audit_events(), namespaces);
+    assert!(
+        !by_plan.is_empty() && by_plan.iter().all(|w| w.dry_run),
+        "the plan wrote: {by_plan:?}"
+    );
+    (out, serde_json::from_str(&json).unwrap())
+}
+
 #[tokio::test]
 async fn plan_on_a_helm_gateway_and_injected_workloads_is_the_first_enforce_pass() {
     let env = common::cluster_env("plan").await;
@@ -55,11 +74,7 @@ sidecars: {{namespaceSelector: {{matchLabels: {{meshwarden-test: {id}}}}}, maxCo
             id = env.id
         )
     };
-    let (file, _keep) = env.policy_file("p", &spec("Audit"));
-    let kubeconfig = &env.plane.operator_kubeconfig;
-    let (code, out, secs) = common::run_plan(kubeconfig, &["-f", &file]);
-    eprintln!("plan took {secs:.2}s:\n{out}");
-    assert_eq!(code, 2, "changes pending:\n{out}");
+    let (out, planned) = plan_pending(&env, &spec("Audit"), &[&gw, &shop]);
     common::assert_lists(
         &out,
         &[
@@ -73,16 +88,6 @@ sidecars: {{namespaceSelector: {{matchLabels: {{meshwarden-test: {id}}}}}, maxCo
             "sidecars roll in 2 paced wave(s) of at most 1 (1 now, 1 waiting for a slot)".into(),
         ],
     );
-    let writes = || common::writes_of(&env.plane.audit_events(), &[&gw, &shop]);
-    let by_plan = writes();
-    assert!(
-        !by_plan.is_empty() && by_plan.iter().all(|w| w.dry_run),
-        "{by_plan:?}"
-    );
-
-    let (code, json, _) = common::run_plan(kubeconfig, &["-f", &file, "-o", "json"]);
-    assert_eq!(code, 2);
-    let planned: serde_json::Value = serde_json::from_str(&json).unwrap();
     env.enforce_as_planned("p", &spec("Enforce"), &planned, &[&gw, &shop])
         .await;
     helm(
@@ -90,4 +95,122 @@ sidecars: {{namespaceSelector: {{matchLabels: {{meshwarden-test: {id}}}}}, maxCo
         &env.plane.kubeconfig,
         &["uninstall", "gw", "-n", &gw],
     );
+}
+
+/// `meshwarden plan` of the upgrades section's restarts, on the full cluster: four Deployments
+/// whose proxies (the default injection's pod, moved to proxy 1.29.0, carried in their
+/// templates) are two minors behind the default istiod; three in a namespace whose injection is
+/// turned on once they run, one with injection off; a ValidatingAdmissionPolicy freezes `b`'s
+/// pod template. `restartOutdated: true, maxConcurrentRestarts: 2`. The plan from a file names
+/// the restart that starts now with the pods it rolls, `b`'s restart refused with the
+/// policy's message, the third held for a restart slot, the fourth skipped (a restart would
+/// give its pods no sidecar) and the waves; it writes nothing. Enforce's first pass then makes
+/// exactly the planned writes: `a`'s pods are re-injected by istiod with its own proxy, and no
+/// other pod is replaced. (Before the plan read the operator's caches, it planned no restart.)
+#[tokio::test]
+async fn plan_of_restarts_names_the_restarts_the_slot_and_the_skipped_as_enforce_does_them() {
+    let env = common::cluster_env("plan-restarts").await;
+    let id = env.id.clone();
+    let ((key, value), injected) = upgrades_fixture(&env).await;
+    let mine = (key, value.as_str());
+    // Injection is turned on in `on` once its pods run the outdated proxy (istiod would
+    // inject its own into them otherwise), as for pods that predate an upgrade.
+    let on = env
+        .namespace("on", &[mine, ("istio-injection", "disabled")])
+        .await;
+    let off = env
+        .namespace("off", &[mine, ("istio-injection", "disabled")])
+        .await;
+    let outdated = |name: &str| outdated_deployment(&injected, name, "1.29.0");
+    let (ons, offs) = (
+        Api::<Deployment>::namespaced(env.client.clone(), &on),
+        Api::<Deployment>::namespaced(env.client.clone(), &off),
+    );
+    for name in ["a", "b", "c"] {
+        ons.create(&PostParams::default(), &outdated(name))
+            .await
+            .unwrap();
+    }
+    offs.create(&PostParams::default(), &outdated("d"))
+        .await
+        .unwrap();
+    // Their pods run the template's proxy as it is: nothing injected them.
+    let template = vec![("default".to_string(), String::new(), "1.29.0".to_string())];
+    for (ns, app) in [(&on, "a"), (&on, "b"), (&on, "c"), (&off, "d")] {
+        let what = format!("{ns}/{app} running proxy 1.29.0");
+        let running = || injections(&env.client, ns, app);
+        wait_equal(90, &what, running, template.clone()).await;
+    }
+    Api::<Namespace>::all(env.client.clone())
+        .patch(
+            &on,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"istio-injection": "enabled"}}})),
+        )
+        .await
+        .unwrap();
+    let pods_of = |ns: &str, app: &str| {
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), ns);
+        let app = app.to_string();
+        async move {
+            let mut uids: Vec<String> = ready_pods(&pods, &app)
+                .await
+                .iter()
+                .map(|p| p.uid().unwrap_or_default())
+                .collect();
+            uids.sort();
+            uids
+        }
+    };
+    let (b_pods, c_pods, d_pods) = (
+        pods_of(&on, "b").await,
+        pods_of(&on, "c").await,
+        pods_of(&off, "d").await,
+    );
+    // A release freeze on `b`'s pod template, as an admission policy would hold it.
+    common::freeze_deployments(
+        &env.client,
+        &on,
+        "object.metadata.name != 'b' || object.spec.template == oldObject.spec.template",
+        "b is frozen for the release",
+        "b",
+        json!({"spec": {"template": {"metadata": {"annotations": {"probe": "1"}}}}}),
+    )
+    .await;
+
+    let spec = |mode: &str| {
+        format!(
+            "enforcement: {mode}\nupgrades:\n  restartOutdated: true\n  maxConcurrentRestarts: 2\n  namespaceSelector: {{matchLabels: {{meshwarden-upgrades: {id}}}}}\n"
+        )
+    };
+    let (out, planned) = plan_pending(&env, &spec("Audit"), &[&on, &off]);
+    common::assert_lists(
+        &out,
+        &[
+            format!("~ Deployment {on}/a (updated; its pods roll: 1 pod)"),
+            format!("! Deployment {on}/b (REFUSED by the API server)"),
+            "b is frozen for the release".into(),
+            format!("  Held Deployment/{on}/c (Upgrades)"),
+            "waits for a restart slot (maxConcurrentRestarts 2".into(),
+            format!("  Skipped Deployment/{off}/d (Upgrades)"),
+            "a restart would give its pods no sidecar (injection disabled in the namespace)".into(),
+            "Plan: 0 to create, 1 to update, 0 to delete, 1 refused".into(),
+            "restarts run in 2 paced wave(s) of at most 2 (1 now, 1 waiting for a slot)".into(),
+        ],
+    );
+    assert!(!out.contains(&format!("Deployment {on}/c (")), "{out}");
+    assert_eq!(planned["restartWaves"]["waves"], 2, "{planned:#}");
+    env.enforce_as_planned_masking(
+        "p",
+        &spec("Enforce"),
+        &planned,
+        &[&on, &off],
+        &["kubectl.kubernetes.io/restartedAt"],
+    )
+    .await;
+    // What runs: `a` restarted with istiod's own proxy; nothing else is replaced.
+    injected_by(&env.client, &on, "a", "default", "1.31-dev").await;
+    assert_eq!(pods_of(&on, "b").await, b_pods, "b's restart was refused");
+    assert_eq!(pods_of(&on, "c").await, c_pods, "c waits for a slot");
+    assert_eq!(pods_of(&off, "d").await, d_pods, "d is never restarted");
 }

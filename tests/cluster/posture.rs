@@ -11,7 +11,7 @@ use super::*;
 const GRACE: Duration = Duration::from_secs(10);
 
 /// Node `name` in `zone`, run by kwok, labelled and tainted `pool=<pool>`.
-fn node(name: &str, zone: &str, pool: &str) -> serde_json::Value {
+pub(super) fn node(name: &str, zone: &str, pool: &str) -> serde_json::Value {
     json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {

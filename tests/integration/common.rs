@@ -275,7 +275,11 @@ impl Env {
     pub async fn enforce_once(&self, name: &str) {
         let api: Api<MeshPolicy> = Api::all(self.client.clone());
         let policy = api.get(&self.policy_name(name)).await.unwrap();
-        let ctx = Context::new(self.plane.operator_client().await, None);
+        let client = self.plane.operator_client().await;
+        let ctx =
+            meshwarden::plan::one_pass_context(client, meshwarden::istio::DEFAULT_ISTIO_NAMESPACE)
+                .await
+                .unwrap();
         meshwarden::controller::evaluate(&ctx, &policy, &[&policy]).await;
     }
 
@@ -290,6 +294,21 @@ impl Env {
         planned: &serde_json::Value,
         namespaces: &[&str],
     ) {
+        self.enforce_as_planned_masking(name, enforce_spec, planned, namespaces, &[])
+            .await;
+    }
+
+    /// [`Env::enforce_as_planned`] with the pod template annotations `masked` (a restart's
+    /// time: the plan's and Enforce's are two instants) compared by being set, not by value.
+    #[allow(dead_code)]
+    pub async fn enforce_as_planned_masking(
+        &self,
+        name: &str,
+        enforce_spec: &str,
+        planned: &serde_json::Value,
+        namespaces: &[&str],
+        masked: &[&str],
+    ) {
         self.create_policy(name, enforce_spec).await;
         self.enforce_once(name).await;
         let real: std::collections::BTreeSet<(String, String, String)> =
@@ -303,7 +322,10 @@ impl Env {
             compared.iter().map(|(o, _, _)| o.clone()).collect();
         assert_eq!(objects.len(), compared.len());
         assert_eq!(objects, real, "plan == Enforce's first pass");
-        for (object, planned, live) in compared {
+        for (object, mut planned, mut live) in compared {
+            for v in [&mut planned, &mut live] {
+                mask_template_annotations(v, masked);
+            }
             assert_eq!(
                 planned, live,
                 "{object:?}: the plan's object is what Enforce wrote"
@@ -652,8 +674,25 @@ pub fn written(v: &serde_json::Value) -> serde_json::Value {
     })
 }
 
+/// Replaces the values of the pod template annotations `keys` in a [`written`] object by
+/// whether they are set.
+fn mask_template_annotations(v: &mut serde_json::Value, keys: &[&str]) {
+    if let Some(a) = v
+        .pointer_mut("/spec/template/metadata/annotations")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        for k in keys {
+            if let Some(value) = a.get_mut(*k) {
+                let set = value.as_str().is_some_and(|s| !s.is_empty());
+                *value = serde_json::json!(if set { "<set>" } else { "<empty>" });
+            }
+        }
+    }
+}
+
 /// The objects of a `meshwarden plan -o json` output and their writes read back: (resource,
-/// namespace, name) of each change, with its planned and its live [`written`] fields.
+/// namespace, name) of each change, with its planned (for a refused write, as read) and its
+/// live [`written`] fields.
 #[allow(dead_code)]
 pub async fn planned_and_live(
     client: &Client,
@@ -678,9 +717,14 @@ pub async fn planned_and_live(
         ));
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
         let live = serde_json::to_value(api.get(&name).await.unwrap()).unwrap();
+        // A refused write changes nothing: the object stays as the plan read it.
+        let planned = match c["action"].as_str() {
+            Some("refused") => &c["before"],
+            _ => &c["after"],
+        };
         out.push((
             (resource(&kind), ns, name),
-            written(&c["after"]),
+            written(planned),
             written(&live),
         ));
     }

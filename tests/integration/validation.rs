@@ -134,6 +134,16 @@ const INVALID: &[(&str, &str)] = &[
         "certificates: {warnBefore: \"-720h\"}",
         "spec.certificates.warnBefore",
     ),
+    ("ambient: {checks: []}", "spec.ambient.checks"),
+    (
+        "ambient: {checks: [Posture, Posture]}",
+        "spec.ambient.checks[1]",
+    ),
+    ("ambient: {checks: [Readiness]}", "spec.ambient.checks[0]"),
+    (
+        "ambient: {namespace: Istio_System}",
+        "spec.ambient.namespace",
+    ),
 ];
 
 #[tokio::test]

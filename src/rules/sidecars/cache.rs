@@ -395,7 +395,7 @@ pub(super) fn covered_namespaces<'a>(
 /// Every namespace in the store with its labels, shared with the cache's copy of them: a
 /// namespace's labels are copied once per store entry (a new entry is a changed namespace),
 /// not on every evaluation.
-fn namespace_labels(cache: &Cache) -> Vec<(String, Arc<BTreeMap<String, String>>)> {
+pub fn namespace_labels(cache: &Cache) -> Vec<(String, Arc<BTreeMap<String, String>>)> {
     let entries = cache.namespaces.state();
     let mut kept = match cache.ns_labels.lock() {
         Ok(k) => k,

@@ -290,7 +290,8 @@ pub struct PodFacts {
     pub name: String,
     /// The workload that runs it (a ReplicaSet's pods: its Deployment).
     pub owner: Option<(Kind, String)>,
-    /// Labels that decide injection (`sidecar.istio.io/inject`, `istio.io/rev`).
+    /// Labels that decide injection (`sidecar.istio.io/inject`, `istio.io/rev`) and ambient
+    /// mode (`istio.io/dataplane-mode`, read by the ambient section).
     pub labels: SmallMap<&'static str>,
     /// Annotations that decide injection (`sidecar.istio.io/inject`, `inject.istio.io/templates`).
     pub annotations: SmallMap<&'static str>,
@@ -400,7 +401,10 @@ impl From<&Pod> for PodFacts {
         PodFacts {
             name: p.name_any(),
             owner,
-            labels: only(Some(labels), &[INJECT, "istio.io/rev"]),
+            labels: only(
+                Some(labels),
+                &[INJECT, "istio.io/rev", crate::istio::DATAPLANE_MODE_LABEL],
+            ),
             annotations: only(Some(p.annotations()), &[INJECT, INJECT_TEMPLATES]),
             proxy,
             sidecar,

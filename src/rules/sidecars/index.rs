@@ -14,6 +14,14 @@ use kube::runtime::watcher;
 
 type Namespaces<F> = HashMap<String, BTreeMap<String, Arc<F>>>;
 
+/// The clock of every index's change stamps: shared, so that no two changes anywhere in the
+/// process get the same stamp (an index made anew never repeats an older one's).
+static CLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn tick() -> u64 {
+    CLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Facts of one watched kind, by namespace and name. Cloning shares the index.
 pub struct ByNamespace<F> {
     state: Arc<Mutex<Indexed<F>>>,
@@ -32,6 +40,7 @@ impl<F> Default for ByNamespace<F> {
         ByNamespace {
             state: Arc::new(Mutex::new(Indexed {
                 current: HashMap::new(),
+                stamps: HashMap::new(),
                 relist: None,
                 synced: false,
             })),
@@ -41,6 +50,9 @@ impl<F> Default for ByNamespace<F> {
 
 struct Indexed<F> {
     current: Namespaces<F>,
+    /// Per namespace in `current`, the stamp of its last change: a namespace whose stamp is
+    /// the same holds the same entries ([`View::stamp`]).
+    stamps: HashMap<String, u64>,
     /// A (re)list in progress: its entries replace `current` when it is done, as the store's
     /// do, so that objects deleted while the watch was down are dropped.
     relist: Option<Namespaces<F>>,
@@ -63,6 +75,16 @@ fn insert<F>(into: &mut Namespaces<F>, meta: &ObjectMeta, facts: &Arc<F>) {
     }
 }
 
+/// Stamps a change of namespace `ns`.
+fn stamp(stamps: &mut HashMap<String, u64>, ns: &str) {
+    match stamps.get_mut(ns) {
+        Some(at) => *at = tick(),
+        None => {
+            stamps.insert(ns.to_string(), tick());
+        }
+    }
+}
+
 impl<F> ByNamespace<F> {
     /// Applies one watch event.
     pub fn apply<K>(&self, event: &watcher::Event<Compact<K, F>>) {
@@ -71,7 +93,12 @@ impl<F> ByNamespace<F> {
             Err(p) => p.into_inner(),
         };
         match event {
-            watcher::Event::Apply(o) => insert(&mut s.current, &o.metadata, &o.facts),
+            watcher::Event::Apply(o) => {
+                insert(&mut s.current, &o.metadata, &o.facts);
+                if let Some(ns) = &o.metadata.namespace {
+                    stamp(&mut s.stamps, ns);
+                }
+            }
             watcher::Event::Delete(o) => {
                 if let (Some(ns), Some(name)) = (&o.metadata.namespace, &o.metadata.name)
                     && let Some(m) = s.current.get_mut(ns.as_str())
@@ -79,6 +106,9 @@ impl<F> ByNamespace<F> {
                     m.remove(name.as_str());
                     if m.is_empty() {
                         s.current.remove(ns.as_str());
+                        s.stamps.remove(ns.as_str());
+                    } else {
+                        stamp(&mut s.stamps, ns);
                     }
                 }
             }
@@ -89,6 +119,9 @@ impl<F> ByNamespace<F> {
             }
             watcher::Event::InitDone => {
                 if let Some(done) = s.relist.take() {
+                    // Every entry is new: every namespace changed.
+                    let now = tick();
+                    s.stamps = done.keys().map(|ns| (ns.clone(), now)).collect();
                     s.current = done;
                 }
                 s.synced = true;
@@ -135,6 +168,12 @@ impl<F> View<'_, F> {
     /// The facts of `namespace`'s objects, by name; `None` when it has none.
     pub fn get(&self, namespace: &str) -> Option<&BTreeMap<String, Arc<F>>> {
         self.0.current.get(namespace)
+    }
+
+    /// The stamp of `namespace`'s last change (`None`: it has no entry). Two reads with the
+    /// same stamp saw the same entries, so what was decided from them still holds.
+    pub fn stamp(&self, namespace: &str) -> Option<u64> {
+        self.0.stamps.get(namespace).copied()
     }
 
     /// Every entry with its namespace.

@@ -14,9 +14,11 @@
 //!
 //! observe -> [`plan`] (pure) -> report.
 
+mod memo;
 mod plan;
 mod restart;
 
+pub use memo::*;
 pub use plan::*;
 pub use restart::*;
 
@@ -33,7 +35,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::istio::{self, Revisions};
 use crate::rules::RuleReport;
-use crate::rules::sidecars::{Cache, Gate, Kind, PodFacts};
+use crate::rules::sidecars::{self, Cache, Gate, Kind, PodFacts};
 use crate::selector;
 use crate::status::conditions::{Observed, Status, types};
 use crate::status::messages::list;
@@ -53,14 +55,20 @@ pub const WATCHES: [&str; 8] = [
     crate::rules::stores::PDBS,
 ];
 
-/// A namespace's name and labels.
-type Labelled = (String, BTreeMap<String, String>);
+/// A namespace's name and labels (shared with the sidecars section's cache of them).
+type Labelled = (String, Arc<BTreeMap<String, String>>);
 
 /// Namespaces (name, labels) and running pods (namespace, facts).
-type Seen = (
-    Vec<(String, BTreeMap<String, String>)>,
-    Vec<(String, Arc<PodFacts>)>,
-);
+/// What the section observed: the namespaces, and the running pods (from the sidecars
+/// section's index, or listed).
+type Seen = (Vec<Labelled>, RunningPods);
+
+/// The running pods.
+enum RunningPods {
+    /// In the sidecars section's index, by namespace.
+    Cached(Cache),
+    Listed(Vec<(String, Arc<PodFacts>)>),
+}
 
 /// The revisions and tags: the controller's cache, or listed without one.
 async fn revisions(ctx: &Context) -> Result<Revisions> {
@@ -76,20 +84,7 @@ async fn observe(ctx: &Context) -> Result<Seen> {
     if let Some(c) = ctx.cache::<Cache>()
         && c.ready(Duration::from_secs(30)).await
     {
-        let namespaces = c
-            .namespaces
-            .state()
-            .iter()
-            .map(|n| (n.name_any(), n.metadata.labels.clone().unwrap_or_default()))
-            .collect();
-        let pods = c
-            .by_namespace
-            .pods
-            .read()
-            .iter()
-            .map(|(ns, facts)| (ns.to_string(), facts.clone()))
-            .collect();
-        return Ok((namespaces, pods));
+        return Ok((sidecars::namespace_labels(&c), RunningPods::Cached(c)));
     }
     let lp = ListParams::default().match_any();
     let namespaces = Api::<Namespace>::all(ctx.client.clone())
@@ -98,7 +93,12 @@ async fn observe(ctx: &Context) -> Result<Seen> {
         .map_err(|e| Error::kube("list Namespaces", e))?
         .items
         .into_iter()
-        .map(|n| (n.name_any(), n.metadata.labels.unwrap_or_default()))
+        .map(|n| {
+            (
+                n.name_any(),
+                Arc::new(n.metadata.labels.unwrap_or_default()),
+            )
+        })
         .collect();
     let pods = Api::<Pod>::all(ctx.client.clone())
         .list(&lp.fields("status.phase=Running"))
@@ -113,7 +113,7 @@ async fn observe(ctx: &Context) -> Result<Seen> {
             )
         })
         .collect();
-    Ok((namespaces, pods))
+    Ok((namespaces, RunningPods::Listed(pods)))
 }
 
 /// Pods that are not running (pending, failed, finished) in `namespaces`, by the revision of
@@ -181,7 +181,7 @@ pub async fn reconcile(
         Err(e) => return RuleReport::failed(ctype, &e),
     };
     // The selected namespaces, and their running pods.
-    let namespaces: Vec<(String, BTreeMap<String, String>)> = namespaces
+    let namespaces: Vec<Labelled> = namespaces
         .into_iter()
         .filter(|(_, labels)| {
             spec.namespace_selector
@@ -190,12 +190,33 @@ pub async fn reconcile(
         })
         .collect();
     let selected: BTreeSet<&str> = namespaces.iter().map(|(n, _)| n.as_str()).collect();
-    let pod_refs: Vec<(&str, &PodFacts)> = pods
-        .iter()
-        .filter(|(ns, _)| selected.contains(ns.as_str()))
-        .map(|(ns, p)| (ns.as_str(), p.as_ref()))
-        .collect();
-    let mut plan = plan(spec.max_minor_skew, &revisions, &namespaces, &pod_refs);
+    let skew = spec.max_minor_skew;
+    let mut plan = match &pods {
+        // Each namespace's pods counted anew only when they changed since the policy's last
+        // evaluation.
+        RunningPods::Cached(c) => {
+            let parts = match ctx.cache::<PodMemos>() {
+                Some(m) => m.with(&policy.name_any(), |memo| {
+                    memo.parts(skew, &revisions, &selected, &c.by_namespace.pods.read())
+                }),
+                None => PodMemo::default().parts(
+                    skew,
+                    &revisions,
+                    &selected,
+                    &c.by_namespace.pods.read(),
+                ),
+            };
+            plan_parts(skew, &revisions, &namespaces, parts.iter().map(Arc::as_ref))
+        }
+        RunningPods::Listed(pods) => {
+            let pod_refs: Vec<(&str, &PodFacts)> = pods
+                .iter()
+                .filter(|(ns, _)| selected.contains(ns.as_str()))
+                .map(|(ns, p)| (ns.as_str(), p.as_ref()))
+                .collect();
+            plan(skew, &revisions, &namespaces, &pod_refs)
+        }
+    };
     if !plan.unused.is_empty() {
         match idle_pods(ctx, &selected).await {
             Ok(idle) => plan.findings.extend(idle_revisions(&plan.unused, &idle)),
@@ -253,8 +274,10 @@ async fn restarts(
         out.unavailable = Some("restarts need the controller's workload caches".into());
         return out;
     };
-    let selected: BTreeMap<&str, &BTreeMap<String, String>> =
-        namespaces.iter().map(|(n, l)| (n.as_str(), l)).collect();
+    let selected: BTreeMap<&str, &BTreeMap<String, String>> = namespaces
+        .iter()
+        .map(|(n, l)| (n.as_str(), l.as_ref()))
+        .collect();
     let (pending, now) = (Pending::of(ctx), jiff::Timestamp::now());
     let mut workloads = Workloads::new();
     let mut add = |ns: Option<&String>, w: &Arc<crate::rules::sidecars::WorkloadFacts>| {

@@ -2,6 +2,7 @@
 //! is wrong with them. Everything here reads what was observed and nothing else.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::api::{ProxyCount, RevisionStatus, RevisionTagStatus, UpgradesStatus};
 use crate::istio::{INJECTION_LABEL, Injection, REVISION_LABEL, Revisions, namespace_injection};
@@ -112,13 +113,105 @@ fn object_id((ns, kind, name): &Owner) -> String {
     format!("{}/{ns}/{name}", kind.map_or("Pod", Kind::as_str))
 }
 
+/// One namespace's running pods as the plan counts them (pure, from that namespace's pods
+/// alone): an evaluation decides it once per namespace and keeps it while the namespace's pods
+/// stay the same ([`super::PodMemos`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodPart {
+    pods: usize,
+    outdated_pods: usize,
+    proxies: BTreeMap<(String, String), usize>,
+    used: BTreeSet<String>,
+    /// Per workload: (revision, proxy version, minors behind, pods).
+    skewed: BTreeMap<Owner, (String, String, i64, usize)>,
+    /// Per workload: (revision, pods).
+    orphaned: BTreeMap<Owner, (String, usize)>,
+    /// Per workload: (revision label, pods).
+    unlabelled: BTreeMap<Owner, (String, usize)>,
+}
+
+/// Counts the running pods `pods` of namespace `ns` (pure).
+pub fn pod_part<'a>(
+    max_minor_skew: i32,
+    revisions: &Revisions,
+    ns: &str,
+    pods: impl IntoIterator<Item = &'a PodFacts>,
+) -> PodPart {
+    let mut out = PodPart::default();
+    let allowed = i64::from(max_minor_skew.max(0));
+    for pod in pods {
+        let Some(sidecar) = &pod.sidecar else {
+            if let Some(rev) = pod.labels.get(REVISION_LABEL)
+                && revisions.resolve(rev).is_none()
+            {
+                out.unlabelled
+                    .entry(object(ns, pod))
+                    .or_insert((rev.clone(), 0))
+                    .1 += 1;
+            }
+            continue;
+        };
+        out.pods += 1;
+        let rev = proxy_revision(pod, revisions);
+        *out.proxies
+            .entry((rev.clone(), sidecar.version.clone()))
+            .or_default() += 1;
+        if !out.used.contains(&rev) {
+            out.used.insert(rev.clone());
+        }
+        if !revisions.any && !revisions.live.contains_key(&rev) {
+            out.outdated_pods += 1;
+            out.orphaned.entry(object(ns, pod)).or_insert((rev, 0)).1 += 1;
+            continue;
+        }
+        if revisions.settling.contains(&rev) {
+            // Its istiod rolls out (or is stuck): the version that serves is not known.
+            continue;
+        }
+        let (Some((istiod, _)), Some(proxy)) = (
+            istiod_version(revisions, &rev),
+            Minor::parse(&sidecar.version),
+        ) else {
+            continue;
+        };
+        let behind = proxy.behind(istiod);
+        if behind > allowed || behind < 0 {
+            out.outdated_pods += 1;
+            out.skewed
+                .entry(object(ns, pod))
+                .or_insert((rev, sidecar.version.clone(), behind, 0))
+                .3 += 1;
+        }
+    }
+    out
+}
+
 /// Plans the section (pure): `namespaces` are every namespace's (name, labels), `pods` every
-/// running pod (namespace, facts).
+/// running pod (namespace, facts). Every namespace's pods counted anew: what [`plan_parts`]
+/// over kept parts must equal.
 pub fn plan(
     max_minor_skew: i32,
     revisions: &Revisions,
-    namespaces: &[(String, BTreeMap<String, String>)],
+    namespaces: &[(String, Arc<BTreeMap<String, String>>)],
     pods: &[(&str, &PodFacts)],
+) -> Plan {
+    let mut by_namespace: BTreeMap<&str, Vec<&PodFacts>> = BTreeMap::new();
+    for (ns, pod) in pods {
+        by_namespace.entry(ns).or_default().push(pod);
+    }
+    let parts: Vec<PodPart> = by_namespace
+        .into_iter()
+        .map(|(ns, pods)| pod_part(max_minor_skew, revisions, ns, pods))
+        .collect();
+    plan_parts(max_minor_skew, revisions, namespaces, &parts)
+}
+
+/// [`plan`] from each namespace's [`PodPart`] (pure).
+pub fn plan_parts<'a>(
+    max_minor_skew: i32,
+    revisions: &Revisions,
+    namespaces: &[(String, Arc<BTreeMap<String, String>>)],
+    parts: impl IntoIterator<Item = &'a PodPart>,
 ) -> Plan {
     let mut out = Plan::default();
     let mut used: BTreeSet<String> = BTreeSet::new();
@@ -146,13 +239,14 @@ pub fn plan(
         }
     }
     for (ns, labels) in namespaces {
-        let object = format!("Namespace/{ns}");
+        // Named only for a finding (most namespaces have none).
+        let object = || format!("Namespace/{ns}");
         if labels.get(INJECTION_LABEL).map(String::as_str) == Some("enabled")
             && let Some(rev) = labels.get(REVISION_LABEL)
         {
             out.findings.push(Finding {
                 reason: reasons::INJECTION_LABELS_CONFLICT,
-                object: object.clone(),
+                object: object(),
                 message: format!(
                     "the namespace has both istio-injection=enabled and istio.io/rev={rev}: the default injector wins and istio.io/rev is ignored, so a revision upgrade by relabelling does nothing; remove one of the two labels"
                 ),
@@ -161,7 +255,7 @@ pub fn plan(
         match namespace_injection(labels, revisions) {
             Injection::UnknownRevision(rev) => out.findings.push(Finding {
                 reason: reasons::UNKNOWN_REVISION,
-                object,
+                object: object(),
                 message: format!(
                     "{}; label the namespace with a live revision or tag",
                     revisions.unknown_message(&rev)
@@ -179,57 +273,35 @@ pub fn plan(
             Injection::Off => {}
         }
     }
-    // Pods, grouped by the workload that runs them.
-    // Per workload: (revision, proxy version, minors behind, pods).
-    let mut skewed: BTreeMap<Owner, (String, String, i64, usize)> = BTreeMap::new();
-    // Per workload: (revision or label, pods).
-    let mut orphaned: BTreeMap<Owner, (String, usize)> = BTreeMap::new();
-    let mut unlabelled: BTreeMap<Owner, (String, usize)> = BTreeMap::new();
+    // The namespaces' pods, grouped by the workload that runs them (a workload's key names
+    // its namespace, so the parts never share one).
+    let mut skewed: BTreeMap<&Owner, &(String, String, i64, usize)> = BTreeMap::new();
+    let mut orphaned: BTreeMap<&Owner, &(String, usize)> = BTreeMap::new();
+    let mut unlabelled: BTreeMap<&Owner, &(String, usize)> = BTreeMap::new();
     let allowed = i64::from(max_minor_skew.max(0));
-    for (ns, pod) in pods {
-        let Some(sidecar) = &pod.sidecar else {
-            if let Some(rev) = pod.labels.get(REVISION_LABEL)
-                && revisions.resolve(rev).is_none()
-            {
-                unlabelled
-                    .entry(object(ns, pod))
-                    .or_insert((rev.clone(), 0))
-                    .1 += 1;
+    for part in parts {
+        out.pods += part.pods;
+        out.outdated_pods += part.outdated_pods;
+        for (k, n) in &part.proxies {
+            match out.proxies.get_mut(k) {
+                Some(total) => *total += n,
+                None => {
+                    out.proxies.insert(k.clone(), *n);
+                }
             }
-            continue;
-        };
-        out.pods += 1;
-        let rev = proxy_revision(pod, revisions);
-        *out.proxies
-            .entry((rev.clone(), sidecar.version.clone()))
-            .or_default() += 1;
-        used.insert(rev.clone());
-        if !revisions.any && !revisions.live.contains_key(&rev) {
-            out.outdated_pods += 1;
-            orphaned.entry(object(ns, pod)).or_insert((rev, 0)).1 += 1;
-            continue;
         }
-        if revisions.settling.contains(&rev) {
-            // Its istiod rolls out (or is stuck): the version that serves is not known.
-            continue;
+        for rev in &part.used {
+            if !used.contains(rev) {
+                used.insert(rev.clone());
+            }
         }
-        let (Some((istiod, _)), Some(proxy)) = (
-            istiod_version(revisions, &rev),
-            Minor::parse(&sidecar.version),
-        ) else {
-            continue;
-        };
-        let behind = proxy.behind(istiod);
-        if behind > allowed || behind < 0 {
-            out.outdated_pods += 1;
-            skewed
-                .entry(object(ns, pod))
-                .or_insert((rev, sidecar.version.clone(), behind, 0))
-                .3 += 1;
-        }
+        skewed.extend(&part.skewed);
+        orphaned.extend(&part.orphaned);
+        unlabelled.extend(&part.unlabelled);
     }
     for (key, (rev, version, behind, n)) in skewed {
-        let istiod = istiod_version(revisions, &rev)
+        let (behind, n) = (*behind, *n);
+        let istiod = istiod_version(revisions, rev)
             .map(|v| v.1)
             .unwrap_or_default();
         let message = if behind < 0 {
@@ -247,7 +319,7 @@ pub fn plan(
         }
         out.findings.push(Finding {
             reason: reasons::PROXY_VERSION_SKEW,
-            object: object_id(&key),
+            object: object_id(key),
             message,
         });
     }
@@ -260,17 +332,17 @@ pub fn plan(
         out.outdated.insert(key.clone(), message.clone());
         out.findings.push(Finding {
             reason: reasons::REVISION_NOT_RUNNING,
-            object: object_id(&key),
+            object: object_id(key),
             message,
         });
     }
     for (key, (rev, n)) in unlabelled {
         out.findings.push(Finding {
             reason: reasons::UNKNOWN_REVISION,
-            object: object_id(&key),
+            object: object_id(key),
             message: format!(
                 "{n} running pod(s) without a sidecar: the pod label {}",
-                revisions.unknown_message(&rev)
+                revisions.unknown_message(rev)
             ),
         });
     }

@@ -322,9 +322,12 @@ fn decide(
         return Restart::Now;
     }
     Restart::Held(format!(
-        "waits for a restart slot (maxConcurrentRestarts {max}, counting meshwarden's sidecar rollouts)"
+        "{WAITS_FOR_RESTART_SLOT} (maxConcurrentRestarts {max}, counting meshwarden's sidecar rollouts)"
     ))
 }
+
+/// How the violation of a restart held for a slot begins (`meshwarden plan` counts them).
+pub const WAITS_FOR_RESTART_SLOT: &str = "waits for a restart slot";
 
 /// PodDisruptionBudgets by namespace, as [`crate::rules::sidecars::budgets`] read them.
 pub type Budgets = HashMap<String, Vec<Budget>>;

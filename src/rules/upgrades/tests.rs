@@ -3,13 +3,16 @@ use crate::istio::ProxyVersion;
 use crate::rules::sidecars::{Budget, Gate, Kind, PROXY_IMAGE, Rollout, Strategy, WorkloadFacts};
 use std::collections::BTreeSet;
 
+mod memo;
 mod restarts;
 
-fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+fn map(pairs: &[(&str, &str)]) -> Arc<BTreeMap<String, String>> {
+    Arc::new(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
 }
 
 /// default 1.31-dev and canary 1.33.1 in istio-system; tag prod -> canary, tag old -> gone.
