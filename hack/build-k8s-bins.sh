@@ -5,6 +5,7 @@
 #   etcd, kube-apiserver, kube-controller-manager, kube-scheduler   tools/k8s-bins (k8s.io/kubernetes)
 #   kwok                    sigs.k8s.io/kwok, plus its stage files in kwok-stages/
 #   pilot-discovery         istio.io/istio (istiod), plus Istio's Helm charts in istio-charts/
+#   gateway-api-crds/       the Gateway API CRDs of sigs.k8s.io/gateway-api (no build; a link)
 #   helm3                   helm.sh/helm/v3 (Helm 4 comes from hack/install-tools.sh)
 #
 # Pins live in tools/versions.env. A second run with unchanged inputs only checks stamps.
@@ -70,4 +71,5 @@ go_install pilot-discovery istio.io/istio/pilot/cmd/pilot-discovery "$ISTIO_MODU
 link() { if [ "$(readlink "$OUT/$2" 2>/dev/null)" != "$1" ]; then ln -sfn "$1" "$OUT/$2"; fi; }
 link "$(module_dir sigs.k8s.io/kwok "$KWOK_VERSION")/kustomize/stage" kwok-stages
 link "$(module_dir istio.io/istio "$ISTIO_MODULE_VERSION")/manifests/charts" istio-charts
+link "$(module_dir sigs.k8s.io/gateway-api "$GATEWAY_API_VERSION")/config/crd" gateway-api-crds
 echo "$OUT"

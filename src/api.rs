@@ -19,10 +19,12 @@ pub use upgrades::*;
 mod ambient;
 pub use ambient::{AmbientCheck, AmbientSpec};
 mod certificates;
+mod gateway_api;
 mod mtls;
 pub use certificates::{
     CertificatesSpec, CertificatesStatus, GO_DURATION_PATTERN, RootCertificateStatus, SecretRef,
 };
+pub use gateway_api::{GatewayApiReplicas, GatewayApiSpec, GatewayApiSpread, GatewayClassSpec};
 pub use mtls::*;
 
 /// API group of every meshwarden resource.
@@ -84,6 +86,12 @@ pub struct MeshPolicySpec {
     #[schemars(length(max = 16))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub gateways: Vec<GatewaySpec>,
+
+    /// High availability of the gateways and waypoints istiod deploys for Gateway API
+    /// Gateways, per GatewayClass, through istiod's class-defaults ConfigMap (Istio 1.26 and
+    /// later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_api: Option<GatewayApiSpec>,
 
     /// Resources of the injected `istio-proxy` sidecars.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -346,8 +354,8 @@ pub struct MeshPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready` and one condition per rule section: `ControlPlaneHA`, `GatewayHA`,
-    /// `SidecarResources`, `MutualTLS`, `Upgrades`, `Certificates`, `AmbientDataPlane`;
-    /// `Conflict` when another policy wins a rule.
+    /// `GatewayAPIHA`, `SidecarResources`, `MutualTLS`, `Upgrades`, `Certificates`,
+    /// `AmbientDataPlane`; `Conflict` when another policy wins a rule.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions")]
     pub conditions: Vec<Condition>,
@@ -379,8 +387,8 @@ pub struct MeshPolicyStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Violation {
-    /// Rule section: `ControlPlaneHA`, `GatewayHA`, `SidecarResources`, `MutualTLS` or
-    /// `Upgrades`, `Certificates`, `AmbientDataPlane`.
+    /// Rule section: `ControlPlaneHA`, `GatewayHA`, `GatewayAPIHA`, `SidecarResources`,
+    /// `MutualTLS`, `Upgrades`, `Certificates` or `AmbientDataPlane`.
     pub rule: String,
     /// The object, as `Kind/namespace/name`.
     pub object: String,

@@ -496,6 +496,31 @@ impl IstioCache {
         Ok(out)
     }
 
+    /// The ConfigMaps of istiod's namespace labelled `key`, as the mesh-config watch keeps
+    /// them (name, namespace and labels; no data).
+    pub async fn config_maps_labelled(
+        &self,
+        key: &str,
+        limit: Duration,
+    ) -> Result<Vec<kube::core::ObjectMeta>> {
+        self.health
+            .wait_readable(&[MESH_CONFIG_WATCH], limit)
+            .await
+            .map_err(Error::Cache)?;
+        Ok(self
+            .meshes
+            .state()
+            .iter()
+            .filter(|cm| {
+                cm.metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key(key))
+            })
+            .map(|cm| cm.metadata.clone())
+            .collect())
+    }
+
     /// The live revisions (no tags).
     fn live(&self) -> Revisions {
         let mut out = Revisions::default();

@@ -116,6 +116,20 @@ pub fn resolve(policy: &MeshPolicy, all: &[&MeshPolicy]) -> (MeshPolicySpec, Vec
             }
         }
 
+        // One class's defaults: a class both declare differently stays with the older policy.
+        if let (Some(mine), Some(theirs)) = (spec.gateway_api.as_mut(), &other.spec.gateway_api) {
+            mine.classes.retain(|c| {
+                let differs = theirs
+                    .classes
+                    .iter()
+                    .any(|t| t.class_name == c.class_name && t != c);
+                if differs {
+                    note(format!("gatewayApi.classes[{}]", c.class_name));
+                }
+                !differs
+            });
+        }
+
         if let (Some(mine), Some(theirs)) = (&spec.sidecars, &other.spec.sidecars)
             && mine.namespace_selector == theirs.namespace_selector
             && (mine.resources != theirs.resources
@@ -256,5 +270,25 @@ mod tests {
         assert!(spec.gateways[1].replicas.is_some());
         assert_eq!(conflicts.len(), 1);
         assert_eq!(conflicts[0].field, "gateways[x].replicas");
+    }
+
+    #[test]
+    fn gateway_api_classes_conflict_by_class() {
+        let old = policy(
+            "old",
+            1,
+            "gatewayApi: {classes: [{className: istio, replicas: {min: 2}}]}",
+        );
+        let new = policy(
+            "new",
+            2,
+            "gatewayApi: {classes: [{className: istio, replicas: {min: 3}}, {className: istio-waypoint, replicas: {min: 2}}]}",
+        );
+        let (spec, conflicts) = resolve(&new, &[&old, &new]);
+        let classes = spec.gateway_api.unwrap().classes;
+        assert_eq!(classes.len(), 1);
+        assert_eq!(classes[0].class_name, "istio-waypoint");
+        assert_eq!(conflicts[0].field, "gatewayApi.classes[istio]");
+        assert_eq!(conflicts[0].winner, "old");
     }
 }

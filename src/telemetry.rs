@@ -392,6 +392,7 @@ impl Metrics {
             &[
                 crate::status::conditions::types::CONTROL_PLANE_HA,
                 crate::status::conditions::types::GATEWAY_HA,
+                crate::status::conditions::types::GATEWAY_API_HA,
             ],
         );
         self.set_rule_reasons(policy, &BTreeMap::new());
@@ -401,6 +402,7 @@ impl Metrics {
         for rule in [
             crate::status::conditions::types::CONTROL_PLANE_HA,
             crate::status::conditions::types::GATEWAY_HA,
+            crate::status::conditions::types::GATEWAY_API_HA,
             crate::status::conditions::types::SIDECAR_RESOURCES,
             crate::status::conditions::types::MUTUAL_TLS,
             crate::status::conditions::types::UPGRADES,

@@ -14,6 +14,8 @@ mod ambient;
 mod behaviour;
 #[path = "cluster/certificates.rs"]
 mod certificates;
+#[path = "cluster/gateway_api.rs"]
+mod gateway_api;
 #[path = "cluster/helm_lifecycle.rs"]
 mod helm_lifecycle;
 #[path = "cluster/plan.rs"]

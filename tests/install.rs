@@ -72,7 +72,7 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
 
     let policies = operator::create_policy(
         &admin,
-        "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: install-test}\nspec:\n  enforcement: Enforce\n  controlPlane: {replicas: {min: 2}, disruptionBudget: {maxUnavailable: 1}}\n  mtls: {mode: PERMISSIVE}\n",
+        "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: install-test}\nspec:\n  enforcement: Enforce\n  controlPlane: {replicas: {min: 2}, disruptionBudget: {maxUnavailable: 1}}\n  mtls: {mode: PERMISSIVE}\n  gatewayApi: {classes: [{className: istio, replicas: {min: 2}}]}\n",
     )
     .await;
     let ready = |p: &MeshPolicy| {
@@ -89,6 +89,22 @@ async fn helm_install_rbac_leader_election_upgrade_uninstall() {
         || async { ready(&policies.get("install-test").await.ok()?) },
     )
     .await;
+    // The gatewayApi section's writes, with the chart's RBAC: its class-defaults ConfigMap in
+    // istiod's namespace (the Role) and its finalizer on the policy (the ClusterRole).
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(admin.clone(), "istio-system");
+    assert!(
+        cms.get_opt("meshwarden-istio-install-test")
+            .await
+            .unwrap()
+            .is_some(),
+        "class-defaults ConfigMap written with the ServiceAccount's permissions"
+    );
+    let p = policies.get("install-test").await.unwrap();
+    assert_eq!(
+        p.metadata.finalizers.as_deref(),
+        Some(&["meshwarden.io/gateway-api".to_string()][..])
+    );
 
     // Exactly one replica leads; the standby has written nothing.
     let a_leads = eventually(20, "exactly one leader", || async {

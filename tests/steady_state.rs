@@ -33,6 +33,7 @@ spec:
   mtls: {mode: STRICT, scope: Mesh}
   upgrades: {maxMinorSkew: 1}
   certificates: {warnBefore: 720h}
+  gatewayApi: {classes: [{className: istio, replicas: {min: 2}, disruptionBudget: {maxUnavailable: 1}}]}
   ambient: {}
 ";
 
@@ -153,6 +154,7 @@ async fn reconciles_after_start_up_send_no_list() {
                 && is("MutualTLS", "True/")
                 && is("Upgrades", "True/")
                 && is("Certificates", "True/")
+                && is("GatewayAPIHA", "True/")
                 && is("AmbientDataPlane", "False/DataPlaneComponentMissing")
                 && is("SidecarResources", "False/RolloutInProgress"))
             .then_some(())

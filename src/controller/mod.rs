@@ -405,6 +405,9 @@ pub async fn run(
                     )
                 }),
                 istio_events.for_each(|()| {
+                    // Revisions and ConfigMaps of istiod's namespace: also istiod's version and
+                    // the class defaults the gatewayApi sections read.
+                    route.gateway_api(None);
                     route.when_ok(
                         Ok::<(), watcher::Error>(()),
                         routing::policies_with_sidecars_or_mtls,

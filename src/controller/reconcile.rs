@@ -190,6 +190,18 @@ pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Res
     let ctx = &state.ctx;
     let name = policy.name_any();
     tracing::debug!("reconcile starts");
+    // Being deleted while it holds meshwarden's finalizer: only what has to go before it.
+    if policy.metadata.deletion_timestamp.is_some()
+        && policy
+            .finalizers()
+            .iter()
+            .any(|f| f == crate::rules::gateway_api::FINALIZER)
+    {
+        return match crate::rules::gateway_api::finalize(ctx, &policy).await? {
+            true => Ok(Action::await_change()),
+            false => Ok(Action::requeue(Duration::from_secs(2))),
+        };
+    }
     let all: Vec<Arc<MeshPolicy>> = state
         .store
         .read()

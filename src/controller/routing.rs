@@ -65,13 +65,17 @@ pub(super) fn policies_for_namespace(
         .collect()
 }
 
-/// Every policy with an HA section (control plane or gateways): a node change can change
-/// where their pods run or could run.
+/// Every policy with an HA section (control plane, gateways or Gateway API gateways): a node
+/// change can change where their pods run or could run.
 pub(super) fn policies_with_ha(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
     store
         .state()
         .iter()
-        .filter(|p| p.spec.control_plane.is_some() || !p.spec.gateways.is_empty())
+        .filter(|p| {
+            p.spec.control_plane.is_some()
+                || !p.spec.gateways.is_empty()
+                || p.spec.gateway_api.is_some()
+        })
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
 }
@@ -104,19 +108,24 @@ pub(super) fn policies_with_upgrades(store: &Store<MeshPolicy>) -> Vec<ObjectRef
         .collect()
 }
 
-/// A workload's metadata, and whether its event is the echo of the sidecars section's own
-/// write ([`sidecars::Cache::echoes_own_write`]).
+/// A workload's metadata, whether its event is the echo of the sidecars section's own
+/// write ([`sidecars::Cache::echoes_own_write`]), and whether istiod rendered it for a Gateway
+/// (it carries the Gateway's class).
 pub(super) fn echo<K>(
     cache: &Option<sidecars::Cache>,
     o: sidecars::CachedWorkload<K>,
-) -> (ObjectMeta, bool) {
+) -> (ObjectMeta, bool, bool) {
     let echo = cache.as_ref().is_some_and(|c| {
         c.echoes_own_write(
             o.metadata.namespace.as_deref().unwrap_or_default(),
             &o.facts,
         )
     });
-    (o.metadata, echo)
+    let rendered = o
+        .facts
+        .labels
+        .contains_key(rules::gateway_api::plan::CLASS_LABEL);
+    (o.metadata, echo, rendered)
 }
 
 /// Turns watch events of the rule caches into policies to reconcile.
@@ -130,10 +139,13 @@ impl Route {
     /// A workload changed: the policies whose HA sections cover its namespace (for those
     /// sections), and those whose sidecars section covers it.
     /// `echo`: the event is the echo of the sidecars section's own write ([`echo`]).
-    pub fn workload(&self, event: Result<(ObjectMeta, bool), watcher::Error>) -> Ready<()> {
-        if let Ok((meta, echo)) = event
+    pub fn workload(&self, event: Result<(ObjectMeta, bool, bool), watcher::Error>) -> Ready<()> {
+        if let Ok((meta, echo, rendered)) = event
             && let Some(ns) = meta.namespace
         {
+            if rendered {
+                self.gateway_api(None);
+            }
             tracing::debug!(namespace = %ns, name = meta.name.as_deref().unwrap_or_default(), echo, "workload changed");
             self.triggers.add(
                 self.policies_where(|p| rules::covers_namespace(&p.spec, &ns)),
@@ -147,6 +159,25 @@ impl Route {
             }
         }
         ready(())
+    }
+
+    /// The `gatewayApi` sections of the policies that declare one, and of the policy an object
+    /// istiod rendered from meshwarden's defaults names (its section may be gone: what it
+    /// left behind is removed).
+    pub fn gateway_api(&self, meta: Option<&ObjectMeta>) {
+        use rules::gateway_api::plan::{CLASS_LABEL, RENDERED_FOR};
+        let labels = meta.and_then(|m| m.labels.as_ref());
+        let named = labels.and_then(|l| l.get(RENDERED_FOR)).cloned();
+        if meta.is_some() && named.is_none() && !labels.is_some_and(|l| l.contains_key(CLASS_LABEL))
+        {
+            return;
+        }
+        self.triggers.add(
+            self.policies_where(|p| {
+                p.spec.gateway_api.is_some() || named.as_deref() == Some(p.name_any().as_str())
+            }),
+            Section::GatewayApi.only(),
+        );
     }
 
     /// The policies `f` chooses.
@@ -171,6 +202,9 @@ impl Route {
     /// A PDB changed: the HA sections of the policies covering its namespace, and the
     /// sections whose rollout gate reads budgets (sidecars covering the namespace, upgrades).
     pub fn budget(&self, event: Result<ObjectMeta, watcher::Error>) -> Ready<()> {
+        if let Ok(meta) = &event {
+            self.gateway_api(Some(meta));
+        }
         if let Some(ns) = event.ok().and_then(|m| m.namespace) {
             self.triggers.add(
                 self.policies_where(|p| rules::covers_namespace(&p.spec, &ns)),
@@ -231,6 +265,9 @@ impl Route {
 
     /// An HPA changed: the HA sections of the policies covering its namespace.
     pub fn namespaced(&self, event: Result<ObjectMeta, watcher::Error>) -> Ready<()> {
+        if let Ok(meta) = &event {
+            self.gateway_api(Some(meta));
+        }
         if let Some(ns) = event.ok().and_then(|m| m.namespace) {
             self.triggers
                 .add(policies_for_namespace(&self.policies, &ns), Sections::HA);

@@ -6,6 +6,7 @@
 
 pub mod ambient;
 pub mod certificates;
+pub mod gateway_api;
 pub mod ha;
 pub mod mtls;
 pub mod sidecars;
@@ -28,6 +29,7 @@ pub use crate::status::RuleReport;
 pub enum Section {
     ControlPlaneHa,
     GatewayHa,
+    GatewayApi,
     SidecarResources,
     MutualTls,
     Upgrades,
@@ -36,9 +38,10 @@ pub enum Section {
 }
 
 impl Section {
-    pub const ALL: [Section; 7] = [
+    pub const ALL: [Section; 8] = [
         Section::ControlPlaneHa,
         Section::GatewayHa,
+        Section::GatewayApi,
         Section::SidecarResources,
         Section::MutualTls,
         Section::Upgrades,
@@ -56,6 +59,7 @@ impl Section {
         match self {
             Section::ControlPlaneHa => types::CONTROL_PLANE_HA,
             Section::GatewayHa => types::GATEWAY_HA,
+            Section::GatewayApi => types::GATEWAY_API_HA,
             Section::SidecarResources => types::SIDECAR_RESOURCES,
             Section::MutualTls => types::MUTUAL_TLS,
             Section::Upgrades => types::UPGRADES,
@@ -69,6 +73,7 @@ impl Section {
         match self {
             Section::ControlPlaneHa => "controlPlane",
             Section::GatewayHa => "gateways",
+            Section::GatewayApi => "gatewayApi",
             Section::SidecarResources => "sidecars",
             Section::MutualTls => "mtls",
             Section::Upgrades => "upgrades",
@@ -115,6 +120,13 @@ impl Section {
                 )
                 .await
             }
+            Section::GatewayApi => match &spec.gateway_api {
+                Some(g) => {
+                    gateway_api::reconcile(ctx, policy, g, policy::effective(spec, g.enforcement))
+                        .await
+                }
+                None => gateway_api::release(ctx, policy).await,
+            },
             Section::SidecarResources => match &spec.sidecars {
                 Some(s) => {
                     sidecars_section(ctx, policy, s, policy::effective(spec, s.enforcement)).await
@@ -170,9 +182,12 @@ pub struct Sections(u16);
 impl Sections {
     pub const NONE: Sections = Sections(0);
     pub const ALL: Sections = Sections((1 << Section::ALL.len()) - 1);
-    /// Both HA sections (they read the same kinds).
-    pub const HA: Sections =
-        Sections(1 << Section::ControlPlaneHa as u16 | 1 << Section::GatewayHa as u16);
+    /// The HA sections (they read the same kinds).
+    pub const HA: Sections = Sections(
+        1 << Section::ControlPlaneHa as u16
+            | 1 << Section::GatewayHa as u16
+            | 1 << Section::GatewayApi as u16,
+    );
 
     pub fn contains(self, s: Section) -> bool {
         self.0 & s.only().0 != 0

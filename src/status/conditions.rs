@@ -9,6 +9,7 @@ pub mod types {
     pub const READY: &str = "Ready";
     pub const CONTROL_PLANE_HA: &str = "ControlPlaneHA";
     pub const GATEWAY_HA: &str = "GatewayHA";
+    pub const GATEWAY_API_HA: &str = "GatewayAPIHA";
     pub const SIDECAR_RESOURCES: &str = "SidecarResources";
     pub const MUTUAL_TLS: &str = "MutualTLS";
     pub const UPGRADES: &str = "Upgrades";

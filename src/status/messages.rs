@@ -10,6 +10,20 @@ pub fn list(items: &[String], max: usize) -> String {
     }
 }
 
+/// `deviations: <object> <message>; …`, the first `max` of `violations`; `None` when there
+/// are none.
+pub fn deviations_sentence<'a>(
+    violations: impl IntoIterator<Item = &'a crate::api::Violation>,
+    max: usize,
+) -> Option<String> {
+    let shown: Vec<String> = violations
+        .into_iter()
+        .take(max)
+        .map(|v| format!("{} {}", v.object, v.message))
+        .collect();
+    (!shown.is_empty()).then(|| format!("deviations: {}", shown.join("; ")))
+}
+
 /// The sentence naming fields meshwarden took over from other managers.
 pub fn takeover_sentence(takeovers: &[String]) -> Option<String> {
     (!takeovers.is_empty()).then(|| {

@@ -36,6 +36,15 @@ pub const DRAIN_BLOCKED: &str = "DrainBlocked";
 pub const PROGRESSING: &str = "Progressing";
 /// The gateway is rendered by istiod; meshwarden reports it and never patches it.
 pub const MANAGED_BY_ISTIOD: &str = "ManagedByIstiod";
+/// Somebody else keeps the class-defaults ConfigMap of a GatewayClass (istiod reads only the
+/// oldest): meshwarden writes none and says what to add to theirs.
+pub const CLASS_DEFAULTS_EXIST: &str = "ClassDefaultsExist";
+/// istiod predates class-defaults ConfigMaps (Istio 1.26): nothing is written for Gateway API
+/// gateways; the condition says what to create instead.
+pub const ISTIO_TOO_OLD: &str = "IstioTooOld";
+/// istiod's version cannot be read (no istiod runs, or its image has no version tag):
+/// nothing is written for Gateway API gateways.
+pub const ISTIO_VERSION_UNKNOWN: &str = "IstioVersionUnknown";
 /// STRICT is held back while clients without a sidecar would be cut off.
 pub const STRICT_HELD: &str = "StrictHeld";
 /// Weaker user overrides exist and are reported, not rewritten (`mtls.overrides: Report`).
@@ -121,6 +130,9 @@ pub const ALL: &[&str] = &[
     DRAIN_BLOCKED,
     PROGRESSING,
     MANAGED_BY_ISTIOD,
+    CLASS_DEFAULTS_EXIST,
+    ISTIO_TOO_OLD,
+    ISTIO_VERSION_UNKNOWN,
     STRICT_HELD,
     OVERRIDES_REPORTED,
     CLIENTS_CUT_OFF,

@@ -56,6 +56,36 @@ pub fn chart(name: &str) -> PathBuf {
     charts_dir().join(rel)
 }
 
+/// The Gateway API CRDs of the standard channel, from the `config/crd/standard` of the
+/// pinned `sigs.k8s.io/gateway-api` module (the version `istio.io/istio` depends on), linked
+/// into the binary cache by `hack/build-k8s-bins.sh`: every CustomResourceDefinition there,
+/// as one YAML stream.
+pub fn gateway_api_crds() -> Result<String> {
+    let dir = bin_dir().join("gateway-api-crds").join("standard");
+    let entries = std::fs::read_dir(&dir).map_err(|e| Error::Io {
+        path: dir.clone(),
+        source: e,
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    let mut out = String::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|e| Error::Io {
+            path: f.clone(),
+            source: e,
+        })?;
+        if text.contains("kind: CustomResourceDefinition") {
+            out.push_str("---\n");
+            out.push_str(&text);
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
 /// Helm 4 (from `hack/install-tools.sh`), else `helm` on PATH.
 pub fn helm() -> PathBuf {
     let p = tools_dir().join("helm");
@@ -240,7 +270,14 @@ pub(crate) async fn start(plane: &mut Plane, lifetime: Lifetime) -> Result<()> {
     values.extend(host_istiod_values(port));
     install(&plane.kubeconfig, "istio-base", "base", &values)?;
     install(&plane.kubeconfig, "istiod", "istiod", &values)?;
-    let istiod = spawn_istiod(&plane.dir, &plane.kubeconfig, "default", port, lifetime)?;
+    let istiod = spawn_istiod(
+        &plane.dir,
+        &plane.kubeconfig,
+        "default",
+        port,
+        &[],
+        lifetime,
+    )?;
     plane.adopt(istiod, lifetime)?;
     wait_injector(&plane.dir, &plane.kubeconfig, "default", port).await
 }
@@ -257,6 +294,7 @@ fn spawn_istiod(
     kubeconfig: &Path,
     revision: &str,
     port: u16,
+    extra_env: &[(&str, &str)],
     lifetime: Lifetime,
 ) -> Result<std::process::Child> {
     let name = match revision {
@@ -280,13 +318,14 @@ fn spawn_istiod(
         "--profile=false".into(),
         "--log_output_level=default:warn,ads:error,validation:info".into(),
     ];
-    let envs = [
+    let mut envs = vec![
         ("POD_NAMESPACE", "istio-system".to_string()),
         ("POD_NAME", format!("{name}-host")),
         ("REVISION", revision.to_string()),
         ("ISTIOD_CUSTOM_HOST", "localhost".to_string()),
         ("KUBECONFIG", kubeconfig.display().to_string()),
     ];
+    envs.extend(extra_env.iter().map(|(k, v)| (*k, v.to_string())));
     spawn_with(
         &bin_dir().join("pilot-discovery"),
         &args,
@@ -355,6 +394,18 @@ pub async fn start_revision(
     revision: &str,
     values: &[String],
 ) -> Result<HostRevision> {
+    start_revision_with_env(plane_dir, kubeconfig, revision, values, &[]).await
+}
+
+/// [`start_revision`] with environment variables of istiod's own (`PILOT_ENABLE_AMBIENT=true`
+/// for the waypoint GatewayClass, say), for this revision only.
+pub async fn start_revision_with_env(
+    plane_dir: &Path,
+    kubeconfig: &Path,
+    revision: &str,
+    values: &[String],
+    env: &[(&str, &str)],
+) -> Result<HostRevision> {
     if revision.is_empty() || revision == "default" {
         return Err(Error::Manifest(format!(
             "start_revision: revision {revision:?} is the plane's own; name another (canary)"
@@ -379,6 +430,7 @@ pub async fn start_revision(
         kubeconfig,
         revision,
         port,
+        env,
         Lifetime::Attached,
     )?);
     wait_injector(plane_dir, kubeconfig, revision, port).await?;

@@ -6,7 +6,8 @@
 
 use super::*;
 
-async fn zone_of(nodes: &Api<Node>, pod: &Pod) -> String {
+/// The zone of the node `pod` runs on.
+pub(super) async fn zone_of(nodes: &Api<Node>, pod: &Pod) -> String {
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap();
     nodes.get(&node).await.unwrap().labels()["topology.kubernetes.io/zone"].clone()
 }

@@ -804,12 +804,24 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    eventually_or_report(secs, what, f, || async {}).await
+}
+
+/// [`eventually`] that runs `report` (which prints what the test sees) before it panics.
+pub async fn eventually_or_report<T, F, Fut, R, RFut>(secs: u64, what: &str, f: F, report: R) -> T
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Option<T>>,
+    R: FnOnce() -> RFut,
+    RFut: Future<Output = ()>,
+{
     let start = Instant::now();
     loop {
         if let Some(v) = f().await {
             return v;
         }
         if start.elapsed() > Duration::from_secs(secs) {
+            report().await;
             panic!("timed out after {secs}s waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -110,6 +110,23 @@ const INVALID: &[(&str, &str)] = &[
         "spec.certificates.warnBefore",
     ),
     (
+        "gatewayApi: {classes: [{className: istio, replicas: {min: 2}, disruptionBudget: {minAvailable: 2}}]}",
+        "spec.gatewayApi.classes[0].disruptionBudget.minAvailable",
+    ),
+    (
+        "gatewayApi: {classes: [{className: istio, replicas: {min: 3, max: 2}}]}",
+        "spec.gatewayApi.classes[0].replicas.max",
+    ),
+    (
+        "gatewayApi: {classes: [{className: Istio_Class}]}",
+        "spec.gatewayApi.classes[0].className",
+    ),
+    ("gatewayApi: {classes: []}", "spec.gatewayApi.classes"),
+    (
+        "gatewayApi: {classes: [{className: istio}, {className: istio}]}",
+        "spec.gatewayApi.classes[1]",
+    ),
+    (
         "certificates: {warnBefore: \"1440\"}",
         "spec.certificates.warnBefore",
     ),

@@ -6,7 +6,7 @@ mod budget;
 mod fight;
 pub mod nodes;
 mod observe;
-mod outcome;
+pub mod outcome;
 mod plan;
 mod rebalance;
 pub mod source;
@@ -44,7 +44,8 @@ use crate::write::{self, FightKey};
 
 pub use budget::allowed_disruptions;
 use observe::left_behind;
-pub use observe::{control_plane_groups, gateway_groups, observe};
+pub use observe::{control_plane_groups, gateway_groups, nodes as observe_nodes, observe};
+pub(crate) use plan::{int_or_string_json, resources_json};
 pub use plan::{plan, resource_deviations};
 use writes::{HaWrite, Target, WriteFailure, write_kind};
 
@@ -501,14 +502,8 @@ pub async fn reconcile(
             empty_groups.join(", ")
         ));
     }
-    if !report.violations.is_empty() {
-        let shown: Vec<String> = report
-            .violations
-            .iter()
-            .take(5)
-            .map(|v| format!("{} {}", v.object, v.message))
-            .collect();
-        msg.push(format!("deviations: {}", shown.join("; ")));
+    if let Some(s) = messages::deviations_sentence(&report.violations, 5) {
+        msg.push(s);
         if audit {
             msg.push("Audit mode: nothing was changed".to_string());
         }

@@ -11,7 +11,7 @@ use crate::api::{MeshPolicy, ResourceAmounts, ResourcesSpec, SpreadMode};
 use crate::quantity;
 use crate::write;
 
-pub(super) fn int_or_string_json(v: &IntOrString) -> Value {
+pub(crate) fn int_or_string_json(v: &IntOrString) -> Value {
     match v {
         IntOrString::Int(i) => json!(i),
         IntOrString::String(s) => json!(s),
@@ -27,6 +27,18 @@ fn amounts_json(a: &ResourceAmounts) -> Value {
         m.insert("memory".into(), json!(ios_string(mem)));
     }
     Value::Object(m)
+}
+
+/// A container's `resources` as declared: requests and limits, quantities as strings.
+pub(crate) fn resources_json(res: &ResourcesSpec) -> Value {
+    let mut r = serde_json::Map::new();
+    if let Some(req) = &res.requests {
+        r.insert("requests".into(), amounts_json(req));
+    }
+    if let Some(lim) = &res.limits {
+        r.insert("limits".into(), amounts_json(lim));
+    }
+    Value::Object(r)
 }
 
 pub(super) fn ios_string(v: &IntOrString) -> String {
@@ -370,16 +382,9 @@ pub fn plan(rules: &HaRules, obs: &Observation, policy: &MeshPolicy, enforce: bo
                         format!("{dep_id} container {} resources", rules.container),
                     );
                 }
-                let mut r = serde_json::Map::new();
-                if let Some(req) = &res.requests {
-                    r.insert("requests".into(), amounts_json(req));
-                }
-                if let Some(lim) = &res.limits {
-                    r.insert("limits".into(), amounts_json(lim));
-                }
                 template_spec.insert(
                     "containers".into(),
-                    json!([{"name": rules.container, "resources": Value::Object(r)}]),
+                    json!([{"name": rules.container, "resources": resources_json(res)}]),
                 );
             }
         }

@@ -247,7 +247,7 @@ pub fn report_only(mut plan: super::Plan, gateway: &str) -> super::Plan {
     for f in &mut plan.findings {
         f.fixable = false;
         f.message = format!(
-            "{} (deployed by istiod for Gateway {gateway}: meshwarden does not patch it; set it in the ConfigMap the Gateway's spec.infrastructure.parametersRef names, with deployment, horizontalPodAutoscaler and podDisruptionBudget overlays)",
+            "{} (deployed by istiod for Gateway {gateway}: meshwarden does not patch it; hold its GatewayClass with spec.gatewayApi instead, or set it in the ConfigMap the Gateway's spec.infrastructure.parametersRef names, with deployment, horizontalPodAutoscaler and podDisruptionBudget overlays)",
             f.message
         );
     }

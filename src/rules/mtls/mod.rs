@@ -298,13 +298,8 @@ pub async fn reconcile(
         .iter()
         .filter(|v| v.action != ViolationAction::Held)
         .collect();
-    if !deviations.is_empty() {
-        let shown: Vec<String> = deviations
-            .iter()
-            .take(5)
-            .map(|v| format!("{} {}", v.object, v.message))
-            .collect();
-        msg.push(format!("deviations: {}", shown.join("; ")));
+    if let Some(s) = messages::deviations_sentence(deviations.iter().copied(), 5) {
+        msg.push(s);
         if !enforce {
             msg.push("Audit mode: nothing was changed".to_string());
         }
