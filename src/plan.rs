@@ -191,6 +191,9 @@ pub fn enforce_everything(spec: &mut MeshPolicySpec) {
     if let Some(u) = &mut spec.upgrades {
         u.enforcement = None;
     }
+    if let Some(g) = &mut spec.gateway_api {
+        g.enforcement = None;
+    }
 }
 
 /// Plans `source` against the cluster of `client`; `istio_namespace` as `run`'s.

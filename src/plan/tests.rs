@@ -147,13 +147,15 @@ fn the_diff_output_shows_fields_takeovers_and_rollouts() {
 #[test]
 fn every_section_is_forced_to_enforce() {
     let mut p: MeshPolicy = serde_yaml::from_str(
-        "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: p}\nspec:\n  controlPlane: {enforcement: Audit, namespace: istio-system}\n  mtls: {enforcement: Audit, mode: STRICT}\n",
+        "apiVersion: meshwarden.io/v1alpha1\nkind: MeshPolicy\nmetadata: {name: p}\nspec:\n  controlPlane: {enforcement: Audit, namespace: istio-system}\n  mtls: {enforcement: Audit, mode: STRICT}\n  upgrades: {enforcement: Audit}\n  gatewayApi: {enforcement: Audit, classes: [{className: istio}]}\n",
     )
     .unwrap();
     enforce_everything(&mut p.spec);
     assert_eq!(p.spec.enforcement, Enforcement::Enforce);
     assert_eq!(p.spec.control_plane.unwrap().enforcement, None);
     assert_eq!(p.spec.mtls.unwrap().enforcement, None);
+    assert_eq!(p.spec.upgrades.unwrap().enforcement, None);
+    assert_eq!(p.spec.gateway_api.unwrap().enforcement, None);
 }
 
 #[test]
