@@ -109,6 +109,9 @@ sidecars: {{namespaceSelector: {{matchLabels: {{meshwarden-test: {id}}}}}, maxCo
 /// other pod is replaced. (Before the plan read the operator's caches, it planned no restart.)
 #[tokio::test]
 async fn plan_of_restarts_names_the_restarts_the_slot_and_the_skipped_as_enforce_does_them() {
+    // The plan and Enforce's pass judge the default revision's proxies: not while another
+    // test rolls an istiod of that revision.
+    let _default = DEFAULT_REVISION.lock().await;
     let env = common::cluster_env("plan-restarts").await;
     let id = env.id.clone();
     let ((key, value), injected) = upgrades_fixture(&env).await;

@@ -3,6 +3,13 @@
 
 use super::*;
 
+/// Held by a test that rolls an istiod Deployment of revision `default` (of a release of its
+/// own: istiod Deployments in any namespace are revisions) and by a test that needs the
+/// `default` revision's proxies judged at one moment: while an istiod of a revision rolls
+/// out, the upgrades section judges none of that revision's proxies (the version that will
+/// serve is not known).
+pub static DEFAULT_REVISION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub async fn namespace(client: &Client, name: &str, labels: serde_json::Value) {
     let ns: Namespace = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": labels}

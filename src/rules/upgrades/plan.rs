@@ -140,6 +140,11 @@ pub fn pod_part<'a>(
     let mut out = PodPart::default();
     let allowed = i64::from(max_minor_skew.max(0));
     for pod in pods {
+        // Being deleted (a finished rollout's old pod still stopping): it needs no restart,
+        // and counting it would restart a workload whose rollout already replaced it.
+        if pod.placement.terminating {
+            continue;
+        }
         let Some(sidecar) = &pod.sidecar else {
             if let Some(rev) = pod.labels.get(REVISION_LABEL)
                 && revisions.resolve(rev).is_none()

@@ -518,3 +518,18 @@ fn ztunnel_pods_are_no_sidecar_proxies() {
     let p = plan(1, &r, &[], &[("istio-system", &injected)]);
     assert_eq!((p.pods, p.outdated.len()), (1, 1), "{:?}", p.findings);
 }
+
+/// A rollout that finished leaves its old pods stopping for their grace period: they are not
+/// outdated proxies (restarting the workload for them would roll it a second time).
+#[test]
+fn pods_being_deleted_are_not_outdated() {
+    let r = revisions();
+    let mut stopping = pod("web-old", Some("web"), None, Some("1.29.0"));
+    stopping.placement.terminating = true;
+    let current = pod("web-new", Some("web"), None, Some("1.31.0"));
+    let p = plan(1, &r, &[], &[("apps", &stopping), ("apps", &current)]);
+    assert_eq!((p.pods, p.outdated.len()), (1, 0), "{:?}", p.findings);
+    stopping.placement.terminating = false;
+    let p = plan(1, &r, &[], &[("apps", &stopping), ("apps", &current)]);
+    assert_eq!((p.pods, p.outdated.len()), (2, 1), "{:?}", p.findings);
+}
