@@ -7,6 +7,7 @@
 pub mod certificates;
 pub mod ha;
 pub mod mtls;
+pub mod resilience;
 pub mod sidecars;
 pub mod stores;
 pub mod upgrades;
