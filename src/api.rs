@@ -18,10 +18,12 @@ mod upgrades;
 pub use upgrades::*;
 mod certificates;
 mod mtls;
+mod resilience;
 pub use certificates::{
     CertificatesSpec, CertificatesStatus, GO_DURATION_PATTERN, RootCertificateStatus, SecretRef,
 };
 pub use mtls::*;
+pub use resilience::{Requirement, ResilienceSpec};
 
 /// API group of every meshwarden resource.
 pub const GROUP: &str = "meshwarden.io";
@@ -99,6 +101,11 @@ pub struct MeshPolicySpec {
     /// ConfigMaps (no access to Secrets needed). Reports only; never writes to the mesh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificates: Option<CertificatesSpec>,
+    /// Fault tolerance of every Service's traffic: the DestinationRule its clients actually
+    /// get (outlier detection, connection pool limits) and the root settings it shadows.
+    /// Reports only; never writes to the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resilience: Option<ResilienceSpec>,
 }
 
 /// Whether a rule corrects the mesh or only reports.

@@ -496,6 +496,20 @@ impl IstioCache {
         Ok(out)
     }
 
+    /// Every istiod Deployment's facts, with its namespace.
+    pub fn istiods(&self) -> Vec<(String, Istiod)> {
+        self.istiods
+            .state()
+            .iter()
+            .map(|d| {
+                (
+                    d.metadata.namespace.clone().unwrap_or_default(),
+                    Istiod::clone(&d.facts),
+                )
+            })
+            .collect()
+    }
+
     /// The live revisions (no tags).
     fn live(&self) -> Revisions {
         let mut out = Revisions::default();
@@ -503,6 +517,16 @@ impl IstioCache {
             out.add(&d.facts, d.metadata.namespace.clone().unwrap_or_default());
         }
         out
+    }
+
+    /// The `mesh` documents of the mesh configs in istiod's namespace (`istio`,
+    /// `istio-<revision>`), as watched now.
+    pub fn mesh_documents(&self) -> Vec<String> {
+        self.meshes
+            .state()
+            .iter()
+            .filter_map(|cm| cm.data.as_ref()?.get(MESH_KEY).cloned())
+            .collect()
     }
 
     /// Istio's root namespace from the mesh configs of the revisions in istiod's namespace.

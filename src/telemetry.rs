@@ -405,6 +405,7 @@ impl Metrics {
             crate::status::conditions::types::MUTUAL_TLS,
             crate::status::conditions::types::UPGRADES,
             crate::status::conditions::types::CERTIFICATES,
+            crate::status::conditions::types::RESILIENCE,
         ] {
             let labels = RuleLabels {
                 policy: policy.to_string(),

@@ -241,6 +241,8 @@ fn everything() -> Value {
                      "restartOutdated": false, "maxConcurrentRestarts": 2},
         "certificates": {"warnBefore": "720h",
                          "secrets": [{"namespace": "istio-system", "name": "cacerts"}]},
+        "resilience": {"namespaceSelector": selector, "outlierDetection": "Required",
+                       "connectionPoolLimits": "Off"},
     })
 }
 

@@ -33,6 +33,7 @@ spec:
   mtls: {mode: STRICT, scope: Mesh}
   upgrades: {maxMinorSkew: 1}
   certificates: {warnBefore: 720h}
+  resilience: {outlierDetection: Required}
 ";
 
 /// The operator's LIST requests in the audit log from entry `from` on, by URI.
@@ -149,6 +150,8 @@ async fn reconciles_after_start_up_send_no_list() {
                 && is("MutualTLS", "True/")
                 && is("Upgrades", "True/")
                 && is("Certificates", "True/")
+                // The `kubernetes` Service has no DestinationRule.
+                && is("Resilience", "False/MinimumsNotMet")
                 && is("SidecarResources", "False/RolloutInProgress"))
             .then_some(())
         },
@@ -271,6 +274,26 @@ async fn reconciles_after_start_up_send_no_list() {
             .conditions
             .iter()
             .any(|c| c.type_ == "Certificates" && c.reason == "RootCertificateExpiring")
+            .then_some(())
+    })
+    .await;
+
+    // Resilience: a root-namespace DestinationRule with outlier detection is read from the
+    // watch, and every Service gets it.
+    testplane::apply_yaml(
+        &admin,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: default, namespace: istio-system}\n\
+         spec: {host: '*.local', trafficPolicy: {outlierDetection: {consecutive5xxErrors: 5}}}\n",
+        &[],
+    )
+    .await
+    .unwrap();
+    eventually(30, "every Service gets the root rule", || async {
+        let p = policies.get("steady").await.ok()?;
+        p.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Resilience" && c.reason == "Compliant")
             .then_some(())
     })
     .await;

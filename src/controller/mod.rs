@@ -29,7 +29,7 @@ use tracing::{Instrument, warn};
 use crate::api::MeshPolicy;
 use crate::context::Context;
 use crate::rules::stores::{self, Stores};
-use crate::rules::{Section, Sections, certificates, ha, mtls, sidecars};
+use crate::rules::{Section, Sections, certificates, ha, mtls, resilience, sidecars};
 use crate::telemetry::Metrics;
 use crate::watch;
 
@@ -182,6 +182,11 @@ pub async fn run(
     // reconcile of a policy with a certificates section on.
     let (root_certs, root_cert_events) = certificates::RootCache::watch(&client, &health);
     state.ctx.set_cache(Some(root_certs));
+    // DestinationRules and Services (reduced): watched from the first reconcile of a policy
+    // with a resilience section on.
+    let (resilience_cache, resilience_events) =
+        resilience::ResilienceCache::watch(&client, &health);
+    state.ctx.set_cache(Some(resilience_cache));
     // Namespace labels, for routing workload events to sidecars sections; namespace changes
     // also reach mtls sections (one watch serves both).
     let (ns_store, ns_stream) = cached::<PartialObjectMeta<Namespace>>(
@@ -362,6 +367,9 @@ pub async fn run(
     let upgrades = Section::Upgrades.only();
     // Namespace labels and Istio's revisions and tags are read by these three.
     let sidecars_or_mtls = Section::SidecarResources.only() | mtls | upgrades;
+    // ... and, with the mesh config, by resilience.
+    let resilience = Section::Resilience.only();
+    let reading_namespaces = sidecars_or_mtls | resilience;
     // The echo of the sidecars section's own write triggers no evaluation of that section.
     let echoes = state.ctx.cache::<sidecars::Cache>();
     let (e1, e2, e3) = (echoes.clone(), echoes.clone(), echoes);
@@ -372,7 +380,11 @@ pub async fn run(
                 statefulset_events.for_each(|r| route.workload(r.map(|o| routing::echo(&e2, o)))),
                 daemonset_events.for_each(|r| route.workload(r.map(|o| routing::echo(&e3, o)))),
                 ns_stream.for_each(|r| {
-                    route.when_ok(r, routing::policies_with_sidecars_or_mtls, sidecars_or_mtls)
+                    route.when_ok(
+                        r,
+                        routing::policies_with_sidecars_or_mtls,
+                        reading_namespaces,
+                    )
                 }),
                 limit_range_events.for_each(|_| async {}),
                 quota_events.for_each(|_| async {}),
@@ -397,7 +409,14 @@ pub async fn run(
                     route.when_ok(
                         Ok::<(), watcher::Error>(()),
                         routing::policies_with_sidecars_or_mtls,
-                        sidecars_or_mtls,
+                        reading_namespaces,
+                    )
+                }),
+                resilience_events.for_each(|()| {
+                    route.when_ok(
+                        Ok::<(), watcher::Error>(()),
+                        routing::policies_with_resilience,
+                        resilience,
                     )
                 }),
             );
@@ -440,4 +459,5 @@ pub async fn run(
     state.ctx.set_cache::<Stores>(None);
     state.ctx.set_cache::<crate::istio::IstioCache>(None);
     state.ctx.set_cache::<certificates::RootCache>(None);
+    state.ctx.set_cache::<resilience::ResilienceCache>(None);
 }

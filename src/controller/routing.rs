@@ -57,17 +57,41 @@ pub(super) fn policies_with_ha(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshP
         .collect()
 }
 
-/// Every policy with a sidecars, mtls or upgrades section: they decide by namespace labels and
-/// by what Istio injects (revisions, tags), and mtls by the mesh config.
+/// Every policy with a sidecars, mtls, upgrades or resilience section: they decide by namespace
+/// labels and by what Istio injects (revisions, tags), and mtls and resilience by the mesh
+/// config.
 pub(super) fn policies_with_sidecars_or_mtls(
     store: &Store<MeshPolicy>,
 ) -> Vec<ObjectRef<MeshPolicy>> {
     store
         .state()
         .iter()
-        .filter(|p| p.spec.sidecars.is_some() || p.spec.mtls.is_some() || p.spec.upgrades.is_some())
+        .filter(|p| {
+            p.spec.sidecars.is_some()
+                || p.spec.mtls.is_some()
+                || p.spec.upgrades.is_some()
+                || p.spec.resilience.is_some()
+        })
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
+}
+
+/// The policies of `store` that `f` chooses.
+fn chosen(
+    store: &Store<MeshPolicy>,
+    f: impl Fn(&MeshPolicy) -> bool,
+) -> Vec<ObjectRef<MeshPolicy>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| f(p))
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Policies with a `resilience` section: a DestinationRule or Service anywhere concerns them.
+pub(super) fn policies_with_resilience(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
+    chosen(store, |p| p.spec.resilience.is_some())
 }
 
 /// Policies with an `upgrades` section: a running pod anywhere can change what it counts.

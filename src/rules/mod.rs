@@ -6,7 +6,9 @@
 
 pub mod certificates;
 pub mod ha;
+pub mod lazy;
 pub mod mtls;
+pub mod posture;
 pub mod resilience;
 pub mod sidecars;
 pub mod stores;
@@ -32,16 +34,18 @@ pub enum Section {
     MutualTls,
     Upgrades,
     Certificates,
+    Resilience,
 }
 
 impl Section {
-    pub const ALL: [Section; 6] = [
+    pub const ALL: [Section; 7] = [
         Section::ControlPlaneHa,
         Section::GatewayHa,
         Section::SidecarResources,
         Section::MutualTls,
         Section::Upgrades,
         Section::Certificates,
+        Section::Resilience,
     ];
 
     /// This section alone, as a [`Sections`] set.
@@ -58,6 +62,7 @@ impl Section {
             Section::MutualTls => types::MUTUAL_TLS,
             Section::Upgrades => types::UPGRADES,
             Section::Certificates => types::CERTIFICATES,
+            Section::Resilience => types::RESILIENCE,
         }
     }
 
@@ -70,6 +75,7 @@ impl Section {
             Section::MutualTls => "mtls",
             Section::Upgrades => "upgrades",
             Section::Certificates => "certificates",
+            Section::Resilience => "resilience",
         }
     }
 
@@ -147,6 +153,10 @@ impl Section {
                     ctx.metrics.set_root_certificates(&policy.name_any(), None);
                     not_configured()
                 }
+            },
+            Section::Resilience => match &spec.resilience {
+                Some(r) => resilience::reconcile(ctx, policy, r).await,
+                None => not_configured(),
             },
             _ => not_configured(),
         }

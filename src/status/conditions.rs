@@ -13,6 +13,7 @@ pub mod types {
     pub const MUTUAL_TLS: &str = "MutualTLS";
     pub const UPGRADES: &str = "Upgrades";
     pub const CERTIFICATES: &str = "Certificates";
+    pub const RESILIENCE: &str = "Resilience";
     pub const CONFLICT: &str = "Conflict";
 }
 

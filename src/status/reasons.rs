@@ -80,6 +80,9 @@ pub const ROOT_CERTIFICATE_EXPIRING: &str = "RootCertificateExpiring";
 pub const ROOT_CERTIFICATE_EXPIRED: &str = "RootCertificateExpired";
 /// An `istio-ca-root-cert` ConfigMap (or a granted Secret) holds no readable certificate.
 pub const CERTIFICATE_UNREADABLE: &str = "CertificateUnreadable";
+/// Services whose clients get a DestinationRule (or none) lacking the declared minimums, or
+/// shadowing root-namespace settings.
+pub const MINIMUMS_NOT_MET: &str = "MinimumsNotMet";
 /// `Ready`: some section is not True.
 pub const RULES_NOT_READY: &str = "RulesNotReady";
 /// `Conflict`: an older policy sets a rule differently and wins.
@@ -134,6 +137,7 @@ pub const ALL: &[&str] = &[
     ROOT_CERTIFICATE_EXPIRING,
     ROOT_CERTIFICATE_EXPIRED,
     CERTIFICATE_UNREADABLE,
+    MINIMUMS_NOT_MET,
     RULES_NOT_READY,
     OLDER_POLICY_WINS,
     FORBIDDEN,

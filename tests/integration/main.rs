@@ -9,6 +9,7 @@ mod installers;
 mod lifecycle;
 mod mtls;
 mod plan;
+mod resilience;
 mod sidecars;
 mod status;
 mod validation;
