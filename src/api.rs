@@ -19,11 +19,13 @@ pub use upgrades::*;
 mod certificates;
 mod mtls;
 mod resilience;
+mod security;
 pub use certificates::{
     CertificatesSpec, CertificatesStatus, GO_DURATION_PATTERN, RootCertificateStatus, SecretRef,
 };
 pub use mtls::*;
 pub use resilience::{Requirement, ResilienceSpec};
+pub use security::SecuritySpec;
 
 /// API group of every meshwarden resource.
 pub const GROUP: &str = "meshwarden.io";
@@ -106,6 +108,11 @@ pub struct MeshPolicySpec {
     /// Reports only; never writes to the mesh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resilience: Option<ResilienceSpec>,
+    /// Security hardening: namespaces without a default deny, `outboundTrafficPolicy`, and
+    /// the CA istiod signs with (self-signed, plugged-in, external). Reports only; never
+    /// writes to the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<SecuritySpec>,
 }
 
 /// Whether a rule corrects the mesh or only reports.

@@ -243,6 +243,8 @@ fn everything() -> Value {
                          "secrets": [{"namespace": "istio-system", "name": "cacerts"}]},
         "resilience": {"namespaceSelector": selector, "outlierDetection": "Required",
                        "connectionPoolLimits": "Off"},
+        "security": {"namespaceSelector": selector, "defaultDeny": "Required",
+                     "pluggedInCA": "Off", "registryOnly": "Required"},
     })
 }
 

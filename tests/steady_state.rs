@@ -34,6 +34,7 @@ spec:
   upgrades: {maxMinorSkew: 1}
   certificates: {warnBefore: 720h}
   resilience: {outlierDetection: Required}
+  security: {defaultDeny: Required}
 ";
 
 /// The operator's LIST requests in the audit log from entry `from` on, by URI.
@@ -152,6 +153,7 @@ async fn reconciles_after_start_up_send_no_list() {
                 && is("Certificates", "True/")
                 // The `kubernetes` Service has no DestinationRule.
                 && is("Resilience", "False/MinimumsNotMet")
+                && is("Security", "False/")
                 && is("SidecarResources", "False/RolloutInProgress"))
             .then_some(())
         },
@@ -297,6 +299,24 @@ async fn reconciles_after_start_up_send_no_list() {
             .then_some(())
     })
     .await;
+
+    // Security: no Secret is read, only the CA Secrets' metadata, each listed and watched by
+    // name (the requests' own record: the audit log has no Accept header).
+    let secret_reads: Vec<String> = plane
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["user"]["username"] == "meshwarden-operator")
+        .filter(|e| e["objectRef"]["resource"] == "secrets")
+        .map(|e| format!("{} {}", e["verb"], e["requestURI"]))
+        .collect();
+    assert!(!secret_reads.is_empty(), "the CA Secrets were not watched");
+    for r in &secret_reads {
+        assert!(
+            r.contains("fieldSelector=metadata.name%3Dcacerts")
+                || r.contains("fieldSelector=metadata.name%3Distio-ca-secret"),
+            "{r}"
+        );
+    }
 
     let lists = lists_since(&plane, from);
     assert!(

@@ -47,6 +47,6 @@ pub enum Requirement {
     Off,
 }
 
-fn required() -> Requirement {
+pub(super) fn required() -> Requirement {
     Requirement::Required
 }

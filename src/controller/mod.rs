@@ -29,7 +29,7 @@ use tracing::{Instrument, warn};
 use crate::api::MeshPolicy;
 use crate::context::Context;
 use crate::rules::stores::{self, Stores};
-use crate::rules::{Section, Sections, certificates, ha, mtls, resilience, sidecars};
+use crate::rules::{Section, Sections, certificates, ha, mtls, resilience, security, sidecars};
 use crate::telemetry::Metrics;
 use crate::watch;
 
@@ -187,6 +187,11 @@ pub async fn run(
     let (resilience_cache, resilience_events) =
         resilience::ResilienceCache::watch(&client, &health);
     state.ctx.set_cache(Some(resilience_cache));
+    // AuthorizationPolicies (reduced) and the CA Secrets' metadata: from the first reconcile
+    // of a policy with a security section on.
+    let (security_cache, security_events) =
+        security::SecurityCache::watch(&client, &health, &state.ctx.istio_namespace);
+    state.ctx.set_cache(Some(security_cache));
     // Namespace labels, for routing workload events to sidecars sections; namespace changes
     // also reach mtls sections (one watch serves both).
     let (ns_store, ns_stream) = cached::<PartialObjectMeta<Namespace>>(
@@ -367,9 +372,10 @@ pub async fn run(
     let upgrades = Section::Upgrades.only();
     // Namespace labels and Istio's revisions and tags are read by these three.
     let sidecars_or_mtls = Section::SidecarResources.only() | mtls | upgrades;
-    // ... and, with the mesh config, by resilience.
+    // ... and, with the mesh config and istiod, by resilience and security.
     let resilience = Section::Resilience.only();
-    let reading_namespaces = sidecars_or_mtls | resilience;
+    let security = Section::Security.only();
+    let reading_namespaces = sidecars_or_mtls | resilience | security;
     // The echo of the sidecars section's own write triggers no evaluation of that section.
     let echoes = state.ctx.cache::<sidecars::Cache>();
     let (e1, e2, e3) = (echoes.clone(), echoes.clone(), echoes);
@@ -419,6 +425,13 @@ pub async fn run(
                         resilience,
                     )
                 }),
+                security_events.for_each(|()| {
+                    route.when_ok(
+                        Ok::<(), watcher::Error>(()),
+                        routing::policies_with_security,
+                        security,
+                    )
+                }),
             );
         }
         .instrument(tracing::info_span!("watches", of = "rule caches")),
@@ -460,4 +473,5 @@ pub async fn run(
     state.ctx.set_cache::<crate::istio::IstioCache>(None);
     state.ctx.set_cache::<certificates::RootCache>(None);
     state.ctx.set_cache::<resilience::ResilienceCache>(None);
+    state.ctx.set_cache::<security::SecurityCache>(None);
 }

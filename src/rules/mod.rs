@@ -10,6 +10,7 @@ pub mod lazy;
 pub mod mtls;
 pub mod posture;
 pub mod resilience;
+pub mod security;
 pub mod sidecars;
 pub mod stores;
 pub mod upgrades;
@@ -35,10 +36,11 @@ pub enum Section {
     Upgrades,
     Certificates,
     Resilience,
+    Security,
 }
 
 impl Section {
-    pub const ALL: [Section; 7] = [
+    pub const ALL: [Section; 8] = [
         Section::ControlPlaneHa,
         Section::GatewayHa,
         Section::SidecarResources,
@@ -46,11 +48,12 @@ impl Section {
         Section::Upgrades,
         Section::Certificates,
         Section::Resilience,
+        Section::Security,
     ];
 
     /// This section alone, as a [`Sections`] set.
     pub fn only(self) -> Sections {
-        Sections(1 << self as u8)
+        Sections(1 << self as u16)
     }
 
     /// The section's condition type.
@@ -63,6 +66,7 @@ impl Section {
             Section::Upgrades => types::UPGRADES,
             Section::Certificates => types::CERTIFICATES,
             Section::Resilience => types::RESILIENCE,
+            Section::Security => types::SECURITY,
         }
     }
 
@@ -76,6 +80,7 @@ impl Section {
             Section::Upgrades => "upgrades",
             Section::Certificates => "certificates",
             Section::Resilience => "resilience",
+            Section::Security => "security",
         }
     }
 
@@ -158,6 +163,13 @@ impl Section {
                 Some(r) => resilience::reconcile(ctx, policy, r).await,
                 None => not_configured(),
             },
+            Section::Security => match &spec.security {
+                Some(s) => security::reconcile(ctx, policy, s).await,
+                None => {
+                    ctx.metrics.posture.set_ca_mode(&policy.name_any(), None);
+                    not_configured()
+                }
+            },
             _ => not_configured(),
         }
     }
@@ -166,14 +178,14 @@ impl Section {
 /// A set of sections: those a change in the cluster concerns, hence those a reconcile it
 /// triggers has to evaluate again.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Sections(u8);
+pub struct Sections(u16);
 
 impl Sections {
     pub const NONE: Sections = Sections(0);
     pub const ALL: Sections = Sections((1 << Section::ALL.len()) - 1);
     /// Both HA sections (they read the same kinds).
     pub const HA: Sections =
-        Sections(1 << Section::ControlPlaneHa as u8 | 1 << Section::GatewayHa as u8);
+        Sections(1 << Section::ControlPlaneHa as u16 | 1 << Section::GatewayHa as u16);
 
     pub fn contains(self, s: Section) -> bool {
         self.0 & s.only().0 != 0

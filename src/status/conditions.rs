@@ -14,6 +14,7 @@ pub mod types {
     pub const UPGRADES: &str = "Upgrades";
     pub const CERTIFICATES: &str = "Certificates";
     pub const RESILIENCE: &str = "Resilience";
+    pub const SECURITY: &str = "Security";
     pub const CONFLICT: &str = "Conflict";
 }
 

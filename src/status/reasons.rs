@@ -83,6 +83,13 @@ pub const CERTIFICATE_UNREADABLE: &str = "CertificateUnreadable";
 /// Services whose clients get a DestinationRule (or none) lacking the declared minimums, or
 /// shadowing root-namespace settings.
 pub const MINIMUMS_NOT_MET: &str = "MinimumsNotMet";
+/// Selected namespaces have no allow-nothing or deny-all AuthorizationPolicy of their own or
+/// in the root namespace.
+pub const DEFAULT_DENY_MISSING: &str = "DefaultDenyMissing";
+/// istiod signs with its own self-signed root.
+pub const SELF_SIGNED_CA: &str = "SelfSignedCA";
+/// `outboundTrafficPolicy.mode` is not `REGISTRY_ONLY` while the policy requires it.
+pub const OUTBOUND_ALLOW_ANY: &str = "OutboundAllowAny";
 /// `Ready`: some section is not True.
 pub const RULES_NOT_READY: &str = "RulesNotReady";
 /// `Conflict`: an older policy sets a rule differently and wins.
@@ -138,6 +145,9 @@ pub const ALL: &[&str] = &[
     ROOT_CERTIFICATE_EXPIRED,
     CERTIFICATE_UNREADABLE,
     MINIMUMS_NOT_MET,
+    DEFAULT_DENY_MISSING,
+    SELF_SIGNED_CA,
+    OUTBOUND_ALLOW_ANY,
     RULES_NOT_READY,
     OLDER_POLICY_WINS,
     FORBIDDEN,

@@ -10,6 +10,7 @@ mod lifecycle;
 mod mtls;
 mod plan;
 mod resilience;
+mod security;
 mod sidecars;
 mod status;
 mod validation;
