@@ -12,6 +12,8 @@ mod common;
 mod plan;
 #[path = "cluster/posture.rs"]
 mod posture;
+#[path = "cluster/report.rs"]
+mod report;
 #[path = "cluster/rollout_gate.rs"]
 mod rollout_gate;
 
