@@ -303,7 +303,8 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize, rate: f64, 
         "scale: {namespaces} namespaces, {deployments} Deployments, {pods} running pods; pod churn {rate} events/s for {seconds} s"
     );
     let (took, running) = setup(&admin, namespaces, deployments, pods).await;
-    // One Service per Deployment (the report sections judge them), and their rules.
+    // One Service per Deployment (the report sections judge them; headless: the test plane's
+    // Service IP range is small), and their rules.
     let t = Instant::now();
     crate::sidecars::bounded(deployments, 32, |i| {
         let admin = admin.clone();
@@ -311,7 +312,7 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize, rate: f64, 
             let ns = ns_name(i % namespaces);
             let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
                 "metadata": {"name": deploy_name(i), "namespace": ns},
-                "spec": {"ports": [{"port": 80}], "selector": {"app": deploy_name(i)}},
+                "spec": {"clusterIP": "None", "ports": [{"port": 80}], "selector": {"app": deploy_name(i)}},
             }))
             .expect("service");
             Api::namespaced(admin, &ns)
