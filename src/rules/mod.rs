@@ -56,6 +56,13 @@ impl Section {
         Sections(1 << self as u16)
     }
 
+    /// Reports only, from inputs whose every change is routed to it (its own watches, the
+    /// namespaces, the mesh config, istiod): a report of it that is False stays true until
+    /// such an event, so it is reused like a settled one.
+    pub fn reports_only(self) -> bool {
+        matches!(self, Section::Resilience | Section::Security)
+    }
+
     /// The section's condition type.
     pub fn condition_type(self) -> &'static str {
         match self {
