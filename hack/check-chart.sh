@@ -397,6 +397,19 @@ print(json.dumps({"apiVersion": "v1", "kind": "Pod",
     sar NO update coordination.k8s.io leases - kube-system
     sar NO escalate rbac.authorization.k8s.io clusterroles - -
     sar NO create networking.istio.io destinationrules - istio-system
+    # The report sections: DestinationRules, AuthorizationPolicies and Services read only.
+    for v in list watch; do
+      sar YES "$v" networking.istio.io destinationrules - -
+      sar YES "$v" security.istio.io authorizationpolicies - -
+      sar YES "$v" - services - -
+    done
+    sar NO get - services - default
+    sar NO create security.istio.io authorizationpolicies - istio-system
+    # The CA Secrets' metadata is off by default (security.caSecretMetadata): no Secret at all.
+    for n in cacerts istio-ca-secret; do
+      for v in list watch get; do sar NO "$v" - secrets - istio-system "$n"; done
+    done
+    for v in list watch; do sar NO "$v" - secrets - istio-system other; sar NO "$v" - secrets - default cacerts; done
     sar_run
   fi
 elif ! printf '%s\n' "${FAILED[@]}" | grep -qx apiserver; then

@@ -21,11 +21,15 @@ pub use ambient::{AmbientCheck, AmbientSpec};
 mod certificates;
 mod gateway_api;
 mod mtls;
+mod resilience;
+mod security;
 pub use certificates::{
     CertificatesSpec, CertificatesStatus, GO_DURATION_PATTERN, RootCertificateStatus, SecretRef,
 };
 pub use gateway_api::{GatewayApiReplicas, GatewayApiSpec, GatewayApiSpread, GatewayClassSpec};
 pub use mtls::*;
+pub use resilience::{Requirement, ResilienceSpec};
+pub use security::SecuritySpec;
 
 /// API group of every meshwarden resource.
 pub const GROUP: &str = "meshwarden.io";
@@ -114,6 +118,16 @@ pub struct MeshPolicySpec {
     /// Reports only; never writes to the mesh, whatever `enforcement` says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ambient: Option<AmbientSpec>,
+    /// Fault tolerance of every Service's traffic: the DestinationRule its clients actually
+    /// get (outlier detection, connection pool limits) and the root settings it shadows.
+    /// Reports only; never writes to the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resilience: Option<ResilienceSpec>,
+    /// Security hardening: namespaces without a default deny, `outboundTrafficPolicy`, and
+    /// the CA istiod signs with (self-signed, plugged-in, external). Reports only; never
+    /// writes to the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<SecuritySpec>,
 }
 
 /// Whether a rule corrects the mesh or only reports.

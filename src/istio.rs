@@ -82,6 +82,12 @@ pub struct Istiod {
     /// The template (so `version`) is what serves: its controller observed it and no pod of
     /// an older template is left ([`serves_template`]).
     pub serving: bool,
+    /// Its discovery container's `ENABLE_CA_SERVER` is not `false`: istiod signs workload
+    /// certificates itself.
+    pub ca_server: bool,
+    /// Its discovery container's `EXTERNAL_CA` (`ISTIOD_RA_KUBERNETES_API`: istiod passes
+    /// certificate requests to a Kubernetes signer).
+    pub external_ca: Option<String>,
 }
 
 /// Whether a Deployment's pods all run its current template: the controller observed the
@@ -113,11 +119,18 @@ impl From<&Deployment> for Istiod {
             .and_then(|l| l.get(REVISION_LABEL))
             .cloned()
             .unwrap_or_else(|| "default".to_string());
-        let version = d
+        let discovery = d
             .spec
             .as_ref()
             .and_then(|s| s.template.spec.as_ref())
-            .and_then(|s| s.containers.iter().find(|c| c.name == DISCOVERY_CONTAINER))
+            .and_then(|s| s.containers.iter().find(|c| c.name == DISCOVERY_CONTAINER));
+        let env = |name: &str| {
+            discovery
+                .and_then(|c| c.env.as_ref())
+                .and_then(|e| e.iter().find(|v| v.name == name))
+                .and_then(|v| v.value.clone())
+        };
+        let version = discovery
             .and_then(|c| c.image.as_deref())
             .and_then(image_tag)
             .unwrap_or(UNKNOWN)
@@ -126,6 +139,8 @@ impl From<&Deployment> for Istiod {
             revision,
             version,
             serving: serves_template(d),
+            ca_server: env("ENABLE_CA_SERVER").is_none_or(|v| v != "false"),
+            external_ca: env("EXTERNAL_CA").filter(|v| !v.is_empty()),
         }
     }
 }
@@ -521,6 +536,20 @@ impl IstioCache {
             .collect())
     }
 
+    /// Every istiod Deployment's facts, with its namespace.
+    pub fn istiods(&self) -> Vec<(String, Istiod)> {
+        self.istiods
+            .state()
+            .iter()
+            .map(|d| {
+                (
+                    d.metadata.namespace.clone().unwrap_or_default(),
+                    Istiod::clone(&d.facts),
+                )
+            })
+            .collect()
+    }
+
     /// The live revisions (no tags).
     fn live(&self) -> Revisions {
         let mut out = Revisions::default();
@@ -528,6 +557,16 @@ impl IstioCache {
             out.add(&d.facts, d.metadata.namespace.clone().unwrap_or_default());
         }
         out
+    }
+
+    /// The `mesh` documents of the mesh configs in istiod's namespace (`istio`,
+    /// `istio-<revision>`), as watched now.
+    pub fn mesh_documents(&self) -> Vec<String> {
+        self.meshes
+            .state()
+            .iter()
+            .filter_map(|cm| cm.data.as_ref()?.get(MESH_KEY).cloned())
+            .collect()
     }
 
     /// Istio's root namespace from the mesh configs of the revisions in istiod's namespace.

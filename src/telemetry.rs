@@ -1,5 +1,6 @@
 //! Prometheus metrics and the HTTP endpoints `/livez`, `/readyz` and `/metrics`.
 pub mod ha;
+pub mod posture;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -100,6 +101,8 @@ pub struct Metrics {
     proxy_series: Series<(String, String)>,
     /// What each HA target achieves.
     pub ha: ha::HaMetrics,
+    /// The posture sections' metrics (the CA mode).
+    pub posture: posture::PostureMetrics,
     /// 1 for the reason each rule section's condition carries now (fights, held rollouts).
     rule_reason: Family<ReasonLabels, Gauge>,
     /// (rule, reason) with a `rule_reason` series, per policy.
@@ -195,6 +198,8 @@ impl Default for Metrics {
         );
         let ha = ha::HaMetrics::default();
         ha.register(&mut registry);
+        let posture = posture::PostureMetrics::default();
+        posture.register(&mut registry);
         Metrics {
             registry,
             reconciles,
@@ -217,6 +222,7 @@ impl Default for Metrics {
             proxies,
             proxy_series: Default::default(),
             ha,
+            posture,
             rule_reason,
             reason_series: Default::default(),
         }
@@ -385,6 +391,7 @@ impl Metrics {
     /// Removes the per-policy series of a deleted policy.
     pub fn forget_policy(&self, policy: &str) {
         self.set_root_certificates(policy, None);
+        self.posture.set_ca_mode(policy, None);
         self.set_sidecar_drift(policy, &BTreeMap::new());
         self.set_proxies(policy, &BTreeMap::new());
         self.ha.forget(
@@ -408,6 +415,8 @@ impl Metrics {
             crate::status::conditions::types::UPGRADES,
             crate::status::conditions::types::CERTIFICATES,
             crate::status::conditions::types::AMBIENT_DATA_PLANE,
+            crate::status::conditions::types::RESILIENCE,
+            crate::status::conditions::types::SECURITY,
         ] {
             let labels = RuleLabels {
                 policy: policy.to_string(),

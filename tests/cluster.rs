@@ -22,6 +22,8 @@ mod helm_lifecycle;
 mod plan;
 #[path = "cluster/posture.rs"]
 mod posture;
+#[path = "cluster/report.rs"]
+mod report;
 #[path = "cluster/rollout_gate.rs"]
 mod rollout_gate;
 #[path = "cluster/sidecars.rs"]

@@ -253,6 +253,10 @@ fn everything() -> Value {
                          "secrets": [{"namespace": "istio-system", "name": "cacerts"}]},
         "ambient": {"namespace": "istio-system",
                     "checks": ["Posture", "NodeCoverage", "Versions"]},
+        "resilience": {"namespaceSelector": selector, "outlierDetection": "Required",
+                       "connectionPoolLimits": "Off"},
+        "security": {"namespaceSelector": selector, "defaultDeny": "Required",
+                     "pluggedInCA": "Off", "registryOnly": "Required"},
     })
 }
 

@@ -35,6 +35,8 @@ spec:
   certificates: {warnBefore: 720h}
   gatewayApi: {classes: [{className: istio, replicas: {min: 2}, disruptionBudget: {maxUnavailable: 1}}]}
   ambient: {}
+  resilience: {outlierDetection: Required}
+  security: {defaultDeny: Required}
 ";
 
 /// The operator's LIST requests in the audit log from entry `from` on, by URI.
@@ -156,6 +158,9 @@ async fn reconciles_after_start_up_send_no_list() {
                 && is("Certificates", "True/")
                 && is("GatewayAPIHA", "True/")
                 && is("AmbientDataPlane", "False/DataPlaneComponentMissing")
+                // The `kubernetes` Service has no DestinationRule.
+                && is("Resilience", "False/MinimumsNotMet")
+                && is("Security", "False/")
                 && is("SidecarResources", "False/RolloutInProgress"))
             .then_some(())
         },
@@ -301,6 +306,43 @@ async fn reconciles_after_start_up_send_no_list() {
             .then_some(())
     })
     .await;
+    // Resilience: a root-namespace DestinationRule with outlier detection is read from the
+    // watch, and every Service gets it.
+    testplane::apply_yaml(
+        &admin,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: default, namespace: istio-system}\n\
+         spec: {host: '*.local', trafficPolicy: {outlierDetection: {consecutive5xxErrors: 5}}}\n",
+        &[],
+    )
+    .await
+    .unwrap();
+    eventually(30, "every Service gets the root rule", || async {
+        let p = policies.get("steady").await.ok()?;
+        p.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Resilience" && c.reason == "Compliant")
+            .then_some(())
+    })
+    .await;
+
+    // Security: no Secret is read, only the CA Secrets' metadata, each listed and watched by
+    // name (the requests' own record: the audit log has no Accept header).
+    let secret_reads: Vec<String> = plane
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["user"]["username"] == "meshwarden-operator")
+        .filter(|e| e["objectRef"]["resource"] == "secrets")
+        .map(|e| format!("{} {}", e["verb"], e["requestURI"]))
+        .collect();
+    assert!(!secret_reads.is_empty(), "the CA Secrets were not watched");
+    for r in &secret_reads {
+        assert!(
+            r.contains("fieldSelector=metadata.name%3Dcacerts")
+                || r.contains("fieldSelector=metadata.name%3Distio-ca-secret"),
+            "{r}"
+        );
+    }
 
     let lists = lists_since(&plane, from);
     assert!(

@@ -1,7 +1,8 @@
 //! The operator at cluster scale under pod churn (issue 13): N injected namespaces, D
 //! Deployments and P running pods; a production policy (control plane, sidecars with pacing
 //! off, STRICT mTLS mesh-wide); then, for S seconds, pod churn at R events/s while the bench
-//! removes one sidecar annotation after another and times its correction. Measured in one run:
+//! removes one sidecar annotation after another and times its correction. The policy also
+//! has the report sections (resilience, security), with one Service per Deployment. Measured in one run:
 //! the same churn and drift with a direct corrector (a watch that server-side applies the
 //! annotations back, 16 in flight) as the baseline, then the operator (a separate process):
 //! drift-correction latency, peak RSS, average CPU during the churn, and from the audit log
@@ -47,7 +48,29 @@ spec:
     pacing: 'Off'
     resources: {requests: {cpu: 100m, memory: 128Mi}, limits: {cpu: '1', memory: 512Mi}}
   mtls: {mode: STRICT, scope: Mesh}
+  resilience: {outlierDetection: Required}
+  security: {defaultDeny: Required}
 ";
+
+/// What the report sections read besides: a root `*.local` DestinationRule with outlier
+/// detection, one host-specific rule per namespace without it (a finding each), and a
+/// mesh-wide allow-nothing AuthorizationPolicy.
+fn report_objects(namespaces: usize) -> String {
+    let mut yaml = String::from(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: default, namespace: istio-system}\n\
+         spec: {host: '*.local', trafficPolicy: {outlierDetection: {consecutive5xxErrors: 5}}}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-nothing, namespace: istio-system}\nspec: {}\n",
+    );
+    for i in 0..namespaces {
+        yaml.push_str(&format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: tls, namespace: {ns}}}\n\
+             spec: {{host: {dep}, trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL}}}}}}\n",
+            ns = ns_name(i),
+            dep = deploy_name(i),
+        ));
+    }
+    yaml
+}
 
 struct Scale {
     namespaces: usize,
@@ -280,6 +303,33 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize, rate: f64, 
         "scale: {namespaces} namespaces, {deployments} Deployments, {pods} running pods; pod churn {rate} events/s for {seconds} s"
     );
     let (took, running) = setup(&admin, namespaces, deployments, pods).await;
+    // One Service per Deployment (the report sections judge them; headless: the test plane's
+    // Service IP range is small), and their rules.
+    let t = Instant::now();
+    crate::sidecars::bounded(deployments, 32, |i| {
+        let admin = admin.clone();
+        async move {
+            let ns = ns_name(i % namespaces);
+            let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+                "metadata": {"name": deploy_name(i), "namespace": ns},
+                "spec": {"clusterIP": "None", "ports": [{"port": 80}], "selector": {"app": deploy_name(i)}},
+            }))
+            .expect("service");
+            Api::namespaced(admin, &ns)
+                .create(&PostParams::default(), &svc)
+                .await
+                .map(|_| ())
+        }
+    })
+    .await;
+    testplane::apply_yaml(&admin, &report_objects(namespaces), &[])
+        .await
+        .expect("DestinationRules and AuthorizationPolicy");
+    println!(
+        "  setup: {deployments} Services, {} DestinationRules, 1 AuthorizationPolicy in {:.1} s",
+        namespaces + 1,
+        t.elapsed().as_secs_f64()
+    );
     println!(
         "  setup: {namespaces} namespaces, {deployments} Deployments (rolled out), {running} pods (Running) in {:.1} s",
         took.as_secs_f64()
@@ -363,7 +413,11 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize, rate: f64, 
             .map(|(t, s, r)| format!("{t}={s}/{r}"))
             .collect::<Vec<_>>()
             .join(" ");
-        if !cs.is_empty() && cs.iter().all(|(_, s, _)| s == "True") {
+        // The report sections report findings by design (False, not Unknown).
+        let settled = |(t, s, _): &(String, String, String)| {
+            s == "True" || (s == "False" && (t == "Resilience" || t == "Security"))
+        };
+        if !cs.is_empty() && cs.iter().all(settled) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -29,7 +29,9 @@ use tracing::{Instrument, warn};
 use crate::api::MeshPolicy;
 use crate::context::Context;
 use crate::rules::stores::{self, Stores};
-use crate::rules::{Section, Sections, ambient, certificates, ha, mtls, sidecars};
+use crate::rules::{
+    Section, Sections, ambient, certificates, ha, mtls, resilience, security, sidecars,
+};
 use crate::telemetry::Metrics;
 use crate::watch;
 
@@ -189,6 +191,16 @@ pub async fn run(
     // The ztunnel and istio-cni DaemonSets (by their chart label, reduced): the ambient section.
     let (ambient_daemonsets, ambient_events) = ambient::DaemonSets::watch(&client, &health);
     state.ctx.set_cache(Some(ambient_daemonsets));
+    // DestinationRules and Services (reduced): watched from the first reconcile of a policy
+    // with a resilience section on.
+    let (resilience_cache, resilience_events) =
+        resilience::ResilienceCache::watch(&client, &health);
+    state.ctx.set_cache(Some(resilience_cache));
+    // AuthorizationPolicies (reduced) and the CA Secrets' metadata: from the first reconcile
+    // of a policy with a security section on.
+    let (security_cache, security_events) =
+        security::SecurityCache::watch(&client, &health, &state.ctx.istio_namespace);
+    state.ctx.set_cache(Some(security_cache));
     // Namespace labels, for routing workload events to sidecars sections; namespace changes
     // also reach mtls sections (one watch serves both).
     let (ns_store, ns_stream) = cached::<PartialObjectMeta<Namespace>>(
@@ -370,6 +382,10 @@ pub async fn run(
     // Namespace labels and Istio's revisions and tags are read by these four.
     let sidecars_or_mtls =
         Section::SidecarResources.only() | mtls | upgrades | Section::Ambient.only();
+    // ... and, with the mesh config and istiod, by resilience and security.
+    let resilience = Section::Resilience.only();
+    let security = Section::Security.only();
+    let reading_namespaces = sidecars_or_mtls | resilience | security;
     // The echo of the sidecars section's own write triggers no evaluation of that section.
     let echoes = state.ctx.cache::<sidecars::Cache>();
     let (e1, e2, e3) = (echoes.clone(), echoes.clone(), echoes);
@@ -380,7 +396,11 @@ pub async fn run(
                 statefulset_events.for_each(|r| route.workload(r.map(|o| routing::echo(&e2, o)))),
                 daemonset_events.for_each(|r| route.workload(r.map(|o| routing::echo(&e3, o)))),
                 ns_stream.for_each(|r| {
-                    route.when_ok(r, routing::policies_with_sidecars_or_mtls, sidecars_or_mtls)
+                    route.when_ok(
+                        r,
+                        routing::policies_with_sidecars_or_mtls,
+                        reading_namespaces,
+                    )
                 }),
                 limit_range_events.for_each(|_| async {}),
                 quota_events.for_each(|_| async {}),
@@ -411,7 +431,21 @@ pub async fn run(
                     route.when_ok(
                         Ok::<(), watcher::Error>(()),
                         routing::policies_with_sidecars_or_mtls,
-                        sidecars_or_mtls,
+                        reading_namespaces,
+                    )
+                }),
+                resilience_events.for_each(|()| {
+                    route.when_ok(
+                        Ok::<(), watcher::Error>(()),
+                        routing::policies_with_resilience,
+                        resilience,
+                    )
+                }),
+                security_events.for_each(|()| {
+                    route.when_ok(
+                        Ok::<(), watcher::Error>(()),
+                        routing::policies_with_security,
+                        security,
                     )
                 }),
             );
@@ -455,4 +489,6 @@ pub async fn run(
     state.ctx.set_cache::<crate::istio::IstioCache>(None);
     state.ctx.set_cache::<certificates::RootCache>(None);
     state.ctx.set_cache::<ambient::DaemonSets>(None);
+    state.ctx.set_cache::<resilience::ResilienceCache>(None);
+    state.ctx.set_cache::<security::SecurityCache>(None);
 }

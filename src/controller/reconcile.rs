@@ -82,11 +82,17 @@ async fn evaluate_dirty(
     let mut reports = Vec::with_capacity(Section::ALL.len());
     for (i, section) in Section::ALL.into_iter().enumerate() {
         // Only a settled section is reused: True, and nothing corrected in its last pass
-        // (a correction's effects, rollouts and holds are followed up by evaluating again).
+        // (a correction's effects, rollouts and holds are followed up by evaluating again);
+        // a report-only section's False too (nothing of it is followed up).
+        let settled = |r: &&RuleReport| match r.condition.status {
+            Status::True => r.corrected == 0,
+            Status::False => section.reports_only(),
+            Status::Unknown => false,
+        };
         let last = reusable
             .as_ref()
             .and_then(|m| m.reports.get(i))
-            .filter(|r| r.condition.status == Status::True && r.corrected == 0);
+            .filter(settled);
         match last {
             Some(r) if !dirty.contains(section) => reports.push(RuleReport {
                 corrected: 0,

@@ -80,8 +80,9 @@ pub(super) fn policies_with_ha(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshP
         .collect()
 }
 
-/// Every policy with a sidecars, mtls, upgrades or ambient section: they decide by namespace
-/// labels and by what Istio injects (revisions, tags, versions), and mtls by the mesh config.
+/// Every policy with a sidecars, mtls, upgrades, ambient, resilience or security section: they
+/// decide by namespace labels and by what Istio injects (revisions, tags, versions), and mtls,
+/// resilience and security by the mesh config (security by istiod's CA settings too).
 pub(super) fn policies_with_sidecars_or_mtls(
     store: &Store<MeshPolicy>,
 ) -> Vec<ObjectRef<MeshPolicy>> {
@@ -93,9 +94,35 @@ pub(super) fn policies_with_sidecars_or_mtls(
                 || p.spec.mtls.is_some()
                 || p.spec.upgrades.is_some()
                 || p.spec.ambient.is_some()
+                || p.spec.resilience.is_some()
+                || p.spec.security.is_some()
         })
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
+}
+
+/// The policies of `store` that `f` chooses.
+fn chosen(
+    store: &Store<MeshPolicy>,
+    f: impl Fn(&MeshPolicy) -> bool,
+) -> Vec<ObjectRef<MeshPolicy>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| f(p))
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Policies with a `resilience` section: a DestinationRule or Service anywhere concerns them.
+pub(super) fn policies_with_resilience(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
+    chosen(store, |p| p.spec.resilience.is_some())
+}
+
+/// Policies with a `security` section: an AuthorizationPolicy anywhere, or a CA Secret,
+/// concerns them.
+pub(super) fn policies_with_security(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
+    chosen(store, |p| p.spec.security.is_some())
 }
 
 /// Policies with an `upgrades` section: a running pod anywhere can change what it counts.

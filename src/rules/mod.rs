@@ -8,7 +8,11 @@ pub mod ambient;
 pub mod certificates;
 pub mod gateway_api;
 pub mod ha;
+pub mod lazy;
 pub mod mtls;
+pub mod posture;
+pub mod resilience;
+pub mod security;
 pub mod sidecars;
 pub mod stores;
 pub mod upgrades;
@@ -35,10 +39,12 @@ pub enum Section {
     Upgrades,
     Certificates,
     Ambient,
+    Resilience,
+    Security,
 }
 
 impl Section {
-    pub const ALL: [Section; 8] = [
+    pub const ALL: [Section; 10] = [
         Section::ControlPlaneHa,
         Section::GatewayHa,
         Section::GatewayApi,
@@ -47,11 +53,20 @@ impl Section {
         Section::Upgrades,
         Section::Certificates,
         Section::Ambient,
+        Section::Resilience,
+        Section::Security,
     ];
 
     /// This section alone, as a [`Sections`] set.
     pub fn only(self) -> Sections {
         Sections(1 << self as u16)
+    }
+
+    /// Reports only, from inputs whose every change is routed to it (its own watches, the
+    /// namespaces, the mesh config, istiod): a report of it that is False stays true until
+    /// such an event, so it is reused like a settled one.
+    pub fn reports_only(self) -> bool {
+        matches!(self, Section::Resilience | Section::Security)
     }
 
     /// The section's condition type.
@@ -65,6 +80,8 @@ impl Section {
             Section::Upgrades => types::UPGRADES,
             Section::Certificates => types::CERTIFICATES,
             Section::Ambient => types::AMBIENT_DATA_PLANE,
+            Section::Resilience => types::RESILIENCE,
+            Section::Security => types::SECURITY,
         }
     }
 
@@ -79,6 +96,8 @@ impl Section {
             Section::Upgrades => "upgrades",
             Section::Certificates => "certificates",
             Section::Ambient => "ambient",
+            Section::Resilience => "resilience",
+            Section::Security => "security",
         }
     }
 
@@ -168,6 +187,17 @@ impl Section {
             Section::Ambient => match &spec.ambient {
                 Some(a) => ambient::reconcile(ctx, policy, a).await,
                 None => not_configured(),
+            },
+            Section::Resilience => match &spec.resilience {
+                Some(r) => resilience::reconcile(ctx, policy, r).await,
+                None => not_configured(),
+            },
+            Section::Security => match &spec.security {
+                Some(s) => security::reconcile(ctx, policy, s).await,
+                None => {
+                    ctx.metrics.posture.set_ca_mode(&policy.name_any(), None);
+                    not_configured()
+                }
             },
             _ => not_configured(),
         }

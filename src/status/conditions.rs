@@ -15,6 +15,8 @@ pub mod types {
     pub const UPGRADES: &str = "Upgrades";
     pub const CERTIFICATES: &str = "Certificates";
     pub const AMBIENT_DATA_PLANE: &str = "AmbientDataPlane";
+    pub const RESILIENCE: &str = "Resilience";
+    pub const SECURITY: &str = "Security";
     pub const CONFLICT: &str = "Conflict";
 }
 

@@ -97,6 +97,16 @@ pub const DATA_PLANE_COMPONENT_MISSING: &str = "DataPlaneComponentMissing";
 pub const DATA_PLANE_VERSION_SKEW: &str = "DataPlaneVersionSkew";
 /// A ztunnel or istio-cni DaemonSet lacks a production setting of Istio's charts.
 pub const DATA_PLANE_POSTURE_DRIFT: &str = "DataPlanePostureDrift";
+/// Services whose clients get a DestinationRule (or none) lacking the declared minimums, or
+/// shadowing root-namespace settings.
+pub const MINIMUMS_NOT_MET: &str = "MinimumsNotMet";
+/// Selected namespaces have no allow-nothing or deny-all AuthorizationPolicy of their own or
+/// in the root namespace.
+pub const DEFAULT_DENY_MISSING: &str = "DefaultDenyMissing";
+/// istiod signs with its own self-signed root.
+pub const SELF_SIGNED_CA: &str = "SelfSignedCA";
+/// `outboundTrafficPolicy.mode` is not `REGISTRY_ONLY` while the policy requires it.
+pub const OUTBOUND_ALLOW_ANY: &str = "OutboundAllowAny";
 /// `Ready`: some section is not True.
 pub const RULES_NOT_READY: &str = "RulesNotReady";
 /// `Conflict`: an older policy sets a rule differently and wins.
@@ -158,6 +168,10 @@ pub const ALL: &[&str] = &[
     DATA_PLANE_COMPONENT_MISSING,
     DATA_PLANE_VERSION_SKEW,
     DATA_PLANE_POSTURE_DRIFT,
+    MINIMUMS_NOT_MET,
+    DEFAULT_DENY_MISSING,
+    SELF_SIGNED_CA,
+    OUTBOUND_ALLOW_ANY,
     RULES_NOT_READY,
     OLDER_POLICY_WINS,
     FORBIDDEN,

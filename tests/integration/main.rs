@@ -9,6 +9,8 @@ mod installers;
 mod lifecycle;
 mod mtls;
 mod plan;
+mod resilience;
+mod security;
 mod sidecars;
 mod status;
 mod validation;

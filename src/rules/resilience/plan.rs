@@ -1,0 +1,331 @@
+//! The section's whole decision, pure: for every Service of the covered namespaces, the
+//! DestinationRule its clients get ([`super::resolve`]) with the mesh's
+//! `defaultTrafficPolicy` under it, against the declared minimums; the findings aggregated
+//! into one violation per namespace (counts and the first names), so that thousands of
+//! namespaces make at most thousands of lines in memory and fifty in status.
+//!
+//! Clients are looked at from three places: any namespace without a rule of its own for the
+//! host (most clients), the Service's own namespace, and every covered namespace holding a
+//! rule of its own for the host (a client-namespace rule wins over the Service's).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use super::resolve::{Blocks, Index, Rule, Tier, Traffic, qualify};
+use crate::api::{Requirement, ResilienceSpec, Violation};
+use crate::status::RuleReport;
+use crate::status::conditions::{Observed, Status, types};
+use crate::status::reasons::{self, ViolationAction};
+
+/// Services named per namespace in a violation; the rest are counted.
+pub const NAMED: usize = 5;
+
+/// The Istio version from which istiod applies `meshConfig.defaultTrafficPolicy`.
+pub const DEFAULT_TRAFFIC_POLICY_SINCE: (u32, u32) = (1, 31);
+
+/// What the section reads of the mesh config.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Mesh {
+    /// Istio's root namespace.
+    pub root: String,
+    /// `meshConfig.defaultTrafficPolicy`, when set.
+    pub default_traffic: Option<Traffic>,
+    /// `meshConfig.defaultDestinationRuleExportTo` is `["."]`.
+    pub default_private: bool,
+    /// Every running istiod is at least [`DEFAULT_TRAFFIC_POLICY_SINCE`].
+    pub default_traffic_supported: bool,
+}
+
+/// Reads `defaultTrafficPolicy` and `defaultDestinationRuleExportTo` of a `mesh` document.
+pub fn mesh_settings(mesh: &str) -> Result<(Option<Traffic>, bool), String> {
+    let v: serde_json::Value = serde_yaml::from_str(mesh).map_err(|e| e.to_string())?;
+    let traffic = v
+        .get("defaultTrafficPolicy")
+        .filter(|t| !t.is_null())
+        .map(super::cache::traffic);
+    let private = v
+        .get("defaultDestinationRuleExportTo")
+        .and_then(|e| e.as_array())
+        .is_some_and(|e| e.len() == 1 && e[0] == ".");
+    Ok((traffic, private))
+}
+
+/// Where the clients of a finding are.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Clients {
+    /// Namespaces without a rule of their own for the host.
+    Elsewhere,
+    /// The Service's own namespace.
+    Own,
+    /// A namespace with a rule of its own for the host.
+    In(String),
+}
+
+/// One Service whose clients (from one place) get less than the minimums.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gap {
+    pub service: String,
+    pub clients: Clients,
+    /// `None`: no DestinationRule applies.
+    pub rule: Option<(Tier, Vec<String>)>,
+    /// The minimums it lacks (field names).
+    pub missing: Vec<&'static str>,
+    /// Root namespace rules whose blocks this rule does not carry, and those blocks.
+    pub shadowed: Option<(Vec<String>, Blocks)>,
+}
+
+/// The findings of one namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceFindings {
+    pub services: usize,
+    /// Services with at least one gap.
+    pub failing: BTreeSet<String>,
+    pub gaps: Vec<Gap>,
+}
+
+/// Every namespace's findings, by namespace.
+pub type Plan = BTreeMap<String, NamespaceFindings>;
+
+/// Judges the Services `services` (namespace, name) of the covered namespaces (`covered`)
+/// against `spec`.
+pub fn plan(
+    spec: &ResilienceSpec,
+    mesh: &Mesh,
+    rules: &[Arc<Rule>],
+    services: &[(String, String)],
+    covered: &dyn Fn(&str) -> bool,
+) -> Plan {
+    let index = Index::build(rules, &mesh.root, mesh.default_private);
+    // Covered namespaces with a rule of their own: by host, and those with wildcard hosts.
+    let mut own_rules: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+    let mut wildcards: BTreeSet<&str> = BTreeSet::new();
+    for r in rules
+        .iter()
+        .filter(|r| covered(&r.namespace) && r.namespace != mesh.root)
+    {
+        let host = qualify(&r.host, &r.namespace);
+        if host.starts_with('*') {
+            wildcards.insert(r.namespace.as_str());
+        } else {
+            own_rules
+                .entry(host)
+                .or_default()
+                .insert(r.namespace.as_str());
+        }
+    }
+    let mut out = Plan::new();
+    for (ns, name) in services.iter().filter(|(ns, _)| covered(ns)) {
+        let host = qualify(name, ns);
+        let mut places = vec![(Clients::Elsewhere, ""), (Clients::Own, ns.as_str())];
+        let others = own_rules.get(&host).into_iter().flatten().chain(&wildcards);
+        let others: BTreeSet<&str> = others.copied().filter(|c| *c != ns.as_str()).collect();
+        for c in others {
+            places.push((Clients::In(c.to_string()), c));
+        }
+        let entry = out.entry(ns.clone()).or_default();
+        entry.services += 1;
+        // What clients elsewhere get is often what the Service's own namespace gets: said once.
+        let mut said: Vec<Gap> = Vec::new();
+        for (clients, client_ns) in places {
+            let Some(gap) = judge(spec, mesh, &index, client_ns, &host, ns, name, clients) else {
+                continue;
+            };
+            let key = |g: &Gap| {
+                (
+                    g.rule.as_ref().map(|r| r.1.clone()),
+                    g.missing.clone(),
+                    g.shadowed.clone(),
+                )
+            };
+            let same = |g: &Gap| key(g) == key(&gap);
+            if said.iter().any(same) {
+                continue;
+            }
+            said.push(gap.clone());
+            let at = match &gap.clients {
+                Clients::In(c) => c.clone(),
+                _ => ns.clone(),
+            };
+            let findings = out.entry(at).or_default();
+            findings.failing.insert(format!("{ns}/{name}"));
+            findings.gaps.push(gap);
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    spec: &ResilienceSpec,
+    mesh: &Mesh,
+    index: &Index,
+    client: &str,
+    host: &str,
+    service_ns: &str,
+    name: &str,
+    clients: Clients,
+) -> Option<Gap> {
+    let applied = index.for_workload(client, &BTreeMap::new(), host, service_ns);
+    let own = applied
+        .as_ref()
+        .and_then(|a| a.rule.policy)
+        .unwrap_or_default();
+    let effective = match mesh.default_traffic {
+        Some(d) if mesh.default_traffic_supported => own.with_mesh_default(d),
+        _ => own,
+    };
+    let mut missing = Vec::new();
+    if spec.outlier_detection == Requirement::Required
+        && !effective.blocks.contains(Blocks::OUTLIER_DETECTION)
+    {
+        missing.push("outlierDetection");
+    }
+    if spec.connection_pool_limits == Requirement::Required && !effective.pool_limits {
+        missing.push("connectionPool limits");
+    }
+    // Root settings the rule does not carry, unless the mesh default makes up for them.
+    let shadowed = applied
+        .as_ref()
+        .and_then(|a| a.shadowed(index, client, host))
+        .map(|(root, lost)| (root, lost.without(effective.blocks)))
+        .filter(|(_, lost)| !lost.is_empty());
+    if missing.is_empty() && shadowed.is_none() {
+        return None;
+    }
+    Some(Gap {
+        service: format!("{service_ns}/{name}"),
+        clients,
+        rule: applied.map(|a| (a.tier, a.rule.names())),
+        missing,
+        shadowed,
+    })
+}
+
+/// One gap in words: `reviews (clients in shop): DestinationRule shop/r (the client's
+/// namespace) lacks outlierDetection; it shadows connectionPool of istio-system/default`.
+pub fn describe(g: &Gap) -> String {
+    let service = g.service.rsplit('/').next().unwrap_or(&g.service);
+    let clients = match &g.clients {
+        Clients::Elsewhere => String::new(),
+        Clients::Own => " (clients in its namespace)".to_string(),
+        Clients::In(c) => format!(" (clients in {c}, calling {})", g.service),
+    };
+    let rule = match &g.rule {
+        None => "no DestinationRule applies".to_string(),
+        Some((tier, names)) => format!(
+            "DestinationRule {} ({})",
+            names.join(" + "),
+            tier.describe()
+        ),
+    };
+    let mut parts = Vec::new();
+    if !g.missing.is_empty() {
+        parts.push(format!("{rule} lacks {}", g.missing.join(" and ")));
+    }
+    if let Some((root, blocks)) = &g.shadowed {
+        let subject = if parts.is_empty() {
+            rule.clone()
+        } else {
+            "it".to_string()
+        };
+        parts.push(format!(
+            "{subject} shadows {} of {} (DestinationRules do not inherit across hosts)",
+            blocks.names().join(", "),
+            root.join(" + ")
+        ));
+    }
+    format!("{service}{clients}: {}", parts.join("; "))
+}
+
+/// What to set so that every Service gets the minimums without a rule each.
+pub fn advice(spec: &ResilienceSpec, mesh: &Mesh) -> String {
+    let mut values = Vec::new();
+    if spec.outlier_detection == Requirement::Required {
+        values.push(
+            "outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}",
+        );
+    }
+    if spec.connection_pool_limits == Requirement::Required {
+        values
+            .push("connectionPool: {tcp: {maxConnections: 1024}, http: {http2MaxRequests: 1024}}");
+    }
+    if mesh.default_traffic_supported && !values.is_empty() {
+        format!(
+            "istiod applies meshConfig.defaultTrafficPolicy under every DestinationRule (Istio 1.31 and later), host-specific ones included; for example, in the istiod chart's values: meshConfig: {{defaultTrafficPolicy: {{{}}}}}",
+            values.join(", ")
+        )
+    } else {
+        format!(
+            "add the settings to each DestinationRule that applies (a host-specific rule takes nothing from {}'s *.local rule); from Istio 1.31 on, meshConfig.defaultTrafficPolicy sets them for every host at once",
+            mesh.root
+        )
+    }
+}
+
+/// The section's report.
+pub fn report(spec: &ResilienceSpec, mesh: &Mesh, plan: &Plan) -> RuleReport {
+    let ctype = types::RESILIENCE;
+    let services: usize = plan.values().map(|f| f.services).sum();
+    let failing: BTreeSet<&String> = plan.values().flat_map(|f| &f.failing).collect();
+    let mut violations = Vec::new();
+    for (ns, f) in plan.iter().filter(|(_, f)| !f.gaps.is_empty()) {
+        let first: Vec<String> = f.gaps.iter().take(NAMED).map(describe).collect();
+        let more = f.gaps.len().saturating_sub(NAMED);
+        let more = if more > 0 {
+            format!("; and {more} more")
+        } else {
+            String::new()
+        };
+        violations.push(Violation {
+            rule: ctype.to_string(),
+            object: format!("Namespace/{ns}"),
+            message: format!(
+                "{} finding(s) for {} Service(s): {}{more}",
+                f.gaps.len(),
+                f.failing.len(),
+                first.join("; ")
+            ),
+            action: ViolationAction::Reported,
+        });
+    }
+    let condition = if services == 0 {
+        Observed::new(
+            ctype,
+            Status::False,
+            reasons::NO_TARGETS,
+            "no Service in the namespaces resilience.namespaceSelector selects",
+        )
+    } else if violations.is_empty() {
+        Observed::new(
+            ctype,
+            Status::True,
+            reasons::COMPLIANT,
+            format!(
+                "every one of {services} Service(s) gets the minimums from the DestinationRule that applies to its clients{}",
+                if mesh.default_traffic.is_some() && mesh.default_traffic_supported {
+                    " or from meshConfig.defaultTrafficPolicy"
+                } else {
+                    ""
+                }
+            ),
+        )
+    } else {
+        Observed::new(
+            ctype,
+            Status::False,
+            reasons::MINIMUMS_NOT_MET,
+            format!(
+                "{} of {services} Service(s) in {} namespace(s) lack the minimums or shadow root settings for some clients (see the violations, one per namespace); {}",
+                failing.len(),
+                violations.len(),
+                advice(spec, mesh)
+            ),
+        )
+    };
+    RuleReport {
+        violations,
+        targets: i32::try_from(services).unwrap_or(i32::MAX),
+        compliant: i32::try_from(services.saturating_sub(failing.len())).unwrap_or(i32::MAX),
+        ..RuleReport::new(condition)
+    }
+}

@@ -1,0 +1,467 @@
+//! Which DestinationRule applies to a client's traffic to a host, as istiod decides it, pure.
+//!
+//! istiod indexes DestinationRules once per push (`PushContext.setDestinationRules`,
+//! `pilot/pkg/model/push_context.go`) and looks them up per client namespace and host
+//! (`PushContext.destinationRule`, same file; `SidecarScope.DestinationRule`,
+//! `pilot/pkg/model/sidecar.go`). [`Index`] follows those steps:
+//!
+//! - rules are taken in order: those with a `workloadSelector` first, then by creation time,
+//!   name and namespace (`sortConfigBySelectorAndCreationTime`);
+//! - a short `host` is qualified with the rule's namespace (`reviews` in `shop` is
+//!   `reviews.shop.svc.cluster.local`; `ResolveShortnameToFQDN`, `pilot/pkg/model/config.go`);
+//! - a rule is visible to clients of its own namespace unless its `exportTo` leaves that
+//!   namespace out; it is exported to other namespaces unless it is private (`exportTo: ["."]`
+//!   or only its own namespace, or no `exportTo` while the mesh's
+//!   `defaultDestinationRuleExportTo` is `.`); a rule with a `workloadSelector` is private;
+//! - rules of one namespace for the same host are merged (`mergeDestinationRule`,
+//!   `pilot/pkg/model/destination_rule.go`) when their `exportTo` sets are equal and their
+//!   selectors agree: subsets are concatenated and only the first top-level `trafficPolicy`
+//!   counts (the oldest rule's); nothing is inherited between different hosts, so
+//!   `reviews.shop.svc.cluster.local` in `shop` takes nothing from `*.local` in the root
+//!   namespace (the `*.local` settings it lacks are shadowed, see [`Applied::shadowed`]);
+//! - a lookup takes the most specific host that matches (exact first, then the longest
+//!   wildcard; `MostSpecificHostMatch`) in the first of: the client's namespace (any rule
+//!   visible there; a client in the root namespace reads the root namespace's private rules),
+//!   the service's namespace (rules exported to the client), the root namespace (rules
+//!   exported to the client);
+//! - of the rules found, a workload gets the one whose selector matches its labels, otherwise
+//!   the last one without a selector, otherwise none: the lookup does not go on to the next
+//!   namespace ([`Index::for_workload`]).
+//!
+//! Gateway API backend policies synthesise rules istiod merges underneath (user fields win);
+//! they are not objects in the API server and are not modelled. Port-level settings and
+//! subsets are not modelled: the minimums concern the top-level `trafficPolicy`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// The Kubernetes domain suffix istiod qualifies short hosts with (its `DOMAIN_SUFFIX`
+/// default).
+pub const DOMAIN: &str = "cluster.local";
+
+/// The blocks of a `trafficPolicy` that istiod takes or leaves whole.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Blocks(u8);
+
+impl Blocks {
+    pub const NONE: Blocks = Blocks(0);
+    pub const CONNECTION_POOL: Blocks = Blocks(1);
+    pub const OUTLIER_DETECTION: Blocks = Blocks(2);
+    pub const LOAD_BALANCER: Blocks = Blocks(4);
+    pub const TLS: Blocks = Blocks(8);
+    const NAMES: [(Blocks, &'static str); 4] = [
+        (Blocks::CONNECTION_POOL, "connectionPool"),
+        (Blocks::OUTLIER_DETECTION, "outlierDetection"),
+        (Blocks::LOAD_BALANCER, "loadBalancer"),
+        (Blocks::TLS, "tls"),
+    ];
+
+    pub fn contains(self, other: Blocks) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub fn union(self, other: Blocks) -> Blocks {
+        Blocks(self.0 | other.0)
+    }
+
+    /// The blocks of `self` that `other` lacks.
+    pub fn without(self, other: Blocks) -> Blocks {
+        Blocks(self.0 & !other.0)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The field names of the blocks, in `trafficPolicy` order.
+    pub fn names(self) -> Vec<&'static str> {
+        Self::NAMES
+            .iter()
+            .filter(|(b, _)| self.contains(*b))
+            .map(|(_, n)| *n)
+            .collect()
+    }
+}
+
+/// What a top-level `trafficPolicy` sets, as far as the section judges it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Traffic {
+    pub blocks: Blocks,
+    /// `connectionPool` sets a limit (`tcp.maxConnections`, `http.http1MaxPendingRequests`,
+    /// `http.http2MaxRequests`, `http.maxRequestsPerConnection`, `http.maxConcurrentStreams`).
+    pub pool_limits: bool,
+}
+
+impl Traffic {
+    /// `self`, with the blocks it lacks taken from the mesh's `defaultTrafficPolicy`
+    /// (`applyDefaultTrafficPolicy`, `pilot/pkg/networking/core/cluster_traffic_policy.go`:
+    /// `connectionPool` and `outlierDetection` only, each whole).
+    pub fn with_mesh_default(self, mesh: Traffic) -> Traffic {
+        let fill = Blocks::CONNECTION_POOL.union(Blocks::OUTLIER_DETECTION);
+        let taken = mesh.blocks.without(self.blocks).0 & fill.0;
+        let taken = Blocks(taken);
+        Traffic {
+            blocks: self.blocks.union(taken),
+            pool_limits: if taken.contains(Blocks::CONNECTION_POOL) {
+                mesh.pool_limits
+            } else {
+                self.pool_limits
+            },
+        }
+    }
+}
+
+/// A DestinationRule, reduced to what the resolution and the minimums read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Rule {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.host` as written.
+    pub host: String,
+    /// `spec.exportTo` as written.
+    pub export_to: Vec<String>,
+    /// `spec.workloadSelector.matchLabels`, when it has a selector.
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `metadata.creationTimestamp`, seconds.
+    pub created: i64,
+    /// The top-level `spec.trafficPolicy`, when set.
+    pub policy: Option<Traffic>,
+}
+
+impl Rule {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// `host` as istiod reads it in a rule of `namespace`.
+pub fn qualify(host: &str, namespace: &str) -> String {
+    if host == "*" || host.contains('.') || host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}.{namespace}.svc.{DOMAIN}")
+    }
+}
+
+/// The rules of one namespace merged for one host (istiod's `ConsolidatedDestRule`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Consolidated {
+    /// The rules merged in, the one whose `trafficPolicy` and `exportTo` were kept first.
+    pub rules: Vec<Arc<Rule>>,
+    export_to: BTreeSet<String>,
+    selector: Option<BTreeMap<String, String>>,
+    /// The merged top-level policy: the first rule's that sets one.
+    pub policy: Option<Traffic>,
+}
+
+impl Consolidated {
+    fn new(rule: Arc<Rule>, export_to: BTreeSet<String>) -> Self {
+        Consolidated {
+            policy: rule.policy,
+            selector: rule.selector.clone(),
+            rules: vec![rule],
+            export_to,
+        }
+    }
+
+    /// Whether it is exported to clients of `client` (no `exportTo`, `*`, or naming it).
+    fn exported_to(&self, client: &str) -> bool {
+        self.export_to.is_empty() || self.export_to.contains("*") || self.export_to.contains(client)
+    }
+
+    /// The merged rules, `ns/name` each.
+    pub fn names(&self) -> Vec<String> {
+        self.rules.iter().map(|r| r.key()).collect()
+    }
+}
+
+/// The rules of one index of one namespace, by host.
+#[derive(Clone, Debug, Default)]
+struct Hosts {
+    specific: HashMap<String, Vec<Consolidated>>,
+    wildcard: HashMap<String, Vec<Consolidated>>,
+}
+
+impl Hosts {
+    /// `mergeDestinationRule` with `ENABLE_ENHANCED_DESTINATIONRULE_MERGE` (istiod's default).
+    fn merge(&mut self, host: &str, rule: &Arc<Rule>, export_to: &BTreeSet<String>) {
+        let map = if host.starts_with('*') {
+            &mut self.wildcard
+        } else {
+            &mut self.specific
+        };
+        let list = map.entry(host.to_string()).or_default();
+        let mut separately = true;
+        for c in list.iter_mut() {
+            if *export_to == c.export_to {
+                separately = false;
+            } else if !c.export_to.is_empty() && export_to.is_superset(&c.export_to) {
+                separately = true;
+            } else {
+                separately = true;
+                continue;
+            }
+            let both_without = rule.selector.is_none() && c.selector.is_none();
+            let both_with = rule.selector.is_some() && c.selector.is_some();
+            if both_with && rule.selector != c.selector {
+                separately = true;
+                continue;
+            }
+            if both_without || both_with {
+                separately = false;
+            }
+            c.rules.push(rule.clone());
+            if c.policy.is_none() {
+                c.policy = rule.policy;
+            }
+        }
+        if separately {
+            list.push(Consolidated::new(rule.clone(), export_to.clone()));
+        }
+    }
+
+    /// `MostSpecificHostMatch`: the exact host, else the longest matching wildcard.
+    fn most_specific(&self, needle: &str) -> Option<(&str, &[Consolidated])> {
+        if !needle.starts_with('*')
+            && let Some((h, v)) = self.specific.get_key_value(needle)
+        {
+            return Some((h.as_str(), v.as_slice()));
+        }
+        if let Some((h, v)) = self.wildcard.get_key_value(needle) {
+            return Some((h.as_str(), v.as_slice()));
+        }
+        let bare = needle.strip_prefix('*').unwrap_or(needle);
+        self.wildcard
+            .iter()
+            .filter(|(h, _)| bare.ends_with(&h[1..]))
+            .min_by(|(a, _), (b, _)| more_specific_first(a, b))
+            .map(|(h, v)| (h.as_str(), v.as_slice()))
+    }
+}
+
+/// istiod's `host.MoreSpecific` as an ordering: longer first, then alphabetically.
+fn more_specific_first(a: &str, b: &str) -> std::cmp::Ordering {
+    b.len().cmp(&a.len()).then_with(|| a.cmp(b))
+}
+
+/// Where the rule that applies was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tier {
+    /// The client's own namespace.
+    ClientNamespace,
+    /// The service's namespace, exported to the client.
+    ServiceNamespace,
+    /// Istio's root namespace, exported to the client.
+    RootNamespace,
+}
+
+impl Tier {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Tier::ClientNamespace => "the client's namespace",
+            Tier::ServiceNamespace => "the service's namespace",
+            Tier::RootNamespace => "the root namespace",
+        }
+    }
+}
+
+/// The rules a lookup found: where, for which rule host, and the merged rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found<'a> {
+    pub tier: Tier,
+    pub namespace: &'a str,
+    /// The rule host that matched (`*.local`, `reviews.shop.svc.cluster.local`).
+    pub host: &'a str,
+    pub rules: Vec<&'a Consolidated>,
+}
+
+/// The rule a workload's traffic to a host gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied<'a> {
+    pub tier: Tier,
+    pub namespace: &'a str,
+    pub host: &'a str,
+    pub rule: &'a Consolidated,
+}
+
+/// DestinationRules indexed as istiod indexes them in one push.
+#[derive(Clone, Debug, Default)]
+pub struct Index {
+    root: String,
+    /// Per namespace, every rule visible to its own clients.
+    local: HashMap<String, Hosts>,
+    /// Per namespace, the rules exported beyond it.
+    exported: HashMap<String, Hosts>,
+    /// The root namespace's private rules.
+    root_local: Hosts,
+}
+
+impl Index {
+    /// Indexes `rules` with Istio's root namespace `root`. `default_private`: the mesh's
+    /// `defaultDestinationRuleExportTo` is `["."]` (rules without `exportTo` are private).
+    pub fn build<'a>(
+        rules: impl IntoIterator<Item = &'a Arc<Rule>>,
+        root: &str,
+        default_private: bool,
+    ) -> Index {
+        let mut rules: Vec<&Arc<Rule>> = rules.into_iter().collect();
+        rules.sort_by(|a, b| {
+            b.selector
+                .is_some()
+                .cmp(&a.selector.is_some())
+                .then(a.created.cmp(&b.created))
+                .then_with(|| a.name.cmp(&b.name))
+                .then_with(|| a.namespace.cmp(&b.namespace))
+        });
+        let mut index = Index {
+            root: root.to_string(),
+            ..Index::default()
+        };
+        for rule in rules {
+            let ns = rule.namespace.as_str();
+            let host = qualify(&rule.host, ns);
+            let export_to: BTreeSet<String> = match rule.selector {
+                Some(_) => [".".to_string()].into(),
+                None => rule.export_to.iter().cloned().collect(),
+            };
+            if export_to.is_empty()
+                || export_to.contains("*")
+                || export_to.contains(".")
+                || export_to.contains(ns)
+            {
+                index
+                    .local
+                    .entry(ns.to_string())
+                    .or_default()
+                    .merge(&host, rule, &export_to);
+            }
+            let private = (export_to.is_empty() && default_private)
+                || (export_to.len() == 1 && (export_to.contains(".") || export_to.contains(ns)));
+            if !private {
+                index
+                    .exported
+                    .entry(ns.to_string())
+                    .or_default()
+                    .merge(&host, rule, &export_to);
+            } else if ns == root {
+                index.root_local.merge(&host, rule, &export_to);
+            }
+        }
+        index
+    }
+
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    /// The rules found for clients in `client` calling `host` (a Service of `service_ns`):
+    /// istiod's `PushContext.destinationRule`.
+    pub fn lookup<'a>(
+        &'a self,
+        client: &str,
+        host: &str,
+        service_ns: &'a str,
+    ) -> Option<Found<'a>> {
+        let local = if client == self.root {
+            Some((&self.root_local, self.root.as_str()))
+        } else {
+            self.local
+                .get_key_value(client)
+                .map(|(k, v)| (v, k.as_str()))
+        };
+        if let Some((hosts, ns)) = local
+            && let Some((h, list)) = hosts.most_specific(host)
+        {
+            return Some(Found {
+                tier: Tier::ClientNamespace,
+                namespace: ns,
+                host: h,
+                rules: list.iter().collect(),
+            });
+        }
+        [
+            (Tier::ServiceNamespace, service_ns),
+            (Tier::RootNamespace, self.root.as_str()),
+        ]
+        .into_iter()
+        .find_map(|(tier, ns)| {
+            let (ns, hosts) = self.exported.get_key_value(ns)?;
+            let (h, list) = hosts.most_specific(host)?;
+            let rules: Vec<&Consolidated> = list.iter().filter(|c| c.exported_to(client)).collect();
+            (!rules.is_empty()).then_some(Found {
+                tier,
+                namespace: ns.as_str(),
+                host: h,
+                rules,
+            })
+        })
+    }
+
+    /// The rule a workload of `client` with `labels` gets for `host`
+    /// (`SidecarScope.DestinationRule`): the one whose selector matches, else the last one
+    /// without a selector; `None` when none applies.
+    pub fn for_workload<'a>(
+        &'a self,
+        client: &str,
+        labels: &BTreeMap<String, String>,
+        host: &str,
+        service_ns: &'a str,
+    ) -> Option<Applied<'a>> {
+        let found = self.lookup(client, host, service_ns)?;
+        let mut catch_all = None;
+        for c in &found.rules {
+            match &c.selector {
+                None => catch_all = Some(*c),
+                Some(sel) if c.rules[0].namespace == client => {
+                    if sel.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+                        return Some(found.applied(c));
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        catch_all.map(|c| found.applied(c))
+    }
+
+    /// The root namespace's rule exported to `client` for `host` that a rule found elsewhere
+    /// shadows (what a client would get there if the other rule did not exist).
+    pub fn root_rule<'a>(&'a self, client: &str, host: &str) -> Option<&'a Consolidated> {
+        let hosts = self.exported.get(&self.root)?;
+        let (_, list) = hosts.most_specific(host)?;
+        list.iter()
+            .rev()
+            .find(|c| c.selector.is_none() && c.exported_to(client))
+    }
+}
+
+impl<'a> Found<'a> {
+    fn applied(&self, rule: &'a Consolidated) -> Applied<'a> {
+        Applied {
+            tier: self.tier,
+            namespace: self.namespace,
+            host: self.host,
+            rule,
+        }
+    }
+}
+
+impl Applied<'_> {
+    /// The blocks of the root namespace's rule for the same host that this one does not
+    /// carry and so does not get (DestinationRules do not inherit across hosts).
+    pub fn shadowed(
+        &self,
+        index: &Index,
+        client: &str,
+        host: &str,
+    ) -> Option<(Vec<String>, Blocks)> {
+        if self.tier == Tier::RootNamespace || self.namespace == index.root() {
+            return None;
+        }
+        let root = index.root_rule(client, host)?;
+        let root_blocks = root.policy.map(|p| p.blocks).unwrap_or_default();
+        let own = self.rule.policy.map(|p| p.blocks).unwrap_or_default();
+        let lost = root_blocks.without(own);
+        (!lost.is_empty()).then(|| (root.names(), lost))
+    }
+}
