@@ -228,7 +228,14 @@ pub async fn plan(client: Client, source: Source, istio_namespace: &str) -> Resu
     let record = Arc::new(DryRun::default());
     let mut ctx = one_pass_context(client, istio_namespace).await?;
     ctx.writes = Writes::dry_run(record.clone());
-    let (reports, _) = crate::controller::evaluate(&ctx, &policy, &refs).await;
+    let (reports, conflicts) = crate::controller::evaluate(&ctx, &policy, &refs).await;
+    // As the Conflict condition would say: what an older policy decides instead.
+    notes.extend(conflicts.iter().map(|c| {
+        format!(
+            "spec.{} is not planned: the older MeshPolicy {} sets it differently and wins (condition Conflict)",
+            c.field, c.winner
+        )
+    }));
 
     let changes: Vec<ObjectChange> = record.changes().into_iter().map(object_change).collect();
     // As a section's error names them (`apply PeerAuthentication meshwarden-mtls: ...`).

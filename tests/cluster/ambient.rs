@@ -85,6 +85,7 @@ async fn wait_reason(
 async fn the_ambient_section_reports_the_charts_agents_a_drift_and_a_node_without_ztunnel() {
     // Its nodes' names (`ztunnel-…`) sort after the cluster's own (`node-…`): a test that
     // takes the cluster's second node by name order is not given one of them.
+    let _upgrades = UPGRADES_POLICY.lock().await;
     let env = common::cluster_env("ztunnel").await;
     let id = env.id.clone();
     // Two nodes of the test's own, tainted so that only its pods (and agents that tolerate
@@ -283,6 +284,7 @@ async fn the_ambient_section_reports_the_charts_agents_a_drift_and_a_node_withou
     let writes = env.operator_writes_to(|r| r["namespace"] == system || r["namespace"] == app);
     assert_eq!(writes, 0, "the section writes nothing");
     op.stop().await;
+    env.delete_policies().await;
     for release in ["ztunnel", "istio-cni"] {
         let _ = testplane::istio::run_helm(
             &testplane::istio::helm(),

@@ -382,8 +382,6 @@ async fn istiod_release_lifecycle_with_helm_never_lowers_the_posture() {
     use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-    // Its istiod is of revision `default`: while it rolls, that revision settles.
-    let _default = DEFAULT_REVISION.lock().await;
     let env = common::cluster_env("istiodlife").await;
     let ns = env.namespace("istio", &[]).await;
     let kc = env.plane.kubeconfig.clone();

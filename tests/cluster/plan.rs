@@ -109,9 +109,7 @@ sidecars: {{namespaceSelector: {{matchLabels: {{meshwarden-test: {id}}}}}, maxCo
 /// other pod is replaced. (Before the plan read the operator's caches, it planned no restart.)
 #[tokio::test]
 async fn plan_of_restarts_names_the_restarts_the_slot_and_the_skipped_as_enforce_does_them() {
-    // The plan and Enforce's pass judge the default revision's proxies: not while another
-    // test rolls an istiod of that revision.
-    let _default = DEFAULT_REVISION.lock().await;
+    let _upgrades = UPGRADES_POLICY.lock().await;
     let env = common::cluster_env("plan-restarts").await;
     let id = env.id.clone();
     let ((key, value), injected) = upgrades_fixture(&env).await;
@@ -186,6 +184,34 @@ async fn plan_of_restarts_names_the_restarts_the_slot_and_the_skipped_as_enforce
             "enforcement: {mode}\nupgrades:\n  restartOutdated: true\n  maxConcurrentRestarts: 2\n  namespaceSelector: {{matchLabels: {{meshwarden-upgrades: {id}}}}}\n"
         )
     };
+    // A plan made while an istiod of the proxies' revision rolls out (another test's, in the
+    // shared cluster) judges none of them, as Enforce would not: wait for one that does.
+    let (probe, _probe) = env.policy_file("probe", &spec("Audit"));
+    let kubeconfig = env.plane.operator_kubeconfig.clone();
+    common::eventually_or_report(
+        120,
+        "a plan that sees the outdated proxies",
+        || async { (common::run_plan(&kubeconfig, &["-f", &probe]).0 == 2).then_some(()) },
+        || async {
+            let lp = ListParams::default().labels("app=istiod");
+            for d in Api::<Deployment>::all(env.client.clone())
+                .list(&lp)
+                .await
+                .unwrap()
+            {
+                eprintln!(
+                    "istiod {}/{} rev {:?} serving {} status {:?}",
+                    d.namespace().unwrap_or_default(),
+                    d.name_any(),
+                    d.labels().get("istio.io/rev"),
+                    meshwarden::istio::serves_template(&d),
+                    d.status
+                );
+            }
+            eprintln!("{}", common::run_plan(&kubeconfig, &["-f", &probe]).1);
+        },
+    )
+    .await;
     let (out, planned) = plan_pending(&env, &spec("Audit"), &[&on, &off]);
     common::assert_lists(
         &out,
@@ -216,4 +242,5 @@ async fn plan_of_restarts_names_the_restarts_the_slot_and_the_skipped_as_enforce
     assert_eq!(pods_of(&on, "b").await, b_pods, "b's restart was refused");
     assert_eq!(pods_of(&on, "c").await, c_pods, "c waits for a slot");
     assert_eq!(pods_of(&off, "d").await, d_pods, "d is never restarted");
+    env.delete_policies().await;
 }

@@ -143,6 +143,7 @@ impl Drop for Outcomes {
 ///    (2) is not restarted on top; it finishes with the current proxy (2b).
 #[tokio::test]
 async fn rollouts_meshwarden_starts_never_cost_availability() {
+    let _upgrades = UPGRADES_POLICY.lock().await;
     let env = common::cluster_env("gate").await;
     let id = env.id.clone();
     let started = Instant::now();

@@ -3,12 +3,11 @@
 
 use super::*;
 
-/// Held by a test that rolls an istiod Deployment of revision `default` (of a release of its
-/// own: istiod Deployments in any namespace are revisions) and by a test that needs the
-/// `default` revision's proxies judged at one moment: while an istiod of a revision rolls
-/// out, the upgrades section judges none of that revision's proxies (the version that will
-/// serve is not known).
-pub static DEFAULT_REVISION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Held by every test whose policy has an `upgrades` section, from before it creates the
+/// policy until it has deleted it ([`common::Env::delete_policies`]): the section is
+/// mesh-wide, so of two policies that set it differently the older one wins and the newer
+/// one's section is not evaluated at all (a `Conflict`), whatever their namespace selectors.
+pub static UPGRADES_POLICY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 pub async fn namespace(client: &Client, name: &str, labels: serde_json::Value) {
     let ns: Namespace = serde_json::from_value(json!({

@@ -86,6 +86,8 @@ where
 async fn upgrades_with_two_real_revisions_report_and_restart_paced() {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 
+    let _upgrades = UPGRADES_POLICY.lock().await;
+
     let env = common::cluster_env("canary").await;
     let id = env.id.clone();
     let mine = ("meshwarden-upgrades", id.as_str());
@@ -589,5 +591,6 @@ async fn upgrades_with_two_real_revisions_report_and_restart_paced() {
         .await
         .unwrap();
     canary.stop().unwrap();
+    env.delete_policies().await;
     eprintln!("done after {:?}", started.elapsed());
 }

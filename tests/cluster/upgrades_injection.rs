@@ -11,6 +11,7 @@ use super::*;
 /// with the same outdated proxy.)
 #[tokio::test]
 async fn upgrades_never_restarts_where_no_injector_gives_a_current_proxy() {
+    let _upgrades = UPGRADES_POLICY.lock().await;
     let env = common::cluster_env("restarts").await;
     let id = env.id.clone();
     let ((key, value), injected) = upgrades_fixture(&env).await;
@@ -145,4 +146,5 @@ async fn upgrades_never_restarts_where_no_injector_gives_a_current_proxy() {
         );
     }
     op.stop().await;
+    env.delete_policies().await;
 }

@@ -231,6 +231,21 @@ impl Env {
         }
     }
 
+    /// Deletes this test's policies and waits until they are gone (a test that holds a
+    /// mesh-wide section leaves none behind for the next one).
+    #[allow(dead_code)]
+    pub async fn delete_policies(&self) {
+        let api: Api<MeshPolicy> = Api::all(self.client.clone());
+        let lp = kube::api::ListParams::default().labels(&format!("meshwarden-test={}", self.id));
+        api.delete_collection(&Default::default(), &lp)
+            .await
+            .unwrap();
+        eventually(60, "the test's policies gone", || async {
+            api.list(&lp).await.ok()?.items.is_empty().then_some(())
+        })
+        .await;
+    }
+
     pub fn policy_name(&self, name: &str) -> String {
         format!("{}-{name}", self.id)
     }

@@ -351,3 +351,22 @@ async fn a_released_field_keeps_its_value_in_the_plan_as_in_enforce() {
         .collect();
     assert_eq!(dry.len(), 1, "the hand-over is not sent in a plan: {dry:?}");
 }
+
+/// A section an older policy sets differently is not planned, as Enforce would not evaluate
+/// it: the plan says so and names the winner, instead of planning nothing in silence.
+#[tokio::test]
+async fn a_section_an_older_policy_wins_is_named_not_planned_in_silence() {
+    let env = common::env("plan-conflict").await;
+    env.create_policy("older", "upgrades: {maxMinorSkew: 3}\n")
+        .await;
+    // Creation times count in seconds (then names decide): the next second is younger.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let (file, _keep) = env.policy_file("newer", "upgrades: {maxMinorSkew: 1}\n");
+    let (_, out, _) = plan(&env, &["-f", &file]);
+    common::assert_lists(
+        &out,
+        &["note: spec.upgrades is not planned: the older MeshPolicy "],
+    );
+    assert!(out.contains("wins (condition Conflict)"), "{out}");
+    env.delete_policies().await;
+}
