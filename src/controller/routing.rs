@@ -15,22 +15,12 @@ use crate::rules::{self, Section, Sections, sidecars};
 /// Policies with an `mtls` section: a PeerAuthentication, namespace or pod anywhere can
 /// change what it holds.
 pub(super) fn policies_with_mtls(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
-    store
-        .state()
-        .iter()
-        .filter(|p| p.spec.mtls.is_some())
-        .map(|p| ObjectRef::from_obj(p.as_ref()))
-        .collect()
+    policies_with(store, |p| p.spec.mtls.is_some())
 }
 
 /// Policies with a `certificates` section: a root certificate anywhere concerns them.
 pub(super) fn policies_with_certificates(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
-    store
-        .state()
-        .iter()
-        .filter(|p| p.spec.certificates.is_some())
-        .map(|p| ObjectRef::from_obj(p.as_ref()))
-        .collect()
+    policies_with(store, |p| p.spec.certificates.is_some())
 }
 
 /// The policies of `store` that `f` chooses.
@@ -57,27 +47,17 @@ pub(super) fn policies_for_namespace(
     store: &Store<MeshPolicy>,
     namespace: &str,
 ) -> Vec<ObjectRef<MeshPolicy>> {
-    store
-        .state()
-        .iter()
-        .filter(|p| rules::covers_namespace(&p.spec, namespace))
-        .map(|p| ObjectRef::from_obj(p.as_ref()))
-        .collect()
+    policies_with(store, |p| rules::covers_namespace(&p.spec, namespace))
 }
 
 /// Every policy with an HA section (control plane, gateways or Gateway API gateways): a node
 /// change can change where their pods run or could run.
 pub(super) fn policies_with_ha(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
-    store
-        .state()
-        .iter()
-        .filter(|p| {
-            p.spec.control_plane.is_some()
-                || !p.spec.gateways.is_empty()
-                || p.spec.gateway_api.is_some()
-        })
-        .map(|p| ObjectRef::from_obj(p.as_ref()))
-        .collect()
+    policies_with(store, |p| {
+        p.spec.control_plane.is_some()
+            || !p.spec.gateways.is_empty()
+            || p.spec.gateway_api.is_some()
+    })
 }
 
 /// Every policy with a sidecars, mtls, upgrades, ambient, resilience or security section: they
@@ -86,53 +66,30 @@ pub(super) fn policies_with_ha(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshP
 pub(super) fn policies_with_sidecars_or_mtls(
     store: &Store<MeshPolicy>,
 ) -> Vec<ObjectRef<MeshPolicy>> {
-    store
-        .state()
-        .iter()
-        .filter(|p| {
-            p.spec.sidecars.is_some()
-                || p.spec.mtls.is_some()
-                || p.spec.upgrades.is_some()
-                || p.spec.ambient.is_some()
-                || p.spec.resilience.is_some()
-                || p.spec.security.is_some()
-        })
-        .map(|p| ObjectRef::from_obj(p.as_ref()))
-        .collect()
-}
-
-/// The policies of `store` that `f` chooses.
-fn chosen(
-    store: &Store<MeshPolicy>,
-    f: impl Fn(&MeshPolicy) -> bool,
-) -> Vec<ObjectRef<MeshPolicy>> {
-    store
-        .state()
-        .iter()
-        .filter(|p| f(p))
-        .map(|p| ObjectRef::from_obj(p.as_ref()))
-        .collect()
+    policies_with(store, |p| {
+        p.spec.sidecars.is_some()
+            || p.spec.mtls.is_some()
+            || p.spec.upgrades.is_some()
+            || p.spec.ambient.is_some()
+            || p.spec.resilience.is_some()
+            || p.spec.security.is_some()
+    })
 }
 
 /// Policies with a `resilience` section: a DestinationRule or Service anywhere concerns them.
 pub(super) fn policies_with_resilience(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
-    chosen(store, |p| p.spec.resilience.is_some())
+    policies_with(store, |p| p.spec.resilience.is_some())
 }
 
 /// Policies with a `security` section: an AuthorizationPolicy anywhere, or a CA Secret,
 /// concerns them.
 pub(super) fn policies_with_security(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
-    chosen(store, |p| p.spec.security.is_some())
+    policies_with(store, |p| p.spec.security.is_some())
 }
 
 /// Policies with an `upgrades` section: a running pod anywhere can change what it counts.
 pub(super) fn policies_with_upgrades(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
-    store
-        .state()
-        .iter()
-        .filter(|p| p.spec.upgrades.is_some())
-        .map(|p| ObjectRef::from_obj(p.as_ref()))
-        .collect()
+    policies_with(store, |p| p.spec.upgrades.is_some())
 }
 
 /// A workload's metadata, whether its event is the echo of the sidecars section's own
@@ -209,12 +166,7 @@ impl Route {
 
     /// The policies `f` chooses.
     fn policies_where(&self, f: impl Fn(&MeshPolicy) -> bool) -> Vec<ObjectRef<MeshPolicy>> {
-        self.policies
-            .state()
-            .iter()
-            .filter(|p| f(p))
-            .map(|p| ObjectRef::from_obj(p.as_ref()))
-            .collect()
+        policies_with(&self.policies, f)
     }
 
     /// The policies whose sidecars section may cover namespace `ns`.
