@@ -10,6 +10,9 @@ struct Floor {
     replicas: AtomicI32,
     available: AtomicI32,
     hpa_min: AtomicI32,
+    /// What ran when the fewest pods were available: the Deployment's rollout counters and
+    /// each pod (its ReplicaSet's template hash, Ready, being deleted).
+    seen_at_floor: std::sync::Mutex<String>,
 }
 
 /// Samples a Deployment and the HPA scaling it every 100 ms in the background, for the whole
@@ -62,7 +65,11 @@ impl Sampler {
                     let avail = i32::try_from(avail).unwrap_or(i32::MAX);
                     let min = h.spec.and_then(|s| s.min_replicas).unwrap_or(1);
                     f.replicas.fetch_min(spec, SeqCst);
-                    f.available.fetch_min(avail, SeqCst);
+                    if f.available.fetch_min(avail, SeqCst) > avail
+                        && let Ok(mut seen) = f.seen_at_floor.lock()
+                    {
+                        *seen = describe(&d, &list.items);
+                    }
                     f.hpa_min.fetch_min(min, SeqCst);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -83,7 +90,8 @@ impl Sampler {
         );
         assert!(
             available >= available_min,
-            "{step}: available pods went down to {available}"
+            "{step}: available pods went down to {available}: {}",
+            self.seen_at_floor()
         );
         self.reset();
     }
@@ -108,7 +116,8 @@ impl Sampler {
         );
         assert!(
             available >= min,
-            "{step}: available pods went down to {available}"
+            "{step}: available pods went down to {available}: {}",
+            self.seen_at_floor()
         );
         assert!(
             !hpa || hpa_min >= min,
@@ -116,6 +125,50 @@ impl Sampler {
         );
         self.reset();
     }
+}
+
+impl Sampler {
+    fn seen_at_floor(&self) -> String {
+        self.floor
+            .seen_at_floor
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The Deployment's rollout counters and its pods, for a failure message.
+fn describe(d: &Deployment, pods: &[Pod]) -> String {
+    let st = d.status.clone().unwrap_or_default();
+    let pods: Vec<String> = pods
+        .iter()
+        .map(|p| {
+            let hash = p
+                .labels()
+                .get("pod-template-hash")
+                .cloned()
+                .unwrap_or_default();
+            let ready = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let deleting = p.metadata.deletion_timestamp.is_some();
+            format!(
+                "{} rs={hash} ready={ready} deleting={deleting}",
+                p.name_any()
+            )
+        })
+        .collect();
+    format!(
+        "generation {:?} observed {:?}, replicas {:?} updated {:?} available {:?}; pods: {}",
+        d.metadata.generation,
+        st.observed_generation,
+        st.replicas,
+        st.updated_replicas,
+        st.available_replicas,
+        pods.join(", ")
+    )
 }
 
 impl Drop for Sampler {

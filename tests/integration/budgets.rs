@@ -8,11 +8,7 @@ use kube::api::{Api, Patch, PatchParams};
 
 use crate::common::{self, condition};
 
-const KINDS: &[&str] = &[
-    "Deployment",
-    "HorizontalPodAutoscaler",
-    "PodDisruptionBudget",
-];
+const KINDS: &[&str] = common::HA_KINDS;
 
 #[tokio::test]
 async fn meshwardens_budget_keeps_its_selector_and_lets_unready_pods_go_through_edits() {

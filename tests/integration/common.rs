@@ -363,6 +363,13 @@ impl Env {
     }
 }
 
+/// The kinds of an HA fixture: what meshwarden's HA rules read and write.
+pub const HA_KINDS: &[&str] = &[
+    "Deployment",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+];
+
 /// The namespaced objects of an Istio fixture moved into `namespace`, as a YAML stream
 /// (cluster-scoped objects and webhooks are left out). `kinds` limits what is kept (empty: all).
 pub fn fixture_in(file: &str, namespace: &str, kinds: &[&str]) -> String {

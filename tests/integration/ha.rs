@@ -10,11 +10,7 @@ use kube::{Client, ResourceExt};
 
 use crate::common::{self, Env, anti_affinity_terms, condition, container_resources, quantity};
 
-const KINDS: &[&str] = &[
-    "Deployment",
-    "HorizontalPodAutoscaler",
-    "PodDisruptionBudget",
-];
+const KINDS: &[&str] = common::HA_KINDS;
 
 fn managers(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Vec<String> {
     meta.managed_fields

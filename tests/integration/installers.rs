@@ -14,11 +14,7 @@ use meshwarden::api::MeshPolicy;
 
 use crate::common::{self, condition, container_resources, quantity};
 
-const KINDS: &[&str] = &[
-    "Deployment",
-    "HorizontalPodAutoscaler",
-    "PodDisruptionBudget",
-];
+const KINDS: &[&str] = common::HA_KINDS;
 
 /// The policy of both scenarios: raise istiod's HPA minimum and CPU request, and declare a
 /// budget in the other form than the chart's PDB (`minAvailable: 1`), which has no equivalent

@@ -9,11 +9,7 @@ use meshwarden::api::MeshPolicy;
 
 use crate::common::{self, anti_affinity_terms, condition, container_resources, quantity};
 
-const KINDS: &[&str] = &[
-    "Deployment",
-    "HorizontalPodAutoscaler",
-    "PodDisruptionBudget",
-];
+const KINDS: &[&str] = common::HA_KINDS;
 
 #[tokio::test]
 async fn status_follows_generation_and_delete_is_clean() {

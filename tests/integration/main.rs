@@ -5,6 +5,7 @@ mod certificates;
 mod common;
 mod crd;
 mod ha;
+mod ha_rollout;
 mod installers;
 mod lifecycle;
 mod mtls;

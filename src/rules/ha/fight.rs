@@ -87,12 +87,13 @@ fn about(f: &Finding, takeover: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::rules::ha::PdbAction;
     use serde_json::json;
 
-    fn finding(object: &str, field: &str) -> Finding {
+    /// A fixable finding of `field` in `object`.
+    pub(in crate::rules::ha) fn finding(object: &str, field: &str) -> Finding {
         Finding {
             object: object.into(),
             field: field.into(),

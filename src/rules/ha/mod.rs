@@ -11,6 +11,7 @@ mod plan;
 mod rebalance;
 pub mod source;
 pub mod values;
+mod wait;
 mod writes;
 
 use std::collections::HashMap;
@@ -48,6 +49,9 @@ pub use observe::{control_plane_groups, gateway_groups, nodes as observe_nodes, 
 pub(crate) use plan::{int_or_string_json, resources_json};
 pub use plan::{plan, resource_deviations};
 use writes::{HaWrite, Target, WriteFailure, write_kind};
+
+/// How soon a section with template writes waiting for a rollout looks again.
+const WAIT_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(crate) const HOSTNAME: &str = "kubernetes.io/hostname";
 pub(crate) const ZONE: &str = "topology.kubernetes.io/zone";
@@ -187,6 +191,9 @@ pub async fn reconcile(
     // Targets whose crowded pods meshwarden may move (Enforce, `spread.rebalance: Evict`):
     // target -> (namespace, the pod to evict).
     let mut movable: HashMap<String, (String, String)> = HashMap::new();
+    // Targets whose template writes wait for the rollout in progress: (target, why).
+    let mut waiting: Vec<(String, String)> = Vec::new();
+    let mut deferred_count = 0;
 
     for group in groups {
         let (observations, pdbs_refused) = match observe(ctx, group).await {
@@ -255,15 +262,36 @@ pub async fn reconcile(
             }
             shortfalls.extend(judged.shortfalls);
             let deployed_by_istiod = source::istiod_gateway(&obs.deployment.metadata);
-            let plan = match &deployed_by_istiod {
+            let mut plan = match &deployed_by_istiod {
                 Some(gateway) => source::report_only(plan(&rules, obs, policy, false), gateway),
                 None => plan(&rules, obs, policy, enforce),
             };
             istiod_managed |= deployed_by_istiod.is_some() && !plan.findings.is_empty();
             notes.extend(plan.notes.iter().cloned());
+            if enforce
+                && plan.rolls_pods
+                && let Some(why) = wait::rollout_in_progress(&obs.deployment)
+            {
+                for f in wait::defer_template(&mut plan) {
+                    deferred_count += 1;
+                    report.violations.push(Violation {
+                        rule: ctype.to_string(),
+                        object: f.object.clone(),
+                        message: format!(
+                            "{}: {} (written once the rollout finishes)",
+                            f.field, f.message
+                        ),
+                        action: ViolationAction::Reported,
+                    });
+                }
+                waiting.push((target_id.clone(), why));
+            }
+            let waits = waiting.iter().any(|(id, _)| *id == target_id);
             if plan.findings.is_empty() {
-                report.compliant += 1;
-                compliant_ids.push(target_id);
+                if !waits {
+                    report.compliant += 1;
+                    compliant_ids.push(target_id);
+                }
                 continue;
             }
             planned.push(writes::planned(
@@ -391,7 +419,8 @@ pub async fn reconcile(
                         .collect()
                 }
             };
-            if outstanding.is_empty() {
+            let waits = waiting.iter().any(|(id, _)| *id == dep_id);
+            if outstanding.is_empty() && !waits {
                 report.compliant += 1;
                 compliant_ids.push(dep_id.clone());
             }
@@ -432,6 +461,14 @@ pub async fn reconcile(
         ctx.availability_grace,
     );
     report.recheck_in = graded.recheck;
+    if !waiting.is_empty() {
+        // The rollout's end is a Deployment status change; look again soon in any case.
+        report.recheck_in = Some(
+            report
+                .recheck_in
+                .map_or(WAIT_RECHECK, |r| r.min(WAIT_RECHECK)),
+        );
+    }
     let evicted = rebalance::Evicted::of(ctx);
     for s in &graded.counted {
         let crowded = s.reason == reasons::SPREAD_NOT_ACHIEVED;
@@ -495,6 +532,16 @@ pub async fn reconcile(
             }
         ));
     }
+    if !waiting.is_empty() {
+        msg.push(format!(
+            "the pod template of {} is changed once its rollout in progress finishes (a template written during a rollout makes the Deployment controller roll over)",
+            waiting
+                .iter()
+                .map(|(id, why)| format!("{id} ({why})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     msg.extend(messages::fight_sentence(&fights, Contested::Fields));
     if !empty_groups.is_empty() {
         msg.push(format!(
@@ -531,6 +578,8 @@ pub async fn reconcile(
         (Status::False, reason)
     } else if istiod_managed {
         (Status::False, reasons::MANAGED_BY_ISTIOD)
+    } else if !report.violations.is_empty() && report.violations.len() == deferred_count {
+        (Status::False, reasons::PROGRESSING)
     } else if !report.violations.is_empty() && unfixable {
         (Status::False, reasons::CANNOT_CORRECT)
     } else if !report.violations.is_empty() {

@@ -223,6 +223,14 @@ pub fn plan_with(
             )
         } else if stalled {
             Action::Held("a sidecar rollout stalled; no other starts until it completes".into())
+        } else if let (Kind::Deployment, false, Rollout::InProgress(why)) =
+            (w.kind, restarting, &w.rollout)
+        {
+            // A template written while the Deployment controller rolls another one makes it
+            // roll over, scaling old ReplicaSets down by statuses that can lag their pods.
+            Action::Held(format!(
+                "its rollout is in progress ({why}): written once that rollout completes, so that the Deployment controller never rolls two templates at once"
+            ))
         } else if d.rolling {
             // Already rolling because of meshwarden: rewriting it takes no new slot.
             Action::Apply

@@ -34,15 +34,20 @@ fn a_target_the_gate_holds_takes_no_slot_and_is_never_written() {
     // Audit: reported, the gate is not asked.
     let d = plan_with(&ts, devs(4), &BTreeMap::new(), Some(1), false, &gate);
     assert!(d.iter().all(|d| d.action == Action::Reported));
-    // A target already rolling because of meshwarden's write is rewritten, whatever the gate.
+    // A target already rolling because of meshwarden's write is rewritten, whatever the gate,
+    // once the Deployment controller rolls no other template (the tail of the rollout); while
+    // it still does, the rewrite waits and keeps the slot.
     let h = full().hash();
-    let ts = vec![workload(
-        "a",
-        &[(HASH_ANNOTATION, h.as_str())],
-        Rollout::InProgress("1 of 2 updated".into()),
-    )];
+    let rolling = |r: Rollout| vec![workload("a", &[(HASH_ANNOTATION, h.as_str())], r)];
+    let ts = rolling(Rollout::Settling(
+        "1 of 2 updated replicas available".into(),
+    ));
     let d = plan_with(&ts, devs(1), &BTreeMap::new(), Some(1), true, &gate);
     assert_eq!(d[0].action, Action::Apply);
+    let ts = rolling(Rollout::InProgress("1 of 2 replicas updated".into()));
+    let d = plan_with(&ts, devs(1), &BTreeMap::new(), Some(1), true, &gate);
+    assert!(matches!(d[0].action, Action::Held(_)), "{:?}", d[0]);
+    assert!(d[0].rolling, "it keeps its slot");
 }
 
 #[test]
