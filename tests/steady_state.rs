@@ -136,7 +136,13 @@ async fn reconciles_after_start_up_send_no_list() {
         .unwrap();
 
     let operator = Replica::start(&plane.operator_kubeconfig, "operator", &dir, &[]);
-    eventually(30, "ready", || http_get(operator.port, "/readyz")).await;
+    // Polled closely: what the operator lists after this point, it listed after readiness.
+    let ready_by = std::time::Instant::now() + Duration::from_secs(30);
+    while http_get(operator.port, "/readyz").await.is_none() {
+        assert!(std::time::Instant::now() < ready_by, "not ready after 30 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let from_ready = plane.audit_events().len();
     let conditions = |p: &MeshPolicy| -> BTreeMap<String, String> {
         p.status
             .iter()
@@ -344,6 +350,26 @@ async fn reconciles_after_start_up_send_no_list() {
         );
     }
 
+    // The report sections' watches, started at start-up for this policy, listed before
+    // readiness (the first reconcile would otherwise start them after it).
+    let lazy: Vec<String> = lists_since(&plane, from_ready)
+        .into_iter()
+        .filter(|uri| {
+            [
+                "/destinationrules",
+                "/api/v1/services",
+                "/authorizationpolicies",
+                "/secrets",
+            ]
+            .iter()
+            .any(|r| uri.contains(r))
+        })
+        .collect();
+    assert!(
+        lazy.is_empty(),
+        "the report sections' watches listed after readiness:\n{}",
+        lazy.join("\n")
+    );
     let lists = lists_since(&plane, from);
     assert!(
         lists.is_empty(),

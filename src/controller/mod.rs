@@ -326,6 +326,11 @@ pub async fn run(
         );
         let mtls_pods = state.ctx.cache::<mtls::PodCache>();
         let stores = state.ctx.cache::<Stores>();
+        let lazy = (
+            state.ctx.cache::<resilience::ResilienceCache>(),
+            state.ctx.cache::<security::SecurityCache>(),
+            store.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let caches = match &cache {
@@ -336,7 +341,10 @@ pub async fn run(
                         Some(c) => c.ready(Duration::from_millis(100)).await,
                         None => true,
                     };
-                if caches && listed.load(std::sync::atomic::Ordering::Relaxed) {
+                if caches
+                    && listed.load(std::sync::atomic::Ordering::Relaxed)
+                    && lazy_watches_settled(&lazy)
+                {
                     metrics.set_ready(true);
                     return;
                 }
@@ -491,4 +499,33 @@ pub async fn run(
     state.ctx.set_cache::<ambient::DaemonSets>(None);
     state.ctx.set_cache::<resilience::ResilienceCache>(None);
     state.ctx.set_cache::<security::SecurityCache>(None);
+}
+
+/// Whether the report sections' lazily started watches have settled for the policies listed:
+/// a policy declaring `resilience` or `security` starts them here, at start-up, so that their
+/// first lists (paged over every Service, DestinationRule and AuthorizationPolicy) come before
+/// readiness instead of after it. Without such a policy they stay unstarted.
+fn lazy_watches_settled(
+    (resilience, security, policies): &(
+        Option<resilience::ResilienceCache>,
+        Option<security::SecurityCache>,
+        reflector::Store<MeshPolicy>,
+    ),
+) -> bool {
+    let declared = policies.state();
+    let wants = |f: fn(&MeshPolicy) -> bool| declared.iter().any(|p| f(p));
+    let mut settled = true;
+    if let Some(c) = resilience
+        && wants(|p| p.spec.resilience.is_some())
+    {
+        c.want();
+        settled &= c.settled();
+    }
+    if let Some(c) = security
+        && wants(|p| p.spec.security.is_some())
+    {
+        c.want();
+        settled &= c.settled();
+    }
+    settled
 }

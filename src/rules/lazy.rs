@@ -14,6 +14,10 @@ use kube::runtime::watcher;
 
 use crate::watch::{self, Health};
 
+/// Objects per page of a first list: a page is held whole before it is reduced, and these
+/// lists may run while the workloads converge.
+pub const PAGE: u32 = 100;
+
 /// Namespace and name.
 pub type Key = (String, String);
 
@@ -114,6 +118,13 @@ impl<V> Reduced<V> {
     /// Whether the watch has listed since it started.
     pub fn listed(&self) -> bool {
         self.listed.load(Ordering::SeqCst)
+    }
+
+    /// Whether the watch `name` feeding this map has come to an answer: listed, or failing
+    /// (a kind the server refuses or does not serve never lists, and must not hold readiness;
+    /// the sections that read it report why).
+    pub fn settled(&self, health: &Health, name: &str) -> bool {
+        self.listed() || matches!(health.state(name), Some(watch::State::Failing { .. }))
     }
 
     /// Namespace and name of every object.

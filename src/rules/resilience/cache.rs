@@ -16,7 +16,7 @@ use kube::{CustomResource, ResourceExt};
 use serde::{Deserialize, Serialize};
 
 use super::resolve::{Blocks, Rule, Traffic};
-use crate::rules::lazy::Reduced;
+use crate::rules::lazy::{self, Reduced};
 use crate::watch::{Health, NotReadable};
 
 /// Watch names (in `meshwarden_watch_synced`, logs and conditions).
@@ -133,7 +133,12 @@ impl ResilienceCache {
             health,
             DESTINATION_RULES,
             gate.clone(),
-            move || watcher::watcher(api.clone(), watcher::Config::default()),
+            move || {
+                watcher::watcher(
+                    api.clone(),
+                    watcher::Config::default().page_size(lazy::PAGE),
+                )
+            },
             reduce,
         );
         let api: Api<PartialObjectMeta<Service>> = Api::all(client.clone());
@@ -141,7 +146,12 @@ impl ResilienceCache {
             health,
             SERVICES,
             gate,
-            move || watcher::watcher(api.clone(), watcher::Config::default()),
+            move || {
+                watcher::watcher(
+                    api.clone(),
+                    watcher::Config::default().page_size(lazy::PAGE),
+                )
+            },
             |_: &PartialObjectMeta<Service>| (),
         );
         let cache = ResilienceCache {
@@ -151,6 +161,18 @@ impl ResilienceCache {
             wanted: Arc::new(wanted),
         };
         (cache, futures::stream::select(s1, s2))
+    }
+
+    /// Starts the watches (at start-up, when a policy with the section exists, so that their
+    /// first lists come before readiness, not after).
+    pub fn want(&self) {
+        self.wanted.send_replace(true);
+    }
+
+    /// Whether every watch has listed or failed (see [`Reduced::settled`]).
+    pub fn settled(&self) -> bool {
+        let h = &self.health;
+        self.rules.settled(h, DESTINATION_RULES) && self.services.settled(h, SERVICES)
     }
 
     /// The DestinationRules and the Services (namespace, name), once both watches have

@@ -18,7 +18,7 @@ use kube::{CustomResource, ResourceExt};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::rules::lazy::Reduced;
+use crate::rules::lazy::{self, Reduced};
 use crate::rules::mtls::WorkloadSelector;
 use crate::watch::{Health, NotReadable};
 
@@ -143,7 +143,12 @@ impl SecurityCache {
             health,
             AUTHORIZATION_POLICIES,
             gate.clone(),
-            move || watcher::watcher(api.clone(), watcher::Config::default()),
+            move || {
+                watcher::watcher(
+                    api.clone(),
+                    watcher::Config::default().page_size(lazy::PAGE),
+                )
+            },
             reduce,
         );
         let secrets: Api<PartialObjectMeta<Secret>> =
@@ -171,6 +176,20 @@ impl SecurityCache {
         };
         let events = futures::stream::select(s1, futures::stream::select(s2, s3));
         (cache, events)
+    }
+
+    /// Starts the watches (at start-up, when a policy with the section exists, so that their
+    /// first lists come before readiness, not after).
+    pub fn want(&self) {
+        self.wanted.send_replace(true);
+    }
+
+    /// Whether every watch has listed or failed (see [`Reduced::settled`]).
+    pub fn settled(&self) -> bool {
+        let h = &self.health;
+        self.policies.settled(h, AUTHORIZATION_POLICIES)
+            && self.cacerts.settled(h, CA_SECRETS)
+            && self.root.settled(h, CA_ROOT_SECRET)
     }
 
     /// The policies and the CA Secrets, once the watches have listed (waiting up to
