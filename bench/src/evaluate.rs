@@ -170,7 +170,7 @@ pub fn run(namespaces: usize, deployments: usize, pods: usize, evaluations: usiz
     let e = last.expect("one evaluation at least");
     println!(
         "  {} targets, {} to write, {} namespaces with pod drift ({} pods)",
-        e.classified.targets.len(),
+        e.classified.targets.len() + e.classified.settled,
         e.decisions
             .iter()
             .filter(|d| d.action == sidecars::Action::Apply)

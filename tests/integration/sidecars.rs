@@ -21,13 +21,13 @@ const RESOURCES: &str =
 
 /// A namespace of this test, selected by the test's policies through the `meshwarden-test`
 /// label (policies are cluster-wide; the label keeps them off other tests' namespaces).
-async fn ns(env: &Env, suffix: &str, labels: &[(&str, &str)]) -> String {
+pub(crate) async fn ns(env: &Env, suffix: &str, labels: &[(&str, &str)]) -> String {
     let mut all = vec![("meshwarden-test", env.id.as_str())];
     all.extend_from_slice(labels);
     env.namespace(suffix, &all).await
 }
 
-fn policy_spec(env: &Env, enforcement: &str, max: i32) -> String {
+pub(crate) fn policy_spec(env: &Env, enforcement: &str, max: i32) -> String {
     format!(
         "enforcement: {enforcement}\nsidecars: {{namespaceSelector: {{matchLabels: {{meshwarden-test: {}}}}}, maxConcurrentRollouts: {max}, {RESOURCES}}}",
         env.id
@@ -87,7 +87,11 @@ fn template_annotations(d: &Deployment) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-async fn annotations_of(client: &Client, ns: &str, name: &str) -> BTreeMap<String, String> {
+pub(crate) async fn annotations_of(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> BTreeMap<String, String> {
     let d = Api::<Deployment>::namespaced(client.clone(), ns)
         .get(name)
         .await
@@ -95,7 +99,7 @@ async fn annotations_of(client: &Client, ns: &str, name: &str) -> BTreeMap<Strin
     template_annotations(&d)
 }
 
-fn has_four(a: &BTreeMap<String, String>) -> bool {
+pub(crate) fn has_four(a: &BTreeMap<String, String>) -> bool {
     FOUR.iter().all(|k| a.contains_key(*k))
 }
 
@@ -377,8 +381,10 @@ async fn targets_get_all_four_annotations_and_nothing_else_is_touched() {
     );
     assert_eq!(before, 3, "web, db and agent written once each");
 
-    // Drift: somebody removes an annotation; it is back within seconds. (The object the
-    // patch returns shows the removal: a read after it may already see it restored.)
+    // Drift: somebody removes an annotation, and the Deployment controller rolls that out;
+    // the annotation is back within seconds of the rollout's end (a template written during
+    // the rollout would make the controller roll over). (The object the patch returns shows
+    // the removal: a read after it may already see it restored.)
     let patched = deployments
         .patch(
             "web",
@@ -388,6 +394,7 @@ async fn targets_get_all_four_annotations_and_nothing_else_is_touched() {
         .await
         .unwrap();
     assert!(!template_annotations(&patched).contains_key(PROXY_MEMORY_LIMIT));
+    common::complete_rollout(c, &inj, "web").await;
     let removed = Instant::now();
     common::eventually(10, "annotation restored", || async {
         let a = annotations_of(c, &inj, "web").await;

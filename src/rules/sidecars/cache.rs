@@ -444,20 +444,20 @@ pub fn observe_cached(
     let idx = &cache.by_namespace;
     // Deployments, then StatefulSets, then DaemonSets, each by name: the order targets are
     // planned in. The four views are locked in this order only here.
-    let kinds = [
+    let mut kinds = [
         idx.deployments.read(),
         idx.statefulsets.read(),
         idx.daemonsets.read(),
     ];
-    let pods = idx.pods.read();
+    let mut pods = idx.pods.read();
     for o in out.iter_mut() {
-        for kind in &kinds {
-            if let Some(m) = kind.get(&o.name) {
-                o.workloads.extend(m.values().cloned());
-            }
+        // One shared slice per kind: a pointer copy each, the same slice as the last
+        // evaluation's while the namespace's entries are unchanged.
+        for kind in &mut kinds {
+            o.workloads.extend(kind.shared(&o.name));
         }
-        if let Some(m) = pods.get(&o.name) {
-            o.pods.extend(m.values().cloned());
+        if let Some(p) = pods.shared(&o.name) {
+            o.pods = p;
         }
     }
     drop((kinds, pods));
@@ -483,13 +483,16 @@ pub fn observe_cached(
         let Some(ns) = position(&out, &key.1).map(|i| &mut out[i]) else {
             continue;
         };
-        let Some(slot) = ns
-            .workloads
-            .iter_mut()
-            .find(|f| f.kind == key.0 && f.name == key.2)
-        else {
+        // The slice holding it is copied and replaced (the index's stays as it is).
+        let Some((kind, at)) = ns.workloads.iter().enumerate().find_map(|(k, s)| {
+            s.iter()
+                .position(|f| f.kind == key.0 && f.name == key.2)
+                .map(|i| (k, i))
+        }) else {
             continue;
         };
+        let mut copied: Vec<Arc<WorkloadFacts>> = ns.workloads[kind].to_vec();
+        let slot = &mut copied[at];
         let cached_generation = slot.generation;
         match pending_write(&mut written, key.clone(), cached_generation) {
             Some(g) => {
@@ -505,6 +508,7 @@ pub fn observe_cached(
                     facts
                 });
                 *slot = facts;
+                ns.workloads[kind] = copied.into();
             }
             None => {
                 seen_as.remove(&key);
@@ -563,7 +567,7 @@ pub async fn observe(ctx: &Context, spec: &SidecarSpec, revisions: &Revisions) -
         let facts = deployments.items.iter().map(WorkloadFacts::from);
         let facts = facts.chain(statefulsets.items.iter().map(WorkloadFacts::from));
         let facts = facts.chain(daemonsets.items.iter().map(WorkloadFacts::from));
-        ns.workloads = facts.map(Arc::new).collect();
+        ns.workloads = vec![facts.map(Arc::new).collect()];
         ns.limit_ranges = limit_ranges.items;
         ns.quotas = quotas.items;
         ns.pods = pods

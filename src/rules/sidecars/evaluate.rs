@@ -29,14 +29,18 @@ struct NamespacePart {
     name: Arc<str>,
     /// Shared with the cache (see [`NamespaceObservation::labels`]).
     labels: Arc<BTreeMap<String, String>>,
-    workloads: Vec<Arc<WorkloadFacts>>,
+    workloads: Vec<Shared<WorkloadFacts>>,
     /// In the order observed (the cache's: by name); another order only decides anew.
-    pods: Vec<Arc<PodFacts>>,
+    pods: Shared<PodFacts>,
     limit_ranges: Vec<LimitRange>,
     quotas: Vec<ResourceQuota>,
     classes: NamespaceClasses,
     /// Per target (order of `classes.targets`).
     deviations: Vec<Vec<String>>,
+    /// The targets with something to do or report (see [`Classified::targets`]), by index
+    /// into `classes.targets`; the others are counted in `settled`.
+    active: Vec<usize>,
+    settled: usize,
     unfit: Option<Vec<String>>,
     pod_drift: Option<Arc<PodDrift>>,
     /// The evaluation that last used it ([`Memo::round`]).
@@ -46,16 +50,24 @@ struct NamespacePart {
 impl NamespacePart {
     /// Whether the part was decided from exactly these objects.
     fn decided_from(&self, ns: &NamespaceObservation) -> bool {
-        same_arcs(&self.workloads, &ns.workloads)
-            && same_arcs(&self.pods, &ns.pods)
+        self.workloads.len() == ns.workloads.len()
+            && self
+                .workloads
+                .iter()
+                .zip(&ns.workloads)
+                .all(|(a, b)| same_slice(a, b))
+            && same_slice(&self.pods, &ns.pods)
             && (Arc::ptr_eq(&self.labels, &ns.labels) || self.labels == ns.labels)
             && self.limit_ranges == ns.limit_ranges
             && self.quotas == ns.quotas
     }
 }
 
-fn same_arcs<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
+/// The same shared slice (the common case: one pointer compared), or slices of the same
+/// entries (a slice rebuilt around an entry read as written).
+fn same_slice<T>(a: &Shared<T>, b: &Shared<T>) -> bool {
+    Arc::ptr_eq(a, b)
+        || (a.len() == b.len() && a.iter().zip(b.iter()).all(|(a, b)| Arc::ptr_eq(a, b)))
 }
 
 /// Namespace parts kept between evaluations of one policy's section. Parts are reused only
@@ -152,14 +164,16 @@ pub fn evaluate_with(
         let Some(part) = memo.parts.get(&ns.name) else {
             continue;
         };
-        for (w, devs) in part.classes.targets.iter().zip(&part.deviations) {
+        classified.settled += part.settled;
+        for &i in &part.active {
+            let w = &part.classes.targets[i];
             targets.push((
                 Workload {
                     namespace: part.name.clone(),
                     facts: w.clone(),
                     rollout: meshwarden_rollout(w, now),
                 },
-                devs.clone(),
+                part.deviations[i].clone(),
             ));
         }
         classified
@@ -248,6 +262,20 @@ fn decide_namespace(
         (!problems.is_empty()).then_some(problems)
     };
     let pod_drift = namespace_pod_drift(want, &ns.labels, &ns.pods, &classes.excluded, revisions);
+    // A target with the declared values whose controller reports its rollout complete (or
+    // paused) is compliant whatever the pacing and the time: `plan_with` gives it no action,
+    // no slot and no stall (meshwarden's view of a rollout is never less complete than the
+    // controller's). Only the others are assembled by each evaluation.
+    let active: Vec<usize> = (0..classes.targets.len())
+        .filter(|&i| {
+            !deviations[i].is_empty()
+                || !matches!(
+                    classes.targets[i].rollout,
+                    Rollout::Complete | Rollout::Paused
+                )
+        })
+        .collect();
+    let settled = classes.targets.len() - active.len();
     NamespacePart {
         name,
         labels: ns.labels.clone(),
@@ -257,6 +285,8 @@ fn decide_namespace(
         quotas: ns.quotas.clone(),
         classes,
         deviations,
+        active,
+        settled,
         unfit,
         pod_drift: pod_drift.map(Arc::new),
         round: 0,

@@ -14,6 +14,10 @@ use kube::runtime::watcher;
 
 type Namespaces<F> = HashMap<String, BTreeMap<String, Arc<F>>>;
 
+/// One namespace's entries of one kind, by name, shared: an evaluation takes a namespace's
+/// entries with one pointer copy, and compares them with the ones it decided from by address.
+pub type Shared<F> = Arc<[Arc<F>]>;
+
 /// The clock of every index's change stamps: shared, so that no two changes anywhere in the
 /// process get the same stamp (an index made anew never repeats an older one's).
 static CLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -41,6 +45,7 @@ impl<F> Default for ByNamespace<F> {
             state: Arc::new(Mutex::new(Indexed {
                 current: HashMap::new(),
                 stamps: HashMap::new(),
+                shared: HashMap::new(),
                 relist: None,
                 synced: false,
             })),
@@ -53,6 +58,9 @@ struct Indexed<F> {
     /// Per namespace in `current`, the stamp of its last change: a namespace whose stamp is
     /// the same holds the same entries ([`View::stamp`]).
     stamps: HashMap<String, u64>,
+    /// Per namespace read since its last change: its entries as one shared slice, with the
+    /// stamp they were taken at ([`View::shared`]).
+    shared: HashMap<String, (u64, Shared<F>)>,
     /// A (re)list in progress: its entries replace `current` when it is done, as the store's
     /// do, so that objects deleted while the watch was down are dropped.
     relist: Option<Namespaces<F>>,
@@ -107,6 +115,7 @@ impl<F> ByNamespace<F> {
                     if m.is_empty() {
                         s.current.remove(ns.as_str());
                         s.stamps.remove(ns.as_str());
+                        s.shared.remove(ns.as_str());
                     } else {
                         stamp(&mut s.stamps, ns);
                     }
@@ -122,6 +131,7 @@ impl<F> ByNamespace<F> {
                     // Every entry is new: every namespace changed.
                     let now = tick();
                     s.stamps = done.keys().map(|ns| (ns.clone(), now)).collect();
+                    s.shared.clear();
                     s.current = done;
                 }
                 s.synced = true;
@@ -174,6 +184,22 @@ impl<F> View<'_, F> {
     /// same stamp saw the same entries, so what was decided from them still holds.
     pub fn stamp(&self, namespace: &str) -> Option<u64> {
         self.0.stamps.get(namespace).copied()
+    }
+
+    /// The entries of `namespace` by name, as one shared slice (`None`: it has none). Built
+    /// once per change of the namespace and shared by every read until the next one, so two
+    /// reads between changes get the same slice.
+    pub fn shared(&mut self, namespace: &str) -> Option<Shared<F>> {
+        let at = self.stamp(namespace)?;
+        let s = &mut *self.0;
+        if let Some((stamp, slice)) = s.shared.get(namespace)
+            && *stamp == at
+        {
+            return Some(slice.clone());
+        }
+        let slice: Shared<F> = s.current.get(namespace)?.values().cloned().collect();
+        s.shared.insert(namespace.to_string(), (at, slice.clone()));
+        Some(slice)
     }
 
     /// Every entry with its namespace.

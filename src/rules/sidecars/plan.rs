@@ -17,18 +17,34 @@ pub struct NamespaceObservation {
     /// Shared with the cache's copy while the namespace is unchanged (see
     /// [`Cache`]): an evaluation neither copies nor compares the labels of every namespace.
     pub labels: Arc<BTreeMap<String, String>>,
-    /// Deployments, StatefulSets and DaemonSets.
-    pub workloads: Vec<Arc<WorkloadFacts>>,
+    /// Deployments, StatefulSets and DaemonSets: one slice per kind present, each by name,
+    /// shared with the cache's index while the namespace's entries of that kind are unchanged
+    /// ([`View::shared`]).
+    pub workloads: Vec<Shared<WorkloadFacts>>,
     pub limit_ranges: Vec<LimitRange>,
     pub quotas: Vec<ResourceQuota>,
-    /// Running pods (field selector `status.phase=Running`).
-    pub pods: Vec<Arc<PodFacts>>,
+    /// Running pods (field selector `status.phase=Running`), shared like `workloads`.
+    pub pods: Shared<PodFacts>,
+}
+
+impl NamespaceObservation {
+    /// Every workload, kind after kind.
+    pub fn all_workloads(&self) -> impl Iterator<Item = &Arc<WorkloadFacts>> {
+        self.workloads.iter().flat_map(|s| s.iter())
+    }
 }
 
 /// Workloads of the covered namespaces, sorted into targets and the ones left alone.
 #[derive(Clone, Debug, Default)]
 pub struct Classified {
+    /// The targets with something to do or report: deviations, or a rollout the workload's
+    /// controller reports not complete. An evaluation counts the others in `settled`.
     pub targets: Vec<Workload>,
+    /// Targets that carry the declared values and whose rollout is complete (or paused):
+    /// compliant whatever the pacing, so they are counted, not assembled (an evaluation after
+    /// one event lists only the targets with something to do). [`classify`] lists every
+    /// target and leaves this 0.
+    pub settled: usize,
     /// Workloads opted out with `meshwarden.io/ignore: sidecar-resources`.
     pub opted_out: Vec<String>,
     /// Workloads another meshwarden rule writes (HA), left to it.
@@ -83,7 +99,7 @@ pub struct NamespaceClasses {
 pub fn classify_namespace(ns: &NamespaceObservation, revisions: &Revisions) -> NamespaceClasses {
     let mut out = NamespaceClasses::default();
     let injection = NamespaceInjection::of(&ns.labels, revisions);
-    for w in &ns.workloads {
+    for w in ns.all_workloads() {
         // Built only for the workloads left out (most are targets).
         let id = || format!("{}/{}/{}", w.kind.as_str(), ns.name, w.name);
         if injection
@@ -223,11 +239,12 @@ pub fn plan_with(
             )
         } else if stalled {
             Action::Held("a sidecar rollout stalled; no other starts until it completes".into())
-        } else if let (Kind::Deployment, false, Rollout::InProgress(why)) =
-            (w.kind, restarting, &w.rollout)
+        } else if let (Kind::Deployment, true, false, Rollout::InProgress(why)) =
+            (w.kind, w.reported, restarting, &w.facts.rollout)
         {
-            // A template written while the Deployment controller rolls another one makes it
-            // roll over, scaling old ReplicaSets down by statuses that can lag their pods.
+            // A template written while the Deployment controller rolls another one (anyone's:
+            // the rollout as the controller reports it, not only meshwarden's) makes it roll
+            // over, scaling old ReplicaSets down by statuses that can lag their pods.
             Action::Held(format!(
                 "its rollout is in progress ({why}): written once that rollout completes, so that the Deployment controller never rolls two templates at once"
             ))

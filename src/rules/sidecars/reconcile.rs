@@ -55,7 +55,7 @@ pub async fn reconcile_with_stats(
     let to_write = triage(
         policy,
         cache,
-        targets,
+        (targets, evaluation.classified.settled),
         &evaluation.decisions,
         &mut report,
         &mut tally,
@@ -72,7 +72,7 @@ pub async fn reconcile_with_stats(
         pod_drift,
     } = evaluation;
     stats.pod_drift = pod_drift;
-    stats.targets = classified.targets.len();
+    stats.targets = classified.targets.len() + classified.settled;
     stats.compliant = usize::try_from(report.compliant).unwrap_or(0);
     stats.opted_out = classified.opted_out.len();
     stats.rolling = tally.rolling.len() + tally.started.len() + tally.stalled.len();
@@ -203,20 +203,21 @@ async fn evaluate_pass(
     evaluation
 }
 
-/// Counts the compliant targets and reports the others in `report` and `tally`; returns the
-/// writes to make. The deviations are joined into a message only for the targets that need
-/// one (a converging cluster plans thousands).
+/// Counts the compliant targets (the listed ones and the `settled` count) and reports the
+/// others in `report` and `tally`; returns the writes to make. The deviations are joined into
+/// a message only for the targets that need one (a converging cluster plans thousands).
 fn triage<'a>(
     policy: &MeshPolicy,
     cache: Option<&Cache>,
-    targets: &'a [Workload],
+    (targets, settled): (&'a [Workload], usize),
     decisions: &'a [Decision],
     report: &mut RuleReport,
     tally: &mut report::Tally,
 ) -> Vec<Planned<(&'a Workload, &'a Decision)>> {
     let ctype = types::SIDECAR_RESOURCES;
     let mut to_write = Vec::new();
-    report.targets = i32::try_from(targets.len()).unwrap_or(i32::MAX);
+    report.targets = i32::try_from(targets.len() + settled).unwrap_or(i32::MAX);
+    report.compliant += i32::try_from(settled).unwrap_or(i32::MAX);
     for (w, d) in targets.iter().zip(decisions) {
         // Most targets: nothing to say about them (no name built).
         if d.action == Action::Compliant && d.stalled.is_none() && !d.rolling {

@@ -49,7 +49,7 @@ pub(super) fn condition(report: &mut RuleReport, t: &Tally, seen: &Seen<'_>, sta
         unknown_revision,
         enforce,
     } = *seen;
-    let targets = &classified.targets;
+    let no_targets = classified.targets.is_empty() && classified.settled == 0;
     let paced = spec.pacing == Pacing::Paced;
     let mut msg = vec![format!(
         "{} of {} workload(s) have the declared sidecar resources ({})",
@@ -192,14 +192,14 @@ pub(super) fn condition(report: &mut RuleReport, t: &Tally, seen: &Seen<'_>, sta
         (Status::False, reasons::ROLLOUT_HELD)
     } else if !t.held.is_empty() || !t.rolling.is_empty() {
         (Status::False, reasons::ROLLOUT_IN_PROGRESS)
-    } else if targets.is_empty() {
+    } else if no_targets {
         (Status::False, reasons::NO_TARGETS)
     } else if report.corrected > 0 {
         (Status::True, reasons::CORRECTED)
     } else {
         (Status::True, reasons::COMPLIANT)
     };
-    if targets.is_empty() {
+    if no_targets {
         msg[0] = "no Deployment, StatefulSet or DaemonSet with an injected sidecar in the selected namespaces (default: istio-injection=enabled or istio.io/rev)".into();
     }
     report.condition = Observed::new(ctype, status, reason, msg.join(". "));

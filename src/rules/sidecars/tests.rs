@@ -4,6 +4,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntr
 mod evaluate;
 mod gate;
 mod index;
+mod memo;
 mod rollout;
 
 fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -55,6 +56,7 @@ fn workload(name: &str, annotations: &[(&'static str, &str)], rollout: Rollout) 
             strategy: Strategy::default(),
             pod_labels: Default::default(),
             allow_disruption: false,
+            reported: true,
         }),
         rollout,
     }
@@ -310,11 +312,13 @@ fn a_rollout_of_ours_in_progress_takes_the_slot() {
     ];
     let p = plan(&d, &targets, &BTreeMap::new(), Some(1), true);
     assert_eq!(p[1].action, Action::Apply);
-    // A rollout that is not ours takes no slot, and its template waits for it to finish.
-    let targets = vec![
-        workload("a", &[], Rollout::InProgress("x".into())),
-        workload("b", &[], Rollout::Complete),
-    ];
+    // A rollout that is not ours (meshwarden's view: complete; the controller's: in
+    // progress) takes no slot, and its template waits for it to finish.
+    let foreign = Workload {
+        rollout: Rollout::Complete,
+        ..workload("a", &[], Rollout::InProgress("x".into()))
+    };
+    let targets = vec![foreign, workload("b", &[], Rollout::Complete)];
     let p = plan(&d, &targets, &BTreeMap::new(), Some(1), true);
     assert!(
         matches!(&p[0].action, Action::Held(why) if why.contains("rollout is in progress (x)")),
@@ -548,7 +552,7 @@ fn facts_keep_what_the_rule_reads() {
     let ns = NamespaceObservation {
         name: "apps".into(),
         labels: map(&[("istio-injection", "enabled")]).into(),
-        workloads: vec![Arc::new(f)],
+        workloads: vec![vec![Arc::new(f)].into()],
         ..Default::default()
     };
     let c = classify(&[ns], jiff::Timestamp::now(), &Revisions::any());
@@ -587,7 +591,7 @@ fn pod_facts_keep_their_drift() {
     let ns = NamespaceObservation {
         name: "apps".into(),
         labels: map(&[("istio-injection", "enabled")]).into(),
-        pods: vec![p.facts.clone()],
+        pods: vec![p.facts.clone()].into(),
         ..Default::default()
     };
     let drift = pod_drift(&full(), &[ns], &BTreeSet::new(), &Revisions::any());

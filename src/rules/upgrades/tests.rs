@@ -330,6 +330,7 @@ fn facts(
         strategy: Strategy::default(),
         pod_labels: Default::default(),
         allow_disruption: false,
+        reported: true,
     })
 }
 

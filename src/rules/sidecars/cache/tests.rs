@@ -82,7 +82,7 @@ mod observe {
         let d = desired(&spec.resources).unwrap();
         let observe = || {
             let c = observe_cached(&cache, &spec, &d, &Revisions::any());
-            c.namespaces[0].workloads[0].clone()
+            c.namespaces[0].workloads[0][0].clone()
         };
         let w = Workload {
             namespace: "apps".into(),

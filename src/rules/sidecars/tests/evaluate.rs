@@ -43,31 +43,44 @@ fn namespaces(d: &Desired) -> Vec<NamespaceObservation> {
             name: "a".into(),
             labels: on.clone().into(),
             workloads: vec![
-                deployment("a", "one", &declared),
-                deployment("a", "two", "{}"),
+                vec![
+                    deployment("a", "one", &declared),
+                    deployment("a", "two", "{}"),
+                ]
+                .into(),
             ],
-            pods: vec![pod("one-1", "one", "100m"), pod("two-1", "two", "50m")],
+            pods: vec![pod("one-1", "one", "100m"), pod("two-1", "two", "50m")].into(),
             ..Default::default()
         },
         NamespaceObservation {
             name: "b".into(),
             labels: on.clone().into(),
             workloads: vec![
-                deployment("b", "kept", "{}"),
-                deployment("b", "off", "{sidecar.istio.io/inject: 'false'}"),
+                vec![
+                    deployment("b", "kept", "{}"),
+                    deployment("b", "off", "{sidecar.istio.io/inject: 'false'}"),
+                ]
+                .into(),
             ],
-            pods: vec![pod("off-1", "off", "50m"), pod("kept-1", "kept", "50m")],
+            pods: vec![pod("off-1", "off", "50m"), pod("kept-1", "kept", "50m")].into(),
             quotas: vec![quota("10m")],
             ..Default::default()
         },
         NamespaceObservation {
             name: "c".into(),
             labels: on.into(),
-            workloads: vec![deployment("c", "three", "{}")],
-            pods: vec![pod("three-1", "three", "50m")],
+            workloads: vec![vec![deployment("c", "three", "{}")].into()],
+            pods: vec![pod("three-1", "three", "50m")].into(),
             ..Default::default()
         },
     ]
+}
+
+/// A copy of `slice` changed by `edit`, as the index makes one after a watch event.
+fn edited<T>(slice: &Shared<T>, edit: impl FnOnce(&mut Vec<Arc<T>>)) -> Shared<T> {
+    let mut v = slice.to_vec();
+    edit(&mut v);
+    v.into()
 }
 
 /// Evaluates with `memo` and fresh; both must decide the same. Returns how many namespaces
@@ -95,7 +108,7 @@ fn kept_parts_decide_as_a_fresh_evaluation_and_only_changed_namespaces_are_redon
     // Nothing changed: nothing decided.
     assert_eq!(same_as_fresh(&mut memo, &obs, &d), 0);
     // The same entries in another order: decided anew (the cache lists them by name).
-    obs[0].pods.reverse();
+    obs[0].pods = edited(&obs[0].pods, |p| p.reverse());
     assert_eq!(same_as_fresh(&mut memo, &obs, &d), 1);
 
     // A workload of `a` now carries the declared values (its watch event replaced the entry).
@@ -104,11 +117,13 @@ fn kept_parts_decide_as_a_fresh_evaluation_and_only_changed_namespaces_are_redon
         .map(|(k, v)| format!("{k}: '{v}'"))
         .collect::<Vec<_>>()
         .join(", ");
-    obs[0].workloads[1] = deployment("a", "two", &format!("{{{declared}}}"));
+    obs[0].workloads[0] = edited(&obs[0].workloads[0], |w| {
+        w[1] = deployment("a", "two", &format!("{{{declared}}}"))
+    });
     assert_eq!(same_as_fresh(&mut memo, &obs, &d), 1);
 
     // A pod of `b` replaced; the quota of `b` raised so that the values fit.
-    obs[1].pods[1] = pod("kept-2", "kept", "100m");
+    obs[1].pods = edited(&obs[1].pods, |p| p[1] = pod("kept-2", "kept", "100m"));
     assert_eq!(same_as_fresh(&mut memo, &obs, &d), 1);
     obs[1].quotas = vec![quota("100")];
     assert_eq!(same_as_fresh(&mut memo, &obs, &d), 1);
@@ -129,4 +144,56 @@ fn kept_parts_decide_as_a_fresh_evaluation_and_only_changed_namespaces_are_redon
     assert_eq!(same_as_fresh(&mut memo, &obs, &other), 0);
     obs.push(namespaces(&d).pop().unwrap());
     assert_eq!(same_as_fresh(&mut memo, &obs, &other), 1);
+}
+
+#[test]
+fn settled_targets_are_counted_not_assembled() {
+    let d = full();
+    let spec: SidecarSpec = serde_yaml::from_str(
+        "{pacing: Paced, maxConcurrentRollouts: 1, resources: {requests: {cpu: 100m}}}",
+    )
+    .unwrap();
+    let now = jiff::Timestamp::now();
+    let e = evaluate(
+        &namespaces(&d),
+        &d,
+        &spec,
+        true,
+        &Revisions::any(),
+        now,
+        None,
+        None,
+    );
+    // a/one carries the declared values and its rollout is complete: counted only.
+    assert_eq!(e.classified.settled, 1);
+    let listed: Vec<String> = e.classified.targets.iter().map(Workload::id).collect();
+    assert_eq!(
+        listed,
+        [
+            "Deployment/a/two",
+            "Deployment/b/kept",
+            "Deployment/c/three"
+        ]
+    );
+    assert_eq!(e.decisions.len(), 3);
+    // The same workload while its controller still rolls it out is listed (it may hold a
+    // rollout slot).
+    let mut obs = namespaces(&d);
+    let rolling: Deployment = serde_yaml::from_str(&format!(
+        "metadata: {{name: one, namespace: a, generation: 2}}
+spec: {{replicas: 2, selector: {{}}, template: {{metadata: {{annotations: {{{}}}}}}}}}
+status: {{observedGeneration: 2, replicas: 3, updatedReplicas: 1, availableReplicas: 2}}",
+        compliant_annotations(&d)
+            .iter()
+            .map(|(k, v)| format!("{k}: '{v}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+    .unwrap();
+    obs[0].workloads[0] = edited(&obs[0].workloads[0], |w| {
+        w[0] = Arc::new(WorkloadFacts::from(&rolling))
+    });
+    let e = evaluate(&obs, &d, &spec, true, &Revisions::any(), now, None, None);
+    assert_eq!(e.classified.settled, 0);
+    assert_eq!(e.classified.targets.len(), 4);
 }

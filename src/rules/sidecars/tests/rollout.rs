@@ -191,7 +191,7 @@ fn churn_long_after_meshwarden_wrote_is_no_rollout_and_paused_holds_no_slot() {
     let ns = |w: &Workload| NamespaceObservation {
         name: "n".into(),
         labels: Arc::new([("istio-injection".to_string(), "enabled".to_string())].into()),
-        workloads: vec![w.facts.clone()],
+        workloads: vec![vec![w.facts.clone()].into()],
         ..Default::default()
     };
     assert_eq!(

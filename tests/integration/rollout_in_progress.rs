@@ -1,28 +1,25 @@
 //! A pod-template change waits for the rollout in progress (an installer's upgrade, a
-//! previous write) to finish; the HPA and the budget do not wait.
+//! previous write, anyone's) to finish: the HA sections (the HPA and the budget do not wait)
+//! and the sidecars section.
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 
 use crate::common::{self, condition, container_resources, quantity};
+use crate::sidecars;
+use meshwarden::status::reasons::ViolationAction;
 
 const KINDS: &[&str] = common::HA_KINDS;
 
-#[tokio::test]
-async fn template_writes_wait_for_the_rollout_in_progress() {
-    let env = common::env("harollout").await;
-    let ns = env.namespace("istio", &[]).await;
-    env.load_fixture("istiod-default.yaml", &ns, KINDS).await;
-    let deploys: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
-    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &ns);
-
-    // Play the Deployment controller in the middle of a rollout: the generation observed, a
-    // surge pod of the new template created, none of it available yet.
-    let d = deploys.get("istiod").await.unwrap();
+/// Plays the Deployment controller in the middle of a rollout of `name`: the generation
+/// observed, a surge pod of the new template created, none of it available yet. Returns the
+/// Deployment as it was before.
+async fn rolling(deploys: &Api<Deployment>, name: &str) -> Deployment {
+    let d = deploys.get(name).await.unwrap();
     deploys
         .patch_status(
-            "istiod",
+            name,
             &PatchParams::default(),
             &Patch::Merge(serde_json::json!({"status": {
                 "observedGeneration": d.metadata.generation,
@@ -33,6 +30,18 @@ async fn template_writes_wait_for_the_rollout_in_progress() {
         )
         .await
         .unwrap();
+    d
+}
+
+#[tokio::test]
+async fn ha_template_writes_wait_for_the_rollout_in_progress() {
+    let env = common::env("harollout").await;
+    let ns = env.namespace("istio", &[]).await;
+    env.load_fixture("istiod-default.yaml", &ns, KINDS).await;
+    let deploys: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(env.client.clone(), &ns);
+
+    let d = rolling(&deploys, "istiod").await;
     let cpu = |d: &Deployment| quantity(&container_resources(d, "discovery").requests, "cpu");
     let installed = cpu(&d);
     assert_ne!(installed.as_deref(), Some("700m"));
@@ -85,6 +94,47 @@ async fn template_writes_wait_for_the_rollout_in_progress() {
     common::eventually(30, "the CPU request written after the rollout", || async {
         let d = deploys.get("istiod").await.ok()?;
         (cpu(&d).as_deref() == Some("700m")).then_some(())
+    })
+    .await;
+}
+
+/// Someone else's rollout of a Deployment in progress: the sidecar annotations wait for it
+/// (the target is held, named with the controller's progress), and are written once it is done.
+#[tokio::test]
+async fn sidecar_writes_wait_for_someone_elses_rollout() {
+    let env = common::env("scrollout").await;
+    let c = &env.client;
+    let ns = sidecars::ns(&env, "apps", &[("istio-injection", "enabled")]).await;
+    sidecars::deployment(c, &ns, "web", 2).await;
+    sidecars::deployment(c, &ns, "api", 2).await;
+    let deploys: Api<Deployment> = Api::namespaced(c.clone(), &ns);
+    rolling(&deploys, "web").await;
+    common::complete_rollout(c, &ns, "api").await;
+    let _op = env.start_operator().await;
+    env.create_policy("p", &sidecars::policy_spec(&env, "Enforce", 5))
+        .await;
+    common::eventually(30, "api written", || async {
+        sidecars::has_four(&sidecars::annotations_of(c, &ns, "api").await).then_some(())
+    })
+    .await;
+    let p = env
+        .wait_policy("p", 30, |p| {
+            let v = p.status.as_ref()?.violations.iter().find(|v| {
+                v.object == format!("Deployment/{ns}/web")
+                    && v.message
+                        .contains("its rollout is in progress (0 of 2 replicas updated)")
+            })?;
+            Some(v.clone())
+        })
+        .await;
+    assert_eq!(p.action, ViolationAction::Held, "{p:?}");
+    assert!(
+        !sidecars::has_four(&sidecars::annotations_of(c, &ns, "web").await),
+        "web waits for its rollout"
+    );
+    common::complete_rollout(c, &ns, "web").await;
+    common::eventually(30, "web written once its rollout completed", || async {
+        sidecars::has_four(&sidecars::annotations_of(c, &ns, "web").await).then_some(())
     })
     .await;
 }
