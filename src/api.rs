@@ -29,7 +29,7 @@ pub use certificates::{
 pub use gateway_api::{GatewayApiReplicas, GatewayApiSpec, GatewayApiSpread, GatewayClassSpec};
 pub use mtls::*;
 pub use resilience::{Requirement, ResilienceSpec};
-pub use security::SecuritySpec;
+pub use security::{DefaultDeny, SecuritySpec};
 
 /// API group of every meshwarden resource.
 pub const GROUP: &str = "meshwarden.io";

@@ -255,8 +255,9 @@ fn everything() -> Value {
                     "checks": ["Posture", "NodeCoverage", "Versions"]},
         "resilience": {"namespaceSelector": selector, "outlierDetection": "Required",
                        "connectionPoolLimits": "Off"},
-        "security": {"namespaceSelector": selector, "defaultDeny": "Required",
-                     "pluggedInCA": "Off", "registryOnly": "Required"},
+        "security": {"namespaceSelector": selector, "defaultDeny": "PerWorkload",
+                     "l7Waypoint": "Required", "pluggedInCA": "Off",
+                     "registryOnly": "Required"},
     })
 }
 

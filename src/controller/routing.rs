@@ -140,6 +140,11 @@ impl Route {
                     self.sidecars_covering(&ns),
                     Section::SidecarResources.only(),
                 );
+                // Security: its workloads' default deny, and the waypoints istiod runs.
+                self.triggers.add(
+                    self.policies_where(|p| p.spec.security.is_some()),
+                    Section::Security.only(),
+                );
             }
         }
         ready(())

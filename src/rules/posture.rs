@@ -4,6 +4,7 @@
 //! without them (`meshwarden plan`).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -11,6 +12,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
+use kube::core::PartialObjectMeta;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -26,6 +28,19 @@ pub async fn selected_namespaces(
     ctx: &Context,
     selector: Option<&LabelSelector>,
 ) -> Result<BTreeSet<String>> {
+    Ok(selected_namespace_objects(ctx, selector)
+        .await?
+        .iter()
+        .map(|n| n.name_any())
+        .collect())
+}
+
+/// The namespaces `selector` selects (all without one), as the store keeps them (name and
+/// labels), shared with it.
+pub async fn selected_namespace_objects(
+    ctx: &Context,
+    selector: Option<&LabelSelector>,
+) -> Result<Vec<Arc<PartialObjectMeta<Namespace>>>> {
     let selects = |labels: &std::collections::BTreeMap<String, String>| {
         selector.is_none_or(|s| selector::matches(s, labels))
     };
@@ -33,22 +48,18 @@ pub async fn selected_namespaces(
         s.readable(&[stores::NAMESPACES])
             .await
             .map_err(Error::Cache)?;
-        return Ok(s
-            .namespaces
-            .state()
-            .iter()
-            .filter(|n| selects(n.labels()))
-            .map(|n| n.name_any())
-            .collect());
+        let mut all = s.namespaces.state();
+        all.retain(|n| selects(n.labels()));
+        return Ok(all);
     }
     Ok(Api::<Namespace>::all(ctx.client.clone())
         .list_metadata(&ListParams::default())
         .await
         .map_err(|e| Error::kube("list Namespaces", e))?
         .items
-        .iter()
+        .into_iter()
         .filter(|n| selects(n.labels()))
-        .map(|n| n.name_any())
+        .map(Arc::new)
         .collect())
 }
 

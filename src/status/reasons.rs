@@ -103,6 +103,9 @@ pub const MINIMUMS_NOT_MET: &str = "MinimumsNotMet";
 /// Selected namespaces have no allow-nothing or deny-all AuthorizationPolicy of their own or
 /// in the root namespace.
 pub const DEFAULT_DENY_MISSING: &str = "DefaultDenyMissing";
+/// Ambient namespaces have AuthorizationPolicies that ztunnel cannot enforce as written (HTTP
+/// attributes, CUSTOM, AUDIT) and that target no waypoint.
+pub const L7_POLICY_WITHOUT_WAYPOINT: &str = "L7PolicyWithoutWaypoint";
 /// istiod signs with its own self-signed root.
 pub const SELF_SIGNED_CA: &str = "SelfSignedCA";
 /// `outboundTrafficPolicy.mode` is not `REGISTRY_ONLY` while the policy requires it.
@@ -170,6 +173,7 @@ pub const ALL: &[&str] = &[
     DATA_PLANE_POSTURE_DRIFT,
     MINIMUMS_NOT_MET,
     DEFAULT_DENY_MISSING,
+    L7_POLICY_WITHOUT_WAYPOINT,
     SELF_SIGNED_CA,
     OUTBOUND_ALLOW_ANY,
     RULES_NOT_READY,

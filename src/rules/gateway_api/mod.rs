@@ -9,7 +9,7 @@
 //! to Audit or deleting the policy removes the ConfigMap, and afterwards the HPA and PDB
 //! istiod rendered from it, which istiod itself leaves behind.
 
-mod observe;
+pub(crate) mod observe;
 pub mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,5 +1,5 @@
 //! What the section reads, watched from the first reconcile that needs it and reduced on
-//! arrival: AuthorizationPolicies to whether they deny by default ([`Authz`]), and the two
+//! arrival: AuthorizationPolicies to their [`PolicyFacts`], and the two
 //! Secrets istiod's CA may use (`cacerts`, `istio-ca-secret` in istiod's namespace) as
 //! metadata only, each watched by name: whether it exists, and whether a writer's
 //! `managedFields` entry records the key `istio-generated` (istiod's mark on a `cacerts` it
@@ -17,6 +17,7 @@ use kube::runtime::watcher;
 use kube::{CustomResource, ResourceExt};
 use serde::{Deserialize, Serialize};
 
+use super::policy::{PolicyFacts, reduce};
 use crate::error::{Error, Result};
 use crate::rules::lazy::{self, Reduced};
 use crate::rules::mtls::WorkloadSelector;
@@ -59,37 +60,6 @@ pub struct AuthorizationPolicySpec {
     pub rules: Option<Vec<serde_json::Value>>,
 }
 
-/// How an AuthorizationPolicy denies by default, if it does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Authz {
-    /// `spec: {}`: ALLOW with no rule, for every workload of its namespace (of the mesh in
-    /// the root namespace): nothing is allowed but what other ALLOW policies allow.
-    AllowNothing,
-    /// DENY with an empty rule (`rules: [{}]`), for every workload: nothing is allowed at all.
-    DenyAll,
-    /// Anything else (scoped to workloads, or with rules).
-    Other,
-}
-
-/// Reduces an AuthorizationPolicy to its default-deny kind.
-pub fn reduce(p: &AuthorizationPolicy) -> Authz {
-    let s = &p.spec;
-    let everyone = s
-        .selector
-        .as_ref()
-        .is_none_or(|w| w.match_labels.is_empty())
-        && s.target_ref.is_none()
-        && s.target_refs.is_empty();
-    let action = s.action.as_deref().unwrap_or("ALLOW");
-    let rules = s.rules.as_deref().unwrap_or_default();
-    let empty_rule = |r: &serde_json::Value| r.as_object().is_some_and(|o| o.is_empty());
-    match (everyone, action) {
-        (true, "ALLOW") if rules.is_empty() => Authz::AllowNothing,
-        (true, "DENY") if rules.iter().any(empty_rule) => Authz::DenyAll,
-        _ => Authz::Other,
-    }
-}
-
 /// Whether a Secret's `managedFields` record the key `istio-generated` in its data.
 pub fn istio_generated(s: &PartialObjectMeta<Secret>) -> bool {
     let key = format!("f:{ISTIO_GENERATED}");
@@ -103,17 +73,17 @@ pub fn istio_generated(s: &PartialObjectMeta<Secret>) -> bool {
 /// What the section reads, while the controller runs.
 #[derive(Clone)]
 pub struct SecurityCache {
-    policies: Reduced<Authz>,
+    policies: Reduced<PolicyFacts>,
     cacerts: Reduced<bool>,
     root: Reduced<bool>,
     health: Arc<Health>,
     wanted: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
-/// The AuthorizationPolicies (namespace, name, kind) and the CA Secrets found (name ->
+/// The AuthorizationPolicies (namespace, name, facts) and the CA Secrets found (name ->
 /// `istio-generated` recorded), `None` when those cannot be watched (not granted).
 pub type Seen = (
-    Vec<((String, String), Arc<Authz>)>,
+    Vec<((String, String), Arc<PolicyFacts>)>,
     Option<BTreeMap<String, bool>>,
 );
 
@@ -260,7 +230,7 @@ pub async fn list(client: &kube::Client, istio_namespace: &str) -> Result<Seen> 
     Ok((entries(&policies.items), Some(found)))
 }
 
-fn entries(items: &[AuthorizationPolicy]) -> Vec<((String, String), Arc<Authz>)> {
+fn entries(items: &[AuthorizationPolicy]) -> Vec<((String, String), Arc<PolicyFacts>)> {
     items
         .iter()
         .map(|p| {

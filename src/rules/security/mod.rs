@@ -1,14 +1,20 @@
 //! The `security` section: selected namespaces without an effective default deny (an
-//! allow-nothing or deny-all AuthorizationPolicy of their own or in Istio's root namespace),
-//! the mesh's `outboundTrafficPolicy` mode, and the CA istiod signs with (self-signed,
-//! plugged-in, external; also a metric). Report only, whatever `enforcement` says: it never
-//! writes to the mesh. AuthorizationPolicies and the CA Secrets' metadata are watched from
-//! the first reconcile that needs them ([`cache`]); no Secret's data is read.
+//! allow-nothing or deny-all AuthorizationPolicy of their own or in Istio's root namespace,
+//! or per workload: [`workloads`]), ambient namespaces whose policies need a waypoint
+//! ([`ambient`]), the mesh's `outboundTrafficPolicy` mode, and the CA istiod signs with
+//! (self-signed, plugged-in, external; also a metric). Report only, whatever `enforcement`
+//! says: it never writes to the mesh. AuthorizationPolicies and the CA Secrets' metadata are
+//! watched from the first reconcile that needs them ([`cache`]); no Secret's data is read.
+//! Workloads and waypoints come from the sidecars section's cache ([`observe`]).
 
+pub mod ambient;
 pub mod cache;
+mod observe;
 pub mod plan;
+pub mod policy;
 #[cfg(test)]
 mod tests;
+pub mod workloads;
 
 use kube::ResourceExt;
 
@@ -41,16 +47,13 @@ async fn evaluate(ctx: &Context, spec: &SecuritySpec) -> Result<(RuleReport, pla
         Some(c) => c.read(WAIT).await.map_err(Error::Cache)?,
         None => cache::list(&ctx.client, &istio_ns).await?,
     };
-    let namespaces: Vec<String> =
-        posture::selected_namespaces(ctx, spec.namespace_selector.as_ref())
-            .await?
-            .into_iter()
-            .collect();
+    let mut seen = observe::seen(ctx, spec, &cp.root).await?;
+    seen.policies = policies;
     let mut outbound = "ALLOW_ANY".to_string();
     for doc in &cp.documents {
         outbound = plan::outbound_mode(doc).map_err(Error::MeshConfig)?;
     }
     let ca = plan::ca_mode(&cp.istiods, &istio_ns, secrets.as_ref());
-    let plan = plan::plan(&cp.root, &namespaces, &policies, outbound, ca.clone());
+    let plan = plan::plan(&seen, outbound, ca.clone());
     Ok((plan::report(spec, &plan, &istio_ns, &cp.root), ca))
 }

@@ -2,10 +2,15 @@
 //! deny, the egress mode, and the CA istiod signs with.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-use super::cache::{Authz, CACERTS, ISTIO_CA_SECRET, ISTIO_GENERATED};
-use crate::api::{Requirement, SecuritySpec, Violation};
+use super::ambient::{self, Misplaced, NamespaceFacts};
+use super::cache::{CACERTS, ISTIO_CA_SECRET, ISTIO_GENERATED};
+use super::policy::{Authz, PolicyFacts};
+use super::workloads::{self, Coverage};
+use crate::api::{DefaultDeny, Requirement, SecuritySpec, Violation};
 use crate::istio::Istiod;
+use crate::rules::sidecars::WorkloadFacts;
 use crate::status::RuleReport;
 use crate::status::conditions::{Observed, Status, types};
 use crate::status::reasons::{self, ViolationAction};
@@ -88,6 +93,31 @@ pub fn ca_mode(
     }
 }
 
+/// What the section read.
+#[derive(Clone, Debug, Default)]
+pub struct Seen {
+    /// Istio's root namespace.
+    pub root: String,
+    /// The selected namespaces.
+    pub namespaces: Vec<NamespaceFacts>,
+    /// Every AuthorizationPolicy: (namespace, name) and its facts.
+    pub policies: Vec<((String, String), Arc<PolicyFacts>)>,
+    /// The Deployments, StatefulSets and DaemonSets of the selected namespaces, by namespace.
+    pub workloads: BTreeMap<String, Vec<Arc<WorkloadFacts>>>,
+    /// The namespaces where istiod runs a waypoint (a Deployment of class `istio-waypoint`).
+    pub waypoints: BTreeSet<String>,
+}
+
+/// A selected namespace without a namespace-wide default deny.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Open {
+    pub namespace: String,
+    /// Its AuthorizationPolicies' names.
+    pub policies: Vec<String>,
+    /// Its workloads against the policies that apply to them.
+    pub coverage: Coverage,
+}
+
 /// Everything the section found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
@@ -95,52 +125,73 @@ pub struct Plan {
     pub namespaces: usize,
     /// The root namespace's default-deny policy, if any: `ns/name`.
     pub mesh_wide: Option<String>,
-    /// Selected namespaces without a default deny, with their AuthorizationPolicies' names.
-    pub open: Vec<(String, Vec<String>)>,
+    /// Selected namespaces without a namespace-wide default deny.
+    pub open: Vec<Open>,
+    /// Ambient namespaces with policies that need a waypoint.
+    pub misplaced: Vec<Misplaced>,
     pub outbound: String,
     pub ca: CaMode,
 }
 
-/// Judges the selected namespaces `namespaces` against the AuthorizationPolicies `policies`.
-pub fn plan(
-    root: &str,
-    namespaces: &[String],
-    policies: &[((String, String), std::sync::Arc<Authz>)],
-    outbound: String,
-    ca: CaMode,
-) -> Plan {
-    let deny = |a: &Authz| matches!(a, Authz::AllowNothing | Authz::DenyAll);
-    let mesh_wide = policies
+/// Judges what was `seen`.
+pub fn plan(seen: &Seen, outbound: String, ca: CaMode) -> Plan {
+    let deny = |a: &PolicyFacts| matches!(a.kind, Authz::AllowNothing | Authz::DenyAll);
+    let root = seen.root.as_str();
+    let mesh_wide = seen
+        .policies
         .iter()
         .find(|((ns, _), a)| ns == root && deny(a))
         .map(|((ns, n), _)| format!("{ns}/{n}"));
-    let mut by_ns: BTreeMap<&str, (bool, Vec<String>)> = BTreeMap::new();
-    for ((ns, name), a) in policies {
-        let e = by_ns.entry(ns.as_str()).or_default();
-        e.0 |= deny(a);
-        e.1.push(name.clone());
+    let mut by_ns: BTreeMap<&str, BTreeMap<&str, &PolicyFacts>> = BTreeMap::new();
+    for ((ns, name), a) in &seen.policies {
+        by_ns.entry(ns).or_default().insert(name, a);
     }
+    let none = BTreeMap::new();
+    let of = |ns: &str| by_ns.get(ns).unwrap_or(&none);
     let open = if mesh_wide.is_some() {
         Vec::new()
     } else {
-        namespaces
+        seen.namespaces
             .iter()
+            .map(|n| n.name.as_str())
             .collect::<BTreeSet<_>>()
             .into_iter()
-            .filter(|ns| !by_ns.get(ns.as_str()).is_some_and(|e| e.0))
+            .filter(|ns| !of(ns).values().any(|a| deny(a)))
             .map(|ns| {
-                let names = by_ns
-                    .get(ns.as_str())
-                    .map(|e| e.1.clone())
+                let here = of(ns).values().chain(
+                    if ns == root {
+                        None
+                    } else {
+                        Some(of(root).values())
+                    }
+                    .into_iter()
+                    .flatten(),
+                );
+                let workloads = seen
+                    .workloads
+                    .get(ns)
+                    .map(Vec::as_slice)
                     .unwrap_or_default();
-                (ns.clone(), names)
+                Open {
+                    namespace: ns.to_string(),
+                    policies: of(ns).keys().map(|n| n.to_string()).collect(),
+                    coverage: workloads::coverage(workloads, here.copied()),
+                }
             })
             .collect()
     };
+    let misplaced = ambient::misplaced(
+        &seen.namespaces,
+        by_ns
+            .iter()
+            .flat_map(|(ns, m)| m.iter().map(move |(n, p)| (*ns, *n, *p))),
+        &seen.waypoints,
+    );
     Plan {
-        namespaces: namespaces.len(),
+        namespaces: seen.namespaces.len(),
         mesh_wide,
         open,
+        misplaced,
         outbound,
         ca,
     }
@@ -162,27 +213,25 @@ pub fn report(spec: &SecuritySpec, plan: &Plan, istio_namespace: &str, root: &st
     let ctype = types::SECURITY;
     let mut violations = Vec::new();
     let mut reason = None;
-    if spec.default_deny == Requirement::Required {
-        for (ns, names) in &plan.open {
-            let have = match names.len() {
-                0 => "it has no AuthorizationPolicy".to_string(),
-                n => format!(
-                    "its {n} AuthorizationPolicies ({}{}) all scope or allow something",
-                    names.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
-                    if n > 3 { ", …" } else { "" }
-                ),
-            };
-            violations.push(Violation {
-                rule: ctype.to_string(),
-                object: format!("Namespace/{ns}"),
-                message: format!(
-                    "no default deny: {have}, and {root} has no mesh-wide one; add an allow-nothing AuthorizationPolicy (spec: {{}}) here or in {root}, then ALLOW rules for the traffic it should take"
-                ),
-                action: ViolationAction::Reported,
-            });
+    let per_workload = spec.default_deny == DefaultDeny::PerWorkload;
+    // The namespaces without a default deny as the policy judges it.
+    let open: Vec<&Open> = plan
+        .open
+        .iter()
+        .filter(|o| !per_workload || o.coverage.uncovered > 0)
+        .collect();
+    if spec.default_deny != DefaultDeny::Off {
+        for o in &open {
+            violations.push(open_violation(ctype, o, root, per_workload));
         }
-        if !plan.open.is_empty() {
+        if !open.is_empty() {
             reason = Some(reasons::DEFAULT_DENY_MISSING);
+        }
+    }
+    if spec.l7_waypoint == Requirement::Required {
+        violations.extend(plan.misplaced.iter().map(|m| ambient::violation(ctype, m)));
+        if !plan.misplaced.is_empty() {
+            reason = reason.or(Some(reasons::L7_POLICY_WITHOUT_WAYPOINT));
         }
     }
     if spec.plugged_in_ca == Requirement::Required
@@ -213,13 +262,22 @@ pub fn report(spec: &SecuritySpec, plan: &Plan, istio_namespace: &str, root: &st
     let deny = match &plan.mesh_wide {
         Some(p) => format!("default deny mesh-wide ({p})"),
         None => format!(
-            "default deny in {} of {} selected namespace(s)",
-            plan.namespaces.saturating_sub(plan.open.len()),
-            plan.namespaces
+            "default deny in {} of {} selected namespace(s){}",
+            plan.namespaces.saturating_sub(open.len()),
+            plan.namespaces,
+            if per_workload {
+                " (namespace-wide or per workload)"
+            } else {
+                ""
+            }
         ),
     };
+    let ambient = match plan.misplaced.len() {
+        0 => String::new(),
+        n => format!("; {n} ambient namespace(s) with AuthorizationPolicies that need a waypoint"),
+    };
     let summary = format!(
-        "{deny}; CA: {}; outboundTrafficPolicy: {}",
+        "{deny}{ambient}; CA: {}; outboundTrafficPolicy: {}",
         plan.ca.describe(istio_namespace),
         plan.outbound
     );
@@ -239,5 +297,32 @@ pub fn report(spec: &SecuritySpec, plan: &Plan, istio_namespace: &str, root: &st
         targets: i32::try_from(targets).unwrap_or(i32::MAX),
         compliant: i32::try_from(compliant).unwrap_or(i32::MAX),
         ..RuleReport::new(condition)
+    }
+}
+
+/// The violation of a namespace without a default deny.
+fn open_violation(rule: &str, o: &Open, root: &str, per_workload: bool) -> Violation {
+    let names = &o.policies;
+    let have = match names.len() {
+        0 => "it has no AuthorizationPolicy".to_string(),
+        n => format!(
+            "its {n} AuthorizationPolicies ({}{}) all scope or allow something",
+            names.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+            if n > 3 { ", …" } else { "" }
+        ),
+    };
+    let workloads = o.coverage.describe();
+    let then = if per_workload {
+        "or have an ALLOW policy select each workload"
+    } else {
+        "then ALLOW rules for the traffic it should take"
+    };
+    Violation {
+        rule: rule.to_string(),
+        object: format!("Namespace/{}", o.namespace),
+        message: format!(
+            "no default deny: {have}, and {root} has no mesh-wide one; {workloads}; add an allow-nothing AuthorizationPolicy (spec: {{}}) here or in {root}, {then}"
+        ),
+        action: ViolationAction::Reported,
     }
 }
