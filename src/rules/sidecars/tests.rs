@@ -55,6 +55,8 @@ fn workload(name: &str, annotations: &[(&'static str, &str)], rollout: Rollout) 
             strategy: Strategy::default(),
             pod_labels: Default::default(),
             allow_disruption: false,
+            grace_seconds: None,
+            drain: Default::default(),
         }),
         rollout,
     }

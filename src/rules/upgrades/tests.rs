@@ -51,6 +51,7 @@ fn pod(name: &str, owner: Option<&str>, rev: Option<&str>, version: Option<&str>
             version: v.into(),
         }),
         placement: Default::default(),
+        native_sidecar: false,
     }
 }
 
@@ -330,6 +331,8 @@ fn facts(
         strategy: Strategy::default(),
         pod_labels: Default::default(),
         allow_disruption: false,
+        grace_seconds: None,
+        drain: Default::default(),
     })
 }
 
