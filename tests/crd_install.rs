@@ -254,7 +254,8 @@ fn everything() -> Value {
         "ambient": {"namespace": "istio-system",
                     "checks": ["Posture", "NodeCoverage", "Versions"]},
         "resilience": {"namespaceSelector": selector, "outlierDetection": "Required",
-                       "connectionPoolLimits": "Off"},
+                       "connectionPoolLimits": "Off", "routeTimeouts": "Required",
+                       "drainWithinGracePeriod": "Required"},
         "security": {"namespaceSelector": selector, "defaultDeny": "Required",
                      "pluggedInCA": "Off", "registryOnly": "Required"},
     })

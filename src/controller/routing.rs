@@ -141,6 +141,11 @@ impl Route {
                     Section::SidecarResources.only(),
                 );
             }
+            // A workload's grace period and drain settings: the resilience sections.
+            self.triggers.add(
+                policies_with_resilience(&self.policies),
+                Section::Resilience.only(),
+            );
         }
         ready(())
     }
@@ -217,6 +222,13 @@ impl Route {
                 policies_with_upgrades(&self.policies),
                 Section::Upgrades.only(),
             );
+            // Which workloads run a sidecar whose drain the resilience sections judge.
+            if pod.facts.sidecar.is_some() {
+                self.triggers.add(
+                    policies_with_resilience(&self.policies),
+                    Section::Resilience.only(),
+                );
+            }
             if self.concerns_ambient(&pod) {
                 self.triggers.add(
                     policies_with_ambient(&self.policies),
