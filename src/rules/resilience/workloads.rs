@@ -18,6 +18,9 @@ use crate::error::{Error, Result};
 use crate::istio::drain::Drain;
 use crate::rules::sidecars::{self, PodFacts, WorkloadFacts};
 
+/// The sidecars section's watches this check reads.
+const WATCHES: [&str; 4] = ["Deployments", "StatefulSets", "DaemonSets", "RunningPods"];
+
 /// One namespace's workloads and running pods, as facts.
 #[derive(Default)]
 struct Namespace {
@@ -32,7 +35,16 @@ pub async fn observe(
     covered: &BTreeSet<String>,
 ) -> Result<BTreeMap<String, Findings>> {
     let namespaces = match ctx.cache::<sidecars::Cache>() {
-        Some(c) => cached(&c, covered).await,
+        Some(c) => {
+            // Waits while a watch lists for the first time (a reconcile right after
+            // start-up); a watch that failed since is reported rather than read partly.
+            ctx.metrics
+                .watches
+                .wait_readable(&WATCHES, crate::rules::posture::WAIT)
+                .await
+                .map_err(Error::Cache)?;
+            cached(&c, covered).await
+        }
         None => listed(ctx, covered).await?,
     };
     Ok(namespaces
@@ -59,8 +71,8 @@ fn judge(n: &Namespace, mesh: Drain) -> Findings {
 }
 
 async fn cached(c: &sidecars::Cache, covered: &BTreeSet<String>) -> BTreeMap<String, Namespace> {
-    // Waits while the watches list for the first time (a reconcile right after start-up).
-    c.ready(Duration::from_secs(10)).await;
+    // The pod index turns synced once its first list is applied whole.
+    c.ready(Duration::from_secs(1)).await;
     let idx = &c.by_namespace;
     let mut out: BTreeMap<String, Namespace> = BTreeMap::new();
     for index in [&idx.deployments, &idx.statefulsets, &idx.daemonsets] {
