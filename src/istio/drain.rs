@@ -216,4 +216,28 @@ mod tests {
         );
         assert_eq!(Drain::parse("{not yaml"), Drain::default());
     }
+
+    #[test]
+    fn a_template_gives_its_grace_period_and_drain_and_a_pod_whether_its_sidecar_is_native() {
+        let t: k8s_openapi::api::core::v1::PodTemplateSpec = serde_json::from_value(serde_json::json!({
+            "metadata": {"annotations": {PROXY_CONFIG_ANNOTATION: "terminationDrainDuration: 45s"}},
+            "spec": {"terminationGracePeriodSeconds": 60, "containers": []}
+        }))
+        .unwrap();
+        let (grace, drain) = of_template(Some(&t));
+        assert_eq!(grace, Some(60));
+        assert_eq!(drain.duration_ms, Some(45_000));
+        assert_eq!(of_template(None), (None, Drain::default()));
+        let spec = |init: serde_json::Value| -> k8s_openapi::api::core::v1::PodSpec {
+            serde_json::from_value(serde_json::json!({"containers": [], "initContainers": init}))
+                .unwrap()
+        };
+        let native = spec(serde_json::json!([{"name": "istio-proxy", "restartPolicy": "Always"}]));
+        assert!(native_sidecar(Some(&native)));
+        // istio-init, or a proxy as a regular container: not native.
+        assert!(!native_sidecar(Some(&spec(
+            serde_json::json!([{"name": "istio-init"}])
+        ))));
+        assert!(!native_sidecar(None));
+    }
 }
