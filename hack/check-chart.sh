@@ -400,6 +400,7 @@ print(json.dumps({"apiVersion": "v1", "kind": "Pod",
     # The report sections: DestinationRules, AuthorizationPolicies and Services read only.
     for v in list watch; do
       sar YES "$v" networking.istio.io destinationrules - -
+      sar YES "$v" networking.istio.io virtualservices - -
       sar YES "$v" security.istio.io authorizationpolicies - -
       sar YES "$v" - services - -
     done

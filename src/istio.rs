@@ -604,6 +604,7 @@ impl IstioCache {
     }
 }
 
+pub mod drain;
 mod mesh;
 pub use mesh::*;
 

@@ -357,6 +357,7 @@ async fn reconciles_after_start_up_send_no_list() {
         .filter(|uri| {
             [
                 "/destinationrules",
+                "/virtualservices",
                 "/api/v1/services",
                 "/authorizationpolicies",
                 "/secrets",

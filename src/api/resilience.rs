@@ -25,6 +25,21 @@ pub struct ResilienceSpec {
     /// `http.maxRequestsPerConnection` or `http.maxConcurrentStreams`). Default `"Off"`.
     #[serde(default)]
     pub connection_pool_limits: Requirement,
+    /// `Required`: every HTTP route that sidecars apply (of a VirtualService of the selected
+    /// namespaces whose `gateways` is empty or names `mesh`) and that forwards to a
+    /// destination sets a `timeout` (istiod sets none by default; `0s` is none). Default
+    /// `"Off"`.
+    #[serde(default)]
+    pub route_timeouts: Requirement,
+    /// `Required`: every workload of the selected namespaces lets its proxy finish draining
+    /// before its pods' `terminationGracePeriodSeconds` (default 30) ends. Reported: a
+    /// `terminationDrainDuration` (annotation `proxy.istio.io/config` over the mesh's
+    /// `defaultConfig`; default 5s) at or beyond the grace period, and
+    /// `EXIT_ON_ZERO_ACTIVE_CONNECTIONS`, whose drain ignores `terminationDrainDuration` and
+    /// lasts until the last connection closes, so that only the grace period (SIGKILL) bounds
+    /// it. Default `Required`.
+    #[serde(default = "required")]
+    pub drain_within_grace_period: Requirement,
 }
 
 impl Default for ResilienceSpec {
@@ -33,6 +48,8 @@ impl Default for ResilienceSpec {
             namespace_selector: None,
             outlier_detection: Requirement::Required,
             connection_pool_limits: Requirement::Off,
+            route_timeouts: Requirement::Off,
+            drain_within_grace_period: Requirement::Required,
         }
     }
 }

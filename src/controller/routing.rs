@@ -146,6 +146,12 @@ impl Route {
                     Section::Security.only(),
                 );
             }
+            // A workload's grace period and drain settings, and its pods (whose coming and
+            // going its status follows): the resilience sections that check drains there.
+            if !echo {
+                self.triggers
+                    .add(self.drains_covering(&ns), Section::Resilience.only());
+            }
         }
         ready(())
     }
@@ -181,6 +187,23 @@ impl Route {
             .get(&ObjectRef::new(ns))
             .map(|n| n.labels().clone());
         self.policies_where(|p| sidecars::covers_namespace(&p.spec, labels.as_ref()))
+    }
+
+    /// The policies whose resilience section checks drains in namespace `ns`.
+    fn drains_covering(&self, ns: &str) -> Vec<ObjectRef<MeshPolicy>> {
+        let labels = self
+            .namespaces
+            .get(&ObjectRef::new(ns))
+            .map(|n| n.labels().clone())
+            .unwrap_or_default();
+        self.policies_where(|p| {
+            p.spec.resilience.as_ref().is_some_and(|r| {
+                r.drain_within_grace_period == crate::api::Requirement::Required
+                    && r.namespace_selector
+                        .as_ref()
+                        .is_none_or(|s| crate::selector::matches(s, &labels))
+            })
+        })
     }
 
     /// A PDB changed: the HA sections of the policies covering its namespace, and the

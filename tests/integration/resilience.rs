@@ -5,7 +5,9 @@
 //! the root namespace's rules concern every test that reads them.
 use std::time::Duration;
 
-use kube::api::{Api, DeleteParams};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use meshwarden::api::MeshPolicy;
 use meshwarden::rules::resilience::cache::DestinationRule;
 
@@ -191,4 +193,169 @@ async fn the_rule_istiod_applies_is_judged_and_each_finding_goes_when_fixed() {
     }
     assert!(common::operator_writes(Some("istio-system"), &[&root]).is_empty());
     delete_rule(&env, "istio-system", &root).await;
+}
+
+/// Applies a StatefulSet `name` in `ns` whose template has `grace` seconds and the proxy
+/// config `proxy_config` (JSON), and, the first time, a running pod of it with an injected
+/// proxy, native (an init container that restarts always) or not.
+async fn workload(env: &Env, ns: &str, name: &str, grace: u32, proxy_config: &str, native: bool) {
+    let yaml = format!(
+        "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  serviceName: {name}\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata:\n      labels: {{app: {name}}}\n      annotations: {{proxy.istio.io/config: '{proxy_config}'}}\n    spec:\n      terminationGracePeriodSeconds: {grace}\n      containers: [{{name: app, image: registry.example/app:1}}]\n"
+    );
+    common::apply_as(&env.client, &yaml, "kubectl").await;
+    let sts = Api::<StatefulSet>::namespaced(env.client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap();
+    let proxy =
+        serde_json::json!({"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.31.0"});
+    let (containers, init) = if native {
+        let mut p = proxy;
+        p["restartPolicy"] = "Always".into();
+        (
+            serde_json::json!([{"name": "app", "image": "registry.example/app:1"}]),
+            serde_json::json!([p]),
+        )
+    } else {
+        (
+            serde_json::json!([{"name": "app", "image": "registry.example/app:1"}, proxy]),
+            serde_json::json!([]),
+        )
+    };
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": format!("{name}-0"), "namespace": ns, "labels": {"app": name},
+            "annotations": {"sidecar.istio.io/status": "{}"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name,
+                                 "uid": sts.metadata.uid, "controller": true}]
+        },
+        "spec": {"containers": containers, "initContainers": init}
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), ns);
+    if pods.get_opt(&format!("{name}-0")).await.unwrap().is_some() {
+        return;
+    }
+    pods.create(&Default::default(), &pod).await.unwrap();
+    pods.patch_status(
+        &format!("{name}-0"),
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {"phase": "Running"}})),
+    )
+    .await
+    .unwrap();
+}
+
+/// Applies a VirtualService `name` in `ns` with `spec` (YAML flow mapping).
+async fn virtual_service(env: &Env, ns: &str, name: &str, spec: &str) {
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
+    );
+    common::apply_as(&env.client, &yaml, "kubectl").await;
+}
+
+#[tokio::test]
+async fn mesh_routes_without_a_timeout_and_drains_reaching_the_grace_period_are_reported() {
+    let env = common::env("resil-rt").await;
+    let id = env.id.clone();
+    let ns = env.namespace("apps", &[(LABEL, &id)]).await;
+    // Proxies drain 10s, against a grace period of 10s; a native sidecar is never judged.
+    workload(
+        &env,
+        &ns,
+        "db",
+        10,
+        r#"{"terminationDrainDuration": "10s"}"#,
+        false,
+    )
+    .await;
+    workload(
+        &env,
+        &ns,
+        "cache",
+        1,
+        r#"{"terminationDrainDuration": "10s"}"#,
+        true,
+    )
+    .await;
+    let to = format!("[{{destination: {{host: reviews.{ns}.svc.cluster.local}}}}]");
+    // A mesh route without a timeout, one with; a gateway-only VirtualService is not judged.
+    virtual_service(
+        &env,
+        &ns,
+        "reviews",
+        &format!("{{hosts: [reviews], http: [{{route: {to}}}, {{route: {to}, timeout: 2s}}]}}"),
+    )
+    .await;
+    virtual_service(
+        &env,
+        &ns,
+        "edge",
+        &format!("{{hosts: [shop.example], gateways: [{ns}/ingress], http: [{{route: {to}}}]}}"),
+    )
+    .await;
+    let _op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!("resilience: {{outlierDetection: 'Off', routeTimeouts: Required, namespaceSelector: {{matchLabels: {{{LABEL}: {id}}}}}}}"),
+    )
+    .await;
+    let object = format!("Namespace/{ns}");
+    wait_for(&env, "MinimumsNotMet", "both", |v| {
+        one(
+            v,
+            &object,
+            &[
+                "1 HTTP route(s) without a timeout in 1 VirtualService(s): reviews (1 of 2 routes)",
+                "1 workload(s) whose proxy drain reaches the grace period: StatefulSet/db: the proxy drains 10s against a grace period of 10s",
+            ],
+        ) && !v[0].1.contains("edge")
+            && !v[0].1.contains("cache")
+    })
+    .await;
+
+    // The route gets a timeout; the drain waits for idle connections instead: bounded only by
+    // the grace period.
+    virtual_service(&env, &ns, "reviews", &format!("{{hosts: [reviews], http: [{{route: {to}, timeout: 5s}}, {{route: {to}, timeout: 2s}}]}}")).await;
+    workload(
+        &env,
+        &ns,
+        "db",
+        10,
+        r#"{"proxyMetadata": {"EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true"}}"#,
+        false,
+    )
+    .await;
+    wait_for(&env, "MinimumsNotMet", "exit on zero", |v| {
+        one(v, &object, &["StatefulSet/db: with EXIT_ON_ZERO_ACTIVE_CONNECTIONS the proxy drains 5s and then until the last connection closes"])
+            && !v[0].1.contains("VirtualService")
+    })
+    .await;
+
+    // A fixed drain shorter than the grace period: compliant.
+    workload(
+        &env,
+        &ns,
+        "db",
+        30,
+        r#"{"terminationDrainDuration": "20s"}"#,
+        false,
+    )
+    .await;
+    let p = wait_for(&env, "Compliant", "fixed", |v| v.is_empty()).await;
+    let message = &condition(&p, "Resilience").unwrap().message;
+    assert!(
+        message.contains("every one of 2 mesh HTTP route(s) sets a timeout"),
+        "{message}"
+    );
+    assert!(
+        message
+            .contains("every one of 1 workload(s) with a sidecar drains within its grace period"),
+        "{message}"
+    );
+    assert!(
+        common::operator_writes(Some(&ns), &[]).is_empty(),
+        "wrote into {ns}"
+    );
 }

@@ -1,8 +1,9 @@
 //! What the section reads, watched from the first reconcile that needs it and reduced on
 //! arrival: DestinationRules to their [`Rule`] (host, `exportTo`, selector, creation time and
-//! the blocks of their top-level `trafficPolicy`; not their subsets or port settings), and
-//! Services to their names (a metadata-only watch). Until a policy has a `resilience`
-//! section, neither is listed.
+//! the blocks of their top-level `trafficPolicy`; not their subsets or port settings),
+//! VirtualServices to the counts of their mesh routes with and without a timeout
+//! ([`Routes`]), and Services to their names (a metadata-only watch). Until a policy has a
+//! `resilience` section, none is listed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,12 +17,14 @@ use kube::{CustomResource, ResourceExt};
 use serde::{Deserialize, Serialize};
 
 use super::resolve::{Blocks, Rule, Traffic};
+use super::routes::{self, Routes, VirtualService};
 use crate::rules::lazy::{self, Reduced};
 use crate::watch::{Health, NotReadable};
 
 /// Watch names (in `meshwarden_watch_synced`, logs and conditions).
 pub const DESTINATION_RULES: &str = "DestinationRules";
 pub const SERVICES: &str = "Services";
+pub const VIRTUAL_SERVICES: &str = "VirtualServices";
 
 /// Istio's DestinationRule, only the fields the section reads. Istio installs the CRD.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
@@ -113,6 +116,7 @@ pub fn reduce(dr: &DestinationRule) -> Rule {
 pub struct ResilienceCache {
     rules: Reduced<Rule>,
     services: Reduced<()>,
+    routes: Reduced<Routes>,
     health: Arc<Health>,
     wanted: Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -145,7 +149,7 @@ impl ResilienceCache {
         let (services, s2) = Reduced::fed(
             health,
             SERVICES,
-            gate,
+            gate.clone(),
             move || {
                 watcher::watcher(
                     api.clone(),
@@ -154,13 +158,28 @@ impl ResilienceCache {
             },
             |_: &PartialObjectMeta<Service>| (),
         );
+        let api: Api<VirtualService> = Api::all(client.clone());
+        let (routes, s3) = Reduced::fed(
+            health,
+            VIRTUAL_SERVICES,
+            gate,
+            move || {
+                watcher::watcher(
+                    api.clone(),
+                    watcher::Config::default().page_size(lazy::PAGE),
+                )
+            },
+            routes::reduce,
+        );
         let cache = ResilienceCache {
             rules,
             services,
+            routes,
             health: health.clone(),
             wanted: Arc::new(wanted),
         };
-        (cache, futures::stream::select(s1, s2))
+        let events = futures::stream::select(futures::stream::select(s1, s2), s3);
+        (cache, events)
     }
 
     /// Starts the watches (at start-up, when a policy with the section exists, so that their
@@ -172,40 +191,49 @@ impl ResilienceCache {
     /// Whether every watch has listed or failed (see [`Reduced::settled`]).
     pub fn settled(&self) -> bool {
         let h = &self.health;
-        self.rules.settled(h, DESTINATION_RULES) && self.services.settled(h, SERVICES)
+        self.rules.settled(h, DESTINATION_RULES)
+            && self.services.settled(h, SERVICES)
+            && self.routes.settled(h, VIRTUAL_SERVICES)
     }
 
-    /// The DestinationRules and the Services (namespace, name), once both watches have
+    /// The DestinationRules, the Services and the VirtualServices, once the watches have
     /// listed (waiting up to `limit`) and not failed since.
-    pub async fn read(
-        &self,
-        limit: Duration,
-    ) -> Result<(Vec<Arc<Rule>>, Vec<ServiceKey>), NotReadable> {
+    pub async fn read(&self, limit: Duration) -> Result<Objects, NotReadable> {
         self.wanted.send_replace(true);
         let deadline = tokio::time::Instant::now() + limit;
-        let names = [DESTINATION_RULES, SERVICES];
+        let names = [DESTINATION_RULES, SERVICES, VIRTUAL_SERVICES];
         self.health.wait_readable(&names, limit).await?;
         // A watch turns Synced just before its map is replaced by the list.
-        while !(self.rules.listed() && self.services.listed()) {
+        while !(self.rules.listed() && self.services.listed() && self.routes.listed()) {
             if tokio::time::Instant::now() >= deadline {
                 return Err(NotReadable {
                     watch: DESTINATION_RULES.to_string(),
                     cause: None,
-                    message: "the watches of DestinationRules and Services have not listed yet"
+                    message: "the watches of DestinationRules, Services and VirtualServices have not listed yet"
                         .to_string(),
                 });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let services = self.services.keys();
-        Ok((self.rules.values(), services))
+        Ok(Objects {
+            rules: self.rules.values(),
+            services: self.services.keys(),
+            routes: self.routes.entries(),
+        })
     }
 }
 
-/// Without a running controller: lists both once.
-pub async fn list(
-    client: &kube::Client,
-) -> crate::error::Result<(Vec<Arc<Rule>>, Vec<ServiceKey>)> {
+/// What the section reads of the cluster's networking objects.
+pub struct Objects {
+    pub rules: Vec<Arc<Rule>>,
+    /// Services (namespace, name).
+    pub services: Vec<ServiceKey>,
+    /// VirtualServices (namespace, name) and their routes.
+    pub routes: Vec<(ServiceKey, Arc<Routes>)>,
+}
+
+/// Without a running controller: lists them once.
+pub async fn list(client: &kube::Client) -> crate::error::Result<Objects> {
     use crate::error::Error;
     let rules = Api::<DestinationRule>::all(client.clone())
         .list(&Default::default())
@@ -215,12 +243,21 @@ pub async fn list(
         .list_metadata(&Default::default())
         .await
         .map_err(|e| Error::kube("list Services", e))?;
-    Ok((
-        rules.items.iter().map(|r| Arc::new(reduce(r))).collect(),
-        services
+    let virtual_services = Api::<VirtualService>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .map_err(|e| Error::kube("list VirtualServices", e))?;
+    Ok(Objects {
+        rules: rules.items.iter().map(|r| Arc::new(reduce(r))).collect(),
+        services: services
             .items
             .iter()
             .map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
             .collect(),
-    ))
+        routes: virtual_services
+            .items
+            .iter()
+            .map(|v| (routes::key(v), Arc::new(routes::reduce(v))))
+            .collect(),
+    })
 }

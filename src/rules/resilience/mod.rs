@@ -2,19 +2,24 @@
 //! its clients actually get, resolved as istiod resolves it ([`resolve`]), with the mesh's
 //! `defaultTrafficPolicy` under it, against the declared minimums (outlier detection,
 //! connection pool limits), and the root-namespace settings a host-specific rule shadows
-//! ([`plan`]). Report only, whatever `enforcement` says: it never writes to the mesh.
-//! DestinationRules and Services are watched from the first reconcile that needs them,
-//! reduced on arrival ([`cache`]).
+//! ([`plan`]); the mesh routes of VirtualServices without a timeout ([`routes`]); the
+//! workloads whose proxy drain reaches their grace period ([`drain`], read by [`workloads`]
+//! from the sidecars section's watch indexes). Report only, whatever `enforcement` says: it
+//! never writes to the mesh. DestinationRules, VirtualServices and Services are watched from
+//! the first reconcile that needs them, reduced on arrival ([`cache`]).
 
 pub mod cache;
+pub mod drain;
 pub mod plan;
 pub mod resolve;
+pub mod routes;
 #[cfg(test)]
 mod tests;
+pub mod workloads;
 
 pub use cache::ResilienceCache;
 
-use crate::api::{MeshPolicy, ResilienceSpec};
+use crate::api::{MeshPolicy, Requirement, ResilienceSpec};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::istio::Istiod;
@@ -34,12 +39,21 @@ pub async fn reconcile(ctx: &Context, _policy: &MeshPolicy, spec: &ResilienceSpe
 async fn evaluate(ctx: &Context, spec: &ResilienceSpec) -> Result<RuleReport> {
     let cp = posture::control_plane(ctx).await?;
     let mesh = mesh(cp.root, &cp.documents, &cp.istiods)?;
-    let (rules, services) = match ctx.cache::<ResilienceCache>() {
+    let objects = match ctx.cache::<ResilienceCache>() {
         Some(c) => c.read(WAIT).await.map_err(Error::Cache)?,
         None => cache::list(&ctx.client).await?,
     };
     let covered = posture::selected_namespaces(ctx, spec.namespace_selector.as_ref()).await?;
-    let plan = plan::plan(spec, &mesh, &rules, &services, &|ns| covered.contains(ns));
+    let is_covered = |ns: &str| covered.contains(ns);
+    let mut plan = plan::plan(spec, &mesh, &objects.rules, &objects.services, &is_covered);
+    if spec.route_timeouts == Requirement::Required {
+        plan::add_routes(&mut plan, &mesh, &objects.routes, &is_covered);
+    }
+    if spec.drain_within_grace_period == Requirement::Required {
+        for (ns, f) in workloads::observe(ctx, mesh.default_drain, &covered).await? {
+            plan.entry(ns).or_default().drains = f;
+        }
+    }
     Ok(plan::report(spec, &mesh, &plan))
 }
 
@@ -58,6 +72,9 @@ pub fn mesh(
         let (traffic, private) = plan::mesh_settings(doc).map_err(Error::MeshConfig)?;
         out.default_traffic = out.default_traffic.or(traffic);
         out.default_private |= private;
+        let (drain, hidden) = plan::proxy_settings(doc).map_err(Error::MeshConfig)?;
+        out.default_drain = out.default_drain.over(drain);
+        out.default_vs_hidden |= hidden;
     }
     let (major, minor) = plan::DEFAULT_TRAFFIC_POLICY_SINCE;
     let since = Minor { major, minor };

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::resolve::{Blocks, Index, Rule, Tier, Traffic, qualify};
+use super::{drain, routes};
 use crate::api::{Requirement, ResilienceSpec, Violation};
 use crate::status::RuleReport;
 use crate::status::conditions::{Observed, Status, types};
@@ -34,11 +35,34 @@ pub struct Mesh {
     pub default_private: bool,
     /// Every running istiod is at least [`DEFAULT_TRAFFIC_POLICY_SINCE`].
     pub default_traffic_supported: bool,
+    /// The drain settings of the mesh's `defaultConfig`.
+    pub default_drain: crate::istio::drain::Drain,
+    /// `meshConfig.defaultVirtualServiceExportTo` is `["~"]`.
+    pub default_vs_hidden: bool,
 }
 
 /// Reads `defaultTrafficPolicy` and `defaultDestinationRuleExportTo` of a `mesh` document.
 pub fn mesh_settings(mesh: &str) -> Result<(Option<Traffic>, bool), String> {
     let v: serde_json::Value = serde_yaml::from_str(mesh).map_err(|e| e.to_string())?;
+    Ok(traffic_settings(&v))
+}
+
+/// Reads the drain settings of a `mesh` document's `defaultConfig`, and whether its
+/// `defaultVirtualServiceExportTo` is `["~"]`.
+pub fn proxy_settings(mesh: &str) -> Result<(crate::istio::drain::Drain, bool), String> {
+    let v: serde_json::Value = serde_yaml::from_str(mesh).map_err(|e| e.to_string())?;
+    let drain = v
+        .get("defaultConfig")
+        .map(crate::istio::drain::Drain::read)
+        .unwrap_or_default();
+    let hidden = v
+        .get("defaultVirtualServiceExportTo")
+        .and_then(|e| e.as_array())
+        .is_some_and(|e| e.iter().any(|e| e == "~"));
+    Ok((drain, hidden))
+}
+
+fn traffic_settings(v: &serde_json::Value) -> (Option<Traffic>, bool) {
     let traffic = v
         .get("defaultTrafficPolicy")
         .filter(|t| !t.is_null())
@@ -47,7 +71,7 @@ pub fn mesh_settings(mesh: &str) -> Result<(Option<Traffic>, bool), String> {
         .get("defaultDestinationRuleExportTo")
         .and_then(|e| e.as_array())
         .is_some_and(|e| e.len() == 1 && e[0] == ".");
-    Ok((traffic, private))
+    (traffic, private)
 }
 
 /// Where the clients of a finding are.
@@ -81,6 +105,32 @@ pub struct NamespaceFindings {
     /// Services with at least one gap.
     pub failing: BTreeSet<String>,
     pub gaps: Vec<Gap>,
+    /// Mesh routes of the namespace's VirtualServices (when `routeTimeouts` is required).
+    pub routes: routes::Findings,
+    /// The namespace's workloads with a sidecar (when `drainWithinGracePeriod` is required).
+    pub drains: drain::Findings,
+}
+
+impl NamespaceFindings {
+    /// Whether anything is reported for the namespace.
+    pub fn failed(&self) -> bool {
+        !self.gaps.is_empty() || self.routes.without_timeout > 0 || !self.drains.gaps.is_empty()
+    }
+}
+
+/// Adds the route findings of the covered namespaces' VirtualServices to `plan`.
+pub fn add_routes(
+    plan: &mut Plan,
+    mesh: &Mesh,
+    virtual_services: &[((String, String), Arc<routes::Routes>)],
+    covered: &dyn Fn(&str) -> bool,
+) {
+    for ((ns, name), r) in virtual_services.iter().filter(|((ns, _), _)| covered(ns)) {
+        plan.entry(ns.clone())
+            .or_default()
+            .routes
+            .add(name, r, mesh.default_vs_hidden);
+    }
 }
 
 /// Every namespace's findings, by namespace.
@@ -267,28 +317,47 @@ pub fn report(spec: &ResilienceSpec, mesh: &Mesh, plan: &Plan) -> RuleReport {
     let ctype = types::RESILIENCE;
     let services: usize = plan.values().map(|f| f.services).sum();
     let failing: BTreeSet<&String> = plan.values().flat_map(|f| &f.failing).collect();
+    let routes: usize = plan.values().map(|f| f.routes.judged).sum();
+    let untimed: usize = plan.values().map(|f| f.routes.without_timeout).sum();
+    let workloads: usize = plan.values().map(|f| f.drains.judged).sum();
+    let draining: usize = plan.values().map(|f| f.drains.gaps.len()).sum();
     let mut violations = Vec::new();
-    for (ns, f) in plan.iter().filter(|(_, f)| !f.gaps.is_empty()) {
-        let first: Vec<String> = f.gaps.iter().take(NAMED).map(describe).collect();
-        let more = f.gaps.len().saturating_sub(NAMED);
-        let more = if more > 0 {
-            format!("; and {more} more")
-        } else {
-            String::new()
-        };
+    for (ns, f) in plan.iter().filter(|(_, f)| f.failed()) {
+        let mut parts = Vec::new();
+        if !f.gaps.is_empty() {
+            let first: Vec<String> = f.gaps.iter().take(NAMED).map(describe).collect();
+            parts.push(format!(
+                "{} finding(s) for {} Service(s): {}{}",
+                f.gaps.len(),
+                f.failing.len(),
+                first.join("; "),
+                more(f.gaps.len())
+            ));
+        }
+        parts.extend(f.routes.describe());
+        if !f.drains.gaps.is_empty() {
+            let first: Vec<String> = f
+                .drains
+                .gaps
+                .iter()
+                .take(NAMED)
+                .map(drain::describe)
+                .collect();
+            parts.push(format!(
+                "{} workload(s) whose proxy drain reaches the grace period: {}{}",
+                f.drains.gaps.len(),
+                first.join("; "),
+                more(f.drains.gaps.len())
+            ));
+        }
         violations.push(Violation {
             rule: ctype.to_string(),
             object: format!("Namespace/{ns}"),
-            message: format!(
-                "{} finding(s) for {} Service(s): {}{more}",
-                f.gaps.len(),
-                f.failing.len(),
-                first.join("; ")
-            ),
+            message: parts.join("; "),
             action: ViolationAction::Reported,
         });
     }
-    let condition = if services == 0 {
+    let condition = if services + routes + workloads == 0 {
         Observed::new(
             ctype,
             Status::False,
@@ -296,29 +365,52 @@ pub fn report(spec: &ResilienceSpec, mesh: &Mesh, plan: &Plan) -> RuleReport {
             "no Service in the namespaces resilience.namespaceSelector selects",
         )
     } else if violations.is_empty() {
-        Observed::new(
-            ctype,
-            Status::True,
-            reasons::COMPLIANT,
-            format!(
-                "every one of {services} Service(s) gets the minimums from the DestinationRule that applies to its clients{}",
-                if mesh.default_traffic.is_some() && mesh.default_traffic_supported {
-                    " or from meshConfig.defaultTrafficPolicy"
-                } else {
-                    ""
-                }
-            ),
-        )
+        let mut said = vec![format!(
+            "every one of {services} Service(s) gets the minimums from the DestinationRule that applies to its clients{}",
+            if mesh.default_traffic.is_some() && mesh.default_traffic_supported {
+                " or from meshConfig.defaultTrafficPolicy"
+            } else {
+                ""
+            }
+        )];
+        if spec.route_timeouts == Requirement::Required {
+            said.push(format!(
+                "every one of {routes} mesh HTTP route(s) sets a timeout"
+            ));
+        }
+        if spec.drain_within_grace_period == Requirement::Required {
+            said.push(format!(
+                "every one of {workloads} workload(s) with a sidecar drains within its grace period"
+            ));
+        }
+        Observed::new(ctype, Status::True, reasons::COMPLIANT, said.join("; "))
     } else {
+        let mut said = Vec::new();
+        if !failing.is_empty() {
+            said.push(format!(
+                "{} of {services} Service(s) lack the minimums or shadow root settings for some clients ({})",
+                failing.len(),
+                advice(spec, mesh)
+            ));
+        }
+        if untimed > 0 {
+            said.push(format!(
+                "{untimed} of {routes} mesh HTTP route(s) set no timeout (istiod sets none: a slow backend holds its callers as long as they wait; set http[].timeout)"
+            ));
+        }
+        if draining > 0 {
+            said.push(format!(
+                "{draining} of {workloads} workload(s) with a sidecar drain until or beyond their grace period (give terminationGracePeriodSeconds more than the drain, or a shorter terminationDrainDuration in proxy.istio.io/config)"
+            ));
+        }
         Observed::new(
             ctype,
             Status::False,
             reasons::MINIMUMS_NOT_MET,
             format!(
-                "{} of {services} Service(s) in {} namespace(s) lack the minimums or shadow root settings for some clients (see the violations, one per namespace); {}",
-                failing.len(),
+                "{} namespace(s) with findings (see the violations, one per namespace): {}",
                 violations.len(),
-                advice(spec, mesh)
+                said.join("; ")
             ),
         )
     };
@@ -327,5 +419,13 @@ pub fn report(spec: &ResilienceSpec, mesh: &Mesh, plan: &Plan) -> RuleReport {
         targets: i32::try_from(services).unwrap_or(i32::MAX),
         compliant: i32::try_from(services.saturating_sub(failing.len())).unwrap_or(i32::MAX),
         ..RuleReport::new(condition)
+    }
+}
+
+/// `; and N more` past the first [`NAMED`].
+fn more(n: usize) -> String {
+    match n.saturating_sub(NAMED) {
+        0 => String::new(),
+        m => format!("; and {m} more"),
     }
 }

@@ -552,4 +552,73 @@ mod plan {
         );
         assert!(t.blocks.contains(Blocks::CONNECTION_POOL) && !t.pool_limits);
     }
+
+    #[test]
+    fn routes_and_drains_join_the_namespace_violation_and_the_mesh_settings() {
+        use crate::rules::resilience::{drain, plan::add_routes, plan::proxy_settings, routes};
+        let spec = ResilienceSpec {
+            outlier_detection: Requirement::Off,
+            route_timeouts: Requirement::Required,
+            ..ResilienceSpec::default()
+        };
+        let (d, hidden) = proxy_settings(
+            "defaultConfig: {terminationDrainDuration: 30s}\ndefaultVirtualServiceExportTo: ['~']\n",
+        )
+        .unwrap();
+        assert!(hidden);
+        let m = Mesh {
+            default_drain: d,
+            default_vs_hidden: hidden,
+            ..mesh()
+        };
+        let vs = |w, e| {
+            std::sync::Arc::new(routes::Routes {
+                judged: 2,
+                without_timeout: w,
+                default_export: e,
+            })
+        };
+        let virtual_services = [
+            (("shop".to_string(), "reviews".to_string()), vs(1, false)),
+            // Hidden by the mesh's defaultVirtualServiceExportTo.
+            (("shop".to_string(), "hidden".to_string()), vs(2, true)),
+            (("web".to_string(), "fine".to_string()), vs(0, false)),
+        ];
+        let mut p = plan(&spec, &m, &[], &[], &all);
+        add_routes(&mut p, &m, &virtual_services, &all);
+        let workload = drain::Workload {
+            kind: "Deployment",
+            name: "api",
+            grace_seconds: None,
+            drain: Default::default(),
+        };
+        let with: std::collections::BTreeSet<(&str, &str)> =
+            [("Deployment", "api")].into_iter().collect();
+        p.entry("shop".into()).or_default().drains =
+            drain::judged([workload], &with, m.default_drain);
+        let r = report(&spec, &m, &p);
+        assert_eq!(r.condition.reason, reasons::MINIMUMS_NOT_MET);
+        assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
+        assert_eq!(
+            r.violations[0].message,
+            "1 HTTP route(s) without a timeout in 1 VirtualService(s): reviews (1 of 2 routes); 1 workload(s) whose proxy drain reaches the grace period: Deployment/api: the proxy drains 30s against a grace period of 30s (the kubelet kills it first)"
+        );
+        assert!(
+            r.condition
+                .message
+                .contains("1 of 4 mesh HTTP route(s) set no timeout")
+        );
+        assert!(
+            r.condition
+                .message
+                .contains("1 of 1 workload(s) with a sidecar drain")
+        );
+        // Off: neither is judged, and nothing else is there to judge.
+        let off = ResilienceSpec {
+            drain_within_grace_period: Requirement::Off,
+            ..spec.clone()
+        };
+        let r = report(&off, &m, &plan(&off, &m, &[], &[], &all));
+        assert_eq!(r.condition.reason, reasons::NO_TARGETS);
+    }
 }

@@ -92,6 +92,11 @@ pub struct WorkloadFacts {
     pub pod_labels: SmallMap<String>,
     /// Opted in to rollouts that may cost availability ([`ROLLOUT_ANNOTATION`]).
     pub allow_disruption: bool,
+    // Read by the resilience section (drain against the grace period), parsed on arrival.
+    /// The template's `terminationGracePeriodSeconds` (`None`: unset).
+    pub grace_seconds: Option<u32>,
+    /// The drain settings of the template's `proxy.istio.io/config` annotation.
+    pub drain: crate::istio::drain::Drain,
 }
 
 /// The `managedFields` paths of the four proxy annotations.
@@ -158,6 +163,8 @@ impl WorkloadFacts {
             .and_then(|t| t.spec.as_ref())
             .map(|s| s.containers.as_slice())
             .unwrap_or_default();
+        // Read by the resilience section.
+        let (grace_seconds, drain) = crate::istio::drain::of_template(template);
         WorkloadFacts {
             kind,
             name: meta.name.clone().unwrap_or_default(),
@@ -208,6 +215,9 @@ impl WorkloadFacts {
             allow_disruption: annotations_of(Some(meta))
                 .get(ROLLOUT_ANNOTATION)
                 .is_some_and(|v| v == ALLOW_DISRUPTION),
+            // Read by the resilience section.
+            grace_seconds,
+            drain,
         }
     }
 
@@ -307,6 +317,9 @@ pub struct PodFacts {
     pub sidecar: Option<crate::istio::ProxyVersion>,
     /// Where it runs and whether it serves (read by the HA sections).
     pub placement: Placement,
+    /// Read by the resilience section: its proxy is a native sidecar, which drains from the
+    /// pod's shutdown until its app containers stop.
+    pub native_sidecar: bool,
 }
 
 /// Where a pod runs and whether it serves: what the HA sections judge availability, spread
@@ -418,6 +431,7 @@ impl From<&Pod> for PodFacts {
             proxy,
             sidecar,
             placement: Placement::from(p),
+            native_sidecar: crate::istio::drain::native_sidecar(p.spec.as_ref()),
         }
     }
 }

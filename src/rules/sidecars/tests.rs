@@ -57,6 +57,8 @@ fn workload(name: &str, annotations: &[(&'static str, &str)], rollout: Rollout) 
             pod_labels: Default::default(),
             allow_disruption: false,
             reported: true,
+            grace_seconds: None,
+            drain: Default::default(),
         }),
         rollout,
     }

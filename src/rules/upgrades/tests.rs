@@ -51,6 +51,7 @@ fn pod(name: &str, owner: Option<&str>, rev: Option<&str>, version: Option<&str>
             version: v.into(),
         }),
         placement: Default::default(),
+        native_sidecar: false,
     }
 }
 
@@ -331,6 +332,8 @@ fn facts(
         pod_labels: Default::default(),
         allow_disruption: false,
         reported: true,
+        grace_seconds: None,
+        drain: Default::default(),
     })
 }
 

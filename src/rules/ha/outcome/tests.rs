@@ -54,6 +54,7 @@ fn pod(name: &str, node: Option<&str>, ready: bool, unscheduled: Option<&str>) -
             unscheduled: unscheduled.map(Box::from),
             terminating: false,
         },
+        native_sidecar: false,
     })
 }
 
