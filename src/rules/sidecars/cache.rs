@@ -353,11 +353,11 @@ pub(super) fn covered_namespaces<'a>(
     namespaces: impl Iterator<Item = (String, Arc<BTreeMap<String, String>>)> + 'a,
     revisions: &Revisions,
 ) -> (
-    BTreeMap<String, NamespaceObservation>,
+    Vec<NamespaceObservation>,
     Vec<String>,
     Vec<(String, String)>,
 ) {
-    let mut out = BTreeMap::new();
+    let mut out = Vec::new();
     let mut ambient = Vec::new();
     let mut unknown = Vec::new();
     for (name, labels) in namespaces {
@@ -377,16 +377,15 @@ pub(super) fn covered_namespaces<'a>(
             unknown.push((name.clone(), rev));
         }
         if selects_namespace(spec, &labels, revisions) {
-            out.insert(
-                name.clone(),
-                NamespaceObservation {
-                    name,
-                    labels,
-                    ..Default::default()
-                },
-            );
+            out.push(NamespaceObservation {
+                name,
+                labels,
+                ..Default::default()
+            });
         }
     }
+    // By name: the store lists namespaces in no order (one sort, no map of them).
+    out.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     ambient.sort();
     unknown.sort();
     (out, ambient, unknown)
@@ -437,7 +436,7 @@ pub fn observe_cached(
         covered_namespaces(spec, labelled.into_iter(), revisions);
     // Sorted by name (the map's order): a namespace is found by binary search, and each
     // index is looked up once per namespace, never per workload or pod.
-    let mut out: Vec<NamespaceObservation> = covered.into_values().collect();
+    let mut out: Vec<NamespaceObservation> = covered;
     let position = |out: &[NamespaceObservation], ns: &str| {
         out.binary_search_by(|o| o.name.as_str().cmp(ns)).ok()
     };
@@ -550,7 +549,7 @@ pub async fn observe(ctx: &Context, spec: &SidecarSpec, revisions: &Revisions) -
         }),
         revisions,
     );
-    for ns in out.values_mut() {
+    for ns in out.iter_mut() {
         let (c, name) = (&ctx.client, ns.name.as_str());
         let (lp, running) = (
             ListParams::default(),
@@ -577,7 +576,7 @@ pub async fn observe(ctx: &Context, spec: &SidecarSpec, revisions: &Revisions) -
             .collect();
     }
     Ok(Covered {
-        namespaces: out.into_values().collect(),
+        namespaces: out,
         ambient,
         unknown_revision,
     })

@@ -157,8 +157,10 @@ pub fn evaluate_with(
     order.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     let mut classified = Classified::default();
     let mut deviations: Vec<Vec<String>> = Vec::new();
-    let mut unfit: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut pod_drift: BTreeMap<String, Arc<PodDrift>> = BTreeMap::new();
+    // Gathered in namespace order and collected at the end: a map built from sorted entries
+    // compares each key once, where inserting one at a time searches from the root.
+    let mut unfit: Vec<(String, Vec<String>)> = Vec::new();
+    let mut pod_drift: Vec<(String, Arc<PodDrift>)> = Vec::new();
     let mut targets: Vec<(Workload, Vec<String>)> = Vec::new();
     for ns in order {
         let Some(part) = memo.parts.get(&ns.name) else {
@@ -189,10 +191,10 @@ pub fn evaluate_with(
                 .map(|(kind, name)| (ns.name.clone(), *kind, name.clone())),
         );
         if let Some(problems) = &part.unfit {
-            unfit.insert(ns.name.clone(), problems.clone());
+            unfit.push((ns.name.clone(), problems.clone()));
         }
         if let Some(drift) = &part.pod_drift {
-            pod_drift.insert(ns.name.clone(), Arc::clone(drift));
+            pod_drift.push((ns.name.clone(), Arc::clone(drift)));
         }
     }
     // Sorted as `classify` sorts them (a namespace's workloads may come in any order).
@@ -210,6 +212,8 @@ pub fn evaluate_with(
         classified.targets.push(w);
         deviations.push(devs);
     }
+    let unfit: BTreeMap<String, Vec<String>> = unfit.into_iter().collect();
+    let pod_drift: BTreeMap<String, Arc<PodDrift>> = pod_drift.into_iter().collect();
     let paced = spec.pacing == Pacing::Paced;
     let decisions = plan_with(
         &classified.targets,

@@ -228,7 +228,10 @@ fn namespace_selection_defaults_to_injection_on() {
         .into_iter(),
         &live,
     );
-    assert_eq!(covered.keys().collect::<Vec<_>>(), ["b"]);
+    assert_eq!(
+        covered.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+        ["b"]
+    );
     assert_eq!(unknown, [("a".to_string(), "gone".to_string())]);
     assert!(
         no_sidecar_reason(
