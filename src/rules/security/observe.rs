@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::istio::DATAPLANE_MODE_LABEL;
 use crate::rules::gateway_api::observe::namespaces_of_class;
 use crate::rules::posture::{self, WAIT};
-use crate::rules::sidecars::{self, WorkloadFacts};
+use crate::rules::sidecars::{self, Shared, WorkloadFacts};
 
 /// The namespace label that names the waypoint of a namespace's traffic.
 pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
@@ -27,7 +27,7 @@ pub const WAYPOINT_CLASS: &str = "istio-waypoint";
 /// The sidecars section's workload watches.
 const WORKLOADS: [&str; 3] = ["Deployments", "StatefulSets", "DaemonSets"];
 
-type ByNamespace = BTreeMap<String, Vec<Arc<WorkloadFacts>>>;
+type ByNamespace = BTreeMap<String, Vec<Shared<WorkloadFacts>>>;
 
 /// The selected namespaces, their workloads (when the default deny is checked) and the
 /// waypoints; the policies are left to the caller.
@@ -74,17 +74,15 @@ async fn workloads(ctx: &Context, namespaces: &[NamespaceFacts]) -> Result<ByNam
             .map_err(Error::Cache)?;
         c.ready(WAIT).await;
         let idx = &c.by_namespace;
-        let kinds = [
+        let mut kinds = [
             idx.deployments.read(),
             idx.statefulsets.read(),
             idx.daemonsets.read(),
         ];
         for n in namespaces {
-            let here: Vec<Arc<WorkloadFacts>> = kinds
-                .iter()
-                .filter_map(|k| k.get(&n.name))
-                .flat_map(|m| m.values().cloned())
-                .collect();
+            // A pointer per kind, not one per workload (see `View::shared`).
+            let here: Vec<Shared<WorkloadFacts>> =
+                kinds.iter_mut().filter_map(|k| k.shared(&n.name)).collect();
             if !here.is_empty() {
                 out.insert(n.name.clone(), here);
             }
@@ -115,10 +113,14 @@ async fn workloads(ctx: &Context, namespaces: &[NamespaceFacts]) -> Result<ByNam
                 .iter()
                 .map(|o| (o.namespace(), WorkloadFacts::from(o))),
         );
+    let mut listed: BTreeMap<String, Vec<Arc<WorkloadFacts>>> = BTreeMap::new();
     for (ns, facts) in all {
         if let Some(ns) = ns.filter(|n| selected.contains(n.as_str())) {
-            out.entry(ns).or_default().push(Arc::new(facts));
+            listed.entry(ns).or_default().push(Arc::new(facts));
         }
+    }
+    for (ns, here) in listed {
+        out.insert(ns, vec![here.into()]);
     }
     Ok(out)
 }

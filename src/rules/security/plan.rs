@@ -10,7 +10,7 @@ use super::policy::{Authz, PolicyFacts};
 use super::workloads::{self, Coverage};
 use crate::api::{DefaultDeny, Requirement, SecuritySpec, Violation};
 use crate::istio::Istiod;
-use crate::rules::sidecars::WorkloadFacts;
+use crate::rules::sidecars::{Shared, WorkloadFacts};
 use crate::status::RuleReport;
 use crate::status::conditions::{Observed, Status, types};
 use crate::status::reasons::{self, ViolationAction};
@@ -102,8 +102,9 @@ pub struct Seen {
     pub namespaces: Vec<NamespaceFacts>,
     /// Every AuthorizationPolicy: (namespace, name) and its facts.
     pub policies: Vec<((String, String), Arc<PolicyFacts>)>,
-    /// The Deployments, StatefulSets and DaemonSets of the selected namespaces, by namespace.
-    pub workloads: BTreeMap<String, Vec<Arc<WorkloadFacts>>>,
+    /// The Deployments, StatefulSets and DaemonSets of the selected namespaces, by namespace:
+    /// one slice per kind, shared with the sidecars section's index ([`Shared`]).
+    pub workloads: BTreeMap<String, Vec<Shared<WorkloadFacts>>>,
     /// The namespaces where istiod runs a waypoint (a Deployment of class `istio-waypoint`).
     pub waypoints: BTreeSet<String>,
 }
@@ -170,8 +171,9 @@ pub fn plan(seen: &Seen, outbound: String, ca: CaMode) -> Plan {
                 let workloads = seen
                     .workloads
                     .get(ns)
-                    .map(Vec::as_slice)
-                    .unwrap_or_default();
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|s| s.iter());
                 Open {
                     namespace: ns.to_string(),
                     policies: of(ns).keys().map(|n| n.to_string()).collect(),

@@ -414,10 +414,13 @@ fn a_namespace_is_covered_per_workload_when_every_workload_is_selected() {
     s.workloads.insert(
         "web".into(),
         vec![
-            workload("frontend", json!({"app": "frontend", "v": "1"})),
-            workload("api", json!({"app": "api"})),
-            workload("batch", json!({"app": "batch"})),
-            waypoint,
+            vec![
+                workload("frontend", json!({"app": "frontend", "v": "1"})),
+                workload("api", json!({"app": "api"})),
+                workload("batch", json!({"app": "batch"})),
+                waypoint,
+            ]
+            .into(),
         ],
     );
     let per_workload = SecuritySpec {

@@ -40,7 +40,7 @@ fn covers(policy: &PolicyFacts, workload: &WorkloadFacts) -> bool {
 
 /// The coverage of `workloads` by `policies` (those of their namespace and of the root).
 pub fn coverage<'a>(
-    workloads: &[Arc<WorkloadFacts>],
+    workloads: impl Iterator<Item = &'a Arc<WorkloadFacts>>,
     policies: impl Iterator<Item = &'a PolicyFacts> + Clone,
 ) -> Coverage {
     let mut out = Coverage::default();
