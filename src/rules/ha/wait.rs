@@ -13,11 +13,15 @@ use k8s_openapi::api::apps::v1::Deployment;
 use super::{Finding, Plan, fight};
 use crate::rules::sidecars::{Rollout, deployment_rollout};
 
-/// Why a template write to `d` must wait: the rollout the Deployment controller reports in
-/// progress. A Deployment the controller has not reported on yet (no `observedGeneration`)
-/// has no rollout known to wait for.
+/// Why a template write to `d` must wait: the rollout of its current generation the
+/// Deployment controller reports in progress. A generation the controller has not observed
+/// yet (another writer's template a moment ago, or no status at all) has started no rollout:
+/// a write now replaces that template before it rolls, so it does not wait.
 pub fn rollout_in_progress(d: &Deployment) -> Option<String> {
-    d.status.as_ref()?.observed_generation?;
+    let observed = d.status.as_ref()?.observed_generation?;
+    if observed < d.metadata.generation.unwrap_or(0) {
+        return None;
+    }
     match deployment_rollout(d) {
         Rollout::InProgress(why) => Some(why),
         _ => None,
@@ -72,9 +76,10 @@ mod tests {
             Some("1 of 3 replicas updated")
         );
         let unseen = deployment(5, Some(status(4, 3, 3, "NewReplicaSetAvailable")));
-        assert!(
-            rollout_in_progress(&unseen).is_some(),
-            "a generation not observed yet"
+        assert_eq!(
+            rollout_in_progress(&unseen),
+            None,
+            "a generation not observed yet has started no rollout"
         );
         let done = deployment(4, Some(status(4, 3, 3, "NewReplicaSetAvailable")));
         assert_eq!(rollout_in_progress(&done), None);

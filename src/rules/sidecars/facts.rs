@@ -82,9 +82,6 @@ pub struct WorkloadFacts {
     pub rollout: Rollout,
     /// The workload's controller has observed its generation (`status.observedGeneration`).
     pub observed: bool,
-    /// The workload's controller has reported on it at all (`status.observedGeneration` set):
-    /// only then does [`WorkloadFacts::rollout`] say what the controller is doing.
-    pub reported: bool,
     /// How its controller replaces pods ([`super::gate`]).
     pub strategy: Strategy,
     /// The pod template's labels: the PodDisruptionBudgets that select its pods are found
@@ -203,7 +200,6 @@ impl WorkloadFacts {
             other_containers: container_amounts(containers),
             rollout,
             observed: observed_generation.unwrap_or(-1) >= meta.generation.unwrap_or(0),
-            reported: observed_generation.is_some(),
             strategy,
             pod_labels: small_map(
                 tpl_meta

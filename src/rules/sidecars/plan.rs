@@ -240,11 +240,13 @@ pub fn plan_with(
         } else if stalled {
             Action::Held("a sidecar rollout stalled; no other starts until it completes".into())
         } else if let (Kind::Deployment, true, false, Rollout::InProgress(why)) =
-            (w.kind, w.reported, restarting, &w.facts.rollout)
+            (w.kind, w.observed, restarting, &w.facts.rollout)
         {
             // A template written while the Deployment controller rolls another one (anyone's:
             // the rollout as the controller reports it, not only meshwarden's) makes it roll
-            // over, scaling old ReplicaSets down by statuses that can lag their pods.
+            // over, scaling old ReplicaSets down by statuses that can lag their pods. A
+            // template the controller has not observed yet has started no rollout: writing
+            // now replaces it before it rolls (a drift is corrected at once).
             Action::Held(format!(
                 "its rollout is in progress ({why}): written once that rollout completes, so that the Deployment controller never rolls two templates at once"
             ))

@@ -56,7 +56,6 @@ fn workload(name: &str, annotations: &[(&'static str, &str)], rollout: Rollout) 
             strategy: Strategy::default(),
             pod_labels: Default::default(),
             allow_disruption: false,
-            reported: true,
             grace_seconds: None,
             drain: Default::default(),
         }),

@@ -331,7 +331,6 @@ fn facts(
         strategy: Strategy::default(),
         pod_labels: Default::default(),
         allow_disruption: false,
-        reported: true,
         grace_seconds: None,
         drain: Default::default(),
     })
