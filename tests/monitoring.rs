@@ -84,11 +84,7 @@ fn populated() -> Arc<Metrics> {
 
 /// Serves `metrics` with the operator's HTTP server on a free port of loopback.
 async fn serve(metrics: Arc<Metrics>) -> u16 {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testplane::ports::free_port().unwrap();
     tokio::spawn(meshwarden::telemetry::serve(
         ([127, 0, 0, 1], port).into(),
         metrics,

@@ -51,10 +51,7 @@ struct Operator {
 
 impl Operator {
     fn start(kubeconfig: &Path, log: &Path) -> Operator {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = testplane::ports::free_port().expect("free port");
         let metrics = format!("127.0.0.1:{port}");
         let err = std::fs::File::create(log).expect("operator log");
         let bin = operator_bin();

@@ -333,10 +333,7 @@ pub(crate) fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
 }
 
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    testplane::ports::free_port().expect("free port")
 }
 
 pub(crate) fn start_operator(dir: &Path, kubeconfig: &Path, port: u16) -> Child {

@@ -16,7 +16,6 @@ pub mod mtls;
 
 use std::fs;
 use std::io::Write;
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,6 +29,7 @@ use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope};
 use kube::{Client, Config, ResourceExt};
 
 pub mod operator;
+pub mod ports;
 pub mod proxy;
 mod restart;
 pub use restart::Outage;
@@ -591,8 +591,7 @@ fn sweep_stale(base: &Path) {
 }
 
 fn free_port(dir: &Path) -> Result<u16> {
-    let l = io(dir, TcpListener::bind("127.0.0.1:0"))?;
-    Ok(io(dir, l.local_addr())?.port())
+    io(dir, ports::free_port())
 }
 
 fn spawn(bin: &Path, args: &[String], log: &Path, lifetime: Lifetime) -> Result<Child> {

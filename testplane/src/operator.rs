@@ -1,12 +1,11 @@
 //! The operator binary as a child process of a test or benchmark: started with a kubeconfig,
 //! its `/livez`, `/readyz` and `/metrics` on a free loopback port, its log in the plane dir.
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-/// A free loopback port (bound and released at once).
+/// A free loopback port for the operator's endpoints (see [`crate::ports`]).
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    crate::ports::free_port()
 }
 
 /// `meshwarden run` as a child process; killed when dropped.
