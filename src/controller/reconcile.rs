@@ -190,8 +190,24 @@ fn older(a: Option<&str>, b: Option<&str>) -> bool {
     matches!((number(a), number(b)), (Some(a), Some(b)) if a < b)
 }
 
-#[tracing::instrument(skip_all, fields(policy = %policy.name_any(), generation = policy.metadata.generation))]
+/// Reconciles one policy. A policy deleted while it was evaluated loses the metric series its
+/// sections set meanwhile: the deletion's own cleanup may have run before them, and nothing
+/// else would remove them.
 pub(super) async fn reconcile(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action> {
+    let name = policy.name_any();
+    let out = reconcile_policy(policy, state.clone()).await;
+    let present = state.store.read().ok().is_some_and(|s| {
+        s.as_ref()
+            .is_none_or(|s| s.state().iter().any(|p| p.name_any() == name))
+    });
+    if !present {
+        state.ctx.metrics.forget_policy(&name);
+    }
+    out
+}
+
+#[tracing::instrument(skip_all, fields(policy = %policy.name_any(), generation = policy.metadata.generation))]
+async fn reconcile_policy(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<Action> {
     let running = Running::enter(&state.in_flight, &state.ctx.metrics);
     let ctx = &state.ctx;
     let name = policy.name_any();

@@ -57,11 +57,20 @@ async fn plan_on_a_helm_gateway_and_injected_workloads_is_the_first_enforce_pass
         (d.status?.available_replicas? >= 1).then_some(())
     })
     .await;
+    // Rolled out as the controller reports it: while it reports a rollout in progress, the
+    // sidecars section holds the write (and so does the plan).
+    let shop_deploys: Api<Deployment> = Api::namespaced(env.client.clone(), &shop);
     for name in ["cart", "checkout"] {
-        common::eventually(90, "2 ready injected pods per workload", || async {
-            let p = ready_pods(&pods, name).await;
-            (p.len() == 2 && p.iter().all(|p| proxy_requests(p).is_some())).then_some(())
-        })
+        common::eventually(
+            90,
+            "2 ready injected pods per workload, rolled out",
+            || async {
+                let p = ready_pods(&pods, name).await;
+                let d = shop_deploys.get(name).await.ok()?;
+                (p.len() == 2 && p.iter().all(|p| proxy_requests(p).is_some()) && !rolling(&d))
+                    .then_some(())
+            },
+        )
         .await;
     }
     let spec = |enforcement: &str| {
