@@ -1,6 +1,9 @@
 //! Prometheus metrics and the HTTP endpoints `/livez`, `/readyz` and `/metrics`.
 pub mod ha;
+mod labels;
 pub mod posture;
+
+pub use labels::*;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,62 +21,15 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PolicyLabels {
-    pub policy: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RuleLabels {
-    pub policy: String,
-    pub rule: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    pub policy: String,
-    pub rule: String,
-    pub reason: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct NamespaceLabels {
-    pub policy: String,
-    pub namespace: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ProxyLabels {
-    pub policy: String,
-    pub revision: String,
-    pub version: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct WatchLabels {
-    pub watch: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RootLabels {
-    pub fingerprint: String,
-    pub subject: String,
-}
-
-/// A root certificate as the metrics show it: fingerprint, subject, `notAfter` (Unix seconds).
-pub type RootExpiry = (String, String, i64);
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ErrorLabels {
-    pub kind: String,
-}
-
 /// Every metric meshwarden exports (names are prefixed `meshwarden_`).
 pub struct Metrics {
     registry: Registry,
     pub reconciles: Counter,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconcile_duration: Histogram,
+    /// Rule sections evaluated, by section (a settled one whose inputs did not change is
+    /// reused instead).
+    pub section_evaluations: Family<SectionLabels, Counter>,
     pub corrections: Family<RuleLabels, Counter>,
     pub violations: Family<RuleLabels, Gauge>,
     pub policy_ready: Family<PolicyLabels, Gauge>,
@@ -115,6 +71,7 @@ impl Default for Metrics {
         let reconciles = Counter::default();
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        let section_evaluations = Family::<SectionLabels, Counter>::default();
         let corrections = Family::<RuleLabels, Counter>::default();
         let violations = Family::<RuleLabels, Gauge>::default();
         let policy_ready = Family::<PolicyLabels, Gauge>::default();
@@ -162,6 +119,11 @@ impl Default for Metrics {
             reconcile_duration.clone(),
         );
         registry.register(
+            "section_evaluations",
+            "Rule sections evaluated, by section; a reconcile reuses the last report of a settled section that no change it reads concerns",
+            section_evaluations.clone(),
+        );
+        registry.register(
             "corrections",
             "Objects corrected, by policy and rule",
             corrections.clone(),
@@ -203,6 +165,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             reconciles,
+            section_evaluations,
             reconcile_errors,
             reconcile_duration,
             corrections,

@@ -99,7 +99,19 @@ async fn evaluate_dirty(
                 corrections: Vec::new(),
                 ..r.clone()
             }),
-            _ => reports.push(section.run(ctx, policy, &spec).await),
+            _ => {
+                let report = section.run(ctx, policy, &spec).await;
+                // Sections the policy does not declare are not counted.
+                if report.condition.reason != crate::status::reasons::NOT_CONFIGURED {
+                    ctx.metrics
+                        .section_evaluations
+                        .get_or_create(&crate::telemetry::SectionLabels {
+                            section: section.field().to_string(),
+                        })
+                        .inc();
+                }
+                reports.push(report)
+            }
         }
     }
     tracing::debug!(sections = ?dirty, reused = reusable.is_some(), "evaluated");
