@@ -569,6 +569,17 @@ impl IstioCache {
             .collect()
     }
 
+    /// Whether `namespace` may be Istio's root namespace: istiod's, or one a mesh config of
+    /// istiod's namespace names (whether or not its revision runs: cheap and on the safe side,
+    /// for routing events).
+    pub fn may_be_root(&self, namespace: &str) -> bool {
+        namespace == self.istio_namespace
+            || self
+                .mesh_documents()
+                .iter()
+                .any(|m| matches!(mesh::root_namespace_of(m), Ok(Some(r)) if r == namespace))
+    }
+
     /// Istio's root namespace from the mesh configs of the revisions in istiod's namespace.
     /// Outer Err: the caches cannot be read; inner Err: the mesh configs are unclear, or
     /// cannot be read (see [`mesh_root`]).

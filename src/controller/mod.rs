@@ -215,30 +215,41 @@ pub async fn run(
     // lists: a page is held whole before it is reduced.
     // The workloads' and pods' facts are also kept by namespace, from the same events, for
     // the section's evaluation (`sidecars::ByNamespace`).
+    // Workload events reach the policies whose HA or sidecars sections cover the namespace;
+    // namespace changes reach sidecars and mtls sections; mTLS pod changes reach mtls sections.
+    // running pods reach upgrades sections; LimitRanges and ResourceQuotas only keep their
+    // stores current. The report sections hear of a workload or running pod as its index
+    // applies the event, when what they read of it changed.
+    let route = Arc::new(Route {
+        policies: store.clone(),
+        namespaces: ns_store.clone(),
+        triggers: state.triggers.clone(),
+        istio: state.ctx.cache::<crate::istio::IstioCache>(),
+    });
     let indexes = sidecars::Indexes::default();
-    let index = indexes.deployments.clone();
+    let (index, r) = (indexes.deployments.clone(), route.clone());
     let (deployments, deployment_events) = cached_observed::<sidecars::CachedWorkload<Deployment>>(
         &client,
         (&health, "Deployments"),
         watcher::Config::default().page_size(100),
         |_| {},
-        move |e| index.apply(e),
+        move |e| r.workload_replaced(e, index.apply_replacing(e)),
     );
-    let index = indexes.statefulsets.clone();
+    let (index, r) = (indexes.statefulsets.clone(), route.clone());
     let (statefulsets, statefulset_events) = cached_observed::<sidecars::CachedWorkload<StatefulSet>>(
         &client,
         (&health, "StatefulSets"),
         watcher::Config::default(),
         |_| {},
-        move |e| index.apply(e),
+        move |e| r.workload_replaced(e, index.apply_replacing(e)),
     );
-    let index = indexes.daemonsets.clone();
+    let (index, r) = (indexes.daemonsets.clone(), route.clone());
     let (daemonsets, daemonset_events) = cached_observed::<sidecars::CachedWorkload<DaemonSet>>(
         &client,
         (&health, "DaemonSets"),
         watcher::Config::default(),
         |_| {},
-        move |e| index.apply(e),
+        move |e| r.workload_replaced(e, index.apply_replacing(e)),
     );
     let (limit_ranges, limit_range_events) = cached::<LimitRange>(
         &client,
@@ -253,7 +264,7 @@ pub async fn run(
         |_| {},
     );
     // Running pods are kept in the index only (no store).
-    let index = indexes.pods.clone();
+    let (index, r) = (indexes.pods.clone(), route.clone());
     let pod_events = observed::<sidecars::CachedPod>(
         &client,
         (&health, "RunningPods"),
@@ -261,7 +272,7 @@ pub async fn run(
             .fields("status.phase=Running")
             .page_size(100),
         |_| {},
-        move |e| index.apply(e),
+        move |e| r.pod_replaced(&index, e, index.apply_replacing(e)),
     );
     // Pending pods (few, and briefly): the HA sections name the ones that do not serve.
     let index = indexes.pending.clone();
@@ -376,15 +387,6 @@ pub async fn run(
             }
         })
     };
-    // Workload events reach the policies whose HA or sidecars sections cover the namespace;
-    // namespace changes reach sidecars and mtls sections; mTLS pod changes reach mtls sections.
-    // running pods reach upgrades sections; LimitRanges and ResourceQuotas only keep their
-    // stores current.
-    let route = Route {
-        policies: store.clone(),
-        namespaces: ns_store,
-        triggers: triggers.clone(),
-    };
     let mtls = Section::MutualTls.only();
     let upgrades = Section::Upgrades.only();
     // Namespace labels and Istio's revisions and tags are read by these four.
@@ -442,20 +444,8 @@ pub async fn run(
                         reading_namespaces,
                     )
                 }),
-                resilience_events.for_each(|()| {
-                    route.when_ok(
-                        Ok::<(), watcher::Error>(()),
-                        routing::policies_with_resilience,
-                        resilience,
-                    )
-                }),
-                security_events.for_each(|()| {
-                    route.when_ok(
-                        Ok::<(), watcher::Error>(()),
-                        routing::policies_with_security,
-                        security,
-                    )
-                }),
+                resilience_events.for_each(|c| route.report_object(c, Section::Resilience)),
+                security_events.for_each(|c| route.report_object(c, Section::Security)),
             );
         }
         .instrument(tracing::info_span!("watches", of = "rule caches")),

@@ -1,5 +1,7 @@
 //! Which policies an object event concerns.
 
+use std::sync::Arc;
+
 use futures::future::{Ready, ready};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -10,6 +12,7 @@ use kube::runtime::watcher;
 
 use super::watches::Triggers;
 use crate::api::MeshPolicy;
+use crate::compact::Compact;
 use crate::rules::{self, Section, Sections, sidecars};
 
 /// Policies with an `mtls` section: a PeerAuthentication, namespace or pod anywhere can
@@ -76,15 +79,26 @@ pub(super) fn policies_with_sidecars_or_mtls(
     })
 }
 
-/// Policies with a `resilience` section: a DestinationRule or Service anywhere concerns them.
-pub(super) fn policies_with_resilience(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
-    policies_with(store, |p| p.spec.resilience.is_some())
+/// The `namespaceSelector` of a policy's report `section` (`None`: it has no such section).
+fn selector(
+    p: &MeshPolicy,
+    section: Section,
+) -> Option<&Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>> {
+    match section {
+        Section::Resilience => p.spec.resilience.as_ref().map(|r| &r.namespace_selector),
+        Section::Security => p.spec.security.as_ref().map(|s| &s.namespace_selector),
+        _ => None,
+    }
 }
 
-/// Policies with a `security` section: an AuthorizationPolicy anywhere, or a CA Secret,
-/// concerns them.
-pub(super) fn policies_with_security(store: &Store<MeshPolicy>) -> Vec<ObjectRef<MeshPolicy>> {
-    policies_with(store, |p| p.spec.security.is_some())
+/// The namespace and facts after a watch event of the indexed kinds (`None` facts: deleted);
+/// `None` for the events of a (re)list.
+fn applied<K, F>(event: &watcher::Event<Compact<K, F>>) -> Option<(&str, Option<&F>)> {
+    match event {
+        watcher::Event::Apply(o) => Some((o.metadata.namespace.as_deref()?, Some(&*o.facts))),
+        watcher::Event::Delete(o) => Some((o.metadata.namespace.as_deref()?, None)),
+        _ => None,
+    }
 }
 
 /// Policies with an `upgrades` section: a running pod anywhere can change what it counts.
@@ -117,6 +131,8 @@ pub(super) struct Route {
     pub policies: Store<MeshPolicy>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub triggers: Triggers,
+    /// Where Istio's root namespace may be (`None`: anywhere).
+    pub istio: Option<crate::istio::IstioCache>,
 }
 
 impl Route {
@@ -140,20 +156,62 @@ impl Route {
                     self.sidecars_covering(&ns),
                     Section::SidecarResources.only(),
                 );
-                // Security: its workloads' default deny, and the waypoints istiod runs.
-                self.triggers.add(
-                    self.policies_where(|p| p.spec.security.is_some()),
-                    Section::Security.only(),
-                );
             }
-            // A workload's grace period and drain settings, and its pods (whose coming and
-            // going its status follows): the resilience sections that check drains there.
-            if !echo {
-                self.triggers
-                    .add(self.drains_covering(&ns), Section::Resilience.only());
-            }
+            // The report sections are routed as the index applies the event
+            // ([`Route::workload_replaced`]): only a change of what they read concerns them.
         }
         ready(())
+    }
+
+    /// A workload event as its index applied it (`replaced`: the entry it replaced or
+    /// removed): the security sections when it came, went or changed its pods' labels or its
+    /// Gateway class (their default deny per workload, the waypoints istiod runs), and the
+    /// resilience sections checking drains in its namespace when it came, went or changed its
+    /// grace period or drain settings. A spec edit of anything else, and every status update,
+    /// concern neither. The events of a (re)list are not routed here: every section of every
+    /// policy is evaluated after a relist.
+    pub fn workload_replaced<K>(
+        &self,
+        event: &watcher::Event<sidecars::CachedWorkload<K>>,
+        replaced: Option<Arc<sidecars::WorkloadFacts>>,
+    ) {
+        let Some((ns, after)) = applied(event) else {
+            return;
+        };
+        let before = replaced.as_deref();
+        if rules::security::workloads::reads_changed(before, after) {
+            self.triggers.add(
+                self.covering(ns, Section::Security, |_| true),
+                Section::Security.only(),
+            );
+        }
+        if rules::resilience::workloads::drain_reads_changed(before, after) {
+            self.triggers
+                .add(self.drains_covering(ns), Section::Resilience.only());
+        }
+    }
+
+    /// A running pod's event as `index` applied it (`replaced`: the entry it replaced or
+    /// removed): the resilience sections checking drains in its namespace when its workload's
+    /// first pod with a judged sidecar came or its last one went.
+    pub fn pod_replaced(
+        &self,
+        index: &sidecars::ByNamespace<sidecars::PodFacts>,
+        event: &watcher::Event<sidecars::CachedPod>,
+        replaced: Option<Arc<sidecars::PodFacts>>,
+    ) {
+        let Some((ns, after)) = applied(event) else {
+            return;
+        };
+        let changed = rules::resilience::workloads::judged_set_changed(
+            replaced.as_deref(),
+            after,
+            index.read().get(ns),
+        );
+        if changed {
+            self.triggers
+                .add(self.drains_covering(ns), Section::Resilience.only());
+        }
     }
 
     /// The `gatewayApi` sections of the policies that declare one, and of the policy an object
@@ -175,6 +233,53 @@ impl Route {
         );
     }
 
+    /// An object a report section reads changed (`changed`: in which namespace): that section
+    /// of the policies whose `namespaceSelector` selects the namespace, or of every policy
+    /// with it when the namespace may be Istio's root namespace (its DestinationRules and
+    /// AuthorizationPolicies apply mesh-wide; istiod's CA Secrets are there) or a relist
+    /// changed the map. A DestinationRule, Service, VirtualService or AuthorizationPolicy of
+    /// a namespace no section covers decides nothing it reports: the rules it resolves are
+    /// those of the covered Services' clients, their namespaces and the root.
+    pub fn report_object(
+        &self,
+        changed: crate::rules::lazy::Changed,
+        section: Section,
+    ) -> Ready<()> {
+        use crate::rules::lazy::Changed;
+        let everywhere = match &changed {
+            Changed::All => true,
+            Changed::In(ns) => self.istio.as_ref().is_none_or(|c| c.may_be_root(ns)),
+        };
+        let policies = match changed {
+            _ if everywhere => self.policies_where(|p| selector(p, section).is_some()),
+            Changed::In(ns) => self.covering(&ns, section, |_| true),
+            Changed::All => Vec::new(),
+        };
+        self.triggers.add(policies, section.only());
+        ready(())
+    }
+
+    /// The policies whose report `section` (resilience or security) covers namespace `ns`,
+    /// and that `also` chooses.
+    fn covering(
+        &self,
+        ns: &str,
+        section: Section,
+        also: impl Fn(&MeshPolicy) -> bool,
+    ) -> Vec<ObjectRef<MeshPolicy>> {
+        let labels = self
+            .namespaces
+            .get(&ObjectRef::new(ns))
+            .map(|n| n.labels().clone())
+            .unwrap_or_default();
+        self.policies_where(|p| {
+            selector(p, section).is_some_and(|s| {
+                s.as_ref()
+                    .is_none_or(|s| crate::selector::matches(s, &labels))
+            }) && also(p)
+        })
+    }
+
     /// The policies `f` chooses.
     fn policies_where(&self, f: impl Fn(&MeshPolicy) -> bool) -> Vec<ObjectRef<MeshPolicy>> {
         policies_with(&self.policies, f)
@@ -191,18 +296,11 @@ impl Route {
 
     /// The policies whose resilience section checks drains in namespace `ns`.
     fn drains_covering(&self, ns: &str) -> Vec<ObjectRef<MeshPolicy>> {
-        let labels = self
-            .namespaces
-            .get(&ObjectRef::new(ns))
-            .map(|n| n.labels().clone())
-            .unwrap_or_default();
-        self.policies_where(|p| {
-            p.spec.resilience.as_ref().is_some_and(|r| {
-                r.drain_within_grace_period == crate::api::Requirement::Required
-                    && r.namespace_selector
-                        .as_ref()
-                        .is_none_or(|s| crate::selector::matches(s, &labels))
-            })
+        self.covering(ns, Section::Resilience, |p| {
+            p.spec
+                .resilience
+                .as_ref()
+                .is_some_and(|r| r.drain_within_grace_period == crate::api::Requirement::Required)
         })
     }
 

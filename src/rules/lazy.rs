@@ -21,6 +21,15 @@ pub const PAGE: u32 = 100;
 /// Namespace and name.
 pub type Key = (String, String);
 
+/// What changed in a [`Reduced`] map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changed {
+    /// An object of this namespace (cluster-scoped objects: the empty namespace).
+    In(String),
+    /// A (re)list found the map changed: anything may have.
+    All,
+}
+
 /// A map of reduced objects kept by a lazily started watch.
 pub struct Reduced<V> {
     map: Arc<RwLock<BTreeMap<Key, Arc<V>>>>,
@@ -38,14 +47,15 @@ impl<V> Clone for Reduced<V> {
 
 impl<V: PartialEq + Send + Sync + 'static> Reduced<V> {
     /// The map, and the stream that fills it from `make`'s watch once `gate` is true; it
-    /// yields when the map changed.
+    /// yields when the map changed: the namespace of the object that changed, or [`Changed::All`]
+    /// when a (re)list changed it.
     pub fn fed<K, S, F>(
         health: &Arc<Health>,
         name: &'static str,
         mut gate: tokio::sync::watch::Receiver<bool>,
         make: F,
         reduce: fn(&K) -> V,
-    ) -> (Self, impl Stream<Item = ()> + Send + 'static)
+    ) -> (Self, impl Stream<Item = Changed> + Send + 'static)
     where
         K: kube::Resource + Send + 'static,
         S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
@@ -71,16 +81,16 @@ impl<V: PartialEq + Send + Sync + 'static> Reduced<V> {
         let mut relist: Option<BTreeMap<Key, Arc<V>>> = None;
         let stream = events.filter_map(move |ev| {
             let changed = match ev {
-                Err(_) => false,
+                Err(_) => None,
                 Ok(watcher::Event::Init) => {
                     relist = Some(BTreeMap::new());
-                    false
+                    None
                 }
                 Ok(watcher::Event::InitApply(o)) => {
                     relist
                         .get_or_insert_with(BTreeMap::new)
                         .insert(key(&o), Arc::new(reduce(&o)));
-                    false
+                    None
                 }
                 Ok(watcher::Event::InitDone) => {
                     let seen = relist.take().unwrap_or_default();
@@ -90,18 +100,25 @@ impl<V: PartialEq + Send + Sync + 'static> Reduced<V> {
                         !same
                     });
                     listed.store(true, Ordering::SeqCst);
-                    changed
+                    changed.then_some(Changed::All)
                 }
                 Ok(watcher::Event::Apply(o)) => {
                     let v = Arc::new(reduce(&o));
+                    let (k, v2) = (key(&o), v.clone());
+                    let ns = k.0.clone();
                     map.write()
-                        .is_ok_and(|mut m| m.insert(key(&o), v.clone()).is_none_or(|old| old != v))
+                        .is_ok_and(|mut m| m.insert(k, v2).is_none_or(|old| old != v))
+                        .then_some(Changed::In(ns))
                 }
                 Ok(watcher::Event::Delete(o)) => {
-                    map.write().is_ok_and(|mut m| m.remove(&key(&o)).is_some())
+                    let k = key(&o);
+                    let ns = k.0.clone();
+                    map.write()
+                        .is_ok_and(|mut m| m.remove(&k).is_some())
+                        .then_some(Changed::In(ns))
                 }
             };
-            ready(changed.then_some(()))
+            ready(changed)
         });
         (this, stream)
     }

@@ -9,6 +9,7 @@ mod installers;
 mod lifecycle;
 mod mtls;
 mod plan;
+mod report_triggers;
 mod resilience;
 mod rollout_in_progress;
 mod security;

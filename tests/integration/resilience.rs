@@ -15,7 +15,7 @@ use crate::common::{self, Env, condition};
 
 const LABEL: &str = "meshwarden-test-resilience";
 
-async fn service(env: &Env, ns: &str, name: &str) {
+pub async fn service(env: &Env, ns: &str, name: &str) {
     let yaml = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{ports: [{{port: 80}}], selector: {{app: {name}}}}}\n"
     );
@@ -39,7 +39,7 @@ async fn delete_rule(env: &Env, ns: &str, name: &str) {
 
 /// Waits for the `Resilience` condition of the current generation with `reason` and whose
 /// violations satisfy `check`; returns the policy.
-async fn wait_for(
+pub async fn wait_for(
     env: &Env,
     reason: &str,
     what: &str,
@@ -73,7 +73,7 @@ async fn wait_for(
     p
 }
 
-fn one(v: &[(String, String)], object: &str, parts: &[&str]) -> bool {
+pub fn one(v: &[(String, String)], object: &str, parts: &[&str]) -> bool {
     v.len() == 1 && v[0].0 == object && parts.iter().all(|p| v[0].1.contains(p))
 }
 
@@ -199,10 +199,22 @@ async fn the_rule_istiod_applies_is_judged_and_each_finding_goes_when_fixed() {
 /// config `proxy_config` (JSON), and, the first time, a running pod of it with an injected
 /// proxy, native (an init container that restarts always) or not.
 async fn workload(env: &Env, ns: &str, name: &str, grace: u32, proxy_config: &str, native: bool) {
+    stateful_set(env, ns, name, grace, proxy_config).await;
+    running_pod(env, ns, name, native).await;
+}
+
+/// Applies a StatefulSet `name` in `ns` whose template has `grace` seconds and the proxy
+/// config `proxy_config` (JSON), without pods (no controller runs here).
+pub async fn stateful_set(env: &Env, ns: &str, name: &str, grace: u32, proxy_config: &str) {
     let yaml = format!(
         "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  serviceName: {name}\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata:\n      labels: {{app: {name}}}\n      annotations: {{proxy.istio.io/config: '{proxy_config}'}}\n    spec:\n      terminationGracePeriodSeconds: {grace}\n      containers: [{{name: app, image: registry.example/app:1}}]\n"
     );
     common::apply_as(&env.client, &yaml, "kubectl").await;
+}
+
+/// Creates the running pod `<name>-0` of StatefulSet `name` in `ns`, with an injected proxy,
+/// native (an init container that restarts always) or not, unless it exists.
+pub async fn running_pod(env: &Env, ns: &str, name: &str, native: bool) {
     let sts = Api::<StatefulSet>::namespaced(env.client.clone(), ns)
         .get(name)
         .await

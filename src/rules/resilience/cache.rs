@@ -130,7 +130,10 @@ impl ResilienceCache {
     pub fn watch(
         client: &kube::Client,
         health: &Arc<Health>,
-    ) -> (ResilienceCache, impl Stream<Item = ()> + Send + 'static) {
+    ) -> (
+        ResilienceCache,
+        impl Stream<Item = lazy::Changed> + Send + 'static,
+    ) {
         let (wanted, gate) = tokio::sync::watch::channel(false);
         let api: Api<DestinationRule> = Api::all(client.clone());
         let (rules, s1) = Reduced::fed(

@@ -106,7 +106,10 @@ impl SecurityCache {
         client: &kube::Client,
         health: &Arc<Health>,
         istio_namespace: &str,
-    ) -> (SecurityCache, impl Stream<Item = ()> + Send + 'static) {
+    ) -> (
+        SecurityCache,
+        impl Stream<Item = lazy::Changed> + Send + 'static,
+    ) {
         let (wanted, gate) = tokio::sync::watch::channel(false);
         let api: Api<AuthorizationPolicy> = Api::all(client.clone());
         let (policies, s1) = Reduced::fed(

@@ -548,3 +548,26 @@ fn ambient_namespaces_with_policies_ztunnel_cannot_enforce_are_one_violation_eac
     let r = judge(&off, &s);
     assert_eq!(r.condition.status, Status::True, "{:?}", r.violations);
 }
+
+#[test]
+fn a_workload_change_concerns_the_section_only_through_what_it_reads() {
+    use super::workloads::reads_changed;
+    use serde_json::json;
+    let w = workload("web", json!({"app": "web"}));
+    assert!(!reads_changed(None, None));
+    assert!(reads_changed(None, Some(&w)));
+    assert!(reads_changed(Some(&w), None));
+    let mut edited = (*w).clone();
+    edited.generation += 1;
+    edited.grace_seconds = Some(90);
+    edited.replicas += 2;
+    assert!(!reads_changed(Some(&w), Some(&edited)));
+    let relabelled = workload("web", json!({"app": "other"}));
+    assert!(reads_changed(Some(&w), Some(&relabelled)));
+    let mut waypoint = (*w).clone();
+    waypoint.labels.insert(
+        crate::rules::gateway_api::plan::CLASS_LABEL.to_string(),
+        "istio-waypoint".to_string(),
+    );
+    assert!(reads_changed(Some(&w), Some(&waypoint)));
+}

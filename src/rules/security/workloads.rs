@@ -86,3 +86,17 @@ impl Coverage {
         )
     }
 }
+
+/// Whether a workload's change (`None`: absent before, or deleted) can change what this
+/// section decides: it came or went, or its pods' labels (the policies' selectors) or its
+/// Gateway class (a gateway or waypoint is not counted; a waypoint is) changed. Its spec's
+/// other fields and its status do not.
+pub fn reads_changed(before: Option<&WorkloadFacts>, after: Option<&WorkloadFacts>) -> bool {
+    match (before, after) {
+        (None, None) => false,
+        (Some(b), Some(a)) => {
+            b.pod_labels != a.pod_labels || b.labels.get(CLASS_LABEL) != a.labels.get(CLASS_LABEL)
+        }
+        _ => true,
+    }
+}

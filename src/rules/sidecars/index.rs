@@ -68,17 +68,17 @@ struct Indexed<F> {
     synced: bool,
 }
 
-fn insert<F>(into: &mut Namespaces<F>, meta: &ObjectMeta, facts: &Arc<F>) {
+/// Inserts `facts`, returning the entry they replace.
+fn insert<F>(into: &mut Namespaces<F>, meta: &ObjectMeta, facts: &Arc<F>) -> Option<Arc<F>> {
     let (Some(ns), Some(name)) = (&meta.namespace, &meta.name) else {
-        return;
+        return None;
     };
     // Looked up before inserting: most events concern a namespace already indexed.
     match into.get_mut(ns.as_str()) {
-        Some(m) => {
-            m.insert(name.clone(), facts.clone());
-        }
+        Some(m) => m.insert(name.clone(), facts.clone()),
         None => {
             into.insert(ns.clone(), BTreeMap::from([(name.clone(), facts.clone())]));
+            None
         }
     }
 }
@@ -96,13 +96,21 @@ fn stamp(stamps: &mut HashMap<String, u64>, ns: &str) {
 impl<F> ByNamespace<F> {
     /// Applies one watch event.
     pub fn apply<K>(&self, event: &watcher::Event<Compact<K, F>>) {
+        self.apply_replacing(event);
+    }
+
+    /// Applies one watch event, returning the entry an `Apply` replaced or a `Delete` removed
+    /// (`None` for a new object, and for the events of a (re)list, which replace the whole
+    /// index at its end).
+    pub fn apply_replacing<K>(&self, event: &watcher::Event<Compact<K, F>>) -> Option<Arc<F>> {
         let mut s = match self.state.lock() {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
+        let mut replaced = None;
         match event {
             watcher::Event::Apply(o) => {
-                insert(&mut s.current, &o.metadata, &o.facts);
+                replaced = insert(&mut s.current, &o.metadata, &o.facts);
                 if let Some(ns) = &o.metadata.namespace {
                     stamp(&mut s.stamps, ns);
                 }
@@ -111,7 +119,7 @@ impl<F> ByNamespace<F> {
                 if let (Some(ns), Some(name)) = (&o.metadata.namespace, &o.metadata.name)
                     && let Some(m) = s.current.get_mut(ns.as_str())
                 {
-                    m.remove(name.as_str());
+                    replaced = m.remove(name.as_str());
                     if m.is_empty() {
                         s.current.remove(ns.as_str());
                         s.stamps.remove(ns.as_str());
@@ -137,6 +145,7 @@ impl<F> ByNamespace<F> {
                 s.synced = true;
             }
         }
+        replaced
     }
 
     /// The index as it is now, locked until the view is dropped (a watch event waits).
