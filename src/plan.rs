@@ -22,7 +22,7 @@ use serde_json::Value;
 use crate::api::{Enforcement, MeshPolicy, MeshPolicySpec, ViolationAction};
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::rules::upgrades::WAITS_FOR_RESTART_SLOT;
+use crate::rules::upgrades::{RESTARTED_NOW, WAITS_FOR_RESTART_SLOT};
 use crate::status::conditions::Status;
 use crate::write::dry_run::{Change, DryRun, Verb};
 use crate::write::{Writes, fields};
@@ -118,6 +118,16 @@ pub struct ObjectChange {
     pub rollout: Option<Rollout>,
 }
 
+impl ObjectChange {
+    /// `Kind namespace/name` (`Kind name` when cluster-scoped).
+    pub fn id(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{} {ns}/{}", self.kind, self.name),
+            None => format!("{} {}", self.kind, self.name),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
@@ -144,6 +154,20 @@ pub struct Takeover {
 pub struct Rollout {
     /// The pods that roll (the workload's replicas; a DaemonSet's scheduled pods).
     pub pods: Option<i64>,
+    /// Which paced rollout it is, when it is one: paced with the others of its kind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+}
+
+/// The paced rollouts meshwarden starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cause {
+    /// The sidecars section changes the proxy resources (meshwarden's hash on the template).
+    Sidecars,
+    /// The upgrades section restarts the workload: its proxies are outdated
+    /// (`kubectl.kubernetes.io/restartedAt` on the template).
+    Restart,
 }
 
 /// A deviation left alone, or a section that could not be evaluated.
@@ -238,20 +262,14 @@ pub async fn plan(client: Client, source: Source, istio_namespace: &str) -> Resu
     }));
 
     let changes: Vec<ObjectChange> = record.changes().into_iter().map(object_change).collect();
-    // As a section's error names them (`apply PeerAuthentication meshwarden-mtls: ...`).
-    let refused: Vec<String> = changes
-        .iter()
-        .filter(|c| c.action == Action::Refused)
-        .map(|c| format!("{} {}", c.kind, c.name))
-        .collect();
     let mut not_written = Vec::new();
     let mut failed_sections = Vec::new();
     for r in &reports {
         let section = r.condition.type_.clone();
         // A section that stops at a refused write reports it as failed: the refusal is shown,
-        // and the plan is no less complete than Enforce's pass.
-        let stopped_at_refusal = refused.iter().any(|o| r.condition.message.contains(o));
-        if r.condition.status == Status::Unknown && !stopped_at_refusal {
+        // and the plan is no less complete than Enforce's pass, which stops there too.
+        let at = stopped_at(&changes, &r.condition.message);
+        if r.condition.status == Status::Unknown && at.is_empty() {
             failed_sections.push(NotWritten {
                 section: section.clone(),
                 object: format!("MeshPolicy/{name}"),
@@ -260,7 +278,10 @@ pub async fn plan(client: Client, source: Source, istio_namespace: &str) -> Resu
             });
         }
         for v in &r.violations {
-            if v.action == ViolationAction::Failed {
+            // A restart made in this pass is a change listed above, not a deviation left.
+            let restarted = section == crate::status::conditions::types::UPGRADES
+                && v.message.ends_with(RESTARTED_NOW);
+            if v.action == ViolationAction::Failed || restarted {
                 continue;
             }
             not_written.push(NotWritten {
@@ -271,21 +292,27 @@ pub async fn plan(client: Client, source: Source, istio_namespace: &str) -> Resu
             });
         }
     }
+    let paced = |cause: Cause, slot: &str, max: i32| {
+        let now = changes
+            .iter()
+            .filter(|c| c.rollout.as_ref().is_some_and(|r| r.cause == Some(cause)))
+            .count();
+        let waiting = not_written
+            .iter()
+            .filter(|n| n.message.contains(slot))
+            .count();
+        Waves::of(now, waiting, usize::try_from(max).unwrap_or(1))
+    };
     let waves = policy
         .spec
         .sidecars
         .as_ref()
         .filter(|s| s.pacing == crate::api::Pacing::Paced)
         .and_then(|s| {
-            let now = changes.iter().filter(|c| sidecar_rollout(c)).count();
-            let waiting = not_written
-                .iter()
-                .filter(|n| n.message.contains(crate::rules::sidecars::WAITS_FOR_SLOT))
-                .count();
-            Waves::of(
-                now,
-                waiting,
-                usize::try_from(s.max_concurrent_rollouts).unwrap_or(1),
+            paced(
+                Cause::Sidecars,
+                crate::rules::sidecars::WAITS_FOR_SLOT,
+                s.max_concurrent_rollouts,
             )
         });
     let restart_waves = policy
@@ -294,15 +321,10 @@ pub async fn plan(client: Client, source: Source, istio_namespace: &str) -> Resu
         .as_ref()
         .filter(|u| u.restart_outdated)
         .and_then(|u| {
-            let now = changes.iter().filter(|c| restart(c)).count();
-            let waiting = not_written
-                .iter()
-                .filter(|n| n.message.contains(WAITS_FOR_RESTART_SLOT))
-                .count();
-            Waves::of(
-                now,
-                waiting,
-                usize::try_from(u.max_concurrent_restarts).unwrap_or(1),
+            paced(
+                Cause::Restart,
+                WAITS_FOR_RESTART_SLOT,
+                u.max_concurrent_restarts,
             )
         });
     Ok(Plan {
@@ -314,6 +336,17 @@ pub async fn plan(client: Client, source: Source, istio_namespace: &str) -> Resu
         waves,
         restart_waves,
     })
+}
+
+/// The refused writes a section's error names (`apply PeerAuthentication meshwarden-mtls:
+/// ...`), as `Kind namespace/name`: the section stopped there.
+fn stopped_at(changes: &[ObjectChange], message: &str) -> Vec<String> {
+    changes
+        .iter()
+        .filter(|c| c.action == Action::Refused)
+        .filter(|c| message.contains(&format!("{} {}", c.kind, c.name)))
+        .map(ObjectChange::id)
+        .collect()
 }
 
 /// A context for one evaluation outside the controller: the workload and pod caches the
@@ -424,27 +457,22 @@ fn object_change(c: Change) -> ObjectChange {
     }
 }
 
-/// Whether a write is a sidecar rollout: it changes meshwarden's sidecar hash on the template.
-fn sidecar_rollout(c: &ObjectChange) -> bool {
-    let hash = |v: &Option<Value>| {
-        v.as_ref()
-            .and_then(|v| v.pointer("/spec/template/metadata/annotations"))
-            .and_then(|a| a.get(crate::rules::sidecars::HASH_ANNOTATION))
+/// Which paced rollout a write of a workload's template is: one that changes meshwarden's
+/// sidecar hash on the template, or the upgrades section's `restartedAt`.
+fn cause(before: &Value, after: &Value) -> Option<Cause> {
+    let annotation = |v: &Value, key: &str| {
+        v.pointer("/spec/template/metadata/annotations")
+            .and_then(|a| a.get(key))
             .cloned()
     };
-    c.rollout.is_some() && hash(&c.before) != hash(&c.after)
-}
-
-/// Whether a write is a restart by the upgrades section: it changes the template's
-/// `kubectl.kubernetes.io/restartedAt`.
-fn restart(c: &ObjectChange) -> bool {
-    let at = |v: &Option<Value>| {
-        v.as_ref()
-            .and_then(|v| v.pointer("/spec/template/metadata/annotations"))
-            .and_then(|a| a.get(crate::rules::sidecars::RESTARTED_AT))
-            .cloned()
-    };
-    c.rollout.is_some() && at(&c.before) != at(&c.after)
+    let changes = |key: &str| annotation(before, key) != annotation(after, key);
+    if changes(crate::rules::sidecars::HASH_ANNOTATION) {
+        Some(Cause::Sidecars)
+    } else if changes(crate::rules::sidecars::RESTARTED_AT) {
+        Some(Cause::Restart)
+    } else {
+        None
+    }
 }
 
 /// The pods a write rolls: those of a workload whose pod template it changes.
@@ -462,6 +490,7 @@ fn rollout(c: &Change) -> Option<Rollout> {
     };
     Some(Rollout {
         pods: pods.and_then(Value::as_i64),
+        cause: cause(before, after),
     })
 }
 

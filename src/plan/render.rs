@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use super::{Action, ObjectChange, Plan, diff};
+use super::{Action, Cause, ObjectChange, Plan, diff};
 
 /// How `meshwarden plan` prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,13 +24,6 @@ pub fn render(plan: &Plan, output: Output) -> crate::error::Result<String> {
             .map_err(|e| crate::error::Error::InvalidSpec(format!("cannot print YAML: {e}")))?,
         Output::Diff => text(plan),
     })
-}
-
-fn id(c: &ObjectChange) -> String {
-    match &c.namespace {
-        Some(ns) => format!("{} {ns}/{}", c.kind, c.name),
-        None => format!("{} {}", c.kind, c.name),
-    }
 }
 
 fn yaml(v: &Option<serde_json::Value>) -> String {
@@ -65,7 +58,7 @@ fn text(plan: &Plan) -> String {
             Action::Unchanged => '=',
             Action::Refused => '!',
         };
-        let _ = write!(out, "{mark} {} ({what}", id(c));
+        let _ = write!(out, "{mark} {} ({what}", c.id());
         if let Some(r) = &c.rollout {
             match r.pods {
                 Some(1) => out.push_str("; its pods roll: 1 pod"),
@@ -76,6 +69,15 @@ fn text(plan: &Plan) -> String {
             }
         }
         out.push_str(")\n");
+        match c.rollout.as_ref().and_then(|r| r.cause) {
+            Some(Cause::Sidecars) => {
+                out.push_str("  a sidecar rollout (its proxy resources change)\n")
+            }
+            Some(Cause::Restart) => {
+                out.push_str("  a restart by the upgrades section (its proxies are outdated)\n")
+            }
+            None => {}
+        }
         if let Some(m) = &c.refused {
             let _ = writeln!(out, "  refused: {m}");
         }
@@ -107,7 +109,7 @@ fn text(plan: &Plan) -> String {
             }
             continue;
         }
-        let name = id(c);
+        let name = c.id();
         let (from, to) = match c.action {
             Action::Create => ("/dev/null".to_string(), format!("{name} (after)")),
             Action::Delete => (format!("{name} (live)"), "/dev/null".to_string()),

@@ -55,7 +55,13 @@ fn a_takeover_is_named_by_manager_and_field_and_a_template_change_rolls() {
             shared: Vec::new(),
         }]
     );
-    assert_eq!(c.rollout, Some(Rollout { pods: Some(2) }));
+    assert_eq!(
+        c.rollout,
+        Some(Rollout {
+            pods: Some(2),
+            cause: None
+        })
+    );
     // What every write changes is not shown.
     let after = c.after.unwrap();
     assert!(after.get("status").is_none());
@@ -225,8 +231,13 @@ fn a_restart_is_told_from_a_sidecar_rollout_and_its_waves_are_told_apart() {
         )),
         Verb::Apply,
     ));
-    assert!(restart(&restarted) && !sidecar_rollout(&restarted));
-    assert_eq!(restarted.rollout, Some(Rollout { pods: Some(3) }));
+    assert_eq!(
+        restarted.rollout,
+        Some(Rollout {
+            pods: Some(3),
+            cause: Some(Cause::Restart)
+        })
+    );
     let sidecar = object_change(change(
         Some(with(json!({}))),
         Some(with(
@@ -234,7 +245,10 @@ fn a_restart_is_told_from_a_sidecar_rollout_and_its_waves_are_told_apart() {
         )),
         Verb::Apply,
     ));
-    assert!(sidecar_rollout(&sidecar) && !restart(&sidecar));
+    assert_eq!(
+        sidecar.rollout.as_ref().and_then(|r| r.cause),
+        Some(Cause::Sidecars)
+    );
     let mut p = plan_of(vec![restarted, sidecar], false);
     p.restart_waves = Waves::of(1, 3, 2);
     let text = render(&p, Output::Diff).unwrap();
@@ -245,4 +259,15 @@ fn a_restart_is_told_from_a_sidecar_rollout_and_its_waves_are_told_apart() {
         "{text}"
     );
     assert!(!text.contains("sidecars roll in"), "{text}");
+    assert!(
+        text.contains("(updated; its pods roll: 3 pods)\n  a restart by the upgrades section (its proxies are outdated)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  a sidecar rollout (its proxy resources change)\n"),
+        "{text}"
+    );
+    let json: Value = serde_json::from_str(&render(&p, Output::Json).unwrap()).unwrap();
+    assert_eq!(json["changes"][0]["rollout"]["cause"], "restart");
+    assert_eq!(json["changes"][1]["rollout"]["cause"], "sidecars");
 }

@@ -161,6 +161,10 @@ const PRECEDENCE: [&str; 6] = [
     reasons::REVISION_KEPT_BY_IDLE_PODS,
 ];
 
+/// How the violation of a workload restarted in this pass ends (`meshwarden plan` lists the
+/// restart itself, not as a deviation left alone).
+pub const RESTARTED_NOW: &str = "restarted now";
+
 /// Observes and plans the section; reports the result and sets the `proxies` metric.
 pub async fn reconcile(
     ctx: &Context,
@@ -372,7 +376,7 @@ impl Restarts {
             let (action, note) = match (decision, failed) {
                 _ if !self.enforce => (ViolationAction::Reported, String::new()),
                 (_, Some((_, e))) => (ViolationAction::Failed, format!("the restart failed: {e}")),
-                (Restart::Now, None) => (ViolationAction::Reported, "restarted now".into()),
+                (Restart::Now, None) => (ViolationAction::Reported, RESTARTED_NOW.into()),
                 (Restart::Rolling, None) => (
                     ViolationAction::Reported,
                     "restarting (meshwarden restarted it)".into(),
