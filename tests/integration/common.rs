@@ -300,7 +300,9 @@ impl Env {
 
     /// Creates the test's policy `name` with `enforce_spec` (in Enforce), runs Enforce's first
     /// pass ([`Env::enforce_once`]) and checks that it wrote exactly the objects of `planned`
-    /// (a `meshwarden plan -o json` output) in `namespaces`, each with the planned fields.
+    /// (a `meshwarden plan -o json` output) in `namespaces`, each with the planned fields (the
+    /// time of a restart, `restartedAt`, by being set: the plan's and Enforce's are two
+    /// instants).
     #[allow(dead_code)]
     pub async fn enforce_as_planned(
         &self,
@@ -308,21 +310,6 @@ impl Env {
         enforce_spec: &str,
         planned: &serde_json::Value,
         namespaces: &[&str],
-    ) {
-        self.enforce_as_planned_masking(name, enforce_spec, planned, namespaces, &[])
-            .await;
-    }
-
-    /// [`Env::enforce_as_planned`] with the pod template annotations `masked` (a restart's
-    /// time: the plan's and Enforce's are two instants) compared by being set, not by value.
-    #[allow(dead_code)]
-    pub async fn enforce_as_planned_masking(
-        &self,
-        name: &str,
-        enforce_spec: &str,
-        planned: &serde_json::Value,
-        namespaces: &[&str],
-        masked: &[&str],
     ) {
         self.create_policy(name, enforce_spec).await;
         self.enforce_once(name).await;
@@ -339,7 +326,7 @@ impl Env {
         assert_eq!(objects, real, "plan == Enforce's first pass");
         for (object, mut planned, mut live) in compared {
             for v in [&mut planned, &mut live] {
-                mask_template_annotations(v, masked);
+                mask_template_annotations(v, &[meshwarden::rules::sidecars::RESTARTED_AT]);
             }
             assert_eq!(
                 planned, live,

@@ -11,6 +11,10 @@ use crate::common::{self, Env};
 
 const KINDS: &[&str] = &["Deployment", "HorizontalPodAutoscaler"];
 
+/// The tests with an upgrades section take turns: the section is mesh-wide, and of two
+/// policies that set it differently only the older one's is evaluated.
+static UPGRADES_POLICY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Runs `meshwarden plan` as the operator's user; (exit code, stdout, seconds taken).
 fn plan(env: &Env, args: &[&str]) -> (i32, String, f64) {
     common::run_plan(&env.plane.operator_kubeconfig, args)
@@ -356,6 +360,7 @@ async fn a_released_field_keeps_its_value_in_the_plan_as_in_enforce() {
 /// it: the plan says so and names the winner, instead of planning nothing in silence.
 #[tokio::test]
 async fn a_section_an_older_policy_wins_is_named_not_planned_in_silence() {
+    let _upgrades = UPGRADES_POLICY.lock().await;
     let env = common::env("plan-conflict").await;
     env.create_policy("older", "upgrades: {maxMinorSkew: 3}\n")
         .await;
@@ -368,5 +373,165 @@ async fn a_section_an_older_policy_wins_is_named_not_planned_in_silence() {
         &["note: spec.upgrades is not planned: the older MeshPolicy "],
     );
     assert!(out.contains("wins (condition Conflict)"), "{out}");
+    env.delete_policies().await;
+}
+
+/// The upgrades section's restarts through `meshwarden plan`, on the API server alone: an
+/// istiod of revision `<id>` at 1.31.0 (its rollout completed), and four Deployments of a
+/// namespace labelled with that revision whose running pods (created here as the ReplicaSet
+/// controller would, marked Running) carry proxy 1.29.0 of that revision, two minors behind.
+/// `restartOutdated: true, maxConcurrentRestarts: 2`: a (2 replicas) and b (1) restart now, c
+/// waits for a restart slot, d is held by the rollout gate (strategy Recreate). The plan names
+/// the restarts with their pods, the holds with why and the waves, and writes nothing; Enforce's
+/// first pass then restarts exactly a and b, as planned, and leaves c and d alone.
+#[tokio::test]
+async fn plan_of_restarts_names_their_pods_waves_and_holds_as_the_first_enforce_pass() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Patch, PatchParams, PostParams};
+    let _upgrades = UPGRADES_POLICY.lock().await;
+    let env = common::env("plan-up").await;
+    let rev = env.id.clone();
+    let istio = env.namespace("istio", &[]).await;
+    let istiod = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: istiod-{rev}, namespace: {istio}, labels: {{app: istiod, istio.io/rev: {rev}}}}}\nspec:\n  selector: {{matchLabels: {{app: istiod, istio.io/rev: {rev}}}}}\n  template:\n    metadata: {{labels: {{app: istiod, istio.io/rev: {rev}}}}}\n    spec: {{containers: [{{name: discovery, image: docker.io/istio/pilot:1.31.0}}]}}\n"
+    );
+    common::apply_as(&env.client, &istiod, "helm").await;
+    common::complete_rollout(&env.client, &istio, &format!("istiod-{rev}")).await;
+    let apps = env
+        .namespace(
+            "apps",
+            &[("meshwarden-test", &env.id), ("istio.io/rev", &rev)],
+        )
+        .await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &apps);
+    for (name, replicas, strategy) in [
+        ("a", 2, "RollingUpdate"),
+        ("b", 1, "RollingUpdate"),
+        ("c", 3, "RollingUpdate"),
+        ("d", 1, "Recreate"),
+    ] {
+        let d = format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}, namespace: {apps}}}\nspec:\n  replicas: {replicas}\n  strategy: {{type: {strategy}}}\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec: {{containers: [{{name: app, image: registry.example/app:1}}]}}\n"
+        );
+        common::apply_as(&env.client, &d, "kubectl").await;
+        common::complete_rollout(&env.client, &apps, name).await;
+        for i in 0..replicas {
+            let pod = serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {
+                    "name": format!("{name}-h1-{i}"),
+                    "labels": {"app": name, "pod-template-hash": "h1"},
+                    "annotations": {"sidecar.istio.io/status": format!("{{\"revision\":\"{rev}\"}}")},
+                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                        "name": format!("{name}-h1"), "uid": "6a1f2c3d-0000-4000-8000-000000000001",
+                        "controller": true}],
+                },
+                "spec": {"containers": [
+                    {"name": "app", "image": "registry.example/app:1"},
+                    {"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.29.0"},
+                ]},
+            });
+            let pod: Pod = serde_json::from_value(pod).unwrap();
+            pods.create(&PostParams::default(), &pod).await.unwrap();
+            pods.patch_status(
+                &pod.metadata.name.unwrap(),
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": {"phase": "Running"}})),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    let spec = |mode: &str| {
+        format!(
+            "enforcement: {mode}\nupgrades:\n  restartOutdated: true\n  maxConcurrentRestarts: 2\n  namespaceSelector: {{matchLabels: {{meshwarden-test: {}}}}}\n",
+            env.id
+        )
+    };
+    let (file, _keep) = env.policy_file("p", &spec("Audit"));
+    let (code, out, secs) = plan(&env, &["-f", &file]);
+    eprintln!("plan took {secs:.2}s:\n{out}");
+    assert_eq!(code, 2, "changes pending:\n{out}");
+    let restarted = "  a restart by the upgrades section (its proxies are outdated)\n";
+    common::assert_lists(
+        &out,
+        &[
+            format!("~ Deployment {apps}/a (updated; its pods roll: 2 pods)\n{restarted}"),
+            format!("~ Deployment {apps}/b (updated; its pods roll: 1 pod)\n{restarted}"),
+            format!("  Held Deployment/{apps}/c (Upgrades): "),
+            "waits for a restart slot (maxConcurrentRestarts 2".into(),
+            format!("  Held Deployment/{apps}/d (Upgrades): "),
+            "strategy Recreate deletes all 1 pod(s) before new ones start".into(),
+            "Plan: 0 to create, 2 to update, 0 to delete, 0 refused; 2 workload(s) roll (3 pods), 2 held".into(),
+            "; restarts run in 2 paced wave(s) of at most 2 (2 now, 1 waiting for a slot)".into(),
+        ],
+    );
+    for held in ["c", "d"] {
+        assert!(
+            !out.contains(&format!("Deployment {apps}/{held} (")),
+            "{out}"
+        );
+    }
+    // The restarts are listed as changes, not also as deviations left alone.
+    for restarted in ["a", "b"] {
+        assert!(
+            !out.contains(&format!("Deployment/{apps}/{restarted} (")),
+            "{out}"
+        );
+    }
+    // Nothing was written: only dry runs, and the Deployments are at their generation.
+    let by_plan = writes_in(&[&apps, &istio]);
+    assert!(
+        !by_plan.is_empty() && by_plan.iter().all(|w| w.dry_run),
+        "only dry runs: {by_plan:?}"
+    );
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &apps);
+    let generation = |d: Deployment| d.metadata.generation;
+    for name in ["a", "b", "c", "d"] {
+        assert_eq!(generation(deployments.get(name).await.unwrap()), Some(1));
+    }
+
+    let (code, json, _) = plan(&env, &["-f", &file, "-o", "json"]);
+    assert_eq!(code, 2, "{json}");
+    let planned: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        planned["restartWaves"],
+        serde_json::json!({"now": 2, "waiting": 1, "maxConcurrent": 2, "waves": 2}),
+        "{planned:#}"
+    );
+    let rollouts: Vec<(String, Value)> = planned["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_string(),
+                c["rollout"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rollouts,
+        [
+            (
+                "a".into(),
+                serde_json::json!({"pods": 2, "cause": "restart"})
+            ),
+            (
+                "b".into(),
+                serde_json::json!({"pods": 1, "cause": "restart"})
+            ),
+        ]
+    );
+    env.enforce_as_planned("p", &spec("Enforce"), &planned, &[&apps, &istio])
+        .await;
+    // a and b restarted (a new generation whose template carries the restart); c, d not.
+    for (name, g) in [("a", 2), ("b", 2), ("c", 1), ("d", 1)] {
+        assert_eq!(
+            generation(deployments.get(name).await.unwrap()),
+            Some(g),
+            "{name}"
+        );
+    }
     env.delete_policies().await;
 }
