@@ -59,7 +59,23 @@ pub struct Plan {
     /// The upgrades section's restarts of outdated proxies and their pacing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restart_waves: Option<Waves>,
+    /// Sections Enforce stops at a refused write: the writes they would make after it are
+    /// not planned.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stopped_sections: Vec<Stopped>,
 }
+
+/// A section stopped at a refused write, in Enforce as in the plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Stopped {
+    pub section: String,
+    /// The refused writes it stopped at (`Kind namespace/name`).
+    pub at: Vec<String>,
+    pub message: String,
+}
+
+/// What a [`Stopped`] section's message says.
+pub const NOT_PLANNED_AFTER_REFUSAL: &str = "the writes it would make after this refused one were not planned, as Enforce stops the section at a refused write";
 
 /// The rollouts (sidecar rollouts, or restarts) Enforce starts now and those waiting for a
 /// slot: one wave after the other, each of at most `max_concurrent` workloads (rollouts already
@@ -264,6 +280,7 @@ pub async fn plan(client: Client, source: Source, istio_namespace: &str) -> Resu
     let changes: Vec<ObjectChange> = record.changes().into_iter().map(object_change).collect();
     let mut not_written = Vec::new();
     let mut failed_sections = Vec::new();
+    let mut stopped_sections = Vec::new();
     for r in &reports {
         let section = r.condition.type_.clone();
         // A section that stops at a refused write reports it as failed: the refusal is shown,
@@ -275,6 +292,13 @@ pub async fn plan(client: Client, source: Source, istio_namespace: &str) -> Resu
                 object: format!("MeshPolicy/{name}"),
                 action: r.condition.reason.clone(),
                 message: r.condition.message.clone(),
+            });
+        }
+        if r.condition.status == Status::Unknown && !at.is_empty() {
+            stopped_sections.push(Stopped {
+                section: section.clone(),
+                at,
+                message: NOT_PLANNED_AFTER_REFUSAL.into(),
             });
         }
         for v in &r.violations {
@@ -335,6 +359,7 @@ pub async fn plan(client: Client, source: Source, istio_namespace: &str) -> Resu
         failed_sections,
         waves,
         restart_waves,
+        stopped_sections,
     })
 }
 

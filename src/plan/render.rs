@@ -80,6 +80,14 @@ fn text(plan: &Plan) -> String {
         }
         if let Some(m) = &c.refused {
             let _ = writeln!(out, "  refused: {m}");
+            let name = c.id();
+            for s in plan
+                .stopped_sections
+                .iter()
+                .filter(|s| s.at.contains(&name))
+            {
+                let _ = writeln!(out, "  {} stops here: {}", s.section, s.message);
+            }
         }
         for t in &c.takeovers {
             let lines = [

@@ -100,6 +100,7 @@ fn plan_of(changes: Vec<ObjectChange>, failed: bool) -> Plan {
         },
         waves: None,
         restart_waves: None,
+        stopped_sections: Vec::new(),
     }
 }
 
@@ -270,4 +271,71 @@ fn a_restart_is_told_from_a_sidecar_rollout_and_its_waves_are_told_apart() {
     let json: Value = serde_json::from_str(&render(&p, Output::Json).unwrap()).unwrap();
     assert_eq!(json["changes"][0]["rollout"]["cause"], "restart");
     assert_eq!(json["changes"][1]["rollout"]["cause"], "sidecars");
+}
+
+#[test]
+fn a_section_stopped_at_a_refused_write_says_its_later_writes_were_not_planned() {
+    let pa = |name: &str, refused: Option<&str>| ObjectChange {
+        kind: "PeerAuthentication".into(),
+        namespace: Some("apps".into()),
+        name: name.into(),
+        action: if refused.is_some() {
+            Action::Refused
+        } else {
+            Action::Create
+        },
+        before: None,
+        after: None,
+        takeovers: Vec::new(),
+        released: Vec::new(),
+        refused: refused.map(str::to_string),
+        sent: None,
+        rollout: None,
+    };
+    let changes = vec![
+        pa("other", None),
+        pa("meshwarden-mtls", Some("no new ones")),
+    ];
+    // As the section's error names the write it stopped at.
+    let message = "apply PeerAuthentication meshwarden-mtls: no new ones";
+    assert_eq!(
+        stopped_at(&changes, message),
+        ["PeerAuthentication apps/meshwarden-mtls"]
+    );
+    assert!(stopped_at(&changes, "list Namespaces: forbidden").is_empty());
+    let mut p = plan_of(changes, false);
+    p.stopped_sections = vec![Stopped {
+        section: "MutualTLS".into(),
+        at: stopped_at(&p.changes, message),
+        message: NOT_PLANNED_AFTER_REFUSAL.into(),
+    }];
+    let text = render(&p, Output::Diff).unwrap();
+    let line = format!("  MutualTLS stops here: {NOT_PLANNED_AFTER_REFUSAL}\n");
+    assert!(
+        text.contains(&format!(
+            "! PeerAuthentication apps/meshwarden-mtls (REFUSED by the API server)\n  refused: no new ones\n{line}"
+        )),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches(&line).count(),
+        1,
+        "once, after the refusal: {text}"
+    );
+    assert_eq!(p.exit_code(), 2, "the plan is complete");
+    let json: Value = serde_json::from_str(&render(&p, Output::Json).unwrap()).unwrap();
+    assert_eq!(
+        json["stoppedSections"],
+        json!([{"section": "MutualTLS", "at": ["PeerAuthentication apps/meshwarden-mtls"],
+            "message": NOT_PLANNED_AFTER_REFUSAL}])
+    );
+    let yaml = render(&p, Output::Yaml).unwrap();
+    assert!(yaml.contains("stoppedSections:\n"), "{yaml}");
+    assert!(
+        render(&plan_of(vec![], false), Output::Json)
+            .unwrap()
+            .find("stoppedSections")
+            .is_none(),
+        "none, none printed"
+    );
 }

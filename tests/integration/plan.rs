@@ -301,6 +301,26 @@ async fn a_section_stopped_by_a_refused_write_is_planned_not_failed() {
         ],
     );
     assert!(!out.contains("could not be evaluated"), "{out}");
+    // What comes after the refusal in the section is not planned, and the plan says so under
+    // the refusal.
+    let stops = format!(
+        "  MutualTLS stops here: {}",
+        meshwarden::plan::NOT_PLANNED_AFTER_REFUSAL
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    let refused = format!("! PeerAuthentication {apps}/meshwarden-mtls (");
+    let at = lines.iter().position(|l| l.starts_with(&refused));
+    assert!(
+        at.is_some_and(|i| lines[i + 1].starts_with("  refused: ") && lines[i + 2] == stops),
+        "{out}"
+    );
+    let (_, json, _) = plan(&env, &["-f", &file, "-o", "json"]);
+    let planned: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        planned["stoppedSections"][0]["at"],
+        serde_json::json!([format!("PeerAuthentication {apps}/meshwarden-mtls")]),
+        "{planned:#}"
+    );
     common::lift_freeze(&env.client, &apps).await;
 }
 
