@@ -482,8 +482,9 @@ fn object_change(c: Change) -> ObjectChange {
     }
 }
 
-/// Which paced rollout a write of a workload's template is: one that changes meshwarden's
-/// sidecar hash on the template, or the upgrades section's `restartedAt`.
+/// Which paced rollout a write of a workload's template is: one that changes the sidecars
+/// section's annotations on the template (the proxy resources or their hash; a drift put right
+/// changes a value, not the hash), or the upgrades section's `restartedAt`.
 fn cause(before: &Value, after: &Value) -> Option<Cause> {
     let annotation = |v: &Value, key: &str| {
         v.pointer("/spec/template/metadata/annotations")
@@ -491,7 +492,10 @@ fn cause(before: &Value, after: &Value) -> Option<Cause> {
             .cloned()
     };
     let changes = |key: &str| annotation(before, key) != annotation(after, key);
-    if changes(crate::rules::sidecars::HASH_ANNOTATION) {
+    if crate::rules::sidecars::TEMPLATE_ANNOTATIONS
+        .iter()
+        .any(|k| changes(k))
+    {
         Some(Cause::Sidecars)
     } else if changes(crate::rules::sidecars::RESTARTED_AT) {
         Some(Cause::Restart)

@@ -250,6 +250,22 @@ fn a_restart_is_told_from_a_sidecar_rollout_and_its_waves_are_told_apart() {
         sidecar.rollout.as_ref().and_then(|r| r.cause),
         Some(Cause::Sidecars)
     );
+    // A drift put right: an annotation someone removed written back, the hash as it was.
+    let hashed = |more: Value| {
+        let mut a = json!({(crate::rules::sidecars::HASH_ANNOTATION): "h"});
+        a.as_object_mut()
+            .unwrap()
+            .extend(more.as_object().unwrap().clone());
+        with(a)
+    };
+    let drift = object_change(change(
+        Some(hashed(json!({}))),
+        Some(hashed(
+            json!({(crate::rules::sidecars::PROXY_MEMORY_LIMIT): "512Mi"}),
+        )),
+        Verb::Apply,
+    ));
+    assert_eq!(drift.rollout.and_then(|r| r.cause), Some(Cause::Sidecars));
     let mut p = plan_of(vec![restarted, sidecar], false);
     p.restart_waves = Waves::of(1, 3, 2);
     let text = render(&p, Output::Diff).unwrap();

@@ -95,6 +95,16 @@ pub const PROXY_MEMORY_LIMIT: &str = "sidecar.istio.io/proxyMemoryLimit";
 /// Hash of the four values meshwarden wrote on a pod template.
 pub const HASH_ANNOTATION: &str = "meshwarden.io/sidecar-resources";
 
+/// The pod-template annotations the section writes: the four proxy resources and their hash
+/// (a write that changes one of them is a sidecar rollout).
+pub const TEMPLATE_ANNOTATIONS: [&str; 5] = [
+    PROXY_CPU,
+    PROXY_CPU_LIMIT,
+    PROXY_MEMORY,
+    PROXY_MEMORY_LIMIT,
+    HASH_ANNOTATION,
+];
+
 /// Workload annotation (on its metadata, not the template, so writing it starts no rollout):
 /// the `metadata.generation` meshwarden's last write of the template produced. A rollout is
 /// meshwarden's only while the workload is still at that generation.
