@@ -456,23 +456,28 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize, rate: f64, 
     let _ = child.wait();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // The operator's reads after it was ready, from the audit log.
+    // The operator's reads after it was ready, from the audit log, and the kinds it had
+    // listed before (a list of one of those after readiness is a re-list).
     let (mut lists, mut watches) = (Vec::new(), 0);
-    for e in plane.audit_events().into_iter().skip(audit_at_ready) {
-        if e["stage"] != "ResponseComplete" && e["stage"] != "ResponseStarted" {
-            continue;
-        }
+    let mut listed_before = std::collections::BTreeSet::new();
+    for (i, e) in plane.audit_events().into_iter().enumerate() {
         if e["user"]["username"] != "meshwarden-operator" {
             continue;
         }
+        let uri = e["requestURI"].as_str().unwrap_or_default().to_string();
         match e["verb"].as_str() {
             Some("list") if e["stage"] == "ResponseComplete" => {
-                lists.push(e["requestURI"].as_str().unwrap_or_default().to_string())
+                if i < audit_at_ready {
+                    listed_before.insert(kind_of(&uri).to_string());
+                } else {
+                    lists.push(uri)
+                }
             }
-            Some("watch") if e["stage"] == "ResponseStarted" => watches += 1,
+            Some("watch") if e["stage"] == "ResponseStarted" && i >= audit_at_ready => watches += 1,
             _ => {}
         }
     }
+    let lists = Lists::split(&lists, &listed_before);
 
     let mib = |kib: u64| kib as f64 / 1024.0;
     let ratio = operator.p99().as_secs_f64() / baseline.p99().as_secs_f64();
@@ -497,12 +502,29 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize, rate: f64, 
         ready_after.as_secs_f64()
     );
     println!(
-        "  operator requests after it was ready (audit log): {} LIST (target: 0), {watches} WATCH started",
-        lists.len()
+        "  operator requests after it was ready (audit log): {} LIST, {watches} WATCH started",
+        lists.all
     );
-    for l in lists.iter().take(10) {
-        println!("    LIST {l}");
+    println!(
+        "    re-lists (of a kind listed before, or a kind's first page again): {} (target: 0)",
+        lists.relists.len()
+    );
+    for l in lists.relists.iter().take(10) {
+        println!("      LIST {l}");
     }
+    println!(
+        "    first lists of the watches the policy's sections started (pages): {}",
+        if lists.first.is_empty() {
+            "none".to_string()
+        } else {
+            lists
+                .first
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
     println!(
         "  operator log: {}",
         plane.dir.join("operator.log").display()
@@ -510,5 +532,71 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize, rate: f64, 
     if std::env::var_os("BENCH_KEEP").is_none() {
         drop(plane);
         let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// The resource path of a request URI (no query).
+fn kind_of(uri: &str) -> &str {
+    uri.split('?').next().unwrap_or(uri)
+}
+
+/// The LISTs after readiness, told apart: the pages of the first list of a watch started
+/// after readiness (a section declared by a policy created then starts the watches it reads,
+/// by design), and re-lists: a kind listed before readiness, or a kind's first page again.
+struct Lists {
+    all: usize,
+    relists: Vec<String>,
+    /// Pages per kind.
+    first: std::collections::BTreeMap<String, usize>,
+}
+
+impl Lists {
+    fn split(lists: &[String], listed_before: &std::collections::BTreeSet<String>) -> Lists {
+        let mut out = Lists {
+            all: lists.len(),
+            relists: Vec::new(),
+            first: Default::default(),
+        };
+        let mut first_pages = std::collections::BTreeSet::new();
+        for uri in lists {
+            let kind = kind_of(uri);
+            let first_page = !uri.contains("continue=");
+            if listed_before.contains(kind) || (first_page && !first_pages.insert(kind.to_string()))
+            {
+                out.relists.push(uri.clone());
+            } else {
+                *out.first.entry(kind.to_string()).or_default() += 1;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_after_readiness_are_told_apart() {
+        let before = ["/api/v1/pods".to_string()].into_iter().collect();
+        let uris: Vec<String> = [
+            "/api/v1/services?&limit=100",
+            "/api/v1/services?&limit=100&continue=abc",
+            "/api/v1/pods?&limit=100",
+            "/api/v1/services?&limit=100",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let l = Lists::split(&uris, &before);
+        assert_eq!(l.all, 4);
+        assert_eq!(
+            l.relists,
+            vec![
+                "/api/v1/pods?&limit=100".to_string(),
+                "/api/v1/services?&limit=100".to_string()
+            ]
+        );
+        assert_eq!(l.first.get("/api/v1/services"), Some(&2));
     }
 }
