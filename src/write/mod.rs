@@ -126,8 +126,24 @@ pub async fn apply<K>(
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + serde::Serialize,
 {
+    apply_with(api, name, patch, writes, true).await
+}
+
+/// Server-side applies `patch` like [`apply`]; without `force`, fields another manager owns
+/// are not taken over: the API server refuses the apply (409) instead. For a field of an
+/// object others write that meshwarden sets only while nobody else does.
+pub async fn apply_with<K>(
+    api: &Api<K>,
+    name: &str,
+    patch: &serde_json::Value,
+    writes: &Writes,
+    force: bool,
+) -> Result<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + serde::Serialize,
+{
     let kind = K::kind(&()).to_string();
-    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let params = apply_params(force);
     let Some(record) = writes.dry_runs() else {
         writes.add();
         return api
@@ -137,7 +153,12 @@ where
     };
     let seq = record.start();
     let live = read(api, name).await?;
-    dry_apply(api, name, patch, (seq, live), Vec::new(), record).await
+    dry_apply(api, name, patch, (seq, live), (Vec::new(), force), record).await
+}
+
+fn apply_params(force: bool) -> PatchParams {
+    let params = PatchParams::apply(FIELD_MANAGER);
+    if force { params.force() } else { params }
 }
 
 async fn read<K>(api: &Api<K>, name: &str) -> Result<Option<K>>
@@ -158,14 +179,14 @@ async fn dry_apply<K>(
     name: &str,
     patch: &serde_json::Value,
     (seq, live): (usize, Option<K>),
-    released: Vec<Vec<String>>,
+    (released, force): (Vec<Vec<String>>, bool),
     record: &DryRun,
 ) -> Result<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + serde::Serialize,
 {
     let kind = K::kind(&()).to_string();
-    let params = PatchParams::apply(FIELD_MANAGER).force().dry_run();
+    let params = apply_params(force).dry_run();
     let before = live.as_ref().map(serde_json::to_value).transpose()?;
     let result = api.patch(name, &params, &Patch::Apply(patch)).await;
     let mut change = dry_run::Change {
@@ -237,7 +258,7 @@ where
             .map(|l| fields::released_paths(l.meta(), patch))
             .unwrap_or_default();
         let names = released.iter().map(|p| fields::field_name(p)).collect();
-        let applied = dry_apply(api, name, patch, (seq, live), released, record).await?;
+        let applied = dry_apply(api, name, patch, (seq, live), (released, true), record).await?;
         return Ok((applied, names));
     }
     let mut released = Vec::new();
