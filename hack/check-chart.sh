@@ -389,6 +389,11 @@ print(json.dumps({"apiVersion": "v1", "kind": "Pod",
     # No Secret by default, not even a plugged-in CA (certificates.readSecrets grants that).
     sar NO get - secrets - istio-system cacerts
     sar NO list - configmaps - default other-config
+    # Gateway API Gateways: listed everywhere; their per-Gateway ConfigMaps and parametersRef
+    # written only in gatewayApi.gatewayNamespaces (none by default).
+    sar YES list gateway.networking.k8s.io gateways - -
+    sar NO patch gateway.networking.k8s.io gateways - default
+    sar NO create - configmaps - default
     for v in list watch; do sar YES "$v" admissionregistration.k8s.io mutatingwebhookconfigurations - -; done
     for v in get create patch; do sar NO "$v" admissionregistration.k8s.io mutatingwebhookconfigurations - -; done
     for v in get list watch create update patch; do sar YES "$v" coordination.k8s.io leases - "$NAMESPACE"; done

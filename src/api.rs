@@ -26,7 +26,10 @@ mod security;
 pub use certificates::{
     CertificatesSpec, CertificatesStatus, GO_DURATION_PATTERN, RootCertificateStatus, SecretRef,
 };
-pub use gateway_api::{GatewayApiReplicas, GatewayApiSpec, GatewayApiSpread, GatewayClassSpec};
+pub use gateway_api::{
+    GatewayApiReplicas, GatewayApiSpec, GatewayApiSpread, GatewayClassSpec, GatewayPosture,
+    GatewayRefSpec,
+};
 pub use mtls::*;
 pub use resilience::{Requirement, ResilienceSpec};
 pub use security::{DefaultDeny, SecuritySpec};
@@ -92,7 +95,8 @@ pub struct MeshPolicySpec {
     pub gateways: Vec<GatewaySpec>,
 
     /// High availability of the gateways and waypoints istiod deploys for Gateway API
-    /// Gateways, per GatewayClass, through istiod's class-defaults ConfigMap (Istio 1.26 and
+    /// Gateways, per GatewayClass through istiod's class-defaults ConfigMap, and per Gateway
+    /// through a ConfigMap its `spec.infrastructure.parametersRef` names (Istio 1.26 and
     /// later).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway_api: Option<GatewayApiSpec>,

@@ -7,9 +7,18 @@ use serde::{Deserialize, Serialize};
 
 use super::{DisruptionBudgetSpec, Enforcement, ResourcesSpec, SpreadMode, SpreadSpec};
 
-/// The `gatewayApi` section: one entry per GatewayClass whose gateways are held.
+/// The `gatewayApi` section: the GatewayClasses whose gateways are held, and single Gateways
+/// held by name.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.classes) || has(self.gateways)",
+        "message": "declare classes, gateways or both: the section holds nothing",
+        "fieldPath": ".classes",
+        "reason": "FieldValueRequired"
+    }
+]))]
 pub struct GatewayApiSpec {
     /// Overrides `spec.enforcement` for this section.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -17,13 +26,48 @@ pub struct GatewayApiSpec {
     /// The GatewayClasses whose gateways are held, one entry per class: every Gateway of
     /// that class in any namespace. `istio` for ingress gateways, `istio-waypoint` for
     /// ambient waypoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(min = 1, max = 8))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["className"]))]
     pub classes: Vec<GatewayClassSpec>,
+    /// Single Gateways, by name and namespace, held through a ConfigMap of their own that
+    /// their `spec.infrastructure.parametersRef` names (istiod layers it over the class's
+    /// defaults). A Gateway listed here is held by this entry, not by its class's: what the
+    /// entry declares overrides the class entry for that Gateway; what it leaves out stays
+    /// the class entry's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(min = 1, max = 32))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["namespace", "name"]))]
+    pub gateways: Vec<GatewayRefSpec>,
+}
+
+/// The posture of the gateway istiod deploys for one Gateway, selected by name.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayRefSpec {
+    /// Name of the Gateway (not of the Deployment istiod renders for it).
+    #[schemars(schema_with = "gateway_name")]
+    pub name: String,
+    /// Namespace of the Gateway.
+    #[schemars(schema_with = "namespace_name")]
+    pub namespace: String,
+    #[serde(flatten)]
+    pub posture: GatewayPosture,
 }
 
 /// The posture of every gateway istiod deploys for the Gateways of one class.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayClassSpec {
+    /// Name of the GatewayClass (`istio`, `istio-waypoint`).
+    #[schemars(schema_with = "class_name")]
+    pub class_name: String,
+    #[serde(flatten)]
+    pub posture: GatewayPosture,
+}
+
+/// What a `gatewayApi` entry declares for a gateway istiod deploys.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
@@ -33,10 +77,7 @@ pub struct GatewayApiSpec {
         "reason": "FieldValueInvalid"
     }
 ]))]
-pub struct GatewayClassSpec {
-    /// Name of the GatewayClass (`istio`, `istio-waypoint`).
-    #[schemars(schema_with = "class_name")]
-    pub class_name: String,
+pub struct GatewayPosture {
     /// Replicas of each gateway, through the HorizontalPodAutoscaler istiod renders for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<GatewayApiReplicas>,
@@ -104,5 +145,25 @@ fn class_name(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "maxLength": 63,
         "pattern": "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         "description": "A GatewayClass name (lowercase letters, digits, '-' and '.')."
+    })
+}
+
+fn gateway_name(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 253,
+        "pattern": "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        "description": "A Gateway name (lowercase letters, digits, '-' and '.')."
+    })
+}
+
+fn namespace_name(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 63,
+        "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        "description": "A namespace name (lowercase letters, digits and '-')."
     })
 }

@@ -39,6 +39,12 @@ pub const MANAGED_BY_ISTIOD: &str = "ManagedByIstiod";
 /// Somebody else keeps the class-defaults ConfigMap of a GatewayClass (istiod reads only the
 /// oldest): meshwarden writes none and says what to add to theirs.
 pub const CLASS_DEFAULTS_EXIST: &str = "ClassDefaultsExist";
+/// A Gateway selected by name already references somebody else's parameters
+/// (`spec.infrastructure.parametersRef`; istiod reads one per Gateway): meshwarden writes none
+/// and says what to add to theirs.
+pub const GATEWAY_PARAMETERS_EXIST: &str = "GatewayParametersExist";
+/// A Gateway selected by name does not exist.
+pub const GATEWAY_NOT_FOUND: &str = "GatewayNotFound";
 /// istiod predates class-defaults ConfigMaps (Istio 1.26): nothing is written for Gateway API
 /// gateways; the condition says what to create instead.
 pub const ISTIO_TOO_OLD: &str = "IstioTooOld";

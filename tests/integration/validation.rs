@@ -127,6 +127,31 @@ const INVALID: &[(&str, &str)] = &[
         "spec.gatewayApi.classes[1]",
     ),
     (
+        "gatewayApi: {gateways: [{name: Public_GW, namespace: edge}]}",
+        "spec.gatewayApi.gateways[0].name",
+    ),
+    (
+        "gatewayApi: {gateways: [{name: public}]}",
+        "spec.gatewayApi.gateways[0].namespace",
+    ),
+    (
+        "gatewayApi: {gateways: [{name: public, namespace: edge}, {name: public, namespace: edge}]}",
+        "spec.gatewayApi.gateways[1]",
+    ),
+    (
+        "gatewayApi: {gateways: [{name: public, namespace: edge, replicas: {min: 2}, disruptionBudget: {minAvailable: 2}}]}",
+        "spec.gatewayApi.gateways[0].disruptionBudget.minAvailable",
+    ),
+    (
+        "gatewayApi: {gateways: [{name: public, namespace: edge, replicas: {min: 3, max: 1}}]}",
+        "spec.gatewayApi.gateways[0].replicas.max",
+    ),
+    ("gatewayApi: {gateways: []}", "spec.gatewayApi.gateways"),
+    (
+        "gatewayApi: {enforcement: Audit}",
+        "declare classes, gateways or both",
+    ),
+    (
         "certificates: {warnBefore: \"1440\"}",
         "spec.certificates.warnBefore",
     ),

@@ -9,6 +9,7 @@
 //! to Audit or deleting the policy removes the ConfigMap, and afterwards the HPA and PDB
 //! istiod rendered from it, which istiod itself leaves behind.
 
+mod gateways;
 pub(crate) mod observe;
 pub mod plan;
 
@@ -22,7 +23,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 
 use crate::api::{
-    Enforcement, GatewayApiSpec, GatewayClassSpec, MeshPolicy, ReplicasSpec, Violation,
+    Enforcement, GatewayApiSpec, GatewayPosture, MeshPolicy, ReplicasSpec, Violation,
 };
 use crate::context::Context;
 use crate::error::Result;
@@ -33,7 +34,7 @@ use crate::status::messages;
 use crate::status::reasons::{self, ViolationAction};
 use crate::telemetry::ha::TargetOutcome;
 use crate::write;
-use plan::{ClassPlan, Support};
+use plan::{ClassPlan, GatewayPlan, Support};
 
 /// The finalizer that lets meshwarden remove what istiod rendered from its ConfigMaps before
 /// the policy goes (the garbage collector would remove the ConfigMap only).
@@ -41,6 +42,10 @@ pub const FINALIZER: &str = "meshwarden.io/gateway-api";
 
 /// How soon a pass that removed something looks again (istiod re-renders within a second).
 const AGAIN: std::time::Duration = std::time::Duration::from_secs(2);
+/// How soon a pass looks again at a Gateway selected by name that is missing or references
+/// somebody else's parameters: Gateways are not watched (a change of one that istiod renders
+/// shows in its Deployment, which is; these two may change nothing istiod renders).
+const UNWATCHED: std::time::Duration = std::time::Duration::from_secs(15);
 
 fn ctype() -> &'static str {
     types::GATEWAY_API_HA
@@ -69,10 +74,12 @@ async fn set_finalizer(ctx: &Context, policy: &MeshPolicy, on: bool) -> Result<(
         .map(|_| ())
 }
 
-/// What one pass over meshwarden's class-defaults ConfigMaps did.
+/// What one pass over meshwarden's class-defaults and per-Gateway ConfigMaps did.
 #[derive(Default)]
 struct Synced {
     per_class: BTreeMap<String, ClassPlan>,
+    /// The Gateways selected by name.
+    selected: Vec<gateways::Selected>,
     corrections: Vec<String>,
     failures: Vec<String>,
     /// Something was removed: look again soon for what istiod leaves behind.
@@ -81,12 +88,16 @@ struct Synced {
     clean: bool,
 }
 
-/// Holds meshwarden's class-defaults ConfigMaps at `wants` (class -> overlays), writing only
-/// when `write`; removes the others and what istiod rendered from removed overlays.
+/// Holds meshwarden's class-defaults ConfigMaps at `wants` (class -> overlays) and the
+/// Gateways `selected` by name, writing only when `write`; removes the others and what istiod
+/// rendered from removed overlays.
 async fn sync(
     ctx: &Context,
     policy: &MeshPolicy,
-    wants: &BTreeMap<String, BTreeMap<String, String>>,
+    (wants, selected): (
+        &BTreeMap<String, BTreeMap<String, String>>,
+        Option<&GatewayApiSpec>,
+    ),
     write: bool,
 ) -> Result<Synced> {
     let name = policy.name_any();
@@ -97,7 +108,7 @@ async fn sync(
         .iter()
         .filter(|f| f.policy.as_deref() == Some(name.as_str()))
     {
-        if let Some(data) = observe::own_data(ctx, &f.name).await? {
+        if let Some(data) = observe::own_data(ctx, &ns, &f.name).await? {
             live.insert(f.class.clone(), (f.name.clone(), data));
         }
     }
@@ -142,10 +153,14 @@ async fn sync(
             Err(e) => out.failures.push(format!("ConfigMap/{ns}/{cm}: {e}")),
         }
     }
-    let live_keys: BTreeMap<String, BTreeSet<String>> = live
-        .iter()
-        .map(|(c, (_, d))| (c.clone(), d.keys().cloned().collect()))
-        .collect();
+    let entries = selected.map_or((&[][..], &[][..]), |s| (&s.gateways[..], &s.classes[..]));
+    let live_keys = plan::LiveKeys {
+        classes: live
+            .iter()
+            .map(|(c, (_, d))| (c.clone(), d.keys().cloned().collect()))
+            .collect(),
+        gateways: gateways::sync(ctx, policy, entries, write, &mut out).await?,
+    };
     for r in plan::left_behind(&rendered, &live_keys) {
         out.pending = true;
         let removed = if r.kind == "HorizontalPodAutoscaler" {
@@ -175,7 +190,7 @@ pub async fn release(ctx: &Context, policy: &MeshPolicy) -> RuleReport {
     if !has_finalizer(policy) {
         return report;
     }
-    match sync(ctx, policy, &BTreeMap::new(), false).await {
+    match sync(ctx, policy, (&BTreeMap::new(), None), false).await {
         Ok(s) => {
             if s.clean
                 && let Err(e) = set_finalizer(ctx, policy, false).await
@@ -197,15 +212,15 @@ pub async fn finalize(ctx: &Context, policy: &MeshPolicy) -> Result<bool> {
     if !has_finalizer(policy) {
         return Ok(true);
     }
-    let s = sync(ctx, policy, &BTreeMap::new(), false).await?;
+    let s = sync(ctx, policy, (&BTreeMap::new(), None), false).await?;
     if s.clean {
         set_finalizer(ctx, policy, false).await?;
     }
     Ok(s.clean)
 }
 
-/// The HA rules of a class, as the outcome judge reads them.
-fn rules_of(class: &GatewayClassSpec) -> HaRules {
+/// The HA rules of a class or Gateway, as the outcome judge reads them.
+fn rules_of(class: &GatewayPosture) -> HaRules {
     HaRules {
         replicas: class.replicas.as_ref().map(|r| ReplicasSpec { min: r.min }),
         budget: class.disruption_budget.clone(),
@@ -241,13 +256,13 @@ async fn evaluate(
     let wants: BTreeMap<String, BTreeMap<String, String>> = spec
         .classes
         .iter()
-        .map(|c| (c.class_name.clone(), plan::overlays(c, &name)))
+        .map(|c| (c.class_name.clone(), plan::overlays(&c.posture, &name)))
         .collect();
     let write = enforce && support == Support::Yes;
     if write {
         set_finalizer(ctx, policy, true).await?;
     }
-    let synced = sync(ctx, policy, &wants, write).await?;
+    let synced = sync(ctx, policy, (&wants, Some(spec)), write).await?;
     let mut report = RuleReport::new(Observed::new(ctype(), Status::True, reasons::COMPLIANT, ""));
     let mut msg: Vec<String> = Vec::new();
     let mut reason: Option<&'static str> = None;
@@ -262,76 +277,98 @@ async fn evaluate(
     for (class, want) in &wants {
         let cm = plan::config_map_name(&name, class);
         let cm_id = ha::object_id("ConfigMap", ns, &cm);
-        match (&support, synced.per_class.get(class)) {
-            (Support::TooOld(v), _) => {
-                reason.get_or_insert(reasons::ISTIO_TOO_OLD);
-                report.violations.push(violation(cm_id, format!(
-                    "istiod {v} does not read class-defaults ConfigMaps (Istio 1.26 and later do), so meshwarden writes none: create a HorizontalPodAutoscaler and a PodDisruptionBudget named after each gateway's Deployment, as Istio's documentation for earlier releases describes (after an upgrade to 1.26 istiod renders objects of the same names and skips those without the label gateway.istio.io/managed, so remove them then), or upgrade istiod"
-                )));
-            }
-            (Support::Unknown(why), _) => {
-                reason.get_or_insert(reasons::ISTIO_VERSION_UNKNOWN);
-                report.violations.push(violation(cm_id, format!(
-                    "{why}: meshwarden writes class defaults only for an istiod known to read them (Istio 1.26 and later)"
-                )));
-            }
-            (Support::Yes, Some(ClassPlan::Foreign(holders))) => {
-                reason.get_or_insert(reasons::CLASS_DEFAULTS_EXIST);
+        let found = match (unsupported(&support), synced.per_class.get(class)) {
+            (Some(r), _) => Some((r.0, cm_id, r.1)),
+            (None, Some(ClassPlan::Foreign(holders))) => {
                 let holder =
                     ha::object_id("ConfigMap", ns, holders.first().map_or("", |h| h.as_str()));
-                report
-                    .violations
-                    .push(violation(holder, plan::advice(class, want, holders)));
+                let advice = plan::advice(class, want, holders);
+                Some((reasons::CLASS_DEFAULTS_EXIST, holder, advice))
             }
-            (Support::Yes, Some(ClassPlan::Write)) if !enforce && !want.is_empty() => {
-                report.violations.push(violation(cm_id, format!(
+            (None, Some(ClassPlan::Write)) if !enforce && !want.is_empty() => Some((
+                reasons::NON_COMPLIANT,
+                cm_id,
+                format!(
                     "the defaults of GatewayClass {class} ({}) are not in place; Enforce writes them",
-                    want.keys().cloned().collect::<Vec<_>>().join(", ")
-                )));
-            }
-            _ => {}
+                    keys(want)
+                ),
+            )),
+            _ => None,
+        };
+        if let Some((r, object, message)) = found {
+            reason.get_or_insert(r);
+            report.violations.push(violation(object, message));
         }
     }
-    // What runs.
+    // The Gateways selected by name.
+    for s in &synced.selected {
+        let gw = &s.gateway;
+        let gw_id = ha::object_id("Gateway", &gw.namespace, &gw.name);
+        let found = match (unsupported(&support), &s.plan) {
+            (_, GatewayPlan::Missing) => Some((
+                reasons::GATEWAY_NOT_FOUND,
+                format!("Gateway {gw} selected by name does not exist"),
+            )),
+            (Some(r), _) => Some(r),
+            (None, GatewayPlan::Foreign(holder)) => Some((
+                reasons::GATEWAY_PARAMETERS_EXIST,
+                plan::gateway_advice(gw, holder, &s.want),
+            )),
+            (None, GatewayPlan::Write { .. }) if !enforce && !s.want.is_empty() => Some((
+                reasons::NON_COMPLIANT,
+                format!(
+                    "the parameters of Gateway {gw} ({}) are not in place; Enforce writes them",
+                    keys(&s.want)
+                ),
+            )),
+            _ => None,
+        };
+        if let Some((r, message)) = found {
+            reason.get_or_insert(r);
+            report.violations.push(violation(gw_id, message));
+        }
+    }
+    // What runs: the gateways of the classes, but those selected by name, and those.
     let nodes = ha::observe_nodes(ctx).await;
-    let mut shortfalls = Vec::new();
-    let mut achieved = Vec::new();
-    let mut gateways: Vec<String> = Vec::new();
+    let mut judged = Judged::default();
+    let named: BTreeSet<(&str, &str)> = synced
+        .selected
+        .iter()
+        .map(|s| (s.gateway.namespace.as_str(), s.gateway.name.as_str()))
+        .collect();
     for class in &spec.classes {
-        let rules = rules_of(class);
         for namespace in observe::namespaces_of_class(ctx, &class.class_name).await? {
-            let group = ha::Group {
-                label: format!("GatewayClass {}", class.class_name),
-                namespace: namespace.clone(),
-                selector: LabelSelector {
-                    match_labels: Some(
-                        [(plan::CLASS_LABEL.to_string(), class.class_name.clone())].into(),
-                    ),
-                    ..Default::default()
-                },
-                rules: rules.clone(),
+            let group = group(
+                format!("GatewayClass {}", class.class_name),
+                (&namespace, (plan::CLASS_LABEL, &class.class_name)),
+                &class.posture,
                 enforcement,
-            };
-            let (observations, _) = ha::observe(ctx, &group).await?;
-            for obs in &observations {
-                let judged = outcome::judge(&rules, obs, nodes.as_ref().ok());
-                achieved.push(TargetOutcome {
-                    namespace: namespace.clone(),
-                    deployment: obs.deployment.name_any(),
-                    available: judged.available,
-                    wanted: judged.wanted,
-                    zones: judged.zones,
-                    disruptions_allowed: judged.disruptions_allowed,
-                });
-                gateways.push(ha::object_id(
-                    "Deployment",
-                    &namespace,
-                    &obs.deployment.name_any(),
-                ));
-                shortfalls.extend(judged.shortfalls);
-            }
+            );
+            let skip: BTreeSet<&str> = named
+                .iter()
+                .filter(|(n, _)| *n == namespace)
+                .map(|(_, g)| *g)
+                .collect();
+            judged.add(ctx, &group, nodes.as_ref().ok(), &skip).await?;
         }
     }
+    for s in synced.selected.iter().filter(|s| s.class.is_some()) {
+        let gw = &s.gateway;
+        let group = group(
+            format!("Gateway {gw}"),
+            (&gw.namespace, (plan::GATEWAY_NAME_LABEL, &gw.name)),
+            &s.posture,
+            enforcement,
+        );
+        judged
+            .add(ctx, &group, nodes.as_ref().ok(), &BTreeSet::new())
+            .await?;
+    }
+    let Judged {
+        shortfalls,
+        achieved,
+        gateways,
+    } = judged;
     ctx.metrics.ha.set(&name, ctype(), &achieved);
     let graded = outcome::grade(
         &outcome::Since::of(ctx),
@@ -364,15 +401,22 @@ async fn evaluate(
             format!("{}: {}", s.reason, s.message),
         ));
     }
+    let held: Vec<String> = spec
+        .classes
+        .iter()
+        .map(|c| format!("GatewayClass {}", c.class_name))
+        .chain(
+            synced
+                .selected
+                .iter()
+                .map(|s| format!("Gateway {}", s.gateway)),
+        )
+        .collect();
     msg.push(format!(
-        "{} of {} gateway(s) of GatewayClass {} compliant",
+        "{} of {} gateway(s) of {} compliant",
         report.compliant,
         report.targets,
-        spec.classes
-            .iter()
-            .map(|c| c.class_name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        held.join(", ")
     ));
     if !synced.corrections.is_empty() {
         report.corrected = 1;
@@ -395,8 +439,16 @@ async fn evaluate(
         &graded.waiting,
         ctx.availability_grace,
     ));
-    if synced.pending {
-        report.recheck_in = Some(report.recheck_in.map_or(AGAIN, |r| r.min(AGAIN)));
+    let mut again = synced.pending.then_some(AGAIN);
+    if synced
+        .selected
+        .iter()
+        .any(|s| matches!(s.plan, GatewayPlan::Foreign(_) | GatewayPlan::Missing))
+    {
+        again = again.or(Some(UNWATCHED));
+    }
+    if let Some(again) = again {
+        report.recheck_in = Some(report.recheck_in.map_or(again, |r| r.min(again)));
     }
     let (status, reason) = if !synced.failures.is_empty() {
         (Status::False, reasons::WRITE_FAILED)
@@ -418,6 +470,96 @@ async fn evaluate(
         set_finalizer(ctx, policy, false).await?;
     }
     Ok(report)
+}
+
+/// Why nothing is written for any class or Gateway when istiod does not read its
+/// customization ConfigMaps: (reason, message).
+fn unsupported(support: &Support) -> Option<(&'static str, String)> {
+    match support {
+        Support::Yes => None,
+        Support::TooOld(v) => Some((
+            reasons::ISTIO_TOO_OLD,
+            format!(
+                "istiod {v} does not read class-defaults or per-Gateway ConfigMaps (Istio 1.26 and later do), so meshwarden writes none: create a HorizontalPodAutoscaler and a PodDisruptionBudget named after each gateway's Deployment, as Istio's documentation for earlier releases describes (after an upgrade to 1.26 istiod renders objects of the same names and skips those without the label gateway.istio.io/managed, so remove them then), or upgrade istiod"
+            ),
+        )),
+        Support::Unknown(why) => Some((
+            reasons::ISTIO_VERSION_UNKNOWN,
+            format!(
+                "{why}: meshwarden writes class defaults and per-Gateway parameters only for an istiod known to read them (Istio 1.26 and later)"
+            ),
+        )),
+    }
+}
+
+fn keys(want: &BTreeMap<String, String>) -> String {
+    want.keys().cloned().collect::<Vec<_>>().join(", ")
+}
+
+/// The Deployments istiod rendered in `namespace` that carry label `(key, value)`, held at
+/// `posture`.
+fn group(
+    label: String,
+    (namespace, (key, value)): (&str, (&str, &str)),
+    posture: &GatewayPosture,
+    enforcement: Enforcement,
+) -> ha::Group {
+    ha::Group {
+        label,
+        namespace: namespace.to_string(),
+        selector: LabelSelector {
+            match_labels: Some([(key.to_string(), value.to_string())].into()),
+            ..Default::default()
+        },
+        rules: rules_of(posture),
+        enforcement,
+    }
+}
+
+/// What runs, judged gateway by gateway.
+#[derive(Default)]
+struct Judged {
+    shortfalls: Vec<outcome::Shortfall>,
+    achieved: Vec<TargetOutcome>,
+    /// The gateways' Deployments, as object ids.
+    gateways: Vec<String>,
+}
+
+impl Judged {
+    /// Judges the Deployments of `group`, but those rendered for the Gateways named `skip`.
+    async fn add(
+        &mut self,
+        ctx: &Context,
+        group: &ha::Group,
+        nodes: Option<&ha::nodes::Nodes>,
+        skip: &BTreeSet<&str>,
+    ) -> Result<()> {
+        let (observations, _) = ha::observe(ctx, group).await?;
+        for obs in &observations {
+            let gateway = obs
+                .deployment
+                .labels()
+                .get(plan::GATEWAY_NAME_LABEL)
+                .map(String::as_str);
+            if gateway.is_some_and(|g| skip.contains(g)) {
+                continue;
+            }
+            let judged = outcome::judge(&group.rules, obs, nodes);
+            let deployment = obs.deployment.name_any();
+            self.achieved.push(TargetOutcome {
+                namespace: group.namespace.clone(),
+                deployment: deployment.clone(),
+                available: judged.available,
+                wanted: judged.wanted,
+                zones: judged.zones,
+                disruptions_allowed: judged.disruptions_allowed,
+            });
+            self.gateways
+                .push(ha::object_id("Deployment", &group.namespace, &deployment));
+            self.shortfalls.extend(judged.shortfalls);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

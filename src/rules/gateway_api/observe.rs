@@ -1,8 +1,9 @@
 //! What the `gatewayApi` section reads: istiod's version, the class-defaults ConfigMaps of
 //! istiod's namespace, meshwarden's own ones, what istiod rendered from them, and the
-//! namespaces of the gateways it deployed for a class. Under the controller everything but
-//! meshwarden's own ConfigMaps (a get each) comes from watch caches; alone (`meshwarden
-//! plan`, tests), from lists.
+//! namespaces of the gateways it deployed for a class, and the Gateways (for those selected
+//! by name and those referencing meshwarden's ConfigMaps). Under the controller everything but
+//! meshwarden's own ConfigMaps (a get each) and the Gateways (a list) comes from watch caches;
+//! alone (`meshwarden plan`, tests), from lists.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -12,9 +13,14 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::CustomResource;
 use kube::api::{Api, ListParams};
+use serde::{Deserialize, Serialize};
 
-use super::plan::{CLASS_LABEL, DEFAULTS_FOR_CLASS, Found, RENDERED_FOR, Rendered};
+use super::plan::{
+    CLASS_LABEL, DEFAULTS_FOR_CLASS, Found, GATEWAY_NAME_LABEL, GatewayRef, ParametersRef,
+    RENDERED_FOR, Rendered,
+};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::istio::IstioCache;
@@ -66,14 +72,84 @@ pub async fn class_defaults(ctx: &Context) -> Result<Vec<Found>> {
     Ok(out)
 }
 
-/// The data of meshwarden's ConfigMap `name` in istiod's namespace, if it exists (a get).
-pub async fn own_data(ctx: &Context, name: &str) -> Result<Option<BTreeMap<String, String>>> {
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.istio_namespace);
+/// The data of meshwarden's ConfigMap `name` in `namespace`, if it exists (a get).
+pub async fn own_data(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<BTreeMap<String, String>>> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
     let cm = api
         .get_opt(name)
         .await
-        .map_err(|e| Error::kube(format!("read ConfigMap {}/{name}", ctx.istio_namespace), e))?;
+        .map_err(|e| Error::kube(format!("read ConfigMap {namespace}/{name}"), e))?;
     Ok(cm.map(|c| c.data.unwrap_or_default()))
+}
+
+/// Gateway API's Gateway, only what meshwarden reads. Not part of the MeshPolicy CRD output:
+/// the Gateway API CRDs are installed by whoever installs Gateway API.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "Gateway",
+    plural = "gateways",
+    namespaced,
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    #[serde(default)]
+    pub gateway_class_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infrastructure: Option<Infrastructure>,
+}
+
+/// A Gateway's `spec.infrastructure`, only its parametersRef.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Infrastructure {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters_ref: Option<LocalReference>,
+}
+
+/// Gateway API's LocalParametersReference.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+pub struct LocalReference {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+}
+
+impl Gateway {
+    /// Its namespace and name.
+    pub fn id(&self) -> GatewayRef {
+        GatewayRef {
+            namespace: self.metadata.namespace.clone().unwrap_or_default(),
+            name: self.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Its `spec.infrastructure.parametersRef`, if set.
+    pub fn parameters_ref(&self) -> Option<ParametersRef> {
+        let r = self.spec.infrastructure.as_ref()?.parameters_ref.as_ref()?;
+        Some((r.group.clone(), r.kind.clone(), r.name.clone()))
+    }
+}
+
+/// Every Gateway, by namespace and name (none when the Gateway API CRDs are not installed).
+pub async fn gateways(ctx: &Context) -> Result<BTreeMap<GatewayRef, Gateway>> {
+    match Api::<Gateway>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+    {
+        Ok(l) => Ok(l.items.into_iter().map(|g| (g.id(), g)).collect()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(BTreeMap::new()),
+        Err(e) => Err(Error::kube("list Gateways", e)),
+    }
 }
 
 fn rendered_of(kind: &'static str, meta: &ObjectMeta, policy: &str) -> Option<Rendered> {
@@ -82,6 +158,9 @@ fn rendered_of(kind: &'static str, meta: &ObjectMeta, policy: &str) -> Option<Re
         namespace: meta.namespace.clone().unwrap_or_default(),
         name: meta.name.clone().unwrap_or_default(),
         class: label(meta, CLASS_LABEL).unwrap_or_default().to_string(),
+        gateway: label(meta, GATEWAY_NAME_LABEL)
+            .unwrap_or_default()
+            .to_string(),
     })
 }
 

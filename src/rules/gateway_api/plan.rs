@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde_json::{Value, json};
 
-use crate::api::{GatewayClassSpec, SpreadMode};
+use crate::api::{GatewayPosture, SpreadMode};
 use crate::rules::ha::{HOSTNAME, ZONE, int_or_string_json, resources_json};
 
 /// The label istiod finds a class's defaults by (in its own namespace; the oldest counts).
@@ -30,9 +30,21 @@ pub const HPA_KEY: &str = "horizontalPodAutoscaler";
 pub const PDB_KEY: &str = "podDisruptionBudget";
 pub const DEPLOYMENT_KEY: &str = "deployment";
 
-/// The `data` of the class-defaults ConfigMap for `class` (key -> YAML overlay), labelled
-/// for `policy`. Empty when the class declares nothing istiod can carry.
-pub fn overlays(class: &GatewayClassSpec, policy: &str) -> BTreeMap<String, String> {
+/// The `data` of the class-defaults ConfigMap for a class declaring `class` (key -> YAML
+/// overlay), labelled for `policy`. Empty when the class declares nothing istiod can carry.
+pub fn overlays(class: &GatewayPosture, policy: &str) -> BTreeMap<String, String> {
+    layered(class, policy, false)
+}
+
+/// The overlays of `posture`; `over`: they are laid over a class's defaults (istiod applies
+/// a Gateway's own overlays after its class's, field by field), so each declared field is
+/// written whole where the two layers could combine into something nobody declared: the
+/// other form of a budget is nulled (a PDB with both is invalid, and istiod's apply of it
+/// fails), the anti-affinity replaces the class's (`$patch: replace`: required and preferred
+/// terms would add up). Lists merged by key (the zone constraint, the proxy container) and
+/// the resources' amounts are overridden key by key already.
+fn layered(posture: &GatewayPosture, policy: &str, over: bool) -> BTreeMap<String, String> {
+    let class = posture;
     let mut out = BTreeMap::new();
     let marked = json!({"labels": {RENDERED_FOR: policy}});
     if let Some(r) = &class.replicas {
@@ -47,10 +59,15 @@ pub fn overlays(class: &GatewayClassSpec, policy: &str) -> BTreeMap<String, Stri
         if let Some(v) = &b.max_unavailable {
             spec.insert("maxUnavailable".into(), int_or_string_json(v));
         }
+        if over {
+            for key in ["minAvailable", "maxUnavailable"] {
+                spec.entry(key).or_insert(Value::Null);
+            }
+        }
         let pdb = json!({"metadata": marked, "spec": Value::Object(spec)});
         out.insert(PDB_KEY.to_string(), yaml(&pdb));
     }
-    if let Some(pod) = pod_overlay(class) {
+    if let Some(pod) = pod_overlay(class, over) {
         let dep = json!({"spec": {"template": {"spec": pod}}});
         out.insert(DEPLOYMENT_KEY.to_string(), yaml(&dep));
     }
@@ -67,8 +84,14 @@ fn yaml(v: &Value) -> String {
 /// incoming pod's Gateway (GA in Kubernetes 1.33 for pod affinity, beta since 1.27 for spread
 /// constraints). The selector must not name the key `matchLabelKeys` names: the API server
 /// adds `<key> In (<value>)` to it at pod creation and rejects a key found twice.
-fn pod_overlay(class: &GatewayClassSpec) -> Option<Value> {
+fn pod_overlay(class: &GatewayPosture, over: bool) -> Option<Value> {
     let mut pod = serde_json::Map::new();
+    let replace = |mut v: Value| {
+        if over && let Some(m) = v.as_object_mut() {
+            m.insert("$patch".into(), json!("replace"));
+        }
+        v
+    };
     let selector = json!({"matchExpressions": [{"key": MANAGED_LABEL, "operator": "Exists"}]});
     if let Some(spread) = &class.spread {
         let term = json!({"labelSelector": selector.clone(), "matchLabelKeys": [GATEWAY_NAME_LABEL], "topologyKey": HOSTNAME});
@@ -76,13 +99,13 @@ fn pod_overlay(class: &GatewayClassSpec) -> Option<Value> {
             SpreadMode::Required => {
                 pod.insert(
                     "affinity".into(),
-                    json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}),
+                    json!({"podAntiAffinity": replace(json!({"requiredDuringSchedulingIgnoredDuringExecution": [term]}))}),
                 );
             }
             SpreadMode::Preferred => {
                 pod.insert(
                     "affinity".into(),
-                    json!({"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "podAffinityTerm": term}]}}),
+                    json!({"podAntiAffinity": replace(json!({"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "podAffinityTerm": term}]}))}),
                 );
             }
             SpreadMode::Off => {}
@@ -217,15 +240,19 @@ pub fn decide(
 
 /// The advice for a class whose defaults somebody else keeps: the keys to add to theirs.
 pub fn advice(class: &str, want: &BTreeMap<String, String>, holders: &[String]) -> String {
-    let keys: Vec<String> = want
-        .iter()
-        .map(|(k, v)| format!("{k}: |\n{}", indent(v)))
-        .collect();
     format!(
         "ConfigMap {} already holds the defaults of GatewayClass {class} (istiod reads only the oldest ConfigMap labelled {DEFAULTS_FOR_CLASS}={class}), so meshwarden writes none; add to its data:\n{}",
         holders.join(", "),
-        keys.join("\n")
+        data_yaml(want)
     )
+}
+
+/// `want` as the `data` of a ConfigMap in YAML, each overlay a block.
+fn data_yaml(want: &BTreeMap<String, String>) -> String {
+    want.iter()
+        .map(|(k, v)| format!("{k}: |\n{}", indent(v)))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn indent(s: &str) -> String {
@@ -243,16 +270,23 @@ pub struct Rendered {
     pub namespace: String,
     pub name: String,
     pub class: String,
+    /// The Gateway it was rendered for ([`GATEWAY_NAME_LABEL`]).
+    pub gateway: String,
 }
 
-/// The rendered objects to delete: those whose class's live ConfigMap of meshwarden no longer
-/// carries their overlay key. `live` maps a class to the keys of meshwarden's ConfigMap as read
-/// at the start of this pass (a class without one: absent). Objects of a ConfigMap removed in
-/// this same pass wait for the next, once istiod has re-rendered without it.
-pub fn left_behind(
-    rendered: &[Rendered],
-    live: &BTreeMap<String, BTreeSet<String>>,
-) -> Vec<Rendered> {
+/// The overlay keys of meshwarden's ConfigMaps as read at the start of a pass: per class (its
+/// class defaults) and per Gateway selected by name (the ConfigMap it references).
+#[derive(Clone, Debug, Default)]
+pub struct LiveKeys {
+    pub classes: BTreeMap<String, BTreeSet<String>>,
+    pub gateways: BTreeMap<GatewayRef, BTreeSet<String>>,
+}
+
+/// The rendered objects to delete: those for which neither meshwarden's live class defaults of
+/// their class nor meshwarden's live ConfigMap of their Gateway carries their overlay key (a
+/// class or Gateway without one: absent). Objects of a ConfigMap removed in this same pass
+/// wait for the next, once istiod has re-rendered without it.
+pub fn left_behind(rendered: &[Rendered], live: &LiveKeys) -> Vec<Rendered> {
     let mut out: Vec<Rendered> = rendered
         .iter()
         .filter(|r| {
@@ -261,10 +295,158 @@ pub fn left_behind(
             } else {
                 PDB_KEY
             };
-            !live.get(&r.class).is_some_and(|keys| keys.contains(key))
+            let gateway = GatewayRef {
+                namespace: r.namespace.clone(),
+                name: r.gateway.clone(),
+            };
+            let by_class = live.classes.get(&r.class);
+            let by_gateway = live.gateways.get(&gateway);
+            ![by_class, by_gateway]
+                .iter()
+                .flatten()
+                .any(|keys| keys.contains(key))
         })
         .cloned()
         .collect();
     out.sort();
     out
+}
+
+/// The label on meshwarden's per-Gateway ConfigMaps: the Gateway's name.
+pub const PARAMETERS_FOR: &str = "meshwarden.io/gateway-parameters";
+
+/// What a Gateway selected by name is held at: what its entry declares, each field it leaves
+/// out from its class's entry (when the policy declares its class).
+pub fn effective(entry: &GatewayPosture, class: Option<&GatewayPosture>) -> GatewayPosture {
+    let class = class.cloned().unwrap_or_default();
+    GatewayPosture {
+        replicas: entry.replicas.clone().or(class.replicas),
+        disruption_budget: entry.disruption_budget.clone().or(class.disruption_budget),
+        spread: entry.spread.clone().or(class.spread),
+        resources: entry.resources.clone().or(class.resources),
+    }
+}
+
+/// The `data` of the ConfigMap a Gateway selected by name references: the overlays of its
+/// effective posture, written whole over whatever its class's defaults set ([`layered`]).
+pub fn gateway_overlays(posture: &GatewayPosture, policy: &str) -> BTreeMap<String, String> {
+    layered(posture, policy, true)
+}
+
+/// The name of the ConfigMap meshwarden keeps in a Gateway's namespace for `policy`: a hash
+/// when the two names do not fit into one.
+pub fn gateway_config_map_name(policy: &str, gateway: &str) -> String {
+    let name = format!("meshwarden-{policy}-{gateway}");
+    if name.len() <= 253 {
+        return name;
+    }
+    let hash = crate::hash::fnv1a(format!("{policy}/{gateway}").as_bytes());
+    format!("meshwarden-{hash:016x}")
+}
+
+/// The server-side apply of that ConfigMap: meshwarden's labels, [`PARAMETERS_FOR`] and the
+/// overlays; owned by the Gateway (`owner`), so that it never goes while the Gateway can
+/// still reference it (istiod renders nothing for a Gateway whose parametersRef names a
+/// missing ConfigMap), and goes with the Gateway.
+pub fn gateway_config_map(
+    policy: &str,
+    gateway: &GatewayRef,
+    data: &BTreeMap<String, String>,
+    owner: Option<OwnerReference>,
+) -> Value {
+    let mut labels = crate::write::labels(policy);
+    labels.insert(PARAMETERS_FOR.to_string(), gateway.name.clone());
+    let mut meta = json!({
+        "name": gateway_config_map_name(policy, &gateway.name),
+        "namespace": gateway.namespace,
+        "labels": labels,
+    });
+    if let Some(o) = owner {
+        meta["ownerReferences"] = json!([o]);
+    }
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
+}
+
+/// The server-side apply of a Gateway by meshwarden: only `spec.infrastructure.parametersRef`
+/// naming `config_map`, or nothing at all (`None`), which gives the field up: the API server
+/// removes it when meshwarden was its only manager.
+pub fn gateway_reference(gateway: &GatewayRef, config_map: Option<&str>) -> Value {
+    let mut patch = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": gateway.name, "namespace": gateway.namespace},
+    });
+    if let Some(cm) = config_map {
+        patch["spec"] = json!({"infrastructure": {"parametersRef": {"group": "", "kind": "ConfigMap", "name": cm}}});
+    }
+    patch
+}
+
+/// A Gateway by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GatewayRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for GatewayRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A Gateway's `spec.infrastructure.parametersRef` as read: (group, kind, name).
+pub type ParametersRef = (String, String, String);
+
+/// What to do for one Gateway selected by name.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GatewayPlan {
+    /// No such Gateway.
+    Missing,
+    /// Apply meshwarden's ConfigMap (missing, or its data differs), and then the Gateway's
+    /// reference to it when `reference` (the Gateway references nothing yet).
+    Write { reference: bool },
+    /// The Gateway references meshwarden's ConfigMap, which holds the declaration.
+    Current,
+    /// The Gateway references somebody else's parameters (`kind/name`): istiod reads one
+    /// per Gateway, so meshwarden writes none and says what to add to theirs.
+    Foreign(String),
+}
+
+/// Decides one Gateway: `exists` whether it does, `reference` its parametersRef, `own` the
+/// name of meshwarden's ConfigMap for it and `live` that ConfigMap's data as read.
+pub fn decide_gateway(
+    want: &BTreeMap<String, String>,
+    exists: bool,
+    reference: Option<&ParametersRef>,
+    own: &str,
+    live: Option<&BTreeMap<String, String>>,
+) -> GatewayPlan {
+    if !exists {
+        return GatewayPlan::Missing;
+    }
+    match reference {
+        Some(r) if !is_own(r, own) => GatewayPlan::Foreign(format!("{}/{}", r.1, r.2)),
+        Some(_) if live == Some(want) => GatewayPlan::Current,
+        reference => GatewayPlan::Write {
+            reference: reference.is_none(),
+        },
+    }
+}
+
+/// Whether a parametersRef names meshwarden's ConfigMap `own` (in the Gateway's namespace,
+/// the only one istiod reads it from).
+pub fn is_own(reference: &ParametersRef, own: &str) -> bool {
+    reference.0.is_empty() && reference.1 == "ConfigMap" && reference.2 == own
+}
+
+/// The advice for a Gateway that references somebody else's parameters.
+pub fn gateway_advice(
+    gateway: &GatewayRef,
+    holder: &str,
+    want: &BTreeMap<String, String>,
+) -> String {
+    format!(
+        "Gateway {gateway} already references {holder} in spec.infrastructure.parametersRef (istiod reads one per Gateway, over its class's defaults), so meshwarden writes none; add to its data:\n{}",
+        data_yaml(want)
+    )
 }
