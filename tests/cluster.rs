@@ -16,6 +16,8 @@ mod behaviour;
 mod certificates;
 #[path = "cluster/gateway_api.rs"]
 mod gateway_api;
+#[path = "cluster/gateway_api_by_name.rs"]
+mod gateway_api_by_name;
 #[path = "cluster/helm_lifecycle.rs"]
 mod helm_lifecycle;
 #[path = "cluster/plan.rs"]

@@ -17,7 +17,7 @@ use super::*;
 
 const CLASS_DEFAULTS: &str = "gateway.istio.io/defaults-for-class";
 
-fn gateways_api(client: &Client, ns: &str) -> Api<DynamicObject> {
+pub(super) fn gateways_api(client: &Client, ns: &str) -> Api<DynamicObject> {
     let ar = ApiResource {
         group: "gateway.networking.k8s.io".into(),
         version: "v1".into(),
@@ -30,7 +30,12 @@ fn gateways_api(client: &Client, ns: &str) -> Api<DynamicObject> {
 
 /// Gateway `name` of `class`, labelled `labels`, annotated `rerender: <n>` (istiod renders
 /// the Gateway's annotations into its Deployment, so each new value is a re-render).
-fn gateway(name: &str, class: &str, labels: serde_json::Value, n: u32) -> serde_json::Value {
+pub(super) fn gateway(
+    name: &str,
+    class: &str,
+    labels: serde_json::Value,
+    n: u32,
+) -> serde_json::Value {
     let listener = match class {
         "istio-waypoint" => json!({"name": "mesh", "port": 15008, "protocol": "HBONE"}),
         _ => json!({"name": "http", "port": 80, "protocol": "HTTP"}),
@@ -73,9 +78,9 @@ async fn apply_gateways(client: &Client, ns: &str, n: u32) {
 
 /// What the test reads of the gateway: (available replicas, zone spread in the template,
 /// HPA minReplicas, PDB maxUnavailable).
-type Posture = (i32, bool, Option<i32>, Option<String>);
+pub(super) type Posture = (i32, bool, Option<i32>, Option<String>);
 
-async fn posture(client: &Client, ns: &str, name: &str) -> Posture {
+pub(super) async fn posture(client: &Client, ns: &str, name: &str) -> Posture {
     let d = Api::<Deployment>::namespaced(client.clone(), ns)
         .get_opt(name)
         .await
@@ -114,7 +119,7 @@ async fn posture(client: &Client, ns: &str, name: &str) -> Posture {
 }
 
 /// The zones of the running pods of Gateway `gateway`.
-async fn zones(client: &Client, ns: &str, gateway: &str) -> BTreeSet<String> {
+pub(super) async fn zones(client: &Client, ns: &str, gateway: &str) -> BTreeSet<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let nodes: Api<Node> = Api::all(client.clone());
     let mut out = BTreeSet::new();
@@ -186,8 +191,86 @@ where
     .await
 }
 
+/// Deployment `name` as istiod rendered it, asserting that it rendered re-render `n` (the
+/// Gateway's annotation `rerender`).
+pub(super) async fn rerendered(client: &Client, ns: &str, name: &str, n: u32) -> Deployment {
+    let d = Api::<Deployment>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap();
+    let rendered = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get("test.meshwarden.io/rerender").cloned());
+    assert_eq!(
+        rendered,
+        Some(n.to_string()),
+        "2. istiod re-rendered {name}"
+    );
+    d
+}
+
+/// The test's environment on the shared cluster, with the Gateway API CRDs installed.
+pub(super) async fn env_with_crds(prefix: &str) -> common::Env {
+    let env = common::cluster_env(prefix).await;
+    testplane::apply_yaml(
+        &env.client,
+        &testplane::istio::gateway_api_crds().unwrap(),
+        &[],
+    )
+    .await
+    .expect("install the Gateway API CRDs");
+    env
+}
+
+/// Reads the available replicas of Deployments every 200 ms, keeping the lowest.
+pub(super) struct Sampler {
+    lowest: Arc<AtomicI32>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<u32>,
+}
+
+impl Sampler {
+    pub(super) fn start(client: &Client, ns: &str, deployments: Vec<String>) -> Sampler {
+        let lowest = Arc::new(AtomicI32::new(i32::MAX));
+        let stop = Arc::new(AtomicBool::new(false));
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), ns);
+        let (low, halt) = (lowest.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut samples = 0u32;
+            while !halt.load(SeqCst) {
+                for name in &deployments {
+                    let available = deploys
+                        .get(name)
+                        .await
+                        .ok()
+                        .and_then(|d| d.status)
+                        .and_then(|s| s.available_replicas)
+                        .unwrap_or(0);
+                    low.fetch_min(available, SeqCst);
+                }
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            samples
+        });
+        Sampler { lowest, stop, task }
+    }
+
+    /// Stops sampling; asserts that each Deployment always had an available replica.
+    pub(super) async fn finish(self, what: &str) {
+        self.stop.store(true, SeqCst);
+        let samples = self.task.await.unwrap();
+        let lowest = self.lowest.load(SeqCst);
+        eprintln!("{what} sampled {samples} times; lowest available replicas {lowest}");
+        assert!(lowest >= 1, "{what}: no available replica at some point");
+    }
+}
+
 /// The GatewayAPIHA condition as (status, reason, message).
-async fn condition(api: &Api<MeshPolicy>, name: &str) -> (String, String, String) {
+pub(super) async fn condition(api: &Api<MeshPolicy>, name: &str) -> (String, String, String) {
     let p = api.get(name).await.unwrap();
     common::condition(&p, "GatewayAPIHA")
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
@@ -210,14 +293,7 @@ async fn condition(api: &Api<MeshPolicy>, name: &str) -> (String, String, String
 /// Through every step each gateway has a replica available (sampled every 200 ms).
 #[tokio::test]
 async fn gateway_api_gateways_and_waypoints_reach_ha_through_istiods_defaults() {
-    let env = common::cluster_env("gwapi").await;
-    testplane::apply_yaml(
-        &env.client,
-        &testplane::istio::gateway_api_crds().unwrap(),
-        &[],
-    )
-    .await
-    .expect("install the Gateway API CRDs");
+    let env = env_with_crds("gwapi").await;
     // The waypoint class: deployed by an istiod with ambient on (the plane's own runs without).
     let waypoints = testplane::istio::start_revision_with_env(
         &env.plane.dir,
@@ -250,31 +326,11 @@ async fn gateway_api_gateways_and_waypoints_reach_ha_through_istiods_defaults() 
     )
     .await;
     // Sampled from here on: each gateway always has an available replica.
-    let lowest = Arc::new(AtomicI32::new(i32::MAX));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let (client, ns, lowest, stop) =
-            (env.client.clone(), ns.clone(), lowest.clone(), stop.clone());
-        tokio::spawn(async move {
-            let deploys: Api<Deployment> = Api::namespaced(client, &ns);
-            let mut samples = 0u32;
-            while !stop.load(SeqCst) {
-                for (_, _, name, _) in gateways() {
-                    let available = deploys
-                        .get(name)
-                        .await
-                        .ok()
-                        .and_then(|d| d.status)
-                        .and_then(|s| s.available_replicas)
-                        .unwrap_or(0);
-                    lowest.fetch_min(available, SeqCst);
-                }
-                samples += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            samples
-        })
-    };
+    let sampler = Sampler::start(
+        &env.client,
+        &ns,
+        gateways().iter().map(|g| g.2.to_string()).collect(),
+    );
 
     let class_spec = "    replicas: {min: 2}
     disruptionBudget: {maxUnavailable: 1}
@@ -347,21 +403,7 @@ async fn gateway_api_gateways_and_waypoints_reach_ha_through_istiods_defaults() 
         }
     }
     for (_, _, name, _) in gateways() {
-        let d = Api::<Deployment>::namespaced(env.client.clone(), &ns)
-            .get(name)
-            .await
-            .unwrap();
-        let rendered = d
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.metadata.as_ref())
-            .and_then(|m| m.annotations.as_ref())
-            .and_then(|a| a.get("test.meshwarden.io/rerender").cloned());
-        assert_eq!(
-            rendered.as_deref(),
-            Some("5"),
-            "2. istiod re-rendered {name}"
-        );
+        let d = rerendered(&env.client, &ns, name, 5).await;
         let managers: Vec<String> = d
             .managed_fields()
             .iter()
@@ -550,14 +592,7 @@ async fn gateway_api_gateways_and_waypoints_reach_ha_through_istiods_defaults() 
     )
     .await;
 
-    stop.store(true, SeqCst);
-    let samples = sampler.await.unwrap();
-    let lowest = lowest.load(SeqCst);
-    eprintln!("gateways sampled {samples} times; lowest available replicas {lowest}");
-    assert!(
-        lowest >= 1,
-        "a gateway had no available replica at some point"
-    );
+    sampler.finish("gateways").await;
     op.stop().await;
     for (name, _, _, _) in gateways() {
         gateways_api(&env.client, &ns)
