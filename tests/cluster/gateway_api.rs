@@ -10,6 +10,7 @@
 use std::sync::atomic::AtomicBool;
 
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{ApiResource, DynamicObject};
 
 use super::behaviour::zone_of;
@@ -111,11 +112,16 @@ pub(super) async fn posture(client: &Client, ns: &str, name: &str) -> Posture {
         .unwrap()
         .and_then(|b| b.spec)
         .and_then(|s| s.max_unavailable)
-        .map(|v| match v {
-            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i) => i.to_string(),
-            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s,
-        });
+        .map(text);
     (available, spread, hpa, pdb)
+}
+
+/// A budget's count or percentage as text.
+pub(super) fn text(v: IntOrString) -> String {
+    match v {
+        IntOrString::Int(i) => i.to_string(),
+        IntOrString::String(s) => s,
+    }
 }
 
 /// The zones of the running pods of Gateway `gateway`.

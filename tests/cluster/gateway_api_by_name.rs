@@ -8,7 +8,8 @@
 use kube::api::DynamicObject;
 
 use super::gateway_api::{
-    Posture, Sampler, condition, env_with_crds, gateway, gateways_api, posture, rerendered, zones,
+    Posture, Sampler, condition, env_with_crds, gateway, gateways_api, posture, rerendered, text,
+    zones,
 };
 use super::*;
 
@@ -42,6 +43,36 @@ async fn reported(api: &Api<MeshPolicy>, policy: &str, reason: &str, says: &[&st
     assert!(says.iter().all(|s| c.2.contains(s)), "{}", c.2);
 }
 
+/// What the two layers of overlays became in Deployment `name`: (HPA minReplicas, PDB
+/// (minAvailable, maxUnavailable), pod anti-affinity (required, preferred)).
+type Layers = (Option<i32>, (Option<String>, Option<String>), (bool, bool));
+
+async fn layers(client: &Client, ns: &str, name: &str) -> Layers {
+    let (_, _, hpa, _) = posture(client, ns, name).await;
+    let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .unwrap()
+        .and_then(|b| b.spec)
+        .map(|s| (s.min_available.map(text), s.max_unavailable.map(text)))
+        .unwrap_or_default();
+    let anti = Api::<Deployment>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .unwrap()
+        .and_then(|d| d.spec?.template.spec?.affinity?.pod_anti_affinity)
+        .map(|a| {
+            (
+                a.required_during_scheduling_ignored_during_execution
+                    .is_some_and(|t| !t.is_empty()),
+                a.preferred_during_scheduling_ignored_during_execution
+                    .is_some_and(|t| !t.is_empty()),
+            )
+        })
+        .unwrap_or_default();
+    (hpa, pdb, anti)
+}
+
 async fn config_map(client: &Client, ns: &str, name: &str) -> Option<ConfigMap> {
     Api::<ConfigMap>::namespaced(client.clone(), ns)
         .get_opt(name)
@@ -55,6 +86,10 @@ async fn config_map(client: &Client, ns: &str, name: &str) -> Option<ConfigMap> 
 ///    of the Gateway's parametersRef.
 /// 2. istiod re-renders three times (annotation changes on both Gateways, applied by another
 ///    manager): zero writes by meshwarden, nothing reverted.
+/// 2b. The policy declares the class too, with another budget form and required node spread:
+///    the other Gateway takes the class's posture; istiod lays the selected Gateway's
+///    overlays over the class's and renders its entry's (the class's `minAvailable` nulled,
+///    its required anti-affinity replaced).
 /// 3. Audit: the parametersRef and the ConfigMap go, then the HPA and PDB istiod leaves
 ///    behind; the finalizer goes.
 /// 4. Somebody else's parametersRef, then Enforce: meshwarden writes nothing and says what to
@@ -183,6 +218,35 @@ gatewayApi:
         Some(cm.clone()),
         "2. the other manager's applies keep the reference"
     );
+
+    // 2b. The class declared too: each Gateway at its own entry's posture.
+    let with_class = spec.replace(
+        "gatewayApi:\n",
+        &format!("gatewayApi:\n  classes:\n  - className: {class}\n    replicas: {{min: 3}}\n    disruptionBudget: {{minAvailable: 1}}\n    spread: {{nodes: Required, zones: Preferred}}\n"),
+    );
+    env.set_spec("gwname", &with_class).await;
+    common::eventually(
+        120,
+        "2b. internal at the class's posture, public at its own",
+        || async {
+            let i = layers(&env.client, &ns, &internal).await;
+            let p = layers(&env.client, &ns, &public).await;
+            let class_posture = (Some(3), (Some("1".into()), None), (true, false));
+            let own = (Some(2), (None, Some("1".into())), (false, true));
+            (i == class_posture && p == own).then_some(())
+        },
+    )
+    .await;
+    common::eventually(120, "2b. GatewayAPIHA True", || async {
+        (condition(&api, &policy).await.0 == "True").then_some(())
+    })
+    .await;
+    env.set_spec("gwname", &spec).await;
+    common::eventually(120, "2b. the class let go", || async {
+        let i = posture(&env.client, &ns, &internal).await;
+        (i.2.is_none() && !i.1).then_some(())
+    })
+    .await;
 
     // 3. Audit: the reference, the ConfigMap, then what istiod left behind, go.
     env.set_spec(
