@@ -5,9 +5,11 @@
 //! labelled `gateway.istio.io/defaults-for-class: <class>` in its own namespace; meshwarden
 //! keeps one per declared class (Enforce), owned by the policy, and only where nobody else
 //! keeps the class's defaults (istiod reads only the oldest). What istiod renders from it is
-//! then judged by what runs, as for the other HA targets. Removing the section, switching
-//! to Audit or deleting the policy removes the ConfigMap, and afterwards the HPA and PDB
-//! istiod rendered from it, which istiod itself leaves behind.
+//! then judged by what runs, as for the other HA targets. Gateways selected by name get a
+//! ConfigMap of their own that their `parametersRef` names (module `gateways`). Removing the
+//! section, switching to Audit or deleting the policy removes the ConfigMaps (and the
+//! references), and afterwards the HPA and PDB istiod rendered from them, which istiod itself
+//! leaves behind.
 
 mod gateways;
 pub(crate) mod observe;
