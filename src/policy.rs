@@ -118,16 +118,12 @@ pub fn resolve(policy: &MeshPolicy, all: &[&MeshPolicy]) -> (MeshPolicySpec, Vec
 
         // One class's defaults: a class both declare differently stays with the older policy.
         if let (Some(mine), Some(theirs)) = (spec.gateway_api.as_mut(), &other.spec.gateway_api) {
-            mine.classes.retain(|c| {
-                let differs = theirs
-                    .classes
-                    .iter()
-                    .any(|t| t.class_name == c.class_name && t != c);
-                if differs {
-                    note(format!("gatewayApi.classes[{}]", c.class_name));
-                }
-                !differs
-            });
+            let class = |c: &crate::api::GatewayClassSpec| format!("classes[{}]", c.class_name);
+            drop_entries_that_differ(&mut mine.classes, &theirs.classes, class, &mut note);
+            // One Gateway selected by name: likewise.
+            let gateway =
+                |g: &crate::api::GatewayRefSpec| format!("gateways[{}/{}]", g.namespace, g.name);
+            drop_entries_that_differ(&mut mine.gateways, &theirs.gateways, gateway, &mut note);
         }
 
         if let (Some(mine), Some(theirs)) = (&spec.sidecars, &other.spec.sidecars)
@@ -175,6 +171,23 @@ fn drop_if_differs<T: PartialEq>(
         note(field.to_string());
         *mine = None;
     }
+}
+
+/// Drops the entries of `mine` that `theirs` declares differently (the same `key`, under
+/// `gatewayApi.`), noting each.
+fn drop_entries_that_differ<T: PartialEq>(
+    mine: &mut Vec<T>,
+    theirs: &[T],
+    key: impl Fn(&T) -> String,
+    note: &mut impl FnMut(String),
+) {
+    mine.retain(|m| {
+        let differs = theirs.iter().any(|t| key(t) == key(m) && t != m);
+        if differs {
+            note(format!("gatewayApi.{}", key(m)));
+        }
+        !differs
+    });
 }
 
 #[cfg(test)]
@@ -273,22 +286,33 @@ mod tests {
     }
 
     #[test]
-    fn gateway_api_classes_conflict_by_class() {
+    fn gateway_api_classes_and_gateways_conflict_by_key() {
         let old = policy(
             "old",
             1,
-            "gatewayApi: {classes: [{className: istio, replicas: {min: 2}}]}",
+            "gatewayApi: {classes: [{className: istio, replicas: {min: 2}}], gateways: [{name: public, namespace: edge, replicas: {min: 2}}]}",
         );
         let new = policy(
             "new",
             2,
-            "gatewayApi: {classes: [{className: istio, replicas: {min: 3}}, {className: istio-waypoint, replicas: {min: 2}}]}",
+            "gatewayApi: {classes: [{className: istio, replicas: {min: 3}}, {className: istio-waypoint, replicas: {min: 2}}], gateways: [{name: public, namespace: edge, replicas: {min: 3}}, {name: public, namespace: other}]}",
         );
         let (spec, conflicts) = resolve(&new, &[&old, &new]);
-        let classes = spec.gateway_api.unwrap().classes;
-        assert_eq!(classes.len(), 1);
-        assert_eq!(classes[0].class_name, "istio-waypoint");
-        assert_eq!(conflicts[0].field, "gatewayApi.classes[istio]");
-        assert_eq!(conflicts[0].winner, "old");
+        let section = spec.gateway_api.unwrap();
+        assert_eq!(section.classes.len(), 1);
+        assert_eq!(section.classes[0].class_name, "istio-waypoint");
+        assert_eq!(section.gateways.len(), 1);
+        assert_eq!(section.gateways[0].namespace, "other");
+        let fields: Vec<&str> = conflicts.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "gatewayApi.classes[istio]",
+                "gatewayApi.gateways[edge/public]"
+            ]
+        );
+        assert!(conflicts.iter().all(|c| c.winner == "old"));
+        let (_, none) = resolve(&old, &[&old, &new]);
+        assert!(none.is_empty(), "the older policy keeps its entries");
     }
 }
