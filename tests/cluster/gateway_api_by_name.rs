@@ -13,6 +13,9 @@ use super::gateway_api::{
 };
 use super::*;
 
+/// The annotation of a policy that may hold Gateways selected by name.
+const HOLDS: &str = "meshwarden.io/gateway-parameters";
+
 /// The Gateway as the test reads it: its parametersRef (name), and the managers of that
 /// field.
 async fn reference(client: &Client, ns: &str, name: &str) -> (Option<String>, Vec<String>) {
@@ -180,6 +183,11 @@ gatewayApi:
         untouched,
         "1. the other Gateway of the class is untouched"
     );
+    let p = api.get(&policy).await.unwrap();
+    assert!(
+        p.annotations().contains_key(HOLDS),
+        "1. the policy is marked as holding Gateways"
+    );
     assert_eq!(
         reference(&env.client, &ns, "public").await,
         (Some(cm.clone()), vec!["meshwarden".to_string()]),
@@ -268,10 +276,14 @@ gatewayApi:
         &["Audit mode", "parameters of Gateway"],
     )
     .await;
-    common::eventually(60, "3. Audit: the finalizer removed", || async {
-        let p = api.get(&policy).await.ok()?;
-        p.finalizers().is_empty().then_some(())
-    })
+    common::eventually(
+        60,
+        "3. Audit: the finalizer and the mark removed",
+        || async {
+            let p = api.get(&policy).await.ok()?;
+            (p.finalizers().is_empty() && !p.annotations().contains_key(HOLDS)).then_some(())
+        },
+    )
     .await;
 
     // 4. Somebody else's parameters: nothing written, advice; then meshwarden's come back.

@@ -46,7 +46,7 @@ pub(super) async fn sync(
     out: &mut Synced,
 ) -> Result<BTreeMap<GatewayRef, BTreeSet<String>>> {
     let name = policy.name_any();
-    let all = if entries.is_empty() && !super::has_finalizer(policy) {
+    let all = if entries.is_empty() && !super::holds_gateways(policy) {
         BTreeMap::new()
     } else {
         observe::gateways(ctx).await?
@@ -67,7 +67,8 @@ pub(super) async fn sync(
             live.insert(g.clone(), data);
         }
     }
-    out.clean &= held.is_empty() && live.is_empty();
+    out.gateways_clean = held.is_empty() && live.is_empty();
+    out.clean &= out.gateways_clean;
     let mut kept = BTreeSet::new();
     for entry in entries {
         let gw = id(entry);

@@ -57,16 +57,31 @@ fn has_finalizer(policy: &MeshPolicy) -> bool {
     policy.finalizers().iter().any(|f| f == FINALIZER)
 }
 
-/// Adds or removes [`FINALIZER`] (server-side apply: meshwarden owns that one entry only).
-/// Not in a plan's dry runs.
-async fn set_finalizer(ctx: &Context, policy: &MeshPolicy, on: bool) -> Result<()> {
-    if ctx.writes.dry_runs().is_some() || has_finalizer(policy) == on {
+/// The annotation meshwarden keeps on a policy that may hold Gateways selected by name (their
+/// `parametersRef` set to its ConfigMaps): only such a policy reads the Gateways (a list), to
+/// find those it must let go; the others never do.
+pub const HOLDS_GATEWAYS: &str = "meshwarden.io/gateway-parameters";
+
+/// Whether the policy carries [`HOLDS_GATEWAYS`].
+fn holds_gateways(policy: &MeshPolicy) -> bool {
+    policy.annotations().contains_key(HOLDS_GATEWAYS)
+}
+
+/// Sets [`FINALIZER`] and [`HOLDS_GATEWAYS`] as `(finalizer, gateways)` say, by server-side
+/// apply: meshwarden owns that finalizer entry and that annotation only, and an apply without
+/// one removes it. Not in a plan's dry runs.
+async fn set_marks(ctx: &Context, policy: &MeshPolicy, marks: (bool, bool)) -> Result<()> {
+    let (finalizer, gateways) = marks;
+    if ctx.writes.dry_runs().is_some() || (has_finalizer(policy), holds_gateways(policy)) == marks {
         return Ok(());
     }
     let api: Api<MeshPolicy> = Api::all(ctx.client.clone());
     let mut meta = serde_json::json!({"name": policy.name_any()});
-    if on {
+    if finalizer {
         meta["finalizers"] = serde_json::json!([FINALIZER]);
+    }
+    if gateways {
+        meta["annotations"] = serde_json::json!({HOLDS_GATEWAYS: "true"});
     }
     let patch = serde_json::json!({
         "apiVersion": "meshwarden.io/v1alpha1", "kind": "MeshPolicy", "metadata": meta
@@ -88,6 +103,9 @@ struct Synced {
     pending: bool,
     /// Nothing of meshwarden's was there at the start of the pass.
     clean: bool,
+    /// No Gateway referenced one of meshwarden's ConfigMaps, and none of those was there, at
+    /// the start of the pass.
+    gateways_clean: bool,
 }
 
 /// Holds meshwarden's class-defaults ConfigMaps at `wants` (class -> overlays) and the
@@ -195,7 +213,7 @@ pub async fn release(ctx: &Context, policy: &MeshPolicy) -> RuleReport {
     match sync(ctx, policy, (&BTreeMap::new(), None), false).await {
         Ok(s) => {
             if s.clean
-                && let Err(e) = set_finalizer(ctx, policy, false).await
+                && let Err(e) = set_marks(ctx, policy, (false, false)).await
             {
                 return RuleReport::failed(ctype(), &e);
             }
@@ -216,7 +234,7 @@ pub async fn finalize(ctx: &Context, policy: &MeshPolicy) -> Result<bool> {
     }
     let s = sync(ctx, policy, (&BTreeMap::new(), None), false).await?;
     if s.clean {
-        set_finalizer(ctx, policy, false).await?;
+        set_marks(ctx, policy, (false, false)).await?;
     }
     Ok(s.clean)
 }
@@ -261,10 +279,15 @@ async fn evaluate(
         .map(|c| (c.class_name.clone(), plan::overlays(&c.posture, &name)))
         .collect();
     let write = enforce && support == Support::Yes;
+    // Marked before anything is written: a pass that stops half-way still knows to look.
+    let marked = holds_gateways(policy) || !spec.gateways.is_empty();
     if write {
-        set_finalizer(ctx, policy, true).await?;
+        set_marks(ctx, policy, (true, marked)).await?;
     }
     let synced = sync(ctx, policy, (&wants, Some(spec)), write).await?;
+    if write && marked && spec.gateways.is_empty() && synced.gateways_clean {
+        set_marks(ctx, policy, (true, false)).await?;
+    }
     let mut report = RuleReport::new(Observed::new(ctype(), Status::True, reasons::COMPLIANT, ""));
     let mut msg: Vec<String> = Vec::new();
     let mut reason: Option<&'static str> = None;
@@ -469,7 +492,7 @@ async fn evaluate(
     };
     report.condition = Observed::new(ctype(), status, reason, msg.join(". "));
     if !write && synced.clean {
-        set_finalizer(ctx, policy, false).await?;
+        set_marks(ctx, policy, (false, false)).await?;
     }
     Ok(report)
 }
