@@ -361,7 +361,10 @@ print(json.dumps({"apiVersion": "v1", "kind": "Pod",
     echo "-- RBAC of system:serviceaccount:$NAMESPACE:$RELEASE (SubjectAccessReviews)"
     for v in get list watch; do sar YES "$v" meshwarden.io meshpolicies - -; done
     for v in get patch update; do sar YES "$v" meshwarden.io meshpolicies status -; done
-    for v in create update patch delete; do sar NO "$v" meshwarden.io meshpolicies - -; done
+    # patch: the finalizers of the sections that clean up (gatewayApi) and the annotation
+    # meshwarden.io/gateway-parameters; never create, update or delete.
+    sar YES patch meshwarden.io meshpolicies - -
+    for v in create update delete; do sar NO "$v" meshwarden.io meshpolicies - -; done
     for v in create patch; do sar YES "$v" events.k8s.io events - default; done
     sar NO create - events - default
     for r in deployments statefulsets daemonsets; do
@@ -379,8 +382,15 @@ print(json.dumps({"apiVersion": "v1", "kind": "Pod",
       for v in get list watch; do sar YES "$v" - "$r" - -; done
       sar NO patch - "$r" - -
     done
-    sar NO create - pods eviction istio-system
-    for r in secrets configmaps serviceaccounts; do sar NO get - "$r" - istio-system; sar NO list - "$r" - -; done
+    # Evictions through the budgets (spread.rebalance: Evict); never a pod delete.
+    sar YES create - pods eviction istio-system
+    sar NO delete - pods - istio-system
+    for r in secrets configmaps serviceaccounts; do sar NO list - "$r" - -; done
+    for r in secrets serviceaccounts; do sar NO get - "$r" - istio-system; done
+    # istiod's namespace: the gatewayApi class-defaults ConfigMaps meshwarden owns there.
+    for v in get create patch delete; do sar YES "$v" - configmaps - istio-system; done
+    sar NO update - configmaps - istio-system
+    sar NO get - configmaps - default
     # The mesh config: ConfigMaps listed and watched in istiod's namespace only.
     for v in list watch; do sar YES "$v" - configmaps - istio-system; sar NO "$v" - configmaps - default; done
     # Root certificates: the istio-ca-root-cert ConfigMaps by name, in every namespace; no get.

@@ -20,7 +20,8 @@ hack/check-monitoring.sh
 MESHWARDEN_IMAGE=$(hack/image.sh | tail -n 1 | cut -d' ' -f1)
 export MESHWARDEN_IMAGE
 cargo test --workspace --locked
-if [ -x hack/check-chart.sh ]; then
-  hack/check-chart.sh
-fi
+# The chart's checks, with its API server stage: the manifests apply, the pod passes the
+# restricted Pod Security admission, and the ServiceAccount has exactly the permissions the
+# script expects (20-30 s with the binaries built above).
+hack/check-chart.sh --apiserver
 echo "==> all tests passed in $(( $(date +%s) - start ))s" >&2
