@@ -31,7 +31,10 @@ async fn report_sections_follow_what_they_read_of_workloads_and_pods() {
     let env = common::env("rep-trig").await;
     let id = env.id.clone();
     let ns = env.namespace("apps", &[(LABEL, &id)]).await;
-    let op = env.start_operator().await;
+    // istiod's namespace (and so the root namespace) of its own: the other tests' objects in
+    // istio-system (root DestinationRules) concern its sections neither.
+    let istio = env.namespace("istio", &[]).await;
+    let op = env.start_operator_in(&istio).await;
     let select = format!("namespaceSelector: {{matchLabels: {{{LABEL}: {id}}}}}");
     env.create_policy(
         "p",
