@@ -44,6 +44,11 @@ fn populated() -> Arc<Metrics> {
         })
         .inc();
     m.reconcile_duration.observe(0.02);
+    m.section_evaluations
+        .get_or_create(&meshwarden::telemetry::SectionLabels {
+            section: "sidecars".into(),
+        })
+        .inc();
     m.set_rule_reasons(
         "production",
         &BTreeMap::from([("SidecarResources".into(), "RolloutHeld".into())]),
