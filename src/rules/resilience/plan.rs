@@ -104,7 +104,11 @@ pub struct NamespaceFindings {
     pub services: usize,
     /// Services with at least one gap.
     pub failing: BTreeSet<String>,
+    /// The first [`NAMED`] gaps, the ones a violation describes (5,000 failing Services do
+    /// not keep 5,000 gaps in memory for five lines).
     pub gaps: Vec<Gap>,
+    /// Every gap, named or not.
+    pub gap_count: usize,
     /// Mesh routes of the namespace's VirtualServices (when `routeTimeouts` is required).
     pub routes: routes::Findings,
     /// The namespace's workloads with a sidecar (when `drainWithinGracePeriod` is required).
@@ -198,7 +202,10 @@ pub fn plan(
             };
             let findings = out.entry(at).or_default();
             findings.failing.insert(format!("{ns}/{name}"));
-            findings.gaps.push(gap);
+            findings.gap_count += 1;
+            if findings.gaps.len() < NAMED {
+                findings.gaps.push(gap);
+            }
         }
     }
     out
@@ -328,10 +335,10 @@ pub fn report(spec: &ResilienceSpec, mesh: &Mesh, plan: &Plan) -> RuleReport {
             let first: Vec<String> = f.gaps.iter().take(NAMED).map(describe).collect();
             parts.push(format!(
                 "{} finding(s) for {} Service(s): {}{}",
-                f.gaps.len(),
+                f.gap_count,
                 f.failing.len(),
                 first.join("; "),
-                more(f.gaps.len())
+                more(f.gap_count)
             ));
         }
         parts.extend(f.routes.describe());

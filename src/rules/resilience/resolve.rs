@@ -191,7 +191,10 @@ impl Hosts {
         } else {
             &mut self.specific
         };
-        let list = map.entry(host.to_string()).or_default();
+        // Most hosts have one rule: a list sized to it, not grown to four entries.
+        let list = map
+            .entry(host.to_string())
+            .or_insert_with(|| Vec::with_capacity(1));
         let mut separately = true;
         for c in list.iter_mut() {
             if *export_to == c.export_to {

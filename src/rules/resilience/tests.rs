@@ -517,6 +517,11 @@ mod plan {
         }
         let spec = ResilienceSpec::default();
         let p = plan(&spec, &mesh(), &[], &list, &all);
+        // Only the gaps a violation names are kept, with the count of all.
+        assert_eq!(
+            (p["a"].gaps.len(), p["a"].gap_count),
+            (super::super::plan::NAMED, 7)
+        );
         let r = report(&spec, &mesh(), &p);
         assert_eq!(r.violations.len(), 3);
         assert_eq!((r.targets, r.compliant), (21, 0));
