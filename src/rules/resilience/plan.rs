@@ -102,8 +102,10 @@ pub struct Gap {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NamespaceFindings {
     pub services: usize,
-    /// Services with at least one gap.
-    pub failing: BTreeSet<String>,
+    /// Services with at least one gap (`namespace/name`), each once: a Service adds itself
+    /// while it is judged, so its entries come together (a vector, not a set: most namespaces
+    /// hold one or two, and a set allocates room for eleven).
+    pub failing: Vec<String>,
     /// The first [`NAMED`] gaps, the ones a violation describes (5,000 failing Services do
     /// not keep 5,000 gaps in memory for five lines).
     pub gaps: Vec<Gap>,
@@ -201,9 +203,14 @@ pub fn plan(
                 _ => ns.clone(),
             };
             let findings = out.entry(at).or_default();
-            findings.failing.insert(format!("{ns}/{name}"));
+            let service = format!("{ns}/{name}");
+            if findings.failing.last() != Some(&service) {
+                findings.failing.reserve_exact(1);
+                findings.failing.push(service);
+            }
             findings.gap_count += 1;
             if findings.gaps.len() < NAMED {
+                findings.gaps.reserve_exact(1);
                 findings.gaps.push(gap);
             }
         }
