@@ -468,7 +468,7 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize, rate: f64, 
         match e["verb"].as_str() {
             Some("list") if e["stage"] == "ResponseComplete" => {
                 if i < audit_at_ready {
-                    listed_before.insert(kind_of(&uri).to_string());
+                    listed_before.insert(kind_of(&uri));
                 } else {
                     lists.push(uri)
                 }
@@ -535,9 +535,21 @@ pub async fn run(namespaces: usize, deployments: usize, pods: usize, rate: f64, 
     }
 }
 
-/// The resource path of a request URI (no query).
-fn kind_of(uri: &str) -> &str {
-    uri.split('?').next().unwrap_or(uri)
+/// What a request URI lists: its path with its field and label selectors (two watches of
+/// one kind told apart by a selector list apart), without paging.
+fn kind_of(uri: &str) -> String {
+    let mut parts = uri.splitn(2, '?');
+    let path = parts.next().unwrap_or(uri);
+    let selectors: Vec<&str> = parts
+        .next()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| p.starts_with("fieldSelector=") || p.starts_with("labelSelector="))
+        .collect();
+    match selectors.is_empty() {
+        true => path.to_string(),
+        false => format!("{path}?{}", selectors.join("&")),
+    }
 }
 
 /// The LISTs after readiness, told apart: the pages of the first list of a watch started
@@ -561,11 +573,10 @@ impl Lists {
         for uri in lists {
             let kind = kind_of(uri);
             let first_page = !uri.contains("continue=");
-            if listed_before.contains(kind) || (first_page && !first_pages.insert(kind.to_string()))
-            {
+            if listed_before.contains(&kind) || (first_page && !first_pages.insert(kind.clone())) {
                 out.relists.push(uri.clone());
             } else {
-                *out.first.entry(kind.to_string()).or_default() += 1;
+                *out.first.entry(kind).or_default() += 1;
             }
         }
         out
@@ -584,12 +595,15 @@ mod tests {
             "/api/v1/services?&limit=100&continue=abc",
             "/api/v1/pods?&limit=100",
             "/api/v1/services?&limit=100",
+            // Two watches of one kind, by name: two first lists.
+            "/api/v1/namespaces/x/secrets?&fieldSelector=metadata.name%3Da&limit=500",
+            "/api/v1/namespaces/x/secrets?&fieldSelector=metadata.name%3Db&limit=500",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         let l = Lists::split(&uris, &before);
-        assert_eq!(l.all, 4);
+        assert_eq!(l.all, 6);
         assert_eq!(
             l.relists,
             vec![
@@ -598,5 +612,6 @@ mod tests {
             ]
         );
         assert_eq!(l.first.get("/api/v1/services"), Some(&2));
+        assert_eq!(l.first.len(), 3, "{:?}", l.first);
     }
 }
