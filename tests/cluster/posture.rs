@@ -69,6 +69,58 @@ async fn cordon(nodes: &Api<Node>, name: &str, on: bool) {
         .unwrap();
 }
 
+/// Every node as the HA sections judge it (zone, cordon, Ready, taints): what a failure
+/// names.
+async fn described_nodes(nodes: &Api<Node>) -> String {
+    let list = nodes.list(&Default::default()).await.unwrap();
+    let each = list.items.iter().map(|n| {
+        let zone = n.labels().get("topology.kubernetes.io/zone").cloned();
+        let spec = n.spec.clone().unwrap_or_default();
+        let ready = n
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.status.clone());
+        let taints: Vec<String> = spec
+            .taints
+            .iter()
+            .flatten()
+            .map(|t| format!("{}:{}", t.key, t.effect))
+            .collect();
+        format!(
+            "{} zone={zone:?} unschedulable={:?} ready={ready:?} taints={taints:?}",
+            n.name_any(),
+            spec.unschedulable
+        )
+    });
+    each.collect::<Vec<_>>().join("; ")
+}
+
+/// `app`'s pods: node, phase, Ready.
+async fn described_pods(pods: &Api<Pod>, app: &str) -> String {
+    let list = pods
+        .list(&ListParams::default().labels(&format!("app={app}")))
+        .await
+        .unwrap();
+    let each = list.items.iter().map(|p| {
+        let status = p.status.clone().unwrap_or_default();
+        let ready = status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.status.clone());
+        format!(
+            "{} node={:?} phase={:?} ready={ready:?}",
+            p.name_any(),
+            p.spec.as_ref().and_then(|s| s.node_name.clone()),
+            status.phase
+        )
+    });
+    each.collect::<Vec<_>>().join("; ")
+}
+
 /// The nodes the ready pods of `app` run on, sorted.
 async fn nodes_of(pods: &Api<Pod>, app: &str) -> Vec<String> {
     let mut n: Vec<String> = ready_pods(pods, app)
@@ -455,7 +507,19 @@ async fn posture_is_judged_by_what_runs() {
     .await;
     cordon(&nodes, &names[1], false).await;
     cordon(&nodes, &names[2], false).await;
-    let s = wait_reason(&api, &policy, "SpreadNotAchieved", 60).await;
+    let waited = tokio::time::timeout(
+        Duration::from_secs(60),
+        wait_reason(&api, &policy, "SpreadNotAchieved", 3600),
+    )
+    .await;
+    let Ok(s) = waited else {
+        panic!(
+            "5. no SpreadNotAchieved within 60 s: {:?}\nnodes: {}\nzonal pods: {}",
+            seen(&api, &policy).await,
+            described_nodes(&nodes).await,
+            described_pods(&pods, "zonal").await
+        );
+    };
     assert_eq!((s.0.as_str(), s.2.as_str()), ("False", "False"), "5. {s:?}");
     let zonal_id = format!("Deployment/{ns}/zonal");
     let spread = s.3.iter().find(|(o, _)| *o == zonal_id).expect("5. zonal");
