@@ -248,13 +248,12 @@ impl Sampler {
             let mut samples = 0u32;
             while !halt.load(SeqCst) {
                 for name in &deployments {
-                    let available = deploys
-                        .get(name)
-                        .await
-                        .ok()
-                        .and_then(|d| d.status)
-                        .and_then(|s| s.available_replicas)
-                        .unwrap_or(0);
+                    // A read that failed observed nothing (it is not 0 available): skipped.
+                    let Ok(d) = deploys.get(name).await else {
+                        eprintln!("sampler: reading Deployment {name} failed; sample skipped");
+                        continue;
+                    };
+                    let available = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
                     low.fetch_min(available, SeqCst);
                 }
                 samples += 1;

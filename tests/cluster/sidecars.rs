@@ -33,7 +33,20 @@ async fn meshwarden_paces_a_real_sidecar_rollout() {
     let mut most_rolling = 0;
     loop {
         let list = deploys.list(&ListParams::default()).await.unwrap();
-        most_rolling = most_rolling.max(list.items.iter().filter(|d| rolling(d)).count());
+        let now: Vec<&Deployment> = list.items.iter().filter(|d| rolling(d)).collect();
+        if now.len() > 1 {
+            // What a failure of the assertion below is made of.
+            for d in &now {
+                eprintln!(
+                    "pacing at {:.1}s: rolling together: {} generation {:?}, status {:?}",
+                    start.elapsed().as_secs_f64(),
+                    d.name_any(),
+                    d.metadata.generation,
+                    d.status
+                );
+            }
+        }
+        most_rolling = most_rolling.max(now.len());
         let all = pods.list(&ListParams::default()).await.unwrap().items;
         let live: Vec<&Pod> = all
             .iter()
