@@ -18,6 +18,13 @@ async fn meshwarden_paces_a_real_sidecar_rollout() {
             (p.len() == 2 && p.iter().all(|p| proxy_requests(p).is_some())).then_some(())
         })
         .await;
+        // And their controller reports the creation rolled out: its status follows the pods
+        // late under load, and a creation still reported rolling would count as a rollout of
+        // meshwarden's below (two at once, at the first sample).
+        common::eventually(90, "the creation reported rolled out", || async {
+            (!rolling(&deploys.get(name).await.unwrap())).then_some(())
+        })
+        .await;
     }
     env.create_policy(
         "sidecars",
