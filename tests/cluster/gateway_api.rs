@@ -253,7 +253,15 @@ impl Sampler {
                         eprintln!("sampler: reading Deployment {name} failed; sample skipped");
                         continue;
                     };
-                    let available = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
+                    let status = d.status.clone().unwrap_or_default();
+                    let available = status.available_replicas.unwrap_or(0);
+                    if available == 0 {
+                        // What the failure below is made of: which gateway, when, in what state.
+                        eprintln!(
+                            "sampler: {name} has no available replica at sample {samples} (generation {:?}): {status:?}",
+                            d.metadata.generation
+                        );
+                    }
                     low.fetch_min(available, SeqCst);
                 }
                 samples += 1;
