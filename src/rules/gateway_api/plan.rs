@@ -147,11 +147,19 @@ pub fn config_map(
 ) -> Value {
     let mut labels = crate::write::labels(policy);
     labels.insert(DEFAULTS_FOR_CLASS.to_string(), class.to_string());
-    let mut meta = json!({
-        "name": config_map_name(policy, class),
-        "namespace": namespace,
-        "labels": labels,
-    });
+    let name = config_map_name(policy, class);
+    owned_config_map(&name, namespace, labels, data, owner)
+}
+
+/// A ConfigMap's apply body: its name, namespace, labels and data, owned by `owner`.
+fn owned_config_map(
+    name: &str,
+    namespace: &str,
+    labels: BTreeMap<String, String>,
+    data: &BTreeMap<String, String>,
+    owner: Option<OwnerReference>,
+) -> Value {
+    let mut meta = json!({"name": name, "namespace": namespace, "labels": labels});
     if let Some(o) = owner {
         meta["ownerReferences"] = json!([o]);
     }
@@ -356,15 +364,8 @@ pub fn gateway_config_map(
 ) -> Value {
     let mut labels = crate::write::labels(policy);
     labels.insert(PARAMETERS_FOR.to_string(), gateway.name.clone());
-    let mut meta = json!({
-        "name": gateway_config_map_name(policy, &gateway.name),
-        "namespace": gateway.namespace,
-        "labels": labels,
-    });
-    if let Some(o) = owner {
-        meta["ownerReferences"] = json!([o]);
-    }
-    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
+    let name = gateway_config_map_name(policy, &gateway.name);
+    owned_config_map(&name, &gateway.namespace, labels, data, owner)
 }
 
 /// The server-side apply of a Gateway by meshwarden: only `spec.infrastructure.parametersRef`
