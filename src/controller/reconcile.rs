@@ -54,7 +54,9 @@ pub(super) struct Memo {
     generation: Option<i64>,
     /// The spec after conflicts were resolved.
     spec: crate::api::MeshPolicySpec,
-    reports: Vec<RuleReport>,
+    /// Shared with the reconcile that made them and the next one's reuse: a report section's
+    /// violations can number thousands, and are not copied.
+    reports: Vec<Arc<RuleReport>>,
     /// When every section was last evaluated.
     full_at: std::time::Instant,
 }
@@ -70,7 +72,7 @@ async fn evaluate_dirty(
     all: &[&MeshPolicy],
     dirty: Option<Sections>,
     memo: Option<Memo>,
-) -> (Vec<RuleReport>, Vec<policy::Conflict>, Memo) {
+) -> (Vec<Arc<RuleReport>>, Vec<policy::Conflict>, Memo) {
     let (spec, conflicts) = policy::resolve(policy, all);
     let reusable = memo.filter(|m| {
         dirty.is_some()
@@ -84,7 +86,7 @@ async fn evaluate_dirty(
         // Only a settled section is reused: True, and nothing corrected in its last pass
         // (a correction's effects, rollouts and holds are followed up by evaluating again);
         // a report-only section's False too (nothing of it is followed up).
-        let settled = |r: &&RuleReport| match r.condition.status {
+        let settled = |r: &&Arc<RuleReport>| match r.condition.status {
             Status::True => r.corrected == 0,
             Status::False => section.reports_only(),
             Status::Unknown => false,
@@ -94,11 +96,17 @@ async fn evaluate_dirty(
             .and_then(|m| m.reports.get(i))
             .filter(settled);
         match last {
-            Some(r) if !dirty.contains(section) => reports.push(RuleReport {
-                corrected: 0,
-                corrections: Vec::new(),
-                ..r.clone()
-            }),
+            Some(r) if !dirty.contains(section) => {
+                reports.push(if r.corrected == 0 && r.corrections.is_empty() {
+                    r.clone()
+                } else {
+                    Arc::new(RuleReport {
+                        corrected: 0,
+                        corrections: Vec::new(),
+                        ..RuleReport::clone(r)
+                    })
+                })
+            }
             _ => {
                 let report = section.run(ctx, policy, &spec).await;
                 // Sections the policy does not declare are not counted.
@@ -110,7 +118,7 @@ async fn evaluate_dirty(
                         })
                         .inc();
                 }
-                reports.push(report)
+                reports.push(Arc::new(report))
             }
         }
     }
@@ -332,7 +340,7 @@ async fn reconcile_policy(policy: Arc<MeshPolicy>, state: Arc<State>) -> Result<
 
     // A section that could not be evaluated, or whose writes the API server refused (an
     // admission policy, a change freeze), is retried with backoff.
-    let failing: Vec<&RuleReport> = reports
+    let failing: Vec<&Arc<RuleReport>> = reports
         .iter()
         .filter(|r| {
             r.condition.status == Status::Unknown || r.condition.reason == reasons::WRITE_FAILED
@@ -442,7 +450,7 @@ async fn publish_events(
     policy: &MeshPolicy,
     before: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
     after: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
-    reports: &[RuleReport],
+    reports: &[Arc<RuleReport>],
 ) {
     let reference = policy.object_ref(&());
     let mut events: Vec<Event> = after
@@ -489,7 +497,7 @@ async fn publish_events(
 fn record_metrics(
     ctx: &Context,
     policy: &str,
-    reports: &[RuleReport],
+    reports: &[Arc<RuleReport>],
     status: &crate::api::MeshPolicyStatus,
 ) {
     use crate::telemetry::{ErrorLabels, PolicyLabels, RuleLabels};

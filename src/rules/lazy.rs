@@ -30,9 +30,13 @@ pub enum Changed {
     All,
 }
 
-/// A map of reduced objects kept by a lazily started watch.
+/// The objects of a [`Reduced`] map at one moment.
+pub type Snapshot<V> = Arc<BTreeMap<Key, Arc<V>>>;
+
+/// A map of reduced objects kept by a lazily started watch. Readers take a [`Snapshot`]
+/// (nothing copied); an event arriving while one is held copies the map first.
 pub struct Reduced<V> {
-    map: Arc<RwLock<BTreeMap<Key, Arc<V>>>>,
+    map: Arc<RwLock<Snapshot<V>>>,
     listed: Arc<AtomicBool>,
 }
 
@@ -95,8 +99,8 @@ impl<V: PartialEq + Send + Sync + 'static> Reduced<V> {
                 Ok(watcher::Event::InitDone) => {
                     let seen = relist.take().unwrap_or_default();
                     let changed = map.write().is_ok_and(|mut m| {
-                        let same = *m == seen;
-                        *m = seen;
+                        let same = **m == seen;
+                        *m = Arc::new(seen);
                         !same
                     });
                     listed.store(true, Ordering::SeqCst);
@@ -107,14 +111,23 @@ impl<V: PartialEq + Send + Sync + 'static> Reduced<V> {
                     let (k, v2) = (key(&o), v.clone());
                     let ns = k.0.clone();
                     map.write()
-                        .is_ok_and(|mut m| m.insert(k, v2).is_none_or(|old| old != v))
+                        .is_ok_and(|mut m| {
+                            // Unchanged (a resync, a status update of no interest): no copy.
+                            if m.get(&k).is_some_and(|old| *old == v) {
+                                return false;
+                            }
+                            Arc::make_mut(&mut m).insert(k, v2);
+                            true
+                        })
                         .then_some(Changed::In(ns))
                 }
                 Ok(watcher::Event::Delete(o)) => {
                     let k = key(&o);
                     let ns = k.0.clone();
                     map.write()
-                        .is_ok_and(|mut m| m.remove(&k).is_some())
+                        .is_ok_and(|mut m| {
+                            m.contains_key(&k) && Arc::make_mut(&mut m).remove(&k).is_some()
+                        })
                         .then_some(Changed::In(ns))
                 }
             };
@@ -132,6 +145,11 @@ impl<V: PartialEq + Send + Sync + 'static> Reduced<V> {
 }
 
 impl<V> Reduced<V> {
+    /// The objects now, shared: nothing is copied.
+    pub fn snapshot(&self) -> Snapshot<V> {
+        self.map.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
     /// Whether the watch has listed since it started.
     pub fn listed(&self) -> bool {
         self.listed.load(Ordering::SeqCst)

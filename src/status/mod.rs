@@ -1,6 +1,8 @@
 //! Assembles a MeshPolicy's status from the rule reports (pure).
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use std::borrow::Borrow;
+
 use crate::api::{MeshPolicyStatus, Violation};
 pub mod conditions;
 pub mod messages;
@@ -17,16 +19,18 @@ use conditions::{Observed, Status, types};
 pub const MAX_VIOLATIONS: usize = 50;
 
 /// The new status, given the stored one (for transition times).
-pub fn build(
+pub fn build<R: std::borrow::Borrow<RuleReport>>(
     current: Option<&MeshPolicyStatus>,
     generation: Option<i64>,
-    reports: &[RuleReport],
+    reports: &[R],
     conflicts: &[Conflict],
     now: &Time,
 ) -> MeshPolicyStatus {
+    let reports: Vec<&RuleReport> = reports.iter().map(Borrow::borrow).collect();
     let mut observed: Vec<Observed> = Vec::new();
     let not_ready: Vec<&RuleReport> = reports
         .iter()
+        .copied()
         .filter(|r| r.condition.status != Status::True)
         .collect();
     let ready = if !conflicts.is_empty() {
@@ -82,15 +86,19 @@ pub fn build(
     }
     let empty = Vec::new();
     let before = current.map(|s| &s.conditions).unwrap_or(&empty);
-    let all_violations: Vec<Violation> = reports
+    // Counted, and only the listed ones copied: a report section may hold thousands.
+    let violation_count: usize = reports.iter().map(|r| r.violations.len()).sum();
+    let violations: Vec<Violation> = reports
         .iter()
-        .flat_map(|r| r.violations.iter().cloned())
+        .flat_map(|r| &r.violations)
+        .take(MAX_VIOLATIONS)
+        .cloned()
         .collect();
     MeshPolicyStatus {
         observed_generation: generation,
         conditions: conditions::merge(before, &observed, generation, now),
-        violation_count: i32::try_from(all_violations.len()).unwrap_or(i32::MAX),
-        violations: all_violations.into_iter().take(MAX_VIOLATIONS).collect(),
+        violation_count: i32::try_from(violation_count).unwrap_or(i32::MAX),
+        violations,
         targets: reports.iter().map(|r| r.targets).sum(),
         compliant: reports.iter().map(|r| r.compliant).sum(),
         // Corrections add up while the spec stays the same, so that a converged pass right

@@ -220,7 +220,7 @@ impl ResilienceCache {
         }
         Ok(Objects {
             rules: self.rules.values(),
-            services: self.services.keys(),
+            services: self.services.snapshot(),
             routes: self.routes.entries(),
         })
     }
@@ -229,8 +229,9 @@ impl ResilienceCache {
 /// What the section reads of the cluster's networking objects.
 pub struct Objects {
     pub rules: Vec<Arc<Rule>>,
-    /// Services (namespace, name).
-    pub services: Vec<ServiceKey>,
+    /// Services, by namespace and name (shared with the watch: 10,000 Services are not
+    /// copied per evaluation).
+    pub services: lazy::Snapshot<()>,
     /// VirtualServices (namespace, name) and their routes.
     pub routes: Vec<(ServiceKey, Arc<Routes>)>,
 }
@@ -252,11 +253,18 @@ pub async fn list(client: &kube::Client) -> crate::error::Result<Objects> {
         .map_err(|e| Error::kube("list VirtualServices", e))?;
     Ok(Objects {
         rules: rules.items.iter().map(|r| Arc::new(reduce(r))).collect(),
-        services: services
-            .items
-            .iter()
-            .map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
-            .collect(),
+        services: Arc::new(
+            services
+                .items
+                .iter()
+                .map(|s| {
+                    (
+                        (s.namespace().unwrap_or_default(), s.name_any()),
+                        Arc::new(()),
+                    )
+                })
+                .collect(),
+        ),
         routes: virtual_services
             .items
             .iter()

@@ -45,7 +45,13 @@ async fn evaluate(ctx: &Context, spec: &ResilienceSpec) -> Result<RuleReport> {
     };
     let covered = posture::selected_namespaces(ctx, spec.namespace_selector.as_ref()).await?;
     let is_covered = |ns: &str| covered.contains(ns);
-    let mut plan = plan::plan(spec, &mesh, &objects.rules, &objects.services, &is_covered);
+    let mut plan = plan::plan(
+        spec,
+        &mesh,
+        &objects.rules,
+        objects.services.keys(),
+        &is_covered,
+    );
     if spec.route_timeouts == Requirement::Required {
         plan::add_routes(&mut plan, &mesh, &objects.routes, &is_covered);
     }
@@ -54,7 +60,7 @@ async fn evaluate(ctx: &Context, spec: &ResilienceSpec) -> Result<RuleReport> {
             plan.entry(ns).or_default().drains = f;
         }
     }
-    Ok(plan::report(spec, &mesh, &plan))
+    Ok(plan::report(spec, &mesh, plan))
 }
 
 /// The mesh configs' `defaultTrafficPolicy` and `defaultDestinationRuleExportTo`, and

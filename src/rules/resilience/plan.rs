@@ -144,11 +144,11 @@ pub type Plan = BTreeMap<String, NamespaceFindings>;
 
 /// Judges the Services `services` (namespace, name) of the covered namespaces (`covered`)
 /// against `spec`.
-pub fn plan(
+pub fn plan<'a>(
     spec: &ResilienceSpec,
     mesh: &Mesh,
     rules: &[Arc<Rule>],
-    services: &[(String, String)],
+    services: impl IntoIterator<Item = &'a (String, String)>,
     covered: &dyn Fn(&str) -> bool,
 ) -> Plan {
     let index = Index::build(rules, &mesh.root, mesh.default_private);
@@ -170,7 +170,7 @@ pub fn plan(
         }
     }
     let mut out = Plan::new();
-    for (ns, name) in services.iter().filter(|(ns, _)| covered(ns)) {
+    for (ns, name) in services.into_iter().filter(|(ns, _)| covered(ns)) {
         let host = qualify(name, ns);
         let mut places = vec![(Clients::Elsewhere, ""), (Clients::Own, ns.as_str())];
         let others = own_rules.get(&host).into_iter().flatten().chain(&wildcards);
@@ -326,17 +326,23 @@ pub fn advice(spec: &ResilienceSpec, mesh: &Mesh) -> String {
     }
 }
 
-/// The section's report.
-pub fn report(spec: &ResilienceSpec, mesh: &Mesh, plan: &Plan) -> RuleReport {
+/// The section's report. Takes the plan: each namespace's findings are dropped once its
+/// violation is written, so that findings and violations are not both held whole.
+pub fn report(spec: &ResilienceSpec, mesh: &Mesh, plan: Plan) -> RuleReport {
     let ctype = types::RESILIENCE;
     let services: usize = plan.values().map(|f| f.services).sum();
-    let failing: BTreeSet<&String> = plan.values().flat_map(|f| &f.failing).collect();
+    // A Service is listed in its own namespace and in those of clients with a rule of their own.
+    let failing = plan
+        .values()
+        .flat_map(|f| &f.failing)
+        .collect::<BTreeSet<&String>>()
+        .len();
     let routes: usize = plan.values().map(|f| f.routes.judged).sum();
     let untimed: usize = plan.values().map(|f| f.routes.without_timeout).sum();
     let workloads: usize = plan.values().map(|f| f.drains.judged).sum();
     let draining: usize = plan.values().map(|f| f.drains.gaps.len()).sum();
     let mut violations = Vec::new();
-    for (ns, f) in plan.iter().filter(|(_, f)| f.failed()) {
+    for (ns, f) in plan.into_iter().filter(|(_, f)| f.failed()) {
         let mut parts = Vec::new();
         if !f.gaps.is_empty() {
             let first: Vec<String> = f.gaps.iter().take(NAMED).map(describe).collect();
@@ -400,10 +406,9 @@ pub fn report(spec: &ResilienceSpec, mesh: &Mesh, plan: &Plan) -> RuleReport {
         Observed::new(ctype, Status::True, reasons::COMPLIANT, said.join("; "))
     } else {
         let mut said = Vec::new();
-        if !failing.is_empty() {
+        if failing > 0 {
             said.push(format!(
-                "{} of {services} Service(s) lack the minimums or shadow root settings for some clients ({})",
-                failing.len(),
+                "{failing} of {services} Service(s) lack the minimums or shadow root settings for some clients ({})",
                 advice(spec, mesh)
             ));
         }
@@ -431,7 +436,7 @@ pub fn report(spec: &ResilienceSpec, mesh: &Mesh, plan: &Plan) -> RuleReport {
     RuleReport {
         violations,
         targets: i32::try_from(services).unwrap_or(i32::MAX),
-        compliant: i32::try_from(services.saturating_sub(failing.len())).unwrap_or(i32::MAX),
+        compliant: i32::try_from(services.saturating_sub(failing)).unwrap_or(i32::MAX),
         ..RuleReport::new(condition)
     }
 }

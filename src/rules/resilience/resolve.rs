@@ -176,14 +176,22 @@ impl Consolidated {
     }
 }
 
-/// The rules of one index of one namespace, by host.
+/// The rules of one index of one namespace, by host, each list sorted by host (a namespace
+/// usually holds one or two: vectors, not hash maps, which allocate room for several).
 #[derive(Clone, Debug, Default)]
 struct Hosts {
+    specific: Vec<(String, Vec<Consolidated>)>,
+    wildcard: Vec<(String, Vec<Consolidated>)>,
+}
+
+/// [`Hosts`] while one namespace's rules are merged into it.
+#[derive(Default)]
+struct HostsBuilder {
     specific: HashMap<String, Vec<Consolidated>>,
     wildcard: HashMap<String, Vec<Consolidated>>,
 }
 
-impl Hosts {
+impl HostsBuilder {
     /// `mergeDestinationRule` with `ENABLE_ENHANCED_DESTINATIONRULE_MERGE` (istiod's default).
     fn merge(&mut self, host: &str, rule: &Arc<Rule>, export_to: &BTreeSet<String>) {
         let map = if host.starts_with('*') {
@@ -224,22 +232,49 @@ impl Hosts {
         }
     }
 
+    fn finish(self) -> Hosts {
+        let sorted = |map: HashMap<String, Vec<Consolidated>>| {
+            let mut v: Vec<(String, Vec<Consolidated>)> = map.into_iter().collect();
+            v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        Hosts {
+            specific: sorted(self.specific),
+            wildcard: sorted(self.wildcard),
+        }
+    }
+}
+
+/// The entry of `host` in a list sorted by host.
+fn by_host<'a>(
+    list: &'a [(String, Vec<Consolidated>)],
+    host: &str,
+) -> Option<&'a (String, Vec<Consolidated>)> {
+    list.binary_search_by(|(h, _)| h.as_str().cmp(host))
+        .ok()
+        .map(|i| &list[i])
+}
+
+impl Hosts {
     /// `MostSpecificHostMatch`: the exact host, else the longest matching wildcard.
     fn most_specific(&self, needle: &str) -> Option<(&str, &[Consolidated])> {
-        if !needle.starts_with('*')
-            && let Some((h, v)) = self.specific.get_key_value(needle)
-        {
-            return Some((h.as_str(), v.as_slice()));
+        fn found((h, v): &(String, Vec<Consolidated>)) -> (&str, &[Consolidated]) {
+            (h.as_str(), v.as_slice())
         }
-        if let Some((h, v)) = self.wildcard.get_key_value(needle) {
-            return Some((h.as_str(), v.as_slice()));
+        if !needle.starts_with('*')
+            && let Some(e) = by_host(&self.specific, needle)
+        {
+            return Some(found(e));
+        }
+        if let Some(e) = by_host(&self.wildcard, needle) {
+            return Some(found(e));
         }
         let bare = needle.strip_prefix('*').unwrap_or(needle);
         self.wildcard
             .iter()
             .filter(|(h, _)| bare.ends_with(&h[1..]))
             .min_by(|(a, _), (b, _)| more_specific_first(a, b))
-            .map(|(h, v)| (h.as_str(), v.as_slice()))
+            .map(found)
     }
 }
 
@@ -292,12 +327,45 @@ pub struct Applied<'a> {
 #[derive(Clone, Debug, Default)]
 pub struct Index {
     root: String,
-    /// Per namespace, every rule visible to its own clients.
-    local: HashMap<String, Hosts>,
-    /// Per namespace, the rules exported beyond it.
-    exported: HashMap<String, Hosts>,
+    /// By namespace, sorted: the rules of each namespace with rules.
+    namespaces: Vec<(String, Scoped)>,
     /// The root namespace's private rules.
     root_local: Hosts,
+}
+
+/// One namespace's rules, as its own clients and as other namespaces' clients see them.
+#[derive(Clone, Debug, Default)]
+struct Scoped {
+    /// Every rule visible to its own clients.
+    local: Hosts,
+    /// The rules exported beyond it.
+    exported: Exported,
+}
+
+#[derive(Clone, Debug, Default)]
+enum Exported {
+    /// The same as the local ones: every rule of the namespace is visible to its own clients
+    /// and exported (most namespaces; built and held once).
+    #[default]
+    Local,
+    Own(Hosts),
+}
+
+/// Where a rule of namespace `ns` is visible: its `exportTo` as istiod reads it, whether its
+/// own namespace's clients see it, and whether it is private (not exported).
+fn visibility(rule: &Rule, default_private: bool) -> (BTreeSet<String>, bool, bool) {
+    let ns = rule.namespace.as_str();
+    let export_to: BTreeSet<String> = match rule.selector {
+        Some(_) => [".".to_string()].into(),
+        None => rule.export_to.iter().cloned().collect(),
+    };
+    let local = export_to.is_empty()
+        || export_to.contains("*")
+        || export_to.contains(".")
+        || export_to.contains(ns);
+    let private = (export_to.is_empty() && default_private)
+        || (export_to.len() == 1 && (export_to.contains(".") || export_to.contains(ns)));
+    (export_to, local, private)
 }
 
 impl Index {
@@ -317,41 +385,66 @@ impl Index {
                 .then_with(|| a.name.cmp(&b.name))
                 .then_with(|| a.namespace.cmp(&b.namespace))
         });
+        // Grouped by namespace; a stable sort keeps istiod's order within each.
+        rules.sort_by(|a, b| a.namespace.cmp(&b.namespace));
         let mut index = Index {
             root: root.to_string(),
             ..Index::default()
         };
-        for rule in rules {
-            let ns = rule.namespace.as_str();
-            let host = qualify(&rule.host, ns);
-            let export_to: BTreeSet<String> = match rule.selector {
-                Some(_) => [".".to_string()].into(),
-                None => rule.export_to.iter().cloned().collect(),
+        let mut root_local = HostsBuilder::default();
+        for group in rules.chunk_by(|a, b| a.namespace == b.namespace) {
+            let ns = group[0].namespace.as_str();
+            let same = group.iter().all(|r| {
+                let (_, local, private) = visibility(r, default_private);
+                local && !private
+            });
+            let (mut local, mut exported) = (HostsBuilder::default(), HostsBuilder::default());
+            for rule in group {
+                let host = qualify(&rule.host, ns);
+                let (export_to, visible, private) = visibility(rule, default_private);
+                if visible {
+                    local.merge(&host, rule, &export_to);
+                }
+                if same {
+                    continue;
+                }
+                if !private {
+                    exported.merge(&host, rule, &export_to);
+                } else if ns == root {
+                    root_local.merge(&host, rule, &export_to);
+                }
+            }
+            let scoped = Scoped {
+                local: local.finish(),
+                exported: if same {
+                    Exported::Local
+                } else {
+                    Exported::Own(exported.finish())
+                },
             };
-            if export_to.is_empty()
-                || export_to.contains("*")
-                || export_to.contains(".")
-                || export_to.contains(ns)
-            {
-                index
-                    .local
-                    .entry(ns.to_string())
-                    .or_default()
-                    .merge(&host, rule, &export_to);
-            }
-            let private = (export_to.is_empty() && default_private)
-                || (export_to.len() == 1 && (export_to.contains(".") || export_to.contains(ns)));
-            if !private {
-                index
-                    .exported
-                    .entry(ns.to_string())
-                    .or_default()
-                    .merge(&host, rule, &export_to);
-            } else if ns == root {
-                index.root_local.merge(&host, rule, &export_to);
-            }
+            index.namespaces.push((ns.to_string(), scoped));
         }
+        index.root_local = root_local.finish();
         index
+    }
+
+    /// The rules of namespace `ns`, with its name as the index holds it.
+    fn namespace(&self, ns: &str) -> Option<(&str, &Scoped)> {
+        let i = self
+            .namespaces
+            .binary_search_by(|(n, _)| n.as_str().cmp(ns))
+            .ok()?;
+        let (n, s) = &self.namespaces[i];
+        Some((n.as_str(), s))
+    }
+
+    /// The rules namespace `ns` exports.
+    fn exported(&self, ns: &str) -> Option<(&str, &Hosts)> {
+        let (n, s) = self.namespace(ns)?;
+        Some(match &s.exported {
+            Exported::Local => (n, &s.local),
+            Exported::Own(h) => (n, h),
+        })
     }
 
     pub fn root(&self) -> &str {
@@ -369,9 +462,7 @@ impl Index {
         let local = if client == self.root {
             Some((&self.root_local, self.root.as_str()))
         } else {
-            self.local
-                .get_key_value(client)
-                .map(|(k, v)| (v, k.as_str()))
+            self.namespace(client).map(|(n, s)| (&s.local, n))
         };
         if let Some((hosts, ns)) = local
             && let Some((h, list)) = hosts.most_specific(host)
@@ -389,12 +480,12 @@ impl Index {
         ]
         .into_iter()
         .find_map(|(tier, ns)| {
-            let (ns, hosts) = self.exported.get_key_value(ns)?;
+            let (ns, hosts) = self.exported(ns)?;
             let (h, list) = hosts.most_specific(host)?;
             let rules: Vec<&Consolidated> = list.iter().filter(|c| c.exported_to(client)).collect();
             (!rules.is_empty()).then_some(Found {
                 tier,
-                namespace: ns.as_str(),
+                namespace: ns,
                 host: h,
                 rules,
             })
@@ -430,7 +521,7 @@ impl Index {
     /// The root namespace's rule exported to `client` for `host` that a rule found elsewhere
     /// shadows (what a client would get there if the other rule did not exist).
     pub fn root_rule<'a>(&'a self, client: &str, host: &str) -> Option<&'a Consolidated> {
-        let hosts = self.exported.get(&self.root)?;
+        let (_, hosts) = self.exported(&self.root)?;
         let (_, list) = hosts.most_specific(host)?;
         list.iter()
             .rev()

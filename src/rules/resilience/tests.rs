@@ -399,7 +399,7 @@ mod plan {
         let svcs = services(&[("bookinfo", "reviews"), ("bookinfo", "ratings")]);
         let spec = ResilienceSpec::default();
         let p = plan(&spec, &mesh(), &rules, &svcs, &all);
-        let r = report(&spec, &mesh(), &p);
+        let r = report(&spec, &mesh(), p.clone());
         assert_eq!(r.condition.status, Status::False);
         assert_eq!(r.condition.reason, reasons::MINIMUMS_NOT_MET);
         assert_eq!((r.targets, r.compliant), (2, 1));
@@ -419,7 +419,7 @@ mod plan {
         );
         // Without the host-specific rule, the root's applies: compliant.
         let p = plan(&spec, &mesh(), &rules[..1], &svcs, &all);
-        let r = report(&spec, &mesh(), &p);
+        let r = report(&spec, &mesh(), p.clone());
         assert_eq!(r.condition.status, Status::True, "{:?}", r.violations);
     }
 
@@ -442,13 +442,13 @@ mod plan {
         let r = report(
             &spec,
             &with_default(true),
-            &plan(&spec, &with_default(true), &rules, &svcs, &all),
+            plan(&spec, &with_default(true), &rules, &svcs, &all),
         );
         assert_eq!(r.condition.status, Status::True, "{:?}", r.violations);
         // An istiod older than 1.31 ignores the field: both minimums are missing, and the
         // advice says to set them per rule.
         let old = with_default(false);
-        let r = report(&spec, &old, &plan(&spec, &old, &rules, &svcs, &all));
+        let r = report(&spec, &old, plan(&spec, &old, &rules, &svcs, &all));
         assert_eq!(r.condition.status, Status::False);
         assert!(
             r.violations[0]
@@ -467,7 +467,7 @@ mod plan {
             default_traffic_supported: true,
             ..mesh()
         };
-        let r = report(&spec, &m, &plan(&spec, &m, &rules, &svcs, &all));
+        let r = report(&spec, &m, plan(&spec, &m, &rules, &svcs, &all));
         assert!(
             r.condition
                 .message
@@ -492,7 +492,7 @@ mod plan {
         let svcs = services(&[("bookinfo", "reviews")]);
         let spec = ResilienceSpec::default();
         let p = plan(&spec, &mesh(), &rules, &svcs, &all);
-        let r = report(&spec, &mesh(), &p);
+        let r = report(&spec, &mesh(), p.clone());
         assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
         assert_eq!(r.violations[0].object, "Namespace/shop");
         assert!(
@@ -504,7 +504,7 @@ mod plan {
         );
         // shop not covered: its clients are not judged.
         let p = plan(&spec, &mesh(), &rules, &svcs, &|ns| ns != "shop");
-        assert!(report(&spec, &mesh(), &p).violations.is_empty());
+        assert!(report(&spec, &mesh(), p.clone()).violations.is_empty());
     }
 
     #[test]
@@ -522,7 +522,7 @@ mod plan {
             (p["a"].gaps.len(), p["a"].gap_count),
             (super::super::plan::NAMED, 7)
         );
-        let r = report(&spec, &mesh(), &p);
+        let r = report(&spec, &mesh(), p.clone());
         assert_eq!(r.violations.len(), 3);
         assert_eq!((r.targets, r.compliant), (21, 0));
         let m = &r.violations[0].message;
@@ -534,7 +534,7 @@ mod plan {
     #[test]
     fn no_service_is_no_target() {
         let spec = ResilienceSpec::default();
-        let r = report(&spec, &mesh(), &plan(&spec, &mesh(), &[], &[], &all));
+        let r = report(&spec, &mesh(), plan(&spec, &mesh(), &[], &[], &all));
         assert_eq!(r.condition.reason, reasons::NO_TARGETS);
     }
 
@@ -601,7 +601,7 @@ mod plan {
             [("Deployment", "api")].into_iter().collect();
         p.entry("shop".into()).or_default().drains =
             drain::judged([workload], &with, m.default_drain);
-        let r = report(&spec, &m, &p);
+        let r = report(&spec, &m, p.clone());
         assert_eq!(r.condition.reason, reasons::MINIMUMS_NOT_MET);
         assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
         assert_eq!(
@@ -623,7 +623,7 @@ mod plan {
             drain_within_grace_period: Requirement::Off,
             ..spec.clone()
         };
-        let r = report(&off, &m, &plan(&off, &m, &[], &[], &all));
+        let r = report(&off, &m, plan(&off, &m, &[], &[], &all));
         assert_eq!(r.condition.reason, reasons::NO_TARGETS);
     }
 }
