@@ -102,13 +102,18 @@ pub struct Gap {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NamespaceFindings {
     pub services: usize,
-    /// Services with at least one gap (`namespace/name`), each once: a Service adds itself
-    /// while it is judged, so its entries come together (a vector, not a set: most namespaces
-    /// hold one or two, and a set allocates room for eleven).
-    pub failing: Vec<String>,
-    /// The first [`NAMED`] gaps, the ones a violation describes (5,000 failing Services do
-    /// not keep 5,000 gaps in memory for five lines).
-    pub gaps: Vec<Gap>,
+    /// Services with at least one gap here (a Service of this namespace, or one whose
+    /// clients here have a rule of their own).
+    pub failing: usize,
+    /// Services of this namespace with at least one gap, wherever it is reported: their sum
+    /// over the namespaces counts every failing Service once.
+    pub failing_own: usize,
+    /// The Service judged last that was counted in `failing` (its place in the plan's
+    /// order): a Service's gaps come together, so it is counted once.
+    last_failing: Option<usize>,
+    /// The first [`NAMED`] gaps in words ([`describe`]), the ones a violation names (5,000
+    /// failing Services do not keep 5,000 gaps in memory for five lines).
+    pub gaps: Vec<String>,
     /// Every gap, named or not.
     pub gap_count: usize,
     /// Mesh routes of the namespace's VirtualServices (when `routeTimeouts` is required).
@@ -152,8 +157,10 @@ pub fn plan<'a>(
     covered: &dyn Fn(&str) -> bool,
 ) -> Plan {
     let index = Index::build(rules, &mesh.root, mesh.default_private);
-    // Covered namespaces with a rule of their own: by host, and those with wildcard hosts.
-    let mut own_rules: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+    // Covered namespaces with a rule of their own: (host, namespace) sorted, and those with
+    // wildcard hosts (a sorted vector: one entry per rule, where a map of sets allocates a
+    // node per host).
+    let mut own_rules: Vec<(String, &str)> = Vec::new();
     let mut wildcards: BTreeSet<&str> = BTreeSet::new();
     for r in rules
         .iter()
@@ -163,18 +170,26 @@ pub fn plan<'a>(
         if host.starts_with('*') {
             wildcards.insert(r.namespace.as_str());
         } else {
-            own_rules
-                .entry(host)
-                .or_default()
-                .insert(r.namespace.as_str());
+            own_rules.push((host, r.namespace.as_str()));
         }
     }
+    own_rules.sort_unstable();
+    own_rules.dedup();
+    let own = |host: &str| {
+        let from = own_rules.partition_point(|(h, _)| h.as_str() < host);
+        let to = own_rules.partition_point(|(h, _)| h.as_str() <= host);
+        own_rules[from..to].iter().map(|(_, ns)| *ns)
+    };
     let mut out = Plan::new();
-    for (ns, name) in services.into_iter().filter(|(ns, _)| covered(ns)) {
+    for (i, (ns, name)) in services
+        .into_iter()
+        .filter(|(ns, _)| covered(ns))
+        .enumerate()
+    {
         let host = qualify(name, ns);
         let mut places = vec![(Clients::Elsewhere, ""), (Clients::Own, ns.as_str())];
-        let others = own_rules.get(&host).into_iter().flatten().chain(&wildcards);
-        let others: BTreeSet<&str> = others.copied().filter(|c| *c != ns.as_str()).collect();
+        let others = own(&host).chain(wildcards.iter().copied());
+        let others: BTreeSet<&str> = others.filter(|c| *c != ns.as_str()).collect();
         for c in others {
             places.push((Clients::In(c.to_string()), c));
         }
@@ -203,16 +218,18 @@ pub fn plan<'a>(
                 _ => ns.clone(),
             };
             let findings = out.entry(at).or_default();
-            let service = format!("{ns}/{name}");
-            if findings.failing.last() != Some(&service) {
-                findings.failing.reserve_exact(1);
-                findings.failing.push(service);
+            if findings.last_failing != Some(i) {
+                findings.last_failing = Some(i);
+                findings.failing += 1;
             }
             findings.gap_count += 1;
             if findings.gaps.len() < NAMED {
                 findings.gaps.reserve_exact(1);
-                findings.gaps.push(gap);
+                findings.gaps.push(describe(&gap));
             }
+        }
+        if !said.is_empty() {
+            out.entry(ns.clone()).or_default().failing_own += 1;
         }
     }
     out
@@ -331,12 +348,7 @@ pub fn advice(spec: &ResilienceSpec, mesh: &Mesh) -> String {
 pub fn report(spec: &ResilienceSpec, mesh: &Mesh, plan: Plan) -> RuleReport {
     let ctype = types::RESILIENCE;
     let services: usize = plan.values().map(|f| f.services).sum();
-    // A Service is listed in its own namespace and in those of clients with a rule of their own.
-    let failing = plan
-        .values()
-        .flat_map(|f| &f.failing)
-        .collect::<BTreeSet<&String>>()
-        .len();
+    let failing: usize = plan.values().map(|f| f.failing_own).sum();
     let routes: usize = plan.values().map(|f| f.routes.judged).sum();
     let untimed: usize = plan.values().map(|f| f.routes.without_timeout).sum();
     let workloads: usize = plan.values().map(|f| f.drains.judged).sum();
@@ -345,12 +357,11 @@ pub fn report(spec: &ResilienceSpec, mesh: &Mesh, plan: Plan) -> RuleReport {
     for (ns, f) in plan.into_iter().filter(|(_, f)| f.failed()) {
         let mut parts = Vec::new();
         if !f.gaps.is_empty() {
-            let first: Vec<String> = f.gaps.iter().take(NAMED).map(describe).collect();
             parts.push(format!(
                 "{} finding(s) for {} Service(s): {}{}",
                 f.gap_count,
-                f.failing.len(),
-                first.join("; "),
+                f.failing,
+                f.gaps.join("; "),
                 more(f.gap_count)
             ));
         }

@@ -489,22 +489,36 @@ mod plan {
                 Blocks::OUTLIER_DETECTION,
             ),
         ];
-        let svcs = services(&[("bookinfo", "reviews")]);
+        let svcs = services(&[("bookinfo", "reviews"), ("bookinfo", "ratings")]);
         let spec = ResilienceSpec::default();
         let p = plan(&spec, &mesh(), &rules, &svcs, &all);
         let r = report(&spec, &mesh(), p.clone());
-        assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
-        assert_eq!(r.violations[0].object, "Namespace/shop");
+        // reviews fails for shop's clients only, and counts once, in its own namespace's
+        // total; ratings (no rule at all) fails in bookinfo.
+        assert_eq!((r.targets, r.compliant), (2, 0));
+        assert_eq!(
+            (
+                p["shop"].failing,
+                p["shop"].failing_own,
+                p["bookinfo"].failing_own
+            ),
+            (1, 0, 2)
+        );
+        assert_eq!(r.violations.len(), 2, "{:?}", r.violations);
+        assert_eq!(r.violations[1].object, "Namespace/shop");
         assert!(
-            r.violations[0]
+            r.violations[1]
                 .message
                 .contains("reviews (clients in shop, calling bookinfo/reviews): DestinationRule shop/reviews-from-shop (the client's namespace) lacks outlierDetection"),
             "{}",
-            r.violations[0].message
+            r.violations[1].message
         );
         // shop not covered: its clients are not judged.
         let p = plan(&spec, &mesh(), &rules, &svcs, &|ns| ns != "shop");
-        assert!(report(&spec, &mesh(), p.clone()).violations.is_empty());
+        let r = report(&spec, &mesh(), p);
+        let objects: Vec<&str> = r.violations.iter().map(|v| v.object.as_str()).collect();
+        assert_eq!(objects, ["Namespace/bookinfo"]);
+        assert_eq!((r.targets, r.compliant), (2, 1));
     }
 
     #[test]
