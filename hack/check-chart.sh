@@ -402,6 +402,7 @@ print(json.dumps({"apiVersion": "v1", "kind": "Pod",
     # Gateway API Gateways: listed everywhere; their per-Gateway ConfigMaps and parametersRef
     # written only in gatewayApi.gatewayNamespaces (none by default).
     sar YES list gateway.networking.k8s.io gateways - -
+    sar YES watch gateway.networking.k8s.io gateways - -
     sar NO patch gateway.networking.k8s.io gateways - default
     sar NO create - configmaps - default
     for v in list watch; do sar YES "$v" admissionregistration.k8s.io mutatingwebhookconfigurations - -; done

@@ -33,7 +33,9 @@ spec:
   mtls: {mode: STRICT, scope: Mesh}
   upgrades: {maxMinorSkew: 1}
   certificates: {warnBefore: 720h}
-  gatewayApi: {classes: [{className: istio, replicas: {min: 2}, disruptionBudget: {maxUnavailable: 1}}]}
+  gatewayApi:
+    classes: [{className: istio, replicas: {min: 2}, disruptionBudget: {maxUnavailable: 1}}]
+    gateways: [{namespace: edge, name: public}, {namespace: edge, name: later}]
   ambient: {}
   resilience: {outlierDetection: Required}
   security: {defaultDeny: Required}
@@ -49,6 +51,15 @@ fn lists_since(plane: &testplane::Plane, from: usize) -> Vec<String> {
         .filter(|e| e["verb"] == "list" && e["stage"] == "ResponseComplete")
         .map(|e| e["requestURI"].as_str().unwrap_or_default().to_string())
         .collect()
+}
+
+/// Gateway `name` of class `istio` in namespace `edge` (created with it).
+fn gateway(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: edge}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {name}, namespace: edge}}\n\
+         spec: {{gatewayClassName: istio, listeners: [{{name: http, port: 80, protocol: HTTP}}]}}\n"
+    )
 }
 
 async fn hpa_min(hpas: &Api<HorizontalPodAutoscaler>) -> Option<i32> {
@@ -129,6 +140,13 @@ async fn reconciles_after_start_up_send_no_list() {
     .unwrap();
     // The root istiod would write into the namespace (the certificates section's watch).
     root_config_map(&admin, "shop", 400).await;
+    // Gateway API: one of the two Gateways the policy selects by name exists.
+    testplane::apply_yaml(&admin, &testplane::istio::gateway_api_crds().unwrap(), &[])
+        .await
+        .unwrap();
+    testplane::apply_yaml(&admin, &gateway("public"), &[])
+        .await
+        .unwrap();
     let policies: Api<MeshPolicy> = Api::all(admin.clone());
     policies
         .create(&Default::default(), &serde_yaml::from_str(POLICY).unwrap())
@@ -162,7 +180,7 @@ async fn reconciles_after_start_up_send_no_list() {
                 && is("MutualTLS", "True/")
                 && is("Upgrades", "True/")
                 && is("Certificates", "True/")
-                && is("GatewayAPIHA", "True/")
+                && is("GatewayAPIHA", "False/GatewayNotFound")
                 && is("AmbientDataPlane", "False/DataPlaneComponentMissing")
                 // The `kubernetes` Service has no DestinationRule.
                 && is("Resilience", "False/MinimumsNotMet")
@@ -312,6 +330,36 @@ async fn reconciles_after_start_up_send_no_list() {
             .then_some(())
     })
     .await;
+    // Gateway API: the Gateway selected by name that was missing is created; it is read from
+    // the watch, and gets its parameters.
+    testplane::apply_yaml(&admin, &gateway("later"), &[])
+        .await
+        .unwrap();
+    let gateways: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        "edge",
+        &kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway"),
+            "gateways",
+        ),
+    );
+    eventually(
+        30,
+        "the new Gateway found and given its parameters",
+        || async {
+            let p = policies.get("steady").await.ok()?;
+            let found = !p
+                .status?
+                .conditions
+                .iter()
+                .any(|c| c.reason == "GatewayNotFound");
+            let g = gateways.get("later").await.ok()?;
+            let named = g.data["spec"]["infrastructure"]["parametersRef"]["name"].as_str()
+                == Some("meshwarden-steady-later");
+            (found && named).then_some(())
+        },
+    )
+    .await;
     // Resilience: a root-namespace DestinationRule with outlier detection is read from the
     // watch, and every Service gets it.
     testplane::apply_yaml(
@@ -350,7 +398,8 @@ async fn reconciles_after_start_up_send_no_list() {
         );
     }
 
-    // The report sections' watches, started at start-up for this policy, listed before
+    // The lazily started watches (report sections, Gateways), started at start-up for this
+    // policy, listed before
     // readiness (the first reconcile would otherwise start them after it).
     let lazy: Vec<String> = lists_since(&plane, from_ready)
         .into_iter()
@@ -361,6 +410,7 @@ async fn reconciles_after_start_up_send_no_list() {
                 "/api/v1/services",
                 "/authorizationpolicies",
                 "/secrets",
+                "/gateways",
             ]
             .iter()
             .any(|r| uri.contains(r))
@@ -368,7 +418,7 @@ async fn reconciles_after_start_up_send_no_list() {
         .collect();
     assert!(
         lazy.is_empty(),
-        "the report sections' watches listed after readiness:\n{}",
+        "the lazily started watches listed after readiness:\n{}",
         lazy.join("\n")
     );
     let lists = lists_since(&plane, from);

@@ -30,7 +30,7 @@ use crate::api::MeshPolicy;
 use crate::context::Context;
 use crate::rules::stores::{self, Stores};
 use crate::rules::{
-    Section, Sections, ambient, certificates, ha, mtls, resilience, security, sidecars,
+    Section, Sections, ambient, certificates, gateway_api, ha, mtls, resilience, security, sidecars,
 };
 use crate::telemetry::Metrics;
 use crate::watch;
@@ -201,6 +201,10 @@ pub async fn run(
     let (security_cache, security_events) =
         security::SecurityCache::watch(&client, &health, &state.ctx.istio_namespace);
     state.ctx.set_cache(Some(security_cache));
+    // Gateways (reduced): from the first reconcile of a policy that selects Gateways by name
+    // or still holds some.
+    let (gateway_cache, gateway_events) = gateway_api::cache::GatewayCache::watch(&client, &health);
+    state.ctx.set_cache(Some(gateway_cache));
     // Namespace labels, for routing workload events to sidecars sections; namespace changes
     // also reach mtls sections (one watch serves both).
     let (ns_store, ns_stream) = cached::<PartialObjectMeta<Namespace>>(
@@ -337,11 +341,12 @@ pub async fn run(
         );
         let mtls_pods = state.ctx.cache::<mtls::PodCache>();
         let stores = state.ctx.cache::<Stores>();
-        let lazy = (
-            state.ctx.cache::<resilience::ResilienceCache>(),
-            state.ctx.cache::<security::SecurityCache>(),
-            store.clone(),
-        );
+        let lazy = Lazy {
+            resilience: state.ctx.cache::<resilience::ResilienceCache>(),
+            security: state.ctx.cache::<security::SecurityCache>(),
+            gateways: state.ctx.cache::<gateway_api::cache::GatewayCache>(),
+            policies: store.clone(),
+        };
         tokio::spawn(async move {
             loop {
                 let caches = match &cache {
@@ -446,6 +451,11 @@ pub async fn run(
                 }),
                 resilience_events.for_each(|c| route.report_object(c, Section::Resilience)),
                 security_events.for_each(|c| route.report_object(c, Section::Security)),
+                // Few objects, read by few policies: any change reaches every gatewayApi section.
+                gateway_events.for_each(|_| {
+                    route.gateway_api(None);
+                    futures::future::ready(())
+                }),
             );
         }
         .instrument(tracing::info_span!("watches", of = "rule caches")),
@@ -489,19 +499,31 @@ pub async fn run(
     state.ctx.set_cache::<ambient::DaemonSets>(None);
     state.ctx.set_cache::<resilience::ResilienceCache>(None);
     state.ctx.set_cache::<security::SecurityCache>(None);
+    state
+        .ctx
+        .set_cache::<gateway_api::cache::GatewayCache>(None);
 }
 
-/// Whether the report sections' lazily started watches have settled for the policies listed:
-/// a policy declaring `resilience` or `security` starts them here, at start-up, so that their
-/// first lists (paged over every Service, DestinationRule and AuthorizationPolicy) come before
-/// readiness instead of after it. Without such a policy they stay unstarted.
-fn lazy_watches_settled(
-    (resilience, security, policies): &(
-        Option<resilience::ResilienceCache>,
-        Option<security::SecurityCache>,
-        reflector::Store<MeshPolicy>,
-    ),
-) -> bool {
+/// The lazily started watches, and the policies that may want them.
+struct Lazy {
+    resilience: Option<resilience::ResilienceCache>,
+    security: Option<security::SecurityCache>,
+    gateways: Option<gateway_api::cache::GatewayCache>,
+    policies: reflector::Store<MeshPolicy>,
+}
+
+/// Whether the lazily started watches have settled for the policies listed: a policy
+/// declaring `resilience` or `security`, or reading Gateways (`gatewayApi.gateways[]`, or
+/// Gateways it still holds), starts them here, at start-up, so that their first lists (paged
+/// over every Service, DestinationRule and AuthorizationPolicy) come before readiness instead
+/// of after it. Without such a policy they stay unstarted.
+fn lazy_watches_settled(lazy: &Lazy) -> bool {
+    let Lazy {
+        resilience,
+        security,
+        gateways,
+        policies,
+    } = lazy;
     let declared = policies.state();
     let wants = |f: fn(&MeshPolicy) -> bool| declared.iter().any(|p| f(p));
     let mut settled = true;
@@ -517,5 +539,21 @@ fn lazy_watches_settled(
         c.want();
         settled &= c.settled();
     }
+    if let Some(c) = gateways
+        && wants(reads_gateways)
+    {
+        c.want();
+        settled &= c.settled();
+    }
     settled
+}
+
+/// Whether `policy` reads the Gateways: it selects some by name, or holds some.
+fn reads_gateways(policy: &MeshPolicy) -> bool {
+    policy
+        .spec
+        .gateway_api
+        .as_ref()
+        .is_some_and(|g| !g.gateways.is_empty())
+        || gateway_api::holds_gateways(policy)
 }

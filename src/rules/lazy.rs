@@ -136,6 +136,34 @@ impl<V: PartialEq + Send + Sync + 'static> Reduced<V> {
         (this, stream)
     }
 
+    /// [`Reduced::fed`] by a watch of every object of kind `K` in the cluster, first listed
+    /// in pages of [`PAGE`].
+    pub fn all<K>(
+        client: &kube::Client,
+        health: &Arc<Health>,
+        name: &'static str,
+        gate: tokio::sync::watch::Receiver<bool>,
+        reduce: fn(&K) -> V,
+    ) -> (Self, impl Stream<Item = Changed> + Send + 'static)
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + 'static,
+    {
+        let api: kube::Api<K> = kube::Api::all(client.clone());
+        let config = watcher::Config::default().page_size(PAGE);
+        Self::fed(
+            health,
+            name,
+            gate,
+            move || watcher::watcher(api.clone(), config.clone()),
+            reduce,
+        )
+    }
+
     pub fn values(&self) -> Vec<Arc<V>> {
         self.map
             .read()

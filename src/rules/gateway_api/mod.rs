@@ -11,6 +11,7 @@
 //! references), and afterwards the HPA and PDB istiod rendered from them, which istiod itself
 //! leaves behind.
 
+pub mod cache;
 mod gateways;
 pub(crate) mod observe;
 pub mod plan;
@@ -63,7 +64,7 @@ fn has_finalizer(policy: &MeshPolicy) -> bool {
 pub const HOLDS_GATEWAYS: &str = "meshwarden.io/gateway-parameters";
 
 /// Whether the policy carries [`HOLDS_GATEWAYS`].
-fn holds_gateways(policy: &MeshPolicy) -> bool {
+pub(crate) fn holds_gateways(policy: &MeshPolicy) -> bool {
     policy.annotations().contains_key(HOLDS_GATEWAYS)
 }
 

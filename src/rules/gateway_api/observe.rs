@@ -2,8 +2,8 @@
 //! istiod's namespace, meshwarden's own ones, what istiod rendered from them, and the
 //! namespaces of the gateways it deployed for a class, and the Gateways (for those selected
 //! by name and those referencing meshwarden's ConfigMaps). Under the controller everything but
-//! meshwarden's own ConfigMaps (a get each) and the Gateways (a list) comes from watch caches;
-//! alone (`meshwarden plan`, tests), from lists.
+//! meshwarden's own ConfigMaps (a get each) comes from watch caches; alone (`meshwarden
+//! plan`, tests), from lists.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -140,8 +140,15 @@ impl Gateway {
     }
 }
 
-/// Every Gateway, by namespace and name (none when the Gateway API CRDs are not installed).
+/// Every Gateway, by namespace and name (none when the Gateway API CRDs are not installed):
+/// from the watch under the controller; listed when it cannot be read (the CRDs missing or
+/// the watch not granted: the list says which).
 pub async fn gateways(ctx: &Context) -> Result<BTreeMap<GatewayRef, Gateway>> {
+    if let Some(c) = ctx.cache::<super::cache::GatewayCache>()
+        && let Ok(seen) = c.read(WAIT).await
+    {
+        return Ok(seen.values().map(|g| (g.0.id(), g.0.clone())).collect());
+    }
     match Api::<Gateway>::all(ctx.client.clone())
         .list(&ListParams::default())
         .await

@@ -12,7 +12,6 @@ use futures::Stream;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
-use kube::runtime::watcher;
 use kube::{CustomResource, ResourceExt};
 use serde::{Deserialize, Serialize};
 
@@ -135,45 +134,22 @@ impl ResilienceCache {
         impl Stream<Item = lazy::Changed> + Send + 'static,
     ) {
         let (wanted, gate) = tokio::sync::watch::channel(false);
-        let api: Api<DestinationRule> = Api::all(client.clone());
-        let (rules, s1) = Reduced::fed(
+        let (rules, s1) = Reduced::all::<DestinationRule>(
+            client,
             health,
             DESTINATION_RULES,
             gate.clone(),
-            move || {
-                watcher::watcher(
-                    api.clone(),
-                    watcher::Config::default().page_size(lazy::PAGE),
-                )
-            },
             reduce,
         );
-        let api: Api<PartialObjectMeta<Service>> = Api::all(client.clone());
-        let (services, s2) = Reduced::fed(
+        let (services, s2) = Reduced::all::<PartialObjectMeta<Service>>(
+            client,
             health,
             SERVICES,
             gate.clone(),
-            move || {
-                watcher::watcher(
-                    api.clone(),
-                    watcher::Config::default().page_size(lazy::PAGE),
-                )
-            },
             |_: &PartialObjectMeta<Service>| (),
         );
-        let api: Api<VirtualService> = Api::all(client.clone());
-        let (routes, s3) = Reduced::fed(
-            health,
-            VIRTUAL_SERVICES,
-            gate,
-            move || {
-                watcher::watcher(
-                    api.clone(),
-                    watcher::Config::default().page_size(lazy::PAGE),
-                )
-            },
-            routes::reduce,
-        );
+        let (routes, s3) =
+            Reduced::all::<VirtualService>(client, health, VIRTUAL_SERVICES, gate, routes::reduce);
         let cache = ResilienceCache {
             rules,
             services,

@@ -111,17 +111,11 @@ impl SecurityCache {
         impl Stream<Item = lazy::Changed> + Send + 'static,
     ) {
         let (wanted, gate) = tokio::sync::watch::channel(false);
-        let api: Api<AuthorizationPolicy> = Api::all(client.clone());
-        let (policies, s1) = Reduced::fed(
+        let (policies, s1) = Reduced::all::<AuthorizationPolicy>(
+            client,
             health,
             AUTHORIZATION_POLICIES,
             gate.clone(),
-            move || {
-                watcher::watcher(
-                    api.clone(),
-                    watcher::Config::default().page_size(lazy::PAGE),
-                )
-            },
             reduce,
         );
         let secrets: Api<PartialObjectMeta<Secret>> =
