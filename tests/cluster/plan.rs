@@ -194,13 +194,18 @@ async fn plan_of_restarts_names_the_restarts_the_slot_and_the_skipped_as_enforce
         )
     };
     // A plan made while an istiod of the proxies' revision rolls out (another test's, in the
-    // shared cluster) judges none of them, as Enforce would not: wait for one that does.
+    // shared cluster) judges none of them, as Enforce would not, and one made within
+    // `SETTLE_SECS` of a Deployment's rollout holds its restart: wait for one that sees every
+    // outdated proxy and restarts as soon as a slot allows.
     let (probe, _probe) = env.policy_file("probe", &spec("Audit"));
     let kubeconfig = env.plane.operator_kubeconfig.clone();
     common::eventually_or_report(
         120,
         "a plan that sees the outdated proxies",
-        || async { (common::run_plan(&kubeconfig, &["-f", &probe]).0 == 2).then_some(()) },
+        || async {
+            let (code, out, _) = common::run_plan(&kubeconfig, &["-f", &probe]);
+            (code == 2 && out.contains("(1 now, 1 waiting for a slot)")).then_some(())
+        },
         || async {
             let lp = ListParams::default().labels("app=istiod");
             for d in Api::<Deployment>::all(env.client.clone())

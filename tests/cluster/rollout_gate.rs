@@ -43,6 +43,63 @@ async fn replica_sets(client: &Client, ns: &str, app: &str) -> usize {
         .len()
 }
 
+/// What rolled Deployment `app` (for a failure's message): each ReplicaSet with its creation
+/// time, revision and the template annotations meshwarden or a restart set, and each write of
+/// the operator to the Deployment (time, verb, field manager).
+async fn rollouts_of(env: &common::Env, ns: &str, app: &str) -> String {
+    let mut sets = Api::<ReplicaSet>::namespaced(env.client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("app={app}")))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    sets.sort_by_key(|r| r.metadata.creation_timestamp.clone());
+    let mut out = Vec::new();
+    for r in &sets {
+        let revision = r
+            .annotations()
+            .get("deployment.kubernetes.io/revision")
+            .cloned()
+            .unwrap_or_default();
+        let marks: std::collections::BTreeMap<String, String> = r
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.as_ref())
+            .and_then(|t| t.metadata.as_ref())
+            .and_then(|m| m.annotations.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| {
+                k.contains("sidecar.istio.io")
+                    || k.contains("restartedAt")
+                    || k.contains("meshwarden")
+            })
+            .collect();
+        out.push(format!(
+            "ReplicaSet {} created {:?} revision {revision}: {marks:?}",
+            r.name_any(),
+            r.metadata.creation_timestamp.as_ref().map(|t| t.0)
+        ));
+    }
+    for e in env.plane.audit_events() {
+        let o = &e["objectRef"];
+        if e["user"]["username"] == "meshwarden-operator"
+            && e["stage"] == "ResponseComplete"
+            && o["resource"] == "deployments"
+            && o["namespace"] == ns
+            && o["name"] == app
+            && e["verb"] != "get"
+            && e["verb"] != "list"
+            && e["verb"] != "watch"
+        {
+            out.push(format!(
+                "operator {} at {} ({})",
+                e["verb"], e["stageTimestamp"], e["requestURI"]
+            ));
+        }
+    }
+    out.join("\n")
+}
+
 /// (uid) of every pod of `app`: a StatefulSet or a held Deployment keeps its pods.
 async fn pod_uids(client: &Client, ns: &str, app: &str) -> Vec<String> {
     let mut uids: Vec<String> = Api::<Pod>::namespaced(client.clone(), ns)
@@ -476,7 +533,8 @@ upgrades:
         assert_eq!(
             replica_sets(&env.client, &apps, app).await,
             2,
-            "{app} rolled once"
+            "{app} rolled once:\n{}",
+            rollouts_of(&env, &apps, app).await
         );
     }
     for app in ["recreate", "guarded"] {

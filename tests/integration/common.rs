@@ -954,3 +954,24 @@ pub fn anti_affinity_terms(d: &k8s_openapi::api::apps::v1::Deployment) -> usize 
         })
         .unwrap_or(0)
 }
+
+/// An istiod of revision `<env id>` at 1.31.0 as Helm installs it, its rollout completed, in a
+/// namespace of its own, and a namespace `apps` labelled with that revision and the test's
+/// label: (revision, istiod's namespace, apps namespace).
+#[allow(dead_code)]
+pub async fn istiod_at_1_31(env: &Env) -> (String, String, String) {
+    let rev = env.id.clone();
+    let istio = env.namespace("istio", &[]).await;
+    let istiod = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: istiod-{rev}, namespace: {istio}, labels: {{app: istiod, istio.io/rev: {rev}}}}}\nspec:\n  selector: {{matchLabels: {{app: istiod, istio.io/rev: {rev}}}}}\n  template:\n    metadata: {{labels: {{app: istiod, istio.io/rev: {rev}}}}}\n    spec: {{containers: [{{name: discovery, image: docker.io/istio/pilot:1.31.0}}]}}\n"
+    );
+    apply_as(&env.client, &istiod, "helm").await;
+    complete_rollout(&env.client, &istio, &format!("istiod-{rev}")).await;
+    let apps = env
+        .namespace(
+            "apps",
+            &[("meshwarden-test", &env.id), ("istio.io/rev", &rev)],
+        )
+        .await;
+    (rev, istio, apps)
+}

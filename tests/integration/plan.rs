@@ -13,7 +13,7 @@ const KINDS: &[&str] = &["Deployment", "HorizontalPodAutoscaler"];
 
 /// The tests with an upgrades section take turns: the section is mesh-wide, and of two
 /// policies that set it differently only the older one's is evaluated.
-static UPGRADES_POLICY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static UPGRADES_POLICY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Runs `meshwarden plan` as the operator's user; (exit code, stdout, seconds taken).
 fn plan(env: &Env, args: &[&str]) -> (i32, String, f64) {
@@ -410,19 +410,7 @@ async fn plan_of_restarts_names_their_pods_waves_and_holds_as_the_first_enforce_
     use kube::api::{Patch, PatchParams, PostParams};
     let _upgrades = UPGRADES_POLICY.lock().await;
     let env = common::env("plan-up").await;
-    let rev = env.id.clone();
-    let istio = env.namespace("istio", &[]).await;
-    let istiod = format!(
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: istiod-{rev}, namespace: {istio}, labels: {{app: istiod, istio.io/rev: {rev}}}}}\nspec:\n  selector: {{matchLabels: {{app: istiod, istio.io/rev: {rev}}}}}\n  template:\n    metadata: {{labels: {{app: istiod, istio.io/rev: {rev}}}}}\n    spec: {{containers: [{{name: discovery, image: docker.io/istio/pilot:1.31.0}}]}}\n"
-    );
-    common::apply_as(&env.client, &istiod, "helm").await;
-    common::complete_rollout(&env.client, &istio, &format!("istiod-{rev}")).await;
-    let apps = env
-        .namespace(
-            "apps",
-            &[("meshwarden-test", &env.id), ("istio.io/rev", &rev)],
-        )
-        .await;
+    let (rev, istio, apps) = common::istiod_at_1_31(&env).await;
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &apps);
     for (name, replicas, strategy) in [
         ("a", 2, "RollingUpdate"),

@@ -138,3 +138,105 @@ async fn sidecar_writes_wait_for_someone_elses_rollout() {
     })
     .await;
 }
+
+/// A Deployment whose rollout its controller declared complete a moment ago still shows, to
+/// the running-pod watch, the pods that rollout replaced until their deletion arrives: the
+/// upgrades section does not restart it on their account (a second rollout for one change)
+/// while the completion is recent, says why, and restarts it once the settling time has passed
+/// with its pods still outdated, without any other event.
+#[tokio::test]
+async fn a_restart_waits_while_the_last_rollout_settles() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::PostParams;
+    use meshwarden::rules::upgrades::SETTLE_SECS;
+    let _upgrades = crate::plan::UPGRADES_POLICY.lock().await;
+    let env = common::env("settle").await;
+    let (rev, _, apps) = common::istiod_at_1_31(&env).await;
+    let d = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: {apps}}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec: {{containers: [{{name: app, image: registry.example/app:1}}]}}\n"
+    );
+    common::apply_as(&env.client, &d, "kubectl").await;
+    // Rolled out just now, as the Deployment controller records it.
+    let deploys: Api<Deployment> = Api::namespaced(env.client.clone(), &apps);
+    let now = jiff::Timestamp::now().to_string();
+    let rolled = std::time::Instant::now();
+    deploys
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {
+                "observedGeneration": 1,
+                "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1,
+                "conditions": [{"type": "Progressing", "status": "True",
+                    "reason": "NewReplicaSetAvailable", "message": "rolled out",
+                    "lastUpdateTime": now, "lastTransitionTime": now}],
+            }})),
+        )
+        .await
+        .unwrap();
+    // A pod the running-pod watch still holds with the outdated proxy.
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &apps);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": "web-h1-0",
+            "labels": {"app": "web", "pod-template-hash": "h1"},
+            "annotations": {"sidecar.istio.io/status": format!("{{\"revision\":\"{rev}\"}}")},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "name": "web-h1", "uid": "6a1f2c3d-0000-4000-8000-000000000002",
+                "controller": true}],
+        },
+        "spec": {"containers": [
+            {"name": "app", "image": "registry.example/app:1"},
+            {"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.29.0"},
+        ]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    pods.patch_status(
+        "web-h1-0",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {"phase": "Running"}})),
+    )
+    .await
+    .unwrap();
+
+    let _op = env.start_operator().await;
+    env.create_policy(
+        "p",
+        &format!(
+            "enforcement: Enforce\nupgrades:\n  restartOutdated: true\n  namespaceSelector: {{matchLabels: {{meshwarden-test: {}}}}}\n",
+            env.id
+        ),
+    )
+    .await;
+    let held = env
+        .wait_policy("p", 30, |p| {
+            let v = p.status.as_ref()?.violations.iter().find(|v| {
+                v.object == format!("Deployment/{apps}/web")
+                    && v.message.contains("its rollout completed")
+            })?;
+            Some(v.clone())
+        })
+        .await;
+    assert_eq!(held.action, ViolationAction::Held, "{held:?}");
+    let generation = deploys.get("web").await.unwrap().metadata.generation;
+    assert_eq!(
+        generation,
+        Some(1),
+        "not restarted while its rollout settles"
+    );
+    // Nothing else happens: the section looks again once the settling time has passed.
+    common::eventually(30, "restarted after the settling time", || async {
+        let d = deploys.get("web").await.ok()?;
+        (d.metadata.generation == Some(2)).then_some(())
+    })
+    .await;
+    // The completion time is kept to the second: the hold ends between SETTLE_SECS - 1 and
+    // SETTLE_SECS after it.
+    assert!(
+        rolled.elapsed().as_secs() >= u64::try_from(SETTLE_SECS).unwrap() - 2,
+        "restarted {:?} after the rollout completed",
+        rolled.elapsed()
+    );
+    env.delete_policies().await;
+}

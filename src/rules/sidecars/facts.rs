@@ -80,6 +80,10 @@ pub struct WorkloadFacts {
     /// Requests/limits of the template's other containers.
     pub other_containers: Amounts,
     pub rollout: Rollout,
+    /// When its controller declared its last rollout complete (a Deployment's `Progressing`
+    /// condition `lastUpdateTime` with reason `NewReplicaSetAvailable`; `None` for the other
+    /// kinds).
+    pub rolled_out_at: Option<jiff::Timestamp>,
     /// The workload's controller has observed its generation (`status.observedGeneration`).
     pub observed: bool,
     /// How its controller replaces pods ([`super::gate`]).
@@ -199,6 +203,7 @@ impl WorkloadFacts {
             foreign_writes: write::foreign_writes(meta, &paths),
             other_containers: container_amounts(containers),
             rollout,
+            rolled_out_at: None,
             observed: observed_generation.unwrap_or(-1) >= meta.generation.unwrap_or(0),
             strategy,
             pod_labels: small_map(
@@ -242,7 +247,7 @@ impl From<&Deployment> for WorkloadFacts {
         let spec = d.spec.as_ref();
         let replicas = spec.and_then(|s| s.replicas).unwrap_or(1);
         let template = spec.map(|s| &s.template);
-        WorkloadFacts::read(
+        let mut facts = WorkloadFacts::read(
             Kind::Deployment,
             &d.metadata,
             template,
@@ -250,7 +255,9 @@ impl From<&Deployment> for WorkloadFacts {
             deployment_rollout(d),
             d.status.as_ref().and_then(|s| s.observed_generation),
             deployment_strategy(spec.and_then(|s| s.strategy.as_ref()), replicas),
-        )
+        );
+        facts.rolled_out_at = d.status.as_ref().and_then(super::rollout::rolled_out_at);
+        facts
     }
 }
 

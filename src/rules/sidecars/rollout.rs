@@ -97,6 +97,20 @@ pub(super) fn progress_complete(st: &k8s_openapi::api::apps::v1::DeploymentStatu
         .any(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("NewReplicaSetAvailable"))
 }
 
+/// When the Deployment controller declared the observed generation rolled out: its
+/// `Progressing` condition's `lastUpdateTime` once the reason is `NewReplicaSetAvailable` (set
+/// when the reason first becomes that, kept while it stays).
+pub(super) fn rolled_out_at(
+    st: &k8s_openapi::api::apps::v1::DeploymentStatus,
+) -> Option<jiff::Timestamp> {
+    st.conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("NewReplicaSetAvailable"))
+        .and_then(|c| c.last_update_time.as_ref())
+        .map(|t| t.0)
+}
+
 /// Rollout state of a StatefulSet (`OnDelete` never rolls by itself: complete).
 pub fn statefulset_rollout(s: &StatefulSet) -> Rollout {
     let spec = s.spec.clone().unwrap_or_default();

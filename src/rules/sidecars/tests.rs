@@ -52,6 +52,7 @@ fn workload(name: &str, annotations: &[(&'static str, &str)], rollout: Rollout) 
             foreign_writes: ForeignWrites::default(),
             other_containers: Amounts::new(),
             rollout: rollout.clone(),
+            rolled_out_at: None,
             observed: true,
             strategy: Strategy::default(),
             pod_labels: Default::default(),

@@ -245,6 +245,10 @@ pub async fn reconcile(
     let mut report = report(spec, &revisions, plan);
     if let Some(r) = restarts {
         r.apply_to(&mut report, spec);
+        report.recheck_in = [report.recheck_in, r.recheck_in]
+            .into_iter()
+            .flatten()
+            .min();
     }
     report
 }
@@ -259,6 +263,8 @@ pub struct Restarts {
     /// Why nothing could be planned (no watch cache).
     pub unavailable: Option<String>,
     pub enforce: bool,
+    /// When a restart held for a rollout that just completed may go.
+    pub recheck_in: Option<std::time::Duration>,
 }
 
 /// Plans the restarts of the outdated workloads and, in Enforce, makes them.
@@ -326,6 +332,9 @@ async fn restarts(
                 "the sidecars section of this policy will roll it (its proxy resources change): its new pods get the current proxy then, so it is not restarted as well".into(),
             );
         }
+        if let Some((why, _)) = restart::just_rolled_out(w, now) {
+            return Gate::Held(why);
+        }
         Gate::Go
     };
     let target = |ns: &str, w: &crate::rules::sidecars::WorkloadFacts| {
@@ -340,6 +349,12 @@ async fn restarts(
         &gate,
         &target,
     );
+    // A restart held for a rollout that just completed is looked at again once it may go.
+    out.recheck_in = outdated
+        .keys()
+        .filter_map(|(ns, kind, name)| workloads.get(&(ns.clone(), (*kind)?, name.clone())))
+        .filter_map(|(w, _)| restart::just_rolled_out(w, now).map(|(_, left)| left))
+        .min();
     if !out.enforce {
         return out;
     }

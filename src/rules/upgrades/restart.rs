@@ -141,6 +141,32 @@ pub fn restart_rollout(
     paced_rollout(w, w.restart_generation, false, now)
 }
 
+/// Seconds after a Deployment's controller declared a rollout complete during which its pods'
+/// proxies do not decide a restart. The rollout's old pods are being deleted by then, but the
+/// running-pod watch, a stream of its own, can deliver their deletion after the Deployment's
+/// completion: counted meanwhile, they would restart a workload its rollout just brought up to
+/// date (a second rollout for one change).
+pub const SETTLE_SECS: i64 = 15;
+
+/// Why a restart of `w` waits at `now` (its rollout completed less than [`SETTLE_SECS`] ago),
+/// and how long it still waits.
+pub fn just_rolled_out(
+    w: &WorkloadFacts,
+    now: jiff::Timestamp,
+) -> Option<(String, std::time::Duration)> {
+    let since = now.as_second() - w.rolled_out_at?.as_second();
+    (since < SETTLE_SECS).then(|| {
+        let left = u64::try_from(SETTLE_SECS - since.max(0)).unwrap_or(0);
+        (
+            format!(
+                "its rollout completed {}s ago: the pods it replaced may not all be seen stopping yet; restarted after {SETTLE_SECS}s if its pods still run the outdated proxy",
+                since.max(0)
+            ),
+            std::time::Duration::from_secs(left),
+        )
+    })
+}
+
 /// What happens to one outdated workload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Restart {

@@ -327,6 +327,7 @@ fn facts(
         foreign_writes: Default::default(),
         other_containers: Default::default(),
         rollout,
+        rolled_out_at: None,
         observed: true,
         strategy: Strategy::default(),
         pod_labels: Default::default(),
@@ -535,4 +536,45 @@ fn pods_being_deleted_are_not_outdated() {
     stopping.placement.terminating = false;
     let p = plan(1, &r, &[], &[("apps", &stopping), ("apps", &current)]);
     assert_eq!((p.pods, p.outdated.len()), (2, 1), "{:?}", p.findings);
+}
+
+/// The running-pod watch can deliver a finished rollout's old pods stopping after the
+/// Deployment's completion: a restart waits out [`SETTLE_SECS`] from that completion.
+#[test]
+fn a_restart_waits_while_a_rollout_just_completed_settles() {
+    let done: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "generation": 2},
+        "spec": {"replicas": 1, "selector": {}, "template": {}},
+        "status": {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1,
+            "availableReplicas": 1, "readyReplicas": 1,
+            "conditions": [
+                {"type": "Available", "status": "True", "lastUpdateTime": "2026-12-08T01:00:00Z"},
+                {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable",
+                 "lastUpdateTime": "2026-12-08T02:00:00Z", "lastTransitionTime": "2026-12-08T01:59:00Z"}]},
+    }))
+    .unwrap();
+    let w = WorkloadFacts::from(&done);
+    let at: jiff::Timestamp = "2026-12-08T02:00:00Z".parse().unwrap();
+    assert_eq!(w.rolled_out_at, Some(at));
+    let after = |s: i64| at + jiff::SignedDuration::from_secs(s);
+    let (why, left) = just_rolled_out(&w, after(4)).unwrap();
+    assert!(why.contains("its rollout completed 4s ago"), "{why}");
+    assert_eq!(left, std::time::Duration::from_secs(11));
+    // The controller's clock a little ahead of meshwarden's: waits the whole time.
+    assert_eq!(
+        just_rolled_out(&w, after(-3)).map(|(_, l)| l),
+        Some(std::time::Duration::from_secs(15))
+    );
+    assert!(just_rolled_out(&w, after(SETTLE_SECS)).is_none());
+    // Rolling, or never rolled out: no completion time.
+    let mut rolling = done.clone();
+    rolling
+        .status
+        .as_mut()
+        .unwrap()
+        .conditions
+        .as_mut()
+        .unwrap()[1]
+        .reason = Some("ReplicaSetUpdated".into());
+    assert_eq!(WorkloadFacts::from(&rolling).rolled_out_at, None);
 }
