@@ -8,6 +8,7 @@
 //! never writes to the mesh. DestinationRules, VirtualServices and Services are watched from
 //! the first reconcile that needs them, reduced on arrival ([`cache`]).
 
+pub mod by_namespace;
 pub mod cache;
 pub mod drain;
 pub mod plan;

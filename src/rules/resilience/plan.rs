@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use super::by_namespace::ByNamespace;
 use super::resolve::{Blocks, Index, Rule, Tier, Traffic, qualify};
 use super::{drain, routes};
 use crate::api::{Requirement, ResilienceSpec, Violation};
@@ -156,7 +157,9 @@ pub fn plan<'a>(
     services: impl IntoIterator<Item = &'a (String, String)>,
     covered: &dyn Fn(&str) -> bool,
 ) -> Plan {
-    let index = Index::build(rules, &mesh.root, mesh.default_private);
+    // The index of the namespaces a Service's judgement reads, built per namespace.
+    let by_namespace = ByNamespace::new(rules, &mesh.root, mesh.default_private);
+    let mut here: Option<(String, Index)> = None;
     // Covered namespaces with a rule of their own: (host, namespace) sorted, and those with
     // wildcard hosts (a sorted vector: one entry per rule, where a map of sets allocates a
     // node per host).
@@ -190,15 +193,29 @@ pub fn plan<'a>(
         let mut places = vec![(Clients::Elsewhere, ""), (Clients::Own, ns.as_str())];
         let others = own(&host).chain(wildcards.iter().copied());
         let others: BTreeSet<&str> = others.filter(|c| *c != ns.as_str()).collect();
-        for c in others {
+        for c in &others {
             places.push((Clients::In(c.to_string()), c));
         }
+        // Most Services are judged from their own namespace and the root's: one index per
+        // namespace; one with the client namespaces too for the others.
+        if here.as_ref().is_none_or(|(n, _)| n != ns) {
+            here = Some((ns.clone(), by_namespace.index(&[ns.as_str()])));
+        }
+        let wide;
+        let index = match here.as_ref() {
+            Some((_, index)) if others.is_empty() => index,
+            _ => {
+                let names: Vec<&str> = others.iter().copied().chain([ns.as_str()]).collect();
+                wide = by_namespace.index(&names);
+                &wide
+            }
+        };
         let entry = out.entry(ns.clone()).or_default();
         entry.services += 1;
         // What clients elsewhere get is often what the Service's own namespace gets: said once.
         let mut said: Vec<Gap> = Vec::new();
         for (clients, client_ns) in places {
-            let Some(gap) = judge(spec, mesh, &index, client_ns, &host, ns, name, clients) else {
+            let Some(gap) = judge(spec, mesh, index, client_ns, &host, ns, name, clients) else {
                 continue;
             };
             let key = |g: &Gap| {

@@ -179,14 +179,14 @@ impl Consolidated {
 /// The rules of one index of one namespace, by host, each list sorted by host (a namespace
 /// usually holds one or two: vectors, not hash maps, which allocate room for several).
 #[derive(Clone, Debug, Default)]
-struct Hosts {
+pub(super) struct Hosts {
     specific: Vec<(String, Vec<Consolidated>)>,
     wildcard: Vec<(String, Vec<Consolidated>)>,
 }
 
 /// [`Hosts`] while one namespace's rules are merged into it.
 #[derive(Default)]
-struct HostsBuilder {
+pub(super) struct HostsBuilder {
     specific: HashMap<String, Vec<Consolidated>>,
     wildcard: HashMap<String, Vec<Consolidated>>,
 }
@@ -232,7 +232,7 @@ impl HostsBuilder {
         }
     }
 
-    fn finish(self) -> Hosts {
+    pub(super) fn finish(self) -> Hosts {
         let sorted = |map: HashMap<String, Vec<Consolidated>>| {
             let mut v: Vec<(String, Vec<Consolidated>)> = map.into_iter().collect();
             v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -327,15 +327,16 @@ pub struct Applied<'a> {
 #[derive(Clone, Debug, Default)]
 pub struct Index {
     root: String,
-    /// By namespace, sorted: the rules of each namespace with rules.
-    namespaces: Vec<(String, Scoped)>,
+    /// By namespace, sorted: the rules of each namespace with rules (shared with the
+    /// indexes of other namespaces built from the same rules, [`super::by_namespace`]).
+    namespaces: Vec<(String, Arc<Scoped>)>,
     /// The root namespace's private rules.
-    root_local: Hosts,
+    root_local: Arc<Hosts>,
 }
 
 /// One namespace's rules, as its own clients and as other namespaces' clients see them.
 #[derive(Clone, Debug, Default)]
-struct Scoped {
+pub(super) struct Scoped {
     /// Every rule visible to its own clients.
     local: Hosts,
     /// The rules exported beyond it.
@@ -343,7 +344,7 @@ struct Scoped {
 }
 
 #[derive(Clone, Debug, Default)]
-enum Exported {
+pub(super) enum Exported {
     /// The same as the local ones: every rule of the namespace is visible to its own clients
     /// and exported (most namespaces; built and held once).
     #[default]
@@ -368,6 +369,66 @@ fn visibility(rule: &Rule, default_private: bool) -> (BTreeSet<String>, bool, bo
     (export_to, local, private)
 }
 
+/// `rules` in istiod's order (those with a selector first, then by creation time, name and
+/// namespace), grouped by namespace (a stable sort keeps that order within each).
+pub(super) fn istiod_order<'a>(
+    rules: impl IntoIterator<Item = &'a Arc<Rule>>,
+) -> Vec<&'a Arc<Rule>> {
+    let mut rules: Vec<&Arc<Rule>> = rules.into_iter().collect();
+    rules.sort_by(|a, b| {
+        b.selector
+            .is_some()
+            .cmp(&a.selector.is_some())
+            .then(a.created.cmp(&b.created))
+            .then_with(|| a.name.cmp(&b.name))
+            .then_with(|| a.namespace.cmp(&b.namespace))
+    });
+    rules.sort_by(|a, b| a.namespace.cmp(&b.namespace));
+    rules
+}
+
+/// The rules of one namespace (`group`, in istiod's order) as its clients and others see them;
+/// the root namespace's private ones also go to `root_local`.
+pub(super) fn scoped(
+    group: &[&Arc<Rule>],
+    root: &str,
+    default_private: bool,
+    root_local: &mut HostsBuilder,
+) -> Scoped {
+    let Some(first) = group.first() else {
+        return Scoped::default();
+    };
+    let ns = first.namespace.as_str();
+    let same = group.iter().all(|r| {
+        let (_, local, private) = visibility(r, default_private);
+        local && !private
+    });
+    let (mut local, mut exported) = (HostsBuilder::default(), HostsBuilder::default());
+    for rule in group {
+        let host = qualify(&rule.host, ns);
+        let (export_to, visible, private) = visibility(rule, default_private);
+        if visible {
+            local.merge(&host, rule, &export_to);
+        }
+        if same {
+            continue;
+        }
+        if !private {
+            exported.merge(&host, rule, &export_to);
+        } else if ns == root {
+            root_local.merge(&host, rule, &export_to);
+        }
+    }
+    Scoped {
+        local: local.finish(),
+        exported: if same {
+            Exported::Local
+        } else {
+            Exported::Own(exported.finish())
+        },
+    }
+}
+
 impl Index {
     /// Indexes `rules` with Istio's root namespace `root`. `default_private`: the mesh's
     /// `defaultDestinationRuleExportTo` is `["."]` (rules without `exportTo` are private).
@@ -376,56 +437,30 @@ impl Index {
         root: &str,
         default_private: bool,
     ) -> Index {
-        let mut rules: Vec<&Arc<Rule>> = rules.into_iter().collect();
-        rules.sort_by(|a, b| {
-            b.selector
-                .is_some()
-                .cmp(&a.selector.is_some())
-                .then(a.created.cmp(&b.created))
-                .then_with(|| a.name.cmp(&b.name))
-                .then_with(|| a.namespace.cmp(&b.namespace))
-        });
-        // Grouped by namespace; a stable sort keeps istiod's order within each.
-        rules.sort_by(|a, b| a.namespace.cmp(&b.namespace));
-        let mut index = Index {
-            root: root.to_string(),
-            ..Index::default()
-        };
+        let rules = istiod_order(rules);
         let mut root_local = HostsBuilder::default();
-        for group in rules.chunk_by(|a, b| a.namespace == b.namespace) {
-            let ns = group[0].namespace.as_str();
-            let same = group.iter().all(|r| {
-                let (_, local, private) = visibility(r, default_private);
-                local && !private
-            });
-            let (mut local, mut exported) = (HostsBuilder::default(), HostsBuilder::default());
-            for rule in group {
-                let host = qualify(&rule.host, ns);
-                let (export_to, visible, private) = visibility(rule, default_private);
-                if visible {
-                    local.merge(&host, rule, &export_to);
-                }
-                if same {
-                    continue;
-                }
-                if !private {
-                    exported.merge(&host, rule, &export_to);
-                } else if ns == root {
-                    root_local.merge(&host, rule, &export_to);
-                }
-            }
-            let scoped = Scoped {
-                local: local.finish(),
-                exported: if same {
-                    Exported::Local
-                } else {
-                    Exported::Own(exported.finish())
-                },
-            };
-            index.namespaces.push((ns.to_string(), scoped));
+        let namespaces = rules
+            .chunk_by(|a, b| a.namespace == b.namespace)
+            .map(|group| {
+                let s = scoped(group, root, default_private, &mut root_local);
+                (group[0].namespace.clone(), Arc::new(s))
+            })
+            .collect();
+        Index::of(root, namespaces, Arc::new(root_local.finish()))
+    }
+
+    /// An index of the namespaces' rules given (sorted by namespace), with the root
+    /// namespace's private rules.
+    pub(super) fn of(
+        root: &str,
+        namespaces: Vec<(String, Arc<Scoped>)>,
+        root_local: Arc<Hosts>,
+    ) -> Index {
+        Index {
+            root: root.to_string(),
+            namespaces,
+            root_local,
         }
-        index.root_local = root_local.finish();
-        index
     }
 
     /// The rules of namespace `ns`, with its name as the index holds it.
@@ -460,7 +495,7 @@ impl Index {
         service_ns: &'a str,
     ) -> Option<Found<'a>> {
         let local = if client == self.root {
-            Some((&self.root_local, self.root.as_str()))
+            Some((self.root_local.as_ref(), self.root.as_str()))
         } else {
             self.namespace(client).map(|(n, s)| (&s.local, n))
         };

@@ -360,4 +360,73 @@ fn the_mesh_default_fills_the_blocks_a_rule_lacks() {
     assert_eq!(Traffic::default().with_mesh_default(lb), Traffic::default());
 }
 
+/// An index of the namespaces a judgement reads, built from the rules sorted once, finds
+/// what the index of every namespace finds, for every client, host and Service namespace
+/// among them (rules of every kind: exported, private, to a list, wildcards, selectors, the
+/// root's private and exported ones, several per host).
+#[test]
+fn an_index_of_a_few_namespaces_finds_what_the_whole_one_finds() {
+    let rules = [
+        rule(ROOT, "default", "*.local", 1, Blocks::OUTLIER_DETECTION),
+        exported(rule(ROOT, "own", "*.local", 2, Blocks::TLS), &["."]),
+        rule("bookinfo", "reviews", "reviews", 3, Blocks::TLS),
+        rule(
+            "bookinfo",
+            "reviews-2",
+            "reviews",
+            4,
+            Blocks::CONNECTION_POOL,
+        ),
+        exported(
+            rule("bookinfo", "for-shop", "ratings", 5, Blocks::TLS),
+            &["shop"],
+        ),
+        exported(
+            rule("bookinfo", "private", "details", 6, Blocks::TLS),
+            &["."],
+        ),
+        rule("shop", "reviews-from-shop", REVIEWS, 7, Blocks::TLS),
+        rule(
+            "shop",
+            "wild",
+            "*.bookinfo.svc.cluster.local",
+            8,
+            Blocks::LOAD_BALANCER,
+        ),
+        selecting(rule("web", "selected", REVIEWS, 9, Blocks::TLS), "web"),
+    ];
+    let hosts = [
+        REVIEWS,
+        "ratings.bookinfo.svc.cluster.local",
+        "details.bookinfo.svc.cluster.local",
+        "cart.shop.svc.cluster.local",
+        "home.web.svc.cluster.local",
+    ];
+    let namespaces = ["", ROOT, "bookinfo", "shop", "web", "other"];
+    for private in [false, true] {
+        let whole = Index::build(&rules, ROOT, private);
+        let by_namespace = super::by_namespace::ByNamespace::new(&rules, ROOT, private);
+        for client in namespaces {
+            for service_ns in namespaces {
+                let few = by_namespace.index(&[client, service_ns]);
+                for host in hosts {
+                    for labels in [none(), [("app".to_string(), "web".to_string())].into()] {
+                        let found = |i: &Index| {
+                            i.for_workload(client, &labels, host, service_ns).map(|a| {
+                                let shadowed = a.shadowed(i, client, host);
+                                (a.tier, a.namespace.to_string(), a.rule.names(), shadowed)
+                            })
+                        };
+                        assert_eq!(
+                            found(&few),
+                            found(&whole),
+                            "{client} -> {host} of {service_ns} (private {private})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 mod plan;
