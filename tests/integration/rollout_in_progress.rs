@@ -156,8 +156,18 @@ async fn a_restart_waits_while_the_last_rollout_settles() {
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: {apps}}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec: {{containers: [{{name: app, image: registry.example/app:1}}]}}\n"
     );
     common::apply_as(&env.client, &d, "kubectl").await;
-    // Rolled out just now, as the Deployment controller records it.
+    // Its template changed once (generation 2), and that rollout completed just now, as the
+    // Deployment controller records it.
     let deploys: Api<Deployment> = Api::namespaced(env.client.clone(), &apps);
+    deploys
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"template": {"metadata": {
+                "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-12-08T00:00:00Z"}}}}})),
+        )
+        .await
+        .unwrap();
     let now = jiff::Timestamp::now().to_string();
     let rolled = std::time::Instant::now();
     deploys
@@ -165,7 +175,7 @@ async fn a_restart_waits_while_the_last_rollout_settles() {
             "web",
             &PatchParams::default(),
             &Patch::Merge(serde_json::json!({"status": {
-                "observedGeneration": 1,
+                "observedGeneration": 2,
                 "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1,
                 "conditions": [{"type": "Progressing", "status": "True",
                     "reason": "NewReplicaSetAvailable", "message": "rolled out",
@@ -222,13 +232,13 @@ async fn a_restart_waits_while_the_last_rollout_settles() {
     let generation = deploys.get("web").await.unwrap().metadata.generation;
     assert_eq!(
         generation,
-        Some(1),
+        Some(2),
         "not restarted while its rollout settles"
     );
     // Nothing else happens: the section looks again once the settling time has passed.
     common::eventually(30, "restarted after the settling time", || async {
         let d = deploys.get("web").await.ok()?;
-        (d.metadata.generation == Some(2)).then_some(())
+        (d.metadata.generation == Some(3)).then_some(())
     })
     .await;
     // The completion time is kept to the second: the hold ends between SETTLE_SECS - 1 and

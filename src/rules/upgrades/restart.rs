@@ -149,11 +149,15 @@ pub fn restart_rollout(
 pub const SETTLE_SECS: i64 = 15;
 
 /// Why a restart of `w` waits at `now` (its rollout completed less than [`SETTLE_SECS`] ago),
-/// and how long it still waits.
+/// and how long it still waits. Not after a Deployment's first rollout (generation 1): it
+/// replaced no pod, and a new workload keeps its place in the restart order.
 pub fn just_rolled_out(
     w: &WorkloadFacts,
     now: jiff::Timestamp,
 ) -> Option<(String, std::time::Duration)> {
+    if w.generation <= 1 {
+        return None;
+    }
     let since = now.as_second() - w.rolled_out_at?.as_second();
     (since < SETTLE_SECS).then(|| {
         let left = u64::try_from(SETTLE_SECS - since.max(0)).unwrap_or(0);

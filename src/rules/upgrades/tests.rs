@@ -555,6 +555,12 @@ fn a_restart_waits_while_a_rollout_just_completed_settles() {
     .unwrap();
     let w = WorkloadFacts::from(&done);
     let at: jiff::Timestamp = "2026-12-08T02:00:00Z".parse().unwrap();
+    // A Deployment's first rollout replaced no pod: nothing to wait for.
+    let first = WorkloadFacts {
+        generation: 1,
+        ..w.clone()
+    };
+    assert!(just_rolled_out(&first, at).is_none());
     assert_eq!(w.rolled_out_at, Some(at));
     let after = |s: i64| at + jiff::SignedDuration::from_secs(s);
     let (why, left) = just_rolled_out(&w, after(4)).unwrap();
